@@ -1,0 +1,136 @@
+// bindings.cpp: the pybind11 module pyreg._C. It only converts Python ints
+// (data pointers, sizes, dtype codes, the CUDA stream) into TensorLists and
+// calls the kernels with the GIL released. Validation happens in Python
+// (pyreg/_ops.py) before anything reaches this file.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+#include "common/tensor_list.h"
+#include "cpu/kernels.h"
+#include "cuda/kernels.h"
+
+namespace py = pybind11;
+using pyreg::TensorList;
+
+namespace {
+
+using Ptrs = std::vector<uintptr_t>;
+using Numels = std::vector<int64_t>;
+using Codes = std::vector<int>;
+
+TensorList make_list(const Ptrs& ptrs, const Numels& numels, const Codes& dtypes) {
+  if (ptrs.size() != numels.size() || ptrs.size() != dtypes.size())
+    throw std::invalid_argument("pyreg._C: ptrs, numels and dtypes differ in length");
+  TensorList w;
+  w.ptrs.reserve(ptrs.size());
+  for (uintptr_t p : ptrs) w.ptrs.push_back(reinterpret_cast<void*>(p));
+  w.numels = numels;
+  w.dtypes = dtypes;
+  for (size_t i = 0; i < numels.size(); ++i) {
+    if (numels[i] < 0) throw std::invalid_argument("pyreg._C: negative numel");
+    if (dtypes[i] < 0 || dtypes[i] > 3) throw std::invalid_argument("pyreg._C: unknown dtype code");
+    if (numels[i] > 0 && ptrs[i] == 0) throw std::invalid_argument("pyreg._C: null data pointer");
+  }
+  return w;
+}
+
+std::vector<void*> as_ptrs(const Ptrs& p, size_t n) {
+  if (p.size() != n) throw std::invalid_argument("pyreg._C: grads differ in length from tensors");
+  std::vector<void*> out;
+  out.reserve(n);
+  for (uintptr_t x : p) out.push_back(reinterpret_cast<void*>(x));
+  return out;
+}
+
+template <typename T> T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyreg's compiled kernels (raw pointers in, no libtorch).";
+  m.attr("CPU_CHUNK") = pyreg::kCpuChunk;
+
+  // ---- CPU -----------------------------------------------------------------
+  m.def("cpu_isa", &pyreg::cpu::isa);
+  m.def("cpu_weight_stats",
+        [](const Ptrs& p, const Numels& n, const Codes& d, uintptr_t l1, uintptr_t l2,
+           uintptr_t linf, uintptr_t nnz, int out_dtype, int nthreads) {
+          TensorList w = make_list(p, n, d);
+          py::gil_scoped_release nogil;
+          pyreg::cpu::weight_stats(w, ptr<void>(l1), ptr<void>(l2), ptr<void>(linf),
+                                   ptr<int64_t>(nnz), out_dtype, nthreads);
+        });
+  m.def("cpu_penalty",
+        [](const Ptrs& p, const Numels& n, const Codes& d, uintptr_t l1, uintptr_t l2,
+           uintptr_t out, int out_dtype, int nthreads) {
+          TensorList w = make_list(p, n, d);
+          py::gil_scoped_release nogil;
+          pyreg::cpu::penalty(w, ptr<double>(l1), ptr<double>(l2), ptr<void>(out), out_dtype,
+                              nthreads);
+        });
+  m.def("cpu_add_penalty_grad",
+        [](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& g, uintptr_t l1,
+           uintptr_t l2, uintptr_t out, int out_dtype, int nthreads) {
+          TensorList w = make_list(p, n, d);
+          std::vector<void*> gp = as_ptrs(g, p.size());
+          py::gil_scoped_release nogil;
+          pyreg::cpu::add_penalty_grad(w, gp.data(), ptr<double>(l1), ptr<double>(l2),
+                                       ptr<void>(out), out_dtype, nthreads);
+        });
+  m.def("cpu_prox",
+        [](const Ptrs& p, const Numels& n, const Codes& d, uintptr_t l1, uintptr_t l2,
+           uintptr_t lr, uintptr_t nnz, int nthreads) {
+          TensorList w = make_list(p, n, d);
+          py::gil_scoped_release nogil;
+          pyreg::cpu::prox(w, ptr<double>(l1), ptr<double>(l2), ptr<double>(lr),
+                           ptr<int64_t>(nnz), nthreads);
+        });
+
+  // ---- CUDA ----------------------------------------------------------------
+  m.def("cuda_compiled", &pyreg::cuda::compiled);
+  m.def("cuda_archs", &pyreg::cuda::archs);
+  m.def("cuda_device_count", &pyreg::cuda::device_count);
+  m.def("cuda_runtime_error", &pyreg::cuda::runtime_error);
+  m.def("cuda_workspace_bytes", [](const Ptrs& p, const Numels& n, const Codes& d) {
+    return pyreg::cuda::workspace_bytes(make_list(p, n, d));
+  });
+  m.def("cuda_weight_stats",
+        [](const Ptrs& p, const Numels& n, const Codes& d, uintptr_t l1, uintptr_t l2,
+           uintptr_t linf, uintptr_t nnz, int out_dtype, uintptr_t ws, int device,
+           uintptr_t stream) {
+          TensorList w = make_list(p, n, d);
+          py::gil_scoped_release nogil;
+          pyreg::cuda::weight_stats(w, ptr<void>(l1), ptr<void>(l2), ptr<void>(linf),
+                                    ptr<int64_t>(nnz), out_dtype, ptr<void>(ws), device, stream);
+        });
+  m.def("cuda_penalty",
+        [](const Ptrs& p, const Numels& n, const Codes& d, uintptr_t l1, uintptr_t l2,
+           uintptr_t out, int out_dtype, uintptr_t ws, int device, uintptr_t stream) {
+          TensorList w = make_list(p, n, d);
+          py::gil_scoped_release nogil;
+          pyreg::cuda::penalty(w, ptr<double>(l1), ptr<double>(l2), ptr<void>(out), out_dtype,
+                               ptr<void>(ws), device, stream);
+        });
+  m.def("cuda_add_penalty_grad",
+        [](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& g, uintptr_t l1,
+           uintptr_t l2, uintptr_t out, int out_dtype, uintptr_t ws, int device,
+           uintptr_t stream) {
+          TensorList w = make_list(p, n, d);
+          std::vector<void*> gp = as_ptrs(g, p.size());
+          py::gil_scoped_release nogil;
+          pyreg::cuda::add_penalty_grad(w, gp.data(), ptr<double>(l1), ptr<double>(l2),
+                                        ptr<void>(out), out_dtype, ptr<void>(ws), device, stream);
+        });
+  m.def("cuda_prox",
+        [](const Ptrs& p, const Numels& n, const Codes& d, uintptr_t l1, uintptr_t l2,
+           uintptr_t lr, uintptr_t nnz, uintptr_t ws, int device, uintptr_t stream) {
+          TensorList w = make_list(p, n, d);
+          py::gil_scoped_release nogil;
+          pyreg::cuda::prox(w, ptr<double>(l1), ptr<double>(l2), ptr<double>(lr),
+                            ptr<int64_t>(nnz), ptr<void>(ws), device, stream);
+        });
+}

@@ -1,0 +1,34 @@
+// kernels.h: pyreg's fused CUDA kernels: the same contracts as
+// csrc/cpu/kernels.h, on device pointers, launched on the caller's stream.
+//
+// Coefficients (l1, l2, lr) are device pointers to one double per tensor.
+// Outputs are device pointers. `workspace` is device scratch of at least
+// workspace_bytes(w) bytes, allocated by the caller (Python, through torch's
+// caching allocator). No call synchronizes the host or copies from host
+// memory, so a step that uses them can be captured in a CUDA graph.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "../common/tensor_list.h"
+
+namespace pyreg::cuda {
+
+bool compiled();              // false in a CPU-only build
+std::string archs();          // e.g. "sm_80 sm_90 compute_90"
+int device_count();           // 0 when no driver / no GPU (never throws)
+std::string runtime_error();  // why device_count() is 0, if it is
+
+int64_t workspace_bytes(const TensorList& w);
+
+void weight_stats(const TensorList& w, void* l1, void* l2, void* linf, int64_t* nnz,
+                  int out_dtype, void* workspace, int device, uintptr_t stream);
+void penalty(const TensorList& w, const double* l1, const double* l2, void* out,
+             int out_dtype, void* workspace, int device, uintptr_t stream);
+void add_penalty_grad(const TensorList& w, void* const* grads, const double* l1,
+                      const double* l2, void* out, int out_dtype, void* workspace,
+                      int device, uintptr_t stream);
+void prox(const TensorList& w, const double* l1, const double* l2, const double* lr,
+          int64_t* nnz, void* workspace, int device, uintptr_t stream);
+
+}  // namespace pyreg::cuda

@@ -1,0 +1,296 @@
+"""pyreg's ops: schemas, fake kernels, autograd and backend dispatch in one place,
+plus the public functions that validate and normalize arguments.
+
+Each op covers a whole list of tensors (all layers of a model) in one call:
+
+    weight_stats(tensors)                       -> WeightStats(l1, l2, linf, nnz)
+    penalty(tensors, l1, l2)                    -> 0-dim tensor, differentiable
+    add_penalty_grad_(tensors, grads, l1, l2)   -> 0-dim tensor (penalty value)
+    prox_(tensors, l1, l2, lr)                  -> 1-D int64 (nonzeros per tensor)
+
+The ops are registered with ``torch.library.custom_op`` (namespace ``pyreg``),
+so they run under ``torch.compile``. At run time each op picks a backend from
+the tensors' device: the compiled kernels when there are some for it, else the
+pure-torch reference; ``use_backend`` forces one.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import backends
+from ._common import SUPPORTED_DTYPES, WeightStats, result_dtype
+
+Coef = Union[float, Sequence[float], Tensor]
+
+# --------------------------------------------------------------------------
+# Backend selection
+# --------------------------------------------------------------------------
+_forced: Optional[str] = None
+
+
+def _compiled_for(device: torch.device):
+    if device.type == "cpu" and backends.cpu.available():
+        return backends.cpu
+    if device.type == "cuda" and backends.cuda.available():
+        return backends.cuda
+    return None
+
+
+def backend_name(device: Union[str, torch.device]) -> str:
+    """Name of the backend the ops use for tensors on ``device`` right now."""
+    device = torch.device(device)
+    if _forced is not None:
+        return _forced
+    be = _compiled_for(device)
+    return "torch" if be is None else be.__name__.rsplit(".", 1)[-1]
+
+
+def _backend(tensors: Sequence[Tensor]):
+    device = tensors[0].device
+    if _forced is None:
+        return _compiled_for(device) or backends.torch_ref
+    be = backends.get(_forced)
+    if be is not backends.torch_ref and be is not _compiled_for(device):
+        raise RuntimeError(f"pyreg backend {_forced!r} is forced but cannot run on {device}")
+    return be
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Force a backend ("torch", "cpu", "cuda") inside a ``with`` block;
+    ``None`` restores automatic choice."""
+    global _forced
+    if name is not None:
+        backends.get(name)  # validates the name
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+# --------------------------------------------------------------------------
+# The custom ops (schemas, fake kernels, autograd)
+# --------------------------------------------------------------------------
+@torch.library.custom_op("pyreg::weight_stats", mutates_args=())
+def _weight_stats_op(tensors: List[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_backend(tensors).weight_stats(tensors))
+
+
+@_weight_stats_op.register_fake
+def _(tensors):
+    n, rd, dev = len(tensors), result_dtype(tensors), tensors[0].device
+    f = lambda dt: torch.empty(n, dtype=dt, device=dev)  # noqa: E731
+    return f(rd), f(rd), f(rd), f(torch.int64)
+
+
+@torch.library.custom_op("pyreg::penalty", mutates_args=())
+def _penalty_op(tensors: List[Tensor], l1: Tensor, l2: Tensor) -> Tensor:
+    return _backend(tensors).penalty(tensors, l1, l2)
+
+
+@_penalty_op.register_fake
+def _(tensors, l1, l2):
+    return torch.empty((), dtype=result_dtype(tensors), device=tensors[0].device)
+
+
+def _penalty_setup(ctx, inputs, output):
+    tensors, l1, l2 = inputs
+    ctx.save_for_backward(l1, l2, *tensors)
+
+
+def _penalty_backward(ctx, grad_out):
+    l1, l2, *tensors = ctx.saved_tensors
+    grads = [torch.zeros_like(t) for t in tensors]
+    go = grad_out.to(l1.dtype)
+    _add_penalty_grad_op(tensors, grads, l1 * go, l2 * go)
+    return grads, None, None
+
+
+_penalty_op.register_autograd(_penalty_backward, setup_context=_penalty_setup)
+
+
+@torch.library.custom_op("pyreg::add_penalty_grad_", mutates_args=("grads",))
+def _add_penalty_grad_op(tensors: List[Tensor], grads: List[Tensor], l1: Tensor, l2: Tensor) -> Tensor:
+    return _backend(tensors).add_penalty_grad_(tensors, grads, l1, l2)
+
+
+@_add_penalty_grad_op.register_fake
+def _(tensors, grads, l1, l2):
+    return torch.empty((), dtype=result_dtype(tensors), device=tensors[0].device)
+
+
+@torch.library.custom_op("pyreg::prox_", mutates_args=("tensors",))
+def _prox_op(tensors: List[Tensor], l1: Tensor, l2: Tensor, lr: Tensor) -> Tensor:
+    return _backend(tensors).prox_(tensors, l1, l2, lr)
+
+
+@_prox_op.register_fake
+def _(tensors, l1, l2, lr):
+    return torch.empty(len(tensors), dtype=torch.int64, device=tensors[0].device)
+
+
+# --------------------------------------------------------------------------
+# Argument checks and normalization
+# --------------------------------------------------------------------------
+def _tensor_list(tensors, what: str = "tensors") -> List[Tensor]:
+    if isinstance(tensors, Tensor):
+        tensors = [tensors]
+    elif isinstance(tensors, (str, bytes)) or not isinstance(tensors, Iterable):
+        raise TypeError(f"{what} must be a tensor or an iterable of tensors, got {type(tensors).__name__}")
+    out = list(tensors)
+    device = None
+    for i, t in enumerate(out):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{what}[{i}] is a {type(t).__name__}, not a torch.Tensor")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{what}[{i}] has dtype {t.dtype}; pyreg supports "
+                            "float32, float64, float16 and bfloat16")
+        if t.layout != torch.strided:
+            raise TypeError(f"{what}[{i}] has layout {t.layout}; pyreg needs dense (strided) tensors")
+        if t.is_meta:
+            raise ValueError(f"{what}[{i}] is a meta tensor: it has no data to regularize")
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise ValueError(f"{what}[{i}] is on {t.device} but {what}[0] is on {device}; "
+                             "one call takes tensors on one device")
+    return out
+
+
+def _check_value(x: float, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {x}")
+    return x
+
+
+def _coef(c: Coef, n: int, device: torch.device, name: str) -> Tensor:
+    """A coefficient as a 1-D float64 tensor of n entries on ``device``."""
+    if isinstance(c, Tensor):
+        if c.dim() > 1 or (c.dim() == 1 and c.numel() != n):
+            raise ValueError(f"{name} has shape {tuple(c.shape)}; expected a number or "
+                             f"one value per tensor ({n})")
+        if not (c.is_floating_point() or c.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} has dtype {c.dtype}; expected a real dtype")
+        if c.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Cheap here (no device sync); device tensors are trusted as given.
+            bad = ~torch.isfinite(c) | (c < 0)
+            if bad.any():
+                i = int(bad.reshape(-1).nonzero()[0])
+                raise ValueError(f"{name}[{i}] must be finite and >= 0, got {float(c.reshape(-1)[i])}")
+        return c.detach().to(device=device, dtype=torch.float64).expand(n).contiguous()
+    if isinstance(c, numbers.Real) and not isinstance(c, bool):
+        return torch.full((n,), _check_value(c, name), dtype=torch.float64, device=device)
+    if isinstance(c, (str, bytes)) or not isinstance(c, Iterable):
+        raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, "
+                        f"got {type(c).__name__}")
+    vals = list(c)
+    if len(vals) != n:
+        raise ValueError(f"{name} has {len(vals)} values but there are {n} tensors")
+    vals = [_check_value(v, f"{name}[{i}]") for i, v in enumerate(vals)]
+    return torch.tensor(vals, dtype=torch.float64, device=device)
+
+
+def _check_no_overlap(tensors: Sequence[Tensor], what: str) -> None:
+    """In-place ops must not write one memory location twice."""
+    if torch.compiler.is_compiling():
+        return
+    spans = []
+    for i, t in enumerate(tensors):
+        if t.numel() == 0:
+            continue
+        extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+        if extent < t.numel():
+            raise ValueError(f"{what}[{i}] has overlapping memory (an expanded view?); "
+                             "it cannot be updated in place")
+        start = t.data_ptr()
+        spans.append((start, start + extent * t.element_size(), i))
+    spans.sort()
+    for (s0, e0, i), (s1, e1, j) in zip(spans, spans[1:]):
+        if s1 < e0:
+            a, b = sorted((i, j))
+            raise ValueError(f"{what}[{a}] and {what}[{b}] share memory; "
+                             "an in-place op needs distinct tensors")
+
+
+# --------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------
+def weight_stats(tensors: Iterable[Tensor]) -> WeightStats:
+    """Per-tensor sum|w|, sqrt(sum w^2), max|w| and count of w != 0, in one pass.
+
+    Returns ``WeightStats(l1, l2, linf, nnz)``: four 1-D tensors on the tensors'
+    device with one entry per tensor (float64 if any tensor is float64, else
+    float32; nnz is int64).
+    """
+    ts = _tensor_list(tensors)
+    if not ts:
+        e = torch.zeros(0)
+        return WeightStats(e, e.clone(), e.clone(), torch.zeros(0, dtype=torch.int64))
+    return WeightStats(*_weight_stats_op([t.detach() for t in ts]))
+
+
+def penalty(tensors: Iterable[Tensor], l1: Coef = 0.0, l2: Coef = 0.0) -> Tensor:
+    """sum_i l1_i * ||w_i||_1 + l2_i * ||w_i||_2^2 as a 0-dim tensor.
+
+    Differentiable with respect to the tensors: the gradient is
+    l1 * sign(w) + 2 * l2 * w, with sign(0) = 0. ``l1`` and ``l2`` are numbers
+    (all tensors) or one value per tensor (a sequence or 1-D tensor); they are
+    constants for autograd.
+    """
+    ts = _tensor_list(tensors)
+    if not ts:
+        _coef(l1, 0, torch.device("cpu"), "l1"), _coef(l2, 0, torch.device("cpu"), "l2")
+        return torch.zeros(())
+    dev = ts[0].device
+    return _penalty_op(ts, _coef(l1, len(ts), dev, "l1"), _coef(l2, len(ts), dev, "l2"))
+
+
+def add_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor],
+                      l1: Coef = 0.0, l2: Coef = 0.0) -> Tensor:
+    """In place, g_i += l1_i * sign(w_i) + 2 * l2_i * w_i for every pair.
+
+    Returns the penalty value (as ``penalty``), computed in the same pass.
+    """
+    ts = _tensor_list(tensors)
+    gs = _tensor_list(grads, "grads")
+    if len(gs) != len(ts):
+        raise ValueError(f"got {len(ts)} tensors but {len(gs)} grads")
+    for i, (t, g) in enumerate(zip(ts, gs)):
+        if g.shape != t.shape or g.dtype != t.dtype or g.device != t.device:
+            raise ValueError(f"grads[{i}] is {tuple(g.shape)} {g.dtype} on {g.device} but "
+                             f"tensors[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}")
+    n, dev = len(ts), (ts[0].device if ts else torch.device("cpu"))
+    c1, c2 = _coef(l1, n, dev, "l1"), _coef(l2, n, dev, "l2")
+    if not ts:
+        return torch.zeros(())
+    _check_no_overlap(gs, "grads")
+    with torch.no_grad():
+        return _add_penalty_grad_op([t.detach() for t in ts], gs, c1, c2)
+
+
+def prox_(tensors: Iterable[Tensor], l1: Coef = 0.0, l2: Coef = 0.0, lr: Coef = 1.0) -> Tensor:
+    """In place, the proximal step of lr * (l1 * ||w||_1 + l2 * ||w||_2^2):
+
+        w <- sign(w) * max(|w| - lr * l1, 0) / (1 + 2 * lr * l2)
+
+    Weights with |w| <= lr * l1 become exactly 0. Returns the count of nonzeros
+    of each tensor after the step (1-D int64), from the same pass.
+    """
+    ts = _tensor_list(tensors)
+    n, dev = len(ts), (ts[0].device if ts else torch.device("cpu"))
+    c1, c2, clr = _coef(l1, n, dev, "l1"), _coef(l2, n, dev, "l2"), _coef(lr, n, dev, "lr")
+    if not ts:
+        return torch.zeros(0, dtype=torch.int64)
+    _check_no_overlap(ts, "tensors")
+    with torch.no_grad():
+        return _prox_op(ts, c1, c2, clr)

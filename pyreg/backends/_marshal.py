@@ -1,0 +1,61 @@
+"""Turns lists of tensors into what pyreg._C takes: data pointers, element
+counts and dtype codes, shared by the ``cpu`` and ``cuda`` backends.
+
+Kernels see each tensor as a flat run of ``numel`` elements starting at its data
+pointer. That is exact for any dense, non-overlapping layout (contiguous,
+channels-last, transposed...), because every op treats elements independently
+or reduces over all of them. Other views are handled on a dense copy; in-place
+ops then copy the result back.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+from torch import Tensor
+
+from .._common import DTYPE_CODES
+
+
+def is_dense(t: Tensor) -> bool:
+    """True if t's elements fill [data_ptr, data_ptr + numel) with no gaps."""
+    if t.is_contiguous():
+        return True
+    order = sorted(range(t.dim()), key=t.stride, reverse=True)
+    return t.permute(order).is_contiguous()
+
+
+def dense(t: Tensor) -> Tensor:
+    return t if is_dense(t) else t.contiguous()
+
+
+def describe(tensors: Sequence[Tensor]) -> Tuple[List[int], List[int], List[int]]:
+    """(data pointers, numels, dtype codes); the tensors must be dense."""
+    return (
+        [t.data_ptr() if t.numel() else 0 for t in tensors],
+        [t.numel() for t in tensors],
+        [DTYPE_CODES[t.dtype] for t in tensors],
+    )
+
+
+class Writable:
+    """Dense stand-ins for tensors an op writes: the tensor itself when it is
+    dense, else a contiguous copy that ``commit()`` copies back."""
+
+    def __init__(self, tensors: Sequence[Tensor], like: Sequence[Tensor] | None = None):
+        # ``like``: tensors whose memory order these must share (params, for grads).
+        self.targets = list(tensors)
+        self.work: List[Tensor] = []
+        for i, t in enumerate(self.targets):
+            ok = is_dense(t) and (like is None or t.stride() == like[i].stride() or t.numel() <= 1)
+            self.work.append(t if ok else t.contiguous())
+
+    def commit(self) -> None:
+        for t, w in zip(self.targets, self.work):
+            if w is not t:
+                t.copy_(w)
+
+
+def paired(tensors: Sequence[Tensor], grads: Sequence[Tensor]) -> Tuple[List[Tensor], Writable]:
+    """Dense params and grads that share one memory order, element for element."""
+    ws = [dense(t) for t in tensors]
+    return ws, Writable(grads, like=ws)

@@ -1,0 +1,63 @@
+"""The ``cpu`` backend: pyreg's compiled C++ kernels (csrc/cpu/kernels.cpp).
+
+One call to pyreg._C per op covers the whole list. The kernels run on pyreg's
+own thread pool, sized by ``torch.get_num_threads()``, with the GIL released.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import Tensor
+
+from .._common import DTYPE_CODES, result_dtype
+from .._lib import _C
+from . import _marshal as m
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def _coef(c: Tensor) -> int:
+    assert c.dtype == torch.float64 and c.device.type == "cpu" and c.is_contiguous()
+    return c.data_ptr()
+
+
+def weight_stats(tensors: List[Tensor]):
+    ws = [m.dense(t) for t in tensors]
+    rd = result_dtype(ws)
+    n = len(ws)
+    l1, l2, linf = (torch.empty(n, dtype=rd) for _ in range(3))
+    nnz = torch.empty(n, dtype=torch.int64)
+    _C.cpu_weight_stats(*m.describe(ws), l1.data_ptr(), l2.data_ptr(), linf.data_ptr(),
+                        nnz.data_ptr(), DTYPE_CODES[rd], torch.get_num_threads())
+    return l1, l2, linf, nnz
+
+
+def penalty(tensors: List[Tensor], l1: Tensor, l2: Tensor) -> Tensor:
+    ws = [m.dense(t) for t in tensors]
+    rd = result_dtype(ws)
+    out = torch.empty((), dtype=rd)
+    _C.cpu_penalty(*m.describe(ws), _coef(l1), _coef(l2), out.data_ptr(), DTYPE_CODES[rd],
+                   torch.get_num_threads())
+    return out
+
+
+def add_penalty_grad_(tensors: List[Tensor], grads: List[Tensor], l1: Tensor, l2: Tensor) -> Tensor:
+    ws, gs = m.paired(tensors, grads)
+    rd = result_dtype(ws)
+    out = torch.empty((), dtype=rd)
+    _C.cpu_add_penalty_grad(*m.describe(ws), m.describe(gs.work)[0], _coef(l1), _coef(l2),
+                            out.data_ptr(), DTYPE_CODES[rd], torch.get_num_threads())
+    gs.commit()
+    return out
+
+
+def prox_(tensors: List[Tensor], l1: Tensor, l2: Tensor, lr: Tensor) -> Tensor:
+    ws = m.Writable(tensors)
+    nnz = torch.empty(len(tensors), dtype=torch.int64)
+    _C.cpu_prox(*m.describe(ws.work), _coef(l1), _coef(l2), _coef(lr), nnz.data_ptr(),
+                torch.get_num_threads())
+    ws.commit()
+    return nnz
