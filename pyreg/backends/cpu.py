@@ -10,7 +10,7 @@ from typing import List
 import torch
 from torch import Tensor
 
-from .._common import DTYPE_CODES, result_dtype
+from .._common import DTYPE_CODES, WeightStats, result_dtype
 from .._lib import _C
 from . import _marshal as m
 
@@ -32,7 +32,7 @@ def weight_stats(tensors: List[Tensor]):
     nnz = torch.empty(n, dtype=torch.int64)
     _C.cpu_weight_stats(*m.describe(ws), l1.data_ptr(), l2.data_ptr(), linf.data_ptr(),
                         nnz.data_ptr(), DTYPE_CODES[rd], torch.get_num_threads())
-    return l1, l2, linf, nnz
+    return WeightStats(l1, l2, linf, nnz)
 
 
 def penalty(tensors: List[Tensor], l1: Tensor, l2: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from typing import List
 import torch
 from torch import Tensor
 
-from .._common import result_dtype
+from .._common import WeightStats, result_dtype
 
 
 def _hp(t: Tensor) -> torch.dtype:
@@ -30,7 +30,7 @@ def weight_stats(tensors: List[Tensor]):
         linf.append(a.max() if a.numel() else a.new_zeros(()))
         nnz.append(torch.count_nonzero(x))
     stack = lambda xs, dt: torch.stack(xs).to(dt)  # noqa: E731
-    return stack(l1, rd), stack(l2, rd), stack(linf, rd), stack(nnz, torch.int64)
+    return WeightStats(stack(l1, rd), stack(l2, rd), stack(linf, rd), stack(nnz, torch.int64))
 
 
 def _sums(t: Tensor):

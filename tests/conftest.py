@@ -1,0 +1,53 @@
+"""Shared helpers for pyreg's tests: fresh random tensor lists and tolerances."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp64", "fp16", "bf16"]
+
+# ../shared/reference.md section 6. Elementwise results: the op's rounding.
+ELEMENTWISE_TOL = {
+    torch.float64: dict(rtol=1e-7, atol=1e-7),
+    torch.float32: dict(rtol=1.3e-6, atol=1e-5),
+    torch.float16: dict(rtol=1e-3, atol=1e-5),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
+}
+# Reductions report in float64 (fp64 inputs) or float32 (all others).
+REDUCTION_TOL = {
+    torch.float64: dict(rtol=1e-7, atol=1e-7),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=1e-5, atol=1e-5),
+}
+
+
+def random_list(dtype, seed=0, device="cpu", scale=1.0):
+    """A list exercising every layout case: odd sizes 1, 4097, 278011; empty
+    tensors at the start, middle and end; a 0-dim tensor; a transposed (dense,
+    non-contiguous) matrix and a strided (non-dense) view. Fresh random data."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype)  # noqa: E731
+    return [
+        r(0),
+        r(1),
+        r(4097),
+        r(0, 7),
+        r(278011),
+        r(()),
+        r(61, 37).t(),             # dense, not contiguous
+        r(3, 2 * 333 + 1)[:, ::2],  # not dense: strided view
+        r(5, 0),
+    ]
+
+
+def as_f64(tensors):
+    return [t.detach().to(torch.float64) for t in tensors]
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
