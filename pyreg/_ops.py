@@ -201,25 +201,33 @@ def _coef(c: Coef, n: int, device: torch.device, name: str) -> Tensor:
 
 
 def _check_no_overlap(tensors: Sequence[Tensor], what: str) -> None:
-    """In-place ops must not write one memory location twice."""
+    """In-place ops must not write one memory location twice. Only tensors that
+    share a storage can overlap, so the exact interval test runs on those alone."""
     if torch.compiler.is_compiling():
         return
-    spans = []
+    by_storage = {}
     for i, t in enumerate(tensors):
         if t.numel() == 0:
             continue
-        extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-        if extent < t.numel():
+        if not t.is_contiguous() and _extent(t) < t.numel():
             raise ValueError(f"{what}[{i}] has overlapping memory (an expanded view?); "
                              "it cannot be updated in place")
-        start = t.data_ptr()
-        spans.append((start, start + extent * t.element_size(), i))
-    spans.sort()
-    for (s0, e0, i), (s1, e1, j) in zip(spans, spans[1:]):
-        if s1 < e0:
-            a, b = sorted((i, j))
-            raise ValueError(f"{what}[{a}] and {what}[{b}] share memory; "
-                             "an in-place op needs distinct tensors")
+        by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(i)
+    for idx in by_storage.values():
+        if len(idx) < 2:
+            continue
+        spans = sorted((tensors[i].data_ptr(), tensors[i].data_ptr() + _extent(tensors[i]) * tensors[i].element_size(), i)
+                       for i in idx)
+        for (s0, e0, i), (s1, e1, j) in zip(spans, spans[1:]):
+            if s1 < e0:
+                a, b = sorted((i, j))
+                raise ValueError(f"{what}[{a}] and {what}[{b}] share memory; "
+                                 "an in-place op needs distinct tensors")
+
+
+def _extent(t: Tensor) -> int:
+    """Elements from t's first to its last element in memory (inclusive)."""
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
 
 
 # --------------------------------------------------------------------------
