@@ -51,3 +51,9 @@ def restore_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+def pytest_report_header(config):
+    import pyreg
+
+    return f"pyreg {pyreg.__version__} from {pyreg.__file__}; cpu backend: {pyreg.backend_name('cpu')}"
