@@ -11,13 +11,16 @@ __version__ = "0.1.0"
 from ._common import WeightStats
 from ._ops import add_penalty_grad_, backend_name, penalty, prox_, use_backend, weight_stats
 from .conventions import from_sklearn, from_weight_decay
+from .optim import Regularized, param_groups
 
 __all__ = [
+    "Regularized",
     "WeightStats",
     "add_penalty_grad_",
     "backend_name",
     "from_sklearn",
     "from_weight_decay",
+    "param_groups",
     "penalty",
     "prox_",
     "use_backend",

@@ -1,0 +1,537 @@
+"""Tests of pyreg.Regularized and pyreg.param_groups (issue 3)."""
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import pyreg
+from pyreg import optim as pyreg_optim
+
+TOL = {torch.float32: dict(rtol=1.3e-6, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+       torch.float64: dict(rtol=1e-7, atol=1e-7)}
+
+
+def _params(dtype=torch.float32, seed=0, shapes=((5, 4), (7,), (3, 3, 2))):
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)) for s in shapes]
+
+
+def _grads(params, step, seed=100):
+    g = torch.Generator().manual_seed(seed + step)
+    return [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) for p in params]
+
+
+# --------------------------------------------------------------------------
+# Equivalences and closed forms
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, True)])
+def test_gradient_l2_matches_torch_weight_decay(momentum, nesterov):
+    wd = 0.1
+    ps, ref = _params(), _params()
+    opt = pyreg.Regularized(torch.optim.SGD(ps, lr=0.05, momentum=momentum, nesterov=nesterov),
+                            l2=pyreg.from_weight_decay(wd), mode="gradient")
+    ref_opt = torch.optim.SGD(ref, lr=0.05, momentum=momentum, nesterov=nesterov, weight_decay=wd)
+    for step in range(8):
+        for p, r, g in zip(ps, ref, _grads(ps, step)):
+            p.grad, r.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+        for p, r in zip(ps, ref):
+            torch.testing.assert_close(p, r, **TOL[torch.float32])
+
+
+def test_proximal_l2_closed_form():
+    lr, l2 = 0.1, 0.3
+    ps = _params(torch.float64)
+    expect = [p.detach().clone() for p in ps]
+    opt = pyreg.Regularized(torch.optim.SGD(ps, lr=lr), l2=l2)
+    for step in range(5):
+        grads = _grads(ps, step)
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+        expect = [(w - lr * g) / (1 + 2 * lr * l2) for w, g in zip(expect, grads)]
+        for p, e in zip(ps, expect):
+            torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-12)
+
+
+def test_l1_proximal_reaches_exact_zeros_gradient_oscillates():
+    """Zero data loss: only the L1 term acts. The proximal step lands on exact
+    zeros; the subgradient step overshoots and flips sign forever."""
+    init = torch.tensor([0.0123, -0.0377, 0.0211, -0.0049])
+    lr, l1 = 0.1, 0.05  # lr * l1 = 0.005
+    w_prox, w_grad = nn.Parameter(init.clone()), nn.Parameter(init.clone())
+    prox = pyreg.Regularized(torch.optim.SGD([w_prox], lr=lr), l1=l1, mode="proximal")
+    grad = pyreg.Regularized(torch.optim.SGD([w_grad], lr=lr), l1=l1, mode="gradient")
+    flips = torch.zeros(4, dtype=torch.int64)
+    for _ in range(50):
+        for w, o in ((w_prox, prox), (w_grad, grad)):
+            w.grad = torch.zeros_like(w)
+            before = w.detach().sign()
+            o.step()
+            if o is grad:
+                flips += (w.detach().sign() != before).long()
+                assert (w.detach() != 0).all()
+    assert (w_prox.detach() == 0).all()
+    assert (flips >= 10).all()  # keeps oscillating around 0
+    assert w_grad.detach().abs().max() <= lr * l1
+    assert float(prox.sparsity().overall) == 1.0 and float(grad.sparsity().overall) == 0.0
+
+
+# --------------------------------------------------------------------------
+# Matrix: inner optimizers x penalties x modes x dtypes vs a per-tensor reference
+# --------------------------------------------------------------------------
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05),
+    "sgd_nesterov": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.01),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.05),
+}
+PENALTIES = {"none": (0.0, 0.0), "l1": (0.2, 0.0), "l2": (0.0, 0.3), "elastic": (0.2, 0.3)}
+
+
+def _groups(ps, l1, l2):
+    """Three groups: defaults, a per-group override (scaled, other lr) and an excluded one."""
+    return [{"params": ps[:1]},
+            {"params": ps[1:2], "l1": 2 * l1, "l2": 0.5 * l2, "lr": 0.02},
+            {"params": ps[2:], "l1": 0.0, "l2": 0.0}]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["gradient", "proximal"])
+@pytest.mark.parametrize("pen", list(PENALTIES))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_matrix_matches_reference(name, pen, mode, dtype):
+    l1, l2 = PENALTIES[pen]
+    ps, ref = _params(dtype), _params(dtype)
+    opt = pyreg.Regularized(OPTIMIZERS[name](_groups(ps, l1, l2)), l1=l1, l2=l2, mode=mode)
+    ref_opt = OPTIMIZERS[name](_groups(ref, l1, l2))
+    coefs = [(l1, l2), (2 * l1, 0.5 * l2), (0.0, 0.0)]
+    for step in range(3):
+        for p, r, g in zip(ps, ref, _grads(ps, step)):
+            p.grad, r.grad = g.clone(), g.clone()
+        opt.step()
+        # Reference: the torch backend, one tensor at a time.
+        with pyreg.use_backend("torch"):
+            if mode == "gradient":
+                for r, (c1, c2) in zip(ref, coefs):
+                    pyreg.add_penalty_grad_([r], [r.grad], c1, c2)
+            ref_opt.step()
+            if mode == "proximal":
+                for r, (c1, c2), group in zip(ref, coefs, ref_opt.param_groups):
+                    pyreg.prox_([r], c1, c2, group["lr"])
+        for p, r in zip(ps, ref):
+            torch.testing.assert_close(p, r, **TOL[dtype])
+            if mode == "proximal" and dtype == torch.float32:
+                assert torch.equal(p.detach() == 0, r.detach() == 0)
+
+
+# --------------------------------------------------------------------------
+# Convergence to scikit-learn
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("l1_ratio", [1.0, 0.5])
+def test_proximal_gd_matches_sklearn(l1_ratio):
+    sklm = pytest.importorskip("sklearn.linear_model")
+    g = torch.Generator().manual_seed(0)
+    n, d = 200, 12
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w_true = torch.zeros(d, dtype=torch.float64)
+    w_true[:4] = torch.tensor([2.0, -1.5, 1.0, 0.5])
+    y = X @ w_true + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    alpha = 0.1
+    if l1_ratio == 1.0:
+        sk = sklm.Lasso(alpha=alpha, fit_intercept=False, tol=1e-12, max_iter=100000)
+    else:
+        sk = sklm.ElasticNet(alpha=alpha, l1_ratio=l1_ratio, fit_intercept=False, tol=1e-12, max_iter=100000)
+    sk.fit(X.numpy(), y.numpy())
+    expect = torch.from_numpy(sk.coef_)
+
+    l1, l2 = pyreg.from_sklearn(alpha, l1_ratio)
+    lr = 1.0 / float(torch.linalg.eigvalsh(X.T @ X / n).max())
+    w = nn.Parameter(torch.zeros(d, dtype=torch.float64))
+    opt = pyreg.Regularized(torch.optim.SGD([w], lr=lr), l1=l1, l2=l2, mode="proximal")
+    for _ in range(1500):
+        opt.zero_grad()
+        (0.5 * ((X @ w - y) ** 2).mean()).backward()
+        opt.step()
+    torch.testing.assert_close(w.detach(), expect, rtol=0, atol=1e-3)
+    assert torch.equal(w.detach() == 0, expect == 0)
+    assert (expect == 0).any()  # the problem does have zeros
+
+
+# --------------------------------------------------------------------------
+# torch.optim protocol: state dicts, schedulers, hooks, closures, GradScaler
+# --------------------------------------------------------------------------
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def _train(model, opt, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 6, generator=g)
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("mode", ["gradient", "proximal"])
+def test_state_dict_round_trip(mode):
+    m1 = _model()
+    opt1 = pyreg.Regularized(torch.optim.Adam(pyreg.param_groups(m1, l1=1e-3, l2=1e-2), lr=0.01),
+                             l1=0.5, l2=0.25, mode=mode)
+    _train(m1, opt1, 3)
+    opt1.param_groups[0]["l1"] = 0.02  # a run-time change is saved too
+    buf = io.BytesIO()
+    torch.save({"model": m1.state_dict(), "opt": opt1.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+
+    m2 = _model(seed=5)
+    m2.load_state_dict(saved["model"])
+    opt2 = pyreg.Regularized(torch.optim.Adam(pyreg.param_groups(m2, l1=1.0), lr=0.5), mode=mode)
+    opt2.load_state_dict(saved["opt"])
+    assert (opt2.l1, opt2.l2, opt2.mode) == (0.5, 0.25, mode)
+    assert opt2.param_groups[0]["l1"] == 0.02 and opt2.param_groups[0]["l2"] == 1e-2
+    assert opt2.param_groups[0]["lr"] == 0.01
+    assert opt2.param_groups[0]["param_names"] == ["0.weight", "3.weight"]
+    _train(m1, opt1, 3, seed=7)
+    _train(m2, opt2, 3, seed=7)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert opt2.state is opt2.optimizer.state  # still shared after the load
+
+
+def test_lr_scheduler_uses_current_lr():
+    lr0, l2 = 0.2, 0.5
+    w = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = pyreg.Regularized(torch.optim.SGD([w], lr=lr0), l2=l2)
+    assert isinstance(opt, torch.optim.Optimizer)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    expect = torch.ones(3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "scheduler.step() before optimizer.step()" warning
+        for step in range(4):
+            lr = lr0 * 0.5 ** step
+            assert opt.param_groups[0]["lr"] == pytest.approx(lr)
+            w.grad = torch.zeros_like(w)
+            opt.step()
+            sched.step()
+            expect = expect / (1 + 2 * lr * l2)
+    torch.testing.assert_close(w.detach(), expect)
+
+
+def test_hooks_closure_zero_grad_add_param_group():
+    w = nn.Parameter(torch.ones(4))
+    opt = pyreg.Regularized(torch.optim.SGD([w], lr=0.1), l1=0.1, l2=0.05, mode="gradient")
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", o is opt)))
+    opt.register_step_post_hook(lambda o, a, k: calls.append(("post", o is opt)))
+
+    def closure():
+        opt.zero_grad()
+        loss = (w * 2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert calls == [("pre", True), ("post", True)]
+    assert float(loss.detach()) == 8.0
+    # grad 2 + l1 * 1 + 2 * l2 * 1 = 2.2
+    torch.testing.assert_close(w.detach(), torch.full((4,), 1 - 0.1 * 2.2))
+    opt.zero_grad()
+    assert w.grad is None
+
+    v = nn.Parameter(torch.ones(2))
+    opt.add_param_group({"params": [v], "l2": 0.5})
+    assert opt.param_groups[1]["l1"] == 0.1 and opt.param_groups[1]["l2"] == 0.5
+    assert len(opt.optimizer.param_groups) == 2
+    v.grad = torch.zeros(2)
+    opt.step()  # w has no grad: untouched; v gets l1 * sign(v) + 2 * l2 * v = 1.1
+    torch.testing.assert_close(v.detach(), torch.full((2,), 0.89))
+    assert torch.equal(w.detach(), torch.full((4,), 1 - 0.1 * 2.2))
+
+
+@pytest.mark.parametrize("mode", ["gradient", "proximal"])
+def test_grad_scaler_skipped_step_does_not_regularize(mode):
+    if not hasattr(torch.amp, "GradScaler"):
+        pytest.skip("no torch.amp.GradScaler")
+    try:
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    except Exception as e:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"no CPU GradScaler: {e}")
+    w = nn.Parameter(torch.tensor([0.5, -0.3, 0.01]))
+    opt = pyreg.Regularized(torch.optim.SGD([w], lr=0.1), l1=0.2, l2=0.1, mode=mode)
+    opt.zero_grad()
+    scaler.scale((w * 0).sum()).backward()
+    w.grad[0] = float("inf")
+    before = w.detach().clone()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(w.detach(), before)
+    assert scaler.get_scale() < 1024.0
+    # a finite step regularizes
+    opt.zero_grad()
+    scaler.scale((w * 0).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert not torch.equal(w.detach(), before)
+    if mode == "proximal":
+        assert w.detach()[2] == 0
+
+
+@pytest.mark.parametrize("mode", ["gradient", "proximal"])
+def test_none_grad_and_frozen_params_untouched(mode):
+    a, b, c = (nn.Parameter(torch.full((3,), 0.5)) for _ in range(3))
+    c.requires_grad_(False)
+    opt = pyreg.Regularized(torch.optim.SGD([a, b, c], lr=0.1), l1=0.1, l2=0.1, mode=mode)
+    a.grad = torch.zeros(3)
+    opt.step()
+    assert torch.equal(b.detach(), torch.full((3,), 0.5)) and b.grad is None
+    assert torch.equal(c.detach(), torch.full((3,), 0.5))
+    assert (a.detach() < 0.5).all()
+    # the same with a penalty-carrying subset: the penalty counts only `a`
+    expect = pyreg.penalty([a], 0.1, 0.1)
+    if mode == "gradient":
+        a.grad = torch.zeros(3)
+        opt.step()
+    torch.testing.assert_close(opt.penalty, expect)
+
+
+def test_penalty_values():
+    ps = _params(torch.float64)
+    for mode in ("gradient", "proximal"):
+        ws = [nn.Parameter(p.detach().clone()) for p in ps]
+        opt = pyreg.Regularized(torch.optim.SGD([{"params": ws[:2]}, {"params": ws[2:], "l1": 0.7}], lr=0.1),
+                                l1=0.1, l2=0.2, mode=mode)
+        assert float(opt.penalty) == 0.0  # before any step
+        for w, g in zip(ws, _grads(ws, 0)):
+            w.grad = g
+        before = pyreg.penalty(ws, [0.1, 0.1, 0.7], 0.2)
+        opt.step()
+        after = pyreg.penalty(ws, [0.1, 0.1, 0.7], 0.2)
+        assert opt.penalty.dim() == 0
+        torch.testing.assert_close(opt.penalty, before if mode == "gradient" else after)
+
+
+def test_runtime_coefficient_change_and_plan_cache():
+    w = nn.Parameter(torch.tensor([1.0, -1.0]))
+    opt = pyreg.Regularized(torch.optim.SGD([w], lr=0.1), l1=0.0)
+    w.grad = torch.zeros(2)
+    opt.step()
+    assert torch.equal(w.detach(), torch.tensor([1.0, -1.0]))
+    plan = opt._plan_cache
+    opt.step()
+    assert opt._plan_cache is plan  # cached while nothing changes
+    opt.param_groups[0]["l1"] = 2.0
+    opt.step()
+    assert opt._plan_cache is not plan
+    torch.testing.assert_close(w.detach(), torch.tensor([0.8, -0.8]))
+
+
+def test_one_fused_call_per_bucket_per_step(monkeypatch):
+    counts = {"prox_": 0, "add_penalty_grad_": 0}
+    sizes = []
+    for op in counts:
+        orig = getattr(pyreg._ops, op)
+
+        def counting(tensors, *args, _orig=orig, _op=op, **kw):
+            counts[_op] += 1
+            sizes.append(len(tensors))
+            return _orig(tensors, *args, **kw)
+
+        monkeypatch.setattr(pyreg._ops, op, counting)
+    f32 = _params(torch.float32, shapes=[(3,)] * 5)
+    f64 = _params(torch.float64, shapes=[(4,)] * 3)
+    groups = [{"params": f32[:2] + f64[:1]}, {"params": f32[2:], "l1": 0.3},
+              {"params": f64[1:], "l2": 0.4}]
+    for mode, op in (("proximal", "prox_"), ("gradient", "add_penalty_grad_")):
+        opt = pyreg.Regularized(torch.optim.SGD(copy.copy(groups), lr=0.1), l1=0.1, l2=0.1, mode=mode)
+        for step in range(3):
+            for p, g in zip(f32 + f64, _grads(f32 + f64, step)):
+                p.grad = g
+            counts[op] = 0
+            sizes.clear()
+            opt.step()
+            assert counts[op] == 2  # one per (device, dtype) bucket
+            assert sorted(sizes) == [3, 5]
+
+
+def test_stats_and_sparsity():
+    m = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([[0.0, 1.0, -2.0, 0.0]] * 3))
+        m[0].bias.zero_()
+        m[1].weight.copy_(torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, -4.0]]))
+        m[1].bias.copy_(torch.tensor([1.0, 0.0]))
+    opt = pyreg.Regularized(torch.optim.SGD(pyreg.param_groups(m, l1=0.1), lr=0.1))
+    s = opt.stats()
+    assert s.names == ["0.weight", "1.weight", "0.bias", "1.bias"]
+    torch.testing.assert_close(s.l1, torch.tensor([9.0, 7.0, 0.0, 1.0]))
+    torch.testing.assert_close(s.l2, torch.tensor([math.sqrt(15.0), 5.0, 0.0, 1.0]))
+    torch.testing.assert_close(s.linf, torch.tensor([2.0, 4.0, 0.0, 1.0]))
+    assert s.nnz.tolist() == [6, 2, 0, 1] and s.numel.tolist() == [12, 6, 3, 2]
+    assert set(s.as_dict()) == set(s.names)
+    sp = opt.sparsity()
+    torch.testing.assert_close(sp.per_param, torch.tensor([0.5, 4 / 6, 1.0, 0.5]))
+    torch.testing.assert_close(sp.overall, torch.tensor(1 - 9 / 23))
+    assert sp.overall.dim() == 0 and sp.names == s.names
+
+
+# --------------------------------------------------------------------------
+# param_groups
+# --------------------------------------------------------------------------
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.conv = nn.Conv1d(4, 4, 3)
+        self.bn = nn.BatchNorm1d(4)
+        self.encoder = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4, bias=False))
+        self.head = nn.Linear(4, 2)
+        self.scale = nn.Parameter(torch.ones(4))
+        self.rms = nn.RMSNorm(4) if hasattr(nn, "RMSNorm") else nn.GroupNorm(1, 4)
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+def _names(groups):
+    return {n: (g["l1"], g["l2"]) for g in groups for n in g["param_names"]}
+
+
+def test_param_groups_default_rule_and_names():
+    net = _Net()
+    groups = pyreg.param_groups(net, l1=0.1, l2=0.2)
+    names = _names(groups)
+    reg = {n for n, c in names.items() if c == (0.1, 0.2)}
+    assert reg == {"conv.weight", "encoder.0.weight", "encoder.2.weight", "head.weight"}
+    assert not any(n.startswith("frozen") for n in names)
+    assert {"embed.weight", "bn.weight", "bn.bias", "encoder.1.weight", "scale", "head.bias",
+            "rms.weight"} <= set(names) - reg
+    assert all(len(g["params"]) == len(g["param_names"]) for g in groups)
+    assert len(groups) == 2
+    assert pyreg_optim.default_exclude("block.gain", torch.ones(4), nn.Identity())  # ndim <= 1
+    assert not pyreg_optim.default_exclude("block.w", torch.ones(4, 4), nn.Identity())
+    opt = pyreg.Regularized(torch.optim.AdamW(groups, lr=1e-3))
+    assert set(opt.stats().names) == set(names)
+
+
+def test_param_groups_overrides_and_custom_exclude():
+    net = _Net()
+    groups = pyreg.param_groups(net, l1=0.1, overrides={"encoder.*": {"l1": 0.5, "lr": 0.01},
+                                                         "head": {"l2": 0.3},
+                                                         "embed": {"l1": 0.05}})
+    names = _names(groups)
+    assert names["encoder.0.weight"] == (0.5, 0.0) and names["encoder.2.weight"] == (0.5, 0.0)
+    assert names["encoder.0.bias"] == (0.5, 0.0)  # an explicit override beats the exclusion
+    assert names["head.weight"] == (0.1, 0.3) and names["head.bias"] == (0.0, 0.3)
+    assert names["embed.weight"] == (0.05, 0.0)
+    assert names["conv.weight"] == (0.1, 0.0) and names["conv.bias"] == (0.0, 0.0)
+    lrs = {n: g.get("lr") for g in groups for n in g["param_names"]}
+    assert lrs["encoder.1.bias"] == 0.01 and lrs["conv.weight"] is None
+
+    only_conv = pyreg.param_groups(net, l1=1.0, exclude=lambda n, p, m: not isinstance(m, nn.Conv1d))
+    assert {n for n, c in _names(only_conv).items() if c[0] > 0} == {"conv.weight", "conv.bias"}
+    pats = pyreg.param_groups(net, l2=1.0, exclude=["*.bias", "bn"])
+    reg = {n for n, c in _names(pats).items() if c[1] > 0}
+    assert "scale" in reg and "embed.weight" in reg and "bn.weight" not in reg and "head.bias" not in reg
+    everything = pyreg.param_groups(net, l2=1.0, exclude=[])
+    assert all(c == (0.0, 1.0) for c in _names(everything).values())
+    with pytest.raises(ValueError, match="match no trainable"):
+        pyreg.param_groups(net, overrides={"encodr.*": {"l1": 1.0}})
+    with pytest.raises(ValueError, match=r"overrides\['head'\]\['l1'\]"):
+        pyreg.param_groups(net, overrides={"head": {"l1": -1.0}})
+    with pytest.raises(TypeError):
+        pyreg.param_groups(net, exclude=3)
+
+
+# --------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------
+def test_bad_input_errors_leave_model_unchanged():
+    w = nn.Parameter(torch.ones(3))
+    with pytest.raises(TypeError, match="Optimizer"):
+        pyreg.Regularized([w])
+    with pytest.raises(ValueError, match="mode"):
+        pyreg.Regularized(torch.optim.SGD([w], lr=0.1), mode="decoupled")
+    with pytest.raises(ValueError, match="l1"):
+        pyreg.Regularized(torch.optim.SGD([w], lr=0.1), l1=-1.0)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['l2'\]"):
+        pyreg.Regularized(torch.optim.SGD([{"params": [w], "l2": float("nan")}], lr=0.1))
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['l1'\]"):
+        pyreg.Regularized(torch.optim.SGD([{"params": [w], "l1": "0.1"}], lr=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch only warns about duplicates in a group
+        dup = torch.optim.SGD([w, w], lr=0.1)
+    with pytest.raises(ValueError, match="once"):
+        pyreg.Regularized(dup)
+
+    for mode in ("gradient", "proximal"):
+        a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+        opt = pyreg.Regularized(torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1),
+                                l1=0.1, mode=mode)
+        a.grad, b.grad = torch.ones(3), torch.ones(2)
+        opt.param_groups[1]["l1"] = -0.5
+        with pytest.raises(ValueError, match=r"param_groups\[1\]\['l1'\]"):
+            opt.step()
+        assert torch.equal(a.detach(), torch.ones(3)) and torch.equal(b.detach(), torch.ones(2))
+        assert torch.equal(a.grad, torch.ones(3))
+        opt.param_groups[1]["l1"] = 0.1
+        opt.param_groups[0]["lr"] = float("inf")
+        if mode == "proximal":
+            with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\]"):
+                opt.step()
+            assert torch.equal(a.detach(), torch.ones(3))
+        opt.param_groups[0]["lr"] = 0.1
+        with pytest.raises(ValueError, match=r"param_groups\[2\]\['l2'\]"):
+            opt.add_param_group({"params": [nn.Parameter(torch.ones(1))], "l2": -1})
+        assert len(opt.param_groups) == 2
+        opt.step()  # valid again
+        assert (a.detach() < 1).all()
+
+
+class _SignSGD(torch.optim.Optimizer):
+    """A minimal third-party optimizer following the torch.optim protocol."""
+
+    def __init__(self, params, lr=0.01):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+                    self.state[p]["n"] = self.state[p].get("n", 0) + 1
+
+
+def test_third_party_optimizer_tensor_lr_and_pickle():
+    w = nn.Parameter(torch.tensor([1.0, -0.5, 0.02]))
+    opt = pyreg.Regularized(_SignSGD([w], lr=0.1), l1=0.5, l2=0.25)
+    w.grad = torch.tensor([1.0, -1.0, 0.0])
+    opt.step()
+    # (w - 0.1 * sign(g)) then prox with lr*l1 = 0.05, 1 + 2*lr*l2 = 1.05
+    torch.testing.assert_close(w.detach(), torch.tensor([0.85, -0.35, 0.0]) / 1.05)
+    assert opt.state[w]["n"] == 1
+    clone = copy.deepcopy(opt)
+    assert clone.state is clone.optimizer.state and clone.param_groups[0]["l1"] == 0.5
+
+    # a tensor lr (Adam accepts one) is used as is, without .item()
+    v, ref = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(4))
+    opt = pyreg.Regularized(torch.optim.Adam([v], lr=torch.tensor(0.1)), l1=0.3)
+    ref_opt = torch.optim.Adam([ref], lr=0.1)
+    for _ in range(2):
+        v.grad, ref.grad = torch.ones(4), torch.ones(4)
+        opt.step()
+        ref_opt.step()
+        pyreg.prox_([ref], 0.3, 0.0, 0.1)
+    torch.testing.assert_close(v, ref)
