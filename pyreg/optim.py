@@ -21,8 +21,6 @@ their device/dtype, or coefficient values). A step does no host sync.
 from __future__ import annotations
 
 import fnmatch
-import math
-import numbers
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -39,14 +37,8 @@ MODES = ("proximal", "gradient")
 _COEF_KEYS = ("l1", "l2")
 
 
-def _check_coef(value: Any, where: str) -> float:
-    """A coefficient as a float, or TypeError / ValueError naming ``where``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{where} must be finite and >= 0, got {value}")
-    return value
+# A coefficient as a float, or TypeError / ValueError naming where it came from.
+_check_coef = _ops._check_value
 
 
 # --------------------------------------------------------------------------
