@@ -1,0 +1,567 @@
+// kernels.cu: pyreg's fused CUDA kernels (see kernels.h for the contracts and
+// csrc/cpu/kernels.cpp for the exact semantics they reproduce).
+//
+// Multi-tensor, chunked design (like PyTorch's MultiTensorApply / apex):
+//   * Every tensor is cut into chunks of kChunk elements; the chunks of all
+//     tensors, in tensor order, are numbered 0..C-1 ("global chunk index").
+//   * The host groups consecutive tensors into batches of at most kMaxTensors
+//     and describes each batch BY VALUE in a kernel argument (struct Batch,
+//     well under the classic 4 KB parameter limit): data pointers, grad
+//     pointers, numels, dtype codes and each tensor's first chunk relative to
+//     the batch. One launch per batch (a single launch for lists of up to
+//     kMaxTensors tensors); block b of a launch processes the batch's chunk b
+//     and finds its tensor by binary search over the chunk starts.
+//   * Each block reduces its chunk to one Partial (sum|w|, sum w^2, max|w|,
+//     nnz) with a fixed-order tree and writes it to the workspace at its global
+//     chunk index. Block 0 of each launch also writes the batch's per-tensor
+//     chunk ranges (first[t]) into the workspace, so the finishing kernel needs
+//     no host->device copy.
+//   * ONE finishing launch: a warp per tensor folds that tensor's chunk
+//     partials (lane-strided in chunk order, then a fixed shuffle tree) and
+//     writes the per-tensor results. For the penalty, each tensor's term
+//     l1*s1 + l2*s2 goes to the workspace and the last block to finish (an
+//     integer ticket; no floating-point atomics) folds the terms in a fixed
+//     order and writes the value.
+// Every reduction order depends only on the tensor sizes: same input, same bits.
+//
+// Nothing here synchronizes with the host, copies host memory or allocates:
+// the ops can be captured in a CUDA graph.
+//
+// Workspace layout (see Layout): [counter: 16 B][first: int64 x (n+1)]
+// [terms: double x n][parts: Partial x max(C,1)], each piece 16-byte aligned.
+#include "kernels.h"
+
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../common/dtype.h"
+
+#ifndef PYREG_CUDA_ARCHS
+#define PYREG_CUDA_ARCHS ""
+#endif
+
+namespace pyreg::cuda {
+namespace {
+
+constexpr int kThreads = 512;                 // threads per block
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kChunk = int64_t(1) << 16;  // elements per chunk (one block)
+constexpr int kMaxTensors = 120;              // tensors per launch (by-value metadata)
+constexpr int64_t kMaxGrid = INT_MAX;         // blocks per launch (grid.x limit)
+
+enum Op : int { kStats = 0, kPenalty = 1, kGrad = 2, kProx = 3 };
+
+// ---------------------------------------------------------------------------
+// Kernel arguments
+// ---------------------------------------------------------------------------
+struct Batch {
+  void* x[kMaxTensors];            // data pointers
+  void* g[kMaxTensors];            // grad pointers (add_penalty_grad only)
+  int64_t numel[kMaxTensors];
+  int32_t cstart[kMaxTensors + 1];  // first chunk of each tensor, relative to chunk0
+  int8_t dtype[kMaxTensors];
+  int64_t chunk0;                  // global index of the batch's first chunk
+  int32_t t0;                      // global index of the batch's first tensor
+  int32_t nt;                      // tensors in this batch (0 only for an empty list)
+};
+
+struct Coefs {
+  const double* l1;
+  const double* l2;
+  const double* lr;
+};
+
+struct Partial {
+  double s1;   // sum |v|
+  double s2;   // sum v^2
+  double mx;   // max |v| (NaN ignored here; finish turns it NaN when s1 is NaN)
+  long long nnz;
+};
+
+struct Work {
+  unsigned* counter;
+  int64_t* first;  // n+1 entries: tensor t owns global chunks [first[t], first[t+1])
+  double* terms;   // n entries: l1[t]*s1 + l2[t]*s2 (penalty ops)
+  Partial* parts;  // one per global chunk
+};
+
+struct Outs {
+  void* l1;
+  void* l2;
+  void* linf;
+  int64_t* nnz;
+  void* value;
+  int out_dtype;
+};
+
+// Kernel parameter space: 4 KB on every toolkit/driver pyreg supports.
+static_assert(sizeof(Batch) + sizeof(Coefs) + sizeof(Work) <= 4000,
+              "chunk kernel arguments must fit in 4 KB");
+static_assert(kChunk * 8 < INT_MAX, "chunk lengths are int");
+
+// ---------------------------------------------------------------------------
+// Device helpers
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ float abs_of(float v) { return fabsf(v); }
+__device__ __forceinline__ double abs_of(double v) { return fabs(v); }
+__device__ __forceinline__ float copysign_of(float m, float s) { return copysignf(m, s); }
+__device__ __forceinline__ double copysign_of(double m, double s) { return copysign(m, s); }
+
+// Largest A <= t (as floor_to in csrc/cpu/kernels.cpp): `a <= floor_to<A>(t)`
+// is exactly `a <= t` for any a of type A.
+template <typename A> __device__ __forceinline__ A floor_to(double t);
+template <> __device__ __forceinline__ float floor_to<float>(double t) {
+  const float f = __double2float_rn(t);
+  return double(f) > t ? nextafterf(f, -INFINITY) : f;
+}
+template <> __device__ __forceinline__ double floor_to<double>(double t) { return t; }
+
+__device__ __forceinline__ Partial zero_partial() { return Partial{0.0, 0.0, 0.0, 0}; }
+
+__device__ __forceinline__ void combine(Partial& o, const Partial& p) {
+  o.s1 += p.s1;
+  o.s2 += p.s2;
+  o.mx = p.mx > o.mx ? p.mx : o.mx;
+  o.nnz += p.nnz;
+}
+
+// Fixed shuffle tree: the result (in lane 0) depends only on the lane values.
+__device__ __forceinline__ Partial warp_reduce(Partial p) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    Partial q;
+    q.s1 = __shfl_down_sync(0xffffffffu, p.s1, off);
+    q.s2 = __shfl_down_sync(0xffffffffu, p.s2, off);
+    q.mx = __shfl_down_sync(0xffffffffu, p.mx, off);
+    q.nnz = __shfl_down_sync(0xffffffffu, p.nnz, off);
+    combine(p, q);
+  }
+  return p;
+}
+
+// Whole-block reduction, result valid in thread 0. Call at most once per
+// kernel invocation (it owns a static shared buffer) from all threads.
+__device__ __forceinline__ Partial block_reduce(Partial p) {
+  __shared__ Partial sh[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  p = warp_reduce(p);
+  if (lane == 0) sh[warp] = p;
+  __syncthreads();
+  if (warp == 0) {
+    p = lane < kWarps ? sh[lane] : zero_partial();
+    p = warp_reduce(p);
+  }
+  return p;
+}
+
+// Per-tensor constants of an op, in the compute type.
+template <typename A>
+struct Params {
+  A c1, c2;                      // add_penalty_grad: l1, 2*l2
+  A t_floor, t_hi, t_lo, scale;  // prox
+};
+
+// Thread accumulators in the compute type (a thread sees <= kChunk/kThreads
+// elements of a chunk), promoted to double for the block tree.
+template <typename A>
+struct Acc {
+  A s1 = A(0), s2 = A(0), mx = A(0);
+  int nnz = 0;
+};
+
+// The per-element work of each op, reading (and for grad/prox writing) storage.
+template <int kOp, typename T, typename A>
+__device__ __forceinline__ void element(T& xv, T& gv, const Params<A>& p, Acc<A>& acc) {
+  const A v = load<A>(xv);
+  const A a = abs_of(v);
+  if constexpr (kOp == kProx) {
+    const A r = a <= p.t_floor ? A(0) : copysign_of(((a - p.t_hi) - p.t_lo) * p.scale, v);
+    const T o = store<T>(r);
+    xv = o;
+    acc.nnz += load<A>(o) != A(0) ? 1 : 0;  // nonzeros of what was stored
+  } else {
+    acc.s1 += a;
+    acc.s2 += v * v;
+    if constexpr (kOp == kStats) {
+      acc.mx = a > acc.mx ? a : acc.mx;
+      acc.nnz += v != A(0) ? 1 : 0;
+    }
+    if constexpr (kOp == kGrad) gv = store<T>(load<A>(gv) + (p.c1 * sign_of(v) + p.c2 * v));
+  }
+  (void)gv;
+}
+
+// One chunk (len elements at x, and g for grads) by the whole block; returns
+// this thread's share as a Partial (before the block reduction).
+template <int kOp, typename T>
+__device__ __forceinline__ Partial run_chunk(void* xbase, void* gbase, int64_t begin, int len,
+                                             const Coefs& c, int t) {
+  using A = opmath_t<T>;
+  T* __restrict__ x = static_cast<T*>(xbase) + begin;
+  T* __restrict__ g = kOp == kGrad ? static_cast<T*>(gbase) + begin : nullptr;
+
+  Params<A> p{};
+  if constexpr (kOp == kGrad) {
+    p.c1 = A(c.l1[t]);
+    p.c2 = A(2.0 * c.l2[t]);
+  }
+  if constexpr (kOp == kProx) {
+    const double l1 = c.l1[t], l2 = c.l2[t], lr = c.lr[t];
+    const double th = lr * l1;
+    p.t_floor = floor_to<A>(th);
+    p.t_hi = A(th);
+    p.t_lo = A(th - double(p.t_hi));
+    p.scale = A(1.0 / (1.0 + 2.0 * lr * l2));
+  }
+
+  Acc<A> acc;
+  // 16-byte vectors when the chunk start is 16-byte aligned (chunks are a
+  // multiple of 16 bytes, so that is the tensor's alignment), scalar tails.
+  constexpr int V = 16 / int(sizeof(T));
+  const uintptr_t mis = (reinterpret_cast<uintptr_t>(x) |
+                         (kOp == kGrad ? reinterpret_cast<uintptr_t>(g) : uintptr_t(0))) & 15u;
+  const int nv = mis == 0 ? len / V : 0;
+#pragma unroll 4
+  for (int i = threadIdx.x; i < nv; i += kThreads) {
+    uint4 rx = reinterpret_cast<const uint4*>(x)[i];
+    T vx[V];
+    memcpy(vx, &rx, 16);
+    if constexpr (kOp == kGrad) {
+      uint4 rg = reinterpret_cast<const uint4*>(g)[i];
+      T vg[V];
+      memcpy(vg, &rg, 16);
+#pragma unroll
+      for (int k = 0; k < V; ++k) element<kOp, T, A>(vx[k], vg[k], p, acc);
+      memcpy(&rg, vg, 16);
+      reinterpret_cast<uint4*>(g)[i] = rg;
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) element<kOp, T, A>(vx[k], vx[k], p, acc);
+      if constexpr (kOp == kProx) {
+        memcpy(&rx, vx, 16);
+        reinterpret_cast<uint4*>(x)[i] = rx;
+      }
+    }
+  }
+  for (int i = nv * V + int(threadIdx.x); i < len; i += kThreads) {
+    T xv = x[i];
+    if constexpr (kOp == kGrad) {
+      T gv = g[i];
+      element<kOp, T, A>(xv, gv, p, acc);
+      g[i] = gv;
+    } else {
+      element<kOp, T, A>(xv, xv, p, acc);
+      if constexpr (kOp == kProx) x[i] = xv;
+    }
+  }
+  return Partial{double(acc.s1), double(acc.s2), double(acc.mx), (long long)acc.nnz};
+}
+
+// ---------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------
+template <int kOp>
+__global__ void __launch_bounds__(kThreads) chunk_kernel(const Batch b, const Coefs c, const Work w) {
+  const int cidx = int(blockIdx.x);
+  if (cidx == 0) {
+    // This batch's tensor -> chunk map, for the finishing kernel. Entry t0+nt
+    // is also written by the next batch, with the same value.
+    for (int k = int(threadIdx.x); k <= b.nt; k += kThreads)
+      w.first[b.t0 + k] = b.chunk0 + b.cstart[k];
+    if (b.t0 == 0 && threadIdx.x == 0) *w.counter = 0u;
+  }
+  if (cidx >= b.cstart[b.nt]) return;  // only for a batch without chunks (grid of 1)
+
+  // The tensor owning this chunk: the largest k with cstart[k] <= cidx (empty
+  // tensors share their cstart with the next tensor, so they are never picked).
+  int lo = 0, hi = b.nt - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (b.cstart[mid] <= cidx) lo = mid;
+    else hi = mid - 1;
+  }
+  const int k = lo;
+  const int64_t begin = int64_t(cidx - b.cstart[k]) * kChunk;
+  const int64_t rest = b.numel[k] - begin;
+  const int len = int(rest < kChunk ? rest : kChunk);
+  const int t = b.t0 + k;
+
+  Partial p;
+  switch (b.dtype[k]) {
+    case kFloat64: p = run_chunk<kOp, double>(b.x[k], b.g[k], begin, len, c, t); break;
+    case kFloat16: p = run_chunk<kOp, half_t>(b.x[k], b.g[k], begin, len, c, t); break;
+    case kBFloat16: p = run_chunk<kOp, bf16_t>(b.x[k], b.g[k], begin, len, c, t); break;
+    default: p = run_chunk<kOp, float>(b.x[k], b.g[k], begin, len, c, t); break;
+  }
+  p = block_reduce(p);
+  if (threadIdx.x == 0) w.parts[b.chunk0 + cidx] = p;
+}
+
+__device__ __forceinline__ void write_out(void* out, int out_dtype, int64_t i, double v) {
+  if (out_dtype == kFloat64) static_cast<double*>(out)[i] = v;
+  else static_cast<float*>(out)[i] = float(v);
+}
+
+// kFin: kStats (weight_stats), kPenalty (penalty and add_penalty_grad), kProx.
+template <int kFin>
+__global__ void __launch_bounds__(kThreads) finish_kernel(const Work w, int64_t n, const Coefs c,
+                                                           const Outs o) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t = int64_t(blockIdx.x) * kWarps + warp;
+  if (t < n) {  // warp-uniform
+    const int64_t b = w.first[t], e = w.first[t + 1];
+    Partial p = zero_partial();
+    for (int64_t j = b + lane; j < e; j += 32) combine(p, w.parts[j]);
+    p = warp_reduce(p);
+    if (lane == 0) {
+      if constexpr (kFin == kStats) {
+        write_out(o.l1, o.out_dtype, t, p.s1);
+        write_out(o.l2, o.out_dtype, t, sqrt(p.s2));
+        // sum|w| is NaN exactly when some w is NaN
+        write_out(o.linf, o.out_dtype, t, isnan(p.s1) ? p.s1 : p.mx);
+        o.nnz[t] = int64_t(p.nnz);
+      } else if constexpr (kFin == kProx) {
+        o.nnz[t] = int64_t(p.nnz);
+      } else {
+        w.terms[t] = c.l1[t] * p.s1 + c.l2[t] * p.s2;
+      }
+    }
+  }
+  if constexpr (kFin == kPenalty) {
+    // The last block to get here folds every tensor's term in a fixed order.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(w.counter, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    double v = 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) v += __ldcg(w.terms + i);
+    Partial p = zero_partial();
+    p.s1 = v;
+    p = block_reduce(p);
+    if (threadIdx.x == 0) {
+      write_out(o.value, o.out_dtype, 0, p.s1);
+      *w.counter = 0u;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------
+int64_t align16(int64_t b) { return (b + 15) & ~int64_t(15); }
+
+int64_t chunks_of(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
+
+struct Layout {
+  int64_t first, terms, parts, total;
+  explicit Layout(const TensorList& w) {
+    const int64_t n = w.size();
+    int64_t chunks = 0;
+    for (int64_t k = 0; k < n; ++k) chunks += chunks_of(w.numels[k] > 0 ? w.numels[k] : 0);
+    first = 16;
+    terms = first + align16(8 * (n + 1));
+    parts = terms + align16(8 * n);
+    total = parts + int64_t(sizeof(Partial)) * (chunks > 0 ? chunks : 1);
+  }
+};
+
+[[noreturn]] void fail(const std::string& what) { throw std::runtime_error("pyreg CUDA: " + what); }
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    fail(std::string(what) + " failed: " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+}
+
+// Makes `device` current for the scope, restoring the previous device after.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (prev_ != device) {
+      check(cudaSetDevice(device), "cudaSetDevice");
+      changed_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (changed_) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+  bool changed_ = false;
+};
+
+std::vector<Batch> plan(const TensorList& w, void* const* grads) {
+  const int64_t n = w.size();
+  if (int64_t(w.numels.size()) != n || int64_t(w.dtypes.size()) != n)
+    fail("tensor list pointers, numels and dtypes differ in length");
+  if (n >= INT_MAX) fail("too many tensors");
+  std::vector<Batch> out;
+  Batch cur;
+  std::memset(&cur, 0, sizeof(cur));
+  int64_t chunk0 = 0, rel = 0;  // rel: chunks in `cur` so far
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t numel = w.numels[t];
+    const int code = w.dtypes[t];
+    if (numel < 0) fail("negative numel for tensor " + std::to_string(t));
+    if (code < kFloat32 || code > kBFloat16)
+      fail("unsupported dtype code " + std::to_string(code) + " for tensor " + std::to_string(t));
+    if (numel > 0 && w.ptrs[t] == nullptr) fail("null data pointer for tensor " + std::to_string(t));
+    if (numel > 0 && grads != nullptr && grads[t] == nullptr)
+      fail("null grad pointer for tensor " + std::to_string(t));
+    const int64_t ch = chunks_of(numel);
+    if (ch > kMaxGrid) fail("tensor " + std::to_string(t) + " is too large");
+    if (cur.nt == kMaxTensors || rel + ch > kMaxGrid) {  // close the batch
+      cur.cstart[cur.nt] = int32_t(rel);
+      out.push_back(cur);
+      chunk0 += rel;
+      std::memset(&cur, 0, sizeof(cur));
+      cur.t0 = int32_t(t);
+      rel = 0;
+    }
+    cur.chunk0 = chunk0;
+    const int k = cur.nt++;
+    cur.x[k] = w.ptrs[t];
+    cur.g[k] = grads != nullptr ? grads[t] : nullptr;
+    cur.numel[k] = numel;
+    cur.dtype[k] = int8_t(code);
+    cur.cstart[k] = int32_t(rel);
+    rel += ch;
+  }
+  cur.chunk0 = chunk0;
+  cur.cstart[cur.nt] = int32_t(rel);
+  out.push_back(cur);  // always at least one batch (n == 0: nt == 0, no chunks)
+  return out;
+}
+
+Work work_of(const TensorList& w, void* workspace) {
+  if (workspace == nullptr) fail("null workspace");
+  if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0) fail("workspace is not 16-byte aligned");
+  const Layout lay(w);
+  char* base = static_cast<char*>(workspace);
+  return Work{reinterpret_cast<unsigned*>(base), reinterpret_cast<int64_t*>(base + lay.first),
+              reinterpret_cast<double*>(base + lay.terms),
+              reinterpret_cast<Partial*>(base + lay.parts)};
+}
+
+void check_out_dtype(int out_dtype) {
+  if (out_dtype != kFloat32 && out_dtype != kFloat64)
+    fail("out_dtype must be 0 (float32) or 1 (float64), got " + std::to_string(out_dtype));
+}
+
+template <int kOp, int kFin>
+void launch(const TensorList& w, void* const* grads, const Coefs& c, const Outs& o,
+            void* workspace, int device, uintptr_t stream, const char* name) {
+  const std::vector<Batch> batches = plan(w, grads);
+  const Work wk = work_of(w, workspace);
+  DeviceGuard guard(device);
+  (void)cudaGetLastError();  // do not blame this launch for an earlier, non-sticky error
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  for (const Batch& b : batches) {
+    const int64_t blocks = b.cstart[b.nt] > 0 ? b.cstart[b.nt] : 1;
+    chunk_kernel<kOp><<<dim3(unsigned(blocks)), kThreads, 0, s>>>(b, c, wk);
+    check(cudaGetLastError(), (std::string(name) + " chunk kernel launch").c_str());
+  }
+  const int64_t n = w.size();
+  const int64_t fblocks = n > 0 ? (n + kWarps - 1) / kWarps : 1;
+  finish_kernel<kFin><<<dim3(unsigned(fblocks)), kThreads, 0, s>>>(wk, n, c, o);
+  check(cudaGetLastError(), (std::string(name) + " finishing kernel launch").c_str());
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------
+bool compiled() { return true; }
+
+std::string archs() {
+  // CMake's list ("80-real,90-real,90-virtual", ',' for ';') -> "sm_80 sm_90 compute_90".
+  const std::string spec = PYREG_CUDA_ARCHS;
+  std::string out;
+  size_t pos = 0;
+  while (pos <= spec.size()) {
+    size_t end = spec.find_first_of(",; ", pos);
+    if (end == std::string::npos) end = spec.size();
+    const std::string a = spec.substr(pos, end - pos);
+    pos = end + 1;
+    if (a.empty()) continue;
+    auto add = [&](const std::string& s) { out += (out.empty() ? "" : " ") + s; };
+    const size_t dash = a.find('-');
+    const std::string num = a.substr(0, dash);
+    const bool numeric = !num.empty() && num[0] >= '0' && num[0] <= '9';
+    if (!numeric) add(a);
+    else if (dash == std::string::npos) { add("sm_" + num); add("compute_" + num); }
+    else if (a.substr(dash + 1) == "real") add("sm_" + num);
+    else if (a.substr(dash + 1) == "virtual") add("compute_" + num);
+    else add(a);
+  }
+  return out;
+}
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+std::string runtime_error() {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
+  }
+  if (n == 0) return "no CUDA device found";
+  return "";
+}
+
+int64_t workspace_bytes(const TensorList& w) { return Layout(w).total; }
+
+void weight_stats(const TensorList& w, void* l1, void* l2, void* linf, int64_t* nnz,
+                  int out_dtype, void* workspace, int device, uintptr_t stream) {
+  check_out_dtype(out_dtype);
+  const Outs o{l1, l2, linf, nnz, nullptr, out_dtype};
+  launch<kStats, kStats>(w, nullptr, Coefs{nullptr, nullptr, nullptr}, o, workspace, device,
+                         stream, "weight_stats");
+}
+
+void penalty(const TensorList& w, const double* l1, const double* l2, void* out,
+             int out_dtype, void* workspace, int device, uintptr_t stream) {
+  check_out_dtype(out_dtype);
+  const Outs o{nullptr, nullptr, nullptr, nullptr, out, out_dtype};
+  launch<kPenalty, kPenalty>(w, nullptr, Coefs{l1, l2, nullptr}, o, workspace, device, stream,
+                             "penalty");
+}
+
+void add_penalty_grad(const TensorList& w, void* const* grads, const double* l1,
+                      const double* l2, void* out, int out_dtype, void* workspace,
+                      int device, uintptr_t stream) {
+  check_out_dtype(out_dtype);
+  if (grads == nullptr && w.size() > 0) fail("null grads");
+  const Outs o{nullptr, nullptr, nullptr, nullptr, out, out_dtype};
+  launch<kGrad, kPenalty>(w, grads, Coefs{l1, l2, nullptr}, o, workspace, device, stream,
+                          "add_penalty_grad");
+}
+
+void prox(const TensorList& w, const double* l1, const double* l2, const double* lr,
+          int64_t* nnz, void* workspace, int device, uintptr_t stream) {
+  const Outs o{nullptr, nullptr, nullptr, nnz, nullptr, kFloat64};
+  launch<kProx, kProx>(w, nullptr, Coefs{l1, l2, lr}, o, workspace, device, stream, "prox");
+}
+
+}  // namespace pyreg::cuda
