@@ -1,21 +1,46 @@
-"""pyreg's command line: ``pyreg info`` (also ``python -m pyreg info``)."""
+"""pyreg's command line (also ``python -m pyreg``):
+
+    pyreg info    version, torch version, compiled backends, threads
+    pyreg demo    a regularization study on real data (see ``pyreg demo --help``)
+    pyreg bench   the benchmark suite (see ``pyreg bench --help``)
+
+Each subcommand owns its options; this module only routes to it.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import List, Optional
 
+_COMMANDS = {
+    "info": "version, torch version, compiled backends, threads",
+    "demo": "regularization study on real data: L1, L2, elastic net, alpha grid, LSTM",
+    "bench": "benchmark suite: pyreg vs Python loop, torch._foreach, torch.compile, roofline",
+}
+
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="pyreg", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="version, torch version, compiled backends, threads")
-    args = parser.parse_args(argv)
-    if args.command == "info":
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="pyreg", description="Fused L1 / L2 / elastic-net regularization for PyTorch.",
+        epilog="Run 'pyreg COMMAND --help' for a command's options.")
+    parser.add_argument("command", choices=sorted(_COMMANDS),
+                        help="; ".join(f"{k}: {v}" for k, v in _COMMANDS.items()))
+    if not argv or argv[0] not in _COMMANDS:
+        parser.parse_args(argv[:1])  # prints usage / error and exits
+    command, rest = argv[0], argv[1:]
+    if command == "info":
+        argparse.ArgumentParser(prog="pyreg info", description=_COMMANDS["info"]).parse_args(rest)
         from .info import main as info_main
 
         return info_main()
-    return 2
+    if command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
+    from .bench import main as bench_main
+
+    return bench_main(rest)
 
 
 if __name__ == "__main__":
