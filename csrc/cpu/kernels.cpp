@@ -8,9 +8,10 @@
 // The fold order depends only on tensor sizes, so results are bitwise identical
 // for any thread count.
 //
-// Inner loops (sweep) run over blocks of kBlock elements in the compute type,
-// vectorized, then add each block's sums into double accumulators: fp32 and
-// 16-bit data get float32 SIMD speed with nearly float64 accuracy.
+// The inner loop (sweep) streams blocks of kBlock elements: the op's
+// element-wise work, then a multi-lane SIMD reduction of the block while it is
+// in L1, folded into double accumulators: fp32 and 16-bit data get float32
+// SIMD speed with nearly float64 accuracy.
 #include "kernels.h"
 
 #include <algorithm>
@@ -24,7 +25,7 @@
 namespace pyreg::cpu {
 namespace {
 
-constexpr int64_t kBlock = 512;
+constexpr int64_t kBlock = 2048;
 
 struct Partial {
   double s1 = 0;    // sum |v|
@@ -33,50 +34,64 @@ struct Partial {
   int64_t nnz = 0;  // count v != 0
 };
 
-// Reduces the values that block(begin, len, out) writes to out[0..len), for
-// consecutive blocks covering [0, n). The element-wise work (block: a plain
-// loop that may also write the tensors) is kept apart from the reduction (over
-// a small L1-resident buffer): the compiler vectorizes both. `omp simd` (with
-// -fopenmp-simd: a vectorization hint, no OpenMP runtime) lets it reassociate
-// the reduction in an order fixed at compile time, so results stay
-// deterministic. Each block's sums are added into double accumulators: float32
-// SIMD speed with nearly float64 accuracy.
-template <typename A, bool kSums, bool kMax, bool kNnz, typename F>
-inline Partial sweep(int64_t n, F&& block) {
+// For consecutive blocks of kBlock elements covering [0, n): first
+// update(begin, len) does the element-wise work of the op on the block (it may
+// write the tensors; a plain `omp simd` loop), then the block's values
+// value(i), read back while still in L1, are reduced.
+//
+// Speed: the reduction keeps kLanes independent accumulators per statistic
+// (two SIMD registers each), so the add/FMA latency chains overlap and a pass
+// runs at memory speed. `omp simd` (with -fopenmp-simd: a vectorization hint,
+// no OpenMP runtime) vectorizes the loops.
+// Accuracy: each block's lanes are folded in a fixed order into double
+// accumulators: float32 SIMD speed with nearly float64 accuracy.
+// Determinism: the summation order is fixed by this source, whatever the ISA
+// or thread count.
+template <typename A, bool kSums, bool kMax, bool kNnz, typename U, typename V>
+inline Partial sweep(int64_t n, U&& update, V&& value) {
+  constexpr int kLanes = 64 / sizeof(A);
   Partial p;
-  alignas(64) A buf[kBlock];
   A mx = A(0);
   for (int64_t i = 0; i < n; i += kBlock) {
     const int len = int(std::min(kBlock, n - i));
-    block(i, len, buf);
-    A s1 = A(0), s2 = A(0), m = A(0);
-    int32_t c = 0;  // at most kBlock
-#pragma omp simd reduction(+ : s1, s2, c) reduction(max : m)
-    for (int j = 0; j < len; ++j) {
-      const A v = buf[j];
+    update(i, len);
+    A s1[kLanes] = {}, s2[kLanes] = {}, m[kLanes] = {};
+    int32_t c[kLanes] = {};
+    auto lane = [&](int l, int64_t k) {
+      const A v = value(k);
       const A a = std::fabs(v);
-      if (kSums) { s1 += a; s2 += v * v; }
-      if (kMax) m = a > m ? a : m;
-      if (kNnz) c += (v != A(0)) ? 1 : 0;
+      if (kSums) { s1[l] += a; s2[l] += v * v; }
+      if (kMax) m[l] = a > m[l] ? a : m[l];
+      if (kNnz) c[l] += (v != A(0)) ? 1 : 0;
+    };
+    int j = 0;
+    for (; j + kLanes <= len; j += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) lane(l, i + j + l);
     }
-    p.s1 += double(s1);
-    p.s2 += double(s2);
-    p.nnz += c;
-    mx = m > mx ? m : mx;
+    for (int l = 0; j < len; ++j, ++l) lane(l, i + j);  // tail
+    A t1 = A(0), t2 = A(0);
+    for (int l = 0; l < kLanes; ++l) {
+      t1 += s1[l];
+      t2 += s2[l];
+      mx = m[l] > mx ? m[l] : mx;
+      p.nnz += c[l];
+    }
+    p.s1 += double(t1);
+    p.s2 += double(t2);
   }
   p.mx = double(mx);
   return p;
 }
 
-// block() for the read-only ops: converts x[begin, begin+len) to A.
+// value() reading x in the compute type A.
 template <typename A, typename T>
 inline auto loader(const T* x) {
-  return [x](int64_t b, int len, A* out) {
-    const T* __restrict s = x + b;
-#pragma omp simd
-    for (int k = 0; k < len; ++k) out[k] = load<A>(s[k]);
-  };
+  return [x](int64_t i) { return load<A>(x[i]); };
 }
+
+// update() of the read-only ops.
+inline void no_update(int64_t, int) {}
 
 // Largest A <= t: with it, `a <= floor_to<A>(t)` is exactly `a <= t` for any a
 // of type A.
@@ -149,7 +164,7 @@ double penalty_of(const std::vector<Partial>& s, const double* l1, const double*
 template <typename T>
 Partial sums_chunk(const T* x, int64_t n) {
   using A = opmath_t<T>;
-  return sweep<A, true, false, false>(n, loader<A>(x));
+  return sweep<A, true, false, false>(n, no_update, loader<A>(x));
 }
 
 }  // namespace
@@ -161,7 +176,7 @@ void weight_stats(const TensorList& w, void* l1, void* l2, void* linf, int64_t* 
       using T = std::remove_pointer_t<decltype(p)>;
       using A = opmath_t<T>;
       const T* x = p + it.begin;
-      return sweep<A, true, true, true>(it.end - it.begin, loader<A>(x));
+      return sweep<A, true, true, true>(it.end - it.begin, no_update, loader<A>(x));
     });
   });
   for (int64_t i = 0; i < w.size(); ++i) {
@@ -191,16 +206,16 @@ void add_penalty_grad(const TensorList& w, void* const* grads, const double* l1,
       T* g = static_cast<T*>(grads[it.tensor]) + it.begin;
       const A c1 = A(l1[it.tensor]);
       const A c2 = A(2.0 * l2[it.tensor]);
-      return sweep<A, true, false, false>(it.end - it.begin, [=](int64_t b, int len, A* out) {
+      auto update = [=](int64_t b, int len) {
         const T* __restrict xs = x + b;
         T* __restrict gs = g + b;
 #pragma omp simd
         for (int k = 0; k < len; ++k) {
           const A v = load<A>(xs[k]);
           gs[k] = store<T>(load<A>(gs[k]) + (c1 * sign_of(v) + c2 * v));
-          out[k] = v;
         }
-      });
+      };
+      return sweep<A, true, false, false>(it.end - it.begin, update, loader<A>(x));
     });
   });
   write(out, out_dtype, 0, penalty_of(s, l1, l2));
@@ -221,18 +236,18 @@ void prox(const TensorList& w, const double* l1, const double* l2, const double*
       const A t_hi = A(t);
       const A t_lo = A(t - double(t_hi));
       const A scale = A(1.0 / (1.0 + 2.0 * lr[it.tensor] * l2[it.tensor]));
-      return sweep<A, false, false, true>(it.end - it.begin, [=](int64_t b, int len, A* out) {
+      auto update = [=](int64_t b, int len) {
         T* __restrict xs = x + b;
 #pragma omp simd
         for (int k = 0; k < len; ++k) {
           const A v = load<A>(xs[k]);
           const A a = std::fabs(v);
           const A r = a <= t_floor ? A(0) : std::copysign(((a - t_hi) - t_lo) * scale, v);
-          const T o = store<T>(r);
-          xs[k] = o;
-          out[k] = load<A>(o);  // count nonzeros of what was stored
+          xs[k] = store<T>(r);
         }
-      });
+      };
+      // Counts the nonzeros of what was stored.
+      return sweep<A, false, false, true>(it.end - it.begin, update, loader<A>(x));
     });
   });
   for (int64_t i = 0; i < w.size(); ++i) nnz[i] = s[i].nnz;
