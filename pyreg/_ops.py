@@ -26,6 +26,20 @@ from torch import Tensor
 from . import backends
 from ._common import SUPPORTED_DTYPES, WeightStats, result_dtype
 
+try:  # DTensor inputs (FSDP2) go to pyreg.distributed; torch builds without it have none
+    from torch.distributed.tensor import DTensor as _DTensor
+except Exception:  # pragma: no cover - torch built without distributed
+    _DTensor = None
+
+
+def _has_dtensor(ts: Sequence[Tensor]) -> bool:
+    return _DTensor is not None and any(isinstance(t, _DTensor) for t in ts)
+
+
+def _distributed():
+    from . import distributed
+    return distributed
+
 Coef = Union[float, Sequence[float], Tensor]
 
 # --------------------------------------------------------------------------
@@ -154,13 +168,13 @@ def _tensor_list(tensors, what: str = "tensors") -> List[Tensor]:
                             "float32, float64, float16 and bfloat16")
         if t.layout != torch.strided:
             raise TypeError(f"{what}[{i}] has layout {t.layout}; pyreg needs dense (strided) tensors")
-        if t.is_meta:
-            raise ValueError(f"{what}[{i}] is a meta tensor: it has no data to regularize")
         if device is None:
             device = t.device
         elif t.device != device:
             raise ValueError(f"{what}[{i}] is on {t.device} but {what}[0] is on {device}; "
                              "one call takes tensors on one device")
+        if t.is_meta:
+            raise ValueError(f"{what}[{i}] is a meta tensor: it has no data to regularize")
     return out
 
 
@@ -205,13 +219,29 @@ def _check_no_overlap(tensors: Sequence[Tensor], what: str) -> None:
     share a storage can overlap, so the exact interval test runs on those alone."""
     if torch.compiler.is_compiling():
         return
+    bad = _first_overlap(tensors)
+    if bad is None:
+        return
+    a, b = bad
+    if a == b:
+        raise ValueError(f"{what}[{a}] has overlapping memory (an expanded view?); "
+                         "it cannot be updated in place")
+    raise ValueError(f"{what}[{a}] and {what}[{b}] share memory; "
+                     "an in-place op needs distinct tensors")
+
+
+def _first_overlap(tensors: Sequence[Tensor]) -> Optional[Tuple[int, int]]:
+    """(i, i) for the first tensor whose elements overlap each other, (a, b) for
+    the first two tensors whose memory ranges overlap, else None. Ranges are
+    compared conservatively (first to last element), per storage."""
+    if _has_dtensor(tensors):  # DTensors: their local shards hold the memory
+        tensors = [t.to_local() if isinstance(t, _DTensor) else t for t in tensors]
     by_storage = {}
     for i, t in enumerate(tensors):
         if t.numel() == 0:
             continue
-        if not t.is_contiguous() and _extent(t) < t.numel():
-            raise ValueError(f"{what}[{i}] has overlapping memory (an expanded view?); "
-                             "it cannot be updated in place")
+        if _has_internal_overlap(t):
+            return i, i
         by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(i)
     for idx in by_storage.values():
         if len(idx) < 2:
@@ -221,8 +251,64 @@ def _check_no_overlap(tensors: Sequence[Tensor], what: str) -> None:
         for (s0, e0, i), (s1, e1, j) in zip(spans, spans[1:]):
             if s1 < e0:
                 a, b = sorted((i, j))
-                raise ValueError(f"{what}[{a}] and {what}[{b}] share memory; "
-                                 "an in-place op needs distinct tensors")
+                return a, b
+    return None
+
+
+def _has_internal_overlap(t: Tensor) -> bool:
+    """True if two elements of t are one memory location (exact). Decided from
+    sizes and strides alone for every common layout; only interleaved strides
+    (which the kernels handle on a dense copy anyway) enumerate offsets."""
+    if t.numel() <= 1 or t.is_contiguous():
+        return False
+    reach = 0  # largest offset the smaller-stride dims reach
+    for st, n in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1):
+        if st <= reach or st == 0:
+            break
+        reach += (n - 1) * st
+    else:
+        return False
+    if any(st == 0 for n, st in zip(t.shape, t.stride()) if n > 1):
+        return True
+    offsets = torch.arange(_extent(t), device="cpu").as_strided(t.shape, t.stride())
+    return int(offsets.unique().numel()) < t.numel()
+
+
+def _check_grads_apart(tensors: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    """add_penalty_grad_ writes the grads while it reads the tensors: no grad may
+    share memory with another grad (or itself), nor with any tensor. Tensors may
+    share memory with each other (they are only read). One sort per storage
+    that holds a grad and something else; no device sync."""
+    if torch.compiler.is_compiling():
+        return
+    _check_no_overlap(grads, "grads")
+    by_storage = {}
+    for i, g in enumerate(grads):
+        if g.numel():
+            by_storage.setdefault(g.untyped_storage().data_ptr(), []).append(("grads", i))
+    if not by_storage:
+        return
+    for j, t in enumerate(tensors):
+        if t.numel():
+            members = by_storage.get(t.untyped_storage().data_ptr())
+            if members is not None:
+                members.append(("tensors", j))
+    lists = {"grads": grads, "tensors": tensors}
+    for members in by_storage.values():
+        if len(members) < 2:
+            continue
+        spans = sorted((lists[k][i].data_ptr(),
+                        lists[k][i].data_ptr() + _extent(lists[k][i]) * lists[k][i].element_size(), k, i)
+                       for k, i in members)
+        reach = {"grads": None, "tensors": None}  # (end, index) of the furthest-reaching span so far
+        for start, end, kind, i in spans:
+            other = reach["tensors" if kind == "grads" else "grads"]
+            if other is not None and start < other[0]:
+                g, t = (i, other[1]) if kind == "grads" else (other[1], i)
+                raise ValueError(f"grads[{g}] shares memory with tensors[{t}]; add_penalty_grad_ "
+                                 "writes the grads while it reads the tensors, so they must be distinct")
+            if reach[kind] is None or end > reach[kind][0]:
+                reach[kind] = (end, i)
 
 
 def _extent(t: Tensor) -> int:
@@ -244,6 +330,8 @@ def weight_stats(tensors: Iterable[Tensor]) -> WeightStats:
     if not ts:
         e = torch.zeros(0)
         return WeightStats(e, e.clone(), e.clone(), torch.zeros(0, dtype=torch.int64))
+    if _has_dtensor(ts):
+        return _distributed().weight_stats(ts)
     return WeightStats(*_weight_stats_op([t.detach() for t in ts]))
 
 
@@ -260,7 +348,10 @@ def penalty(tensors: Iterable[Tensor], l1: Coef = 0.0, l2: Coef = 0.0) -> Tensor
         _coef(l1, 0, torch.device("cpu"), "l1"), _coef(l2, 0, torch.device("cpu"), "l2")
         return torch.zeros(())
     dev = ts[0].device
-    return _penalty_op(ts, _coef(l1, len(ts), dev, "l1"), _coef(l2, len(ts), dev, "l2"))
+    c1, c2 = _coef(l1, len(ts), dev, "l1"), _coef(l2, len(ts), dev, "l2")
+    if _has_dtensor(ts):
+        return _distributed().penalty(ts, c1, c2)
+    return _penalty_op(ts, c1, c2)
 
 
 def add_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor],
@@ -281,7 +372,9 @@ def add_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor],
     c1, c2 = _coef(l1, n, dev, "l1"), _coef(l2, n, dev, "l2")
     if not ts:
         return torch.zeros(())
-    _check_no_overlap(gs, "grads")
+    if _has_dtensor(ts) or _has_dtensor(gs):
+        return _distributed().add_penalty_grad_(ts, gs, c1, c2)
+    _check_grads_apart(ts, gs)
     with torch.no_grad():
         return _add_penalty_grad_op([t.detach() for t in ts], gs, c1, c2)
 
@@ -299,6 +392,8 @@ def prox_(tensors: Iterable[Tensor], l1: Coef = 0.0, l2: Coef = 0.0, lr: Coef = 
     c1, c2, clr = _coef(l1, n, dev, "l1"), _coef(l2, n, dev, "l2"), _coef(lr, n, dev, "lr")
     if not ts:
         return torch.zeros(0, dtype=torch.int64)
+    if _has_dtensor(ts):
+        return _distributed().prox_(ts, c1, c2, clr)
     _check_no_overlap(ts, "tensors")
     with torch.no_grad():
         return _prox_op(ts, c1, c2, clr)

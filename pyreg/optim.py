@@ -41,6 +41,20 @@ _COEF_KEYS = ("l1", "l2")
 _check_coef = _ops._check_value
 
 
+def _group_coef(value: Any, where: str) -> float:
+    """A group's l1/l2 as a float: a number, or a one-element real tensor (as
+    torch.optim allows for lr). Tensors let a compiled step see a changed value
+    without recompiling (change them in place, e.g. ``group["l1"].fill_(v)``);
+    keep them on the CPU: reading a device tensor's value syncs the host."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{where} is a tensor of shape {tuple(value.shape)}; expected one value")
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{where} has dtype {value.dtype}; expected a real dtype")
+        value = float(value)
+    return _check_coef(value, where)
+
+
 # --------------------------------------------------------------------------
 # Results of stats() and sparsity()
 # --------------------------------------------------------------------------
@@ -91,6 +105,14 @@ class _Bucket:
         self.lr_key: Any = None  # last per-tensor lr values and their device tensor
         self.lr_value: Any = None
 
+    def set_coefs(self, l1: List[float], l2: List[float]) -> None:
+        """New coefficient values, written into the same tensors: a compiled step
+        (or a CUDA graph) reads them as inputs, so a change recompiles nothing."""
+        for new, old, t in ((l1, self.l1_list, self.l1), (l2, self.l2_list, self.l2)):
+            if new != old:
+                t.copy_(torch.tensor(new, dtype=torch.float64), non_blocking=True)
+        self.l1_list, self.l2_list = l1, l2
+
     def active(self) -> Tuple[List[Tensor], List[int], Tensor, Tensor]:
         """(params, their group indices, l1, l2) restricted to params with a grad."""
         mask = tuple(p.grad is not None for p in self.params)
@@ -99,15 +121,15 @@ class _Bucket:
         sub = self._subsets.get(mask)
         if sub is None:
             idx = [i for i, m in enumerate(mask) if m]
-            dev = self.l1.device  # one transfer per new mask, then cached
-            sub = (idx,
-                   torch.tensor([self.l1_list[i] for i in idx], dtype=torch.float64, device=dev),
-                   torch.tensor([self.l2_list[i] for i in idx], dtype=torch.float64, device=dev))
+            # One transfer per new mask, then cached; the values are gathered
+            # from l1/l2 at each use, so in-place coefficient updates apply.
+            sub = (idx, torch.tensor(idx, dtype=torch.int64, device=self.l1.device))
             if len(self._subsets) >= 8:
                 self._subsets.clear()
             self._subsets[mask] = sub
-        idx, l1, l2 = sub
-        return [self.params[i] for i in idx], [self.groups[i] for i in idx], l1, l2
+        idx, sel = sub
+        return ([self.params[i] for i in idx], [self.groups[i] for i in idx],
+                self.l1.index_select(0, sel), self.l2.index_select(0, sel))
 
 
 class _Plan:
@@ -117,16 +139,17 @@ class _Plan:
         seen = set()
         reg: Dict[Tuple[torch.device, torch.dtype], Tuple[list, list, list, list]] = OrderedDict()
         every: Dict[Tuple[torch.device, torch.dtype], Tuple[list, list]] = OrderedDict()
+        reg_names: Dict[int, str] = {}
         self.names: List[str] = []
         position = 0
         for gi, (group, (l1, l2)) in enumerate(zip(groups, coefs)):
             names = group.get("param_names")
             for j, p in enumerate(group["params"]):
-                if id(p) in seen:
-                    raise ValueError(f"param_groups[{gi}] holds a parameter that appears earlier "
-                                     "in the optimizer; each parameter must appear once")
-                seen.add(id(p))
                 name = names[j] if names is not None and j < len(names) else f"param_groups.{gi}.{j}"
+                if id(p) in seen:
+                    raise ValueError(f"param_groups[{gi}] holds a parameter ({name!r}) that appears "
+                                     "earlier in the optimizer; each parameter must appear once")
+                seen.add(id(p))
                 self.names.append(name)
                 key = (p.device, p.dtype)
                 e = every.setdefault(key, ([], []))
@@ -139,9 +162,24 @@ class _Plan:
                     raise TypeError(f"param_groups[{gi}] parameter {name!r} is {p.dtype} "
                                     f"({p.layout}); pyreg regularizes dense float32, float64, "
                                     "float16 and bfloat16 tensors")
+                if p.is_meta:
+                    raise ValueError(f"param_groups[{gi}] parameter {name!r} is a meta tensor: "
+                                     "it has no data to regularize")
                 b = reg.setdefault(key, ([], [], [], []))
                 b[0].append(p), b[1].append(gi), b[2].append(l1), b[3].append(l2)
+                reg_names[id(p)] = name
+        # prox_ writes the params after the inner step: reject shared memory now,
+        # before any step, rather than half-way through one.
+        reg_params = [p for b in reg.values() for p in b[0]]
+        bad = None if torch.compiler.is_compiling() else _ops._first_overlap(reg_params)
+        if bad is not None:
+            na, nb = (reg_names[id(reg_params[i])] for i in bad)
+            raise ValueError(f"parameter {na!r} overlaps itself in memory (an expanded view?)"
+                             if bad[0] == bad[1] else
+                             f"parameters {na!r} and {nb!r} share memory; "
+                             "pyreg updates each regularized parameter in place, so they must be distinct")
         self.buckets = [_Bucket(*b) for b in reg.values()]
+        self.coefs = coefs
         # For stats(): every parameter (regularized or not), bucketed, plus the
         # permutation back to optimizer order.
         self.stat_buckets = [ps for ps, _ in every.values()]
@@ -153,6 +191,12 @@ class _Plan:
         self.inverse = torch.tensor(inverse, dtype=torch.int64, device=self.first_device)
         numels = [p.numel() for ps in self.stat_buckets for p in ps]
         self.numel = torch.tensor(numels, dtype=torch.int64, device=self.first_device)[self.inverse]
+
+    def set_coefs(self, coefs: List[Tuple[float, float]]) -> None:
+        """New coefficient values with the same zero pattern (so the same buckets)."""
+        for b in self.buckets:
+            b.set_coefs([coefs[g][0] for g in b.groups], [coefs[g][1] for g in b.groups])
+        self.coefs = coefs
 
 
 # --------------------------------------------------------------------------
@@ -211,10 +255,17 @@ class Regularized(Optimizer):
         self.l2 = _check_coef(l2, "l2")
         self._signature: Optional[tuple] = None
         self._plan_cache: Optional[_Plan] = None
-        self._last: List[Tuple[List[Tensor], Tensor, Tensor]] = []
-        self._penalty: Optional[Tensor] = None
+        self._out: Dict[str, Any] = {"last": [], "penalty": None}  # backs _last and _penalty
         self._plan()  # validates everything before the groups are touched
         self._fill_defaults()
+
+    # What the last step left for ``penalty``: (params, l1, l2) per bucket and the
+    # penalty value. Kept in a dict: torch.compile (2.13) keeps item stores made
+    # in a compiled step but drops attribute stores on an optimizer made before
+    # a graph break (the inner step is one).
+    _last = property(lambda self: self._out["last"], lambda self, v: self._out.__setitem__("last", v))
+    _penalty = property(lambda self: self._out["penalty"],
+                        lambda self, v: self._out.__setitem__("penalty", v))
 
     # -- sharing the inner optimizer ---------------------------------------
     @property
@@ -242,12 +293,13 @@ class Regularized(Optimizer):
         self.optimizer.defaults = value
 
     def __getstate__(self) -> Dict[str, Any]:
-        skip = ("_plan_cache", "_signature", "_last", "_penalty")  # caches: rebuilt on use
+        skip = ("_plan_cache", "_signature", "_out")  # caches: rebuilt on use
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._plan_cache, self._signature, self._last, self._penalty = None, None, [], None
+        self._out = {"last": [], "penalty": None}
+        self._plan_cache, self._signature = None, None
         self._patch_step_function()
 
     def __repr__(self) -> str:
@@ -266,7 +318,7 @@ class Regularized(Optimizer):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         where = f"param_groups[{len(self.param_groups)}]"
         for key in _COEF_KEYS:
-            _check_coef(param_group.get(key, getattr(self, key)), f"{where}[{key!r}]")
+            _group_coef(param_group.get(key, getattr(self, key)), f"{where}[{key!r}]")
         param_group = dict(param_group)
         param_group.setdefault("l1", self.l1)
         param_group.setdefault("l2", self.l2)
@@ -306,7 +358,7 @@ class Regularized(Optimizer):
         l2 = _check_coef(extra.get("l2", self.l2), "state_dict['pyreg']['l2']")
         for gi, group in enumerate(sd.get("param_groups", [])):
             for key, default in (("l1", l1), ("l2", l2)):
-                _check_coef(group.get(key, default), f"state_dict param_groups[{gi}][{key!r}]")
+                _group_coef(group.get(key, default), f"state_dict param_groups[{gi}][{key!r}]")
         self.optimizer.load_state_dict(sd)
         self.mode, self.l1, self.l2 = mode, l1, l2
         self._fill_defaults()
@@ -319,7 +371,7 @@ class Regularized(Optimizer):
         """Validated (l1, l2) of every group."""
         out = []
         for gi, group in enumerate(self.param_groups):
-            out.append(tuple(_check_coef(group.get(key, getattr(self, key)), f"param_groups[{gi}][{key!r}]")
+            out.append(tuple(_group_coef(group.get(key, getattr(self, key)), f"param_groups[{gi}][{key!r}]")
                              for key in _COEF_KEYS))
         return out
 
@@ -327,11 +379,16 @@ class Regularized(Optimizer):
         """The cached plan, rebuilt when the groups changed (cheap check)."""
         groups = self.param_groups
         coefs = self._coefs()
-        sig = (tuple(coefs),
+        # Coefficient values are not part of the signature, only which groups
+        # are regularized at all: new values are written into the plan's
+        # coefficient tensors in place (no recompilation under torch.compile).
+        sig = (tuple(c1 == 0.0 and c2 == 0.0 for c1, c2 in coefs),
                tuple(tuple((id(p), p.dtype, p.device) for p in g["params"]) for g in groups))
         if self._plan_cache is None or sig != self._signature:
             self._plan_cache = _Plan(groups, coefs)
             self._signature = sig
+        elif coefs != self._plan_cache.coefs:
+            self._plan_cache.set_coefs(coefs)
         return self._plan_cache
 
     def _lrs(self) -> list:
@@ -342,7 +399,8 @@ class Regularized(Optimizer):
             if lr is None:
                 raise ValueError(f"param_groups[{gi}] has no 'lr': mode 'proximal' needs one "
                                  "(use mode='gradient' for optimizers without a learning rate)")
-            lrs.append(lr if isinstance(lr, Tensor) else _check_coef(lr, f"param_groups[{gi}]['lr']"))
+            lrs.append(_check_tensor_lr(lr, gi) if isinstance(lr, Tensor)
+                       else _check_coef(lr, f"param_groups[{gi}]['lr']"))
         return lrs
 
     @staticmethod
@@ -366,11 +424,15 @@ class Regularized(Optimizer):
     # -- the step ---------------------------------------------------------------
     def _add_penalty_grads(self, plan: _Plan) -> None:
         total = None
-        for bucket in plan.buckets:
-            params, _, l1, l2 = bucket.active()
-            if not params:
-                continue
-            value = _ops.add_penalty_grad_(params, [p.grad for p in params], l1, l2)
+        work = [(params, [p.grad for p in params], l1, l2)
+                for params, _, l1, l2 in (b.active() for b in plan.buckets) if params]
+        if len(work) > 1 and not torch.compiler.is_compiling():
+            # Each op checks its own grads; with several buckets, check them all
+            # before the first one writes, so a bad grad changes nothing.
+            for params, grads, _, _ in work:
+                _ops._check_grads_apart(params, _ops._tensor_list(grads, "grads"))
+        for params, grads, l1, l2 in work:
+            value = _ops.add_penalty_grad_(params, grads, l1, l2)
             total = value if total is None else _sum(total, value)
         self._penalty = total if total is not None else torch.zeros(())
 
@@ -379,7 +441,12 @@ class Regularized(Optimizer):
         docstring). A closure is passed through; in gradient mode the penalty
         gradient is added after each closure evaluation. Returns the inner
         step's return value (the closure's loss, without the penalty)."""
-        plan = self._plan()  # validation happens here, before anything changes
+        if self.mode not in MODES:  # set after construction
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        # Validation happens here, before anything changes. Under torch.compile
+        # it runs outside the graph, so the coefficients (Python floats in the
+        # groups) are not baked into it: changing them recompiles nothing.
+        plan = _plan_outside_graph(self) if torch.compiler.is_compiling() else self._plan()
         self._last, self._penalty = [], None
         if self.mode == "gradient":
             if closure is None:
@@ -395,12 +462,14 @@ class Regularized(Optimizer):
 
         lrs = self._lrs()
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        last = []  # a fresh list, assigned once: torch.compile guards no list length
         for bucket in plan.buckets:
             params, gidx, l1, l2 = bucket.active()
             if not params:
                 continue
             _ops.prox_(params, l1, l2, self._lr_coef(bucket, lrs, gidx, params[0].device))
-            self._last.append((params, l1, l2))
+            last.append((params, l1, l2))
+        self._last = last
         return loss
 
     # -- observability ------------------------------------------------------------
@@ -451,6 +520,27 @@ class Regularized(Optimizer):
         per = (zeros / numel.clamp_min(1)).to(torch.float32)
         overall = (zeros.sum() / numel.sum().clamp_min(1)).to(torch.float32)
         return Sparsity(overall, per, s.names)
+
+
+def _check_tensor_lr(lr: Tensor, gi: int) -> Tensor:
+    """A tensor lr, checked before the inner step (prox_ would reject it only
+    after). Shape and dtype always; the value only on the CPU (no device sync:
+    device tensors are trusted as given)."""
+    where = f"param_groups[{gi}]['lr']"
+    if lr.numel() != 1:
+        raise ValueError(f"{where} is a tensor of shape {tuple(lr.shape)}; expected one value")
+    if not (lr.is_floating_point() or lr.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{where} has dtype {lr.dtype}; expected a real dtype")
+    if lr.device.type == "cpu" and not torch.compiler.is_compiling():
+        v = float(lr)
+        if not (v >= 0 and v != float("inf")):
+            raise ValueError(f"{where} must be finite and >= 0, got {v}")
+    return lr
+
+
+@torch.compiler.disable
+def _plan_outside_graph(opt: "Regularized") -> _Plan:
+    return opt._plan()
 
 
 def _sum(a: Tensor, b: Tensor) -> Tensor:

@@ -34,6 +34,14 @@ struct Partial {
   int64_t nnz = 0;  // count v != 0
 };
 
+// True when a block's float32 sums may differ from float64 ones by more than
+// rounding: a square or sum overflowed (|w| > ~1.8e19; also any Inf or NaN
+// input), or squares fell below float32's normal range (all |w| < ~1e-15).
+template <typename A>
+inline bool out_of_float_range(A s1, A s2) {
+  return !(std::isfinite(s1) && std::isfinite(s2)) || (s2 < A(0x1p-100) && s1 > A(0));
+}
+
 // For consecutive blocks of kBlock elements covering [0, n): first
 // update(begin, len) does the element-wise work of the op on the block (it may
 // write the tensors; a plain `omp simd` loop), then the block's values
@@ -44,7 +52,8 @@ struct Partial {
 // runs at memory speed. `omp simd` (with -fopenmp-simd: a vectorization hint,
 // no OpenMP runtime) vectorizes the loops.
 // Accuracy: each block's lanes are folded in a fixed order into double
-// accumulators: float32 SIMD speed with nearly float64 accuracy.
+// accumulators: float32 SIMD speed with nearly float64 accuracy. A block
+// whose float32 sums left float32's range is summed again in float64.
 // Determinism: the summation order is fixed by this source, whatever the ISA
 // or thread count.
 template <typename A, bool kSums, bool kMax, bool kNnz, typename U, typename V>
@@ -77,8 +86,19 @@ inline Partial sweep(int64_t n, U&& update, V&& value) {
       mx = m[l] > mx ? m[l] : mx;
       p.nnz += c[l];
     }
-    p.s1 += double(t1);
-    p.s2 += double(t2);
+    if (kSums && sizeof(A) < sizeof(double) && out_of_float_range(t1, t2)) {
+      double d1 = 0, d2 = 0;  // rare: this block again, in float64 (the spec)
+      for (int k = 0; k < len; ++k) {
+        const double v = double(value(i + k));
+        d1 += std::fabs(v);
+        d2 += v * v;
+      }
+      p.s1 += d1;
+      p.s2 += d2;
+    } else {
+      p.s1 += double(t1);
+      p.s2 += double(t2);
+    }
   }
   p.mx = double(mx);
   return p;

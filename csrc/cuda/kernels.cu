@@ -167,11 +167,14 @@ struct Params {
   A t_floor, t_hi, t_lo, scale;  // prox
 };
 
-// Thread accumulators in the compute type (a thread sees <= kChunk/kThreads
-// elements of a chunk), promoted to double for the block tree.
+// Thread accumulators. The sums are float64 for every dtype, as in the spec:
+// float32 squares overflow past |w| ~ 1.8e19 and underflow below ~1e-19
+// (csrc/cpu/kernels.cpp re-sums such blocks in float64). The kernels are
+// memory-bound; two float64 adds per element cost nothing on A100/H100.
 template <typename A>
 struct Acc {
-  A s1 = A(0), s2 = A(0), mx = A(0);
+  double s1 = 0.0, s2 = 0.0;
+  A mx = A(0);
   int nnz = 0;
 };
 
@@ -186,8 +189,9 @@ __device__ __forceinline__ void element(T& xv, T& gv, const Params<A>& p, Acc<A>
     xv = o;
     acc.nnz += load<A>(o) != A(0) ? 1 : 0;  // nonzeros of what was stored
   } else {
-    acc.s1 += a;
-    acc.s2 += v * v;
+    const double d = double(v);
+    acc.s1 += fabs(d);
+    acc.s2 += d * d;
     if constexpr (kOp == kStats) {
       acc.mx = a > acc.mx ? a : acc.mx;
       acc.nnz += v != A(0) ? 1 : 0;
@@ -260,7 +264,7 @@ __device__ __forceinline__ Partial run_chunk(void* xbase, void* gbase, int64_t b
       if constexpr (kOp == kProx) x[i] = xv;
     }
   }
-  return Partial{double(acc.s1), double(acc.s2), double(acc.mx), (long long)acc.nnz};
+  return Partial{acc.s1, acc.s2, double(acc.mx), (long long)acc.nnz};
 }
 
 // ---------------------------------------------------------------------------

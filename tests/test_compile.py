@@ -1,0 +1,149 @@
+"""pyreg.Regularized inside torch.compile and CUDA graphs.
+
+A whole training step (forward, backward, ``opt.step()``) is compiled. Under
+torch.compile, torch.optim guards every Python number in the param groups,
+so coefficients that change at run time are kept as tensors, as torch
+recommends for ``lr``: ``l1``, ``l2`` and ``lr`` are 0-dim CPU tensors
+changed in place; then changing them recompiles nothing.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import pyreg
+
+MODES = ["proximal", "gradient"]
+
+
+def _model(device="cpu"):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(device)
+
+
+def _data(step, device="cpu"):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(32, 6, generator=g).to(device), torch.randn(32, 3, generator=g).to(device)
+
+
+def _opt(model, mode, inner="sgd"):
+    groups = pyreg.param_groups(model, l1=0.02, l2=0.01)  # [weights, biases (0, 0)]
+    groups[0]["l1"], groups[0]["l2"] = torch.tensor(0.02), torch.tensor(0.01)
+    if inner == "sgd":
+        opt = torch.optim.SGD(groups, lr=torch.tensor(0.1), momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(groups, lr=torch.tensor(0.01))
+    return pyreg.Regularized(opt, mode=mode)
+
+
+def _train_step(model, opt, x, y):
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def _change_coefs(opt, step):
+    """Run-time changes (schedules): in place, as a compiled step needs."""
+    g = opt.param_groups[0]
+    if step == 2:
+        g["l1"].fill_(0.3)
+    if step == 3:
+        g["l2"].fill_(0.03)
+    if step == 4:
+        g["lr"].fill_(0.05)
+        g["l2"].fill_(0.0)  # a zero value is a value too: same plan, no recompilation
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adamw"])
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_step_matches_eager_without_recompiling(mode, inner):
+    me, mc = _model(), _model()
+    oe, oc = _opt(me, mode, inner), _opt(mc, mode, inner)
+    counter = CompileCounterWithBackend("aot_eager")
+    step_c = torch.compile(_train_step, backend=counter)
+    frames_after_warmup = None
+    for s in range(6):
+        _change_coefs(oe, s)
+        _change_coefs(oc, s)
+        x, y = _data(s)
+        le = _train_step(me, oe, x, y)
+        lc = step_c(mc, oc, x, y)
+        torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-6)
+        for a, b in zip(mc.parameters(), me.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            if mode == "proximal":
+                assert torch.equal(a == 0, b == 0)
+        torch.testing.assert_close(oc.penalty, oe.penalty, rtol=1e-5, atol=1e-6)
+        if s == 1:
+            frames_after_warmup = counter.frame_count
+    assert frames_after_warmup > 0
+    # Changing l1, l2 and lr at steps 2, 3 and 4 compiled nothing new.
+    assert counter.frame_count == frames_after_warmup
+    if mode == "proximal":
+        assert any((p == 0).any() for p in mc.parameters())  # L1 made exact zeros
+
+
+def test_plan_keeps_coefficient_tensors_across_value_changes():
+    """New coefficient values go into the cached plan's tensors in place (what
+    a compiled step or a CUDA graph reads), for floats and tensors alike."""
+    model = _model()
+    opt = pyreg.Regularized(torch.optim.SGD(pyreg.param_groups(model, l1=0.1), lr=0.1))
+    plan = opt._plan()
+    l1 = plan.buckets[0].l1
+    opt.param_groups[0]["l1"] = 0.3
+    assert opt._plan() is plan and plan.buckets[0].l1 is l1
+    assert torch.equal(l1, torch.full_like(l1, 0.3))
+    opt.param_groups[0]["l1"] = torch.tensor(0.2)
+    assert opt._plan() is plan and torch.equal(l1, torch.full_like(l1, float(torch.tensor(0.2))))
+    opt.param_groups[0]["l1"] = 0.0  # the group leaves the plan: a new plan
+    assert opt._plan() is not plan and not opt._plan().buckets
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
+        opt.param_groups[0]["l1"] = torch.tensor(-1.0)
+        opt.step()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_graph_step_replays_equal_to_eager(mode):
+    dev = "cuda"
+
+    def make():
+        model = _model(dev)
+        groups = pyreg.param_groups(model, l1=0.02, l2=0.01)
+        inner = torch.optim.Adam(groups, lr=0.01, capturable=True)  # step count on the device
+        return model, pyreg.Regularized(inner, mode=mode)
+
+    warmup, steps = 3, 4
+    me, oe = make()
+    for s in range(warmup + steps):
+        _train_step(me, oe, *_data(s, dev))
+
+    mg, og = make()
+    static_x, static_y = (t.clone() for t in _data(0, dev))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (lazy state, cached plan) off the capture
+        for s in range(warmup):
+            x, y = _data(s, dev)
+            static_x.copy_(x), static_y.copy_(y)
+            _train_step(mg, og, static_x, static_y)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    og.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = nn.functional.mse_loss(mg(static_x), static_y)
+        static_loss.backward()
+        og.step()
+    for s in range(warmup, warmup + steps):
+        x, y = _data(s, dev)
+        static_x.copy_(x), static_y.copy_(y)
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(mg.parameters(), me.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        if mode == "proximal":
+            assert torch.equal(a == 0, b == 0)

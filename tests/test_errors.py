@@ -1,0 +1,444 @@
+"""The validation matrix: every public entry point rejects bad input with a
+TypeError / ValueError whose message names the problem and the argument or
+tensor index, and a failed call modifies nothing (tensors, grads, params,
+optimizer state, param groups).
+
+The basics are in test_ops.py / test_optim.py; this file is the full matrix.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import pyreg
+from pyreg.cli import main as cli_main
+
+NAN, INF = float("nan"), float("inf")
+
+
+# --------------------------------------------------------------------------
+# Helpers: snapshots and "nothing changed"
+# --------------------------------------------------------------------------
+def _clone(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(v) for v in x)
+    return copy.deepcopy(x)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        if not (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+                and a.layout == b.layout):
+            return False
+        a, b = a.detach(), b.detach()
+        if a.layout != torch.strided:
+            a, b = a.to_dense(), b.to_dense()
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)  # NaN == NaN here
+
+
+def _raises(exc, message):
+    return pytest.raises(exc, match=re.escape(message))
+
+
+def _inputs():
+    """Fresh weights and grads: two dense float32 tensors each (plus one to spare)."""
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(10, generator=g), torch.randn(4, 5, generator=g)]
+    gr = [torch.randn(10, generator=g), torch.randn(4, 5, generator=g)]
+    return w, gr
+
+
+# --------------------------------------------------------------------------
+# The ops: (id, call(w, g), exception, message part)
+# --------------------------------------------------------------------------
+def _strided_overlap():
+    return torch.zeros(20).as_strided((2, 3), (4, 2))  # elements 4 and 4 coincide
+
+
+OP_CASES = [
+    # coefficients: negative, NaN, infinite; as numbers, sequences and tensors
+    ("penalty-l1-nan", lambda w, g: pyreg.penalty(w, l1=NAN), ValueError, "l1 must be finite and >= 0, got nan"),
+    ("penalty-l2-neg", lambda w, g: pyreg.penalty(w, l2=-1e-3), ValueError, "l2 must be finite and >= 0, got -0.001"),
+    ("prox-l2-inf", lambda w, g: pyreg.prox_(w, l2=INF), ValueError, "l2 must be finite and >= 0, got inf"),
+    ("prox-lr-neg", lambda w, g: pyreg.prox_(w, l1=0.1, lr=-1), ValueError, "lr must be finite and >= 0, got -1.0"),
+    ("prox-lr-list-inf", lambda w, g: pyreg.prox_(w, l1=0.1, lr=[0.1, INF]), ValueError, "lr[1] must be finite and >= 0, got inf"),
+    ("apg-l1-tensor-nan", lambda w, g: pyreg.add_penalty_grad_(w, g, l1=torch.tensor([0.1, NAN])),
+     ValueError, "l1[1] must be finite and >= 0, got nan"),
+    ("prox-l1-tensor-neg", lambda w, g: pyreg.prox_(w, l1=torch.tensor([-0.5, 0.1])), ValueError,
+     "l1[0] must be finite and >= 0, got -0.5"),
+    # coefficients: wrong length / shape / type
+    ("prox-l1-list-len", lambda w, g: pyreg.prox_(w, l1=[0.1, 0.2, 0.3]), ValueError, "l1 has 3 values but there are 2 tensors"),
+    ("apg-l2-tensor-len", lambda w, g: pyreg.add_penalty_grad_(w, g, l2=torch.ones(3)), ValueError,
+     "l2 has shape (3,); expected a number or one value per tensor (2)"),
+    ("penalty-l1-2d", lambda w, g: pyreg.penalty(w, l1=torch.ones(2, 1)), ValueError, "l1 has shape (2, 1)"),
+    ("penalty-l1-str", lambda w, g: pyreg.penalty(w, l1="0.1"), TypeError,
+     "l1 must be a number, a sequence of numbers or a tensor, got str"),
+    ("prox-l1-bool", lambda w, g: pyreg.prox_(w, l1=True), TypeError, "got bool"),
+    ("prox-l1-list-none", lambda w, g: pyreg.prox_(w, l1=[0.1, None]), TypeError, "l1[1] must be a real number, got NoneType"),
+    ("prox-lr-complex-tensor", lambda w, g: pyreg.prox_(w, lr=torch.tensor([1j, 1j])), TypeError,
+     "lr has dtype torch.complex64; expected a real dtype"),
+    # tensor and grad lists
+    ("apg-len-mismatch", lambda w, g: pyreg.add_penalty_grad_(w, g + [torch.zeros(1)], l1=0.1), ValueError,
+     "got 2 tensors but 3 grads"),
+    ("apg-grad-shape", lambda w, g: pyreg.add_penalty_grad_(w, [g[0], g[1].reshape(5, 4)], l1=0.1), ValueError,
+     "grads[1] is (5, 4) torch.float32 on cpu but tensors[1] is (4, 5) torch.float32 on cpu"),
+    ("apg-grad-dtype", lambda w, g: pyreg.add_penalty_grad_(w, [g[0].double(), g[1]], l1=0.1), ValueError,
+     "grads[0] is (10,) torch.float64 on cpu but tensors[0] is (10,) torch.float32 on cpu"),
+    ("apg-grads-not-iterable", lambda w, g: pyreg.add_penalty_grad_(w, 0.5, l1=0.1), TypeError,
+     "grads must be a tensor or an iterable of tensors, got float"),
+    # devices, dtypes, layouts
+    ("prox-two-devices", lambda w, g: pyreg.prox_([w[0], torch.zeros(3, device="meta")], l1=0.1), ValueError,
+     "tensors[1] is on meta but tensors[0] is on cpu; one call takes tensors on one device"),
+    ("apg-grads-two-devices", lambda w, g: pyreg.add_penalty_grad_(w, [g[0], g[1].to("meta")], l1=0.1), ValueError,
+     "grads[1] is on meta but grads[0] is on cpu"),
+    ("stats-meta", lambda w, g: pyreg.weight_stats([torch.zeros(3, device="meta")]), ValueError,
+     "tensors[0] is a meta tensor: it has no data to regularize"),
+    ("prox-int", lambda w, g: pyreg.prox_([w[0], torch.arange(3, dtype=torch.int32)], l1=0.1), TypeError,
+     "tensors[1] has dtype torch.int32; pyreg supports float32, float64, float16 and bfloat16"),
+    ("penalty-bool", lambda w, g: pyreg.penalty([torch.ones(3, dtype=torch.bool)], l1=0.1), TypeError,
+     "tensors[0] has dtype torch.bool"),
+    ("stats-complex", lambda w, g: pyreg.weight_stats(w + [torch.ones(3, dtype=torch.complex64)]), TypeError,
+     "tensors[2] has dtype torch.complex64"),
+    ("prox-sparse", lambda w, g: pyreg.prox_([w[0], w[1].to_sparse()], l1=0.1), TypeError,
+     "tensors[1] has layout torch.sparse_coo; pyreg needs dense (strided) tensors"),
+    ("apg-sparse-grad", lambda w, g: pyreg.add_penalty_grad_(w, [g[0].to_sparse(), g[1]], l1=0.1), TypeError,
+     "grads[0] has layout torch.sparse_coo"),
+    ("penalty-csr", lambda w, g: pyreg.penalty([w[1].to_sparse_csr()], l1=0.1), TypeError,
+     "tensors[0] has layout torch.sparse_csr"),
+    # overlapping / aliased tensors in an in-place call
+    ("prox-aliased", lambda w, g: pyreg.prox_([w[0], w[1], w[0]], l1=0.1), ValueError,
+     "tensors[0] and tensors[2] share memory; an in-place op needs distinct tensors"),
+    ("prox-overlapping-views", lambda w, g: pyreg.prox_([w[0][:6], w[0][4:]], l1=0.1), ValueError,
+     "tensors[0] and tensors[1] share memory"),
+    ("prox-internal-overlap", lambda w, g: pyreg.prox_([w[0], _strided_overlap()], l1=0.1), ValueError,
+     "tensors[1] has overlapping memory"),
+    ("apg-grad-is-weight", lambda w, g: pyreg.add_penalty_grad_(w, [g[0], w[1]], l1=0.1), ValueError,
+     "grads[1] shares memory with tensors[1]; add_penalty_grad_ writes the grads while it reads the tensors"),
+    ("apg-grad-views-other-weight", lambda w, g: pyreg.add_penalty_grad_(w, [w[1].reshape(-1)[5:15], g[1]], l1=0.1),
+     ValueError, "grads[0] shares memory with tensors[1]"),
+    ("apg-grads-aliased", lambda w, g: pyreg.add_penalty_grad_([w[0], w[0].clone()], [g[0], g[0]], l1=0.1),
+     ValueError, "grads[0] and grads[1] share memory"),
+    ("apg-grad-expanded", lambda w, g: pyreg.add_penalty_grad_(w[:1], [torch.zeros(1).expand(10)], l1=0.1),
+     ValueError, "grads[0] has overlapping memory"),
+    # not tensors at all
+    ("stats-int", lambda w, g: pyreg.weight_stats(3), TypeError, "tensors must be a tensor or an iterable of tensors, got int"),
+    ("penalty-str", lambda w, g: pyreg.penalty("weights"), TypeError, "got str"),
+    ("prox-list-of-floats", lambda w, g: pyreg.prox_([w[0], 1.0], l1=0.1), TypeError, "tensors[1] is a float, not a torch.Tensor"),
+    ("use-backend-unknown", lambda w, g: pyreg.use_backend("gpu").__enter__(), ValueError,
+     "unknown backend 'gpu'; expected one of ['cpu', 'cuda', 'torch']"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("call, exc, message", [c[1:] for c in OP_CASES], ids=[c[0] for c in OP_CASES])
+def test_op_rejects_and_changes_nothing(call, exc, message):
+    w, g = _inputs()
+    before = _clone((w, g))
+    with _raises(exc, message):
+        call(w, g)
+    assert _same((w, g), before)
+
+
+def test_grads_may_share_storage_apart_and_weights_may_alias():
+    # Not errors: grads that are disjoint views of one flat buffer (DDP's
+    # gradient_as_bucket_view), and a weight passed twice (it is only read).
+    w = torch.randn(6)
+    flat = torch.zeros(12)
+    v = pyreg.add_penalty_grad_([w, w], [flat[:6], flat[6:]], l1=0.5)
+    assert torch.equal(flat[:6], flat[6:]) and torch.equal(flat[:6], 0.5 * w.sign())
+    torch.testing.assert_close(v, 2 * 0.5 * w.abs().sum())
+    # and prox_ on disjoint views of one storage
+    base = torch.full((10,), 2.0)
+    pyreg.prox_([base[:5], base[5:]], l1=1.0)
+    assert torch.equal(base, torch.ones(10))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_and_cuda_tensors_in_one_call():  # pragma: no cover - CPU CI
+    w = [torch.randn(3), torch.randn(3, device="cuda")]
+    before = _clone(w)
+    with _raises(ValueError, "tensors[1] is on cuda:0 but tensors[0] is on cpu"):
+        pyreg.prox_(w, l1=0.1)
+    assert _same(w, [b for b in before])
+
+
+# --------------------------------------------------------------------------
+# Convention helpers
+# --------------------------------------------------------------------------
+CONVENTION_CASES = [
+    ("sklearn-ratio-neg", lambda: pyreg.from_sklearn(1.0, -0.1), ValueError, "l1_ratio must be in [0, 1], got -0.1"),
+    ("sklearn-ratio-nan", lambda: pyreg.from_sklearn(1.0, NAN), ValueError, "l1_ratio must be finite, got nan"),
+    ("sklearn-ratio-none", lambda: pyreg.from_sklearn(1.0, None), TypeError, "l1_ratio must be a real number, got NoneType"),
+    ("sklearn-alpha-inf", lambda: pyreg.from_sklearn(INF), ValueError, "alpha must be finite, got inf"),
+    ("sklearn-alpha-neg", lambda: pyreg.from_sklearn(-0.5, 0.5), ValueError, "alpha must be >= 0, got -0.5"),
+    ("wd-nan", lambda: pyreg.from_weight_decay(NAN), ValueError, "weight_decay must be finite, got nan"),
+    ("wd-str", lambda: pyreg.from_weight_decay("1e-4"), TypeError, "weight_decay must be a real number, got str"),
+    ("wd-bool", lambda: pyreg.from_weight_decay(True), TypeError, "weight_decay must be a real number, got bool"),
+]
+
+
+@pytest.mark.parametrize("call, exc, message", [c[1:] for c in CONVENTION_CASES], ids=[c[0] for c in CONVENTION_CASES])
+def test_convention_helpers_reject(call, exc, message):
+    with _raises(exc, message):
+        call()
+
+
+# --------------------------------------------------------------------------
+# param_groups
+# --------------------------------------------------------------------------
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+
+PARAM_GROUPS_CASES = [
+    ("not-a-module", lambda m: pyreg.param_groups(list(m.parameters())), TypeError, "param_groups needs an nn.Module, got list"),
+    ("l2-inf", lambda m: pyreg.param_groups(m, l2=INF), ValueError, "l2 must be finite and >= 0, got inf"),
+    ("l1-str", lambda m: pyreg.param_groups(m, l1="1e-3"), TypeError, "l1 must be a real number, got str"),
+    ("exclude-int", lambda m: pyreg.param_groups(m, exclude=3), TypeError, "exclude must be None, a callable"),
+    ("exclude-non-str", lambda m: pyreg.param_groups(m, exclude=["*.bias", 0]), TypeError,
+     "exclude patterns must be strings, got int"),
+    ("override-params", lambda m: pyreg.param_groups(m, overrides={"0": {"params": []}}), ValueError,
+     "overrides['0'] may not set 'params' or 'param_names'"),
+    ("override-l1-nan", lambda m: pyreg.param_groups(m, overrides={"2": {"l1": NAN}}), ValueError,
+     "overrides['2']['l1'] must be finite and >= 0, got nan"),
+    ("override-not-dict", lambda m: pyreg.param_groups(m, overrides={"2": 0.1}), TypeError,
+     "overrides must map name patterns (str) to dicts of group options"),
+]
+
+
+@pytest.mark.parametrize("call, exc, message", [c[1:] for c in PARAM_GROUPS_CASES], ids=[c[0] for c in PARAM_GROUPS_CASES])
+def test_param_groups_rejects_and_changes_nothing(call, exc, message):
+    m = _model()
+    before = _clone(m.state_dict())
+    with _raises(exc, message):
+        call(m)
+    assert _same(m.state_dict(), before)
+
+
+# --------------------------------------------------------------------------
+# Regularized: at construction
+# --------------------------------------------------------------------------
+def test_construction_errors_leave_inner_optimizer_unchanged():
+    m = _model()
+    inner = torch.optim.SGD([{"params": [m[0].weight]}, {"params": [m[2].weight], "l1": 0.5}], lr=0.1)
+    groups_before = _clone(inner.param_groups)
+    params_before = _clone(list(m.parameters()))
+    cases = [
+        (lambda: pyreg.Regularized(m), TypeError, "Regularized wraps a torch.optim.Optimizer, got Sequential"),
+        (lambda: pyreg.Regularized(inner.param_groups), TypeError, "got list"),
+        (lambda: pyreg.Regularized(inner, mode="decoupled"), ValueError,
+         "mode must be one of ('proximal', 'gradient'), got 'decoupled'"),
+        (lambda: pyreg.Regularized(inner, l2=-1e-4), ValueError, "l2 must be finite and >= 0, got -0.0001"),
+        (lambda: pyreg.Regularized(inner, l1=INF), ValueError, "l1 must be finite and >= 0, got inf"),
+    ]
+    for call, exc, message in cases:
+        with _raises(exc, message):
+            call()
+        # the defaults were not written into the groups, nothing else changed
+        assert _same(inner.param_groups, groups_before)
+        assert "l2" not in inner.param_groups[0]
+        assert _same(list(m.parameters()), params_before)
+
+
+def test_parameters_sharing_memory_are_rejected_at_construction():
+    base = torch.zeros(10)
+    a, b = nn.Parameter(base[:6]), nn.Parameter(base[4:])  # one storage, overlapping
+    inner = torch.optim.SGD([{"params": [a], "param_names": ["a"]}, {"params": [b], "param_names": ["b"]}], lr=0.1)
+    with _raises(ValueError, "parameters 'a' and 'b' share memory; pyreg updates each regularized parameter in place"):
+        pyreg.Regularized(inner, l1=0.1)
+    # not regularized (l1 = l2 = 0): not touched by pyreg, so allowed
+    pyreg.Regularized(inner)
+
+
+def test_meta_parameter_is_rejected_at_construction():
+    p = nn.Parameter(torch.zeros(3, device="meta"))
+    with _raises(ValueError, "param_groups[0] parameter 'param_groups.0.0' is a meta tensor"):
+        pyreg.Regularized(torch.optim.SGD([p], lr=0.1), l1=0.1)
+
+
+# --------------------------------------------------------------------------
+# Regularized: groups changed after construction; the failed step changes nothing
+# --------------------------------------------------------------------------
+def _trained(mode, inner="adam", two_dtypes=False):
+    """A Regularized optimizer with optimizer state (one step taken) and fresh grads."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    if two_dtypes:
+        m[2].double()
+    groups = pyreg.param_groups(m, l1=1e-2, l2=1e-3)
+    if inner == "adam":
+        base = torch.optim.Adam(groups, lr=torch.tensor(1e-2))
+    else:
+        base = torch.optim.SGD(groups, lr=1e-2, momentum=0.9)
+    opt = pyreg.Regularized(base, mode=mode)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p in m.parameters():  # fresh grads for the step that must fail
+        p.grad = torch.randn_like(p)
+    return m, opt
+
+
+def _snapshot(m, opt):
+    return {
+        "params": _clone([p for p in m.parameters()]),
+        "grads": _clone([p.grad for p in m.parameters()]),
+        "state": _clone({i: opt.state[p] for i, p in enumerate(m.parameters()) if p in opt.state}),
+        "groups": _clone([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]),
+        "inner": _clone(opt.optimizer.state_dict()),
+    }
+
+
+def _set(key, value, group=0):
+    def change(m, opt):
+        opt.param_groups[group][key] = value
+    return change
+
+
+def _append_dup(m, opt):
+    opt.param_groups[1]["params"].append(opt.param_groups[0]["params"][0])
+    opt.param_groups[1]["param_names"].append(opt.param_groups[0]["param_names"][0])
+
+
+def _set_mode(m, opt):
+    opt.mode = "decoupled"
+
+
+def _grad_is_weight(m, opt):
+    w = m[2].weight
+    w.grad = w.detach()  # same memory as the weight
+
+
+def _sparse_grad_in_last_bucket(m, opt):
+    w = m[2].weight
+    w.grad = torch.randn_like(w).to_sparse()
+
+
+STEP_CASES = [
+    ("l1-neg", "both", _set("l1", -1.0), ValueError, "param_groups[0]['l1'] must be finite and >= 0, got -1.0"),
+    ("l1-str-nan", "both", _set("l1", "nan"), TypeError, "param_groups[0]['l1'] must be a real number, got str"),
+    ("l2-nan", "both", _set("l2", NAN, group=1), ValueError, "param_groups[1]['l2'] must be finite and >= 0, got nan"),
+    ("l2-inf", "both", _set("l2", INF), ValueError, "param_groups[0]['l2'] must be finite and >= 0, got inf"),
+    ("l1-tensor-shape", "both", _set("l1", torch.tensor([0.1, 0.2])), ValueError,
+     "param_groups[0]['l1'] is a tensor of shape (2,); expected one value"),
+    ("l2-tensor-neg", "both", _set("l2", torch.tensor(-2.0)), ValueError,
+     "param_groups[0]['l2'] must be finite and >= 0, got -2.0"),
+    ("lr-inf", "proximal", _set("lr", INF), ValueError, "param_groups[0]['lr'] must be finite and >= 0, got inf"),
+    ("lr-tensor-neg", "proximal", _set("lr", torch.tensor(-0.5)), ValueError,
+     "param_groups[0]['lr'] must be finite and >= 0, got -0.5"),
+    ("lr-tensor-nan", "proximal", _set("lr", torch.tensor(NAN)), ValueError,
+     "param_groups[0]['lr'] must be finite and >= 0, got nan"),
+    ("lr-tensor-shape", "proximal", _set("lr", torch.tensor([1e-2, 1e-2])), ValueError,
+     "param_groups[0]['lr'] is a tensor of shape (2,); expected one value"),
+    ("lr-missing", "proximal", lambda m, opt: opt.param_groups[0].pop("lr"), ValueError,
+     "param_groups[0] has no 'lr': mode 'proximal' needs one"),
+    ("duplicate-param", "both", _append_dup, ValueError, "that appears earlier in the optimizer; each parameter must appear once"),
+    ("mode", "both", _set_mode, ValueError, "mode must be one of ('proximal', 'gradient'), got 'decoupled'"),
+    ("grad-is-weight", "gradient", _grad_is_weight, ValueError, "grads[1] shares memory with tensors[1]"),
+]
+
+
+@pytest.mark.parametrize("inner", ["adam", "sgd"])
+@pytest.mark.parametrize("mode", ["proximal", "gradient"])
+@pytest.mark.parametrize("change, exc, message, modes",
+                         [(c[2], c[3], c[4], c[1]) for c in STEP_CASES], ids=[c[0] for c in STEP_CASES])
+def test_invalid_groups_fail_the_next_step_before_anything_changes(change, exc, message, modes, mode, inner):
+    if modes not in ("both", mode):
+        pytest.skip(f"a {modes}-mode case")
+    m, opt = _trained(mode, inner)
+    change(m, opt)
+    before = _snapshot(m, opt)
+    with _raises(exc, message):
+        opt.step()
+    assert _same(_snapshot(m, opt), before)
+
+
+@pytest.mark.parametrize("change, exc, message", [
+    (_grad_is_weight, ValueError, "grads[0] shares memory with tensors[0]"),
+    (_sparse_grad_in_last_bucket, TypeError, "grads[0] has layout torch.sparse_coo"),
+])
+def test_gradient_mode_checks_every_bucket_before_the_first_writes(change, exc, message):
+    # two buckets (float32 and float64): the bad grad is in the second; the
+    # first bucket's grads must not have been written either.
+    m, opt = _trained("gradient", "sgd", two_dtypes=True)
+    assert len(opt._plan().buckets) == 2
+    change(m, opt)
+    before = _snapshot(m, opt)
+    with _raises(exc, message):
+        opt.step()
+    assert _same(_snapshot(m, opt), before)
+
+
+def test_load_state_dict_rejects_and_changes_nothing():
+    m, opt = _trained("proximal", "adam")
+    sd = opt.state_dict()
+    before = _snapshot(m, opt)
+    bad_mode = dict(sd, pyreg=dict(sd["pyreg"], mode="sparse"))
+    with _raises(ValueError, "state dict has unknown mode 'sparse'"):
+        opt.load_state_dict(bad_mode)
+    bad_group = copy.deepcopy(sd)
+    bad_group["param_groups"][1]["l2"] = -3.0
+    with _raises(ValueError, "state_dict param_groups[1]['l2'] must be finite and >= 0, got -3.0"):
+        opt.load_state_dict(bad_group)
+    assert _same(_snapshot(m, opt), before) and opt.mode == "proximal"
+
+
+def test_add_param_group_rejects_and_adds_nothing():
+    m, opt = _trained("proximal", "sgd")
+    before = _snapshot(m, opt)
+    n = len(opt.param_groups)
+    with _raises(ValueError, f"param_groups[{n}]['l1'] must be finite and >= 0, got nan"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "l1": NAN})
+    with _raises(TypeError, "param_group must be a dict, got list"):
+        opt.add_param_group([nn.Parameter(torch.ones(2))])
+    assert len(opt.param_groups) == n and _same(_snapshot(m, opt), before)
+
+
+def test_duplicate_params_across_groups_at_construction():
+    w = nn.Parameter(torch.ones(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # torch.optim rejects duplicates across groups itself; duplicates inside
+        # one group only warn there, and pyreg rejects them (see test_optim).
+        with _raises(ValueError, "some parameters appear in more than one parameter group"):
+            pyreg.Regularized(torch.optim.SGD([{"params": [w]}, {"params": [w]}], lr=0.1))
+    assert torch.equal(w.detach(), torch.ones(3))
+
+
+# --------------------------------------------------------------------------
+# The CLI (info and routing; demo and bench test their own options)
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["info", "--bogus"], "unrecognized arguments: --bogus"),
+    (["info", "extra"], "unrecognized arguments: extra"),
+    (["frob"], "invalid choice: 'frob'"),
+    ([], "the following arguments are required: command"),
+])
+def test_cli_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_exit_status_in_a_process():
+    r = subprocess.run([sys.executable, "-m", "pyreg", "info", "--threads", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unrecognized arguments: --threads 0" in r.stderr
