@@ -1,0 +1,262 @@
+"""The benchmarked ops, each implemented by every peer.
+
+Peers compute the same thing as pyreg on the same tensor list:
+
+* ``loop``: a Python loop of ordinary torch ops, one tensor at a time, written
+  the way a careful user would (fused torch ops where torch has them, e.g.
+  ``softshrink`` for the soft-threshold);
+* ``foreach``: ``torch._foreach_*`` multi-tensor ops;
+* ``compile``: ``torch.compile`` of the loop (one graph over the whole list);
+* ``pyreg``: the op itself (per-tensor coefficients as a prebuilt 1-D tensor).
+
+pyreg does strictly more work than the peers in two ops: ``add_penalty_grad_``
+also returns the penalty value and ``prox_`` the nonzero counts, from the same
+pass; the peers compute only the update.
+
+The reference ops (``roofline``, ``copy``) move the same bytes over one flat
+buffer: see :data:`ROOFLINE`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import pyreg
+
+INF = float("inf")
+
+# ---------------------------------------------------------------------------
+# Coefficients: distinct per tensor, small enough that repeated in-place calls
+# keep the data realistic (see bench/README.md).
+# ---------------------------------------------------------------------------
+LR = 1e-3          # prox_ step size (a typical AdamW lr)
+W_SCALE = 0.02     # weights ~ N(0, 0.02^2): GPT-2's init scale
+G_SCALE = 1e-3     # grads ~ N(0, 1e-3^2)
+
+
+def coefficients(n: int) -> Tuple[List[float], List[float]]:
+    l1 = [1e-3 * (1.0 + 0.37 * (i % 11)) for i in range(n)]
+    l2 = [1e-4 * (1.0 + 0.53 * (i % 13)) for i in range(n)]
+    return l1, l2
+
+
+# ---------------------------------------------------------------------------
+# Loops (also what torch.compile compiles)
+# ---------------------------------------------------------------------------
+def stats_loop(ws: List[Tensor]):
+    l1, l2, linf, nnz = [], [], [], []
+    for w in ws:
+        l1.append(torch.linalg.vector_norm(w, 1))
+        l2.append(torch.linalg.vector_norm(w, 2))
+        linf.append(torch.linalg.vector_norm(w, INF))
+        nnz.append(torch.count_nonzero(w))
+    return torch.stack(l1), torch.stack(l2), torch.stack(linf), torch.stack(nnz)
+
+
+def apg_loop(ws: List[Tensor], gs: List[Tensor], l1: List[float], l2: List[float]):
+    for w, g, a, b in zip(ws, gs, l1, l2):
+        g.add_(torch.sign(w), alpha=a).add_(w, alpha=2.0 * b)
+
+
+def prox_loop(ws: List[Tensor], thresholds: List[float], scales: List[float]):
+    for w, t, s in zip(ws, thresholds, scales):
+        torch.mul(F.softshrink(w, t), s, out=w)
+
+
+# ---------------------------------------------------------------------------
+# foreach
+# ---------------------------------------------------------------------------
+def stats_foreach(ws: List[Tensor]):
+    out = [torch.stack(torch._foreach_norm(ws, o)) for o in (1, 2, INF, 0)]
+    return out[0], out[1], out[2], out[3].to(torch.int64)
+
+
+def apg_foreach(ws, gs, l1, two_l2):
+    s = torch._foreach_sign(ws)
+    torch._foreach_mul_(s, l1)
+    torch._foreach_add_(gs, s)
+    del s
+    t = torch._foreach_mul(ws, two_l2)
+    torch._foreach_add_(gs, t)
+
+
+def prox_foreach(ws, thresholds, scales):
+    s = torch._foreach_sign(ws)
+    torch._foreach_mul_(s, scales)
+    torch._foreach_abs_(ws)
+    torch._foreach_sub_(ws, thresholds)
+    torch._foreach_clamp_min_(ws, 0.0)
+    torch._foreach_mul_(ws, s)
+
+
+# ---------------------------------------------------------------------------
+# Op descriptions
+# ---------------------------------------------------------------------------
+@dataclass
+class OpSpec:
+    name: str
+    bytes_per_elem: int            # in units of the element size: 1 = read w
+    roofline: str                  # the flat-buffer op with the same traffic
+    description: str
+    mutates: Tuple[str, ...] = ()  # which inputs are written ("ws", "gs")
+    peers: Tuple[str, ...] = ("pyreg", "loop", "foreach", "compile")
+
+
+OPS: Dict[str, OpSpec] = {
+    "weight_stats": OpSpec("weight_stats", 1, "sum",
+                           "per tensor sum|w|, sqrt(sum w^2), max|w|, count w!=0"),
+    "add_penalty_grad_": OpSpec("add_penalty_grad_", 3, "add_",
+                                "g += l1*sign(w) + 2*l2*w, per-tensor l1, l2", mutates=("gs",)),
+    "prox_": OpSpec("prox_", 2, "mul_",
+                    "w <- sign(w)*max(|w|-lr*l1, 0)/(1+2*lr*l2), per-tensor l1, l2", mutates=("ws",)),
+    "adamw_step": OpSpec("adamw_step", 0, "",
+                         "optimizer.step(): Regularized(AdamW, proximal) vs bare AdamW",
+                         peers=("pyreg", "bare", "loop", "foreach")),
+}
+OP_ORDER = list(OPS)
+
+# Flat-buffer reference ops: (bytes per element in units of the element size, what).
+ROOFLINE = {
+    "sum": (1, "a.sum()"),
+    "mul_": (2, "a.mul_(c)"),
+    "add_": (3, "b.add_(a)"),
+    "copy": (2, "b.copy_(a)"),
+}
+
+
+class Coefs:
+    """The coefficients of one shape set, in every form the peers take."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.l1, self.l2 = coefficients(n)
+        self.two_l2 = [2.0 * b for b in self.l2]
+        self.thresholds = [LR * a for a in self.l1]
+        self.scales = [1.0 / (1.0 + 2.0 * LR * b) for b in self.l2]
+        self.l1_t = torch.tensor(self.l1, dtype=torch.float64, device=device)
+        self.l2_t = torch.tensor(self.l2, dtype=torch.float64, device=device)
+
+
+def op_fn(op: str, peer: str, c: Coefs, compiled: Optional[Callable] = None) -> Callable[[dict], object]:
+    """``fn(inputs)`` for op and peer; ``inputs`` has ``ws`` (and ``gs``).
+    For ``compile``, ``compiled`` is the torch.compile'd loop."""
+    if op == "weight_stats":
+        if peer == "pyreg":
+            return lambda d: tuple(pyreg.weight_stats(d["ws"]))
+        if peer == "loop":
+            return lambda d: stats_loop(d["ws"])
+        if peer == "foreach":
+            return lambda d: stats_foreach(d["ws"])
+        if peer == "compile":
+            return lambda d: compiled(d["ws"])
+    if op == "add_penalty_grad_":
+        if peer == "pyreg":
+            return lambda d: pyreg.add_penalty_grad_(d["ws"], d["gs"], c.l1_t, c.l2_t)
+        if peer == "loop":
+            return lambda d: apg_loop(d["ws"], d["gs"], c.l1, c.l2)
+        if peer == "foreach":
+            return lambda d: apg_foreach(d["ws"], d["gs"], c.l1, c.two_l2)
+        if peer == "compile":
+            return lambda d: compiled(d["ws"], d["gs"], c.l1, c.l2)
+    if op == "prox_":
+        if peer == "pyreg":
+            return lambda d: pyreg.prox_(d["ws"], c.l1_t, c.l2_t, LR)
+        if peer == "loop":
+            return lambda d: prox_loop(d["ws"], c.thresholds, c.scales)
+        if peer == "foreach":
+            return lambda d: prox_foreach(d["ws"], c.thresholds, c.scales)
+        if peer == "compile":
+            return lambda d: compiled(d["ws"], c.thresholds, c.scales)
+    raise KeyError((op, peer))
+
+
+def loop_of(op: str) -> Callable:
+    return {"weight_stats": stats_loop, "add_penalty_grad_": apg_loop, "prox_": prox_loop}[op]
+
+
+def roofline_fn(kind: str, a: Tensor, b: Tensor) -> Callable[[], object]:
+    if kind == "sum":
+        return lambda: a.sum()
+    if kind == "mul_":
+        return lambda: a.mul_(0.9999999)
+    if kind == "add_":
+        return lambda: b.add_(a)
+    if kind == "copy":
+        return lambda: b.copy_(a)
+    raise KeyError(kind)
+
+
+# ---------------------------------------------------------------------------
+# Checks: every peer's output against pyreg's, on the same fresh inputs.
+# ---------------------------------------------------------------------------
+ELEMENTWISE_TOL = {
+    torch.float64: dict(rtol=1e-7, atol=1e-9),
+    torch.float32: dict(rtol=1.3e-6, atol=1e-8),
+    torch.float16: dict(rtol=2e-3, atol=1e-5),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
+}
+# Peers reduce in the input dtype with their own summation order (fp32 cascade
+# sums), pyreg in its own order: both carry rounding error of ~1e-6 relative.
+REDUCTION_TOL = {
+    torch.float64: dict(rtol=1e-7, atol=1e-7),
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=1e-5),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
+}
+
+
+def _max_rel(a: Tensor, b: Tensor) -> float:
+    a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    if a.numel() == 0:
+        return 0.0
+    return float(((a - b).abs() / b.abs().clamp_min(1e-30)).max())
+
+
+def compare(op: str, ref, got, dtype: torch.dtype) -> Tuple[bool, str]:
+    """(passed, detail). ``ref`` and ``got`` are the op's outputs: the four
+    stats for weight_stats, else the list of written tensors."""
+    if op == "weight_stats":
+        tol = REDUCTION_TOL[dtype]
+        names = ("l1", "l2", "linf")
+        worst, ok = 0.0, True
+        for name, r, g in zip(names, ref[:3], got[:3]):
+            g = g.to(device=r.device, dtype=torch.float64)
+            r64 = r.to(torch.float64)
+            ok &= bool(torch.allclose(g, r64, **tol))
+            worst = max(worst, _max_rel(g, r64))
+        nnz_ok = bool(torch.equal(ref[3].to(torch.int64).cpu(), got[3].to(torch.int64).cpu()))
+        return ok and nnz_ok, f"max rel err {worst:.1e}, nnz {'equal' if nnz_ok else 'DIFFER'}"
+    tol = ELEMENTWISE_TOL[dtype]
+    ok, worst, zero_diff, total = True, 0.0, 0, 0
+    for r, g in zip(ref, got):
+        if r.numel() == 0:
+            continue
+        r64, g64 = r.to(torch.float64), g.to(torch.float64)
+        excess = (g64 - r64).abs_().sub_(r64.abs().mul_(tol["rtol"]))  # |g - r| - rtol*|r|
+        m = float(excess.max())
+        ok &= m <= tol["atol"]  # NaN fails
+        worst = max(worst, m)
+        del r64, g64, excess
+        if op == "prox_":
+            zero_diff += int(((r == 0) != (g == 0)).sum())
+        total += r.numel()
+    detail = f"max excess err {max(worst, 0.0):.1e}"
+    if op == "prox_":
+        detail += f", zero pattern differs at {zero_diff} of {total}"
+    return ok, detail
+
+
+def compare_params(ref: Sequence[Tensor], got: Sequence[Tensor], dtype: torch.dtype) -> Tuple[bool, str]:
+    # One AdamW step: the update divides by sqrt(v)+eps, rounding differs
+    # between fused and foreach kernels; compare with the optimizer tolerance.
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype in (torch.float32, torch.float64) else dict(rtol=5e-3, atol=5e-3)
+    ok, worst = True, 0.0
+    for r, g in zip(ref, got):
+        r64, g64 = r.detach().to(torch.float64), g.detach().to(torch.float64)
+        ok &= bool(torch.allclose(g64, r64, **tol))
+        if r.numel():
+            worst = max(worst, float((g64 - r64).abs().max()))
+    return ok, f"max abs err {worst:.1e}"
