@@ -425,3 +425,35 @@ def test_bad_input_is_rejected_and_changes_nothing():
         pyreg.weight_stats(3)
     for a, b in zip(w + g, before_w + before_g):
         assert torch.equal(a, b)
+
+
+def test_eager_fast_path_equals_the_op_and_bumps_versions():
+    """In plain eager mode the public functions call the backend directly; the
+    result must equal the custom op's bit for bit, and in-place writes must
+    still bump version counters so autograd catches a modified saved tensor."""
+    ts = random_list(torch.float32, seed=11)
+    gs = random_list(torch.float32, seed=12)
+    n = len(ts)
+    c = lambda v: torch.full((n,), v, dtype=torch.float64)  # noqa: E731
+    a, b = [t.clone() for t in ts], [t.clone() for t in ts]
+    nnz_fast = pyreg.prox_(a, l1=0.3, l2=0.1, lr=0.5)
+    nnz_op = torch.ops.pyreg.prox_(b, c(0.3), c(0.1), c(0.5))
+    assert torch.equal(nnz_fast, nnz_op)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    g1, g2 = [g.clone() for g in gs], [g.clone() for g in gs]
+    v_fast = pyreg.add_penalty_grad_(ts, g1, l1=0.2, l2=0.05)
+    v_op = torch.ops.pyreg.add_penalty_grad_(ts, g2, c(0.2), c(0.05))
+    assert torch.equal(v_fast, v_op) and all(torch.equal(x, y) for x, y in zip(g1, g2))
+    assert all(torch.equal(x, y) for x, y in zip(pyreg.weight_stats(ts), torch.ops.pyreg.weight_stats(ts)))
+    assert torch.equal(pyreg.penalty(ts, 0.2, 0.05), torch.ops.pyreg.penalty(ts, c(0.2), c(0.05)))
+
+    w = torch.randn(64, requires_grad=True)
+    h = w * 1.5                      # saved by the square below
+    loss = h.square().sum()
+    version = h._version
+    g = torch.zeros(64)
+    pyreg.add_penalty_grad_([torch.randn(64)], [g], l1=0.1)
+    pyreg.prox_([h], l1=0.1)
+    assert h._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
