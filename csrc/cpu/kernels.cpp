@@ -26,6 +26,11 @@ namespace pyreg::cpu {
 namespace {
 
 constexpr int64_t kBlock = 2048;
+// Software prefetch distance, in elements. With the hardware prefetcher alone
+// the reductions and prox_ stayed ~10% further from a.sum() / a.mul_(c) on the
+// development CPU (AMD EPYC, AVX2); add_penalty_grad_ (two streams) did not
+// gain, so it does not prefetch.
+constexpr int64_t kAhead = 4096;
 
 struct Partial {
   double s1 = 0;    // sum |v|
@@ -75,6 +80,7 @@ inline Partial sweep(int64_t n, U&& update, V&& value) {
     };
     int j = 0;
     for (; j + kLanes <= len; j += kLanes) {
+      value.prefetch(i + j + kAhead);  // one cache line per kLanes elements
 #pragma omp simd
       for (int l = 0; l < kLanes; ++l) lane(l, i + j + l);
     }
@@ -104,10 +110,28 @@ inline Partial sweep(int64_t n, U&& update, V&& value) {
   return p;
 }
 
-// value() reading x in the compute type A.
+// Asks for the cache line holding element i of p. A prefetch never faults, and
+// the address is formed as an integer, so i may lie past the end of p.
+template <typename T>
+inline void prefetch_at(const T* p, int64_t i) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + uintptr_t(i) * sizeof(T)));
+}
+
+// value() reading x in the compute type A; prefetch(i) asks for element i.
 template <typename A, typename T>
-inline auto loader(const T* x) {
-  return [x](int64_t i) { return load<A>(x[i]); };
+struct Loader {
+  const T* x;
+  A operator()(int64_t i) const { return load<A>(x[i]); }
+  void prefetch(int64_t i) const { prefetch_at(x, i); }
+};
+template <typename A, typename T>
+inline Loader<A, T> loader(const T* x) { return Loader<A, T>{x}; }
+
+// Asks for the cache lines of elements [kAhead, kAhead + len) of p: the block
+// after next, while this one is computed.
+template <typename T>
+inline void prefetch_ahead(const T* p, int len) {
+  for (int k = 0; k < len; k += int(64 / sizeof(T))) prefetch_at(p, kAhead + k);
 }
 
 // update() of the read-only ops.
@@ -258,6 +282,7 @@ void prox(const TensorList& w, const double* l1, const double* l2, const double*
       const A scale = A(1.0 / (1.0 + 2.0 * lr[it.tensor] * l2[it.tensor]));
       auto update = [=](int64_t b, int len) {
         T* __restrict xs = x + b;
+        prefetch_ahead(xs, len);
 #pragma omp simd
         for (int k = 0; k < len; ++k) {
           const A v = load<A>(xs[k]);
