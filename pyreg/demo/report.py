@@ -1,0 +1,238 @@
+"""What the study shows the user: a progress bar, the results table, the
+grid-search winners, CSV / JSON files and PNG plots."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from typing import IO, List, Optional, Sequence
+
+# --------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar on a terminal; one line per finished run
+    otherwise (no carriage-return spam in logs)."""
+
+    def __init__(self, stream: IO[str] = sys.stderr, width: int = 30):
+        self.stream, self.width = stream, width
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.total, self.done, self.runs = 1, 0, 0
+
+    @property
+    def wants_loss(self) -> bool:
+        """Whether the bar shows the training loss (a host read per tick)."""
+        return self.tty
+
+    def start(self, total_steps: int) -> None:
+        self.total, self.done, self.runs = max(1, total_steps), 0, 0
+
+    def advance(self, steps: int, label: str, loss: Optional[float]) -> None:
+        self.done += steps
+        if not self.tty:
+            return
+        frac = min(1.0, self.done / self.total)
+        filled = int(round(frac * self.width))
+        bar = "#" * filled + "-" * (self.width - filled)
+        extra = f" loss {loss:.3f}" if loss is not None else ""
+        self.stream.write(f"\r[{bar}] {frac:4.0%} {label}{extra}".ljust(90)[:110])
+        self.stream.flush()
+
+    def run_done(self, label: str, result: dict, seconds: float) -> None:
+        self.runs += 1
+        if not self.tty:
+            self.stream.write(f"[{self.done * 100 // self.total:3d}%] {label}: "
+                              f"val acc {result['val_acc']:.3f} ({seconds:.1f} s)\n")
+            self.stream.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\r" + " " * 110 + "\r")
+            self.stream.flush()
+
+
+# --------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------
+TABLE_COLUMNS = [  # (header, key, format)
+    ("task", "task", "{}"), ("method", "method", "{}"), ("alpha", "alpha", "{:g}"),
+    ("train", "train_acc", "{:.3f}"), ("val", "val_acc", "{:.3f}"), ("gap", "gap", "{:+.3f}"),
+    ("test", "test_acc", "{:.3f}"), ("sparsity", "sparsity", "{:.1%}"),
+    ("inputs", "inputs_used", "{}"), ("noise 0", "noise_zeroed", "{}"),
+    ("prec", "precision", "{:.2f}"), ("recall", "recall", "{:.2f}"),
+]
+
+
+def _cell(r: dict, key: str, fmt: str) -> str:
+    if key == "alpha" and r["method"] == "none":
+        return "-"
+    if key == "inputs_used":
+        return f"{r['inputs_used']}/{r['num_informative'] + r['num_noise']}"
+    if key == "noise_zeroed":
+        return f"{r['noise_zeroed']}/{r['num_noise']}"
+    return fmt.format(r[key])
+
+
+def format_table(rows: Sequence[dict], columns=TABLE_COLUMNS) -> str:
+    """A plain-text table, one line per result."""
+    cells = [[h for h, _, _ in columns]] + [[_cell(r, k, f) for _, k, f in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------
+CSV_FIELDS = ["task", "method", "alpha", "l1", "l2", "train_acc", "val_acc", "test_acc", "gap",
+              "train_loss", "val_loss", "test_loss", "sparsity", "inputs_used", "informative_kept",
+              "noise_zeroed", "num_informative", "num_noise", "precision", "recall"]
+
+
+def write_csv(path: str, results: Sequence[dict]) -> None:
+    """One row per run (scalar fields) plus ``<layer>.l1_norm`` / ``.l2_norm`` /
+    ``.sparsity`` columns per layer of the run's task."""
+    layer_names: List[str] = []
+    for r in results:
+        for name in r["layers"]:
+            if name not in layer_names:
+                layer_names.append(name)
+    fields = CSV_FIELDS + [f"{n}.{k}" for n in layer_names for k in ("l1_norm", "l2_norm", "sparsity")]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in results:
+            row = {k: r[k] for k in CSV_FIELDS}
+            for n, v in r["layers"].items():
+                row.update({f"{n}.{k}": v[k] for k in ("l1_norm", "l2_norm", "sparsity")})
+            w.writerow(row)
+
+
+def write_json(path: str, config: dict, results: Sequence[dict], winners: Sequence[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump({"config": config, "results": list(results),
+                   "winners": [{"task": w["task"], "method": w["method"], "alpha": w["alpha"],
+                                "val_acc": w["val_acc"], "test_acc": w["test_acc"]} for w in winners]},
+                  f, indent=1)
+
+
+# --------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------
+def load_pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _by_method(results, task):
+    out = {}
+    for r in results:
+        if r["task"] == task:
+            out.setdefault(r["method"], []).append(r)
+    return out
+
+
+def plot_path(plt, path: str, results: Sequence[dict], tasks: Sequence[str]) -> None:
+    """Validation accuracy and sparsity against alpha, one line per method
+    (``none`` as a dashed horizontal line)."""
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7), squeeze=False)
+    for col, task in enumerate(tasks):
+        groups = _by_method(results, task)
+        for row, (key, label) in enumerate((("val_acc", "validation accuracy"), ("sparsity", "sparsity"))):
+            ax = axes[row][col]
+            for method, rs in groups.items():
+                if method == "none":
+                    ax.axhline(rs[0][key], color="k", ls="--", lw=1, label="none")
+                    continue
+                rs = sorted(rs, key=lambda r: r["alpha"])
+                ax.plot([r["alpha"] for r in rs], [r[key] for r in rs], "o-", label=method)
+            ax.set_xscale("log")
+            ax.set_xlabel("alpha")
+            ax.set_ylabel(label)
+            ax.set_title(f"{task}: {label}")
+            ax.grid(alpha=0.3)
+        axes[0][col].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_layer_norms(plt, path: str, winners: Sequence[dict], tasks: Sequence[str]) -> None:
+    """Per-layer L1 and L2 norms of each method's grid-search winner."""
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7), squeeze=False)
+    for col, task in enumerate(tasks):
+        ws = [w for w in winners if w["task"] == task]
+        if not ws:
+            continue
+        names = [n for n in ws[0]["layers"] if ws[0]["layers"][n]["numel"] > 0 and not n.endswith("bias")
+                 and "bias_" not in n]
+        width = 0.8 / max(1, len(ws))
+        for row, key in enumerate(("l1_norm", "l2_norm")):
+            ax = axes[row][col]
+            for i, w in enumerate(ws):
+                xs = [j + i * width for j in range(len(names))]
+                label = w["method"] + ("" if w["method"] == "none" else f" ({w['alpha']:g})")
+                ax.bar(xs, [w["layers"][n][key] for n in names], width, label=label)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))])
+            ax.set_xticklabels(names, rotation=20, fontsize=8)
+            ax.set_yscale("log")
+            ax.set_ylabel(key.replace("_", " "))
+            ax.set_title(f"{task}: per-layer {key.split('_')[0].upper()} norm (winners)")
+        axes[0][col].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_input_weights(plt, path: str, winners: Sequence[dict], task: str) -> None:
+    """L2 norm of each input feature's column of the first layer, per
+    method's winner; informative inputs shaded, exact zeros marked."""
+    ws = [w for w in winners if w["task"] == task]
+    if not ws:
+        return
+    fig, axes = plt.subplots(len(ws), 1, figsize=(10, 1.8 * len(ws) + 0.6), sharex=True, squeeze=False)
+    for ax, w in zip(axes[:, 0], ws):
+        norms = w["input_weight_norms"]
+        n_inf = w["num_informative"]
+        ax.axvspan(-0.5, n_inf - 0.5, color="tab:green", alpha=0.15)
+        colors = ["tab:green" if j < n_inf else "tab:gray" for j in range(len(norms))]
+        ax.bar(range(len(norms)), norms, color=colors, width=1.0)
+        zeros = [j for j, v in enumerate(norms) if v == 0]
+        ax.plot(zeros, [0] * len(zeros), "|", color="tab:red", ms=6)
+        label = w["method"] + ("" if w["method"] == "none" else f" alpha={w['alpha']:g}")
+        ax.set_title(f"{label}: {w['inputs_used']} inputs used, {w['noise_zeroed']}/{w['num_noise']} "
+                     f"noise inputs exactly 0 (red), recall {w['recall']:.2f}", fontsize=9)
+        ax.set_ylabel("column norm", fontsize=8)
+    axes[-1][0].set_xlabel(f"input feature (green: informative 0..{ws[0]['num_informative'] - 1}, gray: noise)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(out_dir: str, config: dict, results: Sequence[dict], winners: Sequence[dict]) -> List[str]:
+    """Every output file; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    plt = load_pyplot()
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    paths = {name: os.path.join(out_dir, name) for name in
+             ("results.csv", "results.json", "regularization_path.png", "layer_norms.png",
+              "input_weights.png")}
+    write_csv(paths["results.csv"], results)
+    write_json(paths["results.json"], config, results, winners)
+    plot_path(plt, paths["regularization_path.png"], results, tasks)
+    plot_layer_norms(plt, paths["layer_norms.png"], winners, tasks)
+    if "mlp" in tasks:
+        plot_input_weights(plt, paths["input_weights.png"], winners, "mlp")
+    else:
+        del paths["input_weights.png"]
+    return list(paths.values())
