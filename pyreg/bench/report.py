@@ -56,8 +56,11 @@ def summary_table(res: dict) -> str:
 
         checks = [r["check"] for r in rs.values() if r["check"] not in ("n/a",)]
         fails = [k for k, r in rs.items() if r["check"] == "FAIL"]
+        inexact = [k for k, r in rs.items() if r["check"] == "inexact"]
         check = ("FAIL: " + ", ".join(fails)) if fails else \
-            ("pass" if checks and all(c in ("pass", "skipped") for c in checks) else "–")
+            ("pass" if checks and all(c in ("pass", "skipped", "inexact") for c in checks) else "–")
+        if inexact:
+            check += " (inexact peers: " + ", ".join(inexact) + ")"
         comp = rs.get("compile", {})
         out.append(f"| {shapes} | {op} | {_ms(p.get('ms'))} | {_f(p.get('gbps'), '.1f')} "
                    f"| {_f(p.get('pct_roofline'), '.0f')} | {_f(p.get('pct_copy'), '.0f')} | {sp('loop')} "

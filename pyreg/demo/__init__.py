@@ -28,7 +28,7 @@ import torch
 
 from .study import METHODS
 
-DEFAULT_ALPHAS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+DEFAULT_ALPHAS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # up to under-fitting
 QUICK_ALPHAS = (0.003, 0.03, 0.3)
 SETTINGS = {  # steps of full-batch training per run
     False: {"mlp_steps": 500, "lstm_steps": 150},
