@@ -256,7 +256,10 @@ void add_penalty_grad(const TensorList& w, void* const* grads, const double* l1,
 #pragma omp simd
         for (int k = 0; k < len; ++k) {
           const A v = load<A>(xs[k]);
-          gs[k] = store<T>(load<A>(gs[k]) + (c1 * sign_of(v) + c2 * v));
+          // c1 * sign(v) with sign(0) = 0, in fewer vector ops; a NaN or Inf
+          // v still makes the result NaN/Inf through c2 * v (0 * Inf = NaN).
+          const A l1_term = v != A(0) ? std::copysign(c1, v) : A(0);
+          gs[k] = store<T>(load<A>(gs[k]) + (l1_term + c2 * v));
         }
       };
       return sweep<A, true, false, false>(it.end - it.begin, update, loader<A>(x));

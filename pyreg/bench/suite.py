@@ -16,7 +16,7 @@ import pyreg
 
 from . import peers as P
 from . import shapes as S
-from .timing import peak_extra_bytes, sync, time_calls
+from .timing import peak_extra_bytes, sync, time_calls, time_interleaved
 
 # In --quick mode torch.compile runs only for shape sets with at most this many
 # tensors: compiling a loop over 150 tensors takes 25-50 s per op on a 2-core CPU.
@@ -127,8 +127,8 @@ class Suite:
         self.compile_startup_s: Optional[float] = None
 
     # -- helpers ---------------------------------------------------------------
-    def timeit(self, fn: Callable[[int], object], before=None) -> dict:
-        return time_calls(fn, self.dev, self.warmup, self.repeats, self.min_total_s, before=before)
+    def timeit_side_by_side(self, fns: Dict[str, Callable[[int], object]]) -> Dict[str, dict]:
+        return time_interleaved(fns, self.dev, self.warmup, self.repeats, self.min_total_s)
 
     def memory(self, fn: Callable[[], object]) -> dict:
         try:
@@ -189,14 +189,13 @@ class Suite:
                                     "bytes_per_copy": sset.numel * self.elsize}
             log(f"[{self.dev.type}] {name}: {sset.count} tensors, {sset.numel / 1e6:.1f}M elements, "
                 f"{k} rotated cop{'y' if k == 1 else 'ies'}")
-            refs = self.references(sset, k) if any(o != "adamw_step" for o in self.ops) else {}
             for op in self.ops:
                 t0 = time.perf_counter()
                 try:
                     if op == "adamw_step":
                         self.run_step(sset, k)
                     else:
-                        self.run_op(sset, op, k, refs)
+                        self.run_op(sset, op, k)
                 finally:
                     free(self.dev)
                 log(f"    {op}: {time.perf_counter() - t0:.1f} s")
@@ -211,23 +210,8 @@ class Suite:
             "notes": self.notes, "shape_sets": self.sets_meta, "rows": self.rows,
         }
 
-    # -- flat-buffer references -------------------------------------------------
-    def references(self, sset: S.ShapeSet, k: int) -> Dict[str, dict]:
-        gen = Gen(self.dev, self.dtype, seed=7)
-        bufs = [(gen.randn((sset.numel,), P.W_SCALE), gen.randn((sset.numel,), P.W_SCALE)) for _ in range(k)]
-        out = {}
-        for kind, (units, what) in P.ROOFLINE.items():
-            fns = [P.roofline_fn(kind, a, b) for a, b in bufs]
-            t = self.timeit(lambda i: fns[i % k]())
-            nbytes = units * self.elsize * sset.numel
-            out[kind] = {"ms": t["ms"], "min_ms": t["min_ms"], "samples": t["samples"], "what": what,
-                         "gbps": nbytes / (t["ms"] * 1e6)}
-        del bufs
-        free(self.dev)
-        return out
-
     # -- one op ------------------------------------------------------------------
-    def run_op(self, sset: S.ShapeSet, op: str, k: int, refs: Dict[str, dict]) -> None:
+    def run_op(self, sset: S.ShapeSet, op: str, k: int) -> None:
         spec = P.OPS[op]
         c = P.Coefs(sset.count, self.dev)
         gen = Gen(self.dev, self.dtype, seed=1000 + P.OP_ORDER.index(op))
@@ -243,8 +227,6 @@ class Suite:
             return d[spec.mutates[0]]
 
         nbytes = spec.bytes_per_elem * self.elsize * sset.numel
-        roof = refs[spec.roofline]
-        copy = refs["copy"]
 
         # 1. pyreg's result on fresh data, and pyreg against its float64 spec
         t_check = time.perf_counter()
@@ -297,19 +279,36 @@ class Suite:
                 fns[peer] = None
         del ref, spec_out
 
-        # 3. timing and memory, on the rotated buffers
+        # 3. timing, side by side: pyreg, the peers and the flat-buffer
+        # roofline and copy ops (rotated buffers) take turns call by call.
+        gen_ref = Gen(self.dev, self.dtype, seed=7)
+        bufs = [(gen_ref.randn((sset.numel,), P.W_SCALE), gen_ref.randn((sset.numel,), P.W_SCALE))
+                for _ in range(k)]
+        calls: Dict[str, Callable[[int], object]] = {}
+        for peer in spec.peers:
+            if fns.get(peer) is not None:
+                calls[peer] = lambda i, fn=fns[peer]: fn(data[i % k])
+        for kind in (spec.roofline, "copy"):
+            flat = [P.roofline_fn(kind, a, b) for a, b in bufs]
+            calls[kind] = lambda i, flat=flat: flat[i % k]()
+        t0 = time.perf_counter()
+        times = self.timeit_side_by_side(calls)
+        log(f"      timing side by side: {time.perf_counter() - t0:.1f} s")
+        del bufs, calls
+        refs = {}
+        for kind in (spec.roofline, "copy"):
+            units, what = P.ROOFLINE[kind]
+            t = times[kind]
+            refs[kind] = {**t, "what": what, "gbps": units * self.elsize * sset.numel / (t["ms"] * 1e6)}
+        roof, copy = refs[spec.roofline], refs["copy"]
+        # then peak extra memory, one call per peer
         timed: Dict[str, dict] = {}
         for peer in spec.peers:
-            fn = fns.get(peer)
-            if fn is None:
+            if peer not in times:
                 continue
-            t0 = time.perf_counter()
-            t = self.timeit(lambda i: fn(data[i % k]))
-            t1 = time.perf_counter()
-            m = self.memory(lambda: fn(data[0]))
-            timed[peer] = {**t, **m}
-            log(f"      {peer:8s} {t['ms']:9.3f} ms (median of {t['samples']}; timing {t1 - t0:.1f} s, "
-                f"memory {time.perf_counter() - t1:.1f} s)")
+            t = times[peer]
+            timed[peer] = {**t, **self.memory(lambda: fns[peer](data[0]))}
+            log(f"      {peer:8s} {t['ms']:9.3f} ms (median of {t['samples']})")
 
         # 4. rows
         base = timed.get("pyreg", {}).get("ms")
@@ -402,20 +401,20 @@ class Suite:
         del results
         free(self.dev)
 
-        timed = {}
-        for peer in P.OPS["adamw_step"].peers:
-            t0 = time.perf_counter()
-            steps = [build(peer, ps) for ps in params]
-            for step in steps:  # the first step of each rotated optimizer allocates its state
+        # side by side: the peers' steps take turns call by call
+        steps = {peer: [build(peer, ps) for ps in params] for peer in P.OPS["adamw_step"].peers}
+        for per_rotation in steps.values():
+            for step in per_rotation:  # the first step of each rotated optimizer allocates its state
                 step()
-            t = self.timeit(lambda i: steps[i % k]())
-            t1 = time.perf_counter()
-            m = self.memory(lambda: steps[0]())
-            timed[peer] = {**t, **m}
-            log(f"      {peer:8s} {t['ms']:9.3f} ms (median of {t['samples']}; timing {t1 - t0:.1f} s, "
-                f"memory {time.perf_counter() - t1:.1f} s)")
-            steps = None
-            free(self.dev)
+        t0 = time.perf_counter()
+        times = self.timeit_side_by_side({peer: (lambda i, s=s: s[i % k]()) for peer, s in steps.items()})
+        log(f"      timing side by side: {time.perf_counter() - t0:.1f} s")
+        timed = {}
+        for peer, t in times.items():
+            timed[peer] = {**t, **self.memory(lambda: steps[peer][0]())}
+            log(f"      {peer:8s} {t['ms']:9.3f} ms (median of {t['samples']})")
+        steps = None
+        free(self.dev)
         base = timed["pyreg"]["ms"]
         whats = {"pyreg": f"Regularized(AdamW({impl}), l1, l2, proximal)",
                  "bare": f"AdamW({impl}=True, weight_decay=0.01), no L1",

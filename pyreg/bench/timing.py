@@ -5,6 +5,7 @@
   one synchronize; the time between the events is the device time.
 * Each sample is one call; the reported figure is the median of the samples,
   after warm-up calls. Calls that take under ~1 ms get more samples.
+  ``time_interleaved`` times several functions round robin (the suite's way).
 * Peak extra memory: see :func:`peak_extra_bytes`.
 """
 from __future__ import annotations
@@ -43,25 +44,52 @@ def time_calls(fn: Callable[[int], object], device: torch.device, warmup: int, r
     sync(device)
     samples: List[float] = []
     total = 0.0
-    cuda = device.type == "cuda"
     while len(samples) < repeats or (total < min_total_s and len(samples) < max_samples):
         if before is not None:
             before(i)
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(i)
-            end.record()
-            end.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            fn(i)
-            ms = (time.perf_counter() - t0) * 1e3
+        ms = _one_call(fn, i, device)
         samples.append(ms)
         total += ms / 1e3
         i += 1
     return {"ms": statistics.median(samples), "min_ms": min(samples), "samples": len(samples)}
+
+
+def time_interleaved(fns: Dict[str, Callable[[int], object]], device: torch.device, warmup: int,
+                     repeats: int, min_total_s: float = 0.05, max_rounds: int = 200) -> Dict[str, Dict[str, object]]:
+    """``time_calls`` for several functions side by side: each round calls every
+    function once, in turn, so a slow spell of a shared machine slows them all
+    alike and the ratios of the medians stay honest. At least ``repeats``
+    rounds; more (up to ``max_rounds``) while the slowest function's total
+    timed time is under ``min_total_s``."""
+    for i in range(warmup):
+        for fn in fns.values():
+            fn(i)
+    sync(device)
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    i = warmup
+    while True:
+        for name, fn in fns.items():
+            samples[name].append(_one_call(fn, i, device))
+        i += 1
+        rounds = i - warmup
+        slowest = max(sum(v) for v in samples.values()) / 1e3
+        if rounds >= max_rounds or (rounds >= repeats and slowest >= min_total_s):
+            break
+    return {name: {"ms": statistics.median(v), "min_ms": min(v), "samples": len(v)}
+            for name, v in samples.items()}
+
+
+def _one_call(fn: Callable[[int], object], i: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(i)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn(i)
+    return (time.perf_counter() - t0) * 1e3
 
 
 # ---------------------------------------------------------------------------
