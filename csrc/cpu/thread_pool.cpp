@@ -11,6 +11,11 @@
 namespace pyreg::cpu {
 namespace {
 
+// Workers join a job only while it is open. The caller drains items itself,
+// then closes the job and waits only for workers that joined it: a worker that
+// has not been scheduled yet (its core busy, e.g. with torch's OpenMP threads
+// still spinning after a torch op) never delays the caller; it finds the job
+// closed when it wakes and goes back to sleep.
 class Pool {
  public:
   Pool() : pid_(getpid()) {}
@@ -25,15 +30,19 @@ class Pool {
       fn_ = &fn;
       n_items_ = n_items;
       n_workers_ = nthreads - 1;
+      open_ = true;
       next_.store(0, std::memory_order_relaxed);
-      pending_.store(nthreads - 1, std::memory_order_relaxed);
       ++generation_;
     }
     cv_.notify_all();
     drain(fn, n_items);
-    // Wait for the workers to finish their last items; they hold none of our
-    // locks, so a short spin then yield is enough.
-    for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins)
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      open_ = false;  // from now on no worker joins
+    }
+    // Wait for the workers that joined: they are running and finish their
+    // last item; a short spin then yield is enough.
+    for (int spins = 0; active_.load(std::memory_order_acquire) != 0; ++spins)
       if (spins > 2000) std::this_thread::yield();
     fn_ = nullptr;
     return true;
@@ -65,26 +74,28 @@ class Pool {
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, [&] { return generation_ != seen; });
         seen = generation_;
-        if (id >= n_workers_) continue;  // not needed for this job
+        if (!open_ || id >= n_workers_) continue;  // too late, or not needed
+        active_.fetch_add(1, std::memory_order_relaxed);  // under mu_: before the close
         fn = fn_;
         n = n_items_;
       }
       drain(*fn, n);
-      pending_.fetch_sub(1, std::memory_order_release);
+      active_.fetch_sub(1, std::memory_order_release);
     }
   }
 
   const pid_t pid_;
   std::vector<std::thread> threads_;
   std::mutex run_mu_;  // one job at a time
-  std::mutex mu_;
+  std::mutex mu_;      // guards the job description and open_
   std::condition_variable cv_;
   uint64_t generation_ = 0;
+  bool open_ = false;
   const std::function<void(int64_t)>* fn_ = nullptr;
   int64_t n_items_ = 0;
   int n_workers_ = 0;
   std::atomic<int64_t> next_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<int> active_{0};  // workers inside the current job
 };
 
 std::mutex g_pool_mu;
