@@ -438,7 +438,7 @@ def test_cli_rejects_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_cli_exit_status_in_a_process():
+def test_cli_exit_status_in_a_process(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pyreg", "info", "--threads", "0"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and "unrecognized arguments: --threads 0" in r.stderr

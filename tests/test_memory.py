@@ -138,12 +138,15 @@ _RSS_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
-def test_peak_resident_memory_includes_kernel_scratch():
+def test_peak_resident_memory_includes_kernel_scratch(tmp_path):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(pyreg.__file__)),
                                            os.environ.get("PYTHONPATH", "")]))
     code = _RSS_SCRIPT.format(tests=os.path.dirname(__file__))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    # cwd away from the checkout: `python -c` puts the cwd first on sys.path, and the
+    # source tree's pyreg/ has no compiled module when the package is installed.
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=tmp_path)
     if r.returncode != 0 and "clear_refs" in r.stderr:  # pragma: no cover - restricted /proc
         pytest.skip("cannot reset the peak RSS here")
     assert r.returncode == 0, r.stderr
