@@ -16,7 +16,8 @@ ALL_OPS = list(peers.OP_ORDER)
 
 
 def _run(out_dir, device):
-    argv = ["--quick", "--shapes", "mlp", "--device", device, "--repeats", "1", "--out", str(out_dir)]
+    argv = ["--quick", "--shapes", "mlp", "--device", device, "--repeats", "1", "--out", str(out_dir),
+            "--tag", "smoke"]
     assert bench.main(argv) == 0
     stems = [f[:-5] for f in os.listdir(out_dir) if f.endswith(".json")]
     assert len(stems) == 1, os.listdir(out_dir)
@@ -31,7 +32,7 @@ def cpu_run(tmp_path_factory):
 
 
 def _check_result(stem, res, device):
-    assert stem.endswith("-quick") and os.path.basename(stem).startswith(device + "-")
+    assert stem.endswith("-quick-smoke") and os.path.basename(stem).startswith(device + "-")
     meta = res["meta"]
     assert meta["device"] == device and meta["quick"] and meta["torch"] == torch.__version__
     assert meta["threads"] >= 1 and meta["dtype"] == "float32"
@@ -94,7 +95,8 @@ def test_shape_sets_match_the_models():
 
 
 @pytest.mark.parametrize("argv", [["--shapes", "nope"], ["--ops", "prox_,nope"], ["--repeats", "0"],
-                                  ["--dtype", "int8"], ["--device", "tpu"], ["--shapes", ""]])
+                                  ["--dtype", "int8"], ["--device", "tpu"], ["--shapes", ""],
+                                  ["--tag", "../x"], ["--tag", ""]])
 def test_bad_arguments_exit_2(argv, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(argv + ["--out", str(tmp_path)])

@@ -49,6 +49,12 @@ def _positive(text: str) -> int:
     return v
 
 
+def _tag(text: str) -> str:
+    if not text or not all(ch.isalnum() or ch == "-" for ch in text) or text.startswith("-"):
+        raise argparse.ArgumentTypeError(f"--tag must be letters, digits and '-', not {text!r}")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pyreg bench",
@@ -67,6 +73,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output folder (default: bench/results when it exists here, else ./bench-results)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--tag", type=_tag, default="",
+                   help="suffix for the output file names (letters, digits, '-'), e.g. omp-passive")
     p.add_argument("--repeats", type=_positive, default=None,
                    help="timed calls per measurement, at least (default 15, --quick 5)")
     return p
@@ -113,7 +121,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             res = suite.run()
             if own_cache is None and any(r["peer"] == "compile" and r["ms"] for r in res["rows"]):
                 res["notes"].append("TORCHINDUCTOR_CACHE_DIR was set: compile times may be warm-cache times")
-            stem = os.path.join(out, res["meta"]["slug"] + ("-quick" if args.quick else ""))
+            stem = os.path.join(out, res["meta"]["slug"] + ("-quick" if args.quick else "")
+                                + (f"-{args.tag}" if args.tag else ""))
             png = stem + ".png"
             have_png = report.plot(res, png)
             res["files"] = {"json": stem + ".json", "markdown": stem + ".md", "png": png if have_png else None}

@@ -19,7 +19,8 @@ def _ms(x: Optional[float]) -> str:
 
 def header(res: dict) -> str:
     m = res["meta"]
-    lines = [f"**{m['name']}** ({m['device']}, {m['threads']} threads, pyreg `{m['backend']}` backend), "
+    omp = f", OMP_WAIT_POLICY={m['omp_wait_policy']}" if m.get("omp_wait_policy") else ""
+    lines = [f"**{m['name']}** ({m['device']}, {m['threads']} threads{omp}, pyreg `{m['backend']}` backend), "
              f"torch {m['torch']}, pyreg {m['pyreg']}, {m['dtype']}, "
              f"{'quick' if m['quick'] else 'full'} run of {m['date']} ({m['wall_s']} s)."]
     sets = res.get("shape_sets", {})
