@@ -221,9 +221,8 @@ def test_noncontiguous_equals_contiguous(op):
         elif op == "penalty":
             torch.testing.assert_close(pyreg.penalty([v], 0.3, 0.2), pyreg.penalty([c], 0.3, 0.2), rtol=1e-6, atol=0)
         elif op == "add_penalty_grad_":
-            gv = torch.randn(v.shape[1], v.shape[0]).t() if name != "transposed" else torch.randn(203, 301).t()
-            gv = gv if gv.shape == v.shape else torch.randn(v.shape)
-            gc = gv.contiguous()
+            gv = torch.randn(v.shape)
+            gc = gv.clone()
             pyreg.add_penalty_grad_([v], [gv], 0.3, 0.2)
             pyreg.add_penalty_grad_([c], [gc], 0.3, 0.2)
             assert torch.equal(gv, gc), name
@@ -457,3 +456,39 @@ def test_eager_fast_path_equals_the_op_and_bumps_versions():
     assert h._version > version
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+# Param and grad in different memory orders: the kernels pair element k of the
+# param's memory with element k of the grad's, so the grad must be laid out like
+# the param (regression: a contiguous grad of a transposed param got the
+# transposed param's terms).
+def _layouts(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=g)
+    n, c, h, w = shape
+    return {
+        "contiguous": r(n, c, h, w),
+        "channels_last": r(n, c, h, w).contiguous(memory_format=torch.channels_last),
+        "permuted": r(w, h, c, n).permute(3, 2, 1, 0),
+        "not_dense": r(n, c, h, 2 * w - 1)[..., ::2],
+        "storage_offset": r(n * c * h * w + 1)[1:].view(n, c, h, w),
+    }
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("w_layout", ["contiguous", "channels_last", "permuted", "not_dense", "storage_offset"])
+@pytest.mark.parametrize("g_layout", ["contiguous", "channels_last", "permuted", "not_dense", "storage_offset"])
+def test_grad_layout_differs_from_param(device, w_layout, g_layout):
+    if device == "cuda" and not backends.cuda.available():
+        pytest.skip("no usable CUDA GPU / pyreg built without CUDA")
+    shape = (3, 5, 7, 11)
+    w = _layouts(shape, 1)[w_layout].to(device)
+    g = _layouts(shape, 2)[g_layout].to(device)
+    w0, g0, stride = w.clone(), g.clone(), g.stride()
+    want = g0.double() + 0.3 * torch.sign(w0.double()) + 2 * 0.2 * w0.double()
+    with pyreg.use_backend(device):
+        pyreg.add_penalty_grad_([w], [g], l1=0.3, l2=0.2)
+    torch.testing.assert_close(g.double(), want, **ELEMENTWISE_TOL[torch.float32])
+    assert g.stride() == stride and torch.equal(w, w0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
 from .._common import DTYPE_CODES
@@ -46,8 +47,14 @@ class Writable:
         self.targets = list(tensors)
         self.work: List[Tensor] = []
         for i, t in enumerate(self.targets):
-            ok = is_dense(t) and (like is None or t.stride() == like[i].stride() or t.numel() <= 1)
-            self.work.append(t if ok else t.contiguous())
+            if like is None:
+                self.work.append(t if is_dense(t) else t.contiguous())
+            elif t.numel() <= 1 or (is_dense(t) and t.stride() == like[i].stride()):
+                self.work.append(t)
+            else:  # a copy laid out exactly like its (dense) partner, element for element
+                ref = like[i]
+                self.work.append(torch.empty_strided(ref.shape, ref.stride(), dtype=t.dtype,
+                                                     device=t.device).copy_(t))
 
     def commit(self) -> None:
         for t, w in zip(self.targets, self.work):
