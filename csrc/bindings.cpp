@@ -95,6 +95,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_archs", &pyreg::cuda::archs);
   m.def("cuda_device_count", &pyreg::cuda::device_count);
   m.def("cuda_runtime_error", &pyreg::cuda::runtime_error);
+  m.def("cuda_device_error", &pyreg::cuda::device_error, py::arg("device"));
   m.def("cuda_workspace_bytes", [](const Ptrs& p, const Numels& n, const Codes& d) {
     return pyreg::cuda::workspace_bytes(make_list(p, n, d));
   });

@@ -54,7 +54,7 @@ _forced: Optional[str] = None
 def _compiled_for(device: torch.device):
     if device.type == "cpu" and backends.cpu.available():
         return backends.cpu
-    if device.type == "cuda" and backends.cuda.available():
+    if device.type == "cuda" and backends.cuda.available(device.index):
         return backends.cuda
     return None
 
@@ -223,9 +223,21 @@ def _check_value(x: float, name: str) -> float:
     return x
 
 
+def _capturing(device: torch.device) -> bool:
+    return (device.type == "cuda" and not torch.compiler.is_compiling()
+            and torch.cuda.is_current_stream_capturing())
+
+
+def _host_copy_error(name: str, what: str) -> ValueError:
+    return ValueError(f"{name} is {what}: copying it to the GPU during CUDA graph capture would "
+                      f"read pageable host memory; pass a Python number or a tensor on the device")
+
+
 def _coef(c: Coef, n: int, device: torch.device, name: str) -> Tensor:
     """A coefficient as a 1-D float64 tensor of n entries on ``device``."""
     if isinstance(c, Tensor):
+        if c.device != device and c.device.type == "cpu" and _capturing(device):
+            raise _host_copy_error(name, "a CPU tensor")
         if c.dim() > 1 or (c.dim() == 1 and c.numel() != n):
             raise ValueError(f"{name} has shape {tuple(c.shape)}; expected a number or "
                              f"one value per tensor ({n})")
@@ -243,6 +255,8 @@ def _coef(c: Coef, n: int, device: torch.device, name: str) -> Tensor:
     if isinstance(c, (str, bytes)) or not isinstance(c, Iterable):
         raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, "
                         f"got {type(c).__name__}")
+    if _capturing(device):
+        raise _host_copy_error(name, "a sequence of numbers")
     vals = list(c)
     if len(vals) != n:
         raise ValueError(f"{name} has {len(vals)} values but there are {n} tensors")

@@ -24,12 +24,16 @@ def info() -> dict:
         d["cuda backend"] = "not compiled"
     else:
         archs = C.cuda_archs()
-        if cuda.available():
-            names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-            d["cuda backend"] = f"compiled ({archs}), usable on {names}"
-        else:
-            why = "torch has no CUDA" if not torch.cuda.is_available() else C.cuda_runtime_error()
+        why = cuda.unavailable_reason(0 if torch.cuda.is_available() else None)
+        if why:
             d["cuda backend"] = f"compiled ({archs}), not usable: {why}"
+        else:
+            d["cuda backend"] = f"compiled ({archs})"
+            for i in range(torch.cuda.device_count()):
+                cc = ".".join(map(str, torch.cuda.get_device_capability(i)))
+                why = cuda.unavailable_reason(i)
+                d[f"cuda:{i}"] = (f"{torch.cuda.get_device_name(i)} (compute capability {cc}): "
+                                  + ("usable" if not why else f"not usable: {why}"))
     return d
 
 

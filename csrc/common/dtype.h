@@ -99,9 +99,4 @@ template <> struct Store<half_t> { template <typename A> PYREG_HD static half_t 
 template <> struct Store<bf16_t> { template <typename A> PYREG_HD static bf16_t to(A v) { return float_to_bf16(float(v)); } };
 template <typename T, typename A> PYREG_HD T store(A v) { return Store<T>::to(v); }
 
-// sign with sign(0) = 0 (of the same zero) and sign(NaN) = NaN, like torch.sign.
-template <typename A> PYREG_HD A sign_of(A v) {
-  return v > A(0) ? A(1) : (v < A(0) ? A(-1) : v);
-}
-
 }  // namespace pyreg

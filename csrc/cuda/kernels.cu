@@ -196,7 +196,13 @@ __device__ __forceinline__ void element(T& xv, T& gv, const Params<A>& p, Acc<A>
       acc.mx = a > acc.mx ? a : acc.mx;
       acc.nnz += v != A(0) ? 1 : 0;
     }
-    if constexpr (kOp == kGrad) gv = store<T>(load<A>(gv) + (p.c1 * sign_of(v) + p.c2 * v));
+    if constexpr (kOp == kGrad) {
+      // As the CPU kernel: the l1 term of a zero weight is +0 (so -0 + term is
+      // +0 like the reference); a NaN weight still gives NaN through c2 * v
+      // (0 * NaN = NaN).
+      const A l1_term = v != A(0) ? copysign_of(p.c1, v) : A(0);
+      gv = store<T>(load<A>(gv) + (l1_term + p.c2 * v));
+    }
   }
   (void)gv;
 }
@@ -532,6 +538,49 @@ std::string runtime_error() {
   }
   if (n == 0) return "no CUDA device found";
   return "";
+}
+
+std::string device_error(int device) {
+  const std::string rt = runtime_error();
+  if (!rt.empty()) return rt;
+  int n = 0;
+  (void)cudaGetDeviceCount(&n);
+  if (device < 0 || device >= n)
+    return "no CUDA device " + std::to_string(device) + " (" + std::to_string(n) + " found)";
+  int prev = 0;
+  if (cudaGetDevice(&prev) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+    const cudaError_t e = cudaGetLastError();
+    return std::string("cannot use device ") + std::to_string(device) + ": " + cudaGetErrorName(e);
+  }
+  struct K { const void* fn; const char* name; };
+  const K kernels[] = {
+      {reinterpret_cast<const void*>(&chunk_kernel<kStats>), "chunk_kernel<stats>"},
+      {reinterpret_cast<const void*>(&chunk_kernel<kPenalty>), "chunk_kernel<penalty>"},
+      {reinterpret_cast<const void*>(&chunk_kernel<kGrad>), "chunk_kernel<grad>"},
+      {reinterpret_cast<const void*>(&chunk_kernel<kProx>), "chunk_kernel<prox>"},
+      {reinterpret_cast<const void*>(&finish_kernel<kStats>), "finish_kernel<stats>"},
+      {reinterpret_cast<const void*>(&finish_kernel<kPenalty>), "finish_kernel<penalty>"},
+      {reinterpret_cast<const void*>(&finish_kernel<kProx>), "finish_kernel<prox>"},
+  };
+  std::string err;
+  for (const K& k : kernels) {
+    cudaFuncAttributes attr;
+    const cudaError_t e = cudaFuncGetAttributes(&attr, k.fn);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      cudaDeviceProp prop;
+      const bool have = cudaGetDeviceProperties(&prop, device) == cudaSuccess;
+      (void)cudaGetLastError();
+      err = std::string(k.name) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ") on " +
+            (have ? std::string(prop.name) + ", compute capability " + std::to_string(prop.major) +
+                        "." + std::to_string(prop.minor)
+                  : "device " + std::to_string(device)) +
+            "; pyreg's kernels are built for " + archs() + " (set the CMake option PYREG_CUDA_ARCHS when building)";
+      break;
+    }
+  }
+  (void)cudaSetDevice(prev);
+  return err;
 }
 
 int64_t workspace_bytes(const TensorList& w) { return Layout(w).total; }

@@ -18,6 +18,10 @@ bool compiled();              // false in a CPU-only build
 std::string archs();          // e.g. "sm_80 sm_90 compute_90"
 int device_count();           // 0 when no driver / no GPU (never throws)
 std::string runtime_error();  // why device_count() is 0, if it is
+// Why the kernels cannot run on `device` (no kernel image for its compute
+// capability...), or "" when they can. Also loads every kernel's module, so a
+// first launch inside CUDA graph capture loads nothing.
+std::string device_error(int device);
 
 int64_t workspace_bytes(const TensorList& w);
 

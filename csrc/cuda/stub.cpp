@@ -10,6 +10,7 @@ bool compiled() { return false; }
 std::string archs() { return ""; }
 int device_count() { return 0; }
 std::string runtime_error() { return "pyreg was built without CUDA"; }
+std::string device_error(int) { return "pyreg was built without CUDA"; }
 int64_t workspace_bytes(const TensorList&) { return 0; }
 
 namespace {

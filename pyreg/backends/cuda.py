@@ -6,7 +6,7 @@ or copies from host memory, so these calls can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -20,8 +20,27 @@ def compiled() -> bool:
     return _C is not None and bool(_C.cuda_compiled())
 
 
-def available() -> bool:
-    return compiled() and torch.cuda.is_available() and _C.cuda_device_count() > 0
+_device_errors: Dict[int, str] = {}
+
+
+def unavailable_reason(device: Optional[int] = None) -> str:
+    """Why the kernels cannot run on CUDA device ``device`` (an index; None:
+    torch's current device), or "" when they can. The first answer per device
+    is kept: it probes every kernel (no kernel image for this GPU's compute
+    capability, a driver older than the runtime...) and loads them all."""
+    if not compiled():
+        return "pyreg was built without CUDA" if _C is not None else "pyreg's compiled module is not loaded"
+    if not torch.cuda.is_available():
+        return "torch has no usable CUDA"
+    index = torch.cuda.current_device() if device is None else device
+    err = _device_errors.get(index)
+    if err is None:
+        err = _device_errors[index] = _C.cuda_device_error(index)
+    return err
+
+
+def available(device: Optional[int] = None) -> bool:
+    return not unavailable_reason(device)
 
 
 def _coef(c: Tensor) -> int:
