@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One lent-GPU session (issue #4) in few calls of the `device` tool, each under
+# its 10-minute limit, from the repository root on the device machine:
+#
+#   bash bench/gpu_session.sh build test      # ~5 min: build with CUDA, GPU tests
+#   bash bench/gpu_session.sh bench-small     # mlp, lstm, resnet50 (with torch.compile)
+#   bash bench/gpu_session.sh bench-gpt2      # gpt2 (with torch.compile)
+#   bash bench/gpu_session.sh bench-1.3b      # gpt-1.3b (no torch.compile: its compile is too slow)
+#
+# The machine keeps the install between calls while it stays warm; a call on a
+# fresh machine needs `build` again. Logs and results go to $OUT (the device
+# tool brings them back); copy the results into bench/results/ here.
+#
+# Everything that imports pyreg runs outside the checkout: `python -m` puts the
+# cwd first on sys.path, and the source tree's pyreg/ has no compiled module.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+OUT=${OUT:-/tmp/pyreg-gpu-out}
+mkdir -p "$OUT/results"
+PY=${PYTHON:-python3}
+status=0
+
+step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, keep going on failure
+  local name=$1; shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  ( "$@" ) > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s (log: $name.log)"
+  tail -n 25 "$OUT/$name.log"
+  [ $rc -eq 0 ] || status=1
+}
+
+for stage in "$@"; do
+  case $stage in
+    build)
+      step env bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))'; nvcc --version | tail -n 2"
+      step build env CMAKE_ARGS="-DPYREG_CUDA=ON" CMAKE_BUILD_PARALLEL_LEVEL=16 \
+        "$PY" -m pip install --no-build-isolation --no-deps -v "$ROOT"
+      step info bash -c "cd '$OUT' && $PY -m pyreg info"
+      ;;
+    test)
+      # The GPU tests first (their own log), then the whole suite.
+      step test-cuda bash -c "cd '$ROOT' && pytest -q -rs tests/test_cuda.py tests/test_compile.py \
+        tests/test_ops.py -k 'cuda or graph' -p no:cacheprovider"
+      step test-all bash -c "cd '$ROOT' && pytest -q -rs -p no:cacheprovider"
+      ;;
+    bench-small)
+      step bench-small bash -c "cd '$OUT' && $PY -m pyreg bench --device cuda --shapes mlp,lstm,resnet50 \
+        --out '$OUT/results' --tag small"
+      ;;
+    bench-gpt2)
+      step bench-gpt2 bash -c "cd '$OUT' && $PY -m pyreg bench --device cuda --shapes gpt2 \
+        --out '$OUT/results' --tag gpt2"
+      ;;
+    bench-1.3b)
+      step bench-1.3b bash -c "cd '$OUT' && $PY -m pyreg bench --device cuda --shapes gpt-1.3b --no-compile \
+        --out '$OUT/results' --tag gpt-1.3b"
+      ;;
+    *)
+      echo "unknown stage $stage (build, test, bench-small, bench-gpt2, bench-1.3b)" >&2
+      exit 2
+      ;;
+  esac
+done
+echo "=== done: status $status; files in $OUT"
+exit $status
