@@ -23,13 +23,15 @@ REDUCTION_TOL = {
 }
 
 
-def random_list(dtype, seed=0, device="cpu", scale=1.0):
+def random_list(dtype, seed=0, device="cpu", scale=1.0, more_layouts=False):
     """A list exercising every layout case: odd sizes 1, 4097, 278011; empty
     tensors at the start, middle and end; a 0-dim tensor; a transposed (dense,
-    non-contiguous) matrix and a strided (non-dense) view. Fresh random data."""
+    non-contiguous) matrix and a strided (non-dense) view. Fresh random data,
+    made on ``device`` before the views are taken. ``more_layouts`` adds a
+    misaligned view (storage offset 1) and a permuted one before the last."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype)  # noqa: E731
-    return [
+    r = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)  # noqa: E731
+    ts = [
         r(0),
         r(1),
         r(4097),
@@ -38,8 +40,13 @@ def random_list(dtype, seed=0, device="cpu", scale=1.0):
         r(()),
         r(61, 37).t(),             # dense, not contiguous
         r(3, 2 * 333 + 1)[:, ::2],  # not dense: strided view
-        r(5, 0),
     ]
+    if more_layouts:
+        ts += [
+            r(70001)[1:],                 # storage offset 1: not 16-byte aligned
+            r(5, 6, 7).permute(2, 0, 1),  # dense, permuted
+        ]
+    return ts + [r(5, 0)]
 
 
 def as_f64(tensors):

@@ -11,7 +11,7 @@ from pyreg import backends
 from pyreg.backends import torch_ref
 from pyreg.backends._marshal import is_dense
 
-from conftest import DTYPE_IDS, DTYPES, ELEMENTWISE_TOL, REDUCTION_TOL, as_f64
+from conftest import DTYPE_IDS, DTYPES, ELEMENTWISE_TOL, REDUCTION_TOL, as_f64, random_list
 
 # A GPU torch can use and a build with CUDA kernels, yet no usable cuda backend
 # (driver too old for the runtime, no kernel image for this GPU...): that is a
@@ -42,28 +42,9 @@ EMPTY = (0, 3, 10)  # indices of the empty tensors in cuda_list()
 
 
 def cuda_list(dtype, seed=0, scale=1.0, device=DEV):
-    """Fresh random CUDA tensors covering every layout case: sizes 1, 4097,
-    278011; empty tensors at the start, middle and end; a 0-dim tensor; dense
-    non-contiguous views (transposed, permuted); a non-dense strided view; a
-    misaligned view (storage offset 1) between full tensors."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*s):
-        return (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
-
-    return [
-        r(0),
-        r(1),
-        r(4097),
-        r(0, 7),
-        r(278011),
-        r(()),
-        r(61, 37).t(),                 # dense, not contiguous
-        r(3, 2 * 333 + 1)[:, ::2],     # not dense: strided view
-        r(70001)[1:],                  # storage offset 1: not 16-byte aligned
-        r(5, 6, 7).permute(2, 0, 1),   # dense, permuted
-        r(5, 0),
-    ]
+    """conftest.random_list on the GPU, with a misaligned (storage offset 1) and
+    a permuted view too."""
+    return random_list(dtype, seed, device, scale, more_layouts=True)
 
 
 def like_list(ts, dtype, seed):

@@ -19,34 +19,13 @@ from typing import List, Optional
 
 import torch
 
+from .._argtypes import choice_list, int_in
 from . import peers as P
 from . import report
 from . import shapes as S
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
-
-
-def _csv(choices: List[str], what: str):
-    def parse(text: str) -> List[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"empty list of {what}")
-        bad = [x for x in items if x not in choices]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad)} (choose from {', '.join(choices)})")
-        return list(dict.fromkeys(items))
-    return parse
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def _tag(text: str) -> str:
@@ -65,9 +44,9 @@ def parser() -> argparse.ArgumentParser:
                         "16 tensors (the run says what it skipped)")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default=None,
                    help="default: cpu, plus cuda when available")
-    p.add_argument("--shapes", type=_csv(S.ORDER, "shape sets"), default=S.ORDER,
+    p.add_argument("--shapes", type=choice_list(S.ORDER, "shape sets"), default=S.ORDER,
                    help=f"comma list of {', '.join(S.ORDER)} (default: all; gpt-1.3b runs on GPU only)")
-    p.add_argument("--ops", type=_csv(P.OP_ORDER, "ops"), default=P.OP_ORDER,
+    p.add_argument("--ops", type=choice_list(P.OP_ORDER, "ops"), default=P.OP_ORDER,
                    help=f"comma list of {', '.join(P.OP_ORDER)} (default: all)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--out", default=None,
@@ -75,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     p.add_argument("--tag", type=_tag, default="",
                    help="suffix for the output file names (letters, digits, '-'), e.g. omp-passive")
-    p.add_argument("--repeats", type=_positive, default=None,
+    p.add_argument("--repeats", type=int_in(1), default=None,
                    help="timed calls per measurement, at least (default 15, --quick 5)")
     return p
 

@@ -26,6 +26,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .._argtypes import choice_list, int_in
 from .study import METHODS
 
 DEFAULT_ALPHAS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # up to under-fitting
@@ -53,26 +54,6 @@ def _alphas(text: str) -> List[float]:
     return sorted(set(_alpha(p) for p in parts))
 
 
-def _methods(text: str) -> List[str]:
-    parts = [p.strip().lower() for p in text.split(",") if p.strip()]
-    unknown = [p for p in parts if p not in METHODS]
-    if unknown or not parts:
-        raise argparse.ArgumentTypeError(
-            f"unknown method(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-            f"choose from {', '.join(METHODS)}")
-    return list(dict.fromkeys(parts))
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pyreg demo",
@@ -85,12 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--out", default="pyreg-demo", metavar="DIR",
                    help="output folder for CSV, JSON and PNG files (default: ./pyreg-demo)")
-    p.add_argument("--methods", type=_methods, default=list(METHODS),
+    p.add_argument("--methods", type=choice_list(METHODS, "methods", lower=True), default=list(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     p.add_argument("--alphas", type=_alphas, default=None,
                    help="comma-separated alpha grid (default: "
                         f"{','.join(map(str, DEFAULT_ALPHAS))}; --quick: {','.join(map(str, QUICK_ALPHAS))})")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of data and initial weights (default 0)")
+    p.add_argument("--seed", type=int_in(0, 2 ** 63, "2**63"), default=0, help="seed of data and initial weights (default 0)")
     return p
 
 
