@@ -1,6 +1,7 @@
 """Small facts shared by the op definitions, every backend and the fake kernels."""
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import NamedTuple, Sequence
 
 import torch
@@ -27,4 +28,4 @@ class WeightStats(NamedTuple):
 def result_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     """dtype of the floating-point results (norms, penalty): float64 if any input
     is float64, else float32 (16-bit inputs accumulate and report in float32)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.float64 if torch.float64 in set(map(attrgetter("dtype"), tensors)) else torch.float32

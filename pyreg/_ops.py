@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+from operator import attrgetter, itemgetter, le
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -36,7 +37,11 @@ except Exception:  # pragma: no cover - torch built without distributed
 
 
 def _has_dtensor(ts: Sequence[Tensor]) -> bool:
-    return _DTensor is not None and any(isinstance(t, _DTensor) for t in ts)
+    if _DTensor is None:
+        return False
+    if torch.compiler.is_compiling():  # Dynamo traces plain loops, not map()
+        return any(isinstance(t, _DTensor) for t in ts)
+    return any(issubclass(cls, _DTensor) for cls in set(map(type, ts)))
 
 
 def _distributed():
@@ -44,6 +49,17 @@ def _distributed():
     return distributed
 
 Coef = Union[float, Sequence[float], Tensor]
+
+# Per-tensor attribute reads for whole lists at C speed (``map`` over these
+# costs well under a microsecond per tensor, a Python loop several): the hot
+# path of every public op reads each tensor's metadata this way, and only a
+# list that fails a check takes the per-tensor loop that explains the error.
+_dtype_of, _device_of, _layout_of = attrgetter("dtype"), attrgetter("device"), attrgetter("layout")
+_shape_of, _requires_grad = attrgetter("shape"), attrgetter("requires_grad")
+_SUPPORTED = frozenset(SUPPORTED_DTYPES)
+#: Types whose tensors the kernels may read through data_ptr() in plain eager
+#: mode: torch.Tensor and nn.Parameter (which adds no torch_function behaviour).
+_PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
 
 # --------------------------------------------------------------------------
 # Backend selection
@@ -158,15 +174,16 @@ def _(tensors, l1, l2, lr):
 # --------------------------------------------------------------------------
 def _plain_eager(ts: Sequence[Tensor], mutated: Sequence[Tensor] = ()) -> bool:
     """True when a public function may call the backend directly instead of
-    the custom op: not tracing, no dispatch mode active, plain tensors, and no
-    inference tensor to mutate outside inference mode (the op raises for that).
-    There the dispatcher adds only cost (about 1.5 us per tensor): the backend,
-    kernels and results are the same."""
+    the custom op: not tracing, no dispatch mode active, plain tensors
+    (``Tensor`` or ``nn.Parameter``), and no inference tensor to mutate outside
+    inference mode (the op raises for that). There the dispatcher adds only
+    cost (about 1.5 us per tensor): the backend, kernels and results are the
+    same."""
     return (not torch.compiler.is_compiling()
             and _get_current_dispatch_mode() is None
-            and all(type(t) is Tensor for t in ts)
-            and all(type(t) is Tensor for t in mutated)
-            and (torch.is_inference_mode_enabled() or not any(t.is_inference() for t in mutated)))
+            and set(map(type, ts)) <= _PLAIN_TYPES
+            and set(map(type, mutated)) <= _PLAIN_TYPES
+            and (torch.is_inference_mode_enabled() or not any(map(Tensor.is_inference, mutated))))
 
 
 def _bump_versions(ts: Sequence[Tensor]) -> None:
@@ -195,7 +212,9 @@ def _tensor_list(tensors, what: str = "tensors") -> List[Tensor]:
     elif isinstance(tensors, (str, bytes)) or not isinstance(tensors, Iterable):
         raise TypeError(f"{what} must be a tensor or an iterable of tensors, got {type(tensors).__name__}")
     out = list(tensors)
-    device = None
+    if not torch.compiler.is_compiling() and _uniform(out):
+        return out
+    device = None  # explain why not (or accept an empty list)
     for i, t in enumerate(out):
         if not isinstance(t, Tensor):
             raise TypeError(f"{what}[{i}] is a {type(t).__name__}, not a torch.Tensor")
@@ -212,6 +231,17 @@ def _tensor_list(tensors, what: str = "tensors") -> List[Tensor]:
         if t.is_meta:
             raise ValueError(f"{what}[{i}] is a meta tensor: it has no data to regularize")
     return out
+
+
+def _uniform(ts: List[Tensor]) -> bool:
+    """The checks of ``_tensor_list`` for a non-empty list, at C speed: dense
+    strided tensors of supported dtypes, all on one (non-meta) device."""
+    if not ts or not all(issubclass(cls, Tensor) for cls in set(map(type, ts))):
+        return False
+    devices = set(map(_device_of, ts))
+    return (len(devices) == 1 and next(iter(devices)).type != "meta"
+            and set(map(_dtype_of, ts)) <= _SUPPORTED
+            and set(map(_layout_of, ts)) == {torch.strided})
 
 
 def _check_value(x: float, name: str) -> float:
@@ -245,10 +275,14 @@ def _coef(c: Coef, n: int, device: torch.device, name: str) -> Tensor:
             raise TypeError(f"{name} has dtype {c.dtype}; expected a real dtype")
         if c.device.type == "cpu" and not torch.compiler.is_compiling():
             # Cheap here (no device sync); device tensors are trusted as given.
-            bad = ~torch.isfinite(c) | (c < 0)
-            if bad.any():
-                i = int(bad.reshape(-1).nonzero()[0])
-                raise ValueError(f"{name}[{i}] must be finite and >= 0, got {float(c.reshape(-1)[i])}")
+            # Fast accept: min over the non-NaN values (or NaN) >= 0, and a
+            # finite sum (no NaN, no inf); else find the first bad value.
+            vals = c.detach().reshape(-1).tolist()
+            if vals and not (min(vals) >= 0 and math.isfinite(sum(vals))):
+                bad = ~torch.isfinite(c) | (c < 0)
+                if bad.any():
+                    i = int(bad.reshape(-1).nonzero()[0])
+                    raise ValueError(f"{name}[{i}] must be finite and >= 0, got {float(c.reshape(-1)[i])}")
         return c.detach().to(device=device, dtype=torch.float64).expand(n).contiguous()
     if isinstance(c, numbers.Real) and not isinstance(c, bool):
         return torch.full((n,), _check_value(c, name), dtype=torch.float64, device=device)
@@ -285,6 +319,8 @@ def _check_grads_apart(tensors: Sequence[Tensor], grads: Sequence[Tensor]) -> No
     share memory with each other (they are only read). No device sync."""
     if torch.compiler.is_compiling():
         return
+    if not _has_dtensor(grads) and not _has_dtensor(tensors) and _disjoint(list(grads) + list(tensors)):
+        return  # the common case, at C speed
     _check_no_overlap(grads, "grads")
     bad = _overlap(grads, tensors)
     if bad is not None:
@@ -297,10 +333,27 @@ def _first_overlap(tensors: Sequence[Tensor]) -> Optional[Tuple[int, int]]:
     (a < b) for two tensors whose memory ranges overlap, else None."""
     if _has_dtensor(tensors):  # a DTensor's local shard holds its memory
         tensors = [t.to_local() if isinstance(t, _DTensor) else t for t in tensors]
+    if _disjoint(tensors):
+        return None
     for i, t in enumerate(tensors):
         if not t.is_contiguous() and _has_internal_overlap(t):
             return i, i
     return _overlap(tensors, tensors)
+
+
+def _disjoint(tensors: Sequence[Tensor]) -> bool:
+    """True if the tensors are contiguous and no two share a byte, decided at C
+    speed; False means "not shown" (the exact checks then decide). Each tensor
+    is its byte range; sorted by start, ranges are disjoint exactly when each
+    ends at or before the next one starts (empty tensors are empty ranges)."""
+    if not all(map(Tensor.is_contiguous, tensors)):
+        return False
+    starts = list(map(Tensor.data_ptr, tensors))
+    spans = sorted(zip(starts, map(int.__add__, starts, map(attrgetter("nbytes"), tensors))))
+    return all(map(le, map(_end_of, spans), map(_start_of, spans[1:])))
+
+
+_start_of, _end_of = itemgetter(0), itemgetter(1)
 
 
 def _overlap(written: Sequence[Tensor], read: Sequence[Tensor]) -> Optional[Tuple[int, int]]:
@@ -393,7 +446,7 @@ def penalty(tensors: Iterable[Tensor], l1: Coef = 0.0, l2: Coef = 0.0) -> Tensor
     c1, c2 = _coef(l1, len(ts), dev, "l1"), _coef(l2, len(ts), dev, "l2")
     if _has_dtensor(ts):
         return _distributed().penalty(ts, c1, c2)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)) and _plain_eager(ts):
+    if _plain_eager(ts) and not (torch.is_grad_enabled() and any(map(_requires_grad, ts))):
         return _backend(ts).penalty(ts, c1, c2)
     return _penalty_op(ts, c1, c2)
 
@@ -408,10 +461,14 @@ def add_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor],
     gs = _tensor_list(grads, "grads")
     if len(gs) != len(ts):
         raise ValueError(f"got {len(ts)} tensors but {len(gs)} grads")
-    for i, (t, g) in enumerate(zip(ts, gs)):
-        if g.shape != t.shape or g.dtype != t.dtype or g.device != t.device:
-            raise ValueError(f"grads[{i}] is {tuple(g.shape)} {g.dtype} on {g.device} but "
-                             f"tensors[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}")
+    if ts and (torch.compiler.is_compiling()  # Dynamo traces the loop below, not map()
+               or gs[0].device != ts[0].device  # one device per list
+               or list(map(_dtype_of, gs)) != list(map(_dtype_of, ts))
+               or list(map(_shape_of, gs)) != list(map(_shape_of, ts))):
+        for i, (t, g) in enumerate(zip(ts, gs)):
+            if g.shape != t.shape or g.dtype != t.dtype or g.device != t.device:
+                raise ValueError(f"grads[{i}] is {tuple(g.shape)} {g.dtype} on {g.device} but "
+                                 f"tensors[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}")
     n, dev = len(ts), (ts[0].device if ts else torch.device("cpu"))
     c1, c2 = _coef(l1, n, dev, "l1"), _coef(l2, n, dev, "l2")
     if not ts:

@@ -9,6 +9,7 @@ ops then copy the result back.
 """
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import List, Sequence, Tuple
 
 import torch
@@ -29,13 +30,33 @@ def dense(t: Tensor) -> Tensor:
     return t if is_dense(t) else t.contiguous()
 
 
+def all_contiguous(tensors: Sequence[Tensor]) -> bool:
+    return all(map(Tensor.is_contiguous, tensors))
+
+
+def dense_list(tensors: Sequence[Tensor]) -> List[Tensor]:
+    """The tensors, each replaced by a contiguous copy unless dense."""
+    if all_contiguous(tensors):  # the common case, checked at C speed
+        return list(tensors)
+    return [dense(t) for t in tensors]
+
+
+_dtype_of = attrgetter("dtype")
+
+
 def describe(tensors: Sequence[Tensor]) -> Tuple[List[int], List[int], List[int]]:
-    """(data pointers, numels, dtype codes); the tensors must be dense."""
-    return (
-        [t.data_ptr() if t.numel() else 0 for t in tensors],
-        [t.numel() for t in tensors],
-        [DTYPE_CODES[t.dtype] for t in tensors],
-    )
+    """(data pointers, numels, dtype codes); the tensors must be dense. Read
+    with ``map`` (C speed): this runs on every call of every op."""
+    dtypes = list(map(_dtype_of, tensors))
+    if dtypes and dtypes.count(dtypes[0]) == len(dtypes):
+        codes = [DTYPE_CODES[dtypes[0]]] * len(dtypes)
+    else:
+        codes = list(map(DTYPE_CODES.__getitem__, dtypes))
+    return pointers(tensors), list(map(Tensor.numel, tensors)), codes
+
+
+def pointers(tensors: Sequence[Tensor]) -> List[int]:
+    return list(map(Tensor.data_ptr, tensors))
 
 
 class Writable:
@@ -45,7 +66,11 @@ class Writable:
     def __init__(self, tensors: Sequence[Tensor], like: Sequence[Tensor] | None = None):
         # ``like``: tensors whose memory order these must share (params, for grads).
         self.targets = list(tensors)
-        self.work: List[Tensor] = []
+        # Same shapes (checked by the ops) and all contiguous: same layouts.
+        if all_contiguous(self.targets) and (like is None or all_contiguous(like)):
+            self.work = self.targets
+            return
+        self.work = []
         for i, t in enumerate(self.targets):
             if like is None:
                 self.work.append(t if is_dense(t) else t.contiguous())
@@ -57,6 +82,8 @@ class Writable:
                                                      device=t.device).copy_(t))
 
     def commit(self) -> None:
+        if self.work is self.targets:
+            return
         for t, w in zip(self.targets, self.work):
             if w is not t:
                 t.copy_(w)
@@ -64,5 +91,5 @@ class Writable:
 
 def paired(tensors: Sequence[Tensor], grads: Sequence[Tensor]) -> Tuple[List[Tensor], Writable]:
     """Dense params and grads that share one memory order, element for element."""
-    ws = [dense(t) for t in tensors]
+    ws = dense_list(tensors)
     return ws, Writable(grads, like=ws)

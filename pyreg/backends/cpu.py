@@ -25,7 +25,7 @@ def _coef(c: Tensor) -> int:
 
 
 def weight_stats(tensors: List[Tensor]):
-    ws = [m.dense(t) for t in tensors]
+    ws = m.dense_list(tensors)
     rd = result_dtype(ws)
     n = len(ws)
     l1, l2, linf = (torch.empty(n, dtype=rd) for _ in range(3))
@@ -36,7 +36,7 @@ def weight_stats(tensors: List[Tensor]):
 
 
 def penalty(tensors: List[Tensor], l1: Tensor, l2: Tensor) -> Tensor:
-    ws = [m.dense(t) for t in tensors]
+    ws = m.dense_list(tensors)
     rd = result_dtype(ws)
     out = torch.empty((), dtype=rd)
     _C.cpu_penalty(*m.describe(ws), _coef(l1), _coef(l2), out.data_ptr(), DTYPE_CODES[rd],
@@ -48,7 +48,7 @@ def add_penalty_grad_(tensors: List[Tensor], grads: List[Tensor], l1: Tensor, l2
     ws, gs = m.paired(tensors, grads)
     rd = result_dtype(ws)
     out = torch.empty((), dtype=rd)
-    _C.cpu_add_penalty_grad(*m.describe(ws), m.describe(gs.work)[0], _coef(l1), _coef(l2),
+    _C.cpu_add_penalty_grad(*m.describe(ws), m.pointers(gs.work), _coef(l1), _coef(l2),
                             out.data_ptr(), DTYPE_CODES[rd], torch.get_num_threads())
     gs.commit()
     return out

@@ -58,7 +58,7 @@ def _env(ws: List[Tensor], desc):
 
 
 def weight_stats(tensors: List[Tensor]):
-    ws = [m.dense(t) for t in tensors]
+    ws = m.dense_list(tensors)
     rd = result_dtype(ws)
     dev = ws[0].device
     n = len(ws)
@@ -72,7 +72,7 @@ def weight_stats(tensors: List[Tensor]):
 
 
 def penalty(tensors: List[Tensor], l1: Tensor, l2: Tensor) -> Tensor:
-    ws = [m.dense(t) for t in tensors]
+    ws = m.dense_list(tensors)
     rd = result_dtype(ws)
     out = torch.empty((), dtype=rd, device=ws[0].device)
     desc = m.describe(ws)
@@ -88,7 +88,7 @@ def add_penalty_grad_(tensors: List[Tensor], grads: List[Tensor], l1: Tensor, l2
     out = torch.empty((), dtype=rd, device=ws[0].device)
     desc = m.describe(ws)
     scratch, index, stream = _env(ws, desc)
-    _C.cuda_add_penalty_grad(*desc, m.describe(gs.work)[0], _coef(l1), _coef(l2),
+    _C.cuda_add_penalty_grad(*desc, m.pointers(gs.work), _coef(l1), _coef(l2),
                              out.data_ptr(), DTYPE_CODES[rd], scratch.data_ptr(), index, stream)
     gs.commit()
     return out
