@@ -1,12 +1,13 @@
 // bindings.cpp: the pybind11 module pyreg._C. It only converts Python ints
-// (data pointers, sizes, dtype codes, the CUDA stream) into TensorLists and
-// calls the kernels with the GIL released. Validation happens in Python
+// (data pointers, sizes, dtype codes, the CUDA stream) into TensorLists, and
+// (pointer, value) pairs into Coefs, and calls the kernels with the GIL released. Validation happens in Python
 // (pyreg/_ops.py) before anything reaches this file.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "common/tensor_list.h"
@@ -21,6 +22,13 @@ namespace {
 using Ptrs = std::vector<uintptr_t>;
 using Numels = std::vector<int64_t>;
 using Codes = std::vector<int>;
+// A coefficient from Python: (pointer to one double per tensor, value); a
+// null pointer means `value` for every tensor.
+using CoefArg = std::pair<uintptr_t, double>;
+
+pyreg::Coef coef(const CoefArg& c) {
+  return pyreg::Coef{reinterpret_cast<const double*>(c.first), c.second};
+}
 
 TensorList make_list(const Ptrs& ptrs, const Numels& numels, const Codes& dtypes) {
   if (ptrs.size() != numels.size() || ptrs.size() != dtypes.size())
@@ -65,29 +73,27 @@ PYBIND11_MODULE(_C, m) {
                                    ptr<int64_t>(nnz), out_dtype, nthreads);
         });
   m.def("cpu_penalty",
-        [](const Ptrs& p, const Numels& n, const Codes& d, uintptr_t l1, uintptr_t l2,
+        [](const Ptrs& p, const Numels& n, const Codes& d, const CoefArg& l1, const CoefArg& l2,
            uintptr_t out, int out_dtype, int nthreads) {
           TensorList w = make_list(p, n, d);
           py::gil_scoped_release nogil;
-          pyreg::cpu::penalty(w, ptr<double>(l1), ptr<double>(l2), ptr<void>(out), out_dtype,
-                              nthreads);
+          pyreg::cpu::penalty(w, coef(l1), coef(l2), ptr<void>(out), out_dtype, nthreads);
         });
   m.def("cpu_add_penalty_grad",
-        [](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& g, uintptr_t l1,
-           uintptr_t l2, uintptr_t out, int out_dtype, int nthreads) {
+        [](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& g, const CoefArg& l1,
+           const CoefArg& l2, uintptr_t out, int out_dtype, int nthreads) {
           TensorList w = make_list(p, n, d);
           std::vector<void*> gp = as_ptrs(g, p.size());
           py::gil_scoped_release nogil;
-          pyreg::cpu::add_penalty_grad(w, gp.data(), ptr<double>(l1), ptr<double>(l2),
-                                       ptr<void>(out), out_dtype, nthreads);
+          pyreg::cpu::add_penalty_grad(w, gp.data(), coef(l1), coef(l2), ptr<void>(out),
+                                       out_dtype, nthreads);
         });
   m.def("cpu_prox",
-        [](const Ptrs& p, const Numels& n, const Codes& d, uintptr_t l1, uintptr_t l2,
-           uintptr_t lr, uintptr_t nnz, int nthreads) {
+        [](const Ptrs& p, const Numels& n, const Codes& d, const CoefArg& l1, const CoefArg& l2,
+           const CoefArg& lr, uintptr_t nnz, int nthreads) {
           TensorList w = make_list(p, n, d);
           py::gil_scoped_release nogil;
-          pyreg::cpu::prox(w, ptr<double>(l1), ptr<double>(l2), ptr<double>(lr),
-                           ptr<int64_t>(nnz), nthreads);
+          pyreg::cpu::prox(w, coef(l1), coef(l2), coef(lr), ptr<int64_t>(nnz), nthreads);
         });
 
   // ---- CUDA ----------------------------------------------------------------
@@ -96,9 +102,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &pyreg::cuda::device_count);
   m.def("cuda_runtime_error", &pyreg::cuda::runtime_error);
   m.def("cuda_device_error", &pyreg::cuda::device_error, py::arg("device"));
-  m.def("cuda_workspace_bytes", [](const Ptrs& p, const Numels& n, const Codes& d) {
-    return pyreg::cuda::workspace_bytes(make_list(p, n, d));
-  });
+  m.def("cuda_workspace_bytes", &pyreg::cuda::workspace_bytes, py::arg("n"), py::arg("total_numel"));
   m.def("cuda_weight_stats",
         [](const Ptrs& p, const Numels& n, const Codes& d, uintptr_t l1, uintptr_t l2,
            uintptr_t linf, uintptr_t nnz, int out_dtype, uintptr_t ws, int device,
@@ -109,29 +113,29 @@ PYBIND11_MODULE(_C, m) {
                                     ptr<int64_t>(nnz), out_dtype, ptr<void>(ws), device, stream);
         });
   m.def("cuda_penalty",
-        [](const Ptrs& p, const Numels& n, const Codes& d, uintptr_t l1, uintptr_t l2,
+        [](const Ptrs& p, const Numels& n, const Codes& d, const CoefArg& l1, const CoefArg& l2,
            uintptr_t out, int out_dtype, uintptr_t ws, int device, uintptr_t stream) {
           TensorList w = make_list(p, n, d);
           py::gil_scoped_release nogil;
-          pyreg::cuda::penalty(w, ptr<double>(l1), ptr<double>(l2), ptr<void>(out), out_dtype,
-                               ptr<void>(ws), device, stream);
+          pyreg::cuda::penalty(w, coef(l1), coef(l2), ptr<void>(out), out_dtype, ptr<void>(ws),
+                               device, stream);
         });
   m.def("cuda_add_penalty_grad",
-        [](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& g, uintptr_t l1,
-           uintptr_t l2, uintptr_t out, int out_dtype, uintptr_t ws, int device,
+        [](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& g, const CoefArg& l1,
+           const CoefArg& l2, uintptr_t out, int out_dtype, uintptr_t ws, int device,
            uintptr_t stream) {
           TensorList w = make_list(p, n, d);
           std::vector<void*> gp = as_ptrs(g, p.size());
           py::gil_scoped_release nogil;
-          pyreg::cuda::add_penalty_grad(w, gp.data(), ptr<double>(l1), ptr<double>(l2),
-                                        ptr<void>(out), out_dtype, ptr<void>(ws), device, stream);
+          pyreg::cuda::add_penalty_grad(w, gp.data(), coef(l1), coef(l2), ptr<void>(out),
+                                        out_dtype, ptr<void>(ws), device, stream);
         });
   m.def("cuda_prox",
-        [](const Ptrs& p, const Numels& n, const Codes& d, uintptr_t l1, uintptr_t l2,
-           uintptr_t lr, uintptr_t nnz, uintptr_t ws, int device, uintptr_t stream) {
+        [](const Ptrs& p, const Numels& n, const Codes& d, const CoefArg& l1, const CoefArg& l2,
+           const CoefArg& lr, uintptr_t nnz, uintptr_t ws, int device, uintptr_t stream) {
           TensorList w = make_list(p, n, d);
           py::gil_scoped_release nogil;
-          pyreg::cuda::prox(w, ptr<double>(l1), ptr<double>(l2), ptr<double>(lr),
-                            ptr<int64_t>(nnz), ptr<void>(ws), device, stream);
+          pyreg::cuda::prox(w, coef(l1), coef(l2), coef(lr), ptr<int64_t>(nnz), ptr<void>(ws),
+                            device, stream);
         });
 }

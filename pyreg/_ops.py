@@ -263,8 +263,10 @@ def _host_copy_error(name: str, what: str) -> ValueError:
                       f"read pageable host memory; pass a Python number or a tensor on the device")
 
 
-def _coef(c: Coef, n: int, device: torch.device, name: str) -> Tensor:
-    """A coefficient as a 1-D float64 tensor of n entries on ``device``."""
+def _coef(c: Coef, n: int, device: torch.device, name: str) -> Union[float, Tensor]:
+    """A coefficient, validated, as the backends take it: a float (one value
+    for every tensor; the kernels get it by value, so it needs no memory and
+    no fill on the device) or a 1-D float64 tensor of n entries on ``device``."""
     if isinstance(c, Tensor):
         if c.device != device and c.device.type == "cpu" and _capturing(device):
             raise _host_copy_error(name, "a CPU tensor")
@@ -285,7 +287,7 @@ def _coef(c: Coef, n: int, device: torch.device, name: str) -> Tensor:
                     raise ValueError(f"{name}[{i}] must be finite and >= 0, got {float(c.reshape(-1)[i])}")
         return c.detach().to(device=device, dtype=torch.float64).expand(n).contiguous()
     if isinstance(c, numbers.Real) and not isinstance(c, bool):
-        return torch.full((n,), _check_value(c, name), dtype=torch.float64, device=device)
+        return _check_value(c, name)
     if isinstance(c, (str, bytes)) or not isinstance(c, Iterable):
         raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, "
                         f"got {type(c).__name__}")
@@ -296,6 +298,11 @@ def _coef(c: Coef, n: int, device: torch.device, name: str) -> Tensor:
         raise ValueError(f"{name} has {len(vals)} values but there are {n} tensors")
     vals = [_check_value(v, f"{name}[{i}]") for i, v in enumerate(vals)]
     return torch.tensor(vals, dtype=torch.float64, device=device)
+
+
+def _as_tensor(c: Union[float, Tensor], n: int, device: torch.device) -> Tensor:
+    """A coefficient from ``_coef`` in the custom ops' form: always a tensor."""
+    return torch.full((n,), c, dtype=torch.float64, device=device) if isinstance(c, float) else c
 
 
 def _check_no_overlap(tensors: Sequence[Tensor], what: str) -> None:
@@ -444,10 +451,11 @@ def penalty(tensors: Iterable[Tensor], l1: Coef = 0.0, l2: Coef = 0.0) -> Tensor
         return torch.zeros(())
     dev = ts[0].device
     c1, c2 = _coef(l1, len(ts), dev, "l1"), _coef(l2, len(ts), dev, "l2")
-    if _has_dtensor(ts):
-        return _distributed().penalty(ts, c1, c2)
     if _plain_eager(ts) and not (torch.is_grad_enabled() and any(map(_requires_grad, ts))):
         return _backend(ts).penalty(ts, c1, c2)
+    c1, c2 = _as_tensor(c1, len(ts), dev), _as_tensor(c2, len(ts), dev)
+    if _has_dtensor(ts):
+        return _distributed().penalty(ts, c1, c2)
     return _penalty_op(ts, c1, c2)
 
 
@@ -474,14 +482,15 @@ def add_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor],
     if not ts:
         return torch.zeros(())
     if _has_dtensor(ts) or _has_dtensor(gs):
-        return _distributed().add_penalty_grad_(ts, gs, c1, c2)
+        return _distributed().add_penalty_grad_(ts, gs, _as_tensor(c1, n, dev), _as_tensor(c2, n, dev))
     _check_grads_apart(ts, gs)
     with torch.no_grad():
         if _plain_eager(ts, gs):
             out = _backend(ts).add_penalty_grad_(ts, gs, c1, c2)
             _bump_versions(gs)
             return out
-        return _add_penalty_grad_op([t.detach() for t in ts], gs, c1, c2)
+        return _add_penalty_grad_op([t.detach() for t in ts], gs, _as_tensor(c1, n, dev),
+                                    _as_tensor(c2, n, dev))
 
 
 def prox_(tensors: Iterable[Tensor], l1: Coef = 0.0, l2: Coef = 0.0, lr: Coef = 1.0) -> Tensor:
@@ -498,11 +507,11 @@ def prox_(tensors: Iterable[Tensor], l1: Coef = 0.0, l2: Coef = 0.0, lr: Coef = 
     if not ts:
         return torch.zeros(0, dtype=torch.int64)
     if _has_dtensor(ts):
-        return _distributed().prox_(ts, c1, c2, clr)
+        return _distributed().prox_(ts, *(_as_tensor(c, n, dev) for c in (c1, c2, clr)))
     _check_no_overlap(ts, "tensors")
     with torch.no_grad():
         if _plain_eager((), ts):
             out = _backend(ts).prox_(ts, c1, c2, clr)
             _bump_versions(ts)
             return out
-        return _prox_op(ts, c1, c2, clr)
+        return _prox_op(ts, *(_as_tensor(c, n, dev) for c in (c1, c2, clr)))

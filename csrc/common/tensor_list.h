@@ -14,6 +14,22 @@ struct TensorList {
   int64_t size() const { return int64_t(ptrs.size()); }
 };
 
+#if defined(__CUDACC__)
+#define PYREG_HOST_DEVICE __host__ __device__
+#else
+#define PYREG_HOST_DEVICE
+#endif
+
+// A coefficient of an op (l1, l2, lr): one double per tensor at `per_tensor`
+// (host memory for the CPU kernels, device memory for the CUDA ones), or, when
+// that is null, `value` for every tensor. A value travels in the call itself
+// (on CUDA: in the kernel arguments), so a number costs no memory and no copy.
+struct Coef {
+  const double* per_tensor;
+  double value;
+  PYREG_HOST_DEVICE double at(int64_t i) const { return per_tensor ? per_tensor[i] : value; }
+};
+
 // Per-tensor results of a reduction sweep (finalized, in tensor order).
 //   l1 = sum |w|, l2 = sqrt(sum w^2), linf = max |w| (NaN if any w is NaN),
 //   nnz = count of w != 0.

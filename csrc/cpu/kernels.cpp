@@ -199,9 +199,9 @@ void write(void* out, int out_dtype, int64_t i, double v) {
   else static_cast<float*>(out)[i] = float(v);
 }
 
-double penalty_of(const std::vector<Partial>& s, const double* l1, const double* l2) {
+double penalty_of(const std::vector<Partial>& s, Coef l1, Coef l2) {
   double v = 0;
-  for (size_t i = 0; i < s.size(); ++i) v += l1[i] * s[i].s1 + l2[i] * s[i].s2;
+  for (size_t i = 0; i < s.size(); ++i) v += l1.at(i) * s[i].s1 + l2.at(i) * s[i].s2;
   return v;
 }
 
@@ -231,8 +231,7 @@ void weight_stats(const TensorList& w, void* l1, void* l2, void* linf, int64_t* 
   }
 }
 
-void penalty(const TensorList& w, const double* l1, const double* l2, void* out,
-             int out_dtype, int nthreads) {
+void penalty(const TensorList& w, Coef l1, Coef l2, void* out, int out_dtype, int nthreads) {
   auto s = run(w, nthreads, [&](const Item& it) {
     return with_dtype(w.dtypes[it.tensor], w.ptrs[it.tensor],
                       [&](auto* p) { return sums_chunk(p + it.begin, it.end - it.begin); });
@@ -240,16 +239,16 @@ void penalty(const TensorList& w, const double* l1, const double* l2, void* out,
   write(out, out_dtype, 0, penalty_of(s, l1, l2));
 }
 
-void add_penalty_grad(const TensorList& w, void* const* grads, const double* l1,
-                      const double* l2, void* out, int out_dtype, int nthreads) {
+void add_penalty_grad(const TensorList& w, void* const* grads, Coef l1, Coef l2, void* out,
+                      int out_dtype, int nthreads) {
   auto s = run(w, nthreads, [&](const Item& it) {
     return with_dtype(w.dtypes[it.tensor], w.ptrs[it.tensor], [&](auto* p) {
       using T = std::remove_pointer_t<decltype(p)>;
       using A = opmath_t<T>;
       const T* x = p + it.begin;
       T* g = static_cast<T*>(grads[it.tensor]) + it.begin;
-      const A c1 = A(l1[it.tensor]);
-      const A c2 = A(2.0 * l2[it.tensor]);
+      const A c1 = A(l1.at(it.tensor));
+      const A c2 = A(2.0 * l2.at(it.tensor));
       auto update = [=](int64_t b, int len) {
         const T* __restrict xs = x + b;
         T* __restrict gs = g + b;
@@ -268,8 +267,7 @@ void add_penalty_grad(const TensorList& w, void* const* grads, const double* l1,
   write(out, out_dtype, 0, penalty_of(s, l1, l2));
 }
 
-void prox(const TensorList& w, const double* l1, const double* l2, const double* lr,
-          int64_t* nnz, int nthreads) {
+void prox(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, int nthreads) {
   auto s = run(w, nthreads, [&](const Item& it) {
     return with_dtype(w.dtypes[it.tensor], w.ptrs[it.tensor], [&](auto* p) {
       using T = std::remove_pointer_t<decltype(p)>;
@@ -278,11 +276,11 @@ void prox(const TensorList& w, const double* l1, const double* l2, const double*
       // Zero exactly where |w| <= t = lr*l1, as in the float64 reference:
       // a <= t_floor is that test for any a of type A. The shrink subtracts t
       // as t_hi + t_lo, so a just above t stays (tiny but) nonzero.
-      const double t = lr[it.tensor] * l1[it.tensor];
+      const double t = lr.at(it.tensor) * l1.at(it.tensor);
       const A t_floor = floor_to<A>(t);
       const A t_hi = A(t);
       const A t_lo = A(t - double(t_hi));
-      const A scale = A(1.0 / (1.0 + 2.0 * lr[it.tensor] * l2[it.tensor]));
+      const A scale = A(1.0 / (1.0 + 2.0 * lr.at(it.tensor) * l2.at(it.tensor)));
       auto update = [=](int64_t b, int len) {
         T* __restrict xs = x + b;
         prefetch_ahead(xs, len);

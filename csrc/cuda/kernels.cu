@@ -28,7 +28,8 @@
 // the ops can be captured in a CUDA graph.
 //
 // Workspace layout (see Layout): [counter: 16 B][first: int64 x (n+1)]
-// [terms: double x n][parts: Partial x max(C,1)], each piece 16-byte aligned.
+// [terms: double x n][parts: Partial x (an upper bound of C)], each piece
+// 16-byte aligned.
 #include "kernels.h"
 
 #include <cuda_runtime.h>
@@ -72,9 +73,7 @@ struct Batch {
 };
 
 struct Coefs {
-  const double* l1;
-  const double* l2;
-  const double* lr;
+  Coef l1, l2, lr;
 };
 
 struct Partial {
@@ -218,11 +217,11 @@ __device__ __forceinline__ Partial run_chunk(void* xbase, void* gbase, int64_t b
 
   Params<A> p{};
   if constexpr (kOp == kGrad) {
-    p.c1 = A(c.l1[t]);
-    p.c2 = A(2.0 * c.l2[t]);
+    p.c1 = A(c.l1.at(t));
+    p.c2 = A(2.0 * c.l2.at(t));
   }
   if constexpr (kOp == kProx) {
-    const double l1 = c.l1[t], l2 = c.l2[t], lr = c.lr[t];
+    const double l1 = c.l1.at(t), l2 = c.l2.at(t), lr = c.lr.at(t);
     const double th = lr * l1;
     p.t_floor = floor_to<A>(th);
     p.t_hi = A(th);
@@ -339,7 +338,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const Work w, int64_t 
       } else if constexpr (kFin == kProx) {
         o.nnz[t] = int64_t(p.nnz);
       } else {
-        w.terms[t] = c.l1[t] * p.s1 + c.l2[t] * p.s2;
+        w.terms[t] = c.l1.at(t) * p.s1 + c.l2.at(t) * p.s2;
       }
     }
   }
@@ -371,16 +370,22 @@ int64_t align16(int64_t b) { return (b + 15) & ~int64_t(15); }
 
 int64_t chunks_of(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
 
+// Sized for the most chunks n tensors of `total` elements can have:
+// sum ceil(numel_i / kChunk) <= total / kChunk + n.
 struct Layout {
   int64_t first, terms, parts, total;
-  explicit Layout(const TensorList& w) {
-    const int64_t n = w.size();
-    int64_t chunks = 0;
-    for (int64_t k = 0; k < n; ++k) chunks += chunks_of(w.numels[k] > 0 ? w.numels[k] : 0);
+  Layout(int64_t n, int64_t numel) {
+    const int64_t chunks = numel / kChunk + n;
     first = 16;
     terms = first + align16(8 * (n + 1));
     parts = terms + align16(8 * n);
     total = parts + int64_t(sizeof(Partial)) * (chunks > 0 ? chunks : 1);
+  }
+  explicit Layout(const TensorList& w) : Layout(w.size(), total_numel(w)) {}
+  static int64_t total_numel(const TensorList& w) {
+    int64_t s = 0;
+    for (int64_t k : w.numels) s += k > 0 ? k : 0;
+    return s;
   }
 };
 
@@ -583,36 +588,39 @@ std::string device_error(int device) {
   return err;
 }
 
-int64_t workspace_bytes(const TensorList& w) { return Layout(w).total; }
+int64_t workspace_bytes(int64_t n, int64_t total_numel) {
+  if (n < 0 || total_numel < 0) fail("workspace_bytes: negative size");
+  return Layout(n, total_numel).total;
+}
 
 void weight_stats(const TensorList& w, void* l1, void* l2, void* linf, int64_t* nnz,
                   int out_dtype, void* workspace, int device, uintptr_t stream) {
   check_out_dtype(out_dtype);
   const Outs o{l1, l2, linf, nnz, nullptr, out_dtype};
-  launch<kStats, kStats>(w, nullptr, Coefs{nullptr, nullptr, nullptr}, o, workspace, device,
-                         stream, "weight_stats");
+  const Coef none{nullptr, 0.0};
+  launch<kStats, kStats>(w, nullptr, Coefs{none, none, none}, o, workspace, device, stream,
+                         "weight_stats");
 }
 
-void penalty(const TensorList& w, const double* l1, const double* l2, void* out,
-             int out_dtype, void* workspace, int device, uintptr_t stream) {
+void penalty(const TensorList& w, Coef l1, Coef l2, void* out, int out_dtype, void* workspace,
+             int device, uintptr_t stream) {
   check_out_dtype(out_dtype);
   const Outs o{nullptr, nullptr, nullptr, nullptr, out, out_dtype};
-  launch<kPenalty, kPenalty>(w, nullptr, Coefs{l1, l2, nullptr}, o, workspace, device, stream,
-                             "penalty");
+  launch<kPenalty, kPenalty>(w, nullptr, Coefs{l1, l2, Coef{nullptr, 0.0}}, o, workspace, device,
+                             stream, "penalty");
 }
 
-void add_penalty_grad(const TensorList& w, void* const* grads, const double* l1,
-                      const double* l2, void* out, int out_dtype, void* workspace,
-                      int device, uintptr_t stream) {
+void add_penalty_grad(const TensorList& w, void* const* grads, Coef l1, Coef l2, void* out,
+                      int out_dtype, void* workspace, int device, uintptr_t stream) {
   check_out_dtype(out_dtype);
   if (grads == nullptr && w.size() > 0) fail("null grads");
   const Outs o{nullptr, nullptr, nullptr, nullptr, out, out_dtype};
-  launch<kGrad, kPenalty>(w, grads, Coefs{l1, l2, nullptr}, o, workspace, device, stream,
-                          "add_penalty_grad");
+  launch<kGrad, kPenalty>(w, grads, Coefs{l1, l2, Coef{nullptr, 0.0}}, o, workspace, device,
+                          stream, "add_penalty_grad");
 }
 
-void prox(const TensorList& w, const double* l1, const double* l2, const double* lr,
-          int64_t* nnz, void* workspace, int device, uintptr_t stream) {
+void prox(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, void* workspace,
+          int device, uintptr_t stream) {
   const Outs o{nullptr, nullptr, nullptr, nnz, nullptr, kFloat64};
   launch<kProx, kProx>(w, nullptr, Coefs{l1, l2, lr}, o, workspace, device, stream, "prox");
 }

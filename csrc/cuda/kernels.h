@@ -1,7 +1,8 @@
 // kernels.h: pyreg's fused CUDA kernels: the same contracts as
 // csrc/cpu/kernels.h, on device pointers, launched on the caller's stream.
 //
-// Coefficients (l1, l2, lr) are device pointers to one double per tensor.
+// Coefficients (l1, l2, lr) are Coefs: a device pointer to one double per
+// tensor, or one value for all, passed in the kernel arguments.
 // Outputs are device pointers. `workspace` is device scratch of at least
 // workspace_bytes(w) bytes, allocated by the caller (Python, through torch's
 // caching allocator). No call synchronizes the host or copies from host
@@ -23,16 +24,17 @@ std::string runtime_error();  // why device_count() is 0, if it is
 // first launch inside CUDA graph capture loads nothing.
 std::string device_error(int device);
 
-int64_t workspace_bytes(const TensorList& w);
+// Workspace bytes for any list of n tensors with `total_numel` elements in all
+// (an upper bound, so the caller needs no per-tensor sizes).
+int64_t workspace_bytes(int64_t n, int64_t total_numel);
 
 void weight_stats(const TensorList& w, void* l1, void* l2, void* linf, int64_t* nnz,
                   int out_dtype, void* workspace, int device, uintptr_t stream);
-void penalty(const TensorList& w, const double* l1, const double* l2, void* out,
-             int out_dtype, void* workspace, int device, uintptr_t stream);
-void add_penalty_grad(const TensorList& w, void* const* grads, const double* l1,
-                      const double* l2, void* out, int out_dtype, void* workspace,
-                      int device, uintptr_t stream);
-void prox(const TensorList& w, const double* l1, const double* l2, const double* lr,
-          int64_t* nnz, void* workspace, int device, uintptr_t stream);
+void penalty(const TensorList& w, Coef l1, Coef l2, void* out, int out_dtype, void* workspace,
+             int device, uintptr_t stream);
+void add_penalty_grad(const TensorList& w, void* const* grads, Coef l1, Coef l2, void* out,
+                      int out_dtype, void* workspace, int device, uintptr_t stream);
+void prox(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, void* workspace,
+          int device, uintptr_t stream);
 
 }  // namespace pyreg::cuda

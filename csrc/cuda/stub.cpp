@@ -11,15 +11,15 @@ std::string archs() { return ""; }
 int device_count() { return 0; }
 std::string runtime_error() { return "pyreg was built without CUDA"; }
 std::string device_error(int) { return "pyreg was built without CUDA"; }
-int64_t workspace_bytes(const TensorList&) { return 0; }
+int64_t workspace_bytes(int64_t, int64_t) { return 0; }
 
 namespace {
 [[noreturn]] void unavailable() { throw std::runtime_error("pyreg was built without CUDA"); }
 }  // namespace
 
 void weight_stats(const TensorList&, void*, void*, void*, int64_t*, int, void*, int, uintptr_t) { unavailable(); }
-void penalty(const TensorList&, const double*, const double*, void*, int, void*, int, uintptr_t) { unavailable(); }
-void add_penalty_grad(const TensorList&, void* const*, const double*, const double*, void*, int, void*, int, uintptr_t) { unavailable(); }
-void prox(const TensorList&, const double*, const double*, const double*, int64_t*, void*, int, uintptr_t) { unavailable(); }
+void penalty(const TensorList&, Coef, Coef, void*, int, void*, int, uintptr_t) { unavailable(); }
+void add_penalty_grad(const TensorList&, void* const*, Coef, Coef, void*, int, void*, int, uintptr_t) { unavailable(); }
+void prox(const TensorList&, Coef, Coef, Coef, int64_t*, void*, int, uintptr_t) { unavailable(); }
 
 }  // namespace pyreg::cuda

@@ -1,8 +1,9 @@
 """pyreg's backends: implementations of the four ops for one device kind each.
 
 Every backend module exposes the same four functions, taking already validated
-arguments (a non-empty list of tensors on one device; coefficients as 1-D
-float64 tensors with one entry per tensor, on the tensors' device):
+arguments (a non-empty list of tensors on one device; each coefficient a
+float for every tensor, or a 1-D float64 tensor with one entry per tensor on
+the tensors' device):
 
     weight_stats(tensors) -> (l1, l2, linf, nnz)
     penalty(tensors, l1, l2) -> 0-dim tensor

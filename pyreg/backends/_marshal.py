@@ -10,7 +10,7 @@ ops then copy the result back.
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -57,6 +57,20 @@ def describe(tensors: Sequence[Tensor]) -> Tuple[List[int], List[int], List[int]
 
 def pointers(tensors: Sequence[Tensor]) -> List[int]:
     return list(map(Tensor.data_ptr, tensors))
+
+
+#: A coefficient as the backends take it: one value for every tensor, or a
+#: 1-D float64 tensor with one value per tensor.
+Coef = Union[float, Tensor]
+
+
+def coef(c: Coef, device_type: str) -> Tuple[int, float]:
+    """A coefficient as pyreg._C takes it: (pointer to one float64 per tensor,
+    0.0), or (0, value) for one value passed by value."""
+    if isinstance(c, float):
+        return 0, c
+    assert c.dtype == torch.float64 and c.device.type == device_type and c.is_contiguous()
+    return c.data_ptr(), 0.0
 
 
 class Writable:

@@ -13,15 +13,15 @@ from torch import Tensor
 from .._common import DTYPE_CODES, WeightStats, result_dtype
 from .._lib import _C
 from . import _marshal as m
+from ._marshal import Coef
 
 
 def available() -> bool:
     return _C is not None
 
 
-def _coef(c: Tensor) -> int:
-    assert c.dtype == torch.float64 and c.device.type == "cpu" and c.is_contiguous()
-    return c.data_ptr()
+def _coef(c: Coef):
+    return m.coef(c, "cpu")
 
 
 def weight_stats(tensors: List[Tensor]):
@@ -35,7 +35,7 @@ def weight_stats(tensors: List[Tensor]):
     return WeightStats(l1, l2, linf, nnz)
 
 
-def penalty(tensors: List[Tensor], l1: Tensor, l2: Tensor) -> Tensor:
+def penalty(tensors: List[Tensor], l1: Coef, l2: Coef) -> Tensor:
     ws = m.dense_list(tensors)
     rd = result_dtype(ws)
     out = torch.empty((), dtype=rd)
@@ -44,7 +44,7 @@ def penalty(tensors: List[Tensor], l1: Tensor, l2: Tensor) -> Tensor:
     return out
 
 
-def add_penalty_grad_(tensors: List[Tensor], grads: List[Tensor], l1: Tensor, l2: Tensor) -> Tensor:
+def add_penalty_grad_(tensors: List[Tensor], grads: List[Tensor], l1: Coef, l2: Coef) -> Tensor:
     ws, gs = m.paired(tensors, grads)
     rd = result_dtype(ws)
     out = torch.empty((), dtype=rd)
@@ -54,7 +54,7 @@ def add_penalty_grad_(tensors: List[Tensor], grads: List[Tensor], l1: Tensor, l2
     return out
 
 
-def prox_(tensors: List[Tensor], l1: Tensor, l2: Tensor, lr: Tensor) -> Tensor:
+def prox_(tensors: List[Tensor], l1: Coef, l2: Coef, lr: Coef) -> Tensor:
     ws = m.Writable(tensors)
     nnz = torch.empty(len(tensors), dtype=torch.int64)
     _C.cpu_prox(*m.describe(ws.work), _coef(l1), _coef(l2), _coef(lr), nnz.data_ptr(),

@@ -14,6 +14,7 @@ from torch import Tensor
 from .._common import DTYPE_CODES, result_dtype
 from .._lib import _C
 from . import _marshal as m
+from ._marshal import Coef
 
 
 def compiled() -> bool:
@@ -43,15 +44,14 @@ def available(device: Optional[int] = None) -> bool:
     return not unavailable_reason(device)
 
 
-def _coef(c: Tensor) -> int:
-    assert c.dtype == torch.float64 and c.device.type == "cuda" and c.is_contiguous()
-    return c.data_ptr()
+def _coef(c: Coef):
+    return m.coef(c, "cuda")
 
 
 def _env(ws: List[Tensor], desc):
     """(workspace tensor, device index, stream handle) for one launch."""
     dev = ws[0].device
-    nbytes = _C.cuda_workspace_bytes(*desc)
+    nbytes = _C.cuda_workspace_bytes(len(ws), sum(desc[1]))
     workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
     return workspace, dev.index, stream
@@ -71,7 +71,7 @@ def weight_stats(tensors: List[Tensor]):
     return l1, l2, linf, nnz
 
 
-def penalty(tensors: List[Tensor], l1: Tensor, l2: Tensor) -> Tensor:
+def penalty(tensors: List[Tensor], l1: Coef, l2: Coef) -> Tensor:
     ws = m.dense_list(tensors)
     rd = result_dtype(ws)
     out = torch.empty((), dtype=rd, device=ws[0].device)
@@ -82,7 +82,7 @@ def penalty(tensors: List[Tensor], l1: Tensor, l2: Tensor) -> Tensor:
     return out
 
 
-def add_penalty_grad_(tensors: List[Tensor], grads: List[Tensor], l1: Tensor, l2: Tensor) -> Tensor:
+def add_penalty_grad_(tensors: List[Tensor], grads: List[Tensor], l1: Coef, l2: Coef) -> Tensor:
     ws, gs = m.paired(tensors, grads)
     rd = result_dtype(ws)
     out = torch.empty((), dtype=rd, device=ws[0].device)
@@ -94,7 +94,7 @@ def add_penalty_grad_(tensors: List[Tensor], grads: List[Tensor], l1: Tensor, l2
     return out
 
 
-def prox_(tensors: List[Tensor], l1: Tensor, l2: Tensor, lr: Tensor) -> Tensor:
+def prox_(tensors: List[Tensor], l1: Coef, l2: Coef, lr: Coef) -> Tensor:
     ws = m.Writable(tensors)
     nnz = torch.empty(len(tensors), dtype=torch.int64, device=ws.work[0].device)
     desc = m.describe(ws.work)

@@ -33,12 +33,21 @@ def weight_stats(tensors: List[Tensor]):
     return WeightStats(stack(l1, rd), stack(l2, rd), stack(linf, rd), stack(nnz, torch.int64))
 
 
+def _per_tensor(c, tensors: List[Tensor]) -> Tensor:
+    """A coefficient (a float for all tensors, or one value per tensor) as a
+    1-D float64 tensor."""
+    if isinstance(c, Tensor):
+        return c
+    return torch.full((len(tensors),), c, dtype=torch.float64, device=tensors[0].device)
+
+
 def _sums(t: Tensor):
     x = t.detach().to(_hp(t))
     return x.abs().sum(), x.square().sum()
 
 
-def penalty(tensors: List[Tensor], l1: Tensor, l2: Tensor) -> Tensor:
+def penalty(tensors: List[Tensor], l1, l2) -> Tensor:
+    l1, l2 = _per_tensor(l1, tensors), _per_tensor(l2, tensors)
     total = l1.new_zeros(())
     for i, t in enumerate(tensors):
         s1, s2 = _sums(t)
@@ -46,7 +55,8 @@ def penalty(tensors: List[Tensor], l1: Tensor, l2: Tensor) -> Tensor:
     return total.to(result_dtype(tensors))
 
 
-def add_penalty_grad_(tensors: List[Tensor], grads: List[Tensor], l1: Tensor, l2: Tensor) -> Tensor:
+def add_penalty_grad_(tensors: List[Tensor], grads: List[Tensor], l1, l2) -> Tensor:
+    l1, l2 = _per_tensor(l1, tensors), _per_tensor(l2, tensors)
     value = penalty(tensors, l1, l2)
     for i, (w, g) in enumerate(zip(tensors, grads)):
         hp = _hp(w)
@@ -55,7 +65,8 @@ def add_penalty_grad_(tensors: List[Tensor], grads: List[Tensor], l1: Tensor, l2
     return value
 
 
-def prox_(tensors: List[Tensor], l1: Tensor, l2: Tensor, lr: Tensor) -> Tensor:
+def prox_(tensors: List[Tensor], l1, l2, lr) -> Tensor:
+    l1, l2, lr = (_per_tensor(c, tensors) for c in (l1, l2, lr))
     nnz = []
     for i, w in enumerate(tensors):
         x = w.detach().to(_hp(w))
