@@ -456,6 +456,52 @@ def test_many_tensors_mixed_dtypes_and_sizes():
     assert torch.equal(nnz, torch.stack([torch.count_nonzero(w) for w in ts]))
 
 
+def test_chunk_size_boundaries():
+    # Tensors under 2**22 elements use 16384-element chunks, larger ones 65536:
+    # sizes on each side of both chunk sizes and of the switch.
+    g = torch.Generator().manual_seed(60)
+    sizes = [16383, 16384, 16385, 65535, 65537, 2**22 - 1, 2**22, 2**22 + 1, 3 * 65536 + 5]
+    ts = [torch.randn(s, generator=g, dtype=torch.float64).float().to(DEV) for s in sizes]
+    st, ref = CUDA.weight_stats(ts), torch_ref.weight_stats(as_f64(ts))
+    for got, want in zip(st[:3], ref[:3]):
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(st[3], ref[3])
+    l1, l2, lr = coef_tensors(len(ts), 61)
+    want = as_f64(ts)
+    torch_ref.prox_(want, l1, l2, lr)
+    nnz = CUDA.prox_(ts, l1, l2, lr)
+    for w, ww in zip(ts, want):
+        torch.testing.assert_close(w.double(), ww.float().double(), **ELEM_TOL[torch.float32])
+    assert torch.equal(nnz, torch.stack([torch.count_nonzero(w) for w in ts]))
+
+
+def test_results_of_a_tensor_do_not_depend_on_its_neighbours():
+    # Chunking depends only on each tensor's own size.
+    g = torch.Generator().manual_seed(62)
+    x = torch.randn(300_001, generator=g).to(DEV)
+    alone = CUDA.weight_stats([x])
+    with_big = CUDA.weight_stats([torch.randn(2**22 + 3, generator=g).to(DEV), x,
+                                  torch.randn(17, generator=g).to(DEV)])
+    for a, b in zip(alone, with_big):
+        assert bits_equal(a[0], b[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_number_coefficients_equal_tensor_coefficients_bitwise(dtype):
+    # Numbers reach the kernels by value, tensors through device memory.
+    ts = cuda_list(dtype, seed=63, scale=0.5)
+    n = len(ts)
+    full = lambda v: torch.full((n,), v, dtype=torch.float64, device=DEV)  # noqa: E731
+    assert bits_equal(CUDA.penalty(ts, 0.3, 0.1), CUDA.penalty(ts, full(0.3), full(0.1)))
+    g1, g2 = like_list(ts, dtype, 64), like_list(ts, dtype, 64)
+    assert bits_equal(CUDA.add_penalty_grad_(ts, g1, 0.3, 0.1),
+                      CUDA.add_penalty_grad_(ts, g2, full(0.3), full(0.1)))
+    assert all(bits_equal(a, b) for a, b in zip(g1, g2))
+    a, b = [t.clone() for t in ts], [t.clone() for t in ts]
+    assert torch.equal(CUDA.prox_(a, 0.3, 0.1, 0.5), CUDA.prox_(b, full(0.3), full(0.1), full(0.5)))
+    assert all(bits_equal(x, y) for x, y in zip(a, b))
+
+
 def test_only_empty_and_zero_dim():
     only_empty = [torch.empty(0, device=DEV), torch.empty(3, 0, device=DEV)]
     st = CUDA.weight_stats(only_empty)

@@ -2,7 +2,11 @@
 // csrc/cpu/kernels.cpp for the exact semantics they reproduce).
 //
 // Multi-tensor, chunked design (like PyTorch's MultiTensorApply / apex):
-//   * Every tensor is cut into chunks of kChunk elements; the chunks of all
+//   * Every tensor is cut into chunks (kSmallChunk elements for tensors under
+//     kBigTensor elements, kChunk for larger ones: a model of a few million
+//     parameters still gives several blocks per SM, and the last wave of
+//     blocks is short; the chunk size depends only on the tensor's own size,
+//     so its results do not depend on the rest of the list); the chunks of all
 //     tensors, in tensor order, are numbered 0..C-1 ("global chunk index").
 //   * The host groups consecutive tensors into batches of at most kMaxTensors
 //     and describes each batch BY VALUE in a kernel argument (struct Batch,
@@ -52,7 +56,11 @@ namespace {
 
 constexpr int kThreads = 512;                 // threads per block
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kChunk = int64_t(1) << 16;  // elements per chunk (one block)
+constexpr int kChunkShift = 16;                // chunks of large tensors: 65536 elements
+constexpr int kSmallChunkShift = 14;           // chunks of the others: 16384 elements
+constexpr int64_t kChunk = int64_t(1) << kChunkShift;
+constexpr int64_t kSmallChunk = int64_t(1) << kSmallChunkShift;
+constexpr int64_t kBigTensor = int64_t(1) << 22;  // elements from which a tensor uses kChunk
 constexpr int kMaxTensors = 120;              // tensors per launch (by-value metadata)
 constexpr int64_t kMaxGrid = INT_MAX;         // blocks per launch (grid.x limit)
 
@@ -67,6 +75,7 @@ struct Batch {
   int64_t numel[kMaxTensors];
   int32_t cstart[kMaxTensors + 1];  // first chunk of each tensor, relative to chunk0
   int8_t dtype[kMaxTensors];
+  int8_t shift[kMaxTensors];       // log2 of the tensor's chunk size
   int64_t chunk0;                  // global index of the batch's first chunk
   int32_t t0;                      // global index of the batch's first tensor
   int32_t nt;                      // tensors in this batch (0 only for an empty list)
@@ -296,9 +305,10 @@ __global__ void __launch_bounds__(kThreads) chunk_kernel(const Batch b, const Co
     else hi = mid - 1;
   }
   const int k = lo;
-  const int64_t begin = int64_t(cidx - b.cstart[k]) * kChunk;
+  const int64_t chunk = int64_t(1) << b.shift[k];
+  const int64_t begin = int64_t(cidx - b.cstart[k]) * chunk;
   const int64_t rest = b.numel[k] - begin;
-  const int len = int(rest < kChunk ? rest : kChunk);
+  const int len = int(rest < chunk ? rest : chunk);
   const int t = b.t0 + k;
 
   Partial p;
@@ -368,14 +378,19 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const Work w, int64_t 
 // ---------------------------------------------------------------------------
 int64_t align16(int64_t b) { return (b + 15) & ~int64_t(15); }
 
-int64_t chunks_of(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
+int chunk_shift(int64_t numel) { return numel >= kBigTensor ? kChunkShift : kSmallChunkShift; }
+
+int64_t chunks_of(int64_t numel) {
+  const int64_t chunk = int64_t(1) << chunk_shift(numel);
+  return (numel + chunk - 1) / chunk;
+}
 
 // Sized for the most chunks n tensors of `total` elements can have:
-// sum ceil(numel_i / kChunk) <= total / kChunk + n.
+// sum ceil(numel_i / chunk_i) <= total / kSmallChunk + n.
 struct Layout {
   int64_t first, terms, parts, total;
   Layout(int64_t n, int64_t numel) {
-    const int64_t chunks = numel / kChunk + n;
+    const int64_t chunks = numel / kSmallChunk + n;
     first = 16;
     terms = first + align16(8 * (n + 1));
     parts = terms + align16(8 * n);
@@ -451,6 +466,7 @@ std::vector<Batch> plan(const TensorList& w, void* const* grads) {
     cur.g[k] = grads != nullptr ? grads[t] : nullptr;
     cur.numel[k] = numel;
     cur.dtype[k] = int8_t(code);
+    cur.shift[k] = int8_t(chunk_shift(numel));
     cur.cstart[k] = int32_t(rel);
     rel += ch;
   }
