@@ -3,7 +3,7 @@
 # its 10-minute limit, from the repository root on the device machine:
 #
 #   bash bench/gpu_session.sh build test      # ~5 min: build with CUDA, GPU tests
-#   bash bench/gpu_session.sh bench-small     # mlp, lstm, resnet50 (with torch.compile)
+#   bash bench/gpu_session.sh bench-small     # mlp, lstm, vit-tiny, resnet50 (with torch.compile)
 #   bash bench/gpu_session.sh bench-gpt2      # gpt2 (with torch.compile)
 #   bash bench/gpu_session.sh bench-1.3b      # gpt-1.3b (no torch.compile: its compile is too slow)
 #
@@ -47,7 +47,7 @@ for stage in "$@"; do
       step test-all bash -c "cd '$ROOT' && pytest -q -rs -p no:cacheprovider"
       ;;
     bench-small)
-      step bench-small bash -c "cd '$OUT' && $PY -m pyreg bench --device cuda --shapes mlp,lstm,resnet50 \
+      step bench-small bash -c "cd '$OUT' && $PY -m pyreg bench --device cuda --shapes mlp,lstm,vit-tiny,resnet50 \
         --out '$OUT/results' --tag small"
       ;;
     bench-gpt2)

@@ -83,6 +83,9 @@ def test_quick_cuda_run(tmp_path):
 def test_shape_sets_match_the_models():
     assert shapes.get("mlp").numel == 669_706
     assert shapes.get("resnet50").numel == 25_557_032 and shapes.get("resnet50").count == 161
+    vit = shapes.get("vit-tiny")  # timm vit_tiny_patch16_224: 5,717,416 parameters
+    assert vit.numel == 5_717_416 and vit.count == 152
+    assert dict(vit.shapes)["blocks.11.mlp.fc1.weight"] == (768, 192)
     gpt2 = shapes.get("gpt2")
     assert gpt2.numel == 124_439_808 and gpt2.count == 148
     assert dict(gpt2.shapes)["transformer.wte.weight"] == (50257, 768)

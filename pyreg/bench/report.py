@@ -71,15 +71,15 @@ def summary_table(res: dict) -> str:
 
 
 def full_table(res: dict) -> str:
-    out = ["| shapes | op | peer | what | ms | GB/s | % roofline | % copy BW | pyreg speedup vs this | check "
-           "| peak extra MB (torch) | peak RSS growth MB | compile s |",
-           "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    out = ["| shapes | op | peer | what | ms | host ms | GB/s | % roofline | % copy BW | pyreg speedup vs this "
+           "| check | peak extra MB (torch) | peak RSS growth MB | compile s |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in res["rows"]:
         check = r["check"] if r["check"] != "FAIL" else "**FAIL**"
         if r.get("check_detail"):
             check += f" ({r['check_detail']})"
         out.append(f"| {r['shapes']} | {r['op']} | {r['peer']} | {r['what']} | {_ms(r['ms'])} "
-                   f"| {_f(r['gbps'], '.1f')} | {_f(r['pct_roofline'], '.0f')} | {_f(r['pct_copy'], '.0f')} "
+                   f"| {_ms(r.get('host_ms'))} | {_f(r['gbps'], '.1f')} | {_f(r['pct_roofline'], '.0f')} | {_f(r['pct_copy'], '.0f')} "
                    f"| {_f(r['speedup'], '.2f')} | {check} | {_f(r['peak_extra_mb'], '.1f')} "
                    f"| {_f(r['rss_peak_extra_mb'], '.1f')} | {_f(r['compile_s'], '.1f')} |")
     return "\n".join(out)
@@ -90,7 +90,8 @@ def markdown(res: dict, png_name: Optional[str] = None) -> str:
     if png_name:
         parts.append(f"![speedup and % of roofline]({png_name})")
     parts += ["## All peers", full_table(res),
-              "Columns: ms = median time of one call; GB/s = the op's minimal traffic (4/12/8 bytes per fp32 "
+              "Columns: ms = median time of one call (CUDA: device time between two events around it); host ms = "
+              "median host time in the call without waiting for the device (CPU: the same as ms); GB/s = the op's minimal traffic (4/12/8 bytes per fp32 "
               "element for weight_stats/add_penalty_grad_/prox_) over the time; % roofline = time of the "
               "same-traffic flat-buffer op / time; % copy BW = GB/s over the flat copy's GB/s; pyreg speedup = "
               "this peer's time / pyreg's time (below 1: pyreg is slower); peak extra MB: the peak of memory "

@@ -4,7 +4,8 @@ no downloads): the lists of weight tensors pyreg's ops would cover.
 Each set is a list of ``(name, shape)``; :func:`get` returns it with metadata.
 The element counts are those of the reference implementations (checked in
 ``tests/test_bench.py``): ResNet-50 25,557,032 (torchvision), GPT-2 124M
-124,439,808 (Hugging Face ``gpt2``, tied lm_head counted once).
+124,439,808 (Hugging Face ``gpt2``, tied lm_head counted once), ViT-Ti/16
+5,717,416 (timm ``vit_tiny_patch16_224``).
 """
 from __future__ import annotations
 
@@ -84,6 +85,23 @@ def resnet50() -> List[Tuple[str, Shape]]:
     return out + _linear("fc", 2048, 1000)
 
 
+def vit_tiny() -> List[Tuple[str, Shape]]:
+    """ViT-Ti/16 at 224x224 (DeiT-Tiny; timm ``vit_tiny_patch16_224`` names):
+    12 blocks of width 192, 3 heads, MLP 768, 1000 classes; 5,717,416
+    parameters, 152 tensors: a small model with many small tensors."""
+    d, hidden = 192, 768
+    out: List[Tuple[str, Shape]] = [("cls_token", (1, 1, d)), ("pos_embed", (1, 197, d)),
+                                    ("patch_embed.proj.weight", (d, 3, 16, 16)),
+                                    ("patch_embed.proj.bias", (d,))]
+    for i in range(12):
+        b = f"blocks.{i}"
+        out += [(f"{b}.norm1.weight", (d,)), (f"{b}.norm1.bias", (d,))]
+        out += _linear(f"{b}.attn.qkv", d, 3 * d) + _linear(f"{b}.attn.proj", d, d)
+        out += [(f"{b}.norm2.weight", (d,)), (f"{b}.norm2.bias", (d,))]
+        out += _linear(f"{b}.mlp.fc1", d, hidden) + _linear(f"{b}.mlp.fc2", hidden, d)
+    return out + [("norm.weight", (d,)), ("norm.bias", (d,))] + _linear("head", d, 1000)
+
+
 def gpt(n_layer: int, d: int, vocab: int = 50257, ctx: int = 1024, prefix: str = "transformer"):
     """GPT-2 layout (Hugging Face names): wte, wpe, per block ln_1, attn.c_attn,
     attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj (Conv1D weights are (in, out)),
@@ -103,6 +121,7 @@ def gpt(n_layer: int, d: int, vocab: int = 50257, ctx: int = 1024, prefix: str =
 SETS = {
     "mlp": ShapeSet("mlp", "MLP 784-512-512-10", mlp()),
     "lstm": ShapeSet("lstm", "2-layer LSTM LM (vocab 5000, emb 256, hidden 512)", lstm()),
+    "vit-tiny": ShapeSet("vit-tiny", "ViT-Ti/16 (DeiT-Tiny), 152 tensors", vit_tiny()),
     "resnet50": ShapeSet("resnet50", "ResNet-50", resnet50()),
     "gpt2": ShapeSet("gpt2", "GPT-2 124M", gpt(12, 768)),
     "gpt-1.3b": ShapeSet("gpt-1.3b", "GPT-3 XL layout, 1.3B (24 layers, d=2048, ctx 2048)",

@@ -141,7 +141,7 @@ class Suite:
 
     def row(self, sset, op, peer, what, ms=None, **kw) -> dict:
         r = {"device": self.dev.type, "shapes": sset.name, "op": op, "peer": peer, "what": what,
-             "ms": ms, "min_ms": None, "samples": None, "gbps": None, "pct_roofline": None, "pct_copy": None,
+             "ms": ms, "min_ms": None, "samples": None, "host_ms": None, "gbps": None, "pct_roofline": None, "pct_copy": None,
              "speedup": None, "check": "n/a", "check_detail": "", "peak_extra_mb": None,
              "rss_peak_extra_mb": None, "compile_s": None}
         r.update(kw)
@@ -320,7 +320,8 @@ class Suite:
                 continue
             t = times[peer]
             timed[peer] = {**t, **self.memory(lambda: fns[peer](data[0]))}
-            log(f"      {peer:8s} {t['ms']:9.3f} ms (median of {t['samples']})")
+            host = f", host {t['host_ms']:.3f} ms" if self.dev.type == "cuda" else ""
+            log(f"      {peer:8s} {t['ms']:9.3f} ms (median of {t['samples']}{host})")
 
         # 4. rows
         base = timed.get("pyreg", {}).get("ms")
@@ -337,7 +338,7 @@ class Suite:
             ok, detail = checks[peer]
             status = ok if isinstance(ok, str) else ("pass" if ok else "FAIL")
             r = self.row(sset, op, peer, what, ms=t["ms"], min_ms=t["min_ms"], samples=t["samples"],
-                         gbps=nbytes / (t["ms"] * 1e6), pct_roofline=100.0 * roof["ms"] / t["ms"],
+                         host_ms=t.get("host_ms"), gbps=nbytes / (t["ms"] * 1e6), pct_roofline=100.0 * roof["ms"] / t["ms"],
                          pct_copy=100.0 * (nbytes / t["ms"]) / (copy["gbps"] * 1e6),
                          speedup=(t["ms"] / base) if base else None,
                          check=status, check_detail=detail,
