@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -29,3 +29,9 @@ def result_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     """dtype of the floating-point results (norms, penalty): float64 if any input
     is float64, else float32 (16-bit inputs accumulate and report in float32)."""
     return torch.float64 if torch.float64 in set(map(attrgetter("dtype"), tensors)) else torch.float32
+
+
+def coef_tensor(c: Union[float, Tensor], n: int, device: torch.device) -> Tensor:
+    """A validated coefficient (a float for every tensor, or one value per
+    tensor) as a 1-D float64 tensor of n entries: the custom ops' form."""
+    return torch.full((n,), c, dtype=torch.float64, device=device) if isinstance(c, float) else c

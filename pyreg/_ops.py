@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
-from ._common import SUPPORTED_DTYPES, WeightStats, result_dtype
+from ._common import SUPPORTED_DTYPES, WeightStats, coef_tensor, result_dtype
 
 try:  # DTensor inputs (FSDP2) go to pyreg.distributed; torch builds without it have none
     from torch.distributed.tensor import DTensor as _DTensor
@@ -56,6 +56,7 @@ Coef = Union[float, Sequence[float], Tensor]
 # list that fails a check takes the per-tensor loop that explains the error.
 _dtype_of, _device_of, _layout_of = attrgetter("dtype"), attrgetter("device"), attrgetter("layout")
 _shape_of, _requires_grad = attrgetter("shape"), attrgetter("requires_grad")
+_start_of, _end_of = itemgetter(0), itemgetter(1)  # of (start, end) byte spans
 _SUPPORTED = frozenset(SUPPORTED_DTYPES)
 #: Types whose tensors the kernels may read through data_ptr() in plain eager
 #: mode: torch.Tensor and nn.Parameter (which adds no torch_function behaviour).
@@ -300,11 +301,6 @@ def _coef(c: Coef, n: int, device: torch.device, name: str) -> Union[float, Tens
     return torch.tensor(vals, dtype=torch.float64, device=device)
 
 
-def _as_tensor(c: Union[float, Tensor], n: int, device: torch.device) -> Tensor:
-    """A coefficient from ``_coef`` in the custom ops' form: always a tensor."""
-    return torch.full((n,), c, dtype=torch.float64, device=device) if isinstance(c, float) else c
-
-
 def _check_no_overlap(tensors: Sequence[Tensor], what: str) -> None:
     """In-place ops must not write one memory location twice."""
     if torch.compiler.is_compiling():
@@ -359,8 +355,6 @@ def _disjoint(tensors: Sequence[Tensor]) -> bool:
     spans = sorted(zip(starts, map(int.__add__, starts, map(attrgetter("nbytes"), tensors))))
     return all(map(le, map(_end_of, spans), map(_start_of, spans[1:])))
 
-
-_start_of, _end_of = itemgetter(0), itemgetter(1)
 
 
 def _overlap(written: Sequence[Tensor], read: Sequence[Tensor]) -> Optional[Tuple[int, int]]:
@@ -453,7 +447,7 @@ def penalty(tensors: Iterable[Tensor], l1: Coef = 0.0, l2: Coef = 0.0) -> Tensor
     c1, c2 = _coef(l1, len(ts), dev, "l1"), _coef(l2, len(ts), dev, "l2")
     if _plain_eager(ts) and not (torch.is_grad_enabled() and any(map(_requires_grad, ts))):
         return _backend(ts).penalty(ts, c1, c2)
-    c1, c2 = _as_tensor(c1, len(ts), dev), _as_tensor(c2, len(ts), dev)
+    c1, c2 = coef_tensor(c1, len(ts), dev), coef_tensor(c2, len(ts), dev)
     if _has_dtensor(ts):
         return _distributed().penalty(ts, c1, c2)
     return _penalty_op(ts, c1, c2)
@@ -482,15 +476,15 @@ def add_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor],
     if not ts:
         return torch.zeros(())
     if _has_dtensor(ts) or _has_dtensor(gs):
-        return _distributed().add_penalty_grad_(ts, gs, _as_tensor(c1, n, dev), _as_tensor(c2, n, dev))
+        return _distributed().add_penalty_grad_(ts, gs, coef_tensor(c1, n, dev), coef_tensor(c2, n, dev))
     _check_grads_apart(ts, gs)
     with torch.no_grad():
         if _plain_eager(ts, gs):
             out = _backend(ts).add_penalty_grad_(ts, gs, c1, c2)
             _bump_versions(gs)
             return out
-        return _add_penalty_grad_op([t.detach() for t in ts], gs, _as_tensor(c1, n, dev),
-                                    _as_tensor(c2, n, dev))
+        return _add_penalty_grad_op([t.detach() for t in ts], gs, coef_tensor(c1, n, dev),
+                                    coef_tensor(c2, n, dev))
 
 
 def prox_(tensors: Iterable[Tensor], l1: Coef = 0.0, l2: Coef = 0.0, lr: Coef = 1.0) -> Tensor:
@@ -507,11 +501,11 @@ def prox_(tensors: Iterable[Tensor], l1: Coef = 0.0, l2: Coef = 0.0, lr: Coef = 
     if not ts:
         return torch.zeros(0, dtype=torch.int64)
     if _has_dtensor(ts):
-        return _distributed().prox_(ts, *(_as_tensor(c, n, dev) for c in (c1, c2, clr)))
+        return _distributed().prox_(ts, *(coef_tensor(c, n, dev) for c in (c1, c2, clr)))
     _check_no_overlap(ts, "tensors")
     with torch.no_grad():
         if _plain_eager((), ts):
             out = _backend(ts).prox_(ts, c1, c2, clr)
             _bump_versions(ts)
             return out
-        return _prox_op(ts, *(_as_tensor(c, n, dev) for c in (c1, c2, clr)))
+        return _prox_op(ts, *(coef_tensor(c, n, dev) for c in (c1, c2, clr)))

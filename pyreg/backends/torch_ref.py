@@ -12,7 +12,7 @@ from typing import List
 import torch
 from torch import Tensor
 
-from .._common import WeightStats, result_dtype
+from .._common import WeightStats, coef_tensor, result_dtype
 
 
 def _hp(t: Tensor) -> torch.dtype:
@@ -34,11 +34,7 @@ def weight_stats(tensors: List[Tensor]):
 
 
 def _per_tensor(c, tensors: List[Tensor]) -> Tensor:
-    """A coefficient (a float for all tensors, or one value per tensor) as a
-    1-D float64 tensor."""
-    if isinstance(c, Tensor):
-        return c
-    return torch.full((len(tensors),), c, dtype=torch.float64, device=tensors[0].device)
+    return coef_tensor(c, len(tensors), tensors[0].device)
 
 
 def _sums(t: Tensor):
