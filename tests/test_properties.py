@@ -122,6 +122,10 @@ def test_elastic_net_endpoints_are_pure_l1_and_pure_l2(dtype, data, alpha, lr):
 @given(data=st.data(), k=st.integers(-10, 10), negative=st.booleans(), c=st.floats(0.01, 100.0))
 def test_norms_are_homogeneous(dtype, data, k, negative, c):
     ts = data.draw(tensor_lists(dtype))
+    # Exact scaling needs every square to be a normal float64: below ~1.5e-154
+    # w*w is subnormal and loses bits (in the float64 spec too), so such
+    # values (found by Hypothesis: 1.29e-157) are out of this property's domain.
+    ts = [torch.where(t.abs() < 1e-150, torch.zeros_like(t), t) for t in ts]
     s = (-1.0 if negative else 1.0) * 2.0**k
     base = _cpu(pyreg.weight_stats, ts)
     # a power of two scales every rounding step exactly: bitwise equal
