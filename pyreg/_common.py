@@ -35,3 +35,34 @@ def coef_tensor(c: Union[float, Tensor], n: int, device: torch.device) -> Tensor
     """A validated coefficient (a float for every tensor, or one value per
     tensor) as a 1-D float64 tensor of n entries: the custom ops' form."""
     return torch.full((n,), c, dtype=torch.float64, device=device) if isinstance(c, float) else c
+
+
+def to_device(values: Union[Sequence[float], Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Host data (numbers, or a tensor) as a tensor of ``dtype`` on ``device``,
+    with no host sync: pyreg's one way to move small host data to a GPU.
+
+    A plain copy from pageable memory to a GPU makes the host wait until the
+    GPU has finished all the work queued before it (torch synchronizes the
+    stream): in a training step that stalls the pipeline. Here the values go
+    to pinned memory first (torch's caching host allocator, which keeps the
+    buffer until the copy is done) and then copy asynchronously on the current
+    stream; the values are read when this is called. On the CPU, a CPU tensor
+    of ``dtype`` comes back as is. A tensor on a GPU moves device to device.
+    During CUDA graph capture host data cannot be copied (the graph would keep
+    one host buffer and replay stale values): that raises ValueError, and
+    callers that take such data from users check earlier, with its name.
+    """
+    device = torch.device(device)
+    if isinstance(values, Tensor):
+        host = values.detach()
+        if host.device.type != "cpu":
+            return host.to(device=device, dtype=dtype)
+        host = host.to(dtype)
+    else:
+        host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return host.to(device)
+    if torch.cuda.is_current_stream_capturing():
+        raise ValueError("pyreg cannot copy host values to the GPU during CUDA graph capture: the "
+                         "graph would replay one stale host buffer; create them before capture")
+    return host.pin_memory().to(device, non_blocking=True)

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
-from ._common import SUPPORTED_DTYPES, WeightStats, coef_tensor, result_dtype
+from ._common import SUPPORTED_DTYPES, WeightStats, coef_tensor, result_dtype, to_device
 
 try:  # DTensor inputs (FSDP2) go to pyreg.distributed; torch builds without it have none
     from torch.distributed.tensor import DTensor as _DTensor
@@ -260,8 +260,9 @@ def _capturing(device: torch.device) -> bool:
 
 
 def _host_copy_error(name: str, what: str) -> ValueError:
-    return ValueError(f"{name} is {what}: copying it to the GPU during CUDA graph capture would "
-                      f"read pageable host memory; pass a Python number or a tensor on the device")
+    return ValueError(f"{name} is {what}: it cannot be copied to the GPU during CUDA graph capture "
+                      "(each replay would copy one stale host buffer); pass a Python number or a "
+                      "tensor on the device")
 
 
 def _coef(c: Coef, n: int, device: torch.device, name: str) -> Union[float, Tensor]:
@@ -286,7 +287,7 @@ def _coef(c: Coef, n: int, device: torch.device, name: str) -> Union[float, Tens
                 if bad.any():
                     i = int(bad.reshape(-1).nonzero()[0])
                     raise ValueError(f"{name}[{i}] must be finite and >= 0, got {float(c.reshape(-1)[i])}")
-        return c.detach().to(device=device, dtype=torch.float64).expand(n).contiguous()
+        return to_device(c, torch.float64, device).expand(n).contiguous()
     if isinstance(c, numbers.Real) and not isinstance(c, bool):
         return _check_value(c, name)
     if isinstance(c, (str, bytes)) or not isinstance(c, Iterable):
@@ -298,7 +299,7 @@ def _coef(c: Coef, n: int, device: torch.device, name: str) -> Union[float, Tens
     if len(vals) != n:
         raise ValueError(f"{name} has {len(vals)} values but there are {n} tensors")
     vals = [_check_value(v, f"{name}[{i}]") for i, v in enumerate(vals)]
-    return torch.tensor(vals, dtype=torch.float64, device=device)
+    return to_device(vals, torch.float64, device)
 
 
 def _check_no_overlap(tensors: Sequence[Tensor], what: str) -> None:

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from . import _ops
-from ._common import WeightStats, result_dtype
+from ._common import WeightStats, result_dtype, to_device
 
 __all__ = ["weight_stats", "penalty", "add_penalty_grad_", "prox_"]
 
@@ -119,7 +119,7 @@ def weight_stats(ts: Sequence[Tensor]) -> WeightStats:
     with torch.no_grad():
         locs = [_local(t).detach() for t in ts]
         st = _ops.weight_stats(locs)
-        mask = torch.tensor(counted, dtype=torch.float64, device=st.l1.device)
+        mask = to_device(counted, torch.float64, st.l1.device)
         l1, l2, linf = (x.to(torch.float64) for x in st[:3])
         packed = torch.stack([l1 * mask, l2 * l2 * mask, st.nnz.to(torch.float64) * mask, linf])
         every = _gather(packed, group)          # (ranks, 4, n)
@@ -142,7 +142,7 @@ class _Penalty(torch.autograd.Function):
         dev = locs[0].device
         rd = result_dtype(locs)
         if idx:
-            sel = torch.tensor(idx, dtype=torch.int64, device=l1.device)
+            sel = to_device(idx, torch.int64, l1.device)
             local = _ops.penalty([locs[i] for i in idx], l1[sel], l2[sel]).to(torch.float64)
         else:
             local = torch.zeros((), dtype=torch.float64, device=dev)
@@ -160,7 +160,7 @@ class _Penalty(torch.autograd.Function):
         idx = [i for i, n in enumerate(needs) if n]
         if idx:
             go = grad_out.to(torch.float64)
-            sel = torch.tensor(idx, dtype=torch.int64, device=l1.device)
+            sel = to_device(idx, torch.int64, l1.device)
             part = [locs[i] for i in idx]
             gs = [torch.zeros_like(t) for t in part]
             _ops._add_penalty_grad_op(part, gs, l1[sel] * go, l2[sel] * go)
@@ -198,7 +198,7 @@ def add_penalty_grad_(ts: Sequence[Tensor], gs: Sequence[Tensor], l1: Tensor, l2
         dev = locs[0].device
         local = torch.zeros((), dtype=torch.float64, device=dev)
         for is_counted, ix in _split_calls(counted):
-            sel = torch.tensor(ix, dtype=torch.int64, device=l1.device)
+            sel = to_device(ix, torch.int64, l1.device)
             v = _ops.add_penalty_grad_([locs[i] for i in ix], [lgs[i] for i in ix], l1[sel], l2[sel])
             if is_counted:
                 local = local + v.to(torch.float64)
@@ -212,5 +212,5 @@ def prox_(ts: Sequence[Tensor], l1: Tensor, l2: Tensor, lr: Tensor) -> Tensor:
     with torch.no_grad():
         locs = [_local(t).detach() for t in ts]
         nnz = _ops.prox_(locs, l1, l2, lr)
-        mask = torch.tensor(counted, dtype=torch.int64, device=nnz.device)
+        mask = to_device(counted, torch.int64, nnz.device)
         return _sum_over_ranks(nnz * mask, group).round().to(torch.int64)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import _ops
-from ._common import SUPPORTED_DTYPES
+from ._common import SUPPORTED_DTYPES, to_device
 
 __all__ = ["Regularized", "param_groups", "default_exclude", "ParamStats", "Sparsity"]
 
@@ -99,8 +99,8 @@ class _Bucket:
         self.params, self.groups = params, groups
         self.l1_list, self.l2_list = l1, l2
         dev = params[0].device
-        self.l1 = torch.tensor(l1, dtype=torch.float64, device=dev)
-        self.l2 = torch.tensor(l2, dtype=torch.float64, device=dev)
+        self.l1 = to_device(l1, torch.float64, dev)
+        self.l2 = to_device(l2, torch.float64, dev)
         self._subsets: Dict[Tuple[bool, ...], Tuple[List[int], Tensor, Tensor]] = {}
         self.lr_key: Any = None  # last per-tensor lr values and their device tensor
         self.lr_value: Any = None
@@ -110,7 +110,7 @@ class _Bucket:
         (or a CUDA graph) reads them as inputs, so a change recompiles nothing."""
         for new, old, t in ((l1, self.l1_list, self.l1), (l2, self.l2_list, self.l2)):
             if new != old:
-                t.copy_(torch.tensor(new, dtype=torch.float64), non_blocking=True)
+                t.copy_(to_device(new, torch.float64, t.device))
         self.l1_list, self.l2_list = l1, l2
 
     def active(self) -> Tuple[List[Tensor], List[int], Tensor, Tensor]:
@@ -123,7 +123,7 @@ class _Bucket:
             idx = [i for i, m in enumerate(mask) if m]
             # One transfer per new mask, then cached; the values are gathered
             # from l1/l2 at each use, so in-place coefficient updates apply.
-            sub = (idx, torch.tensor(idx, dtype=torch.int64, device=self.l1.device))
+            sub = (idx, to_device(idx, torch.int64, self.l1.device))
             if len(self._subsets) >= 8:
                 self._subsets.clear()
             self._subsets[mask] = sub
@@ -188,9 +188,9 @@ class _Plan:
         inverse = [0] * len(order)
         for k, i in enumerate(order):
             inverse[i] = k
-        self.inverse = torch.tensor(inverse, dtype=torch.int64, device=self.first_device)
+        self.inverse = to_device(inverse, torch.int64, self.first_device)
         numels = [p.numel() for ps in self.stat_buckets for p in ps]
-        self.numel = torch.tensor(numels, dtype=torch.int64, device=self.first_device)[self.inverse]
+        self.numel = to_device(numels, torch.int64, self.first_device)[self.inverse]
 
     def set_coefs(self, coefs: List[Tuple[float, float]]) -> None:
         """New coefficient values with the same zero pattern (so the same buckets)."""
@@ -405,20 +405,22 @@ class Regularized(Optimizer):
 
     @staticmethod
     def _lr_coef(bucket: _Bucket, lrs: list, gidx: List[int], device: torch.device):
-        """lr for the op: a number when all tensors share it (the op fills it on
-        the device), else one value per tensor (a device tensor cached until
-        the values change; tensor lrs are stacked on the device)."""
+        """lr for the op: a number when all tensors share it (passed by value),
+        else one value per tensor: a device tensor, cached until the values
+        change. Tensor lrs are read where they live: each group's lr is moved
+        to the device once (a CPU tensor without a host sync) and gathered."""
         used = [lrs[g] for g in gidx]
         if any(isinstance(v, Tensor) for v in used):
-            return torch.stack([torch.as_tensor(v).detach().to(device=device, dtype=torch.float64).reshape(())
-                                for v in used])
+            on_device = {g: to_device(lrs[g] if isinstance(lrs[g], Tensor) else [lrs[g]],
+                                      torch.float64, device).reshape(()) for g in set(gidx)}
+            return torch.stack([on_device[g] for g in gidx])
         first = used[0]
         if all(v == first for v in used):
             return first
         key = tuple(used)
         if bucket.lr_key != key:
             bucket.lr_key = key
-            bucket.lr_value = torch.tensor(used, dtype=torch.float64, device=device)
+            bucket.lr_value = to_device(used, torch.float64, device)
         return bucket.lr_value
 
     # -- the step ---------------------------------------------------------------

@@ -373,8 +373,9 @@ def test_cuda_graph_capture_and_replay():
 
 
 def test_graph_capture_rejects_host_coefficients():
-    # A list or a CPU tensor would be copied from pageable host memory: a clear
-    # error before capture breaks, and nothing written.
+    # A list or a CPU tensor is host data: copied during capture, each replay
+    # would reuse one stale host buffer. A clear error before capture breaks,
+    # and nothing written.
     ts = [torch.randn(100, device=DEV)]
     before = ts[0].clone()
     s = torch.cuda.Stream()
@@ -399,6 +400,58 @@ def test_graph_capture_rejects_host_coefficients():
 
 
 # --------------------------------------------------------------------------- sizes and lists
+def test_no_host_sync_on_the_hot_path():
+    # In sync-debug mode "error" torch raises on every host<->device sync. The
+    # ops, with every kind of coefficient (numbers; lists and CPU tensors go
+    # through pinned memory), and Regularized steps whose per-group lrs a
+    # scheduler changes every step (a new per-tensor lr tensor each step), with
+    # a CPU tensor lr and an l1 changed between steps: none may sync.
+    ts = cuda_list(torch.float32, seed=40)
+    n = len(ts)
+    gs = like_list(ts, torch.float32, seed=41)
+    coefs = [0.01, [0.01] * n, torch.full((n,), 0.01), torch.full((n,), 0.01, device=DEV)]
+    torch.manual_seed(42)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(DEV)
+    x, y = torch.randn(16, 7, device=DEV), torch.randn(16, 3, device=DEV)
+
+    def make(lr_b):
+        inner = torch.optim.SGD([{"params": [model[0].weight], "lr": 0.1, "l1": 1e-3},
+                                 {"params": [model[2].weight], "lr": lr_b, "l1": 2e-3, "l2": 1e-3},
+                                 {"params": [model[0].bias, model[2].bias], "lr": 0.1}], momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda k: 0.9 ** k)
+        return [(pyreg.Regularized(inner, mode=m), sched) for m in ("proximal", "gradient")]
+
+    runs = make(0.05) + make(torch.tensor(0.05))  # float lrs; a CPU tensor lr
+
+    def everything(k):
+        outs = []
+        for c in coefs:
+            outs += list(pyreg.weight_stats(ts))
+            outs.append(pyreg.penalty(ts, c, c))
+            outs.append(pyreg.add_penalty_grad_(ts, gs, c, c))
+            outs.append(pyreg.prox_([t.clone() for t in ts], c, c, c))
+        for opt, sched in runs:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            sched.step()
+            opt.param_groups[0]["l1"] = 1e-3 * (k + 1)
+            outs.append(opt.penalty)
+        return outs
+
+    everything(0)  # warm-up: kernel modules, allocator pools, pinned blocks
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for k in range(1, 4):
+            outs = everything(k)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+    assert all(bool(torch.isfinite(o).all()) for o in outs if o.is_floating_point())
+
+
 def test_more_than_2_31_elements():
     n = 2**31 + 1
     free, _ = torch.cuda.mem_get_info()
