@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu_session.sh build test      # ~5 min: build with CUDA, GPU tests
 #   bash bench/gpu_session.sh bench-small     # mlp, lstm, vit-tiny, resnet50 (with torch.compile)
+#   bash bench/gpu_session.sh bench-graphs    # mlp, lstm, vit-tiny ops as CUDA-graph replays (device time)
 #   bash bench/gpu_session.sh bench-gpt2      # gpt2 (with torch.compile)
 #   bash bench/gpu_session.sh bench-1.3b      # gpt-1.3b (no torch.compile: its compile is too slow)
 #
@@ -50,6 +51,10 @@ for stage in "$@"; do
       step bench-small bash -c "cd '$OUT' && $PY -m pyreg bench --device cuda --shapes mlp,lstm,vit-tiny,resnet50 \
         --out '$OUT/results' --tag small"
       ;;
+    bench-graphs)
+      step bench-graphs bash -c "cd '$OUT' && $PY -m pyreg bench --device cuda --shapes mlp,lstm,vit-tiny \
+        --ops weight_stats,add_penalty_grad_,prox_ --cuda-graphs --out '$OUT/results' --tag small"
+      ;;
     bench-gpt2)
       step bench-gpt2 bash -c "cd '$OUT' && $PY -m pyreg bench --device cuda --shapes gpt2 \
         --out '$OUT/results' --tag gpt2"
@@ -59,7 +64,7 @@ for stage in "$@"; do
         --out '$OUT/results' --tag gpt-1.3b"
       ;;
     *)
-      echo "unknown stage $stage (build, test, bench-small, bench-gpt2, bench-1.3b)" >&2
+      echo "unknown stage $stage (build, test, bench-small, bench-graphs, bench-gpt2, bench-1.3b)" >&2
       exit 2
       ;;
   esac

@@ -52,8 +52,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output folder (default: bench/results when it exists here, else ./bench-results)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
-    p.add_argument("--tag", type=_tag, default="",
+    p.add_argument("--tag", type=_tag, default=None,
                    help="suffix for the output file names (letters, digits, '-'), e.g. omp-passive")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA only: time every call as the replay of a CUDA graph that captured it "
+                        "(device time without host launch overhead: the steady state of a captured "
+                        "training step); output files get '-cuda-graphs'; the optimizer step is not run")
     p.add_argument("--repeats", type=int_in(1), default=None,
                    help="timed calls per measurement, at least (default 15, --quick 5)")
     return p
@@ -76,8 +80,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
         devices = [args.device]
+    if args.cuda_graphs:
+        if args.device in ("cpu", "all"):
+            p.error(f"--cuda-graphs times CUDA graphs: it needs --device cuda, not --device {args.device}")
+        devices = ["cuda"]
     if "cuda" in devices and not torch.cuda.is_available():
-        p.error("--device cuda: torch has no usable CUDA device here")
+        p.error(f"{'--cuda-graphs' if args.cuda_graphs else '--device cuda'}: torch has no usable CUDA "
+                "device here")
     out = args.out or ("bench/results" if os.path.isdir("bench/results") else "bench-results")
     os.makedirs(out, exist_ok=True)
 
@@ -96,11 +105,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"{args.dtype}; {'quick' if args.quick else 'full'}; torch {torch.__version__}, "
                   f"{torch.get_num_threads()} threads", flush=True)
             suite = Suite(torch.device(dev), DTYPES[args.dtype], args.shapes, args.ops, args.quick,
-                          not args.no_compile, args.repeats)
+                          not args.no_compile, args.repeats, graphs=args.cuda_graphs)
             res = suite.run()
             if own_cache is None and any(r["peer"] == "compile" and r["ms"] for r in res["rows"]):
                 res["notes"].append("TORCHINDUCTOR_CACHE_DIR was set: compile times may be warm-cache times")
             stem = os.path.join(out, res["meta"]["slug"] + ("-quick" if args.quick else "")
+                                + ("-cuda-graphs" if args.cuda_graphs else "")
                                 + (f"-{args.tag}" if args.tag else ""))
             png = stem + ".png"
             have_png = report.plot(res, png)

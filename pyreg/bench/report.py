@@ -22,7 +22,8 @@ def header(res: dict) -> str:
     omp = f", OMP_WAIT_POLICY={m['omp_wait_policy']}" if m.get("omp_wait_policy") else ""
     lines = [f"**{m['name']}** ({m['device']}, {m['threads']} threads{omp}, pyreg `{m['backend']}` backend), "
              f"torch {m['torch']}, pyreg {m['pyreg']}, {m['dtype']}, "
-             f"{'quick' if m['quick'] else 'full'} run of {m['date']} ({m['wall_s']} s)."]
+             f"{'quick' if m['quick'] else 'full'} run{' of CUDA-graph replays' if m.get('cuda_graphs') else ''} "
+             f"of {m['date']} ({m['wall_s']} s)."]
     sets = res.get("shape_sets", {})
     if sets:
         lines.append("Shape sets: " + "; ".join(

@@ -16,7 +16,7 @@ import pyreg
 
 from . import peers as P
 from . import shapes as S
-from .timing import peak_extra_bytes, sync, time_calls, time_interleaved
+from .timing import cuda_graphed, peak_extra_bytes, sync, time_calls, time_interleaved
 
 # In --quick mode torch.compile runs only for shape sets with at most this many
 # tensors: compiling a loop over 150 tensors takes 25-50 s per op on a 2-core CPU.
@@ -116,8 +116,11 @@ def free(dev: torch.device) -> None:
 # ---------------------------------------------------------------------------
 class Suite:
     def __init__(self, dev: torch.device, dtype: torch.dtype, sets: List[str], ops: List[str],
-                 quick: bool, compile_: bool, repeats: Optional[int]):
+                 quick: bool, compile_: bool, repeats: Optional[int], graphs: bool = False):
+        if graphs and dev.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
         self.dev, self.dtype, self.sets, self.ops = dev, dtype, sets, ops
+        self.graphs = graphs  # time replays of captured calls (see timing.cuda_graphed)
         self.quick, self.compile = quick, compile_
         self.warmup = 1 if quick else 3
         self.repeats = repeats if repeats is not None else (5 if quick else 15)
@@ -181,6 +184,12 @@ class Suite:
             self.notes.append("--no-compile: torch.compile peer skipped")
         if self.quick:
             self.notes.append(f"--quick: {self.warmup} warm-up call, median of >= {self.repeats} calls")
+        if self.graphs:
+            self.notes.append("--cuda-graphs: every timed call (each peer, roofline and copy) is the replay of "
+                              "a CUDA graph that captured it: device time only, no host launch overhead")
+            if "adamw_step" in self.ops:
+                self.notes.append("--cuda-graphs: the optimizer-step comparison is not run (it times "
+                                  "eager steps)")
         for name in self.sets:
             sset = S.get(name)
             if sset.gpu_only and self.dev.type != "cuda":
@@ -196,7 +205,8 @@ class Suite:
                 t0 = time.perf_counter()
                 try:
                     if op == "adamw_step":
-                        self.run_step(sset, k)
+                        if not self.graphs:
+                            self.run_step(sset, k)
                     else:
                         self.run_op(sset, op, k)
                 finally:
@@ -207,7 +217,7 @@ class Suite:
                      "python": platform.python_version(), "dtype": str(self.dtype).replace("torch.", ""),
                      "quick": self.quick, "compile": self.compile, "warmup": self.warmup,
                      "repeats": self.repeats, "min_total_s": self.min_total_s,
-                     "compile_startup_s": self.compile_startup_s,
+                     "compile_startup_s": self.compile_startup_s, "cuda_graphs": self.graphs,
                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      "wall_s": round(time.perf_counter() - t_start, 1)},
             "notes": self.notes, "shape_sets": self.sets_meta, "rows": self.rows,
@@ -303,6 +313,18 @@ class Suite:
         for kind in (spec.roofline, "copy"):
             flat = [P.roofline_fn(kind, a, b) for a, b in bufs]
             calls[kind] = lambda i, flat=flat: flat[i % k]()
+        if self.graphs:
+            t0 = time.perf_counter()
+            for name in list(calls):
+                try:
+                    calls[name] = cuda_graphed(calls[name], k, self.dev)
+                except Exception as e:
+                    if name not in spec.peers:  # the roofline and copy ops must capture
+                        raise
+                    checks[name] = (False, f"CUDA graph capture failed: {type(e).__name__}: "
+                                           f"{str(e).splitlines()[0][:200]}")
+                    del calls[name]
+            log(f"      CUDA graph capture: {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
         times = self.timeit_side_by_side(calls)
         log(f"      timing side by side: {time.perf_counter() - t0:.1f} s")

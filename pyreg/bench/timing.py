@@ -110,6 +110,30 @@ def _one_call(fn: Callable[[int], object], i: int, device: torch.device) -> Tupl
     return ms, ms
 
 
+def cuda_graphed(fn: Callable[[int], object], k: int, device: torch.device) -> Callable[[int], object]:
+    """``fn(0) .. fn(k-1)`` each captured in a CUDA graph (after warm-up calls on
+    a side stream, as ``torch.cuda.graph`` asks: compiles, workspaces, kernel
+    loading); returns ``g(i)``, which replays graph ``i % k``. A replay launches
+    the captured kernels with no host work: timing it measures the device's
+    time alone, the steady state of a training step that is itself captured."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for j in range(k):
+            fn(j)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    pool = torch.cuda.graph_pool_handle()
+    graphs = []
+    for j in range(k):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            fn(j)
+        graphs.append(g)
+    torch.cuda.synchronize(device)
+    return lambda i: graphs[i % k].replay()
+
+
 # ---------------------------------------------------------------------------
 # Memory
 # ---------------------------------------------------------------------------
