@@ -8,7 +8,8 @@ not finish within TIMEOUT seconds is killed and fails.
 from __future__ import annotations
 
 import os
-import sys
+import shutil
+import tempfile
 import time
 
 import pytest
@@ -112,28 +113,53 @@ def _init(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
 
 
-def _worker_main(rank, fn, world, *args):
+def _worker_main(rank, fn, world, done_dir, *args):
     fn(rank, world, *args)
-    # Every check of this rank passed and its process group is destroyed. Exit
-    # now, without the interpreter's and C++'s static teardown: there, about one
-    # run in seven on a 2-core machine, a worker aborted with "terminate called
-    # without an active exception" and no Python frame on the stack (faulthandler),
-    # after all of the test's work: torch's teardown, not a result of the test.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # Every check of this rank passed (and its process group is destroyed).
+    open(os.path.join(done_dir, f"rank{rank}"), "w").close()
 
 
 def _spawn(fn, world, *args):
-    ctx = mp.start_processes(_worker_main, args=(fn, world, *args), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
+    """Runs fn(rank, world, *args) on `world` processes; fails on any failed
+    check, or when they do not finish within TIMEOUT seconds.
+
+    A worker that dies by a signal *after* every rank has recorded that all its
+    checks passed does not fail the test: about one run in seven on a 2-core
+    machine, a gloo worker aborted in the interpreter's teardown ("terminate
+    called without an active exception", no Python frame on the stack per
+    faulthandler), after all of the test's work. Exiting early with os._exit
+    instead made the other rank hang now and then (its last messages lost)."""
+    done_dir = tempfile.mkdtemp(prefix="pyreg-dist-")
+    done = lambda: len(os.listdir(done_dir))  # noqa: E731  ranks whose checks all passed
+    rank_done = lambda r: os.path.exists(os.path.join(done_dir, f"rank{r}"))  # noqa: E731
+    try:
+        ctx = mp.start_processes(_worker_main, args=(fn, world, done_dir, *args), nprocs=world,
+                                 join=False, start_method="spawn")
+        procs = ctx.processes
+        deadline = time.monotonic() + TIMEOUT
+        # Wait for every process, not just the first to die: a rank that ends
+        # (even by a teardown crash) must not get the others killed while they
+        # still check. A rank that ends before its checks passed ends the wait
+        # (its peers may then block in a collective).
+        while any(p.is_alive() for p in procs) and done() < world:
+            if any(not p.is_alive() and not rank_done(r) for r, p in enumerate(procs)):
+                break
+            if time.monotonic() > deadline:
+                for p in procs:
+                    if p.is_alive():
+                        p.kill()
+                pytest.fail(f"distributed run did not finish within {TIMEOUT} s")
+            time.sleep(0.1)
+        if done() == world:  # every check of every rank passed
+            for p in procs:
+                p.join(timeout=30)
                 if p.is_alive():
                     p.kill()
-            pytest.fail(f"distributed run did not finish within {TIMEOUT} s")
+            return
+        ctx.join()  # raises the failed rank's error (and stops the others)
+        pytest.fail("distributed workers exited without finishing their checks")
+    finally:
+        shutil.rmtree(done_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------
