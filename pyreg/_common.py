@@ -37,6 +37,13 @@ def coef_tensor(c: Union[float, Tensor], n: int, device: torch.device) -> Tensor
     return torch.full((n,), c, dtype=torch.float64, device=device) if isinstance(c, float) else c
 
 
+def capturing(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured on the current stream, for a
+    tensor bound for ``device`` (never on other devices or while tracing)."""
+    return (device.type == "cuda" and not torch.compiler.is_compiling()
+            and torch.cuda.is_current_stream_capturing())
+
+
 def to_device(values: Union[Sequence[float], Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
     """Host data (numbers, or a tensor) as a tensor of ``dtype`` on ``device``,
     with no host sync: pyreg's one way to move small host data to a GPU.
@@ -62,7 +69,7 @@ def to_device(values: Union[Sequence[float], Tensor], dtype: torch.dtype, device
         host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda" or torch.compiler.is_compiling():
         return host.to(device)
-    if torch.cuda.is_current_stream_capturing():
+    if capturing(device):
         raise ValueError("pyreg cannot copy host values to the GPU during CUDA graph capture: the "
                          "graph would replay one stale host buffer; create them before capture")
     return host.pin_memory().to(device, non_blocking=True)

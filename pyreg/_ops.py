@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
-from ._common import SUPPORTED_DTYPES, WeightStats, coef_tensor, result_dtype, to_device
+from ._common import SUPPORTED_DTYPES, WeightStats, capturing, coef_tensor, result_dtype, to_device
 
 try:  # DTensor inputs (FSDP2) go to pyreg.distributed; torch builds without it have none
     from torch.distributed.tensor import DTensor as _DTensor
@@ -254,11 +254,6 @@ def _check_value(x: float, name: str) -> float:
     return x
 
 
-def _capturing(device: torch.device) -> bool:
-    return (device.type == "cuda" and not torch.compiler.is_compiling()
-            and torch.cuda.is_current_stream_capturing())
-
-
 def _host_copy_error(name: str, what: str) -> ValueError:
     return ValueError(f"{name} is {what}: it cannot be copied to the GPU during CUDA graph capture "
                       "(each replay would copy one stale host buffer); pass a Python number or a "
@@ -270,7 +265,7 @@ def _coef(c: Coef, n: int, device: torch.device, name: str) -> Union[float, Tens
     for every tensor; the kernels get it by value, so it needs no memory and
     no fill on the device) or a 1-D float64 tensor of n entries on ``device``."""
     if isinstance(c, Tensor):
-        if c.device != device and c.device.type == "cpu" and _capturing(device):
+        if c.device != device and c.device.type == "cpu" and capturing(device):
             raise _host_copy_error(name, "a CPU tensor")
         if c.dim() > 1 or (c.dim() == 1 and c.numel() != n):
             raise ValueError(f"{name} has shape {tuple(c.shape)}; expected a number or "
@@ -293,7 +288,7 @@ def _coef(c: Coef, n: int, device: torch.device, name: str) -> Union[float, Tens
     if isinstance(c, (str, bytes)) or not isinstance(c, Iterable):
         raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, "
                         f"got {type(c).__name__}")
-    if _capturing(device):
+    if capturing(device):
         raise _host_copy_error(name, "a sequence of numbers")
     vals = list(c)
     if len(vals) != n:

@@ -130,8 +130,7 @@ def _spawn(fn, world, *args):
     faulthandler), after all of the test's work. Exiting early with os._exit
     instead made the other rank hang now and then (its last messages lost)."""
     done_dir = tempfile.mkdtemp(prefix="pyreg-dist-")
-    done = lambda: len(os.listdir(done_dir))  # noqa: E731  ranks whose checks all passed
-    rank_done = lambda r: os.path.exists(os.path.join(done_dir, f"rank{r}"))  # noqa: E731
+    rank_done = lambda r: os.path.exists(os.path.join(done_dir, f"rank{r}"))  # noqa: E731  all its checks passed
     try:
         ctx = mp.start_processes(_worker_main, args=(fn, world, done_dir, *args), nprocs=world,
                                  join=False, start_method="spawn")
@@ -141,7 +140,7 @@ def _spawn(fn, world, *args):
         # (even by a teardown crash) must not get the others killed while they
         # still check. A rank that ends before its checks passed ends the wait
         # (its peers may then block in a collective).
-        while any(p.is_alive() for p in procs) and done() < world:
+        while any(p.is_alive() for p in procs) and not all(map(rank_done, range(world))):
             if any(not p.is_alive() and not rank_done(r) for r, p in enumerate(procs)):
                 break
             if time.monotonic() > deadline:
@@ -150,7 +149,7 @@ def _spawn(fn, world, *args):
                         p.kill()
                 pytest.fail(f"distributed run did not finish within {TIMEOUT} s")
             time.sleep(0.1)
-        if done() == world:  # every check of every rank passed
+        if all(map(rank_done, range(world))):  # every check of every rank passed
             for p in procs:
                 p.join(timeout=30)
                 if p.is_alive():
