@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -56,6 +57,58 @@ std::vector<void*> as_ptrs(const Ptrs& p, size_t n) {
 
 template <typename T> T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
+// The functions `<prefix>_*` of one build of the CUDA kernels. Each op takes,
+// after its own arguments, the launch: workspace pointer, device index, stream.
+void bind_cuda(py::module_& m, const std::string& prefix, const pyreg::CudaKernels& kernels) {
+  const pyreg::CudaKernels* k = &kernels;
+  auto name = [&](const char* what) { return prefix + "_" + what; };
+  using pyreg::Launch;
+  m.def(name("compiled").c_str(), [k] { return k->compiled; });
+  m.def(name("archs").c_str(), [k] { return k->archs(); });
+  m.def(name("device_count").c_str(), [k] { return k->device_count(); });
+  m.def(name("runtime_error").c_str(), [k] { return k->runtime_error(); });
+  m.def(name("device_error").c_str(), [k](int device) { return k->device_error(device); },
+        py::arg("device"));
+  m.def(name("workspace_bytes").c_str(),
+        [k](int64_t n, int64_t total) { return k->workspace_bytes(n, total); }, py::arg("n"),
+        py::arg("total_numel"));
+  m.def(name("weight_stats").c_str(),
+        [k](const Ptrs& p, const Numels& n, const Codes& d, uintptr_t l1, uintptr_t l2,
+            uintptr_t linf, uintptr_t nnz, int out_dtype, uintptr_t ws, int device,
+            uintptr_t stream) {
+          TensorList w = make_list(p, n, d);
+          py::gil_scoped_release nogil;
+          k->weight_stats(w, ptr<void>(l1), ptr<void>(l2), ptr<void>(linf), ptr<int64_t>(nnz),
+                          out_dtype, Launch{ptr<void>(ws), device, stream});
+        });
+  m.def(name("penalty").c_str(),
+        [k](const Ptrs& p, const Numels& n, const Codes& d, const CoefArg& l1, const CoefArg& l2,
+            uintptr_t out, int out_dtype, uintptr_t ws, int device, uintptr_t stream) {
+          TensorList w = make_list(p, n, d);
+          py::gil_scoped_release nogil;
+          k->penalty(w, coef(l1), coef(l2), ptr<void>(out), out_dtype,
+                     Launch{ptr<void>(ws), device, stream});
+        });
+  m.def(name("add_penalty_grad").c_str(),
+        [k](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& g, const CoefArg& l1,
+            const CoefArg& l2, uintptr_t out, int out_dtype, uintptr_t ws, int device,
+            uintptr_t stream) {
+          TensorList w = make_list(p, n, d);
+          std::vector<void*> gp = as_ptrs(g, p.size());
+          py::gil_scoped_release nogil;
+          k->add_penalty_grad(w, gp.data(), coef(l1), coef(l2), ptr<void>(out), out_dtype,
+                              Launch{ptr<void>(ws), device, stream});
+        });
+  m.def(name("prox").c_str(),
+        [k](const Ptrs& p, const Numels& n, const Codes& d, const CoefArg& l1, const CoefArg& l2,
+            const CoefArg& lr, uintptr_t nnz, uintptr_t ws, int device, uintptr_t stream) {
+          TensorList w = make_list(p, n, d);
+          py::gil_scoped_release nogil;
+          k->prox(w, coef(l1), coef(l2), coef(lr), ptr<int64_t>(nnz),
+                  Launch{ptr<void>(ws), device, stream});
+        });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -96,46 +149,7 @@ PYBIND11_MODULE(_C, m) {
           pyreg::cpu::prox(w, coef(l1), coef(l2), coef(lr), ptr<int64_t>(nnz), nthreads);
         });
 
-  // ---- CUDA ----------------------------------------------------------------
-  m.def("cuda_compiled", &pyreg::cuda::compiled);
-  m.def("cuda_archs", &pyreg::cuda::archs);
-  m.def("cuda_device_count", &pyreg::cuda::device_count);
-  m.def("cuda_runtime_error", &pyreg::cuda::runtime_error);
-  m.def("cuda_device_error", &pyreg::cuda::device_error, py::arg("device"));
-  m.def("cuda_workspace_bytes", &pyreg::cuda::workspace_bytes, py::arg("n"), py::arg("total_numel"));
-  m.def("cuda_weight_stats",
-        [](const Ptrs& p, const Numels& n, const Codes& d, uintptr_t l1, uintptr_t l2,
-           uintptr_t linf, uintptr_t nnz, int out_dtype, uintptr_t ws, int device,
-           uintptr_t stream) {
-          TensorList w = make_list(p, n, d);
-          py::gil_scoped_release nogil;
-          pyreg::cuda::weight_stats(w, ptr<void>(l1), ptr<void>(l2), ptr<void>(linf),
-                                    ptr<int64_t>(nnz), out_dtype, ptr<void>(ws), device, stream);
-        });
-  m.def("cuda_penalty",
-        [](const Ptrs& p, const Numels& n, const Codes& d, const CoefArg& l1, const CoefArg& l2,
-           uintptr_t out, int out_dtype, uintptr_t ws, int device, uintptr_t stream) {
-          TensorList w = make_list(p, n, d);
-          py::gil_scoped_release nogil;
-          pyreg::cuda::penalty(w, coef(l1), coef(l2), ptr<void>(out), out_dtype, ptr<void>(ws),
-                               device, stream);
-        });
-  m.def("cuda_add_penalty_grad",
-        [](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& g, const CoefArg& l1,
-           const CoefArg& l2, uintptr_t out, int out_dtype, uintptr_t ws, int device,
-           uintptr_t stream) {
-          TensorList w = make_list(p, n, d);
-          std::vector<void*> gp = as_ptrs(g, p.size());
-          py::gil_scoped_release nogil;
-          pyreg::cuda::add_penalty_grad(w, gp.data(), coef(l1), coef(l2), ptr<void>(out),
-                                        out_dtype, ptr<void>(ws), device, stream);
-        });
-  m.def("cuda_prox",
-        [](const Ptrs& p, const Numels& n, const Codes& d, const CoefArg& l1, const CoefArg& l2,
-           const CoefArg& lr, uintptr_t nnz, uintptr_t ws, int device, uintptr_t stream) {
-          TensorList w = make_list(p, n, d);
-          py::gil_scoped_release nogil;
-          pyreg::cuda::prox(w, coef(l1), coef(l2), coef(lr), ptr<int64_t>(nnz), ptr<void>(ws),
-                            device, stream);
-        });
+  // ---- CUDA: the GPU build and the emulated one, one set of bindings ----------
+  bind_cuda(m, "cuda", pyreg::kCuda);
+  bind_cuda(m, "cuda_emu", pyreg::kCudaEmu);
 }

@@ -68,37 +68,30 @@ _PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
 _forced: Optional[str] = None
 
 
-def _compiled_for(device: torch.device):
-    if device.type == "cpu" and backends.cpu.available():
-        return backends.cpu
-    if device.type == "cuda" and backends.cuda.available(device.index):
-        return backends.cuda
-    return None
-
-
 def backend_name(device: Union[str, torch.device]) -> str:
     """Name of the backend the ops use for tensors on ``device`` right now."""
     device = torch.device(device)
     if _forced is not None:
         return _forced
-    be = _compiled_for(device)
-    return "torch" if be is None else be.__name__.rsplit(".", 1)[-1]
+    be = backends.compiled_for(device)
+    return "torch" if be is None else be.NAME
 
 
 def _backend(tensors: Sequence[Tensor]):
     device = tensors[0].device
     if _forced is None:
-        return _compiled_for(device) or backends.torch_ref
+        return backends.compiled_for(device) or backends.torch_ref
     be = backends.get(_forced)
-    if be is not backends.torch_ref and be is not _compiled_for(device):
-        raise RuntimeError(f"pyreg backend {_forced!r} is forced but cannot run on {device}")
+    why = be.why_not(device)
+    if why:
+        raise RuntimeError(f"pyreg backend {_forced!r} is forced but cannot run on {device}: {why}")
     return be
 
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Force a backend ("torch", "cpu", "cuda") inside a ``with`` block;
-    ``None`` restores automatic choice."""
+    """Force a backend ("torch", "cpu", "cuda", "cuda-emu") inside a ``with``
+    block; ``None`` restores automatic choice."""
     global _forced
     if name is not None:
         backends.get(name)  # validates the name

@@ -6,7 +6,8 @@ import platform
 import torch
 
 from . import __version__, _lib
-from .backends import cpu, cuda
+from .backends import cpu
+from .backends.cuda import EMULATED, GPU
 
 
 def info() -> dict:
@@ -20,20 +21,26 @@ def info() -> dict:
         "cpu isa": C.cpu_isa() if C is not None else "-",
         "threads": torch.get_num_threads(),
     }
-    if not cuda.compiled():
+    if not GPU.compiled():
         d["cuda backend"] = "not compiled"
     else:
-        archs = C.cuda_archs()
-        why = cuda.unavailable_reason(0 if torch.cuda.is_available() else None)
+        archs = GPU.archs()
+        why = GPU.unavailable_reason(0 if torch.cuda.is_available() else None)
         if why:
             d["cuda backend"] = f"compiled ({archs}), not usable: {why}"
         else:
             d["cuda backend"] = f"compiled ({archs})"
             for i in range(torch.cuda.device_count()):
                 cc = ".".join(map(str, torch.cuda.get_device_capability(i)))
-                why = cuda.unavailable_reason(i)
+                why = GPU.unavailable_reason(i)
                 d[f"cuda:{i}"] = (f"{torch.cuda.get_device_name(i)} (compute capability {cc}): "
                                   + ("usable" if not why else f"not usable: {why}"))
+    if not EMULATED.compiled():
+        d["cuda-emu backend"] = "not compiled (build with PYREG_CUDA_EMU=ON)"
+    else:
+        why = EMULATED.unavailable_reason()
+        d["cuda-emu backend"] = ("compiled (the CUDA kernels on the CPU, for tests)" if not why
+                                 else f"compiled, not usable: {why}")
     return d
 
 

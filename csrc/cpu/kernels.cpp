@@ -12,6 +12,10 @@
 // element-wise work, then a multi-lane SIMD reduction of the block while it is
 // in L1, folded into double accumulators: fp32 and 16-bit data get float32
 // SIMD speed with nearly float64 accuracy.
+//
+// The per-element math (grad term, prox threshold and shrink, Partial and its
+// fold, range check, write-out) lives in csrc/common/op_math.h, shared with
+// the CUDA kernels; this file keeps iteration, chunking and reductions.
 #include "kernels.h"
 
 #include <algorithm>
@@ -20,6 +24,7 @@
 #include <vector>
 
 #include "../common/dtype.h"
+#include "../common/op_math.h"
 #include "thread_pool.h"
 
 namespace pyreg::cpu {
@@ -31,21 +36,6 @@ constexpr int64_t kBlock = 2048;
 // development CPU (AMD EPYC, AVX2); add_penalty_grad_ (two streams) did not
 // gain, so it does not prefetch.
 constexpr int64_t kAhead = 4096;
-
-struct Partial {
-  double s1 = 0;    // sum |v|
-  double s2 = 0;    // sum v^2
-  double mx = 0;    // max |v| (NaN handling in finish)
-  int64_t nnz = 0;  // count v != 0
-};
-
-// True when a block's float32 sums may differ from float64 ones by more than
-// rounding: a square or sum overflowed (|w| > ~1.8e19; also any Inf or NaN
-// input), or squares fell below float32's normal range (all |w| < ~1e-15).
-template <typename A>
-inline bool out_of_float_range(A s1, A s2) {
-  return !(std::isfinite(s1) && std::isfinite(s2)) || (s2 < A(0x1p-100) && s1 > A(0));
-}
 
 // For consecutive blocks of kBlock elements covering [0, n): first
 // update(begin, len) does the element-wise work of the op on the block (it may
@@ -64,7 +54,7 @@ inline bool out_of_float_range(A s1, A s2) {
 template <typename A, bool kSums, bool kMax, bool kNnz, typename U, typename V>
 inline Partial sweep(int64_t n, U&& update, V&& value) {
   constexpr int kLanes = 64 / sizeof(A);
-  Partial p;
+  Partial p = zero_partial();
   A mx = A(0);
   for (int64_t i = 0; i < n; i += kBlock) {
     const int len = int(std::min(kBlock, n - i));
@@ -137,14 +127,6 @@ inline void prefetch_ahead(const T* p, int len) {
 // update() of the read-only ops.
 inline void no_update(int64_t, int) {}
 
-// Largest A <= t: with it, `a <= floor_to<A>(t)` is exactly `a <= t` for any a
-// of type A.
-template <typename A>
-inline A floor_to(double t) {
-  const A f = A(t);
-  return double(f) > t ? std::nextafter(f, A(-1) * std::numeric_limits<A>::infinity()) : f;
-}
-
 // Calls f(T*) with the data pointer cast to the storage type of `code`.
 template <typename F>
 inline auto with_dtype(int code, void* p, F&& f) {
@@ -180,23 +162,10 @@ std::vector<Partial> run(const TensorList& w, int nthreads, Body&& body) {
   std::vector<Partial> parts(items.size());
   parallel_for(int64_t(items.size()), threads_for(w, nthreads),
                [&](int64_t k) { parts[k] = body(items[k]); });
-  std::vector<Partial> out(w.size());
-  for (size_t k = 0; k < items.size(); ++k) {  // chunk order: deterministic
-    Partial& o = out[items[k].tensor];
-    const Partial& p = parts[k];
-    o.s1 += p.s1;
-    o.s2 += p.s2;
-    o.mx = p.mx > o.mx ? p.mx : o.mx;
-    o.nnz += p.nnz;
-  }
-  for (Partial& o : out)  // sum|w| is NaN exactly when some w is NaN
-    if (std::isnan(o.s1)) o.mx = std::numeric_limits<double>::quiet_NaN();
+  std::vector<Partial> out(w.size(), zero_partial());
+  for (size_t k = 0; k < items.size(); ++k)  // chunk order: deterministic
+    combine(out[items[k].tensor], parts[k]);
   return out;
-}
-
-void write(void* out, int out_dtype, int64_t i, double v) {
-  if (out_dtype == kFloat64) static_cast<double*>(out)[i] = v;
-  else static_cast<float*>(out)[i] = float(v);
 }
 
 double penalty_of(const std::vector<Partial>& s, Coef l1, Coef l2) {
@@ -224,9 +193,9 @@ void weight_stats(const TensorList& w, void* l1, void* l2, void* linf, int64_t* 
     });
   });
   for (int64_t i = 0; i < w.size(); ++i) {
-    write(l1, out_dtype, i, s[i].s1);
-    write(l2, out_dtype, i, std::sqrt(s[i].s2));
-    write(linf, out_dtype, i, s[i].mx);
+    write_out(l1, out_dtype, i, s[i].s1);
+    write_out(l2, out_dtype, i, std::sqrt(s[i].s2));
+    write_out(linf, out_dtype, i, finish_linf(s[i]));
     nnz[i] = s[i].nnz;
   }
 }
@@ -236,7 +205,7 @@ void penalty(const TensorList& w, Coef l1, Coef l2, void* out, int out_dtype, in
     return with_dtype(w.dtypes[it.tensor], w.ptrs[it.tensor],
                       [&](auto* p) { return sums_chunk(p + it.begin, it.end - it.begin); });
   });
-  write(out, out_dtype, 0, penalty_of(s, l1, l2));
+  write_out(out, out_dtype, 0, penalty_of(s, l1, l2));
 }
 
 void add_penalty_grad(const TensorList& w, void* const* grads, Coef l1, Coef l2, void* out,
@@ -253,18 +222,12 @@ void add_penalty_grad(const TensorList& w, void* const* grads, Coef l1, Coef l2,
         const T* __restrict xs = x + b;
         T* __restrict gs = g + b;
 #pragma omp simd
-        for (int k = 0; k < len; ++k) {
-          const A v = load<A>(xs[k]);
-          // c1 * sign(v) with sign(0) = 0, in fewer vector ops; a NaN or Inf
-          // v still makes the result NaN/Inf through c2 * v (0 * Inf = NaN).
-          const A l1_term = v != A(0) ? std::copysign(c1, v) : A(0);
-          gs[k] = store<T>(load<A>(gs[k]) + (l1_term + c2 * v));
-        }
+        for (int k = 0; k < len; ++k) gs[k] = store<T>(load<A>(gs[k]) + grad_term(load<A>(xs[k]), c1, c2));
       };
       return sweep<A, true, false, false>(it.end - it.begin, update, loader<A>(x));
     });
   });
-  write(out, out_dtype, 0, penalty_of(s, l1, l2));
+  write_out(out, out_dtype, 0, penalty_of(s, l1, l2));
 }
 
 void prox(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, int nthreads) {
@@ -273,24 +236,13 @@ void prox(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, int nthr
       using T = std::remove_pointer_t<decltype(p)>;
       T* x = p + it.begin;
       using A = opmath_t<T>;
-      // Zero exactly where |w| <= t = lr*l1, as in the float64 reference:
-      // a <= t_floor is that test for any a of type A. The shrink subtracts t
-      // as t_hi + t_lo, so a just above t stays (tiny but) nonzero.
-      const double t = lr.at(it.tensor) * l1.at(it.tensor);
-      const A t_floor = floor_to<A>(t);
-      const A t_hi = A(t);
-      const A t_lo = A(t - double(t_hi));
-      const A scale = A(1.0 / (1.0 + 2.0 * lr.at(it.tensor) * l2.at(it.tensor)));
+      const ProxParams<A> pp =
+          prox_params<A>(l1.at(it.tensor), l2.at(it.tensor), lr.at(it.tensor));
       auto update = [=](int64_t b, int len) {
         T* __restrict xs = x + b;
         prefetch_ahead(xs, len);
 #pragma omp simd
-        for (int k = 0; k < len; ++k) {
-          const A v = load<A>(xs[k]);
-          const A a = std::fabs(v);
-          const A r = a <= t_floor ? A(0) : std::copysign(((a - t_hi) - t_lo) * scale, v);
-          xs[k] = store<T>(r);
-        }
+        for (int k = 0; k < len; ++k) xs[k] = store<T>(prox_value(load<A>(xs[k]), pp));
       };
       // Counts the nonzeros of what was stored.
       return sweep<A, false, false, true>(it.end - it.begin, update, loader<A>(x));

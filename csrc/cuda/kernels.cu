@@ -15,6 +15,10 @@
 //     the batch. One launch per batch (a single launch for lists of up to
 //     kMaxTensors tensors); block b of a launch processes the batch's chunk b
 //     and finds its tensor by binary search over the chunk starts.
+//   * Each thread sums its share of a chunk (at most 128 elements) in the
+//     compute type (float32 for 32- and 16-bit data: GPUs without fast FP64
+//     stay memory-bound) and folds it into float64; a share whose float32
+//     sums left float32's range is summed again in float64, as on the CPU.
 //   * Each block reduces its chunk to one Partial (sum|w|, sum w^2, max|w|,
 //     nnz) with a fixed-order tree and writes it to the workspace at its global
 //     chunk index. Block 0 of each launch also writes the batch's per-tensor
@@ -31,12 +35,20 @@
 // Nothing here synchronizes with the host, copies host memory or allocates:
 // the ops can be captured in a CUDA graph.
 //
+// The per-element math lives in csrc/common/op_math.h, shared with the CPU
+// kernels; this file keeps iteration, chunking and reductions. Every launch
+// goes through PYREG_LAUNCH and every shared variable through PYREG_SHARED
+// (launch.h), so the file also compiles as host C++ against the CUDA emulator
+// (csrc/cuda/emu/), which runs these kernels in CI without a GPU.
+//
 // Workspace layout (see Layout): [counter: 16 B][first: int64 x (n+1)]
 // [terms: double x n][parts: Partial x (an upper bound of C)], each piece
 // 16-byte aligned.
 #include "kernels.h"
 
+#if !defined(PYREG_CUDA_EMU)  // the emulator's stand-in is already included
 #include <cuda_runtime.h>
+#endif
 
 #include <climits>
 #include <cmath>
@@ -46,12 +58,17 @@
 #include <vector>
 
 #include "../common/dtype.h"
+#include "../common/op_math.h"
+#include "launch.h"
 
 #ifndef PYREG_CUDA_ARCHS
 #define PYREG_CUDA_ARCHS ""
 #endif
+#ifndef PYREG_CUDA_TABLE
+#define PYREG_CUDA_TABLE kCuda
+#endif
 
-namespace pyreg::cuda {
+namespace pyreg {
 namespace {
 
 constexpr int kThreads = 512;                 // threads per block
@@ -85,13 +102,6 @@ struct Coefs {
   Coef l1, l2, lr;
 };
 
-struct Partial {
-  double s1;   // sum |v|
-  double s2;   // sum v^2
-  double mx;   // max |v| (NaN ignored here; finish turns it NaN when s1 is NaN)
-  long long nnz;
-};
-
 struct Work {
   unsigned* counter;
   int64_t* first;  // n+1 entries: tensor t owns global chunks [first[t], first[t+1])
@@ -112,33 +122,11 @@ struct Outs {
 static_assert(sizeof(Batch) + sizeof(Coefs) + sizeof(Work) <= 4000,
               "chunk kernel arguments must fit in 4 KB");
 static_assert(kChunk * 8 < INT_MAX, "chunk lengths are int");
+static_assert(kChunk / kThreads <= 128, "a thread's float32 run is at most 128 elements");
 
 // ---------------------------------------------------------------------------
 // Device helpers
 // ---------------------------------------------------------------------------
-__device__ __forceinline__ float abs_of(float v) { return fabsf(v); }
-__device__ __forceinline__ double abs_of(double v) { return fabs(v); }
-__device__ __forceinline__ float copysign_of(float m, float s) { return copysignf(m, s); }
-__device__ __forceinline__ double copysign_of(double m, double s) { return copysign(m, s); }
-
-// Largest A <= t (as floor_to in csrc/cpu/kernels.cpp): `a <= floor_to<A>(t)`
-// is exactly `a <= t` for any a of type A.
-template <typename A> __device__ __forceinline__ A floor_to(double t);
-template <> __device__ __forceinline__ float floor_to<float>(double t) {
-  const float f = __double2float_rn(t);
-  return double(f) > t ? nextafterf(f, -INFINITY) : f;
-}
-template <> __device__ __forceinline__ double floor_to<double>(double t) { return t; }
-
-__device__ __forceinline__ Partial zero_partial() { return Partial{0.0, 0.0, 0.0, 0}; }
-
-__device__ __forceinline__ void combine(Partial& o, const Partial& p) {
-  o.s1 += p.s1;
-  o.s2 += p.s2;
-  o.mx = p.mx > o.mx ? p.mx : o.mx;
-  o.nnz += p.nnz;
-}
-
 // Fixed shuffle tree: the result (in lane 0) depends only on the lane values.
 __device__ __forceinline__ Partial warp_reduce(Partial p) {
 #pragma unroll
@@ -147,7 +135,7 @@ __device__ __forceinline__ Partial warp_reduce(Partial p) {
     q.s1 = __shfl_down_sync(0xffffffffu, p.s1, off);
     q.s2 = __shfl_down_sync(0xffffffffu, p.s2, off);
     q.mx = __shfl_down_sync(0xffffffffu, p.mx, off);
-    q.nnz = __shfl_down_sync(0xffffffffu, p.nnz, off);
+    q.nnz = __shfl_down_sync(0xffffffffu, (long long)p.nnz, off);
     combine(p, q);
   }
   return p;
@@ -156,7 +144,7 @@ __device__ __forceinline__ Partial warp_reduce(Partial p) {
 // Whole-block reduction, result valid in thread 0. Call at most once per
 // kernel invocation (it owns a static shared buffer) from all threads.
 __device__ __forceinline__ Partial block_reduce(Partial p) {
-  __shared__ Partial sh[kWarps];
+  PYREG_SHARED(Partial[kWarps], sh);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   p = warp_reduce(p);
   if (lane == 0) sh[warp] = p;
@@ -171,18 +159,17 @@ __device__ __forceinline__ Partial block_reduce(Partial p) {
 // Per-tensor constants of an op, in the compute type.
 template <typename A>
 struct Params {
-  A c1, c2;                      // add_penalty_grad: l1, 2*l2
-  A t_floor, t_hi, t_lo, scale;  // prox
+  A c1, c2;            // add_penalty_grad: l1, 2*l2
+  ProxParams<A> prox;  // prox
 };
 
-// Thread accumulators. The sums are float64 for every dtype, as in the spec:
-// float32 squares overflow past |w| ~ 1.8e19 and underflow below ~1e-19
-// (csrc/cpu/kernels.cpp re-sums such blocks in float64). The kernels are
-// memory-bound; two float64 adds per element cost nothing on A100/H100.
+// Thread accumulators, in the compute type A: a thread's share of a chunk is
+// at most 128 elements, a short run that float32 sums as accurately as the
+// CPU kernels' lanes; run_chunk folds it into float64 (again in float64 when
+// out of float32's range).
 template <typename A>
 struct Acc {
-  double s1 = 0.0, s2 = 0.0;
-  A mx = A(0);
+  A s1 = A(0), s2 = A(0), mx = A(0);
   int nnz = 0;
 };
 
@@ -190,29 +177,31 @@ struct Acc {
 template <int kOp, typename T, typename A>
 __device__ __forceinline__ void element(T& xv, T& gv, const Params<A>& p, Acc<A>& acc) {
   const A v = load<A>(xv);
-  const A a = abs_of(v);
   if constexpr (kOp == kProx) {
-    const A r = a <= p.t_floor ? A(0) : copysign_of(((a - p.t_hi) - p.t_lo) * p.scale, v);
-    const T o = store<T>(r);
+    const T o = store<T>(prox_value(v, p.prox));
     xv = o;
     acc.nnz += load<A>(o) != A(0) ? 1 : 0;  // nonzeros of what was stored
   } else {
-    const double d = double(v);
-    acc.s1 += fabs(d);
-    acc.s2 += d * d;
+    const A a = abs_of(v);
+    acc.s1 += a;
+    acc.s2 += v * v;
     if constexpr (kOp == kStats) {
       acc.mx = a > acc.mx ? a : acc.mx;
       acc.nnz += v != A(0) ? 1 : 0;
     }
-    if constexpr (kOp == kGrad) {
-      // As the CPU kernel: the l1 term of a zero weight is +0 (so -0 + term is
-      // +0 like the reference); a NaN weight still gives NaN through c2 * v
-      // (0 * NaN = NaN).
-      const A l1_term = v != A(0) ? copysign_of(p.c1, v) : A(0);
-      gv = store<T>(load<A>(gv) + (l1_term + p.c2 * v));
-    }
+    if constexpr (kOp == kGrad) gv = store<T>(load<A>(gv) + grad_term(v, p.c1, p.c2));
   }
   (void)gv;
+}
+
+// Visits this thread's elements of a chunk of len elements in a fixed order:
+// vec(i) for its 16-byte vectors i (nv of them in all), then one(i) for its
+// elements of the scalar tail.
+template <typename V, typename S>
+__device__ __forceinline__ void for_my_elements(int nv, int vw, int len, V&& vec, S&& one) {
+#pragma unroll 4
+  for (int i = threadIdx.x; i < nv; i += kThreads) vec(i);
+  for (int i = nv * vw + int(threadIdx.x); i < len; i += kThreads) one(i);
 }
 
 // One chunk (len elements at x, and g for grads) by the whole block; returns
@@ -229,14 +218,7 @@ __device__ __forceinline__ Partial run_chunk(void* xbase, void* gbase, int64_t b
     p.c1 = A(c.l1.at(t));
     p.c2 = A(2.0 * c.l2.at(t));
   }
-  if constexpr (kOp == kProx) {
-    const double l1 = c.l1.at(t), l2 = c.l2.at(t), lr = c.lr.at(t);
-    const double th = lr * l1;
-    p.t_floor = floor_to<A>(th);
-    p.t_hi = A(th);
-    p.t_lo = A(th - double(p.t_hi));
-    p.scale = A(1.0 / (1.0 + 2.0 * lr * l2));
-  }
+  if constexpr (kOp == kProx) p.prox = prox_params<A>(c.l1.at(t), c.l2.at(t), c.lr.at(t));
 
   Acc<A> acc;
   // 16-byte vectors when the chunk start is 16-byte aligned (chunks are a
@@ -245,40 +227,62 @@ __device__ __forceinline__ Partial run_chunk(void* xbase, void* gbase, int64_t b
   const uintptr_t mis = (reinterpret_cast<uintptr_t>(x) |
                          (kOp == kGrad ? reinterpret_cast<uintptr_t>(g) : uintptr_t(0))) & 15u;
   const int nv = mis == 0 ? len / V : 0;
-#pragma unroll 4
-  for (int i = threadIdx.x; i < nv; i += kThreads) {
-    uint4 rx = reinterpret_cast<const uint4*>(x)[i];
-    T vx[V];
-    memcpy(vx, &rx, 16);
-    if constexpr (kOp == kGrad) {
-      uint4 rg = reinterpret_cast<const uint4*>(g)[i];
-      T vg[V];
-      memcpy(vg, &rg, 16);
+  for_my_elements(
+      nv, V, len,
+      [&](int i) {
+        uint4 rx = reinterpret_cast<const uint4*>(x)[i];
+        T vx[V];
+        memcpy(vx, &rx, 16);
+        if constexpr (kOp == kGrad) {
+          uint4 rg = reinterpret_cast<const uint4*>(g)[i];
+          T vg[V];
+          memcpy(vg, &rg, 16);
 #pragma unroll
-      for (int k = 0; k < V; ++k) element<kOp, T, A>(vx[k], vg[k], p, acc);
-      memcpy(&rg, vg, 16);
-      reinterpret_cast<uint4*>(g)[i] = rg;
-    } else {
+          for (int k = 0; k < V; ++k) element<kOp, T, A>(vx[k], vg[k], p, acc);
+          memcpy(&rg, vg, 16);
+          reinterpret_cast<uint4*>(g)[i] = rg;
+        } else {
 #pragma unroll
-      for (int k = 0; k < V; ++k) element<kOp, T, A>(vx[k], vx[k], p, acc);
-      if constexpr (kOp == kProx) {
-        memcpy(&rx, vx, 16);
-        reinterpret_cast<uint4*>(x)[i] = rx;
-      }
+          for (int k = 0; k < V; ++k) element<kOp, T, A>(vx[k], vx[k], p, acc);
+          if constexpr (kOp == kProx) {
+            memcpy(&rx, vx, 16);
+            reinterpret_cast<uint4*>(x)[i] = rx;
+          }
+        }
+      },
+      [&](int i) {
+        T xv = x[i];
+        if constexpr (kOp == kGrad) {
+          T gv = g[i];
+          element<kOp, T, A>(xv, gv, p, acc);
+          g[i] = gv;
+        } else {
+          element<kOp, T, A>(xv, xv, p, acc);
+          if constexpr (kOp == kProx) x[i] = xv;
+        }
+      });
+  Partial out{double(acc.s1), double(acc.s2), double(acc.mx), int64_t(acc.nnz)};
+  if constexpr (kOp != kProx && sizeof(A) < sizeof(double)) {
+    if (out_of_float_range(acc.s1, acc.s2)) {
+      // Rare: this thread's elements again, in float64 (the spec). The weights
+      // were only read (grads are written, weights never), so they are intact.
+      double d1 = 0.0, d2 = 0.0;
+      auto add = [&](int i) {
+        const double d = double(load<A>(x[i]));
+        d1 += fabs(d);
+        d2 += d * d;
+      };
+      for_my_elements(
+          nv, V, len,
+          [&](int i) {
+            for (int k = 0; k < V; ++k) add(i * V + k);
+          },
+          add);
+      out.s1 = d1;
+      out.s2 = d2;
     }
   }
-  for (int i = nv * V + int(threadIdx.x); i < len; i += kThreads) {
-    T xv = x[i];
-    if constexpr (kOp == kGrad) {
-      T gv = g[i];
-      element<kOp, T, A>(xv, gv, p, acc);
-      g[i] = gv;
-    } else {
-      element<kOp, T, A>(xv, xv, p, acc);
-      if constexpr (kOp == kProx) x[i] = xv;
-    }
-  }
-  return Partial{acc.s1, acc.s2, double(acc.mx), (long long)acc.nnz};
+  return out;
 }
 
 // ---------------------------------------------------------------------------
@@ -322,11 +326,6 @@ __global__ void __launch_bounds__(kThreads) chunk_kernel(const Batch b, const Co
   if (threadIdx.x == 0) w.parts[b.chunk0 + cidx] = p;
 }
 
-__device__ __forceinline__ void write_out(void* out, int out_dtype, int64_t i, double v) {
-  if (out_dtype == kFloat64) static_cast<double*>(out)[i] = v;
-  else static_cast<float*>(out)[i] = float(v);
-}
-
 // kFin: kStats (weight_stats), kPenalty (penalty and add_penalty_grad), kProx.
 template <int kFin>
 __global__ void __launch_bounds__(kThreads) finish_kernel(const Work w, int64_t n, const Coefs c,
@@ -342,8 +341,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const Work w, int64_t 
       if constexpr (kFin == kStats) {
         write_out(o.l1, o.out_dtype, t, p.s1);
         write_out(o.l2, o.out_dtype, t, sqrt(p.s2));
-        // sum|w| is NaN exactly when some w is NaN
-        write_out(o.linf, o.out_dtype, t, isnan(p.s1) ? p.s1 : p.mx);
+        write_out(o.linf, o.out_dtype, t, finish_linf(p));
         o.nnz[t] = int64_t(p.nnz);
       } else if constexpr (kFin == kProx) {
         o.nnz[t] = int64_t(p.nnz);
@@ -354,7 +352,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const Work w, int64_t 
   }
   if constexpr (kFin == kPenalty) {
     // The last block to get here folds every tensor's term in a fixed order.
-    __shared__ bool last;
+    PYREG_SHARED(bool, last);
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) last = atomicAdd(w.counter, 1u) == gridDim.x - 1;
@@ -493,30 +491,27 @@ void check_out_dtype(int out_dtype) {
 
 template <int kOp, int kFin>
 void launch(const TensorList& w, void* const* grads, const Coefs& c, const Outs& o,
-            void* workspace, int device, uintptr_t stream, const char* name) {
+            const Launch& at, const char* name) {
   const std::vector<Batch> batches = plan(w, grads);
-  const Work wk = work_of(w, workspace);
-  DeviceGuard guard(device);
+  const Work wk = work_of(w, at.workspace);
+  DeviceGuard guard(at.device);
   (void)cudaGetLastError();  // do not blame this launch for an earlier, non-sticky error
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(at.stream);
   for (const Batch& b : batches) {
     const int64_t blocks = b.cstart[b.nt] > 0 ? b.cstart[b.nt] : 1;
-    chunk_kernel<kOp><<<dim3(unsigned(blocks)), kThreads, 0, s>>>(b, c, wk);
+    PYREG_LAUNCH(chunk_kernel<kOp>, dim3(unsigned(blocks)), kThreads, 0, s, b, c, wk);
     check(cudaGetLastError(), (std::string(name) + " chunk kernel launch").c_str());
   }
   const int64_t n = w.size();
   const int64_t fblocks = n > 0 ? (n + kWarps - 1) / kWarps : 1;
-  finish_kernel<kFin><<<dim3(unsigned(fblocks)), kThreads, 0, s>>>(wk, n, c, o);
+  PYREG_LAUNCH(finish_kernel<kFin>, dim3(unsigned(fblocks)), kThreads, 0, s, wk, n, c, o);
   check(cudaGetLastError(), (std::string(name) + " finishing kernel launch").c_str());
 }
 
-}  // namespace
 
 // ---------------------------------------------------------------------------
 // Entry points
 // ---------------------------------------------------------------------------
-bool compiled() { return true; }
-
 std::string archs() {
   // CMake's list ("80-real,90-real,90-virtual", ',' for ';') -> "sm_80 sm_90 compute_90".
   const std::string spec = PYREG_CUDA_ARCHS;
@@ -610,35 +605,38 @@ int64_t workspace_bytes(int64_t n, int64_t total_numel) {
 }
 
 void weight_stats(const TensorList& w, void* l1, void* l2, void* linf, int64_t* nnz,
-                  int out_dtype, void* workspace, int device, uintptr_t stream) {
+                  int out_dtype, const Launch& at) {
   check_out_dtype(out_dtype);
   const Outs o{l1, l2, linf, nnz, nullptr, out_dtype};
   const Coef none{nullptr, 0.0};
-  launch<kStats, kStats>(w, nullptr, Coefs{none, none, none}, o, workspace, device, stream,
-                         "weight_stats");
+  launch<kStats, kStats>(w, nullptr, Coefs{none, none, none}, o, at, "weight_stats");
 }
 
-void penalty(const TensorList& w, Coef l1, Coef l2, void* out, int out_dtype, void* workspace,
-             int device, uintptr_t stream) {
+void penalty(const TensorList& w, Coef l1, Coef l2, void* out, int out_dtype, const Launch& at) {
   check_out_dtype(out_dtype);
   const Outs o{nullptr, nullptr, nullptr, nullptr, out, out_dtype};
-  launch<kPenalty, kPenalty>(w, nullptr, Coefs{l1, l2, Coef{nullptr, 0.0}}, o, workspace, device,
-                             stream, "penalty");
+  launch<kPenalty, kPenalty>(w, nullptr, Coefs{l1, l2, Coef{nullptr, 0.0}}, o, at, "penalty");
 }
 
 void add_penalty_grad(const TensorList& w, void* const* grads, Coef l1, Coef l2, void* out,
-                      int out_dtype, void* workspace, int device, uintptr_t stream) {
+                      int out_dtype, const Launch& at) {
   check_out_dtype(out_dtype);
   if (grads == nullptr && w.size() > 0) fail("null grads");
   const Outs o{nullptr, nullptr, nullptr, nullptr, out, out_dtype};
-  launch<kGrad, kPenalty>(w, grads, Coefs{l1, l2, Coef{nullptr, 0.0}}, o, workspace, device,
-                          stream, "add_penalty_grad");
+  launch<kGrad, kPenalty>(w, grads, Coefs{l1, l2, Coef{nullptr, 0.0}}, o, at,
+                          "add_penalty_grad");
 }
 
-void prox(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, void* workspace,
-          int device, uintptr_t stream) {
+void prox(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, const Launch& at) {
   const Outs o{nullptr, nullptr, nullptr, nnz, nullptr, kFloat64};
-  launch<kProx, kProx>(w, nullptr, Coefs{l1, l2, lr}, o, workspace, device, stream, "prox");
+  launch<kProx, kProx>(w, nullptr, Coefs{l1, l2, lr}, o, at, "prox");
 }
 
-}  // namespace pyreg::cuda
+}  // namespace
+
+extern const CudaKernels PYREG_CUDA_TABLE = {
+    true,         archs,   device_count, runtime_error,    device_error, workspace_bytes,
+    weight_stats, penalty, add_penalty_grad, prox,
+};
+
+}  // namespace pyreg

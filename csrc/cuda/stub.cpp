@@ -1,25 +1,39 @@
-// stub.cpp: the CUDA entry points of a CPU-only build (no nvcc, or
-// PYREG_CUDA=OFF). Python checks compiled() before using any of the others.
+// stub.cpp: the table of a CUDA build that was not made: kCuda without nvcc
+// (or PYREG_CUDA=OFF), kCudaEmu without PYREG_CUDA_EMU=ON. CMake defines
+// PYREG_STUB_CUDA and/or PYREG_STUB_CUDA_EMU. Python reads `compiled` before
+// using any of the others.
 #include <stdexcept>
 
 #include "kernels.h"
 
-namespace pyreg::cuda {
-
-bool compiled() { return false; }
-std::string archs() { return ""; }
-int device_count() { return 0; }
-std::string runtime_error() { return "pyreg was built without CUDA"; }
-std::string device_error(int) { return "pyreg was built without CUDA"; }
-int64_t workspace_bytes(int64_t, int64_t) { return 0; }
-
+namespace pyreg {
 namespace {
-[[noreturn]] void unavailable() { throw std::runtime_error("pyreg was built without CUDA"); }
+
+[[noreturn]] void unavailable() { throw std::runtime_error("these CUDA kernels were not built"); }
+
+CudaKernels stub(std::string (*why)()) {
+  return CudaKernels{
+      false,
+      [] { return std::string(); },
+      [] { return 0; },
+      why,
+      [](int) { return std::string("not built"); },
+      [](int64_t, int64_t) { return int64_t(0); },
+      [](const TensorList&, void*, void*, void*, int64_t*, int, const Launch&) { unavailable(); },
+      [](const TensorList&, Coef, Coef, void*, int, const Launch&) { unavailable(); },
+      [](const TensorList&, void* const*, Coef, Coef, void*, int, const Launch&) { unavailable(); },
+      [](const TensorList&, Coef, Coef, Coef, int64_t*, const Launch&) { unavailable(); },
+  };
+}
+
 }  // namespace
 
-void weight_stats(const TensorList&, void*, void*, void*, int64_t*, int, void*, int, uintptr_t) { unavailable(); }
-void penalty(const TensorList&, Coef, Coef, void*, int, void*, int, uintptr_t) { unavailable(); }
-void add_penalty_grad(const TensorList&, void* const*, Coef, Coef, void*, int, void*, int, uintptr_t) { unavailable(); }
-void prox(const TensorList&, Coef, Coef, Coef, int64_t*, void*, int, uintptr_t) { unavailable(); }
+#if defined(PYREG_STUB_CUDA)
+extern const CudaKernels kCuda = stub([] { return std::string("pyreg was built without CUDA"); });
+#endif
+#if defined(PYREG_STUB_CUDA_EMU)
+extern const CudaKernels kCudaEmu = stub(
+    [] { return std::string("pyreg was built without the CUDA emulator (PYREG_CUDA_EMU=OFF)"); });
+#endif
 
-}  // namespace pyreg::cuda
+}  // namespace pyreg

@@ -1,31 +1,48 @@
-"""pyreg's backends: implementations of the four ops for one device kind each.
+"""pyreg's backends: implementations of the four ops, each for one kind of device.
 
-Every backend module exposes the same four functions, taking already validated
-arguments (a non-empty list of tensors on one device; each coefficient a
-float for every tensor, or a 1-D float64 tensor with one entry per tensor on
-the tensors' device):
+Every backend has a ``NAME``, ``why_not(device)`` (why it cannot take tensors
+on ``device``, or ""), and the same four functions,
+taking already validated arguments (a non-empty list of tensors on one device;
+each coefficient a float for every tensor, or a 1-D float64 tensor with one
+entry per tensor on the tensors' device):
 
-    weight_stats(tensors) -> (l1, l2, linf, nnz)
+    weight_stats(tensors) -> WeightStats(l1, l2, linf, nnz)
     penalty(tensors, l1, l2) -> 0-dim tensor
     add_penalty_grad_(tensors, grads, l1, l2) -> 0-dim tensor
     prox_(tensors, l1, l2, lr) -> 1-D int64 tensor
 
 - ``torch``: pure PyTorch, the specification; runs on any device.
 - ``cpu``: the compiled C++ kernels (csrc/cpu).
-- ``cuda``: the compiled CUDA kernels (csrc/cuda).
+- ``cuda``: the compiled CUDA kernels (csrc/cuda), on GPUs.
+- ``cuda-emu``: the same CUDA kernels built against the CUDA emulator
+  (csrc/cuda/emu), on CPU tensors: for testing the CUDA code without a GPU.
+  Built only with the CMake option ``PYREG_CUDA_EMU=ON``; never chosen
+  automatically, only by ``pyreg.use_backend("cuda-emu")``.
 """
 from __future__ import annotations
 
-from types import ModuleType
+from typing import Any, Optional
 
-from . import cpu, cuda, torch_ref
+import torch
 
-BACKENDS: dict[str, ModuleType] = {"torch": torch_ref, "cpu": cpu, "cuda": cuda}
+from . import cpu, torch_ref
+from .cuda import EMULATED, GPU
+
+BACKENDS: dict[str, Any] = {"torch": torch_ref, "cpu": cpu, "cuda": GPU, "cuda-emu": EMULATED}
 
 
-def get(name: str) -> ModuleType:
-    """The backend module called ``name`` ("torch", "cpu" or "cuda")."""
+def get(name: str):
+    """The backend called ``name`` ("torch", "cpu", "cuda" or "cuda-emu")."""
     try:
         return BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown backend {name!r}; expected one of {sorted(BACKENDS)}") from None
+
+
+def compiled_for(device: torch.device) -> Optional[Any]:
+    """The compiled backend chosen by default for tensors on ``device``, or None."""
+    if device.type == "cpu" and cpu.available():
+        return cpu
+    if device.type == "cuda" and GPU.available(device.index):
+        return GPU
+    return None

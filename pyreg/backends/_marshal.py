@@ -64,12 +64,19 @@ def pointers(tensors: Sequence[Tensor]) -> List[int]:
 Coef = Union[float, Tensor]
 
 
-def coef(c: Coef, device_type: str) -> Tuple[int, float]:
+def coef(c: Coef, device: torch.device, n: int) -> Tuple[int, float]:
     """A coefficient as pyreg._C takes it: (pointer to one float64 per tensor,
-    0.0), or (0, value) for one value passed by value."""
+    0.0), or (0, value) for one value passed by value. A tensor must already be
+    in the kernels' form (the ops make it so); anything else is a caller's bug,
+    reported before a kernel could read the wrong memory."""
     if isinstance(c, float):
         return 0, c
-    assert c.dtype == torch.float64 and c.device.type == device_type and c.is_contiguous()
+    if not (isinstance(c, Tensor) and c.dtype == torch.float64 and c.device == device
+            and c.shape == (n,) and c.is_contiguous()):
+        got = (f"{tuple(c.shape)} {c.dtype} on {c.device}" if isinstance(c, Tensor)
+               else type(c).__name__)
+        raise ValueError(f"a coefficient for the kernels must be a float or a contiguous ({n},) "
+                         f"float64 tensor on {device}; got {got}")
     return c.data_ptr(), 0.0
 
 

@@ -11,17 +11,30 @@ import torch
 from torch import Tensor
 
 from .._common import DTYPE_CODES, WeightStats, result_dtype
-from .._lib import _C
+from .._lib import LOAD_ERROR, _C
 from . import _marshal as m
 from ._marshal import Coef
+
+
+NAME = "cpu"
 
 
 def available() -> bool:
     return _C is not None
 
 
-def _coef(c: Coef):
-    return m.coef(c, "cpu")
+def why_not(device: torch.device) -> str:
+    """Why this backend cannot take tensors on ``device``, or "" if it can."""
+    if device.type != "cpu":
+        return "it takes cpu tensors"
+    return "" if available() else f"pyreg's compiled module is not loaded ({LOAD_ERROR})"
+
+
+_CPU = torch.device("cpu")
+
+
+def _coef(c: Coef, n: int):
+    return m.coef(c, _CPU, n)
 
 
 def weight_stats(tensors: List[Tensor]):
@@ -39,7 +52,7 @@ def penalty(tensors: List[Tensor], l1: Coef, l2: Coef) -> Tensor:
     ws = m.dense_list(tensors)
     rd = result_dtype(ws)
     out = torch.empty((), dtype=rd)
-    _C.cpu_penalty(*m.describe(ws), _coef(l1), _coef(l2), out.data_ptr(), DTYPE_CODES[rd],
+    _C.cpu_penalty(*m.describe(ws), _coef(l1, len(ws)), _coef(l2, len(ws)), out.data_ptr(), DTYPE_CODES[rd],
                    torch.get_num_threads())
     return out
 
@@ -48,7 +61,7 @@ def add_penalty_grad_(tensors: List[Tensor], grads: List[Tensor], l1: Coef, l2: 
     ws, gs = m.paired(tensors, grads)
     rd = result_dtype(ws)
     out = torch.empty((), dtype=rd)
-    _C.cpu_add_penalty_grad(*m.describe(ws), m.pointers(gs.work), _coef(l1), _coef(l2),
+    _C.cpu_add_penalty_grad(*m.describe(ws), m.pointers(gs.work), _coef(l1, len(ws)), _coef(l2, len(ws)),
                             out.data_ptr(), DTYPE_CODES[rd], torch.get_num_threads())
     gs.commit()
     return out
@@ -57,7 +70,7 @@ def add_penalty_grad_(tensors: List[Tensor], grads: List[Tensor], l1: Coef, l2: 
 def prox_(tensors: List[Tensor], l1: Coef, l2: Coef, lr: Coef) -> Tensor:
     ws = m.Writable(tensors)
     nnz = torch.empty(len(tensors), dtype=torch.int64)
-    _C.cpu_prox(*m.describe(ws.work), _coef(l1), _coef(l2), _coef(lr), nnz.data_ptr(),
+    _C.cpu_prox(*m.describe(ws.work), _coef(l1, len(ws.work)), _coef(l2, len(ws.work)), _coef(lr, len(ws.work)), nnz.data_ptr(),
                 torch.get_num_threads())
     ws.commit()
     return nnz

@@ -15,6 +15,13 @@ from torch import Tensor
 from .._common import WeightStats, coef_tensor, result_dtype
 
 
+NAME = "torch"
+
+
+def why_not(device: torch.device) -> str:
+    return ""  # any device
+
+
 def _hp(t: Tensor) -> torch.dtype:
     return torch.float32 if t.device.type == "mps" else torch.float64
 

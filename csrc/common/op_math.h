@@ -1,0 +1,111 @@
+// op_math.h: the per-element math of every op, written once. The CPU kernels
+// (csrc/cpu/kernels.cpp) and the CUDA kernels (csrc/cuda/kernels.cu, on a GPU
+// or under the emulator) both include it; they keep only iteration, chunking
+// and reductions. Everything here is PYREG_HD: host and device.
+//
+// A is the compute type (opmath_t<T>: float for 16-bit and float32 storage,
+// double for float64). The float64 reference (pyreg/backends/torch_ref.py) is
+// the specification these reproduce.
+#pragma once
+#include <math.h>
+
+#include <cstdint>
+
+#include "dtype.h"
+
+namespace pyreg {
+
+// ---- scalar helpers, one spelling for host and device ---------------------------
+PYREG_HD float abs_of(float v) { return fabsf(v); }
+PYREG_HD double abs_of(double v) { return fabs(v); }
+PYREG_HD float copysign_of(float m, float s) { return copysignf(m, s); }
+PYREG_HD double copysign_of(double m, double s) { return copysign(m, s); }
+
+// Largest A <= t: with it, `a <= floor_to<A>(t)` is exactly `a <= t` for any a
+// of type A (the float64 spec's zero test, done in A).
+template <typename A> PYREG_HD A floor_to(double t);
+template <> PYREG_HD float floor_to<float>(double t) {
+  const float f = float(t);  // round to nearest
+  return double(f) > t ? nextafterf(f, -INFINITY) : f;
+}
+template <> PYREG_HD double floor_to<double>(double t) { return t; }
+
+// ---- reductions ---------------------------------------------------------------
+// A tensor's (or a chunk's) sums: sum|v|, sum v^2, max|v| (NaN ignored here:
+// finish_linf makes it NaN when sum|v| is), count of v != 0. An aggregate
+// without initializers (CUDA shared memory needs one): start from zero_partial().
+struct Partial {
+  double s1;
+  double s2;
+  double mx;
+  int64_t nnz;
+};
+
+PYREG_HD Partial zero_partial() { return Partial{0.0, 0.0, 0.0, 0}; }
+
+// o += p. Order matters for the sums: callers fold in a fixed order.
+PYREG_HD void combine(Partial& o, const Partial& p) {
+  o.s1 += p.s1;
+  o.s2 += p.s2;
+  o.mx = p.mx > o.mx ? p.mx : o.mx;
+  o.nnz += p.nnz;
+}
+
+// max|w| as reported: NaN exactly when some w is NaN (then sum|w| is NaN).
+PYREG_HD double finish_linf(const Partial& p) { return isnan(p.s1) ? p.s1 : p.mx; }
+
+// True when sums run in float32 may differ from float64 ones by more than
+// rounding: a square or sum overflowed (|w| > ~1.8e19; also any Inf or NaN
+// input), or squares fell below float32's normal range (all |w| < ~1e-15).
+// Such a run is summed again in float64, so every result keeps float64's range.
+template <typename A>
+PYREG_HD bool out_of_float_range(A s1, A s2) {
+  return !(isfinite(s1) && isfinite(s2)) || (s2 < A(0x1p-100) && s1 > A(0));
+}
+
+// ---- add_penalty_grad ---------------------------------------------------------
+// The term added to the grad of weight v: l1 * sign(v) + 2 * l2 * v, with
+// c1 = l1 and c2 = 2 * l2. sign(0) = 0, and the l1 term of a zero (or -0)
+// weight is +0, so -0 + term is +0 as in the reference. A NaN or Inf v still
+// makes the term NaN/Inf through c2 * v (0 * Inf = NaN).
+template <typename A>
+PYREG_HD A grad_term(A v, A c1, A c2) {
+  const A l1_term = v != A(0) ? copysign_of(c1, v) : A(0);
+  return l1_term + c2 * v;
+}
+
+// ---- prox ---------------------------------------------------------------------
+// w <- sign(w) * max(|w| - t, 0) / (1 + 2 * lr * l2) with t = lr * l1, zero
+// exactly where |w| <= t as in the float64 spec: a <= t_floor is that test
+// for any a of type A. The shrink subtracts t as t_hi + t_lo, so a just above
+// t stays (tiny but) nonzero.
+template <typename A>
+struct ProxParams {
+  A t_floor, t_hi, t_lo, scale;
+};
+
+template <typename A>
+PYREG_HD ProxParams<A> prox_params(double l1, double l2, double lr) {
+  const double t = lr * l1;
+  ProxParams<A> p;
+  p.t_floor = floor_to<A>(t);
+  p.t_hi = A(t);
+  p.t_lo = A(t - double(p.t_hi));
+  p.scale = A(1.0 / (1.0 + 2.0 * lr * l2));
+  return p;
+}
+
+template <typename A>
+PYREG_HD A prox_value(A v, const ProxParams<A>& p) {
+  const A a = abs_of(v);
+  return a <= p.t_floor ? A(0) : copysign_of(((a - p.t_hi) - p.t_lo) * p.scale, v);
+}
+
+// ---- results ------------------------------------------------------------------
+// One result into a float32 or float64 output (out_dtype: kFloat32 / kFloat64).
+PYREG_HD void write_out(void* out, int out_dtype, int64_t i, double v) {
+  if (out_dtype == kFloat64) static_cast<double*>(out)[i] = v;
+  else static_cast<float*>(out)[i] = float(v);
+}
+
+}  // namespace pyreg
