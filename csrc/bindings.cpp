@@ -14,6 +14,9 @@
 #include "common/tensor_list.h"
 #include "cpu/kernels.h"
 #include "cuda/kernels.h"
+#if defined(PYREG_WITH_CUDA_EMU)
+#include "cuda/emu/selftest.h"
+#endif
 
 namespace py = pybind11;
 using pyreg::TensorList;
@@ -152,4 +155,8 @@ PYBIND11_MODULE(_C, m) {
   // ---- CUDA: the GPU build and the emulated one, one set of bindings ----------
   bind_cuda(m, "cuda", pyreg::kCuda);
   bind_cuda(m, "cuda_emu", pyreg::kCudaEmu);
+#if defined(PYREG_WITH_CUDA_EMU)
+  m.def("cuda_emu_selftest", &pyreg::emu::selftest, py::arg("name"),
+        "Runs one of the emulator's own checks (csrc/cuda/emu/selftest.cpp).");
+#endif
 }

@@ -64,3 +64,15 @@ def pytest_report_header(config):
     import pyreg
 
     return f"pyreg {pyreg.__version__} from {pyreg.__file__}; cpu backend: {pyreg.backend_name('cpu')}"
+
+
+def _emu_built() -> bool:
+    from pyreg.backends.cuda import EMULATED
+
+    return EMULATED.compiled()
+
+
+#: Tests of the backend "cuda-emu" (the CUDA kernels under the emulator) need a
+#: build with PYREG_CUDA_EMU=ON; CI makes one.
+needs_emu = pytest.mark.skipif(not _emu_built(),
+                               reason="pyreg built without PYREG_CUDA_EMU=ON (no cuda-emu backend)")

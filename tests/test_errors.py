@@ -141,7 +141,7 @@ OP_CASES = [
     ("penalty-str", lambda w, g: pyreg.penalty("weights"), TypeError, "got str"),
     ("prox-list-of-floats", lambda w, g: pyreg.prox_([w[0], 1.0], l1=0.1), TypeError, "tensors[1] is a float, not a torch.Tensor"),
     ("use-backend-unknown", lambda w, g: pyreg.use_backend("gpu").__enter__(), ValueError,
-     "unknown backend 'gpu'; expected one of ['cpu', 'cuda', 'torch']"),
+     "unknown backend 'gpu'; expected one of ['cpu', 'cuda', 'cuda-emu', 'torch']"),
 ]
 
 

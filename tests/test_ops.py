@@ -11,9 +11,13 @@ import pyreg
 from pyreg import backends
 from pyreg.backends import torch_ref
 
-from conftest import DTYPE_IDS, DTYPES, ELEMENTWISE_TOL, REDUCTION_TOL, as_f64, random_list
+from conftest import DTYPE_IDS, DTYPES, ELEMENTWISE_TOL, REDUCTION_TOL, as_f64, needs_emu, random_list
 
-BACKENDS = ["torch", "cpu"]
+# Every backend that takes CPU tensors: the float64 spec, the C++ kernels, and
+# the CUDA kernels under the emulator.
+BACKENDS = ["torch", "cpu", pytest.param("cuda-emu", marks=needs_emu)]
+# A coefficient as a number (all tensors), a list, or a tensor (one per tensor).
+KINDS = ["number", "list", "tensor"]
 
 
 def test_cpu_backend_is_compiled():
@@ -33,14 +37,20 @@ def test_info_reports_compiled_cpu(tmp_path):
 
 def coefs(kind, n, seed):
     g = torch.Generator().manual_seed(seed)
-    if kind == "scalar":
+    if kind == "number":
         return 0.37, 0.11, 0.7
     l1, l2, lr = (torch.rand(n, generator=g, dtype=torch.float64) for _ in range(3))
+    if kind == "list":
+        return l1.tolist(), l2.tolist(), lr.tolist()
     return l1, l2, lr
 
 
 def as_tensor(c, n):
-    return c if isinstance(c, torch.Tensor) else torch.full((n,), float(c), dtype=torch.float64)
+    if isinstance(c, torch.Tensor):
+        return c
+    if isinstance(c, list):
+        return torch.tensor(c, dtype=torch.float64)
+    return torch.full((n,), float(c), dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------- weight_stats
@@ -66,7 +76,7 @@ def test_weight_stats(backend, dtype):
 # --------------------------------------------------------------------------- penalty
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("kind", ["scalar", "per_tensor"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_penalty(backend, dtype, kind):
     ts = random_list(dtype, seed=2)
     l1, l2, _ = coefs(kind, len(ts), 3)
@@ -81,7 +91,7 @@ def test_penalty(backend, dtype, kind):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_penalty_backward(backend, dtype):
     ts = [t.requires_grad_() for t in random_list(dtype, seed=4)]
-    l1, l2, _ = coefs("per_tensor", len(ts), 5)
+    l1, l2, _ = coefs("tensor", len(ts), 5)
     with pyreg.use_backend(backend):
         (3.0 * pyreg.penalty(ts, l1, l2)).backward()
     for i, t in enumerate(ts):
@@ -105,7 +115,7 @@ def test_penalty_gradcheck(backend):
 # --------------------------------------------------------------------------- add_penalty_grad_
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("kind", ["scalar", "per_tensor"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_add_penalty_grad(backend, dtype, kind):
     ts = random_list(dtype, seed=7)
     gs = random_list(dtype, seed=8)
@@ -140,7 +150,7 @@ def test_sign_of_zero_is_zero(backend):
 # --------------------------------------------------------------------------- prox_
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("kind", ["scalar", "per_tensor"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_prox(backend, dtype, kind):
     ts = random_list(dtype, seed=10)
     n = len(ts)
@@ -320,7 +330,7 @@ def test_use_backend_forces_and_validates():
         with pyreg.use_backend("tpu"):
             pass
     with pyreg.use_backend("cuda"):
-        with pytest.raises(RuntimeError, match="cannot run on cpu"):
+        with pytest.raises(RuntimeError, match="cannot run on cpu: it takes cuda tensors"):
             pyreg.weight_stats([torch.randn(3)])
 
 
@@ -477,18 +487,19 @@ def _layouts(shape, seed):
     }
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("backend", ["cpu", "cuda", pytest.param("cuda-emu", marks=needs_emu)])
 @pytest.mark.parametrize("w_layout", ["contiguous", "channels_last", "permuted", "not_dense", "storage_offset"])
 @pytest.mark.parametrize("g_layout", ["contiguous", "channels_last", "permuted", "not_dense", "storage_offset"])
-def test_grad_layout_differs_from_param(device, w_layout, g_layout):
-    if device == "cuda" and not backends.cuda.available():
+def test_grad_layout_differs_from_param(backend, w_layout, g_layout):
+    device = "cuda" if backend == "cuda" else "cpu"
+    if backend == "cuda" and not (torch.cuda.is_available() and backends.get("cuda").available()):
         pytest.skip("no usable CUDA GPU / pyreg built without CUDA")
     shape = (3, 5, 7, 11)
     w = _layouts(shape, 1)[w_layout].to(device)
     g = _layouts(shape, 2)[g_layout].to(device)
     w0, g0, stride = w.clone(), g.clone(), g.stride()
     want = g0.double() + 0.3 * torch.sign(w0.double()) + 2 * 0.2 * w0.double()
-    with pyreg.use_backend(device):
+    with pyreg.use_backend(backend):
         pyreg.add_penalty_grad_([w], [g], l1=0.3, l2=0.2)
     torch.testing.assert_close(g.double(), want, **ELEMENTWISE_TOL[torch.float32])
     assert g.stride() == stride and torch.equal(w, w0)

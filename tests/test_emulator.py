@@ -1,0 +1,109 @@
+"""The CUDA emulator itself (csrc/cuda/emu): CUDA semantics of shuffles,
+barriers and atomics, and the limits a GPU enforces. Needs a build with
+PYREG_CUDA_EMU=ON (CI makes one); the kernels' own tests on the emulator are
+in test_cuda.py and test_ops.py (backend "cuda-emu")."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_emu
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+
+
+def test_emulator_is_built_where_required():
+    # CI builds with PYREG_CUDA_EMU=ON and says so: there, a build without the
+    # emulator is a failure, not a reason to skip its tests.
+    if os.environ.get("PYREG_REQUIRE_CUDA_EMU") != "1":
+        pytest.skip("PYREG_REQUIRE_CUDA_EMU is not set")
+    from pyreg.backends.cuda import EMULATED
+
+    assert EMULATED.compiled(), EMULATED.unavailable_reason()
+    assert EMULATED.available(), EMULATED.unavailable_reason()
+
+
+def _selftest(name: str) -> str:
+    from pyreg import _C
+
+    return _C.cuda_emu_selftest(name)
+
+
+@needs_emu
+@pytest.mark.parametrize("name", ["shuffles", "barriers"])
+def test_cuda_semantics(name):
+    assert _selftest(name) == "ok"
+
+
+@needs_emu
+@pytest.mark.parametrize("name, error", [
+    ("launch_max_grid_y", "cudaSuccess"),  # the largest grid.y runs
+    ("launch_max_block", "cudaSuccess"),  # 1024 threads per block run
+    ("launch_grid_x", "cudaErrorInvalidConfiguration"),
+    ("launch_grid_y", "cudaErrorInvalidConfiguration"),
+    ("launch_grid_z", "cudaErrorInvalidConfiguration"),
+    ("launch_empty_grid", "cudaErrorInvalidConfiguration"),
+    ("launch_block_1025", "cudaErrorInvalidConfiguration"),
+    ("launch_block_z_65", "cudaErrorInvalidConfiguration"),
+    ("launch_block_2048_as_2d", "cudaErrorInvalidConfiguration"),
+    ("launch_dynamic_shared", "cudaErrorInvalidConfiguration"),
+])
+def test_launch_limits(name, error):
+    assert _selftest(name) == error
+
+
+@needs_emu
+@pytest.mark.parametrize("name, message", [
+    ("shared_too_big", "static shared memory of the block is 49168 bytes with 'big' (limit 49152)"),
+    ("mask_inactive_lane", "__shfl_down_sync with mask 0xffffffff names inactive lanes 0xffff0000"),
+    ("mask_excludes_caller", "__shfl_xor_sync with mask 0x0000ffff, which leaves out the calling lane"),
+    ("mask_diverged", "diverged shuffle"),
+    ("barrier_diverged", "thread returns while 32 threads of the block wait at __syncthreads"),
+    ("barrier_vs_shuffle", "__syncthreads while lanes 0x00000001 of this warp wait in a shuffle"),
+])
+def test_undefined_behaviour_aborts_with_a_message(name, message, tmp_path):
+    # On a GPU these hang or give undefined values; the emulator stops the
+    # process and says where. A subprocess, run away from the source tree, that
+    # loads the compiled module alone (no torch: quick).
+    code = ("import glob, importlib.util as u, os; "
+            "d = u.find_spec('pyreg').submodule_search_locations[0]; "
+            "f = glob.glob(os.path.join(d, '_C*'))[0]; "
+            "s = u.spec_from_file_location('pyreg._C', f); m = u.module_from_spec(s); "
+            "s.loader.exec_module(m); "
+            f"m.cuda_emu_selftest({name!r})")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert p.returncode != 0
+    assert "pyreg CUDA emulator: " + message in p.stderr, p.stderr
+    assert "[kernel " in p.stderr  # names the kernel, block and thread
+
+
+def _compile(source: str, tmp_path: Path):
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    f = tmp_path / "k.cpp"
+    f.write_text(source)
+    return subprocess.run([cxx, "-std=c++17", "-fsyntax-only", f"-I{CSRC}", str(f)],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("nbytes, ok", [(4000, True), (4100, False)])
+def test_kernel_arguments_over_the_parameter_space_do_not_compile(nbytes, ok, tmp_path):
+    # As with nvcc: arguments beyond the 4 KB parameter space are a compile error.
+    src = f"""
+#include "cuda/emu/cuda_runtime.h"
+#include "cuda/launch.h"
+struct Big {{ char bytes[{nbytes}]; }};
+__global__ void k(Big b, int* out) {{ out[threadIdx.x] = b.bytes[0]; }}
+void go(Big b, int* out) {{ PYREG_LAUNCH(k, 1, 32, 0, nullptr, b, out); }}
+"""
+    p = _compile(src, tmp_path)
+    assert (p.returncode == 0) == ok, p.stderr
+    if not ok:
+        assert "kernel arguments exceed the CUDA parameter space" in p.stderr
