@@ -53,7 +53,8 @@ def to_device(values: Union[Sequence[float], Tensor], dtype: torch.dtype, device
     stream): in a training step that stalls the pipeline. Here the values go
     to pinned memory first (torch's caching host allocator, which keeps the
     buffer until the copy is done) and then copy asynchronously on the current
-    stream; the values are read when this is called. On the CPU, a CPU tensor
+    stream; the values are read when this is called (into a buffer of pyreg's
+    own, so the caller may change them right after). On the CPU, a CPU tensor
     of ``dtype`` comes back as is. A tensor on a GPU moves device to device.
     During CUDA graph capture host data cannot be copied (the graph would keep
     one host buffer and replay stale values): that raises ValueError, and
@@ -64,12 +65,18 @@ def to_device(values: Union[Sequence[float], Tensor], dtype: torch.dtype, device
         host = values.detach()
         if host.device.type != "cpu":
             return host.to(device=device, dtype=dtype)
-        host = host.to(dtype)
     else:
-        host = torch.tensor(values, dtype=dtype)
+        host = None
     if device.type != "cuda" or torch.compiler.is_compiling():
-        return host.to(device)
+        return (torch.tensor(values, dtype=dtype) if host is None else host.to(dtype)).to(device)
     if capturing(device):
         raise ValueError("pyreg cannot copy host values to the GPU during CUDA graph capture: the "
                          "graph would replay one stale host buffer; create them before capture")
-    return host.pin_memory().to(device, non_blocking=True)
+    # Always a fresh pinned buffer: the copy runs later, on the stream, so it
+    # must not read the caller's memory (even a tensor that is already pinned
+    # and of this dtype), which the caller may change right after this call.
+    if host is None:
+        pinned = torch.tensor(values, dtype=dtype, pin_memory=True)
+    else:
+        pinned = torch.empty(host.shape, dtype=dtype, pin_memory=True).copy_(host)
+    return pinned.to(device, non_blocking=True)

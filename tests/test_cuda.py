@@ -732,3 +732,18 @@ def test_sums_beyond_float32_range(K, dtype):
     torch.testing.assert_close(v.double(), torch_ref.penalty(as_f64(ts[:3]), c[:3], c[:3]).float().double(),
                                rtol=1e-5, atol=0)
     assert K.be.penalty(ts, c, c).item() == float("inf")
+
+
+def test_host_values_are_read_when_the_call_is_made(GPU_K):
+    # to_device copies host values asynchronously; even a pinned float64 tensor
+    # (which .to() would hand over as is) goes through a buffer of its own, so
+    # changing it right after the call does not change what reaches the GPU.
+    from pyreg._common import to_device
+
+    src = torch.arange(1 << 20, dtype=torch.float64).pin_memory()
+    want = src.clone()
+    torch.cuda._sleep(200_000_000)  # keep the stream busy: the copy waits behind it
+    out = to_device(src, torch.float64, torch.device("cuda"))
+    src.fill_(-1.0)
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), want)
