@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# One lent-GPU session (issue #4) in few calls of the `device` tool, each under
-# its 10-minute limit, from the repository root on the device machine:
+# pyreg on a GPU machine, in stages that each take under 10 minutes; run from
+# the repository root, one command per line or several stages at once:
 #
-#   bash bench/gpu_session.sh build test      # ~5 min: build with CUDA, GPU tests
+#   bash bench/gpu_session.sh build test sanitize  # build with CUDA, GPU tests, compute-sanitizer
 #   bash bench/gpu_session.sh bench-small     # mlp, lstm, vit-tiny, resnet50 (with torch.compile)
 #   bash bench/gpu_session.sh bench-graphs    # mlp, lstm, vit-tiny ops as CUDA-graph replays (device time)
 #   bash bench/gpu_session.sh bench-gpt2      # gpt2 (with torch.compile)
 #   bash bench/gpu_session.sh bench-1.3b      # gpt-1.3b (no torch.compile: its compile is too slow)
 #
-# The machine keeps the install between calls while it stays warm; a call on a
-# fresh machine needs `build` again. Logs and results go to $OUT (the device
-# tool brings them back); copy the results into bench/results/ here.
+# The install stays between commands on one machine; a fresh machine needs
+# `build` again. Logs and results go to $OUT; commit the results to
+# bench/results/, naming the device, driver and torch version.
 #
 # Everything that imports pyreg runs outside the checkout: `python -m` puts the
 # cwd first on sys.path, and the source tree's pyreg/ has no compiled module.
@@ -47,6 +47,15 @@ for stage in "$@"; do
         tests/test_ops.py -k 'cuda or graph' -p no:cacheprovider"
       step test-all bash -c "cd '$ROOT' && pytest -q -rs -p no:cacheprovider"
       ;;
+    sanitize)
+      # A small subset (the sanitizers slow kernels down 10-100x): every kernel,
+      # every dtype, several launch batches.
+      subset="cuda and not emu and (test_weight_stats or test_prox or test_add_penalty_grad or batch_boundaries)"
+      for tool in memcheck racecheck synccheck; do
+        step "sanitize-$tool" bash -c "cd '$ROOT' && compute-sanitizer --tool $tool --error-exitcode 1 \
+          \"\$(command -v pytest)\" -q -p no:cacheprovider tests/test_cuda.py -k '$subset'"
+      done
+      ;;
     bench-small)
       step bench-small bash -c "cd '$OUT' && $PY -m pyreg bench --device cuda --shapes mlp,lstm,vit-tiny,resnet50 \
         --out '$OUT/results' --tag small"
@@ -64,7 +73,7 @@ for stage in "$@"; do
         --out '$OUT/results' --tag gpt-1.3b"
       ;;
     *)
-      echo "unknown stage $stage (build, test, bench-small, bench-graphs, bench-gpt2, bench-1.3b)" >&2
+      echo "unknown stage $stage (build, test, sanitize, bench-small, bench-graphs, bench-gpt2, bench-1.3b)" >&2
       exit 2
       ;;
   esac

@@ -7,7 +7,7 @@ import torch
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp64", "fp16", "bf16"]
 
-# ../shared/reference.md section 6. Elementwise results: the op's rounding.
+# Elementwise results: the op's rounding.
 ELEMENTWISE_TOL = {
     torch.float64: dict(rtol=1e-7, atol=1e-7),
     torch.float32: dict(rtol=1.3e-6, atol=1e-5),

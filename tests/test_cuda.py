@@ -49,7 +49,7 @@ def GPU_K():
     return SimpleNamespace(name="cuda", be=backends.get("cuda"), dev="cuda")
 
 
-# Elementwise tolerances for the spec (fp32 elementwise 1e-5 here: the
+# Elementwise tolerances (fp32 elementwise 1e-5 here: the
 # kernels may contract into FMAs where the reference rounds twice).
 ELEM_TOL = {
     torch.float64: dict(rtol=1e-7, atol=1e-7),

@@ -33,6 +33,9 @@ def test_info_reports_compiled_cpu(tmp_path):
     assert "cpu backend: compiled, usable" in out
     assert f"torch: {torch.__version__}" in out
     assert "threads:" in out and "cuda backend:" in out
+    emu = "compiled (the CUDA kernels on the CPU, for tests)" if backends.get("cuda-emu").compiled() \
+        else "not compiled (build with PYREG_CUDA_EMU=ON)"
+    assert f"cuda-emu backend: {emu}" in out
 
 
 def coefs(kind, n, seed):
@@ -313,6 +316,21 @@ def test_more_than_2_31_elements():
     del x
 
 
+def test_kernel_coefficients_are_checked_before_any_kernel_reads_them():
+    # The ops hand the kernels a float or a contiguous (n,) float64 tensor on the
+    # tensors' device; anything else is refused with an error (never an assert,
+    # which python -O removes) before a kernel could read past it.
+    from pyreg.backends import _marshal as m
+    cpu = torch.device("cpu")
+    assert m.coef(0.5, cpu, 3) == (0, 0.5)
+    c = torch.zeros(3, dtype=torch.float64)
+    assert m.coef(c, cpu, 3) == (c.data_ptr(), 0.0)
+    for bad in (torch.zeros(3), torch.zeros(2, dtype=torch.float64),
+                torch.zeros(6, dtype=torch.float64)[::2], torch.zeros(3, dtype=torch.float64, device="meta")):
+        with pytest.raises(ValueError, match="a coefficient for the kernels must be"):
+            m.coef(bad, cpu, 3)
+
+
 def test_use_backend_forces_and_validates():
     calls = []
     orig = backends.torch_ref.weight_stats
@@ -409,7 +427,7 @@ def test_from_weight_decay_matches_torch_sgd():
         pyreg.from_weight_decay(-1)
 
 
-# --------------------------------------------------------------------------- bad input (basics; issue 8 has the full matrix)
+# --------------------------------------------------------------------------- bad input (basics; test_errors.py has the full matrix)
 def test_bad_input_is_rejected_and_changes_nothing():
     w = [torch.randn(10), torch.randn(5)]
     g = [torch.randn(10), torch.randn(5)]

@@ -1,4 +1,4 @@
-"""Tests of pyreg.Regularized and pyreg.param_groups (issue 3)."""
+"""Tests of pyreg.Regularized and pyreg.param_groups."""
 from __future__ import annotations
 
 import copy
