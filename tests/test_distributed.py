@@ -113,22 +113,37 @@ def _init(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
 
 
+_DONE_FILE = None  # in a worker: the file that records that all its checks passed
+
+
+def _checks_passed():
+    """Called by a worker once every check of its rank passed, before its
+    teardown (destroy_process_group and freeing DDP/FSDP objects)."""
+    open(_DONE_FILE, "w").close()
+
+
 def _worker_main(rank, fn, world, done_dir, *args):
+    global _DONE_FILE
+    _DONE_FILE = os.path.join(done_dir, f"rank{rank}")
     fn(rank, world, *args)
-    # Every check of this rank passed (and its process group is destroyed).
-    open(os.path.join(done_dir, f"rank{rank}"), "w").close()
+    if not os.path.exists(_DONE_FILE):
+        raise RuntimeError("the worker returned without recording that its checks passed")
 
 
 def _spawn(fn, world, *args):
     """Runs fn(rank, world, *args) on `world` processes; fails on any failed
     check, or when they do not finish within TIMEOUT seconds.
 
-    A worker that dies by a signal *after* every rank has recorded that all its
-    checks passed does not fail the test: about one run in seven on a 2-core
-    machine, a gloo worker aborted in the interpreter's teardown ("terminate
-    called without an active exception", no Python frame on the stack per
-    faulthandler), after all of the test's work. Exiting early with os._exit
-    instead made the other rank hang now and then (its last messages lost)."""
+    Each worker records that all its checks passed (_checks_passed) before its
+    teardown. Once every rank has, a worker that then dies by a signal or hangs
+    does not fail the test; it is killed. Both come from torch's gloo teardown,
+    after all of the test's work, on a 2-core machine: about one run in seven,
+    an abort in the interpreter's teardown ("terminate called without an active
+    exception"); now and then, a deadlock when the last reference to the
+    process group (held by DDP's Reducer) is dropped with the GIL held while a
+    gloo thread still needs the GIL to free a finished work item. Exiting
+    early with os._exit instead made the other rank hang now and then (its
+    last messages lost)."""
     done_dir = tempfile.mkdtemp(prefix="pyreg-dist-")
     rank_done = lambda r: os.path.exists(os.path.join(done_dir, f"rank{r}"))  # noqa: E731  all its checks passed
     try:
@@ -151,7 +166,7 @@ def _spawn(fn, world, *args):
             time.sleep(0.1)
         if all(map(rank_done, range(world))):  # every check of every rank passed
             for p in procs:
-                p.join(timeout=30)
+                p.join(timeout=10)
                 if p.is_alive():
                     p.kill()
             return
@@ -176,6 +191,7 @@ def _ddp_worker(rank, world, init_file):
             _assert_same_model(model.module, ref)
             torch.testing.assert_close(opt.penalty, ref_opt.penalty, **TOL)
             assert (model.module.a.weight == 0).any() or variant != "sgd_proximal"
+        _checks_passed()
     finally:
         dist.destroy_process_group()
 
@@ -330,6 +346,7 @@ def _fsdp_worker(rank, world, init_file, ckpt_dir):
         if world == 3:
             model = _shard(Net().double())
             assert model.b.weight.to_local().numel() == (0 if rank == 2 else 5)
+        _checks_passed()
     finally:
         dist.destroy_process_group()
 

@@ -25,7 +25,11 @@
 #include <string>
 #include <vector>
 
-#if !(defined(__x86_64__) && defined(__ELF__))
+// The hand-written switch on x86-64 ELF systems (Linux, BSDs); ucontext
+// elsewhere, or everywhere with -DPYREG_EMU_UCONTEXT.
+#if defined(__x86_64__) && defined(__ELF__) && !defined(PYREG_EMU_UCONTEXT)
+#define PYREG_EMU_ASM_SWITCH 1
+#else
 #include <ucontext.h>
 #endif
 
@@ -35,7 +39,7 @@ namespace {
 constexpr size_t kStackBytes = size_t(256) << 10;  // per CUDA thread; touched pages only
 
 // ---- fibers -------------------------------------------------------------------
-#if defined(__x86_64__) && defined(__ELF__)
+#if defined(PYREG_EMU_ASM_SWITCH)
 extern "C" void pyreg_emu_switch(void** save_sp, void* load_sp);
 extern "C" void pyreg_emu_start();
 // pyreg_emu_switch saves rbp, rbx and r12-r15 on the current stack, stores
@@ -107,7 +111,7 @@ struct Context {
 
 inline void switch_to(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
 
-void (*g_entry)(void*);  // makecontext passes ints only: entry and argument go through here
+thread_local void (*g_entry)(void*);  // makecontext passes ints only: entry and argument go here
 thread_local void* tl_arg;
 void trampoline() { g_entry(tl_arg); }
 
@@ -252,7 +256,7 @@ void switch_away(Block& b) {
     if (!runnable(b, f)) continue;
     f.state = State::kReady;
     b.current = &f;
-#if !(defined(__x86_64__) && defined(__ELF__))
+#if !defined(PYREG_EMU_ASM_SWITCH)
     tl_arg = &f;
 #endif
     switch_to(from->ctx, f.ctx);
@@ -348,7 +352,7 @@ void run_block(Block& b) {
   // Thread 0 first; from there the fibers switch among themselves until the
   // last one returns here.
   b.current = &b.fibers[0];
-#if !(defined(__x86_64__) && defined(__ELF__))
+#if !defined(PYREG_EMU_ASM_SWITCH)
   tl_arg = b.current;
 #endif
   switch_to(b.sched, b.current->ctx);
