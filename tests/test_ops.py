@@ -191,6 +191,34 @@ def test_prox_threshold_boundary_and_specials(backend):
     assert int(nnz[0]) == 4
 
 
+def _largest_at_most(t, dtype):
+    """The largest value of ``dtype`` that is <= t (t > 0)."""
+    x = torch.tensor(t, dtype=torch.float64).to(dtype)
+    if x.double() > t:  # rounded up: one step down (positive values: bits - 1)
+        iv = {8: torch.int64, 4: torch.int32, 2: torch.int16}[x.element_size()]
+        x = (x.reshape(1).view(iv) - 1).view(dtype).reshape(())
+    assert x.double() <= t
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_prox_zeroes_the_largest_value_at_most_the_threshold(backend, dtype):
+    # lr*l1 = 0.1, which no dtype stores exactly (float64's 0.1 is lr*l1 itself):
+    # the largest value <= 0.1 and its negative become exactly +0.0; the next
+    # value up survives. Catches a zero test of |w| < t, whose shrink would
+    # leave a tiny nonzero of the wrong sign (or -0.0).
+    x = _largest_at_most(0.1, dtype)
+    iv = {8: torch.int64, 4: torch.int32, 2: torch.int16}[x.element_size()]
+    up = (x.reshape(1).view(iv) + 1).view(dtype)
+    w = torch.cat([x.reshape(1), -x.reshape(1), up, -up])
+    with pyreg.use_backend(backend):
+        nnz = pyreg.prox_([w], l1=0.1, lr=1.0)
+    assert w[0].item() == 0 and w[1].item() == 0
+    assert not torch.signbit(w[:2]).any(), "a zeroed weight must be +0.0"
+    assert w[2] > 0 and w[3] < 0 and int(nnz[0]) == 2
+
+
 def test_prox_l2_only_is_scaling():
     w = torch.randn(1000, dtype=torch.float64)
     want = w / (1 + 2 * 0.1 * 0.3)

@@ -230,6 +230,35 @@ def test_lr_scheduler_uses_current_lr():
     torch.testing.assert_close(w.detach(), expect)
 
 
+def test_scheduler_two_groups_of_different_lr_in_one_bucket():
+    # Both groups' tensors share one fused call (one device, one dtype) with a
+    # per-tensor lr; StepLR changes both lrs every step. Against a float64
+    # reference step by step (SGD, then the prox with the group's lr).
+    g = torch.Generator().manual_seed(11)
+    init = [torch.randn(5, generator=g, dtype=torch.float64) for _ in range(4)]
+    grads = [[torch.randn(5, generator=g, dtype=torch.float64) for _ in range(4)] for _ in range(5)]
+    ws = [nn.Parameter(x.clone()) for x in init]
+    lrs0, l1, l2 = (0.2, 0.1), 0.3, 0.05
+    inner = torch.optim.SGD([{"params": ws[:2], "lr": lrs0[0]}, {"params": ws[2:], "lr": lrs0[1]}])
+    opt = pyreg.Regularized(inner, l1=l1, l2=l2, mode="proximal")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    ref = [x.clone() for x in init]
+    for step in range(5):
+        for w, gr in zip(ws, grads[step]):
+            w.grad = gr.clone()
+        opt.step()
+        sched.step()
+        for i, gr in enumerate(grads[step]):
+            lr = lrs0[i // 2] * 0.5 ** step
+            v = ref[i] - lr * gr
+            shrunk = torch.sign(v) * (v.abs() - lr * l1) / (1 + 2 * lr * l2)
+            ref[i] = torch.where(v.abs() <= lr * l1, torch.zeros_like(v), shrunk)
+        for i, w in enumerate(ws):
+            torch.testing.assert_close(w.detach(), ref[i], rtol=1e-12, atol=1e-12,
+                                       msg=lambda m: f"step {step}, tensor {i}: {m}")
+            assert torch.equal(w.detach() == 0, ref[i] == 0)
+
+
 def test_hooks_closure_zero_grad_add_param_group():
     w = nn.Parameter(torch.ones(4))
     opt = pyreg.Regularized(torch.optim.SGD([w], lr=0.1), l1=0.1, l2=0.05, mode="gradient")
