@@ -155,3 +155,33 @@ def test_cuda_unavailable(tmp_path, capsys):
         cli.main(["demo", "--device", "cuda", "--out", str(out)])
     assert e.value.code == 2
     assert "--device" in capsys.readouterr().err and not out.exists()
+
+
+def test_progress_on_a_terminal_and_in_a_log():
+    import io
+
+    from pyreg.demo.report import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    result = {"val_acc": 0.5}
+    tty = Tty()
+    p = Progress(tty, mininterval=0)  # every update drawn
+    assert p.wants_loss
+    p.start(10)
+    p.advance(4, "mlp l1 0.1", 0.25)
+    p.advance(6, "mlp l1 0.1", 0.125)
+    p.run_done("mlp l1 0.1", result, 1.0)
+    p.finish()
+    out = tty.getvalue()
+    assert "mlp l1 0.1" in out and "10/10" in out and "step/s" in out and "loss=0.125" in out  # tqdm's bar
+    log = io.StringIO()  # not a terminal: one line per finished run, no bar
+    p = Progress(log)
+    assert not p.wants_loss
+    p.start(10)
+    p.advance(10, "mlp l1 0.1", None)
+    p.run_done("mlp l1 0.1", result, 1.0)
+    p.finish()
+    assert log.getvalue() == "[100%] mlp l1 0.1: val acc 0.500 (1.0 s)\n"

@@ -121,8 +121,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         report.load_pyplot()
         import sklearn  # noqa: F401
+        import tqdm  # noqa: F401
     except ImportError as e:
-        parser.error(f"the demo needs matplotlib and scikit-learn ({e}); "
+        parser.error(f"the demo needs matplotlib, scikit-learn and tqdm ({e}); "
                      'install them with: pip install "pyreg[demo]"')
     from .study import grid_winners, run_study
 

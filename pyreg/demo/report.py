@@ -14,13 +14,13 @@ from typing import IO, List, Optional, Sequence
 
 
 class Progress:
-    """A one-line progress bar on a terminal; one line per finished run
-    otherwise (no carriage-return spam in logs)."""
+    """tqdm's progress bar (steps, rate, ETA, the run and its loss) on a
+    terminal; otherwise one line per finished run, for logs."""
 
-    def __init__(self, stream: IO[str] = sys.stderr, width: int = 30):
-        self.stream, self.width = stream, width
+    def __init__(self, stream: IO[str] = sys.stderr, mininterval: float = 0.1):
+        self.stream, self.mininterval = stream, mininterval
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self.total, self.done, self.runs = 1, 0, 0
+        self.total, self.done, self.bar = 1, 0, None
 
     @property
     def wants_loss(self) -> bool:
@@ -28,30 +28,31 @@ class Progress:
         return self.tty
 
     def start(self, total_steps: int) -> None:
-        self.total, self.done, self.runs = max(1, total_steps), 0, 0
+        self.total, self.done = max(1, total_steps), 0
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="step", file=self.stream, dynamic_ncols=True,
+                            leave=False, mininterval=self.mininterval)
 
     def advance(self, steps: int, label: str, loss: Optional[float]) -> None:
         self.done += steps
-        if not self.tty:
-            return
-        frac = min(1.0, self.done / self.total)
-        filled = int(round(frac * self.width))
-        bar = "#" * filled + "-" * (self.width - filled)
-        extra = f" loss {loss:.3f}" if loss is not None else ""
-        self.stream.write(f"\r[{bar}] {frac:4.0%} {label}{extra}".ljust(90)[:110])
-        self.stream.flush()
+        if self.bar is not None:
+            self.bar.set_description(label, refresh=False)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            self.bar.update(steps)
 
     def run_done(self, label: str, result: dict, seconds: float) -> None:
-        self.runs += 1
-        if not self.tty:
+        if self.bar is None:
             self.stream.write(f"[{self.done * 100 // self.total:3d}%] {label}: "
                               f"val acc {result['val_acc']:.3f} ({seconds:.1f} s)\n")
             self.stream.flush()
 
     def finish(self) -> None:
-        if self.tty:
-            self.stream.write("\r" + " " * 110 + "\r")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 # --------------------------------------------------------------------------
