@@ -1,7 +1,7 @@
 // bindings.cpp: the pybind11 module pyreg._C. It only converts Python ints
 // (data pointers, sizes, dtype codes, the CUDA stream) into TensorLists, and
-// (pointer, value) pairs into Coefs, and calls the kernels with the GIL released. Validation happens in Python
-// (pyreg/_ops.py) before anything reaches this file.
+// (pointer, value) pairs into Coefs, and calls the kernels with the GIL
+// released. Validation happens in Python before anything reaches this file.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -11,9 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include "common/kernels_api.h"
 #include "common/tensor_list.h"
-#include "cpu/kernels.h"
-#include "cuda/kernels.h"
 #if defined(PYREG_WITH_CUDA_EMU)
 #include "cuda/emu/selftest.h"
 #endif
@@ -60,10 +59,12 @@ std::vector<void*> as_ptrs(const Ptrs& p, size_t n) {
 
 template <typename T> T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
-// The functions `<prefix>_*` of one build of the CUDA kernels. Each op takes,
-// after its own arguments, the launch: workspace pointer, device index, stream.
-void bind_cuda(py::module_& m, const std::string& prefix, const pyreg::CudaKernels& kernels) {
-  const pyreg::CudaKernels* k = &kernels;
+// The functions `<prefix>_*` of one build of the kernels (CPU, CUDA or
+// emulated CUDA). Each op takes, after its own arguments, where it runs: the
+// workspace pointer, device index, stream and thread count (each build reads
+// the ones it needs; see csrc/common/kernels_api.h).
+void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernels& kernels) {
+  const pyreg::Kernels* k = &kernels;
   auto name = [&](const char* what) { return prefix + "_" + what; };
   using pyreg::Launch;
   m.def(name("compiled").c_str(), [k] { return k->compiled; });
@@ -78,37 +79,39 @@ void bind_cuda(py::module_& m, const std::string& prefix, const pyreg::CudaKerne
   m.def(name("weight_stats").c_str(),
         [k](const Ptrs& p, const Numels& n, const Codes& d, uintptr_t l1, uintptr_t l2,
             uintptr_t linf, uintptr_t nnz, int out_dtype, uintptr_t ws, int device,
-            uintptr_t stream) {
+            uintptr_t stream, int nthreads) {
           TensorList w = make_list(p, n, d);
           py::gil_scoped_release nogil;
           k->weight_stats(w, ptr<void>(l1), ptr<void>(l2), ptr<void>(linf), ptr<int64_t>(nnz),
-                          out_dtype, Launch{ptr<void>(ws), device, stream});
+                          out_dtype, Launch{ptr<void>(ws), device, stream, nthreads});
         });
   m.def(name("penalty").c_str(),
         [k](const Ptrs& p, const Numels& n, const Codes& d, const CoefArg& l1, const CoefArg& l2,
-            uintptr_t out, int out_dtype, uintptr_t ws, int device, uintptr_t stream) {
+            uintptr_t out, int out_dtype, uintptr_t ws, int device, uintptr_t stream,
+            int nthreads) {
           TensorList w = make_list(p, n, d);
           py::gil_scoped_release nogil;
           k->penalty(w, coef(l1), coef(l2), ptr<void>(out), out_dtype,
-                     Launch{ptr<void>(ws), device, stream});
+                     Launch{ptr<void>(ws), device, stream, nthreads});
         });
   m.def(name("add_penalty_grad").c_str(),
         [k](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& g, const CoefArg& l1,
             const CoefArg& l2, uintptr_t out, int out_dtype, uintptr_t ws, int device,
-            uintptr_t stream) {
+            uintptr_t stream, int nthreads) {
           TensorList w = make_list(p, n, d);
           std::vector<void*> gp = as_ptrs(g, p.size());
           py::gil_scoped_release nogil;
           k->add_penalty_grad(w, gp.data(), coef(l1), coef(l2), ptr<void>(out), out_dtype,
-                              Launch{ptr<void>(ws), device, stream});
+                              Launch{ptr<void>(ws), device, stream, nthreads});
         });
   m.def(name("prox").c_str(),
         [k](const Ptrs& p, const Numels& n, const Codes& d, const CoefArg& l1, const CoefArg& l2,
-            const CoefArg& lr, uintptr_t nnz, uintptr_t ws, int device, uintptr_t stream) {
+            const CoefArg& lr, uintptr_t nnz, uintptr_t ws, int device, uintptr_t stream,
+            int nthreads) {
           TensorList w = make_list(p, n, d);
           py::gil_scoped_release nogil;
           k->prox(w, coef(l1), coef(l2), coef(lr), ptr<int64_t>(nnz),
-                  Launch{ptr<void>(ws), device, stream});
+                  Launch{ptr<void>(ws), device, stream, nthreads});
         });
 }
 
@@ -117,44 +120,11 @@ void bind_cuda(py::module_& m, const std::string& prefix, const pyreg::CudaKerne
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyreg's compiled kernels (raw pointers in, no libtorch).";
   m.attr("CPU_CHUNK") = pyreg::kCpuChunk;
-
-  // ---- CPU -----------------------------------------------------------------
-  m.def("cpu_isa", &pyreg::cpu::isa);
-  m.def("cpu_weight_stats",
-        [](const Ptrs& p, const Numels& n, const Codes& d, uintptr_t l1, uintptr_t l2,
-           uintptr_t linf, uintptr_t nnz, int out_dtype, int nthreads) {
-          TensorList w = make_list(p, n, d);
-          py::gil_scoped_release nogil;
-          pyreg::cpu::weight_stats(w, ptr<void>(l1), ptr<void>(l2), ptr<void>(linf),
-                                   ptr<int64_t>(nnz), out_dtype, nthreads);
-        });
-  m.def("cpu_penalty",
-        [](const Ptrs& p, const Numels& n, const Codes& d, const CoefArg& l1, const CoefArg& l2,
-           uintptr_t out, int out_dtype, int nthreads) {
-          TensorList w = make_list(p, n, d);
-          py::gil_scoped_release nogil;
-          pyreg::cpu::penalty(w, coef(l1), coef(l2), ptr<void>(out), out_dtype, nthreads);
-        });
-  m.def("cpu_add_penalty_grad",
-        [](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& g, const CoefArg& l1,
-           const CoefArg& l2, uintptr_t out, int out_dtype, int nthreads) {
-          TensorList w = make_list(p, n, d);
-          std::vector<void*> gp = as_ptrs(g, p.size());
-          py::gil_scoped_release nogil;
-          pyreg::cpu::add_penalty_grad(w, gp.data(), coef(l1), coef(l2), ptr<void>(out),
-                                       out_dtype, nthreads);
-        });
-  m.def("cpu_prox",
-        [](const Ptrs& p, const Numels& n, const Codes& d, const CoefArg& l1, const CoefArg& l2,
-           const CoefArg& lr, uintptr_t nnz, int nthreads) {
-          TensorList w = make_list(p, n, d);
-          py::gil_scoped_release nogil;
-          pyreg::cpu::prox(w, coef(l1), coef(l2), coef(lr), ptr<int64_t>(nnz), nthreads);
-        });
-
-  // ---- CUDA: the GPU build and the emulated one, one set of bindings ----------
-  bind_cuda(m, "cuda", pyreg::kCuda);
-  bind_cuda(m, "cuda_emu", pyreg::kCudaEmu);
+  // One set of bindings per build: the CPU kernels, the GPU build of the CUDA
+  // kernels and the emulated one.
+  bind_kernels(m, "cpu", pyreg::kCpu);
+  bind_kernels(m, "cuda", pyreg::kCuda);
+  bind_kernels(m, "cuda_emu", pyreg::kCudaEmu);
 #if defined(PYREG_WITH_CUDA_EMU)
   m.def("cuda_emu_selftest", &pyreg::emu::selftest, py::arg("name"),
         "Runs one of the emulator's own checks (csrc/cuda/emu/selftest.cpp).");

@@ -6,8 +6,7 @@ import platform
 import torch
 
 from . import __version__, _lib
-from .backends import cpu
-from .backends.cuda import EMULATED, GPU
+from .backends import cpu, cuda, cuda_emu
 
 
 def info() -> dict:
@@ -18,27 +17,27 @@ def info() -> dict:
         "python": platform.python_version(),
         "compiled module": "loaded" if C is not None else f"missing ({_lib.LOAD_ERROR})",
         "cpu backend": "compiled, usable" if cpu.available() else "not compiled (torch fallback)",
-        "cpu isa": C.cpu_isa() if C is not None else "-",
+        "cpu isa": cpu.archs() or "-",
         "threads": torch.get_num_threads(),
     }
-    if not GPU.compiled():
+    if not cuda.compiled():
         d["cuda backend"] = "not compiled"
     else:
-        archs = GPU.archs()
-        why = GPU.unavailable_reason(0 if torch.cuda.is_available() else None)
+        archs = cuda.archs()
+        why = cuda.unavailable_reason(0 if torch.cuda.is_available() else None)
         if why:
             d["cuda backend"] = f"compiled ({archs}), not usable: {why}"
         else:
             d["cuda backend"] = f"compiled ({archs})"
             for i in range(torch.cuda.device_count()):
                 cc = ".".join(map(str, torch.cuda.get_device_capability(i)))
-                why = GPU.unavailable_reason(i)
+                why = cuda.unavailable_reason(i)
                 d[f"cuda:{i}"] = (f"{torch.cuda.get_device_name(i)} (compute capability {cc}): "
                                   + ("usable" if not why else f"not usable: {why}"))
-    if not EMULATED.compiled():
+    if not cuda_emu.compiled():
         d["cuda-emu backend"] = "not compiled (build with PYREG_CUDA_EMU=ON)"
     else:
-        why = EMULATED.unavailable_reason()
+        why = cuda_emu.unavailable_reason()
         d["cuda-emu backend"] = ("compiled (the CUDA kernels on the CPU, for tests)" if not why
                                  else f"compiled, not usable: {why}")
     return d

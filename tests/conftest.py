@@ -67,9 +67,9 @@ def pytest_report_header(config):
 
 
 def _emu_built() -> bool:
-    from pyreg.backends.cuda import EMULATED
+    from pyreg import backends
 
-    return EMULATED.compiled()
+    return backends.cuda_emu.compiled()
 
 
 #: Tests of the backend "cuda-emu" (the CUDA kernels under the emulator) need a

@@ -22,10 +22,10 @@ def test_emulator_is_built_where_required():
     # emulator is a failure, not a reason to skip its tests.
     if os.environ.get("PYREG_REQUIRE_CUDA_EMU") != "1":
         pytest.skip("PYREG_REQUIRE_CUDA_EMU is not set")
-    from pyreg.backends.cuda import EMULATED
+    from pyreg import backends
 
-    assert EMULATED.compiled(), EMULATED.unavailable_reason()
-    assert EMULATED.available(), EMULATED.unavailable_reason()
+    assert backends.cuda_emu.compiled(), backends.cuda_emu.unavailable_reason()
+    assert backends.cuda_emu.available(), backends.cuda_emu.unavailable_reason()
 
 
 def _selftest(name: str) -> str:

@@ -1,4 +1,5 @@
-// kernels.cpp: pyreg's fused CPU kernels (see kernels.h for the contracts).
+// kernels.cpp: pyreg's fused CPU kernels, exported as the table kCpu (see
+// csrc/common/kernels_api.h for the contracts).
 //
 // Structure, shared by every op:
 //   1. plan():   cut every tensor into chunks of kCpuChunk elements -> items.
@@ -16,11 +17,12 @@
 // The per-element math (grad term, prox threshold and shrink, Partial and its
 // fold, range check, write-out) lives in csrc/common/op_math.h, shared with
 // the CUDA kernels; this file keeps iteration, chunking and reductions.
-#include "kernels.h"
+#include "../common/kernels_api.h"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "../common/dtype.h"
@@ -180,11 +182,9 @@ Partial sums_chunk(const T* x, int64_t n) {
   return sweep<A, true, false, false>(n, no_update, loader<A>(x));
 }
 
-}  // namespace
-
 void weight_stats(const TensorList& w, void* l1, void* l2, void* linf, int64_t* nnz,
-                  int out_dtype, int nthreads) {
-  auto s = run(w, nthreads, [&](const Item& it) {
+                  int out_dtype, const Launch& at) {
+  auto s = run(w, at.nthreads, [&](const Item& it) {
     return with_dtype(w.dtypes[it.tensor], w.ptrs[it.tensor], [&](auto* p) {
       using T = std::remove_pointer_t<decltype(p)>;
       using A = opmath_t<T>;
@@ -200,8 +200,8 @@ void weight_stats(const TensorList& w, void* l1, void* l2, void* linf, int64_t* 
   }
 }
 
-void penalty(const TensorList& w, Coef l1, Coef l2, void* out, int out_dtype, int nthreads) {
-  auto s = run(w, nthreads, [&](const Item& it) {
+void penalty(const TensorList& w, Coef l1, Coef l2, void* out, int out_dtype, const Launch& at) {
+  auto s = run(w, at.nthreads, [&](const Item& it) {
     return with_dtype(w.dtypes[it.tensor], w.ptrs[it.tensor],
                       [&](auto* p) { return sums_chunk(p + it.begin, it.end - it.begin); });
   });
@@ -209,8 +209,8 @@ void penalty(const TensorList& w, Coef l1, Coef l2, void* out, int out_dtype, in
 }
 
 void add_penalty_grad(const TensorList& w, void* const* grads, Coef l1, Coef l2, void* out,
-                      int out_dtype, int nthreads) {
-  auto s = run(w, nthreads, [&](const Item& it) {
+                      int out_dtype, const Launch& at) {
+  auto s = run(w, at.nthreads, [&](const Item& it) {
     return with_dtype(w.dtypes[it.tensor], w.ptrs[it.tensor], [&](auto* p) {
       using T = std::remove_pointer_t<decltype(p)>;
       using A = opmath_t<T>;
@@ -230,8 +230,8 @@ void add_penalty_grad(const TensorList& w, void* const* grads, Coef l1, Coef l2,
   write_out(out, out_dtype, 0, penalty_of(s, l1, l2));
 }
 
-void prox(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, int nthreads) {
-  auto s = run(w, nthreads, [&](const Item& it) {
+void prox(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, const Launch& at) {
+  auto s = run(w, at.nthreads, [&](const Item& it) {
     return with_dtype(w.dtypes[it.tensor], w.ptrs[it.tensor], [&](auto* p) {
       using T = std::remove_pointer_t<decltype(p)>;
       T* x = p + it.begin;
@@ -251,7 +251,7 @@ void prox(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, int nthr
   for (int64_t i = 0; i < w.size(); ++i) nnz[i] = s[i].nnz;
 }
 
-const char* isa() {
+std::string isa() {
 #if defined(__AVX512F__)
   return "avx512f";
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -267,4 +267,22 @@ const char* isa() {
 #endif
 }
 
+}  // namespace
 }  // namespace pyreg::cpu
+
+namespace pyreg {
+
+extern const Kernels kCpu = {
+    true,
+    cpu::isa,
+    [] { return 1; },
+    [] { return std::string(); },
+    [](int) { return std::string(); },
+    [](int64_t, int64_t) { return int64_t(0); },
+    cpu::weight_stats,
+    cpu::penalty,
+    cpu::add_penalty_grad,
+    cpu::prox,
+};
+
+}  // namespace pyreg

@@ -634,7 +634,7 @@ void prox(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, const La
 
 }  // namespace
 
-extern const CudaKernels PYREG_CUDA_TABLE = {
+extern const Kernels PYREG_CUDA_TABLE = {
     true,         archs,   device_count, runtime_error,    device_error, workspace_bytes,
     weight_stats, penalty, add_penalty_grad, prox,
 };

@@ -11,8 +11,8 @@ namespace {
 
 [[noreturn]] void unavailable() { throw std::runtime_error("these CUDA kernels were not built"); }
 
-CudaKernels stub(std::string (*why)()) {
-  return CudaKernels{
+Kernels stub(std::string (*why)()) {
+  return Kernels{
       false,
       [] { return std::string(); },
       [] { return 0; },
@@ -29,10 +29,10 @@ CudaKernels stub(std::string (*why)()) {
 }  // namespace
 
 #if defined(PYREG_STUB_CUDA)
-extern const CudaKernels kCuda = stub([] { return std::string("pyreg was built without CUDA"); });
+extern const Kernels kCuda = stub([] { return std::string("pyreg was built without CUDA"); });
 #endif
 #if defined(PYREG_STUB_CUDA_EMU)
-extern const CudaKernels kCudaEmu = stub(
+extern const Kernels kCudaEmu = stub(
     [] { return std::string("pyreg was built without the CUDA emulator (PYREG_CUDA_EMU=OFF)"); });
 #endif
 

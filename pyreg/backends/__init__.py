@@ -1,23 +1,25 @@
 """pyreg's backends: implementations of the four ops, each for one kind of device.
 
 Every backend has a ``NAME``, ``why_not(device)`` (why it cannot take tensors
-on ``device``, or ""), and the same four functions,
-taking already validated arguments (a non-empty list of tensors on one device;
-each coefficient a float for every tensor, or a 1-D float64 tensor with one
-entry per tensor on the tensors' device):
+on ``device``, or ""), and the same four functions, taking already validated
+arguments (a non-empty list of tensors on one device; each coefficient a
+float for every tensor, or a 1-D float64 tensor with one entry per tensor on
+the tensors' device):
 
     weight_stats(tensors) -> WeightStats(l1, l2, linf, nnz)
     penalty(tensors, l1, l2) -> 0-dim tensor
     add_penalty_grad_(tensors, grads, l1, l2) -> 0-dim tensor
     prox_(tensors, l1, l2, lr) -> 1-D int64 tensor
 
-- ``torch``: pure PyTorch, the specification; runs on any device.
+- ``torch`` (torch_ref.py): pure PyTorch, the specification; runs on any device.
 - ``cpu``: the compiled C++ kernels (csrc/cpu).
 - ``cuda``: the compiled CUDA kernels (csrc/cuda), on GPUs.
 - ``cuda-emu``: the same CUDA kernels built against the CUDA emulator
   (csrc/cuda/emu), on CPU tensors: for testing the CUDA code without a GPU.
   Built only with the CMake option ``PYREG_CUDA_EMU=ON``; never chosen
   automatically, only by ``pyreg.use_backend("cuda-emu")``.
+
+The three compiled ones are instances of one class (compiled.py).
 """
 from __future__ import annotations
 
@@ -25,10 +27,14 @@ from typing import Any, Optional
 
 import torch
 
-from . import cpu, torch_ref
-from .cuda import EMULATED, GPU
+from . import torch_ref
+from .compiled import CompiledKernels, cpu_launch, cuda_launch, emulated_cuda_launch
 
-BACKENDS: dict[str, Any] = {"torch": torch_ref, "cpu": cpu, "cuda": GPU, "cuda-emu": EMULATED}
+cpu = CompiledKernels("cpu", "cpu", "cpu", cpu_launch)
+cuda = CompiledKernels("cuda", "cuda", "cuda", cuda_launch)
+cuda_emu = CompiledKernels("cuda-emu", "cuda_emu", "cpu", emulated_cuda_launch)
+
+BACKENDS: dict[str, Any] = {"torch": torch_ref, "cpu": cpu, "cuda": cuda, "cuda-emu": cuda_emu}
 
 
 def get(name: str):
@@ -43,6 +49,6 @@ def compiled_for(device: torch.device) -> Optional[Any]:
     """The compiled backend chosen by default for tensors on ``device``, or None."""
     if device.type == "cpu" and cpu.available():
         return cpu
-    if device.type == "cuda" and GPU.available(device.index):
-        return GPU
+    if device.type == "cuda" and cuda.available(device.index):
+        return cuda
     return None

@@ -1,0 +1,158 @@
+"""The compiled backends: ``cpu`` (csrc/cpu), ``cuda`` (csrc/cuda/kernels.cu
+built by nvcc) and ``cuda-emu`` (the same CUDA source built against the CUDA
+emulator in csrc/cuda/emu, which runs it on the CPU so that it is tested
+without a GPU).
+
+All three go through this one class: the same marshalling (``_marshal``), the
+same calls into pyreg._C (``<prefix>_weight_stats`` ...), one binding template
+behind them. Only the launch context differs, per device:
+
+- ``cpu``: torch's thread count (the kernels run on pyreg's own pool, with the
+  GIL released);
+- ``cuda``: a workspace from torch's caching allocator, the tensors' device and
+  torch's current stream on it. Nothing synchronizes with the host or copies
+  from host memory, so these calls can be captured in a CUDA graph;
+- ``cuda-emu``: a workspace from torch's CPU allocator; device 0, no stream
+  (each launch completes before the call returns).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .._common import DTYPE_CODES, WeightStats, result_dtype
+from .._lib import LOAD_ERROR, _C
+from . import _marshal as m
+from ._marshal import Coef
+
+#: (keep-alive object, workspace pointer, device index, stream, thread count)
+LaunchArgs = Tuple[Optional[Tensor], int, int, int, int]
+
+
+def cpu_launch(kernels: "CompiledKernels", ws: List[Tensor], total_numel: int) -> LaunchArgs:
+    return None, 0, -1, 0, torch.get_num_threads()
+
+
+def cuda_launch(kernels: "CompiledKernels", ws: List[Tensor], total_numel: int) -> LaunchArgs:
+    dev = ws[0].device
+    scratch = kernels.workspace(len(ws), total_numel, dev)
+    return scratch, scratch.data_ptr(), dev.index, torch.cuda.current_stream(dev).cuda_stream, 0
+
+
+def emulated_cuda_launch(kernels: "CompiledKernels", ws: List[Tensor], total_numel: int) -> LaunchArgs:
+    scratch = kernels.workspace(len(ws), total_numel, ws[0].device)
+    return scratch, scratch.data_ptr(), 0, 0, 0
+
+
+class CompiledKernels:
+    """One build of pyreg's kernels as a backend.
+
+    name: the backend's name; prefix: its functions' prefix in pyreg._C;
+    device_type: the torch device type of the tensors it takes; launch: its
+    launch context (one of the ``*_launch`` functions above).
+    """
+
+    def __init__(self, name: str, prefix: str, device_type: str,
+                 launch: Callable[["CompiledKernels", List[Tensor], int], LaunchArgs]):
+        self.NAME = name
+        self.device_type = device_type
+        self._prefix = prefix
+        self._launch = launch
+        self._device_errors: Dict[int, str] = {}
+
+    def __repr__(self) -> str:
+        return f"<pyreg backend {self.NAME!r}>"
+
+    def _fn(self, what: str):
+        return getattr(_C, f"{self._prefix}_{what}")
+
+    def compiled(self) -> bool:
+        return _C is not None and bool(self._fn("compiled")())
+
+    def archs(self) -> str:
+        """What the code was built for: the CPU instruction set, the CUDA architectures."""
+        return self._fn("archs")() if self.compiled() else ""
+
+    def unavailable_reason(self, device: Optional[int] = None) -> str:
+        """Why the kernels cannot run on device index ``device`` (None: the
+        current one), or "" when they can. The first answer per device is
+        kept: on CUDA it probes every kernel (no kernel image for this GPU's
+        compute capability, a driver older than the runtime...) and loads them."""
+        if _C is None:
+            return f"pyreg's compiled module is not loaded ({LOAD_ERROR})"
+        if not self.compiled():
+            return self._fn("runtime_error")()
+        if self.device_type == "cuda":  # a GPU: probed per device
+            if not torch.cuda.is_available():
+                return "torch has no usable CUDA"
+            index = torch.cuda.current_device() if device is None else device
+        else:
+            index = 0
+        err = self._device_errors.get(index)
+        if err is None:
+            err = self._device_errors[index] = self._fn("device_error")(index)
+        return err
+
+    def available(self, device: Optional[int] = None) -> bool:
+        return not self.unavailable_reason(device)
+
+    def why_not(self, device: torch.device) -> str:
+        """Why this backend cannot take tensors on ``device``, or "" if it can."""
+        if device.type != self.device_type:
+            return f"it takes {self.device_type} tensors"
+        return self.unavailable_reason(device.index)
+
+    def workspace(self, n: int, total_numel: int, device: torch.device) -> Tensor:
+        """Scratch for one call (16-byte aligned: torch's allocators give more)."""
+        nbytes = self._fn("workspace_bytes")(n, total_numel)
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+
+    # ---- the four ops ------------------------------------------------------------
+    def weight_stats(self, tensors: List[Tensor]) -> WeightStats:
+        ws = m.dense_list(tensors)
+        rd = result_dtype(ws)
+        dev = ws[0].device
+        n = len(ws)
+        l1, l2, linf = (torch.empty(n, dtype=rd, device=dev) for _ in range(3))
+        nnz = torch.empty(n, dtype=torch.int64, device=dev)
+        desc = m.describe(ws)
+        keep, *at = self._launch(self, ws, sum(desc[1]))
+        self._fn("weight_stats")(*desc, l1.data_ptr(), l2.data_ptr(), linf.data_ptr(),
+                                 nnz.data_ptr(), DTYPE_CODES[rd], *at)
+        return WeightStats(l1, l2, linf, nnz)
+
+    def penalty(self, tensors: List[Tensor], l1: Coef, l2: Coef) -> Tensor:
+        ws = m.dense_list(tensors)
+        rd = result_dtype(ws)
+        dev, n = ws[0].device, len(ws)
+        out = torch.empty((), dtype=rd, device=dev)
+        desc = m.describe(ws)
+        keep, *at = self._launch(self, ws, sum(desc[1]))
+        self._fn("penalty")(*desc, m.coef(l1, dev, n), m.coef(l2, dev, n), out.data_ptr(),
+                            DTYPE_CODES[rd], *at)
+        return out
+
+    def add_penalty_grad_(self, tensors: List[Tensor], grads: List[Tensor], l1: Coef,
+                          l2: Coef) -> Tensor:
+        ws, gs = m.paired(tensors, grads)
+        rd = result_dtype(ws)
+        dev, n = ws[0].device, len(ws)
+        out = torch.empty((), dtype=rd, device=dev)
+        desc = m.describe(ws)
+        keep, *at = self._launch(self, ws, sum(desc[1]))
+        self._fn("add_penalty_grad")(*desc, m.pointers(gs.work), m.coef(l1, dev, n),
+                                     m.coef(l2, dev, n), out.data_ptr(), DTYPE_CODES[rd], *at)
+        gs.commit()
+        return out
+
+    def prox_(self, tensors: List[Tensor], l1: Coef, l2: Coef, lr: Coef) -> Tensor:
+        ws = m.Writable(tensors)
+        dev, n = ws.work[0].device, len(ws.work)
+        nnz = torch.empty(n, dtype=torch.int64, device=dev)
+        desc = m.describe(ws.work)
+        keep, *at = self._launch(self, ws.work, sum(desc[1]))
+        self._fn("prox")(*desc, *(m.coef(c, dev, n) for c in (l1, l2, lr)), nnz.data_ptr(), *at)
+        ws.commit()
+        return nnz
