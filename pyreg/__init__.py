@@ -9,7 +9,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ._common import WeightStats
-from ._ops import add_penalty_grad_, backend_name, penalty, prox_, use_backend, weight_stats
+from .backends import backend_name, use_backend
+from .ops import add_penalty_grad_, penalty, prox_, weight_stats
 from .conventions import from_sklearn, from_weight_decay
 from .optim import Regularized, param_groups
 

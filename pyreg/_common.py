@@ -7,6 +7,11 @@ from typing import NamedTuple, Sequence, Union
 import torch
 from torch import Tensor
 
+try:  # DTensor inputs (FSDP2) go to pyreg.distributed; torch builds without it have none
+    from torch.distributed.tensor import DTensor as _DTensor
+except Exception:  # pragma: no cover - torch built without distributed
+    _DTensor = None
+
 #: dtypes every backend supports. Codes match csrc/common/dtype.h.
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 SUPPORTED_DTYPES = tuple(DTYPE_CODES)
@@ -29,6 +34,15 @@ def result_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     """dtype of the floating-point results (norms, penalty): float64 if any input
     is float64, else float32 (16-bit inputs accumulate and report in float32)."""
     return torch.float64 if torch.float64 in set(map(attrgetter("dtype"), tensors)) else torch.float32
+
+
+def has_dtensor(ts: Sequence[Tensor]) -> bool:
+    """True if any of ts is a DTensor (a sharded parameter)."""
+    if _DTensor is None:
+        return False
+    if torch.compiler.is_compiling():  # Dynamo traces plain loops, not map()
+        return any(isinstance(t, _DTensor) for t in ts)
+    return any(issubclass(cls, _DTensor) for cls in set(map(type, ts)))
 
 
 def coef_tensor(c: Union[float, Tensor], n: int, device: torch.device) -> Tensor:

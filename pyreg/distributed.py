@@ -35,8 +35,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from . import _ops
 from ._common import WeightStats, result_dtype, to_device
+from ._ops import add_penalty_grad_op, penalty_op, prox_op, weight_stats_op
+from ._validate import check_grads_apart, check_no_overlap
 
 __all__ = ["weight_stats", "penalty", "add_penalty_grad_", "prox_"]
 
@@ -118,7 +119,7 @@ def weight_stats(ts: Sequence[Tensor]) -> WeightStats:
     _, group, counted = _setup(ts)
     with torch.no_grad():
         locs = [_local(t).detach() for t in ts]
-        st = _ops.weight_stats(locs)
+        st = WeightStats(*weight_stats_op(locs))
         mask = to_device(counted, torch.float64, st.l1.device)
         l1, l2, linf = (x.to(torch.float64) for x in st[:3])
         packed = torch.stack([l1 * mask, l2 * l2 * mask, st.nnz.to(torch.float64) * mask, linf])
@@ -143,7 +144,7 @@ class _Penalty(torch.autograd.Function):
         rd = result_dtype(locs)
         if idx:
             sel = to_device(idx, torch.int64, l1.device)
-            local = _ops.penalty([locs[i] for i in idx], l1[sel], l2[sel]).to(torch.float64)
+            local = penalty_op([locs[i] for i in idx], l1[sel], l2[sel]).to(torch.float64)
         else:
             local = torch.zeros((), dtype=torch.float64, device=dev)
         value = _sum_over_ranks(local, group).reshape(()).to(rd)
@@ -163,7 +164,7 @@ class _Penalty(torch.autograd.Function):
             sel = to_device(idx, torch.int64, l1.device)
             part = [locs[i] for i in idx]
             gs = [torch.zeros_like(t) for t in part]
-            _ops._add_penalty_grad_op(part, gs, l1[sel] * go, l2[sel] * go)
+            add_penalty_grad_op(part, gs, l1[sel] * go, l2[sel] * go)
             for i, g in zip(idx, gs):
                 like = ctx.likes[i]
                 grads[i] = g if like is None else DTensor.from_local(
@@ -195,11 +196,12 @@ def add_penalty_grad_(ts: Sequence[Tensor], gs: Sequence[Tensor], l1: Tensor, l2
     with torch.no_grad():
         locs = [_local(t).detach() for t in ts]
         lgs = [_local(g) for g in gs]
+        check_grads_apart(locs, lgs)
         dev = locs[0].device
         local = torch.zeros((), dtype=torch.float64, device=dev)
         for is_counted, ix in _split_calls(counted):
             sel = to_device(ix, torch.int64, l1.device)
-            v = _ops.add_penalty_grad_([locs[i] for i in ix], [lgs[i] for i in ix], l1[sel], l2[sel])
+            v = add_penalty_grad_op([locs[i] for i in ix], [lgs[i] for i in ix], l1[sel], l2[sel])
             if is_counted:
                 local = local + v.to(torch.float64)
         return _sum_over_ranks(local, group).reshape(()).to(result_dtype(locs))
@@ -211,6 +213,7 @@ def prox_(ts: Sequence[Tensor], l1: Tensor, l2: Tensor, lr: Tensor) -> Tensor:
     _, group, counted = _setup(ts)
     with torch.no_grad():
         locs = [_local(t).detach() for t in ts]
-        nnz = _ops.prox_(locs, l1, l2, lr)
+        check_no_overlap(locs, "tensors")
+        nnz = prox_op(locs, l1, l2, lr)
         mask = to_device(counted, torch.int64, nnz.device)
         return _sum_over_ranks(nnz * mask, group).round().to(torch.int64)

@@ -28,17 +28,14 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import _ops
+from . import ops
 from ._common import SUPPORTED_DTYPES, to_device
+from ._validate import check_grads_apart, first_overlap, nonneg_real, one_value_tensor, tensor_list
 
 __all__ = ["Regularized", "param_groups", "default_exclude", "ParamStats", "Sparsity"]
 
 MODES = ("proximal", "gradient")
 _COEF_KEYS = ("l1", "l2")
-
-
-# A coefficient as a float, or TypeError / ValueError naming where it came from.
-_check_coef = _ops._check_value
 
 
 def _group_coef(value: Any, where: str) -> float:
@@ -47,12 +44,8 @@ def _group_coef(value: Any, where: str) -> float:
     without recompiling (change them in place, e.g. ``group["l1"].fill_(v)``);
     keep them on the CPU: reading a device tensor's value syncs the host."""
     if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{where} is a tensor of shape {tuple(value.shape)}; expected one value")
-        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"{where} has dtype {value.dtype}; expected a real dtype")
-        value = float(value)
-    return _check_coef(value, where)
+        value = float(one_value_tensor(value, where))
+    return nonneg_real(value, where)
 
 
 # --------------------------------------------------------------------------
@@ -171,7 +164,7 @@ class _Plan:
         # prox_ writes the params after the inner step: reject shared memory now,
         # before any step, rather than half-way through one.
         reg_params = [p for b in reg.values() for p in b[0]]
-        bad = None if torch.compiler.is_compiling() else _ops._first_overlap(reg_params)
+        bad = None if torch.compiler.is_compiling() else first_overlap(reg_params)
         if bad is not None:
             na, nb = (reg_names[id(reg_params[i])] for i in bad)
             raise ValueError(f"parameter {na!r} overlaps itself in memory (an expanded view?)"
@@ -251,8 +244,8 @@ class Regularized(Optimizer):
         self._patch_step_function()
         self.optimizer = optimizer
         self.mode = mode
-        self.l1 = _check_coef(l1, "l1")
-        self.l2 = _check_coef(l2, "l2")
+        self.l1 = nonneg_real(l1, "l1")
+        self.l2 = nonneg_real(l2, "l2")
         self._signature: Optional[tuple] = None
         self._plan_cache: Optional[_Plan] = None
         self._out: Dict[str, Any] = {"last": [], "penalty": None}  # backs _last and _penalty
@@ -354,8 +347,8 @@ class Regularized(Optimizer):
         mode = extra.get("mode", self.mode)
         if mode not in MODES:
             raise ValueError(f"state dict has unknown mode {mode!r}")
-        l1 = _check_coef(extra.get("l1", self.l1), "state_dict['pyreg']['l1']")
-        l2 = _check_coef(extra.get("l2", self.l2), "state_dict['pyreg']['l2']")
+        l1 = nonneg_real(extra.get("l1", self.l1), "state_dict['pyreg']['l1']")
+        l2 = nonneg_real(extra.get("l2", self.l2), "state_dict['pyreg']['l2']")
         for gi, group in enumerate(sd.get("param_groups", [])):
             for key, default in (("l1", l1), ("l2", l2)):
                 _group_coef(group.get(key, default), f"state_dict param_groups[{gi}][{key!r}]")
@@ -399,8 +392,8 @@ class Regularized(Optimizer):
             if lr is None:
                 raise ValueError(f"param_groups[{gi}] has no 'lr': mode 'proximal' needs one "
                                  "(use mode='gradient' for optimizers without a learning rate)")
-            lrs.append(_check_tensor_lr(lr, gi) if isinstance(lr, Tensor)
-                       else _check_coef(lr, f"param_groups[{gi}]['lr']"))
+            lrs.append(one_value_tensor(lr, f"param_groups[{gi}]['lr']") if isinstance(lr, Tensor)
+                       else nonneg_real(lr, f"param_groups[{gi}]['lr']"))
         return lrs
 
     @staticmethod
@@ -432,9 +425,9 @@ class Regularized(Optimizer):
             # Each op checks its own grads; with several buckets, check them all
             # before the first one writes, so a bad grad changes nothing.
             for params, grads, _, _ in work:
-                _ops._check_grads_apart(params, _ops._tensor_list(grads, "grads"))
+                check_grads_apart(params, tensor_list(grads, "grads"))
         for params, grads, l1, l2 in work:
-            value = _ops.add_penalty_grad_(params, grads, l1, l2)
+            value = ops.add_penalty_grad_(params, grads, l1, l2)
             total = value if total is None else _sum(total, value)
         self._penalty = total if total is not None else torch.zeros(())
 
@@ -469,7 +462,7 @@ class Regularized(Optimizer):
             params, gidx, l1, l2 = bucket.active()
             if not params:
                 continue
-            _ops.prox_(params, l1, l2, self._lr_coef(bucket, lrs, gidx, params[0].device))
+            ops.prox_(params, l1, l2, self._lr_coef(bucket, lrs, gidx, params[0].device))
             last.append((params, l1, l2))
         self._last = last
         return loss
@@ -488,7 +481,7 @@ class Regularized(Optimizer):
         if self._penalty is None:
             total = None
             for params, l1, l2 in self._last:
-                value = _ops.penalty([p.detach() for p in params], l1, l2)
+                value = ops.penalty([p.detach() for p in params], l1, l2)
                 total = value if total is None else _sum(total, value)
             self._penalty = total if total is not None else torch.zeros(())
         return self._penalty
@@ -499,7 +492,7 @@ class Regularized(Optimizer):
         ``"param_groups.<group>.<index>"``). One ``weight_stats`` call per
         (device, dtype) bucket; no host sync."""
         plan = self._plan()
-        parts = [_ops.weight_stats(ps) for ps in plan.stat_buckets]
+        parts = [ops.weight_stats(ps) for ps in plan.stat_buckets]
         if not parts:
             e = torch.zeros(0)
             return ParamStats([], e, e.clone(), e.clone(), torch.zeros(0, dtype=torch.int64),
@@ -522,22 +515,6 @@ class Regularized(Optimizer):
         per = (zeros / numel.clamp_min(1)).to(torch.float32)
         overall = (zeros.sum() / numel.sum().clamp_min(1)).to(torch.float32)
         return Sparsity(overall, per, s.names)
-
-
-def _check_tensor_lr(lr: Tensor, gi: int) -> Tensor:
-    """A tensor lr, checked before the inner step (prox_ would reject it only
-    after). Shape and dtype always; the value only on the CPU (no device sync:
-    device tensors are trusted as given)."""
-    where = f"param_groups[{gi}]['lr']"
-    if lr.numel() != 1:
-        raise ValueError(f"{where} is a tensor of shape {tuple(lr.shape)}; expected one value")
-    if not (lr.is_floating_point() or lr.dtype in (torch.int32, torch.int64)):
-        raise TypeError(f"{where} has dtype {lr.dtype}; expected a real dtype")
-    if lr.device.type == "cpu" and not torch.compiler.is_compiling():
-        v = float(lr)
-        if not (v >= 0 and v != float("inf")):
-            raise ValueError(f"{where} must be finite and >= 0, got {v}")
-    return lr
 
 
 @torch.compiler.disable
@@ -615,7 +592,7 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"param_groups needs an nn.Module, got {type(model).__name__}")
-    base = {"l1": _check_coef(l1, "l1"), "l2": _check_coef(l2, "l2")}
+    base = {"l1": nonneg_real(l1, "l1"), "l2": nonneg_real(l2, "l2")}
     if exclude is None:
         rule = default_exclude
     elif callable(exclude):
@@ -636,7 +613,7 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
             raise ValueError(f"overrides[{pattern!r}] may not set 'params' or 'param_names'")
         for key in _COEF_KEYS:
             if key in opts:
-                _check_coef(opts[key], f"overrides[{pattern!r}][{key!r}]")
+                nonneg_real(opts[key], f"overrides[{pattern!r}][{key!r}]")
     used = set()
 
     groups: List[Dict[str, Any]] = []

@@ -185,9 +185,9 @@ CONVENTION_CASES = [
     ("sklearn-ratio-neg", lambda: pyreg.from_sklearn(1.0, -0.1), ValueError, "l1_ratio must be in [0, 1], got -0.1"),
     ("sklearn-ratio-nan", lambda: pyreg.from_sklearn(1.0, NAN), ValueError, "l1_ratio must be finite, got nan"),
     ("sklearn-ratio-none", lambda: pyreg.from_sklearn(1.0, None), TypeError, "l1_ratio must be a real number, got NoneType"),
-    ("sklearn-alpha-inf", lambda: pyreg.from_sklearn(INF), ValueError, "alpha must be finite, got inf"),
-    ("sklearn-alpha-neg", lambda: pyreg.from_sklearn(-0.5, 0.5), ValueError, "alpha must be >= 0, got -0.5"),
-    ("wd-nan", lambda: pyreg.from_weight_decay(NAN), ValueError, "weight_decay must be finite, got nan"),
+    ("sklearn-alpha-inf", lambda: pyreg.from_sklearn(INF), ValueError, "alpha must be finite and >= 0, got inf"),
+    ("sklearn-alpha-neg", lambda: pyreg.from_sklearn(-0.5, 0.5), ValueError, "alpha must be finite and >= 0, got -0.5"),
+    ("wd-nan", lambda: pyreg.from_weight_decay(NAN), ValueError, "weight_decay must be finite and >= 0, got nan"),
     ("wd-str", lambda: pyreg.from_weight_decay("1e-4"), TypeError, "weight_decay must be a real number, got str"),
     ("wd-bool", lambda: pyreg.from_weight_decay(True), TypeError, "weight_decay must be a real number, got bool"),
 ]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pyreg
-from pyreg import _ops
+from pyreg import _ops, _validate, ops
 
 
 def _bytes_overlap(ts):
@@ -22,7 +22,7 @@ def _bytes_overlap(ts):
         if n == 0:
             continue
         esz = t.element_size()
-        offs = torch.arange(_ops._extent(t)).as_strided(t.shape, t.stride()).reshape(-1).tolist()
+        offs = torch.arange(_validate.extent(t)).as_strided(t.shape, t.stride()).reshape(-1).tolist()
         for o in offs:
             for b in range(esz):
                 addr = t.data_ptr() + o * esz + b
@@ -49,7 +49,7 @@ def test_disjoint_never_accepts_an_overlap(seed):
     rng = random.Random(seed)
     buf = torch.randn(40, dtype=rng.choice([torch.float32, torch.float16, torch.float64]))
     ts = _random_views(rng, buf, rng.randrange(1, 7))
-    fast = _ops._disjoint(ts)
+    fast = _validate.disjoint(ts)
     exact = _bytes_overlap(ts)
     if fast:
         assert not exact
@@ -58,18 +58,18 @@ def test_disjoint_never_accepts_an_overlap(seed):
     if all(t.numel() for t in ts):
         assert fast == (not exact)
     # and the public check agrees with the brute force either way
-    assert (_ops._first_overlap(ts) is not None) == exact
+    assert (_validate.first_overlap(ts) is not None) == exact
 
 
 def test_disjoint_sees_separate_allocations_and_views_across_dtypes():
     a, b = torch.randn(10), torch.randn(10, dtype=torch.float64)
-    assert _ops._disjoint([a, b, a[:0]])
-    assert not _ops._disjoint([a, a])
+    assert _validate.disjoint([a, b, a[:0]])
+    assert not _validate.disjoint([a, a])
     buf = torch.randn(8)
     # a float64 view of 4 float32 elements overlaps the next float32 element
-    assert not _ops._disjoint([buf[:4].view(torch.float64)[:2], buf[3:5]])
-    assert _ops._disjoint([buf[:4].view(torch.float64)[:2], buf[4:6]])
-    assert not _ops._disjoint([buf.view(2, 4).t()])  # not contiguous: not shown
+    assert not _validate.disjoint([buf[:4].view(torch.float64)[:2], buf[3:5]])
+    assert _validate.disjoint([buf[:4].view(torch.float64)[:2], buf[4:6]])
+    assert not _validate.disjoint([buf.view(2, 4).t()])  # not contiguous: not shown
 
 
 @pytest.mark.parametrize("case", [
@@ -83,9 +83,9 @@ def test_disjoint_sees_separate_allocations_and_views_across_dtypes():
     [torch.randn(3, dtype=torch.bfloat16), torch.randn(1, dtype=torch.float16)],
 ], ids=["mixed-float", "int", "sparse", "meta", "only-meta", "param", "number", "16-bit"])
 def test_uniform_accepts_exactly_what_the_loop_accepts(case):
-    fast = _ops._uniform(case)
+    fast = _validate.uniform(case)
     try:
-        _ops._tensor_list(case)
+        _validate.tensor_list(case)
         slow = True
     except (TypeError, ValueError):
         slow = False
@@ -106,22 +106,22 @@ def test_uniform_accepts_exactly_what_the_loop_accepts(case):
 def test_cpu_coefficient_tensor_check(values, ok):
     c = torch.tensor(values, dtype=torch.float64)
     if ok:
-        assert torch.equal(_ops._coef(c, len(values), torch.device("cpu"), "l1"), c)
+        assert torch.equal(_validate.coefficient(c, len(values), torch.device("cpu"), "l1"), c)
         return
     bad = next(i for i, v in enumerate(values) if not (math.isfinite(v) and v >= 0))
     with pytest.raises(ValueError, match=rf"l1\[{bad}\] must be finite and >= 0"):
-        _ops._coef(c, len(values), torch.device("cpu"), "l1")
+        _validate.coefficient(c, len(values), torch.device("cpu"), "l1")
 
 
 def test_parameters_take_the_eager_path_and_match_the_op(monkeypatch):
     g = torch.Generator().manual_seed(3)
     ps = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (7, 0, 4097)]
     ref = [p.detach().clone() for p in ps]
-    expected = _ops._prox_op(ref, *(torch.full((3,), v, dtype=torch.float64) for v in (0.3, 0.1, 0.5)))
+    expected = _ops.prox_op(ref, *(torch.full((3,), v, dtype=torch.float64) for v in (0.3, 0.1, 0.5)))
     calls = []
-    for name in ("_prox_op", "_weight_stats_op", "_add_penalty_grad_op", "_penalty_op"):
-        real = getattr(_ops, name)
-        monkeypatch.setattr(_ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    for name in ("prox_op", "weight_stats_op", "add_penalty_grad_op", "penalty_op"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     versions = [p._version for p in ps]
     nnz = pyreg.prox_(ps, 0.3, 0.1, 0.5)
     assert calls == []
@@ -136,7 +136,7 @@ def test_parameters_take_the_eager_path_and_match_the_op(monkeypatch):
         pyreg.penalty(ps, 0.1, 0.2)
     assert calls == []
     pyreg.penalty(ps, 0.1, 0.2)  # requires_grad: the differentiable op
-    assert calls == ["_penalty_op"]
+    assert calls == ["penalty_op"]
 
 
 def test_parameter_saved_for_backward_then_changed_by_prox_is_detected():

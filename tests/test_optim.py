@@ -371,14 +371,14 @@ def test_one_fused_call_per_bucket_per_step(monkeypatch):
     counts = {"prox_": 0, "add_penalty_grad_": 0}
     sizes = []
     for op in counts:
-        orig = getattr(pyreg._ops, op)
+        orig = getattr(pyreg.ops, op)
 
         def counting(tensors, *args, _orig=orig, _op=op, **kw):
             counts[_op] += 1
             sizes.append(len(tensors))
             return _orig(tensors, *args, **kw)
 
-        monkeypatch.setattr(pyreg._ops, op, counting)
+        monkeypatch.setattr(pyreg.ops, op, counting)
     f32 = _params(torch.float32, shapes=[(3,)] * 5)
     f64 = _params(torch.float64, shapes=[(4,)] * 3)
     groups = [{"params": f32[:2] + f64[:1]}, {"params": f32[2:], "l1": 0.3},

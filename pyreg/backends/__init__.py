@@ -23,9 +23,11 @@ The three compiled ones are instances of one class (compiled.py).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
+from torch import Tensor
 
 from . import torch_ref
 from .compiled import CompiledKernels, cpu_launch, cuda_launch, emulated_cuda_launch
@@ -52,3 +54,43 @@ def compiled_for(device: torch.device) -> Optional[Any]:
     if device.type == "cuda" and cuda.available(device.index):
         return cuda
     return None
+
+
+# --------------------------------------------------------------------------
+# The choice: automatic, or forced by use_backend
+# --------------------------------------------------------------------------
+_forced: Optional[str] = None
+
+
+def for_tensors(tensors: Sequence[Tensor]):
+    """The backend that runs an op on ``tensors`` (a non-empty list on one device)."""
+    device = tensors[0].device
+    if _forced is None:
+        return compiled_for(device) or torch_ref
+    be = BACKENDS[_forced]
+    why = be.why_not(device)
+    if why:
+        raise RuntimeError(f"pyreg backend {_forced!r} is forced but cannot run on {device}: {why}")
+    return be
+
+
+def backend_name(device: Union[str, torch.device]) -> str:
+    """Name of the backend the ops use for tensors on ``device`` right now."""
+    if _forced is not None:
+        return _forced
+    be = compiled_for(torch.device(device))
+    return "torch" if be is None else be.NAME
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Force a backend ("torch", "cpu", "cuda", "cuda-emu") inside a ``with``
+    block; ``None`` restores automatic choice."""
+    global _forced
+    if name is not None:
+        get(name)  # validates the name
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous

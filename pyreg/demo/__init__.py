@@ -18,7 +18,6 @@ PNG files in ``--out``. See ``pyreg demo --help``.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .._argtypes import choice_list, int_in
+from .._validate import nonneg_real
 from .study import METHODS
 
 DEFAULT_ALPHAS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # up to under-fitting
@@ -42,9 +42,10 @@ def _alpha(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"alpha must be a finite number >= 0, got {text!r}")
-    return value
+    try:
+        return nonneg_real(value, "alpha")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _alphas(text: str) -> List[float]:

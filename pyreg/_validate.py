@@ -1,0 +1,265 @@
+"""Argument checks shared by every layer of pyreg: the public ops, Regularized,
+the conventions and the CLIs. Each raises TypeError (wrong kind of thing) or
+ValueError (wrong value) with a message naming the argument, and returns the
+value normalized. The list checks take the common case at C speed (``map``
+over tensor attributes) and fall back to a per-tensor loop only to explain an
+error.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from operator import attrgetter, itemgetter, le
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ._common import SUPPORTED_DTYPES, capturing, has_dtensor, to_device
+
+try:  # DTensor inputs (FSDP2): their local shard holds their memory
+    from torch.distributed.tensor import DTensor as _DTensor
+except Exception:  # pragma: no cover - torch built without distributed
+    _DTensor = None
+
+#: A coefficient as users give it: one number for every tensor, one number per
+#: tensor (a sequence), or a tensor (0-dim, or 1-D with one value per tensor).
+Coef = Union[float, Sequence[float], Tensor]
+
+_dtype_of, _device_of, _layout_of = attrgetter("dtype"), attrgetter("device"), attrgetter("layout")
+_start_of, _end_of = itemgetter(0), itemgetter(1)  # of (start, end) byte spans
+_SUPPORTED = frozenset(SUPPORTED_DTYPES)
+
+
+# --------------------------------------------------------------------------
+# Numbers
+# --------------------------------------------------------------------------
+def real(x, where: str) -> float:
+    """x as a float: a finite real number (not a bool)."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{where} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{where} must be finite, got {x}")
+    return x
+
+
+def nonneg_real(x, where: str) -> float:
+    """x as a float: a finite real number >= 0 (a coefficient, an lr, an alpha)."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{where} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"{where} must be finite and >= 0, got {x}")
+    return x
+
+
+def one_value_tensor(t: Tensor, where: str) -> Tensor:
+    """A tensor standing for one coefficient or lr: one element of a real dtype,
+    and, on the CPU, finite and >= 0. A device tensor's value is not read
+    (that would sync the host): it is trusted as given."""
+    if t.numel() != 1:
+        raise ValueError(f"{where} is a tensor of shape {tuple(t.shape)}; expected one value")
+    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{where} has dtype {t.dtype}; expected a real dtype")
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        nonneg_real(float(t), where)
+    return t
+
+
+# --------------------------------------------------------------------------
+# Tensor lists
+# --------------------------------------------------------------------------
+def tensor_list(tensors, what: str = "tensors") -> List[Tensor]:
+    if isinstance(tensors, Tensor):
+        tensors = [tensors]
+    elif isinstance(tensors, (str, bytes)) or not isinstance(tensors, Iterable):
+        raise TypeError(f"{what} must be a tensor or an iterable of tensors, got {type(tensors).__name__}")
+    out = list(tensors)
+    if not torch.compiler.is_compiling() and uniform(out):
+        return out
+    device = None  # explain why not (or accept an empty list)
+    for i, t in enumerate(out):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{what}[{i}] is a {type(t).__name__}, not a torch.Tensor")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{what}[{i}] has dtype {t.dtype}; pyreg supports "
+                            "float32, float64, float16 and bfloat16")
+        if t.layout != torch.strided:
+            raise TypeError(f"{what}[{i}] has layout {t.layout}; pyreg needs dense (strided) tensors")
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise ValueError(f"{what}[{i}] is on {t.device} but {what}[0] is on {device}; "
+                             "one call takes tensors on one device")
+        if t.is_meta:
+            raise ValueError(f"{what}[{i}] is a meta tensor: it has no data to regularize")
+    return out
+
+
+def uniform(ts: List[Tensor]) -> bool:
+    """The checks of ``_tensor_list`` for a non-empty list, at C speed: dense
+    strided tensors of supported dtypes, all on one (non-meta) device."""
+    if not ts or not all(issubclass(cls, Tensor) for cls in set(map(type, ts))):
+        return False
+    devices = set(map(_device_of, ts))
+    return (len(devices) == 1 and next(iter(devices)).type != "meta"
+            and set(map(_dtype_of, ts)) <= _SUPPORTED
+            and set(map(_layout_of, ts)) == {torch.strided})
+
+
+# --------------------------------------------------------------------------
+# Coefficients
+# --------------------------------------------------------------------------
+def _host_copy_error(name: str, what: str) -> ValueError:
+    return ValueError(f"{name} is {what}: it cannot be copied to the GPU during CUDA graph capture "
+                      "(each replay would copy one stale host buffer); pass a Python number or a "
+                      "tensor on the device")
+
+
+def coefficient(c: Coef, n: int, device: torch.device, name: str) -> Union[float, Tensor]:
+    """A coefficient, validated, as the backends take it: a float (one value
+    for every tensor; the kernels get it by value, so it needs no memory and
+    no fill on the device) or a 1-D float64 tensor of n entries on ``device``."""
+    if isinstance(c, Tensor):
+        if c.device != device and c.device.type == "cpu" and capturing(device):
+            raise _host_copy_error(name, "a CPU tensor")
+        if c.dim() > 1 or (c.dim() == 1 and c.numel() != n):
+            raise ValueError(f"{name} has shape {tuple(c.shape)}; expected a number or "
+                             f"one value per tensor ({n})")
+        if not (c.is_floating_point() or c.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} has dtype {c.dtype}; expected a real dtype")
+        if c.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Cheap here (no device sync); device tensors are trusted as given.
+            # Fast accept: min over the non-NaN values (or NaN) >= 0, and a
+            # finite sum (no NaN, no inf); else find the first bad value.
+            vals = c.detach().reshape(-1).tolist()
+            if vals and not (min(vals) >= 0 and math.isfinite(sum(vals))):
+                bad = ~torch.isfinite(c) | (c < 0)
+                if bad.any():
+                    i = int(bad.reshape(-1).nonzero()[0])
+                    raise ValueError(f"{name}[{i}] must be finite and >= 0, got {float(c.reshape(-1)[i])}")
+        return to_device(c, torch.float64, device).expand(n).contiguous()
+    if isinstance(c, numbers.Real) and not isinstance(c, bool):
+        return nonneg_real(c, name)
+    if isinstance(c, (str, bytes)) or not isinstance(c, Iterable):
+        raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, "
+                        f"got {type(c).__name__}")
+    if capturing(device):
+        raise _host_copy_error(name, "a sequence of numbers")
+    vals = list(c)
+    if len(vals) != n:
+        raise ValueError(f"{name} has {len(vals)} values but there are {n} tensors")
+    vals = [nonneg_real(v, f"{name}[{i}]") for i, v in enumerate(vals)]
+    return to_device(vals, torch.float64, device)
+
+
+# --------------------------------------------------------------------------
+# Memory overlap (in-place ops)
+# --------------------------------------------------------------------------
+def check_no_overlap(tensors: Sequence[Tensor], what: str) -> None:
+    """In-place ops must not write one memory location twice."""
+    if torch.compiler.is_compiling():
+        return
+    bad = first_overlap(tensors)
+    if bad is None:
+        return
+    a, b = bad
+    if a == b:
+        raise ValueError(f"{what}[{a}] has overlapping memory (an expanded view?); "
+                         "it cannot be updated in place")
+    raise ValueError(f"{what}[{a}] and {what}[{b}] share memory; "
+                     "an in-place op needs distinct tensors")
+
+
+def check_grads_apart(tensors: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    """add_penalty_grad_ writes the grads while it reads the tensors: no grad may
+    share memory with another grad (or itself), nor with any tensor. Tensors may
+    share memory with each other (they are only read). No device sync."""
+    if torch.compiler.is_compiling():
+        return
+    if not has_dtensor(grads) and not has_dtensor(tensors) and disjoint(list(grads) + list(tensors)):
+        return  # the common case, at C speed
+    check_no_overlap(grads, "grads")
+    bad = _overlap(grads, tensors)
+    if bad is not None:
+        raise ValueError(f"grads[{bad[0]}] shares memory with tensors[{bad[1]}]; add_penalty_grad_ "
+                         "writes the grads while it reads the tensors, so they must be distinct")
+
+
+def first_overlap(tensors: Sequence[Tensor]) -> Optional[Tuple[int, int]]:
+    """(i, i) for the first tensor whose elements overlap each other, (a, b)
+    (a < b) for two tensors whose memory ranges overlap, else None."""
+    if has_dtensor(tensors):  # a DTensor's local shard holds its memory
+        tensors = [t.to_local() if isinstance(t, _DTensor) else t for t in tensors]
+    if disjoint(tensors):
+        return None
+    for i, t in enumerate(tensors):
+        if not t.is_contiguous() and _has_internal_overlap(t):
+            return i, i
+    return _overlap(tensors, tensors)
+
+
+def disjoint(tensors: Sequence[Tensor]) -> bool:
+    """True if the tensors are contiguous and no two share a byte, decided at C
+    speed; False means "not shown" (the exact checks then decide). Each tensor
+    is its byte range; sorted by start, ranges are disjoint exactly when each
+    ends at or before the next one starts (empty tensors are empty ranges)."""
+    if not all(map(Tensor.is_contiguous, tensors)):
+        return False
+    starts = list(map(Tensor.data_ptr, tensors))
+    spans = sorted(zip(starts, map(int.__add__, starts, map(attrgetter("nbytes"), tensors))))
+    return all(map(le, map(_end_of, spans), map(_start_of, spans[1:])))
+
+
+
+def _overlap(written: Sequence[Tensor], read: Sequence[Tensor]) -> Optional[Tuple[int, int]]:
+    """(i, j) with written[i] and read[j] (i != j when both lists are the same)
+    overlapping in memory, else None; for one list, i < j. Each tensor is the
+    address range from its first to its last element (conservative for
+    interleaved views); one sort over all of them, since live allocations never
+    overlap unless they share memory."""
+    same = written is read
+    spans = []
+    for kind, ts in ((0, written),) + (() if same else ((1, read),)):
+        for i, t in enumerate(ts):
+            n = t.numel()
+            if n:
+                start = t.data_ptr()
+                spans.append((start, start + (n if t.is_contiguous() else extent(t)) * t.element_size(),
+                              kind, i))
+    spans.sort()
+    reach = [None, None]  # (end, index) of the furthest-reaching span of each kind so far
+    for start, end, kind, i in spans:
+        r = reach[0 if same else 1 - kind]
+        if r is not None and start < r[0]:
+            if same:
+                return (r[1], i) if r[1] < i else (i, r[1])
+            return (i, r[1]) if kind == 0 else (r[1], i)
+        if reach[kind] is None or end > reach[kind][0]:
+            reach[kind] = (end, i)
+    return None
+
+
+def _has_internal_overlap(t: Tensor) -> bool:
+    """True if two elements of t are one memory location (exact). Decided from
+    sizes and strides alone for every common layout; only interleaved strides
+    (which the kernels handle on a dense copy anyway) enumerate offsets."""
+    if t.numel() <= 1 or t.is_contiguous():
+        return False
+    reach = 0  # largest offset the smaller-stride dims reach
+    for st, n in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1):
+        if st <= reach or st == 0:
+            break
+        reach += (n - 1) * st
+    else:
+        return False
+    if any(st == 0 for n, st in zip(t.shape, t.stride()) if n > 1):
+        return True
+    offsets = torch.arange(extent(t), device="cpu").as_strided(t.shape, t.stride())
+    return int(offsets.unique().numel()) < t.numel()
+
+
+def extent(t: Tensor) -> int:
+    """Elements from t's first to its last element in memory (inclusive)."""
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
