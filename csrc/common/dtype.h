@@ -10,6 +10,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifndef PYREG_ISA_NS
+#define PYREG_ISA_NS generic  // the default build; csrc/cpu/isa/ variants define their own
+#endif
+
 #if defined(__CUDACC__)
 #define PYREG_HD __host__ __device__ __forceinline__
 #else
@@ -17,6 +21,10 @@
 #endif
 
 namespace pyreg {
+// Per build variant (csrc/cpu/isa/): each instruction-set variant of the CPU
+// kernels gets its own copy of these inline functions, so the linker cannot
+// hand one variant another's (e.g. AVX-512) code.
+inline namespace PYREG_ISA_NS {
 
 enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
@@ -99,4 +107,5 @@ template <> struct Store<half_t> { template <typename A> PYREG_HD static half_t 
 template <> struct Store<bf16_t> { template <typename A> PYREG_HD static bf16_t to(A v) { return float_to_bf16(float(v)); } };
 template <typename T, typename A> PYREG_HD T store(A v) { return Store<T>::to(v); }
 
+}  // inline namespace PYREG_ISA_NS
 }  // namespace pyreg

@@ -12,8 +12,13 @@
 #include <cstdint>
 
 #include "dtype.h"
+#include "tensor_list.h"
 
 namespace pyreg {
+// Per build variant (csrc/cpu/isa/): each instruction-set variant of the CPU
+// kernels gets its own copy of these inline functions, so the linker cannot
+// hand one variant another's (e.g. AVX-512) code.
+inline namespace PYREG_ISA_NS {
 
 // ---- scalar helpers, one spelling for host and device ---------------------------
 PYREG_HD float abs_of(float v) { return fabsf(v); }
@@ -29,6 +34,10 @@ template <> PYREG_HD float floor_to<float>(double t) {
   return double(f) > t ? nextafterf(f, -INFINITY) : f;
 }
 template <> PYREG_HD double floor_to<double>(double t) { return t; }
+
+// A coefficient's value for tensor i (Coef::at, as a function of this
+// namespace: see PYREG_ISA_NS).
+PYREG_HD double coef_at(const Coef& c, int64_t i) { return c.per_tensor ? c.per_tensor[i] : c.value; }
 
 // ---- reductions ---------------------------------------------------------------
 // A tensor's (or a chunk's) sums: sum|v|, sum v^2, max|v| (NaN ignored here:
@@ -108,4 +117,5 @@ PYREG_HD void write_out(void* out, int out_dtype, int64_t i, double v) {
   else static_cast<float*>(out)[i] = float(v);
 }
 
+}  // inline namespace PYREG_ISA_NS
 }  // namespace pyreg

@@ -29,6 +29,12 @@
 #include "../common/op_math.h"
 #include "thread_pool.h"
 
+// The name of the table this build exports: kCpu, or one variant's table
+// (csrc/cpu/isa/) that csrc/cpu/dispatch.cpp chooses from at load time.
+#ifndef PYREG_CPU_TABLE
+#define PYREG_CPU_TABLE kCpu
+#endif
+
 namespace pyreg::cpu {
 namespace {
 
@@ -172,7 +178,7 @@ std::vector<Partial> run(const TensorList& w, int nthreads, Body&& body) {
 
 double penalty_of(const std::vector<Partial>& s, Coef l1, Coef l2) {
   double v = 0;
-  for (size_t i = 0; i < s.size(); ++i) v += l1.at(i) * s[i].s1 + l2.at(i) * s[i].s2;
+  for (size_t i = 0; i < s.size(); ++i) v += coef_at(l1, i) * s[i].s1 + coef_at(l2, i) * s[i].s2;
   return v;
 }
 
@@ -216,8 +222,8 @@ void add_penalty_grad(const TensorList& w, void* const* grads, Coef l1, Coef l2,
       using A = opmath_t<T>;
       const T* x = p + it.begin;
       T* g = static_cast<T*>(grads[it.tensor]) + it.begin;
-      const A c1 = A(l1.at(it.tensor));
-      const A c2 = A(2.0 * l2.at(it.tensor));
+      const A c1 = A(coef_at(l1, it.tensor));
+      const A c2 = A(2.0 * coef_at(l2, it.tensor));
       auto update = [=](int64_t b, int len) {
         const T* __restrict xs = x + b;
         T* __restrict gs = g + b;
@@ -237,7 +243,7 @@ void prox(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, const La
       T* x = p + it.begin;
       using A = opmath_t<T>;
       const ProxParams<A> pp =
-          prox_params<A>(l1.at(it.tensor), l2.at(it.tensor), lr.at(it.tensor));
+          prox_params<A>(coef_at(l1, it.tensor), coef_at(l2, it.tensor), coef_at(lr, it.tensor));
       auto update = [=](int64_t b, int len) {
         T* __restrict xs = x + b;
         prefetch_ahead(xs, len);
@@ -272,7 +278,7 @@ std::string isa() {
 
 namespace pyreg {
 
-extern const Kernels kCpu = {
+extern const Kernels PYREG_CPU_TABLE = {
     true,
     cpu::isa,
     [] { return 1; },

@@ -1,0 +1,75 @@
+"""The CPU kernels' instruction-set variants (x86-64 baseline, AVX2, AVX-512;
+chosen at load time, forced with PYREG_CPU_ISA) compute the same bits. Each
+variant this CPU supports runs every op on every dtype in a process of its own."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pyreg
+
+TESTS = Path(__file__).resolve().parent
+VARIANTS = ["x86_64", "avx2", "avx512"]
+
+_RUN = """
+import sys, torch, pyreg
+sys.path.insert(0, {tests!r})
+from conftest import DTYPES, random_list
+out = {{"archs": pyreg.backends.cpu.archs()}}
+with pyreg.use_backend("cpu"):
+    for k, dt in enumerate(DTYPES):
+        ts = random_list(dt, seed=100 + k, more_layouts=True)
+        gs = random_list(dt, seed=200 + k, more_layouts=True)
+        st = pyreg.weight_stats(ts)
+        p = pyreg.penalty(ts, 0.37, [0.11] * len(ts))
+        v = pyreg.add_penalty_grad_(ts, gs, 0.3, 0.7)
+        nnz = pyreg.prox_(ts, 0.21, 0.13, 0.9)
+        out[str(dt)] = [*st, p, v, nnz] + gs + ts
+torch.save(out, {path!r})
+"""
+
+
+def _bits(x):
+    x = x.contiguous()
+    if x.is_floating_point():
+        return x.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[x.element_size()])
+    return x
+
+
+def test_variants_compute_the_same_bits(tmp_path):
+    if "chosen at load time" not in pyreg.backends.cpu.archs():
+        pytest.skip(f"a single-variant build: {pyreg.backends.cpu.archs()}")
+    results = {}
+    for v in VARIANTS:
+        path = str(tmp_path / f"{v}.pt")
+        env = dict(os.environ, PYREG_CPU_ISA=v)
+        subprocess.run([sys.executable, "-c", _RUN.format(tests=str(TESTS), path=path)], env=env,
+                       cwd=tmp_path, check=True, timeout=300)
+        out = torch.load(path)
+        if f"forced by PYREG_CPU_ISA={v}" not in out["archs"]:
+            assert v != "x86_64", out["archs"]  # every x86-64 CPU runs the baseline
+            continue  # this CPU lacks the variant
+        results[v] = out
+    assert "x86_64" in results
+    base = results["x86_64"]
+    for v, out in results.items():
+        for key, tensors in base.items():
+            if key == "archs":
+                continue
+            for i, (a, b) in enumerate(zip(tensors, out[key])):
+                assert torch.equal(_bits(a), _bits(b)), f"{v} differs from x86_64: {key}, result {i}"
+    assert len(results) >= 2 or "avx2" not in pyreg.backends.cpu.archs().split(" (")[0]
+
+
+def test_forcing_an_unknown_variant_falls_back(tmp_path):
+    if "chosen at load time" not in pyreg.backends.cpu.archs():
+        pytest.skip(f"a single-variant build: {pyreg.backends.cpu.archs()}")
+    env = dict(os.environ, PYREG_CPU_ISA="sse9")
+    out = subprocess.run([sys.executable, "-c", "import pyreg; print(pyreg.backends.cpu.archs())"],
+                         env=env, cwd=tmp_path, check=True, capture_output=True, text=True, timeout=120)
+    assert "PYREG_CPU_ISA=sse9 ignored" in out.stdout
