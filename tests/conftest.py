@@ -4,23 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pyreg._tolerance import TOLERANCES
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp64", "fp16", "bf16"]
 
-# Elementwise results: the op's rounding.
-ELEMENTWISE_TOL = {
-    torch.float64: dict(rtol=1e-7, atol=1e-7),
-    torch.float32: dict(rtol=1.3e-6, atol=1e-5),
-    torch.float16: dict(rtol=1e-3, atol=1e-5),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
-}
-# Reductions report in float64 (fp64 inputs) or float32 (all others).
-REDUCTION_TOL = {
-    torch.float64: dict(rtol=1e-7, atol=1e-7),
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=1e-5, atol=1e-5),
-    torch.bfloat16: dict(rtol=1e-5, atol=1e-5),
-}
+# The one tolerance table (pyreg/_tolerance.py), as the tests use it.
+ELEMENTWISE_TOL = TOLERANCES["elementwise"]
+REDUCTION_TOL = TOLERANCES["reduction"]
+GRAD_TOL = TOLERANCES["grad"]
 
 
 def random_list(dtype, seed=0, device="cpu", scale=1.0, more_layouts=False):
@@ -47,6 +39,36 @@ def random_list(dtype, seed=0, device="cpu", scale=1.0, more_layouts=False):
             r(5, 6, 7).permute(2, 0, 1),  # dense, permuted
         ]
     return ts + [r(5, 0)]
+
+
+def like_list(ts, dtype, seed):
+    """Random tensors with the shapes and strides of ts (grads for ts)."""
+    from pyreg.backends._marshal import is_dense
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in ts:
+        x = torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype)
+        y = (torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=t.device) if is_dense(t)
+             else torch.empty(t.shape, dtype=dtype, device=t.device))
+        out.append(y.copy_(x))
+    return out
+
+
+def coef_tensors(n, seed, device="cpu"):
+    """Three fresh (n,) float64 coefficient tensors on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.rand(n, generator=g, dtype=torch.float64).to(device) for _ in range(3))
+
+
+def bits_equal(a, b):
+    """Same dtype, shape and bits (NaN payloads and the sign of zero included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        iv = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+        return torch.equal(a.contiguous().view(iv), b.contiguous().view(iv))
+    return torch.equal(a, b)
 
 
 def as_f64(tensors):
@@ -76,3 +98,36 @@ def _emu_built() -> bool:
 #: build with PYREG_CUDA_EMU=ON; CI makes one.
 needs_emu = pytest.mark.skipif(not _emu_built(),
                                reason="pyreg built without PYREG_CUDA_EMU=ON (no cuda-emu backend)")
+
+
+def _gpu_ready() -> bool:
+    from pyreg import backends
+
+    return torch.cuda.is_available() and backends.cuda.compiled()
+
+
+# A GPU torch can use and a build with CUDA kernels, yet no usable cuda backend
+# (driver too old for the runtime, no kernel image for this GPU...): that is a
+# failure to report (the cuda tests then fail), not a reason to skip.
+needs_gpu = pytest.mark.skipif(not _gpu_ready(), reason="no usable CUDA GPU / pyreg built without CUDA")
+
+#: Every backend, with the device of the tensors it takes. Absent ones skip.
+BACKEND_PARAMS = [
+    pytest.param(("torch", "cpu"), id="torch"),
+    pytest.param(("cpu", "cpu"), id="cpu"),
+    pytest.param(("cuda-emu", "cpu"), marks=needs_emu, id="cuda-emu"),
+    pytest.param(("cuda", "cuda"), marks=needs_gpu, id="cuda"),
+]
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def B(request):
+    """The backend under test: ``name``, the backend object ``be``, and ``dev``,
+    the device of its tensors. Tests run the ops under ``use_backend(B.name)``
+    or call ``B.be`` directly."""
+    from types import SimpleNamespace
+
+    from pyreg import backends
+
+    name, dev = request.param
+    return SimpleNamespace(name=name, be=backends.get(name), dev=dev)

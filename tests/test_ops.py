@@ -11,11 +11,13 @@ import pyreg
 from pyreg import backends
 from pyreg.backends import torch_ref
 
-from conftest import DTYPE_IDS, DTYPES, ELEMENTWISE_TOL, REDUCTION_TOL, as_f64, needs_emu, random_list
+from pyreg._tolerance import TOLERANCES
 
-# Every backend that takes CPU tensors: the float64 spec, the C++ kernels, and
-# the CUDA kernels under the emulator.
-BACKENDS = ["torch", "cpu", pytest.param("cuda-emu", marks=needs_emu)]
+from conftest import (bits_equal, coef_tensors, like_list, DTYPE_IDS, DTYPES, ELEMENTWISE_TOL, GRAD_TOL, REDUCTION_TOL, as_f64, needs_emu,
+                      random_list)
+
+# The op matrix runs on every backend (the fixture B: torch, cpu, cuda-emu,
+# cuda; absent ones skip), against the float64 spec and the CPU kernels.
 # A coefficient as a number (all tensors), a list, or a tensor (one per tensor).
 KINDS = ["number", "list", "tensor"]
 
@@ -56,134 +58,223 @@ def as_tensor(c, n):
     return torch.full((n,), float(c), dtype=torch.float64)
 
 
+def coef_on(c, n, dev):
+    """A coefficient as the ops take it, on the backend's device (tensors moved)."""
+    return c.to(dev) if isinstance(c, torch.Tensor) else c
+
+
+def to_cpu(ts):
+    return [t.detach().to("cpu", copy=True) for t in ts]  # always a copy
+
+
+def rdtype(ts):
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+
+
+
+
+
+
+def elem_tol(B, dtype):
+    # CUDA kernels on a GPU may fuse a multiply and an add (nvcc's default)
+    return TOLERANCES["elementwise_fma" if B.name == "cuda" else "elementwise"][dtype]
+
+
+EMPTY = (0, 3, 10)  # indices of the empty tensors in random_list(..., more_layouts=True)
+
+
 # --------------------------------------------------------------------------- weight_stats
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_weight_stats(backend, dtype):
-    ts = random_list(dtype, seed=1)
-    with pyreg.use_backend(backend):
+def test_weight_stats(B, dtype):
+    # Every layout (storage offset 1 included) against the float64 spec and the CPU kernels.
+    ts = random_list(dtype, seed=1, device=B.dev, more_layouts=True)
+    with pyreg.use_backend(B.name):
         st = pyreg.weight_stats(ts)
     ref = torch_ref.weight_stats(as_f64(ts))
-    rd = torch.float64 if dtype == torch.float64 else torch.float32
+    cpu = backends.cpu.weight_stats(to_cpu(ts))
+    rd = rdtype(ts)
     assert isinstance(st, pyreg.WeightStats)
-    for got, want in zip(st[:3], ref[:3]):
-        assert got.dtype == rd and got.shape == (len(ts),)
-        torch.testing.assert_close(got, want.to(rd), **REDUCTION_TOL[dtype])
+    for got, want, c in zip(st[:3], ref[:3], cpu[:3]):
+        assert got.dtype == rd and got.shape == (len(ts),) and got.device.type == B.dev
+        torch.testing.assert_close(got.cpu(), want.cpu().to(rd), **REDUCTION_TOL[dtype])
+        torch.testing.assert_close(got.cpu(), c, **REDUCTION_TOL[dtype])
     assert st.nnz.dtype == torch.int64
-    assert torch.equal(st.nnz, ref.nnz)
-    # empty tensors report zeros
-    for i in (0, 3, 8):
+    assert torch.equal(st.nnz.cpu(), ref.nnz.cpu()) and torch.equal(st.nnz.cpu(), cpu.nnz)
+    assert torch.equal(st.linf.cpu(), ref.linf.cpu().to(rd))  # a max of exactly converted values
+    for i in EMPTY:  # empty tensors report zeros
         assert st.l1[i] == 0 and st.l2[i] == 0 and st.linf[i] == 0 and st.nnz[i] == 0
 
 
+def test_weight_stats_nan_inf_and_zeros(B):
+    x = torch.tensor([0.0, -0.0, 1.0, float("nan"), -3.0], device=B.dev)
+    y = torch.tensor([0.0, float("-inf"), 2.0], device=B.dev)
+    z = torch.zeros(70000, device=B.dev)
+    z[12345] = -5.0
+    st = B.be.weight_stats([x, y, z])
+    assert torch.isnan(st[0][0]) and torch.isnan(st[1][0]) and torch.isnan(st[2][0])
+    assert st[0][1] == float("inf") and st[2][1] == float("inf")
+    assert st[2][2] == 5.0 and st[0][2] == 5.0 and st[1][2] == 5.0
+    assert st[3].tolist() == [3, 2, 1]  # NaN counts as nonzero, -0.0 does not
+
+
 # --------------------------------------------------------------------------- penalty
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_penalty(backend, dtype, kind):
-    ts = random_list(dtype, seed=2)
-    l1, l2, _ = coefs(kind, len(ts), 3)
-    with pyreg.use_backend(backend):
-        got = pyreg.penalty(ts, l1, l2)
-    want = torch_ref.penalty(as_f64(ts), as_tensor(l1, len(ts)), as_tensor(l2, len(ts)))
-    assert got.shape == ()
-    torch.testing.assert_close(got, want.to(got.dtype), **REDUCTION_TOL[dtype])
+def test_penalty(B, dtype, kind):
+    ts = random_list(dtype, seed=2, device=B.dev, more_layouts=True)
+    n = len(ts)
+    l1, l2, _ = coefs(kind, n, 3)
+    with pyreg.use_backend(B.name):
+        got = pyreg.penalty(ts, coef_on(l1, n, B.dev), coef_on(l2, n, B.dev))
+    L1, L2 = as_tensor(l1, n), as_tensor(l2, n)
+    want = torch_ref.penalty(as_f64(to_cpu(ts)), L1, L2)
+    cpu = backends.cpu.penalty(to_cpu(ts), L1, L2)
+    assert got.shape == () and got.dtype == rdtype(ts) and got.device.type == B.dev
+    torch.testing.assert_close(got.cpu(), want.to(got.dtype), **REDUCTION_TOL[dtype])
+    torch.testing.assert_close(got.cpu(), cpu, **REDUCTION_TOL[dtype])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def test_penalty_big_fp32_norm_is_accurate(B):
+    g = torch.Generator(device=B.dev).manual_seed(0)
+    x = torch.randn(30_000_000, device=B.dev, generator=g) * 3 + 1
+    l1 = torch.tensor([0.5], dtype=torch.float64, device=B.dev)
+    l2 = torch.tensor([0.25], dtype=torch.float64, device=B.dev)
+    got = B.be.penalty([x], l1, l2)
+    want = torch_ref.penalty([x.double()], l1, l2)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    st = B.be.weight_stats([x])
+    xd = x.double()
+    torch.testing.assert_close(st[0][0].double(), xd.abs().sum(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(st[1][0].double(), xd.square().sum().sqrt(), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_penalty_backward(backend, dtype):
-    ts = [t.requires_grad_() for t in random_list(dtype, seed=4)]
+def test_penalty_backward(B, dtype):
+    ts = [t.requires_grad_() for t in random_list(dtype, seed=4, device=B.dev)]
     l1, l2, _ = coefs("tensor", len(ts), 5)
-    with pyreg.use_backend(backend):
-        (3.0 * pyreg.penalty(ts, l1, l2)).backward()
+    with pyreg.use_backend(B.name):
+        (3.0 * pyreg.penalty(ts, l1.to(B.dev), l2.to(B.dev))).backward()
     for i, t in enumerate(ts):
-        x = t.detach().double()
+        x = t.detach().double().cpu()
         want = 3.0 * (l1[i] * torch.sign(x) + 2 * l2[i] * x)
         assert t.grad.dtype == dtype and t.grad.shape == t.shape
-        torch.testing.assert_close(t.grad.double(), want.to(dtype).double(), **ELEMENTWISE_TOL[dtype])
+        torch.testing.assert_close(t.grad.double().cpu(), want.to(dtype).double(), **elem_tol(B, dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_penalty_gradcheck(backend):
+def test_penalty_gradcheck(B):
     g = torch.Generator().manual_seed(6)
-    ts = [torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True),
-          torch.randn(3, 4, generator=g, dtype=torch.float64).t().requires_grad_(),
-          torch.randn((), generator=g, dtype=torch.float64, requires_grad=True)]
-    l1 = torch.tensor([0.3, 0.0, 1.2], dtype=torch.float64)
-    with pyreg.use_backend(backend):
+    ts = [torch.randn(7, generator=g, dtype=torch.float64).to(B.dev).requires_grad_(),
+          torch.randn(3, 4, generator=g, dtype=torch.float64).to(B.dev).t().requires_grad_(),
+          torch.randn((), generator=g, dtype=torch.float64).to(B.dev).requires_grad_()]
+    l1 = torch.tensor([0.3, 0.0, 1.2], dtype=torch.float64, device=B.dev)
+    with pyreg.use_backend(B.name):
         assert torch.autograd.gradcheck(lambda *w: pyreg.penalty(list(w), l1, 0.25), ts)
 
 
 # --------------------------------------------------------------------------- add_penalty_grad_
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_add_penalty_grad(backend, dtype, kind):
-    ts = random_list(dtype, seed=7)
-    gs = random_list(dtype, seed=8)
-    l1, l2, _ = coefs(kind, len(ts), 9)
-    want_g = [g.double() + (as_tensor(l1, len(ts))[i] * torch.sign(w.double()) + 2 * as_tensor(l2, len(ts))[i] * w.double())
+def test_add_penalty_grad(B, dtype, kind):
+    ts = random_list(dtype, seed=7, device=B.dev, more_layouts=True)
+    gs = like_list(ts, dtype, seed=8)
+    n = len(ts)
+    l1, l2, _ = coefs(kind, n, 9)
+    L1, L2 = as_tensor(l1, n), as_tensor(l2, n)
+    want_g = [g.double().cpu() + (L1[i] * torch.sign(w.double().cpu()) + 2 * L2[i] * w.double().cpu())
               for i, (w, g) in enumerate(zip(ts, gs))]
-    want_v = torch_ref.penalty(as_f64(ts), as_tensor(l1, len(ts)), as_tensor(l2, len(ts)))
+    want_v = torch_ref.penalty(as_f64(to_cpu(ts)), L1, L2)
+    cpu_ts, cpu_gs = to_cpu(ts), to_cpu(gs)
+    cpu_v = backends.cpu.add_penalty_grad_(cpu_ts, cpu_gs, L1, L2)
     before = [w.clone() for w in ts]
-    with pyreg.use_backend(backend):
-        v = pyreg.add_penalty_grad_(ts, gs, l1, l2)
-    torch.testing.assert_close(v, want_v.to(v.dtype), **REDUCTION_TOL[dtype])
-    for g, wg in zip(gs, want_g):
+    with pyreg.use_backend(B.name):
+        v = pyreg.add_penalty_grad_(ts, gs, coef_on(l1, n, B.dev), coef_on(l2, n, B.dev))
+    assert v.shape == () and v.dtype == rdtype(ts)
+    torch.testing.assert_close(v.cpu(), want_v.to(v.dtype), **REDUCTION_TOL[dtype])
+    torch.testing.assert_close(v.cpu(), cpu_v, **REDUCTION_TOL[dtype])
+    for g, wg, cg in zip(gs, want_g, cpu_gs):
         assert g.dtype == dtype
-        torch.testing.assert_close(g.double(), wg.to(dtype).double(), **ELEMENTWISE_TOL[dtype])
+        torch.testing.assert_close(g.double().cpu(), wg.to(dtype).double(), **GRAD_TOL[dtype])
+        torch.testing.assert_close(g.cpu(), cg, **GRAD_TOL[dtype])
     for w, b in zip(ts, before):  # weights are read, never written
         assert torch.equal(w, b)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sign_of_zero_is_zero(backend):
-    w = torch.tensor([0.0, -0.0, 1.5, -2.0, 0.0])
+def test_sign_of_zero_is_zero(B):
+    w = torch.tensor([0.0, -0.0, 1.5, -2.0, 0.0], device=B.dev)
     g = torch.full_like(w, 0.25)
-    with pyreg.use_backend(backend):
+    with pyreg.use_backend(B.name):
         pyreg.add_penalty_grad_([w], [g], l1=1.0)
     assert g.tolist() == [0.25, 0.25, 1.25, -0.75, 0.25]
     wr = w.clone().requires_grad_()
-    with pyreg.use_backend(backend):
+    with pyreg.use_backend(B.name):
         pyreg.penalty([wr], l1=1.0).backward()
     assert wr.grad.tolist() == [0.0, 0.0, 1.0, -1.0, 0.0]
+    # -0.0 weight and grad: the same bits as the float64 spec
+    w, g = torch.tensor([-0.0, 0.0, -0.0]), torch.tensor([-0.0, -0.0, 0.0])
+    ref_g, got = g.clone(), g.to(B.dev)
+    one = torch.ones(1, dtype=torch.float64)
+    B.be.add_penalty_grad_([w.to(B.dev)], [got], one.to(B.dev), one.to(B.dev))
+    torch_ref.add_penalty_grad_([w], [ref_g], one, one)
+    assert bits_equal(got.cpu(), ref_g), (got, ref_g)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_misaligned_grads_and_weights(B, dtype):
+    # weights aligned, grads at storage offset 1 (and the reverse): scalar paths
+    n = 300_001
+    g0 = torch.Generator().manual_seed(40)
+    r = lambda k: torch.randn(k, generator=g0, dtype=torch.float64).to(dtype).to(B.dev)  # noqa: E731
+    w_al, w_mis, g_mis, g_al = r(n), r(n + 1)[1:], r(n + 1)[1:], r(n)
+    ts, gs = [w_al, w_mis], [g_mis, g_al]
+    l1, l2, _ = (c.to(B.dev) for c in coefs("tensor", 2, 41))
+    want_g = [g.double() + (l1[i] * torch.sign(w.double()) + 2 * l2[i] * w.double())
+              for i, (w, g) in enumerate(zip(ts, gs))]
+    v = B.be.add_penalty_grad_(ts, gs, l1, l2)
+    torch.testing.assert_close(v.double(), torch_ref.penalty(as_f64(ts), l1, l2), **REDUCTION_TOL[dtype])
+    for g, wg in zip(gs, want_g):
+        torch.testing.assert_close(g.double(), wg.to(dtype).double(), **GRAD_TOL[dtype])
 
 
 # --------------------------------------------------------------------------- prox_
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_prox(backend, dtype, kind):
-    ts = random_list(dtype, seed=10)
+def test_prox(B, dtype, kind):
+    ts = random_list(dtype, seed=10, device=B.dev, more_layouts=True)
     n = len(ts)
     l1, l2, lr = coefs(kind, n, 11)
     L1, L2, LR = as_tensor(l1, n), as_tensor(l2, n), as_tensor(lr, n)
-    want = as_f64(ts)
+    want = as_f64(to_cpu(ts))
     torch_ref.prox_(want, L1, L2, LR)  # float64 spec
     want = [w.to(dtype) for w in want]  # rounded once to the dtype
+    cpu_ts = to_cpu(ts)
+    cpu_nnz = backends.cpu.prox_(cpu_ts, L1, L2, LR)
     bases = [t._base for t in ts]
-    with pyreg.use_backend(backend):
-        nnz = pyreg.prox_(ts, l1, l2, lr)
-    assert nnz.dtype == torch.int64 and nnz.shape == (n,)
+    with pyreg.use_backend(B.name):
+        nnz = pyreg.prox_(ts, *(coef_on(c, n, B.dev) for c in (l1, l2, lr)))
+    assert nnz.dtype == torch.int64 and nnz.shape == (n,) and nnz.device.type == B.dev
     zeros = 0
-    for i, (w, ww) in enumerate(zip(ts, want)):
+    for i, (w, ww, cw) in enumerate(zip(ts, want, cpu_ts)):
         assert w.dtype == dtype
-        assert torch.equal(w == 0, ww == 0), f"zero pattern differs in tensor {i}"
-        torch.testing.assert_close(w.double(), ww.double(), **ELEMENTWISE_TOL[dtype])
+        assert torch.equal((w == 0).cpu(), ww == 0), f"zero pattern differs from the spec in tensor {i}"
+        assert torch.equal((w == 0).cpu(), cw == 0), f"zero pattern differs from cpu in tensor {i}"
+        torch.testing.assert_close(w.double().cpu(), ww.double(), **elem_tol(B, dtype))
+        torch.testing.assert_close(w.cpu(), cw, **elem_tol(B, dtype))
         assert nnz[i] == torch.count_nonzero(w)
         zeros += int((w == 0).sum())
+    assert torch.equal(nnz.cpu(), cpu_nnz)
     assert zeros > 50_000  # the threshold really cut: the test is not vacuous
     # views were updated through to their bases
     assert bases[7] is not None and torch.equal(bases[7][:, ::2], ts[7])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_prox_threshold_boundary_and_specials(backend):
+def test_prox_threshold_boundary_and_specials(B):
     # |w| == lr*l1 exactly -> 0; just above stays nonzero; NaN and inf propagate.
     t = 0.5
-    w = torch.tensor([0.5, -0.5, 0.5000001, -0.4999999, float("nan"), float("inf"), -float("inf"), 0.0])
-    with pyreg.use_backend(backend):
+    w = torch.tensor([0.5, -0.5, 0.5000001, -0.4999999, float("nan"), float("inf"), -float("inf"), 0.0],
+                     device=B.dev)
+    with pyreg.use_backend(B.name):
         nnz = pyreg.prox_([w], l1=t, lr=1.0)
     assert w[0] == 0 and w[1] == 0 and w[3] == 0 and w[7] == 0
     assert 0 < w[2] < 1e-6
@@ -191,54 +282,18 @@ def test_prox_threshold_boundary_and_specials(backend):
     assert int(nnz[0]) == 4
 
 
-def _largest_at_most(t, dtype):
-    """The largest value of ``dtype`` that is <= t (t > 0)."""
-    x = torch.tensor(t, dtype=torch.float64).to(dtype)
-    if x.double() > t:  # rounded up: one step down (positive values: bits - 1)
-        iv = {8: torch.int64, 4: torch.int32, 2: torch.int16}[x.element_size()]
-        x = (x.reshape(1).view(iv) - 1).view(dtype).reshape(())
-    assert x.double() <= t
-    return x
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_prox_zeroes_the_largest_value_at_most_the_threshold(backend, dtype):
-    # lr*l1 = 0.1, which no dtype stores exactly (float64's 0.1 is lr*l1 itself):
-    # the largest value <= 0.1 and its negative become exactly +0.0; the next
-    # value up survives. Catches a zero test of |w| < t, whose shrink would
-    # leave a tiny nonzero of the wrong sign (or -0.0).
-    x = _largest_at_most(0.1, dtype)
-    iv = {8: torch.int64, 4: torch.int32, 2: torch.int16}[x.element_size()]
-    up = (x.reshape(1).view(iv) + 1).view(dtype)
-    w = torch.cat([x.reshape(1), -x.reshape(1), up, -up])
-    with pyreg.use_backend(backend):
-        nnz = pyreg.prox_([w], l1=0.1, lr=1.0)
-    assert w[0].item() == 0 and w[1].item() == 0
-    assert not torch.signbit(w[:2]).any(), "a zeroed weight must be +0.0"
-    assert w[2] > 0 and w[3] < 0 and int(nnz[0]) == 2
-
-
-def test_prox_l2_only_is_scaling():
-    w = torch.randn(1000, dtype=torch.float64)
-    want = w / (1 + 2 * 0.1 * 0.3)
-    pyreg.prox_([w], l2=0.3, lr=0.1)
-    torch.testing.assert_close(w, want, rtol=1e-15, atol=0)
-
-
-# --------------------------------------------------------------------------- shared behaviour
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_lists(backend):
-    with pyreg.use_backend(backend):
-        st = pyreg.weight_stats([])
-        assert all(x.shape == (0,) for x in st)
-        assert pyreg.penalty([], 0.1, 0.2).item() == 0.0
-        assert pyreg.add_penalty_grad_([], [], 0.1).item() == 0.0
-        assert pyreg.prox_([], 0.1).shape == (0,)
-        only_empty = [torch.empty(0), torch.empty(3, 0)]
-        assert pyreg.weight_stats(only_empty).nnz.tolist() == [0, 0]
-        assert pyreg.penalty(only_empty, 1.0, 1.0).item() == 0.0
-        assert pyreg.prox_(only_empty, 1.0).tolist() == [0, 0]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_prox_threshold_not_representable(B, dtype):
+    # t = lr*l1 between two representable values: |w| <= t in float64 decides.
+    t = 0.1  # not representable in any of these dtypes
+    vals = torch.tensor([0.1], dtype=torch.float64).to(dtype)
+    lo = torch.nextafter(vals, torch.tensor([0.0]).to(dtype)) if dtype == torch.float32 else vals
+    x = torch.cat([vals, -vals, lo, torch.linspace(0.05, 0.15, 5001, dtype=torch.float64).to(dtype)]).to(B.dev)
+    ref = x.double()
+    c = lambda v: torch.tensor([v], dtype=torch.float64, device=B.dev)  # noqa: E731
+    torch_ref.prox_([ref], c(t), c(0.0), c(1.0))
+    B.be.prox_([x], c(t), c(0.0), c(1.0))
+    assert torch.equal(x == 0, ref.to(dtype) == 0)
 
 
 def test_zero_dim_tensor():
@@ -381,10 +436,10 @@ def test_use_backend_forces_and_validates():
 
 
 # --------------------------------------------------------------------------- torch.library
-def _opcheck_cases():
-    ts = random_list(torch.float32, seed=14)[1:8]
+def _opcheck_cases(dev="cpu"):
+    ts = random_list(torch.float32, seed=14, device=dev)[1:8]
     n = len(ts)
-    c = torch.rand(n, dtype=torch.float64)
+    c = torch.rand(n, dtype=torch.float64).to(dev)
     gs = [torch.randn_like(t) for t in ts]
     return [
         (torch.ops.pyreg.weight_stats.default, (ts,)),
@@ -394,11 +449,10 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", range(4), ids=["weight_stats", "penalty", "add_penalty_grad_", "prox_"])
-def test_opcheck(backend, case):
-    op, args = _opcheck_cases()[case]
-    with pyreg.use_backend(backend):
+def test_opcheck(B, case):
+    op, args = _opcheck_cases(B.dev)[case]
+    with pyreg.use_backend(B.name):
         torch.library.opcheck(op, args)
 
 
@@ -549,3 +603,185 @@ def test_grad_layout_differs_from_param(backend, w_layout, g_layout):
         pyreg.add_penalty_grad_([w], [g], l1=0.3, l2=0.2)
     torch.testing.assert_close(g.double(), want, **ELEMENTWISE_TOL[torch.float32])
     assert g.stride() == stride and torch.equal(w, w0)
+
+
+# --------------------------------------------------------------------------- launches, chunks, determinism
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bitwise_deterministic(B, dtype):
+    ts = random_list(dtype, 20, B.dev, more_layouts=True) + [torch.randn(5_000_001, device=B.dev).to(dtype)]
+    n = len(ts)
+    l1, l2, lr = coef_tensors(n, 21, B.dev)
+    a = B.be.weight_stats(ts)
+    b = B.be.weight_stats(ts)
+    assert all(bits_equal(x, y) for x, y in zip(a, b))
+    assert bits_equal(B.be.penalty(ts, l1, l2), B.be.penalty(ts, l1, l2))
+    g0 = like_list(ts, dtype, seed=22)
+    ga, gb = [g.clone() for g in g0], [g.clone() for g in g0]
+    va = B.be.add_penalty_grad_(ts, ga, l1, l2)
+    vb = B.be.add_penalty_grad_(ts, gb, l1, l2)
+    assert bits_equal(va, vb) and all(bits_equal(x, y) for x, y in zip(ga, gb))
+    wa, wb = [t.clone() for t in ts], [t.clone() for t in ts]
+    na, nb = B.be.prox_(wa, l1, l2, lr), B.be.prox_(wb, l1, l2, lr)
+    assert torch.equal(na, nb) and all(bits_equal(x, y) for x, y in zip(wa, wb))
+
+
+def test_many_tensors_mixed_dtypes_and_sizes(B):
+    # > 3000 tensors: several launches of by-value metadata, plus a couple of
+    # multi-chunk tensors and empty tensors scattered between full ones.
+    g = torch.Generator().manual_seed(50)
+    sizes = torch.randint(0, 300, (3100,), generator=g).tolist()
+    for i in range(0, 3100, 7):
+        sizes[i] = 0
+    sizes[119], sizes[120], sizes[1777] = 200_003, 65_536, 131_073
+    dts = [DTYPES[i % 4] for i in range(len(sizes))]
+    ts = [(torch.randn(s, generator=g, dtype=torch.float64)).to(d).to(B.dev) for s, d in zip(sizes, dts)]
+    n = len(ts)
+    l1, l2, lr = coef_tensors(n, 51, B.dev)
+    st = B.be.weight_stats(ts)
+    ref = torch_ref.weight_stats(as_f64(ts))
+    assert st[0].dtype == torch.float64  # some tensors are float64
+    for got, want in zip(st[:3], ref[:3]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(st[3], ref[3])
+    v = B.be.penalty(ts, l1, l2)
+    torch.testing.assert_close(v, torch_ref.penalty(as_f64(ts), l1, l2), rtol=1e-5, atol=1e-5)
+    gs = [torch.randn(s, generator=g, dtype=torch.float64).to(d).to(B.dev) for s, d in zip(sizes, dts)]
+    gw = [gg.double() + (l1[i] * torch.sign(w.double()) + 2 * l2[i] * w.double())
+          for i, (w, gg) in enumerate(zip(ts, gs))]
+    gv = B.be.add_penalty_grad_(ts, gs, l1, l2)
+    torch.testing.assert_close(gv, v, rtol=1e-12, atol=0)
+    for gg, want, d in zip(gs, gw, dts):
+        torch.testing.assert_close(gg.double(), want.to(d).double(), **GRAD_TOL[d])
+    want = as_f64(ts)
+    torch_ref.prox_(want, l1, l2, lr)
+    nnz = B.be.prox_(ts, l1, l2, lr)
+    for i, (w, ww) in enumerate(zip(ts, want)):
+        assert torch.equal(w == 0, ww.to(w.dtype) == 0), f"tensor {i}"
+    assert torch.equal(nnz, torch.stack([torch.count_nonzero(w) for w in ts]))
+
+
+def test_chunk_size_boundaries(B):
+    # Tensors under 2**22 elements use 16384-element chunks, larger ones 65536:
+    # sizes on each side of both chunk sizes and of the switch.
+    g = torch.Generator().manual_seed(60)
+    sizes = [16383, 16384, 16385, 65535, 65537, 2**22 - 1, 2**22, 2**22 + 1, 3 * 65536 + 5]
+    ts = [torch.randn(s, generator=g, dtype=torch.float64).float().to(B.dev) for s in sizes]
+    st, ref = B.be.weight_stats(ts), torch_ref.weight_stats(as_f64(ts))
+    for got, want in zip(st[:3], ref[:3]):
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(st[3], ref[3])
+    l1, l2, lr = coef_tensors(len(ts), 61, B.dev)
+    want = as_f64(ts)
+    torch_ref.prox_(want, l1, l2, lr)
+    nnz = B.be.prox_(ts, l1, l2, lr)
+    for w, ww in zip(ts, want):
+        torch.testing.assert_close(w.double(), ww.float().double(), **elem_tol(B, torch.float32))
+    assert torch.equal(nnz, torch.stack([torch.count_nonzero(w) for w in ts]))
+
+
+def test_results_of_a_tensor_do_not_depend_on_its_neighbours(B):
+    # Chunking depends only on each tensor's own size.
+    g = torch.Generator().manual_seed(62)
+    x = torch.randn(300_001, generator=g).to(B.dev)
+    alone = B.be.weight_stats([x])
+    with_big = B.be.weight_stats([torch.randn(2**22 + 3, generator=g).to(B.dev), x,
+                                  torch.randn(17, generator=g).to(B.dev)])
+    for a, b in zip(alone, with_big):
+        assert bits_equal(a[0], b[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_number_coefficients_equal_tensor_coefficients_bitwise(B, dtype):
+    # Numbers reach the kernels by value, tensors through device memory.
+    ts = random_list(dtype, 63, B.dev, 0.5, more_layouts=True)
+    n = len(ts)
+    full = lambda v: torch.full((n,), v, dtype=torch.float64, device=B.dev)  # noqa: E731
+    assert bits_equal(B.be.penalty(ts, 0.3, 0.1), B.be.penalty(ts, full(0.3), full(0.1)))
+    g1, g2 = like_list(ts, dtype, 64), like_list(ts, dtype, 64)
+    assert bits_equal(B.be.add_penalty_grad_(ts, g1, 0.3, 0.1),
+                      B.be.add_penalty_grad_(ts, g2, full(0.3), full(0.1)))
+    assert all(bits_equal(a, b) for a, b in zip(g1, g2))
+    a, b = [t.clone() for t in ts], [t.clone() for t in ts]
+    assert torch.equal(B.be.prox_(a, 0.3, 0.1, 0.5), B.be.prox_(b, full(0.3), full(0.1), full(0.5)))
+    assert all(bits_equal(x, y) for x, y in zip(a, b))
+
+
+def test_only_empty_and_zero_dim(B):
+    only_empty = [torch.empty(0, device=B.dev), torch.empty(3, 0, device=B.dev)]
+    st = B.be.weight_stats(only_empty)
+    assert all(x.tolist() == [0, 0] for x in st)
+    c = torch.ones(2, dtype=torch.float64, device=B.dev)
+    assert B.be.penalty(only_empty, c, c).item() == 0.0
+    assert B.be.add_penalty_grad_(only_empty, [t.clone() for t in only_empty], c, c).item() == 0.0
+    assert B.be.prox_(only_empty, c, c, c).tolist() == [0, 0]
+    x = torch.tensor(-2.0, device=B.dev)
+    st = B.be.weight_stats([x])
+    assert st[0].item() == 2.0 and st[1].item() == 2.0 and st[2].item() == 2.0 and st[3].item() == 1
+    one = torch.ones(1, dtype=torch.float64, device=B.dev)
+    assert B.be.prox_([x], one, 0 * one, one).item() == 1 and x.item() == -1.0
+
+
+@pytest.mark.parametrize("n", [119, 120, 121, 239, 240, 241])
+def test_batch_boundaries(B, n):
+    # Up to 120 tensors travel by value in one launch: lists on each side of
+    # one and two batch boundaries, mixed dtypes and sizes, empty tensors and
+    # a multi-chunk tensor next to the boundary, against the float64 spec and
+    # the CPU kernels.
+    g = torch.Generator().manual_seed(70 + n)
+    sizes = torch.randint(1, 700, (n,), generator=g).tolist()
+    sizes[n // 3] = 0
+    sizes[118] = 40_000  # 3 chunks: the last tensor of the first batch, or next to it
+    sizes[-1] = 16_385
+    dts = [DTYPES[i % 4] for i in range(n)]
+    ts = [torch.randn(s, generator=g, dtype=torch.float64).to(d).to(B.dev) for s, d in zip(sizes, dts)]
+    l1, l2, lr = coef_tensors(n, 71, B.dev)
+    st, ref, cpu = B.be.weight_stats(ts), torch_ref.weight_stats(as_f64(ts)), backends.cpu.weight_stats(to_cpu(ts))
+    for got, want, c in zip(st[:3], ref[:3], cpu[:3]):
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.cpu(), c, rtol=1e-5, atol=1e-5)
+    assert torch.equal(st[3].cpu(), ref[3].cpu()) and torch.equal(st[3].cpu(), cpu[3])
+    v = B.be.penalty(ts, l1, l2)
+    torch.testing.assert_close(v.cpu(), torch_ref.penalty(as_f64(ts), l1, l2).cpu(), rtol=1e-5, atol=1e-5)
+    gs = like_list(ts, torch.float32, 72)
+    gs = [x.to(d) for x, d in zip(gs, dts)]
+    want_g = [x.double() + (l1[i] * torch.sign(w.double()) + 2 * l2[i] * w.double())
+              for i, (w, x) in enumerate(zip(ts, gs))]
+    torch.testing.assert_close(B.be.add_penalty_grad_(ts, gs, l1, l2), v, rtol=1e-12, atol=0)
+    for x, wg, d in zip(gs, want_g, dts):
+        torch.testing.assert_close(x.double(), wg.to(d).double(), **GRAD_TOL[d])
+    want = as_f64(ts)
+    torch_ref.prox_(want, l1, l2, lr)
+    cpu_ts = to_cpu(ts)
+    cpu_nnz = backends.cpu.prox_(cpu_ts, l1.cpu(), l2.cpu(), lr.cpu())
+    nnz = B.be.prox_(ts, l1, l2, lr)
+    for i, (w, ww, cw) in enumerate(zip(ts, want, cpu_ts)):
+        assert torch.equal(w == 0, ww.to(w.dtype) == 0), f"tensor {i}: zero pattern differs from the spec"
+        assert torch.equal((w == 0).cpu(), cw == 0), f"tensor {i}: zero pattern differs from cpu"
+        torch.testing.assert_close(w.cpu(), cw, **elem_tol(B, w.dtype))
+    assert torch.equal(nnz.cpu(), cpu_nnz)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_sums_beyond_float32_range(B, dtype):
+    # Short runs are summed in float32; a run whose float32 sums leave
+    # float32's range (squares past 3.4e38 or under 1e-38, or an Inf) is summed
+    # again in float64, so results keep float64's range.
+    big = 1e30 if dtype == torch.bfloat16 else (1e20 if dtype == torch.float32 else 6e4)
+    tiny = 1e-30 if dtype == torch.bfloat16 else (1e-20 if dtype == torch.float32 else 1e-7)
+    g = torch.Generator().manual_seed(73)
+    r = lambda n, s: (torch.randn(n, generator=g, dtype=torch.float64) * s).to(dtype)  # noqa: E731
+    mixed = r(50_000, 1.0)
+    mixed[12_345] = big
+    ts = [r(70_001, big), r(70_001, tiny), mixed, torch.tensor([1.0, float("inf"), -2.0], dtype=dtype)]
+    ts = [t.to(B.dev) for t in ts]
+    st, ref = B.be.weight_stats(ts), torch_ref.weight_stats(as_f64(ts))
+    for got, want in zip(st[:3], ref[:3]):
+        assert got.dtype == torch.float32
+        # in float64 terms: the float32 results are the float64 sums rounded
+        torch.testing.assert_close(got.double(), want.float().double(), rtol=1e-5, atol=0)
+    assert torch.equal(st[3].cpu(), ref[3].cpu())
+    c = torch.tensor([1e-12, 1e25, 1.0, 1.0], dtype=torch.float64, device=B.dev)
+    v = B.be.penalty(ts[:3], c[:3], c[:3])
+    torch.testing.assert_close(v.double(), torch_ref.penalty(as_f64(ts[:3]), c[:3], c[:3]).float().double(),
+                               rtol=1e-5, atol=0)
+    assert B.be.penalty(ts, c, c).item() == float("inf")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import pyreg
+from pyreg._tolerance import TOLERANCES, tolerance
 
 INF = float("inf")
 
@@ -192,20 +193,10 @@ def roofline_fn(kind: str, a: Tensor, b: Tensor) -> Callable[[], object]:
 # ---------------------------------------------------------------------------
 # Checks: every peer's output against pyreg's, on the same fresh inputs.
 # ---------------------------------------------------------------------------
-ELEMENTWISE_TOL = {
-    torch.float64: dict(rtol=1e-7, atol=1e-9),
-    torch.float32: dict(rtol=1.3e-6, atol=1e-8),
-    torch.float16: dict(rtol=2e-3, atol=1e-5),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
-}
+ELEMENTWISE_TOL = TOLERANCES["peer_elementwise"]
 # Peers reduce in the input dtype with their own summation order (fp32 cascade
 # sums), pyreg in its own order: both carry rounding error of ~1e-6 relative.
-REDUCTION_TOL = {
-    torch.float64: dict(rtol=1e-7, atol=1e-7),
-    torch.float32: dict(rtol=1e-4, atol=1e-5),
-    torch.float16: dict(rtol=2e-3, atol=1e-5),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
-}
+REDUCTION_TOL = TOLERANCES["peer_reduction"]
 
 
 def _max_rel(a: Tensor, b: Tensor) -> float:
@@ -252,7 +243,7 @@ def compare(op: str, ref, got, dtype: torch.dtype) -> Tuple[bool, str]:
 def compare_params(ref: Sequence[Tensor], got: Sequence[Tensor], dtype: torch.dtype) -> Tuple[bool, str]:
     # One AdamW step: the update divides by sqrt(v)+eps, rounding differs
     # between fused and foreach kernels; compare with the optimizer tolerance.
-    tol = dict(rtol=1e-5, atol=1e-7) if dtype in (torch.float32, torch.float64) else dict(rtol=5e-3, atol=5e-3)
+    tol = tolerance("optimizer_step", dtype)
     ok, worst = True, 0.0
     for r, g in zip(ref, got):
         r64, g64 = r.detach().to(torch.float64), g.detach().to(torch.float64)
