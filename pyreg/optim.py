@@ -94,9 +94,8 @@ class _Bucket:
         dev = params[0].device
         self.l1 = to_device(l1, torch.float64, dev)
         self.l2 = to_device(l2, torch.float64, dev)
-        self._subsets: Dict[Tuple[bool, ...], Tuple[List[int], Tensor, Tensor]] = {}
-        self.lr_key: Any = None  # last per-tensor lr values and their device tensor
-        self.lr_value: Any = None
+        self.group_index = to_device(groups, torch.int64, dev)  # selects each tensor's group lr
+        self._subsets: Dict[Tuple[bool, ...], Tuple[List[int], Tensor]] = {}
 
     def set_coefs(self, l1: List[float], l2: List[float]) -> None:
         """New coefficient values, written into the same tensors: a compiled step
@@ -106,11 +105,12 @@ class _Bucket:
                 t.copy_(to_device(new, torch.float64, t.device))
         self.l1_list, self.l2_list = l1, l2
 
-    def active(self) -> Tuple[List[Tensor], List[int], Tensor, Tensor]:
-        """(params, their group indices, l1, l2) restricted to params with a grad."""
+    def active(self) -> Tuple[List[Tensor], Tensor, Tensor, Tensor]:
+        """(params, their group indices as a device tensor, l1, l2), restricted to
+        params with a grad."""
         mask = tuple(p.grad is not None for p in self.params)
         if all(mask):
-            return self.params, self.groups, self.l1, self.l2
+            return self.params, self.group_index, self.l1, self.l2
         sub = self._subsets.get(mask)
         if sub is None:
             idx = [i for i, m in enumerate(mask) if m]
@@ -121,7 +121,7 @@ class _Bucket:
                 self._subsets.clear()
             self._subsets[mask] = sub
         idx, sel = sub
-        return ([self.params[i] for i in idx], [self.groups[i] for i in idx],
+        return ([self.params[i] for i in idx], self.group_index.index_select(0, sel),
                 self.l1.index_select(0, sel), self.l2.index_select(0, sel))
 
 
@@ -173,6 +173,7 @@ class _Plan:
                              "pyreg updates each regularized parameter in place, so they must be distinct")
         self.buckets = [_Bucket(*b) for b in reg.values()]
         self.coefs = coefs
+        self._lr_cache: Dict[torch.device, Tuple[tuple, Tensor]] = {}
         # For stats(): every parameter (regularized or not), bucketed, plus the
         # permutation back to optimizer order.
         self.stat_buckets = [ps for ps, _ in every.values()]
@@ -184,6 +185,19 @@ class _Plan:
         self.inverse = to_device(inverse, torch.int64, self.first_device)
         numels = [p.numel() for ps in self.stat_buckets for p in ps]
         self.numel = to_device(numels, torch.int64, self.first_device)[self.inverse]
+
+    def group_lrs(self, lrs: list, device: torch.device) -> Tensor:
+        """The groups' current lrs as one float64 tensor on ``device`` (an entry
+        per group). Numbers: one small copy when they change, else the cached
+        tensor. Tensor lrs are read where they live (moved without a host sync)."""
+        if any(isinstance(v, Tensor) for v in lrs):
+            return torch.stack([to_device(v if isinstance(v, Tensor) else [v], torch.float64, device).reshape(())
+                                for v in lrs])
+        key = tuple(lrs)
+        hit = self._lr_cache.get(device)
+        if hit is None or hit[0] != key:
+            hit = self._lr_cache[device] = (key, to_device(list(key), torch.float64, device))
+        return hit[1]
 
     def set_coefs(self, coefs: List[Tuple[float, float]]) -> None:
         """New coefficient values with the same zero pattern (so the same buckets)."""
@@ -396,46 +410,21 @@ class Regularized(Optimizer):
                        else nonneg_real(lr, f"param_groups[{gi}]['lr']"))
         return lrs
 
-    @staticmethod
-    def _lr_coef(bucket: _Bucket, lrs: list, gidx: List[int], device: torch.device):
-        """lr for the op: a number when all tensors share it (passed by value),
-        else one value per tensor: a device tensor, cached until the values
-        change. Tensor lrs are read where they live: each group's lr is moved
-        to the device once (a CPU tensor without a host sync) and gathered."""
-        used = [lrs[g] for g in gidx]
-        if any(isinstance(v, Tensor) for v in used):
-            on_device = {g: to_device(lrs[g] if isinstance(lrs[g], Tensor) else [lrs[g]],
-                                      torch.float64, device).reshape(()) for g in set(gidx)}
-            return torch.stack([on_device[g] for g in gidx])
-        first = used[0]
-        if all(v == first for v in used):
-            return first
-        key = tuple(used)
-        if bucket.lr_key != key:
-            bucket.lr_key = key
-            bucket.lr_value = to_device(used, torch.float64, device)
-        return bucket.lr_value
-
     # -- the step ---------------------------------------------------------------
     def _add_penalty_grads(self, plan: _Plan) -> None:
-        total = None
         work = [(params, [p.grad for p in params], l1, l2)
                 for params, _, l1, l2 in (b.active() for b in plan.buckets) if params]
-        if len(work) > 1 and not torch.compiler.is_compiling():
-            # Each op checks its own grads; with several buckets, check them all
-            # before the first one writes, so a bad grad changes nothing.
-            for params, grads, _, _ in work:
-                check_grads_apart(params, tensor_list(grads, "grads"))
-        for params, grads, l1, l2 in work:
-            value = ops.add_penalty_grad_(params, grads, l1, l2)
-            total = value if total is None else _sum(total, value)
-        self._penalty = total if total is not None else torch.zeros(())
+        self._penalty = add_penalty_grads(work)
 
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """One step of the inner optimizer with regularization (see the class
         docstring). A closure is passed through; in gradient mode the penalty
         gradient is added after each closure evaluation. Returns the inner
-        step's return value (the closure's loss, without the penalty)."""
+        step's return value (the closure's loss, without the penalty).
+
+        The step gathers, per (device, dtype) bucket, the parameters with a
+        grad and their per-tensor coefficients and lrs; the functional core
+        (:func:`add_penalty_grads`, :func:`prox_buckets`) does the rest."""
         if self.mode not in MODES:  # set after construction
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         # Validation happens here, before anything changes. Under torch.compile
@@ -457,14 +446,14 @@ class Regularized(Optimizer):
 
         lrs = self._lrs()
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        last = []  # a fresh list, assigned once: torch.compile guards no list length
+        work = []  # a fresh list, assigned once: torch.compile guards no list length
         for bucket in plan.buckets:
-            params, gidx, l1, l2 = bucket.active()
-            if not params:
-                continue
-            ops.prox_(params, l1, l2, self._lr_coef(bucket, lrs, gidx, params[0].device))
-            last.append((params, l1, l2))
-        self._last = last
+            params, groups, l1, l2 = bucket.active()
+            if params:
+                lr = plan.group_lrs(lrs, params[0].device).index_select(0, groups)
+                work.append((params, l1, l2, lr))
+        prox_buckets(work)
+        self._last = [(params, l1, l2) for params, l1, l2, _ in work]
         return loss
 
     # -- observability ------------------------------------------------------------
@@ -515,6 +504,31 @@ class Regularized(Optimizer):
         per = (zeros / numel.clamp_min(1)).to(torch.float32)
         overall = (zeros.sum() / numel.sum().clamp_min(1)).to(torch.float32)
         return Sparsity(overall, per, s.names)
+
+
+# --------------------------------------------------------------------------
+# The functional core: what a step does to the gathered buckets
+# --------------------------------------------------------------------------
+def prox_buckets(buckets: Sequence[Tuple[List[Tensor], Tensor, Tensor, Tensor]]) -> None:
+    """The proximal step of each bucket ``(params, l1, l2, lr)`` (per-tensor
+    float64 tensors on the params' device), in place."""
+    for params, l1, l2, lr in buckets:
+        ops.prox_(params, l1, l2, lr)
+
+
+def add_penalty_grads(buckets: Sequence[Tuple[List[Tensor], List[Tensor], Tensor, Tensor]]) -> Tensor:
+    """``g += l1 * sign(w) + 2 * l2 * w`` for each bucket ``(params, grads, l1,
+    l2)``; returns the total penalty of the params (0-dim). With several
+    buckets, every bucket's grads are checked before the first one is written,
+    so a bad grad changes nothing."""
+    if len(buckets) > 1 and not torch.compiler.is_compiling():
+        for params, grads, _, _ in buckets:
+            check_grads_apart(params, tensor_list(grads, "grads"))
+    total = None
+    for params, grads, l1, l2 in buckets:
+        value = ops.add_penalty_grad_(params, grads, l1, l2)
+        total = value if total is None else _sum(total, value)
+    return total if total is not None else torch.zeros(())
 
 
 @torch.compiler.disable
