@@ -56,23 +56,8 @@ def _eager(inputs: Sequence[Tensor], mutated: Sequence[Tensor],
         return None
     out = call(backends.for_tensors(inputs or mutated))
     if mutated:
-        _bump_versions(mutated)
+        torch.autograd.graph.increment_version(list(mutated))
     return out
-
-
-def _bump_versions(ts: Sequence[Tensor]) -> None:
-    if _VERSION_LIST:
-        torch.autograd.graph.increment_version(ts)
-    else:  # torch < 2.5 takes one tensor
-        for t in ts:
-            torch.autograd.graph.increment_version(t)
-
-
-try:
-    torch.autograd.graph.increment_version([])
-    _VERSION_LIST = True
-except Exception:  # pragma: no cover - older torch
-    _VERSION_LIST = False
 
 
 # --------------------------------------------------------------------------
