@@ -24,7 +24,7 @@ except Exception:  # pragma: no cover - torch built without distributed
 
 #: A coefficient as users give it: one number for every tensor, one number per
 #: tensor (a sequence), or a tensor (0-dim, or 1-D with one value per tensor).
-Coef = Union[float, Sequence[float], Tensor]
+Coefficient = Union[float, Sequence[float], Tensor]
 
 _dtype_of, _device_of, _layout_of = attrgetter("dtype"), attrgetter("device"), attrgetter("layout")
 _start_of, _end_of = itemgetter(0), itemgetter(1)  # of (start, end) byte spans
@@ -117,7 +117,7 @@ def _host_copy_error(name: str, what: str) -> ValueError:
                       "tensor on the device")
 
 
-def coefficient(c: Coef, n: int, device: torch.device, name: str) -> Union[float, Tensor]:
+def coefficient(c: Coefficient, n: int, device: torch.device, name: str) -> Union[float, Tensor]:
     """A coefficient, validated, as the backends take it: a float (one value
     for every tensor; the kernels get it by value, so it needs no memory and
     no fill on the device) or a 1-D float64 tensor of n entries on ``device``."""

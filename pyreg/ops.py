@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from . import backends
 from ._common import WeightStats, coef_tensor, has_dtensor
 from ._ops import add_penalty_grad_op, penalty_op, prox_op, weight_stats_op
-from ._validate import Coef, check_grads_apart, check_no_overlap, coefficient, tensor_list
+from ._validate import Coefficient, check_grads_apart, check_no_overlap, coefficient, tensor_list
 
 _dtype_of, _shape_of, _requires_grad = attrgetter("dtype"), attrgetter("shape"), attrgetter("requires_grad")
 #: Types whose tensors the kernels may read through data_ptr() in plain eager
@@ -83,7 +83,7 @@ def weight_stats(tensors: Iterable[Tensor]) -> WeightStats:
     return WeightStats(*weight_stats_op([t.detach() for t in ts]))
 
 
-def penalty(tensors: Iterable[Tensor], l1: Coef = 0.0, l2: Coef = 0.0) -> Tensor:
+def penalty(tensors: Iterable[Tensor], l1: Coefficient = 0.0, l2: Coefficient = 0.0) -> Tensor:
     """sum_i l1_i * ||w_i||_1 + l2_i * ||w_i||_2^2 as a 0-dim tensor.
 
     Differentiable with respect to the tensors: the gradient is
@@ -107,7 +107,7 @@ def penalty(tensors: Iterable[Tensor], l1: Coef = 0.0, l2: Coef = 0.0) -> Tensor
 
 
 def add_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor],
-                      l1: Coef = 0.0, l2: Coef = 0.0) -> Tensor:
+                      l1: Coefficient = 0.0, l2: Coefficient = 0.0) -> Tensor:
     """In place, g_i += l1_i * sign(w_i) + 2 * l2_i * w_i for every pair.
 
     Returns the penalty value (as ``penalty``), computed in the same pass.
@@ -139,7 +139,7 @@ def add_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor],
                                    coef_tensor(c2, n, dev))
 
 
-def prox_(tensors: Iterable[Tensor], l1: Coef = 0.0, l2: Coef = 0.0, lr: Coef = 1.0) -> Tensor:
+def prox_(tensors: Iterable[Tensor], l1: Coefficient = 0.0, l2: Coefficient = 0.0, lr: Coefficient = 1.0) -> Tensor:
     """In place, the proximal step of lr * (l1 * ||w||_1 + l2 * ||w||_2^2):
 
         w <- sign(w) * max(|w| - lr * l1, 0) / (1 + 2 * lr * l2)

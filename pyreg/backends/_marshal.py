@@ -61,10 +61,10 @@ def pointers(tensors: Sequence[Tensor]) -> List[int]:
 
 #: A coefficient as the backends take it: one value for every tensor, or a
 #: 1-D float64 tensor with one value per tensor.
-Coef = Union[float, Tensor]
+KernelCoef = Union[float, Tensor]
 
 
-def coef(c: Coef, device: torch.device, n: int) -> Tuple[int, float]:
+def coef(c: KernelCoef, device: torch.device, n: int) -> Tuple[int, float]:
     """A coefficient as pyreg._C takes it: (pointer to one float64 per tensor,
     0.0), or (0, value) for one value passed by value. A tensor must already be
     in the kernels' form (the ops make it so); anything else is a caller's bug,

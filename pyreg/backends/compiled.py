@@ -25,7 +25,7 @@ from torch import Tensor
 from .._common import DTYPE_CODES, WeightStats, result_dtype
 from .._lib import LOAD_ERROR, _C
 from . import _marshal as m
-from ._marshal import Coef
+from ._marshal import KernelCoef
 
 #: (keep-alive object, workspace pointer, device index, stream, thread count)
 LaunchArgs = Tuple[Optional[Tensor], int, int, int, int]
@@ -123,7 +123,7 @@ class CompiledKernels:
                                  nnz.data_ptr(), DTYPE_CODES[rd], *at)
         return WeightStats(l1, l2, linf, nnz)
 
-    def penalty(self, tensors: List[Tensor], l1: Coef, l2: Coef) -> Tensor:
+    def penalty(self, tensors: List[Tensor], l1: KernelCoef, l2: KernelCoef) -> Tensor:
         ws = m.dense_list(tensors)
         rd = result_dtype(ws)
         dev, n = ws[0].device, len(ws)
@@ -134,8 +134,8 @@ class CompiledKernels:
                             DTYPE_CODES[rd], *at)
         return out
 
-    def add_penalty_grad_(self, tensors: List[Tensor], grads: List[Tensor], l1: Coef,
-                          l2: Coef) -> Tensor:
+    def add_penalty_grad_(self, tensors: List[Tensor], grads: List[Tensor], l1: KernelCoef,
+                          l2: KernelCoef) -> Tensor:
         ws, gs = m.paired(tensors, grads)
         rd = result_dtype(ws)
         dev, n = ws[0].device, len(ws)
@@ -147,7 +147,7 @@ class CompiledKernels:
         gs.commit()
         return out
 
-    def prox_(self, tensors: List[Tensor], l1: Coef, l2: Coef, lr: Coef) -> Tensor:
+    def prox_(self, tensors: List[Tensor], l1: KernelCoef, l2: KernelCoef, lr: KernelCoef) -> Tensor:
         ws = m.Writable(tensors)
         dev, n = ws.work[0].device, len(ws.work)
         nnz = torch.empty(n, dtype=torch.int64, device=dev)
