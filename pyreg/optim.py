@@ -91,7 +91,7 @@ class _Bucket:
     def __init__(self, params: List[Tensor], groups: List[int], l1: List[float], l2: List[float]):
         self.params, self.groups = params, groups
         self.l1_list, self.l2_list = l1, l2
-        dev = params[0].device
+        dev = self.device = params[0].device
         self.l1 = to_device(l1, torch.float64, dev)
         self.l2 = to_device(l2, torch.float64, dev)
         self.group_index = to_device(groups, torch.int64, dev)  # selects each tensor's group lr
@@ -172,6 +172,7 @@ class _Plan:
                              f"parameters {na!r} and {nb!r} share memory; "
                              "pyreg updates each regularized parameter in place, so they must be distinct")
         self.buckets = [_Bucket(*b) for b in reg.values()]
+        self.devices = list(dict.fromkeys(b.device for b in self.buckets))
         self.coefs = coefs
         self._lr_cache: Dict[torch.device, Tuple[tuple, Tensor]] = {}
         # For stats(): every parameter (regularized or not), bucketed, plus the
@@ -444,14 +445,16 @@ class Regularized(Optimizer):
 
             return self.optimizer.step(closure_with_penalty)
 
+        # The lrs on each device before the inner step: a bad lr (or one that
+        # cannot be copied during graph capture) raises before anything changed.
         lrs = self._lrs()
+        group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         work = []  # a fresh list, assigned once: torch.compile guards no list length
         for bucket in plan.buckets:
             params, groups, l1, l2 = bucket.active()
             if params:
-                lr = plan.group_lrs(lrs, params[0].device).index_select(0, groups)
-                work.append((params, l1, l2, lr))
+                work.append((params, l1, l2, group_lrs[bucket.device].index_select(0, groups)))
         prox_buckets(work)
         self._last = [(params, l1, l2) for params, l1, l2, _ in work]
         return loss
