@@ -45,6 +45,13 @@ def has_dtensor(ts: Sequence[Tensor]) -> bool:
     return any(issubclass(cls, _DTensor) for cls in set(map(type, ts)))
 
 
+def local_tensors(ts: Sequence[Tensor]) -> list:
+    """ts with each DTensor replaced by its local shard (which holds its memory)."""
+    if _DTensor is None:
+        return list(ts)
+    return [t.to_local() if isinstance(t, _DTensor) else t for t in ts]
+
+
 def coef_tensor(c: Union[float, Tensor], n: int, device: torch.device) -> Tensor:
     """A validated coefficient (a float for every tensor, or one value per
     tensor) as a 1-D float64 tensor of n entries: the custom ops' form."""

@@ -15,12 +15,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._common import SUPPORTED_DTYPES, capturing, has_dtensor, to_device
-
-try:  # DTensor inputs (FSDP2): their local shard holds their memory
-    from torch.distributed.tensor import DTensor as _DTensor
-except Exception:  # pragma: no cover - torch built without distributed
-    _DTensor = None
+from ._common import SUPPORTED_DTYPES, capturing, has_dtensor, local_tensors, to_device
 
 #: A coefficient as users give it: one number for every tensor, one number per
 #: tensor (a sequence), or a tensor (0-dim, or 1-D with one value per tensor).
@@ -191,7 +186,7 @@ def first_overlap(tensors: Sequence[Tensor]) -> Optional[Tuple[int, int]]:
     """(i, i) for the first tensor whose elements overlap each other, (a, b)
     (a < b) for two tensors whose memory ranges overlap, else None."""
     if has_dtensor(tensors):  # a DTensor's local shard holds its memory
-        tensors = [t.to_local() if isinstance(t, _DTensor) else t for t in tensors]
+        tensors = local_tensors(tensors)
     if disjoint(tensors):
         return None
     for i, t in enumerate(tensors):

@@ -34,11 +34,6 @@ def GPU_K():
     return SimpleNamespace(name="cuda", be=backends.get("cuda"), dev="cuda")
 
 
-def cuda_list(dtype, seed, device, scale=1.0):
-    """conftest.random_list on ``device``, with a misaligned (storage offset 1)
-    and a permuted view too."""
-    return random_list(dtype, seed, device, scale, more_layouts=True)
-
 
 # --------------------------------------------------------------------------- basics
 
@@ -68,7 +63,7 @@ def test_norm_of_1e8_ones(GPU_K):
 
 def test_non_default_stream(GPU_K):
     K = GPU_K
-    ts = cuda_list(torch.float32, 30, K.dev)
+    ts = random_list(torch.float32, 30, K.dev, more_layouts=True)
     n = len(ts)
     l1, l2, lr = coef_tensors(n, 31, K.dev)
     gs = like_list(ts, torch.float32, seed=32)
@@ -92,7 +87,7 @@ def test_non_default_stream(GPU_K):
 def test_cuda_graph_capture_and_replay(GPU_K):
     K = GPU_K
     dtype = torch.float32
-    ts = cuda_list(dtype, 33, K.dev) + [torch.randn(3, 5, device=K.dev, dtype=torch.bfloat16)]
+    ts = random_list(dtype, 33, K.dev, more_layouts=True) + [torch.randn(3, 5, device=K.dev, dtype=torch.bfloat16)]
     n = len(ts)
     l1, l2, lr = coef_tensors(n, 34, K.dev)
     g_init = like_list(ts, dtype, seed=35)[:-1] + [torch.randn(3, 5, device=K.dev, dtype=torch.bfloat16)]
@@ -172,7 +167,7 @@ def test_no_host_sync_on_the_hot_path(GPU_K):
     # through pinned memory), and Regularized steps whose per-group lrs a
     # scheduler changes every step (a new per-tensor lr tensor each step), with
     # a CPU tensor lr and an l1 changed between steps: none may sync.
-    ts = cuda_list(torch.float32, 40, K.dev)
+    ts = random_list(torch.float32, 40, K.dev, more_layouts=True)
     n = len(ts)
     gs = like_list(ts, torch.float32, seed=41)
     coefs = [0.01, [0.01] * n, torch.full((n,), 0.01), torch.full((n,), 0.01, device=K.dev)]

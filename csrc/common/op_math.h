@@ -35,8 +35,8 @@ template <> PYREG_HD float floor_to<float>(double t) {
 }
 template <> PYREG_HD double floor_to<double>(double t) { return t; }
 
-// A coefficient's value for tensor i (Coef::at, as a function of this
-// namespace: see PYREG_ISA_NS).
+// A coefficient's value for tensor i (a function of this namespace rather
+// than a member of Coef: see PYREG_ISA_NS).
 PYREG_HD double coef_at(const Coef& c, int64_t i) { return c.per_tensor ? c.per_tensor[i] : c.value; }
 
 // ---- reductions ---------------------------------------------------------------

@@ -14,12 +14,6 @@ struct TensorList {
   int64_t size() const { return int64_t(ptrs.size()); }
 };
 
-#if defined(__CUDACC__)
-#define PYREG_HOST_DEVICE __host__ __device__
-#else
-#define PYREG_HOST_DEVICE
-#endif
-
 // A coefficient of an op (l1, l2, lr): one double per tensor at `per_tensor`
 // (host memory for the CPU kernels, device memory for the CUDA ones), or, when
 // that is null, `value` for every tensor. A value travels in the call itself
@@ -27,7 +21,6 @@ struct TensorList {
 struct Coef {
   const double* per_tensor;
   double value;
-  PYREG_HOST_DEVICE double at(int64_t i) const { return per_tensor ? per_tensor[i] : value; }
 };
 
 // Per-tensor results of a reduction sweep (finalized, in tensor order).

@@ -215,10 +215,10 @@ __device__ __forceinline__ Partial run_chunk(void* xbase, void* gbase, int64_t b
 
   Params<A> p{};
   if constexpr (kOp == kGrad) {
-    p.c1 = A(c.l1.at(t));
-    p.c2 = A(2.0 * c.l2.at(t));
+    p.c1 = A(coef_at(c.l1, t));
+    p.c2 = A(2.0 * coef_at(c.l2, t));
   }
-  if constexpr (kOp == kProx) p.prox = prox_params<A>(c.l1.at(t), c.l2.at(t), c.lr.at(t));
+  if constexpr (kOp == kProx) p.prox = prox_params<A>(coef_at(c.l1, t), coef_at(c.l2, t), coef_at(c.lr, t));
 
   Acc<A> acc;
   // 16-byte vectors when the chunk start is 16-byte aligned (chunks are a
@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const Work w, int64_t 
       } else if constexpr (kFin == kProx) {
         o.nnz[t] = int64_t(p.nnz);
       } else {
-        w.terms[t] = c.l1.at(t) * p.s1 + c.l2.at(t) * p.s2;
+        w.terms[t] = coef_at(c.l1, t) * p.s1 + coef_at(c.l2, t) * p.s2;
       }
     }
   }
