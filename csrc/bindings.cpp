@@ -57,6 +57,30 @@ std::vector<void*> as_ptrs(const Ptrs& p, size_t n) {
   return out;
 }
 
+// Optional per-tensor pointers (refs): an empty list means none.
+std::vector<void*> optional_ptrs(const Ptrs& p, size_t n, const char* what) {
+  if (p.empty()) return {};
+  if (p.size() != n) throw std::invalid_argument(std::string("pyreg._C: ") + what + " differ in length from tensors");
+  std::vector<void*> out;
+  out.reserve(n);
+  for (uintptr_t x : p) out.push_back(reinterpret_cast<void*>(x));
+  return out;
+}
+
+const void* const* data_or_null(const std::vector<void*>& v) { return v.empty() ? nullptr : v.data(); }
+
+pyreg::GroupList make_groups(const TensorList& w, const Numels& outer, const Numels& groups,
+                             const Numels& inner) {
+  const size_t n = w.ptrs.size();
+  if (outer.size() != n || groups.size() != n || inner.size() != n)
+    throw std::invalid_argument("pyreg._C: group shapes differ in length from tensors");
+  for (size_t i = 0; i < n; ++i) {
+    if (outer[i] < 0 || groups[i] < 0 || inner[i] < 0 || outer[i] * groups[i] * inner[i] != w.numels[i])
+      throw std::invalid_argument("pyreg._C: group shape does not match numel");
+  }
+  return pyreg::GroupList{outer, groups, inner};
+}
+
 template <typename T> T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 // The functions `<prefix>_*` of one build of the kernels (CPU, CUDA or
@@ -86,32 +110,94 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
                           out_dtype, Launch{ptr<void>(ws), device, stream, nthreads});
         });
   m.def(name("penalty").c_str(),
-        [k](const Ptrs& p, const Numels& n, const Codes& d, const CoefArg& l1, const CoefArg& l2,
-            uintptr_t out, int out_dtype, uintptr_t ws, int device, uintptr_t stream,
-            int nthreads) {
-          TensorList w = make_list(p, n, d);
-          py::gil_scoped_release nogil;
-          k->penalty(w, coef(l1), coef(l2), ptr<void>(out), out_dtype,
-                     Launch{ptr<void>(ws), device, stream, nthreads});
-        });
-  m.def(name("add_penalty_grad").c_str(),
-        [k](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& g, const CoefArg& l1,
+        [k](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& refs, const CoefArg& l1,
             const CoefArg& l2, uintptr_t out, int out_dtype, uintptr_t ws, int device,
             uintptr_t stream, int nthreads) {
           TensorList w = make_list(p, n, d);
+          std::vector<void*> rp = optional_ptrs(refs, p.size(), "refs");
+          py::gil_scoped_release nogil;
+          k->penalty(w, data_or_null(rp), coef(l1), coef(l2), ptr<void>(out), out_dtype,
+                     Launch{ptr<void>(ws), device, stream, nthreads});
+        });
+  m.def(name("add_penalty_grad").c_str(),
+        [k](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& refs, const Ptrs& g,
+            const CoefArg& l1, const CoefArg& l2, uintptr_t out, int out_dtype, uintptr_t ws,
+            int device, uintptr_t stream, int nthreads) {
+          TensorList w = make_list(p, n, d);
+          std::vector<void*> rp = optional_ptrs(refs, p.size(), "refs");
           std::vector<void*> gp = as_ptrs(g, p.size());
           py::gil_scoped_release nogil;
-          k->add_penalty_grad(w, gp.data(), coef(l1), coef(l2), ptr<void>(out), out_dtype,
-                              Launch{ptr<void>(ws), device, stream, nthreads});
+          k->add_penalty_grad(w, data_or_null(rp), gp.data(), coef(l1), coef(l2), ptr<void>(out),
+                              out_dtype, Launch{ptr<void>(ws), device, stream, nthreads});
         });
   m.def(name("prox").c_str(),
-        [k](const Ptrs& p, const Numels& n, const Codes& d, const CoefArg& l1, const CoefArg& l2,
-            const CoefArg& lr, uintptr_t nnz, uintptr_t ws, int device, uintptr_t stream,
-            int nthreads) {
+        [k](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& refs, const CoefArg& l1,
+            const CoefArg& l2, const CoefArg& lr, uintptr_t nnz, uintptr_t ws, int device,
+            uintptr_t stream, int nthreads) {
           TensorList w = make_list(p, n, d);
+          std::vector<void*> rp = optional_ptrs(refs, p.size(), "refs");
           py::gil_scoped_release nogil;
-          k->prox(w, coef(l1), coef(l2), coef(lr), ptr<int64_t>(nnz),
+          k->prox(w, data_or_null(rp), coef(l1), coef(l2), coef(lr), ptr<int64_t>(nnz),
                   Launch{ptr<void>(ws), device, stream, nthreads});
+        });
+
+  // ---- group ops: each takes the group shapes (outer, groups, inner) per tensor
+  m.def(name("group_workspace_bytes").c_str(),
+        [k](const Ptrs& p, const Numels& n, const Codes& d, const Numels& outer,
+            const Numels& groups, const Numels& inner) {
+          TensorList w = make_list(p, n, d);
+          return k->group_workspace_bytes(w, make_groups(w, outer, groups, inner));
+        });
+  m.def(name("group_norms").c_str(),
+        [k](const Ptrs& p, const Numels& n, const Codes& d, const Numels& outer,
+            const Numels& groups, const Numels& inner, uintptr_t norms, int out_dtype,
+            uintptr_t ws, int device, uintptr_t stream, int nthreads) {
+          TensorList w = make_list(p, n, d);
+          pyreg::GroupList gl = make_groups(w, outer, groups, inner);
+          py::gil_scoped_release nogil;
+          k->group_norms(w, gl, ptr<void>(norms), out_dtype, Launch{ptr<void>(ws), device, stream, nthreads});
+        });
+  m.def(name("group_prox").c_str(),
+        [k](const Ptrs& p, const Numels& n, const Codes& d, const Numels& outer,
+            const Numels& groups, const Numels& inner, const CoefArg& l1, const CoefArg& group_l1,
+            const CoefArg& l2, const CoefArg& lr, uintptr_t nonzero, uintptr_t ws, int device,
+            uintptr_t stream, int nthreads) {
+          TensorList w = make_list(p, n, d);
+          pyreg::GroupList gl = make_groups(w, outer, groups, inner);
+          py::gil_scoped_release nogil;
+          k->group_prox(w, gl, coef(l1), coef(group_l1), coef(l2), coef(lr), ptr<int64_t>(nonzero),
+                        Launch{ptr<void>(ws), device, stream, nthreads});
+        });
+  m.def(name("max_norm").c_str(),
+        [k](const Ptrs& p, const Numels& n, const Codes& d, const Numels& outer,
+            const Numels& groups, const Numels& inner, const CoefArg& max_value, uintptr_t clipped,
+            uintptr_t ws, int device, uintptr_t stream, int nthreads) {
+          TensorList w = make_list(p, n, d);
+          pyreg::GroupList gl = make_groups(w, outer, groups, inner);
+          py::gil_scoped_release nogil;
+          k->max_norm(w, gl, coef(max_value), ptr<int64_t>(clipped),
+                      Launch{ptr<void>(ws), device, stream, nthreads});
+        });
+  m.def(name("group_penalty").c_str(),
+        [k](const Ptrs& p, const Numels& n, const Codes& d, const Numels& outer,
+            const Numels& groups, const Numels& inner, const CoefArg& group_l1, uintptr_t out,
+            int out_dtype, uintptr_t ws, int device, uintptr_t stream, int nthreads) {
+          TensorList w = make_list(p, n, d);
+          pyreg::GroupList gl = make_groups(w, outer, groups, inner);
+          py::gil_scoped_release nogil;
+          k->group_penalty(w, gl, coef(group_l1), ptr<void>(out), out_dtype,
+                           Launch{ptr<void>(ws), device, stream, nthreads});
+        });
+  m.def(name("add_group_penalty_grad").c_str(),
+        [k](const Ptrs& p, const Numels& n, const Codes& d, const Numels& outer,
+            const Numels& groups, const Numels& inner, const Ptrs& g, const CoefArg& group_l1,
+            uintptr_t out, int out_dtype, uintptr_t ws, int device, uintptr_t stream, int nthreads) {
+          TensorList w = make_list(p, n, d);
+          pyreg::GroupList gl = make_groups(w, outer, groups, inner);
+          std::vector<void*> gp = as_ptrs(g, p.size());
+          py::gil_scoped_release nogil;
+          k->add_group_penalty_grad(w, gl, gp.data(), coef(group_l1), ptr<void>(out), out_dtype,
+                                    Launch{ptr<void>(ws), device, stream, nthreads});
         });
 }
 

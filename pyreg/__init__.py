@@ -1,7 +1,10 @@
 """pyreg: fused L1 / L2 / elastic-net regularization for PyTorch.
 
 Ops (each covers a whole list of tensors, i.e. all layers, in one call):
-``weight_stats``, ``penalty``, ``add_penalty_grad_``, ``prox_``.
+``weight_stats``, ``penalty``, ``add_penalty_grad_``, ``prox_`` (element-wise,
+optionally toward reference weights: ``ref=``), and the group ops
+``group_norms``, ``group_penalty``, ``add_group_penalty_grad_``,
+``group_prox_`` (group lasso) and ``max_norm_``.
 Convention helpers: ``from_sklearn``, ``from_weight_decay``.
 """
 from __future__ import annotations
@@ -10,17 +13,23 @@ __version__ = "0.1.0"
 
 from ._common import WeightStats
 from .backends import backend_name, use_backend
-from .ops import add_penalty_grad_, penalty, prox_, weight_stats
+from .ops import (add_group_penalty_grad_, add_penalty_grad_, group_norms, group_penalty, group_prox_,
+                  max_norm_, penalty, prox_, weight_stats)
 from .conventions import from_sklearn, from_weight_decay
 from .optim import Regularized, param_groups
 
 __all__ = [
     "Regularized",
     "WeightStats",
+    "add_group_penalty_grad_",
     "add_penalty_grad_",
     "backend_name",
     "from_sklearn",
     "from_weight_decay",
+    "group_norms",
+    "group_penalty",
+    "group_prox_",
+    "max_norm_",
     "param_groups",
     "penalty",
     "prox_",

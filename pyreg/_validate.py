@@ -258,3 +258,58 @@ def _has_internal_overlap(t: Tensor) -> bool:
 def extent(t: Tensor) -> int:
     """Elements from t's first to its last element in memory (inclusive)."""
     return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+
+
+# --------------------------------------------------------------------------
+# References (ops toward a reference) and group dimensions (group ops)
+# --------------------------------------------------------------------------
+def ref_list(ref, tensors: Sequence[Tensor]) -> List[Tensor]:
+    """``ref``: one tensor per tensor, of the same shape, dtype and device."""
+    rs = tensor_list(ref, "ref")
+    if len(rs) != len(tensors):
+        raise ValueError(f"got {len(tensors)} tensors but {len(rs)} ref tensors")
+    for i, (t, r) in enumerate(zip(tensors, rs)):
+        if r.shape != t.shape or r.dtype != t.dtype or r.device != t.device:
+            raise ValueError(f"ref[{i}] is {tuple(r.shape)} {r.dtype} on {r.device} but "
+                             f"tensors[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}")
+    return rs
+
+
+def check_refs_apart(tensors: Sequence[Tensor], refs: Sequence[Tensor]) -> None:
+    """An op that writes the tensors while it reads the refs: no ref may share
+    memory with any tensor."""
+    if torch.compiler.is_compiling() or disjoint(list(tensors) + list(refs)):
+        return
+    bad = _overlap(tensors, refs)
+    if bad is not None:
+        raise ValueError(f"tensors[{bad[0]}] shares memory with ref[{bad[1]}]; the op writes the "
+                         "tensors while it reads the refs, so they must be distinct")
+
+
+def group_dims(dim, tensors: Sequence[Tensor], name: str = "dim") -> List[int]:
+    """The group dimension of each tensor, normalized to 0 <= d < max(ndim, 1):
+    one int for every tensor, or a sequence of ints (one per tensor). A 0-dim
+    tensor (one group) takes 0 or -1."""
+    n = len(tensors)
+    if isinstance(dim, bool):
+        raise TypeError(f"{name} must be an int or a sequence of ints, got bool")
+    if isinstance(dim, numbers.Integral):
+        dims = [int(dim)] * n
+    elif isinstance(dim, Iterable) and not isinstance(dim, (str, bytes, Tensor)):
+        dims = list(dim)
+        if len(dims) != n:
+            raise ValueError(f"{name} has {len(dims)} values but there are {n} tensors")
+        for i, d in enumerate(dims):
+            if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+                raise TypeError(f"{name}[{i}] must be an int, got {type(d).__name__}")
+        dims = [int(d) for d in dims]
+    else:
+        raise TypeError(f"{name} must be an int or a sequence of ints, got {type(dim).__name__}")
+    out = []
+    for i, (t, d) in enumerate(zip(tensors, dims)):
+        nd = max(t.dim(), 1)
+        if not -nd <= d < nd:
+            raise ValueError(f"{name}={d} is out of range for tensors[{i}] of shape {tuple(t.shape)} "
+                             f"(expected {-nd} <= {name} < {nd})")
+        out.append(d % nd)
+    return out

@@ -144,7 +144,7 @@ class _Penalty(torch.autograd.Function):
         rd = result_dtype(locs)
         if idx:
             sel = to_device(idx, torch.int64, l1.device)
-            local = penalty_op([locs[i] for i in idx], l1[sel], l2[sel]).to(torch.float64)
+            local = penalty_op([locs[i] for i in idx], l1[sel], l2[sel], []).to(torch.float64)
         else:
             local = torch.zeros((), dtype=torch.float64, device=dev)
         value = _sum_over_ranks(local, group).reshape(()).to(rd)
@@ -164,7 +164,7 @@ class _Penalty(torch.autograd.Function):
             sel = to_device(idx, torch.int64, l1.device)
             part = [locs[i] for i in idx]
             gs = [torch.zeros_like(t) for t in part]
-            add_penalty_grad_op(part, gs, l1[sel] * go, l2[sel] * go)
+            add_penalty_grad_op(part, gs, l1[sel] * go, l2[sel] * go, [])
             for i, g in zip(idx, gs):
                 like = ctx.likes[i]
                 grads[i] = g if like is None else DTensor.from_local(
@@ -201,7 +201,7 @@ def add_penalty_grad_(ts: Sequence[Tensor], gs: Sequence[Tensor], l1: Tensor, l2
         local = torch.zeros((), dtype=torch.float64, device=dev)
         for is_counted, ix in _split_calls(counted):
             sel = to_device(ix, torch.int64, l1.device)
-            v = add_penalty_grad_op([locs[i] for i in ix], [lgs[i] for i in ix], l1[sel], l2[sel])
+            v = add_penalty_grad_op([locs[i] for i in ix], [lgs[i] for i in ix], l1[sel], l2[sel], [])
             if is_counted:
                 local = local + v.to(torch.float64)
         return _sum_over_ranks(local, group).reshape(()).to(result_dtype(locs))
@@ -214,6 +214,6 @@ def prox_(ts: Sequence[Tensor], l1: Tensor, l2: Tensor, lr: Tensor) -> Tensor:
     with torch.no_grad():
         locs = [_local(t).detach() for t in ts]
         check_no_overlap(locs, "tensors")
-        nnz = prox_op(locs, l1, l2, lr)
+        nnz = prox_op(locs, l1, l2, lr, [])
         mask = to_device(counted, torch.int64, nnz.device)
         return _sum_over_ranks(nnz * mask, group).round().to(torch.int64)

@@ -1,10 +1,15 @@
 """pyreg's public ops. Each covers a whole list of tensors (all layers of a
 model) in one call:
 
-    weight_stats(tensors)                       -> WeightStats(l1, l2, linf, nnz)
-    penalty(tensors, l1, l2)                    -> 0-dim tensor, differentiable
-    add_penalty_grad_(tensors, grads, l1, l2)   -> 0-dim tensor (penalty value)
-    prox_(tensors, l1, l2, lr)                  -> 1-D int64 (nonzeros per tensor)
+    weight_stats(tensors)                            -> WeightStats(l1, l2, linf, nnz)
+    penalty(tensors, l1, l2, ref=None)               -> 0-dim tensor, differentiable
+    add_penalty_grad_(tensors, grads, l1, l2, ref=None) -> 0-dim tensor (penalty value)
+    prox_(tensors, l1, l2, lr, ref=None)             -> 1-D int64 (nonzeros per tensor)
+    group_norms(tensors, dim=1)                      -> list of 1-D tensors (norm per group)
+    group_penalty(tensors, l1, dim=1)                -> 0-dim tensor, differentiable
+    add_group_penalty_grad_(tensors, grads, l1, dim=1) -> 0-dim tensor (penalty value)
+    group_prox_(tensors, l1, lr, dim=1, element_l1=0, l2=0) -> 1-D int64 (nonzero groups)
+    max_norm_(tensors, max_value, dim=0)             -> 1-D int64 (groups scaled)
 
 Each function validates its arguments (_validate.py), normalizes the
 coefficients, and runs: lists of DTensors through pyreg.distributed; in plain
@@ -14,7 +19,7 @@ eager mode the backend directly (``_eager``); otherwise the custom op
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -22,8 +27,10 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
 from ._common import WeightStats, coef_tensor, has_dtensor
-from ._ops import add_penalty_grad_op, penalty_op, prox_op, weight_stats_op
-from ._validate import Coefficient, check_grads_apart, check_no_overlap, coefficient, tensor_list
+from ._ops import (add_group_penalty_grad_op, add_penalty_grad_op, group_norms_op, group_penalty_op,
+                   group_prox_op, max_norm_op, penalty_op, prox_op, weight_stats_op)
+from ._validate import (Coefficient, check_grads_apart, check_no_overlap, check_refs_apart, coefficient,
+                        group_dims, ref_list, tensor_list)
 
 _dtype_of, _shape_of, _requires_grad = attrgetter("dtype"), attrgetter("shape"), attrgetter("requires_grad")
 #: Types whose tensors the kernels may read through data_ptr() in plain eager
@@ -83,32 +90,54 @@ def weight_stats(tensors: Iterable[Tensor]) -> WeightStats:
     return WeightStats(*weight_stats_op([t.detach() for t in ts]))
 
 
-def penalty(tensors: Iterable[Tensor], l1: Coefficient = 0.0, l2: Coefficient = 0.0) -> Tensor:
+def _no_dtensor(ts: Sequence[Tensor], what: str) -> None:
+    if has_dtensor(ts):
+        raise TypeError(f"{what} does not take DTensors (sharded parameters); pass the full tensors")
+
+
+def _refs(ref, ts: List[Tensor]) -> Optional[List[Tensor]]:
+    """Validated, detached refs (constants: no gradient flows into them), or None."""
+    if ref is None:
+        return None
+    rs = ref_list(ref, ts)
+    _no_dtensor(rs, "ref=")
+    _no_dtensor(ts, "ref=")
+    return [r.detach() for r in rs]
+
+
+def penalty(tensors: Iterable[Tensor], l1: Coefficient = 0.0, l2: Coefficient = 0.0,
+            ref: Optional[Iterable[Tensor]] = None) -> Tensor:
     """sum_i l1_i * ||w_i||_1 + l2_i * ||w_i||_2^2 as a 0-dim tensor.
 
     Differentiable with respect to the tensors: the gradient is
     l1 * sign(w) + 2 * l2 * w, with sign(0) = 0. ``l1`` and ``l2`` are numbers
     (all tensors) or one value per tensor (a sequence or 1-D tensor); they are
     constants for autograd.
+
+    ``ref``: reference tensors (one per tensor, e.g. the pre-trained weights):
+    the penalty of w - ref instead (L1-SP / L2-SP); refs are constants.
     """
     ts = tensor_list(tensors)
     n, dev = len(ts), (ts[0].device if ts else torch.device("cpu"))
     c1, c2 = coefficient(l1, n, dev, "l1"), coefficient(l2, n, dev, "l2")
+    rs = _refs(ref, ts)
     if not ts:
         return torch.zeros(())
     if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(map(_requires_grad, ts))):
-        out = _eager(ts, (), lambda be: be.penalty(ts, c1, c2))
+        out = _eager(ts + (rs or []), (), lambda be: be.penalty(ts, c1, c2, rs))
         if out is not None:
             return out
     c1, c2 = coef_tensor(c1, n, dev), coef_tensor(c2, n, dev)
     if has_dtensor(ts):
         return _distributed().penalty(ts, c1, c2)
-    return penalty_op(ts, c1, c2)
+    return penalty_op(ts, c1, c2, rs or [])
 
 
 def add_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor],
-                      l1: Coefficient = 0.0, l2: Coefficient = 0.0) -> Tensor:
-    """In place, g_i += l1_i * sign(w_i) + 2 * l2_i * w_i for every pair.
+                      l1: Coefficient = 0.0, l2: Coefficient = 0.0,
+                      ref: Optional[Iterable[Tensor]] = None) -> Tensor:
+    """In place, g_i += l1_i * sign(w_i) + 2 * l2_i * w_i for every pair
+    (with ``ref``: of d_i = w_i - ref_i).
 
     Returns the penalty value (as ``penalty``), computed in the same pass.
     """
@@ -126,37 +155,167 @@ def add_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor],
                                  f"tensors[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}")
     n, dev = len(ts), (ts[0].device if ts else torch.device("cpu"))
     c1, c2 = coefficient(l1, n, dev, "l1"), coefficient(l2, n, dev, "l2")
+    rs = _refs(ref, ts)
     if not ts:
         return torch.zeros(())
+    if rs is not None:
+        _no_dtensor(gs, "ref=")
+        check_refs_apart(gs, rs)
     if has_dtensor(ts) or has_dtensor(gs):
         return _distributed().add_penalty_grad_(ts, gs, coef_tensor(c1, n, dev), coef_tensor(c2, n, dev))
     check_grads_apart(ts, gs)
     with torch.no_grad():
-        out = _eager(ts, gs, lambda be: be.add_penalty_grad_(ts, gs, c1, c2))
+        out = _eager(ts + (rs or []), gs, lambda be: be.add_penalty_grad_(ts, gs, c1, c2, rs))
         if out is not None:
             return out
         return add_penalty_grad_op([t.detach() for t in ts], gs, coef_tensor(c1, n, dev),
-                                   coef_tensor(c2, n, dev))
+                                   coef_tensor(c2, n, dev), rs or [])
 
 
-def prox_(tensors: Iterable[Tensor], l1: Coefficient = 0.0, l2: Coefficient = 0.0, lr: Coefficient = 1.0) -> Tensor:
+def prox_(tensors: Iterable[Tensor], l1: Coefficient = 0.0, l2: Coefficient = 0.0, lr: Coefficient = 1.0,
+          ref: Optional[Iterable[Tensor]] = None) -> Tensor:
     """In place, the proximal step of lr * (l1 * ||w||_1 + l2 * ||w||_2^2):
 
         w <- sign(w) * max(|w| - lr * l1, 0) / (1 + 2 * lr * l2)
 
     Weights with |w| <= lr * l1 become exactly 0. Returns the count of nonzeros
     of each tensor after the step (1-D int64), from the same pass.
+
+    ``ref``: reference tensors (one per tensor): the prox of the penalty
+    around them, ``w <- ref + prox(w - ref)`` (each of the three steps rounded
+    to w's dtype, bit for bit as the three tensor ops); weights within lr * l1
+    of their reference become exactly the reference. The count is then of the
+    weights that differ from their reference.
     """
     ts = tensor_list(tensors)
     n, dev = len(ts), (ts[0].device if ts else torch.device("cpu"))
     c1, c2, clr = (coefficient(c, n, dev, name) for c, name in ((l1, "l1"), (l2, "l2"), (lr, "lr")))
+    rs = _refs(ref, ts)
     if not ts:
         return torch.zeros(0, dtype=torch.int64)
     if has_dtensor(ts):
         return _distributed().prox_(ts, *(coef_tensor(c, n, dev) for c in (c1, c2, clr)))
     check_no_overlap(ts, "tensors")
+    if rs is not None:
+        check_refs_apart(ts, rs)
     with torch.no_grad():
-        out = _eager((), ts, lambda be: be.prox_(ts, c1, c2, clr))
+        out = _eager(rs or (), ts, lambda be: be.prox_(ts, c1, c2, clr, rs))
         if out is not None:
             return out
-        return prox_op(ts, *(coef_tensor(c, n, dev) for c in (c1, c2, clr)))
+        return prox_op(ts, *(coef_tensor(c, n, dev) for c in (c1, c2, clr)), rs or [])
+
+
+# --------------------------------------------------------------------------
+# Group ops: group g of a tensor along ``dim`` is every element with index g
+# in that dimension (for an nn.Linear weight [out, in]: dim=1, one input's
+# column; dim=0, one output's row); its norm is over all other dimensions.
+# ``dim`` is one int for every tensor or one per tensor.
+# --------------------------------------------------------------------------
+def _group_args(tensors, dim, what: str):
+    ts = tensor_list(tensors)
+    _no_dtensor(ts, what)
+    return ts, group_dims(dim, ts), len(ts), (ts[0].device if ts else torch.device("cpu"))
+
+
+def group_norms(tensors: Iterable[Tensor], dim=1) -> List[Tensor]:
+    """||w_g||_2 of every group of every tensor: one 1-D tensor per tensor,
+    with one entry per group (float64 if any tensor is float64, else float32)."""
+    ts, dims, n, dev = _group_args(tensors, dim, "group_norms")
+    if not ts:
+        return []
+    with torch.no_grad():
+        flat = _eager(ts, (), lambda be: be.group_norms(ts, dims))
+        if flat is None:
+            flat = group_norms_op([t.detach() for t in ts], dims)
+    sizes = [t.shape[d] if t.dim() else 1 for t, d in zip(ts, dims)]
+    return list(torch.split(flat, sizes))
+
+
+def group_penalty(tensors: Iterable[Tensor], l1: Coefficient = 0.0, dim=1) -> Tensor:
+    """The group lasso penalty sum_i l1_i * sum_g ||w_ig||_2 as a 0-dim tensor.
+
+    Differentiable with respect to the tensors: the gradient of a group is
+    l1 * w_g / ||w_g||_2, and 0 (a subgradient) for a zero group.
+    """
+    ts, dims, n, dev = _group_args(tensors, dim, "group_penalty")
+    c = coefficient(l1, n, dev, "l1")
+    if not ts:
+        return torch.zeros(())
+    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(map(_requires_grad, ts))):
+        out = _eager(ts, (), lambda be: be.group_penalty(ts, dims, c))
+        if out is not None:
+            return out
+    return group_penalty_op(ts, dims, coef_tensor(c, n, dev))
+
+
+def add_group_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor], l1: Coefficient = 0.0,
+                            dim=1) -> Tensor:
+    """In place, g_i += l1_i * w_ig / ||w_ig||_2 for every group (0 for a zero
+    group). Returns the group penalty, from the same call."""
+    ts, dims, n, dev = _group_args(tensors, dim, "add_group_penalty_grad_")
+    gs = tensor_list(grads, "grads")
+    _no_dtensor(gs, "add_group_penalty_grad_")
+    if len(gs) != len(ts):
+        raise ValueError(f"got {len(ts)} tensors but {len(gs)} grads")
+    for i, (t, g) in enumerate(zip(ts, gs)):
+        if g.shape != t.shape or g.dtype != t.dtype or g.device != t.device:
+            raise ValueError(f"grads[{i}] is {tuple(g.shape)} {g.dtype} on {g.device} but "
+                             f"tensors[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}")
+    c = coefficient(l1, n, dev, "l1")
+    if not ts:
+        return torch.zeros(())
+    check_grads_apart(ts, gs)
+    with torch.no_grad():
+        out = _eager(ts, gs, lambda be: be.add_group_penalty_grad_(ts, gs, dims, c))
+        if out is not None:
+            return out
+        return add_group_penalty_grad_op([t.detach() for t in ts], gs, dims, coef_tensor(c, n, dev))
+
+
+def group_prox_(tensors: Iterable[Tensor], l1: Coefficient = 0.0, lr: Coefficient = 1.0, dim=1, *,
+                element_l1: Coefficient = 0.0, l2: Coefficient = 0.0) -> Tensor:
+    """In place, the group soft-threshold (the proximal step of lr * l1 * sum_g ||w_g||_2):
+
+        w_g <- w_g * max(0, 1 - lr * l1 / ||w_g||_2)
+
+    A group with ||w_g||_2 <= lr * l1 becomes exactly zero. Returns the number
+    of groups of each tensor not set to zero (1-D int64).
+
+    With ``element_l1`` and ``l2``: the exact prox of
+    lr * (element_l1 * ||w||_1 + l1 * sum_g ||w_g||_2 + l2 * ||w||_2^2) (sparse
+    group lasso with weight decay) in the same two passes: the element
+    soft-threshold (lr * element_l1), then the group soft-threshold, then the
+    division by (1 + 2 * lr * l2).
+    """
+    ts, dims, n, dev = _group_args(tensors, dim, "group_prox_")
+    cs = [coefficient(c, n, dev, name)
+          for c, name in ((element_l1, "element_l1"), (l1, "l1"), (l2, "l2"), (lr, "lr"))]
+    if not ts:
+        return torch.zeros(0, dtype=torch.int64)
+    check_no_overlap(ts, "tensors")
+    with torch.no_grad():
+        out = _eager((), ts, lambda be: be.group_prox_(ts, dims, *cs))
+        if out is not None:
+            return out
+        return group_prox_op(ts, dims, *(coef_tensor(c, n, dev) for c in cs))
+
+
+def max_norm_(tensors: Iterable[Tensor], max_value: Coefficient, dim=0) -> Tensor:
+    """In place, each group onto the ball of radius ``max_value``:
+
+        w_g <- w_g * min(1, max_value / ||w_g||_2)
+
+    For an nn.Linear weight, ``dim=0`` (each output neuron's incoming weights)
+    is Keras' ``MaxNorm(max_value, axis=0)`` on a Dense kernel. Returns the
+    number of groups of each tensor that were scaled (1-D int64).
+    """
+    ts, dims, n, dev = _group_args(tensors, dim, "max_norm_")
+    c = coefficient(max_value, n, dev, "max_value")
+    if not ts:
+        return torch.zeros(0, dtype=torch.int64)
+    check_no_overlap(ts, "tensors")
+    with torch.no_grad():
+        out = _eager((), ts, lambda be: be.max_norm_(ts, dims, c))
+        if out is not None:
+            return out
+        return max_norm_op(ts, dims, coef_tensor(c, n, dev))

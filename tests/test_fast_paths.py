@@ -117,7 +117,7 @@ def test_parameters_take_the_eager_path_and_match_the_op(monkeypatch):
     g = torch.Generator().manual_seed(3)
     ps = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (7, 0, 4097)]
     ref = [p.detach().clone() for p in ps]
-    expected = _ops.prox_op(ref, *(torch.full((3,), v, dtype=torch.float64) for v in (0.3, 0.1, 0.5)))
+    expected = _ops.prox_op(ref, *(torch.full((3,), v, dtype=torch.float64) for v in (0.3, 0.1, 0.5)), [])
     calls = []
     for name in ("prox_op", "weight_stats_op", "add_penalty_grad_op", "penalty_op"):
         real = getattr(ops, name)

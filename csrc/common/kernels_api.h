@@ -43,16 +43,50 @@ struct Kernels {
   // is NaN), nnz = #(w != 0). Outputs in out_dtype (kFloat32/kFloat64), nnz int64.
   void (*weight_stats)(const TensorList& w, void* l1, void* l2, void* linf, int64_t* nnz,
                        int out_dtype, const Launch& at);
-  // out[0] = sum_i l1_i * sum|w_i| + l2_i * sum w_i^2.
-  void (*penalty)(const TensorList& w, Coef l1, Coef l2, void* out, int out_dtype,
-                  const Launch& at);
-  // g_i += l1_i * sign(w_i) + 2 * l2_i * w_i (g_i has w_i's dtype and layout);
+  // Toward a reference: `refs` (null, or one pointer per tensor, each like its
+  // tensor: same dtype, numel and layout) replaces w by d = w - ref below.
+  //
+  // out[0] = sum_i l1_i * sum|d_i| + l2_i * sum d_i^2.
+  void (*penalty)(const TensorList& w, const void* const* refs, Coef l1, Coef l2, void* out,
+                  int out_dtype, const Launch& at);
+  // g_i += l1_i * sign(d_i) + 2 * l2_i * d_i (g_i has w_i's dtype and layout);
   // out[0] = the penalty of w, from the same pass.
-  void (*add_penalty_grad)(const TensorList& w, void* const* grads, Coef l1, Coef l2, void* out,
-                           int out_dtype, const Launch& at);
+  void (*add_penalty_grad)(const TensorList& w, const void* const* refs, void* const* grads,
+                           Coef l1, Coef l2, void* out, int out_dtype, const Launch& at);
   // w_i <- sign(w_i) * max(|w_i| - lr_i * l1_i, 0) / (1 + 2 * lr_i * l2_i);
-  // nnz[i] = count of nonzeros of w_i after the step.
-  void (*prox)(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, const Launch& at);
+  // nnz[i] = count of nonzeros of w_i after the step. With refs:
+  // w <- ref + prox(w - ref), each of the three steps rounded to w's dtype, and
+  // nnz[i] counts the elements with w != ref after the step.
+  void (*prox)(const TensorList& w, const void* const* refs, Coef l1, Coef l2, Coef lr,
+               int64_t* nnz, const Launch& at);
+
+  // ---- group ops (csrc/common/group_plan.h: groups and their tiling) --------
+  // Tensor i is seen, in memory order, as [outer_i, groups_i, inner_i]; its
+  // group g is every element with index g in the middle dimension. Per-group
+  // outputs hold the groups of tensor 0, then of tensor 1, ...
+  //
+  // Workspace bytes for the group ops on (w, gl).
+  int64_t (*group_workspace_bytes)(const TensorList& w, const GroupList& gl);
+  // norms[k] = ||w_g||_2 of every group, in out_dtype.
+  void (*group_norms)(const TensorList& w, const GroupList& gl, void* norms, int out_dtype,
+                      const Launch& at);
+  // The exact prox of lr * (l1 |w|_1 + group_l1 sum_g ||w_g||_2 + l2 |w|^2):
+  // s = the element soft-threshold of w by lr*l1 (rounded to w's dtype), then
+  // w_g <- s_g * max(0, 1 - lr*group_l1 / ||s_g||_2) / (1 + 2*lr*l2).
+  // nonzero[i] = groups of tensor i not set to zero.
+  void (*group_prox)(const TensorList& w, const GroupList& gl, Coef l1, Coef group_l1, Coef l2,
+                     Coef lr, int64_t* nonzero, const Launch& at);
+  // w_g <- w_g * min(1, max_value / ||w_g||_2); clipped[i] = groups of tensor
+  // i that were scaled (||w_g||_2 > max_value).
+  void (*max_norm)(const TensorList& w, const GroupList& gl, Coef max_value, int64_t* clipped,
+                   const Launch& at);
+  // out[0] = sum_i group_l1_i * sum_g ||w_ig||_2.
+  void (*group_penalty)(const TensorList& w, const GroupList& gl, Coef group_l1, void* out,
+                        int out_dtype, const Launch& at);
+  // g_i += group_l1_i * w_ig / ||w_ig||_2 (0 for a zero group); out[0] = the
+  // group penalty of w, from the same call.
+  void (*add_group_penalty_grad)(const TensorList& w, const GroupList& gl, void* const* grads,
+                                 Coef group_l1, void* out, int out_dtype, const Launch& at);
 };
 
 extern const Kernels kCpu;

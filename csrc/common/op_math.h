@@ -110,6 +110,28 @@ PYREG_HD A prox_value(A v, const ProxParams<A>& p) {
   return a <= p.t_floor ? A(0) : copysign_of(((a - p.t_hi) - p.t_lo) * p.scale, v);
 }
 
+// Toward a reference r (prox with refs): r + prox(w - r), each step rounded to
+// the storage type T as the composition of three tensor ops would be.
+template <typename T, typename A>
+PYREG_HD T prox_toward(A v, A r, const ProxParams<A>& p) {
+  const A d = load<A>(store<T>(v - r));
+  const A shrunk = load<A>(store<T>(prox_value(d, p)));
+  return store<T>(r + shrunk);
+}
+
+// ---- group ops ----------------------------------------------------------------
+// Each group's factor, from its norm n (float64). NaN norms propagate into
+// the group's elements except where the formula leaves them unchanged.
+//
+// Group soft-threshold, then the L2 scale: zero when n <= t (t = lr*group_l1).
+PYREG_HD double group_prox_factor(double n, double t, double scale) {
+  return n <= t ? 0.0 : (1.0 - t / n) * scale;
+}
+// Max-norm projection: min(1, c / n).
+PYREG_HD double max_norm_factor(double n, double c) { return n > c ? c / n : 1.0; }
+// Gradient of c * ||w_g||: c * w_g / n, and 0 for a zero group.
+PYREG_HD double group_grad_factor(double n, double c) { return n == 0.0 ? 0.0 : c / n; }
+
 // ---- results ------------------------------------------------------------------
 // One result into a float32 or float64 output (out_dtype: kFloat32 / kFloat64).
 PYREG_HD void write_out(void* out, int out_dtype, int64_t i, double v) {

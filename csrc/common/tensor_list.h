@@ -23,6 +23,14 @@ struct Coef {
   double value;
 };
 
+// How the group ops (group_norms, group_prox, max_norm, the group penalty)
+// see each tensor: in memory order, [outer, groups, inner]. Python derives it
+// from the tensor's shape, strides and the group dimension.
+struct GroupList {
+  std::vector<int64_t> outer, groups, inner;
+  int64_t size() const { return int64_t(groups.size()); }
+};
+
 // Per-tensor results of a reduction sweep (finalized, in tensor order).
 //   l1 = sum |w|, l2 = sqrt(sum w^2), linf = max |w| (NaN if any w is NaN),
 //   nnz = count of w != 0.

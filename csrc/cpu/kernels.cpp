@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../common/dtype.h"
+#include "../common/group_plan.h"
 #include "../common/op_math.h"
 #include "thread_pool.h"
 
@@ -125,6 +126,25 @@ struct Loader {
 template <typename A, typename T>
 inline Loader<A, T> loader(const T* x) { return Loader<A, T>{x}; }
 
+// value() reading d = x - r (toward a reference) in the compute type A.
+template <typename A, typename T>
+struct DiffLoader {
+  const T* x;
+  const T* r;
+  A operator()(int64_t i) const { return load<A>(x[i]) - load<A>(r[i]); }
+  void prefetch(int64_t i) const { prefetch_at(x, i), prefetch_at(r, i); }
+};
+
+// value() that is 1 where x != r and 0 where x == r: counts what a prox
+// toward r left different from r.
+template <typename A, typename T>
+struct NeLoader {
+  const T* x;
+  const T* r;
+  A operator()(int64_t i) const { return load<A>(x[i]) != load<A>(r[i]) ? A(1) : A(0); }
+  void prefetch(int64_t i) const { prefetch_at(x, i), prefetch_at(r, i); }
+};
+
 // Asks for the cache lines of elements [kAhead, kAhead + len) of p: the block
 // after next, while this one is computed.
 template <typename T>
@@ -182,10 +202,10 @@ double penalty_of(const std::vector<Partial>& s, Coef l1, Coef l2) {
   return v;
 }
 
+// The ref of an item's tensor at the item's start (refs may be null: no ref).
 template <typename T>
-Partial sums_chunk(const T* x, int64_t n) {
-  using A = opmath_t<T>;
-  return sweep<A, true, false, false>(n, no_update, loader<A>(x));
+inline const T* ref_of(const void* const* refs, const Item& it) {
+  return refs != nullptr ? static_cast<const T*>(refs[it.tensor]) + it.begin : nullptr;
 }
 
 void weight_stats(const TensorList& w, void* l1, void* l2, void* linf, int64_t* nnz,
@@ -206,16 +226,24 @@ void weight_stats(const TensorList& w, void* l1, void* l2, void* linf, int64_t* 
   }
 }
 
-void penalty(const TensorList& w, Coef l1, Coef l2, void* out, int out_dtype, const Launch& at) {
+void penalty(const TensorList& w, const void* const* refs, Coef l1, Coef l2, void* out,
+             int out_dtype, const Launch& at) {
   auto s = run(w, at.nthreads, [&](const Item& it) {
-    return with_dtype(w.dtypes[it.tensor], w.ptrs[it.tensor],
-                      [&](auto* p) { return sums_chunk(p + it.begin, it.end - it.begin); });
+    return with_dtype(w.dtypes[it.tensor], w.ptrs[it.tensor], [&](auto* p) {
+      using T = std::remove_pointer_t<decltype(p)>;
+      using A = opmath_t<T>;
+      const T* x = p + it.begin;
+      const int64_t n = it.end - it.begin;
+      if (const T* r = ref_of<T>(refs, it))
+        return sweep<A, true, false, false>(n, no_update, DiffLoader<A, T>{x, r});
+      return sweep<A, true, false, false>(n, no_update, loader<A>(x));
+    });
   });
   write_out(out, out_dtype, 0, penalty_of(s, l1, l2));
 }
 
-void add_penalty_grad(const TensorList& w, void* const* grads, Coef l1, Coef l2, void* out,
-                      int out_dtype, const Launch& at) {
+void add_penalty_grad(const TensorList& w, const void* const* refs, void* const* grads, Coef l1,
+                      Coef l2, void* out, int out_dtype, const Launch& at) {
   auto s = run(w, at.nthreads, [&](const Item& it) {
     return with_dtype(w.dtypes[it.tensor], w.ptrs[it.tensor], [&](auto* p) {
       using T = std::remove_pointer_t<decltype(p)>;
@@ -224,19 +252,32 @@ void add_penalty_grad(const TensorList& w, void* const* grads, Coef l1, Coef l2,
       T* g = static_cast<T*>(grads[it.tensor]) + it.begin;
       const A c1 = A(coef_at(l1, it.tensor));
       const A c2 = A(2.0 * coef_at(l2, it.tensor));
+      const int64_t n = it.end - it.begin;
+      if (const T* r = ref_of<T>(refs, it)) {
+        auto update = [=](int64_t b, int len) {
+          const T* __restrict xs = x + b;
+          const T* __restrict rs = r + b;
+          T* __restrict gs = g + b;
+#pragma omp simd
+          for (int k = 0; k < len; ++k)
+            gs[k] = store<T>(load<A>(gs[k]) + grad_term(A(load<A>(xs[k]) - load<A>(rs[k])), c1, c2));
+        };
+        return sweep<A, true, false, false>(n, update, DiffLoader<A, T>{x, r});
+      }
       auto update = [=](int64_t b, int len) {
         const T* __restrict xs = x + b;
         T* __restrict gs = g + b;
 #pragma omp simd
         for (int k = 0; k < len; ++k) gs[k] = store<T>(load<A>(gs[k]) + grad_term(load<A>(xs[k]), c1, c2));
       };
-      return sweep<A, true, false, false>(it.end - it.begin, update, loader<A>(x));
+      return sweep<A, true, false, false>(n, update, loader<A>(x));
     });
   });
   write_out(out, out_dtype, 0, penalty_of(s, l1, l2));
 }
 
-void prox(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, const Launch& at) {
+void prox(const TensorList& w, const void* const* refs, Coef l1, Coef l2, Coef lr, int64_t* nnz,
+          const Launch& at) {
   auto s = run(w, at.nthreads, [&](const Item& it) {
     return with_dtype(w.dtypes[it.tensor], w.ptrs[it.tensor], [&](auto* p) {
       using T = std::remove_pointer_t<decltype(p)>;
@@ -244,6 +285,17 @@ void prox(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, const La
       using A = opmath_t<T>;
       const ProxParams<A> pp =
           prox_params<A>(coef_at(l1, it.tensor), coef_at(l2, it.tensor), coef_at(lr, it.tensor));
+      const int64_t n = it.end - it.begin;
+      if (const T* r = ref_of<T>(refs, it)) {
+        auto update = [=](int64_t b, int len) {
+          T* __restrict xs = x + b;
+          const T* __restrict rs = r + b;
+#pragma omp simd
+          for (int k = 0; k < len; ++k) xs[k] = prox_toward<T>(load<A>(xs[k]), load<A>(rs[k]), pp);
+        };
+        // Counts the elements left different from the reference.
+        return sweep<A, false, false, true>(n, update, NeLoader<A, T>{x, r});
+      }
       auto update = [=](int64_t b, int len) {
         T* __restrict xs = x + b;
         prefetch_ahead(xs, len);
@@ -251,10 +303,210 @@ void prox(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, const La
         for (int k = 0; k < len; ++k) xs[k] = store<T>(prox_value(load<A>(xs[k]), pp));
       };
       // Counts the nonzeros of what was stored.
-      return sweep<A, false, false, true>(it.end - it.begin, update, loader<A>(x));
+      return sweep<A, false, false, true>(n, update, loader<A>(x));
     });
   });
   for (int64_t i = 0; i < w.size(); ++i) nnz[i] = s[i].nnz;
+}
+
+// ---------------------------------------------------------------------------
+// Group ops (csrc/common/group_plan.h): pass 1 sums each group's squares per
+// tile, a fold per group gives its norm and factor, pass 2 scales.
+// ---------------------------------------------------------------------------
+enum GroupOp : int { kGNorms, kGProx, kGMaxNorm, kGPenalty, kGGrad };
+
+struct GroupArgs {
+  Coef l1, group_l1, l2, lr, max_value;  // the ones an op uses
+  void* const* grads;                      // kGGrad
+  void* norms;                             // kGNorms (out_dtype)
+  int64_t* counts;                         // kGProx: nonzero groups; kGMaxNorm: clipped groups
+  void* value;                             // kGPenalty, kGGrad (out_dtype)
+  int out_dtype;
+};
+
+struct GroupItem { int64_t tensor, tile; };
+
+// The value whose group norms an op takes: the element soft-threshold (rounded
+// to the storage type) for group_prox, the weight itself otherwise.
+template <int kOp, typename T, typename A>
+inline A group_value(T x, const ProxParams<A>& soft) {
+  if constexpr (kOp == kGProx) return load<A>(store<T>(prox_value(load<A>(x), soft)));
+  else return load<A>(x);
+}
+
+template <int kOp>
+void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int nthreads) {
+  const int64_t n = w.size();
+  std::vector<GroupTiling> til(n);
+  std::vector<int64_t> poff(n + 1, 0), goff(n + 1, 0);  // partial and group offsets
+  std::vector<GroupItem> items;
+  int64_t total = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    til[t] = group_tiling(gl.outer[t], gl.groups[t], gl.inner[t]);
+    poff[t + 1] = poff[t] + til[t].partials();
+    goff[t + 1] = goff[t] + gl.groups[t];
+    for (int64_t k = 0; k < til[t].tiles(); ++k) items.push_back({t, k});
+    total += w.numels[t];
+  }
+  const int threads = total < 2 * kCpuChunk ? 1 : nthreads;
+  // The element soft-threshold of group_prox (scale 1: the L2 scale is in the factor).
+  auto soft_of = [&](int64_t t, auto zero) {
+    using A = decltype(zero);
+    return kOp == kGProx ? prox_params<A>(coef_at(a.l1, t), 0.0, coef_at(a.lr, t))
+                         : prox_params<A>(0.0, 0.0, 0.0);
+  };
+
+  // Pass 1: partial sums of squares.
+  std::vector<double> parts(poff[n]);
+  parallel_for(int64_t(items.size()), threads, [&](int64_t k) {
+    const GroupItem& item = items[k];
+    const GroupTiling& g = til[item.tensor];
+    const GroupTile u = group_tile(g, item.tile);
+    with_dtype(w.dtypes[item.tensor], w.ptrs[item.tensor], [&](auto* p) {
+      using T = std::remove_pointer_t<decltype(p)>;
+      using A = opmath_t<T>;
+      const ProxParams<A> soft = soft_of(item.tensor, A(0));
+      double col[kGroupTileCols];
+      for (int64_t c = 0; c < u.ncols; ++c) col[c] = 0.0;
+      const int64_t L = g.groups * g.inner;
+      for (int64_t r = 0; r < u.nrows; ++r) {
+        const T* __restrict row = p + (u.row0 + r) * L + u.col0;
+#pragma omp simd
+        for (int64_t c = 0; c < u.ncols; ++c) {
+          const double v = double(group_value<kOp, T, A>(row[c], soft));
+          col[c] += v * v;
+        }
+      }
+      double* out = parts.data() + poff[item.tensor];
+      if (g.sub == 1) {
+        for (int64_t j = 0; j < u.ng; ++j) {
+          double s = 0.0;
+          for (int64_t i = 0; i < g.inner; ++i) s += col[j * g.inner + i];
+          out[partial_index(g, u.rt, u.g0 + j, 0)] = s;
+        }
+      } else {
+        double s = 0.0;
+        for (int64_t c = 0; c < u.ncols; ++c) s += col[c];
+        out[partial_index(g, u.rt, u.g0, u.s)] = s;
+      }
+    });
+  });
+
+  // Per group: norm and factor; per tensor: counts and penalty terms.
+  std::vector<double> factor(goff[n]);
+  double value = 0.0;
+  for (int64_t t = 0; t < n; ++t) {
+    const GroupTiling& g = til[t];
+    int64_t count = 0;
+    double norm_sum = 0.0;
+    const double gl1 = kOp == kGProx || kOp == kGPenalty || kOp == kGGrad ? coef_at(a.group_l1, t) : 0.0;
+    const double lr = kOp == kGProx ? coef_at(a.lr, t) : 0.0;
+    const double scale = kOp == kGProx ? 1.0 / (1.0 + 2.0 * lr * coef_at(a.l2, t)) : 1.0;
+    const double cap = kOp == kGMaxNorm ? coef_at(a.max_value, t) : 0.0;
+    for (int64_t j = 0; j < g.groups; ++j) {
+      double sq = 0.0;
+      for (int64_t rt = 0; rt < g.row_tiles; ++rt)
+        for (int64_t s = 0; s < g.sub; ++s) sq += parts[poff[t] + partial_index(g, rt, j, s)];
+      const double nrm = std::sqrt(sq);
+      double f = 1.0;
+      if constexpr (kOp == kGNorms) write_out(a.norms, a.out_dtype, goff[t] + j, nrm);
+      if constexpr (kOp == kGProx) {
+        f = group_prox_factor(nrm, lr * gl1, scale);
+        count += f != 0.0 ? 1 : 0;
+      }
+      if constexpr (kOp == kGMaxNorm) {
+        f = max_norm_factor(nrm, cap);
+        count += nrm > cap ? 1 : 0;
+      }
+      if constexpr (kOp == kGGrad) f = group_grad_factor(nrm, gl1);
+      norm_sum += nrm;
+      factor[goff[t] + j] = f;
+    }
+    if (a.counts != nullptr) a.counts[t] = count;
+    value += gl1 * norm_sum;
+  }
+  if constexpr (kOp == kGPenalty || kOp == kGGrad) write_out(a.value, a.out_dtype, 0, value);
+  if constexpr (kOp == kGNorms || kOp == kGPenalty) return;
+
+  // Pass 2: every element times its group's factor.
+  parallel_for(int64_t(items.size()), threads, [&](int64_t k) {
+    const GroupItem& item = items[k];
+    const GroupTiling& g = til[item.tensor];
+    const GroupTile u = group_tile(g, item.tile);
+    const double* f = factor.data() + goff[item.tensor] + u.g0;
+    with_dtype(w.dtypes[item.tensor], w.ptrs[item.tensor], [&](auto* p) {
+      using T = std::remove_pointer_t<decltype(p)>;
+      using A = opmath_t<T>;
+      const ProxParams<A> soft = soft_of(item.tensor, A(0));
+      T* gp = kOp == kGGrad ? static_cast<T*>(a.grads[item.tensor]) : nullptr;
+      const int64_t L = g.groups * g.inner;
+      // One element: x (and for the gradient, its grad) with factor fg.
+      auto apply = [&](int64_t idx, double fg) {
+        if constexpr (kOp == kGGrad) {
+          gp[idx] = store<T>(load<A>(gp[idx]) + A(fg * double(load<A>(p[idx]))));
+        } else {
+          p[idx] = store<T>(A(double(group_value<kOp, T, A>(p[idx], soft)) * fg));
+        }
+      };
+      for (int64_t r = 0; r < u.nrows; ++r) {
+        const int64_t base = (u.row0 + r) * L + u.col0;
+        if (g.inner == 1) {
+#pragma omp simd
+          for (int64_t c = 0; c < u.ncols; ++c) apply(base + c, f[c]);
+        } else if (g.sub == 1) {
+          for (int64_t j = 0; j < u.ng; ++j) {
+            const double fg = f[j];
+#pragma omp simd
+            for (int64_t i = 0; i < g.inner; ++i) apply(base + j * g.inner + i, fg);
+          }
+        } else {
+          const double fg = f[0];
+#pragma omp simd
+          for (int64_t c = 0; c < u.ncols; ++c) apply(base + c, fg);
+        }
+      }
+    });
+  });
+}
+
+GroupArgs no_group_args() {
+  const Coef none{nullptr, 0.0};
+  return GroupArgs{none, none, none, none, none, nullptr, nullptr, nullptr, nullptr, kFloat64};
+}
+
+void group_norms(const TensorList& w, const GroupList& gl, void* norms, int out_dtype, const Launch& at) {
+  GroupArgs a = no_group_args();
+  a.norms = norms;
+  a.out_dtype = out_dtype;
+  group_run<kGNorms>(w, gl, a, at.nthreads);
+}
+
+void group_prox(const TensorList& w, const GroupList& gl, Coef l1, Coef group_l1, Coef l2, Coef lr,
+                int64_t* nonzero, const Launch& at) {
+  GroupArgs a = no_group_args();
+  a.l1 = l1, a.group_l1 = group_l1, a.l2 = l2, a.lr = lr, a.counts = nonzero;
+  group_run<kGProx>(w, gl, a, at.nthreads);
+}
+
+void max_norm(const TensorList& w, const GroupList& gl, Coef max_value, int64_t* clipped,
+              const Launch& at) {
+  GroupArgs a = no_group_args();
+  a.max_value = max_value, a.counts = clipped;
+  group_run<kGMaxNorm>(w, gl, a, at.nthreads);
+}
+
+void group_penalty(const TensorList& w, const GroupList& gl, Coef group_l1, void* out, int out_dtype,
+                   const Launch& at) {
+  GroupArgs a = no_group_args();
+  a.group_l1 = group_l1, a.value = out, a.out_dtype = out_dtype;
+  group_run<kGPenalty>(w, gl, a, at.nthreads);
+}
+
+void add_group_penalty_grad(const TensorList& w, const GroupList& gl, void* const* grads,
+                            Coef group_l1, void* out, int out_dtype, const Launch& at) {
+  GroupArgs a = no_group_args();
+  a.group_l1 = group_l1, a.grads = grads, a.value = out, a.out_dtype = out_dtype;
+  group_run<kGGrad>(w, gl, a, at.nthreads);
 }
 
 std::string isa() {
@@ -289,6 +541,12 @@ extern const Kernels PYREG_CPU_TABLE = {
     cpu::penalty,
     cpu::add_penalty_grad,
     cpu::prox,
+    [](const TensorList&, const GroupList&) { return int64_t(0); },
+    cpu::group_norms,
+    cpu::group_prox,
+    cpu::max_norm,
+    cpu::group_penalty,
+    cpu::add_group_penalty_grad,
 };
 
 }  // namespace pyreg

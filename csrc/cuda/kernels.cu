@@ -58,6 +58,7 @@
 #include <vector>
 
 #include "../common/dtype.h"
+#include "../common/group_plan.h"
 #include "../common/op_math.h"
 #include "launch.h"
 
@@ -78,7 +79,7 @@ constexpr int kSmallChunkShift = 14;           // chunks of the others: 16384 el
 constexpr int64_t kChunk = int64_t(1) << kChunkShift;
 constexpr int64_t kSmallChunk = int64_t(1) << kSmallChunkShift;
 constexpr int64_t kBigTensor = int64_t(1) << 22;  // elements from which a tensor uses kChunk
-constexpr int kMaxTensors = 120;              // tensors per launch (by-value metadata)
+constexpr int kMaxTensors = 96;               // tensors per launch (by-value metadata)
 constexpr int64_t kMaxGrid = INT_MAX;         // blocks per launch (grid.x limit)
 
 enum Op : int { kStats = 0, kPenalty = 1, kGrad = 2, kProx = 3 };
@@ -89,6 +90,7 @@ enum Op : int { kStats = 0, kPenalty = 1, kGrad = 2, kProx = 3 };
 struct Batch {
   void* x[kMaxTensors];            // data pointers
   void* g[kMaxTensors];            // grad pointers (add_penalty_grad only)
+  const void* r[kMaxTensors];      // reference pointers (ops toward a reference), or null
   int64_t numel[kMaxTensors];
   int32_t cstart[kMaxTensors + 1];  // first chunk of each tensor, relative to chunk0
   int8_t dtype[kMaxTensors];
@@ -174,14 +176,21 @@ struct Acc {
 };
 
 // The per-element work of each op, reading (and for grad/prox writing) storage.
-template <int kOp, typename T, typename A>
-__device__ __forceinline__ void element(T& xv, T& gv, const Params<A>& p, Acc<A>& acc) {
-  const A v = load<A>(xv);
+// kRef: toward the reference value rv (d = x - rv in place of x).
+template <int kOp, bool kRef, typename T, typename A>
+__device__ __forceinline__ void element(T& xv, T& gv, T rv, const Params<A>& p, Acc<A>& acc) {
   if constexpr (kOp == kProx) {
-    const T o = store<T>(prox_value(v, p.prox));
-    xv = o;
-    acc.nnz += load<A>(o) != A(0) ? 1 : 0;  // nonzeros of what was stored
+    if constexpr (kRef) {
+      const T o = prox_toward<T>(load<A>(xv), load<A>(rv), p.prox);
+      xv = o;
+      acc.nnz += load<A>(o) != load<A>(rv) ? 1 : 0;  // elements left different from the reference
+    } else {
+      const T o = store<T>(prox_value(load<A>(xv), p.prox));
+      xv = o;
+      acc.nnz += load<A>(o) != A(0) ? 1 : 0;  // nonzeros of what was stored
+    }
   } else {
+    const A v = kRef ? A(load<A>(xv) - load<A>(rv)) : load<A>(xv);
     const A a = abs_of(v);
     acc.s1 += a;
     acc.s2 += v * v;
@@ -192,6 +201,7 @@ __device__ __forceinline__ void element(T& xv, T& gv, const Params<A>& p, Acc<A>
     if constexpr (kOp == kGrad) gv = store<T>(load<A>(gv) + grad_term(v, p.c1, p.c2));
   }
   (void)gv;
+  (void)rv;
 }
 
 // Visits this thread's elements of a chunk of len elements in a fixed order:
@@ -206,12 +216,13 @@ __device__ __forceinline__ void for_my_elements(int nv, int vw, int len, V&& vec
 
 // One chunk (len elements at x, and g for grads) by the whole block; returns
 // this thread's share as a Partial (before the block reduction).
-template <int kOp, typename T>
-__device__ __forceinline__ Partial run_chunk(void* xbase, void* gbase, int64_t begin, int len,
-                                             const Coefs& c, int t) {
+template <int kOp, bool kRef, typename T>
+__device__ __forceinline__ Partial run_chunk(void* xbase, void* gbase, const void* rbase,
+                                             int64_t begin, int len, const Coefs& c, int t) {
   using A = opmath_t<T>;
   T* __restrict__ x = static_cast<T*>(xbase) + begin;
   T* __restrict__ g = kOp == kGrad ? static_cast<T*>(gbase) + begin : nullptr;
+  const T* __restrict__ r = kRef ? static_cast<const T*>(rbase) + begin : nullptr;
 
   Params<A> p{};
   if constexpr (kOp == kGrad) {
@@ -225,7 +236,8 @@ __device__ __forceinline__ Partial run_chunk(void* xbase, void* gbase, int64_t b
   // multiple of 16 bytes, so that is the tensor's alignment), scalar tails.
   constexpr int V = 16 / int(sizeof(T));
   const uintptr_t mis = (reinterpret_cast<uintptr_t>(x) |
-                         (kOp == kGrad ? reinterpret_cast<uintptr_t>(g) : uintptr_t(0))) & 15u;
+                         (kOp == kGrad ? reinterpret_cast<uintptr_t>(g) : uintptr_t(0)) |
+                         (kRef ? reinterpret_cast<uintptr_t>(r) : uintptr_t(0))) & 15u;
   const int nv = mis == 0 ? len / V : 0;
   for_my_elements(
       nv, V, len,
@@ -233,17 +245,24 @@ __device__ __forceinline__ Partial run_chunk(void* xbase, void* gbase, int64_t b
         uint4 rx = reinterpret_cast<const uint4*>(x)[i];
         T vx[V];
         memcpy(vx, &rx, 16);
+        T vr[V];
+        if constexpr (kRef) {
+          const uint4 rr = reinterpret_cast<const uint4*>(r)[i];
+          memcpy(vr, &rr, 16);
+        } else {
+          memcpy(vr, &rx, 16);  // unused
+        }
         if constexpr (kOp == kGrad) {
           uint4 rg = reinterpret_cast<const uint4*>(g)[i];
           T vg[V];
           memcpy(vg, &rg, 16);
 #pragma unroll
-          for (int k = 0; k < V; ++k) element<kOp, T, A>(vx[k], vg[k], p, acc);
+          for (int k = 0; k < V; ++k) element<kOp, kRef, T, A>(vx[k], vg[k], vr[k], p, acc);
           memcpy(&rg, vg, 16);
           reinterpret_cast<uint4*>(g)[i] = rg;
         } else {
 #pragma unroll
-          for (int k = 0; k < V; ++k) element<kOp, T, A>(vx[k], vx[k], p, acc);
+          for (int k = 0; k < V; ++k) element<kOp, kRef, T, A>(vx[k], vx[k], vr[k], p, acc);
           if constexpr (kOp == kProx) {
             memcpy(&rx, vx, 16);
             reinterpret_cast<uint4*>(x)[i] = rx;
@@ -252,12 +271,13 @@ __device__ __forceinline__ Partial run_chunk(void* xbase, void* gbase, int64_t b
       },
       [&](int i) {
         T xv = x[i];
+        const T rv = kRef ? r[i] : xv;
         if constexpr (kOp == kGrad) {
           T gv = g[i];
-          element<kOp, T, A>(xv, gv, p, acc);
+          element<kOp, kRef, T, A>(xv, gv, rv, p, acc);
           g[i] = gv;
         } else {
-          element<kOp, T, A>(xv, xv, p, acc);
+          element<kOp, kRef, T, A>(xv, xv, rv, p, acc);
           if constexpr (kOp == kProx) x[i] = xv;
         }
       });
@@ -268,7 +288,7 @@ __device__ __forceinline__ Partial run_chunk(void* xbase, void* gbase, int64_t b
       // were only read (grads are written, weights never), so they are intact.
       double d1 = 0.0, d2 = 0.0;
       auto add = [&](int i) {
-        const double d = double(load<A>(x[i]));
+        const double d = kRef ? double(A(load<A>(x[i]) - load<A>(r[i]))) : double(load<A>(x[i]));
         d1 += fabs(d);
         d2 += d * d;
       };
@@ -316,11 +336,20 @@ __global__ void __launch_bounds__(kThreads) chunk_kernel(const Batch b, const Co
   const int t = b.t0 + k;
 
   Partial p;
-  switch (b.dtype[k]) {
-    case kFloat64: p = run_chunk<kOp, double>(b.x[k], b.g[k], begin, len, c, t); break;
-    case kFloat16: p = run_chunk<kOp, half_t>(b.x[k], b.g[k], begin, len, c, t); break;
-    case kBFloat16: p = run_chunk<kOp, bf16_t>(b.x[k], b.g[k], begin, len, c, t); break;
-    default: p = run_chunk<kOp, float>(b.x[k], b.g[k], begin, len, c, t); break;
+  if (kOp != kStats && b.r[k] != nullptr) {
+    switch (b.dtype[k]) {
+      case kFloat64: p = run_chunk<kOp, true, double>(b.x[k], b.g[k], b.r[k], begin, len, c, t); break;
+      case kFloat16: p = run_chunk<kOp, true, half_t>(b.x[k], b.g[k], b.r[k], begin, len, c, t); break;
+      case kBFloat16: p = run_chunk<kOp, true, bf16_t>(b.x[k], b.g[k], b.r[k], begin, len, c, t); break;
+      default: p = run_chunk<kOp, true, float>(b.x[k], b.g[k], b.r[k], begin, len, c, t); break;
+    }
+  } else {
+    switch (b.dtype[k]) {
+      case kFloat64: p = run_chunk<kOp, false, double>(b.x[k], b.g[k], nullptr, begin, len, c, t); break;
+      case kFloat16: p = run_chunk<kOp, false, half_t>(b.x[k], b.g[k], nullptr, begin, len, c, t); break;
+      case kBFloat16: p = run_chunk<kOp, false, bf16_t>(b.x[k], b.g[k], nullptr, begin, len, c, t); break;
+      default: p = run_chunk<kOp, false, float>(b.x[k], b.g[k], nullptr, begin, len, c, t); break;
+    }
   }
   p = block_reduce(p);
   if (threadIdx.x == 0) w.parts[b.chunk0 + cidx] = p;
@@ -369,6 +398,208 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const Work w, int64_t 
       *w.counter = 0u;
     }
   }
+}
+
+
+// ---------------------------------------------------------------------------
+// Group ops (csrc/common/group_plan.h). Per batch of tensors:
+//   group_tile_kernel<1>: a block per tile sums each column's squares over the
+//     tile's rows (a thread per column, kGroupCols columns per thread), then
+//     each group's columns in shared memory (a thread per group when groups
+//     are narrower than a warp, else a warp per group with a fixed shuffle
+//     tree) into one float64 partial per (row tile, group, sub-tile);
+//   group_finish_kernel: a thread per group folds its partials in order into
+//     its norm, then its factor, and a Partial for the per-tensor fold (norm
+//     in s1, a count in nnz);
+//   group_tile_kernel<2> (prox, max_norm, grad): each element times its
+//     group's factor;
+// then finish_kernel folds the per-group Partials per tensor (counts, or the
+// penalty with the ticket), as for the element-wise ops.
+// ---------------------------------------------------------------------------
+enum GroupOp : int { kGNorms = 0, kGProx = 1, kGMaxNorm = 2, kGPenalty = 3, kGGrad = 4 };
+constexpr int kMaxGroupTensors = 48;
+constexpr int kGroupCols = int(kGroupTileCols) / kThreads;  // columns per thread
+static_assert(kGroupCols * kThreads == kGroupTileCols, "a tile's columns split evenly over threads");
+
+struct GroupBatch {
+  void* x[kMaxGroupTensors];
+  void* g[kMaxGroupTensors];   // grads (kGGrad)
+  int64_t outer[kMaxGroupTensors], groups[kMaxGroupTensors], inner[kMaxGroupTensors];
+  int64_t poff[kMaxGroupTensors];       // first tile partial of each tensor (global)
+  int64_t goff[kMaxGroupTensors + 1];   // first group of each tensor (global)
+  int32_t tstart[kMaxGroupTensors + 1]; // first tile of each tensor, relative to the batch
+  int8_t dtype[kMaxGroupTensors];
+  int32_t t0, nt;
+};
+
+struct GroupCoefs {
+  Coef l1, group_l1, l2, lr, max_value;
+};
+
+struct GroupWork {
+  Work base;          // counter, first (= group offsets), terms, parts (one Partial per group)
+  double* factor;     // one per group
+  double* tiles;      // tile partials
+  void* norms;        // kGNorms output (out_dtype)
+  int out_dtype;
+};
+
+static_assert(sizeof(GroupBatch) + sizeof(GroupCoefs) + sizeof(GroupWork) <= 4000,
+              "group kernel arguments must fit in 4 KB");
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// The value whose group norms an op takes (see csrc/cpu/kernels.cpp).
+template <int kOp, typename T, typename A>
+__device__ __forceinline__ A group_value(T x, const ProxParams<A>& soft) {
+  if constexpr (kOp == kGProx) return load<A>(store<T>(prox_value(load<A>(x), soft)));
+  else return load<A>(x);
+}
+
+// The tensor of a batch that owns item i, given the batch's item starts.
+template <typename I>
+__device__ __forceinline__ int owner(const I* start, int nt, int64_t i) {
+  int lo = 0, hi = nt - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (int64_t(start[mid]) <= i) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+template <int kPass, int kOp, typename T>
+__device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t tile, const GroupCoefs& c,
+                                           const GroupWork& w) {
+  using A = opmath_t<T>;
+  const int t = b.t0 + k;
+  const GroupTiling g = group_tiling(b.outer[k], b.groups[k], b.inner[k]);
+  const GroupTile u = group_tile(g, tile);
+  const ProxParams<A> soft = kOp == kGProx ? prox_params<A>(coef_at(c.l1, t), 0.0, coef_at(c.lr, t))
+                                           : prox_params<A>(0.0, 0.0, 0.0);
+  T* x = static_cast<T*>(b.x[k]);
+  const int64_t L = g.groups * g.inner;
+  if constexpr (kPass == 1) {
+    double acc[kGroupCols];
+#pragma unroll
+    for (int j = 0; j < kGroupCols; ++j) acc[j] = 0.0;
+    for (int64_t r = 0; r < u.nrows; ++r) {
+      const T* row = x + (u.row0 + r) * L + u.col0;
+#pragma unroll
+      for (int j = 0; j < kGroupCols; ++j) {
+        const int64_t col = int64_t(threadIdx.x) + j * kThreads;
+        if (col < u.ncols) {
+          const double v = double(group_value<kOp, T, A>(row[col], soft));
+          acc[j] += v * v;
+        }
+      }
+    }
+    PYREG_SHARED(double[kGroupTileCols], colsum);
+#pragma unroll
+    for (int j = 0; j < kGroupCols; ++j) {
+      const int64_t col = int64_t(threadIdx.x) + j * kThreads;
+      if (col < u.ncols) colsum[col] = acc[j];
+    }
+    __syncthreads();
+    double* out = w.tiles + b.poff[k];
+    if (g.sub == 1 && g.inner < 32) {
+      for (int64_t j = threadIdx.x; j < u.ng; j += kThreads) {
+        double s = 0.0;
+        for (int64_t i = 0; i < g.inner; ++i) s += colsum[j * g.inner + i];
+        out[partial_index(g, u.rt, u.g0 + j, 0)] = s;
+      }
+    } else {
+      const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+      const int64_t width = g.sub == 1 ? g.inner : u.ncols;
+      for (int64_t j = warp; j < u.ng; j += kWarps) {  // warp-uniform
+        double s = 0.0;
+        for (int64_t i = lane; i < width; i += 32) s += colsum[j * g.inner + i];
+        s = warp_sum(s);
+        if (lane == 0) out[partial_index(g, u.rt, u.g0 + j, u.s)] = s;
+      }
+    }
+  } else {
+    T* gr = kOp == kGGrad ? static_cast<T*>(b.g[k]) : nullptr;
+    double f[kGroupCols];
+#pragma unroll
+    for (int j = 0; j < kGroupCols; ++j) {
+      const int64_t col = int64_t(threadIdx.x) + j * kThreads;
+      f[j] = col < u.ncols ? w.factor[b.goff[k] + u.g0 + (g.sub == 1 ? col / g.inner : 0)] : 0.0;
+    }
+    for (int64_t r = 0; r < u.nrows; ++r) {
+      const int64_t base = (u.row0 + r) * L + u.col0;
+#pragma unroll
+      for (int j = 0; j < kGroupCols; ++j) {
+        const int64_t col = int64_t(threadIdx.x) + j * kThreads;
+        if (col < u.ncols) {
+          const int64_t i = base + col;
+          if constexpr (kOp == kGGrad) {
+            gr[i] = store<T>(load<A>(gr[i]) + A(f[j] * double(load<A>(x[i]))));
+          } else {
+            x[i] = store<T>(A(double(group_value<kOp, T, A>(x[i], soft)) * f[j]));
+          }
+        }
+      }
+    }
+  }
+}
+
+template <int kPass, int kOp>
+__global__ void __launch_bounds__(kThreads)
+    group_tile_kernel(const GroupBatch b, const GroupCoefs c, const GroupWork w) {
+  const int64_t tile = int64_t(blockIdx.x);
+  if (kPass == 1 && tile == 0) {
+    // This batch's tensor -> group map, for finish_kernel.
+    for (int k = int(threadIdx.x); k <= b.nt; k += kThreads) w.base.first[b.t0 + k] = b.goff[k];
+    if (b.t0 == 0 && threadIdx.x == 0) *w.base.counter = 0u;
+  }
+  if (tile >= b.tstart[b.nt]) return;  // only for a batch without tiles (grid of 1)
+  const int k = owner(b.tstart, b.nt, tile);  // tensors without tiles share the next one's start
+  const int64_t rel = tile - b.tstart[k];
+  switch (b.dtype[k]) {
+    case kFloat64: group_tile<kPass, kOp, double>(b, k, rel, c, w); break;
+    case kFloat16: group_tile<kPass, kOp, half_t>(b, k, rel, c, w); break;
+    case kBFloat16: group_tile<kPass, kOp, bf16_t>(b, k, rel, c, w); break;
+    default: group_tile<kPass, kOp, float>(b, k, rel, c, w); break;
+  }
+}
+
+template <int kOp>
+__global__ void __launch_bounds__(kThreads)
+    group_finish_kernel(const GroupBatch b, const GroupCoefs c, const GroupWork w) {
+  const int64_t gi = b.goff[0] + int64_t(blockIdx.x) * kThreads + threadIdx.x;  // global group
+  if (gi >= b.goff[b.nt]) return;
+  const int k = owner(b.goff, b.nt, gi);
+  const int t = b.t0 + k;
+  const int64_t j = gi - b.goff[k];
+  const GroupTiling g = group_tiling(b.outer[k], b.groups[k], b.inner[k]);
+  double sq = 0.0;
+  for (int64_t rt = 0; rt < g.row_tiles; ++rt)
+    for (int64_t s = 0; s < g.sub; ++s) sq += w.tiles[b.poff[k] + partial_index(g, rt, j, s)];
+  const double n = sqrt(sq);
+  double f = 1.0;
+  int64_t count = 0;
+  if constexpr (kOp == kGNorms) write_out(w.norms, w.out_dtype, gi, n);
+  if constexpr (kOp == kGProx) {
+    const double lr = coef_at(c.lr, t);
+    f = group_prox_factor(n, lr * coef_at(c.group_l1, t), 1.0 / (1.0 + 2.0 * lr * coef_at(c.l2, t)));
+    count = f != 0.0 ? 1 : 0;
+  }
+  if constexpr (kOp == kGMaxNorm) {
+    const double cap = coef_at(c.max_value, t);
+    f = max_norm_factor(n, cap);
+    count = n > cap ? 1 : 0;
+  }
+  if constexpr (kOp == kGGrad) f = group_grad_factor(n, coef_at(c.group_l1, t));
+  w.factor[gi] = f;
+  Partial p = zero_partial();
+  p.s1 = n;
+  p.nnz = count;
+  w.base.parts[gi] = p;
 }
 
 // ---------------------------------------------------------------------------
@@ -430,7 +661,7 @@ class DeviceGuard {
   bool changed_ = false;
 };
 
-std::vector<Batch> plan(const TensorList& w, void* const* grads) {
+std::vector<Batch> plan(const TensorList& w, void* const* grads, const void* const* refs) {
   const int64_t n = w.size();
   if (int64_t(w.numels.size()) != n || int64_t(w.dtypes.size()) != n)
     fail("tensor list pointers, numels and dtypes differ in length");
@@ -448,6 +679,8 @@ std::vector<Batch> plan(const TensorList& w, void* const* grads) {
     if (numel > 0 && w.ptrs[t] == nullptr) fail("null data pointer for tensor " + std::to_string(t));
     if (numel > 0 && grads != nullptr && grads[t] == nullptr)
       fail("null grad pointer for tensor " + std::to_string(t));
+    if (numel > 0 && refs != nullptr && refs[t] == nullptr)
+      fail("null reference pointer for tensor " + std::to_string(t));
     const int64_t ch = chunks_of(numel);
     if (ch > kMaxGrid) fail("tensor " + std::to_string(t) + " is too large");
     if (cur.nt == kMaxTensors || rel + ch > kMaxGrid) {  // close the batch
@@ -462,6 +695,7 @@ std::vector<Batch> plan(const TensorList& w, void* const* grads) {
     const int k = cur.nt++;
     cur.x[k] = w.ptrs[t];
     cur.g[k] = grads != nullptr ? grads[t] : nullptr;
+    cur.r[k] = refs != nullptr ? refs[t] : nullptr;
     cur.numel[k] = numel;
     cur.dtype[k] = int8_t(code);
     cur.shift[k] = int8_t(chunk_shift(numel));
@@ -490,9 +724,9 @@ void check_out_dtype(int out_dtype) {
 }
 
 template <int kOp, int kFin>
-void launch(const TensorList& w, void* const* grads, const Coefs& c, const Outs& o,
-            const Launch& at, const char* name) {
-  const std::vector<Batch> batches = plan(w, grads);
+void launch(const TensorList& w, void* const* grads, const void* const* refs, const Coefs& c,
+            const Outs& o, const Launch& at, const char* name) {
+  const std::vector<Batch> batches = plan(w, grads, refs);
   const Work wk = work_of(w, at.workspace);
   DeviceGuard guard(at.device);
   (void)cudaGetLastError();  // do not blame this launch for an earlier, non-sticky error
@@ -508,6 +742,125 @@ void launch(const TensorList& w, void* const* grads, const Coefs& c, const Outs&
   check(cudaGetLastError(), (std::string(name) + " finishing kernel launch").c_str());
 }
 
+// ---- group ops ----------------------------------------------------------------
+struct GroupLayout {
+  int64_t first, terms, parts, factor, tiles, total;
+  GroupLayout(const TensorList& w, const GroupList& gl) {
+    const int64_t n = w.size();
+    int64_t groups = 0, partials = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      groups += gl.groups[t];
+      partials += group_tiling(gl.outer[t], gl.groups[t], gl.inner[t]).partials();
+    }
+    first = 16;
+    terms = first + align16(8 * (n + 1));
+    parts = terms + align16(8 * n);
+    factor = parts + align16(int64_t(sizeof(Partial)) * groups);
+    tiles = factor + align16(8 * groups);
+    total = tiles + 8 * (partials > 0 ? partials : 1);
+  }
+};
+
+void check_groups(const TensorList& w, const GroupList& gl) {
+  const int64_t n = w.size();
+  if (int64_t(gl.outer.size()) != n || int64_t(gl.groups.size()) != n || int64_t(gl.inner.size()) != n)
+    fail("group shapes differ in length from the tensor list");
+  for (int64_t t = 0; t < n; ++t) {
+    if (gl.outer[t] < 0 || gl.groups[t] < 0 || gl.inner[t] < 0 ||
+        gl.outer[t] * gl.groups[t] * gl.inner[t] != w.numels[t])
+      fail("group shape of tensor " + std::to_string(t) + " does not match its numel");
+  }
+}
+
+std::vector<GroupBatch> group_plan(const TensorList& w, const GroupList& gl, void* const* grads) {
+  check_groups(w, gl);
+  (void)plan(w, grads, nullptr);  // the same checks of pointers and dtypes
+  const int64_t n = w.size();
+  std::vector<GroupBatch> out;
+  GroupBatch cur;
+  std::memset(&cur, 0, sizeof(cur));
+  int64_t goff = 0, poff = 0, rel = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    const GroupTiling g = group_tiling(gl.outer[t], gl.groups[t], gl.inner[t]);
+    if (g.tiles() > kMaxGrid) fail("tensor " + std::to_string(t) + " is too large");
+    if (cur.nt == kMaxGroupTensors || rel + g.tiles() > kMaxGrid) {  // close the batch
+      cur.tstart[cur.nt] = int32_t(rel);
+      cur.goff[cur.nt] = goff;
+      out.push_back(cur);
+      std::memset(&cur, 0, sizeof(cur));
+      cur.t0 = int32_t(t);
+      rel = 0;
+    }
+    const int k = cur.nt++;
+    cur.x[k] = w.ptrs[t];
+    cur.g[k] = grads != nullptr ? grads[t] : nullptr;
+    cur.outer[k] = gl.outer[t];
+    cur.groups[k] = gl.groups[t];
+    cur.inner[k] = gl.inner[t];
+    cur.poff[k] = poff;
+    cur.goff[k] = goff;
+    cur.tstart[k] = int32_t(rel);
+    cur.dtype[k] = int8_t(w.dtypes[t]);
+    rel += g.tiles();
+    poff += g.partials();
+    goff += gl.groups[t];
+  }
+  cur.tstart[cur.nt] = int32_t(rel);
+  cur.goff[cur.nt] = goff;
+  out.push_back(cur);  // always at least one batch
+  return out;
+}
+
+template <int kOp>
+void group_launch(const TensorList& w, const GroupList& gl, void* const* grads, const GroupCoefs& c,
+                  void* norms, const Outs& o, const Launch& at, const char* name) {
+  const std::vector<GroupBatch> batches = group_plan(w, gl, grads);
+  if (at.workspace == nullptr) fail("null workspace");
+  if (reinterpret_cast<uintptr_t>(at.workspace) % 16 != 0) fail("workspace is not 16-byte aligned");
+  const GroupLayout lay(w, gl);
+  char* base = static_cast<char*>(at.workspace);
+  const GroupWork wk{Work{reinterpret_cast<unsigned*>(base), reinterpret_cast<int64_t*>(base + lay.first),
+                          reinterpret_cast<double*>(base + lay.terms),
+                          reinterpret_cast<Partial*>(base + lay.parts)},
+                     reinterpret_cast<double*>(base + lay.factor), reinterpret_cast<double*>(base + lay.tiles),
+                     norms, o.out_dtype};
+  DeviceGuard guard(at.device);
+  (void)cudaGetLastError();
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(at.stream);
+  const std::string nm(name);
+  auto* const group_sums = &group_tile_kernel<1, kOp>;
+  for (const GroupBatch& b : batches) {
+    const int64_t blocks = b.tstart[b.nt] > 0 ? b.tstart[b.nt] : 1;
+    PYREG_LAUNCH(group_sums, dim3(unsigned(blocks)), kThreads, 0, s, b, c, wk);
+    check(cudaGetLastError(), (nm + " group norm kernel launch").c_str());
+  }
+  for (const GroupBatch& b : batches) {
+    const int64_t ng = b.goff[b.nt] - b.goff[0];
+    const int64_t blocks = ng > 0 ? (ng + kThreads - 1) / kThreads : 1;
+    if (blocks > kMaxGrid) fail("too many groups");
+    PYREG_LAUNCH(group_finish_kernel<kOp>, dim3(unsigned(blocks)), kThreads, 0, s, b, c, wk);
+    check(cudaGetLastError(), (nm + " group factor kernel launch").c_str());
+  }
+  if constexpr (kOp == kGProx || kOp == kGMaxNorm || kOp == kGGrad) {
+    auto* const group_scale = &group_tile_kernel<2, kOp>;
+    for (const GroupBatch& b : batches) {
+      const int64_t blocks = b.tstart[b.nt] > 0 ? b.tstart[b.nt] : 1;
+      PYREG_LAUNCH(group_scale, dim3(unsigned(blocks)), kThreads, 0, s, b, c, wk);
+      check(cudaGetLastError(), (nm + " group scale kernel launch").c_str());
+    }
+  }
+  if constexpr (kOp != kGNorms) {
+    const int64_t n = w.size();
+    const int64_t fblocks = n > 0 ? (n + kWarps - 1) / kWarps : 1;
+    // Per tensor: the groups' counts, or sum_g group_l1 * ||w_g|| (s2 is 0).
+    const Coefs fc{c.group_l1, Coef{nullptr, 0.0}, Coef{nullptr, 0.0}};
+    if constexpr (kOp == kGPenalty || kOp == kGGrad)
+      PYREG_LAUNCH(finish_kernel<kPenalty>, dim3(unsigned(fblocks)), kThreads, 0, s, wk.base, n, fc, o);
+    else
+      PYREG_LAUNCH(finish_kernel<kProx>, dim3(unsigned(fblocks)), kThreads, 0, s, wk.base, n, fc, o);
+    check(cudaGetLastError(), (nm + " finishing kernel launch").c_str());
+  }
+}
 
 // ---------------------------------------------------------------------------
 // Entry points
@@ -577,6 +930,19 @@ std::string device_error(int device) {
       {reinterpret_cast<const void*>(&finish_kernel<kStats>), "finish_kernel<stats>"},
       {reinterpret_cast<const void*>(&finish_kernel<kPenalty>), "finish_kernel<penalty>"},
       {reinterpret_cast<const void*>(&finish_kernel<kProx>), "finish_kernel<prox>"},
+      {reinterpret_cast<const void*>(&group_tile_kernel<1, kGNorms>), "group_tile_kernel<1, norms>"},
+      {reinterpret_cast<const void*>(&group_tile_kernel<1, kGProx>), "group_tile_kernel<1, prox>"},
+      {reinterpret_cast<const void*>(&group_tile_kernel<1, kGMaxNorm>), "group_tile_kernel<1, max_norm>"},
+      {reinterpret_cast<const void*>(&group_tile_kernel<1, kGPenalty>), "group_tile_kernel<1, penalty>"},
+      {reinterpret_cast<const void*>(&group_tile_kernel<1, kGGrad>), "group_tile_kernel<1, grad>"},
+      {reinterpret_cast<const void*>(&group_tile_kernel<2, kGProx>), "group_tile_kernel<2, prox>"},
+      {reinterpret_cast<const void*>(&group_tile_kernel<2, kGMaxNorm>), "group_tile_kernel<2, max_norm>"},
+      {reinterpret_cast<const void*>(&group_tile_kernel<2, kGGrad>), "group_tile_kernel<2, grad>"},
+      {reinterpret_cast<const void*>(&group_finish_kernel<kGNorms>), "group_finish_kernel<norms>"},
+      {reinterpret_cast<const void*>(&group_finish_kernel<kGProx>), "group_finish_kernel<prox>"},
+      {reinterpret_cast<const void*>(&group_finish_kernel<kGMaxNorm>), "group_finish_kernel<max_norm>"},
+      {reinterpret_cast<const void*>(&group_finish_kernel<kGPenalty>), "group_finish_kernel<penalty>"},
+      {reinterpret_cast<const void*>(&group_finish_kernel<kGGrad>), "group_finish_kernel<grad>"},
   };
   std::string err;
   for (const K& k : kernels) {
@@ -609,27 +975,80 @@ void weight_stats(const TensorList& w, void* l1, void* l2, void* linf, int64_t* 
   check_out_dtype(out_dtype);
   const Outs o{l1, l2, linf, nnz, nullptr, out_dtype};
   const Coef none{nullptr, 0.0};
-  launch<kStats, kStats>(w, nullptr, Coefs{none, none, none}, o, at, "weight_stats");
+  launch<kStats, kStats>(w, nullptr, nullptr, Coefs{none, none, none}, o, at, "weight_stats");
 }
 
-void penalty(const TensorList& w, Coef l1, Coef l2, void* out, int out_dtype, const Launch& at) {
+void penalty(const TensorList& w, const void* const* refs, Coef l1, Coef l2, void* out,
+             int out_dtype, const Launch& at) {
   check_out_dtype(out_dtype);
   const Outs o{nullptr, nullptr, nullptr, nullptr, out, out_dtype};
-  launch<kPenalty, kPenalty>(w, nullptr, Coefs{l1, l2, Coef{nullptr, 0.0}}, o, at, "penalty");
+  launch<kPenalty, kPenalty>(w, nullptr, refs, Coefs{l1, l2, Coef{nullptr, 0.0}}, o, at, "penalty");
 }
 
-void add_penalty_grad(const TensorList& w, void* const* grads, Coef l1, Coef l2, void* out,
-                      int out_dtype, const Launch& at) {
+void add_penalty_grad(const TensorList& w, const void* const* refs, void* const* grads, Coef l1,
+                      Coef l2, void* out, int out_dtype, const Launch& at) {
   check_out_dtype(out_dtype);
   if (grads == nullptr && w.size() > 0) fail("null grads");
   const Outs o{nullptr, nullptr, nullptr, nullptr, out, out_dtype};
-  launch<kGrad, kPenalty>(w, grads, Coefs{l1, l2, Coef{nullptr, 0.0}}, o, at,
+  launch<kGrad, kPenalty>(w, grads, refs, Coefs{l1, l2, Coef{nullptr, 0.0}}, o, at,
                           "add_penalty_grad");
 }
 
-void prox(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, const Launch& at) {
+void prox(const TensorList& w, const void* const* refs, Coef l1, Coef l2, Coef lr, int64_t* nnz,
+          const Launch& at) {
   const Outs o{nullptr, nullptr, nullptr, nnz, nullptr, kFloat64};
-  launch<kProx, kProx>(w, nullptr, Coefs{l1, l2, lr}, o, at, "prox");
+  launch<kProx, kProx>(w, nullptr, refs, Coefs{l1, l2, lr}, o, at, "prox");
+}
+
+int64_t group_workspace_bytes(const TensorList& w, const GroupList& gl) {
+  check_groups(w, gl);
+  return GroupLayout(w, gl).total;
+}
+
+GroupCoefs no_group_coefs() {
+  const Coef none{nullptr, 0.0};
+  return GroupCoefs{none, none, none, none, none};
+}
+
+void group_norms(const TensorList& w, const GroupList& gl, void* norms, int out_dtype, const Launch& at) {
+  check_out_dtype(out_dtype);
+  const Outs o{nullptr, nullptr, nullptr, nullptr, nullptr, out_dtype};
+  group_launch<kGNorms>(w, gl, nullptr, no_group_coefs(), norms, o, at, "group_norms");
+}
+
+void group_prox(const TensorList& w, const GroupList& gl, Coef l1, Coef group_l1, Coef l2, Coef lr,
+                int64_t* nonzero, const Launch& at) {
+  GroupCoefs c = no_group_coefs();
+  c.l1 = l1, c.group_l1 = group_l1, c.l2 = l2, c.lr = lr;
+  const Outs o{nullptr, nullptr, nullptr, nonzero, nullptr, kFloat64};
+  group_launch<kGProx>(w, gl, nullptr, c, nullptr, o, at, "group_prox");
+}
+
+void max_norm(const TensorList& w, const GroupList& gl, Coef max_value, int64_t* clipped,
+              const Launch& at) {
+  GroupCoefs c = no_group_coefs();
+  c.max_value = max_value;
+  const Outs o{nullptr, nullptr, nullptr, clipped, nullptr, kFloat64};
+  group_launch<kGMaxNorm>(w, gl, nullptr, c, nullptr, o, at, "max_norm");
+}
+
+void group_penalty(const TensorList& w, const GroupList& gl, Coef group_l1, void* out, int out_dtype,
+                   const Launch& at) {
+  check_out_dtype(out_dtype);
+  GroupCoefs c = no_group_coefs();
+  c.group_l1 = group_l1;
+  const Outs o{nullptr, nullptr, nullptr, nullptr, out, out_dtype};
+  group_launch<kGPenalty>(w, gl, nullptr, c, nullptr, o, at, "group_penalty");
+}
+
+void add_group_penalty_grad(const TensorList& w, const GroupList& gl, void* const* grads,
+                            Coef group_l1, void* out, int out_dtype, const Launch& at) {
+  check_out_dtype(out_dtype);
+  if (grads == nullptr && w.size() > 0) fail("null grads");
+  GroupCoefs c = no_group_coefs();
+  c.group_l1 = group_l1;
+  const Outs o{nullptr, nullptr, nullptr, nullptr, out, out_dtype};
+  group_launch<kGGrad>(w, gl, grads, c, nullptr, o, at, "add_group_penalty_grad");
 }
 
 }  // namespace
@@ -637,6 +1056,7 @@ void prox(const TensorList& w, Coef l1, Coef l2, Coef lr, int64_t* nnz, const La
 extern const Kernels PYREG_CUDA_TABLE = {
     true,         archs,   device_count, runtime_error,    device_error, workspace_bytes,
     weight_stats, penalty, add_penalty_grad, prox,
+    group_workspace_bytes, group_norms, group_prox, max_norm, group_penalty, add_group_penalty_grad,
 };
 
 }  // namespace pyreg

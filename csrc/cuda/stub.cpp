@@ -20,9 +20,17 @@ Kernels stub(std::string (*why)()) {
       [](int) { return std::string("not built"); },
       [](int64_t, int64_t) { return int64_t(0); },
       [](const TensorList&, void*, void*, void*, int64_t*, int, const Launch&) { unavailable(); },
-      [](const TensorList&, Coef, Coef, void*, int, const Launch&) { unavailable(); },
-      [](const TensorList&, void* const*, Coef, Coef, void*, int, const Launch&) { unavailable(); },
-      [](const TensorList&, Coef, Coef, Coef, int64_t*, const Launch&) { unavailable(); },
+      [](const TensorList&, const void* const*, Coef, Coef, void*, int, const Launch&) { unavailable(); },
+      [](const TensorList&, const void* const*, void* const*, Coef, Coef, void*, int, const Launch&) {
+        unavailable();
+      },
+      [](const TensorList&, const void* const*, Coef, Coef, Coef, int64_t*, const Launch&) { unavailable(); },
+      [](const TensorList&, const GroupList&) { return int64_t(0); },
+      [](const TensorList&, const GroupList&, void*, int, const Launch&) { unavailable(); },
+      [](const TensorList&, const GroupList&, Coef, Coef, Coef, Coef, int64_t*, const Launch&) { unavailable(); },
+      [](const TensorList&, const GroupList&, Coef, int64_t*, const Launch&) { unavailable(); },
+      [](const TensorList&, const GroupList&, Coef, void*, int, const Launch&) { unavailable(); },
+      [](const TensorList&, const GroupList&, void* const*, Coef, void*, int, const Launch&) { unavailable(); },
   };
 }
 

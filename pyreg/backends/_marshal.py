@@ -114,3 +114,39 @@ def paired(tensors: Sequence[Tensor], grads: Sequence[Tensor]) -> Tuple[List[Ten
     """Dense params and grads that share one memory order, element for element."""
     ws = dense_list(tensors)
     return ws, Writable(grads, like=ws)
+
+
+def like(tensors: Sequence[Tensor], partners: Sequence[Tensor]) -> List[Tensor]:
+    """Read-only tensors (refs) laid out exactly like their dense partners,
+    element for element: each as is when it already is, else a copy."""
+    return Writable(tensors, like=partners).work
+
+
+def memory_order(t: Tensor) -> List[int]:
+    """t's dimensions from the outermost in memory to the innermost (a dense
+    tensor permuted this way is contiguous). Ties (size-1 dims) keep their order."""
+    if t.is_contiguous():
+        return list(range(t.dim()))
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+
+
+def group_shape(t: Tensor, dim: int) -> Tuple[int, int, int]:
+    """(outer, groups, inner) of dense t for groups along ``dim`` (normalized,
+    0 <= dim < max(t.dim(), 1)): in memory order, the elements before, along and
+    after that dimension. A 0-dim tensor is one group of one element."""
+    if t.dim() == 0:
+        return 1, 1, 1
+    order = memory_order(t)
+    pos = order.index(dim)
+    outer = inner = 1
+    for d in order[:pos]:
+        outer *= t.shape[d]
+    for d in order[pos + 1:]:
+        inner *= t.shape[d]
+    return outer, t.shape[dim], inner
+
+
+def group_shapes(tensors: Sequence[Tensor], dims: Sequence[int]) -> Tuple[List[int], List[int], List[int]]:
+    """Three lists, (outer, groups, inner) per tensor, as pyreg._C takes them."""
+    shapes = [group_shape(t, d) for t, d in zip(tensors, dims)]
+    return [s[0] for s in shapes], [s[1] for s in shapes], [s[2] for s in shapes]

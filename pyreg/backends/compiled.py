@@ -29,21 +29,28 @@ from ._marshal import KernelCoef
 
 #: (keep-alive object, workspace pointer, device index, stream, thread count)
 LaunchArgs = Tuple[Optional[Tensor], int, int, int, int]
+#: Workspace bytes an op needs (asked only by the builds that use a workspace).
+WorkspaceBytes = Callable[[], int]
 
 
-def cpu_launch(kernels: "CompiledKernels", ws: List[Tensor], total_numel: int) -> LaunchArgs:
+def cpu_launch(kernels: "CompiledKernels", ws: List[Tensor], nbytes: WorkspaceBytes) -> LaunchArgs:
     return None, 0, -1, 0, torch.get_num_threads()
 
 
-def cuda_launch(kernels: "CompiledKernels", ws: List[Tensor], total_numel: int) -> LaunchArgs:
+def cuda_launch(kernels: "CompiledKernels", ws: List[Tensor], nbytes: WorkspaceBytes) -> LaunchArgs:
     dev = ws[0].device
-    scratch = kernels.workspace(len(ws), total_numel, dev)
+    scratch = _workspace(nbytes(), dev)
     return scratch, scratch.data_ptr(), dev.index, torch.cuda.current_stream(dev).cuda_stream, 0
 
 
-def emulated_cuda_launch(kernels: "CompiledKernels", ws: List[Tensor], total_numel: int) -> LaunchArgs:
-    scratch = kernels.workspace(len(ws), total_numel, ws[0].device)
+def emulated_cuda_launch(kernels: "CompiledKernels", ws: List[Tensor], nbytes: WorkspaceBytes) -> LaunchArgs:
+    scratch = _workspace(nbytes(), ws[0].device)
     return scratch, scratch.data_ptr(), 0, 0, 0
+
+
+def _workspace(nbytes: int, device: torch.device) -> Tensor:
+    """Scratch for one call (16-byte aligned: torch's allocators give more)."""
+    return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
 
 
 class CompiledKernels:
@@ -55,7 +62,7 @@ class CompiledKernels:
     """
 
     def __init__(self, name: str, prefix: str, device_type: str,
-                 launch: Callable[["CompiledKernels", List[Tensor], int], LaunchArgs]):
+                 launch: Callable[["CompiledKernels", List[Tensor], WorkspaceBytes], LaunchArgs]):
         self.NAME = name
         self.device_type = device_type
         self._prefix = prefix
@@ -104,10 +111,9 @@ class CompiledKernels:
             return f"it takes {self.device_type} tensors"
         return self.unavailable_reason(device.index)
 
-    def workspace(self, n: int, total_numel: int, device: torch.device) -> Tensor:
-        """Scratch for one call (16-byte aligned: torch's allocators give more)."""
-        nbytes = self._fn("workspace_bytes")(n, total_numel)
-        return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+    def _at(self, ws: List[Tensor], numels: List[int]) -> LaunchArgs:
+        """Where an element-wise op on ``ws`` (their numels) runs."""
+        return self._launch(self, ws, lambda: self._fn("workspace_bytes")(len(ws), sum(numels)))
 
     # ---- the four ops ------------------------------------------------------------
     def weight_stats(self, tensors: List[Tensor]) -> WeightStats:
@@ -118,41 +124,104 @@ class CompiledKernels:
         l1, l2, linf = (torch.empty(n, dtype=rd, device=dev) for _ in range(3))
         nnz = torch.empty(n, dtype=torch.int64, device=dev)
         desc = m.describe(ws)
-        keep, *at = self._launch(self, ws, sum(desc[1]))
+        keep, *at = self._at(ws, desc[1])
         self._fn("weight_stats")(*desc, l1.data_ptr(), l2.data_ptr(), linf.data_ptr(),
                                  nnz.data_ptr(), DTYPE_CODES[rd], *at)
         return WeightStats(l1, l2, linf, nnz)
 
-    def penalty(self, tensors: List[Tensor], l1: KernelCoef, l2: KernelCoef) -> Tensor:
+    def penalty(self, tensors: List[Tensor], l1: KernelCoef, l2: KernelCoef,
+                ref: Optional[List[Tensor]] = None) -> Tensor:
         ws = m.dense_list(tensors)
         rd = result_dtype(ws)
         dev, n = ws[0].device, len(ws)
+        rs = m.like(ref, ws) if ref is not None else []
         out = torch.empty((), dtype=rd, device=dev)
         desc = m.describe(ws)
-        keep, *at = self._launch(self, ws, sum(desc[1]))
-        self._fn("penalty")(*desc, m.coef(l1, dev, n), m.coef(l2, dev, n), out.data_ptr(),
-                            DTYPE_CODES[rd], *at)
+        keep, *at = self._at(ws, desc[1])
+        self._fn("penalty")(*desc, m.pointers(rs), m.coef(l1, dev, n), m.coef(l2, dev, n),
+                            out.data_ptr(), DTYPE_CODES[rd], *at)
         return out
 
     def add_penalty_grad_(self, tensors: List[Tensor], grads: List[Tensor], l1: KernelCoef,
-                          l2: KernelCoef) -> Tensor:
+                          l2: KernelCoef, ref: Optional[List[Tensor]] = None) -> Tensor:
         ws, gs = m.paired(tensors, grads)
         rd = result_dtype(ws)
         dev, n = ws[0].device, len(ws)
+        rs = m.like(ref, ws) if ref is not None else []
         out = torch.empty((), dtype=rd, device=dev)
         desc = m.describe(ws)
-        keep, *at = self._launch(self, ws, sum(desc[1]))
-        self._fn("add_penalty_grad")(*desc, m.pointers(gs.work), m.coef(l1, dev, n),
+        keep, *at = self._at(ws, desc[1])
+        self._fn("add_penalty_grad")(*desc, m.pointers(rs), m.pointers(gs.work), m.coef(l1, dev, n),
                                      m.coef(l2, dev, n), out.data_ptr(), DTYPE_CODES[rd], *at)
         gs.commit()
         return out
 
-    def prox_(self, tensors: List[Tensor], l1: KernelCoef, l2: KernelCoef, lr: KernelCoef) -> Tensor:
+    def prox_(self, tensors: List[Tensor], l1: KernelCoef, l2: KernelCoef, lr: KernelCoef,
+              ref: Optional[List[Tensor]] = None) -> Tensor:
         ws = m.Writable(tensors)
         dev, n = ws.work[0].device, len(ws.work)
+        rs = m.like(ref, ws.work) if ref is not None else []
         nnz = torch.empty(n, dtype=torch.int64, device=dev)
         desc = m.describe(ws.work)
-        keep, *at = self._launch(self, ws.work, sum(desc[1]))
-        self._fn("prox")(*desc, *(m.coef(c, dev, n) for c in (l1, l2, lr)), nnz.data_ptr(), *at)
+        keep, *at = self._at(ws.work, desc[1])
+        self._fn("prox")(*desc, m.pointers(rs), *(m.coef(c, dev, n) for c in (l1, l2, lr)),
+                         nnz.data_ptr(), *at)
         ws.commit()
         return nnz
+
+    # ---- the group ops -------------------------------------------------------------
+    def _group_launch(self, ws: List[Tensor], dims: List[int]):
+        """(tensors and their group shapes as pyreg._C takes them, keep-alive,
+        where a group op on ``ws`` runs)."""
+        desc = (*m.describe(ws), *m.group_shapes(ws, dims))
+        keep, *at = self._launch(self, ws, lambda: self._fn("group_workspace_bytes")(*desc))
+        return desc, keep, at
+
+    def group_norms(self, tensors: List[Tensor], dims: List[int]) -> Tensor:
+        ws = m.dense_list(tensors)
+        rd = result_dtype(ws)
+        desc, keep, at = self._group_launch(ws, dims)
+        norms = torch.empty(sum(desc[4]), dtype=rd, device=ws[0].device)
+        self._fn("group_norms")(*desc, norms.data_ptr(), DTYPE_CODES[rd], *at)
+        return norms
+
+    def group_penalty(self, tensors: List[Tensor], dims: List[int], group_l1: KernelCoef) -> Tensor:
+        ws = m.dense_list(tensors)
+        rd = result_dtype(ws)
+        dev, n = ws[0].device, len(ws)
+        desc, keep, at = self._group_launch(ws, dims)
+        out = torch.empty((), dtype=rd, device=dev)
+        self._fn("group_penalty")(*desc, m.coef(group_l1, dev, n), out.data_ptr(), DTYPE_CODES[rd], *at)
+        return out
+
+    def add_group_penalty_grad_(self, tensors: List[Tensor], grads: List[Tensor], dims: List[int],
+                                group_l1: KernelCoef) -> Tensor:
+        ws, gs = m.paired(tensors, grads)
+        rd = result_dtype(ws)
+        dev, n = ws[0].device, len(ws)
+        desc, keep, at = self._group_launch(ws, dims)
+        out = torch.empty((), dtype=rd, device=dev)
+        self._fn("add_group_penalty_grad")(*desc, m.pointers(gs.work), m.coef(group_l1, dev, n),
+                                           out.data_ptr(), DTYPE_CODES[rd], *at)
+        gs.commit()
+        return out
+
+    def group_prox_(self, tensors: List[Tensor], dims: List[int], l1: KernelCoef, group_l1: KernelCoef,
+                    l2: KernelCoef, lr: KernelCoef) -> Tensor:
+        ws = m.Writable(tensors)
+        dev, n = ws.work[0].device, len(ws.work)
+        desc, keep, at = self._group_launch(ws.work, dims)
+        nonzero = torch.empty(n, dtype=torch.int64, device=dev)
+        self._fn("group_prox")(*desc, *(m.coef(c, dev, n) for c in (l1, group_l1, l2, lr)),
+                               nonzero.data_ptr(), *at)
+        ws.commit()
+        return nonzero
+
+    def max_norm_(self, tensors: List[Tensor], dims: List[int], max_value: KernelCoef) -> Tensor:
+        ws = m.Writable(tensors)
+        dev, n = ws.work[0].device, len(ws.work)
+        desc, keep, at = self._group_launch(ws.work, dims)
+        clipped = torch.empty(n, dtype=torch.int64, device=dev)
+        self._fn("max_norm")(*desc, m.coef(max_value, dev, n), clipped.data_ptr(), *at)
+        ws.commit()
+        return clipped
