@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 
 from . import ops
 from ._common import SUPPORTED_DTYPES, to_device
-from ._validate import check_grads_apart, first_overlap, nonneg_real, one_value_tensor, tensor_list
+from ._validate import check_grads_apart, first_overlap, group_dims, nonneg_real, one_value_tensor, tensor_list
 
 __all__ = ["Regularized", "param_groups", "default_exclude", "ParamStats", "Sparsity"]
 
@@ -83,64 +83,155 @@ class Sparsity(NamedTuple):
 
 
 # --------------------------------------------------------------------------
+# A group's regularization settings
+# --------------------------------------------------------------------------
+class _GroupSpec(NamedTuple):
+    """A param group's validated settings (see :class:`Regularized`)."""
+
+    l1: float
+    l2: float
+    group_l1: float
+    group_dim: Any            # int, or one int per parameter
+    max_norm: Optional[float]
+    max_norm_dim: Any         # int, or one int per parameter
+    ref: Optional[tuple]      # one tensor (or None) per parameter
+
+    def values(self) -> Tuple[float, float, float, Optional[float]]:
+        """The numbers a plan writes into its coefficient tensors in place."""
+        return self.l1, self.l2, self.group_l1, self.max_norm
+
+    def shape(self) -> tuple:
+        """What the plan's buckets depend on (not the coefficient values)."""
+        ref = None if self.ref is None else tuple(None if r is None else id(r) for r in self.ref)
+        return (self.l1 == 0.0 and self.l2 == 0.0, self.group_l1 == 0.0, _hashable(self.group_dim),
+                self.max_norm is None, _hashable(self.max_norm_dim), ref)
+
+
+def _hashable(dim: Any) -> Any:
+    return tuple(dim) if isinstance(dim, (list, tuple)) else dim
+
+
+def _group_spec(group: Dict[str, Any], defaults: "Regularized", where: str) -> _GroupSpec:
+    """A group's settings, validated (not yet against its parameters)."""
+    get = group.get
+    l1 = _group_coef(get("l1", defaults.l1), f"{where}['l1']")
+    l2 = _group_coef(get("l2", defaults.l2), f"{where}['l2']")
+    gl1 = _group_coef(get("group_l1", 0.0), f"{where}['group_l1']")
+    mx = get("max_norm")
+    mx = None if mx is None else _group_coef(mx, f"{where}['max_norm']")
+    ref = get("ref")
+    if ref is not None:
+        if isinstance(ref, Tensor) or not isinstance(ref, (list, tuple)):
+            raise TypeError(f"{where}['ref'] must be a list with one tensor (or None) per parameter, "
+                            f"got {type(ref).__name__}")
+        if len(ref) != len(group["params"]):
+            raise ValueError(f"{where}['ref'] has {len(ref)} entries but the group has "
+                             f"{len(group['params'])} parameters")
+        for k, (r, p) in enumerate(zip(ref, group["params"])):
+            if r is None:
+                continue
+            if not isinstance(r, Tensor):
+                raise TypeError(f"{where}['ref'][{k}] is a {type(r).__name__}, not a tensor or None")
+            if r.shape != p.shape or r.dtype != p.dtype or r.device != p.device:
+                raise ValueError(f"{where}['ref'][{k}] is {tuple(r.shape)} {r.dtype} on {r.device} but its "
+                                 f"parameter is {tuple(p.shape)} {p.dtype} on {p.device}")
+        ref = tuple(ref)
+        if gl1 != 0.0 and any(r is not None for r in ref):
+            raise ValueError(f"{where} sets both 'group_l1' and 'ref': group lasso toward a reference "
+                             "is not supported")
+    return _GroupSpec(l1, l2, gl1, get("group_dim", 1), mx, get("max_norm_dim", 0), ref)
+
+
+# --------------------------------------------------------------------------
 # The cached plan: buckets of parameters with per-tensor coefficients
 # --------------------------------------------------------------------------
-class _Bucket:
-    """Parameters of one (device, dtype) and their per-tensor coefficients."""
+#: What a bucket does: element-wise L1/L2 ("elem"), toward reference weights
+#: ("ref"), with group lasso ("group"), or the max-norm projection ("max_norm").
+_KINDS = ("elem", "ref", "group", "max_norm")
+#: The coefficients each kind of bucket holds, as per-tensor float64 tensors.
+_KIND_COEFS = {"elem": ("l1", "l2"), "ref": ("l1", "l2"), "group": ("l1", "l2", "group_l1"),
+               "max_norm": ("max_norm",)}
 
-    def __init__(self, params: List[Tensor], groups: List[int], l1: List[float], l2: List[float]):
-        self.params, self.groups = params, groups
-        self.l1_list, self.l2_list = l1, l2
+
+class _Bucket:
+    """Parameters of one (device, dtype) and kind, with their per-tensor
+    coefficients (float64 tensors on the device), group dimensions and refs."""
+
+    def __init__(self, kind: str, params: List[Tensor], groups: List[int], values: Dict[str, List[float]],
+                 dims: Optional[List[int]], refs: Optional[List[Tensor]]):
+        self.kind, self.params, self.groups = kind, params, groups
+        self.dims, self.refs = dims, refs
         dev = self.device = params[0].device
-        self.l1 = to_device(l1, torch.float64, dev)
-        self.l2 = to_device(l2, torch.float64, dev)
+        self.values = values
+        self.coefs = {k: to_device(v, torch.float64, dev) for k, v in values.items()}
         self.group_index = to_device(groups, torch.int64, dev)  # selects each tensor's group lr
         self._subsets: Dict[Tuple[bool, ...], Tuple[List[int], Tensor]] = {}
 
-    def set_coefs(self, l1: List[float], l2: List[float]) -> None:
+    def set_values(self, values: Dict[str, List[float]]) -> None:
         """New coefficient values, written into the same tensors: a compiled step
         (or a CUDA graph) reads them as inputs, so a change recompiles nothing."""
-        for new, old, t in ((l1, self.l1_list, self.l1), (l2, self.l2_list, self.l2)):
-            if new != old:
-                t.copy_(to_device(new, torch.float64, t.device))
-        self.l1_list, self.l2_list = l1, l2
+        for k, new in values.items():
+            if new != self.values[k]:
+                self.coefs[k].copy_(to_device(new, torch.float64, self.device))
+        self.values = values
 
-    def active(self) -> Tuple[List[Tensor], Tensor, Tensor, Tensor]:
-        """(params, their group indices as a device tensor, l1, l2), restricted to
-        params with a grad."""
+    def active(self) -> Optional["_Work"]:
+        """The bucket restricted to params with a grad (None if there are none),
+        with each tensor's group index as a device tensor."""
         mask = tuple(p.grad is not None for p in self.params)
         if all(mask):
-            return self.params, self.group_index, self.l1, self.l2
+            return _Work(self.kind, self.params, self.group_index, self.coefs, self.dims, self.refs)
+        if not any(mask):
+            return None
         sub = self._subsets.get(mask)
         if sub is None:
             idx = [i for i, m in enumerate(mask) if m]
             # One transfer per new mask, then cached; the values are gathered
-            # from l1/l2 at each use, so in-place coefficient updates apply.
-            sub = (idx, to_device(idx, torch.int64, self.l1.device))
+            # from the coefficient tensors at each use, so in-place updates apply.
+            sub = (idx, to_device(idx, torch.int64, self.device))
             if len(self._subsets) >= 8:
                 self._subsets.clear()
             self._subsets[mask] = sub
         idx, sel = sub
-        return ([self.params[i] for i in idx], self.group_index.index_select(0, sel),
-                self.l1.index_select(0, sel), self.l2.index_select(0, sel))
+        pick = (lambda xs: None if xs is None else [xs[i] for i in idx])  # noqa: E731
+        return _Work(self.kind, pick(self.params), self.group_index.index_select(0, sel),
+                     {k: c.index_select(0, sel) for k, c in self.coefs.items()}, pick(self.dims),
+                     pick(self.refs))
+
+
+class _Work(NamedTuple):
+    """What a step does to one bucket: its params (with a grad), their group
+    indices, per-tensor coefficients, group dimensions and refs."""
+
+    kind: str
+    params: List[Tensor]
+    groups: Tensor
+    coefs: Dict[str, Tensor]
+    dims: Optional[List[int]]
+    refs: Optional[List[Tensor]]
 
 
 class _Plan:
     """What a step needs, derived from the param groups and cached on them."""
 
-    def __init__(self, groups: List[Dict[str, Any]], coefs: List[Tuple[float, float]]):
+    def __init__(self, groups: List[Dict[str, Any]], specs: List[_GroupSpec]):
         seen = set()
-        reg: Dict[Tuple[torch.device, torch.dtype], Tuple[list, list, list, list]] = OrderedDict()
+        reg: Dict[tuple, Tuple[list, list, Dict[str, list], list, list]] = OrderedDict()
         every: Dict[Tuple[torch.device, torch.dtype], Tuple[list, list]] = OrderedDict()
         reg_names: Dict[int, str] = {}
         self.names: List[str] = []
         position = 0
-        for gi, (group, (l1, l2)) in enumerate(zip(groups, coefs)):
+        for gi, (group, spec) in enumerate(zip(groups, specs)):
             names = group.get("param_names")
-            for j, p in enumerate(group["params"]):
+            params = group["params"]
+            where = f"param_groups[{gi}]"
+            gdims = group_dims(spec.group_dim, params, f"{where}['group_dim']") if spec.group_l1 else None
+            mdims = (group_dims(spec.max_norm_dim, params, f"{where}['max_norm_dim']")
+                     if spec.max_norm is not None else None)
+            for j, p in enumerate(params):
                 name = names[j] if names is not None and j < len(names) else f"param_groups.{gi}.{j}"
                 if id(p) in seen:
-                    raise ValueError(f"param_groups[{gi}] holds a parameter ({name!r}) that appears "
+                    raise ValueError(f"{where} holds a parameter ({name!r}) that appears "
                                      "earlier in the optimizer; each parameter must appear once")
                 seen.add(id(p))
                 self.names.append(name)
@@ -149,21 +240,35 @@ class _Plan:
                 e[0].append(p)
                 e[1].append(position)
                 position += 1
-                if l1 == 0.0 and l2 == 0.0:
+                ref = spec.ref[j] if spec.ref is not None else None
+                kinds = []
+                if spec.group_l1 != 0.0:
+                    kinds.append("group")
+                elif not (spec.l1 == 0.0 and spec.l2 == 0.0):
+                    kinds.append("ref" if ref is not None else "elem")
+                if spec.max_norm is not None:
+                    kinds.append("max_norm")
+                if not kinds:
                     continue  # nothing to do for this tensor: leave it out of the ops
                 if p.dtype not in SUPPORTED_DTYPES or p.layout != torch.strided:
-                    raise TypeError(f"param_groups[{gi}] parameter {name!r} is {p.dtype} "
+                    raise TypeError(f"{where} parameter {name!r} is {p.dtype} "
                                     f"({p.layout}); pyreg regularizes dense float32, float64, "
                                     "float16 and bfloat16 tensors")
                 if p.is_meta:
-                    raise ValueError(f"param_groups[{gi}] parameter {name!r} is a meta tensor: "
+                    raise ValueError(f"{where} parameter {name!r} is a meta tensor: "
                                      "it has no data to regularize")
-                b = reg.setdefault(key, ([], [], [], []))
-                b[0].append(p), b[1].append(gi), b[2].append(l1), b[3].append(l2)
+                vals = dict(zip(("l1", "l2", "group_l1", "max_norm"), spec.values()))
+                for kind in kinds:
+                    b = reg.setdefault((kind, p.device, p.dtype), ([], [], {}, [], []))
+                    b[0].append(p), b[1].append(gi)
+                    for k in _KIND_COEFS[kind]:
+                        b[2].setdefault(k, []).append(vals[k])
+                    b[3].append(gdims[j] if kind == "group" else mdims[j] if kind == "max_norm" else None)
+                    b[4].append(ref)
                 reg_names[id(p)] = name
-        # prox_ writes the params after the inner step: reject shared memory now,
-        # before any step, rather than half-way through one.
-        reg_params = [p for b in reg.values() for p in b[0]]
+        # The ops write the params after the inner step: reject shared memory
+        # now, before any step, rather than half-way through one.
+        reg_params = list({id(p): p for b in reg.values() for p in b[0]}.values())
         bad = None if torch.compiler.is_compiling() else first_overlap(reg_params)
         if bad is not None:
             na, nb = (reg_names[id(reg_params[i])] for i in bad)
@@ -171,17 +276,21 @@ class _Plan:
                              if bad[0] == bad[1] else
                              f"parameters {na!r} and {nb!r} share memory; "
                              "pyreg updates each regularized parameter in place, so they must be distinct")
-        self.buckets = [_Bucket(*b) for b in reg.values()]
+        order = {k: i for i, k in enumerate(_KINDS)}
+        self.buckets = [_Bucket(kind, ps, gs, vals, dims if kind in ("group", "max_norm") else None,
+                                refs if kind == "ref" else None)
+                        for (kind, _, _), (ps, gs, vals, dims, refs)
+                        in sorted(reg.items(), key=lambda kv: order[kv[0][0]])]
         self.devices = list(dict.fromkeys(b.device for b in self.buckets))
-        self.coefs = coefs
+        self.specs = specs
         self._lr_cache: Dict[torch.device, Tuple[tuple, Tensor]] = {}
         # For stats(): every parameter (regularized or not), bucketed, plus the
         # permutation back to optimizer order.
         self.stat_buckets = [ps for ps, _ in every.values()]
-        order = [i for _, pos in every.values() for i in pos]
+        order_ = [i for _, pos in every.values() for i in pos]
         self.first_device = next(iter(every))[0] if every else torch.device("cpu")
-        inverse = [0] * len(order)
-        for k, i in enumerate(order):
+        inverse = [0] * len(order_)
+        for k, i in enumerate(order_):
             inverse[i] = k
         self.inverse = to_device(inverse, torch.int64, self.first_device)
         numels = [p.numel() for ps in self.stat_buckets for p in ps]
@@ -200,11 +309,12 @@ class _Plan:
             hit = self._lr_cache[device] = (key, to_device(list(key), torch.float64, device))
         return hit[1]
 
-    def set_coefs(self, coefs: List[Tuple[float, float]]) -> None:
-        """New coefficient values with the same zero pattern (so the same buckets)."""
+    def set_values(self, specs: List[_GroupSpec]) -> None:
+        """New coefficient values with the same shape (so the same buckets)."""
         for b in self.buckets:
-            b.set_coefs([coefs[g][0] for g in b.groups], [coefs[g][1] for g in b.groups])
-        self.coefs = coefs
+            b.set_values({k: [dict(zip(("l1", "l2", "group_l1", "max_norm"), specs[g].values()))[k]
+                              for g in b.groups] for k in _KIND_COEFS[b.kind]})
+        self.specs = specs
 
 
 # --------------------------------------------------------------------------
@@ -225,8 +335,23 @@ class Regularized(Optimizer):
             weight decay). ``"gradient"``: before the inner step,
             ``g += l1 * sign(w) + 2 * l2 * w`` (the penalty in the loss, as Keras).
 
+    Structured regularizers, per param group (set them with
+    :func:`param_groups`' ``overrides`` and ``ref``, or in the groups):
+
+    * ``"group_l1"`` (default 0) and ``"group_dim"`` (default 1): group lasso,
+      ``group_l1 * sum_g ||w_g||_2`` over the slices of each weight along
+      ``group_dim`` (1: an ``nn.Linear``'s input columns; 0: its output rows).
+      Proximal mode applies the exact prox of ``l1``, ``group_l1`` and ``l2``
+      together (``pyreg.group_prox_``): whole groups become exactly zero.
+    * ``"ref"`` (default None): one reference tensor (or None) per parameter;
+      ``l1``/``l2`` then regularize ``w - ref`` (L1-SP / L2-SP, for
+      fine-tuning). Not combined with ``group_l1``.
+    * ``"max_norm"`` (default None) and ``"max_norm_dim"`` (default 0): after
+      the step, each slice along ``max_norm_dim`` is scaled onto the ball of
+      radius ``max_norm`` (``pyreg.max_norm_``), in either mode.
+
     Parameters whose ``grad`` is None are not touched in either mode, nor are
-    groups with ``l1 == l2 == 0``.
+    groups without any regularizer.
 
     Observability (no host sync): :attr:`penalty`, :meth:`stats`, :meth:`sparsity`.
 
@@ -325,8 +450,9 @@ class Regularized(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         where = f"param_groups[{len(self.param_groups)}]"
-        for key in _COEF_KEYS:
-            _group_coef(param_group.get(key, getattr(self, key)), f"{where}[{key!r}]")
+        params = param_group.get("params", [])
+        _group_spec({**param_group, "params": [params] if isinstance(params, Tensor) else list(params)},
+                    self, where)
         param_group = dict(param_group)
         param_group.setdefault("l1", self.l1)
         param_group.setdefault("l2", self.l2)
@@ -365,8 +491,10 @@ class Regularized(Optimizer):
         l1 = nonneg_real(extra.get("l1", self.l1), "state_dict['pyreg']['l1']")
         l2 = nonneg_real(extra.get("l2", self.l2), "state_dict['pyreg']['l2']")
         for gi, group in enumerate(sd.get("param_groups", [])):
-            for key, default in (("l1", l1), ("l2", l2)):
-                _group_coef(group.get(key, default), f"state_dict param_groups[{gi}][{key!r}]")
+            for key, default in (("l1", l1), ("l2", l2), ("group_l1", 0.0), ("max_norm", None)):
+                value = group.get(key, default)
+                if value is not None:
+                    _group_coef(value, f"state_dict param_groups[{gi}][{key!r}]")
         self.optimizer.load_state_dict(sd)
         self.mode, self.l1, self.l2 = mode, l1, l2
         self._fill_defaults()
@@ -375,28 +503,24 @@ class Regularized(Optimizer):
             hook(self)
 
     # -- the cached plan --------------------------------------------------------
-    def _coefs(self) -> List[Tuple[float, float]]:
-        """Validated (l1, l2) of every group."""
-        out = []
-        for gi, group in enumerate(self.param_groups):
-            out.append(tuple(_group_coef(group.get(key, getattr(self, key)), f"param_groups[{gi}][{key!r}]")
-                             for key in _COEF_KEYS))
-        return out
+    def _specs(self) -> List[_GroupSpec]:
+        """Validated settings of every group."""
+        return [_group_spec(group, self, f"param_groups[{gi}]") for gi, group in enumerate(self.param_groups)]
 
     def _plan(self) -> _Plan:
         """The cached plan, rebuilt when the groups changed (cheap check)."""
         groups = self.param_groups
-        coefs = self._coefs()
+        specs = self._specs()
         # Coefficient values are not part of the signature, only which groups
-        # are regularized at all: new values are written into the plan's
+        # use which regularizers: new values are written into the plan's
         # coefficient tensors in place (no recompilation under torch.compile).
-        sig = (tuple(c1 == 0.0 and c2 == 0.0 for c1, c2 in coefs),
+        sig = (tuple(spec.shape() for spec in specs),
                tuple(tuple((id(p), p.dtype, p.device) for p in g["params"]) for g in groups))
         if self._plan_cache is None or sig != self._signature:
-            self._plan_cache = _Plan(groups, coefs)
+            self._plan_cache = _Plan(groups, specs)
             self._signature = sig
-        elif coefs != self._plan_cache.coefs:
-            self._plan_cache.set_coefs(coefs)
+        elif [sp.values() for sp in specs] != [sp.values() for sp in self._plan_cache.specs]:
+            self._plan_cache.set_values(specs)
         return self._plan_cache
 
     def _lrs(self) -> list:
@@ -412,10 +536,8 @@ class Regularized(Optimizer):
         return lrs
 
     # -- the step ---------------------------------------------------------------
-    def _add_penalty_grads(self, plan: _Plan) -> None:
-        work = [(params, [p.grad for p in params], l1, l2)
-                for params, _, l1, l2 in (b.active() for b in plan.buckets) if params]
-        self._penalty = add_penalty_grads(work)
+    def _add_penalty_grads(self, work: List[_Work]) -> None:
+        self._penalty = add_penalty_grads([w for w in work if w.kind != "max_norm"])
 
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """One step of the inner optimizer with regularization (see the class
@@ -423,9 +545,10 @@ class Regularized(Optimizer):
         gradient is added after each closure evaluation. Returns the inner
         step's return value (the closure's loss, without the penalty).
 
-        The step gathers, per (device, dtype) bucket, the parameters with a
-        grad and their per-tensor coefficients and lrs; the functional core
-        (:func:`add_penalty_grads`, :func:`prox_buckets`) does the rest."""
+        The step gathers, per bucket (device, dtype and kind of
+        regularization), the parameters with a grad and their per-tensor
+        coefficients and lrs; the functional core (:func:`add_penalty_grads`,
+        :func:`prox_buckets`, :func:`max_norm_buckets`) does the rest."""
         if self.mode not in MODES:  # set after construction
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         # Validation happens here, before anything changes. Under torch.compile
@@ -435,28 +558,32 @@ class Regularized(Optimizer):
         self._last, self._penalty = [], None
         if self.mode == "gradient":
             if closure is None:
-                self._add_penalty_grads(plan)
-                return self.optimizer.step()
+                work = [w for w in map(_Bucket.active, plan.buckets) if w is not None]
+                self._add_penalty_grads(work)
+                loss = self.optimizer.step()
+            else:
+                work = []
 
-            def closure_with_penalty():
-                loss = closure()
-                self._add_penalty_grads(plan)
-                return loss
+                def closure_with_penalty():
+                    loss = closure()
+                    work[:] = [w for w in map(_Bucket.active, plan.buckets) if w is not None]
+                    self._add_penalty_grads(work)
+                    return loss
 
-            return self.optimizer.step(closure_with_penalty)
+                loss = self.optimizer.step(closure_with_penalty)
+            max_norm_buckets([w for w in work if w.kind == "max_norm"])
+            return loss
 
         # The lrs on each device before the inner step: a bad lr (or one that
         # cannot be copied during graph capture) raises before anything changed.
         lrs = self._lrs()
         group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        work = []  # a fresh list, assigned once: torch.compile guards no list length
-        for bucket in plan.buckets:
-            params, groups, l1, l2 = bucket.active()
-            if params:
-                work.append((params, l1, l2, group_lrs[bucket.device].index_select(0, groups)))
-        prox_buckets(work)
-        self._last = [(params, l1, l2) for params, l1, l2, _ in work]
+        work = [w for w in map(_Bucket.active, plan.buckets) if w is not None]
+        prox_buckets([(w, group_lrs[w.params[0].device].index_select(0, w.groups))
+                      for w in work if w.kind != "max_norm"])
+        max_norm_buckets([w for w in work if w.kind == "max_norm"])
+        self._last = [w for w in work if w.kind != "max_norm"]
         return loss
 
     # -- observability ------------------------------------------------------------
@@ -471,11 +598,7 @@ class Regularized(Optimizer):
         never pay for it). 0 before the first step. Never syncs the host.
         """
         if self._penalty is None:
-            total = None
-            for params, l1, l2 in self._last:
-                value = ops.penalty([p.detach() for p in params], l1, l2)
-                total = value if total is None else _sum(total, value)
-            self._penalty = total if total is not None else torch.zeros(())
+            self._penalty = penalty_of(self._last)
         return self._penalty
 
     def stats(self) -> ParamStats:
@@ -512,24 +635,54 @@ class Regularized(Optimizer):
 # --------------------------------------------------------------------------
 # The functional core: what a step does to the gathered buckets
 # --------------------------------------------------------------------------
-def prox_buckets(buckets: Sequence[Tuple[List[Tensor], Tensor, Tensor, Tensor]]) -> None:
-    """The proximal step of each bucket ``(params, l1, l2, lr)`` (per-tensor
-    float64 tensors on the params' device), in place."""
-    for params, l1, l2, lr in buckets:
-        ops.prox_(params, l1, l2, lr)
+def prox_buckets(buckets: Sequence[Tuple[_Work, Tensor]]) -> None:
+    """The proximal step of each bucket ``(work, lr)`` (lr: one float64 per
+    tensor on the params' device), in place: element-wise L1/L2 (``prox_``,
+    toward the refs in a "ref" bucket), or the exact sparse-group-lasso prox
+    with L2 (``group_prox_``) in a "group" bucket."""
+    for w, lr in buckets:
+        c = w.coefs
+        if w.kind == "group":
+            ops.group_prox_(w.params, c["group_l1"], lr, w.dims, element_l1=c["l1"], l2=c["l2"])
+        else:
+            ops.prox_(w.params, c["l1"], c["l2"], lr, ref=w.refs)
 
 
-def add_penalty_grads(buckets: Sequence[Tuple[List[Tensor], List[Tensor], Tensor, Tensor]]) -> Tensor:
-    """``g += l1 * sign(w) + 2 * l2 * w`` for each bucket ``(params, grads, l1,
-    l2)``; returns the total penalty of the params (0-dim). With several
-    buckets, every bucket's grads are checked before the first one is written,
-    so a bad grad changes nothing."""
+def max_norm_buckets(buckets: Sequence[_Work]) -> None:
+    """The max-norm projection of each "max_norm" bucket, in place."""
+    for w in buckets:
+        ops.max_norm_(w.params, w.coefs["max_norm"], w.dims)
+
+
+def add_penalty_grads(buckets: Sequence[_Work]) -> Tensor:
+    """Adds the gradient of each bucket's penalty to its params' grads
+    (``l1 * sign(d) + 2 * l2 * d`` with d = w, or w - ref in a "ref" bucket;
+    plus ``group_l1 * w_g / ||w_g||`` in a "group" bucket); returns the total
+    penalty of the params (0-dim). With several buckets, every bucket's grads
+    are checked before the first one is written, so a bad grad changes nothing."""
+    grads = [[p.grad for p in w.params] for w in buckets]
     if len(buckets) > 1 and not torch.compiler.is_compiling():
-        for params, grads, _, _ in buckets:
-            check_grads_apart(params, tensor_list(grads, "grads"))
+        for w, gs in zip(buckets, grads):
+            check_grads_apart(w.params, tensor_list(gs, "grads"))
     total = None
-    for params, grads, l1, l2 in buckets:
-        value = ops.add_penalty_grad_(params, grads, l1, l2)
+    for w, gs in zip(buckets, grads):
+        c = w.coefs
+        value = ops.add_penalty_grad_(w.params, gs, c["l1"], c["l2"], ref=w.refs)
+        if w.kind == "group":
+            value = _sum(value, ops.add_group_penalty_grad_(w.params, gs, c["group_l1"], w.dims))
+        total = value if total is None else _sum(total, value)
+    return total if total is not None else torch.zeros(())
+
+
+def penalty_of(buckets: Sequence[_Work]) -> Tensor:
+    """The total penalty of the buckets' params as they are now (0-dim)."""
+    total = None
+    for w in buckets:
+        c = w.coefs
+        ps = [p.detach() for p in w.params]
+        value = ops.penalty(ps, c["l1"], c["l2"], ref=w.refs)
+        if w.kind == "group":
+            value = _sum(value, ops.group_penalty(ps, c["group_l1"], w.dims))
         total = value if total is None else _sum(total, value)
     return total if total is not None else torch.zeros(())
 
@@ -579,7 +732,8 @@ def _matches(pattern: str, name: str, module_name: str) -> bool:
 
 def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
                  exclude: Union[None, Callable[[str, Tensor, nn.Module], bool], Sequence[str]] = None,
-                 overrides: Optional[Dict[str, Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+                 overrides: Optional[Dict[str, Dict[str, Any]]] = None,
+                 ref: Union[None, nn.Module, Dict[str, Tensor]] = None) -> List[Dict[str, Any]]:
     """Param groups for ``model`` with per-group ``l1``/``l2`` and parameter names.
 
     Every trainable parameter (``requires_grad``; frozen ones are skipped)
@@ -602,6 +756,20 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
     explicit ``l1``/``l2`` override applies even to an excluded parameter.
     Any other key (``lr``, ``weight_decay``, ...) is passed to the optimizer.
     A pattern that matches no parameter is an error (a likely typo).
+
+    Overrides may also set the structured regularizers of
+    :class:`Regularized`: ``group_l1`` and ``group_dim`` (group lasso),
+    ``max_norm`` and ``max_norm_dim`` (max-norm constraint), e.g.
+    ``overrides={"fc1": {"group_l1": 1e-3, "group_dim": 1}}`` for group lasso
+    on the first layer's input columns only.
+
+    ``ref``: reference weights (a model, or a state dict such as the
+    pre-trained one) to regularize toward (L1-SP / L2-SP): every group gets a
+    ``"ref"`` list with, per parameter, a copy of the reference tensor of the
+    same name (moved to the parameter's device and dtype), or None where the
+    reference has no tensor of that name and shape (new layers, a replaced
+    head): those get plain L1/L2. The copies are the one extra copy of the
+    weights that regularizing toward a reference needs.
 
     Parameters with equal options share a group. Each group is
     ``{"params": [...], "param_names": [...], "l1": ..., "l2": ..., **options}``
@@ -628,9 +796,18 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
             raise TypeError("overrides must map name patterns (str) to dicts of group options")
         if "params" in opts or "param_names" in opts:
             raise ValueError(f"overrides[{pattern!r}] may not set 'params' or 'param_names'")
-        for key in _COEF_KEYS:
+        for key in _COEF_KEYS + ("group_l1",):
             if key in opts:
                 nonneg_real(opts[key], f"overrides[{pattern!r}][{key!r}]")
+        if opts.get("max_norm") is not None:
+            nonneg_real(opts["max_norm"], f"overrides[{pattern!r}]['max_norm']")
+        if "ref" in opts:
+            raise ValueError(f"overrides[{pattern!r}] may not set 'ref'; pass ref= to param_groups")
+    if ref is not None:
+        if isinstance(ref, nn.Module):
+            ref = dict(ref.state_dict())
+        elif not isinstance(ref, dict):
+            raise TypeError(f"ref must be an nn.Module or a state dict, got {type(ref).__name__}")
     used = set()
 
     groups: List[Dict[str, Any]] = []
@@ -667,4 +844,15 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
     for group in groups:
         opts = group.pop("_opts")
         out.append({"params": group["params"], "param_names": group["param_names"], **opts})
+        if ref is not None:
+            out[-1]["ref"] = [_ref_copy(ref, name, p) for name, p in zip(group["param_names"], group["params"])]
     return out
+
+
+def _ref_copy(ref: Dict[str, Any], name: str, param: Tensor) -> Optional[Tensor]:
+    """A copy of ``ref[name]`` like ``param`` (device, dtype), or None when the
+    reference has no tensor of that name and shape."""
+    r = ref.get(name)
+    if not isinstance(r, Tensor) or r.shape != param.shape:
+        return None
+    return r.detach().to(device=param.device, dtype=param.dtype, copy=True)

@@ -93,9 +93,9 @@ def test_plan_keeps_coefficient_tensors_across_value_changes():
     model = _model()
     opt = pyreg.Regularized(torch.optim.SGD(pyreg.param_groups(model, l1=0.1), lr=0.1))
     plan = opt._plan()
-    l1 = plan.buckets[0].l1
+    l1 = plan.buckets[0].coefs["l1"]
     opt.param_groups[0]["l1"] = 0.3
-    assert opt._plan() is plan and plan.buckets[0].l1 is l1
+    assert opt._plan() is plan and plan.buckets[0].coefs["l1"] is l1
     assert torch.equal(l1, torch.full_like(l1, 0.3))
     opt.param_groups[0]["l1"] = torch.tensor(0.2)
     assert opt._plan() is plan and torch.equal(l1, torch.full_like(l1, float(torch.tensor(0.2))))
