@@ -472,9 +472,12 @@ __device__ __forceinline__ int owner(const I* start, int nt, int64_t i) {
   return lo;
 }
 
+// colsum: the kernel's shared buffer of kGroupTileCols doubles (declared once
+// in the kernel: a GPU reserves every __shared__ declaration of every dtype's
+// instance of this function, not just the one that runs).
 template <int kPass, int kOp, typename T>
 __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t tile, const GroupCoefs& c,
-                                           const GroupWork& w) {
+                                           const GroupWork& w, double* colsum) {
   using A = opmath_t<T>;
   const int t = b.t0 + k;
   const GroupTiling g = group_tiling(b.outer[k], b.groups[k], b.inner[k]);
@@ -498,7 +501,6 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t t
         }
       }
     }
-    PYREG_SHARED(double[kGroupTileCols], colsum);
 #pragma unroll
     for (int j = 0; j < kGroupCols; ++j) {
       const int64_t col = int64_t(threadIdx.x) + j * kThreads;
@@ -560,11 +562,12 @@ __global__ void __launch_bounds__(kThreads)
   if (tile >= b.tstart[b.nt]) return;  // only for a batch without tiles (grid of 1)
   const int k = owner(b.tstart, b.nt, tile);  // tensors without tiles share the next one's start
   const int64_t rel = tile - b.tstart[k];
+  PYREG_SHARED(double[kPass == 1 ? kGroupTileCols : 1], colsum);
   switch (b.dtype[k]) {
-    case kFloat64: group_tile<kPass, kOp, double>(b, k, rel, c, w); break;
-    case kFloat16: group_tile<kPass, kOp, half_t>(b, k, rel, c, w); break;
-    case kBFloat16: group_tile<kPass, kOp, bf16_t>(b, k, rel, c, w); break;
-    default: group_tile<kPass, kOp, float>(b, k, rel, c, w); break;
+    case kFloat64: group_tile<kPass, kOp, double>(b, k, rel, c, w, colsum); break;
+    case kFloat16: group_tile<kPass, kOp, half_t>(b, k, rel, c, w, colsum); break;
+    case kBFloat16: group_tile<kPass, kOp, bf16_t>(b, k, rel, c, w, colsum); break;
+    default: group_tile<kPass, kOp, float>(b, k, rel, c, w, colsum); break;
   }
 }
 
