@@ -61,7 +61,7 @@ def _penalty_backward(ctx, grad_out):
     grads = [torch.zeros_like(t) for t in tensors]
     go = grad_out.to(l1.dtype)
     add_penalty_grad_op(tensors, grads, l1 * go, l2 * go, ref)
-    return grads, None, None, None
+    return grads, None, None, [None] * len(ref)
 
 
 penalty_op.register_autograd(_penalty_backward, setup_context=_penalty_setup)

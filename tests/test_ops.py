@@ -721,16 +721,16 @@ def test_only_empty_and_zero_dim(B):
     assert B.be.prox_([x], one, 0 * one, one).item() == 1 and x.item() == -1.0
 
 
-@pytest.mark.parametrize("n", [119, 120, 121, 239, 240, 241])
+@pytest.mark.parametrize("n", [95, 96, 97, 191, 192, 193])
 def test_batch_boundaries(B, n):
-    # Up to 120 tensors travel by value in one launch: lists on each side of
+    # Up to 96 tensors travel by value in one launch: lists on each side of
     # one and two batch boundaries, mixed dtypes and sizes, empty tensors and
     # a multi-chunk tensor next to the boundary, against the float64 spec and
     # the CPU kernels.
     g = torch.Generator().manual_seed(70 + n)
     sizes = torch.randint(1, 700, (n,), generator=g).tolist()
     sizes[n // 3] = 0
-    sizes[118] = 40_000  # 3 chunks: the last tensor of the first batch, or next to it
+    sizes[94] = 40_000  # 3 chunks: the last tensor of the first batch, or next to it
     sizes[-1] = 16_385
     dts = [DTYPES[i % 4] for i in range(n)]
     ts = [torch.randn(s, generator=g, dtype=torch.float64).to(d).to(B.dev) for s, d in zip(sizes, dts)]
@@ -759,6 +759,14 @@ def test_batch_boundaries(B, n):
         assert torch.equal((w == 0).cpu(), cw == 0), f"tensor {i}: zero pattern differs from cpu"
         torch.testing.assert_close(w.cpu(), cw, **elem_tol(B, w.dtype))
     assert torch.equal(nnz.cpu(), cpu_nnz)
+    # Toward a reference: each batch carries the refs' pointers too.
+    refs = [x.to(d) for x, d in zip(like_list(ts, torch.float32, 73), dts)]
+    moved, steps = [w.clone() for w in ts], [w - r for w, r in zip(ts, refs)]
+    nnz = B.be.prox_(moved, l1, l2, lr, refs)
+    B.be.prox_(steps, l1, l2, lr)
+    for i, (w, d, r) in enumerate(zip(moved, steps, refs)):
+        assert bits_equal(w, r + d), f"tensor {i}: prox toward ref differs from ref + prox(w - ref)"
+    assert nnz.tolist() == [int((w != r).sum()) for w, r in zip(moved, refs)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
