@@ -36,6 +36,8 @@ __all__ = ["Regularized", "param_groups", "default_exclude", "ParamStats", "Spar
 
 MODES = ("proximal", "gradient")
 _COEF_KEYS = ("l1", "l2")
+#: Param-group keys of the structured regularizers (see Regularized).
+_STRUCTURED_KEYS = ("group_l1", "group_dim", "max_norm", "max_norm_dim")
 
 
 def _group_coef(value: Any, where: str) -> float:
@@ -139,6 +141,11 @@ def _group_spec(group: Dict[str, Any], defaults: "Regularized", where: str) -> _
         if gl1 != 0.0 and any(r is not None for r in ref):
             raise ValueError(f"{where} sets both 'group_l1' and 'ref': group lasso toward a reference "
                              "is not supported")
+    params = group["params"]
+    if gl1 != 0.0:
+        group_dims(get("group_dim", 1), params, f"{where}['group_dim']")
+    if mx is not None:
+        group_dims(get("max_norm_dim", 0), params, f"{where}['max_norm_dim']")
     return _GroupSpec(l1, l2, gl1, get("group_dim", 1), mx, get("max_norm_dim", 0), ref)
 
 
@@ -761,7 +768,9 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
     :class:`Regularized`: ``group_l1`` and ``group_dim`` (group lasso),
     ``max_norm`` and ``max_norm_dim`` (max-norm constraint), e.g.
     ``overrides={"fc1": {"group_l1": 1e-3, "group_dim": 1}}`` for group lasso
-    on the first layer's input columns only.
+    on the first layer's input columns only. These apply to the matching
+    parameters that are not excluded (so ``"fc1"`` sets them on ``fc1.weight``,
+    not on ``fc1.bias``).
 
     ``ref``: reference weights (a model, or a state dict such as the
     pre-trained one) to regularize toward (L1-SP / L2-SP): every group gets a
@@ -827,7 +836,7 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
             opts = {"l1": 0.0, "l2": 0.0} if excluded else dict(base)
             for pattern, extra in overrides.items():
                 if _matches(pattern, name, module_name):
-                    opts.update(extra)
+                    opts.update({k: v for k, v in extra.items() if not (excluded and k in _STRUCTURED_KEYS)})
                     used.add(pattern)
             for group in groups:
                 if group["_opts"] == opts:

@@ -443,9 +443,9 @@ def _opcheck_cases(dev="cpu"):
     gs = [torch.randn_like(t) for t in ts]
     return [
         (torch.ops.pyreg.weight_stats.default, (ts,)),
-        (torch.ops.pyreg.penalty.default, ([t.clone().requires_grad_() for t in ts], c, c)),
-        (torch.ops.pyreg.add_penalty_grad_.default, (ts, gs, c, c)),
-        (torch.ops.pyreg.prox_.default, ([t.clone() for t in ts], c, c, c)),
+        (torch.ops.pyreg.penalty.default, ([t.clone().requires_grad_() for t in ts], c, c, [])),
+        (torch.ops.pyreg.add_penalty_grad_.default, (ts, gs, c, c, [])),
+        (torch.ops.pyreg.prox_.default, ([t.clone() for t in ts], c, c, c, [])),
     ]
 
 
@@ -546,15 +546,15 @@ def test_eager_fast_path_equals_the_op_and_bumps_versions():
     c = lambda v: torch.full((n,), v, dtype=torch.float64)  # noqa: E731
     a, b = [t.clone() for t in ts], [t.clone() for t in ts]
     nnz_fast = pyreg.prox_(a, l1=0.3, l2=0.1, lr=0.5)
-    nnz_op = torch.ops.pyreg.prox_(b, c(0.3), c(0.1), c(0.5))
+    nnz_op = torch.ops.pyreg.prox_(b, c(0.3), c(0.1), c(0.5), [])
     assert torch.equal(nnz_fast, nnz_op)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     g1, g2 = [g.clone() for g in gs], [g.clone() for g in gs]
     v_fast = pyreg.add_penalty_grad_(ts, g1, l1=0.2, l2=0.05)
-    v_op = torch.ops.pyreg.add_penalty_grad_(ts, g2, c(0.2), c(0.05))
+    v_op = torch.ops.pyreg.add_penalty_grad_(ts, g2, c(0.2), c(0.05), [])
     assert torch.equal(v_fast, v_op) and all(torch.equal(x, y) for x, y in zip(g1, g2))
     assert all(torch.equal(x, y) for x, y in zip(pyreg.weight_stats(ts), torch.ops.pyreg.weight_stats(ts)))
-    assert torch.equal(pyreg.penalty(ts, 0.2, 0.05), torch.ops.pyreg.penalty(ts, c(0.2), c(0.05)))
+    assert torch.equal(pyreg.penalty(ts, 0.2, 0.05), torch.ops.pyreg.penalty(ts, c(0.2), c(0.05), []))
 
     w = torch.randn(64, requires_grad=True)
     h = w * 1.5                      # saved by the square below

@@ -564,3 +564,170 @@ def test_third_party_optimizer_tensor_lr_and_pickle():
         ref_opt.step()
         pyreg.prox_([ref], 0.3, 0.0, 0.1)
     torch.testing.assert_close(v, ref)
+
+
+# --------------------------------------------------------------------------
+# Structured regularizers in Regularized: group lasso, toward a reference, max-norm
+# --------------------------------------------------------------------------
+class _Net(nn.Sequential):
+    def __init__(self, seed=0, out=3):
+        torch.manual_seed(seed)
+        super().__init__(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, out))
+
+
+def _set_grads(model, step):
+    for p, g in zip(model.parameters(), _grads(list(model.parameters()), step)):
+        p.grad = g
+
+
+@pytest.mark.parametrize("mode", ["proximal", "gradient"])
+def test_group_lasso_keys_match_the_ops(mode):
+    model, ref = _Net(), _Net()
+    groups = pyreg.param_groups(model, l1=0.01, l2=0.02, overrides={"0": {"group_l1": 0.3, "group_dim": 1}})
+    opt = pyreg.Regularized(torch.optim.SGD(groups, lr=0.5), mode=mode)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    w0, w2 = ref[0].weight, ref[2].weight
+    for step in range(12):
+        _set_grads(model, step)
+        _set_grads(ref, step)
+        for m in (model, ref):  # four inputs the loss hardly uses
+            m[0].weight.grad[:, :4] *= 0.01
+        opt.step()
+        if mode == "gradient":
+            want_pen = (pyreg.add_penalty_grad_([w0, w2], [w0.grad, w2.grad], 0.01, 0.02)
+                        + pyreg.add_group_penalty_grad_([w0], [w0.grad], 0.3, dim=1))
+            torch.testing.assert_close(opt.penalty, want_pen)
+            ref_opt.step()
+        else:
+            ref_opt.step()
+            pyreg.group_prox_([w0], 0.3, 0.5, dim=1, element_l1=0.01, l2=0.02)
+            pyreg.prox_([w2], 0.01, 0.02, 0.5)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    if mode == "proximal":
+        dead = (model[0].weight == 0).all(dim=0)
+        assert 0 < int(dead.sum()) < 12  # whole input columns, exactly zero
+        want = (pyreg.penalty([model[0].weight, model[2].weight], 0.01, 0.02)
+                + pyreg.group_penalty([model[0].weight], 0.3, dim=1))
+        torch.testing.assert_close(opt.penalty, want)
+
+
+def test_group_lasso_value_change_needs_no_new_plan():
+    model = _Net()
+    opt = pyreg.Regularized(torch.optim.SGD(
+        pyreg.param_groups(model, overrides={"0": {"group_l1": 0.1}}), lr=0.1))
+    _set_grads(model, 0)
+    opt.step()
+    plan = opt._plan_cache
+    opt.param_groups[0]["group_l1"] = 100.0  # kills every column on the next step
+    _set_grads(model, 1)
+    opt.step()
+    assert opt._plan_cache is plan
+    assert torch.equal(model[0].weight, torch.zeros_like(model[0].weight))
+
+
+@pytest.mark.parametrize("mode", ["proximal", "gradient"])
+def test_ref_key_regularizes_toward_pretrained(mode):
+    pretrained = _Net(seed=1, out=5)  # its head has another shape: no reference for it
+    model = _Net(seed=2)
+    model[0].load_state_dict(pretrained[0].state_dict())
+    groups = pyreg.param_groups(model, l1=0.02, l2=0.3, ref=pretrained)
+    reg = [g for g in groups if g["l2"] > 0][0]
+    assert [r is not None for r in reg["ref"]] == [True, False]  # 0.weight has one, 2.weight not
+    assert reg["ref"][0] is not pretrained[0].weight and torch.equal(reg["ref"][0], pretrained[0].weight)
+    ref_w = reg["ref"][0]
+    opt = pyreg.Regularized(torch.optim.SGD(groups, lr=0.1), mode=mode)
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    a, b = twin[0].weight, twin[2].weight
+    for step in range(10):
+        _set_grads(model, step)
+        _set_grads(twin, step)
+        opt.step()
+        if mode == "gradient":
+            v = (pyreg.add_penalty_grad_([a], [a.grad], 0.02, 0.3, ref=[ref_w])
+                 + pyreg.add_penalty_grad_([b], [b.grad], 0.02, 0.3))
+            torch.testing.assert_close(opt.penalty, v)
+            twin_opt.step()
+        else:
+            twin_opt.step()
+            pyreg.prox_([a], 0.02, 0.3, 0.1, ref=[ref_w])
+            pyreg.prox_([b], 0.02, 0.3, 0.1)
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert torch.equal(ref_w, pretrained[0].weight)  # the reference never moves
+    if mode == "proximal":
+        assert int((model[0].weight == ref_w).sum()) > 0  # exactly back at the reference
+        want = (pyreg.penalty([model[0].weight], 0.02, 0.3, ref=[ref_w])
+                + pyreg.penalty([model[2].weight], 0.02, 0.3))
+        torch.testing.assert_close(opt.penalty, want)
+
+
+def test_ref_state_dict_round_trip():
+    pretrained, model = _Net(seed=1), _Net(seed=2)
+    opt = pyreg.Regularized(torch.optim.Adam(pyreg.param_groups(model, l2=0.1, ref=pretrained), lr=0.01))
+    _set_grads(model, 0)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    other = _Net(seed=2)
+    opt2 = pyreg.Regularized(torch.optim.Adam(pyreg.param_groups(other, l2=0.1), lr=0.01))
+    opt2.load_state_dict(sd)
+    g = [g for g in opt2.param_groups if g["l2"] > 0][0]
+    assert torch.equal(g["ref"][0], pretrained[0].weight)
+    other.load_state_dict(model.state_dict())
+    for m, o in ((model, opt), (other, opt2)):
+        _set_grads(m, 1)
+        o.step()
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("mode", ["proximal", "gradient"])
+def test_max_norm_key(mode):
+    model = _Net()
+    with torch.no_grad():
+        model[0].weight.mul_(5)
+    opt = pyreg.Regularized(torch.optim.SGD(
+        pyreg.param_groups(model, l1=1e-3, overrides={"0": {"max_norm": 1.5}}), lr=0.1), mode=mode)
+    _set_grads(model, 0)
+    before = model[2].weight.detach().clone()
+    opt.step()
+    rows = model[0].weight.norm(dim=1)
+    assert float(rows.max()) <= 1.5 * (1 + 1e-6) and torch.allclose(rows, torch.full_like(rows, 1.5))
+    assert not torch.equal(model[2].weight, before)  # regularized, but not max-normed
+    assert float(model[2].weight.norm(dim=1).max()) != pytest.approx(1.5)
+
+
+def test_structured_keys_bad_input_leaves_model_unchanged():
+    model = _Net()
+    state = copy.deepcopy(model.state_dict())
+    ref_w = torch.zeros(8, 12)
+    bad = [
+        ({"group_l1": 0.1, "group_dim": 2}, ValueError, r"\['group_dim'\]=2 is out of range"),
+        ({"group_l1": -0.1}, ValueError, r"\['group_l1'\] must be finite and >= 0"),
+        ({"max_norm": -1.0}, ValueError, r"\['max_norm'\] must be finite and >= 0"),
+        ({"group_l1": 0.1, "ref": [ref_w, None]}, ValueError, "group_l1' and 'ref'"),
+        ({"ref": [ref_w]}, ValueError, r"\['ref'\] has 1 entries but the group has 2"),
+        ({"ref": [torch.zeros(3, 3), None]}, ValueError, r"\['ref'\]\[0\] is \(3, 3\)"),
+        ({"ref": ref_w}, TypeError, "one tensor \\(or None\\) per parameter"),
+    ]
+    for extra, exc, msg in bad:
+        group = {"params": [model[0].weight, model[0].bias], "l1": 0.01, **extra}
+        with pytest.raises(exc, match=msg):
+            opt = pyreg.Regularized(torch.optim.SGD([group], lr=0.1))
+            _set_grads(model, 0)
+            opt.step()
+        inner = torch.optim.SGD([{"params": [model[2].weight], "lr": 0.1}])
+        opt = pyreg.Regularized(inner)
+        with pytest.raises(exc, match=msg):
+            opt.add_param_group(group)
+        assert len(opt.param_groups) == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+    with pytest.raises(ValueError, match="may not set 'ref'"):
+        pyreg.param_groups(model, overrides={"0": {"ref": [None, None]}})
+    with pytest.raises(TypeError, match="ref must be an nn.Module or a state dict"):
+        pyreg.param_groups(model, ref=[1, 2])
