@@ -569,7 +569,7 @@ def test_third_party_optimizer_tensor_lr_and_pickle():
 # --------------------------------------------------------------------------
 # Structured regularizers in Regularized: group lasso, toward a reference, max-norm
 # --------------------------------------------------------------------------
-class _Net(nn.Sequential):
+class _Mlp(nn.Sequential):
     def __init__(self, seed=0, out=3):
         torch.manual_seed(seed)
         super().__init__(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, out))
@@ -582,7 +582,7 @@ def _set_grads(model, step):
 
 @pytest.mark.parametrize("mode", ["proximal", "gradient"])
 def test_group_lasso_keys_match_the_ops(mode):
-    model, ref = _Net(), _Net()
+    model, ref = _Mlp(), _Mlp()
     groups = pyreg.param_groups(model, l1=0.01, l2=0.02, overrides={"0": {"group_l1": 0.3, "group_dim": 1}})
     opt = pyreg.Regularized(torch.optim.SGD(groups, lr=0.5), mode=mode)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
@@ -613,7 +613,7 @@ def test_group_lasso_keys_match_the_ops(mode):
 
 
 def test_group_lasso_value_change_needs_no_new_plan():
-    model = _Net()
+    model = _Mlp()
     opt = pyreg.Regularized(torch.optim.SGD(
         pyreg.param_groups(model, overrides={"0": {"group_l1": 0.1}}), lr=0.1))
     _set_grads(model, 0)
@@ -628,8 +628,8 @@ def test_group_lasso_value_change_needs_no_new_plan():
 
 @pytest.mark.parametrize("mode", ["proximal", "gradient"])
 def test_ref_key_regularizes_toward_pretrained(mode):
-    pretrained = _Net(seed=1, out=5)  # its head has another shape: no reference for it
-    model = _Net(seed=2)
+    pretrained = _Mlp(seed=1, out=5)  # its head has another shape: no reference for it
+    model = _Mlp(seed=2)
     model[0].load_state_dict(pretrained[0].state_dict())
     groups = pyreg.param_groups(model, l1=0.02, l2=0.3, ref=pretrained)
     reg = [g for g in groups if g["l2"] > 0][0]
@@ -664,7 +664,7 @@ def test_ref_key_regularizes_toward_pretrained(mode):
 
 
 def test_ref_state_dict_round_trip():
-    pretrained, model = _Net(seed=1), _Net(seed=2)
+    pretrained, model = _Mlp(seed=1), _Mlp(seed=2)
     opt = pyreg.Regularized(torch.optim.Adam(pyreg.param_groups(model, l2=0.1, ref=pretrained), lr=0.01))
     _set_grads(model, 0)
     opt.step()
@@ -672,7 +672,7 @@ def test_ref_state_dict_round_trip():
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     sd = torch.load(buf, weights_only=True)
-    other = _Net(seed=2)
+    other = _Mlp(seed=2)
     opt2 = pyreg.Regularized(torch.optim.Adam(pyreg.param_groups(other, l2=0.1), lr=0.01))
     opt2.load_state_dict(sd)
     g = [g for g in opt2.param_groups if g["l2"] > 0][0]
@@ -687,7 +687,7 @@ def test_ref_state_dict_round_trip():
 
 @pytest.mark.parametrize("mode", ["proximal", "gradient"])
 def test_max_norm_key(mode):
-    model = _Net()
+    model = _Mlp()
     with torch.no_grad():
         model[0].weight.mul_(5)
     opt = pyreg.Regularized(torch.optim.SGD(
@@ -695,14 +695,14 @@ def test_max_norm_key(mode):
     _set_grads(model, 0)
     before = model[2].weight.detach().clone()
     opt.step()
-    rows = model[0].weight.norm(dim=1)
+    rows = model[0].weight.detach().norm(dim=1)
     assert float(rows.max()) <= 1.5 * (1 + 1e-6) and torch.allclose(rows, torch.full_like(rows, 1.5))
     assert not torch.equal(model[2].weight, before)  # regularized, but not max-normed
     assert float(model[2].weight.norm(dim=1).max()) != pytest.approx(1.5)
 
 
 def test_structured_keys_bad_input_leaves_model_unchanged():
-    model = _Net()
+    model = _Mlp()
     state = copy.deepcopy(model.state_dict())
     ref_w = torch.zeros(8, 12)
     bad = [

@@ -1,15 +1,21 @@
-"""pyreg's backends: implementations of the four ops, each for one kind of device.
+"""pyreg's backends: implementations of the ops, each for one kind of device.
 
 Every backend has a ``NAME``, ``why_not(device)`` (why it cannot take tensors
-on ``device``, or ""), and the same four functions, taking already validated
+on ``device``, or ""), and the same functions, taking already validated
 arguments (a non-empty list of tensors on one device; each coefficient a
 float for every tensor, or a 1-D float64 tensor with one entry per tensor on
-the tensors' device):
+the tensors' device; ``ref`` None or a list like ``tensors``; ``dims`` one
+normalized group dimension per tensor):
 
     weight_stats(tensors) -> WeightStats(l1, l2, linf, nnz)
-    penalty(tensors, l1, l2) -> 0-dim tensor
-    add_penalty_grad_(tensors, grads, l1, l2) -> 0-dim tensor
-    prox_(tensors, l1, l2, lr) -> 1-D int64 tensor
+    penalty(tensors, l1, l2, ref=None) -> 0-dim tensor
+    add_penalty_grad_(tensors, grads, l1, l2, ref=None) -> 0-dim tensor
+    prox_(tensors, l1, l2, lr, ref=None) -> 1-D int64 tensor
+    group_norms(tensors, dims) -> 1-D tensor (every group's norm, concatenated)
+    group_penalty(tensors, dims, group_l1) -> 0-dim tensor
+    add_group_penalty_grad_(tensors, grads, dims, group_l1) -> 0-dim tensor
+    group_prox_(tensors, dims, l1, group_l1, l2, lr) -> 1-D int64 tensor
+    max_norm_(tensors, dims, max_value) -> 1-D int64 tensor
 
 - ``torch`` (torch_ref.py): pure PyTorch, the specification; runs on any device.
 - ``cpu``: the compiled C++ kernels (csrc/cpu).

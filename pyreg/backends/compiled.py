@@ -115,7 +115,7 @@ class CompiledKernels:
         """Where an element-wise op on ``ws`` (their numels) runs."""
         return self._launch(self, ws, lambda: self._fn("workspace_bytes")(len(ws), sum(numels)))
 
-    # ---- the four ops ------------------------------------------------------------
+    # ---- the element-wise ops --------------------------------------------------------
     def weight_stats(self, tensors: List[Tensor]) -> WeightStats:
         ws = m.dense_list(tensors)
         rd = result_dtype(ws)
