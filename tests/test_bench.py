@@ -13,6 +13,7 @@ from pyreg import bench
 from pyreg.bench import peers, shapes
 
 ALL_OPS = list(peers.OP_ORDER)
+GROUP_OPS = [op for op in ALL_OPS if peers.OPS[op].matrices_only]
 
 
 def _run(out_dir, device, extra=()):
@@ -55,6 +56,16 @@ def _check_result(stem, res, device):
     compiled = [r for r in rows if r["peer"] == "compile"]
     assert compiled and all(r["compile_s"] is not None for r in compiled)
     assert [r["peer"] for r in rows if r["op"] == "prox_" and r["pct_roofline"] == 100.0] == ["roofline"]
+    # the group ops: 12 bytes per fp32 element (2 reads, 1 write), the two-pass roofline,
+    # over the set's tensors of 2+ dims only
+    assert GROUP_OPS == ["group_prox_", "max_norm_"]
+    group_meta = res["shape_sets"]["mlp"]["group_ops"]
+    assert group_meta["tensors"] == 3 and group_meta["numel"] == 784 * 512 + 512 * 512 + 512 * 10
+    for op in GROUP_OPS:
+        roof = [r for r in rows if r["op"] == op and r["peer"] == "roofline"]
+        assert len(roof) == 1 and "a.sum(), then a.mul_(c)" in roof[0]["what"] and "12 B/elem" in roof[0]["what"]
+        p = next(r for r in rows if r["op"] == op and r["peer"] == "pyreg")
+        assert p["gbps"] == pytest.approx(12 * group_meta["numel"] / (p["ms"] * 1e6))
     with open(stem + ".md") as f:
         md = f.read()
     for word in ALL_OPS + ["pyreg", "loop", "foreach", "compile", "roofline", "copy", "% roofline"]:
@@ -117,6 +128,80 @@ def test_shape_sets_match_the_models():
     lstm = torch.nn.LSTM(256, 512, num_layers=2, device="meta")
     want = [(n, tuple(p.shape)) for n, p in lstm.named_parameters()]
     assert [(n.split(".", 1)[1], s) for n, s in shapes.get("lstm").shapes if n.startswith("rnn.")] == want
+
+
+def _group_data(name, dtype=torch.float32):
+    """The group ops' tensors of a shape set, every dimension capped at 96 (the
+    set's layouts, dims and tensor count, small enough for a test), as the
+    suite makes them: N(0, 0.02^2)."""
+    sset = shapes.matrices(shapes.get(name))
+    shp = [tuple(min(n, 96) for n in s) for _, s in sset.shapes]
+    g = torch.Generator().manual_seed(3)
+    return shp, [torch.randn(s, generator=g, dtype=dtype).mul_(peers.W_SCALE) for s in shp]
+
+
+def _coefs(shp, strong):
+    """The suite's coefficients; ``strong``: group_prox_'s threshold lr*l1 at the
+    median group norm along dim 1, so that about half of the groups are zeroed
+    (a stricter test of the peers' formulas than the realistic step's tiny
+    threshold; run in float64, since near the threshold the factor 1 - t/n
+    magnifies the float32 rounding of a peer's norm)."""
+    c = peers.Coefs(len(shp), torch.device("cpu"), shp)
+    if strong:
+        c.l1 = [peers.median_group_norm(s, peers.GROUP_DIM["group_prox_"]) / peers.LR for s in shp]
+        c.thresholds = [peers.LR * a for a in c.l1]
+        c.l1_t = torch.tensor(c.l1, dtype=torch.float64)
+    return c
+
+
+def _run_peer(op, peer, c, ws):
+    d = {"ws": [w.clone() for w in ws]}
+    out = peers.op_fn(op, peer, c)(d)
+    return d["ws"], out
+
+
+@pytest.mark.parametrize("strong", [False, True], ids=["bench-fp32", "strong-fp64"])
+@pytest.mark.parametrize("op", ["group_prox_", "max_norm_"])
+@pytest.mark.parametrize("name", shapes.ORDER)
+def test_group_op_peers_agree_with_pyreg_on_every_shape_set(name, op, strong):
+    # Every shape set has rows for the group ops (its tensors of 2+ dims), and
+    # the loop and foreach peers compute pyreg's result on that set's layouts:
+    # group_prox_ along dim 1, max_norm_ along dim 0.
+    dtype = torch.float64 if strong else torch.float32
+    shp, ws = _group_data(name, dtype)
+    assert ws and all(len(s) >= 2 for s in shp)
+    c = _coefs(shp, strong)
+    ref, counts = _run_peer(op, "pyreg", c, ws)
+    dim = peers.GROUP_DIM[op]
+    groups = sum(s[dim] for s in shp)
+    zero_groups = sum(int((torch.movedim(w, dim, 0).flatten(1) == 0).all(1).sum()) for w in ref)
+    if op == "max_norm_":  # max_value = the median group norm: about half of the groups are clipped
+        assert 0.3 * groups < int(counts.sum()) < 0.7 * groups, (int(counts.sum()), groups)
+    elif strong:  # about half of the groups zeroed, and counted
+        assert 0.3 * groups < zero_groups < 0.7 * groups and int(counts.sum()) == groups - zero_groups
+    else:  # the step's threshold lr*l1 is far below the init group norms: no group is zeroed
+        assert zero_groups == 0 and int(counts.sum()) == groups
+    # the op changed every tensor of more than a few groups
+    assert all(not torch.equal(a, b) for a, b, s in zip(ref, ws, shp) if s[dim] > 8)
+    for peer in ("loop", "foreach"):
+        got, _ = _run_peer(op, peer, c, ws)
+        ok, detail = peers.compare(op, ref, got, dtype)
+        assert ok, (peer, detail)
+        if op == "group_prox_":
+            assert "zero pattern differs at 0 of" in detail, detail
+
+
+@pytest.mark.parametrize("op", ["group_prox_", "max_norm_"])
+def test_group_op_check_catches_a_wrong_peer(op):
+    # The check the suite runs on every peer fails for a peer that groups along
+    # the other dimension.
+    shp, ws = _group_data("mlp", torch.float64)
+    c = _coefs(shp, strong=True)
+    ref, _ = _run_peer(op, "pyreg", c, ws)
+    wrong = [w.clone() for w in ws]
+    peers.loop_of(op)(wrong, [1 - peers.GROUP_DIM[op]] * len(wrong),
+                      c.thresholds if op == "group_prox_" else c.max_values)
+    assert not peers.compare(op, ref, wrong, torch.float64)[0]
 
 
 @pytest.mark.parametrize("argv", [["--shapes", "nope"], ["--ops", "prox_,nope"], ["--repeats", "0"],

@@ -1,7 +1,8 @@
 """pyreg's benchmark suite (``pyreg bench`` or ``python bench/run.py``).
 
-Times ``weight_stats``, ``add_penalty_grad_``, ``prox_`` and a full
-``Regularized(AdamW)`` step on the parameter shapes of real models, against a
+Times ``weight_stats``, ``add_penalty_grad_``, ``prox_``, the group ops
+``group_prox_`` and ``max_norm_``, and a full ``Regularized(AdamW)`` step on
+the parameter shapes of real models, against a
 Python loop of torch ops, ``torch._foreach_*``, ``torch.compile`` of the loop,
 and the same-traffic roofline op over one flat buffer; checks every peer's
 output against pyreg's before timing it. Writes a markdown table, JSON and a

@@ -9,15 +9,25 @@ Peers compute the same thing as pyreg on the same tensor list:
 * ``compile``: ``torch.compile`` of the loop (one graph over the whole list);
 * ``pyreg``: the op itself (per-tensor coefficients as a prebuilt 1-D tensor).
 
-pyreg does strictly more work than the peers in two ops: ``add_penalty_grad_``
-also returns the penalty value and ``prox_`` the nonzero counts, from the same
-pass; the peers compute only the update.
+The group ops (``group_prox_``, ``max_norm_``) act on the tensors of two or
+more dimensions only (see :data:`GROUP_DIM`): a group is a slice along the
+group dimension, its norm taken over the other dimensions. Their ``foreach``
+peer takes each tensor's group norms with one ``vector_norm`` call per tensor
+(``torch._foreach_norm`` only gives whole-tensor norms), computes the factors
+with ``torch._foreach_*`` ops on the list of norm tensors, and scales with one
+``torch._foreach_mul_(ws, factors)`` (broadcast per tensor).
+
+pyreg does strictly more work than the peers in four ops: ``add_penalty_grad_``
+also returns the penalty value, ``prox_`` and ``group_prox_`` the nonzero
+counts and ``max_norm_`` the count of clipped groups, from the same passes; the
+peers compute only the update.
 
 The reference ops (``roofline``, ``copy``) move the same bytes over one flat
 buffer: see :data:`ROOFLINE`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -45,6 +55,27 @@ def coefficients(n: int) -> Tuple[List[float], List[float]]:
     return l1, l2
 
 
+# The group dimension of the group ops, for every tensor of two or more
+# dimensions (1-D tensors, biases and norm scales, are left out of these rows:
+# a 1-D tensor's groups along dim 0 are single elements). group_prox_: dim 1,
+# the input columns of an nn.Linear weight (input-feature / channel pruning);
+# max_norm_: dim 0, each output neuron's incoming weights (Keras' MaxNorm).
+GROUP_DIM = {"group_prox_": 1, "max_norm_": 0}
+
+
+def group_size(shape: Sequence[int], dim: int) -> int:
+    """Elements per group: the product of the other dimensions."""
+    return math.prod(shape) // shape[dim] if shape[dim] else 0
+
+
+def median_group_norm(shape: Sequence[int], dim: int, scale: float = W_SCALE) -> float:
+    """The median L2 norm of a group of ``group_size`` N(0, scale^2) values
+    (the chi distribution's median, Wilson-Hilferty): max_norm_'s max_value,
+    so that about half of the fresh groups are clipped."""
+    k = max(1, group_size(shape, dim))
+    return scale * math.sqrt(k * (1.0 - 2.0 / (9.0 * k)) ** 3)
+
+
 # ---------------------------------------------------------------------------
 # Loops (also what torch.compile compiles)
 # ---------------------------------------------------------------------------
@@ -66,6 +97,24 @@ def apg_loop(ws: List[Tensor], gs: List[Tensor], l1: List[float], l2: List[float
 def prox_loop(ws: List[Tensor], thresholds: List[float], scales: List[float]):
     for w, t, s in zip(ws, thresholds, scales):
         torch.mul(F.softshrink(w, t), s, out=w)
+
+
+def _group_norm(w: Tensor, d: int) -> Tensor:
+    """||w_g||_2 of every group along dim d, kept broadcastable against w;
+    a zero norm is raised to the smallest normal number (t / n stays finite
+    or +inf, never NaN)."""
+    n = torch.linalg.vector_norm(w, 2, dim=[i for i in range(w.dim()) if i != d], keepdim=True)
+    return n.clamp_min_(torch.finfo(n.dtype).tiny)
+
+
+def group_prox_loop(ws: list[Tensor], dims: list[int], thresholds: list[float]):
+    for w, d, t in zip(ws, dims, thresholds):
+        w.mul_(torch.clamp(1.0 - t / _group_norm(w, d), min=0.0))
+
+
+def max_norm_loop(ws: list[Tensor], dims: list[int], max_values: list[float]):
+    for w, d, m in zip(ws, dims, max_values):
+        w.mul_(torch.clamp(m / _group_norm(w, d), max=1.0))
 
 
 # ---------------------------------------------------------------------------
@@ -94,6 +143,21 @@ def prox_foreach(ws, thresholds, scales):
     torch._foreach_mul_(ws, s)
 
 
+def group_prox_foreach(ws, dims, thresholds):
+    f = torch._foreach_reciprocal([_group_norm(w, d) for w, d in zip(ws, dims)])
+    torch._foreach_mul_(f, [-t for t in thresholds])  # -t / n
+    torch._foreach_add_(f, 1.0)
+    torch._foreach_clamp_min_(f, 0.0)
+    torch._foreach_mul_(ws, f)
+
+
+def max_norm_foreach(ws, dims, max_values):
+    f = torch._foreach_reciprocal([_group_norm(w, d) for w, d in zip(ws, dims)])
+    torch._foreach_mul_(f, max_values)  # m / n
+    torch._foreach_clamp_max_(f, 1.0)
+    torch._foreach_mul_(ws, f)
+
+
 # ---------------------------------------------------------------------------
 # Op descriptions
 # ---------------------------------------------------------------------------
@@ -105,6 +169,12 @@ class OpSpec:
     description: str
     mutates: Tuple[str, ...] = ()  # which inputs are written ("ws", "gs")
     peers: Tuple[str, ...] = ("pyreg", "loop", "foreach", "compile")
+    foreach_what: str = "torch._foreach_*"
+    group_dim: int | None = None  # group ops: over the tensors of 2+ dims only
+
+    @property
+    def matrices_only(self) -> bool:
+        return self.group_dim is not None
 
 
 OPS: Dict[str, OpSpec] = {
@@ -114,6 +184,14 @@ OPS: Dict[str, OpSpec] = {
                                 "g += l1*sign(w) + 2*l2*w, per-tensor l1, l2", mutates=("gs",)),
     "prox_": OpSpec("prox_", 2, "mul_",
                     "w <- sign(w)*max(|w|-lr*l1, 0)/(1+2*lr*l2), per-tensor l1, l2", mutates=("ws",)),
+    "group_prox_": OpSpec("group_prox_", 3, "sum_mul_",
+                          "w_g <- w_g*max(0, 1-lr*l1/||w_g||_2), groups along dim 1, per-tensor l1",
+                          mutates=("ws",), foreach_what="vector_norm per tensor + torch._foreach_* factors "
+                                                        "+ _foreach_mul_", group_dim=GROUP_DIM["group_prox_"]),
+    "max_norm_": OpSpec("max_norm_", 3, "sum_mul_",
+                        "w_g <- w_g*min(1, max_value/||w_g||_2), groups along dim 0, per-tensor max_value",
+                        mutates=("ws",), foreach_what="vector_norm per tensor + torch._foreach_* factors "
+                                                      "+ _foreach_mul_", group_dim=GROUP_DIM["max_norm_"]),
     "adamw_step": OpSpec("adamw_step", 0, "",
                          "optimizer.step(): Regularized(AdamW, proximal) vs bare AdamW",
                          peers=("pyreg", "bare", "loop", "foreach")),
@@ -125,6 +203,7 @@ ROOFLINE = {
     "sum": (1, "a.sum()"),
     "mul_": (2, "a.mul_(c)"),
     "add_": (3, "b.add_(a)"),
+    "sum_mul_": (3, "a.sum(), then a.mul_(c)"),  # two passes, as the group ops make
     "copy": (2, "b.copy_(a)"),
 }
 
@@ -132,13 +211,16 @@ ROOFLINE = {
 class Coefs:
     """The coefficients of one shape set, in every form the peers take."""
 
-    def __init__(self, n: int, device: torch.device):
+    def __init__(self, n: int, device: torch.device, shapes: Sequence[Sequence[int]] = ()):
         self.l1, self.l2 = coefficients(n)
         self.two_l2 = [2.0 * b for b in self.l2]
         self.thresholds = [LR * a for a in self.l1]
         self.scales = [1.0 / (1.0 + 2.0 * LR * b) for b in self.l2]
         self.l1_t = torch.tensor(self.l1, dtype=torch.float64, device=device)
         self.l2_t = torch.tensor(self.l2, dtype=torch.float64, device=device)
+        # group ops (given the shapes, all of 2+ dims): max_norm_'s radius per tensor
+        self.max_values = [median_group_norm(s, GROUP_DIM["max_norm_"]) for s in shapes]
+        self.max_values_t = torch.tensor(self.max_values, dtype=torch.float64, device=device)
 
 
 def op_fn(op: str, peer: str, c: Coefs, compiled: Optional[Callable] = None) -> Callable[[dict], object]:
@@ -171,11 +253,23 @@ def op_fn(op: str, peer: str, c: Coefs, compiled: Optional[Callable] = None) -> 
             return lambda d: prox_foreach(d["ws"], c.thresholds, c.scales)
         if peer == "compile":
             return lambda d: compiled(d["ws"], c.thresholds, c.scales)
+    if op in GROUP_DIM:
+        dim = GROUP_DIM[op]
+        if peer == "pyreg":
+            if op == "group_prox_":
+                return lambda d: pyreg.group_prox_(d["ws"], l1=c.l1_t, lr=LR, dim=dim)
+            return lambda d: pyreg.max_norm_(d["ws"], c.max_values_t, dim=dim)
+        coef = c.thresholds if op == "group_prox_" else c.max_values
+        fn = {"loop": loop_of(op), "foreach": group_prox_foreach if op == "group_prox_" else max_norm_foreach,
+              "compile": compiled}.get(peer)
+        if fn is not None:
+            return lambda d: fn(d["ws"], [dim] * len(d["ws"]), coef)
     raise KeyError((op, peer))
 
 
 def loop_of(op: str) -> Callable:
-    return {"weight_stats": stats_loop, "add_penalty_grad_": apg_loop, "prox_": prox_loop}[op]
+    return {"weight_stats": stats_loop, "add_penalty_grad_": apg_loop, "prox_": prox_loop,
+            "group_prox_": group_prox_loop, "max_norm_": max_norm_loop}[op]
 
 
 def roofline_fn(kind: str, a: Tensor, b: Tensor) -> Callable[[], object]:
@@ -185,6 +279,8 @@ def roofline_fn(kind: str, a: Tensor, b: Tensor) -> Callable[[], object]:
         return lambda: a.mul_(0.9999999)
     if kind == "add_":
         return lambda: b.add_(a)
+    if kind == "sum_mul_":
+        return lambda: (a.sum(), a.mul_(0.9999999))
     if kind == "copy":
         return lambda: b.copy_(a)
     raise KeyError(kind)
@@ -197,6 +293,7 @@ ELEMENTWISE_TOL = TOLERANCES["peer_elementwise"]
 # Peers reduce in the input dtype with their own summation order (fp32 cascade
 # sums), pyreg in its own order: both carry rounding error of ~1e-6 relative.
 REDUCTION_TOL = TOLERANCES["peer_reduction"]
+ZERO_PATTERN_OPS = ("prox_", "group_prox_")  # ops that set weights exactly to zero
 
 
 def _max_rel(a: Tensor, b: Tensor) -> float:
@@ -231,11 +328,11 @@ def compare(op: str, ref, got, dtype: torch.dtype) -> Tuple[bool, str]:
         ok &= m <= tol["atol"]  # NaN fails
         worst = max(worst, m)
         del r64, g64, excess
-        if op == "prox_":
+        if op in ZERO_PATTERN_OPS:
             zero_diff += int(((r == 0) != (g == 0)).sum())
         total += r.numel()
     detail = f"max excess err {max(worst, 0.0):.1e}"
-    if op == "prox_":
+    if op in ZERO_PATTERN_OPS:
         detail += f", zero pattern differs at {zero_diff} of {total}"
     return ok, detail
 

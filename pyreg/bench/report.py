@@ -28,7 +28,12 @@ def header(res: dict) -> str:
     if sets:
         lines.append("Shape sets: " + "; ".join(
             f"{k} = {v['description']} ({v['tensors']} tensors, {v['numel'] / 1e6:.2f}M elements"
-            + (f", {v['rotation']} rotated copies" if v["rotation"] > 1 else "") + ")" for k, v in sets.items()) + ".")
+            + (f", {v['rotation']} rotated copies" if v["rotation"] > 1 else "")
+            + (f"; group ops: the {v['group_ops']['tensors']} tensors of 2+ dims, "
+               f"{v['group_ops']['numel'] / 1e6:.2f}M elements"
+               + (f", {v['group_ops']['rotation']} rotated copies" if v["group_ops"]["rotation"] > 1 else "")
+               if v.get("group_ops") else "")
+            + ")" for k, v in sets.items()) + ".")
     if m.get("compile_startup_s") is not None:
         lines.append(f"torch.compile one-time start-up: {m['compile_startup_s']:.1f} s (not in the per-op compile times).")
     for n in res.get("notes", []):
@@ -92,8 +97,8 @@ def markdown(res: dict, png_name: Optional[str] = None) -> str:
         parts.append(f"![speedup and % of roofline]({png_name})")
     parts += ["## All peers", full_table(res),
               "Columns: ms = median time of one call (CUDA: device time between two events around it); host ms = "
-              "median host time in the call without waiting for the device (CPU: the same as ms); GB/s = the op's minimal traffic (4/12/8 bytes per fp32 "
-              "element for weight_stats/add_penalty_grad_/prox_) over the time; % roofline = time of the "
+              "median host time in the call without waiting for the device (CPU: the same as ms); GB/s = the op's minimal traffic (4/12/8/12/12 bytes per fp32 "
+              "element for weight_stats/add_penalty_grad_/prox_/group_prox_/max_norm_) over the time; % roofline = time of the "
               "same-traffic flat-buffer op / time; % copy BW = GB/s over the flat copy's GB/s; pyreg speedup = "
               "this peer's time / pyreg's time (below 1: pyreg is slower); peak extra MB: the peak of memory "
               "allocated during one call beyond what was live before it (CPU: torch's allocator; RSS growth also "

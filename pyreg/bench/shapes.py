@@ -118,6 +118,14 @@ def gpt(n_layer: int, d: int, vocab: int = 50257, ctx: int = 1024, prefix: str =
     return out + [(f"{prefix}.ln_f.weight", (d,)), (f"{prefix}.ln_f.bias", (d,))]
 
 
+def matrices(sset: ShapeSet) -> ShapeSet:
+    """The set's tensors of two or more dimensions (weights, embeddings, conv
+    kernels; no biases or norm scales), under the same name: what the group
+    ops (group_prox_, max_norm_) are applied to."""
+    return ShapeSet(sset.name, sset.description, [(n, s) for n, s in sset.shapes if len(s) >= 2],
+                    sset.gpu_only)
+
+
 SETS = {
     "mlp": ShapeSet("mlp", "MLP 784-512-512-10", mlp()),
     "lstm": ShapeSet("lstm", "2-layer LSTM LM (vocab 5000, emb 256, hidden 512)", lstm()),

@@ -200,6 +200,11 @@ class Suite:
             self.sets_meta[name] = {"description": sset.description, "tensors": sset.count,
                                     "numel": sset.numel, "rotation": k,
                                     "bytes_per_copy": sset.numel * self.elsize}
+            if any(P.OPS[op].matrices_only for op in self.ops):
+                msub = S.matrices(sset)
+                self.sets_meta[name]["group_ops"] = {
+                    "tensors": msub.count, "numel": msub.numel,
+                    "rotation": rotation_count(msub, self.dtype, self.info["cache_bytes"])}
             log(f"[{self.dev.type}] {name}: {sset.count} tensors, {sset.numel / 1e6:.1f}M elements, "
                 f"{k} rotated cop{'y' if k == 1 else 'ies'}")
             for op in self.ops:
@@ -226,7 +231,14 @@ class Suite:
     # -- one op ------------------------------------------------------------------
     def run_op(self, sset: S.ShapeSet, op: str, k: int) -> None:
         spec = P.OPS[op]
-        c = P.Coefs(sset.count, self.dev)
+        if spec.matrices_only:  # the group ops: the set's tensors of 2+ dims
+            sset = S.matrices(sset)
+            k = rotation_count(sset, self.dtype, self.info["cache_bytes"])
+            self.note_once("group_prox_ and max_norm_ run on each set's tensors of 2 or more dimensions "
+                           "(1-D biases and norm scales left out; tensor and element counts in the JSON)")
+            log(f"      {op}: {sset.count} tensors of 2+ dims, {sset.numel / 1e6:.2f}M elements, "
+                f"{k} rotated cop{'y' if k == 1 else 'ies'}")
+        c = P.Coefs(sset.count, self.dev, [s for _, s in sset.shapes] if spec.matrices_only else ())
         gen = Gen(self.dev, self.dtype, seed=1000 + P.OP_ORDER.index(op))
         data = [{"ws": gen.tensors(sset, P.W_SCALE),
                  "gs": gen.tensors(sset, P.G_SCALE) if op == "add_penalty_grad_" else []} for _ in range(k)]
@@ -349,7 +361,7 @@ class Suite:
         base = timed.get("pyreg", {}).get("ms")
         for peer in spec.peers:
             what = {"pyreg": f"pyreg.{op} ({self.info['backend']} backend)", "loop": "Python loop of torch ops",
-                    "foreach": "torch._foreach_*", "compile": "torch.compile(loop)"}[peer]
+                    "foreach": spec.foreach_what, "compile": "torch.compile(loop)"}[peer]
             if peer not in timed:
                 ok_detail = checks.get(peer)
                 status = "skipped" if ok_detail is None else "FAIL"
