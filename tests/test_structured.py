@@ -32,7 +32,8 @@ def group_list(dtype, seed=0, device="cpu", scale=1.0):
     return [
         r(0, 7),                                  # 7 groups along dim 1, no elements
         r(13, 37),
-        r(3, 5000),                               # dim 0: groups wider than a tile
+        r(3, 5000),                               # dim 0: wide groups, several per tile
+        r(2, 33001),                              # dim 0: groups wider than a tile
         r(()),                                    # one group of one element
         r(2100, 9),                               # many row tiles for dim 1
         r(61, 37).t(),                            # dense, transposed

@@ -8,16 +8,20 @@
 // [out, in], dim=1 gives outer=out, groups=in, inner=1 (columns are groups);
 // dim=0 gives outer=1, groups=out, inner=in (rows are groups).
 //
-// Tiles: a tile is `rows` consecutive rows times a range of columns that
-// never splits a group unless the group alone is wider than kGroupTileCols:
-//   sub == 1: a tile holds gp whole groups (gp * inner <= kGroupTileCols columns);
-//   sub  > 1: a group of inner > kGroupTileCols columns is cut into `sub`
-//             column tiles of kGroupTileCols columns (the last one shorter).
-// Pass 1 (every op) sums the squares of each column over the tile's rows, then
-// each group's columns, into one float64 partial per (row tile, group,
-// sub-tile). The fold of a group's partials, row tile by row tile and sub-tile
-// by sub-tile, gives its squared norm. The order of every sum depends only on
-// the tensor's shape: same input, same bits, whatever the thread count.
+// Two kinds of groups, by width (inner):
+//   narrow (inner < kWideInner, e.g. the columns of a Linear weight): a tile
+//     is `rows` rows times gp whole groups (at most kGroupTileCols columns);
+//     pass 1 sums each column's squares over the rows, then each group's
+//     columns;
+//   wide (inner >= kWideInner, e.g. the rows of a Linear weight): a tile is
+//     `rows` rows times gp whole groups (about kGroupTileElems elements), or,
+//     for a group wider than that, one of its `sub` segments of `width`
+//     columns (the last one shorter); pass 1 sums each group's contiguous
+//     runs directly.
+// Pass 1 (every op) gives float64 partial sums of squares per (row tile,
+// group, sub-tile); the fold of a group's partials, row tile by row tile and
+// sub-tile by sub-tile, gives its squared norm. The order of every sum depends
+// only on the tensor's shape: same input, same bits, whatever the thread count.
 // Pass 2 (prox, max_norm, grad) scales each element by its group's factor.
 #pragma once
 #include <cstdint>
@@ -27,12 +31,15 @@
 namespace pyreg {
 inline namespace PYREG_ISA_NS {
 
-constexpr int64_t kGroupTileCols = 2048;         // columns per tile at most
+constexpr int64_t kGroupTileCols = 2048;         // columns per tile of narrow groups at most
 constexpr int64_t kGroupTileElems = int64_t(1) << 15;  // elements a tile aims for
+constexpr int64_t kWideInner = 32;               // groups at least this wide are "wide"
 
 struct GroupTiling {
   int64_t outer, groups, inner;
-  int64_t sub;        // column tiles per group (1 unless inner > kGroupTileCols)
+  bool wide;          // inner >= kWideInner
+  int64_t sub;        // column tiles per group (1 unless a wide group is wider than a tile)
+  int64_t width;      // columns of a sub-tile (sub > 1)
   int64_t gp;         // groups per tile when sub == 1 (1 when sub > 1)
   int64_t cols;       // columns per tile (the last tile of a row may hold fewer)
   int64_t rows;       // rows per tile (the last row tile may hold fewer)
@@ -45,14 +52,16 @@ struct GroupTiling {
 };
 
 PYREG_HD GroupTiling group_tiling(int64_t outer, int64_t groups, int64_t inner) {
-  GroupTiling t{outer, groups, inner, 1, 1, 0, 1, 0, 0};
+  GroupTiling t{outer, groups, inner, inner >= kWideInner, 1, 0, 1, 0, 1, 0, 0};
   if (outer <= 0 || groups <= 0 || inner <= 0) return t;  // no elements: no tiles
-  if (inner > kGroupTileCols) {
-    t.sub = (inner + kGroupTileCols - 1) / kGroupTileCols;
+  const int64_t span = t.wide ? kGroupTileElems : kGroupTileCols;
+  if (inner > span) {
+    t.sub = (inner + span - 1) / span;
+    t.width = span;
     t.gp = 1;
-    t.cols = kGroupTileCols;
+    t.cols = span;
   } else {
-    t.gp = kGroupTileCols / inner;
+    t.gp = span / inner;
     if (t.gp > groups) t.gp = groups;
     t.cols = t.gp * inner;
   }
@@ -89,9 +98,9 @@ PYREG_HD GroupTile group_tile(const GroupTiling& t, int64_t k) {
     u.g0 = ct / t.sub;
     u.ng = 1;
     u.s = ct % t.sub;
-    const int64_t c = u.s * kGroupTileCols;
+    const int64_t c = u.s * t.width;
     u.col0 = u.g0 * t.inner + c;
-    u.ncols = t.inner - c < kGroupTileCols ? t.inner - c : kGroupTileCols;
+    u.ncols = t.inner - c < t.width ? t.inner - c : t.width;
   }
   return u;
 }

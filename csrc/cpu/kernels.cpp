@@ -326,6 +326,8 @@ struct GroupArgs {
 
 struct GroupItem { int64_t tensor, tile; };
 
+constexpr int kGroupLanes = 8;  // float64 lanes of a wide group's sum
+
 // The value whose group norms an op takes: the element soft-threshold (rounded
 // to the storage type) for group_prox, the weight itself otherwise.
 template <int kOp, typename T, typename A>
@@ -366,28 +368,61 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
       using T = std::remove_pointer_t<decltype(p)>;
       using A = opmath_t<T>;
       const ProxParams<A> soft = soft_of(item.tensor, A(0));
+      const int64_t L = g.groups * g.inner;
+      double* out = parts.data() + poff[item.tensor];
+      if (g.wide) {
+        // Each group's contiguous runs (one per row), summed in kGroupLanes
+        // float64 lanes in a fixed order, then the lanes in order.
+        const int64_t width = g.sub == 1 ? g.inner : u.ncols;
+        for (int64_t j = 0; j < u.ng; ++j) {
+          double lanes[kGroupLanes] = {};
+          for (int64_t r = 0; r < u.nrows; ++r) {
+            const T* __restrict run = p + (u.row0 + r) * L + u.col0 + j * g.inner;
+            int64_t i = 0;
+            for (; i + kGroupLanes <= width; i += kGroupLanes) {
+#pragma omp simd
+              for (int l = 0; l < kGroupLanes; ++l) {
+                const double v = double(group_value<kOp, T, A>(run[i + l], soft));
+                lanes[l] += v * v;
+              }
+            }
+            for (int l = 0; i < width; ++i, ++l) {
+              const double v = double(group_value<kOp, T, A>(run[i], soft));
+              lanes[l] += v * v;
+            }
+          }
+          double sum = 0.0;
+          for (int l = 0; l < kGroupLanes; ++l) sum += lanes[l];
+          out[partial_index(g, u.rt, u.g0 + j, u.s)] = sum;
+        }
+        return;
+      }
+      // Narrow groups: each column's squares over the rows, four rows at a
+      // time (fewer passes over col), then each group's columns.
       double col[kGroupTileCols];
       for (int64_t c = 0; c < u.ncols; ++c) col[c] = 0.0;
-      const int64_t L = g.groups * g.inner;
-      for (int64_t r = 0; r < u.nrows; ++r) {
+      auto sq = [&](const T* q, int64_t c) {
+        const double v = double(group_value<kOp, T, A>(q[c], soft));
+        return v * v;
+      };
+      int64_t r = 0;
+      for (; r + 4 <= u.nrows; r += 4) {
+        const T* __restrict r0 = p + (u.row0 + r) * L + u.col0;
+        const T* __restrict r1 = r0 + L;
+        const T* __restrict r2 = r1 + L;
+        const T* __restrict r3 = r2 + L;
+#pragma omp simd
+        for (int64_t c = 0; c < u.ncols; ++c) col[c] += (sq(r0, c) + sq(r1, c)) + (sq(r2, c) + sq(r3, c));
+      }
+      for (; r < u.nrows; ++r) {
         const T* __restrict row = p + (u.row0 + r) * L + u.col0;
 #pragma omp simd
-        for (int64_t c = 0; c < u.ncols; ++c) {
-          const double v = double(group_value<kOp, T, A>(row[c], soft));
-          col[c] += v * v;
-        }
+        for (int64_t c = 0; c < u.ncols; ++c) col[c] += sq(row, c);
       }
-      double* out = parts.data() + poff[item.tensor];
-      if (g.sub == 1) {
-        for (int64_t j = 0; j < u.ng; ++j) {
-          double s = 0.0;
-          for (int64_t i = 0; i < g.inner; ++i) s += col[j * g.inner + i];
-          out[partial_index(g, u.rt, u.g0 + j, 0)] = s;
-        }
-      } else {
-        double s = 0.0;
-        for (int64_t c = 0; c < u.ncols; ++c) s += col[c];
-        out[partial_index(g, u.rt, u.g0, u.s)] = s;
+      for (int64_t j = 0; j < u.ng; ++j) {  // narrow groups: never split (sub == 1)
+        double sum = 0.0;
+        for (int64_t i = 0; i < g.inner; ++i) sum += col[j * g.inner + i];
+        out[partial_index(g, u.rt, u.g0 + j, 0)] = sum;
       }
     });
   });
@@ -438,31 +473,29 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
       using T = std::remove_pointer_t<decltype(p)>;
       using A = opmath_t<T>;
       const ProxParams<A> soft = soft_of(item.tensor, A(0));
-      T* gp = kOp == kGGrad ? static_cast<T*>(a.grads[item.tensor]) : nullptr;
+      T* const gp = kOp == kGGrad ? static_cast<T*>(a.grads[item.tensor]) : nullptr;
       const int64_t L = g.groups * g.inner;
-      // One element: x (and for the gradient, its grad) with factor fg.
-      auto apply = [&](int64_t idx, double fg) {
+      // A run of n elements from idx, factors fs[i] (step 1) or fs[0] (step 0).
+      auto run = [&](int64_t idx, int64_t n, const double* __restrict fs, int64_t step) {
+        T* __restrict xs = p + idx;
         if constexpr (kOp == kGGrad) {
-          gp[idx] = store<T>(load<A>(gp[idx]) + A(fg * double(load<A>(p[idx]))));
+          T* __restrict gs = gp + idx;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i)
+            gs[i] = store<T>(load<A>(gs[i]) + A(fs[i * step] * double(load<A>(xs[i]))));
         } else {
-          p[idx] = store<T>(A(double(group_value<kOp, T, A>(p[idx], soft)) * fg));
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i)
+            xs[i] = store<T>(A(double(group_value<kOp, T, A>(xs[i], soft)) * fs[i * step]));
         }
       };
+      const int64_t width = g.sub == 1 ? g.inner : u.ncols;  // of each group's run
       for (int64_t r = 0; r < u.nrows; ++r) {
         const int64_t base = (u.row0 + r) * L + u.col0;
         if (g.inner == 1) {
-#pragma omp simd
-          for (int64_t c = 0; c < u.ncols; ++c) apply(base + c, f[c]);
-        } else if (g.sub == 1) {
-          for (int64_t j = 0; j < u.ng; ++j) {
-            const double fg = f[j];
-#pragma omp simd
-            for (int64_t i = 0; i < g.inner; ++i) apply(base + j * g.inner + i, fg);
-          }
+          run(base, u.ncols, f, 1);
         } else {
-          const double fg = f[0];
-#pragma omp simd
-          for (int64_t c = 0; c < u.ncols; ++c) apply(base + c, fg);
+          for (int64_t j = 0; j < u.ng; ++j) run(base + j * g.inner, width, f + j, 0);
         }
       }
     });

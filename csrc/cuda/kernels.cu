@@ -472,6 +472,36 @@ __device__ __forceinline__ int owner(const I* start, int nt, int64_t i) {
   return lo;
 }
 
+// Wide groups go to teams of warps: min(gp, kWarps) teams of kWarps / teams
+// warps each; a team takes the tile's groups in turn, its threads striding
+// over each group's runs. Each warp leaves its own partial, so a wide group has
+// team_warps(g) partials per (row tile, sub-tile): the tile partials of a
+// tensor are g.partials() * team_warps(g).
+PYREG_HD int64_t team_warps(const GroupTiling& g) {
+  return g.wide ? kWarps / (g.gp < kWarps ? g.gp : kWarps) : 1;
+}
+
+struct Team {
+  int64_t n;      // teams
+  int64_t warps;  // warps per team
+  int64_t id;     // this thread's team (>= n: idle)
+  int64_t q, nq;  // this thread's index in its team, the team's threads
+  int64_t slot;   // this warp's partial within its team
+};
+
+__device__ __forceinline__ Team team_of(const GroupTiling& g) {
+  Team m;
+  m.warps = team_warps(g);
+  m.n = kWarps / m.warps;
+  if (m.n > g.gp) m.n = g.gp;
+  const int64_t warp = threadIdx.x >> 5;
+  m.id = warp / m.warps;
+  m.slot = warp % m.warps;
+  m.q = m.slot * 32 + (threadIdx.x & 31);
+  m.nq = m.warps * 32;
+  return m;
+}
+
 // colsum: the kernel's shared buffer of kGroupTileCols doubles (declared once
 // in the kernel: a GPU reserves every __shared__ declaration of every dtype's
 // instance of this function, not just the one that runs).
@@ -486,6 +516,45 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t t
                                            : prox_params<A>(0.0, 0.0, 0.0);
   T* x = static_cast<T*>(b.x[k]);
   const int64_t L = g.groups * g.inner;
+  T* gr = kOp == kGGrad ? static_cast<T*>(b.g[k]) : nullptr;
+  // Pass 2's update of element i with its group's factor fg.
+  auto apply = [&](int64_t i, double fg) {
+    if constexpr (kOp == kGGrad) {
+      gr[i] = store<T>(load<A>(gr[i]) + A(fg * double(load<A>(x[i]))));
+    } else {
+      x[i] = store<T>(A(double(group_value<kOp, T, A>(x[i], soft)) * fg));
+    }
+  };
+  if (g.wide) {  // tile-uniform
+    const Team m = team_of(g);
+    if (m.id >= m.n) return;  // an idle warp (no barrier below)
+    const int64_t width = g.sub == 1 ? g.inner : u.ncols;  // of each group's run
+    const int lane = threadIdx.x & 31;
+    for (int64_t j = m.id; j < u.ng; j += m.n) {  // warp-uniform
+      const int64_t first = u.col0 + j * g.inner;
+      if constexpr (kPass == 1) {
+        double sq = 0.0;
+        for (int64_t r = 0; r < u.nrows; ++r) {
+          const T* run = x + (u.row0 + r) * L + first;
+          for (int64_t i = m.q; i < width; i += m.nq) {
+            const double v = double(group_value<kOp, T, A>(run[i], soft));
+            sq += v * v;
+          }
+        }
+        sq = warp_sum(sq);
+        if (lane == 0)
+          w.tiles[b.poff[k] + partial_index(g, u.rt, u.g0 + j, u.s) * m.warps + m.slot] = sq;
+      } else {
+        const double fg = w.factor[b.goff[k] + u.g0 + j];
+        for (int64_t r = 0; r < u.nrows; ++r) {
+          const int64_t base = (u.row0 + r) * L + first;
+          for (int64_t i = m.q; i < width; i += m.nq) apply(base + i, fg);
+        }
+      }
+    }
+    return;
+  }
+  // Narrow groups: a thread per column.
   if constexpr (kPass == 1) {
     double acc[kGroupCols];
 #pragma unroll
@@ -508,43 +577,24 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t t
     }
     __syncthreads();
     double* out = w.tiles + b.poff[k];
-    if (g.sub == 1 && g.inner < 32) {
-      for (int64_t j = threadIdx.x; j < u.ng; j += kThreads) {
-        double s = 0.0;
-        for (int64_t i = 0; i < g.inner; ++i) s += colsum[j * g.inner + i];
-        out[partial_index(g, u.rt, u.g0 + j, 0)] = s;
-      }
-    } else {
-      const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-      const int64_t width = g.sub == 1 ? g.inner : u.ncols;
-      for (int64_t j = warp; j < u.ng; j += kWarps) {  // warp-uniform
-        double s = 0.0;
-        for (int64_t i = lane; i < width; i += 32) s += colsum[j * g.inner + i];
-        s = warp_sum(s);
-        if (lane == 0) out[partial_index(g, u.rt, u.g0 + j, u.s)] = s;
-      }
+    for (int64_t j = threadIdx.x; j < u.ng; j += kThreads) {  // narrow groups are never split
+      double sq = 0.0;
+      for (int64_t i = 0; i < g.inner; ++i) sq += colsum[j * g.inner + i];
+      out[partial_index(g, u.rt, u.g0 + j, 0)] = sq;
     }
   } else {
-    T* gr = kOp == kGGrad ? static_cast<T*>(b.g[k]) : nullptr;
     double f[kGroupCols];
 #pragma unroll
     for (int j = 0; j < kGroupCols; ++j) {
       const int64_t col = int64_t(threadIdx.x) + j * kThreads;
-      f[j] = col < u.ncols ? w.factor[b.goff[k] + u.g0 + (g.sub == 1 ? col / g.inner : 0)] : 0.0;
+      f[j] = col < u.ncols ? w.factor[b.goff[k] + u.g0 + col / g.inner] : 0.0;
     }
     for (int64_t r = 0; r < u.nrows; ++r) {
       const int64_t base = (u.row0 + r) * L + u.col0;
 #pragma unroll
       for (int j = 0; j < kGroupCols; ++j) {
         const int64_t col = int64_t(threadIdx.x) + j * kThreads;
-        if (col < u.ncols) {
-          const int64_t i = base + col;
-          if constexpr (kOp == kGGrad) {
-            gr[i] = store<T>(load<A>(gr[i]) + A(f[j] * double(load<A>(x[i]))));
-          } else {
-            x[i] = store<T>(A(double(group_value<kOp, T, A>(x[i], soft)) * f[j]));
-          }
-        }
+        if (col < u.ncols) apply(base + col, f[j]);
       }
     }
   }
@@ -580,9 +630,11 @@ __global__ void __launch_bounds__(kThreads)
   const int t = b.t0 + k;
   const int64_t j = gi - b.goff[k];
   const GroupTiling g = group_tiling(b.outer[k], b.groups[k], b.inner[k]);
+  const int64_t tw = team_warps(g);
   double sq = 0.0;
   for (int64_t rt = 0; rt < g.row_tiles; ++rt)
-    for (int64_t s = 0; s < g.sub; ++s) sq += w.tiles[b.poff[k] + partial_index(g, rt, j, s)];
+    for (int64_t s = 0; s < g.sub; ++s)
+      for (int64_t q = 0; q < tw; ++q) sq += w.tiles[b.poff[k] + partial_index(g, rt, j, s) * tw + q];
   const double n = sqrt(sq);
   double f = 1.0;
   int64_t count = 0;
@@ -753,7 +805,8 @@ struct GroupLayout {
     int64_t groups = 0, partials = 0;
     for (int64_t t = 0; t < n; ++t) {
       groups += gl.groups[t];
-      partials += group_tiling(gl.outer[t], gl.groups[t], gl.inner[t]).partials();
+      const GroupTiling g = group_tiling(gl.outer[t], gl.groups[t], gl.inner[t]);
+      partials += g.partials() * team_warps(g);
     }
     first = 16;
     terms = first + align16(8 * (n + 1));
@@ -805,7 +858,7 @@ std::vector<GroupBatch> group_plan(const TensorList& w, const GroupList& gl, voi
     cur.tstart[k] = int32_t(rel);
     cur.dtype[k] = int8_t(w.dtypes[t]);
     rel += g.tiles();
-    poff += g.partials();
+    poff += g.partials() * team_warps(g);
     goff += gl.groups[t];
   }
   cur.tstart[cur.nt] = int32_t(rel);
