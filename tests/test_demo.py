@@ -7,22 +7,26 @@ import json
 import os
 
 import pytest
+import torch
+
+from pyreg import cli
+from pyreg.demo import FINETUNE_ALPHAS, QUICK_ALPHAS
+from pyreg.demo.study import FINETUNE_METHODS, METHODS, plan_runs
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-from pyreg import cli  # noqa: E402
-from pyreg.demo import QUICK_ALPHAS  # noqa: E402
-from pyreg.demo.study import METHODS, plan_runs  # noqa: E402
-
-FILES = ["results.csv", "results.json", "regularization_path.png", "layer_norms.png", "input_weights.png"]
+FILES = ["results.csv", "results.json", "finetune.csv", "regularization_path.png", "layer_norms.png",
+         "input_weights.png"]
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
+    threads = torch.get_num_threads()
     rc = cli.main(["demo", "--quick", "--device", "cpu", "--out", str(out), "--seed", "0"])
     assert rc == 0
+    assert torch.get_num_threads() == threads  # the demo's one-thread setting is restored
     with open(out / "results.json") as f:
         data = json.load(f)
     return out, data
@@ -49,7 +53,7 @@ def test_files_written(quick):
 def test_table_rows(quick, capsys):
     out, data = quick
     expected = [(t, m, a) for t in ("mlp", "lstm") for m, a in plan_runs(METHODS, QUICK_ALPHAS)]
-    assert len(expected) == 2 * (1 + 4 * len(QUICK_ALPHAS))
+    assert len(expected) == 2 * (1 + 5 * len(QUICK_ALPHAS))
     got = [(r["task"], r["method"], r["alpha"]) for r in data["results"]]
     assert got == expected
     with open(out / "results.csv") as f:
@@ -71,6 +75,11 @@ def test_printed_table(tmp_path, capsys):
     rows = [ln[:3] for ln in lines if len(ln) > 3 and ln[0] in ("mlp", "lstm")]
     # the results table, then the winners table (same runs: one alpha per method)
     assert rows == [["mlp", "none", "-"], ["mlp", "l1", "0.3"], ["lstm", "none", "-"], ["lstm", "l1", "0.3"]] * 2
+    # then the fine-tuning table: the pre-trained model and every run (not limited by --methods / --alphas)
+    ft = [ln[:3] for ln in lines if ln and ln[0] == "finetune"]
+    assert ft == [["finetune", "pretrained", "-"], ["finetune", "none", "-"]] + [
+        ["finetune", m, f"{a:g}"] for m in ("l2", "l2-sp") for a in FINETUNE_ALPHAS]
+    assert "Fine-tuning" in text
     assert "Grid-search winner" in text and os.path.abspath(out) in text
     assert sorted(os.listdir(out)) == sorted(FILES)
 
@@ -90,6 +99,104 @@ def test_l1_selects_informative_inputs(quick):
     assert none["noise_zeroed"] == 0 and none["inputs_used"] == none["num_informative"] + none["num_noise"], msg
 
 
+def test_group_lasso_selects_exactly_the_informative_inputs(quick):
+    """The claim: group lasso on the input layer's columns (plus ridge) zeroes
+    every noise input's whole column and keeps every informative one, at the
+    alpha the grid search selects, validating at least as well as L1's winner."""
+    _, data = quick
+    winner = {w["method"]: w for w in data["winners"] if w["task"] == "mlp"}
+    g = _run(data, "mlp", "group", winner["group"]["alpha"])[0]
+    l1 = _run(data, "mlp", "l1", winner["l1"]["alpha"])[0]
+    msg = (f"group alpha={g['alpha']}: noise zeroed {g['noise_zeroed']}/{g['num_noise']}, kept "
+           f"{g['informative_kept']}/{g['num_informative']}, val {g['val_acc']}; l1 alpha={l1['alpha']}: "
+           f"val {l1['val_acc']}")
+    assert g["noise_zeroed"] == g["num_noise"] and g["informative_kept"] == g["num_informative"], msg
+    assert g["precision"] == 1.0 and g["recall"] == 1.0 and g["inputs_used"] == g["num_informative"], msg
+    assert g["val_acc"] >= l1["val_acc"], msg
+    norms = g["input_weight_norms"]  # whole columns: exactly 0 for noise, not for the informative inputs
+    assert all(v == 0.0 for v in norms[g["num_informative"]:]) and all(v > 0 for v in norms[:g["num_informative"]])
+    # coefficients: group_l1 = alpha * sqrt(rows of a column), ridge alpha / 2 (from_sklearn(alpha, 0))
+    assert g["group_l1"] == pytest.approx(g["alpha"] * 32 ** 0.5) and g["l2"] == pytest.approx(g["alpha"] / 2)
+    assert g["l1"] == 0.0
+    # a weak group penalty selects nothing: the columns are zeroed by the penalty, not by training
+    weak = _run(data, "mlp", "group", min(QUICK_ALPHAS))[0]
+    assert weak["noise_zeroed"] < weak["num_noise"] / 2, weak["noise_zeroed"]
+    for task in ("mlp", "lstm"):  # every group run reports input selection
+        for r in _run(data, task, "group"):
+            assert {"inputs_used", "noise_zeroed", "precision", "recall"} <= set(r)
+
+
+def test_group_param_groups():
+    """Group lasso goes on the input weight's columns (group_dim 1) only: not on
+    its bias, not on other layers (MLP and LSTM)."""
+    import pyreg
+    from pyreg.demo.study import MLP, LSTMClassifier, build_groups
+
+    for model in (MLP(128, 4), LSTMClassifier(6, 2, hidden=16)):
+        groups = build_groups(model, "group", 0.3)
+        with_group = [(n, g["group_l1"], g["group_dim"]) for g in groups if g.get("group_l1")
+                      for n in g["param_names"]]
+        rows = model.get_parameter(model.input_weight).shape[0]
+        assert with_group == [(model.input_weight, pytest.approx(0.3 * rows ** 0.5), 1)], with_group
+        for g in groups:
+            if g.get("group_l1"):
+                continue
+            for n in g["param_names"]:
+                assert g["l2"] == (0.0 if "bias" in n else pytest.approx(0.15)), (n, g["l2"])
+        opt = pyreg.Regularized(torch.optim.SGD(groups, lr=0.1), mode="proximal")  # a valid optimizer
+        assert opt.param_groups
+
+
+def test_related_tasks():
+    """The fine-tuning data: same inputs and standardization, labels kept for
+    all classes but the last, which is split in two halves."""
+    import numpy as np
+
+    from pyreg.demo.data import related_tasks
+
+    old, new = related_tasks(8, 20, (300, 100, 100), (60, 100, 200), seed=3)
+    assert old.num_classes == 4 and new.num_classes == 5 and old.num_features == new.num_features == 28
+    assert (len(old.x_train), len(new.x_train), len(new.x_test)) == (300, 60, 200)
+    assert sorted(set(new.y_test.tolist())) == [0, 1, 2, 3, 4] and sorted(set(old.y_test.tolist())) == [0, 1, 2, 3]
+    # one standardization, from the old training split
+    assert np.allclose(old.x_train.mean(0), 0, atol=1e-5) and not np.allclose(new.x_train.mean(0), 0, atol=1e-5)
+    # class 3 of the old task splits into 3 and 4 along informative column 0
+    y = new.y_test
+    assert (new.x_test[y == 4, 0].min() > new.x_test[y == 3, 0].max())
+    # disjoint samples
+    rows = {tuple(r) for r in old.x_train.tolist()}
+    assert not any(tuple(r) in rows for r in new.x_train.tolist())
+
+
+def test_finetune_table(quick):
+    """The fine-tuning table: the pre-trained model, none, L2 and L2-SP with new-
+    and old-task accuracies; L2-SP (toward the pre-trained weights) forgets the
+    old task less than none and L2 and does at least as well on the new one."""
+    out, data = quick
+    rows = data["finetune"]
+    assert [(r["method"], r["alpha"]) for r in rows] == [("pretrained", 0.0)] + list(
+        plan_runs(FINETUNE_METHODS, FINETUNE_ALPHAS))
+    assert set(FINETUNE_METHODS) == {"none", "l2", "l2-sp"}
+    for r in rows[1:]:
+        for key in ("new_train_acc", "new_val_acc", "new_test_acc", "old_test_acc", "drift"):
+            assert 0.0 <= r[key] <= (1.0 if key != "drift" else 10.0), (r, key)
+    with open(out / "finetune.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [(r["method"], float(r["alpha"])) for r in csv_rows] == [(r["method"], r["alpha"]) for r in rows]
+    assert [float(r["old_test_acc"]) for r in csv_rows] == [r["old_test_acc"] for r in rows]
+    win = {r["method"]: r for r in rows[1:] if r["selected"]}
+    assert sorted(win) == sorted(FINETUNE_METHODS)  # one winner per method
+    for m in FINETUNE_METHODS:
+        assert win[m]["new_val_acc"] == max(r["new_val_acc"] for r in rows if r["method"] == m)
+    pre, none, l2, sp = rows[0], win["none"], win["l2"], win["l2-sp"]
+    msg = f"pretrained {pre}\nnone {none}\nl2 {l2}\nl2-sp {sp}"
+    assert pre["old_test_acc"] > 0.85, msg
+    assert none["old_test_acc"] < pre["old_test_acc"] - 0.1, msg  # fine-tuning forgets
+    assert sp["old_test_acc"] > max(none["old_test_acc"], l2["old_test_acc"]) + 0.1, msg
+    assert sp["new_test_acc"] >= max(none["new_test_acc"], l2["new_test_acc"]) - 0.02, msg
+    assert sp["drift"] < none["drift"], msg
+
+
 def test_l1_zeros_l2_shrinks(quick):
     _, data = quick
     none = _run(data, "mlp", "none")[0]
@@ -103,7 +210,10 @@ def test_l1_zeros_l2_shrinks(quick):
         for n in weights:  # smooth shrinkage: smaller norms, no zeros
             assert r["layers"][n]["l2_norm"] < none["layers"][n]["l2_norm"], (r["alpha"], n)
     strongest = _run(data, "mlp", "l2", max(QUICK_ALPHAS))[0]
-    total = lambda r: sum(r["layers"][n]["l2_norm"] ** 2 for n in weights)  # noqa: E731
+
+    def total(r):
+        return sum(r["layers"][n]["l2_norm"] ** 2 for n in weights)
+
     assert total(strongest) < 0.8 * total(none)
 
 
@@ -146,8 +256,6 @@ def test_bad_arguments(tmp_path, capsys, args, needle):
 
 
 def test_cuda_unavailable(tmp_path, capsys):
-    import torch
-
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     out = tmp_path / "never"

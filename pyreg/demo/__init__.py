@@ -1,8 +1,9 @@
 """``pyreg demo``: a regularization study on data that needs no download.
 
-Two tasks, each trained with no penalty and with L1, L2, elastic net and a
-per-layer-alpha variant over a grid of alphas, all through
-``pyreg.Regularized`` (proximal mode: exact zeros for L1):
+Two tasks, each trained with no penalty and with L1, L2, elastic net, a
+per-layer-alpha variant and group lasso on the input layer over a grid of
+alphas, all through ``pyreg.Regularized`` (proximal mode: exact zeros for L1,
+whole zero input columns for group lasso):
 
 * ``mlp``: an MLP on a classification set with 8 informative inputs and 120
   pure-noise inputs, few training samples (the unregularized net over-fits).
@@ -11,9 +12,20 @@ per-layer-alpha variant over a grid of alphas, all through
   label depends on two channels, with 10% label noise and 200 training
   sequences.
 
+Then a fine-tuning task: an MLP pre-trained on one generated task is
+fine-tuned, with a new head, on a small related task (same inputs, one class
+split in two) with no penalty, L2 toward 0 and L2-SP (L2 toward the
+pre-trained weights, ``pyreg.param_groups(ref=...)``) over ``FINETUNE_ALPHAS``;
+it reports new-task accuracy and old-task accuracy with the old head
+(retention).
+
 Output: a results table, the grid-search winner per method (by validation
-accuracy; ties to the larger alpha) with its test accuracy, and CSV, JSON and
-PNG files in ``--out``. See ``pyreg demo --help``.
+accuracy; ties to the larger alpha) with its test accuracy, the fine-tuning
+table, and CSV, JSON and PNG files in ``--out``. See ``pyreg demo --help``.
+
+On the CPU the demo trains with one thread (``torch.set_num_threads(1)``,
+restored afterwards): its models are so small that splitting their matrix
+products over threads costs more than it gains.
 """
 from __future__ import annotations
 
@@ -21,7 +33,7 @@ import argparse
 import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -35,6 +47,10 @@ SETTINGS = {  # steps of full-batch training per run
     False: {"mlp_steps": 500, "lstm_steps": 150},
     True: {"mlp_steps": 200, "lstm_steps": 80},
 }
+#: The fine-tuning task (the same with and without --quick: it is cheap).
+FINETUNE = {"old_sizes": (1000, 400, 1000), "new_sizes": (50, 400, 1000), "pretrain_steps": 300,
+            "finetune_steps": 200, "finetune_lr": 0.01}
+FINETUNE_ALPHAS = (0.1, 1.0, 10.0)
 
 
 def _alpha(text: str) -> float:
@@ -48,11 +64,11 @@ def _alpha(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _alphas(text: str) -> List[float]:
+def _alphas(text: str) -> list[float]:
     parts = [p for p in text.replace(",", " ").split()]
     if not parts:
         raise argparse.ArgumentTypeError("give at least one alpha, e.g. --alphas 0.01,0.1")
-    return sorted(set(_alpha(p) for p in parts))
+    return sorted({_alpha(p) for p in parts})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pyreg demo",
         description="Regularization study on data that needs no download: an MLP on inputs of "
                     "which only a few are informative, and a small LSTM; no penalty, L1, L2, "
-                    "elastic net and per-layer alpha over a grid of alphas, via pyreg.Regularized.")
+                    "elastic net, per-layer alpha and group lasso over a grid of alphas, via "
+                    "pyreg.Regularized. Then fine-tuning a pre-trained MLP on a small related task "
+                    "with no penalty, L2 and L2-SP (toward the pre-trained weights, alphas "
+                    f"{','.join(f'{a:g}' for a in FINETUNE_ALPHAS)}).")
     p.add_argument("--quick", action="store_true",
                    help="fewer steps and 3 alphas (well under a minute on 2 CPU cores)")
     p.add_argument("--device", default="auto",
@@ -68,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="pyreg-demo", metavar="DIR",
                    help="output folder for CSV, JSON and PNG files (default: ./pyreg-demo)")
     p.add_argument("--methods", type=choice_list(METHODS, "methods", lower=True), default=list(METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: all; the "
+                        "fine-tuning task always runs its own three)")
     p.add_argument("--alphas", type=_alphas, default=None,
                    help="comma-separated alpha grid (default: "
                         f"{','.join(map(str, DEFAULT_ALPHAS))}; --quick: {','.join(map(str, QUICK_ALPHAS))})")
@@ -110,7 +130,18 @@ def make_tasks(quick: bool, seed: int):
     ]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def make_finetune_task(seed: int):
+    """The fine-tuning task (data generated from ``seed``)."""
+    from .data import related_tasks
+    from .study import FineTuneTask
+
+    old, new = related_tasks(num_informative=8, num_noise=120, old_sizes=FINETUNE["old_sizes"],
+                             new_sizes=FINETUNE["new_sizes"], seed=seed)
+    return FineTuneTask(old, new, FINETUNE["pretrain_steps"], FINETUNE["finetune_steps"],
+                        FINETUNE["finetune_lr"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     device = _device(parser, args.device)
@@ -126,23 +157,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError as e:
         parser.error(f"the demo needs matplotlib, scikit-learn and tqdm ({e}); "
                      'install them with: pip install "pyreg[demo]"')
-    from .study import grid_winners, run_study
+    from .study import FINETUNE_METHODS, grid_winners, run_finetune, run_study
 
     t0 = time.perf_counter()
     tasks = [t.to(device) for t in make_tasks(args.quick, args.seed)]
+    finetune_task = make_finetune_task(args.seed).to(device)
     print(f"pyreg demo: {len(tasks)} tasks, methods {', '.join(args.methods)}, "
           f"alphas {', '.join(f'{a:g}' for a in alphas)}, device {device}, seed {args.seed}"
-          + (" (quick)" if args.quick else ""), flush=True)
-    results = run_study(tasks, args.methods, alphas, args.seed, device, report.Progress())
+          + (" (quick)" if args.quick else "") + "; then fine-tuning", flush=True)
+    progress = report.Progress()
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny models: one thread is fastest
+    try:
+        results = run_study(tasks, args.methods, alphas, args.seed, device, progress)
+        finetune = run_finetune(finetune_task, FINETUNE_METHODS, FINETUNE_ALPHAS, args.seed, device, progress)
+    finally:
+        torch.set_num_threads(threads)
     winners = grid_winners(results)
     print()
     print(report.format_table(results))
     print()
     print("Grid-search winner per method (best validation accuracy; ties to the larger alpha):")
     print(report.format_table(winners))
+    print()
+    print(f"Fine-tuning: an MLP pre-trained on {FINETUNE['old_sizes'][0]} samples, fine-tuned with a new head on\n"
+          f"{FINETUNE['new_sizes'][0]} samples of a related task (one class split in two). new: accuracy on that "
+          "task;\nold test: old-task accuracy with the old head (retention); drift: distance of the shared "
+          "layers\nfrom the pre-trained ones, relative; winner: best new val per method (ties to the larger alpha).")
+    print(report.format_finetune_table(finetune))
     config = {"quick": args.quick, "device": str(device), "methods": args.methods, "alphas": alphas,
-              "seed": args.seed, **SETTINGS[args.quick]}
-    paths = report.write_all(args.out, config, results, winners)
+              "seed": args.seed, **SETTINGS[args.quick],
+              "finetune": {**FINETUNE, "alphas": list(FINETUNE_ALPHAS), "methods": list(FINETUNE_METHODS)}}
+    paths = report.write_all(args.out, config, results, winners, finetune)
     print()
     print(f"Wrote {len(paths)} files to {os.path.abspath(args.out)}: "
           + ", ".join(os.path.basename(p) for p in paths))

@@ -5,6 +5,8 @@
   many pure-noise columns, so which inputs matter is known exactly.
 * :func:`noisy_sequences`: a generated sequence classification task for the
   LSTM in which only two of the input channels carry signal.
+* :func:`related_tasks`: a task to pre-train on and a small related task to
+  fine-tune on (same inputs, a partly changed label map).
 
 Each returns a :class:`Splits` of standardized float32 tensors (statistics
 taken from the training split only) with train / validation / test parts.
@@ -12,7 +14,6 @@ taken from the training split only) with train / validation / test parts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -31,15 +32,15 @@ class Splits:
     x_test: Tensor
     y_test: Tensor
     num_classes: int
-    informative: List[int]   # input features (columns / channels) that carry signal
+    informative: list[int]   # input features (columns / channels) that carry signal
     num_features: int
 
-    def to(self, device: torch.device) -> "Splits":
+    def to(self, device: torch.device) -> Splits:
         moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
         return Splits(**moved)
 
 
-def _split(n: int, sizes: Tuple[int, int, int], rng: np.random.Generator):
+def _split(n: int, sizes: tuple[int, int, int], rng: np.random.Generator):
     order = rng.permutation(n)
     a, b, c = sizes
     if a + b + c > n:
@@ -65,7 +66,7 @@ def _standardize(x_train: np.ndarray, *others: np.ndarray):
     return [(a - mean) / std for a in (x_train,) + others]
 
 
-def informative_features(num_informative: int, num_noise: int, sizes: Tuple[int, int, int],
+def informative_features(num_informative: int, num_noise: int, sizes: tuple[int, int, int],
                           seed: int, num_classes: int = 4) -> Splits:
     """A classification set whose informative inputs are known.
 
@@ -90,7 +91,7 @@ def informative_features(num_informative: int, num_noise: int, sizes: Tuple[int,
                   num_features=num_informative + num_noise)
 
 
-def noisy_sequences(num_channels: int, length: int, sizes: Tuple[int, int, int], seed: int,
+def noisy_sequences(num_channels: int, length: int, sizes: tuple[int, int, int], seed: int,
                     label_noise: float = 0.1) -> Splits:
     """Sequences of ``length`` steps with ``num_channels`` N(0, 1) channels.
 
@@ -112,3 +113,45 @@ def noisy_sequences(num_channels: int, length: int, sizes: Tuple[int, int, int],
     xs = _standardize(x[tr], x[va], x[te])
     return Splits("lstm", _f32(xs[0]), _i64(y[tr]), _f32(xs[1]), _i64(y[va]), _f32(xs[2]), _i64(y[te]),
                   num_classes=2, informative=[0, 1], num_features=num_channels)
+
+
+def related_tasks(num_informative: int, num_noise: int, old_sizes: tuple[int, int, int],
+                  new_sizes: tuple[int, int, int], seed: int, num_classes: int = 4) -> tuple[Splits, Splits]:
+    """A pre-training task and a small related task, for fine-tuning.
+
+    Both draw their samples (disjoint ones) from one ``make_classification``
+    pool with the same ``num_classes`` clusters, informative columns
+    ``0 .. num_informative - 1`` and ``num_noise`` noise columns as
+    :func:`informative_features`, and share one standardization (from the
+    old task's training split, as a pre-trained model's preprocessing).
+
+    * old (``"pretrain"``): the clusters' labels.
+    * new (``"finetune"``): a partly changed label map with one more class:
+      classes ``0 .. num_classes - 2`` keep their labels; the last class is
+      split in two by the median of informative column 0 within it (the
+      half above becomes class ``num_classes``), a boundary the old task
+      never needed. ``new_sizes`` is meant to be small.
+    """
+    from sklearn.datasets import make_classification
+
+    n_old, n_new = sum(old_sizes), sum(new_sizes)
+    x, y = make_classification(
+        n_samples=n_old + n_new, n_features=num_informative + num_noise, n_informative=num_informative,
+        n_redundant=0, n_repeated=0, n_classes=num_classes, n_clusters_per_class=1,
+        class_sep=1.5, flip_y=0.0, shuffle=False, random_state=seed)
+    last = num_classes - 1
+    split_at = np.median(x[y == last, 0])
+    y_new = np.where((y == last) & (x[:, 0] > split_at), num_classes, y)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n_old + n_new)
+    old_idx, new_idx = order[:n_old], order[n_old:]
+    tr, va, te = (old_idx[i] for i in _split(n_old, old_sizes, rng))
+    ntr, nva, nte = (new_idx[i] for i in _split(n_new, new_sizes, rng))
+    xs = _standardize(x[tr], x[va], x[te], x[ntr], x[nva], x[nte])
+    informative = list(range(num_informative))
+    width = num_informative + num_noise
+    old = Splits("pretrain", _f32(xs[0]), _i64(y[tr]), _f32(xs[1]), _i64(y[va]), _f32(xs[2]), _i64(y[te]),
+                 num_classes=num_classes, informative=informative, num_features=width)
+    new = Splits("finetune", _f32(xs[3]), _i64(y_new[ntr]), _f32(xs[4]), _i64(y_new[nva]), _f32(xs[5]),
+                 _i64(y_new[nte]), num_classes=num_classes + 1, informative=informative, num_features=width)
+    return old, new

@@ -6,7 +6,8 @@ import csv
 import json
 import os
 import sys
-from typing import IO, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import IO
 
 # --------------------------------------------------------------------------
 # Progress
@@ -35,7 +36,7 @@ class Progress:
             self.bar = tqdm(total=self.total, unit="step", file=self.stream, dynamic_ncols=True,
                             leave=False, mininterval=self.mininterval)
 
-    def advance(self, steps: int, label: str, loss: Optional[float]) -> None:
+    def advance(self, steps: int, label: str, loss: float | None) -> None:
         self.done += steps
         if self.bar is not None:
             self.bar.set_description(label, refresh=False)
@@ -47,6 +48,14 @@ class Progress:
         if self.bar is None:
             self.stream.write(f"[{self.done * 100 // self.total:3d}%] {label}: "
                               f"val acc {result['val_acc']:.3f} ({seconds:.1f} s)\n")
+            self.stream.flush()
+
+    def note(self, message: str, seconds: float) -> None:
+        """One line for a step outside the bar (the fine-tuning runs)."""
+        if self.bar is not None:
+            self.bar.write(f"{message} ({seconds:.1f} s)", file=self.stream)
+        else:
+            self.stream.write(f"{message} ({seconds:.1f} s)\n")
             self.stream.flush()
 
     def finish(self) -> None:
@@ -67,8 +76,20 @@ TABLE_COLUMNS = [  # (header, key, format)
 ]
 
 
+FINETUNE_COLUMNS = [
+    ("task", "task", "{}"), ("method", "method", "{}"), ("alpha", "alpha", "{:g}"),
+    ("new train", "new_train_acc", "{:.3f}"), ("new val", "new_val_acc", "{:.3f}"),
+    ("new test", "new_test_acc", "{:.3f}"), ("old test", "old_test_acc", "{:.3f}"),
+    ("drift", "drift", "{:.3f}"), ("winner", "selected", "{}"),
+]
+
+
 def _cell(r: dict, key: str, fmt: str) -> str:
-    if key == "alpha" and r["method"] == "none":
+    if key == "alpha" and r["method"] in ("none", "pretrained"):
+        return "-"
+    if key == "selected":
+        return "*" if r[key] and r["method"] != "pretrained" else ""
+    if key not in r:
         return "-"
     if key == "inputs_used":
         return f"{r['inputs_used']}/{r['num_informative'] + r['num_noise']}"
@@ -84,13 +105,18 @@ def format_table(rows: Sequence[dict], columns=TABLE_COLUMNS) -> str:
     lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(ln.rstrip() for ln in lines)
+
+
+def format_finetune_table(rows: Sequence[dict]) -> str:
+    """The fine-tuning table: the pre-trained model, then one line per run."""
+    return format_table(rows, FINETUNE_COLUMNS)
 
 
 # --------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------
-CSV_FIELDS = ["task", "method", "alpha", "l1", "l2", "train_acc", "val_acc", "test_acc", "gap",
+CSV_FIELDS = ["task", "method", "alpha", "l1", "l2", "group_l1", "train_acc", "val_acc", "test_acc", "gap",
               "train_loss", "val_loss", "test_loss", "sparsity", "inputs_used", "informative_kept",
               "noise_zeroed", "num_informative", "num_noise", "precision", "recall"]
 
@@ -98,7 +124,7 @@ CSV_FIELDS = ["task", "method", "alpha", "l1", "l2", "train_acc", "val_acc", "te
 def write_csv(path: str, results: Sequence[dict]) -> None:
     """One row per run (scalar fields) plus ``<layer>.l1_norm`` / ``.l2_norm`` /
     ``.sparsity`` columns per layer of the run's task."""
-    layer_names: List[str] = []
+    layer_names: list[str] = []
     for r in results:
         for name in r["layers"]:
             if name not in layer_names:
@@ -114,11 +140,26 @@ def write_csv(path: str, results: Sequence[dict]) -> None:
             w.writerow(row)
 
 
-def write_json(path: str, config: dict, results: Sequence[dict], winners: Sequence[dict]) -> None:
+FINETUNE_CSV_FIELDS = ["task", "method", "alpha", "l2", "new_train_acc", "new_val_acc", "new_test_acc",
+                       "old_val_acc", "old_test_acc", "drift", "selected"]
+
+
+def write_finetune_csv(path: str, rows: Sequence[dict]) -> None:
+    """One row per fine-tuning run (the first: the pre-trained model)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FINETUNE_CSV_FIELDS, restval="")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r[k] for k in FINETUNE_CSV_FIELDS if k in r})
+
+
+def write_json(path: str, config: dict, results: Sequence[dict], winners: Sequence[dict],
+               finetune: Sequence[dict] = ()) -> None:
     with open(path, "w") as f:
         json.dump({"config": config, "results": list(results),
                    "winners": [{"task": w["task"], "method": w["method"], "alpha": w["alpha"],
-                                "val_acc": w["val_acc"], "test_acc": w["test_acc"]} for w in winners]},
+                                "val_acc": w["val_acc"], "test_acc": w["test_acc"]} for w in winners],
+                   "finetune": list(finetune)},
                   f, indent=1)
 
 
@@ -212,7 +253,8 @@ def plot_input_weights(plt, path: str, winners: Sequence[dict], task: str) -> No
         ax.plot(zeros, [0] * len(zeros), "|", color="tab:red", ms=6)
         label = w["method"] + ("" if w["method"] == "none" else f" alpha={w['alpha']:g}")
         ax.set_title(f"{label}: {w['inputs_used']} inputs used, {w['noise_zeroed']}/{w['num_noise']} "
-                     f"noise inputs exactly 0 (red), recall {w['recall']:.2f}", fontsize=9)
+                     f"noise inputs exactly 0 (red), "
+                     f"precision {w['precision']:.2f}, recall {w['recall']:.2f}", fontsize=9)
         ax.set_ylabel("column norm", fontsize=8)
     axes[-1][0].set_xlabel(f"input feature (green: informative 0..{ws[0]['num_informative'] - 1}, gray: noise)")
     fig.tight_layout()
@@ -220,16 +262,21 @@ def plot_input_weights(plt, path: str, winners: Sequence[dict], task: str) -> No
     plt.close(fig)
 
 
-def write_all(out_dir: str, config: dict, results: Sequence[dict], winners: Sequence[dict]) -> List[str]:
+def write_all(out_dir: str, config: dict, results: Sequence[dict], winners: Sequence[dict],
+              finetune: Sequence[dict] = ()) -> list[str]:
     """Every output file; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     plt = load_pyplot()
     tasks = list(dict.fromkeys(r["task"] for r in results))
     paths = {name: os.path.join(out_dir, name) for name in
-             ("results.csv", "results.json", "regularization_path.png", "layer_norms.png",
+             ("results.csv", "results.json", "finetune.csv", "regularization_path.png", "layer_norms.png",
               "input_weights.png")}
     write_csv(paths["results.csv"], results)
-    write_json(paths["results.json"], config, results, winners)
+    write_json(paths["results.json"], config, results, winners, finetune)
+    if finetune:
+        write_finetune_csv(paths["finetune.csv"], finetune)
+    else:
+        del paths["finetune.csv"]
     plot_path(plt, paths["regularization_path.png"], results, tasks)
     plot_layer_norms(plt, paths["layer_norms.png"], winners, tasks)
     if "mlp" in tasks:

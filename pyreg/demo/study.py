@@ -9,20 +9,42 @@ scikit-learn's ``ElasticNet(alpha, l1_ratio)`` penalty):
 * ``l2``: ``l1_ratio = 0`` (ridge / decoupled weight decay);
 * ``elastic``: ``l1_ratio = 0.5``;
 * ``layer``: per-layer alpha: L1 ``alpha`` on the input layer (input
-  selection) and ``alpha / 10`` on every other weight.
+  selection) and ``alpha / 10`` on every other weight;
+* ``group``: group lasso on the input layer's columns (one per input feature:
+  ``group_dim = 1`` of an ``nn.Linear`` weight [out, in] and of an LSTM's
+  ``weight_ih_l0`` [4 * hidden, in]) with ``group_l1 = alpha * sqrt(rows)``,
+  rows being a column's length (32 for the MLP, 64 for the LSTM): the usual
+  sqrt(group size) weighting, under which a column whose entries have equal
+  magnitude costs what L1 at ``alpha`` charges it; plus ridge on every
+  weight (the input layer's too), ``l2 = alpha / 2`` (``l1_ratio = 0``, as
+  ``l2``). The ridge term is needed: without it the later layers can grow to make
+  up for the shrunken input columns, and on the MLP either noise columns
+  survive or, at alphas that zero all of them, validation accuracy falls
+  below L1's. The proximal step (``pyreg.group_prox_``, group lasso and ridge
+  in one exact prox) zeroes whole columns. Same alpha grid as the other
+  methods.
 
 Every run of a task starts from the same initial weights (seeded) and sees the
 same data, so runs differ only by their regularization. Biases are not
-regularized (``pyreg.param_groups``' default). The coefficients ramp up
-linearly over the first half of training (a schedule written into the param
-groups, as any ``Regularized`` supports), so that a strong L1 does not zero
-the network before it has learned which inputs matter.
+regularized (``pyreg.param_groups``' default). The coefficients (``l1``,
+``l2``, ``group_l1``) ramp up linearly over the first half of training (a
+schedule written into the param groups, as any ``Regularized`` supports), so
+that a strong L1 does not zero the network before it has learned which
+inputs matter.
+
+The fine-tuning part (:func:`run_finetune`) pre-trains an MLP without a
+penalty, then fine-tunes copies with a new head on a small related task:
+``none``, ``l2`` (ridge toward 0) and ``l2-sp`` (ridge toward the pre-trained
+weights, ``pyreg.param_groups(ref=pretrained)``), both with ``l2 = alpha / 2``
+and no ramp.
 """
 from __future__ import annotations
 
+import copy
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +53,7 @@ import pyreg
 
 from .data import Splits
 
-METHODS = ("none", "l1", "l2", "elastic", "layer")
+METHODS = ("none", "l1", "l2", "elastic", "layer", "group")
 L1_RATIO = {"l1": 1.0, "l2": 0.0, "elastic": 0.5}
 LAYER_FACTOR = 0.1  # method "layer": alpha on the input layer, alpha * LAYER_FACTOR elsewhere
 
@@ -43,6 +65,7 @@ class MLP(nn.Sequential):
     """inputs -> hidden -> hidden -> classes, ReLU; ``"0"`` is the input layer."""
 
     input_layer = "0"
+    input_weight = "0.weight"  # its weight [hidden, inputs]: a column per input
 
     def __init__(self, num_features: int, num_classes: int, hidden: int = 32):
         super().__init__(nn.Linear(num_features, hidden), nn.ReLU(),
@@ -57,6 +80,7 @@ class LSTMClassifier(nn.Module):
     """One LSTM layer and a linear head on the last hidden state."""
 
     input_layer = "lstm.weight_ih_l0"
+    input_weight = "lstm.weight_ih_l0"  # [4 * hidden, inputs]: a column per input channel
 
     def __init__(self, num_features: int, num_classes: int, hidden: int = 32):
         super().__init__()
@@ -81,28 +105,39 @@ class Task:
     name: str
     data: Splits
     make_model: Callable[[], nn.Module]
-    make_optimizer: Callable[[List[dict]], torch.optim.Optimizer]
+    make_optimizer: Callable[[list[dict]], torch.optim.Optimizer]
     steps: int
 
-    def to(self, device: torch.device) -> "Task":
+    def to(self, device: torch.device) -> Task:
         return Task(self.name, self.data.to(device), self.make_model, self.make_optimizer, self.steps)
 
 
-def coefficients(method: str, alpha: float) -> Dict[str, float]:
-    """Base (l1, l2) of a method at strength alpha."""
+def coefficients(method: str, alpha: float, rows: int = 1) -> dict[str, float]:
+    """Base (l1, l2) of a method at strength alpha, and ``group_l1``: the group
+    lasso coefficient of the input layer's columns (``rows`` entries each)."""
     if method == "none":
-        return {"l1": 0.0, "l2": 0.0}
+        return {"l1": 0.0, "l2": 0.0, "group_l1": 0.0}
     if method == "layer":
-        return {"l1": alpha * LAYER_FACTOR, "l2": 0.0}
-    l1, l2 = pyreg.from_sklearn(alpha, L1_RATIO[method])
-    return {"l1": l1, "l2": l2}
+        return {"l1": alpha * LAYER_FACTOR, "l2": 0.0, "group_l1": 0.0}
+    l1, l2 = pyreg.from_sklearn(alpha, L1_RATIO.get(method, 0.0))
+    if method == "group":  # ridge, plus group lasso alpha * sqrt(rows) on the input columns
+        return {"l1": 0.0, "l2": l2, "group_l1": alpha * rows ** 0.5}
+    return {"l1": l1, "l2": l2, "group_l1": 0.0}
 
 
-def build_groups(model: nn.Module, method: str, alpha: float) -> List[dict]:
+def build_groups(model: nn.Module, method: str, alpha: float) -> list[dict]:
     """``pyreg.param_groups`` for a method: biases excluded; for ``layer`` the
-    input layer gets its own, stronger L1 (an override)."""
-    overrides = {model.input_layer: {"l1": alpha}} if method == "layer" else None
-    return pyreg.param_groups(model, **coefficients(method, alpha), overrides=overrides)
+    input layer gets its own, stronger L1, for ``group`` group lasso over the
+    columns of its weight (overrides)."""
+    coef = coefficients(method, alpha, model.get_parameter(model.input_weight).shape[0])
+    overrides = None
+    if method == "layer":
+        overrides = {model.input_layer: {"l1": alpha}}
+    elif method == "group":
+        # the weight's name, not the module's: a module pattern would give the
+        # (1-D) bias group_l1 too
+        overrides = {model.input_weight: {"group_l1": coef["group_l1"], "group_dim": 1}}
+    return pyreg.param_groups(model, l1=coef["l1"], l2=coef["l2"], overrides=overrides)
 
 
 def _accuracy_and_loss(model: nn.Module, x: Tensor, y: Tensor):
@@ -111,7 +146,7 @@ def _accuracy_and_loss(model: nn.Module, x: Tensor, y: Tensor):
 
 
 def train_one(task: Task, method: str, alpha: float, seed: int, device: torch.device,
-              on_tick: Optional[Callable[[int, Optional[float]], None]] = None,
+              on_tick: Callable[[int, float | None], None] | None = None,
               want_loss: bool = False) -> dict:
     """Train one model and return its measurements (plain Python numbers).
 
@@ -124,15 +159,16 @@ def train_one(task: Task, method: str, alpha: float, seed: int, device: torch.de
     model.to(device)
     data = task.data
     opt = pyreg.Regularized(task.make_optimizer(build_groups(model, method, alpha)), mode="proximal")
-    targets = [(g["l1"], g["l2"]) for g in opt.param_groups]
+    ramped = ("l1", "l2", "group_l1")
+    targets = [{k: g[k] for k in ramped if k in g} for g in opt.param_groups]
     ramp_steps = max(1, task.steps // 2)
     tick = max(1, task.steps // 20)
     model.train()
     for step in range(task.steps):
         if step <= ramp_steps and (step % tick == 0 or step == ramp_steps):  # the schedule
             f = min(1.0, step / ramp_steps)
-            for g, (l1, l2) in zip(opt.param_groups, targets):
-                g["l1"], g["l2"] = l1 * f, l2 * f
+            for g, target in zip(opt.param_groups, targets):
+                g.update({k: v * f for k, v in target.items()})
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(data.x_train), data.y_train)
         loss.backward()
@@ -156,7 +192,7 @@ def measure(model: nn.Module, opt: pyreg.Regularized, data: Splits, method: str,
     first = model.first_weight()
     # a column of the input layer's weight is one input feature (LSTM: 4 gates x hidden rows)
     used = (first != 0).any(dim=0)
-    column_norms = first.norm(dim=0)
+    column_norms = pyreg.group_norms([first], dim=1)[0]
     host = {k: float(v) for k, v in values.items()}
     used_list = used.cpu().tolist()
     informative = set(data.informative)
@@ -169,10 +205,10 @@ def measure(model: nn.Module, opt: pyreg.Regularized, data: Splits, method: str,
         layers[name] = {"l1_norm": float(stats.l1[i]), "l2_norm": float(stats.l2[i]),
                         "nonzero": int(stats.nnz[i]), "numel": int(stats.numel[i]),
                         "sparsity": float(sparsity.per_param[i])}
-    coef = coefficients(method, alpha)
+    coef = coefficients(method, alpha, first.shape[0])
     return {
         "task": data.name, "method": method, "alpha": alpha,
-        "l1": coef["l1"], "l2": coef["l2"],
+        "l1": coef["l1"], "l2": coef["l2"], "group_l1": coef["group_l1"],
         **{k: round(v, 6) for k, v in host.items()},
         "gap": round(host["train_acc"] - host["val_acc"], 6),
         "sparsity": float(sparsity.overall),
@@ -188,7 +224,7 @@ def measure(model: nn.Module, opt: pyreg.Regularized, data: Splits, method: str,
     }
 
 
-def plan_runs(methods: Sequence[str], alphas: Sequence[float]) -> List[tuple]:
+def plan_runs(methods: Sequence[str], alphas: Sequence[float]) -> list[tuple]:
     """(method, alpha) pairs: ``none`` once, every other method over the grid."""
     runs = []
     for m in methods:
@@ -197,7 +233,7 @@ def plan_runs(methods: Sequence[str], alphas: Sequence[float]) -> List[tuple]:
 
 
 def run_study(tasks: Sequence[Task], methods: Sequence[str], alphas: Sequence[float], seed: int,
-              device: torch.device, progress) -> List[dict]:
+              device: torch.device, progress) -> list[dict]:
     """Every planned run of every task, in order; ``progress`` is a
     :class:`~pyreg.demo.report.Progress`."""
     results = []
@@ -219,13 +255,131 @@ def run_study(tasks: Sequence[Task], methods: Sequence[str], alphas: Sequence[fl
     return results
 
 
-def grid_winners(results: Sequence[dict]) -> List[dict]:
+def grid_winners(results: Sequence[dict]) -> list[dict]:
     """Per (task, method): the run with the best validation accuracy; ties go
     to the larger alpha (the simpler, sparser model)."""
-    best: Dict[tuple, dict] = {}
+    best: dict[tuple, dict] = {}
     for r in results:
         key = (r["task"], r["method"])
         cur = best.get(key)
         if cur is None or (r["val_acc"], r["alpha"]) > (cur["val_acc"], cur["alpha"]):
             best[key] = r
     return list(best.values())
+
+
+# --------------------------------------------------------------------------
+# Fine-tuning: regularization toward the pre-trained weights (L2-SP)
+# --------------------------------------------------------------------------
+FINETUNE_METHODS = ("none", "l2", "l2-sp")
+
+
+@dataclass
+class FineTuneTask:
+    """Pre-train an MLP on ``old``, then fine-tune it on the small related ``new``
+    task with a new head (full batch)."""
+
+    old: Splits
+    new: Splits
+    pretrain_steps: int
+    finetune_steps: int
+    finetune_lr: float
+
+    def to(self, device: torch.device) -> FineTuneTask:
+        return FineTuneTask(self.old.to(device), self.new.to(device), self.pretrain_steps,
+                            self.finetune_steps, self.finetune_lr)
+
+
+def pretrain(task: FineTuneTask, seed: int, device: torch.device) -> nn.Module:
+    """The pre-trained model: an :class:`MLP` trained without a penalty on the
+    old task (SGD with momentum, as the ``mlp`` task)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MLP(task.old.num_features, task.old.num_classes)
+    model.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    for _ in range(task.pretrain_steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(task.old.x_train), task.old.y_train).backward()
+        opt.step()
+    return model.eval()
+
+
+def finetune_one(task: FineTuneTask, pretrained: nn.Module, method: str, alpha: float, seed: int,
+                 device: torch.device) -> dict:
+    """Fine-tune a copy of ``pretrained`` with a new head on the new task.
+
+    ``l2`` and ``l2-sp`` use ``l2 = alpha / 2`` (``pyreg.from_sklearn(alpha, 0)``,
+    as the study's ``l2`` method) on every weight; ``l2-sp`` regularizes
+    ``w - w_pretrained`` instead of ``w`` (``pyreg.param_groups(ref=...)``;
+    the new head has no pre-trained counterpart and gets plain L2). Adam,
+    proximal mode, no ramp. Retention: the fine-tuned body with the
+    pre-trained (old) head, on the old task's test split.
+    """
+    new = task.new
+    model = copy.deepcopy(pretrained)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        model[-1] = nn.Linear(model[-1].in_features, new.num_classes)
+    model.to(device)
+    l2 = 0.0 if method == "none" else pyreg.from_sklearn(alpha, 0.0)[1]
+    ref = pretrained if method == "l2-sp" else None
+    groups = pyreg.param_groups(model, l2=l2, ref=ref)
+    opt = pyreg.Regularized(torch.optim.Adam(groups, lr=task.finetune_lr), mode="proximal")
+    model.train()
+    for _ in range(task.finetune_steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(new.x_train), new.y_train).backward()
+        opt.step()
+    return measure_finetune(model, pretrained, task, method, alpha if method != "none" else 0.0, l2)
+
+
+@torch.no_grad()
+def measure_finetune(model: nn.Module, pretrained: nn.Module, task: FineTuneTask, method: str,
+                     alpha: float, l2: float) -> dict:
+    """New-task accuracy per split, old-task test accuracy with the old head
+    (retention), and how far the shared layers moved from the pre-trained ones."""
+    model.eval()
+    old_model = nn.Sequential(*list(model)[:-1], pretrained[-1])
+    values = {f"new_{s}_acc": _accuracy_and_loss(model, getattr(task.new, f"x_{s}"), getattr(task.new, f"y_{s}"))[0]
+              for s in ("train", "val", "test")}
+    values["old_test_acc"] = _accuracy_and_loss(old_model, task.old.x_test, task.old.y_test)[0]
+    body = [p for n, p in model.named_parameters() if not n.startswith(f"{len(model) - 1}.")]
+    body0 = [p for n, p in pretrained.named_parameters() if not n.startswith(f"{len(pretrained) - 1}.")]
+    moved = torch.stack([(a - b).norm() ** 2 for a, b in zip(body, body0)]).sum().sqrt()
+    size = torch.stack([b.norm() ** 2 for b in body0]).sum().sqrt()
+    values["drift"] = moved / size
+    return {"task": "finetune", "method": method, "alpha": alpha, "l2": l2,
+            **{k: round(float(v), 6) for k, v in values.items()}}
+
+
+def run_finetune(task: FineTuneTask, methods: Sequence[str], alphas: Sequence[float], seed: int,
+                 device: torch.device, progress) -> list[dict]:
+    """Pre-train once, then fine-tune with each method (``none`` once, the
+    others over ``alphas``). The first row is the pre-trained model itself
+    (old-task accuracy before fine-tuning). Each method's grid-search winner
+    (best new-task validation accuracy; ties to the larger alpha) is marked
+    ``selected``."""
+    t0 = time.perf_counter()
+    pretrained = pretrain(task, seed, device)
+    with torch.no_grad():
+        val = _accuracy_and_loss(pretrained, task.old.x_val, task.old.y_val)[0]
+        acc = _accuracy_and_loss(pretrained, task.old.x_test, task.old.y_test)[0]
+    rows = [{"task": "finetune", "method": "pretrained", "alpha": 0.0, "l2": 0.0,
+             "old_val_acc": round(float(val), 6), "old_test_acc": round(float(acc), 6), "selected": True}]
+    progress.note(f"finetune: pre-trained, old test acc {rows[0]['old_test_acc']:.3f}", time.perf_counter() - t0)
+    for method, alpha in plan_runs(methods, alphas):
+        t0 = time.perf_counter()
+        r = finetune_one(task, pretrained, method, alpha, seed, device)
+        progress.note(f"finetune {method}" + ("" if method == "none" else f" alpha={alpha:g}")
+                      + f": new val acc {r['new_val_acc']:.3f}, old test acc {r['old_test_acc']:.3f}",
+                      time.perf_counter() - t0)
+        rows.append(r)
+    best: dict[str, dict] = {}
+    for r in rows[1:]:
+        cur = best.get(r["method"])
+        if cur is None or (r["new_val_acc"], r["alpha"]) > (cur["new_val_acc"], cur["alpha"]):
+            best[r["method"]] = r
+    for r in rows[1:]:
+        r["selected"] = best[r["method"]] is r
+    return rows
