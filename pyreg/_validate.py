@@ -263,16 +263,18 @@ def extent(t: Tensor) -> int:
 # --------------------------------------------------------------------------
 # References (ops toward a reference) and group dimensions (group ops)
 # --------------------------------------------------------------------------
-def ref_list(ref, tensors: Sequence[Tensor]) -> List[Tensor]:
-    """``ref``: one tensor per tensor, of the same shape, dtype and device."""
-    rs = tensor_list(ref, "ref")
-    if len(rs) != len(tensors):
-        raise ValueError(f"got {len(tensors)} tensors but {len(rs)} ref tensors")
-    for i, (t, r) in enumerate(zip(tensors, rs)):
-        if r.shape != t.shape or r.dtype != t.dtype or r.device != t.device:
-            raise ValueError(f"ref[{i}] is {tuple(r.shape)} {r.dtype} on {r.device} but "
+def partner_list(others, tensors: Sequence[Tensor], name: str, plural: str) -> List[Tensor]:
+    """``others`` (grads, refs): one tensor per tensor, each of its tensor's
+    shape, dtype and device. ``name`` indexes them in messages, ``plural``
+    counts them ("grads", "ref tensors")."""
+    os_ = tensor_list(others, name)
+    if len(os_) != len(tensors):
+        raise ValueError(f"got {len(tensors)} tensors but {len(os_)} {plural}")
+    for i, (t, o) in enumerate(zip(tensors, os_)):
+        if o.shape != t.shape or o.dtype != t.dtype or o.device != t.device:
+            raise ValueError(f"{name}[{i}] is {tuple(o.shape)} {o.dtype} on {o.device} but "
                              f"tensors[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}")
-    return rs
+    return os_
 
 
 def check_refs_apart(tensors: Sequence[Tensor], refs: Sequence[Tensor]) -> None:

@@ -30,7 +30,7 @@ from ._common import WeightStats, coef_tensor, has_dtensor
 from ._ops import (add_group_penalty_grad_op, add_penalty_grad_op, group_norms_op, group_penalty_op,
                    group_prox_op, max_norm_op, penalty_op, prox_op, weight_stats_op)
 from ._validate import (Coefficient, check_grads_apart, check_no_overlap, check_refs_apart, coefficient,
-                        group_dims, ref_list, tensor_list)
+                        group_dims, partner_list, tensor_list)
 
 _dtype_of, _shape_of, _requires_grad = attrgetter("dtype"), attrgetter("shape"), attrgetter("requires_grad")
 #: Types whose tensors the kernels may read through data_ptr() in plain eager
@@ -99,7 +99,7 @@ def _refs(ref, ts: List[Tensor]) -> Optional[List[Tensor]]:
     """Validated, detached refs (constants: no gradient flows into them), or None."""
     if ref is None:
         return None
-    rs = ref_list(ref, ts)
+    rs = partner_list(ref, ts, "ref", "ref tensors")
     _no_dtensor(rs, "ref=")
     _no_dtensor(ts, "ref=")
     return [r.detach() for r in rs]
@@ -253,14 +253,8 @@ def add_group_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor], 
     """In place, g_i += l1_i * w_ig / ||w_ig||_2 for every group (0 for a zero
     group). Returns the group penalty, from the same call."""
     ts, dims, n, dev = _group_args(tensors, dim, "add_group_penalty_grad_")
-    gs = tensor_list(grads, "grads")
+    gs = partner_list(grads, ts, "grads", "grads")
     _no_dtensor(gs, "add_group_penalty_grad_")
-    if len(gs) != len(ts):
-        raise ValueError(f"got {len(ts)} tensors but {len(gs)} grads")
-    for i, (t, g) in enumerate(zip(ts, gs)):
-        if g.shape != t.shape or g.dtype != t.dtype or g.device != t.device:
-            raise ValueError(f"grads[{i}] is {tuple(g.shape)} {g.dtype} on {g.device} but "
-                             f"tensors[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}")
     c = coefficient(l1, n, dev, "l1")
     if not ts:
         return torch.zeros(())

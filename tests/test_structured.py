@@ -13,7 +13,7 @@ import pyreg
 from pyreg import backends
 from pyreg.backends import torch_ref
 
-from conftest import (DTYPE_IDS, DTYPES, ELEMENTWISE_TOL, GRAD_TOL, REDUCTION_TOL, as_f64, bits_equal,
+from conftest import (DTYPE_IDS, DTYPES, ELEMENTWISE_TOL, GRAD_TOL, REDUCTION_TOL, bits_equal,
                       like_list, random_list)
 
 
