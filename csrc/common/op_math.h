@@ -132,6 +132,13 @@ PYREG_HD double max_norm_factor(double n, double c) { return n > c ? c / n : 1.0
 // Gradient of c * ||w_g||: c * w_g / n, and 0 for a zero group.
 PYREG_HD double group_grad_factor(double n, double c) { return n == 0.0 ? 0.0 : c / n; }
 
+// Pass 2 of the group ops, in the compute type A: an element v times its
+// group's factor f (f == 1 leaves v's bits), and a grad g plus f * v.
+template <typename T, typename A>
+PYREG_HD T group_scaled(A v, double f) { return store<T>(v * A(f)); }
+template <typename T, typename A>
+PYREG_HD T group_grad(A g, A v, double f) { return store<T>(g + A(f) * v); }
+
 // ---- results ------------------------------------------------------------------
 // One result into a float32 or float64 output (out_dtype: kFloat32 / kFloat64).
 PYREG_HD void write_out(void* out, int out_dtype, int64_t i, double v) {

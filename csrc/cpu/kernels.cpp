@@ -326,8 +326,6 @@ struct GroupArgs {
 
 struct GroupItem { int64_t tensor, tile; };
 
-constexpr int kGroupLanes = 8;  // float64 lanes of a wide group's sum
-
 // The value whose group norms an op takes: the element soft-threshold (rounded
 // to the storage type) for group_prox, the weight itself otherwise.
 template <int kOp, typename T, typename A>
@@ -335,6 +333,15 @@ inline A group_value(T x, const ProxParams<A>& soft) {
   if constexpr (kOp == kGProx) return load<A>(store<T>(prox_value(load<A>(x), soft)));
   else return load<A>(x);
 }
+
+// value() of sweep over a wide group's run: group_value of each element.
+template <int kOp, typename T, typename A>
+struct GroupLoader {
+  const T* x;
+  ProxParams<A> soft;
+  A operator()(int64_t i) const { return group_value<kOp, T, A>(x[i], soft); }
+  void prefetch(int64_t i) const { prefetch_at(x, i); }
+};
 
 template <int kOp>
 void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int nthreads) {
@@ -371,28 +378,17 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
       const int64_t L = g.groups * g.inner;
       double* out = parts.data() + poff[item.tensor];
       if (g.wide) {
-        // Each group's contiguous runs (one per row), summed in kGroupLanes
-        // float64 lanes in a fixed order, then the lanes in order.
+        // Each group's contiguous runs (one per row), row by row, each summed
+        // as the element-wise ops sum (sweep: SIMD lanes in the compute type,
+        // folded into float64 per block, a block again in float64 when it
+        // leaves float32's range).
         const int64_t width = g.sub == 1 ? g.inner : u.ncols;
         for (int64_t j = 0; j < u.ng; ++j) {
-          double lanes[kGroupLanes] = {};
-          for (int64_t r = 0; r < u.nrows; ++r) {
-            const T* __restrict run = p + (u.row0 + r) * L + u.col0 + j * g.inner;
-            int64_t i = 0;
-            for (; i + kGroupLanes <= width; i += kGroupLanes) {
-#pragma omp simd
-              for (int l = 0; l < kGroupLanes; ++l) {
-                const double v = double(group_value<kOp, T, A>(run[i + l], soft));
-                lanes[l] += v * v;
-              }
-            }
-            for (int l = 0; i < width; ++i, ++l) {
-              const double v = double(group_value<kOp, T, A>(run[i], soft));
-              lanes[l] += v * v;
-            }
-          }
           double sum = 0.0;
-          for (int l = 0; l < kGroupLanes; ++l) sum += lanes[l];
+          for (int64_t r = 0; r < u.nrows; ++r) {
+            const T* run = p + (u.row0 + r) * L + u.col0 + j * g.inner;
+            sum += sweep<A, true, false, false>(width, no_update, GroupLoader<kOp, T, A>{run, soft}).s2;
+          }
           out[partial_index(g, u.rt, u.g0 + j, u.s)] = sum;
         }
         return;
@@ -481,12 +477,10 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
         if constexpr (kOp == kGGrad) {
           T* __restrict gs = gp + idx;
 #pragma omp simd
-          for (int64_t i = 0; i < n; ++i)
-            gs[i] = store<T>(load<A>(gs[i]) + A(fs[i * step] * double(load<A>(xs[i]))));
+          for (int64_t i = 0; i < n; ++i) gs[i] = group_grad<T>(load<A>(gs[i]), load<A>(xs[i]), fs[i * step]);
         } else {
 #pragma omp simd
-          for (int64_t i = 0; i < n; ++i)
-            xs[i] = store<T>(A(double(group_value<kOp, T, A>(xs[i], soft)) * fs[i * step]));
+          for (int64_t i = 0; i < n; ++i) xs[i] = group_scaled<T>(group_value<kOp, T, A>(xs[i], soft), fs[i * step]);
         }
       };
       const int64_t width = g.sub == 1 ? g.inner : u.ncols;  // of each group's run

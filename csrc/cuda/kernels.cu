@@ -520,9 +520,9 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t t
   // Pass 2's update of element i with its group's factor fg.
   auto apply = [&](int64_t i, double fg) {
     if constexpr (kOp == kGGrad) {
-      gr[i] = store<T>(load<A>(gr[i]) + A(fg * double(load<A>(x[i]))));
+      gr[i] = group_grad<T>(load<A>(gr[i]), load<A>(x[i]), fg);
     } else {
-      x[i] = store<T>(A(double(group_value<kOp, T, A>(x[i], soft)) * fg));
+      x[i] = group_scaled<T>(group_value<kOp, T, A>(x[i], soft), fg);
     }
   };
   if (g.wide) {  // tile-uniform
