@@ -326,6 +326,8 @@ struct GroupArgs {
 
 struct GroupItem { int64_t tensor, tile; };
 
+constexpr int64_t kGroupWaveBytes = int64_t(8) << 20;  // a wave of tensors for the group ops
+
 // The value whose group norms an op takes: the element soft-threshold (rounded
 // to the storage type) for group_prox, the weight itself otherwise.
 template <int kOp, typename T, typename A>
@@ -345,16 +347,15 @@ struct GroupLoader {
 
 template <int kOp>
 void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int nthreads) {
+  constexpr bool kScales = kOp == kGProx || kOp == kGMaxNorm || kOp == kGGrad;  // has pass 2
   const int64_t n = w.size();
   std::vector<GroupTiling> til(n);
   std::vector<int64_t> poff(n + 1, 0), goff(n + 1, 0);  // partial and group offsets
-  std::vector<GroupItem> items;
   int64_t total = 0;
   for (int64_t t = 0; t < n; ++t) {
     til[t] = group_tiling(gl.outer[t], gl.groups[t], gl.inner[t]);
     poff[t + 1] = poff[t] + til[t].partials();
     goff[t + 1] = goff[t] + gl.groups[t];
-    for (int64_t k = 0; k < til[t].tiles(); ++k) items.push_back({t, k});
     total += w.numels[t];
   }
   const int threads = total < 2 * kCpuChunk ? 1 : nthreads;
@@ -364,11 +365,31 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
     return kOp == kGProx ? prox_params<A>(coef_at(a.l1, t), 0.0, coef_at(a.lr, t))
                          : prox_params<A>(0.0, 0.0, 0.0);
   };
+  // A group's factor from its norm.
+  auto factor_of = [&](int64_t t, double nrm) {
+    if constexpr (kOp == kGProx) {
+      const double lr = coef_at(a.lr, t);
+      return group_prox_factor(nrm, lr * coef_at(a.group_l1, t), 1.0 / (1.0 + 2.0 * lr * coef_at(a.l2, t)));
+    }
+    if constexpr (kOp == kGMaxNorm) return max_norm_factor(nrm, coef_at(a.max_value, t));
+    if constexpr (kOp == kGGrad) return group_grad_factor(nrm, coef_at(a.group_l1, t));
+    return 1.0;
+  };
+  std::vector<double> parts(poff[n]);
+  auto parts_at = [&](int64_t t, int64_t rt, int64_t j, int64_t s) {
+    return parts[poff[t] + partial_index(til[t], rt, j, s)];
+  };
+  auto norm_of = [&](int64_t t, int64_t j) {  // the fold of group j's partials, in order
+    const GroupTiling& g = til[t];
+    double sq = 0.0;
+    for (int64_t rt = 0; rt < g.row_tiles; ++rt)
+      for (int64_t s = 0; s < g.sub; ++s) sq += parts_at(t, rt, j, s);
+    return std::sqrt(sq);
+  };
+  std::vector<double> factor(goff[n]);
 
   // Pass 1: partial sums of squares.
-  std::vector<double> parts(poff[n]);
-  parallel_for(int64_t(items.size()), threads, [&](int64_t k) {
-    const GroupItem& item = items[k];
+  auto sums = [&](const GroupItem& item) {
     const GroupTiling& g = til[item.tensor];
     const GroupTile u = group_tile(g, item.tile);
     with_dtype(w.dtypes[item.tensor], w.ptrs[item.tensor], [&](auto* p) {
@@ -421,47 +442,10 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
         out[partial_index(g, u.rt, u.g0 + j, 0)] = sum;
       }
     });
-  });
-
-  // Per group: norm and factor; per tensor: counts and penalty terms.
-  std::vector<double> factor(goff[n]);
-  double value = 0.0;
-  for (int64_t t = 0; t < n; ++t) {
-    const GroupTiling& g = til[t];
-    int64_t count = 0;
-    double norm_sum = 0.0;
-    const double gl1 = kOp == kGProx || kOp == kGPenalty || kOp == kGGrad ? coef_at(a.group_l1, t) : 0.0;
-    const double lr = kOp == kGProx ? coef_at(a.lr, t) : 0.0;
-    const double scale = kOp == kGProx ? 1.0 / (1.0 + 2.0 * lr * coef_at(a.l2, t)) : 1.0;
-    const double cap = kOp == kGMaxNorm ? coef_at(a.max_value, t) : 0.0;
-    for (int64_t j = 0; j < g.groups; ++j) {
-      double sq = 0.0;
-      for (int64_t rt = 0; rt < g.row_tiles; ++rt)
-        for (int64_t s = 0; s < g.sub; ++s) sq += parts[poff[t] + partial_index(g, rt, j, s)];
-      const double nrm = std::sqrt(sq);
-      double f = 1.0;
-      if constexpr (kOp == kGNorms) write_out(a.norms, a.out_dtype, goff[t] + j, nrm);
-      if constexpr (kOp == kGProx) {
-        f = group_prox_factor(nrm, lr * gl1, scale);
-        count += f != 0.0 ? 1 : 0;
-      }
-      if constexpr (kOp == kGMaxNorm) {
-        f = max_norm_factor(nrm, cap);
-        count += nrm > cap ? 1 : 0;
-      }
-      if constexpr (kOp == kGGrad) f = group_grad_factor(nrm, gl1);
-      norm_sum += nrm;
-      factor[goff[t] + j] = f;
-    }
-    if (a.counts != nullptr) a.counts[t] = count;
-    value += gl1 * norm_sum;
-  }
-  if constexpr (kOp == kGPenalty || kOp == kGGrad) write_out(a.value, a.out_dtype, 0, value);
-  if constexpr (kOp == kGNorms || kOp == kGPenalty) return;
+  };
 
   // Pass 2: every element times its group's factor.
-  parallel_for(int64_t(items.size()), threads, [&](int64_t k) {
-    const GroupItem& item = items[k];
+  auto scale = [&](const GroupItem& item) {
     const GroupTiling& g = til[item.tensor];
     const GroupTile u = group_tile(g, item.tile);
     const double* f = factor.data() + goff[item.tensor] + u.g0;
@@ -493,7 +477,62 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
         }
       }
     });
-  });
+  };
+
+  // A tile that holds its groups whole (one row tile, no sub-tiles) runs both
+  // passes at once, while its data is in cache: the same partials, factors
+  // and results as two passes.
+  auto whole = [&](int64_t t) { return kScales && til[t].row_tiles == 1 && til[t].sub == 1; };
+  auto fused = [&](const GroupItem& item) {
+    sums(item);
+    const GroupTile u = group_tile(til[item.tensor], item.tile);
+    for (int64_t j = u.g0; j < u.g0 + u.ng; ++j)
+      factor[goff[item.tensor] + j] = factor_of(item.tensor, norm_of(item.tensor, j));
+    scale(item);
+  };
+
+  // Waves of tensors of about kGroupWaveBytes (a larger tensor alone), so that
+  // pass 2 finds a wave's weights still in the last-level cache.
+  double value = 0.0;
+  std::vector<GroupItem> items, rest;
+  for (int64_t t0 = 0; t0 < n;) {
+    int64_t t1 = t0, bytes = 0;
+    do {
+      bytes += w.numels[t1] * dtype_size(w.dtypes[t1]);
+      ++t1;
+    } while (t1 < n && bytes + w.numels[t1] * dtype_size(w.dtypes[t1]) <= kGroupWaveBytes);
+    items.clear();
+    rest.clear();
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t k = 0; k < til[t].tiles(); ++k) {
+        items.push_back({t, k});
+        if (kScales && !whole(t)) rest.push_back({t, k});
+      }
+    parallel_for(int64_t(items.size()), threads, [&](int64_t k) {
+      if (whole(items[k].tensor)) fused(items[k]);
+      else sums(items[k]);
+    });
+    // Per group: norm and factor; per tensor: counts and penalty terms.
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t count = 0;
+      double norm_sum = 0.0;
+      for (int64_t j = 0; j < til[t].groups; ++j) {
+        const double nrm = norm_of(t, j);
+        const double f = factor_of(t, nrm);
+        if constexpr (kOp == kGNorms) write_out(a.norms, a.out_dtype, goff[t] + j, nrm);
+        if constexpr (kOp == kGProx) count += f != 0.0 ? 1 : 0;
+        if constexpr (kOp == kGMaxNorm) count += nrm > coef_at(a.max_value, t) ? 1 : 0;
+        norm_sum += nrm;
+        factor[goff[t] + j] = f;
+      }
+      if (a.counts != nullptr) a.counts[t] = count;
+      if constexpr (kOp == kGPenalty || kOp == kGGrad) value += coef_at(a.group_l1, t) * norm_sum;
+    }
+    if (!rest.empty())
+      parallel_for(int64_t(rest.size()), threads, [&](int64_t k) { scale(rest[k]); });
+    t0 = t1;
+  }
+  if constexpr (kOp == kGPenalty || kOp == kGGrad) write_out(a.value, a.out_dtype, 0, value);
 }
 
 GroupArgs no_group_args() {
