@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import ops
-from ._common import SUPPORTED_DTYPES, to_device
+from ._common import SUPPORTED_DTYPES, has_dtensor, to_device
 from ._validate import check_grads_apart, first_overlap, group_dims, nonneg_real, one_value_tensor, tensor_list
 
 __all__ = ["Regularized", "param_groups", "default_exclude", "ParamStats", "Sparsity"]
@@ -264,6 +264,10 @@ class _Plan:
                 if p.is_meta:
                     raise ValueError(f"{where} parameter {name!r} is a meta tensor: "
                                      "it has no data to regularize")
+                if kinds != ["elem"] and has_dtensor([p]):
+                    raise TypeError(f"{where} parameter {name!r} is a DTensor (sharded): group_l1, "
+                                    "ref and max_norm need the full tensor; use l1/l2 on sharded "
+                                    "parameters")
                 vals = dict(zip(("l1", "l2", "group_l1", "max_norm"), spec.values()))
                 for kind in kinds:
                     b = reg.setdefault((kind, p.device, p.dtype), ([], [], {}, [], []))

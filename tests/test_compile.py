@@ -147,3 +147,39 @@ def test_cuda_graph_step_replays_equal_to_eager(mode):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         if mode == "proximal":
             assert torch.equal(a == 0, b == 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["group_and_max_norm", "ref"])
+def test_compiled_step_with_structured_regularizers(mode, kind):
+    """Group lasso, max-norm and regularization toward a reference inside a
+    compiled training step match eager, exact zeros included."""
+    def opt_for(model):
+        if kind == "ref":
+            pretrained = _model()
+            with torch.no_grad():
+                for p in pretrained.parameters():
+                    p.add_(0.1)
+            groups = pyreg.param_groups(model, l1=0.01, l2=0.05, ref=pretrained)
+        else:
+            groups = pyreg.param_groups(model, l1=0.005, l2=0.01,
+                                        overrides={"0": {"group_l1": 2.0, "group_dim": 1},
+                                                   "2": {"max_norm": 0.5}})
+        return pyreg.Regularized(torch.optim.SGD(groups, lr=0.1), mode=mode)
+
+    me, mc = _model(), _model()
+    oe, oc = opt_for(me), opt_for(mc)
+    step_c = torch.compile(_train_step, backend="aot_eager")
+    for s in range(5):
+        x, y = _data(s)
+        le = _train_step(me, oe, x, y)
+        lc = step_c(mc, oc, x, y)
+        torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-6)
+        for a, b in zip(mc.parameters(), me.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            assert torch.equal(a == 0, b == 0)
+        torch.testing.assert_close(oc.penalty, oe.penalty, rtol=1e-5, atol=1e-6)
+    if kind != "ref":
+        assert float(mc[2].weight.detach().norm(dim=1).max()) <= 0.5 + 1e-6
+        if mode == "proximal":
+            assert bool((mc[0].weight == 0).all(dim=0).any())  # whole input columns

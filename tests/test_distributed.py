@@ -342,6 +342,19 @@ def _fsdp_worker(rank, world, init_file, ckpt_dir):
                 assert (ref.a.weight == 0).any()  # L1 made exact zeros, matched above
                 _check_ops_global(model, ref)
                 _check_dcp_round_trip(model, opt, variant, os.path.join(ckpt_dir, variant))
+        # The structured regularizers need full tensors: a clear error at
+        # construction, before any step, and from the ops themselves.
+        model = _shard(Net().double())
+        before = [p.to_local().clone() for p in model.parameters()]
+        for extra in ({"group_l1": 0.1}, {"max_norm": 1.0}):
+            with pytest.raises(TypeError, match="is a DTensor"):
+                pyreg.Regularized(torch.optim.SGD(
+                    pyreg.param_groups(model, l1=0.1, overrides={"a": extra}), lr=0.1))
+        with pytest.raises(TypeError, match="does not take DTensors"):
+            pyreg.max_norm_([model.a.weight], 1.0)
+        with pytest.raises(TypeError, match="does not take DTensors"):
+            pyreg.prox_([model.a.weight], 0.1, ref=[model.a.weight.detach()])
+        assert all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
         # A rank whose shard is empty really exists at world size 3.
         if world == 3:
             model = _shard(Net().double())
