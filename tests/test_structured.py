@@ -35,7 +35,7 @@ def group_list(dtype, seed=0, device="cpu", scale=1.0):
         r(3, 5000),                               # dim 0: wide groups, several per tile
         r(2, 33001),                              # dim 0: groups wider than a tile
         r(()),                                    # one group of one element
-        r(40000, 3),                              # dim 1: narrow groups over several row tiles
+        r(100000, 3),                             # dim 1: narrow groups over several row tiles
         r(100, 4, 200),                           # dim 1: wide groups over several row tiles
         r(61, 37).t(),                            # dense, transposed
         r(4, 5, 6, 7).permute(0, 2, 3, 1),        # dense, permuted

@@ -51,7 +51,10 @@ struct GroupTiling {
   int64_t partials() const { return row_tiles * groups * sub; }
 };
 
-PYREG_HD GroupTiling group_tiling(int64_t outer, int64_t groups, int64_t inner) {
+// narrow_elems: the elements a tile of narrow groups aims for (more rows per
+// tile, fewer partials; the CPU takes larger tiles than a GPU block).
+PYREG_HD GroupTiling group_tiling(int64_t outer, int64_t groups, int64_t inner,
+                                  int64_t narrow_elems = kGroupTileElems) {
   GroupTiling t{outer, groups, inner, inner >= kWideInner, 1, 0, 1, 0, 1, 0, 0};
   if (outer <= 0 || groups <= 0 || inner <= 0) return t;  // no elements: no tiles
   const int64_t span = t.wide ? kGroupTileElems : kGroupTileCols;
@@ -65,7 +68,7 @@ PYREG_HD GroupTiling group_tiling(int64_t outer, int64_t groups, int64_t inner) 
     if (t.gp > groups) t.gp = groups;
     t.cols = t.gp * inner;
   }
-  t.rows = kGroupTileElems / t.cols;
+  t.rows = (t.wide ? kGroupTileElems : narrow_elems) / t.cols;
   if (t.rows < 1) t.rows = 1;
   if (t.rows > outer) t.rows = outer;
   t.row_tiles = (outer + t.rows - 1) / t.rows;

@@ -327,6 +327,8 @@ struct GroupArgs {
 struct GroupItem { int64_t tensor, tile; };
 
 constexpr int64_t kGroupWaveBytes = int64_t(8) << 20;  // a wave of tensors for the group ops
+constexpr int64_t kCpuNarrowTile = int64_t(1) << 17;   // elements of a tile of narrow groups
+constexpr int kShortLanes = 8;  // float64 lanes for the runs of wide groups shorter than a block
 
 // The value whose group norms an op takes: the element soft-threshold (rounded
 // to the storage type) for group_prox, the weight itself otherwise.
@@ -353,7 +355,7 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
   std::vector<int64_t> poff(n + 1, 0), goff(n + 1, 0);  // partial and group offsets
   int64_t total = 0;
   for (int64_t t = 0; t < n; ++t) {
-    til[t] = group_tiling(gl.outer[t], gl.groups[t], gl.inner[t]);
+    til[t] = group_tiling(gl.outer[t], gl.groups[t], gl.inner[t], kCpuNarrowTile);
     poff[t + 1] = poff[t] + til[t].partials();
     goff[t + 1] = goff[t] + gl.groups[t];
     total += w.numels[t];
@@ -403,12 +405,33 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
         // as the element-wise ops sum (sweep: SIMD lanes in the compute type,
         // folded into float64 per block, a block again in float64 when it
         // leaves float32's range).
+        // Runs shorter than a sweep block: kShortLanes float64 lanes, no
+        // fixed cost per run.
         const int64_t width = g.sub == 1 ? g.inner : u.ncols;
         for (int64_t j = 0; j < u.ng; ++j) {
           double sum = 0.0;
           for (int64_t r = 0; r < u.nrows; ++r) {
             const T* run = p + (u.row0 + r) * L + u.col0 + j * g.inner;
-            sum += sweep<A, true, false, false>(width, no_update, GroupLoader<kOp, T, A>{run, soft}).s2;
+            if (width >= kBlock) {
+              sum += sweep<A, true, false, false>(width, no_update, GroupLoader<kOp, T, A>{run, soft}).s2;
+              continue;
+            }
+            double lanes[kShortLanes] = {};
+            int64_t i = 0;
+            for (; i + kShortLanes <= width; i += kShortLanes) {
+#pragma omp simd
+              for (int l = 0; l < kShortLanes; ++l) {
+                const double v = double(group_value<kOp, T, A>(run[i + l], soft));
+                lanes[l] += v * v;
+              }
+            }
+            for (int l = 0; i < width; ++i, ++l) {
+              const double v = double(group_value<kOp, T, A>(run[i], soft));
+              lanes[l] += v * v;
+            }
+            double s2 = 0.0;
+            for (int l = 0; l < kShortLanes; ++l) s2 += lanes[l];
+            sum += s2;
           }
           out[partial_index(g, u.rt, u.g0 + j, u.s)] = sum;
         }
@@ -436,10 +459,15 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
 #pragma omp simd
         for (int64_t c = 0; c < u.ncols; ++c) col[c] += sq(row, c);
       }
-      for (int64_t j = 0; j < u.ng; ++j) {  // narrow groups: never split (sub == 1)
-        double sum = 0.0;
-        for (int64_t i = 0; i < g.inner; ++i) sum += col[j * g.inner + i];
-        out[partial_index(g, u.rt, u.g0 + j, 0)] = sum;
+      double* __restrict dst = out + partial_index(g, u.rt, u.g0, 0);  // narrow: sub == 1
+      if (g.inner == 1) {
+        for (int64_t j = 0; j < u.ng; ++j) dst[j] = col[j];
+      } else {
+        for (int64_t j = 0; j < u.ng; ++j) {
+          double sum = 0.0;
+          for (int64_t i = 0; i < g.inner; ++i) sum += col[j * g.inner + i];
+          dst[j] = sum;
+        }
       }
     });
   };
@@ -495,6 +523,7 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
   // pass 2 finds a wave's weights still in the last-level cache.
   double value = 0.0;
   std::vector<GroupItem> items, rest;
+  std::vector<double> sqs;
   for (int64_t t0 = 0; t0 < n;) {
     int64_t t1 = t0, bytes = 0;
     do {
@@ -516,8 +545,23 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
     for (int64_t t = t0; t < t1; ++t) {
       int64_t count = 0;
       double norm_sum = 0.0;
-      for (int64_t j = 0; j < til[t].groups; ++j) {
-        const double nrm = norm_of(t, j);
+      const GroupTiling& g = til[t];
+      // Each group's partials in norm_of's order (row tile, then sub-tile),
+      // walked row tile by row tile: contiguous reads.
+      sqs.assign(size_t(g.groups), 0.0);
+      double* __restrict acc = sqs.data();
+      for (int64_t rt = 0; rt < g.row_tiles; ++rt) {
+        const double* __restrict row = parts.data() + poff[t] + partial_index(g, rt, 0, 0);
+        if (g.sub == 1) {
+#pragma omp simd
+          for (int64_t j = 0; j < g.groups; ++j) acc[j] += row[j];
+        } else {
+          for (int64_t j = 0; j < g.groups; ++j)
+            for (int64_t s = 0; s < g.sub; ++s) acc[j] += row[j * g.sub + s];
+        }
+      }
+      for (int64_t j = 0; j < g.groups; ++j) {
+        const double nrm = std::sqrt(sqs[j]);
         const double f = factor_of(t, nrm);
         if constexpr (kOp == kGNorms) write_out(a.norms, a.out_dtype, goff[t] + j, nrm);
         if constexpr (kOp == kGProx) count += f != 0.0 ? 1 : 0;
