@@ -328,7 +328,7 @@ struct GroupItem { int64_t tensor, tile; };
 
 constexpr int64_t kGroupWaveBytes = int64_t(8) << 20;  // a wave of tensors for the group ops
 constexpr int64_t kCpuNarrowTile = int64_t(1) << 17;   // elements of a tile of narrow groups
-constexpr int kShortLanes = 8;  // float64 lanes for the runs of wide groups shorter than a block
+constexpr int kShortLanes = 16;  // lanes for the runs of wide groups shorter than a block
 
 // The value whose group norms an op takes: the element soft-threshold (rounded
 // to the storage type) for group_prox, the weight itself otherwise.
@@ -405,8 +405,8 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
         // as the element-wise ops sum (sweep: SIMD lanes in the compute type,
         // folded into float64 per block, a block again in float64 when it
         // leaves float32's range).
-        // Runs shorter than a sweep block: kShortLanes float64 lanes, no
-        // fixed cost per run.
+        // Runs shorter than a sweep block: kShortLanes lanes, without
+        // sweep's fixed cost per call.
         const int64_t width = g.sub == 1 ? g.inner : u.ncols;
         for (int64_t j = 0; j < u.ng; ++j) {
           double sum = 0.0;
@@ -416,22 +416,38 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
               sum += sweep<A, true, false, false>(width, no_update, GroupLoader<kOp, T, A>{run, soft}).s2;
               continue;
             }
-            double lanes[kShortLanes] = {};
+            // SIMD lanes in the compute type, as sweep sums a block; the
+            // run again in float64 when its sums leave float32's range.
+            A l1[kShortLanes] = {}, l2[kShortLanes] = {};
             int64_t i = 0;
             for (; i + kShortLanes <= width; i += kShortLanes) {
 #pragma omp simd
               for (int l = 0; l < kShortLanes; ++l) {
-                const double v = double(group_value<kOp, T, A>(run[i + l], soft));
-                lanes[l] += v * v;
+                const A v = group_value<kOp, T, A>(run[i + l], soft);
+                l1[l] += std::fabs(v);
+                l2[l] += v * v;
               }
             }
             for (int l = 0; i < width; ++i, ++l) {
-              const double v = double(group_value<kOp, T, A>(run[i], soft));
-              lanes[l] += v * v;
+              const A v = group_value<kOp, T, A>(run[i], soft);
+              l1[l] += std::fabs(v);
+              l2[l] += v * v;
             }
-            double s2 = 0.0;
-            for (int l = 0; l < kShortLanes; ++l) s2 += lanes[l];
-            sum += s2;
+            A t1 = A(0), t2 = A(0);
+            for (int l = 0; l < kShortLanes; ++l) {
+              t1 += l1[l];
+              t2 += l2[l];
+            }
+            if (sizeof(A) < sizeof(double) && out_of_float_range(t1, t2)) {
+              double d2 = 0.0;
+              for (int64_t k = 0; k < width; ++k) {
+                const double v = double(group_value<kOp, T, A>(run[k], soft));
+                d2 += v * v;
+              }
+              sum += d2;
+            } else {
+              sum += double(t2);
+            }
           }
           out[partial_index(g, u.rt, u.g0 + j, u.s)] = sum;
         }
