@@ -60,6 +60,29 @@ OPS = {
 }
 
 
+# The group ops on the model's matrices: their outputs and scratch are
+# O(number of groups), here a few hundred per tensor.
+GROUP_OPS = {
+    "group_norms": lambda ws, gs, d: pyreg.group_norms(ws, dim=d),
+    "group_penalty": lambda ws, gs, d: pyreg.group_penalty(ws, 1e-3, dim=d),
+    "add_group_penalty_grad_": lambda ws, gs, d: pyreg.add_group_penalty_grad_(ws, gs, 1e-3, dim=d),
+    "group_prox_": lambda ws, gs, d: pyreg.group_prox_(ws, 1e-3, 1e-2, dim=d, element_l1=1e-4, l2=1e-4),
+    "max_norm_": lambda ws, gs, d: pyreg.max_norm_(ws, 10.0, dim=d),
+    "prox_-ref": lambda ws, gs, d: pyreg.prox_(ws, 1e-3, 1e-3, 1e-2, ref=gs),
+}
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("op", list(GROUP_OPS))
+def test_structured_ops_allocate_o_number_of_groups(op, dim, tensors):
+    ws = [t for t in tensors if t.dim() == 2]
+    gs = [torch.zeros_like(t) for t in ws]
+    with pyreg.use_backend("cpu"):
+        GROUP_OPS[op](ws, gs, dim)
+        used = _allocated(lambda: GROUP_OPS[op](ws, gs, dim))
+    assert used < LIMIT, f"{op} allocated {used} bytes for {len(ws)} matrices"
+
+
 @pytest.mark.parametrize("op", list(OPS))
 def test_compiled_ops_allocate_o_number_of_tensors(op, tensors):
     gs = [torch.zeros_like(t) for t in tensors]
@@ -126,12 +149,15 @@ _RSS_SCRIPT = textwrap.dedent("""
 
     ts = _model_tensors()
     gs = [torch.zeros_like(t) for t in ts]
+    ws = [t for t in ts if t.dim() == 2]  # the group ops: on the matrices
     with pyreg.use_backend("cpu"):
         print("cpu",
               peak(lambda: pyreg.weight_stats(ts)),
               peak(lambda: pyreg.penalty(ts, 1e-3, 1e-3)),
               peak(lambda: pyreg.add_penalty_grad_(ts, gs, 1e-3, 1e-3)),
-              peak(lambda: pyreg.prox_(ts, 1e-3, 1e-3, 1e-2)))
+              peak(lambda: pyreg.prox_(ts, 1e-3, 1e-3, 1e-2)),
+              peak(lambda: pyreg.group_prox_(ws, 1e-3, 1e-2, dim=1)),
+              peak(lambda: pyreg.max_norm_(ws, 10.0, dim=0)))
     with pyreg.use_backend("torch"):  # the control
         print("torch", peak(lambda: pyreg.penalty(ts[:2], 1e-3, 1e-3)))
 """)

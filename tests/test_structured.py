@@ -519,3 +519,12 @@ def test_group_ops_under_torch_compile():
     pyreg.max_norm_([y], 1.0, dim=0)
     assert torch.equal(nz, nz2) and bits_equal(x, y)
     assert bits_equal(v, pyreg.group_penalty([y], 0.1, dim=1))
+
+
+def test_gradcheck_group_penalty_and_penalty_toward_ref():
+    g = torch.Generator().manual_seed(40)
+    w = [torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True),
+         torch.randn(3, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)]
+    r = [torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(3, 2, 2, generator=g, dtype=torch.float64)]
+    assert torch.autograd.gradcheck(lambda a, b: pyreg.group_penalty([a, b], [0.3, 0.7], dim=[1, 0]), tuple(w))
+    assert torch.autograd.gradcheck(lambda a, b: pyreg.penalty([a, b], 0.0, [0.2, 0.5], ref=r), tuple(w))
