@@ -600,6 +600,54 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t t
   }
 }
 
+// A group's factor from its norm n.
+template <int kOp>
+__device__ __forceinline__ double group_factor(const GroupCoefs& c, int t, double n) {
+  if constexpr (kOp == kGProx) {
+    const double lr = coef_at(c.lr, t);
+    return group_prox_factor(n, lr * coef_at(c.group_l1, t), 1.0 / (1.0 + 2.0 * lr * coef_at(c.l2, t)));
+  }
+  if constexpr (kOp == kGMaxNorm) return max_norm_factor(n, coef_at(c.max_value, t));
+  if constexpr (kOp == kGGrad) return group_grad_factor(n, coef_at(c.group_l1, t));
+  return 1.0;
+}
+
+// Group j's norm: the fold of its tile partials in a fixed order (row tile,
+// sub-tile, team warp).
+__device__ __forceinline__ double group_norm(const GroupBatch& b, int k, const GroupTiling& g,
+                                             const GroupWork& w, int64_t j) {
+  const int64_t tw = team_warps(g);
+  double sq = 0.0;
+  for (int64_t rt = 0; rt < g.row_tiles; ++rt)
+    for (int64_t s = 0; s < g.sub; ++s)
+      for (int64_t q = 0; q < tw; ++q) sq += w.tiles[b.poff[k] + partial_index(g, rt, j, s) * tw + q];
+  return sqrt(sq);
+}
+
+// True when a tile holds its groups whole (one row tile, no sub-tiles): pass
+// 1 then also scales the tile, while it is in cache, and pass 2 skips it.
+template <int kOp>
+__device__ __forceinline__ bool fused_tiles(const GroupTiling& g) {
+  return (kOp == kGProx || kOp == kGMaxNorm || kOp == kGGrad) && g.row_tiles == 1 && g.sub == 1;
+}
+
+template <int kPass, int kOp, typename T>
+__device__ __forceinline__ void group_tile_run(const GroupBatch& b, int k, int64_t tile, const GroupCoefs& c,
+                                               const GroupWork& w, double* colsum, bool fused) {
+  group_tile<kPass, kOp, T>(b, k, tile, c, w, colsum);
+  if constexpr (kPass == 1) {
+    if (fused) {  // block-uniform
+      __syncthreads();  // the tile's partials are written
+      const GroupTiling g = group_tiling(b.outer[k], b.groups[k], b.inner[k]);
+      const GroupTile u = group_tile(g, tile);
+      for (int64_t j = threadIdx.x; j < u.ng; j += kThreads)
+        w.factor[b.goff[k] + u.g0 + j] = group_factor<kOp>(c, b.t0 + k, group_norm(b, k, g, w, u.g0 + j));
+      __syncthreads();  // and its factors
+      group_tile<2, kOp, T>(b, k, tile, c, w, colsum);
+    }
+  }
+}
+
 template <int kPass, int kOp>
 __global__ void __launch_bounds__(kThreads)
     group_tile_kernel(const GroupBatch b, const GroupCoefs c, const GroupWork w) {
@@ -612,12 +660,14 @@ __global__ void __launch_bounds__(kThreads)
   if (tile >= b.tstart[b.nt]) return;  // only for a batch without tiles (grid of 1)
   const int k = owner(b.tstart, b.nt, tile);  // tensors without tiles share the next one's start
   const int64_t rel = tile - b.tstart[k];
+  const bool fused = fused_tiles<kOp>(group_tiling(b.outer[k], b.groups[k], b.inner[k]));
+  if (kPass == 2 && fused) return;  // scaled in pass 1
   PYREG_SHARED(double[kPass == 1 ? kGroupTileCols : 1], colsum);
   switch (b.dtype[k]) {
-    case kFloat64: group_tile<kPass, kOp, double>(b, k, rel, c, w, colsum); break;
-    case kFloat16: group_tile<kPass, kOp, half_t>(b, k, rel, c, w, colsum); break;
-    case kBFloat16: group_tile<kPass, kOp, bf16_t>(b, k, rel, c, w, colsum); break;
-    default: group_tile<kPass, kOp, float>(b, k, rel, c, w, colsum); break;
+    case kFloat64: group_tile_run<kPass, kOp, double>(b, k, rel, c, w, colsum, fused); break;
+    case kFloat16: group_tile_run<kPass, kOp, half_t>(b, k, rel, c, w, colsum, fused); break;
+    case kBFloat16: group_tile_run<kPass, kOp, bf16_t>(b, k, rel, c, w, colsum, fused); break;
+    default: group_tile_run<kPass, kOp, float>(b, k, rel, c, w, colsum, fused); break;
   }
 }
 
@@ -630,26 +680,12 @@ __global__ void __launch_bounds__(kThreads)
   const int t = b.t0 + k;
   const int64_t j = gi - b.goff[k];
   const GroupTiling g = group_tiling(b.outer[k], b.groups[k], b.inner[k]);
-  const int64_t tw = team_warps(g);
-  double sq = 0.0;
-  for (int64_t rt = 0; rt < g.row_tiles; ++rt)
-    for (int64_t s = 0; s < g.sub; ++s)
-      for (int64_t q = 0; q < tw; ++q) sq += w.tiles[b.poff[k] + partial_index(g, rt, j, s) * tw + q];
-  const double n = sqrt(sq);
-  double f = 1.0;
+  const double n = group_norm(b, k, g, w, j);
+  const double f = group_factor<kOp>(c, t, n);
   int64_t count = 0;
   if constexpr (kOp == kGNorms) write_out(w.norms, w.out_dtype, gi, n);
-  if constexpr (kOp == kGProx) {
-    const double lr = coef_at(c.lr, t);
-    f = group_prox_factor(n, lr * coef_at(c.group_l1, t), 1.0 / (1.0 + 2.0 * lr * coef_at(c.l2, t)));
-    count = f != 0.0 ? 1 : 0;
-  }
-  if constexpr (kOp == kGMaxNorm) {
-    const double cap = coef_at(c.max_value, t);
-    f = max_norm_factor(n, cap);
-    count = n > cap ? 1 : 0;
-  }
-  if constexpr (kOp == kGGrad) f = group_grad_factor(n, coef_at(c.group_l1, t));
+  if constexpr (kOp == kGProx) count = f != 0.0 ? 1 : 0;
+  if constexpr (kOp == kGMaxNorm) count = n > coef_at(c.max_value, t) ? 1 : 0;
   w.factor[gi] = f;
   Partial p = zero_partial();
   p.s1 = n;
