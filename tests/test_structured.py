@@ -528,3 +528,25 @@ def test_gradcheck_group_penalty_and_penalty_toward_ref():
     r = [torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(3, 2, 2, generator=g, dtype=torch.float64)]
     assert torch.autograd.gradcheck(lambda a, b: pyreg.group_penalty([a, b], [0.3, 0.7], dim=[1, 0]), tuple(w))
     assert torch.autograd.gradcheck(lambda a, b: pyreg.penalty([a, b], 0.0, [0.2, 0.5], ref=r), tuple(w))
+
+
+def test_ops_toward_ref_nan_inf(B):
+    nan, inf = float("nan"), float("inf")
+    w = torch.tensor([1.0, nan, 2.0, inf, -0.5, 3.0, inf], device=B.dev)
+    r = torch.tensor([1.2, 0.0, nan, 1.0, inf, 3.0, inf], device=B.dev)
+    g = torch.zeros_like(w)
+    with pyreg.use_backend(B.name):
+        v = pyreg.penalty([w], 0.3, 0.1, ref=[r])
+        gv = pyreg.add_penalty_grad_([w], [g], 0.3, 0.1, ref=[r])
+        x = w.clone()
+        nnz = pyreg.prox_([x], 0.3, 0.1, 1.0, ref=[r])
+    assert torch.isnan(v) and torch.isnan(gv)
+    want_g = [torch.zeros(7, dtype=torch.float64)]
+    torch_ref.add_penalty_grad_([w.cpu().double()], want_g, 0.3, 0.1, ref=[r.cpu().double()])
+    torch.testing.assert_close(g.cpu(), want_g[0].float(), equal_nan=True)
+    want = w.cpu().clone()
+    want_nnz = torch_ref.prox_([want], 0.3, 0.1, 1.0, ref=[r.cpu()])
+    torch.testing.assert_close(x.cpu(), want, equal_nan=True)
+    assert torch.equal(nnz.cpu(), want_nnz)
+    assert x[0] == r[0] and x[5] == r[5]  # within lr*l1 of the reference: exactly on it
+    assert torch.isnan(x[1]) and torch.isnan(x[2]) and torch.isnan(x[4])  # NaN and Inf - Inf propagate
