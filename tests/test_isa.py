@@ -20,16 +20,29 @@ _RUN = """
 import sys, torch, pyreg
 sys.path.insert(0, {tests!r})
 from conftest import DTYPES, random_list
+from test_structured import dims_for, group_list
 out = {{"archs": pyreg.backends.cpu.archs()}}
 with pyreg.use_backend("cpu"):
     for k, dt in enumerate(DTYPES):
         ts = random_list(dt, seed=100 + k, more_layouts=True)
         gs = random_list(dt, seed=200 + k, more_layouts=True)
+        rs = [t.flip(0) if t.dim() else t.neg() for t in ts]
         st = pyreg.weight_stats(ts)
         p = pyreg.penalty(ts, 0.37, [0.11] * len(ts))
+        pr = pyreg.penalty(ts, 0.37, 0.11, ref=rs)
         v = pyreg.add_penalty_grad_(ts, gs, 0.3, 0.7)
         nnz = pyreg.prox_(ts, 0.21, 0.13, 0.9)
-        out[str(dt)] = [*st, p, v, nnz] + gs + ts
+        nnz_r = pyreg.prox_(ts, 0.21, 0.13, 0.9, ref=rs)
+        out[str(dt)] = [*st, p, pr, v, nnz, nnz_r] + gs + ts
+        ws = group_list(dt, seed=300 + k)
+        for which in ("rows", "cols"):
+            dims = dims_for(ws, which)
+            ggs = [w.clone() for w in ws]
+            res = [*pyreg.group_norms(ws, dim=dims), pyreg.group_penalty(ws, 0.3, dim=dims),
+                   pyreg.add_group_penalty_grad_(ws, ggs, 0.3, dim=dims),
+                   pyreg.group_prox_(ws, 0.5, 0.9, dim=dims, element_l1=0.1, l2=0.2),
+                   pyreg.max_norm_(ws, 1.0, dim=dims)]
+            out[str(dt) + which] = res + ggs + ws
 torch.save(out, {path!r})
 """
 

@@ -120,6 +120,13 @@ PYREG_HD T prox_toward(A v, A r, const ProxParams<A>& p) {
 }
 
 // ---- group ops ----------------------------------------------------------------
+enum GroupOp : int { kGNorms = 0, kGProx = 1, kGMaxNorm = 2, kGPenalty = 3, kGGrad = 4 };
+
+// The coefficients of a group op (each op reads the ones it needs).
+struct GroupCoefs {
+  Coef l1, group_l1, l2, lr, max_value;
+};
+
 // Each group's factor, from its norm n (float64). NaN norms propagate into
 // the group's elements except where the formula leaves them unchanged.
 //
@@ -131,6 +138,19 @@ PYREG_HD double group_prox_factor(double n, double t, double scale) {
 PYREG_HD double max_norm_factor(double n, double c) { return n > c ? c / n : 1.0; }
 // Gradient of c * ||w_g||: c * w_g / n, and 0 for a zero group.
 PYREG_HD double group_grad_factor(double n, double c) { return n == 0.0 ? 0.0 : c / n; }
+
+// The factor of group op kOp for a group of tensor t with norm n (1 for the
+// ops that do not scale).
+template <int kOp>
+PYREG_HD double group_factor(const GroupCoefs& c, int64_t t, double n) {
+  if constexpr (kOp == kGProx) {
+    const double lr = coef_at(c.lr, t);
+    return group_prox_factor(n, lr * coef_at(c.group_l1, t), 1.0 / (1.0 + 2.0 * lr * coef_at(c.l2, t)));
+  }
+  if constexpr (kOp == kGMaxNorm) return max_norm_factor(n, coef_at(c.max_value, t));
+  if constexpr (kOp == kGGrad) return group_grad_factor(n, coef_at(c.group_l1, t));
+  return 1.0;
+}
 
 // Pass 2 of the group ops, in the compute type A: an element v times its
 // group's factor f (f == 1 leaves v's bits), and a grad g plus f * v.

@@ -313,10 +313,8 @@ void prox(const TensorList& w, const void* const* refs, Coef l1, Coef l2, Coef l
 // Group ops (csrc/common/group_plan.h): pass 1 sums each group's squares per
 // tile, a fold per group gives its norm and factor, pass 2 scales.
 // ---------------------------------------------------------------------------
-enum GroupOp : int { kGNorms, kGProx, kGMaxNorm, kGPenalty, kGGrad };
-
 struct GroupArgs {
-  Coef l1, group_l1, l2, lr, max_value;  // the ones an op uses
+  GroupCoefs c;                            // the ones an op uses
   void* const* grads;                      // kGGrad
   void* norms;                             // kGNorms (out_dtype)
   int64_t* counts;                         // kGProx: nonzero groups; kGMaxNorm: clipped groups
@@ -364,19 +362,10 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
   // The element soft-threshold of group_prox (scale 1: the L2 scale is in the factor).
   auto soft_of = [&](int64_t t, auto zero) {
     using A = decltype(zero);
-    return kOp == kGProx ? prox_params<A>(coef_at(a.l1, t), 0.0, coef_at(a.lr, t))
+    return kOp == kGProx ? prox_params<A>(coef_at(a.c.l1, t), 0.0, coef_at(a.c.lr, t))
                          : prox_params<A>(0.0, 0.0, 0.0);
   };
-  // A group's factor from its norm.
-  auto factor_of = [&](int64_t t, double nrm) {
-    if constexpr (kOp == kGProx) {
-      const double lr = coef_at(a.lr, t);
-      return group_prox_factor(nrm, lr * coef_at(a.group_l1, t), 1.0 / (1.0 + 2.0 * lr * coef_at(a.l2, t)));
-    }
-    if constexpr (kOp == kGMaxNorm) return max_norm_factor(nrm, coef_at(a.max_value, t));
-    if constexpr (kOp == kGGrad) return group_grad_factor(nrm, coef_at(a.group_l1, t));
-    return 1.0;
-  };
+  auto factor_of = [&](int64_t t, double nrm) { return group_factor<kOp>(a.c, t, nrm); };
   std::vector<double> parts(poff[n]);
   auto parts_at = [&](int64_t t, int64_t rt, int64_t j, int64_t s) {
     return parts[poff[t] + partial_index(til[t], rt, j, s)];
@@ -581,12 +570,12 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
         const double f = factor_of(t, nrm);
         if constexpr (kOp == kGNorms) write_out(a.norms, a.out_dtype, goff[t] + j, nrm);
         if constexpr (kOp == kGProx) count += f != 0.0 ? 1 : 0;
-        if constexpr (kOp == kGMaxNorm) count += nrm > coef_at(a.max_value, t) ? 1 : 0;
+        if constexpr (kOp == kGMaxNorm) count += nrm > coef_at(a.c.max_value, t) ? 1 : 0;
         norm_sum += nrm;
         factor[goff[t] + j] = f;
       }
       if (a.counts != nullptr) a.counts[t] = count;
-      if constexpr (kOp == kGPenalty || kOp == kGGrad) value += coef_at(a.group_l1, t) * norm_sum;
+      if constexpr (kOp == kGPenalty || kOp == kGGrad) value += coef_at(a.c.group_l1, t) * norm_sum;
     }
     if (!rest.empty())
       parallel_for(int64_t(rest.size()), threads, [&](int64_t k) { scale(rest[k]); });
@@ -597,7 +586,7 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
 
 GroupArgs no_group_args() {
   const Coef none{nullptr, 0.0};
-  return GroupArgs{none, none, none, none, none, nullptr, nullptr, nullptr, nullptr, kFloat64};
+  return GroupArgs{GroupCoefs{none, none, none, none, none}, nullptr, nullptr, nullptr, nullptr, kFloat64};
 }
 
 void group_norms(const TensorList& w, const GroupList& gl, void* norms, int out_dtype, const Launch& at) {
@@ -610,28 +599,28 @@ void group_norms(const TensorList& w, const GroupList& gl, void* norms, int out_
 void group_prox(const TensorList& w, const GroupList& gl, Coef l1, Coef group_l1, Coef l2, Coef lr,
                 int64_t* nonzero, const Launch& at) {
   GroupArgs a = no_group_args();
-  a.l1 = l1, a.group_l1 = group_l1, a.l2 = l2, a.lr = lr, a.counts = nonzero;
+  a.c.l1 = l1, a.c.group_l1 = group_l1, a.c.l2 = l2, a.c.lr = lr, a.counts = nonzero;
   group_run<kGProx>(w, gl, a, at.nthreads);
 }
 
 void max_norm(const TensorList& w, const GroupList& gl, Coef max_value, int64_t* clipped,
               const Launch& at) {
   GroupArgs a = no_group_args();
-  a.max_value = max_value, a.counts = clipped;
+  a.c.max_value = max_value, a.counts = clipped;
   group_run<kGMaxNorm>(w, gl, a, at.nthreads);
 }
 
 void group_penalty(const TensorList& w, const GroupList& gl, Coef group_l1, void* out, int out_dtype,
                    const Launch& at) {
   GroupArgs a = no_group_args();
-  a.group_l1 = group_l1, a.value = out, a.out_dtype = out_dtype;
+  a.c.group_l1 = group_l1, a.value = out, a.out_dtype = out_dtype;
   group_run<kGPenalty>(w, gl, a, at.nthreads);
 }
 
 void add_group_penalty_grad(const TensorList& w, const GroupList& gl, void* const* grads,
                             Coef group_l1, void* out, int out_dtype, const Launch& at) {
   GroupArgs a = no_group_args();
-  a.group_l1 = group_l1, a.grads = grads, a.value = out, a.out_dtype = out_dtype;
+  a.c.group_l1 = group_l1, a.grads = grads, a.value = out, a.out_dtype = out_dtype;
   group_run<kGGrad>(w, gl, a, at.nthreads);
 }
 

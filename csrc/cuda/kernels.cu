@@ -416,7 +416,6 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const Work w, int64_t 
 // then finish_kernel folds the per-group Partials per tensor (counts, or the
 // penalty with the ticket), as for the element-wise ops.
 // ---------------------------------------------------------------------------
-enum GroupOp : int { kGNorms = 0, kGProx = 1, kGMaxNorm = 2, kGPenalty = 3, kGGrad = 4 };
 constexpr int kMaxGroupTensors = 48;
 constexpr int kGroupCols = int(kGroupTileCols) / kThreads;  // columns per thread
 static_assert(kGroupCols * kThreads == kGroupTileCols, "a tile's columns split evenly over threads");
@@ -430,10 +429,6 @@ struct GroupBatch {
   int32_t tstart[kMaxGroupTensors + 1]; // first tile of each tensor, relative to the batch
   int8_t dtype[kMaxGroupTensors];
   int32_t t0, nt;
-};
-
-struct GroupCoefs {
-  Coef l1, group_l1, l2, lr, max_value;
 };
 
 struct GroupWork {
@@ -598,18 +593,6 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t t
       }
     }
   }
-}
-
-// A group's factor from its norm n.
-template <int kOp>
-__device__ __forceinline__ double group_factor(const GroupCoefs& c, int t, double n) {
-  if constexpr (kOp == kGProx) {
-    const double lr = coef_at(c.lr, t);
-    return group_prox_factor(n, lr * coef_at(c.group_l1, t), 1.0 / (1.0 + 2.0 * lr * coef_at(c.l2, t)));
-  }
-  if constexpr (kOp == kGMaxNorm) return max_norm_factor(n, coef_at(c.max_value, t));
-  if constexpr (kOp == kGGrad) return group_grad_factor(n, coef_at(c.group_l1, t));
-  return 1.0;
 }
 
 // Group j's norm: the fold of its tile partials in a fixed order (row tile,
