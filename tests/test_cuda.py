@@ -166,7 +166,8 @@ def test_no_host_sync_on_the_hot_path(GPU_K):
     # ops, with every kind of coefficient (numbers; lists and CPU tensors go
     # through pinned memory), and Regularized steps whose per-group lrs a
     # scheduler changes every step (a new per-tensor lr tensor each step), with
-    # a CPU tensor lr and an l1 changed between steps: none may sync.
+    # a CPU tensor lr and an l1 changed between steps, the structured ops and
+    # keys (group lasso, max-norm, toward a reference) included: none may sync.
     ts = random_list(torch.float32, 40, K.dev, more_layouts=True)
     n = len(ts)
     gs = like_list(ts, torch.float32, seed=41)
@@ -176,8 +177,10 @@ def test_no_host_sync_on_the_hot_path(GPU_K):
     x, y = torch.randn(16, 7, device=K.dev), torch.randn(16, 3, device=K.dev)
 
     def make(lr_b):
-        inner = torch.optim.SGD([{"params": [model[0].weight], "lr": 0.1, "l1": 1e-3},
-                                 {"params": [model[2].weight], "lr": lr_b, "l1": 2e-3, "l2": 1e-3},
+        inner = torch.optim.SGD([{"params": [model[0].weight], "lr": 0.1, "l1": 1e-3,
+                                  "group_l1": 1e-2, "max_norm": 3.0},
+                                 {"params": [model[2].weight], "lr": lr_b, "l1": 2e-3, "l2": 1e-3,
+                                  "ref": [model[2].weight.detach().clone()]},
                                  {"params": [model[0].bias, model[2].bias], "lr": 0.1}], momentum=0.9)
         sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda k: 0.9 ** k)
         return [(pyreg.Regularized(inner, mode=m), sched) for m in ("proximal", "gradient")]
@@ -191,6 +194,14 @@ def test_no_host_sync_on_the_hot_path(GPU_K):
             outs.append(pyreg.penalty(ts, c, c))
             outs.append(pyreg.add_penalty_grad_(ts, gs, c, c))
             outs.append(pyreg.prox_([t.clone() for t in ts], c, c, c))
+            outs.append(pyreg.prox_([t.clone() for t in ts], c, c, c, ref=gs))
+            outs.append(pyreg.penalty(ts, c, c, ref=gs))
+            mats = [t for t in ts if t.dim() == 2]
+            mc = c[:len(mats)] if isinstance(c, (list, torch.Tensor)) else c
+            outs += pyreg.group_norms(mats, dim=1)
+            outs.append(pyreg.group_penalty(mats, mc, dim=0))
+            outs.append(pyreg.group_prox_([t.clone() for t in mats], mc, 1.0, dim=1, element_l1=mc, l2=mc))
+            outs.append(pyreg.max_norm_([t.clone() for t in mats], mc, dim=0))
         for opt, sched in runs:
             opt.zero_grad()
             torch.nn.functional.mse_loss(model(x), y).backward()
