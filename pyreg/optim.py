@@ -547,6 +547,30 @@ class Regularized(Optimizer):
         return lrs
 
     # -- the step ---------------------------------------------------------------
+    def _inner_step(self, closure: Optional[Callable[[], Any]]):
+        """The inner optimizer's step, with its own step hooks but not the global
+        ones (``register_optimizer_step_pre_hook`` / ``_post_hook``): those run
+        once, around this wrapper's step, as for any optimizer."""
+        inner = self.optimizer
+        step = type(inner).step
+        raw = getattr(step, "__wrapped__", None)
+        if raw is None or not getattr(step, "hooked", False):  # not torch's hooked step
+            return inner.step() if closure is None else inner.step(closure)
+        args: tuple = (inner,) if closure is None else (inner, closure)
+        kwargs: Dict[str, Any] = {}
+        for hook in list(inner._optimizer_step_pre_hooks.values()):
+            result = hook(inner, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"{raw} must return None or a tuple of (new_args, new_kwargs), "
+                                       f"but got {result}.")
+                args, kwargs = result
+        out = raw(*args, **kwargs)
+        inner._optimizer_step_code()
+        for hook in list(inner._optimizer_step_post_hooks.values()):
+            hook(inner, args, kwargs)
+        return out
+
     def _add_penalty_grads(self, work: List[_Work]) -> None:
         self._penalty = add_penalty_grads([w for w in work if w.kind != "max_norm"])
 
@@ -571,7 +595,7 @@ class Regularized(Optimizer):
             if closure is None:
                 work = [w for w in map(_Bucket.active, plan.buckets) if w is not None]
                 self._add_penalty_grads(work)
-                loss = self.optimizer.step()
+                loss = self._inner_step(None)
             else:
                 work = []
 
@@ -581,7 +605,7 @@ class Regularized(Optimizer):
                     self._add_penalty_grads(work)
                     return loss
 
-                loss = self.optimizer.step(closure_with_penalty)
+                loss = self._inner_step(closure_with_penalty)
             max_norm_buckets([w for w in work if w.kind == "max_norm"])
             return loss
 
@@ -589,7 +613,7 @@ class Regularized(Optimizer):
         # cannot be copied during graph capture) raises before anything changed.
         lrs = self._lrs()
         group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
-        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        loss = self._inner_step(closure)
         work = [w for w in map(_Bucket.active, plan.buckets) if w is not None]
         prox_buckets([(w, group_lrs[w.params[0].device].index_select(0, w.groups))
                       for w in work if w.kind != "max_norm"])
@@ -784,7 +808,10 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
     head): those get plain L1/L2. The copies are the one extra copy of the
     weights that regularizing toward a reference needs.
 
-    Parameters with equal options share a group. Each group is
+    Parameters with equal options share a group, excluded ones apart from the
+    others even when the options are equal (``l1 = l2 = 0``): the groups are
+    the same whatever the coefficient values, so a checkpoint of a run with
+    one set of values loads into an optimizer built with another. Each group is
     ``{"params": [...], "param_names": [...], "l1": ..., "l2": ..., **options}``
     (``param_names`` is torch.optim's own key for names, kept in state dicts).
     """
@@ -842,11 +869,13 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
                 if _matches(pattern, name, module_name):
                     opts.update({k: v for k, v in extra.items() if not (excluded and k in _STRUCTURED_KEYS)})
                     used.add(pattern)
+            # The groups depend on which parameters are excluded, not on the
+            # coefficient values: l1 = l2 = 0 gives the same groups as any other.
             for group in groups:
-                if group["_opts"] == opts:
+                if group["_opts"] == opts and group["_excluded"] == excluded:
                     break
             else:
-                group = {"_opts": opts, "params": [], "param_names": []}
+                group = {"_opts": opts, "_excluded": excluded, "params": [], "param_names": []}
                 groups.append(group)
             group["params"].append(param)
             group["param_names"].append(name)
@@ -856,6 +885,7 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
     out = []
     for group in groups:
         opts = group.pop("_opts")
+        group.pop("_excluded")
         out.append({"params": group["params"], "param_names": group["param_names"], **opts})
         if ref is not None:
             out[-1]["ref"] = [_ref_copy(ref, name, p) for name, p in zip(group["param_names"], group["params"])]

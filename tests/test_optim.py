@@ -731,3 +731,50 @@ def test_structured_keys_bad_input_leaves_model_unchanged():
         pyreg.param_groups(model, overrides={"0": {"ref": [None, None]}})
     with pytest.raises(TypeError, match="ref must be an nn.Module or a state dict"):
         pyreg.param_groups(model, ref=[1, 2])
+
+
+def test_param_groups_are_the_same_whatever_the_values():
+    # A run with l1 = l2 = 0 and one with penalties build the same groups, so a
+    # checkpoint of one loads into an optimizer built with the other.
+    a, b = _Mlp(), _Mlp()
+    ga, gb = pyreg.param_groups(a, l1=0.0, l2=0.0), pyreg.param_groups(b, l1=1e-3, l2=1e-4)
+    assert [g["param_names"] for g in ga] == [g["param_names"] for g in gb] and len(ga) == 2
+    oa = pyreg.Regularized(torch.optim.Adam(ga, lr=0.01))
+    ob = pyreg.Regularized(torch.optim.Adam(gb, lr=0.01))
+    _set_grads(b, 0)
+    ob.step()
+    oa.load_state_dict(ob.state_dict())
+    assert oa.param_groups[0]["l1"] == 1e-3
+
+
+def test_global_step_hooks_run_once_per_step():
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    model = _Mlp()
+    inner = torch.optim.SGD(pyreg.param_groups(model, l1=1e-3), lr=0.1)
+    opt = pyreg.Regularized(inner)
+    calls = []
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("pre", type(o).__name__))),
+               register_optimizer_step_post_hook(lambda o, a, k: calls.append(("post", type(o).__name__)))]
+    inner.register_step_pre_hook(lambda o, a, k: calls.append(("inner pre", type(o).__name__)))
+    inner.register_step_post_hook(lambda o, a, k: calls.append(("inner post", type(o).__name__)))
+    opt.register_step_pre_hook(lambda o, a, k: calls.append(("own pre", type(o).__name__)))
+    try:
+        for mode in ("proximal", "gradient"):
+            opt.mode = mode
+            calls.clear()
+            _set_grads(model, 0)
+            opt.step()
+            assert calls == [("pre", "Regularized"), ("own pre", "Regularized"), ("inner pre", "SGD"),
+                             ("inner post", "SGD"), ("post", "Regularized")], (mode, calls)
+            calls.clear()
+            opt.step(lambda: torch.tensor(1.0))  # with a closure
+            assert [c for c in calls if c[0] in ("pre", "post")] == [("pre", "Regularized"),
+                                                                      ("post", "Regularized")]
+        # A bare inner step still runs the global hooks (once).
+        calls.clear()
+        inner.step()
+        assert calls == [("pre", "SGD"), ("inner pre", "SGD"), ("inner post", "SGD"), ("post", "SGD")]
+    finally:
+        for h in handles:
+            h.remove()
