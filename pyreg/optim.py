@@ -114,7 +114,9 @@ def _hashable(dim: Any) -> Any:
 
 
 def _group_spec(group: Dict[str, Any], defaults: "Regularized", where: str) -> _GroupSpec:
-    """A group's settings, validated (not yet against its parameters)."""
+    """A group's settings, validated (cheap: runs every step). What depends on
+    its parameters is checked by :func:`_check_group_params` when a plan is
+    built."""
     get = group.get
     l1 = _group_coef(get("l1", defaults.l1), f"{where}['l1']")
     l2 = _group_coef(get("l2", defaults.l2), f"{where}['l2']")
@@ -126,10 +128,20 @@ def _group_spec(group: Dict[str, Any], defaults: "Regularized", where: str) -> _
         if isinstance(ref, Tensor) or not isinstance(ref, (list, tuple)):
             raise TypeError(f"{where}['ref'] must be a list with one tensor (or None) per parameter, "
                             f"got {type(ref).__name__}")
-        if len(ref) != len(group["params"]):
-            raise ValueError(f"{where}['ref'] has {len(ref)} entries but the group has "
-                             f"{len(group['params'])} parameters")
-        for k, (r, p) in enumerate(zip(ref, group["params"])):
+        ref = tuple(ref)
+    return _GroupSpec(l1, l2, gl1, get("group_dim", 1), mx, get("max_norm_dim", 0), ref)
+
+
+def _check_group_params(spec: _GroupSpec, params: Sequence[Tensor], where: str
+                        ) -> Tuple[Optional[List[int]], Optional[List[int]]]:
+    """A group's settings against its parameters: the refs (one per parameter,
+    each like it) and the group dimensions. Returns the normalized group_dim
+    and max_norm_dim of each parameter (None where unused)."""
+    if spec.ref is not None:
+        if len(spec.ref) != len(params):
+            raise ValueError(f"{where}['ref'] has {len(spec.ref)} entries but the group has "
+                             f"{len(params)} parameters")
+        for k, (r, p) in enumerate(zip(spec.ref, params)):
             if r is None:
                 continue
             if not isinstance(r, Tensor):
@@ -137,16 +149,13 @@ def _group_spec(group: Dict[str, Any], defaults: "Regularized", where: str) -> _
             if r.shape != p.shape or r.dtype != p.dtype or r.device != p.device:
                 raise ValueError(f"{where}['ref'][{k}] is {tuple(r.shape)} {r.dtype} on {r.device} but its "
                                  f"parameter is {tuple(p.shape)} {p.dtype} on {p.device}")
-        ref = tuple(ref)
-        if gl1 != 0.0 and any(r is not None for r in ref):
+        if spec.group_l1 != 0.0 and any(r is not None for r in spec.ref):
             raise ValueError(f"{where} sets both 'group_l1' and 'ref': group lasso toward a reference "
                              "is not supported")
-    params = group["params"]
-    if gl1 != 0.0:
-        group_dims(get("group_dim", 1), params, f"{where}['group_dim']")
-    if mx is not None:
-        group_dims(get("max_norm_dim", 0), params, f"{where}['max_norm_dim']")
-    return _GroupSpec(l1, l2, gl1, get("group_dim", 1), mx, get("max_norm_dim", 0), ref)
+    gdims = group_dims(spec.group_dim, params, f"{where}['group_dim']") if spec.group_l1 != 0.0 else None
+    mdims = (group_dims(spec.max_norm_dim, params, f"{where}['max_norm_dim']")
+             if spec.max_norm is not None else None)
+    return gdims, mdims
 
 
 # --------------------------------------------------------------------------
@@ -232,9 +241,7 @@ class _Plan:
             names = group.get("param_names")
             params = group["params"]
             where = f"param_groups[{gi}]"
-            gdims = group_dims(spec.group_dim, params, f"{where}['group_dim']") if spec.group_l1 else None
-            mdims = (group_dims(spec.max_norm_dim, params, f"{where}['max_norm_dim']")
-                     if spec.max_norm is not None else None)
+            gdims, mdims = _check_group_params(spec, params, where)
             for j, p in enumerate(params):
                 name = names[j] if names is not None and j < len(names) else f"param_groups.{gi}.{j}"
                 if id(p) in seen:
@@ -461,10 +468,11 @@ class Regularized(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         where = f"param_groups[{len(self.param_groups)}]"
-        params = param_group.get("params", [])
-        _group_spec({**param_group, "params": [params] if isinstance(params, Tensor) else list(params)},
-                    self, where)
         param_group = dict(param_group)
+        if "params" in param_group:  # a list, so that checking it consumes no iterator
+            ps = param_group["params"]
+            param_group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
+        _check_group_params(_group_spec(param_group, self, where), param_group.get("params", []), where)
         param_group.setdefault("l1", self.l1)
         param_group.setdefault("l2", self.l2)
         self.optimizer.add_param_group(param_group)

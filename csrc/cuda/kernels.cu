@@ -735,15 +735,12 @@ class DeviceGuard {
   bool changed_ = false;
 };
 
-std::vector<Batch> plan(const TensorList& w, void* const* grads, const void* const* refs) {
+// The checks every planner makes of a tensor list (and its grads and refs).
+void check_list(const TensorList& w, void* const* grads, const void* const* refs) {
   const int64_t n = w.size();
   if (int64_t(w.numels.size()) != n || int64_t(w.dtypes.size()) != n)
     fail("tensor list pointers, numels and dtypes differ in length");
   if (n >= INT_MAX) fail("too many tensors");
-  std::vector<Batch> out;
-  Batch cur;
-  std::memset(&cur, 0, sizeof(cur));
-  int64_t chunk0 = 0, rel = 0;  // rel: chunks in `cur` so far
   for (int64_t t = 0; t < n; ++t) {
     const int64_t numel = w.numels[t];
     const int code = w.dtypes[t];
@@ -755,6 +752,19 @@ std::vector<Batch> plan(const TensorList& w, void* const* grads, const void* con
       fail("null grad pointer for tensor " + std::to_string(t));
     if (numel > 0 && refs != nullptr && refs[t] == nullptr)
       fail("null reference pointer for tensor " + std::to_string(t));
+  }
+}
+
+std::vector<Batch> plan(const TensorList& w, void* const* grads, const void* const* refs) {
+  check_list(w, grads, refs);
+  const int64_t n = w.size();
+  std::vector<Batch> out;
+  Batch cur;
+  std::memset(&cur, 0, sizeof(cur));
+  int64_t chunk0 = 0, rel = 0;  // rel: chunks in `cur` so far
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t numel = w.numels[t];
+    const int code = w.dtypes[t];
     const int64_t ch = chunks_of(numel);
     if (ch > kMaxGrid) fail("tensor " + std::to_string(t) + " is too large");
     if (cur.nt == kMaxTensors || rel + ch > kMaxGrid) {  // close the batch
@@ -849,7 +859,7 @@ void check_groups(const TensorList& w, const GroupList& gl) {
 
 std::vector<GroupBatch> group_plan(const TensorList& w, const GroupList& gl, void* const* grads) {
   check_groups(w, gl);
-  (void)plan(w, grads, nullptr);  // the same checks of pointers and dtypes
+  check_list(w, grads, nullptr);
   const int64_t n = w.size();
   std::vector<GroupBatch> out;
   GroupBatch cur;
