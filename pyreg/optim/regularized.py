@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import ops
-from ._common import SUPPORTED_DTYPES, has_dtensor, to_device
-from ._validate import check_grads_apart, first_overlap, group_dims, nonneg_real, one_value_tensor, tensor_list
+from .. import ops
+from .._common import SUPPORTED_DTYPES, has_dtensor, to_device
+from .._validate import check_grads_apart, first_overlap, group_dims, nonneg_real, one_value_tensor, tensor_list
 
 __all__ = ["Regularized", "param_groups", "default_exclude", "ParamStats", "Sparsity"]
 
