@@ -49,6 +49,28 @@ def nonneg_real(x, where: str) -> float:
     return x
 
 
+def fast_coefficient(c, n: int) -> Union[float, Tensor, None]:
+    """``c`` in the kernels' form when it already is in the common, valid
+    form, else None (then :func:`coefficient` decides, and explains an error):
+    a Python float (or int) that is finite and >= 0, or a contiguous 1-D
+    float64 CPU tensor of ``n`` values, all finite and >= 0. For eager CPU
+    calls; the same values are accepted as :func:`coefficient` accepts."""
+    tp = type(c)
+    if tp is float:
+        return c if 0.0 <= c <= _FLOAT_MAX else None  # NaN fails both tests
+    if tp is int:
+        return float(c) if 0 <= c <= _INT_MAX else None
+    if (tp is Tensor and c.dtype is torch.float64 and c.device.type == "cpu" and c.shape == (n,)
+            and c.is_contiguous() and not c.requires_grad):
+        vals = c.tolist()
+        return c if min(vals) >= 0 and math.isfinite(sum(vals)) else None
+    return None
+
+
+_FLOAT_MAX = float.fromhex("0x1.fffffffffffffp+1023")
+_INT_MAX = 1 << 53
+
+
 def one_value_tensor(t: Tensor, where: str) -> Tensor:
     """A tensor standing for one coefficient or lr: one element of a real dtype,
     and, on the CPU, finite and >= 0. A device tensor's value is not read
@@ -90,6 +112,25 @@ def tensor_list(tensors, what: str = "tensors") -> List[Tensor]:
         if t.is_meta:
             raise ValueError(f"{what}[{i}] is a meta tensor: it has no data to regularize")
     return out
+
+
+#: (dtype, device, layout) of the tensors the CPU fast path takes.
+_CPU_KINDS = frozenset((d, torch.device("cpu"), torch.strided) for d in SUPPORTED_DTYPES)
+_kind_of = attrgetter("dtype", "device", "layout")
+#: Tensor types whose data the kernels may read directly in eager mode:
+#: torch.Tensor and nn.Parameter (which adds no torch_function behaviour).
+PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
+
+
+def plain_cpu(ts: Sequence[Tensor]) -> bool:
+    """True for the common case of a CPU op, decided at C speed: a non-empty
+    list of plain tensors (``PLAIN_TYPES``), all contiguous, on the CPU, of
+    one supported dtype. It passes every check of :func:`tensor_list`, and
+    the kernels take each tensor as a flat run of its elements."""
+    if not ts or not set(map(type, ts)) <= PLAIN_TYPES:
+        return False
+    kinds = set(map(_kind_of, ts))
+    return len(kinds) == 1 and kinds <= _CPU_KINDS and all(map(Tensor.is_contiguous, ts))
 
 
 def uniform(ts: List[Tensor]) -> bool:
@@ -206,6 +247,21 @@ def disjoint(tensors: Sequence[Tensor]) -> bool:
     spans = sorted(zip(starts, map(int.__add__, starts, map(attrgetter("nbytes"), tensors))))
     return all(map(le, map(_end_of, spans), map(_start_of, spans[1:])))
 
+
+
+def disjoint_pointers(tensors: Sequence[Tensor]) -> Optional[List[int]]:
+    """The data pointers of contiguous ``tensors`` when no two share a byte
+    (as :func:`disjoint`, whose contiguity test the caller has made), else
+    None ("not shown")."""
+    starts = list(map(Tensor.data_ptr, tensors))
+    if len(starts) > 1:
+        spans = sorted(zip(starts, map(int.__add__, starts, map(_nbytes_of, tensors))))
+        if not all(map(le, map(_end_of, spans), map(_start_of, spans[1:]))):
+            return None
+    return starts
+
+
+_nbytes_of = attrgetter("nbytes")
 
 
 def _overlap(written: Sequence[Tensor], read: Sequence[Tensor]) -> Optional[Tuple[int, int]]:

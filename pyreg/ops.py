@@ -29,13 +29,13 @@ from . import backends
 from ._common import WeightStats, coef_tensor, has_dtensor
 from ._ops import (add_group_penalty_grad_op, add_penalty_grad_op, group_norms_op, group_penalty_op,
                    group_prox_op, max_norm_op, penalty_op, prox_op, weight_stats_op)
-from ._validate import (Coefficient, check_grads_apart, check_no_overlap, check_refs_apart, coefficient,
-                        group_dims, partner_list, tensor_list)
+from ._validate import (PLAIN_TYPES, Coefficient, check_grads_apart, check_no_overlap, check_refs_apart,
+                        coefficient, disjoint_pointers, fast_coefficient, group_dims, partner_list, plain_cpu,
+                        tensor_list)
 
 _dtype_of, _shape_of, _requires_grad = attrgetter("dtype"), attrgetter("shape"), attrgetter("requires_grad")
-#: Types whose tensors the kernels may read through data_ptr() in plain eager
-#: mode: torch.Tensor and nn.Parameter (which adds no torch_function behaviour).
-_PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
+_PLAIN_TYPES = PLAIN_TYPES
+_LISTS = (list, tuple)
 
 
 def _distributed():
@@ -64,6 +64,48 @@ def _eager(inputs: Sequence[Tensor], mutated: Sequence[Tensor],
     out = call(backends.for_tensors(inputs or mutated))
     if mutated:
         torch.autograd.graph.increment_version(list(mutated))
+    return out
+
+
+# --------------------------------------------------------------------------
+# CPU fast path: the common case, checked and run with the fewest Python steps
+# --------------------------------------------------------------------------
+def _fast_cpu(ts, written=()):
+    """The cpu backend when a call on the list ``ts`` is the common case that
+    needs no further tensor check and no dispatcher: plain eager mode, plain
+    contiguous CPU tensors of one supported dtype (``plain_cpu``), the
+    ``written`` ones (a sub-list of ``ts``, or ``ts`` itself) pairwise
+    disjoint in memory and no inference tensor among them outside inference
+    mode. None otherwise: the general path then checks (and explains) all.
+    Every input it accepts passes the general path's checks, with the same
+    result (the same kernels run). The caller checks that the written ones
+    are disjoint (``disjoint_pointers``)."""
+    if (type(ts) not in _LISTS or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or not plain_cpu(ts)):
+        return None
+    if written and not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, written)):
+        return None
+    return backends.eager_cpu()
+
+
+def _fast_coefs(n: int, *cs):
+    """The coefficients in the kernels' form, or None unless all are in the
+    common form (``fast_coefficient``)."""
+    out = tuple(fast_coefficient(c, n) for c in cs)
+    return None if any(c is None for c in out) else out
+
+
+def _fast_dims(dim, ts) -> Optional[List[int]]:
+    """One int ``dim`` for every tensor, normalized, or None (then
+    ``group_dims`` decides and explains)."""
+    if type(dim) is not int:
+        return None
+    out = []
+    for t in ts:
+        nd = t.dim() or 1
+        if not -nd <= dim < nd:
+            return None
+        out.append(dim % nd)
     return out
 
 
@@ -117,6 +159,12 @@ def penalty(tensors: Iterable[Tensor], l1: Coefficient = 0.0, l2: Coefficient = 
     ``ref``: reference tensors (one per tensor, e.g. the pre-trained weights):
     the penalty of w - ref instead (L1-SP / L2-SP); refs are constants.
     """
+    if (ref is None and not torch.compiler.is_compiling() and type(tensors) in _LISTS
+            and not (torch.is_grad_enabled() and any(map(_requires_grad, tensors)))):
+        be = _fast_cpu(tensors)
+        cs = None if be is None else _fast_coefs(len(tensors), l1, l2)
+        if cs is not None:
+            return be.penalty_plain(list(tensors), *cs)
     ts = tensor_list(tensors)
     n, dev = len(ts), (ts[0].device if ts else torch.device("cpu"))
     c1, c2 = coefficient(l1, n, dev, "l1"), coefficient(l2, n, dev, "l2")
@@ -141,6 +189,18 @@ def add_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor],
 
     Returns the penalty value (as ``penalty``), computed in the same pass.
     """
+    if (ref is None and not torch.compiler.is_compiling() and type(tensors) in _LISTS and type(grads) in _LISTS
+            and len(tensors) == len(grads)):
+        both = [*grads, *tensors]
+        be = _fast_cpu(both, both)
+        ptrs = (disjoint_pointers(both) if be is not None and list(map(_shape_of, grads)) == list(map(_shape_of, tensors))
+                else None)
+        cs = None if ptrs is None else _fast_coefs(len(tensors), l1, l2)
+        if cs is not None:
+            n = len(grads)
+            out = be.add_penalty_grad_plain(list(tensors), ptrs[n:], ptrs[:n], *cs)
+            torch.autograd.graph.increment_version(grads)
+            return out
     ts = tensor_list(tensors)
     gs = tensor_list(grads, "grads")
     if len(gs) != len(ts):
@@ -187,6 +247,14 @@ def prox_(tensors: Iterable[Tensor], l1: Coefficient = 0.0, l2: Coefficient = 0.
     of their reference become exactly the reference. The count is then of the
     weights that differ from their reference.
     """
+    if ref is None:
+        be = _fast_cpu(tensors, tensors)
+        ptrs = None if be is None else disjoint_pointers(tensors)
+        cs = None if ptrs is None else _fast_coefs(len(tensors), l1, l2, lr)
+        if cs is not None:
+            out = be.prox_plain(list(tensors), ptrs, *cs)
+            torch.autograd.graph.increment_version(tensors)
+            return out
     ts = tensor_list(tensors)
     n, dev = len(ts), (ts[0].device if ts else torch.device("cpu"))
     c1, c2, clr = (coefficient(c, n, dev, name) for c, name in ((l1, "l1"), (l2, "l2"), (lr, "lr")))
@@ -281,6 +349,13 @@ def group_prox_(tensors: Iterable[Tensor], l1: Coefficient = 0.0, lr: Coefficien
     soft-threshold (lr * element_l1), then the group soft-threshold, then the
     division by (1 + 2 * lr * l2).
     """
+    be = _fast_cpu(tensors, tensors)
+    dims = None if be is None or disjoint_pointers(tensors) is None else _fast_dims(dim, tensors)
+    cs = None if dims is None else _fast_coefs(len(tensors), element_l1, l1, l2, lr)
+    if cs is not None:
+        out = be.group_prox_(list(tensors), dims, *cs)
+        torch.autograd.graph.increment_version(tensors)
+        return out
     ts, dims, n, dev = _group_args(tensors, dim, "group_prox_")
     cs = [coefficient(c, n, dev, name)
           for c, name in ((element_l1, "element_l1"), (l1, "l1"), (l2, "l2"), (lr, "lr"))]
@@ -303,6 +378,13 @@ def max_norm_(tensors: Iterable[Tensor], max_value: Coefficient, dim=0) -> Tenso
     is Keras' ``MaxNorm(max_value, axis=0)`` on a Dense kernel. Returns the
     number of groups of each tensor that were scaled (1-D int64).
     """
+    be = _fast_cpu(tensors, tensors)
+    dims = None if be is None or disjoint_pointers(tensors) is None else _fast_dims(dim, tensors)
+    cs = None if dims is None else _fast_coefs(len(tensors), max_value)
+    if cs is not None:
+        out = be.max_norm_(list(tensors), dims, *cs)
+        torch.autograd.graph.increment_version(tensors)
+        return out
     ts, dims, n, dev = _group_args(tensors, dim, "max_norm_")
     c = coefficient(max_value, n, dev, "max_value")
     if not ts:

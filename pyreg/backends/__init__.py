@@ -80,6 +80,20 @@ def for_tensors(tensors: Sequence[Tensor]):
     return be
 
 
+def eager_cpu() -> Optional[CompiledKernels]:
+    """The ``cpu`` backend when it runs ops on CPU tensors now (available, and
+    no other backend forced), else None: the ops' fast path for CPU lists."""
+    global _cpu_ok
+    if _forced is not None and _forced != "cpu":
+        return None
+    if _cpu_ok is None:
+        _cpu_ok = cpu.available()
+    return cpu if _cpu_ok else None
+
+
+_cpu_ok: Optional[bool] = None  # whether the cpu backend can run (fixed once loaded)
+
+
 def backend_name(device: Union[str, torch.device]) -> str:
     """Name of the backend the ops use for tensors on ``device`` right now."""
     if _forced is not None:

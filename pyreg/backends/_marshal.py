@@ -80,6 +80,12 @@ def coef(c: KernelCoef, device: torch.device, n: int) -> Tuple[int, float]:
     return c.data_ptr(), 0.0
 
 
+def host_coef(c: KernelCoef) -> Tuple[int, float]:
+    """``coef`` for a coefficient already checked to be in the kernels' form on
+    the CPU (a float, or a contiguous float64 tensor of one value per tensor)."""
+    return (0, c) if type(c) is float else (c.data_ptr(), 0.0)
+
+
 class Writable:
     """Dense stand-ins for tensors an op writes: the tensor itself when it is
     dense, else a contiguous copy that ``commit()`` copies back."""

@@ -68,12 +68,16 @@ class CompiledKernels:
         self._prefix = prefix
         self._launch = launch
         self._device_errors: Dict[int, str] = {}
+        self._fns: Dict[str, Callable] = {}  # pyreg._C's functions of this build, by op
 
     def __repr__(self) -> str:
         return f"<pyreg backend {self.NAME!r}>"
 
     def _fn(self, what: str):
-        return getattr(_C, f"{self._prefix}_{what}")
+        fn = self._fns.get(what)
+        if fn is None:
+            fn = self._fns[what] = getattr(_C, f"{self._prefix}_{what}")
+        return fn
 
     def compiled(self) -> bool:
         return _C is not None and bool(self._fn("compiled")())
@@ -167,6 +171,49 @@ class CompiledKernels:
         self._fn("prox")(*desc, m.pointers(rs), *(m.coef(c, dev, n) for c in (l1, l2, lr)),
                          nnz.data_ptr(), *at)
         ws.commit()
+        return nnz
+
+    # ---- the element-wise ops on plain lists (the ops' CPU fast path) -----------------
+    # The tensors are contiguous CPU tensors of one dtype, already checked
+    # (pyreg._validate.plain_cpu), ``ptrs`` their data pointers; coefficients
+    # are floats or (n,) float64 CPU tensors. For the ``cpu`` backend only.
+    def _plain(self, ts: List[Tensor]) -> Tuple[List[int], List[int], torch.dtype]:
+        dt = ts[0].dtype
+        return list(map(Tensor.numel, ts)), [DTYPE_CODES[dt]] * len(ts), dt
+
+    def weight_stats_plain(self, ts: List[Tensor]) -> WeightStats:
+        numels, codes, dt = self._plain(ts)
+        rd = torch.float64 if dt is torch.float64 else torch.float32
+        n = len(ts)
+        l1, l2, linf = torch.empty(n, dtype=rd), torch.empty(n, dtype=rd), torch.empty(n, dtype=rd)
+        nnz = torch.empty(n, dtype=torch.int64)
+        self._fn("weight_stats")(m.pointers(ts), numels, codes, l1.data_ptr(), l2.data_ptr(), linf.data_ptr(),
+                                 nnz.data_ptr(), DTYPE_CODES[rd], 0, -1, 0, torch.get_num_threads())
+        return WeightStats(l1, l2, linf, nnz)
+
+    def penalty_plain(self, ts: List[Tensor], l1: KernelCoef, l2: KernelCoef) -> Tensor:
+        numels, codes, dt = self._plain(ts)
+        rd = torch.float64 if dt is torch.float64 else torch.float32
+        out = torch.empty((), dtype=rd)
+        self._fn("penalty")(m.pointers(ts), numels, codes, [], m.host_coef(l1), m.host_coef(l2), out.data_ptr(),
+                            DTYPE_CODES[rd], 0, -1, 0, torch.get_num_threads())
+        return out
+
+    def add_penalty_grad_plain(self, ts: List[Tensor], ptrs: List[int], gptrs: List[int], l1: KernelCoef,
+                               l2: KernelCoef) -> Tensor:
+        numels, codes, dt = self._plain(ts)
+        rd = torch.float64 if dt is torch.float64 else torch.float32
+        out = torch.empty((), dtype=rd)
+        self._fn("add_penalty_grad")(ptrs, numels, codes, [], gptrs, m.host_coef(l1), m.host_coef(l2),
+                                     out.data_ptr(), DTYPE_CODES[rd], 0, -1, 0, torch.get_num_threads())
+        return out
+
+    def prox_plain(self, ts: List[Tensor], ptrs: List[int], l1: KernelCoef, l2: KernelCoef,
+                   lr: KernelCoef) -> Tensor:
+        numels, codes, _ = self._plain(ts)
+        nnz = torch.empty(len(ts), dtype=torch.int64)
+        self._fn("prox")(ptrs, numels, codes, [], m.host_coef(l1), m.host_coef(l2), m.host_coef(lr),
+                         nnz.data_ptr(), 0, -1, 0, torch.get_num_threads())
         return nnz
 
     # ---- the group ops -------------------------------------------------------------

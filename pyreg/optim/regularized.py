@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import fnmatch
 from collections import OrderedDict
+from functools import partial
+from operator import attrgetter
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -113,6 +115,50 @@ def _hashable(dim: Any) -> Any:
     return tuple(dim) if isinstance(dim, (list, tuple)) else dim
 
 
+def _key(value: Any) -> Any:
+    """A cheap signature of a param-group setting, equal for two settings only
+    when their validation and plan are the same: a float or None as itself
+    (by value), a tensor by identity, in-place version and (for a one-value
+    CPU tensor) value, a list by its items' keys, anything else by its type
+    and identity. Never reads a device tensor's value (no host sync)."""
+    tp = type(value)
+    if tp is float or value is None:
+        return value
+    if tp is int or tp is bool:
+        return tp, value
+    if isinstance(value, Tensor):
+        v = None
+        if value.device.type == "cpu" and value.numel() == 1 and value.dtype in _VALUE_DTYPES:
+            v = float(value)
+        return Tensor, id(value), value._version, v
+    if tp is list or tp is tuple:
+        return tp, tuple(map(_key, value))
+    return tp, id(value)
+
+
+_kind_of = attrgetter("dtype", "device")
+_VALUE_DTYPES = frozenset(SUPPORTED_DTYPES + (torch.int32, torch.int64))
+#: The group keys a plan depends on (their values and, through the plan's
+#: buckets, the parameters).
+_PLAN_KEYS = ("l1", "l2", "group_l1", "group_dim", "max_norm", "max_norm_dim", "ref")
+
+
+def _group_key(group: Dict[str, Any]) -> tuple:
+    """What a plan depends on in one group, cheaply (see :func:`_key`): its
+    settings and its parameters (identity, dtype, device)."""
+    vals = tuple(map(group.get, _PLAN_KEYS))
+    types = tuple(map(type, vals))
+    if not set(types) <= _SIMPLE_TYPES:  # tensors, lists: see _key
+        vals = tuple(map(_key, vals))
+    ps = group["params"]
+    return vals, types, tuple(map(id, ps)), tuple(map(_kind_of, ps))
+
+
+#: Setting types whose value is its own key (compared with their type: 1, 1.0
+#: and True are equal numbers but not equal settings).
+_SIMPLE_TYPES = frozenset({float, int, type(None)})
+
+
 def _group_spec(group: Dict[str, Any], defaults: "Regularized", where: str) -> _GroupSpec:
     """A group's settings, validated (cheap: runs every step). What depends on
     its parameters is checked by :func:`_check_group_params` when a plan is
@@ -180,7 +226,9 @@ class _Bucket:
         dev = self.device = params[0].device
         self.values = values
         self.coefs = {k: to_device(v, torch.float64, dev) for k, v in values.items()}
+        self.scalars = _scalars(values)
         self.group_index = to_device(groups, torch.int64, dev)  # selects each tensor's group lr
+        self.one_group = groups[0] if groups.count(groups[0]) == len(groups) else None
         self._subsets: Dict[Tuple[bool, ...], Tuple[List[int], Tensor]] = {}
 
     def set_values(self, values: Dict[str, List[float]]) -> None:
@@ -190,13 +238,14 @@ class _Bucket:
             if new != self.values[k]:
                 self.coefs[k].copy_(to_device(new, torch.float64, self.device))
         self.values = values
+        self.scalars = _scalars(values)
 
     def active(self) -> Optional["_Work"]:
         """The bucket restricted to params with a grad (None if there are none),
         with each tensor's group index as a device tensor."""
         mask = tuple(p.grad is not None for p in self.params)
         if all(mask):
-            return _Work(self.kind, self.params, self.group_index, self.coefs, self.dims, self.refs)
+            return _Work(self.kind, self.params, self.group_index, self.coefs, self.dims, self.refs, self)
         if not any(mask):
             return None
         sub = self._subsets.get(mask)
@@ -212,7 +261,14 @@ class _Bucket:
         pick = (lambda xs: None if xs is None else [xs[i] for i in idx])  # noqa: E731
         return _Work(self.kind, pick(self.params), self.group_index.index_select(0, sel),
                      {k: c.index_select(0, sel) for k, c in self.coefs.items()}, pick(self.dims),
-                     pick(self.refs))
+                     pick(self.refs), self)
+
+
+def _scalars(values: Dict[str, List[Optional[float]]]) -> Dict[str, Optional[float]]:
+    """Per coefficient, its one value when every tensor of the bucket has the
+    same (the ops then take it as a number: no tensor to read), else None."""
+    return {k: (v[0] if v and v[0] is not None and v.count(v[0]) == len(v) else None)
+            for k, v in values.items()}
 
 
 class _Work(NamedTuple):
@@ -225,6 +281,14 @@ class _Work(NamedTuple):
     coefs: Dict[str, Tensor]
     dims: Optional[List[int]]
     refs: Optional[List[Tensor]]
+    bucket: "_Bucket"
+
+    def coef(self, name: str, eager: bool) -> Union[float, Tensor]:
+        """Coefficient ``name`` as the ops take it: in eager mode the one value
+        when every tensor has the same, else (and under torch.compile, where
+        coefficients are graph inputs) the per-tensor tensor."""
+        v = self.bucket.scalars[name] if eager else None
+        return self.coefs[name] if v is None else v
 
 
 class _Plan:
@@ -302,6 +366,7 @@ class _Plan:
         self.devices = list(dict.fromkeys(b.device for b in self.buckets))
         self.specs = specs
         self._lr_cache: Dict[torch.device, Tuple[tuple, Tensor]] = {}
+        self._work_lr_cache: Dict[int, Tuple[Tensor, Tensor]] = {}
         # For stats(): every parameter (regularized or not), bucketed, plus the
         # permutation back to optimizer order.
         self.stat_buckets = [ps for ps, _ in every.values()]
@@ -326,6 +391,25 @@ class _Plan:
         if hit is None or hit[0] != key:
             hit = self._lr_cache[device] = (key, to_device(list(key), torch.float64, device))
         return hit[1]
+
+    def work_lr(self, w: "_Work", lrs: list, group_lrs: Dict[torch.device, Tensor]) -> Union[float, Tensor]:
+        """The lr of each tensor of ``w``: in eager mode, a bucket whose tensors
+        all belong to one group with a number lr gets that number; else one
+        float64 per tensor on the device (in eager mode cached while the
+        groups' lrs stay the same)."""
+        g = w.bucket.one_group
+        compiling = torch.compiler.is_compiling()
+        if g is not None and type(lrs[g]) is float and not compiling:
+            return lrs[g]
+        lr = group_lrs[w.bucket.device]
+        if compiling or w.groups is not w.bucket.group_index:
+            return lr.index_select(0, w.groups)
+        hit = self._work_lr_cache.get(id(w.bucket))
+        if hit is not None and hit[0] is lr:
+            return hit[1]
+        out = lr.index_select(0, w.groups)
+        self._work_lr_cache[id(w.bucket)] = (lr, out)
+        return out
 
     def set_values(self, specs: List[_GroupSpec]) -> None:
         """New coefficient values with the same shape (so the same buckets)."""
@@ -406,6 +490,8 @@ class Regularized(Optimizer):
         self.l2 = nonneg_real(l2, "l2")
         self._signature: Optional[tuple] = None
         self._plan_cache: Optional[_Plan] = None
+        self._quick: Optional[tuple] = None  # quick signature of the groups the plan was checked for
+        self._lr_values: Optional[Tuple[tuple, list]] = None  # (signature, validated lrs)
         self._out: Dict[str, Any] = {"last": [], "penalty": None}  # backs _last and _penalty
         self._plan()  # validates everything before the groups are touched
         self._fill_defaults()
@@ -444,13 +530,14 @@ class Regularized(Optimizer):
         self.optimizer.defaults = value
 
     def __getstate__(self) -> Dict[str, Any]:
-        skip = ("_plan_cache", "_signature", "_out")  # caches: rebuilt on use
+        skip = ("_plan_cache", "_signature", "_out", "_quick", "_lr_values")  # caches: rebuilt on use
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._out = {"last": [], "penalty": None}
         self._plan_cache, self._signature = None, None
+        self._quick, self._lr_values = None, None
         self._patch_step_function()
 
     def __repr__(self) -> str:
@@ -476,7 +563,7 @@ class Regularized(Optimizer):
         param_group.setdefault("l1", self.l1)
         param_group.setdefault("l2", self.l2)
         self.optimizer.add_param_group(param_group)
-        self._signature = None
+        self._signature = self._quick = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -517,7 +604,7 @@ class Regularized(Optimizer):
         self.optimizer.load_state_dict(sd)
         self.mode, self.l1, self.l2 = mode, l1, l2
         self._fill_defaults()
-        self._signature = None
+        self._signature = self._quick = None
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -527,8 +614,19 @@ class Regularized(Optimizer):
         return [_group_spec(group, self, f"param_groups[{gi}]") for gi, group in enumerate(self.param_groups)]
 
     def _plan(self) -> _Plan:
-        """The cached plan, rebuilt when the groups changed (cheap check)."""
+        """The cached plan, rebuilt when the groups changed (cheap check).
+
+        First a quick signature of every group's settings and parameters
+        (:func:`_group_key`: numbers by value, tensors by identity and
+        version): unchanged, the plan is used as is, with nothing validated
+        again. Otherwise every group's settings are validated (a bad value
+        raises here, before anything changed) and the plan is rebuilt, or only
+        its coefficient values rewritten when the buckets stay the same."""
         groups = self.param_groups
+        quick = tuple(map(_group_key, groups))
+        if self._plan_cache is not None and quick == self._quick:
+            return self._plan_cache
+        self._quick = None
         specs = self._specs()
         # Coefficient values are not part of the signature, only which groups
         # use which regularizers: new values are written into the plan's
@@ -540,10 +638,21 @@ class Regularized(Optimizer):
             self._signature = sig
         elif [sp.values() for sp in specs] != [sp.values() for sp in self._plan_cache.specs]:
             self._plan_cache.set_values(specs)
+        self._quick = quick
         return self._plan_cache
 
     def _lrs(self) -> list:
-        """Per-bucket lr coefficients (the groups' current lr), validated."""
+        """Per-group lrs (the groups' current lr), validated; re-validated only
+        when one changed (cheap signature, :func:`_key`)."""
+        key = tuple(_key(g.get("lr")) for g in self.param_groups)
+        hit = self._lr_values
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        lrs = self._check_lrs()
+        self._lr_values = (key, lrs)
+        return lrs
+
+    def _check_lrs(self) -> list:
         lrs = []
         for gi, group in enumerate(self.param_groups):
             lr = group.get("lr")
@@ -623,8 +732,7 @@ class Regularized(Optimizer):
         group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
         loss = self._inner_step(closure)
         work = [w for w in map(_Bucket.active, plan.buckets) if w is not None]
-        prox_buckets([(w, group_lrs[w.params[0].device].index_select(0, w.groups))
-                      for w in work if w.kind != "max_norm"])
+        prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in work if w.kind != "max_norm"])
         max_norm_buckets([w for w in work if w.kind == "max_norm"])
         self._last = [w for w in work if w.kind != "max_norm"]
         return loss
@@ -683,18 +791,20 @@ def prox_buckets(buckets: Sequence[Tuple[_Work, Tensor]]) -> None:
     tensor on the params' device), in place: element-wise L1/L2 (``prox_``,
     toward the refs in a "ref" bucket), or the exact sparse-group-lasso prox
     with L2 (``group_prox_``) in a "group" bucket."""
+    eager = not torch.compiler.is_compiling()
     for w, lr in buckets:
-        c = w.coefs
+        c = partial(w.coef, eager=eager)
         if w.kind == "group":
-            ops.group_prox_(w.params, c["group_l1"], lr, w.dims, element_l1=c["l1"], l2=c["l2"])
+            ops.group_prox_(w.params, c("group_l1"), lr, w.dims, element_l1=c("l1"), l2=c("l2"))
         else:
-            ops.prox_(w.params, c["l1"], c["l2"], lr, ref=w.refs)
+            ops.prox_(w.params, c("l1"), c("l2"), lr, ref=w.refs)
 
 
 def max_norm_buckets(buckets: Sequence[_Work]) -> None:
     """The max-norm projection of each "max_norm" bucket, in place."""
+    eager = not torch.compiler.is_compiling()
     for w in buckets:
-        ops.max_norm_(w.params, w.coefs["max_norm"], w.dims)
+        ops.max_norm_(w.params, w.coef("max_norm", eager), w.dims)
 
 
 def add_penalty_grads(buckets: Sequence[_Work]) -> Tensor:
@@ -704,15 +814,16 @@ def add_penalty_grads(buckets: Sequence[_Work]) -> Tensor:
     penalty of the params (0-dim). With several buckets, every bucket's grads
     are checked before the first one is written, so a bad grad changes nothing."""
     grads = [[p.grad for p in w.params] for w in buckets]
-    if len(buckets) > 1 and not torch.compiler.is_compiling():
+    eager = not torch.compiler.is_compiling()
+    if len(buckets) > 1 and eager:
         for w, gs in zip(buckets, grads):
             check_grads_apart(w.params, tensor_list(gs, "grads"))
     total = None
     for w, gs in zip(buckets, grads):
-        c = w.coefs
-        value = ops.add_penalty_grad_(w.params, gs, c["l1"], c["l2"], ref=w.refs)
+        c = partial(w.coef, eager=eager)
+        value = ops.add_penalty_grad_(w.params, gs, c("l1"), c("l2"), ref=w.refs)
         if w.kind == "group":
-            value = _sum(value, ops.add_group_penalty_grad_(w.params, gs, c["group_l1"], w.dims))
+            value = _sum(value, ops.add_group_penalty_grad_(w.params, gs, c("group_l1"), w.dims))
         total = value if total is None else _sum(total, value)
     return total if total is not None else torch.zeros(())
 
