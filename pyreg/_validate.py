@@ -114,12 +114,13 @@ def tensor_list(tensors, what: str = "tensors") -> List[Tensor]:
     return out
 
 
-#: (dtype, device, layout) of the tensors the CPU fast path takes.
-_CPU_KINDS = frozenset((d, torch.device("cpu"), torch.strided) for d in SUPPORTED_DTYPES)
-_kind_of = attrgetter("dtype", "device", "layout")
 #: Tensor types whose data the kernels may read directly in eager mode:
 #: torch.Tensor and nn.Parameter (which adds no torch_function behaviour).
 PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
+#: (type, dtype, device, layout) of the tensors the CPU fast path takes.
+_PLAIN_CPU = frozenset((cls, d, torch.device("cpu"), torch.strided) for cls in PLAIN_TYPES for d in SUPPORTED_DTYPES)
+_plain_kind = attrgetter("__class__", "dtype", "device", "layout")
+_second = itemgetter(1)
 
 
 def plain_cpu(ts: Sequence[Tensor]) -> bool:
@@ -127,10 +128,12 @@ def plain_cpu(ts: Sequence[Tensor]) -> bool:
     list of plain tensors (``PLAIN_TYPES``), all contiguous, on the CPU, of
     one supported dtype. It passes every check of :func:`tensor_list`, and
     the kernels take each tensor as a flat run of its elements."""
-    if not ts or not set(map(type, ts)) <= PLAIN_TYPES:
+    try:
+        kinds = set(map(_plain_kind, ts))
+    except AttributeError:  # not a tensor
         return False
-    kinds = set(map(_kind_of, ts))
-    return len(kinds) == 1 and kinds <= _CPU_KINDS and all(map(Tensor.is_contiguous, ts))
+    return (bool(kinds) and kinds <= _PLAIN_CPU and len(set(map(_second, kinds))) == 1
+            and all(map(Tensor.is_contiguous, ts)))
 
 
 def uniform(ts: List[Tensor]) -> bool:

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <vector>
@@ -40,6 +41,8 @@ namespace pyreg::cpu {
 namespace {
 
 constexpr int64_t kBlock = 2048;
+// Default of inline_bytes(): jobs under 4 MB of tensor data run inline.
+constexpr int64_t kCpuInlineBytes = int64_t(4) << 20;
 // Software prefetch distance, in elements. With the hardware prefetcher alone
 // the reductions and prox_ stayed ~10% further from a.sum() / a.mul_(c) on the
 // development CPU (AMD EPYC, AVX2); add_penalty_grad_ (two streams) did not
@@ -106,6 +109,56 @@ inline Partial sweep(int64_t n, U&& update, V&& value) {
     }
   }
   p.mx = double(mx);
+  return p;
+}
+
+// add_penalty_grad's pass without a reference, in one sweep over each block:
+// g += grad_term(w), and the sums of |w| and w^2 in sweep's lanes, order and
+// fold (the same bits as sweep<A, true, false, false> over w after the update).
+template <typename A, typename T>
+inline Partial grad_sweep(int64_t n, const T* x, T* g, A c1, A c2) {
+  constexpr int kLanes = 64 / sizeof(A);
+  Partial p = zero_partial();
+  for (int64_t i = 0; i < n; i += kBlock) {
+    const int len = int(std::min(kBlock, n - i));
+    const T* __restrict xs = x + i;
+    T* __restrict gs = g + i;
+    A s1[kLanes] = {}, s2[kLanes] = {};
+    int j = 0;
+    for (; j + kLanes <= len; j += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        const A v = load<A>(xs[j + l]);
+        gs[j + l] = store<T>(load<A>(gs[j + l]) + grad_term(v, c1, c2));
+        s1[l] += std::fabs(v);
+        s2[l] += v * v;
+      }
+    }
+    for (int l = 0; j < len; ++j, ++l) {  // tail
+      const A v = load<A>(xs[j]);
+      gs[j] = store<T>(load<A>(gs[j]) + grad_term(v, c1, c2));
+      s1[l] += std::fabs(v);
+      s2[l] += v * v;
+    }
+    A t1 = A(0), t2 = A(0);
+    for (int l = 0; l < kLanes; ++l) {
+      t1 += s1[l];
+      t2 += s2[l];
+    }
+    if (sizeof(A) < sizeof(double) && out_of_float_range(t1, t2)) {
+      double d1 = 0, d2 = 0;  // rare: this block again, in float64 (the spec)
+      for (int k = 0; k < len; ++k) {
+        const double v = double(load<A>(xs[k]));
+        d1 += std::fabs(v);
+        d2 += v * v;
+      }
+      p.s1 += d1;
+      p.s2 += d2;
+    } else {
+      p.s1 += double(t1);
+      p.s2 += double(t2);
+    }
+  }
   return p;
 }
 
@@ -176,11 +229,26 @@ std::vector<Item> plan(const TensorList& w) {
   return items;
 }
 
-// Small jobs run on the calling thread: waking the pool costs more than it saves.
+// Bytes below which a call runs inline on the calling thread, with no pool
+// hand-off. A job this small takes a few hundred microseconds on one core;
+// waking a worker costs tens of microseconds, and on a machine whose other
+// cores are busy (e.g. torch's OpenMP threads still spinning after a torch op)
+// the woken worker competes with the caller for a core, which costs far more.
+// PYREG_CPU_INLINE_BYTES overrides it (read once; for measurements).
+int64_t inline_bytes() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("PYREG_CPU_INLINE_BYTES");
+    return e != nullptr ? int64_t(std::strtoll(e, nullptr, 10)) : kCpuInlineBytes;
+  }();
+  return v;
+}
+
+// Threads for a job over `w`: 1 (inline) for a small job, else nthreads.
+// Results never depend on it (see parallel_for).
 int threads_for(const TensorList& w, int nthreads) {
-  int64_t total = 0;
-  for (int64_t n : w.numels) total += n;
-  return total < 2 * kCpuChunk ? 1 : nthreads;
+  int64_t bytes = 0;
+  for (int64_t t = 0; t < w.size(); ++t) bytes += w.numels[t] * dtype_size(w.dtypes[t]);
+  return bytes < inline_bytes() ? 1 : nthreads;
 }
 
 // Runs body(item) -> Partial on every item; returns the per-tensor folds.
@@ -264,13 +332,7 @@ void add_penalty_grad(const TensorList& w, const void* const* refs, void* const*
         };
         return sweep<A, true, false, false>(n, update, DiffLoader<A, T>{x, r});
       }
-      auto update = [=](int64_t b, int len) {
-        const T* __restrict xs = x + b;
-        T* __restrict gs = g + b;
-#pragma omp simd
-        for (int k = 0; k < len; ++k) gs[k] = store<T>(load<A>(gs[k]) + grad_term(load<A>(xs[k]), c1, c2));
-      };
-      return sweep<A, true, false, false>(n, update, loader<A>(x));
+      return grad_sweep(n, x, g, c1, c2);
     });
   });
   write_out(out, out_dtype, 0, penalty_of(s, l1, l2));
@@ -296,14 +358,23 @@ void prox(const TensorList& w, const void* const* refs, Coef l1, Coef l2, Coef l
         // Counts the elements left different from the reference.
         return sweep<A, false, false, true>(n, update, NeLoader<A, T>{x, r});
       }
-      auto update = [=](int64_t b, int len) {
+      // One pass: each block's prox, counting the nonzeros of what is stored
+      // as it is stored (an exact count: no reduction order to keep).
+      Partial part = zero_partial();
+      for (int64_t b = 0; b < n; b += kBlock) {
+        const int len = int(std::min(kBlock, n - b));
         T* __restrict xs = x + b;
         prefetch_ahead(xs, len);
-#pragma omp simd
-        for (int k = 0; k < len; ++k) xs[k] = store<T>(prox_value(load<A>(xs[k]), pp));
-      };
-      // Counts the nonzeros of what was stored.
-      return sweep<A, false, false, true>(n, update, loader<A>(x));
+        int32_t nz = 0;
+#pragma omp simd reduction(+ : nz)
+        for (int k = 0; k < len; ++k) {
+          const T y = store<T>(prox_value(load<A>(xs[k]), pp));
+          xs[k] = y;
+          nz += load<A>(y) != A(0) ? 1 : 0;
+        }
+        part.nnz += nz;
+      }
+      return part;
     });
   });
   for (int64_t i = 0; i < w.size(); ++i) nnz[i] = s[i].nnz;
@@ -351,14 +422,12 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
   const int64_t n = w.size();
   std::vector<GroupTiling> til(n);
   std::vector<int64_t> poff(n + 1, 0), goff(n + 1, 0);  // partial and group offsets
-  int64_t total = 0;
   for (int64_t t = 0; t < n; ++t) {
     til[t] = group_tiling(gl.outer[t], gl.groups[t], gl.inner[t], kCpuNarrowTile);
     poff[t + 1] = poff[t] + til[t].partials();
     goff[t + 1] = goff[t] + gl.groups[t];
-    total += w.numels[t];
   }
-  const int threads = total < 2 * kCpuChunk ? 1 : nthreads;
+  const int threads = threads_for(w, nthreads);
   // The element soft-threshold of group_prox (scale 1: the L2 scale is in the factor).
   auto soft_of = [&](int64_t t, auto zero) {
     using A = decltype(zero);

@@ -202,19 +202,30 @@ class CompiledKernels:
     def add_penalty_grad_plain(self, ts: List[Tensor], ptrs: List[int], gptrs: List[int], l1: KernelCoef,
                                l2: KernelCoef) -> Tensor:
         numels, codes, dt = self._plain(ts)
-        rd = torch.float64 if dt is torch.float64 else torch.float32
-        out = torch.empty((), dtype=rd)
-        self._fn("add_penalty_grad")(ptrs, numels, codes, [], gptrs, m.host_coef(l1), m.host_coef(l2),
-                                     out.data_ptr(), DTYPE_CODES[rd], 0, -1, 0, torch.get_num_threads())
+        out = torch.empty((), dtype=torch.float64 if dt is torch.float64 else torch.float32)
+        self.add_penalty_grad_ptrs(ptrs, numels, codes, gptrs, l1, l2, out)
         return out
+
+    def add_penalty_grad_ptrs(self, ptrs: List[int], numels: List[int], codes: List[int], gptrs: List[int],
+                              l1: KernelCoef, l2: KernelCoef, out: Tensor) -> None:
+        """add_penalty_grad_ on lists already described (pointers, numels,
+        dtype codes) and checked; the penalty goes to ``out`` (0-dim)."""
+        self._fn("add_penalty_grad")(ptrs, numels, codes, [], gptrs, m.host_coef(l1), m.host_coef(l2),
+                                     out.data_ptr(), DTYPE_CODES[out.dtype], 0, -1, 0, torch.get_num_threads())
 
     def prox_plain(self, ts: List[Tensor], ptrs: List[int], l1: KernelCoef, l2: KernelCoef,
                    lr: KernelCoef) -> Tensor:
         numels, codes, _ = self._plain(ts)
         nnz = torch.empty(len(ts), dtype=torch.int64)
+        self.prox_ptrs(ptrs, numels, codes, l1, l2, lr, nnz)
+        return nnz
+
+    def prox_ptrs(self, ptrs: List[int], numels: List[int], codes: List[int], l1: KernelCoef, l2: KernelCoef,
+                  lr: KernelCoef, nnz: Tensor) -> None:
+        """prox_ on a list already described (pointers, numels, dtype codes)
+        and checked; the counts go to ``nnz`` (int64, one per tensor)."""
         self._fn("prox")(ptrs, numels, codes, [], m.host_coef(l1), m.host_coef(l2), m.host_coef(lr),
                          nnz.data_ptr(), 0, -1, 0, torch.get_num_threads())
-        return nnz
 
     # ---- the group ops -------------------------------------------------------------
     def _group_launch(self, ws: List[Tensor], dims: List[int]):

@@ -30,9 +30,12 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .. import ops
-from .._common import SUPPORTED_DTYPES, has_dtensor, to_device
-from .._validate import check_grads_apart, first_overlap, group_dims, nonneg_real, one_value_tensor, tensor_list
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .. import backends, ops
+from .._common import DTYPE_CODES, SUPPORTED_DTYPES, has_dtensor, to_device
+from .._validate import (check_grads_apart, disjoint_pointers, first_overlap, group_dims, nonneg_real,
+                         one_value_tensor, plain_cpu, tensor_list)
 
 __all__ = ["Regularized", "param_groups", "default_exclude", "ParamStats", "Sparsity"]
 
@@ -230,6 +233,33 @@ class _Bucket:
         self.group_index = to_device(groups, torch.int64, dev)  # selects each tensor's group lr
         self.one_group = groups[0] if groups.count(groups[0]) == len(groups) else None
         self._subsets: Dict[Tuple[bool, ...], Tuple[List[int], Tensor]] = {}
+        self._direct: Optional[list] = None  # [pointers, numels, dtype codes, nnz scratch]: see direct()
+
+    def direct(self) -> Optional[list]:
+        """For a plain eager step on the CPU: ``[pointers, numels, dtype codes,
+        nnz scratch]`` of this bucket's params, for calling the kernels with no
+        per-call list checks, or None (then the ops run, with their checks).
+
+        Only an "elem" bucket of plain, contiguous, non-inference CPU tensors,
+        pairwise disjoint in memory; checked when first asked and again
+        whenever a parameter's data pointer or size changed. The plan's
+        signature covers the rest (each parameter's identity, dtype, device)."""
+        ps = self.params
+        if self.kind != "elem" or self.device.type != "cpu":
+            return None
+        d = self._direct
+        ptrs = list(map(Tensor.data_ptr, ps))
+        if (d is not None and ptrs == d[0] and all(map(Tensor.is_contiguous, ps))
+                and list(map(Tensor.numel, ps)) == d[1]):
+            return d
+        if (not plain_cpu(ps) or any(map(Tensor.is_inference, ps))
+                or disjoint_pointers(ps) is None):
+            self._direct = None
+            return None
+        code = DTYPE_CODES[ps[0].dtype]
+        self._direct = d = [ptrs, list(map(Tensor.numel, ps)), [code] * len(ps),
+                            torch.empty(len(ps), dtype=torch.int64)]
+        return d
 
     def set_values(self, values: Dict[str, List[float]]) -> None:
         """New coefficient values, written into the same tensors: a compiled step
@@ -792,12 +822,23 @@ def prox_buckets(buckets: Sequence[Tuple[_Work, Tensor]]) -> None:
     toward the refs in a "ref" bucket), or the exact sparse-group-lasso prox
     with L2 (``group_prox_``) in a "group" bucket."""
     eager = not torch.compiler.is_compiling()
+    be = _direct_backend() if eager else None
     for w, lr in buckets:
         c = partial(w.coef, eager=eager)
-        if w.kind == "group":
+        d = w.bucket.direct() if be is not None and w.params is w.bucket.params else None
+        if d is not None:  # the checks were made: straight to the kernels
+            be.prox_ptrs(d[0], d[1], d[2], c("l1"), c("l2"), lr, d[3])
+            torch.autograd.graph.increment_version(w.params)
+        elif w.kind == "group":
             ops.group_prox_(w.params, c("group_l1"), lr, w.dims, element_l1=c("l1"), l2=c("l2"))
         else:
             ops.prox_(w.params, c("l1"), c("l2"), lr, ref=w.refs)
+
+
+def _direct_backend():
+    """The cpu backend when a step may call it directly (plain eager mode,
+    no dispatch mode, no other backend forced), else None."""
+    return None if _get_current_dispatch_mode() is not None else backends.eager_cpu()
 
 
 def max_norm_buckets(buckets: Sequence[_Work]) -> None:
@@ -815,17 +856,44 @@ def add_penalty_grads(buckets: Sequence[_Work]) -> Tensor:
     are checked before the first one is written, so a bad grad changes nothing."""
     grads = [[p.grad for p in w.params] for w in buckets]
     eager = not torch.compiler.is_compiling()
+    be = _direct_backend() if eager else None
+    # Buckets whose params and grads pass the direct path's checks (see
+    # _direct_grads) go straight to the kernels; the others through the op.
+    direct = [_direct_grads(w, gs) if be is not None else None for w, gs in zip(buckets, grads)]
     if len(buckets) > 1 and eager:
-        for w, gs in zip(buckets, grads):
-            check_grads_apart(w.params, tensor_list(gs, "grads"))
+        for w, gs, d in zip(buckets, grads, direct):
+            if d is None:
+                check_grads_apart(w.params, tensor_list(gs, "grads"))
     total = None
-    for w, gs in zip(buckets, grads):
+    for w, gs, d in zip(buckets, grads, direct):
         c = partial(w.coef, eager=eager)
-        value = ops.add_penalty_grad_(w.params, gs, c("l1"), c("l2"), ref=w.refs)
+        if d is not None:
+            b, gptrs = d
+            value = torch.empty((), dtype=torch.float64 if w.params[0].dtype is torch.float64 else torch.float32)
+            be.add_penalty_grad_ptrs(b[0], b[1], b[2], gptrs, c("l1"), c("l2"), value)
+            torch.autograd.graph.increment_version(gs)
+        else:
+            value = ops.add_penalty_grad_(w.params, gs, c("l1"), c("l2"), ref=w.refs)
         if w.kind == "group":
             value = _sum(value, ops.add_group_penalty_grad_(w.params, gs, c("group_l1"), w.dims))
         total = value if total is None else _sum(total, value)
     return total if total is not None else torch.zeros(())
+
+
+def _direct_grads(w: _Work, gs: List[Optional[Tensor]]) -> Optional[Tuple[list, List[int]]]:
+    """(the bucket's ``direct()`` arguments, the grads' pointers) when the
+    kernels may take this bucket and these grads directly: the whole bucket,
+    and grads that are plain contiguous CPU tensors of the params' dtype and
+    sizes, not inference tensors, sharing no memory with each other or with
+    any param. Else None (the op then checks, and explains)."""
+    if w.params is not w.bucket.params:
+        return None
+    b = w.bucket.direct()
+    if (b is None or not plain_cpu(gs) or gs[0].dtype is not w.params[0].dtype
+            or list(map(Tensor.numel, gs)) != b[1] or any(map(Tensor.is_inference, gs))):
+        return None
+    ptrs = disjoint_pointers(gs + w.params)
+    return None if ptrs is None else (b, ptrs[:len(gs)])
 
 
 def penalty_of(buckets: Sequence[_Work]) -> Tensor:

@@ -1,0 +1,281 @@
+"""The paths that keep a step's host cost low: the ops' CPU fast path (plain
+contiguous lists, numbers or float64 coefficients), Regularized's cached
+validation (settings and lrs re-checked only when their signature changes)
+and its direct kernel calls, and small calls run inline on the calling thread.
+Each must give exactly what the general path gives, and still reject every
+bad input, changing nothing."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pyreg
+from pyreg import _ops, _validate
+from pyreg.optim import regularized as R
+
+TESTS = Path(__file__).resolve().parent
+
+
+# --------------------------------------------------------------------------
+# Inline (small calls) and pooled execution compute the same bits
+# --------------------------------------------------------------------------
+_RUN = """
+import sys, torch, pyreg
+sys.path.insert(0, {tests!r})
+from conftest import DTYPES, random_list
+from test_structured import dims_for, group_list
+torch.set_num_threads({threads})
+out = {{}}
+torch.manual_seed(0)
+with pyreg.use_backend("cpu"):
+    for k, dt in enumerate(DTYPES):
+        ts = random_list(dt, seed=100 + k, more_layouts=True)
+        ts.append(torch.randn(300000, dtype=dt))  # several work items
+        gs = [torch.randn(t.shape, dtype=dt) for t in ts]
+        st = pyreg.weight_stats(ts)
+        p = pyreg.penalty(ts, 0.37, [0.11] * len(ts))
+        v = pyreg.add_penalty_grad_(ts, gs, 0.3, 0.7)
+        nnz = pyreg.prox_(ts, 0.21, 0.13, 0.9)
+        out[str(dt)] = [*st, p, v, nnz] + gs + ts
+        ws = group_list(dt, seed=300 + k) + [torch.randn(700, 500, dtype=dt)]
+        for which in ("rows", "cols"):
+            dims = dims_for(ws, which)
+            ggs = [w.clone() for w in ws]
+            res = [*pyreg.group_norms(ws, dim=dims), pyreg.group_penalty(ws, 0.3, dim=dims),
+                   pyreg.add_group_penalty_grad_(ws, ggs, 0.3, dim=dims),
+                   pyreg.group_prox_(ws, 0.5, 0.9, dim=dims, element_l1=0.1, l2=0.2),
+                   pyreg.max_norm_(ws, 1.0, dim=dims)]
+            out[str(dt) + which] = res + ggs + ws
+torch.save(out, {path!r})
+"""
+
+
+def _bits(x):
+    x = x.contiguous()
+    if x.is_floating_point():
+        return x.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[x.element_size()])
+    return x
+
+
+def test_inline_and_pooled_calls_compute_the_same_bits(tmp_path):
+    """PYREG_CPU_INLINE_BYTES=0 sends every call to the thread pool; a huge
+    value runs every call inline on the calling thread. Same bits."""
+    results = {}
+    for name, threads, inline in (("inline", 1, "1000000000000"), ("pool2", 2, "0"), ("pool3", 3, "0")):
+        path = tmp_path / f"{name}.pt"
+        env = dict(os.environ, PYREG_CPU_INLINE_BYTES=inline)
+        subprocess.run([sys.executable, "-c", _RUN.format(tests=str(TESTS), path=str(path), threads=threads)],
+                       check=True, env=env, cwd=str(tmp_path), timeout=600)
+        results[name] = torch.load(path)
+    base = results["inline"]
+    for name in ("pool2", "pool3"):
+        for key, xs in base.items():
+            ys = results[name][key]
+            assert len(xs) == len(ys)
+            for i, (a, b) in enumerate(zip(xs, ys)):
+                assert torch.equal(_bits(a), _bits(b)), f"{name} {key}[{i}]"
+
+
+# --------------------------------------------------------------------------
+# The ops' fast path
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("c", [0.0, 1.5, 3, -0.0, -1.0, float("nan"), float("inf"), -float("inf"), True,
+                               1e308, [0.1, 0.2], "x", None])
+def test_fast_coefficient_accepts_only_what_coefficient_accepts(c):
+    fast = _validate.fast_coefficient(c, 2)
+    try:
+        slow = _validate.coefficient(c, 2, torch.device("cpu"), "l1")
+    except (TypeError, ValueError):
+        assert fast is None
+        return
+    if fast is not None:
+        assert isinstance(fast, float) and fast == slow
+
+
+@pytest.mark.parametrize("values", [[0.0, 1.0], [1.0, -1.0], [float("nan"), 1.0], [1.0, float("inf")]])
+def test_fast_coefficient_tensor(values):
+    c = torch.tensor(values, dtype=torch.float64)
+    ok = all(math.isfinite(v) and v >= 0 for v in values)
+    assert (_validate.fast_coefficient(c, 2) is c) == ok
+    assert _validate.fast_coefficient(c, 3) is None                         # wrong length
+    assert _validate.fast_coefficient(c.float(), 2) is None                 # not float64
+    assert _validate.fast_coefficient(torch.stack([c, c], 1)[:, 0], 2) is None  # not contiguous
+
+
+def test_plain_cpu_only_takes_the_common_case():
+    a, b = torch.randn(3), torch.nn.Parameter(torch.randn(4))
+    assert _validate.plain_cpu([a, b])
+    assert not _validate.plain_cpu([])
+    assert not _validate.plain_cpu([a, b.double()])                 # two dtypes
+    assert not _validate.plain_cpu([a, torch.randn(2, 3).t()])      # not contiguous
+    assert not _validate.plain_cpu([a, torch.arange(3)])            # unsupported dtype
+    assert not _validate.plain_cpu([a, torch.randn(3).to_sparse()])
+    assert not _validate.plain_cpu([a, torch.empty(3, device="meta")])
+    assert not _validate.plain_cpu([a, 1.0])
+    assert not _validate.plain_cpu([a, a.as_subclass(type("Sub", (torch.Tensor,), {}))])
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (dict(l1=-1.0), ValueError, "l1 must be finite"),
+    (dict(l2=float("nan")), ValueError, "l2 must be finite"),
+    (dict(lr=float("inf")), ValueError, "lr must be finite"),
+    (dict(l1=torch.tensor([0.1, -0.1], dtype=torch.float64)), ValueError, r"l1\[1\] must be finite"),
+    (dict(l1=True), TypeError, "l1 must be a number"),
+])
+def test_fast_path_still_rejects_bad_coefficients(bad, err, match):
+    ts = [torch.randn(5), torch.randn(3, 4)]
+    before = [t.clone() for t in ts]
+    kwargs = dict(dict(l1=0.1, l2=0.1, lr=0.5), **bad)
+    with pytest.raises(err, match=match):
+        pyreg.prox_(ts, **kwargs)
+    assert all(torch.equal(t, b) for t, b in zip(ts, before))
+
+
+def test_fast_path_matches_the_custom_op_with_tensor_coefficients():
+    g = torch.Generator().manual_seed(5)
+    ts = [torch.randn(n, generator=g) for n in (7, 300, 4097)]
+    gs = [torch.randn(n, generator=g) for n in (7, 300, 4097)]
+    c1 = torch.tensor([0.3, 0.1, 0.2], dtype=torch.float64)
+    c2 = torch.tensor([0.05, 0.0, 0.2], dtype=torch.float64)
+    lr = torch.tensor([0.5, 1.0, 0.1], dtype=torch.float64)
+    a, b = [t.clone() for t in ts], [t.clone() for t in ts]
+    assert torch.equal(pyreg.prox_(a, c1, c2, lr), _ops.prox_op(b, c1, c2, lr, []))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    g1, g2 = [x.clone() for x in gs], [x.clone() for x in gs]
+    assert torch.equal(pyreg.add_penalty_grad_(ts, g1, c1, c2), _ops.add_penalty_grad_op(ts, g2, c1, c2, []))
+    assert all(torch.equal(x, y) for x, y in zip(g1, g2))
+
+
+def test_fast_path_rejects_overlap_and_shape_mismatch():
+    buf = torch.randn(10)
+    with pytest.raises(ValueError, match="share memory"):
+        pyreg.prox_([buf[:6], buf[4:]], l1=0.1)
+    w = [torch.randn(4)]
+    with pytest.raises(ValueError, match=r"grads\[0\] is \(5,\)"):
+        pyreg.add_penalty_grad_(w, [torch.randn(5)], l1=0.1)
+    with pytest.raises(ValueError, match="shares memory"):
+        pyreg.add_penalty_grad_(w, [w[0]], l1=0.1)
+
+
+# --------------------------------------------------------------------------
+# Regularized: cached validation and direct kernel calls
+# --------------------------------------------------------------------------
+def _setup(mode, seed=0, overrides=None):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    groups = pyreg.param_groups(model, l1=1e-2, l2=1e-3, overrides=overrides)
+    opt = R.Regularized(torch.optim.Adam(groups, lr=1e-2), mode=mode)
+    x, y = torch.randn(16, 8), torch.randn(16, 3)
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return model, opt, step
+
+
+def _snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+            {k: {n: (v.clone() if isinstance(v, torch.Tensor) else v) for n, v in s.items()}
+             for k, s in opt.state.items()},
+            [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+
+
+def _same(a, b):
+    ps_a, gs_a, st_a, gr_a = a
+    ps_b, gs_b, st_b, gr_b = b
+    assert all(torch.equal(x, y) for x, y in zip(ps_a, ps_b))
+    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(gs_a, gs_b))
+    assert st_a.keys() == st_b.keys()
+    for k in st_a:
+        for n in st_a[k]:
+            x, y = st_a[k][n], st_b[k][n]
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    assert len(gr_a) == len(gr_b)
+
+
+@pytest.mark.parametrize("mode", ["proximal", "gradient"])
+@pytest.mark.parametrize("key, bad, err", [
+    ("l1", -1.0, ValueError), ("l1", float("nan"), ValueError), ("l2", float("inf"), ValueError),
+    ("l1", True, TypeError), ("l1", "0.1", TypeError), ("group_l1", -0.5, ValueError),
+    ("max_norm", float("nan"), ValueError), ("lr", -1e-3, ValueError),
+])
+def test_a_bad_value_set_after_good_steps_raises_and_changes_nothing(mode, key, bad, err):
+    model, opt, step = _setup(mode)
+    step()
+    step()
+    if key == "lr" and mode == "gradient":
+        pytest.skip("gradient mode does not read the lr")
+    opt.param_groups[0][key] = bad
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(torch.randn(16, 8)), torch.randn(16, 3)).backward()
+    before = _snapshot(model, opt)
+    with pytest.raises(err):
+        opt.step()
+    _same(before, _snapshot(model, opt))
+
+
+@pytest.mark.parametrize("mode", ["proximal", "gradient"])
+def test_a_coefficient_tensor_changed_in_place_is_checked_again(mode):
+    model, opt, step = _setup(mode)
+    opt.param_groups[0]["l1"] = torch.tensor(1e-2)
+    step()
+    opt.param_groups[0]["l1"].fill_(-1.0)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(torch.randn(16, 8)), torch.randn(16, 3)).backward()
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['l1'\] must be finite and >= 0"):
+        opt.step()
+    _same(before, _snapshot(model, opt))
+    opt.param_groups[0]["l1"].fill_(2e-2)   # a good value again: used
+    opt.step()
+    assert opt._plan().buckets[0].values["l1"][0] == pytest.approx(2e-2)
+
+
+def test_schedule_changes_are_applied_every_step():
+    model, opt, step = _setup("proximal", seed=4)
+    ref_model, ref_opt, ref_step = _setup("proximal", seed=4)
+    for k in range(5):  # a new l1 and lr at every step (a schedule)
+        for o in (opt, ref_opt):
+            o.param_groups[0]["l1"] = 1e-2 * (k + 1)
+            o.param_groups[0]["lr"] = 1e-2 / (k + 1)
+        ref_opt._quick = None  # the reference re-validates everything at every step
+        step()
+        ref_step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref_model.parameters()))
+
+
+@pytest.mark.parametrize("mode", ["proximal", "gradient"])
+@pytest.mark.parametrize("overrides", [None, {"0": {"l1": 3e-2, "lr": 2e-2}}])
+def test_direct_kernel_calls_match_the_ops(mode, overrides, monkeypatch):
+    """A plain eager CPU step calls the kernels directly (with numbers, or
+    per-tensor coefficients and lrs when the groups differ); the same step
+    through the public ops gives the same bits."""
+    outs = []
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(R, "_direct_backend", lambda: None)
+        model, opt, step = _setup(mode, seed=7, overrides=overrides)
+        for _ in range(3):
+            step()
+        outs.append([p.detach().clone() for p in model.parameters()] + [opt.penalty.clone()])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_direct_path_checks_parameters_again_when_their_memory_changes():
+    model, opt, step = _setup("proximal")
+    step()
+    w0, w1 = model[0].weight, model[2].weight
+    # the second weight now shares the first one's memory (same size: a view of it)
+    w1.data = w0.data.reshape(-1)[: w1.numel()].view_as(w1)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(torch.randn(16, 8)), torch.randn(16, 3)).backward()
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step()
