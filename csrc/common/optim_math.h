@@ -62,7 +62,8 @@ struct ElemScalars {
   A metric_lr;   // the lr the metric prox scales: Adam lr, Adagrad clr
   A l1, two_l2;  // the metric prox's coefficients
   ProxParams<A> prox;  // the plain prox (pyreg.prox_ with the group's lr)
-  bool use_wd, maximize, nesterov, decoupled;
+  A grad_sign;  // -1 to maximize, else 1
+  bool use_wd, nesterov, decoupled;
 };
 
 template <typename A>
@@ -85,7 +86,7 @@ PYREG_HD ElemScalars<A> elem_scalars(const OptimSpec& s, const StepScalars& c) {
   e.two_l2 = A(2.0 * c.l2);
   e.prox = prox_params<A>(c.l1, c.l2, c.lr);
   e.use_wd = c.wd != 0.0;
-  e.maximize = s.maximize;
+  e.grad_sign = s.maximize ? A(-1) : A(1);
   e.nesterov = s.nesterov;
   e.decoupled = s.decoupled;
   return e;
@@ -102,18 +103,34 @@ PYREG_HD A metric_prox(A w, A denom, const ElemScalars<A>& e) {
   return a <= t ? A(0) : copysign_of((a - t) / (A(1) + lr_e * e.two_l2), w);
 }
 
-// The gradient as the update sees it: unscaled (GradScaler), negated
-// (maximize); `unscaled` is what goes back into the grad (torch's fused
-// optimizers store the unscaled grad).
-template <typename A>
-PYREG_HD A signed_grad(A g, const ElemScalars<A>& e) { return e.maximize ? -g : g; }
+// Weight decay: none, coupled (g += wd * p: SGD, Adam, Adagrad) or decoupled
+// (p *= 1 - lr * wd: AdamW). The CPU kernels instantiate each (a loop without
+// branches vectorizes); kWdAny reads it from ElemScalars at run time (CUDA).
+enum WdMode : int { kWdNone = 0, kWdCoupled = 1, kWdDecoupled = 2, kWdAny = 3 };
+
+template <int kWd, typename A>
+PYREG_HD void weight_decay(A& p, A& g, const ElemScalars<A>& e) {
+  if constexpr (kWd == kWdCoupled) g = g + e.wd * p;
+  if constexpr (kWd == kWdDecoupled) p = p * e.decay;
+  if constexpr (kWd == kWdAny) {
+    if (e.use_wd) {
+      if (e.decoupled) p = p * e.decay;
+      else g = g + e.wd * p;
+    }
+  }
+}
+
+// The mode of a step (what kWdAny decides at run time).
+PYREG_HD int wd_mode(bool use_wd, bool decoupled) {
+  return !use_wd ? kWdNone : decoupled ? kWdDecoupled : kWdCoupled;
+}
 
 // ---- SGD ----------------------------------------------------------------------
 // kState: 0 no momentum, 1 the momentum buffer's first step (buf = grad), 2 momentum.
-template <int kProx, int kState, typename A>
+template <int kProx, int kState, int kWd, typename A>
 PYREG_HD void sgd_element(A& p, A g, A& buf, const ElemScalars<A>& e) {
-  g = signed_grad(g, e);
-  if (e.use_wd) g = g + e.wd * p;
+  g = g * e.grad_sign;  // maximize: -g (exact)
+  weight_decay<kWd>(p, g, e);
   if constexpr (kState != 0) {
     if constexpr (kState == 1) buf = g;
     else buf = buf * e.momentum + e.one_minus_dampening * g;
@@ -124,19 +141,16 @@ PYREG_HD void sgd_element(A& p, A g, A& buf, const ElemScalars<A>& e) {
 }
 
 // ---- Adam / AdamW ---------------------------------------------------------------
-template <int kProx, bool kAmsgrad, typename A>
+template <int kProx, bool kAmsgrad, int kWd, typename A>
 PYREG_HD void adam_element(A& p, A g, A& m, A& v, A& vmax, const ElemScalars<A>& e) {
-  g = signed_grad(g, e);
-  if (e.use_wd) {
-    if (e.decoupled) p = p * e.decay;
-    else g = g + e.wd * p;
-  }
+  g = g * e.grad_sign;
+  weight_decay<kWd>(p, g, e);
   m = m + e.beta1_w * (g - m);  // lerp(m, g, 1 - beta1)
   v = v * e.beta2;
   v = v + (e.one_minus_beta2 * g) * g;
   A denom;
   if constexpr (kAmsgrad) {
-    vmax = (vmax > v || isnan(vmax)) ? vmax : v;  // torch.maximum: NaN wins
+    vmax = (vmax > v) | (vmax != vmax) ? vmax : v;  // torch.maximum: a NaN wins
     denom = sqrt(vmax) / e.bc2_sqrt + e.eps;
   } else {
     denom = sqrt(v) / e.bc2_sqrt + e.eps;
@@ -147,10 +161,10 @@ PYREG_HD void adam_element(A& p, A g, A& m, A& v, A& vmax, const ElemScalars<A>&
 }
 
 // ---- Adagrad ------------------------------------------------------------------
-template <int kProx, typename A>
+template <int kProx, int kWd, typename A>
 PYREG_HD void adagrad_element(A& p, A g, A& sum, const ElemScalars<A>& e) {
-  g = signed_grad(g, e);
-  if (e.use_wd) g = g + e.wd * p;
+  g = g * e.grad_sign;
+  weight_decay<kWd>(p, g, e);
   sum = sum + g * g;
   const A std_ = sqrt(sum) + e.eps;
   p = p + (e.neg_clr * g) / std_;

@@ -10,32 +10,31 @@
 // after every item is done. Element-wise only: the same bits for any thread
 // count.
 
-// The loop over one item's elements; every branch inside is loop-invariant
-// or a select, so the compiler vectorizes it.
-template <int kAlgo, int kProx, int kState, bool kUnscale, typename T, typename A>
-void optim_loop(T* __restrict p, T* __restrict g, T* __restrict s1, T* __restrict s2,
-                T* __restrict s3, int64_t n, const ElemScalars<A>& e, A scale) {
+// The loop over one item's elements; every branch inside is a select, so the
+// compiler vectorizes it (each flag that would need a branch is a template
+// parameter).
+template <int kAlgo, int kProx, int kState, int kWd, typename T, typename A>
+void optim_loop(T* __restrict p, const T* __restrict g, T* __restrict s1, T* __restrict s2,
+                T* __restrict s3, int64_t n, const ElemScalars<A> e) {
+  // e by value: a local copy that the stores cannot alias, so its fields stay
+  // in registers.
   for (int64_t i = 0; i < n; ++i) {
-    A gv = load<A>(g[i]);
-    if constexpr (kUnscale) {
-      gv = gv / scale;
-      g[i] = store<T>(gv);
-    }
+    const A gv = load<A>(g[i]);
     A pv = load<A>(p[i]);
     if constexpr (kAlgo == kSgd) {
       A b = kState == 2 ? load<A>(s1[i]) : A(0);
-      sgd_element<kProx, kState>(pv, gv, b, e);
+      sgd_element<kProx, kState, kWd>(pv, gv, b, e);
       if constexpr (kState != 0) s1[i] = store<T>(b);
     } else if constexpr (kAlgo == kAdam) {
       A m = load<A>(s1[i]), v = load<A>(s2[i]);
       A vmax = kState == 1 ? load<A>(s3[i]) : A(0);
-      adam_element<kProx, kState == 1>(pv, gv, m, v, vmax, e);
+      adam_element<kProx, kState == 1, kWd>(pv, gv, m, v, vmax, e);
       s1[i] = store<T>(m);
       s2[i] = store<T>(v);
       if constexpr (kState == 1) s3[i] = store<T>(vmax);
     } else {
       A s = load<A>(s1[i]);
-      adagrad_element<kProx>(pv, gv, s, e);
+      adagrad_element<kProx, kWd>(pv, gv, s, e);
       s1[i] = store<T>(s);
     }
     p[i] = store<T>(pv);
@@ -63,18 +62,22 @@ void optim_item(const OptimList& l, const OptimSpec& s, const StepScalars& sc, i
   T* g = at(l.grads);
   T *s1 = at(l.s1), *s2 = at(l.s2), *s3 = at(l.s3);
   const int64_t n = end - begin;
-  const A scale = s.grad_scale != nullptr ? A(*s.grad_scale) : A(1);
+  if (s.grad_scale != nullptr) {  // GradScaler: the grads unscaled first (the item stays in cache)
+    const A scale = A(*s.grad_scale);
+    for (int64_t i = 0; i < n; ++i) g[i] = store<T>(load<A>(g[i]) / scale);
+  }
   // The SGD prox has no metric of its own: its lr is the metric.
   const int prox = kAlgo == kSgd && s.prox == kMetricProx ? int(kPlainProx) : s.prox;
   const int state = kAlgo == kSgd ? (s1 == nullptr ? 0 : l.fresh[t] ? 1 : 2)
                     : kAlgo == kAdam ? (s.amsgrad ? 1 : 0) : 0;
   constexpr int kStates = kAlgo == kSgd ? 3 : kAlgo == kAdam ? 2 : 1;
-  with_int<3>(prox, [&](auto kp) {
+  constexpr int kProxes = kAlgo == kSgd ? 2 : 3;
+  with_int<kProxes>(prox, [&](auto kp) {
     with_int<kStates>(state, [&](auto ks) {
-      if (s.grad_scale != nullptr)
-        optim_loop<kAlgo, decltype(kp)::value, decltype(ks)::value, true>(p, g, s1, s2, s3, n, e, scale);
-      else
-        optim_loop<kAlgo, decltype(kp)::value, decltype(ks)::value, false>(p, g, s1, s2, s3, n, e, scale);
+      with_int<3>(wd_mode(e.use_wd, e.decoupled), [&](auto kw) {
+        optim_loop<kAlgo, decltype(kp)::value, decltype(ks)::value, decltype(kw)::value>(p, g, s1, s2, s3,
+                                                                                      n, e);
+      });
     });
   });
 }

@@ -42,6 +42,7 @@ __device__ __forceinline__ bool step_skipped(const OptimSpec& s) {
 template <int kAlgo, int kProx, int kState, bool kUnscale, typename T>
 __device__ __forceinline__ void optim_chunk(const OptimBatch& b, int k, int64_t begin, int len,
                                             const ElemScalars<opmath_t<T>>& e, float scale) {
+  // Weight decay is a uniform branch on a GPU: kWdAny decides per element.
   using A = opmath_t<T>;
   T* __restrict__ p = static_cast<T*>(b.p[k]) + begin;
   T* __restrict__ g = static_cast<T*>(b.g[k]) + begin;
@@ -58,18 +59,18 @@ __device__ __forceinline__ void optim_chunk(const OptimBatch& b, int k, int64_t 
     A pv = load<A>(p[i]);
     if constexpr (kAlgo == kSgd) {
       A buf = kState == 2 ? load<A>(s1[i]) : A(0);
-      sgd_element<kProx, kState>(pv, gv, buf, e);
+      sgd_element<kProx, kState, kWdAny>(pv, gv, buf, e);
       if constexpr (kState != 0) s1[i] = store<T>(buf);
     } else if constexpr (kAlgo == kAdam) {
       A m = load<A>(s1[i]), v = load<A>(s2[i]);
       A vmax = kState == 1 ? load<A>(s3[i]) : A(0);
-      adam_element<kProx, kState == 1>(pv, gv, m, v, vmax, e);
+      adam_element<kProx, kState == 1, kWdAny>(pv, gv, m, v, vmax, e);
       s1[i] = store<T>(m);
       s2[i] = store<T>(v);
       if constexpr (kState == 1) s3[i] = store<T>(vmax);
     } else {
       A sum = load<A>(s1[i]);
-      adagrad_element<kProx>(pv, gv, sum, e);
+      adagrad_element<kProx, kWdAny>(pv, gv, sum, e);
       s1[i] = store<T>(sum);
     }
     p[i] = store<T>(pv);
