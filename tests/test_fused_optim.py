@@ -669,7 +669,7 @@ def test_structured_keys_equal_regularized(name, keys):
     model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 3))
     pretrained = copy.deepcopy(model)
     x, y = torch.randn(64, 20), torch.randint(0, 3, (64,))
-    overrides = {"group_l1": {"0": {"group_l1": 1.0, "group_dim": 1}}, "max_norm": {"0": {"max_norm": 0.5}},
+    overrides = {"group_l1": {"0": {"group_l1": 5.0, "group_dim": 1}}, "max_norm": {"0": {"max_norm": 0.5}},
                  "ref": None}[keys]
     kw = dict(momentum=0.9) if name == "SGD" else {}
     outs = []
