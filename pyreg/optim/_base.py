@@ -43,7 +43,7 @@ def _flag(value: Any, where: str) -> bool:
     return value
 
 
-def _number(value: Any) -> Any:
+def hyper_number(value: Any) -> Any:
     """A hyperparameter as a float, or a device tensor left as it is (read on
     the device, no host sync)."""
     if isinstance(value, Tensor):
@@ -386,11 +386,11 @@ def _structured(group: Dict[str, Any], l1: float, l2: float, where: str):
     sets none of them."""
     if not any(group.get(k) is not None for k in ("group_l1", "ref", "max_norm")):
         return None, None, None
-    from .regularized import _check_group_params, _group_spec
-    sp = _group_spec(group, _Defaults(l1, l2), where)
+    from .regularized import check_group_params, group_spec
+    sp = group_spec(group, _Defaults(l1, l2), where)
     if sp.group_l1 == 0.0 and sp.ref is None and sp.max_norm is None:
         return None, None, None
-    gdims, mdims = _check_group_params(sp, group["params"], where)
+    gdims, mdims = check_group_params(sp, group["params"], where)
     return sp, gdims, mdims
 
 
