@@ -279,3 +279,19 @@ def test_direct_path_checks_parameters_again_when_their_memory_changes():
     torch.nn.functional.mse_loss(model(torch.randn(16, 8)), torch.randn(16, 3)).backward()
     with pytest.raises(ValueError, match="share memory"):
         opt.step()
+
+
+def test_direct_path_checks_grads_that_moved():
+    """Gradient mode: grads found apart from the params once are checked
+    again as soon as one of them is elsewhere in memory."""
+    model, opt, step = _setup("gradient")
+    step()
+    step()
+    w0, w2 = model[0].weight, model[2].weight
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(torch.randn(16, 8)), torch.randn(16, 3)).backward()
+    w2.grad = w0.detach().reshape(-1)[: w2.numel()].view_as(w2)  # shares the first weight's memory
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match="shares memory"):
+        opt.step()
+    _same(before, _snapshot(model, opt))

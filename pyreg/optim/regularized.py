@@ -233,12 +233,14 @@ class _Bucket:
         self.group_index = to_device(groups, torch.int64, dev)  # selects each tensor's group lr
         self.one_group = groups[0] if groups.count(groups[0]) == len(groups) else None
         self._subsets: Dict[Tuple[bool, ...], Tuple[List[int], Tensor]] = {}
-        self._direct: Optional[list] = None  # [pointers, numels, dtype codes, nnz scratch]: see direct()
+        self._direct: Optional[list] = None  # see direct()
 
     def direct(self) -> Optional[list]:
         """For a plain eager step on the CPU: ``[pointers, numels, dtype codes,
-        nnz scratch]`` of this bucket's params, for calling the kernels with no
-        per-call list checks, or None (then the ops run, with their checks).
+        nnz scratch, grad pointers]`` of this bucket's params (the last: of
+        grads last found apart from each other and from the params, see
+        ``_direct_grads``), for calling the kernels with no per-call list
+        checks, or None (then the ops run, with their checks).
 
         Only an "elem" bucket of plain, contiguous, non-inference CPU tensors,
         pairwise disjoint in memory; checked when first asked and again
@@ -258,7 +260,7 @@ class _Bucket:
             return None
         code = DTYPE_CODES[ps[0].dtype]
         self._direct = d = [ptrs, list(map(Tensor.numel, ps)), [code] * len(ps),
-                            torch.empty(len(ps), dtype=torch.int64)]
+                            torch.empty(len(ps), dtype=torch.int64), None]
         return d
 
     def set_values(self, values: Dict[str, List[float]]) -> None:
@@ -892,8 +894,13 @@ def _direct_grads(w: _Work, gs: List[Optional[Tensor]]) -> Optional[Tuple[list, 
     if (b is None or not plain_cpu(gs) or gs[0].dtype is not w.params[0].dtype
             or list(map(Tensor.numel, gs)) != b[1] or any(map(Tensor.is_inference, gs))):
         return None
-    ptrs = disjoint_pointers(gs + w.params)
-    return None if ptrs is None else (b, ptrs[:len(gs)])
+    gptrs = list(map(Tensor.data_ptr, gs))
+    if gptrs != b[4]:  # grads elsewhere than the last checked ones: check again
+        ptrs = disjoint_pointers(gs + w.params)
+        if ptrs is None:
+            return None
+        b[4] = gptrs
+    return b, gptrs
 
 
 def penalty_of(buckets: Sequence[_Work]) -> Tensor:
