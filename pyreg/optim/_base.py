@@ -303,21 +303,24 @@ class FusedOptimizer:
 
     def _table(self, b: _Bucket, settings: List[_Group]) -> Tensor:
         """The bucket's hyperparameter table (float64, one row per group) on its
-        device, cached while the numbers stay the same."""
+        device: the numbers cached while they stay the same (one asynchronous
+        copy when they change), device tensors (a GPU tensor lr) written in on
+        the device at each step; no host sync either way."""
         rows = [settings[gi].row for gi in b.rows]
         dev = b.params[0].device
-        if any(isinstance(v, Tensor) for r in rows for v in r):
-            return torch.stack([torch.stack([v.to(device=dev, dtype=torch.float64).reshape(())
-                                             if isinstance(v, Tensor) else
-                                             torch.tensor(float(v), dtype=torch.float64, device=dev)
-                                             for v in r]) for r in rows])
-        key = (dev, tuple(tuple(r) for r in rows))
+        on_device = [(i, j, v) for i, r in enumerate(rows) for j, v in enumerate(r) if isinstance(v, Tensor)]
+        numbers = tuple(tuple(0.0 if isinstance(v, Tensor) else v for v in r) for r in rows)
+        key = (dev, numbers)
         t = self._hyper_cache.get(key)
         if t is None:
             if len(self._hyper_cache) > 16:
                 self._hyper_cache.clear()
-            t = self._hyper_cache[key] = to_device([v for r in rows for v in r], torch.float64,
+            t = self._hyper_cache[key] = to_device([v for r in numbers for v in r], torch.float64,
                                                    dev).reshape(len(rows), len(spec.HYPER))
+        if on_device:
+            t = t.clone()
+            for i, j, v in on_device:
+                t[i, j] = v.reshape(())
         return t
 
     def _run(self, b: _Bucket, settings: List[_Group]) -> None:
