@@ -368,6 +368,13 @@ class FusedOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._apply()
+        return loss
+
+    @torch.compiler.disable
+    def _apply(self) -> None:
+        """The update of every parameter with a grad. Under torch.compile it
+        runs eagerly (a graph break): the kernels take raw pointers."""
         buckets, torch_groups, after = self._gather()
         if torch_groups:
             self._run_torch(torch_groups)
@@ -379,7 +386,6 @@ class FusedOptimizer:
                 if after and not self._amp_skipped():
                     for group, st, idx in after:
                         self._structured_pass(group, st, idx)
-        return loss
 
 
 def _structured(group: Dict[str, Any], l1: float, l2: float, where: str):
