@@ -655,3 +655,91 @@ def test_differentiable_with_l1_is_rejected():
     p.grad = torch.ones(3)
     with pytest.raises(ValueError, match="differentiable"):
         opt.step()
+
+
+# --------------------------------------------------------------------------
+# Regularized's structured keys in the fused optimizers
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(CLASSES))
+@pytest.mark.parametrize("keys", ["group_l1", "max_norm", "ref"])
+def test_structured_keys_equal_regularized(name, keys):
+    """group_l1/group_dim, ref and max_norm/max_norm_dim in a fused optimizer's
+    groups do what Regularized's proximal mode does with them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 3))
+    pretrained = copy.deepcopy(model)
+    x, y = torch.randn(64, 20), torch.randint(0, 3, (64,))
+    overrides = {"group_l1": {"0": {"group_l1": 5.0, "group_dim": 1}}, "max_norm": {"0": {"max_norm": 0.5}},
+                 "ref": None}[keys]
+    kw = dict(momentum=0.9) if name == "SGD" else {}
+    outs = []
+    for kind in ("regularized", "fused"):
+        m = copy.deepcopy(model)
+        groups = pyreg.param_groups(m, l1=1e-3, l2=1e-3, overrides=overrides,
+                                    ref=pretrained if keys == "ref" else None)
+        opt = (pyreg.Regularized(getattr(torch.optim, name)(groups, lr=0.05, **kw)) if kind == "regularized"
+               else CLASSES[name](groups, lr=0.05, **kw))
+        for _ in range(20):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+        outs.append([p.detach() for p in m.parameters()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a == 0, b == 0)
+    if keys == "group_l1":
+        assert int((outs[1][0] == 0).all(0).sum()) > 0  # whole input columns are zero
+    if keys == "max_norm":
+        assert float(outs[1][0].norm(dim=1).max()) <= 0.5 + 1e-6
+
+
+def test_structured_keys_validated():
+    p = nn.Parameter(torch.randn(4, 3))
+    opt = optim.AdamW([{"params": [p], "group_l1": 0.1, "group_dim": 5}], lr=0.1)
+    p.grad = torch.ones(4, 3)
+    before = p.detach().clone()
+    with pytest.raises((ValueError, IndexError), match="group_dim|dim"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    opt = optim.AdamW([{"params": [p], "group_l1": 0.1}], lr=0.1, preconditioned=True)
+    with pytest.raises(ValueError, match="preconditioned"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_structured_keys_skip_with_grad_scaler():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4)
+    opt = optim.Adam([{"params": [model.weight], "group_l1": 0.5, "max_norm": 0.1}, {"params": [model.bias]}],
+                     lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(model(torch.randn(3, 6)).sum()).backward()
+    model.weight.grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_compiled_training_step_matches_eager(name):
+    """torch.compile of a whole training step: the fused step runs eagerly
+    inside it (a graph break) and the result equals the eager loop's."""
+    torch.manual_seed(0)
+    m1 = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    m2 = copy.deepcopy(m1)
+    x, y = torch.randn(32, 8), torch.randn(32, 2)
+    o1 = CLASSES[name](pyreg.param_groups(m1, l1=1e-2), lr=1e-2)
+    o2 = CLASSES[name](pyreg.param_groups(m2, l1=1e-2), lr=1e-2)
+
+    def step(m, o):
+        o.zero_grad()
+        nn.functional.mse_loss(m(x), y).backward()
+        o.step()
+
+    compiled = torch.compile(step)
+    for _ in range(4):
+        compiled(m1, o1)
+        step(m2, o2)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a == 0, b == 0)

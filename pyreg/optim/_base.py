@@ -43,7 +43,7 @@ def _flag(value: Any, where: str) -> bool:
     return value
 
 
-def _number(value: Any) -> Any:
+def hyper_number(value: Any) -> Any:
     """A hyperparameter as a float, or a device tensor left as it is (read on
     the device, no host sync)."""
     if isinstance(value, Tensor):
@@ -67,6 +67,9 @@ class _Group(NamedTuple):
     momentum: bool        # SGD: keeps a momentum buffer
     l1: float
     l2: float
+    structured: Any       # the group's _GroupSpec when it sets group_l1, ref or max_norm, else None
+    gdims: Optional[List[int]]  # each parameter's group_dim (group_l1), max_norm_dim (max_norm)
+    mdims: Optional[List[int]]
 
 
 class _Bucket:
@@ -166,8 +169,14 @@ class FusedOptimizer:
         pre = _flag(group.get("preconditioned", False), f"{where}['preconditioned']")
         row, decoupled, amsgrad, nesterov, momentum = self._hyper(group)
         prox = spec.NO_PROX if l1 == 0.0 and l2 == 0.0 else spec.METRIC_PROX if pre else spec.PLAIN_PROX
+        structured, gdims, mdims = _structured(group, l1, l2, where)
+        if structured is not None and structured.group_l1 != 0.0:
+            prox = spec.NO_PROX  # group_prox_ applies l1, group_l1 and l2 together after the update
+        if structured is not None and pre and (structured.group_l1 != 0.0 or structured.ref is not None):
+            raise ValueError(f"{where} sets preconditioned=True with group_l1 or ref: the prox in the "
+                             "optimizer's metric is element-wise L1/L2 only")
         flags = _Flags(decoupled, amsgrad, bool(group.get("maximize", False)), nesterov, prox)
-        settings = _Group(row + [l1, l2], flags, momentum, l1, l2)
+        settings = _Group(row + [l1, l2], flags, momentum, l1, l2, structured, gdims, mdims)
         self._group_cache[gi] = (key, settings)
         return settings
 
@@ -176,29 +185,41 @@ class FusedOptimizer:
         return (type(p) not in _PLAIN_TYPES or g.is_sparse or p.dtype not in SUPPORTED_DTYPES
                 or g.dtype != p.dtype or g.device != p.device or bool(group.get("differentiable")))
 
-    def _gather(self) -> Tuple[List[_Bucket], List[Tuple[Dict[str, Any], List[Tensor], _Group]]]:
+    def _gather(self):
+        """(buckets, groups for torch's own step, structured passes after the update)."""
         settings = [self._settings(gi, g) for gi, g in enumerate(self.param_groups)]  # type: ignore[attr-defined]
         buckets: Dict[tuple, _Bucket] = {}
         torch_groups = []
+        after: List[tuple] = []
         state = self.state  # type: ignore[attr-defined]
         for gi, (group, st) in enumerate(zip(self.param_groups, settings)):  # type: ignore[attr-defined]
             others = []
-            for p in group["params"]:
+            sp = st.structured
+            with_grad: List[int] = []
+            for j, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
                 if self._torch_path(p, g, group):
+                    if sp is not None:
+                        raise ValueError(f"param_groups[{gi}] sets group_l1, ref or max_norm, but some of its "
+                                         "parameters need torch's own step (sparse or complex grads, "
+                                         "differentiable=True or tensor subclasses)")
                     others.append(p)
                     continue
+                with_grad.append(j)
                 s = state[p]
                 if not s:
                     self._new_state(p, s, group)
                 bufs = self._buffers(p, s, group, st)
                 step = bufs[3]
-                key = (p.device, p.dtype, st.flags, None if step is None else step.dtype)
+                flags = st.flags
+                if sp is not None and sp.ref is not None and sp.ref[j] is not None:
+                    flags = flags._replace(prox=spec.NO_PROX)  # toward its ref, after the update
+                key = (p.device, p.dtype, flags, None if step is None else step.dtype)
                 b = buckets.get(key)
                 if b is None:
-                    b = buckets[key] = _Bucket(backends.for_tensors([p]), st.flags, key[3])
+                    b = buckets[key] = _Bucket(backends.for_tensors([p]), flags, key[3])
                 row = b.rows.setdefault(gi, len(b.rows))
                 b.params.append(p)
                 b.grads.append(g)
@@ -218,7 +239,25 @@ class FusedOptimizer:
                                      "step (complex parameters or differentiable=True): pyreg's prox "
                                      "takes real parameters outside autograd")
                 torch_groups.append((group, others, st))
-        return list(buckets.values()), torch_groups
+            if sp is not None and with_grad:
+                after.append((group, st, with_grad))
+        return list(buckets.values()), torch_groups, after
+
+    @staticmethod
+    def _structured_pass(group: Dict[str, Any], st: _Group, idx: List[int]) -> None:
+        """After the update, for the group's parameters with a grad: group lasso
+        (``group_prox_`` with the group's l1 and l2 too), the prox toward each
+        ``ref``, the max-norm projection; as :class:`Regularized` does."""
+        sp, params, lr = st.structured, group["params"], group["lr"]
+        if sp.group_l1 != 0.0:
+            ops.group_prox_([params[j] for j in idx], sp.group_l1, lr, [st.gdims[j] for j in idx],
+                            element_l1=st.l1, l2=st.l2)
+        elif sp.ref is not None and not (st.l1 == 0.0 and st.l2 == 0.0):
+            toward = [j for j in idx if sp.ref[j] is not None]
+            if toward:
+                ops.prox_([params[j] for j in toward], st.l1, st.l2, lr, ref=[sp.ref[j] for j in toward])
+        if sp.max_norm is not None:
+            ops.max_norm_([params[j] for j in idx], sp.max_norm, [st.mdims[j] for j in idx])
 
     def _buffers(self, p: Tensor, s: Dict[str, Any], group: Dict[str, Any], st: _Group):
         """(s1, s2, s3, step, fresh) of p for the kernels; fixes up state that a
@@ -244,6 +283,13 @@ class FusedOptimizer:
             return s["exp_avg"], s["exp_avg_sq"], vmax, step, 0
         return s["sum"], None, None, step, 0
 
+    def _amp_skipped(self) -> bool:
+        """Whether GradScaler skips this step (found_inf). Read on the host, so
+        only asked when a group sets group_l1, ref or max_norm: their passes
+        run after the fused kernel, which skips on the device by itself."""
+        found_inf = getattr(self, "found_inf", None)
+        return found_inf is not None and bool(found_inf.item())
+
     def _amp_scalars(self, device: torch.device) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """GradScaler's grad_scale and found_inf (set on the optimizer around
         step), as float32 scalars on ``device``."""
@@ -257,21 +303,24 @@ class FusedOptimizer:
 
     def _table(self, b: _Bucket, settings: List[_Group]) -> Tensor:
         """The bucket's hyperparameter table (float64, one row per group) on its
-        device, cached while the numbers stay the same."""
+        device: the numbers cached while they stay the same (one asynchronous
+        copy when they change), device tensors (a GPU tensor lr) written in on
+        the device at each step; no host sync either way."""
         rows = [settings[gi].row for gi in b.rows]
         dev = b.params[0].device
-        if any(isinstance(v, Tensor) for r in rows for v in r):
-            return torch.stack([torch.stack([v.to(device=dev, dtype=torch.float64).reshape(())
-                                             if isinstance(v, Tensor) else
-                                             torch.tensor(float(v), dtype=torch.float64, device=dev)
-                                             for v in r]) for r in rows])
-        key = (dev, tuple(tuple(r) for r in rows))
+        on_device = [(i, j, v) for i, r in enumerate(rows) for j, v in enumerate(r) if isinstance(v, Tensor)]
+        numbers = tuple(tuple(0.0 if isinstance(v, Tensor) else v for v in r) for r in rows)
+        key = (dev, numbers)
         t = self._hyper_cache.get(key)
         if t is None:
             if len(self._hyper_cache) > 16:
                 self._hyper_cache.clear()
-            t = self._hyper_cache[key] = to_device([v for r in rows for v in r], torch.float64,
+            t = self._hyper_cache[key] = to_device([v for r in numbers for v in r], torch.float64,
                                                    dev).reshape(len(rows), len(spec.HYPER))
+        if on_device:
+            t = t.clone()
+            for i, j, v in on_device:
+                t[i, j] = v.reshape(())
         return t
 
     def _run(self, b: _Bucket, settings: List[_Group]) -> None:
@@ -319,15 +368,44 @@ class FusedOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        buckets, torch_groups = self._gather()
+        self._apply()
+        return loss
+
+    @torch.compiler.disable
+    def _apply(self) -> None:
+        """The update of every parameter with a grad. Under torch.compile it
+        runs eagerly (a graph break): the kernels take raw pointers."""
+        buckets, torch_groups, after = self._gather()
         if torch_groups:
             self._run_torch(torch_groups)
-        if buckets:
+        if buckets or after:
             settings = [self._group_cache[gi][1] for gi in range(len(self.param_groups))]  # type: ignore[attr-defined]
             with torch.no_grad():
                 for b in buckets:
                     self._run(b, settings)
-        return loss
+                if after and not self._amp_skipped():
+                    for group, st, idx in after:
+                        self._structured_pass(group, st, idx)
+
+
+def _structured(group: Dict[str, Any], l1: float, l2: float, where: str):
+    """The group's structured settings (Regularized's keys ``group_l1``,
+    ``group_dim``, ``ref``, ``max_norm``, ``max_norm_dim``) validated against its
+    parameters: (spec, group dims, max-norm dims), or (None, None, None) when it
+    sets none of them."""
+    if not any(group.get(k) is not None for k in ("group_l1", "ref", "max_norm")):
+        return None, None, None
+    from .regularized import check_group_params, group_spec
+    sp = group_spec(group, _Defaults(l1, l2), where)
+    if sp.group_l1 == 0.0 and sp.ref is None and sp.max_norm is None:
+        return None, None, None
+    gdims, mdims = check_group_params(sp, group["params"], where)
+    return sp, gdims, mdims
+
+
+class _Defaults(NamedTuple):
+    l1: float
+    l2: float
 
 
 def _key(v: Any) -> Any:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..backends import torch_ref as spec
-from ._base import FusedOptimizer, _number, scalar_dtype
+from ._base import FusedOptimizer, hyper_number, scalar_dtype
 
 
 class Adagrad(FusedOptimizer, torch.optim.Adagrad):
@@ -32,7 +32,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
     _algo = spec.ADAGRAD
 
     def _hyper(self, group: Dict[str, Any]):
-        row = [_number(group["lr"]), 0.0, 0.0, float(group["eps"]), float(group["weight_decay"]), 0.0, 0.0,
+        row = [hyper_number(group["lr"]), 0.0, 0.0, float(group["eps"]), float(group["weight_decay"]), 0.0, 0.0,
                float(group["lr_decay"])]
         return row, False, False, False, False
 

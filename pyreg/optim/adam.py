@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..backends import torch_ref as spec
-from ._base import FusedOptimizer, _number, scalar_dtype
+from ._base import FusedOptimizer, hyper_number, scalar_dtype
 
 
 class _AdamBase(FusedOptimizer):
@@ -16,7 +16,7 @@ class _AdamBase(FusedOptimizer):
 
     def _hyper(self, group: Dict[str, Any]):
         beta1, beta2 = group["betas"]
-        row = [_number(group["lr"]), _number(beta1), _number(beta2), float(group["eps"]),
+        row = [hyper_number(group["lr"]), hyper_number(beta1), hyper_number(beta2), float(group["eps"]),
                float(group["weight_decay"]), 0.0, 0.0, 0.0]
         decoupled = self._decoupled or bool(group.get("decoupled_weight_decay", False))
         return row, decoupled, bool(group.get("amsgrad", False)), False, False

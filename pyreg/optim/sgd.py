@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..backends import torch_ref as spec
-from ._base import FusedOptimizer, _number
+from ._base import FusedOptimizer, hyper_number
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
@@ -27,7 +27,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     _algo = spec.SGD
 
     def _hyper(self, group: Dict[str, Any]):
-        row = [_number(group["lr"]), 0.0, 0.0, 0.0, float(group["weight_decay"]), float(group["momentum"]),
+        row = [hyper_number(group["lr"]), 0.0, 0.0, 0.0, float(group["weight_decay"]), float(group["momentum"]),
                float(group["dampening"]), 0.0]
         momentum = group["momentum"] != 0
         return row, False, False, bool(group.get("nesterov", False)) and momentum, momentum
