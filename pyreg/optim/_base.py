@@ -159,7 +159,8 @@ class FusedOptimizer:
 
     # -- the step ------------------------------------------------------------------
     def _settings(self, gi: int, group: Dict[str, Any]) -> _Group:
-        key = tuple(_key(v) for k, v in group.items() if k not in ("params", "param_names"))
+        key = (tuple(map(id, group["params"])),
+               tuple(_key(v) for k, v in group.items() if k not in ("params", "param_names")))
         hit = self._group_cache.get(gi)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -182,7 +183,7 @@ class FusedOptimizer:
 
     def _torch_path(self, p: Tensor, g: Tensor, group: Dict[str, Any]) -> bool:
         """True for a parameter the fused kernels do not take."""
-        return (type(p) not in _PLAIN_TYPES or g.is_sparse or p.dtype not in SUPPORTED_DTYPES
+        return (type(p) not in _PLAIN_TYPES or g.layout is not torch.strided or p.dtype not in SUPPORTED_DTYPES
                 or g.dtype != p.dtype or g.device != p.device or bool(group.get("differentiable")))
 
     def _gather(self):
@@ -303,21 +304,24 @@ class FusedOptimizer:
 
     def _table(self, b: _Bucket, settings: List[_Group]) -> Tensor:
         """The bucket's hyperparameter table (float64, one row per group) on its
-        device, cached while the numbers stay the same."""
+        device: the numbers cached while they stay the same (one asynchronous
+        copy when they change), device tensors (a GPU tensor lr) written in on
+        the device at each step; no host sync either way."""
         rows = [settings[gi].row for gi in b.rows]
         dev = b.params[0].device
-        if any(isinstance(v, Tensor) for r in rows for v in r):
-            return torch.stack([torch.stack([v.to(device=dev, dtype=torch.float64).reshape(())
-                                             if isinstance(v, Tensor) else
-                                             torch.tensor(float(v), dtype=torch.float64, device=dev)
-                                             for v in r]) for r in rows])
-        key = (dev, tuple(tuple(r) for r in rows))
+        on_device = [(i, j, v) for i, r in enumerate(rows) for j, v in enumerate(r) if isinstance(v, Tensor)]
+        numbers = tuple(tuple(0.0 if isinstance(v, Tensor) else v for v in r) for r in rows)
+        key = (dev, numbers)
         t = self._hyper_cache.get(key)
         if t is None:
             if len(self._hyper_cache) > 16:
                 self._hyper_cache.clear()
-            t = self._hyper_cache[key] = to_device([v for r in rows for v in r], torch.float64,
+            t = self._hyper_cache[key] = to_device([v for r in numbers for v in r], torch.float64,
                                                    dev).reshape(len(rows), len(spec.HYPER))
+        if on_device:
+            t = t.clone()
+            for i, j, v in on_device:
+                t[i, j] = v.reshape(())
         return t
 
     def _run(self, b: _Bucket, settings: List[_Group]) -> None:
@@ -365,6 +369,13 @@ class FusedOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._apply()
+        return loss
+
+    @torch.compiler.disable
+    def _apply(self) -> None:
+        """The update of every parameter with a grad. Under torch.compile it
+        runs eagerly (a graph break): the kernels take raw pointers."""
         buckets, torch_groups, after = self._gather()
         if torch_groups:
             self._run_torch(torch_groups)
@@ -376,7 +387,6 @@ class FusedOptimizer:
                 if after and not self._amp_skipped():
                     for group, st, idx in after:
                         self._structured_pass(group, st, idx)
-        return loss
 
 
 def _structured(group: Dict[str, Any], l1: float, l2: float, where: str):
