@@ -159,9 +159,10 @@ def penalty(tensors: Iterable[Tensor], l1: Coefficient = 0.0, l2: Coefficient = 
     ``ref``: reference tensors (one per tensor, e.g. the pre-trained weights):
     the penalty of w - ref instead (L1-SP / L2-SP); refs are constants.
     """
-    if (ref is None and not torch.compiler.is_compiling() and type(tensors) in _LISTS
-            and not (torch.is_grad_enabled() and any(map(_requires_grad, tensors)))):
-        be = _fast_cpu(tensors)
+    if ref is None and not torch.compiler.is_compiling():
+        be = _fast_cpu(tensors)  # first: it takes only lists of tensors
+        if be is not None and torch.is_grad_enabled() and any(map(_requires_grad, tensors)):
+            be = None  # the differentiable op
         cs = None if be is None else _fast_coefs(len(tensors), l1, l2)
         if cs is not None:
             return be.penalty_plain(list(tensors), *cs)

@@ -295,3 +295,10 @@ def test_direct_path_checks_grads_that_moved():
     with pytest.raises(ValueError, match="shares memory"):
         opt.step()
     _same(before, _snapshot(model, opt))
+
+
+@pytest.mark.parametrize("op", ["penalty", "weight_stats", "prox_", "max_norm_", "group_prox_"])
+def test_fast_path_leaves_non_tensors_to_the_general_check(op):
+    args = {"max_norm_": (1.0,), "group_prox_": (0.1,)}.get(op, ())
+    with pytest.raises(TypeError, match=r"tensors\[1\] is a float, not a torch.Tensor"):
+        getattr(pyreg, op)([torch.randn(3), 1.0], *args)
