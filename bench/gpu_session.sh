@@ -44,17 +44,19 @@ for stage in "$@"; do
     test)
       # The GPU tests first (their own log), then the whole suite.
       step test-cuda bash -c "cd '$ROOT' && pytest -q -rs tests/test_cuda.py tests/test_compile.py \
-        tests/test_ops.py tests/test_structured.py -k 'cuda or graph' -p no:cacheprovider"
+        tests/test_ops.py tests/test_structured.py tests/test_fused_optim.py -k 'cuda or graph' -p no:cacheprovider"
       step test-all bash -c "cd '$ROOT' && pytest -q -rs -p no:cacheprovider"
       ;;
     sanitize)
       # A small subset (the sanitizers slow kernels down 10-100x): every kernel,
       # every dtype, several launch batches.
       subset="cuda and not emu and (test_weight_stats or test_prox or test_add_penalty_grad or batch_boundaries \
-        or test_group_prox or test_max_norm or test_group_penalty or cross_launch)"
+        or test_group_prox or test_max_norm or test_group_penalty or cross_launch \
+        or test_kernel_matches_spec or test_kernel_many_tensors or test_kernel_grad_scale)"
       for tool in memcheck racecheck synccheck; do
         step "sanitize-$tool" bash -c "cd '$ROOT' && compute-sanitizer --tool $tool --error-exitcode 1 \
-          \"\$(command -v pytest)\" -q -p no:cacheprovider tests/test_ops.py tests/test_structured.py -k '$subset'"
+          \"\$(command -v pytest)\" -q -p no:cacheprovider tests/test_ops.py tests/test_structured.py \
+          tests/test_fused_optim.py -k '$subset'"
       done
       ;;
     bench-small)

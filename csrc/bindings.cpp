@@ -199,6 +199,49 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
           k->add_group_penalty_grad(w, gl, gp.data(), coef(group_l1), ptr<void>(out), out_dtype,
                                     Launch{ptr<void>(ws), device, stream, nthreads});
         });
+
+  // ---- the fused optimizer step: per param its grad, state buffers (an empty
+  // list when unused), step counter, group row and fresh flag (SGD).
+  m.def(name("optim_step").c_str(),
+        [k](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& g, const Ptrs& s1,
+            const Ptrs& s2, const Ptrs& s3, const Ptrs& steps, const std::vector<int32_t>& group,
+            const std::vector<uint8_t>& fresh, int64_t n_groups, uintptr_t hyper, int algo,
+            int step_dtype, bool decoupled, bool amsgrad, bool maximize, bool nesterov, int prox,
+            uintptr_t grad_scale, uintptr_t found_inf, uintptr_t ws, int device, uintptr_t stream,
+            int nthreads) {
+          pyreg::OptimList l;
+          l.w = make_list(p, n, d);
+          const size_t count = p.size();
+          l.grads = as_ptrs(g, count);
+          l.s1 = optional_ptrs(s1, count, "state buffers");
+          l.s2 = optional_ptrs(s2, count, "state buffers");
+          l.s3 = optional_ptrs(s3, count, "state buffers");
+          l.steps = optional_ptrs(steps, count, "step counters");
+          if (group.size() != count) throw std::invalid_argument("pyreg._C: group indices differ in length from tensors");
+          if (!fresh.empty() && fresh.size() != count)
+            throw std::invalid_argument("pyreg._C: fresh flags differ in length from tensors");
+          for (int32_t gi : group)
+            if (gi < 0 || gi >= n_groups) throw std::invalid_argument("pyreg._C: group index out of range");
+          if (algo < pyreg::kSgd || algo > pyreg::kAdagrad) throw std::invalid_argument("pyreg._C: unknown algorithm");
+          if (prox < pyreg::kNoProx || prox > pyreg::kMetricProx) throw std::invalid_argument("pyreg._C: unknown prox");
+          if (step_dtype != 0 && step_dtype != 1) throw std::invalid_argument("pyreg._C: step counters must be float32 or float64");
+          if (algo != pyreg::kSgd && steps.size() != count)
+            throw std::invalid_argument("pyreg._C: Adam and Adagrad need a step counter per tensor");
+          const size_t need = algo == pyreg::kSgd ? 0 : algo == pyreg::kAdam ? (amsgrad ? 3 : 2) : 1;
+          if ((need >= 1 && s1.size() != count) || (need >= 2 && s2.size() != count) || (need >= 3 && s3.size() != count))
+            throw std::invalid_argument("pyreg._C: missing state buffers");
+          if (algo == pyreg::kSgd && !s1.empty() && fresh.size() != count)
+            throw std::invalid_argument("pyreg._C: SGD with momentum needs a fresh flag per tensor");
+          if (hyper == 0 && count > 0) throw std::invalid_argument("pyreg._C: null hyperparameter table");
+          l.group = group;
+          l.fresh = fresh;
+          l.n_groups = n_groups;
+          const pyreg::OptimSpec spec{algo, step_dtype, decoupled, amsgrad, maximize, nesterov, prox,
+                                      ptr<const double>(hyper), ptr<const float>(grad_scale),
+                                      ptr<const float>(found_inf)};
+          py::gil_scoped_release nogil;
+          k->optim_step(l, spec, Launch{ptr<void>(ws), device, stream, nthreads});
+        });
 }
 
 }  // namespace

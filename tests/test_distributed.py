@@ -63,6 +63,8 @@ VARIANTS = {
     "sgd_proximal": ("proximal", lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9), 0.05, 0.01, False),
     "adamw_gradient": ("gradient", lambda g: torch.optim.AdamW(g, lr=0.02), 0.02, 0.05, False),
     "loss_penalty": (None, lambda g: torch.optim.SGD(g, lr=0.1), 0.03, 0.02, True),
+    # pyreg's fused optimizer: on DTensors it takes torch's own step, then prox_ on the shards
+    "fused_adamw": ("fused", lambda g: pyreg.optim.AdamW(g, lr=0.02), 0.02, 0.01, False),
 }
 
 
@@ -70,7 +72,7 @@ def _make(model, variant):
     mode, make_inner, l1, l2, in_loss = VARIANTS[variant]
     groups = pyreg.param_groups(model, l1=l1, l2=l2, overrides={"b": {"l1": 2 * l1}})
     inner = make_inner(groups)
-    return inner if in_loss else pyreg.Regularized(inner, mode=mode)
+    return inner if in_loss or mode == "fused" else pyreg.Regularized(inner, mode=mode)
 
 
 def _reg_weights(model):

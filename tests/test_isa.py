@@ -21,6 +21,8 @@ import sys, torch, pyreg
 sys.path.insert(0, {tests!r})
 from conftest import DTYPES, random_list
 from test_structured import dims_for, group_list
+from test_fused_optim import kernel_case
+from pyreg.backends import torch_ref as spec
 out = {{"archs": pyreg.backends.cpu.archs()}}
 with pyreg.use_backend("cpu"):
     for k, dt in enumerate(DTYPES):
@@ -43,6 +45,16 @@ with pyreg.use_backend("cpu"):
                    pyreg.group_prox_(ws, 0.5, 0.9, dim=dims, element_l1=0.1, l2=0.2),
                    pyreg.max_norm_(ws, 1.0, dim=dims)]
             out[str(dt) + which] = res + ggs + ws
+        for algo, make, flags in ((spec.SGD, dict(sgd_state="mixed"), dict(nesterov=True)),
+                                  (spec.ADAM, dict(amsgrad=True), dict(amsgrad=True, decoupled=True)),
+                                  (spec.ADAGRAD, dict(), dict(maximize=True))):
+            for prox in (spec.PLAIN_PROX, spec.METRIC_PROX):
+                c = kernel_case(algo, dt, seed=400 + k, **make)
+                f = dict(decoupled=False, amsgrad=False, maximize=False, nesterov=False, prox=prox)
+                f.update(flags)
+                pyreg.backends.cpu.optim_step(algo, c["params"], c["grads"], c["s1"], c["s2"], c["s3"],
+                                              c["steps"], c["group"], c["fresh"], c["hyper"], **f)
+                out[str(dt) + f"optim{{algo}}-{{prox}}"] = c["params"] + c["s1"] + c["s2"] + c["s3"] + c["steps"]
 torch.save(out, {path!r})
 """
 

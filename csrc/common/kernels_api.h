@@ -87,6 +87,14 @@ struct Kernels {
   // group penalty of w, from the same call.
   void (*add_group_penalty_grad)(const TensorList& w, const GroupList& gl, void* const* grads,
                                  Coef group_l1, void* out, int out_dtype, const Launch& at);
+
+  // ---- the fused optimizer step (csrc/common/optim_math.h) -----------------
+  // One step of SGD, Adam/AdamW or Adagrad (spec.algo) on every tensor of
+  // the list, then the prox of its group's l1/l2 (spec.prox), in one pass:
+  // param, grad and state are read once and written once. Step counters are
+  // incremented. With spec.found_inf pointing at a nonzero value nothing
+  // changes; with spec.grad_scale the grads are divided by it (and stored so).
+  void (*optim_step)(const OptimList& l, const OptimSpec& spec, const Launch& at);
 };
 
 extern const Kernels kCpu;

@@ -31,6 +31,51 @@ struct GroupList {
   int64_t size() const { return int64_t(groups.size()); }
 };
 
+// The tensors of a fused optimizer step: the params (w) and, per param, its
+// grad and optimizer state, each like the param (same dtype, numel and
+// layout). State buffers by optimizer (s1, s2, s3; an unused list is empty):
+// SGD momentum_buffer; Adam exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad);
+// Adagrad sum. `steps`: each param's step counter (a scalar of
+// OptimSpec::step_dtype; Adam and Adagrad). `group`: each param's row of the
+// hyperparameter table. `fresh`: SGD, 1 where the momentum buffer starts at
+// this step (buf = grad).
+struct OptimList {
+  TensorList w;
+  std::vector<void*> grads, s1, s2, s3, steps;
+  std::vector<int32_t> group;
+  std::vector<uint8_t> fresh;
+  int64_t n_groups = 0;
+};
+
+enum OptimAlgo : int { kSgd = 0, kAdam = 1, kAdagrad = 2 };
+
+// The prox after the update: none (l1 = l2 = 0), with the group's lr (as
+// pyreg.prox_), or in the optimizer's metric (each element's own step size:
+// Adam lr / (sqrt(v_hat) + eps), Adagrad clr / (sqrt(G) + eps)).
+enum OptimProx : int { kNoProx = 0, kPlainProx = 1, kMetricProx = 2 };
+
+// One param group's numbers, kHyper doubles in this order (Python writes them:
+// pyreg/optim/_base.py).
+enum HyperIndex : int {
+  kLr = 0, kBeta1, kBeta2, kEps, kWeightDecay, kMomentum, kDampening, kLrDecay, kL1, kL2, kHyper
+};
+
+// What a whole step has in common (the bucket's flags and the GradScaler's
+// scalars). grad_scale/found_inf: float32 scalars in the tensors' memory, or
+// null. A step with *found_inf != 0 changes nothing.
+struct OptimSpec {
+  int algo;
+  int step_dtype;        // kFloat32 or kFloat64: the `step` counters' dtype
+  bool decoupled;        // AdamW: weight decay multiplies the param
+  bool amsgrad;          // Adam: max_exp_avg_sq
+  bool maximize;
+  bool nesterov;         // SGD
+  int prox;              // OptimProx
+  const double* hyper;   // kHyper doubles per group (host for the CPU, device for CUDA)
+  const float* grad_scale;
+  const float* found_inf;
+};
+
 // Per-tensor results of a reduction sweep (finalized, in tensor order).
 //   l1 = sum |w|, l2 = sqrt(sum w^2), linf = max |w| (NaN if any w is NaN),
 //   nnz = count of w != 0.

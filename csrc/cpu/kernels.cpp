@@ -23,11 +23,14 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../common/dtype.h"
 #include "../common/group_plan.h"
 #include "../common/op_math.h"
+#include "../common/optim_math.h"
 #include "thread_pool.h"
 
 // The name of the table this build exports: kCpu, or one variant's table
@@ -624,6 +627,9 @@ void add_group_penalty_grad(const TensorList& w, const GroupList& gl, void* cons
   group_run<kGGrad>(w, gl, a, at.nthreads);
 }
 
+// ---- the fused optimizer step ----------------------------------------------
+#include "optim_step.h"
+
 std::string isa() {
 #if defined(__AVX512F__)
   return "avx512f";
@@ -662,6 +668,7 @@ extern const Kernels PYREG_CPU_TABLE = {
     cpu::max_norm,
     cpu::group_penalty,
     cpu::add_group_penalty_grad,
+    cpu::optim_step,
 };
 
 }  // namespace pyreg

@@ -60,6 +60,7 @@
 #include "../common/dtype.h"
 #include "../common/group_plan.h"
 #include "../common/op_math.h"
+#include "../common/optim_math.h"
 #include "launch.h"
 
 #ifndef PYREG_CUDA_ARCHS
@@ -947,6 +948,9 @@ void group_launch(const TensorList& w, const GroupList& gl, void* const* grads, 
   }
 }
 
+// ---- the fused optimizer step -----------------------------------------------------
+#include "optim_step.cuh"
+
 // ---------------------------------------------------------------------------
 // Entry points
 // ---------------------------------------------------------------------------
@@ -1028,6 +1032,10 @@ std::string device_error(int device) {
       {reinterpret_cast<const void*>(&group_finish_kernel<kGMaxNorm>), "group_finish_kernel<max_norm>"},
       {reinterpret_cast<const void*>(&group_finish_kernel<kGPenalty>), "group_finish_kernel<penalty>"},
       {reinterpret_cast<const void*>(&group_finish_kernel<kGGrad>), "group_finish_kernel<grad>"},
+      {reinterpret_cast<const void*>(&optim_kernel<kSgd>), "optim_kernel<sgd>"},
+      {reinterpret_cast<const void*>(&optim_kernel<kAdam>), "optim_kernel<adam>"},
+      {reinterpret_cast<const void*>(&optim_kernel<kAdagrad>), "optim_kernel<adagrad>"},
+      {reinterpret_cast<const void*>(&optim_count_kernel), "optim_count_kernel"},
   };
   std::string err;
   for (const K& k : kernels) {
@@ -1142,6 +1150,7 @@ extern const Kernels PYREG_CUDA_TABLE = {
     true,         archs,   device_count, runtime_error,    device_error, workspace_bytes,
     weight_stats, penalty, add_penalty_grad, prox,
     group_workspace_bytes, group_norms, group_prox, max_norm, group_penalty, add_group_penalty_grad,
+    optim_step,
 };
 
 }  // namespace pyreg

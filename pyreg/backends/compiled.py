@@ -225,3 +225,24 @@ class CompiledKernels:
         self._fn("max_norm")(*desc, m.coef(max_value, dev, n), clipped.data_ptr(), *at)
         ws.commit()
         return clipped
+
+    # ---- the fused optimizer step ------------------------------------------------
+    def optim_step(self, algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Tensor],
+                   s2: List[Tensor], s3: List[Tensor], steps: List[Tensor], group: List[int],
+                   fresh: List[int], hyper: Tensor, *, decoupled: bool, amsgrad: bool, maximize: bool,
+                   nesterov: bool, prox: int, grad_scale: Optional[Tensor] = None,
+                   found_inf: Optional[Tensor] = None) -> None:
+        """See torch_ref.optim_step. The caller guarantees what the kernels
+        assume: every grad and state buffer dense and laid out like its param
+        (same dtype and strides), step counters float32 or float64 scalars and
+        ``hyper`` a contiguous float64 (groups, 10) tensor, all on the params'
+        device, and grad_scale/found_inf float32 scalars there."""
+        desc = m.describe(params)
+        step_dtype = DTYPE_CODES[steps[0].dtype] if steps else 0
+        keep, *at = self._launch(self, params, lambda: 0)
+        ptr = m.pointers
+        self._fn("optim_step")(*desc, ptr(grads), ptr(s1), ptr(s2), ptr(s3), ptr(steps), group, fresh,
+                               hyper.shape[0], hyper.data_ptr(), algo, step_dtype, decoupled, amsgrad,
+                               maximize, nesterov, prox,
+                               0 if grad_scale is None else grad_scale.data_ptr(),
+                               0 if found_inf is None else found_inf.data_ptr(), *at)

@@ -177,3 +177,96 @@ def max_norm_(tensors: List[Tensor], dims: List[int], max_value) -> Tensor:
         w.copy_(_scaled(w, x, d, f))
         out.append(torch.count_nonzero(n > c[i]))
     return torch.stack(out)
+
+
+# --------------------------------------------------------------------------
+# The fused optimizer step
+# --------------------------------------------------------------------------
+#: Columns of the hyperparameter table (one row per param group), as in
+#: csrc/common/tensor_list.h (HyperIndex).
+HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum", "dampening", "lr_decay", "l1", "l2")
+SGD, ADAM, ADAGRAD = 0, 1, 2
+NO_PROX, PLAIN_PROX, METRIC_PROX = 0, 1, 2
+
+
+def optim_step(algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Tensor], s2: List[Tensor],
+               s3: List[Tensor], steps: List[Tensor], group: List[int], fresh: List[int], hyper: Tensor, *,
+               decoupled: bool, amsgrad: bool, maximize: bool, nesterov: bool, prox: int,
+               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    """One step of SGD (algo 0), Adam/AdamW (1) or Adagrad (2) on every param,
+    then its group's prox, in place: torch.optim's single-tensor algorithms,
+    computed in float64 and rounded once per stored value.
+
+    ``s1``/``s2``/``s3``: the state buffers (SGD momentum_buffer; Adam exp_avg,
+    exp_avg_sq, max_exp_avg_sq; Adagrad sum), an empty list when unused;
+    ``steps``: the step counters (Adam, Adagrad), incremented; ``group``: each
+    param's row of ``hyper`` (float64, columns :data:`HYPER`); ``fresh`` (SGD):
+    1 where the momentum buffer starts now (buf = grad).
+
+    The prox (``prox``): none, or w <- sign(w) max(|w| - lr l1, 0) / (1 + 2 lr l2)
+    with the group's lr (as :func:`prox_`), or the same with each element's own
+    step size lr_e in place of lr (the optimizer's metric): Adam
+    lr / (sqrt(v_hat) + eps), Adagrad clr / (sqrt(sum) + eps) (SGD: lr).
+
+    ``grad_scale``/``found_inf`` (GradScaler, float32 scalars): grads are divided
+    by grad_scale (and stored so); found_inf != 0 leaves everything unchanged.
+    """
+    skip = None if found_inf is None else found_inf.detach().to(torch.float64) != 0
+
+    def store(dst: Tensor, value: Tensor) -> None:
+        value = value.to(dst.dtype)
+        dst.copy_(value if skip is None else torch.where(skip, dst, value))
+
+    for i, p in enumerate(params):
+        hp = _hp(p)
+        h = dict(zip(HYPER, hyper[group[i]].to(hp).unbind()))
+        lr, wd = h["lr"], h["weight_decay"]
+        x = p.detach().to(hp)
+        g = grads[i].detach().to(hp)
+        if grad_scale is not None:
+            g = g / grad_scale.detach().to(hp)
+            store(grads[i], g)
+        if maximize:
+            g = -g
+        step = None
+        if algo != SGD:
+            step = steps[i] + 1  # in the counter's dtype, as torch's step_t += 1
+            store(steps[i], step)
+            step = step.to(hp)
+        coupled_wd = algo != ADAM or not decoupled
+        g = torch.where(wd != 0, g + wd * x, g) if coupled_wd else g
+        metric_lr = lr  # what the metric prox divides by each element's denominator
+        denom = None
+        if algo == SGD:
+            if s1:
+                buf = g if fresh[i] else s1[i].detach().to(hp) * h["momentum"] + (1 - h["dampening"]) * g
+                store(s1[i], buf)
+                g = g + h["momentum"] * buf if nesterov else buf
+            x = x - lr * g
+        elif algo == ADAM:
+            if decoupled:
+                x = torch.where(wd != 0, x * (1 - lr * wd), x)
+            m = s1[i].detach().to(hp)
+            m = m + (1 - h["beta1"]) * (g - m)
+            v = s2[i].detach().to(hp) * h["beta2"] + (1 - h["beta2"]) * g * g
+            store(s1[i], m)
+            store(s2[i], v)
+            if amsgrad:
+                v = torch.maximum(s3[i].detach().to(hp), v)
+                store(s3[i], v)
+            bc1, bc2 = 1 - h["beta1"] ** step, 1 - h["beta2"] ** step
+            denom = v.sqrt() / bc2.sqrt() + h["eps"]
+            x = x - (lr / bc1) * m / denom
+        else:
+            clr = lr / (1 + (step - 1) * h["lr_decay"])
+            s = s1[i].detach().to(hp) + g * g
+            store(s1[i], s)
+            denom = s.sqrt() + h["eps"]
+            x = x - clr * g / denom
+            metric_lr = clr
+        if prox == PLAIN_PROX or (prox == METRIC_PROX and algo == SGD):
+            x = _shrink(x, lr * h["l1"], 1 / (1 + 2 * lr * h["l2"]))
+        elif prox == METRIC_PROX:
+            lr_e = metric_lr / denom
+            x = _shrink(x, lr_e * h["l1"], 1 / (1 + 2 * lr_e * h["l2"]))
+        store(p, x)

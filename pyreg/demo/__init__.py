@@ -2,8 +2,9 @@
 
 Two tasks, each trained with no penalty and with L1, L2, elastic net, a
 per-layer-alpha variant and group lasso on the input layer over a grid of
-alphas, all through ``pyreg.Regularized`` (proximal mode: exact zeros for L1,
-whole zero input columns for group lasso):
+alphas, all through pyreg's fused optimizers (``pyreg.optim.SGD`` and
+``pyreg.optim.Adam``: the update and the proximal step in one pass; exact zeros
+for L1, whole zero input columns for group lasso):
 
 * ``mlp``: an MLP on a classification set with 8 informative inputs and 120
   pure-noise inputs, few training samples (the unregularized net over-fits).
@@ -37,6 +38,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import optim
 from .._argtypes import choice_list, int_in
 from .._validate import nonneg_real
 from .study import METHODS
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Regularization study on data that needs no download: an MLP on inputs of "
                     "which only a few are informative, and a small LSTM; no penalty, L1, L2, "
                     "elastic net, per-layer alpha and group lasso over a grid of alphas, via "
-                    "pyreg.Regularized. Then fine-tuning a pre-trained MLP on a small related task "
+                    "pyreg's fused optimizers (pyreg.optim). Then fine-tuning a pre-trained MLP on a small related task "
                     "with no penalty, L2 and L2-SP (toward the pre-trained weights, alphas "
                     f"{','.join(f'{a:g}' for a in FINETUNE_ALPHAS)}).")
     p.add_argument("--quick", action="store_true",
@@ -124,9 +126,9 @@ def make_tasks(quick: bool, seed: int):
     seq_data = noisy_sequences(num_channels=6, length=10, sizes=(200, 400, 1000), seed=seed)
     return [
         Task("mlp", mlp_data, lambda: MLP(mlp_data.num_features, mlp_data.num_classes),
-             lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9), s["mlp_steps"]),
+             lambda groups: optim.SGD(groups, lr=0.1, momentum=0.9), s["mlp_steps"]),
         Task("lstm", seq_data, lambda: LSTMClassifier(seq_data.num_features, seq_data.num_classes, hidden=16),
-             lambda groups: torch.optim.Adam(groups, lr=0.02), s["lstm_steps"]),
+             lambda groups: optim.Adam(groups, lr=0.02), s["lstm_steps"]),
     ]
 
 

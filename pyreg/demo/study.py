@@ -1,5 +1,6 @@
-"""The study: train one model per (task, method, alpha) with ``pyreg.Regularized``
-and measure what regularization did to it.
+"""The study: train one model per (task, method, alpha) with pyreg's fused
+optimizers (``pyreg.optim.SGD`` / ``pyreg.optim.Adam``: the update and the
+proximal step in one pass) and measure what regularization did to it.
 
 Methods (strength ``alpha``, converted with :func:`pyreg.from_sklearn`, i.e.
 scikit-learn's ``ElasticNet(alpha, l1_ratio)`` penalty):
@@ -28,7 +29,7 @@ Every run of a task starts from the same initial weights (seeded) and sees the
 same data, so runs differ only by their regularization. Biases are not
 regularized (``pyreg.param_groups``' default). The coefficients (``l1``,
 ``l2``, ``group_l1``) ramp up linearly over the first half of training (a
-schedule written into the param groups, as any ``Regularized`` supports), so
+schedule written into the param groups, read at every step), so
 that a strong L1 does not zero the network before it has learned which
 inputs matter.
 
@@ -158,7 +159,7 @@ def train_one(task: Task, method: str, alpha: float, seed: int, device: torch.de
         model = task.make_model()
     model.to(device)
     data = task.data
-    opt = pyreg.Regularized(task.make_optimizer(build_groups(model, method, alpha)), mode="proximal")
+    opt = task.make_optimizer(build_groups(model, method, alpha))
     ramped = ("l1", "l2", "group_l1")
     targets = [{k: g[k] for k in ramped if k in g} for g in opt.param_groups]
     ramp_steps = max(1, task.steps // 2)
@@ -179,7 +180,15 @@ def train_one(task: Task, method: str, alpha: float, seed: int, device: torch.de
 
 
 @torch.no_grad()
-def measure(model: nn.Module, opt: pyreg.Regularized, data: Splits, method: str, alpha: float) -> dict:
+def layer_stats(opt: torch.optim.Optimizer):
+    """(names, WeightStats, numels) of every parameter of the optimizer's groups:
+    one fused weight_stats pass over all layers."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    names = [n for g in opt.param_groups for n in g["param_names"]]
+    return names, pyreg.weight_stats([p.detach() for p in params]), [p.numel() for p in params]
+
+
+def measure(model: nn.Module, opt: torch.optim.Optimizer, data: Splits, method: str, alpha: float) -> dict:
     """Accuracy and loss per split, per-layer norms and sparsity, and which
     inputs the first layer still uses. Read back to the host once, after training."""
     model.eval()
@@ -187,8 +196,7 @@ def measure(model: nn.Module, opt: pyreg.Regularized, data: Splits, method: str,
     for split in ("train", "val", "test"):
         acc, loss = _accuracy_and_loss(model, getattr(data, f"x_{split}"), getattr(data, f"y_{split}"))
         values[f"{split}_acc"], values[f"{split}_loss"] = acc, loss
-    stats = opt.stats()  # one fused weight_stats pass over all layers
-    sparsity = opt.sparsity()
+    names, stats, numels = layer_stats(opt)
     first = model.first_weight()
     # a column of the input layer's weight is one input feature (LSTM: 4 gates x hidden rows)
     used = (first != 0).any(dim=0)
@@ -201,17 +209,18 @@ def measure(model: nn.Module, opt: pyreg.Regularized, data: Splits, method: str,
     num_noise = data.num_features - len(informative)
     noise_used = len(used_idx) - kept
     layers = {}
-    for i, name in enumerate(stats.names):
+    nnz = stats.nnz.tolist()
+    for i, name in enumerate(names):
         layers[name] = {"l1_norm": float(stats.l1[i]), "l2_norm": float(stats.l2[i]),
-                        "nonzero": int(stats.nnz[i]), "numel": int(stats.numel[i]),
-                        "sparsity": float(sparsity.per_param[i])}
+                        "nonzero": nnz[i], "numel": numels[i],
+                        "sparsity": (1.0 - nnz[i] / numels[i]) if numels[i] else 0.0}
     coef = coefficients(method, alpha, first.shape[0])
     return {
         "task": data.name, "method": method, "alpha": alpha,
         "l1": coef["l1"], "l2": coef["l2"], "group_l1": coef["group_l1"],
         **{k: round(v, 6) for k, v in host.items()},
         "gap": round(host["train_acc"] - host["val_acc"], 6),
-        "sparsity": float(sparsity.overall),
+        "sparsity": 1.0 - sum(nnz) / max(1, sum(numels)),
         "inputs_used": len(used_idx),
         "informative_kept": kept,
         "noise_zeroed": num_noise - noise_used,
@@ -325,7 +334,7 @@ def finetune_one(task: FineTuneTask, pretrained: nn.Module, method: str, alpha: 
     l2 = 0.0 if method == "none" else pyreg.from_sklearn(alpha, 0.0)[1]
     ref = pretrained if method == "l2-sp" else None
     groups = pyreg.param_groups(model, l2=l2, ref=ref)
-    opt = pyreg.Regularized(torch.optim.Adam(groups, lr=task.finetune_lr), mode="proximal")
+    opt = pyreg.optim.Adam(groups, lr=task.finetune_lr)
     model.train()
     for _ in range(task.finetune_steps):
         opt.zero_grad()

@@ -113,9 +113,9 @@ def _hashable(dim: Any) -> Any:
     return tuple(dim) if isinstance(dim, (list, tuple)) else dim
 
 
-def _group_spec(group: Dict[str, Any], defaults: "Regularized", where: str) -> _GroupSpec:
+def group_spec(group: Dict[str, Any], defaults: "Regularized", where: str) -> _GroupSpec:
     """A group's settings, validated (cheap: runs every step). What depends on
-    its parameters is checked by :func:`_check_group_params` when a plan is
+    its parameters is checked by :func:`check_group_params` when a plan is
     built."""
     get = group.get
     l1 = _group_coef(get("l1", defaults.l1), f"{where}['l1']")
@@ -132,7 +132,7 @@ def _group_spec(group: Dict[str, Any], defaults: "Regularized", where: str) -> _
     return _GroupSpec(l1, l2, gl1, get("group_dim", 1), mx, get("max_norm_dim", 0), ref)
 
 
-def _check_group_params(spec: _GroupSpec, params: Sequence[Tensor], where: str
+def check_group_params(spec: _GroupSpec, params: Sequence[Tensor], where: str
                         ) -> Tuple[Optional[List[int]], Optional[List[int]]]:
     """A group's settings against its parameters: the refs (one per parameter,
     each like it) and the group dimensions. Returns the normalized group_dim
@@ -241,7 +241,7 @@ class _Plan:
             names = group.get("param_names")
             params = group["params"]
             where = f"param_groups[{gi}]"
-            gdims, mdims = _check_group_params(spec, params, where)
+            gdims, mdims = check_group_params(spec, params, where)
             for j, p in enumerate(params):
                 name = names[j] if names is not None and j < len(names) else f"param_groups.{gi}.{j}"
                 if id(p) in seen:
@@ -472,7 +472,7 @@ class Regularized(Optimizer):
         if "params" in param_group:  # a list, so that checking it consumes no iterator
             ps = param_group["params"]
             param_group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
-        _check_group_params(_group_spec(param_group, self, where), param_group.get("params", []), where)
+        check_group_params(group_spec(param_group, self, where), param_group.get("params", []), where)
         param_group.setdefault("l1", self.l1)
         param_group.setdefault("l2", self.l2)
         self.optimizer.add_param_group(param_group)
@@ -524,7 +524,7 @@ class Regularized(Optimizer):
     # -- the cached plan --------------------------------------------------------
     def _specs(self) -> List[_GroupSpec]:
         """Validated settings of every group."""
-        return [_group_spec(group, self, f"param_groups[{gi}]") for gi, group in enumerate(self.param_groups)]
+        return [group_spec(group, self, f"param_groups[{gi}]") for gi, group in enumerate(self.param_groups)]
 
     def _plan(self) -> _Plan:
         """The cached plan, rebuilt when the groups changed (cheap check)."""
