@@ -33,24 +33,25 @@ def cpu_run(tmp_path_factory):
 
 
 def _check_result(stem, res, device):
+    # on CUDA the optimizer step is also timed as CUDA-graph replays ("step-graph")
+    ops = ALL_OPS + (["step-graph"] if device == "cuda" else [])
     assert stem.endswith("-quick-smoke") and os.path.basename(stem).startswith(device + "-")
     meta = res["meta"]
     assert meta["device"] == device and meta["quick"] and meta["torch"] == torch.__version__
     assert meta["threads"] >= 1 and meta["dtype"] == "float32"
     rows = res["rows"]
-    assert {r["op"] for r in rows} == set(ALL_OPS)
-    for op in ALL_OPS:
+    assert {r["op"] for r in rows} == set(ops)
+    for op in ops:
         got = {r["peer"] for r in rows if r["op"] == op}
-        want = set(peers.OPS[op].peers) | ({"roofline", "copy"} if op != "adamw_step" else set())
+        want = set(peers.OPS[op.replace("-graph", "")].peers) | {"roofline", "copy"}
         assert got == want, (op, got)
     for r in rows:
-        if r["peer"] in ("roofline", "copy") or (r["op"] == "adamw_step" and r["peer"] == "bare"):
+        if r["peer"] in ("roofline", "copy") or (r["op"].startswith("step") and r["peer"] == "bare"):
             assert r["check"] == "n/a"
         else:  # every peer, the compiled loop included, ran and matched pyreg
             assert r["check"] == "pass", r
         assert r["ms"] is not None and r["ms"] > 0 and math.isfinite(r["ms"]), r
-        if r["op"] != "adamw_step":
-            assert r["gbps"] > 0 and r["pct_copy"] > 0
+        assert r["gbps"] > 0 and r["pct_copy"] > 0
         if r["peer"] not in ("roofline", "copy"):
             assert r["peak_extra_mb"] is not None and r["peak_extra_mb"] >= 0, r
     compiled = [r for r in rows if r["peer"] == "compile"]
@@ -66,6 +67,7 @@ def _check_result(stem, res, device):
         assert len(roof) == 1 and "a.sum(), then a.mul_(c)" in roof[0]["what"] and "12 B/elem" in roof[0]["what"]
         p = next(r for r in rows if r["op"] == op and r["peer"] == "pyreg")
         assert p["gbps"] == pytest.approx(12 * group_meta["numel"] / (p["ms"] * 1e6))
+    _check_step_rows(res, ops)
     with open(stem + ".md") as f:
         md = f.read()
     for word in ALL_OPS + ["pyreg", "loop", "foreach", "compile", "roofline", "copy", "% roofline"]:
@@ -73,6 +75,50 @@ def _check_result(stem, res, device):
     assert "FAIL" not in md
     with open(stem + ".png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_step_rows(res, ops):
+    # The optimizer step: 28 bytes per fp32 element (read p, g, m, v; write p,
+    # m, v), the flat-buffer AdamW step as its roofline, pyreg's speedup against
+    # every peer, and the check: pyreg's fused AdamW equals Regularized(torch
+    # AdamW) after one step, with the same exact zeros (and some zeros to compare).
+    numel = res["shape_sets"]["mlp"]["numel"]
+    assert res["shape_sets"]["mlp"]["step_rotation"] >= 1
+    for op in [o for o in ops if o.startswith("step")]:
+        rs = {r["peer"]: r for r in res["rows"] if r["op"] == op}
+        assert set(rs) == set(peers.STEP_PEERS) | {"roofline", "copy"}
+        assert "28 B/elem" in rs["roofline"]["what"] and "flat" in rs["roofline"]["what"]
+        assert rs["roofline"]["pct_roofline"] == 100.0
+        p = rs["pyreg"]
+        assert p["gbps"] == pytest.approx(28 * numel / (p["ms"] * 1e6))
+        assert p["speedup"] == 1.0
+        for peer in ("regularized", "bare", "loop", "roofline", "copy"):
+            assert rs[peer]["speedup"] == pytest.approx(rs[peer]["ms"] / p["ms"])
+        for peer in ("pyreg", "regularized", "loop"):
+            detail = rs[peer]["check_detail"]
+            assert "zero pattern differs at 0" in detail, detail
+            assert int(detail.split(" exact zeros")[0].split()[-1]) > 0, detail
+        assert "Regularized" in p["check_detail"] and "pyreg.optim.AdamW" in p["what"]
+        assert "fused" in rs["regularized"]["what"] and "no L1" in rs["bare"]["what"]
+
+
+def test_step_check_catches_a_wrong_result():
+    # The step's check: the optimizer tolerance, and the same exact zeros except
+    # where the other value is within rounding of the threshold (zero_slack).
+    g = torch.Generator().manual_seed(0)
+    ref = [torch.randn(50, 20, generator=g).mul_(0.02), torch.randn(20, generator=g).mul_(0.02)]
+    ref[0][0, :5] = 0.0
+    ok, detail = peers.compare_params(ref, [t.clone() for t in ref], torch.float32, 1e-9)
+    assert ok and "5 exact zeros, zero pattern differs at 0" in detail
+    near = [t.clone() for t in ref]
+    near[0][0, 0] = 1e-10  # within rounding of the threshold: a zero on the other side is allowed
+    assert peers.compare_params(ref, near, torch.float32, 1e-9)[0]
+    for bad in ([t.clone() for t in ref], [t.mul(1.001) for t in ref]):
+        bad[0][0, 1] = 1e-6  # a zero missed: a weight left above rounding
+        ok, detail = peers.compare_params(ref, bad, torch.float32, 1e-9)
+        assert not ok and "beyond rounding" in detail, detail
+    off = [t.mul(1.001) for t in ref]  # no zero differs, values off by 1e-3 relative
+    assert not peers.compare_params(ref, off, torch.float32, 1e-9)[0]
 
 
 def test_quick_cpu_run_writes_complete_checked_output(cpu_run):
@@ -93,15 +139,16 @@ def test_quick_cuda_run(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_quick_cuda_graphs_run(tmp_path):
-    # Every peer, the roofline and the copy captured and replayed; the checks
-    # (eager, before capture) all pass; the optimizer step is left out.
+    # Every peer, the roofline and the copy captured and replayed (the optimizer
+    # steps after warm-up steps); the checks (eager, before capture) all pass.
     stem, res = _run(tmp_path, "cuda", ["--cuda-graphs"])
     assert stem.endswith("-quick-cuda-graphs-smoke") and res["meta"]["cuda_graphs"]
     rows = res["rows"]
-    assert {r["op"] for r in rows} == set(ALL_OPS) - {"adamw_step"}
+    assert {r["op"] for r in rows} == set(ALL_OPS)
     for r in rows:
         assert r["ms"] is not None and r["ms"] > 0, r
         assert r["check"] in ("pass", "n/a"), r
+    _check_step_rows(res, ["step"])
     assert any("--cuda-graphs" in n for n in res["notes"])
 
 

@@ -172,6 +172,31 @@ PYREG_HD void adagrad_element(A& p, A g, A& sum, const ElemScalars<A>& e) {
   if constexpr (kProx == kMetricProx) p = metric_prox(p, std_, e);
 }
 
+// One element of the step in storage: reads param i and its state, updates
+// them with grad value gv (already unscaled) and stores them. The CPU and
+// CUDA loops call it for their elements.
+template <int kAlgo, int kProx, int kState, int kWd, typename T, typename A>
+PYREG_HD void optim_element(T* p, A gv, T* s1, T* s2, T* s3, int64_t i, const ElemScalars<A>& e) {
+  A pv = load<A>(p[i]);
+  if constexpr (kAlgo == kSgd) {
+    A b = kState == 2 ? load<A>(s1[i]) : A(0);
+    sgd_element<kProx, kState, kWd>(pv, gv, b, e);
+    if constexpr (kState != 0) s1[i] = store<T>(b);
+  } else if constexpr (kAlgo == kAdam) {
+    A m = load<A>(s1[i]), v = load<A>(s2[i]);
+    A vmax = kState == 1 ? load<A>(s3[i]) : A(0);
+    adam_element<kProx, kState == 1, kWd>(pv, gv, m, v, vmax, e);
+    s1[i] = store<T>(m);
+    s2[i] = store<T>(v);
+    if constexpr (kState == 1) s3[i] = store<T>(vmax);
+  } else {
+    A sum = load<A>(s1[i]);
+    adagrad_element<kProx, kWd>(pv, gv, sum, e);
+    s1[i] = store<T>(sum);
+  }
+  p[i] = store<T>(pv);
+}
+
 // A step counter's value, and the value it gets after this step (float32
 // counters add in float32, as torch's `step_t += 1`).
 PYREG_HD double read_step(const void* step, int dtype) {

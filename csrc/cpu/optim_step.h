@@ -18,27 +18,8 @@ void optim_loop(T* __restrict p, const T* __restrict g, T* __restrict s1, T* __r
                 T* __restrict s3, int64_t n, const ElemScalars<A> e) {
   // e by value: a local copy that the stores cannot alias, so its fields stay
   // in registers.
-  for (int64_t i = 0; i < n; ++i) {
-    const A gv = load<A>(g[i]);
-    A pv = load<A>(p[i]);
-    if constexpr (kAlgo == kSgd) {
-      A b = kState == 2 ? load<A>(s1[i]) : A(0);
-      sgd_element<kProx, kState, kWd>(pv, gv, b, e);
-      if constexpr (kState != 0) s1[i] = store<T>(b);
-    } else if constexpr (kAlgo == kAdam) {
-      A m = load<A>(s1[i]), v = load<A>(s2[i]);
-      A vmax = kState == 1 ? load<A>(s3[i]) : A(0);
-      adam_element<kProx, kState == 1, kWd>(pv, gv, m, v, vmax, e);
-      s1[i] = store<T>(m);
-      s2[i] = store<T>(v);
-      if constexpr (kState == 1) s3[i] = store<T>(vmax);
-    } else {
-      A s = load<A>(s1[i]);
-      adagrad_element<kProx, kWd>(pv, gv, s, e);
-      s1[i] = store<T>(s);
-    }
-    p[i] = store<T>(pv);
-  }
+  for (int64_t i = 0; i < n; ++i)
+    optim_element<kAlgo, kProx, kState, kWd>(p, load<A>(g[i]), s1, s2, s3, i, e);
 }
 
 // Calls f(std::integral_constant<int, v>) for v = the runtime value x in [0, kN).

@@ -56,24 +56,7 @@ __device__ __forceinline__ void optim_chunk(const OptimBatch& b, int k, int64_t 
       gv = gv / A(scale);
       g[i] = store<T>(gv);
     }
-    A pv = load<A>(p[i]);
-    if constexpr (kAlgo == kSgd) {
-      A buf = kState == 2 ? load<A>(s1[i]) : A(0);
-      sgd_element<kProx, kState, kWdAny>(pv, gv, buf, e);
-      if constexpr (kState != 0) s1[i] = store<T>(buf);
-    } else if constexpr (kAlgo == kAdam) {
-      A m = load<A>(s1[i]), v = load<A>(s2[i]);
-      A vmax = kState == 1 ? load<A>(s3[i]) : A(0);
-      adam_element<kProx, kState == 1, kWdAny>(pv, gv, m, v, vmax, e);
-      s1[i] = store<T>(m);
-      s2[i] = store<T>(v);
-      if constexpr (kState == 1) s3[i] = store<T>(vmax);
-    } else {
-      A sum = load<A>(s1[i]);
-      adagrad_element<kProx, kWdAny>(pv, gv, sum, e);
-      s1[i] = store<T>(sum);
-    }
-    p[i] = store<T>(pv);
+    optim_element<kAlgo, kProx, kState, kWdAny>(p, gv, s1, s2, s3, i, e);
   }
 }
 

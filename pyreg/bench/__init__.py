@@ -1,11 +1,12 @@
 """pyreg's benchmark suite (``pyreg bench`` or ``python bench/run.py``).
 
 Times ``weight_stats``, ``add_penalty_grad_``, ``prox_``, the group ops
-``group_prox_`` and ``max_norm_``, and a full ``Regularized(AdamW)`` step on
-the parameter shapes of real models, against a
-Python loop of torch ops, ``torch._foreach_*``, ``torch.compile`` of the loop,
-and the same-traffic roofline op over one flat buffer; checks every peer's
-output against pyreg's before timing it. Writes a markdown table, JSON and a
+``group_prox_`` and ``max_norm_`` on the parameter shapes of real models,
+against a Python loop of torch ops, ``torch._foreach_*``, ``torch.compile`` of the loop,
+and the same-traffic roofline op over one flat buffer; and a whole AdamW
+step with L1 (``step``): ``pyreg.optim.AdamW`` against ``Regularized`` around
+torch's fused AdamW, torch's AdamW alone and torch's AdamW plus a Python-loop
+prox. Checks every peer's output against pyreg's before timing it. Writes a markdown table, JSON and a
 PNG per device. Method: bench/README.md.
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA only: time every call as the replay of a CUDA graph that captured it "
                         "(device time without host launch overhead: the steady state of a captured "
-                        "training step); output files get '-cuda-graphs'; the optimizer step is not run")
+                        "training step); output files get '-cuda-graphs'")
     p.add_argument("--repeats", type=int_in(1), default=None,
                    help="timed calls per measurement, at least (default 15, --quick 5)")
     return p

@@ -49,6 +49,18 @@ W_SCALE = 0.02     # weights ~ N(0, 0.02^2): GPT-2's init scale
 G_SCALE = 1e-3     # grads ~ N(0, 1e-3^2)
 
 
+# The optimizer step (op "step"): AdamW(lr=LR, weight_decay=STEP_WEIGHT_DECAY)
+# with L1 STEP_L1 applied as a prox after the update: threshold lr*l1 = 1e-6.
+# Adam's first step moves each weight by about lr, so after one step from
+# N(0, 0.02^2) weights about 4e-5 of them land within the threshold and become
+# exactly 0 (the check compares those zeros).
+STEP_WEIGHT_DECAY = 0.01
+STEP_L1 = 1e-3
+# pyreg's fused AdamW; Regularized around torch's AdamW; torch's AdamW alone
+# (weight decay, no L1); torch's AdamW then the Python-loop prox (prox_loop).
+STEP_PEERS = ("pyreg", "regularized", "bare", "loop")
+
+
 def coefficients(n: int) -> Tuple[List[float], List[float]]:
     l1 = [1e-3 * (1.0 + 0.37 * (i % 11)) for i in range(n)]
     l2 = [1e-4 * (1.0 + 0.53 * (i % 13)) for i in range(n)]
@@ -192,9 +204,10 @@ OPS: Dict[str, OpSpec] = {
                         "w_g <- w_g*min(1, max_value/||w_g||_2), groups along dim 0, per-tensor max_value",
                         mutates=("ws",), foreach_what="vector_norm per tensor + torch._foreach_* factors "
                                                       "+ _foreach_mul_", group_dim=GROUP_DIM["max_norm_"]),
-    "adamw_step": OpSpec("adamw_step", 0, "",
-                         "optimizer.step(): Regularized(AdamW, proximal) vs bare AdamW",
-                         peers=("pyreg", "bare", "loop", "foreach")),
+    "step": OpSpec("step", 7, "adamw_flat",
+                   "optimizer.step(), grads set: pyreg.optim.AdamW(l1) vs Regularized(torch AdamW(fused)), "
+                   "bare torch AdamW(fused), torch AdamW(fused) + Python-loop prox",
+                   peers=STEP_PEERS),
 }
 OP_ORDER = list(OPS)
 
@@ -205,6 +218,8 @@ ROOFLINE = {
     "add_": (3, "b.add_(a)"),
     "sum_mul_": (3, "a.sum(), then a.mul_(c)"),  # two passes, as the group ops make
     "copy": (2, "b.copy_(a)"),
+    # the optimizer step's traffic: read p, g, m, v; write p, m, v
+    "adamw_flat": (7, "torch AdamW(fused) step over one flat parameter (read p, g, m, v; write p, m, v)"),
 }
 
 
@@ -337,14 +352,27 @@ def compare(op: str, ref, got, dtype: torch.dtype) -> Tuple[bool, str]:
     return ok, detail
 
 
-def compare_params(ref: Sequence[Tensor], got: Sequence[Tensor], dtype: torch.dtype) -> Tuple[bool, str]:
-    # One AdamW step: the update divides by sqrt(v)+eps, rounding differs
-    # between fused and foreach kernels; compare with the optimizer tolerance.
+def compare_params(ref: Sequence[Tensor], got: Sequence[Tensor], dtype: torch.dtype,
+                   zero_slack: float = 0.0) -> Tuple[bool, str]:
+    """Parameters after one optimizer step: within the optimizer tolerance (the
+    update divides by sqrt(v) + eps; fused and foreach kernels round it
+    differently), and the same exact zeros: an element zero in one and not in
+    the other fails unless the nonzero value is at most ``zero_slack`` (a
+    weight within rounding of the prox threshold)."""
     tol = tolerance("optimizer_step", dtype)
-    ok, worst = True, 0.0
+    ok, worst, zeros, differ, beyond = True, 0.0, 0, 0, 0
     for r, g in zip(ref, got):
-        r64, g64 = r.detach().to(torch.float64), g.detach().to(torch.float64)
+        r, g = r.detach(), g.detach()
+        r64, g64 = r.to(torch.float64), g.to(torch.float64)
         ok &= bool(torch.allclose(g64, r64, **tol))
         if r.numel():
             worst = max(worst, float((g64 - r64).abs().max()))
-    return ok, f"max abs err {worst:.1e}"
+        mismatch = (r == 0) != (g == 0)
+        zeros += int((r == 0).sum())
+        differ += int(mismatch.sum())
+        beyond += int((mismatch & (torch.maximum(r64.abs(), g64.abs()) > zero_slack)).sum())
+        del r64, g64, mismatch
+    detail = f"max abs err {worst:.1e}; {zeros} exact zeros, zero pattern differs at {differ}"
+    if beyond:
+        detail += f" ({beyond} beyond rounding of the threshold)"
+    return ok and beyond == 0, detail

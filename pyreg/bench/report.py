@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from typing import Dict, List, Optional
 
-PEERS_VS = ("loop", "foreach", "compile", "bare")
+PEERS_VS = ("loop", "foreach", "compile", "regularized", "bare")
+PEER_LABELS = {"bare": "vs bare AdamW", "regularized": "vs Regularized(AdamW)"}
 
 
 def _f(x: Optional[float], fmt: str) -> str:
@@ -45,8 +46,8 @@ def summary_table(res: dict) -> str:
     """One line per shape set and op: pyreg's figures and its speedup against each peer."""
     rows = res["rows"]
     out = ["| shapes | op | pyreg ms | GB/s | % roofline | % copy BW | vs loop | vs foreach | vs compile "
-           "| compile s | vs bare AdamW | checks | pyreg peak extra MB |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+           "| compile s | vs Regularized | vs bare AdamW | checks | pyreg peak extra MB |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     keys = []
     for r in rows:
         if (r["shapes"], r["op"]) not in keys:
@@ -71,7 +72,7 @@ def summary_table(res: dict) -> str:
         comp = rs.get("compile", {})
         out.append(f"| {shapes} | {op} | {_ms(p.get('ms'))} | {_f(p.get('gbps'), '.1f')} "
                    f"| {_f(p.get('pct_roofline'), '.0f')} | {_f(p.get('pct_copy'), '.0f')} | {sp('loop')} "
-                   f"| {sp('foreach')} | {sp('compile')} | {_f(comp.get('compile_s'), '.1f')} | {sp('bare')} "
+                   f"| {sp('foreach')} | {sp('compile')} | {_f(comp.get('compile_s'), '.1f')} | {sp('regularized')} | {sp('bare')} "
                    f"| {check} | {_f(p.get('peak_extra_mb'), '.1f')} |")
     return "\n".join(out)
 
@@ -97,8 +98,8 @@ def markdown(res: dict, png_name: Optional[str] = None) -> str:
         parts.append(f"![speedup and % of roofline]({png_name})")
     parts += ["## All peers", full_table(res),
               "Columns: ms = median time of one call (CUDA: device time between two events around it); host ms = "
-              "median host time in the call without waiting for the device (CPU: the same as ms); GB/s = the op's minimal traffic (4/12/8/12/12 bytes per fp32 "
-              "element for weight_stats/add_penalty_grad_/prox_/group_prox_/max_norm_) over the time; % roofline = time of the "
+              "median host time in the call without waiting for the device (CPU: the same as ms); GB/s = the op's minimal traffic (4/12/8/12/12/28 bytes per fp32 "
+              "element for weight_stats/add_penalty_grad_/prox_/group_prox_/max_norm_/step) over the time; % roofline = time of the "
               "same-traffic flat-buffer op / time; % copy BW = GB/s over the flat copy's GB/s; pyreg speedup = "
               "this peer's time / pyreg's time (below 1: pyreg is slower); peak extra MB: the peak of memory "
               "allocated during one call beyond what was live before it (CPU: torch's allocator; RSS growth also "
@@ -137,7 +138,7 @@ def plot(res: dict, path: str) -> bool:
     for j, peer in enumerate(peers):
         xs = [i + (j - (len(peers) - 1) / 2) * width for i in range(len(keys))]
         ys = [by[k].get(peer, {}).get("speedup") or 0 for k in keys]
-        ax.bar(xs, ys, width, label="vs bare AdamW" if peer == "bare" else f"vs {peer}")
+        ax.bar(xs, ys, width, label=PEER_LABELS.get(peer, f"vs {peer}"))
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_yscale("log")
     ax.set_ylabel("pyreg speedup (x, log)")

@@ -16,7 +16,7 @@ import pyreg
 
 from . import peers as P
 from . import shapes as S
-from .timing import cuda_graphed, peak_extra_bytes, sync, time_calls, time_interleaved
+from .timing import cuda_graphed, peak_extra_bytes, sync, time_interleaved
 
 # In --quick mode torch.compile runs only for shape sets with at most this many
 # tensors: compiling a loop over 150 tensors takes 25-50 s per op on a 2-core CPU.
@@ -100,8 +100,10 @@ class Gen:
         return [self.randn(s, scale) for _, s in sset.shapes]
 
 
-def rotation_count(sset: S.ShapeSet, dtype: torch.dtype, cache: int) -> int:
-    nbytes = max(1, sset.numel * torch.tensor([], dtype=dtype).element_size())
+def rotation_count(sset: S.ShapeSet, dtype: torch.dtype, cache: int, buffers: int = 1) -> int:
+    """Copies of the set (each ``buffers`` tensors of its size) that together
+    span CACHE_FACTOR times the last-level cache."""
+    nbytes = max(1, buffers * sset.numel * torch.tensor([], dtype=dtype).element_size())
     return int(min(MAX_ROTATION, max(1, math.ceil(CACHE_FACTOR * cache / nbytes))))
 
 
@@ -182,15 +184,19 @@ class Suite:
                 self.warm_compiler()
         else:
             self.notes.append("--no-compile: torch.compile peer skipped")
+        if self.info["backend"] == "torch":
+            msg = ("pyreg's compiled module is not loaded here: the pyreg figures are its float64 "
+                   "specification in torch ops, not its kernels (install pyreg, or build it in place)")
+            log("  WARNING: " + msg)
+            self.notes.append(msg)
         if self.quick:
             self.notes.append(f"--quick: {self.warmup} warm-up call, median of >= {self.repeats} calls")
         if self.graphs:
             self.notes.append("--cuda-graphs: every timed call (each peer, roofline and copy) is the replay of "
                               "a CUDA graph that captured it: device time only, no host launch overhead")
-            if "adamw_step" in self.ops:
-                self.notes.append("--cuda-graphs: the optimizer-step comparison is not run (it times "
-                                  "eager steps)")
-                self.ops = [op for op in self.ops if op != "adamw_step"]
+            if "step" in self.ops:
+                self.notes.append("--cuda-graphs: the optimizer step is captured after warm-up steps (its "
+                                  "state exists), checked eagerly before")
         for name in self.sets:
             sset = S.get(name)
             if sset.gpu_only and self.dev.type != "cuda":
@@ -210,8 +216,8 @@ class Suite:
             for op in self.ops:
                 t0 = time.perf_counter()
                 try:
-                    if op == "adamw_step":
-                        self.run_step(sset, k)
+                    if op == "step":
+                        self.run_step(sset)
                     else:
                         self.run_op(sset, op, k)
                 finally:
@@ -311,7 +317,7 @@ class Suite:
             except Exception as e:  # a peer that fails is a visible row, not a crash
                 checks[peer] = (False, f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 fns[peer] = None
-        del ref, spec_cache
+        ref = spec_cache = None  # (rebound, not deleted: closures above refer to them)
 
         # 3. timing, side by side: pyreg, the peers and the flat-buffer
         # roofline and copy ops (rotated buffers) take turns call by call.
@@ -388,95 +394,201 @@ class Suite:
                      pct_roofline=100.0 * roof["ms"] / ref_t["ms"] if kind == spec.roofline else None,
                      pct_copy=100.0 * ref_t["gbps"] / copy["gbps"],
                      speedup=(ref_t["ms"] / base) if base else None)
-        del data
+        data = None
 
     # -- the optimizer step --------------------------------------------------------
-    def run_step(self, sset: S.ShapeSet, k: int) -> None:
-        gen = Gen(self.dev, self.dtype, seed=2000)
-        l1, l2, lr = 1e-3, 1e-4, P.LR
-        params = [[torch.nn.Parameter(t) for t in gen.tensors(sset, P.W_SCALE)] for _ in range(k)]
-        for ps in params:
-            for p, g in zip(ps, gen.tensors(sset, P.G_SCALE)):
+    def torch_adamw_impl(self) -> str:
+        """``"fused"`` where torch's fused AdamW runs for this device and dtype
+        (CUDA; CPU from torch 2.4), else ``"foreach"`` (noted)."""
+        try:
+            p = torch.nn.Parameter(torch.zeros(4, device=self.dev, dtype=self.dtype))
+            p.grad = torch.ones_like(p)
+            torch.optim.AdamW([p], lr=P.LR, fused=True).step()
+            return "fused"
+        except Exception as e:
+            self.note_once(f"torch's fused AdamW is unavailable for {self.dev.type} {self.dtype} "
+                           f"({type(e).__name__}); the torch peers of the step use foreach=True")
+            return "foreach"
+
+    def run_step(self, sset: S.ShapeSet) -> None:
+        """One whole AdamW step with L1 (grads already set), each peer on its own
+        copy of the same fresh weights and state; eager, and on CUDA also as
+        CUDA-graph replays (or only those, with --cuda-graphs)."""
+        dev, dtype = self.dev, self.dtype
+        lr, wd, l1 = P.LR, P.STEP_WEIGHT_DECAY, P.STEP_L1
+        # p, g, m and v are all touched: rotate as many copies as that traffic needs
+        k = rotation_count(sset, dtype, self.info["cache_bytes"], buffers=4)
+        self.sets_meta[sset.name]["step_rotation"] = k
+        log(f"      step: {k} rotated cop{'y' if k == 1 else 'ies'} of (p, g, m, v)")
+        impl = self.torch_adamw_impl()
+        gen = Gen(dev, dtype, seed=2000)
+        weights = [gen.tensors(sset, P.W_SCALE) for _ in range(k)]
+        grads = [gen.tensors(sset, P.G_SCALE) for _ in range(k)]
+        thresholds, scales = [lr * l1] * sset.count, [1.0] * sset.count  # the loop prox, l2 = 0
+
+        def params(i: int) -> List[torch.nn.Parameter]:
+            ps = [torch.nn.Parameter(w.clone()) for w in weights[i]]
+            for p, g in zip(ps, grads[i]):  # grads are read only: shared by the peers
                 p.grad = g
-        pristine = [p.detach().clone() for p in params[0]]
+            return ps
 
-        def adamw(ps, wd, impl):
-            return torch.optim.AdamW(ps, lr=lr, weight_decay=wd, **{impl: True})
-
-        # pick the faster AdamW implementation for the bare step (and the wrapped one)
-        impl_ms = {}
-        for impl in ("foreach", "fused"):
-            try:
-                opts = [adamw(ps, 0.01, impl) for ps in params]
-                t = time_calls(lambda i: opts[i % k].step(), self.dev, k, 3, 0.02)
-                impl_ms[impl] = t["ms"]
-            except Exception as e:
-                impl_ms[impl] = None
-                self.notes.append(f"{sset.name}: AdamW({impl}=True) unavailable: {type(e).__name__}")
-            finally:
-                opts = None
-                free(self.dev)
-        impl = min((m, i) for i, m in impl_ms.items() if m is not None)[1]
-        shrink_t, shrink_s = [lr * l1] * sset.count, [1.0 / (1.0 + 2.0 * lr * l2)] * sset.count
-
-        def build(peer, ps):
-            if peer == "bare":
-                o = adamw(ps, 0.01, impl)
-                return lambda: o.step()
+        def build(peer: str, ps, capturable: bool = False) -> Callable[[], object]:
+            kw = {"capturable": True} if capturable else {}
             if peer == "pyreg":
-                o = pyreg.Regularized(adamw(ps, 0.0, impl), l1=l1, l2=l2, mode="proximal")
-                return lambda: o.step()
-            o = adamw(ps, 0.0, impl)
-            prox = P.prox_loop if peer == "loop" else P.prox_foreach
+                o = pyreg.optim.AdamW(ps, lr=lr, weight_decay=wd, l1=l1, **kw)
+                return o.step
+            torch_opt = torch.optim.AdamW(ps, lr=lr, weight_decay=wd, **{impl: True}, **kw)
+            if peer == "regularized":
+                o = pyreg.Regularized(torch_opt, l1=l1, mode="proximal")
+                return o.step
+            if peer == "bare":
+                return torch_opt.step
             plist = [p.data for p in ps]
 
             def step():
-                o.step()
-                prox(plist, shrink_t, shrink_s)
+                torch_opt.step()
+                P.prox_loop(plist, thresholds, scales)
             return step
 
-        # checks: one step from the same start, each peer against pyreg
-        results = {}
-        for peer in ("pyreg", "loop", "foreach"):
-            ps = [torch.nn.Parameter(w.clone()) for w in pristine]
-            for p, q in zip(ps, params[0]):
-                p.grad = q.grad
-            build(peer, ps)()
-            results[peer] = [p.detach() for p in ps]
-        checks = {peer: P.compare_params(results["pyreg"], results[peer], self.dtype) for peer in ("loop", "foreach")}
-        checks["pyreg"] = (True, "reference (Regularized is tested against the spec in tests/)")
-        del results
-        free(self.dev)
+        whats = {"pyreg": f"pyreg.optim.AdamW(lr, weight_decay={wd}, l1={l1:g}): one fused pass",
+                 "regularized": f"Regularized(torch AdamW({impl}, weight_decay={wd}), l1={l1:g}, proximal)",
+                 "bare": f"torch AdamW({impl}=True, weight_decay={wd}), no L1",
+                 "loop": f"torch AdamW({impl}, weight_decay={wd}) + Python-loop prox"}
 
-        # side by side: the peers' steps take turns call by call
-        steps = {peer: [build(peer, ps) for ps in params] for peer in P.OPS["adamw_step"].peers}
-        for per_rotation in steps.values():
-            for step in per_rotation:  # the first step of each rotated optimizer allocates its state
-                step()
+        # 1. checks: one step of each peer from the same fresh start, against pyreg
+        checks: Dict[str, tuple] = {}
+        results: Dict[str, list] = {}
+        for peer in ("pyreg", "regularized", "loop"):
+            try:
+                ps = params(0)
+                build(peer, ps)()
+                sync(dev)
+                results[peer] = [p.detach() for p in ps]
+            except Exception as e:
+                checks[peer] = (False, f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        # a weight within rounding of the threshold may land on either side
+        slack = 16 * torch.finfo(dtype).eps * lr
+        ref_name = "Regularized(torch AdamW)"
+        if "pyreg" in results:
+            for peer in ("regularized", "loop"):
+                if peer in results:
+                    checks[peer] = P.compare_params(results["pyreg"], results[peer], dtype, slack)
+            if "regularized" in results:
+                ok, detail = checks["regularized"]
+                checks["pyreg"] = (ok, f"vs {ref_name}: {detail}")
+            zeros = sum(int((p == 0).sum()) for p in results["pyreg"])
+            log(f"      check after one step: pyreg {zeros} exact zeros; "
+                + "; ".join(f"{peer}: {'pass' if checks[peer][0] else 'FAIL'} ({checks[peer][1]})"
+                            for peer in ("regularized", "loop") if peer in checks))
+        for peer in ("pyreg", "regularized", "loop"):
+            if peer in checks and not checks[peer][0]:
+                msg = (f"{sset.name} step: CHECK FAILED for {peer} ({checks[peer][1]}): pyreg's fused "
+                       f"AdamW must equal {ref_name} after one step")
+                log("      " + msg)
+                self.note_once(msg)
+        checks["bare"] = ("n/a", "different math (weight decay, no L1): not compared")
+        del results
+        free(dev)
+
+        passes = []
+        if not self.graphs:
+            passes.append(("step", False))
+        if dev.type == "cuda":
+            passes.append(("step" if self.graphs else "step-graph", True))
+        for op_name, graphed in passes:
+            self.step_pass(sset, op_name, graphed, k, impl, params, build, whats, checks)
+            free(dev)
+        weights = grads = None  # free before the next op (params() refers to them)
+
+    def step_pass(self, sset, op_name, graphed, k, impl, params, build, whats, checks) -> None:
+        """Time the step's peers side by side (eager, or CUDA-graph replays),
+        with the flat-buffer AdamW step and the copy as references; add rows."""
+        dev, dtype = self.dev, self.dtype
+        steps: Dict[str, list] = {}
+        errors: Dict[str, str] = {}
+        for peer in P.STEP_PEERS:
+            try:
+                steps[peer] = [build(peer, params(i), capturable=graphed) for i in range(k)]
+                for s in steps[peer]:  # a few steps first: the state exists, as in training
+                    for _ in range(2):
+                        s()
+                sync(dev)
+            except Exception as e:
+                errors[peer] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                steps.pop(peer, None)
+                free(dev)
+        # the references: torch's AdamW over one flat parameter of the set's
+        # element count (the same traffic, no per-tensor work), and a flat copy
+        gen_ref = Gen(dev, dtype, seed=7)
+        flat_steps, copies = [], []
+        for _ in range(k):
+            p = torch.nn.Parameter(gen_ref.randn((sset.numel,), P.W_SCALE))
+            p.grad = gen_ref.randn((sset.numel,), P.G_SCALE)
+            o = torch.optim.AdamW([p], lr=P.LR, weight_decay=P.STEP_WEIGHT_DECAY, **{impl: True},
+                                  **({"capturable": True} if graphed else {}))
+            o.step()
+            flat_steps.append(o.step)
+            a, b = gen_ref.randn((sset.numel,), P.W_SCALE), gen_ref.randn((sset.numel,), P.W_SCALE)
+            copies.append(lambda a=a, b=b: b.copy_(a))
+        sync(dev)
+        calls: Dict[str, Callable[[int], object]] = {
+            peer: (lambda i, s=s: s[i % k]()) for peer, s in steps.items()}
+        calls["roofline"] = lambda i: flat_steps[i % k]()
+        calls["copy"] = lambda i: copies[i % k]()
+        if graphed:
+            t0 = time.perf_counter()
+            for name in list(calls):
+                try:
+                    calls[name] = cuda_graphed(calls[name], k, dev)
+                except Exception as e:
+                    if name not in P.STEP_PEERS:
+                        raise
+                    errors[name] = (f"CUDA graph capture failed: {type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:200]}")
+                    del calls[name]
+            log(f"      CUDA graph capture: {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
-        times = self.timeit_side_by_side({peer: (lambda i, s=s: s[i % k]()) for peer, s in steps.items()})
-        log(f"      timing side by side: {time.perf_counter() - t0:.1f} s")
+        times = self.timeit_side_by_side(calls)
+        log(f"      {op_name} timing side by side: {time.perf_counter() - t0:.1f} s")
         timed = {}
-        for peer, t in times.items():
-            timed[peer] = {**t, **self.memory(lambda: steps[peer][0]())}
-            log(f"      {peer:8s} {t['ms']:9.3f} ms (median of {t['samples']})")
-        steps = None
-        free(self.dev)
-        base = timed["pyreg"]["ms"]
-        whats = {"pyreg": f"Regularized(AdamW({impl}), l1, l2, proximal)",
-                 "bare": f"AdamW({impl}=True, weight_decay=0.01), no L1",
-                 "loop": f"AdamW({impl}) + Python-loop prox", "foreach": f"AdamW({impl}) + _foreach prox"}
-        for peer, t in timed.items():
-            ok, detail = checks.get(peer, (None, "different math (weight decay, no L1): not compared"))
-            if peer == "bare":
-                detail += f"; AdamW step ms: " + ", ".join(f"{i} {m:.2f}" if m is not None else f"{i} n/a"
-                                                         for i, m in impl_ms.items())
-            self.row(sset, "adamw_step", peer, whats[peer], ms=t["ms"], min_ms=t["min_ms"],
-                     samples=t["samples"], speedup=t["ms"] / base,
-                     check="n/a" if ok is None else ("pass" if ok else "FAIL"), check_detail=detail,
+        for peer in P.STEP_PEERS:
+            if peer in times:
+                t = times[peer]
+                timed[peer] = {**t, **self.memory(lambda: calls[peer](0))}
+                host = f", host {t['host_ms']:.3f} ms" if dev.type == "cuda" else ""
+                log(f"      {peer:12s} {t['ms']:9.3f} ms (median of {t['samples']}{host})")
+        steps = calls = flat_steps = copies = None  # free the optimizers' state
+        nbytes = P.OPS["step"].bytes_per_elem * self.elsize * sset.numel
+        roof, copy = times["roofline"], times["copy"]
+        copy_gbps = 2 * self.elsize * sset.numel / (copy["ms"] * 1e6)
+        base = timed.get("pyreg", {}).get("ms")
+        suffix = " (CUDA graph replay)" if graphed else ""
+        for peer in P.STEP_PEERS:
+            ok, detail = checks.get(peer, (None, "not checked"))
+            if peer not in timed:
+                self.row(sset, op_name, peer, whats[peer] + suffix, check="FAIL",
+                         check_detail=errors.get(peer, detail), adamw_impl=impl)
+                continue
+            t = timed[peer]
+            if graphed and ok is not None and ok != "n/a":
+                detail = "eager check: " + detail
+            status = ok if isinstance(ok, str) else ("pass" if ok else "FAIL")
+            self.row(sset, op_name, peer, whats[peer] + suffix, ms=t["ms"], min_ms=t["min_ms"],
+                     samples=t["samples"], host_ms=t.get("host_ms"), gbps=nbytes / (t["ms"] * 1e6),
+                     pct_roofline=100.0 * roof["ms"] / t["ms"],
+                     pct_copy=100.0 * (nbytes / t["ms"]) / (copy_gbps * 1e6),
+                     speedup=(t["ms"] / base) if base else None, check=status, check_detail=detail,
                      peak_extra_mb=_mb(t.get("torch_bytes")), rss_peak_extra_mb=_mb(t.get("rss_bytes")),
                      adamw_impl=impl)
-        del params, pristine
+        for kind, t in (("roofline", roof), ("copy", copy)):
+            units, what = P.ROOFLINE["adamw_flat" if kind == "roofline" else "copy"]
+            what = what if kind == "roofline" else f"{what} over one flat buffer"
+            self.row(sset, op_name, kind, f"{what} ({units * self.elsize} B/elem){suffix}", ms=t["ms"],
+                     min_ms=t["min_ms"], samples=t["samples"], host_ms=t.get("host_ms"),
+                     gbps=units * self.elsize * sset.numel / (t["ms"] * 1e6),
+                     pct_roofline=100.0 * roof["ms"] / t["ms"] if kind == "roofline" else None,
+                     pct_copy=100.0 * (units * self.elsize * sset.numel / (t["ms"] * 1e6)) / copy_gbps,
+                     speedup=(t["ms"] / base) if base else None, adamw_impl=impl)
 
 
 def _mb(b: Optional[int]) -> Optional[float]:

@@ -159,7 +159,8 @@ class FusedOptimizer:
 
     # -- the step ------------------------------------------------------------------
     def _settings(self, gi: int, group: Dict[str, Any]) -> _Group:
-        key = tuple(_key(v) for k, v in group.items() if k not in ("params", "param_names"))
+        key = (tuple(map(id, group["params"])),
+               tuple(_key(v) for k, v in group.items() if k not in ("params", "param_names")))
         hit = self._group_cache.get(gi)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -182,7 +183,7 @@ class FusedOptimizer:
 
     def _torch_path(self, p: Tensor, g: Tensor, group: Dict[str, Any]) -> bool:
         """True for a parameter the fused kernels do not take."""
-        return (type(p) not in _PLAIN_TYPES or g.is_sparse or p.dtype not in SUPPORTED_DTYPES
+        return (type(p) not in _PLAIN_TYPES or g.layout is not torch.strided or p.dtype not in SUPPORTED_DTYPES
                 or g.dtype != p.dtype or g.device != p.device or bool(group.get("differentiable")))
 
     def _gather(self):
