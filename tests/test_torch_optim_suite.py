@@ -51,19 +51,42 @@ import pytest
 import torch
 
 import pyreg
-
-try:
-    from torch.testing._internal import common_optimizers as co
-    from torch.testing._internal.common_device_type import instantiate_device_type_tests
-    from torch.testing._internal.common_utils import TestCase, parametrize
-except Exception as exc:  # pragma: no cover - torch without its test utilities
-    pytest.skip(f"torch's test utilities are not importable: {exc!r}", allow_module_level=True)
-
 from torch.nn import Parameter
 from torch.optim import SGD as TorchSGD
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+
+def _import_torch_testing():
+    """torch's test utilities, imported without their process-wide side
+    effects on the rest of the session: common_utils loads a Hypothesis
+    profile of its own (fewer examples, or derandomized under CI) and freezes
+    torch.backends' flags; both are put back as they were."""
+    try:
+        import hypothesis
+        profile = getattr(hypothesis.settings, "_current_profile", None)
+    except ImportError:  # pragma: no cover
+        hypothesis, profile = None, None
+    frozen = torch.backends.flags_frozen()
+    try:
+        from torch.testing._internal import common_optimizers
+        from torch.testing._internal.common_device_type import instantiate_device_type_tests
+        from torch.testing._internal.common_utils import TestCase, parametrize
+    finally:
+        if hypothesis is not None and profile is not None:
+            hypothesis.settings.load_profile(profile)
+        if not frozen:
+            # the module global that torch.backends.disable_global_flags() cleared
+            torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+    return common_optimizers, instantiate_device_type_tests, TestCase, parametrize
+
+
+try:
+    co, instantiate_device_type_tests, TestCase, parametrize = _import_torch_testing()
+except Exception as exc:  # pragma: no cover - torch without its test utilities
+    pytest.skip(f"torch's test utilities are not importable: {exc!r}", allow_module_level=True)
+
 
 OptimizerErrorEnum = co.OptimizerErrorEnum
 all_inputs = co._get_optim_inputs_including_global_cliquey_kwargs
