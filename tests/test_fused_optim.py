@@ -743,3 +743,36 @@ def test_compiled_training_step_matches_eager(name):
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert torch.equal(a == 0, b == 0)
+
+
+# --------------------------------------------------------------------------
+# Found by the torch.optim protocol suite (test_torch_optim_suite.py)
+# --------------------------------------------------------------------------
+def test_sgd_groups_with_and_without_momentum_match_torch():
+    """One group with momentum and one without (same device, dtype and flags)
+    share no kernel call: the momentum buffers are taken for all of a call's
+    parameters or for none. Values as torch's SGD."""
+    torch.manual_seed(0)
+    ws = [torch.randn(4, 3) for _ in range(3)]
+    mine = [w.clone().requires_grad_() for w in ws]
+    ref = [w.clone().requires_grad_() for w in ws]
+    groups = lambda ps: [{"params": ps[:2], "momentum": 0.9}, {"params": ps[2:]}]  # noqa: E731
+    a, b = optim.SGD(groups(mine), lr=0.1), torch.optim.SGD(groups(ref), lr=0.1)
+    for _ in range(3):
+        for ps, o in ((mine, a), (ref, b)):
+            o.zero_grad()
+            sum((p * p).sum() for p in ps).backward()
+            o.step()
+    for p, q in zip(mine, ref):
+        torch.testing.assert_close(p, q)
+    assert a.state_dict()["state"].keys() == b.state_dict()["state"].keys() == {0, 1}
+
+
+def test_sgd_without_momentum_keeps_no_state():
+    """As torch's SGD: no momentum, no state entry (its state dict's "state" is empty)."""
+    w = nn.Parameter(torch.randn(3))
+    o = optim.SGD([w], lr=0.1)
+    w.grad = torch.ones(3)
+    o.step()
+    assert len(o.state) == 0
+    assert o.state_dict()["state"] == torch.optim.SGD([w], lr=0.1).state_dict()["state"] == {}

@@ -209,15 +209,23 @@ class FusedOptimizer:
                     others.append(p)
                     continue
                 with_grad.append(j)
-                s = state[p]
+                # As torch: no state entry for a parameter that has no state
+                # (SGD without momentum), so the state dict has none either.
+                s = state[p] if p in state else {}
                 if not s:
                     self._new_state(p, s, group)
                 bufs = self._buffers(p, s, group, st)
+                if s and p not in state:
+                    state[p] = s
                 step = bufs[3]
                 flags = st.flags
                 if sp is not None and sp.ref is not None and sp.ref[j] is not None:
                     flags = flags._replace(prox=spec.NO_PROX)  # toward its ref, after the update
-                key = (p.device, p.dtype, flags, None if step is None else step.dtype)
+                # Which state buffers exist is part of the key: the kernels take
+                # each buffer list for all of a bucket's parameters or for none
+                # (SGD groups with and without momentum are separate buckets).
+                key = (p.device, p.dtype, flags, None if step is None else step.dtype,
+                       tuple(t is None for t in bufs[:3]))
                 b = buckets.get(key)
                 if b is None:
                     b = buckets[key] = _Bucket(backends.for_tensors([p]), flags, key[3])
