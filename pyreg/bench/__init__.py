@@ -12,6 +12,7 @@ PNG per device. Method: bench/README.md.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import shutil
 import sys
@@ -135,5 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
             else:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
-            shutil.rmtree(own_cache, ignore_errors=True)
+            # Removed at exit, not now: torch keeps paths into its cache (compiled
+            # headers, kernels) for the rest of the process, which may compile again.
+            atexit.register(shutil.rmtree, own_cache, ignore_errors=True)
     return 0
