@@ -247,11 +247,12 @@ int64_t inline_bytes() {
 }
 
 // Threads for a job over `w`: 1 (inline) for a small job, else nthreads.
-// Results never depend on it (see parallel_for).
-int threads_for(const TensorList& w, int nthreads) {
+// `arrays`: how many arrays like w the job reads or writes (the optimizer
+// step: param, grad and state). Results never depend on it (see parallel_for).
+int threads_for(const TensorList& w, int nthreads, int arrays = 1) {
   int64_t bytes = 0;
   for (int64_t t = 0; t < w.size(); ++t) bytes += w.numels[t] * dtype_size(w.dtypes[t]);
-  return bytes < inline_bytes() ? 1 : nthreads;
+  return bytes * arrays < inline_bytes() ? 1 : nthreads;
 }
 
 // Runs body(item) -> Partial on every item; returns the per-tensor folds.

@@ -74,7 +74,9 @@ void optim_step(const OptimList& l, const OptimSpec& s, const Launch& at) {
     sc[t] = step_scalars(s, s.hyper + int64_t(kHyper) * l.group[t], next[t]);
   }
   const std::vector<Item> items = plan(l.w);
-  parallel_for(int64_t(items.size()), threads_for(l.w, at.nthreads), [&](int64_t k) {
+  // Arrays per element: param and grad, plus the state buffers.
+  const int arrays = 2 + !l.s1.empty() + !l.s2.empty() + !l.s3.empty();
+  parallel_for(int64_t(items.size()), threads_for(l.w, at.nthreads, arrays), [&](int64_t k) {
     const Item& it = items[k];
     with_dtype(l.w.dtypes[it.tensor], l.w.ptrs[it.tensor], [&](auto* p) {
       using T = std::remove_pointer_t<decltype(p)>;
