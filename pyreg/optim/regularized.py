@@ -675,7 +675,11 @@ class Regularized(Optimizer):
 
     def _lrs(self) -> list:
         """Per-group lrs (the groups' current lr), validated; re-validated only
-        when one changed (cheap signature, :func:`_key`)."""
+        when one changed (cheap signature, :func:`_key`). Under torch.compile
+        they are checked without the signature: it reads a CPU tensor lr's
+        value, which would become a guard (a recompilation at every change)."""
+        if torch.compiler.is_compiling():
+            return self._check_lrs()
         key = tuple(_key(g.get("lr")) for g in self.param_groups)
         hit = self._lr_values
         if hit is not None and hit[0] == key:
