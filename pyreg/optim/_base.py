@@ -187,7 +187,8 @@ class FusedOptimizer:
                 or g.dtype != p.dtype or g.device != p.device or bool(group.get("differentiable")))
 
     def _gather(self):
-        """(buckets, groups for torch's own step, structured passes after the update)."""
+        """(buckets, groups for torch's own step, structured passes after the update,
+        every group's settings)."""
         settings = [self._settings(gi, g) for gi, g in enumerate(self.param_groups)]  # type: ignore[attr-defined]
         buckets: Dict[tuple, _Bucket] = {}
         torch_groups = []
@@ -250,7 +251,7 @@ class FusedOptimizer:
                 torch_groups.append((group, others, st))
             if sp is not None and with_grad:
                 after.append((group, st, with_grad))
-        return list(buckets.values()), torch_groups, after
+        return list(buckets.values()), torch_groups, after, settings
 
     @staticmethod
     def _structured_pass(group: Dict[str, Any], st: _Group, idx: List[int]) -> None:
@@ -384,11 +385,10 @@ class FusedOptimizer:
     def _apply(self) -> None:
         """The update of every parameter with a grad. Under torch.compile it
         runs eagerly (a graph break): the kernels take raw pointers."""
-        buckets, torch_groups, after = self._gather()
+        buckets, torch_groups, after, settings = self._gather()
         if torch_groups:
             self._run_torch(torch_groups)
         if buckets or after:
-            settings = [self._group_cache[gi][1] for gi in range(len(self.param_groups))]  # type: ignore[attr-defined]
             with torch.no_grad():
                 for b in buckets:
                     self._run(b, settings)
