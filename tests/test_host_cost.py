@@ -17,7 +17,7 @@ import torch
 
 import pyreg
 from pyreg import _ops, _validate
-from pyreg.optim import regularized as R
+from pyreg.optim import apply as A
 
 TESTS = Path(__file__).resolve().parent
 
@@ -170,7 +170,7 @@ def _setup(mode, seed=0, overrides=None):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
     groups = pyreg.param_groups(model, l1=1e-2, l2=1e-3, overrides=overrides)
-    opt = R.Regularized(torch.optim.Adam(groups, lr=1e-2), mode=mode)
+    opt = pyreg.Regularized(torch.optim.Adam(groups, lr=1e-2), mode=mode)
     x, y = torch.randn(16, 8), torch.randn(16, 3)
 
     def step():
@@ -246,7 +246,7 @@ def test_schedule_changes_are_applied_every_step():
         for o in (opt, ref_opt):
             o.param_groups[0]["l1"] = 1e-2 * (k + 1)
             o.param_groups[0]["lr"] = 1e-2 / (k + 1)
-        ref_opt._quick = None  # the reference re-validates everything at every step
+        ref_opt._engine._quick = None  # the reference re-validates everything at every step
         step()
         ref_step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref_model.parameters()))
@@ -261,7 +261,7 @@ def test_direct_kernel_calls_match_the_ops(mode, overrides, monkeypatch):
     outs = []
     for direct in (True, False):
         if not direct:
-            monkeypatch.setattr(R, "_direct_backend", lambda: None)
+            monkeypatch.setattr(A, "_direct_backend", lambda: None)
         model, opt, step = _setup(mode, seed=7, overrides=overrides)
         for _ in range(3):
             step()

@@ -358,12 +358,12 @@ def test_runtime_coefficient_change_and_plan_cache():
     w.grad = torch.zeros(2)
     opt.step()
     assert torch.equal(w.detach(), torch.tensor([1.0, -1.0]))
-    plan = opt._plan_cache
+    plan = opt._engine._plan
     opt.step()
-    assert opt._plan_cache is plan  # cached while nothing changes
+    assert opt._engine._plan is plan  # cached while nothing changes
     opt.param_groups[0]["l1"] = 2.0
     opt.step()
-    assert opt._plan_cache is not plan
+    assert opt._engine._plan is not plan
     torch.testing.assert_close(w.detach(), torch.tensor([0.8, -0.8]))
 
 
@@ -621,11 +621,11 @@ def test_group_lasso_value_change_needs_no_new_plan():
         pyreg.param_groups(model, overrides={"0": {"group_l1": 0.1}}), lr=0.1))
     _set_grads(model, 0)
     opt.step()
-    plan = opt._plan_cache
+    plan = opt._engine._plan
     opt.param_groups[0]["group_l1"] = 100.0  # kills every column on the next step
     _set_grads(model, 1)
     opt.step()
-    assert opt._plan_cache is plan
+    assert opt._engine._plan is plan
     assert torch.equal(model[0].weight, torch.zeros_like(model[0].weight))
 
 

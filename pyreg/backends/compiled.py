@@ -288,7 +288,7 @@ class CompiledKernels:
     def optim_step(self, algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Tensor],
                    s2: List[Tensor], s3: List[Tensor], steps: List[Tensor], group: List[int],
                    fresh: List[int], hyper: Tensor, *, decoupled: bool, amsgrad: bool, maximize: bool,
-                   nesterov: bool, prox: int, grad_scale: Optional[Tensor] = None,
+                   nesterov: bool, prox: int, centered: bool = False, grad_scale: Optional[Tensor] = None,
                    found_inf: Optional[Tensor] = None) -> None:
         """See torch_ref.optim_step. The caller guarantees what the kernels
         assume: every grad and state buffer dense and laid out like its param

@@ -185,13 +185,13 @@ def max_norm_(tensors: List[Tensor], dims: List[int], max_value) -> Tensor:
 #: Columns of the hyperparameter table (one row per param group), as in
 #: csrc/common/tensor_list.h (HyperIndex).
 HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum", "dampening", "lr_decay", "l1", "l2")
-SGD, ADAM, ADAGRAD = 0, 1, 2
+SGD, ADAM, ADAGRAD, RMSPROP = 0, 1, 2, 3
 NO_PROX, PLAIN_PROX, METRIC_PROX = 0, 1, 2
 
 
 def optim_step(algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Tensor], s2: List[Tensor],
                s3: List[Tensor], steps: List[Tensor], group: List[int], fresh: List[int], hyper: Tensor, *,
-               decoupled: bool, amsgrad: bool, maximize: bool, nesterov: bool, prox: int,
+               decoupled: bool, amsgrad: bool, maximize: bool, nesterov: bool, prox: int, centered: bool = False,
                grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """One step of SGD (algo 0), Adam/AdamW (1) or Adagrad (2) on every param,
     then its group's prox, in place: torch.optim's single-tensor algorithms,

@@ -7,8 +7,9 @@ from typing import Any, Dict
 import torch
 from torch import Tensor
 
-from ..backends import torch_ref as spec
-from ._base import FusedOptimizer, hyper_number, scalar_dtype
+from . import functional as F
+from .adam import step_counter
+from .fused import FusedOptimizer, hyper_number, scalar_dtype
 
 
 class Adagrad(FusedOptimizer, torch.optim.Adagrad):
@@ -29,14 +30,16 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
     what ``torch.optim.Adagrad`` computes.
     """
 
-    _algo = spec.ADAGRAD
+    _algo = F.ADAGRAD
 
-    def _hyper(self, group: Dict[str, Any]):
-        row = [hyper_number(group["lr"]), 0.0, 0.0, float(group["eps"]), float(group["weight_decay"]), 0.0, 0.0,
-               float(group["lr_decay"])]
-        return row, False, False, False, False
+    def _hyper(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        return {"lr": hyper_number(group["lr"]), "eps": float(group["eps"]),
+                "weight_decay": float(group["weight_decay"]), "lr_decay": float(group["lr_decay"])}
 
     def _new_state(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
         state["step"] = torch.zeros((), dtype=scalar_dtype(), device=p.device)
         state["sum"] = torch.full_like(p, group.get("initial_accumulator_value", 0.0),
                                        memory_format=torch.preserve_format)
+
+    def _buffers(self, p, s, group, run):
+        return s["sum"], None, None, step_counter(p, s), 0

@@ -7,19 +7,31 @@ from typing import Any, Dict
 import torch
 from torch import Tensor
 
-from ..backends import torch_ref as spec
-from ._base import FusedOptimizer, hyper_number, scalar_dtype
+from . import functional as F
+from .fused import Flags, FusedOptimizer, hyper_number, scalar_dtype
+
+
+def step_counter(p: Tensor, s: Dict[str, Any]) -> Tensor:
+    """p's step counter on p's device, as float32/64 (fixes up a loaded state
+    dict's CPU step of a GPU param)."""
+    step = s["step"]
+    if step.device != p.device or step.dtype not in (torch.float32, torch.float64):
+        step = s["step"] = step.to(device=p.device, dtype=torch.float32)
+    return step
 
 
 class _AdamBase(FusedOptimizer):
-    _algo = spec.ADAM
+    _algo = F.ADAM
+    _decoupled = False
 
-    def _hyper(self, group: Dict[str, Any]):
+    def _hyper(self, group: Dict[str, Any]) -> Dict[str, Any]:
         beta1, beta2 = group["betas"]
-        row = [hyper_number(group["lr"]), hyper_number(beta1), hyper_number(beta2), float(group["eps"]),
-               float(group["weight_decay"]), 0.0, 0.0, 0.0]
-        decoupled = self._decoupled or bool(group.get("decoupled_weight_decay", False))
-        return row, decoupled, bool(group.get("amsgrad", False)), False, False
+        return {"lr": hyper_number(group["lr"]), "beta1": hyper_number(beta1), "beta2": hyper_number(beta2),
+                "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
+
+    def _flags(self, group: Dict[str, Any]) -> Flags:
+        return Flags(decoupled=self._decoupled or bool(group.get("decoupled_weight_decay", False)),
+                     amsgrad=bool(group.get("amsgrad", False)), maximize=bool(group.get("maximize", False)))
 
     def _new_state(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
         state["step"] = torch.zeros((), dtype=scalar_dtype(), device=p.device)
@@ -27,6 +39,14 @@ class _AdamBase(FusedOptimizer):
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if group.get("amsgrad", False):
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _buffers(self, p, s, group, run):
+        vmax = None
+        if group.get("amsgrad", False):
+            vmax = s.get("max_exp_avg_sq")
+            if vmax is None:
+                vmax = s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return s["exp_avg"], s["exp_avg_sq"], vmax, step_counter(p, s), 0
 
 
 _DOC = """:class:`torch.optim.{name}` (same arguments, state and state dict: ``step``,

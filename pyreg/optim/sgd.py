@@ -6,8 +6,8 @@ from typing import Any, Dict
 import torch
 from torch import Tensor
 
-from ..backends import torch_ref as spec
-from ._base import FusedOptimizer, hyper_number
+from . import functional as F
+from .fused import Flags, FusedOptimizer, hyper_number
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
@@ -24,13 +24,28 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     computes what ``torch.optim.SGD`` computes.
     """
 
-    _algo = spec.SGD
+    _algo = F.SGD
 
-    def _hyper(self, group: Dict[str, Any]):
-        row = [hyper_number(group["lr"]), 0.0, 0.0, 0.0, float(group["weight_decay"]), float(group["momentum"]),
-               float(group["dampening"]), 0.0]
+    def _hyper(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        return {"lr": hyper_number(group["lr"]), "weight_decay": float(group["weight_decay"]),
+                "momentum": float(group["momentum"]), "dampening": float(group["dampening"])}
+
+    def _flags(self, group: Dict[str, Any]) -> Flags:
         momentum = group["momentum"] != 0
-        return row, False, False, bool(group.get("nesterov", False)) and momentum, momentum
+        return Flags(maximize=bool(group.get("maximize", False)),
+                     nesterov=bool(group.get("nesterov", False)) and momentum)
+
+    def _extra(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        return {"momentum": group["momentum"] != 0}
 
     def _new_state(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
         pass  # the momentum buffer starts at the first step (see _buffers)
+
+    def _buffers(self, p, s, group, run):
+        if not run.extra["momentum"]:
+            return None, None, None, None, 0
+        buf = s.get("momentum_buffer")
+        if buf is None:
+            s["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            return s["momentum_buffer"], None, None, None, 1
+        return buf, None, None, None, 0

@@ -1,0 +1,63 @@
+"""Host time of one optimizer step on the demo's MLP (CPU): pyreg.Regularized
+around torch's Adam, pyreg.optim.AdamW with L1, and the bare torch optimizers,
+timed in interleaved rounds in one process (median and min over rounds of the
+per-step time of ``opt.step()`` alone; the grads are set once).
+
+    python bench/host_step.py [--rounds 15] [--steps 200]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import pyreg
+from pyreg.demo.study import MLP
+
+
+def build(kind: str, model: torch.nn.Module):
+    groups = pyreg.param_groups(model, l1=1e-4)
+    if kind == "torch Adam":
+        return torch.optim.Adam(model.parameters(), lr=1e-3)
+    if kind == "Regularized(torch Adam)":
+        return pyreg.Regularized(torch.optim.Adam(groups, lr=1e-3))
+    if kind == "torch AdamW(fused)":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    if kind == "pyreg.optim.AdamW(l1)":
+        return pyreg.optim.AdamW(groups, lr=1e-3)
+    raise ValueError(kind)
+
+
+KINDS = ("torch Adam", "Regularized(torch Adam)", "torch AdamW(fused)", "pyreg.optim.AdamW(l1)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=200)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    runs = {}
+    for kind in KINDS:
+        model = MLP(128, 2)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-2
+        opt = build(kind, model)
+        for _ in range(20):
+            opt.step()
+        runs[kind] = (opt, [])
+    for _ in range(args.rounds):
+        for kind, (opt, times) in runs.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                opt.step()
+            times.append((time.perf_counter() - t0) / args.steps * 1e6)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.rounds} rounds x {args.steps} steps, µs per step")
+    print(f"{'optimizer':28s} {'min':>8s} {'median':>8s} {'max':>8s}")
+    for kind, (_, t) in runs.items():
+        print(f"{kind:28s} {min(t):8.1f} {statistics.median(t):8.1f} {max(t):8.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""The regularization engine behind both optimizer families.
+
+One :class:`Engine` per optimizer reads its param groups' keys (keys.py),
+checks them and torch's hyperparameters, plans the buckets (plan.py) and
+caches all of it until a group changes. :class:`pyreg.Regularized` and the
+fused optimizers (fused.py) both step through it, so every key is accepted in
+the same forms, rejected with the same errors, and applied by the same
+functions (apply.py).
+
+The cache has two signatures per step, both cheap (numbers by value, tensors
+by identity and version, see :func:`keys.signature`):
+
+* the regularization keys and the parameters: unchanged, the plan is used as
+  it is; changed, every group is read and checked again (a bad value raises
+  before anything is modified), and the plan rebuilt, or only its coefficient
+  values rewritten where the buckets stay the same;
+* every other key (lr, betas, eps, ...): changed, torch's hyperparameters are
+  checked again (:func:`keys.check_hypers`).
+"""
+from __future__ import annotations
+
+from operator import attrgetter
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import apply
+from .keys import (KEYS, SIMPLE_TYPES, check_hypers, group_signature, hyper_signature, lr_value, read_group,
+                   signature)
+from .plan import Plan
+from .results import ParamStats, Sparsity
+
+
+class Engine:
+    """The regularization of one optimizer's param groups.
+
+    ``defaults``: the values of pyreg's keys for groups that lack them;
+    ``torch_hypers``: whether the groups' other keys are torch.optim's (then
+    they are checked as torch's constructors check them)."""
+
+    def __init__(self, defaults: Dict[str, Any], torch_hypers: bool = True, metric: bool = True):
+        self.defaults = dict(defaults)
+        self.torch_hypers = torch_hypers
+        self.metric = metric
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything cached (after a state dict is loaded, say)."""
+        self._plan: Optional[Plan] = None
+        self._shape: Optional[tuple] = None
+        self._quick: Optional[tuple] = None
+        self._hypers: Optional[tuple] = None
+        self._lrs: Optional[tuple] = None
+        self._prepared: Optional[tuple] = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"defaults": self.defaults, "torch_hypers": self.torch_hypers, "metric": self.metric}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.reset()
+
+    # -- a step's checks ------------------------------------------------------------
+    def prepare(self, groups: List[Dict[str, Any]], lrs: bool = True) -> Prepared:
+        """What a step needs, checked: the plan and (``lrs``) the groups' lrs.
+        One signature of every group (all its keys, its parameters) says
+        whether anything changed since the last step; only then are the
+        plan, torch's hyperparameters and the lrs checked again, each where
+        its own part changed. Under torch.compile, see :func:`prepare_compiled`."""
+        sig = tuple(map(step_signature, groups))
+        hit = self._prepared
+        if hit is not None and hit[0] == sig and (hit[1].lrs is not None or not lrs):
+            return hit[1]
+        self._prepared = None
+        plan = self.plan(groups)
+        token = self.check_hypers(groups)
+        out = Prepared(plan, self.lrs(groups) if lrs else None, token)
+        self._prepared = (sig, out)
+        return out
+
+    # -- checks ------------------------------------------------------------------
+    def read(self, groups: Sequence[Dict[str, Any]], first: int = 0) -> list:
+        """Every group's settings, checked (``first``: the index of groups[0])."""
+        out = []
+        for gi, g in enumerate(groups, first):
+            st = read_group(g, self.defaults, f"param_groups[{gi}]")
+            if st.preconditioned and not self.metric:
+                raise ValueError(f"param_groups[{gi}] sets preconditioned: the prox in the optimizer's "
+                                 "metric needs pyreg's fused optimizers (pyreg.optim.Adam, AdamW, "
+                                 "Adagrad, RMSprop), which know that metric")
+            out.append(st)
+        return out
+
+    def plan(self, groups: List[Dict[str, Any]]) -> Plan:
+        """The cached plan of ``groups``; checks everything first where a
+        group changed (see the module docstring)."""
+        quick = tuple(group_signature(g, _PLAN_KEYS) + (tuple(map(id, g["params"])),
+                                                          tuple(map(_kind_of, g["params"]))) for g in groups)
+        if self._plan is not None and quick == self._quick:
+            return self._plan
+        self._quick = None
+        specs = self.read(groups)
+        shape = (tuple(st.shape() for st in specs),
+                 tuple(tuple((id(p), p.dtype, p.device) for p in g["params"]) for g in groups))
+        if self._plan is None or shape != self._shape:
+            self._plan = Plan(groups, specs)
+            self._shape = shape
+        elif [st.values() for st in specs] != [st.values() for st in self._plan.specs]:
+            self._plan.set_values(specs)
+        self._quick = quick
+        return self._plan
+
+    def check_hypers(self, groups: List[Dict[str, Any]]) -> Optional[tuple]:
+        """torch's hyperparameters of every group, checked where one changed.
+        Returns their signature: the same object while nothing changed."""
+        if torch.compiler.is_compiling():
+            if self.torch_hypers:
+                for gi, g in enumerate(groups):
+                    check_hypers(g, f"param_groups[{gi}]")
+            return None
+        sig = tuple(map(hyper_signature, groups))
+        if sig == self._hypers:
+            return self._hypers
+        self._hypers = None
+        if self.torch_hypers:
+            for gi, g in enumerate(groups):
+                check_hypers(g, f"param_groups[{gi}]")
+        self._hypers = sig
+        return sig
+
+    def lrs(self, groups: List[Dict[str, Any]]) -> list:
+        """Every group's lr, checked (again only when one changed). Under
+        torch.compile they are checked without the signature: it reads a CPU
+        tensor lr's value, which would become a guard (a recompilation at
+        every change)."""
+        if torch.compiler.is_compiling():
+            return _check_lrs(groups)
+        key = tuple(signature(g.get("lr")) for g in groups)
+        hit = self._lrs
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        lrs = _check_lrs(groups)
+        self._lrs = (key, lrs)
+        return lrs
+
+
+def _check_lrs(groups: List[Dict[str, Any]]) -> list:
+    lrs = []
+    for gi, group in enumerate(groups):
+        lr = group.get("lr")
+        if lr is None:
+            raise ValueError(f"param_groups[{gi}] has no 'lr': the proximal step needs one "
+                             "(use mode='gradient' for optimizers without a learning rate)")
+        lrs.append(lr_value(lr, f"param_groups[{gi}]['lr']"))
+    return lrs
+
+
+_PLAN_KEYS = KEYS
+
+
+class Prepared(NamedTuple):
+    """What :meth:`Engine.prepare` returns: the plan, the groups' lrs (None
+    where not asked for), and the signature of torch's hyperparameters (the
+    same object while they stay the same)."""
+
+    plan: Plan
+    lrs: Optional[list]
+    hypers: Optional[tuple]
+
+
+_kind_of = attrgetter("dtype", "device")
+_NOT_SETTINGS = frozenset(("params", "param_names"))
+
+
+def step_signature(group: Dict[str, Any]) -> tuple:
+    """The signature of everything a step reads from a group: its keys and
+    their values (see :func:`keys.signature`), its parameters' identity,
+    dtype and device."""
+    vals = tuple([v for k, v in group.items() if k not in _NOT_SETTINGS])
+    types = tuple(map(type, vals))
+    if not set(types) <= SIMPLE_TYPES:
+        vals = tuple(map(signature, vals))
+    ps = group["params"]
+    return tuple(group), vals, types, tuple(map(id, ps)), tuple(map(_kind_of, ps))
+
+
+@torch.compiler.disable
+def plan_outside_graph(engine: Engine, groups: List[Dict[str, Any]]) -> Plan:
+    """The plan and torch's hyperparameters, checked outside a compiled graph
+    (the checks read Python numbers that must not become graph constants)."""
+    engine.check_hypers(groups)
+    return engine.plan(groups)
+
+
+class Observable:
+    """``penalty``, ``stats()`` and ``sparsity()`` of an optimizer stepping
+    through an :class:`Engine` (``self._engine``); it keeps the last step's
+    buckets in ``self._out["last"]``."""
+
+    _out: Dict[str, Any]
+    _engine: Engine
+
+    @property
+    def penalty(self) -> Tensor:
+        """0-dim tensor: the penalty of the last step's regularized weights.
+
+        :class:`Regularized` in gradient mode: the value ``add_penalty_grad_``
+        returned, of the weights *before* the inner step (the penalty in that
+        step's loss). Otherwise: of the weights *after* the step, computed
+        lazily on first access after the step (so steps never pay for it).
+        0 before the first step. Never syncs the host."""
+        if self._out["penalty"] is None:
+            self._out["penalty"] = apply.penalty_of(self._out["last"])
+        return self._out["penalty"]
+
+    def stats(self) -> ParamStats:
+        """Per-parameter :class:`ParamStats` of every parameter of the optimizer
+        (regularized or not), named from the groups' ``param_names`` (else
+        ``"param_groups.<group>.<index>"``). One ``weight_stats`` call per
+        (device, dtype) bucket; no host sync."""
+        return apply.stats(self._engine.plan(self.param_groups))  # type: ignore[attr-defined]
+
+    def sparsity(self) -> Sparsity:
+        """Fraction of exact zeros over all parameters of the optimizer
+        (``overall``) and per parameter; tensors, no host sync."""
+        return apply.sparsity(self.stats())

@@ -1,0 +1,376 @@
+"""What pyreg's fused optimizers (sgd.py, adam.py, adagrad.py, rmsprop.py) share.
+
+Each is a subclass of its torch.optim class (so constructor arguments, param
+groups, state dicts, hooks, schedulers and GradScaler work as on torch's) whose
+``step`` runs pyreg's fused kernel: per (device, dtype, flags) bucket, one call
+that reads param, grad and state once, applies the update and then the
+proximal step of the group's ``l1``/``l2``, and writes them once
+(:func:`pyreg.optim.functional.fused_step`; the float64 spec is
+``pyreg.backends.torch_ref.optim_step``).
+
+The regularization keys go through the same engine as :class:`pyreg.Regularized`
+(engine.py): the same accepted forms, the same checks, and the structured keys
+(``group_l1``, ``ref``, ``max_norm``) applied by the same functions after the
+fused pass. The step:
+
+1. the engine checks what changed (pyreg's keys, torch's hyperparameters);
+   a bad value raises ``ValueError`` before anything is modified;
+2. per group, its hyperparameter rows by name (cached while they stay the same);
+3. per parameter with a grad, its state (created as torch creates it) and its
+   bucket; parameters the kernels do not take (sparse or complex grads,
+   ``differentiable=True``, tensor subclasses such as DTensor) go to torch's
+   own step instead, followed by ``pyreg.prox_``;
+4. one kernel call per bucket, then the structured passes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import backends, ops
+from .._common import SUPPORTED_DTYPES
+from .._validate import nonneg_real
+from ._torch_compat import raw_step
+from .apply import max_norm_buckets, prox_buckets
+from .engine import Engine, Observable
+from .functional import METRIC_PROX, NO_PROX, PLAIN_PROX, fused_step, prox_kind, row, table
+from .keys import check_params, flag, read_group
+from .plan import Bucket, Plan
+
+#: The keys pyreg adds to torch's param groups (the others, group_l1, ref,
+#: max_norm, are optional; see keys.py).
+PYREG_KEYS = ("l1", "l2", "preconditioned")
+_PLAIN_TYPES = (Tensor, nn.Parameter)
+
+
+def hyper_number(value: Any) -> Any:
+    """A hyperparameter as a float, or a device tensor left as it is (read on
+    the device, no host sync)."""
+    if isinstance(value, Tensor):
+        return value if value.device.type != "cpu" else float(value)
+    return float(value)
+
+
+class Flags(NamedTuple):
+    """What a kernel call's parameters share, besides their dtype and device."""
+
+    decoupled: bool = False
+    amsgrad: bool = False
+    maximize: bool = False
+    nesterov: bool = False
+    centered: bool = False
+    prox: int = NO_PROX
+
+
+class _GroupRun(NamedTuple):
+    """A param group's step settings, derived from its checked values."""
+
+    rows: List[tuple]     # the distinct hyperparameter rows of the group
+    row_of: List[int]     # each parameter's row
+    flags: List[Flags]    # each parameter's flags (its prox: none where a structured pass does it)
+    structured: bool      # some parameter has group_l1, ref or max_norm
+    extra: Dict[str, Any]  # what the algorithm's _buffers needs (SGD: momentum)
+
+
+class _Bucket:
+    """The parameters of one kernel call, with their grads, state and rows."""
+
+    def __init__(self, flags: Flags, step_dtype: Optional[torch.dtype]):
+        self.flags, self.step_dtype = flags, step_dtype
+        self.params: List[Tensor] = []
+        self.grads: List[Tensor] = []
+        self.s1: List[Tensor] = []
+        self.s2: List[Tensor] = []
+        self.s3: List[Tensor] = []
+        self.steps: List[Tensor] = []
+        self.rows: List[int] = []
+        self.fresh: List[int] = []
+        self.table_rows: Dict[Tuple[int, int], int] = {}  # (group, group row) -> row of the bucket's table
+        self.row_values: List[tuple] = []
+
+
+class FusedOptimizer(Observable):
+    """Mixin that turns a torch.optim class into pyreg's fused version. A
+    subclass sets ``_algo`` (functional.SGD, ADAM, ADAGRAD, RMSPROP), writes
+    ``_hyper`` (its hyperparameters by name), ``_flags``, ``_new_state`` and
+    ``_buffers``, and lists the torch class after this one in its bases."""
+
+    _algo: int = -1
+    _pyreg_fused = True  # Regularized refuses to wrap it (it would regularize twice)
+    # GradScaler hands grad_scale / found_inf to step() (see _amp_scalars).
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, *args, l1: float = 0.0, l2: float = 0.0, preconditioned: bool = False,
+                 **kwargs):
+        defaults = {"l1": nonneg_real(l1, "l1"), "l2": nonneg_real(l2, "l2"),
+                    "preconditioned": flag(preconditioned, "preconditioned")}
+        self._setup(defaults)
+        super().__init__(params, *args, **kwargs)
+        self.defaults.update(defaults)  # type: ignore[attr-defined]
+
+    def _setup(self, defaults: Dict[str, Any]) -> None:
+        self._engine = Engine(defaults)
+        self._out: Dict[str, Any] = {"last": [], "penalty": None}
+        self._runs: Dict[int, Tuple[tuple, Any, _GroupRun]] = {}
+        self._tables: Dict[tuple, Tensor] = {}
+
+    # -- what each optimizer supplies ------------------------------------------------
+    def _hyper(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        """The group's hyperparameters by name (functional.HYPER), l1/l2 aside."""
+        raise NotImplementedError
+
+    def _flags(self, group: Dict[str, Any]) -> Flags:
+        """The group's flags (prox aside)."""
+        return Flags(maximize=bool(group.get("maximize", False)))
+
+    def _new_state(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
+        """Creates the state torch's optimizer would create for p."""
+        raise NotImplementedError
+
+    def _buffers(self, p: Tensor, s: Dict[str, Any], group: Dict[str, Any], run: _GroupRun):
+        """(s1, s2, s3, step, fresh) of p for the kernels."""
+        raise NotImplementedError
+
+    # -- param groups and state dicts -------------------------------------------------
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """torch's ``add_param_group``, with pyreg's keys checked (as in every
+        step: see keys.py) and defaulted. A parameter listed twice is an error
+        (torch only warns): the fused step would update it twice."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        param_group = dict(param_group)
+        ps = param_group.get("params")
+        if ps is not None:
+            ps = param_group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
+            if len({id(p) for p in ps}) != len(ps):
+                raise ValueError("a parameter group lists the same parameter twice; pyreg's fused "
+                                 "optimizers update each parameter once per step, so list it once")
+        where = f"param_groups[{len(getattr(self, 'param_groups', []))}]"
+        st = read_group(param_group, self._engine.defaults, where)
+        check_params(st, param_group.get("params", []), where)
+        for key in PYREG_KEYS:
+            param_group.setdefault(key, self._engine.defaults[key])
+        super().add_param_group(param_group)  # type: ignore[misc]
+        self._engine.reset()
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        d = self.defaults  # type: ignore[attr-defined]
+        self._setup({"l1": d.get("l1", 0.0), "l2": d.get("l2", 0.0),
+                     "preconditioned": d.get("preconditioned", False)})
+        self._fill_keys()
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """torch's ``load_state_dict``; the loaded groups' settings are kept
+        (checked first: a bad one raises before anything is loaded), and a
+        state dict of torch's optimizer (without pyreg's keys) gets the
+        constructor's ``l1``, ``l2``, ``preconditioned``."""
+        for gi, group in enumerate(state_dict.get("param_groups", [])):
+            n = len(group.get("params", ()))
+            read_group(dict(group, params=[None] * n), self._engine.defaults, f"state_dict param_groups[{gi}]")
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        self._fill_keys()
+
+    def _fill_keys(self) -> None:
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            for key in PYREG_KEYS:
+                group.setdefault(key, self._engine.defaults[key])
+        self._engine.reset()
+        self._runs, self._tables = {}, {}
+
+    # -- the step ------------------------------------------------------------------
+    def _run_of(self, gi: int, group: Dict[str, Any], plan: Plan, hypers: Any) -> _GroupRun:
+        """The group's rows and flags, cached while its checked values stay the same."""
+        st = plan.specs[gi]
+        hit = self._runs.get(gi)
+        if hit is not None and hit[0] is hypers and hit[1] is st:
+            return hit[2]
+        named = self._hyper(group)
+        base = self._flags(group)
+        rows: List[tuple] = []
+        index: Dict[Tuple[float, float], int] = {}
+        row_of, flags = [], []
+        for j in range(len(group["params"])):
+            l1, l2 = st.l1[j], st.l2[j]
+            k = index.get((l1, l2))
+            if k is None:
+                k = index[(l1, l2)] = len(rows)
+                rows.append(row(dict(named, l1=l1, l2=l2)))
+            row_of.append(k)
+            kinds = st.kinds(j)
+            pk = prox_kind(l1, l2, st.preconditioned) if "elem" in kinds else NO_PROX
+            flags.append(base._replace(prox=pk))
+        structured = any(k != "elem" for j in range(len(row_of)) for k in st.kinds(j))
+        run = _GroupRun(rows, row_of, flags, structured, self._extra(group))
+        self._runs[gi] = (hypers, st, run)
+        return run
+
+    def _extra(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        return {}
+
+    def _torch_path(self, p: Tensor, g: Tensor, group: Dict[str, Any]) -> bool:
+        """True for a parameter the fused kernels do not take."""
+        return (type(p) not in _PLAIN_TYPES or g.layout is not torch.strided or p.dtype not in SUPPORTED_DTYPES
+                or g.dtype != p.dtype or g.device != p.device or bool(group.get("differentiable")))
+
+    def _gather(self, plan: Plan, runs: List[_GroupRun]):
+        """(buckets, groups for torch's own step)."""
+        buckets: Dict[tuple, _Bucket] = {}
+        torch_groups = []
+        state = self.state  # type: ignore[attr-defined]
+        for gi, (group, run) in enumerate(zip(self.param_groups, runs)):  # type: ignore[attr-defined]
+            st = plan.specs[gi]
+            structured = run.structured
+            others = []
+            for j, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if self._torch_path(p, g, group):
+                    if structured:
+                        raise ValueError(f"param_groups[{gi}] sets group_l1, ref or max_norm, but some of its "
+                                         "parameters need torch's own step (sparse or complex grads, "
+                                         "differentiable=True or tensor subclasses)")
+                    others.append(j)
+                    continue
+                # As torch: no state entry for a parameter that has no state
+                # (SGD without momentum), so the state dict has none either.
+                s = state[p] if p in state else {}
+                if not s:
+                    self._new_state(p, s, group)
+                bufs = self._buffers(p, s, group, run)
+                if s and p not in state:
+                    state[p] = s
+                step = bufs[3]
+                flags = run.flags[j]
+                # Which state buffers exist is part of the key: the kernels take
+                # each buffer list for all of a bucket's parameters or for none.
+                key = (p.device, p.dtype, flags, None if step is None else step.dtype,
+                       tuple(t is None for t in bufs[:3]))
+                b = buckets.get(key)
+                if b is None:
+                    b = buckets[key] = _Bucket(flags, key[3])
+                r = b.table_rows.get((gi, run.row_of[j]))
+                if r is None:
+                    r = b.table_rows[(gi, run.row_of[j])] = len(b.row_values)
+                    b.row_values.append(run.rows[run.row_of[j]])
+                b.params.append(p)
+                b.grads.append(g)
+                for lst, t in zip((b.s1, b.s2, b.s3, b.steps), bufs[:4]):
+                    if t is not None:
+                        lst.append(t)
+                b.rows.append(r)
+                b.fresh.append(bufs[4])
+            if others:
+                if st.preconditioned and any(st.l1[j] or st.l2[j] for j in others):
+                    raise ValueError(f"param_groups[{gi}] has preconditioned=True, which the fused kernels "
+                                     "apply, but some of its parameters need torch's own step (sparse or "
+                                     "complex grads, differentiable=True or tensor subclasses)")
+                ps = [group["params"][j] for j in others]
+                if any(st.l1[j] or st.l2[j] for j in others) and (
+                        any(p.is_complex() for p in ps) or group.get("differentiable")):
+                    raise ValueError(f"param_groups[{gi}] sets l1/l2 on parameters that need torch's own "
+                                     "step (complex parameters or differentiable=True): pyreg's prox "
+                                     "takes real parameters outside autograd")
+                torch_groups.append((group, others, st))
+        return list(buckets.values()), torch_groups
+
+    def _amp_skipped(self) -> bool:
+        """Whether GradScaler skips this step (found_inf). Read on the host, so
+        only asked when a group sets group_l1, ref or max_norm: their passes
+        run after the fused kernel, which skips on the device by itself."""
+        found_inf = getattr(self, "found_inf", None)
+        return found_inf is not None and bool(found_inf.item())
+
+    def _amp_scalars(self, device: torch.device) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """GradScaler's grad_scale and found_inf (set on the optimizer around
+        step), as float32 scalars on ``device``."""
+        out = []
+        for name in ("grad_scale", "found_inf"):
+            t = getattr(self, name, None)
+            if t is not None:
+                t = t.to(device=device, dtype=torch.float32, non_blocking=True)
+            out.append(t)
+        return out[0], out[1]
+
+    def _table(self, b: _Bucket) -> Tensor:
+        """The bucket's hyperparameter table on its device: cached while the
+        numbers stay the same (one asynchronous copy when they change), device
+        tensors (a GPU tensor lr) written in on the device at each step."""
+        dev = b.params[0].device
+        rows = b.row_values
+        if any(isinstance(v, Tensor) for r in rows for v in r):
+            return table(rows, dev)
+        key = (dev, tuple(rows))
+        t = self._tables.get(key)
+        if t is None:
+            if len(self._tables) > 16:
+                self._tables.clear()
+            t = self._tables[key] = table(rows, dev)
+        return t
+
+    def _run(self, b: _Bucket) -> None:
+        f = b.flags
+        grad_scale, found_inf = self._amp_scalars(b.params[0].device)
+        fused_step(self._algo, b.params, b.grads, b.s1, b.s2, b.s3, b.steps, b.rows, b.fresh, self._table(b),
+                   decoupled=f.decoupled, amsgrad=f.amsgrad, maximize=f.maximize, nesterov=f.nesterov,
+                   centered=f.centered, prox=f.prox, grad_scale=grad_scale, found_inf=found_inf)
+
+    def _run_torch(self, torch_groups) -> None:
+        """torch's own step on the parameters the kernels do not take, then the
+        prox of their l1/l2 (pyreg.prox_, with the group's lr)."""
+        base = next(c for c in type(self).__mro__[1:]
+                    if issubclass(c, torch.optim.Optimizer) and not issubclass(c, FusedOptimizer))
+        saved = self.param_groups  # type: ignore[attr-defined]
+        try:
+            self.param_groups = [dict(g, params=[g["params"][j] for j in idx]) for g, idx, _ in torch_groups]
+            raw_step(base)(self)
+        finally:
+            self.param_groups = saved
+        with torch.no_grad():
+            for group, idx, st in torch_groups:
+                on = [j for j in idx if st.l1[j] or st.l2[j]]
+                if on:
+                    ops.prox_([group["params"][j] for j in on], [st.l1[j] for j in on], [st.l2[j] for j in on],
+                              group["lr"])
+
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """One step of the optimizer on every parameter with a grad, then the
+        prox of its group's ``l1``/``l2`` (see the class docstring). A closure
+        is called once, with grad enabled; its value is returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._apply()
+        return loss
+
+    @torch.compiler.disable
+    def _apply(self) -> None:
+        """The update of every parameter with a grad. Under torch.compile it
+        runs eagerly (a graph break): the kernels take raw pointers."""
+        groups = self.param_groups  # type: ignore[attr-defined]
+        engine = self._engine
+        plan, lrs, hypers = engine.prepare(groups)
+        runs = [self._run_of(gi, g, plan, hypers) for gi, g in enumerate(groups)]
+        buckets, torch_groups = self._gather(plan, runs)
+        if torch_groups:
+            self._run_torch(torch_groups)
+        work = [w for w in map(Bucket.active, plan.buckets) if w is not None]
+        self._out["last"], self._out["penalty"] = [w for w in work if w.kind != "max_norm"], None
+        after = [w for w in work if w.kind != "elem"]
+        if buckets or after:
+            with torch.no_grad():
+                for b in buckets:
+                    self._run(b)
+                if after and not self._amp_skipped():
+                    group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
+                    prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in after if w.kind != "max_norm"])
+                    max_norm_buckets([w for w in after if w.kind == "max_norm"])
+
+
+def scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim gives step counters (float64 when that is the default dtype)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32

@@ -1,0 +1,173 @@
+"""Param groups from a model: :func:`param_groups` (per-layer coefficients,
+exclusions, overrides, reference weights) and its default exclusion rule."""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from torch import Tensor, nn
+
+from .._validate import nonneg_real
+from .keys import COEF_KEYS, STRUCTURED_KEYS, coef_values
+
+_NORM_TYPES: Tuple[type, ...] = tuple(
+    t for t in (getattr(nn.modules.batchnorm, "_NormBase", None), nn.LayerNorm, nn.GroupNorm,
+                getattr(nn, "RMSNorm", None), nn.LocalResponseNorm)
+    if t is not None)
+_EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
+
+
+def default_exclude(name: str, param: Tensor, module: nn.Module) -> bool:
+    """The default rule of :func:`param_groups`: True (not regularized) for
+
+    * biases (the attribute name is ``bias`` or ends with ``_bias``),
+    * every parameter of a normalization layer (BatchNorm*, InstanceNorm*,
+      SyncBatchNorm, LayerNorm, GroupNorm, RMSNorm, or any module whose class
+      name contains ``"Norm"``, e.g. third-party ``LlamaRMSNorm``),
+    * every parameter of an embedding (``nn.Embedding``, ``nn.EmbeddingBag``),
+    * any other parameter with at most one dimension (scales, gains, biases of
+      custom modules).
+    """
+    leaf = name.rsplit(".", 1)[-1]
+    return (leaf == "bias" or leaf.endswith("_bias")
+            or isinstance(module, _NORM_TYPES + _EMBEDDING_TYPES)
+            or "Norm" in type(module).__name__
+            or param.dim() <= 1)
+
+
+def _matches(pattern: str, name: str, module_name: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or (bool(module_name) and fnmatch.fnmatchcase(module_name, pattern))
+
+
+def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
+                 exclude: Union[None, Callable[[str, Tensor, nn.Module], bool], Sequence[str]] = None,
+                 overrides: Optional[Dict[str, Dict[str, Any]]] = None,
+                 ref: Union[None, nn.Module, Dict[str, Tensor]] = None) -> List[Dict[str, Any]]:
+    """Param groups for ``model`` with per-group ``l1``/``l2`` and parameter names.
+
+    Every trainable parameter (``requires_grad``; frozen ones are skipped)
+    appears once, in ``model.named_modules()`` order (a shared/tied parameter
+    belongs to the first module that holds it). Parameters are regularized
+    with ``l1``/``l2`` unless excluded, which puts them into a group with
+    ``l1 = l2 = 0``:
+
+    * ``exclude=None``: :func:`default_exclude` (biases, normalization layers,
+      embeddings and all parameters with ``ndim <= 1``);
+    * ``exclude=callable(name, param, module) -> bool``: your rule instead;
+    * ``exclude=["*.bias", "encoder.*", ...]``: fnmatch patterns instead,
+      matched against the parameter's qualified name or its module's name;
+      ``exclude=[]`` excludes nothing.
+
+    ``overrides={pattern: {"l1": ..., "l2": ..., "lr": ...}}`` sets options
+    for the parameters whose qualified name or module name matches the
+    pattern (fnmatch-style, e.g. ``"encoder.layers.*"``, ``"fc"``); they are
+    applied in order (later patterns win) on top of the base options, so an
+    explicit ``l1``/``l2`` override applies even to an excluded parameter.
+    Any other key (``lr``, ``weight_decay``, ...) is passed to the optimizer.
+    A pattern that matches no parameter is an error (a likely typo).
+
+    Overrides may also set the structured regularizers of
+    :class:`Regularized`: ``group_l1`` and ``group_dim`` (group lasso),
+    ``max_norm`` and ``max_norm_dim`` (max-norm constraint), e.g.
+    ``overrides={"fc1": {"group_l1": 1e-3, "group_dim": 1}}`` for group lasso
+    on the first layer's input columns only. These apply to the matching
+    parameters that are not excluded (so ``"fc1"`` sets them on ``fc1.weight``,
+    not on ``fc1.bias``).
+
+    ``ref``: reference weights (a model, or a state dict such as the
+    pre-trained one) to regularize toward (L1-SP / L2-SP): every group gets a
+    ``"ref"`` list with, per parameter, a copy of the reference tensor of the
+    same name (moved to the parameter's device and dtype), or None where the
+    reference has no tensor of that name and shape (new layers, a replaced
+    head): those get plain L1/L2. The copies are the one extra copy of the
+    weights that regularizing toward a reference needs.
+
+    Parameters with equal options share a group, excluded ones apart from the
+    others even when the options are equal (``l1 = l2 = 0``): the groups are
+    the same whatever the coefficient values, so a checkpoint of a run with
+    one set of values loads into an optimizer built with another. Each group is
+    ``{"params": [...], "param_names": [...], "l1": ..., "l2": ..., **options}``
+    (``param_names`` is torch.optim's own key for names, kept in state dicts).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"param_groups needs an nn.Module, got {type(model).__name__}")
+    base = {"l1": nonneg_real(l1, "l1"), "l2": nonneg_real(l2, "l2")}
+    if exclude is None:
+        rule = default_exclude
+    elif callable(exclude):
+        rule = exclude
+    elif isinstance(exclude, (str, bytes)) or not isinstance(exclude, Iterable):
+        raise TypeError("exclude must be None, a callable(name, param, module) or a list of name patterns")
+    else:
+        patterns = list(exclude)
+        for p in patterns:
+            if not isinstance(p, str):
+                raise TypeError(f"exclude patterns must be strings, got {type(p).__name__}")
+        rule = None
+    overrides = dict(overrides or {})
+    for pattern, opts in overrides.items():
+        if not isinstance(pattern, str) or not isinstance(opts, dict):
+            raise TypeError("overrides must map name patterns (str) to dicts of group options")
+        if "params" in opts or "param_names" in opts:
+            raise ValueError(f"overrides[{pattern!r}] may not set 'params' or 'param_names'")
+        for key in COEF_KEYS:
+            if opts.get(key) is not None and not isinstance(opts[key], (list, tuple)):
+                coef_values(opts[key], 1, f"overrides[{pattern!r}][{key!r}]")
+        if "ref" in opts:
+            raise ValueError(f"overrides[{pattern!r}] may not set 'ref'; pass ref= to param_groups")
+    if ref is not None:
+        if isinstance(ref, nn.Module):
+            ref = dict(ref.state_dict())
+        elif not isinstance(ref, dict):
+            raise TypeError(f"ref must be an nn.Module or a state dict, got {type(ref).__name__}")
+    used = set()
+
+    groups: List[Dict[str, Any]] = []
+    seen = set()
+    for module_name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            if not param.requires_grad:
+                continue
+            name = f"{module_name}.{pname}" if module_name else pname
+            if rule is not None:
+                excluded = bool(rule(name, param, module))
+            else:
+                excluded = any(_matches(p, name, module_name) for p in patterns)
+            opts = {"l1": 0.0, "l2": 0.0} if excluded else dict(base)
+            for pattern, extra in overrides.items():
+                if _matches(pattern, name, module_name):
+                    opts.update({k: v for k, v in extra.items() if not (excluded and k in STRUCTURED_KEYS)})
+                    used.add(pattern)
+            # The groups depend on which parameters are excluded, not on the
+            # coefficient values: l1 = l2 = 0 gives the same groups as any other.
+            for group in groups:
+                if group["_opts"] == opts and group["_excluded"] == excluded:
+                    break
+            else:
+                group = {"_opts": opts, "_excluded": excluded, "params": [], "param_names": []}
+                groups.append(group)
+            group["params"].append(param)
+            group["param_names"].append(name)
+    unused = [p for p in overrides if p not in used]
+    if unused:
+        raise ValueError(f"overrides pattern(s) {unused} match no trainable parameter of the model")
+    out = []
+    for group in groups:
+        opts = group.pop("_opts")
+        group.pop("_excluded")
+        out.append({"params": group["params"], "param_names": group["param_names"], **opts})
+        if ref is not None:
+            out[-1]["ref"] = [_ref_copy(ref, name, p) for name, p in zip(group["param_names"], group["params"])]
+    return out
+
+
+def _ref_copy(ref: Dict[str, Any], name: str, param: Tensor) -> Optional[Tensor]:
+    """A copy of ``ref[name]`` like ``param`` (device, dtype), or None when the
+    reference has no tensor of that name and shape."""
+    r = ref.get(name)
+    if not isinstance(r, Tensor) or r.shape != param.shape:
+        return None
+    return r.detach().to(device=param.device, dtype=param.dtype, copy=True)

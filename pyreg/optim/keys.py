@@ -1,0 +1,279 @@
+"""The regularization keys of a param group, read and checked once for both
+optimizer families (:class:`pyreg.Regularized` and the fused
+``pyreg.optim`` optimizers), and the checks of torch's own hyperparameters.
+
+The keys (defaults in parentheses):
+
+* ``l1``, ``l2`` (0): element-wise L1 / L2 coefficients;
+* ``group_l1`` (0), ``group_dim`` (1): group lasso over the slices along ``group_dim``;
+* ``ref`` (None): one reference tensor (or None) per parameter (L1-SP / L2-SP);
+* ``max_norm`` (None), ``max_norm_dim`` (0): the max-norm constraint;
+* ``preconditioned`` (False): the prox in the optimizer's own metric (fused
+  optimizers only).
+
+A coefficient (``l1``, ``l2``, ``group_l1``, ``max_norm``) is accepted in the
+same forms everywhere: a number; a sequence with one number per parameter of
+the group; a tensor with one value (0-dim or one element) or one value per
+parameter (1-D). Each value must be finite and >= 0. A CPU tensor's values are
+read when the group changes (a device tensor's would need a host sync: keep
+coefficient tensors on the CPU).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .._validate import group_dims, nonneg_real, one_value_tensor
+
+#: The coefficient keys, and what each defaults to (None: not set).
+COEF_KEYS = ("l1", "l2", "group_l1", "max_norm")
+#: Every key pyreg reads from a param group.
+KEYS = ("l1", "l2", "group_l1", "group_dim", "ref", "max_norm", "max_norm_dim", "preconditioned")
+#: The keys of the structured regularizers (after the update, outside the fused kernel).
+STRUCTURED_KEYS = ("group_l1", "group_dim", "max_norm", "max_norm_dim")
+
+
+class GroupSettings(NamedTuple):
+    """A param group's regularization, checked: one value per parameter."""
+
+    l1: Tuple[float, ...]
+    l2: Tuple[float, ...]
+    group_l1: Tuple[float, ...]
+    group_dim: Any                         # as given: an int or one int per parameter
+    max_norm: Optional[Tuple[float, ...]]  # None: no constraint
+    max_norm_dim: Any
+    ref: Optional[tuple]                   # one tensor (or None) per parameter
+    preconditioned: bool
+
+    def kinds(self, j: int) -> Tuple[str, ...]:
+        """What regularizes parameter ``j``: "group" (sparse group lasso with
+        its l1/l2), "ref" (l1/l2 toward its reference), "elem" (l1/l2), and
+        "max_norm"."""
+        out: Tuple[str, ...] = ()
+        if self.group_l1[j] != 0.0:
+            out = ("group",)
+        elif self.l1[j] != 0.0 or self.l2[j] != 0.0:
+            out = ("ref",) if self.ref is not None and self.ref[j] is not None else ("elem",)
+        if self.max_norm is not None:
+            out += ("max_norm",)
+        return out
+
+    def shape(self) -> tuple:
+        """What a plan's buckets depend on (not the coefficient values)."""
+        ref = None if self.ref is None else tuple(None if r is None else id(r) for r in self.ref)
+        return (tuple(self.kinds(j) for j in range(len(self.l1))), _hashable(self.group_dim),
+                _hashable(self.max_norm_dim), ref)
+
+    def values(self) -> tuple:
+        return self.l1, self.l2, self.group_l1, self.max_norm
+
+
+def _hashable(dim: Any) -> Any:
+    return tuple(dim) if isinstance(dim, (list, tuple)) else dim
+
+
+def flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{where} must be True or False, got {value!r}")
+    return value
+
+
+def coef_values(value: Any, n: int, where: str) -> Tuple[float, ...]:
+    """A coefficient as one float per parameter (see the module docstring)."""
+    if isinstance(value, Tensor):
+        if value.numel() == 1:
+            return (float(one_value_tensor(value, where)),) * n
+        if value.dim() != 1 or value.numel() != n:
+            raise ValueError(f"{where} is a tensor of shape {tuple(value.shape)}; expected one value "
+                             f"or one per parameter ({n})")
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{where} has dtype {value.dtype}; expected a real dtype")
+        vals = value.detach().cpu().tolist()
+        return tuple(nonneg_real(v, f"{where}[{i}]") for i, v in enumerate(vals))
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return (nonneg_real(value, where),) * n
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{where} has {len(value)} values but the group has {n} parameters")
+        return tuple(_one(v, f"{where}[{i}]") for i, v in enumerate(value))
+    raise TypeError(f"{where} must be a number, a sequence with one number per parameter or a "
+                    f"tensor, got {type(value).__name__}")
+
+
+def _one(v: Any, where: str) -> float:
+    if isinstance(v, Tensor):
+        return float(one_value_tensor(v, where))
+    return nonneg_real(v, where)
+
+
+def read_group(group: Dict[str, Any], defaults: Dict[str, Any], where: str) -> GroupSettings:
+    """A group's keys, checked (a missing key takes ``defaults``' value, else
+    the key's default). What depends on the parameters themselves (dims,
+    refs) is checked by :func:`check_params`."""
+    get = group.get
+    n = len(group.get("params", ()))
+
+    def coef(key, default):
+        return coef_values(get(key, defaults.get(key, default)), n, f"{where}[{key!r}]")
+
+    l1, l2, gl1 = coef("l1", 0.0), coef("l2", 0.0), coef("group_l1", 0.0)
+    mx = get("max_norm", defaults.get("max_norm"))
+    mx = None if mx is None else coef_values(mx, n, f"{where}['max_norm']")
+    ref = get("ref")
+    if ref is not None:
+        if isinstance(ref, Tensor) or not isinstance(ref, (list, tuple)):
+            raise TypeError(f"{where}['ref'] must be a list with one tensor (or None) per parameter, "
+                            f"got {type(ref).__name__}")
+        ref = tuple(ref)
+        if len(ref) != n:
+            raise ValueError(f"{where}['ref'] has {len(ref)} entries but the group has {n} parameters")
+    pre = flag(get("preconditioned", defaults.get("preconditioned", False)), f"{where}['preconditioned']")
+    st = GroupSettings(l1, l2, gl1, get("group_dim", 1), mx, get("max_norm_dim", 0), ref, pre)
+    if pre and (any(gl1) or (ref is not None and any(r is not None for r in ref))):
+        raise ValueError(f"{where} sets preconditioned=True with group_l1 or ref: the prox in the "
+                         "optimizer's metric is element-wise L1/L2 only")
+    return st
+
+
+def check_params(st: GroupSettings, params: Sequence[Tensor], where: str
+                 ) -> Tuple[Optional[List[int]], Optional[List[int]]]:
+    """A group's settings against its parameters: the refs (one per parameter,
+    each like it) and the group dimensions. Returns each parameter's
+    normalized group_dim and max_norm_dim (None where unused)."""
+    if st.ref is not None:
+        if len(st.ref) != len(params):
+            raise ValueError(f"{where}['ref'] has {len(st.ref)} entries but the group has "
+                             f"{len(params)} parameters")
+        for k, (r, p) in enumerate(zip(st.ref, params)):
+            if r is None:
+                continue
+            if not isinstance(r, Tensor):
+                raise TypeError(f"{where}['ref'][{k}] is a {type(r).__name__}, not a tensor or None")
+            if r.shape != p.shape or r.dtype != p.dtype or r.device != p.device:
+                raise ValueError(f"{where}['ref'][{k}] is {tuple(r.shape)} {r.dtype} on {r.device} but its "
+                                 f"parameter is {tuple(p.shape)} {p.dtype} on {p.device}")
+        if any(g != 0.0 and r is not None for g, r in zip(st.group_l1, st.ref)):
+            raise ValueError(f"{where} sets both 'group_l1' and 'ref': group lasso toward a reference "
+                             "is not supported")
+    gdims = group_dims(st.group_dim, params, f"{where}['group_dim']") if any(st.group_l1) else None
+    mdims = (group_dims(st.max_norm_dim, params, f"{where}['max_norm_dim']")
+             if st.max_norm is not None else None)
+    return gdims, mdims
+
+
+def fill_defaults(group: Dict[str, Any], defaults: Dict[str, Any]) -> None:
+    """Writes ``defaults`` into the group where it has no such key."""
+    for k, v in defaults.items():
+        group.setdefault(k, v)
+
+
+# --------------------------------------------------------------------------
+# torch's hyperparameters, checked at each step where they changed
+# --------------------------------------------------------------------------
+def lr_value(lr: Any, where: str):
+    """An lr: a finite number >= 0, or a one-value tensor (a CPU one's value
+    checked; a device tensor's value is not read: that would sync)."""
+    if isinstance(lr, Tensor):
+        return one_value_tensor(lr, where)
+    return nonneg_real(lr, where)
+
+
+def _unit(v: Any, where: str) -> None:
+    """A beta: 0 <= v < 1."""
+    if isinstance(v, Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{where} is a tensor of shape {tuple(v.shape)}; expected one value")
+        if v.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        v = float(v)
+    x = nonneg_real(v, where)
+    if not x < 1.0:
+        raise ValueError(f"{where} must be in [0, 1), got {x}")
+
+
+def _finite(v: Any, where: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        raise ValueError(f"{where} must be a finite number, got {v!r}")
+
+
+#: torch.optim's hyperparameters that pyreg checks at each step (where a group
+#: has them), with their rule: what torch's constructors check, plus finite.
+_HYPER_RULES = {
+    "lr": lr_value,
+    "eps": nonneg_real,
+    "weight_decay": nonneg_real,
+    "momentum": nonneg_real,
+    "dampening": _finite,
+    "alpha": nonneg_real,
+    "lr_decay": nonneg_real,
+    "initial_accumulator_value": nonneg_real,
+}
+
+
+def check_hypers(group: Dict[str, Any], where: str) -> None:
+    """torch's hyperparameters of a group (lr, betas, eps, weight_decay,
+    momentum, dampening, alpha, lr_decay, initial_accumulator_value), where
+    present: ValueError for a value torch's constructor would reject, or
+    one that is not finite."""
+    for key, rule in _HYPER_RULES.items():
+        if key in group:
+            rule(group[key], f"{where}[{key!r}]")
+    betas = group.get("betas")
+    if betas is not None:
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{where}['betas'] must be a pair (beta1, beta2), got {betas!r}")
+        for i, b in enumerate(betas):
+            _unit(b, f"{where}['betas'][{i}]")
+
+
+# --------------------------------------------------------------------------
+# Signatures: when a group's settings must be checked again
+# --------------------------------------------------------------------------
+_VALUE_DTYPES = frozenset((torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64))
+#: Setting types whose value is its own key (with their type: 1, 1.0 and True
+#: are equal numbers but not equal settings).
+SIMPLE_TYPES = frozenset({float, int, bool, str, type(None)})
+
+
+def signature(value: Any) -> Any:
+    """A cheap signature of a param-group setting, equal for two settings only
+    when their checks and plan are the same: a number by value, a tensor by
+    identity, in-place version and (one-value CPU tensor) value, a list by its
+    items' signatures, anything else by type and identity. Never reads a
+    device tensor's value (no host sync)."""
+    tp = type(value)
+    if tp in SIMPLE_TYPES:
+        return tp, value
+    if isinstance(value, Tensor):
+        v = None
+        if value.device.type == "cpu" and value.numel() == 1 and value.dtype in _VALUE_DTYPES:
+            v = float(value)
+        return Tensor, id(value), value._version, v
+    if tp is list or tp is tuple:
+        return tp, tuple(map(signature, value))
+    return tp, id(value)
+
+
+def group_signature(group: Dict[str, Any], keys: Sequence[str]) -> tuple:
+    """The signature of a group's ``keys`` (see :func:`signature`)."""
+    vals = tuple(map(group.get, keys))
+    types = tuple(map(type, vals))
+    if set(types) <= SIMPLE_TYPES:
+        return vals, types
+    return tuple(map(signature, vals)), types
+
+
+def hyper_signature(group: Dict[str, Any]) -> tuple:
+    """The signature of every key of a group but its parameters and pyreg's
+    keys (their checks do not depend on a number's type: 1 and 1.0 are equal)."""
+    return tuple([v if type(v) in _PLAIN else signature(v) for k, v in group.items() if k not in _NOT_HYPER])
+
+
+_PLAIN = frozenset({float, int, bool, str, type(None)})
+
+
+_NOT_HYPER = frozenset(("params", "param_names") + KEYS)

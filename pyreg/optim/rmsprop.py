@@ -1,0 +1,60 @@
+"""``pyreg.optim.RMSprop``: torch's RMSprop with L1 / L2 proximal steps
+(optionally in RMSprop's own metric), fused."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from .adam import step_counter
+from .fused import Flags, FusedOptimizer, hyper_number, scalar_dtype
+
+
+class RMSprop(FusedOptimizer, torch.optim.RMSprop):
+    """:class:`torch.optim.RMSprop` (same arguments, state and state dict:
+    ``step``, ``square_avg``, ``momentum_buffer``, ``grad_avg``; alpha, eps,
+    weight_decay, momentum, centered, maximize), plus keyword-only
+
+    * ``l1``, ``l2`` (default 0; per param group as well): after each update,
+      ``w <- sign(w) * max(|w| - lr*l1, 0) / (1 + 2*lr*l2)`` (exact zeros);
+    * ``preconditioned`` (default False; per param group as well): the prox
+      in RMSprop's own metric: each element's lr is ``lr / (sqrt(v) + eps)``
+      (v the running average of squared grads, centered if ``centered``), the
+      step size RMSprop gives it, so the threshold is
+      ``lr * l1 / (sqrt(v) + eps)``.
+
+    Each step is one fused pass per (device, dtype) bucket: param, grad and
+    state are read once and written once. With ``l1 = l2 = 0`` it computes
+    what ``torch.optim.RMSprop`` computes.
+    """
+
+    _algo = F.RMSPROP
+
+    def _hyper(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        return {"lr": hyper_number(group["lr"]), "alpha": float(group["alpha"]), "eps": float(group["eps"]),
+                "weight_decay": float(group["weight_decay"]), "momentum": float(group["momentum"])}
+
+    def _flags(self, group: Dict[str, Any]) -> Flags:
+        return Flags(centered=bool(group.get("centered", False)), maximize=bool(group.get("maximize", False)))
+
+    def _new_state(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
+        state["step"] = torch.zeros((), dtype=scalar_dtype(), device=p.device)
+        state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["momentum"] > 0:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group.get("centered", False):
+            state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _buffers(self, p, s, group, run):
+        buf = avg = None
+        if group["momentum"] > 0:
+            buf = s.get("momentum_buffer")
+            if buf is None:
+                buf = s["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group.get("centered", False):
+            avg = s.get("grad_avg")
+            if avg is None:
+                avg = s["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return s["square_avg"], buf, avg, step_counter(p, s), 0
