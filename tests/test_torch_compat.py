@@ -13,11 +13,11 @@ from pyreg.optim import _torch_compat as compat
 
 
 def test_raw_step_is_the_unwrapped_function():
-    raw = compat.raw_step(torch.optim.SGD)
-    assert raw is not torch.optim.SGD.step
-    assert not getattr(raw, "hooked", False)
     p = nn.Parameter(torch.ones(3))
-    opt = torch.optim.SGD([p], lr=0.5)
+    opt = torch.optim.SGD([p], lr=0.5)  # torch wraps the class's step at the first instance
+    assert getattr(torch.optim.SGD.step, "hooked", False)
+    raw = compat.raw_step(torch.optim.SGD)
+    assert raw is not torch.optim.SGD.step and not getattr(raw, "hooked", False)
     calls = []
     opt.register_step_pre_hook(lambda *a: calls.append("pre"))
     p.grad = torch.ones(3)
