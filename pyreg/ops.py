@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
 from ._common import WeightStats, coef_tensor, has_dtensor
+from .backends._marshal import plain_description
 from ._ops import (add_group_penalty_grad_op, add_penalty_grad_op, group_norms_op, group_penalty_op,
                    group_prox_op, max_norm_op, penalty_op, prox_op, weight_stats_op)
 from ._validate import (PLAIN_TYPES, Coefficient, check_grads_apart, check_no_overlap, check_refs_apart,
@@ -165,7 +166,9 @@ def penalty(tensors: Iterable[Tensor], l1: Coefficient = 0.0, l2: Coefficient = 
             be = None  # the differentiable op
         cs = None if be is None else _fast_coefs(len(tensors), l1, l2)
         if cs is not None:
-            return be.penalty_plain(list(tensors), *cs)
+            out = torch.empty((), dtype=torch.float64 if tensors[0].dtype is torch.float64 else torch.float32)
+            be.penalty_ptrs(*plain_description(tensors), *cs, out)
+            return out
     ts = tensor_list(tensors)
     n, dev = len(ts), (ts[0].device if ts else torch.device("cpu"))
     c1, c2 = coefficient(l1, n, dev, "l1"), coefficient(l2, n, dev, "l2")
@@ -199,7 +202,8 @@ def add_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor],
         cs = None if ptrs is None else _fast_coefs(len(tensors), l1, l2)
         if cs is not None:
             n = len(grads)
-            out = be.add_penalty_grad_plain(list(tensors), ptrs[n:], ptrs[:n], *cs)
+            out = torch.empty((), dtype=torch.float64 if tensors[0].dtype is torch.float64 else torch.float32)
+            be.add_penalty_grad_ptrs(*plain_description(tensors, ptrs[n:]), ptrs[:n], *cs, out)
             torch.autograd.graph.increment_version(grads)
             return out
     ts = tensor_list(tensors)
@@ -253,7 +257,8 @@ def prox_(tensors: Iterable[Tensor], l1: Coefficient = 0.0, l2: Coefficient = 0.
         ptrs = None if be is None else disjoint_pointers(tensors)
         cs = None if ptrs is None else _fast_coefs(len(tensors), l1, l2, lr)
         if cs is not None:
-            out = be.prox_plain(list(tensors), ptrs, *cs)
+            out = torch.empty(len(tensors), dtype=torch.int64)
+            be.prox_ptrs(*plain_description(tensors, ptrs), *cs, out)
             torch.autograd.graph.increment_version(tensors)
             return out
     ts = tensor_list(tensors)

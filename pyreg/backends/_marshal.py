@@ -10,7 +10,7 @@ ops then copy the result back.
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -53,6 +53,15 @@ def describe(tensors: Sequence[Tensor]) -> Tuple[List[int], List[int], List[int]
     else:
         codes = list(map(DTYPE_CODES.__getitem__, dtypes))
     return pointers(tensors), list(map(Tensor.numel, tensors)), codes
+
+
+def plain_description(tensors: Sequence[Tensor], ptrs: Optional[List[int]] = None
+                      ) -> Tuple[List[int], List[int], List[int]]:
+    """``describe`` for a list already checked to be plain contiguous tensors of
+    one dtype (``_validate.plain_cpu``), with its pointers if known."""
+    n = len(tensors)
+    return (pointers(tensors) if ptrs is None else ptrs, list(map(Tensor.numel, tensors)),
+            [DTYPE_CODES[tensors[0].dtype]] * n)
 
 
 def pointers(tensors: Sequence[Tensor]) -> List[int]:

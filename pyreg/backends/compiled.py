@@ -17,7 +17,7 @@ behind them. Only the launch context differs, per device:
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -33,18 +33,17 @@ LaunchArgs = Tuple[Optional[Tensor], int, int, int, int]
 WorkspaceBytes = Callable[[], int]
 
 
-def cpu_launch(kernels: "CompiledKernels", ws: List[Tensor], nbytes: WorkspaceBytes) -> LaunchArgs:
+def cpu_launch(kernels: "CompiledKernels", device: torch.device, nbytes: WorkspaceBytes) -> LaunchArgs:
     return None, 0, -1, 0, torch.get_num_threads()
 
 
-def cuda_launch(kernels: "CompiledKernels", ws: List[Tensor], nbytes: WorkspaceBytes) -> LaunchArgs:
-    dev = ws[0].device
-    scratch = _workspace(nbytes(), dev)
-    return scratch, scratch.data_ptr(), dev.index, torch.cuda.current_stream(dev).cuda_stream, 0
+def cuda_launch(kernels: "CompiledKernels", device: torch.device, nbytes: WorkspaceBytes) -> LaunchArgs:
+    scratch = _workspace(nbytes(), device)
+    return scratch, scratch.data_ptr(), device.index, torch.cuda.current_stream(device).cuda_stream, 0
 
 
-def emulated_cuda_launch(kernels: "CompiledKernels", ws: List[Tensor], nbytes: WorkspaceBytes) -> LaunchArgs:
-    scratch = _workspace(nbytes(), ws[0].device)
+def emulated_cuda_launch(kernels: "CompiledKernels", device: torch.device, nbytes: WorkspaceBytes) -> LaunchArgs:
+    scratch = _workspace(nbytes(), device)
     return scratch, scratch.data_ptr(), 0, 0, 0
 
 
@@ -62,7 +61,7 @@ class CompiledKernels:
     """
 
     def __init__(self, name: str, prefix: str, device_type: str,
-                 launch: Callable[["CompiledKernels", List[Tensor], WorkspaceBytes], LaunchArgs]):
+                 launch: Callable[["CompiledKernels", torch.device, WorkspaceBytes], LaunchArgs]):
         self.NAME = name
         self.device_type = device_type
         self._prefix = prefix
@@ -115,11 +114,17 @@ class CompiledKernels:
             return f"it takes {self.device_type} tensors"
         return self.unavailable_reason(device.index)
 
-    def _at(self, ws: List[Tensor], numels: List[int]) -> LaunchArgs:
-        """Where an element-wise op on ``ws`` (their numels) runs."""
-        return self._launch(self, ws, lambda: self._fn("workspace_bytes")(len(ws), sum(numels)))
+    def _at(self, device: torch.device, numels: List[int]) -> LaunchArgs:
+        """Where an element-wise op on tensors of ``numels`` elements runs."""
+        return self._launch(self, device, lambda: self._fn("workspace_bytes")(len(numels), sum(numels)))
 
-    # ---- the element-wise ops --------------------------------------------------------
+    # ---- the element-wise ops ------------------------------------------------------
+    # Each op has one entry into pyreg._C, ``<op>_ptrs``, which takes the lists
+    # already described (data pointers, numels, dtype codes: ``_marshal.describe``)
+    # and checked, and runs where ``device`` says (the backend's launch). The
+    # ops' eager paths (general and CPU fast path) and Regularized's direct
+    # calls all reach the kernels through it. The methods named as the ops
+    # take tensors: they make them dense and describe them first.
     def weight_stats(self, tensors: List[Tensor]) -> WeightStats:
         ws = m.dense_list(tensors)
         rd = result_dtype(ws)
@@ -128,7 +133,7 @@ class CompiledKernels:
         l1, l2, linf = (torch.empty(n, dtype=rd, device=dev) for _ in range(3))
         nnz = torch.empty(n, dtype=torch.int64, device=dev)
         desc = m.describe(ws)
-        keep, *at = self._at(ws, desc[1])
+        keep, *at = self._at(dev, desc[1])
         self._fn("weight_stats")(*desc, l1.data_ptr(), l2.data_ptr(), linf.data_ptr(),
                                  nnz.data_ptr(), DTYPE_CODES[rd], *at)
         return WeightStats(l1, l2, linf, nnz)
@@ -136,103 +141,62 @@ class CompiledKernels:
     def penalty(self, tensors: List[Tensor], l1: KernelCoef, l2: KernelCoef,
                 ref: Optional[List[Tensor]] = None) -> Tensor:
         ws = m.dense_list(tensors)
-        rd = result_dtype(ws)
-        dev, n = ws[0].device, len(ws)
         rs = m.like(ref, ws) if ref is not None else []
-        out = torch.empty((), dtype=rd, device=dev)
-        desc = m.describe(ws)
-        keep, *at = self._at(ws, desc[1])
-        self._fn("penalty")(*desc, m.pointers(rs), m.coef(l1, dev, n), m.coef(l2, dev, n),
-                            out.data_ptr(), DTYPE_CODES[rd], *at)
+        out = torch.empty((), dtype=result_dtype(ws), device=ws[0].device)
+        self.penalty_ptrs(*m.describe(ws), l1, l2, out, refs=m.pointers(rs))
         return out
+
+    def penalty_ptrs(self, ptrs: List[int], numels: List[int], codes: List[int], l1: KernelCoef,
+                     l2: KernelCoef, out: Tensor, refs: Sequence[int] = ()) -> None:
+        """penalty on lists already described and checked; the value goes to
+        ``out`` (0-dim, on the tensors' device)."""
+        dev, n = out.device, len(ptrs)
+        keep, *at = self._at(dev, numels)
+        self._fn("penalty")(ptrs, numels, codes, list(refs), m.coef(l1, dev, n), m.coef(l2, dev, n),
+                            out.data_ptr(), DTYPE_CODES[out.dtype], *at)
 
     def add_penalty_grad_(self, tensors: List[Tensor], grads: List[Tensor], l1: KernelCoef,
                           l2: KernelCoef, ref: Optional[List[Tensor]] = None) -> Tensor:
         ws, gs = m.paired(tensors, grads)
-        rd = result_dtype(ws)
-        dev, n = ws[0].device, len(ws)
         rs = m.like(ref, ws) if ref is not None else []
-        out = torch.empty((), dtype=rd, device=dev)
-        desc = m.describe(ws)
-        keep, *at = self._at(ws, desc[1])
-        self._fn("add_penalty_grad")(*desc, m.pointers(rs), m.pointers(gs.work), m.coef(l1, dev, n),
-                                     m.coef(l2, dev, n), out.data_ptr(), DTYPE_CODES[rd], *at)
+        out = torch.empty((), dtype=result_dtype(ws), device=ws[0].device)
+        self.add_penalty_grad_ptrs(*m.describe(ws), m.pointers(gs.work), l1, l2, out, refs=m.pointers(rs))
         gs.commit()
         return out
+
+    def add_penalty_grad_ptrs(self, ptrs: List[int], numels: List[int], codes: List[int], gptrs: List[int],
+                              l1: KernelCoef, l2: KernelCoef, out: Tensor, refs: Sequence[int] = ()) -> None:
+        """add_penalty_grad_ on lists already described and checked (grads at
+        ``gptrs``, each like its tensor); the penalty goes to ``out`` (0-dim)."""
+        dev, n = out.device, len(ptrs)
+        keep, *at = self._at(dev, numels)
+        self._fn("add_penalty_grad")(ptrs, numels, codes, list(refs), gptrs, m.coef(l1, dev, n),
+                                     m.coef(l2, dev, n), out.data_ptr(), DTYPE_CODES[out.dtype], *at)
 
     def prox_(self, tensors: List[Tensor], l1: KernelCoef, l2: KernelCoef, lr: KernelCoef,
               ref: Optional[List[Tensor]] = None) -> Tensor:
         ws = m.Writable(tensors)
-        dev, n = ws.work[0].device, len(ws.work)
         rs = m.like(ref, ws.work) if ref is not None else []
-        nnz = torch.empty(n, dtype=torch.int64, device=dev)
-        desc = m.describe(ws.work)
-        keep, *at = self._at(ws.work, desc[1])
-        self._fn("prox")(*desc, m.pointers(rs), *(m.coef(c, dev, n) for c in (l1, l2, lr)),
-                         nnz.data_ptr(), *at)
+        nnz = torch.empty(len(ws.work), dtype=torch.int64, device=ws.work[0].device)
+        self.prox_ptrs(*m.describe(ws.work), l1, l2, lr, nnz, refs=m.pointers(rs))
         ws.commit()
         return nnz
 
-    # ---- the element-wise ops on plain lists (the ops' CPU fast path) -----------------
-    # The tensors are contiguous CPU tensors of one dtype, already checked
-    # (pyreg._validate.plain_cpu), ``ptrs`` their data pointers; coefficients
-    # are floats or (n,) float64 CPU tensors. For the ``cpu`` backend only.
-    def _plain(self, ts: List[Tensor]) -> Tuple[List[int], List[int], torch.dtype]:
-        dt = ts[0].dtype
-        return list(map(Tensor.numel, ts)), [DTYPE_CODES[dt]] * len(ts), dt
-
-    def weight_stats_plain(self, ts: List[Tensor]) -> WeightStats:
-        numels, codes, dt = self._plain(ts)
-        rd = torch.float64 if dt is torch.float64 else torch.float32
-        n = len(ts)
-        l1, l2, linf = torch.empty(n, dtype=rd), torch.empty(n, dtype=rd), torch.empty(n, dtype=rd)
-        nnz = torch.empty(n, dtype=torch.int64)
-        self._fn("weight_stats")(m.pointers(ts), numels, codes, l1.data_ptr(), l2.data_ptr(), linf.data_ptr(),
-                                 nnz.data_ptr(), DTYPE_CODES[rd], 0, -1, 0, torch.get_num_threads())
-        return WeightStats(l1, l2, linf, nnz)
-
-    def penalty_plain(self, ts: List[Tensor], l1: KernelCoef, l2: KernelCoef) -> Tensor:
-        numels, codes, dt = self._plain(ts)
-        rd = torch.float64 if dt is torch.float64 else torch.float32
-        out = torch.empty((), dtype=rd)
-        self._fn("penalty")(m.pointers(ts), numels, codes, [], m.host_coef(l1), m.host_coef(l2), out.data_ptr(),
-                            DTYPE_CODES[rd], 0, -1, 0, torch.get_num_threads())
-        return out
-
-    def add_penalty_grad_plain(self, ts: List[Tensor], ptrs: List[int], gptrs: List[int], l1: KernelCoef,
-                               l2: KernelCoef) -> Tensor:
-        numels, codes, dt = self._plain(ts)
-        out = torch.empty((), dtype=torch.float64 if dt is torch.float64 else torch.float32)
-        self.add_penalty_grad_ptrs(ptrs, numels, codes, gptrs, l1, l2, out)
-        return out
-
-    def add_penalty_grad_ptrs(self, ptrs: List[int], numels: List[int], codes: List[int], gptrs: List[int],
-                              l1: KernelCoef, l2: KernelCoef, out: Tensor) -> None:
-        """add_penalty_grad_ on lists already described (pointers, numels,
-        dtype codes) and checked; the penalty goes to ``out`` (0-dim)."""
-        self._fn("add_penalty_grad")(ptrs, numels, codes, [], gptrs, m.host_coef(l1), m.host_coef(l2),
-                                     out.data_ptr(), DTYPE_CODES[out.dtype], 0, -1, 0, torch.get_num_threads())
-
-    def prox_plain(self, ts: List[Tensor], ptrs: List[int], l1: KernelCoef, l2: KernelCoef,
-                   lr: KernelCoef) -> Tensor:
-        numels, codes, _ = self._plain(ts)
-        nnz = torch.empty(len(ts), dtype=torch.int64)
-        self.prox_ptrs(ptrs, numels, codes, l1, l2, lr, nnz)
-        return nnz
-
     def prox_ptrs(self, ptrs: List[int], numels: List[int], codes: List[int], l1: KernelCoef, l2: KernelCoef,
-                  lr: KernelCoef, nnz: Tensor) -> None:
-        """prox_ on a list already described (pointers, numels, dtype codes)
-        and checked; the counts go to ``nnz`` (int64, one per tensor)."""
-        self._fn("prox")(ptrs, numels, codes, [], m.host_coef(l1), m.host_coef(l2), m.host_coef(lr),
-                         nnz.data_ptr(), 0, -1, 0, torch.get_num_threads())
+                  lr: KernelCoef, nnz: Tensor, refs: Sequence[int] = ()) -> None:
+        """prox_ on a list already described and checked; the counts go to
+        ``nnz`` (int64, one per tensor, on the tensors' device)."""
+        dev, n = nnz.device, len(ptrs)
+        keep, *at = self._at(dev, numels)
+        self._fn("prox")(ptrs, numels, codes, list(refs), *(m.coef(c, dev, n) for c in (l1, l2, lr)),
+                         nnz.data_ptr(), *at)
 
     # ---- the group ops -------------------------------------------------------------
     def _group_launch(self, ws: List[Tensor], dims: List[int]):
         """(tensors and their group shapes as pyreg._C takes them, keep-alive,
         where a group op on ``ws`` runs)."""
         desc = (*m.describe(ws), *m.group_shapes(ws, dims))
-        keep, *at = self._launch(self, ws, lambda: self._fn("group_workspace_bytes")(*desc))
+        keep, *at = self._launch(self, ws[0].device, lambda: self._fn("group_workspace_bytes")(*desc))
         return desc, keep, at
 
     def group_norms(self, tensors: List[Tensor], dims: List[int]) -> Tensor:
@@ -297,7 +261,7 @@ class CompiledKernels:
         device, and grad_scale/found_inf float32 scalars there."""
         desc = m.describe(params)
         step_dtype = DTYPE_CODES[steps[0].dtype] if steps else 0
-        keep, *at = self._launch(self, params, lambda: 0)
+        keep, *at = self._launch(self, params[0].device, lambda: 0)
         ptr = m.pointers
         self._fn("optim_step")(*desc, ptr(grads), ptr(s1), ptr(s2), ptr(s3), ptr(steps), group, fresh,
                                hyper.shape[0], hyper.data_ptr(), algo, step_dtype, decoupled, amsgrad,
