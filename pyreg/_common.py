@@ -1,16 +1,44 @@
 """Small facts shared by the op definitions, every backend and the fake kernels."""
 from __future__ import annotations
 
+import functools
+import sys
 from operator import attrgetter
 from typing import NamedTuple, Sequence, Union
 
 import torch
 from torch import Tensor
 
-try:  # DTensor inputs (FSDP2) go to pyreg.distributed; torch builds without it have none
-    from torch.distributed.tensor import DTensor as _DTensor
-except Exception:  # pragma: no cover - torch built without distributed
-    _DTensor = None
+
+
+def _dtensor_class():
+    """torch's DTensor class once its module is loaded, else None. A DTensor
+    (FSDP2's sharded parameters) exists only after torch.distributed.tensor
+    was imported, so pyreg never imports it itself: it costs as much as
+    torch's own import."""
+    global _DTensor
+    if _DTensor is None:
+        mod = sys.modules.get("torch.distributed.tensor")
+        _DTensor = getattr(mod, "DTensor", None)
+    return _DTensor
+
+
+_DTensor = None
+
+
+def outside_graph(fn):
+    """``fn`` run eagerly under torch.compile (a clean graph break), without
+    importing torch._dynamo before it is needed: while it is not loaded no
+    graph is being compiled, and ``fn`` is called directly."""
+    disabled = torch._disable_dynamo(fn)  # imports torch._dynamo at its first call
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        return disabled(*args, **kwargs)
+
+    return call
 
 #: dtypes every backend supports. Codes match csrc/common/dtype.h.
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -38,18 +66,20 @@ def result_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
 
 def has_dtensor(ts: Sequence[Tensor]) -> bool:
     """True if any of ts is a DTensor (a sharded parameter)."""
-    if _DTensor is None:
+    dt = _dtensor_class()
+    if dt is None:
         return False
     if torch.compiler.is_compiling():  # Dynamo traces plain loops, not map()
-        return any(isinstance(t, _DTensor) for t in ts)
-    return any(issubclass(cls, _DTensor) for cls in set(map(type, ts)))
+        return any(isinstance(t, dt) for t in ts)
+    return any(issubclass(cls, dt) for cls in set(map(type, ts)))
 
 
 def local_tensors(ts: Sequence[Tensor]) -> list:
     """ts with each DTensor replaced by its local shard (which holds its memory)."""
-    if _DTensor is None:
+    dt = _dtensor_class()
+    if dt is None:
         return list(ts)
-    return [t.to_local() if isinstance(t, _DTensor) else t for t in ts]
+    return [t.to_local() if isinstance(t, dt) else t for t in ts]
 
 
 def coef_tensor(c: Union[float, Tensor], n: int, device: torch.device) -> Tensor:

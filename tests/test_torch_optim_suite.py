@@ -21,7 +21,7 @@ run over families of optimizers built from the database:
 * ``TestRegularizedProximalL1L2`` / ``TestRegularizedGradientL1L2``: the same
   with small nonzero l1 and l2, on the tests whose assertions hold for a
   regularized optimizer (see ``NONZERO_EXCLUDED``).
-* ``TestPyregFused``: ``pyreg.optim.SGD``, ``Adam``, ``AdamW`` and ``Adagrad``
+* ``TestPyregFused``: ``pyreg.optim.SGD``, ``Adam``, ``AdamW``, ``Adagrad`` and ``RMSprop``
   (l1 = l2 = 0) where pyreg has them, with torch's database entries for the
   classes they derive from.
 
@@ -138,7 +138,7 @@ def _families() -> Dict[str, List[Any]]:
         fam[f"Regularized{mode.capitalize()}L1L2"] = [
             _variant(i, _regularized_factory(i.optim_cls, mode, L1, L2), pyreg_mode=mode, nonzero=True)
             for i in db if not (mode == "gradient" and i.only_supports_sparse_grads)]
-    fused = [n for n in ("SGD", "Adam", "AdamW", "Adagrad") if hasattr(pyreg.optim, n)]
+    fused = [n for n in ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop") if hasattr(pyreg.optim, n)]
     if fused:
         by_name = {i.optim_cls.__name__: i for i in db}
         fam["PyregFused"] = [_variant(by_name[n], getattr(pyreg.optim, n)) for n in fused]

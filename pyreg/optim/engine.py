@@ -25,6 +25,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._common import outside_graph
 from . import apply
 from .keys import (KEYS, SIMPLE_TYPES, check_hypers, group_signature, hyper_signature, lr_value, read_group,
                    signature)
@@ -185,7 +186,7 @@ def step_signature(group: Dict[str, Any]) -> tuple:
     return tuple(group), vals, types, tuple(map(id, ps)), tuple(map(_kind_of, ps))
 
 
-@torch.compiler.disable
+@outside_graph
 def plan_outside_graph(engine: Engine, groups: List[Dict[str, Any]]) -> Plan:
     """The plan and torch's hyperparameters, checked outside a compiled graph
     (the checks read Python numbers that must not become graph constants)."""

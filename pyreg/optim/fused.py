@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends, ops
-from .._common import SUPPORTED_DTYPES
+from .._common import SUPPORTED_DTYPES, outside_graph
 from .._validate import nonneg_real
 from ._torch_compat import raw_step
 from .apply import max_norm_buckets, prox_buckets
@@ -347,7 +347,7 @@ class FusedOptimizer(Observable):
         self._apply()
         return loss
 
-    @torch.compiler.disable
+    @outside_graph
     def _apply(self) -> None:
         """The update of every parameter with a grad. Under torch.compile it
         runs eagerly (a graph break): the kernels take raw pointers."""
