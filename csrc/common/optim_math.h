@@ -1,7 +1,7 @@
 // optim_math.h: the per-element math of pyreg's fused optimizer step (SGD,
 // Adam/AdamW, Adagrad, each followed by the L1/L2 proximal step), written
 // once for the CPU kernels (csrc/cpu/optim_step.h) and the CUDA kernels
-// (csrc/cuda/optim_step.cuh, on a GPU or under the emulator).
+// (csrc/cuda/optim.cu, on a GPU or under the emulator).
 //
 // The update of each optimizer is torch.optim's single-tensor algorithm, op
 // for op in the same order, computed in the compute type A (float32 for

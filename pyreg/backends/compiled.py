@@ -1,4 +1,4 @@
-"""The compiled backends: ``cpu`` (csrc/cpu), ``cuda`` (csrc/cuda/kernels.cu
+"""The compiled backends: ``cpu`` (csrc/cpu), ``cuda`` (csrc/cuda/*.cu
 built by nvcc) and ``cuda-emu`` (the same CUDA source built against the CUDA
 emulator in csrc/cuda/emu, which runs it on the CPU so that it is tested
 without a GPU).

@@ -1,7 +1,6 @@
-// optim_step.cuh: the fused optimizer step on CUDA (kernels_api.h:
-// optim_step), included by kernels.cu inside its namespace (it uses the
-// chunking, checks and device guard there) and so also built against the
-// CUDA emulator.
+// optim.cu: the fused optimizer step on CUDA (kernels_api.h: optim_step),
+// on a GPU or against the CUDA emulator. The chunking, checks and device
+// guard are common.cuh's.
 //
 // Chunked like the element-wise ops: tensors are cut into chunks (chunk_shift),
 // tensors are grouped into batches of kMaxOptimTensors described by value in
@@ -13,6 +12,12 @@
 // After each batch, optim_count_kernel increments the batch's step counters
 // (the main kernel read them as they were: no block races another's write).
 // With found_inf nonzero both kernels return at once: nothing changes.
+#include "common.cuh"
+
+namespace pyreg {
+namespace PYREG_CUDA_NS {
+namespace {
+
 
 constexpr int kMaxOptimTensors = 48;  // tensors per launch (by-value metadata)
 
@@ -178,6 +183,17 @@ std::vector<OptimBatch> optim_plan(const OptimList& l, const OptimSpec& s) {
   return out;
 }
 
+}  // namespace
+
+std::vector<KernelRef> optim_kernels() {
+  return {
+      {reinterpret_cast<const void*>(&optim_kernel<kSgd>), "optim_kernel<sgd>"},
+      {reinterpret_cast<const void*>(&optim_kernel<kAdam>), "optim_kernel<adam>"},
+      {reinterpret_cast<const void*>(&optim_kernel<kAdagrad>), "optim_kernel<adagrad>"},
+      {reinterpret_cast<const void*>(&optim_count_kernel), "optim_count_kernel"},
+  };
+}
+
 void optim_step(const OptimList& l, const OptimSpec& s, const Launch& at) {
   const std::vector<OptimBatch> batches = optim_plan(l, s);
   if (batches.empty()) return;
@@ -200,3 +216,6 @@ void optim_step(const OptimList& l, const OptimSpec& s, const Launch& at) {
     }
   }
 }
+
+}  // namespace PYREG_CUDA_NS
+}  // namespace pyreg
