@@ -249,6 +249,14 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyreg's compiled kernels (raw pointers in, no libtorch).";
   m.attr("CPU_CHUNK") = pyreg::kCpuChunk;
+  m.def(
+      "hyper_fields",
+      [] {
+        py::tuple names(size_t(pyreg::kHyper));
+        for (int i = 0; i < pyreg::kHyper; ++i) names[size_t(i)] = py::str(pyreg::kHyperNames[i]);
+        return names;
+      },
+      "The columns of optim_step's hyperparameter table, in order (csrc/common/hyper.h).");
   // One set of bindings per build: the CPU kernels, the GPU build of the CUDA
   // kernels and the emulated one.
   bind_kernels(m, "cpu", pyreg::kCpu);

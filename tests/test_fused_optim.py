@@ -90,9 +90,9 @@ def kernel_case(algo, dtype, seed, *, sgd_state="momentum", amsgrad=False, steps
     steps = ([] if algo == spec.SGD else
              [torch.tensor(float(i % 4), dtype=steps_dtype, device=device) for i in range(n)])
     group = [i % 2 for i in range(n)]
-    # lr, beta1, beta2, eps, weight_decay, momentum, dampening, lr_decay, l1, l2 (spec.HYPER)
-    hyper = torch.tensor([[0.05, 0.9, 0.99, 1e-3, 0.01, 0.9, 0.1, 0.02, 0.3, 0.2],
-                          [0.02, 0.8, 0.95, 1e-6, 0.0, 0.5, 0.0, 0.0, 1.5, 0.0]],
+    # lr, beta1, beta2, eps, weight_decay, momentum, dampening, lr_decay, alpha, l1, l2 (spec.HYPER)
+    hyper = torch.tensor([[0.05, 0.9, 0.99, 1e-3, 0.01, 0.9, 0.1, 0.02, 0.99, 0.3, 0.2],
+                          [0.02, 0.8, 0.95, 1e-6, 0.0, 0.5, 0.0, 0.0, 0.9, 1.5, 0.0]],
                          dtype=torch.float64, device=device)
     return dict(params=ps, grads=gs, s1=s1, s2=s2, s3=s3, steps=steps, group=group, fresh=fresh, hyper=hyper)
 
@@ -129,6 +129,22 @@ def assert_matches_spec(got, want, dtype, what):
                                        msg=lambda m: f"{what}: {k}[{i}]: {m}")
     for i, (a, b) in enumerate(zip(got["steps"], want["steps"])):
         assert bits_equal(a.cpu(), b.cpu()), f"{what}: step {i}: {a} != {b}"
+
+
+def test_hyper_fields_are_the_specs():
+    """The compiled module's hyperparameter columns (csrc/common/hyper.h) are
+    the spec's, in order; a module with others is refused at load."""
+    from pyreg._lib import _C
+    from pyreg.backends import compiled
+
+    if _C is None:
+        pytest.skip("pyreg._C is not built")
+    assert tuple(_C.hyper_fields()) == spec.HYPER
+    assert len(spec.HYPER) == 11 and spec.HYPER.index("alpha") == spec.HYPER.index("l1") - 1
+    compiled.check_hyper_fields(tuple(_C.hyper_fields()))
+    for bad in (None, spec.HYPER[:-1], tuple(reversed(spec.HYPER))):
+        with pytest.raises(ImportError, match="hyperparameter columns"):
+            compiled.check_hyper_fields(bad)
 
 
 KERNEL_CASES = [

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "hyper.h"
+
 namespace pyreg {
 
 struct TensorList {
@@ -54,11 +56,8 @@ enum OptimAlgo : int { kSgd = 0, kAdam = 1, kAdagrad = 2 };
 // Adam lr / (sqrt(v_hat) + eps), Adagrad clr / (sqrt(G) + eps)).
 enum OptimProx : int { kNoProx = 0, kPlainProx = 1, kMetricProx = 2 };
 
-// One param group's numbers, kHyper doubles in this order (Python writes them:
-// pyreg/optim/_base.py).
-enum HyperIndex : int {
-  kLr = 0, kBeta1, kBeta2, kEps, kWeightDecay, kMomentum, kDampening, kLrDecay, kL1, kL2, kHyper
-};
+// One param group's numbers, kHyper doubles in the order of hyper.h (Python
+// writes them: pyreg/optim/_base.py).
 
 // What a whole step has in common (the bucket's flags and the GradScaler's
 // scalars). grad_scale/found_inf: float32 scalars in the tensors' memory, or

@@ -183,8 +183,9 @@ def max_norm_(tensors: List[Tensor], dims: List[int], max_value) -> Tensor:
 # The fused optimizer step
 # --------------------------------------------------------------------------
 #: Columns of the hyperparameter table (one row per param group), as in
-#: csrc/common/tensor_list.h (HyperIndex).
-HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum", "dampening", "lr_decay", "l1", "l2")
+#: csrc/common/hyper.h (the compiled module's hyper_fields(), checked at load).
+HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum", "dampening", "lr_decay", "alpha", "l1",
+         "l2")
 SGD, ADAM, ADAGRAD = 0, 1, 2
 NO_PROX, PLAIN_PROX, METRIC_PROX = 0, 1, 2
 

@@ -33,7 +33,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
 
     def _hyper(self, group: Dict[str, Any]):
         row = [hyper_number(group["lr"]), 0.0, 0.0, float(group["eps"]), float(group["weight_decay"]), 0.0, 0.0,
-               float(group["lr_decay"])]
+               float(group["lr_decay"]), 0.0]
         return row, False, False, False, False
 
     def _new_state(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ class _AdamBase(FusedOptimizer):
     def _hyper(self, group: Dict[str, Any]):
         beta1, beta2 = group["betas"]
         row = [hyper_number(group["lr"]), hyper_number(beta1), hyper_number(beta2), float(group["eps"]),
-               float(group["weight_decay"]), 0.0, 0.0, 0.0]
+               float(group["weight_decay"]), 0.0, 0.0, 0.0, 0.0]
         decoupled = self._decoupled or bool(group.get("decoupled_weight_decay", False))
         return row, decoupled, bool(group.get("amsgrad", False)), False, False
 

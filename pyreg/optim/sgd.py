@@ -28,7 +28,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
 
     def _hyper(self, group: Dict[str, Any]):
         row = [hyper_number(group["lr"]), 0.0, 0.0, 0.0, float(group["weight_decay"]), float(group["momentum"]),
-               float(group["dampening"]), 0.0]
+               float(group["dampening"]), 0.0, 0.0]
         momentum = group["momentum"] != 0
         return row, False, False, bool(group.get("nesterov", False)) and momentum, momentum
 
