@@ -305,7 +305,7 @@ class CompiledKernels:
     def optim_step(self, algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Tensor],
                    s2: List[Tensor], s3: List[Tensor], steps: List[Tensor], group: List[int],
                    fresh: List[int], hyper: Tensor, *, decoupled: bool, amsgrad: bool, maximize: bool,
-                   nesterov: bool, prox: int, grad_scale: Optional[Tensor] = None,
+                   nesterov: bool, prox: int, centered: bool = False, grad_scale: Optional[Tensor] = None,
                    found_inf: Optional[Tensor] = None) -> None:
         """See torch_ref.optim_step. The caller guarantees what the kernels
         assume: every grad and state buffer dense and laid out like its param
@@ -318,6 +318,6 @@ class CompiledKernels:
         ptr = m.pointers
         self._fn("optim_step")(*desc, ptr(grads), ptr(s1), ptr(s2), ptr(s3), ptr(steps), group, fresh,
                                hyper.shape[0], hyper.data_ptr(), algo, step_dtype, decoupled, amsgrad,
-                               maximize, nesterov, prox,
+                               maximize, nesterov, centered, prox,
                                0 if grad_scale is None else grad_scale.data_ptr(),
                                0 if found_inf is None else found_inf.data_ptr(), *at)
