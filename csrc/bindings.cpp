@@ -206,7 +206,7 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
         [k](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& g, const Ptrs& s1,
             const Ptrs& s2, const Ptrs& s3, const Ptrs& steps, const std::vector<int32_t>& group,
             const std::vector<uint8_t>& fresh, int64_t n_groups, uintptr_t hyper, int algo,
-            int step_dtype, bool decoupled, bool amsgrad, bool maximize, bool nesterov, int prox,
+            int step_dtype, bool decoupled, bool amsgrad, bool maximize, bool nesterov, bool centered, int prox,
             uintptr_t grad_scale, uintptr_t found_inf, uintptr_t ws, int device, uintptr_t stream,
             int nthreads) {
           pyreg::OptimList l;
@@ -222,21 +222,23 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
             throw std::invalid_argument("pyreg._C: fresh flags differ in length from tensors");
           for (int32_t gi : group)
             if (gi < 0 || gi >= n_groups) throw std::invalid_argument("pyreg._C: group index out of range");
-          if (algo < pyreg::kSgd || algo > pyreg::kAdagrad) throw std::invalid_argument("pyreg._C: unknown algorithm");
+          if (algo < pyreg::kSgd || algo > pyreg::kRmsprop) throw std::invalid_argument("pyreg._C: unknown algorithm");
           if (prox < pyreg::kNoProx || prox > pyreg::kMetricProx) throw std::invalid_argument("pyreg._C: unknown prox");
           if (step_dtype != 0 && step_dtype != 1) throw std::invalid_argument("pyreg._C: step counters must be float32 or float64");
           if (algo != pyreg::kSgd && steps.size() != count)
-            throw std::invalid_argument("pyreg._C: Adam and Adagrad need a step counter per tensor");
+            throw std::invalid_argument("pyreg._C: Adam, Adagrad and RMSprop need a step counter per tensor");
           const size_t need = algo == pyreg::kSgd ? 0 : algo == pyreg::kAdam ? (amsgrad ? 3 : 2) : 1;
           if ((need >= 1 && s1.size() != count) || (need >= 2 && s2.size() != count) || (need >= 3 && s3.size() != count))
             throw std::invalid_argument("pyreg._C: missing state buffers");
+          if (algo == pyreg::kRmsprop && centered && s3.size() != count)
+            throw std::invalid_argument("pyreg._C: centered RMSprop needs a grad_avg buffer per tensor");
           if (algo == pyreg::kSgd && !s1.empty() && fresh.size() != count)
             throw std::invalid_argument("pyreg._C: SGD with momentum needs a fresh flag per tensor");
           if (hyper == 0 && count > 0) throw std::invalid_argument("pyreg._C: null hyperparameter table");
           l.group = group;
           l.fresh = fresh;
           l.n_groups = n_groups;
-          const pyreg::OptimSpec spec{algo, step_dtype, decoupled, amsgrad, maximize, nesterov, prox,
+          const pyreg::OptimSpec spec{algo, step_dtype, decoupled, amsgrad, maximize, nesterov, centered, prox,
                                       ptr<const double>(hyper), ptr<const float>(grad_scale),
                                       ptr<const float>(found_inf)};
           py::gil_scoped_release nogil;
@@ -249,6 +251,14 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyreg's compiled kernels (raw pointers in, no libtorch).";
   m.attr("CPU_CHUNK") = pyreg::kCpuChunk;
+  m.def(
+      "hyper_fields",
+      [] {
+        py::tuple names(size_t(pyreg::kHyper));
+        for (int i = 0; i < pyreg::kHyper; ++i) names[size_t(i)] = py::str(pyreg::kHyperNames[i]);
+        return names;
+      },
+      "The columns of optim_step's hyperparameter table, in order (csrc/common/hyper.h).");
   // One set of bindings per build: the CPU kernels, the GPU build of the CUDA
   // kernels and the emulated one.
   bind_kernels(m, "cpu", pyreg::kCpu);

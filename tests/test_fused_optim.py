@@ -3,7 +3,8 @@
 * the kernels (every backend) against the float64 spec, torch_ref.optim_step,
   on fresh random data: every algorithm and flag, every dtype, odd sizes,
   empty and 0-dim tensors, dense non-contiguous layouts, misaligned starts,
-  more tensors than one CUDA launch takes, GradScaler's scalars;
+  more tensors than one CUDA launch takes, GradScaler's scalars; RMSprop (the
+  kernels and the spec) also against torch.optim.RMSprop's step;
 * the optimizers against torch's: with l1 = l2 = 0 the same values over many
   steps; with l1/l2 torch's step followed by pyreg.prox_ (same zeros);
   preconditioned=True against the prox computed from torch's own state;
@@ -69,8 +70,18 @@ def like(ts, seed, positive=False):
 # --------------------------------------------------------------------------
 # The kernels against the float64 spec
 # --------------------------------------------------------------------------
+def rmsprop_state(ps, seed, centered):
+    """RMSprop's square_avg and grad_avg (centered; else []) like ps, with
+    square_avg >= grad_avg^2 + 0.5 (as a running mean of squares is), so the
+    centered variance stays positive."""
+    ga = like(ps, seed)
+    sq = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+          .copy_(a.double() ** 2 + b.double().abs() + 0.5) for t, a, b in zip(ps, ga, like(ps, seed + 1))]
+    return sq, ga if centered else []
+
+
 def kernel_case(algo, dtype, seed, *, sgd_state="momentum", amsgrad=False, steps_dtype=torch.float32,
-                device="cpu", big=False):
+                device="cpu", big=False, rms_momentum=False, centered=False):
     """Inputs of one optim_step call: params, grads, state, step counters, two
     groups with their hyperparameter rows."""
     ps = shapes_list(dtype, seed, device, big)
@@ -85,14 +96,17 @@ def kernel_case(algo, dtype, seed, *, sgd_state="momentum", amsgrad=False, steps
     elif algo == spec.ADAM:
         s1, s2 = like(ps, seed + 2), like(ps, seed + 3, positive=True)
         s3 = like(ps, seed + 4, positive=True) if amsgrad else []
+    elif algo == spec.RMSPROP:
+        s1, s3 = rmsprop_state(ps, seed + 2, centered)
+        s2 = like(ps, seed + 4) if rms_momentum else []
     else:
         s1 = like(ps, seed + 2, positive=True)
     steps = ([] if algo == spec.SGD else
              [torch.tensor(float(i % 4), dtype=steps_dtype, device=device) for i in range(n)])
     group = [i % 2 for i in range(n)]
-    # lr, beta1, beta2, eps, weight_decay, momentum, dampening, lr_decay, l1, l2 (spec.HYPER)
-    hyper = torch.tensor([[0.05, 0.9, 0.99, 1e-3, 0.01, 0.9, 0.1, 0.02, 0.3, 0.2],
-                          [0.02, 0.8, 0.95, 1e-6, 0.0, 0.5, 0.0, 0.0, 1.5, 0.0]],
+    # lr, beta1, beta2, eps, weight_decay, momentum, dampening, lr_decay, alpha, l1, l2 (spec.HYPER)
+    hyper = torch.tensor([[0.05, 0.9, 0.99, 1e-3, 0.01, 0.9, 0.1, 0.02, 0.99, 0.3, 0.2],
+                          [0.02, 0.8, 0.95, 1e-6, 0.0, 0.5, 0.0, 0.0, 0.9, 1.5, 0.0]],
                          dtype=torch.float64, device=device)
     return dict(params=ps, grads=gs, s1=s1, s2=s2, s3=s3, steps=steps, group=group, fresh=fresh, hyper=hyper)
 
@@ -131,6 +145,22 @@ def assert_matches_spec(got, want, dtype, what):
         assert bits_equal(a.cpu(), b.cpu()), f"{what}: step {i}: {a} != {b}"
 
 
+def test_hyper_fields_are_the_specs():
+    """The compiled module's hyperparameter columns (csrc/common/hyper.h) are
+    the spec's, in order; a module with others is refused at load."""
+    from pyreg._lib import _C
+    from pyreg.backends import compiled
+
+    if _C is None:
+        pytest.skip("pyreg._C is not built")
+    assert tuple(_C.hyper_fields()) == spec.HYPER
+    assert len(spec.HYPER) == 11 and spec.HYPER.index("alpha") == spec.HYPER.index("l1") - 1
+    compiled.check_hyper_fields(tuple(_C.hyper_fields()))
+    for bad in (None, spec.HYPER[:-1], tuple(reversed(spec.HYPER))):
+        with pytest.raises(ImportError, match="hyperparameter columns"):
+            compiled.check_hyper_fields(bad)
+
+
 KERNEL_CASES = [
     pytest.param(spec.SGD, dict(sgd_state="none"), dict(maximize=True), id="sgd"),
     pytest.param(spec.SGD, dict(sgd_state="momentum"), dict(), id="sgd-momentum"),
@@ -139,6 +169,12 @@ KERNEL_CASES = [
     pytest.param(spec.ADAM, dict(amsgrad=True), dict(amsgrad=True, maximize=True), id="adam-amsgrad"),
     pytest.param(spec.ADAM, dict(steps_dtype=torch.float64), dict(decoupled=True), id="adamw-f64-steps"),
     pytest.param(spec.ADAGRAD, dict(), dict(), id="adagrad"),
+    pytest.param(spec.ADAGRAD, dict(steps_dtype=torch.float64), dict(maximize=True), id="adagrad-maximize"),
+    pytest.param(spec.RMSPROP, dict(), dict(), id="rmsprop"),
+    pytest.param(spec.RMSPROP, dict(rms_momentum=True), dict(maximize=True), id="rmsprop-momentum-maximize"),
+    pytest.param(spec.RMSPROP, dict(centered=True), dict(centered=True), id="rmsprop-centered"),
+    pytest.param(spec.RMSPROP, dict(centered=True, rms_momentum=True, steps_dtype=torch.float64),
+                 dict(centered=True, maximize=True), id="rmsprop-centered-momentum-maximize"),
 ]
 PROX_IDS = {spec.NO_PROX: "noprox", spec.PLAIN_PROX: "prox", spec.METRIC_PROX: "metric"}
 
@@ -195,18 +231,21 @@ def test_kernel_many_tensors(B, n):
     assert_matches_spec(got, want, torch.float32, f"{n} tensors")
 
 
-@pytest.mark.parametrize("algo", [spec.SGD, spec.ADAM, spec.ADAGRAD], ids=["sgd", "adam", "adagrad"])
+@pytest.mark.parametrize("algo", [spec.SGD, spec.ADAM, spec.ADAGRAD, spec.RMSPROP],
+                         ids=["sgd", "adam", "adagrad", "rmsprop"])
 def test_kernel_same_bits_any_thread_count(algo, restore_threads):
     cpu = backends.get("cpu")
-    flags = dict(decoupled=False, amsgrad=False, maximize=False, nesterov=False, prox=spec.METRIC_PROX)
+    rms = algo == spec.RMSPROP
+    flags = dict(decoupled=False, amsgrad=False, maximize=False, nesterov=False, prox=spec.METRIC_PROX,
+                 centered=rms)
     outs = []
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
-        case = kernel_case(algo, torch.float32, seed=3, big=True)
+        case = kernel_case(algo, torch.float32, seed=3, big=True, rms_momentum=rms, centered=rms)
         run_kernel(cpu, algo, case, **flags)
         outs.append(case)
     for other in outs[1:]:
-        for k in ("params", "s1", "s2"):
+        for k in ("params", "s1", "s2", "s3"):
             for a, b in zip(outs[0][k], other[k]):
                 assert bits_equal(a, b)
 
@@ -225,6 +264,92 @@ def test_kernel_nan_and_inf_propagate(B):
     spec.optim_step(spec.ADAM, **want, **flags)
     for k in ("params", "s1", "s2", "s3"):
         torch.testing.assert_close(got[k][0], want[k][0].float(), equal_nan=True, msg=k)
+
+
+@pytest.mark.parametrize("algo", [spec.ADAGRAD, spec.RMSPROP], ids=["adagrad", "rmsprop"])
+def test_kernel_nan_and_inf_propagate_adagrad_rmsprop(B, algo):
+    """As above, for Adagrad and centered RMSprop with momentum."""
+    ps = [torch.tensor([1.0, -2.0, 3.0, 0.5, 0.25], device=B.dev)]
+    grads = [torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, 0.0], device=B.dev)]
+    rms = algo == spec.RMSPROP
+    case = dict(params=ps, grads=grads, s1=[torch.tensor([0.0, 0.0, 0.0, float("inf"), 1.0], device=B.dev)],
+                s2=[torch.zeros(5, device=B.dev)] if rms else [],
+                s3=[torch.tensor([0.0, 0.0, 0.0, 0.0, float("nan")], device=B.dev)] if rms else [],
+                steps=[torch.tensor(0.0, device=B.dev)], group=[0], fresh=[],
+                hyper=kernel_case(algo, torch.float32, 0, device=B.dev)["hyper"])
+    flags = dict(decoupled=False, amsgrad=False, maximize=False, nesterov=False, prox=spec.PLAIN_PROX,
+                 centered=rms)
+    got, want = clone_case(case), clone_case(case, torch.float64)
+    run_kernel(B.be, algo, got, **flags)
+    spec.optim_step(algo, **want, **flags)
+    for k in ("params", "s1", "s2", "s3"):
+        for a, b in zip(got[k], want[k]):
+            torch.testing.assert_close(a, b.float(), equal_nan=True, msg=k)
+
+
+# Settings of torch.optim.RMSprop covered against the spec and the kernels.
+RMSPROP_CONFIGS = [
+    pytest.param(dict(), id="plain"),
+    pytest.param(dict(weight_decay=0.1, maximize=True), id="wd-maximize"),
+    pytest.param(dict(momentum=0.9, alpha=0.9), id="momentum"),
+    pytest.param(dict(centered=True, eps=1e-6), id="centered"),
+    pytest.param(dict(centered=True, momentum=0.5, weight_decay=0.05, maximize=True), id="centered-momentum"),
+]
+
+
+def rmsprop_steps(run, ps, steps, dtype, lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                  centered=False, maximize=False, device="cpu"):
+    """``steps`` RMSprop steps through run(algo, case, flags) (an optim_step)
+    on copies of ps with the grads of train(); returns (params, state by torch's keys)."""
+    params = [p.clone().to(device) for p in ps]
+    zeros = lambda: [torch.zeros_like(p) for p in params]  # noqa: E731
+    sq, buf, ga = zeros(), zeros() if momentum > 0 else [], zeros() if centered else []
+    counters = [torch.tensor(0.0, device=device) for _ in params]
+    # lr, beta1, beta2, eps, weight_decay, momentum, dampening, lr_decay, alpha, l1, l2
+    hyper = torch.tensor([[lr, 0.0, 0.0, eps, weight_decay, momentum, 0.0, 0.0, alpha, 0.0, 0.0]],
+                         dtype=torch.float64, device=device)
+    flags = dict(decoupled=False, amsgrad=False, maximize=maximize, nesterov=False, prox=spec.NO_PROX,
+                 centered=centered)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        grads = []
+        for p in params:
+            gr = torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype)
+            grads.append((gr.t().contiguous().t() if not p.is_contiguous() else gr).to(device))
+        run(spec.RMSPROP, dict(params=params, grads=grads, s1=sq, s2=buf, s3=ga, steps=counters,
+                               group=[0] * len(params), fresh=[], hyper=hyper), flags)
+    state = [dict(step=c, square_avg=s, **({"momentum_buffer": buf[i]} if buf else {}),
+                  **({"grad_avg": ga[i]} if ga else {})) for i, (c, s) in enumerate(zip(counters, sq))]
+    return params, state
+
+
+def test_spec_rmsprop_equals_torch_rmsprop():
+    """The spec's RMSprop (l1 = l2 = 0) is torch.optim.RMSprop's single-tensor
+    step, in float64, state included."""
+    for p in RMSPROP_CONFIGS:
+        kw = p.values[0]
+        ps = model_params(torch.float64)
+        want, topt = train(torch.optim.RMSprop, ps, 5, lr=0.01, foreach=False, **kw)
+        got, state = rmsprop_steps(lambda a, c, f: spec.optim_step(a, **c, **f), ps, 5, torch.float64, **kw)
+        for a, b, st in zip(got, want, state):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+            tst = topt.state[b]
+            assert sorted(tst) == sorted(st), p.id
+            for k in tst:
+                torch.testing.assert_close(torch.as_tensor(st[k]).double(), torch.as_tensor(tst[k]).double(),
+                                           rtol=1e-12, atol=1e-12, msg=lambda m: f"{p.id} {k}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kw", RMSPROP_CONFIGS)
+def test_kernel_rmsprop_equals_torch_rmsprop(B, kw, dtype):
+    """The kernels' RMSprop over 15 steps against torch.optim.RMSprop."""
+    ps = model_params(dtype)
+    want, _ = train(torch.optim.RMSprop, ps, 15, lr=0.01, foreach=False, **kw)
+    got, _ = rmsprop_steps(lambda a, c, f: run_kernel(B.be, a, c, **f), ps, 15, dtype, device=B.dev, **kw)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b.detach(), **tol)
 
 
 # --------------------------------------------------------------------------

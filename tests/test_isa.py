@@ -47,7 +47,9 @@ with pyreg.use_backend("cpu"):
             out[str(dt) + which] = res + ggs + ws
         for algo, make, flags in ((spec.SGD, dict(sgd_state="mixed"), dict(nesterov=True)),
                                   (spec.ADAM, dict(amsgrad=True), dict(amsgrad=True, decoupled=True)),
-                                  (spec.ADAGRAD, dict(), dict(maximize=True))):
+                                  (spec.ADAGRAD, dict(), dict(maximize=True)),
+                                  (spec.RMSPROP, dict(rms_momentum=True, centered=True),
+                                   dict(centered=True, maximize=True))):
             for prox in (spec.PLAIN_PROX, spec.METRIC_PROX):
                 c = kernel_case(algo, dt, seed=400 + k, **make)
                 f = dict(decoupled=False, amsgrad=False, maximize=False, nesterov=False, prox=prox)

@@ -3,7 +3,7 @@
 // class (pyreg/backends/compiled.py) serve them all:
 //
 //   kCpu      the C++ kernels (csrc/cpu/kernels.cpp);
-//   kCuda     the CUDA kernels built by nvcc (csrc/cuda/kernels.cu), or a stub;
+//   kCuda     the CUDA kernels built by nvcc (csrc/cuda/*.cu), or a stub;
 //   kCudaEmu  the CUDA kernels built against the CUDA emulator
 //             (csrc/cuda/emu/, PYREG_CUDA_EMU=ON), or a stub.
 //

@@ -1,5 +1,5 @@
 // op_math.h: the per-element math of every op, written once. The CPU kernels
-// (csrc/cpu/kernels.cpp) and the CUDA kernels (csrc/cuda/kernels.cu, on a GPU
+// (csrc/cpu/) and the CUDA kernels (csrc/cuda/*.cu, on a GPU
 // or under the emulator) both include it; they keep only iteration, chunking
 // and reductions. Everything here is PYREG_HD: host and device.
 //
@@ -158,6 +158,15 @@ template <typename T, typename A>
 PYREG_HD T group_scaled(A v, double f) { return store<T>(v * A(f)); }
 template <typename T, typename A>
 PYREG_HD T group_grad(A g, A v, double f) { return store<T>(g + A(f) * v); }
+
+// The value whose group norms op kOp takes, from a stored element x: the
+// element soft-threshold by `soft` (rounded to the storage type T) for
+// group_prox, the weight itself otherwise.
+template <int kOp, typename T, typename A>
+PYREG_HD A group_value(T x, const ProxParams<A>& soft) {
+  if constexpr (kOp == kGProx) return load<A>(store<T>(prox_value(load<A>(x), soft)));
+  else return load<A>(x);
+}
 
 // ---- results ------------------------------------------------------------------
 // One result into a float32 or float64 output (out_dtype: kFloat32 / kFloat64).

@@ -1,7 +1,7 @@
 // optim_math.h: the per-element math of pyreg's fused optimizer step (SGD,
-// Adam/AdamW, Adagrad, each followed by the L1/L2 proximal step), written
+// Adam/AdamW, Adagrad, RMSprop, each followed by the L1/L2 proximal step), written
 // once for the CPU kernels (csrc/cpu/optim_step.h) and the CUDA kernels
-// (csrc/cuda/optim_step.cuh, on a GPU or under the emulator).
+// (csrc/cuda/optim.cu, on a GPU or under the emulator).
 //
 // The update of each optimizer is torch.optim's single-tensor algorithm, op
 // for op in the same order, computed in the compute type A (float32 for
@@ -27,6 +27,7 @@ struct StepScalars {
   double neg_step_size, bc2_sqrt, eps;     // Adam
   double momentum, one_minus_dampening;    // SGD
   double clr;                 // Adagrad: lr / (1 + (step - 1) * lr_decay)
+  double alpha, one_minus_alpha;  // RMSprop
   double l1, l2;
 };
 
@@ -48,6 +49,8 @@ PYREG_HD StepScalars step_scalars(const OptimSpec& s, const double* h, double st
   c.momentum = h[kMomentum];
   c.one_minus_dampening = 1.0 - h[kDampening];
   c.clr = h[kLr] / (1.0 + (step - 1.0) * h[kLrDecay]);
+  c.alpha = h[kAlpha];
+  c.one_minus_alpha = 1.0 - h[kAlpha];
   c.l1 = h[kL1];
   c.l2 = h[kL2];
   return c;
@@ -59,7 +62,8 @@ template <typename A>
 struct ElemScalars {
   A wd, decay, beta1_w, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps;
   A momentum, one_minus_dampening, neg_lr, neg_clr;
-  A metric_lr;   // the lr the metric prox scales: Adam lr, Adagrad clr
+  A alpha, one_minus_alpha;
+  A metric_lr;   // the lr the metric prox scales: Adam and RMSprop lr, Adagrad clr
   A l1, two_l2;  // the metric prox's coefficients
   ProxParams<A> prox;  // the plain prox (pyreg.prox_ with the group's lr)
   A grad_sign;  // -1 to maximize, else 1
@@ -81,6 +85,8 @@ PYREG_HD ElemScalars<A> elem_scalars(const OptimSpec& s, const StepScalars& c) {
   e.one_minus_dampening = A(c.one_minus_dampening);
   e.neg_lr = A(-c.lr);
   e.neg_clr = A(-c.clr);
+  e.alpha = A(c.alpha);
+  e.one_minus_alpha = A(c.one_minus_alpha);
   e.metric_lr = A(s.algo == kAdagrad ? c.clr : c.lr);
   e.l1 = A(c.l1);
   e.two_l2 = A(2.0 * c.l2);
@@ -88,7 +94,7 @@ PYREG_HD ElemScalars<A> elem_scalars(const OptimSpec& s, const StepScalars& c) {
   e.use_wd = c.wd != 0.0;
   e.grad_sign = s.maximize ? A(-1) : A(1);
   e.nesterov = s.nesterov;
-  e.decoupled = s.decoupled;
+  e.decoupled = s.decoupled && s.algo == kAdam;  // as the spec: the others' decay is coupled
   return e;
 }
 
@@ -103,7 +109,7 @@ PYREG_HD A metric_prox(A w, A denom, const ElemScalars<A>& e) {
   return a <= t ? A(0) : copysign_of((a - t) / (A(1) + lr_e * e.two_l2), w);
 }
 
-// Weight decay: none, coupled (g += wd * p: SGD, Adam, Adagrad) or decoupled
+// Weight decay: none, coupled (g += wd * p: SGD, Adam, Adagrad, RMSprop) or decoupled
 // (p *= 1 - lr * wd: AdamW). The CPU kernels instantiate each (a loop without
 // branches vectorizes); kWdAny reads it from ElemScalars at run time (CUDA).
 enum WdMode : int { kWdNone = 0, kWdCoupled = 1, kWdDecoupled = 2, kWdAny = 3 };
@@ -172,6 +178,35 @@ PYREG_HD void adagrad_element(A& p, A g, A& sum, const ElemScalars<A>& e) {
   if constexpr (kProx == kMetricProx) p = metric_prox(p, std_, e);
 }
 
+// ---- RMSprop ------------------------------------------------------------------
+// kState: a set of kRmsMomentum (the momentum buffer, momentum > 0) and
+// kRmsCentered (grad_avg).
+enum RmsState : int { kRmsMomentum = 1, kRmsCentered = 2 };
+
+template <int kProx, int kState, int kWd, typename A>
+PYREG_HD void rmsprop_element(A& p, A g, A& sq, A& buf, A& gavg, const ElemScalars<A>& e) {
+  g = g * e.grad_sign;
+  weight_decay<kWd>(p, g, e);
+  sq = sq * e.alpha;
+  sq = sq + (e.one_minus_alpha * g) * g;  // square_avg.mul_(alpha).addcmul_(g, g, value=1-alpha)
+  A avg;
+  if constexpr ((kState & kRmsCentered) != 0) {
+    gavg = gavg + e.one_minus_alpha * (g - gavg);  // lerp(grad_avg, g, 1 - alpha)
+    avg = sqrt(sq - gavg * gavg);
+  } else {
+    avg = sqrt(sq);
+  }
+  avg = avg + e.eps;
+  if constexpr ((kState & kRmsMomentum) != 0) {
+    buf = buf * e.momentum + g / avg;  // buf.mul_(momentum).addcdiv_(g, avg)
+    p = p + e.neg_lr * buf;
+  } else {
+    p = p + (e.neg_lr * g) / avg;      // addcdiv_(g, avg, value=-lr)
+  }
+  if constexpr (kProx == kPlainProx) p = prox_value(p, e.prox);
+  if constexpr (kProx == kMetricProx) p = metric_prox(p, avg, e);
+}
+
 // One element of the step in storage: reads param i and its state, updates
 // them with grad value gv (already unscaled) and stores them. The CPU and
 // CUDA loops call it for their elements.
@@ -189,10 +224,19 @@ PYREG_HD void optim_element(T* p, A gv, T* s1, T* s2, T* s3, int64_t i, const El
     s1[i] = store<T>(m);
     s2[i] = store<T>(v);
     if constexpr (kState == 1) s3[i] = store<T>(vmax);
-  } else {
+  } else if constexpr (kAlgo == kAdagrad) {
     A sum = load<A>(s1[i]);
     adagrad_element<kProx, kWd>(pv, gv, sum, e);
     s1[i] = store<T>(sum);
+  } else {
+    constexpr bool kMomentum = (kState & kRmsMomentum) != 0, kCentered = (kState & kRmsCentered) != 0;
+    A sq = load<A>(s1[i]);
+    A buf = kMomentum ? load<A>(s2[i]) : A(0);
+    A gavg = kCentered ? load<A>(s3[i]) : A(0);
+    rmsprop_element<kProx, kState, kWd>(pv, gv, sq, buf, gavg, e);
+    s1[i] = store<T>(sq);
+    if constexpr (kMomentum) s2[i] = store<T>(buf);
+    if constexpr (kCentered) s3[i] = store<T>(gavg);
   }
   p[i] = store<T>(pv);
 }

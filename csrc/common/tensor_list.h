@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "hyper.h"
+
 namespace pyreg {
 
 struct TensorList {
@@ -35,8 +37,9 @@ struct GroupList {
 // grad and optimizer state, each like the param (same dtype, numel and
 // layout). State buffers by optimizer (s1, s2, s3; an unused list is empty):
 // SGD momentum_buffer; Adam exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad);
-// Adagrad sum. `steps`: each param's step counter (a scalar of
-// OptimSpec::step_dtype; Adam and Adagrad). `group`: each param's row of the
+// Adagrad sum; RMSprop square_avg, momentum_buffer (momentum > 0), grad_avg
+// (centered). `steps`: each param's step counter (a scalar of
+// OptimSpec::step_dtype; Adam, Adagrad and RMSprop). `group`: each param's row of the
 // hyperparameter table. `fresh`: SGD, 1 where the momentum buffer starts at
 // this step (buf = grad).
 struct OptimList {
@@ -47,18 +50,16 @@ struct OptimList {
   int64_t n_groups = 0;
 };
 
-enum OptimAlgo : int { kSgd = 0, kAdam = 1, kAdagrad = 2 };
+enum OptimAlgo : int { kSgd = 0, kAdam = 1, kAdagrad = 2, kRmsprop = 3 };
 
 // The prox after the update: none (l1 = l2 = 0), with the group's lr (as
 // pyreg.prox_), or in the optimizer's metric (each element's own step size:
-// Adam lr / (sqrt(v_hat) + eps), Adagrad clr / (sqrt(G) + eps)).
+// Adam lr / (sqrt(v_hat) + eps), Adagrad clr / (sqrt(G) + eps), RMSprop
+// lr / (sqrt(square_avg [- grad_avg^2]) + eps).
 enum OptimProx : int { kNoProx = 0, kPlainProx = 1, kMetricProx = 2 };
 
-// One param group's numbers, kHyper doubles in this order (Python writes them:
-// pyreg/optim/_base.py).
-enum HyperIndex : int {
-  kLr = 0, kBeta1, kBeta2, kEps, kWeightDecay, kMomentum, kDampening, kLrDecay, kL1, kL2, kHyper
-};
+// One param group's numbers, kHyper doubles in the order of hyper.h (Python
+// writes them: pyreg/optim/_base.py).
 
 // What a whole step has in common (the bucket's flags and the GradScaler's
 // scalars). grad_scale/found_inf: float32 scalars in the tensors' memory, or
@@ -70,6 +71,7 @@ struct OptimSpec {
   bool amsgrad;          // Adam: max_exp_avg_sq
   bool maximize;
   bool nesterov;         // SGD
+  bool centered;         // RMSprop: grad_avg
   int prox;              // OptimProx
   const double* hyper;   // kHyper doubles per group (host for the CPU, device for CUDA)
   const float* grad_scale;

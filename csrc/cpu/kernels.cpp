@@ -403,14 +403,6 @@ constexpr int64_t kGroupWaveBytes = int64_t(8) << 20;  // a wave of tensors for 
 constexpr int64_t kCpuNarrowTile = int64_t(1) << 17;   // elements of a tile of narrow groups
 constexpr int kShortLanes = 16;  // lanes for the runs of wide groups shorter than a block
 
-// The value whose group norms an op takes: the element soft-threshold (rounded
-// to the storage type) for group_prox, the weight itself otherwise.
-template <int kOp, typename T, typename A>
-inline A group_value(T x, const ProxParams<A>& soft) {
-  if constexpr (kOp == kGProx) return load<A>(store<T>(prox_value(load<A>(x), soft)));
-  else return load<A>(x);
-}
-
 // value() of sweep over a wide group's run: group_value of each element.
 template <int kOp, typename T, typename A>
 struct GroupLoader {

@@ -49,9 +49,11 @@ void optim_item(const OptimList& l, const OptimSpec& s, const StepScalars& sc, i
   }
   // The SGD prox has no metric of its own: its lr is the metric.
   const int prox = kAlgo == kSgd && s.prox == kMetricProx ? int(kPlainProx) : s.prox;
-  const int state = kAlgo == kSgd ? (s1 == nullptr ? 0 : l.fresh[t] ? 1 : 2)
-                    : kAlgo == kAdam ? (s.amsgrad ? 1 : 0) : 0;
-  constexpr int kStates = kAlgo == kSgd ? 3 : kAlgo == kAdam ? 2 : 1;
+  const int state = kAlgo == kSgd       ? (s1 == nullptr ? 0 : l.fresh[t] ? 1 : 2)
+                    : kAlgo == kAdam    ? (s.amsgrad ? 1 : 0)
+                    : kAlgo == kRmsprop ? (s2 != nullptr ? int(kRmsMomentum) : 0) | (s.centered ? int(kRmsCentered) : 0)
+                                        : 0;
+  constexpr int kStates = kAlgo == kSgd ? 3 : kAlgo == kAdam ? 2 : kAlgo == kRmsprop ? 4 : 1;
   constexpr int kProxes = kAlgo == kSgd ? 2 : 3;
   with_int<kProxes>(prox, [&](auto kp) {
     with_int<kStates>(state, [&](auto ks) {
@@ -83,6 +85,7 @@ void optim_step(const OptimList& l, const OptimSpec& s, const Launch& at) {
       switch (s.algo) {
         case kSgd: optim_item<kSgd, T>(l, s, sc[it.tensor], it.tensor, it.begin, it.end); break;
         case kAdam: optim_item<kAdam, T>(l, s, sc[it.tensor], it.tensor, it.begin, it.end); break;
+        case kRmsprop: optim_item<kRmsprop, T>(l, s, sc[it.tensor], it.tensor, it.begin, it.end); break;
         default: optim_item<kAdagrad, T>(l, s, sc[it.tensor], it.tensor, it.begin, it.end); break;
       }
     });

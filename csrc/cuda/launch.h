@@ -1,5 +1,5 @@
 // launch.h: the one way pyreg's CUDA sources launch a kernel and declare
-// static shared memory, so that kernels.cu compiles unchanged with nvcc and
+// static shared memory, so that the .cu sources compile unchanged with nvcc and
 // as host C++ against the emulator (csrc/cuda/emu/cuda_runtime.h, which
 // defines PYREG_CUDA_EMU).
 //

@@ -1,4 +1,4 @@
-"""The compiled backends: ``cpu`` (csrc/cpu), ``cuda`` (csrc/cuda/kernels.cu
+"""The compiled backends: ``cpu`` (csrc/cpu), ``cuda`` (csrc/cuda/*.cu
 built by nvcc) and ``cuda-emu`` (the same CUDA source built against the CUDA
 emulator in csrc/cuda/emu, which runs it on the CPU so that it is tested
 without a GPU).
@@ -25,12 +25,29 @@ from torch import Tensor
 from .._common import DTYPE_CODES, WeightStats, result_dtype
 from .._lib import LOAD_ERROR, _C
 from . import _marshal as m
+from . import torch_ref
 from ._marshal import KernelCoef
 
 #: (keep-alive object, workspace pointer, device index, stream, thread count)
 LaunchArgs = Tuple[Optional[Tensor], int, int, int, int]
 #: Workspace bytes an op needs (asked only by the builds that use a workspace).
 WorkspaceBytes = Callable[[], int]
+
+
+def check_hyper_fields(fields: Optional[Tuple[str, ...]]) -> None:
+    """Raises ImportError unless ``fields`` (the compiled module's
+    ``hyper_fields()``: the columns of optim_step's hyperparameter table, from
+    csrc/common/hyper.h) are torch_ref.HYPER, in the same order: a module built
+    from other sources would read the wrong columns."""
+    if fields is None or tuple(fields) != tuple(torch_ref.HYPER):
+        raise ImportError(
+            f"pyreg._C's hyperparameter columns {fields} differ from pyreg's {torch_ref.HYPER} "
+            "(csrc/common/hyper.h against pyreg/backends/torch_ref.py): the compiled module was "
+            "built from other sources; rebuild it (pip install .)")
+
+
+if _C is not None:
+    check_hyper_fields(tuple(_C.hyper_fields()) if hasattr(_C, "hyper_fields") else None)
 
 
 def cpu_launch(kernels: "CompiledKernels", device: torch.device, nbytes: WorkspaceBytes) -> LaunchArgs:
@@ -257,7 +274,7 @@ class CompiledKernels:
         """See torch_ref.optim_step. The caller guarantees what the kernels
         assume: every grad and state buffer dense and laid out like its param
         (same dtype and strides), step counters float32 or float64 scalars and
-        ``hyper`` a contiguous float64 (groups, 10) tensor, all on the params'
+        ``hyper`` a contiguous float64 (groups, len(torch_ref.HYPER)) tensor, all on the params'
         device, and grad_scale/found_inf float32 scalars there."""
         desc = m.describe(params)
         step_dtype = DTYPE_CODES[steps[0].dtype] if steps else 0
@@ -265,6 +282,6 @@ class CompiledKernels:
         ptr = m.pointers
         self._fn("optim_step")(*desc, ptr(grads), ptr(s1), ptr(s2), ptr(s3), ptr(steps), group, fresh,
                                hyper.shape[0], hyper.data_ptr(), algo, step_dtype, decoupled, amsgrad,
-                               maximize, nesterov, prox,
+                               maximize, nesterov, centered, prox,
                                0 if grad_scale is None else grad_scale.data_ptr(),
                                0 if found_inf is None else found_inf.data_ptr(), *at)

@@ -183,30 +183,35 @@ def max_norm_(tensors: List[Tensor], dims: List[int], max_value) -> Tensor:
 # The fused optimizer step
 # --------------------------------------------------------------------------
 #: Columns of the hyperparameter table (one row per param group), as in
-#: csrc/common/tensor_list.h (HyperIndex).
-HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum", "dampening", "lr_decay", "l1", "l2")
+#: csrc/common/hyper.h (the compiled module's hyper_fields(), checked at load).
+HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum", "dampening", "lr_decay", "alpha", "l1",
+         "l2")
 SGD, ADAM, ADAGRAD, RMSPROP = 0, 1, 2, 3
 NO_PROX, PLAIN_PROX, METRIC_PROX = 0, 1, 2
 
 
 def optim_step(algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Tensor], s2: List[Tensor],
                s3: List[Tensor], steps: List[Tensor], group: List[int], fresh: List[int], hyper: Tensor, *,
-               decoupled: bool, amsgrad: bool, maximize: bool, nesterov: bool, prox: int, centered: bool = False,
-               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-    """One step of SGD (algo 0), Adam/AdamW (1) or Adagrad (2) on every param,
+               decoupled: bool, amsgrad: bool, maximize: bool, nesterov: bool, prox: int,
+               centered: bool = False, grad_scale: Optional[Tensor] = None,
+               found_inf: Optional[Tensor] = None) -> None:
+    """One step of SGD (algo 0), Adam/AdamW (1), Adagrad (2) or RMSprop (3) on every param,
     then its group's prox, in place: torch.optim's single-tensor algorithms,
     computed in float64 and rounded once per stored value.
 
     ``s1``/``s2``/``s3``: the state buffers (SGD momentum_buffer; Adam exp_avg,
-    exp_avg_sq, max_exp_avg_sq; Adagrad sum), an empty list when unused;
-    ``steps``: the step counters (Adam, Adagrad), incremented; ``group``: each
+    exp_avg_sq, max_exp_avg_sq; Adagrad sum; RMSprop square_avg,
+    momentum_buffer (given when momentum > 0), grad_avg (``centered``)), an
+    empty list when unused; ``steps``: the step counters (Adam, Adagrad,
+    RMSprop), incremented; ``group``: each
     param's row of ``hyper`` (float64, columns :data:`HYPER`); ``fresh`` (SGD):
     1 where the momentum buffer starts now (buf = grad).
 
     The prox (``prox``): none, or w <- sign(w) max(|w| - lr l1, 0) / (1 + 2 lr l2)
     with the group's lr (as :func:`prox_`), or the same with each element's own
     step size lr_e in place of lr (the optimizer's metric): Adam
-    lr / (sqrt(v_hat) + eps), Adagrad clr / (sqrt(sum) + eps) (SGD: lr).
+    lr / (sqrt(v_hat) + eps), Adagrad clr / (sqrt(sum) + eps), RMSprop
+    lr / (sqrt(square_avg [- grad_avg^2]) + eps) (SGD: lr).
 
     ``grad_scale``/``found_inf`` (GradScaler, float32 scalars): grads are divided
     by grad_scale (and stored so); found_inf != 0 leaves everything unchanged.
@@ -257,6 +262,24 @@ def optim_step(algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Te
             bc1, bc2 = 1 - h["beta1"] ** step, 1 - h["beta2"] ** step
             denom = v.sqrt() / bc2.sqrt() + h["eps"]
             x = x - (lr / bc1) * m / denom
+        elif algo == RMSPROP:
+            alpha = h["alpha"]
+            sq = s1[i].detach().to(hp) * alpha + (1 - alpha) * g * g
+            store(s1[i], sq)
+            if centered:
+                ga = s3[i].detach().to(hp)
+                ga = ga + (1 - alpha) * (g - ga)  # lerp(grad_avg, g, 1 - alpha)
+                store(s3[i], ga)
+                avg = (sq - ga * ga).sqrt()
+            else:
+                avg = sq.sqrt()
+            denom = avg + h["eps"]
+            if s2:  # momentum > 0
+                buf = s2[i].detach().to(hp) * h["momentum"] + g / denom
+                store(s2[i], buf)
+                x = x - lr * buf
+            else:
+                x = x - lr * g / denom
         else:
             clr = lr / (1 + (step - 1) * h["lr_decay"])
             s = s1[i].detach().to(hp) + g * g

@@ -1,10 +1,10 @@
 // cuda_runtime.h (emulated): a host stand-in for exactly the part of CUDA that
-// pyreg's kernels (csrc/cuda/kernels.cu) use, so that the same source compiles
+// pyreg's kernels (csrc/cuda/*.cu) use, so that the same source compiles
 // as plain C++ and its kernels run on the CPU, in CI, without a GPU.
 //
-// Built with the CMake option PYREG_CUDA_EMU=ON, which compiles kernels.cu a
-// second time (csrc/cuda/emu/kernels_emu.cpp) with this directory first on the
-// include path. What it provides:
+// Built with the CMake option PYREG_CUDA_EMU=ON, which compiles the CUDA
+// sources a second time (csrc/cuda/emu/*_emu.cpp, through build.h) with this
+// directory first on the include path. What it provides:
 //   * threadIdx / blockIdx / blockDim / gridDim, __syncthreads, the
 //     __shfl_*_sync family, atomicAdd, __threadfence, __ldcg, the few device
 //     intrinsics the kernels call, and the runtime calls the launchers make

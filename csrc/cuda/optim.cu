@@ -1,7 +1,6 @@
-// optim_step.cuh: the fused optimizer step on CUDA (kernels_api.h:
-// optim_step), included by kernels.cu inside its namespace (it uses the
-// chunking, checks and device guard there) and so also built against the
-// CUDA emulator.
+// optim.cu: the fused optimizer step on CUDA (kernels_api.h: optim_step),
+// on a GPU or against the CUDA emulator. The chunking, checks and device
+// guard are common.cuh's.
 //
 // Chunked like the element-wise ops: tensors are cut into chunks (chunk_shift),
 // tensors are grouped into batches of kMaxOptimTensors described by value in
@@ -13,6 +12,12 @@
 // After each batch, optim_count_kernel increments the batch's step counters
 // (the main kernel read them as they were: no block races another's write).
 // With found_inf nonzero both kernels return at once: nothing changes.
+#include "common.cuh"
+
+namespace pyreg {
+namespace PYREG_CUDA_NS {
+namespace {
+
 
 constexpr int kMaxOptimTensors = 48;  // tensors per launch (by-value metadata)
 
@@ -66,8 +71,11 @@ __device__ __forceinline__ void optim_chunk_of(const OptimBatch& b, const OptimS
   const ElemScalars<opmath_t<T>> e = elem_scalars<opmath_t<T>>(s, sc);
   const float scale = s.grad_scale != nullptr ? *s.grad_scale : 1.0f;
   const int prox = kAlgo == kSgd && s.prox == kMetricProx ? int(kPlainProx) : s.prox;
-  const int state = kAlgo == kSgd ? (b.s1[k] == nullptr ? 0 : b.fresh[k] ? 1 : 2)
-                    : kAlgo == kAdam ? (s.amsgrad ? 1 : 0) : 0;
+  const int state = kAlgo == kSgd       ? (b.s1[k] == nullptr ? 0 : b.fresh[k] ? 1 : 2)
+                    : kAlgo == kAdam    ? (s.amsgrad ? 1 : 0)
+                    : kAlgo == kRmsprop ? (b.s2[k] != nullptr ? int(kRmsMomentum) : 0) |
+                                              (s.centered ? int(kRmsCentered) : 0)
+                                        : 0;
 #define PYREG_OPTIM_CHUNK(P, S)                                                        \
   (s.grad_scale != nullptr ? optim_chunk<kAlgo, P, S, true, T>(b, k, begin, len, e, scale) \
                            : optim_chunk<kAlgo, P, S, false, T>(b, k, begin, len, e, scale))
@@ -75,13 +83,19 @@ __device__ __forceinline__ void optim_chunk_of(const OptimBatch& b, const OptimS
     if (state == 0) PYREG_OPTIM_CHUNK(kNoProx, 0);
     else if (kAlgo != kAdagrad && state == 1) PYREG_OPTIM_CHUNK(kNoProx, 1);
     else if (kAlgo == kSgd) PYREG_OPTIM_CHUNK(kNoProx, 2);
+    else if (kAlgo == kRmsprop && state == 2) PYREG_OPTIM_CHUNK(kNoProx, 2);
+    else if (kAlgo == kRmsprop) PYREG_OPTIM_CHUNK(kNoProx, 3);
   } else if (prox == kPlainProx) {
     if (state == 0) PYREG_OPTIM_CHUNK(kPlainProx, 0);
     else if (kAlgo != kAdagrad && state == 1) PYREG_OPTIM_CHUNK(kPlainProx, 1);
     else if (kAlgo == kSgd) PYREG_OPTIM_CHUNK(kPlainProx, 2);
+    else if (kAlgo == kRmsprop && state == 2) PYREG_OPTIM_CHUNK(kPlainProx, 2);
+    else if (kAlgo == kRmsprop) PYREG_OPTIM_CHUNK(kPlainProx, 3);
   } else if (kAlgo != kSgd) {
     if (state == 0) PYREG_OPTIM_CHUNK(kMetricProx, 0);
-    else if (kAlgo == kAdam) PYREG_OPTIM_CHUNK(kMetricProx, 1);
+    else if (kAlgo == kAdam || (kAlgo == kRmsprop && state == 1)) PYREG_OPTIM_CHUNK(kMetricProx, 1);
+    else if (kAlgo == kRmsprop && state == 2) PYREG_OPTIM_CHUNK(kMetricProx, 2);
+    else if (kAlgo == kRmsprop) PYREG_OPTIM_CHUNK(kMetricProx, 3);
   }
 #undef PYREG_OPTIM_CHUNK
 }
@@ -129,7 +143,7 @@ std::vector<OptimBatch> optim_plan(const OptimList& l, const OptimSpec& s) {
   if (int64_t(l.group.size()) != n) fail("optim_step: group indices differ in length from the params");
   if (s.algo == kSgd && !l.s1.empty() && int64_t(l.fresh.size()) != n)
     fail("optim_step: fresh flags differ in length from the params");
-  if (s.algo < kSgd || s.algo > kAdagrad) fail("optim_step: unknown algorithm");
+  if (s.algo < kSgd || s.algo > kRmsprop) fail("optim_step: unknown algorithm");
   if (s.step_dtype != kFloat32 && s.step_dtype != kFloat64) fail("optim_step: step counters must be float32 or float64");
   if (s.hyper == nullptr && n > 0) fail("optim_step: null hyperparameter table");
   auto need = [&](const std::vector<void*>& v, int64_t t, const char* what) {
@@ -148,6 +162,7 @@ std::vector<OptimBatch> optim_plan(const OptimList& l, const OptimSpec& s) {
       if (s.algo != kSgd) need(l.s1, t, "state buffer"); 
       if (s.algo == kAdam) need(l.s2, t, "state buffer");
       if (s.algo == kAdam && s.amsgrad) need(l.s3, t, "state buffer");
+      if (s.algo == kRmsprop && s.centered) need(l.s3, t, "state buffer");
     }
     const int64_t ch = chunks_of(numel);
     if (ch > kMaxGrid) fail("tensor " + std::to_string(t) + " is too large");
@@ -178,6 +193,18 @@ std::vector<OptimBatch> optim_plan(const OptimList& l, const OptimSpec& s) {
   return out;
 }
 
+}  // namespace
+
+std::vector<KernelRef> optim_kernels() {
+  return {
+      {reinterpret_cast<const void*>(&optim_kernel<kSgd>), "optim_kernel<sgd>"},
+      {reinterpret_cast<const void*>(&optim_kernel<kAdam>), "optim_kernel<adam>"},
+      {reinterpret_cast<const void*>(&optim_kernel<kAdagrad>), "optim_kernel<adagrad>"},
+      {reinterpret_cast<const void*>(&optim_kernel<kRmsprop>), "optim_kernel<rmsprop>"},
+      {reinterpret_cast<const void*>(&optim_count_kernel), "optim_count_kernel"},
+  };
+}
+
 void optim_step(const OptimList& l, const OptimSpec& s, const Launch& at) {
   const std::vector<OptimBatch> batches = optim_plan(l, s);
   if (batches.empty()) return;
@@ -190,6 +217,7 @@ void optim_step(const OptimList& l, const OptimSpec& s, const Launch& at) {
       switch (s.algo) {
         case kSgd: PYREG_LAUNCH(optim_kernel<kSgd>, grid, kThreads, 0, st, b, s); break;
         case kAdam: PYREG_LAUNCH(optim_kernel<kAdam>, grid, kThreads, 0, st, b, s); break;
+        case kRmsprop: PYREG_LAUNCH(optim_kernel<kRmsprop>, grid, kThreads, 0, st, b, s); break;
         default: PYREG_LAUNCH(optim_kernel<kAdagrad>, grid, kThreads, 0, st, b, s); break;
       }
       check(cudaGetLastError(), "optim_step kernel launch");
@@ -200,3 +228,6 @@ void optim_step(const OptimList& l, const OptimSpec& s, const Launch& at) {
     }
   }
 }
+
+}  // namespace PYREG_CUDA_NS
+}  // namespace pyreg

@@ -1,0 +1,4 @@
+// device_emu.cpp: csrc/cuda/device.cu compiled as host C++ against the CUDA
+// emulator (build.h), for the backend cuda-emu.
+#include "build.h"
+#include "../device.cu"

@@ -1,0 +1,4 @@
+// elementwise_emu.cpp: csrc/cuda/elementwise.cu compiled as host C++ against the CUDA
+// emulator (build.h), for the backend cuda-emu.
+#include "build.h"
+#include "../elementwise.cu"

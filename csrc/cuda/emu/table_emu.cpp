@@ -1,0 +1,4 @@
+// table_emu.cpp: csrc/cuda/table.cu compiled as host C++ against the CUDA
+// emulator (build.h), for the backend cuda-emu.
+#include "build.h"
+#include "../table.cu"
