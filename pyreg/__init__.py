@@ -7,8 +7,6 @@ optionally toward reference weights: ``ref=``), and the group ops
 ``group_prox_`` (group lasso) and ``max_norm_``.
 Convention helpers: ``from_sklearn``, ``from_weight_decay``.
 """
-from __future__ import annotations
-
 __version__ = "0.1.0"
 
 from ._common import WeightStats
@@ -17,6 +15,7 @@ from .ops import (add_group_penalty_grad_, add_penalty_grad_, group_norms, group
                   max_norm_, penalty, prox_, weight_stats)
 from .conventions import from_sklearn, from_weight_decay
 from .optim import Regularized, param_groups
+from . import optim
 
 __all__ = [
     "Regularized",
@@ -36,3 +35,11 @@ __all__ = [
     "use_backend",
     "weight_stats",
 ]
+
+#: Public submodules (``pyreg.optim`` holds the optimizers).
+_SUBMODULES = ["backends", "conventions", "ops", "optim"]
+
+
+def __dir__():
+    """The public API only (``dir(pyreg)``, completion)."""
+    return sorted(__all__ + _SUBMODULES + ["__version__"])

@@ -1,7 +1,7 @@
 """pyreg's command line (also ``python -m pyreg``):
 
     pyreg info    version, torch version, compiled backends, threads
-    pyreg demo    a regularization study on real data (see ``pyreg demo --help``)
+    pyreg demo    a regularization study (see ``pyreg demo --help``)
     pyreg bench   the benchmark suite (see ``pyreg bench --help``)
 
 Each subcommand owns its options; this module only routes to it.
@@ -14,9 +14,15 @@ from typing import List, Optional
 
 _COMMANDS = {
     "info": "version, torch version, compiled backends, threads",
-    "demo": "regularization study on real data: L1, L2, elastic net, alpha grid, LSTM",
+    "demo": "regularization study on generated tasks: L1, L2, elastic net, group lasso, alpha grid, LSTM",
     "bench": "benchmark suite: pyreg vs Python loop, torch._foreach, torch.compile, roofline",
 }
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -24,10 +30,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pyreg", description="Fused L1 / L2 / elastic-net regularization for PyTorch.",
         epilog="Run 'pyreg COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"pyreg {_version()}")
     parser.add_argument("command", choices=sorted(_COMMANDS),
                         help="; ".join(f"{k}: {v}" for k, v in _COMMANDS.items()))
     if not argv or argv[0] not in _COMMANDS:
-        parser.parse_args(argv[:1])  # prints usage / error and exits
+        parser.parse_args(argv[:1])  # prints usage, the version or an error, and exits
     command, rest = argv[0], argv[1:]
     if command == "info":
         argparse.ArgumentParser(prog="pyreg info", description=_COMMANDS["info"]).parse_args(rest)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -24,7 +25,9 @@ FILES = ["results.csv", "results.json", "finetune.csv", "regularization_path.png
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     threads = torch.get_num_threads()
-    rc = cli.main(["demo", "--quick", "--device", "cpu", "--out", str(out), "--seed", "0"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the demo prints no warning of its own
+        rc = cli.main(["demo", "--quick", "--device", "cpu", "--out", str(out), "--seed", "0"])
     assert rc == 0
     assert torch.get_num_threads() == threads  # the demo's one-thread setting is restored
     with open(out / "results.json") as f:

@@ -36,3 +36,24 @@ def test_import_costs_little_more_than_torch():
     extra = statistics.median(pyreg_s) - statistics.median(torch_s)
     # Target 0.3 s on a quiet machine; the slack covers a loaded one.
     assert extra <= max(0.6, 0.5 * statistics.median(torch_s)), (torch_s, pyreg_s)
+
+
+def test_dir_shows_the_public_api_only():
+    import pyreg
+
+    names = dir(pyreg)
+    assert "annotations" not in names and "Regularized" in names and "optim" in names
+    assert not [n for n in names if n.startswith("_") and n != "__version__"]
+    assert set(pyreg.__all__) <= set(names)
+
+
+def test_version_on_the_command_line(capsys):
+    import pytest
+
+    import pyreg
+    from pyreg import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"pyreg {pyreg.__version__}"

@@ -193,9 +193,10 @@ def measure(model: nn.Module, opt: torch.optim.Optimizer, data: Splits, method: 
     inputs the first layer still uses. Read back to the host once, after training."""
     model.eval()
     values = {}
-    for split in ("train", "val", "test"):
-        acc, loss = _accuracy_and_loss(model, getattr(data, f"x_{split}"), getattr(data, f"y_{split}"))
-        values[f"{split}_acc"], values[f"{split}_loss"] = acc, loss
+    with torch.no_grad():
+        for split in ("train", "val", "test"):
+            acc, loss = _accuracy_and_loss(model, getattr(data, f"x_{split}"), getattr(data, f"y_{split}"))
+            values[f"{split}_acc"], values[f"{split}_loss"] = acc, loss
     names, stats, numels = layer_stats(opt)
     first = model.first_weight()
     # a column of the input layer's weight is one input feature (LSTM: 4 gates x hidden rows)
