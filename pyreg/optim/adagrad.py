@@ -2,14 +2,14 @@
 (optionally in Adagrad's own metric: proximal Adagrad), fused."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import functional as F
 from .adam import step_counter
-from .fused import FusedOptimizer, hyper_number, scalar_dtype
+from .fused import Params, FusedOptimizer, hyper_number, scalar_dtype
 
 
 class Adagrad(FusedOptimizer, torch.optim.Adagrad):
@@ -29,6 +29,13 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
     sum are read once and written once. With ``l1 = l2 = 0`` it computes
     what ``torch.optim.Adagrad`` computes.
     """
+
+    def __init__(self, params: Params, lr: Union[float, Tensor] = 1e-2, lr_decay: float = 0,
+                 weight_decay: float = 0, initial_accumulator_value: float = 0, eps: float = 1e-10,
+                 foreach: Optional[bool] = None, *, maximize: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, l1: float = 0.0, l2: float = 0.0, preconditioned: bool = False):
+        super().__init__(params, **self._torch_args(locals()), l1=l1, l2=l2, preconditioned=preconditioned)
+
 
     _algo = F.ADAGRAD
 

@@ -2,13 +2,13 @@
 L1 / L2 proximal steps (optionally in Adam's own metric), fused."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import functional as F
-from .fused import Flags, FusedOptimizer, hyper_number, scalar_dtype
+from .fused import Params, Flags, FusedOptimizer, hyper_number, scalar_dtype
 
 
 def step_counter(p: Tensor, s: Dict[str, Any]) -> Tensor:
@@ -70,7 +70,21 @@ _DOC = """:class:`torch.optim.{name}` (same arguments, state and state dict: ``s
 class Adam(_AdamBase, torch.optim.Adam):
     __doc__ = _DOC.format(name="Adam")
 
+    def __init__(self, params: Params, lr: Union[float, Tensor] = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
+                 foreach: Optional[bool] = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None, decoupled_weight_decay: bool = False,
+                 l1: float = 0.0, l2: float = 0.0, preconditioned: bool = False):
+        super().__init__(params, **self._torch_args(locals()), l1=l1, l2=l2, preconditioned=preconditioned)
+
 
 class AdamW(_AdamBase, torch.optim.AdamW):
     __doc__ = _DOC.format(name="AdamW")
     _decoupled = True
+
+    def __init__(self, params: Params, lr: Union[float, Tensor] = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, foreach: Optional[bool] = None, capturable: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None,
+                 l1: float = 0.0, l2: float = 0.0, preconditioned: bool = False):
+        super().__init__(params, **self._torch_args(locals()), l1=l1, l2=l2, preconditioned=preconditioned)

@@ -24,7 +24,9 @@ fused pass. The step:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+import functools
+import inspect
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +45,8 @@ from .plan import Bucket, Plan
 #: max_norm, are optional; see keys.py).
 PYREG_KEYS = ("l1", "l2", "preconditioned")
 _PLAIN_TYPES = (Tensor, nn.Parameter)
+#: What the optimizers take as ``params``: tensors, param groups, or (name, tensor) pairs.
+Params = Iterable[Any]
 
 
 def hyper_number(value: Any) -> Any:
@@ -109,6 +113,23 @@ class FusedOptimizer(Observable):
         self._setup(defaults)
         super().__init__(params, *args, **kwargs)
         self.defaults.update(defaults)  # type: ignore[attr-defined]
+
+    @classmethod
+    def _torch_args(cls, given: Dict[str, Any]) -> Dict[str, Any]:
+        """The arguments for the torch class's constructor, from the subclass's
+        own ``__init__`` (which lists torch's arguments, so that signatures,
+        ``help()`` and IDEs show them): an argument that the installed torch
+        does not take is left out while it has its default value (torch then
+        raises for any other value)."""
+        accepted = _accepted_args(cls._torch_base())
+        own = inspect.signature(cls.__init__).parameters
+        return {k: v for k, v in given.items()
+                if k in own and k not in _OWN_ARGS and (k in accepted or v is not own[k].default)}
+
+    @classmethod
+    def _torch_base(cls) -> type:
+        return next(c for c in cls.__mro__[1:]
+                    if issubclass(c, torch.optim.Optimizer) and not issubclass(c, FusedOptimizer))
 
     def _setup(self, defaults: Dict[str, Any]) -> None:
         self._engine = Engine(defaults)
@@ -321,8 +342,7 @@ class FusedOptimizer(Observable):
     def _run_torch(self, torch_groups) -> None:
         """torch's own step on the parameters the kernels do not take, then the
         prox of their l1/l2 (pyreg.prox_, with the group's lr)."""
-        base = next(c for c in type(self).__mro__[1:]
-                    if issubclass(c, torch.optim.Optimizer) and not issubclass(c, FusedOptimizer))
+        base = self._torch_base()
         saved = self.param_groups  # type: ignore[attr-defined]
         try:
             self.param_groups = [dict(g, params=[g["params"][j] for j in idx]) for g, idx, _ in torch_groups]
@@ -369,6 +389,15 @@ class FusedOptimizer(Observable):
                     group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
                     prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in after if w.kind != "max_norm"])
                     max_norm_buckets([w for w in after if w.kind == "max_norm"])
+
+
+#: The fused classes' own arguments (not torch's).
+_OWN_ARGS = frozenset(("self", "params", "l1", "l2", "preconditioned"))
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted_args(torch_cls: type) -> frozenset:
+    return frozenset(inspect.signature(torch_cls.__init__).parameters)
 
 
 def scalar_dtype() -> torch.dtype:

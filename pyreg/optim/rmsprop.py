@@ -2,14 +2,14 @@
 (optionally in RMSprop's own metric), fused."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import functional as F
 from .adam import step_counter
-from .fused import Flags, FusedOptimizer, hyper_number, scalar_dtype
+from .fused import Params, Flags, FusedOptimizer, hyper_number, scalar_dtype
 
 
 class RMSprop(FusedOptimizer, torch.optim.RMSprop):
@@ -29,6 +29,13 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
     state are read once and written once. With ``l1 = l2 = 0`` it computes
     what ``torch.optim.RMSprop`` computes.
     """
+
+    def __init__(self, params: Params, lr: Union[float, Tensor] = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0, momentum: float = 0, centered: bool = False, capturable: bool = False,
+                 foreach: Optional[bool] = None, maximize: bool = False, differentiable: bool = False, *,
+                 l1: float = 0.0, l2: float = 0.0, preconditioned: bool = False):
+        super().__init__(params, **self._torch_args(locals()), l1=l1, l2=l2, preconditioned=preconditioned)
+
 
     _algo = F.RMSPROP
 

@@ -1,13 +1,13 @@
 """``pyreg.optim.SGD``: torch's SGD with L1 / L2 proximal steps, fused."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import functional as F
-from .fused import Flags, FusedOptimizer, hyper_number
+from .fused import Params, Flags, FusedOptimizer, hyper_number
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
@@ -23,6 +23,13 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     momentum buffer are read once and written once. With ``l1 = l2 = 0`` it
     computes what ``torch.optim.SGD`` computes.
     """
+
+    def __init__(self, params: Params, lr: Union[float, Tensor] = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
+                 l1: float = 0.0, l2: float = 0.0, preconditioned: bool = False):
+        super().__init__(params, **self._torch_args(locals()), l1=l1, l2=l2, preconditioned=preconditioned)
+
 
     _algo = F.SGD
 
