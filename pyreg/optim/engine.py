@@ -37,12 +37,13 @@ class Engine:
     """The regularization of one optimizer's param groups.
 
     ``defaults``: the values of pyreg's keys for groups that lack them;
-    ``torch_hypers``: whether the groups' other keys are torch.optim's (then
-    they are checked as torch's constructors check them)."""
+    ``hyper_keys``: torch's hyperparameters to check (as torch's constructor
+    checks them; :func:`keys.hyper_keys_of`); ``metric``: whether
+    ``preconditioned`` may be set (the optimizer knows its metric)."""
 
-    def __init__(self, defaults: Dict[str, Any], torch_hypers: bool = True, metric: bool = True):
+    def __init__(self, defaults: Dict[str, Any], hyper_keys: Sequence[str] = (), metric: bool = True):
         self.defaults = dict(defaults)
-        self.torch_hypers = torch_hypers
+        self.hyper_keys = tuple(hyper_keys)
         self.metric = metric
         self.reset()
 
@@ -56,7 +57,7 @@ class Engine:
         self._prepared: Optional[tuple] = None
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {"defaults": self.defaults, "torch_hypers": self.torch_hypers, "metric": self.metric}
+        return {"defaults": self.defaults, "hyper_keys": self.hyper_keys, "metric": self.metric}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -116,17 +117,15 @@ class Engine:
         """torch's hyperparameters of every group, checked where one changed.
         Returns their signature: the same object while nothing changed."""
         if torch.compiler.is_compiling():
-            if self.torch_hypers:
-                for gi, g in enumerate(groups):
-                    check_hypers(g, f"param_groups[{gi}]")
+            for gi, g in enumerate(groups):
+                check_hypers(g, f"param_groups[{gi}]", self.hyper_keys)
             return None
         sig = tuple(map(hyper_signature, groups))
         if sig == self._hypers:
             return self._hypers
         self._hypers = None
-        if self.torch_hypers:
-            for gi, g in enumerate(groups):
-                check_hypers(g, f"param_groups[{gi}]")
+        for gi, g in enumerate(groups):
+            check_hypers(g, f"param_groups[{gi}]", self.hyper_keys)
         self._hypers = sig
         return sig
 

@@ -38,7 +38,7 @@ from ._torch_compat import raw_step
 from .apply import max_norm_buckets, prox_buckets
 from .engine import Engine, Observable
 from .functional import METRIC_PROX, NO_PROX, PLAIN_PROX, fused_step, prox_kind, row, table
-from .keys import check_params, flag, read_group
+from .keys import check_params, flag, hyper_keys_of, read_group
 from .plan import Bucket, Plan
 
 #: The keys pyreg adds to torch's param groups (the others, group_l1, ref,
@@ -132,7 +132,7 @@ class FusedOptimizer(Observable):
                     if issubclass(c, torch.optim.Optimizer) and not issubclass(c, FusedOptimizer))
 
     def _setup(self, defaults: Dict[str, Any]) -> None:
-        self._engine = Engine(defaults)
+        self._engine = Engine(defaults, hyper_keys_of(type(self)))
         self._out: Dict[str, Any] = {"last": [], "penalty": None}
         self._runs: Dict[int, Tuple[tuple, Any, _GroupRun]] = {}
         self._tables: Dict[tuple, Tensor] = {}

@@ -214,15 +214,35 @@ _HYPER_RULES = {
 }
 
 
-def check_hypers(group: Dict[str, Any], where: str) -> None:
-    """torch's hyperparameters of a group (lr, betas, eps, weight_decay,
-    momentum, dampening, alpha, lr_decay, initial_accumulator_value), where
-    present: ValueError for a value torch's constructor would reject, or
-    one that is not finite."""
-    for key, rule in _HYPER_RULES.items():
-        if key in group:
+#: The hyperparameters checked for each torch.optim class (by name): those
+#: whose meaning is known there (another optimizer's ``eps`` may be a pair).
+TORCH_HYPER_KEYS: Dict[str, Tuple[str, ...]] = {
+    "SGD": ("lr", "weight_decay", "momentum", "dampening"),
+    "Adagrad": ("lr", "lr_decay", "eps", "weight_decay", "initial_accumulator_value"),
+    "RMSprop": ("lr", "alpha", "eps", "weight_decay", "momentum"),
+    **{name: ("lr", "betas", "eps", "weight_decay") for name in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam")},
+}
+
+
+def hyper_keys_of(optimizer_cls: type) -> Tuple[str, ...]:
+    """The hyperparameters to check for an optimizer class: those of the
+    torch.optim class it is or derives from, else none."""
+    for c in optimizer_cls.__mro__:
+        if c.__module__.startswith("torch.optim") and c.__name__ in TORCH_HYPER_KEYS:
+            return TORCH_HYPER_KEYS[c.__name__]
+    return ()
+
+
+def check_hypers(group: Dict[str, Any], where: str, keys: Sequence[str]) -> None:
+    """torch's hyperparameters ``keys`` of a group (lr, betas, eps,
+    weight_decay, momentum, dampening, alpha, lr_decay,
+    initial_accumulator_value), where present: ValueError for a value torch's
+    constructor would reject, or one that is not finite."""
+    for key in keys:
+        rule = _HYPER_RULES.get(key)
+        if rule is not None and key in group:
             rule(group[key], f"{where}[{key!r}]")
-    betas = group.get("betas")
+    betas = group.get("betas") if "betas" in keys else None
     if betas is not None:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"{where}['betas'] must be a pair (beta1, beta2), got {betas!r}")

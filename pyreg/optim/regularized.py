@@ -27,7 +27,7 @@ from .._validate import nonneg_real
 from ._torch_compat import init_without_groups, step_with_own_hooks
 from .apply import add_penalty_grads, max_norm_buckets, prox_buckets
 from .engine import Engine, Observable, plan_outside_graph
-from .keys import check_params, read_group
+from .keys import check_params, hyper_keys_of, read_group
 from .plan import Bucket, Plan, Work
 
 __all__ = ["Regularized"]
@@ -106,8 +106,7 @@ class Regularized(Observable, Optimizer):
         self.mode = mode
         self.l1 = nonneg_real(l1, "l1")
         self.l2 = nonneg_real(l2, "l2")
-        self._engine = Engine({"l1": self.l1, "l2": self.l2},
-                              torch_hypers=type(optimizer).__module__.startswith("torch.optim"), metric=False)
+        self._engine = Engine({"l1": self.l1, "l2": self.l2}, hyper_keys_of(type(optimizer)), metric=False)
         self._out: Dict[str, Any] = {"last": [], "penalty": None}  # backs _last and _penalty
         self._plan()  # validates everything before the groups are touched
         self._fill_defaults()
@@ -216,7 +215,7 @@ class Regularized(Observable, Optimizer):
             read_group(dict(group, params=[None] * n), defaults, f"state_dict param_groups[{gi}]")
         self.optimizer.load_state_dict(sd)
         self.mode, self.l1, self.l2 = mode, l1, l2
-        self._engine = Engine(defaults, self._engine.torch_hypers, metric=False)
+        self._engine = Engine(defaults, self._engine.hyper_keys, metric=False)
         self._fill_defaults()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
