@@ -40,10 +40,11 @@ class Regularized(Observable, Optimizer):
 
     Args:
         optimizer: the inner optimizer (any :class:`torch.optim.Optimizer`).
-        l1, l2: default coefficients for groups without an ``"l1"`` / ``"l2"``
-            key (they are written into the groups). The penalty is
+        l1: default L1 coefficient for groups without an ``"l1"`` key (it is
+            written into the groups). The penalty is
             ``R(w) = l1 * sum|w| + l2 * sum w^2`` (no 1/2; ``l2 = wd / 2`` is
             torch's ``weight_decay=wd``).
+        l2: default L2 coefficient for groups without an ``"l2"`` key.
         mode: ``"proximal"`` (default): after the inner step,
             ``w <- sign(w) * max(|w| - lr*l1, 0) / (1 + 2*lr*l2)`` with each
             group's current ``lr`` (exact zeros for L1; the L2 part is decoupled
