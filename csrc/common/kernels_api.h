@@ -2,7 +2,7 @@
 // (Kernels), so that one binding template (csrc/bindings.cpp) and one Python
 // class (pyreg/backends/compiled.py) serve them all:
 //
-//   kCpu      the C++ kernels (csrc/cpu/kernels.cpp);
+//   kCpu      the C++ kernels (csrc/cpu/*.cpp);
 //   kCuda     the CUDA kernels built by nvcc (csrc/cuda/*.cu), or a stub;
 //   kCudaEmu  the CUDA kernels built against the CUDA emulator
 //             (csrc/cuda/emu/, PYREG_CUDA_EMU=ON), or a stub.

@@ -1,6 +1,6 @@
 // optim_math.h: the per-element math of pyreg's fused optimizer step (SGD,
 // Adam/AdamW, Adagrad, RMSprop, each followed by the L1/L2 proximal step), written
-// once for the CPU kernels (csrc/cpu/optim_step.h) and the CUDA kernels
+// once for the CPU kernels (csrc/cpu/optim.cpp) and the CUDA kernels
 // (csrc/cuda/optim.cu, on a GPU or under the emulator).
 //
 // The update of each optimizer is torch.optim's single-tensor algorithm, op

@@ -3,7 +3,9 @@
 // stream. One translation unit per family of ops, compiled in parallel:
 //   elementwise.cu  weight_stats, penalty, add_penalty_grad, prox
 //   group.cu        group_norms, group_prox, max_norm, the group penalty
-//   optim.cu        the fused optimizer step
+//   optim.cu        the fused optimizer step (host side), its kernel for each
+//                   algorithm in optim_sgd.cu, optim_adam.cu, optim_adagrad.cu,
+//                   optim_rmsprop.cu (optim_kernel.cuh)
 //   device.cu       archs, device count and probes
 //   table.cu        the Kernels table of the build
 // with what the kernels share in common.cuh.

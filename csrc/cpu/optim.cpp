@@ -1,6 +1,6 @@
-// optim_step.h: the fused optimizer step on the CPU (kernels_api.h:
-// optim_step), included by kernels.cpp inside its namespace so that every
-// instruction-set variant (csrc/cpu/isa/) gets its own copy.
+// optim.cpp: the fused optimizer step on the CPU (kernels_api.h: optim_step),
+// on the chunking of sweep.h; each instruction-set variant (csrc/cpu/isa/)
+// gets its own copy.
 //
 // Each tensor is cut into the items of plan() (kCpuChunk elements); one
 // parallel_for runs them all. An item reads its param, grad and state once,
@@ -9,6 +9,11 @@
 // threshold) are computed before, in double; the step counters are written
 // after every item is done. Element-wise only: the same bits for any thread
 // count.
+#include "sweep.h"
+
+namespace pyreg::cpu {
+namespace PYREG_ISA_NS {
+namespace {
 
 // The loop over one item's elements; every branch inside is a select, so the
 // compiler vectorizes it (each flag that would need a branch is a template
@@ -65,6 +70,8 @@ void optim_item(const OptimList& l, const OptimSpec& s, const StepScalars& sc, i
   });
 }
 
+}  // namespace
+
 void optim_step(const OptimList& l, const OptimSpec& s, const Launch& at) {
   if (s.found_inf != nullptr && *s.found_inf != 0.0f) return;  // GradScaler: skip the step
   const int64_t n = l.w.size();
@@ -93,3 +100,6 @@ void optim_step(const OptimList& l, const OptimSpec& s, const Launch& at) {
   if (counts)
     for (int64_t t = 0; t < n; ++t) write_step(l.steps[t], s.step_dtype, next[t]);
 }
+
+}  // namespace PYREG_ISA_NS
+}  // namespace pyreg::cpu
