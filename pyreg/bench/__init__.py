@@ -133,8 +133,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         png = stem + ".png"
         have_png = with_png and report.plot(res, png)
         res["files"] = {"json": stem + ".json", "markdown": stem + ".md", "png": png if have_png else None}
-        report.write_json(res, stem + ".json")
+        # the markdown first: once the JSON of a set exists, so does its markdown
         report.write_atomic(stem + ".md", report.markdown(res, os.path.basename(png) if have_png else None))
+        report.write_json(res, stem + ".json")
         return have_png
 
     try:

@@ -28,25 +28,37 @@ REFERENCE_PEERS = ("roofline", "copy")
 
 def assess(rows: List[dict]) -> List[str]:
     """Add ``spread`` (max/min) and ``flags`` to each row; return one warning
-    line per flagged figure, saying why it is flagged."""
-    warnings: List[str] = []
+    line per shape set and op with a flagged figure, saying why."""
+    groups: Dict[tuple, List[dict]] = {}
     for r in rows:
+        groups.setdefault((r["shapes"], r["op"]), []).append(r)
         r["flags"] = []
         lo, hi = r.get("min_ms"), r.get("max_ms")
         r["spread"] = (hi / lo) if (lo and hi) else None
-        where = f"{r['shapes']} {r['op']} {r['peer']}"
         if r["spread"] is not None and r["spread"] > NOISY_SPREAD:
             r["flags"].append("noisy")
-            warnings.append(f"{where}: too noisy to trust: its {r.get('samples')} timed calls spread "
-                            f"{r['spread']:.1f}x (max/min {_ms(hi)}/{_ms(lo)} ms; limit {NOISY_SPREAD:g}x): "
-                            f"the machine was busy; rerun when it is quiet, or with more --repeats")
         pct = r.get("pct_roofline")
         if r["peer"] not in REFERENCE_PEERS and pct is not None and pct > ROOFLINE_LIMIT:
             r["flags"].append("above roofline")
-            warnings.append(f"{where}: {pct:.0f}% of the roofline is implausible: faster than the flat-buffer op "
-                            f"that moves the same bytes, so that reference was slowed (a busy machine) or "
-                            f"the op moved fewer bytes than counted; not a bandwidth figure")
+    warnings: List[str] = []
+    for (shapes, op), rs in groups.items():
+        above = [f"{r['peer']} {r['pct_roofline']:.0f}%" for r in rs if "above roofline" in r["flags"]]
+        noisy = [f"{r['peer']} {_x(r['spread'])}" for r in rs if "noisy" in r["flags"]]
+        parts = []
+        if above:
+            parts.append(f"above {ROOFLINE_LIMIT:.0f}% of the roofline ({', '.join(above)}), which is implausible: "
+                         "faster than the flat-buffer op that moves the same bytes, so that reference was slowed "
+                         "(a busy machine) or the op moved fewer bytes than counted")
+        if noisy:
+            parts.append(f"too noisy to trust ({', '.join(noisy)}: slowest call / fastest call over "
+                         f"{NOISY_SPREAD:g}x; the machine was busy)")
+        if parts:
+            warnings.append(f"{shapes} {op}: " + "; ".join(parts))
     return warnings
+
+
+def _x(ratio: float) -> str:
+    return f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.0f}x"
 
 
 def _flagged(rs: Dict[str, dict], *peers: str) -> bool:
@@ -71,7 +83,7 @@ def _flag_text(rs: Dict[str, dict]) -> str:
     for peer, r in rs.items():
         for flag in r.get("flags") or []:
             if flag == "noisy":
-                parts.append(f"{peer} noisy ({r['spread']:.1f}x)")
+                parts.append(f"{peer} noisy ({_x(r['spread'])})")
             else:
                 parts.append(f"{peer} above roofline ({r['pct_roofline']:.0f}%)")
     return "; ".join(parts) or "–"
@@ -162,7 +174,7 @@ def full_table(res: dict) -> str:
         check = r["check"] if r["check"] != "FAIL" else "**FAIL**"
         if r.get("check_detail"):
             check += f" ({r['check_detail']})"
-        flag_text = "; ".join(f"noisy ({r['spread']:.1f}x)" if f == "noisy" else f for f in flags) or "–"
+        flag_text = "; ".join(f"noisy ({_x(r['spread'])})" if f == "noisy" else f for f in flags) or "–"
         out.append(f"| {r['shapes']} | {r['op']} | {r['peer']} | {r['what']} | {_mark(_ms(r['ms']), 'noisy' in flags)} "
                    f"| {_ms(r.get('min_ms'))} | {_ms(r.get('max_ms'))} "
                    f"| {_ms(r.get('host_ms'))} | {_f(r['gbps'], '.1f')} "

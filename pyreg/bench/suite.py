@@ -19,19 +19,20 @@ from . import report
 from . import shapes as S
 from .timing import cuda_graphed, peak_extra_bytes, sync, time_interleaved
 
-# --quick is a smoke-sized run (about a minute on 2 CPU cores): the small shape
-# sets only (unless --shapes names others), no torch.compile peer (its start-up
+# --quick is a smoke-sized run (about a minute on 2 CPU cores): the two small
+# shape sets of few tensors only (unless --shapes names others; vit-tiny's 152
+# tensors took over half of a quick run on a busy 2-core machine), no torch.compile peer (its start-up
 # alone takes 15-55 s on a 2-core CPU; --compile brings it back, then only for
 # sets of at most QUICK_COMPILE_MAX_TENSORS tensors: compiling a loop over 150
 # tensors takes 25-50 s per op), fewer calls, and fewer rotated copies.
-QUICK_SHAPES = ("mlp", "lstm", "vit-tiny")
+QUICK_SHAPES = ("mlp", "lstm")
 QUICK_COMPILE_MAX_TENSORS = 16
 CACHE_FACTOR = 4     # rotated buffers span at least this many times the last-level cache
 MAX_ROTATION = 64
-# --quick: the rotated copies span about the last-level cache once (at most 8
+# --quick: the rotated copies span about the last-level cache once (at most 4
 # copies): filling 4x a large cache with fresh data took most of a quick run.
 QUICK_CACHE_FACTOR = 1
-QUICK_MAX_ROTATION = 8
+QUICK_MAX_ROTATION = 4
 QUICK_SPEC_MAX_NUMEL = 10_000_000  # --quick: pyreg's float64 spec check only for sets up to this size
 
 
@@ -229,7 +230,7 @@ class Suite:
             log("  WARNING: " + msg)
             self.notes.append(msg)
         if self.quick:
-            self.notes.append(f"--quick: {self.warmup} warm-up call, median of >= {self.repeats} calls; rotated "
+            self.notes.append(f"--quick: {self.warmup} warm-up call (the optimizer step: 1 step first), median of >= {self.repeats} calls; rotated "
                               f"copies span about the last-level cache once (at most {QUICK_MAX_ROTATION}; "
                               f"the full run: {CACHE_FACTOR}x, at most {MAX_ROTATION}) and are clones of one "
                               f"random copy, so small sets may be partly cache-resident")
@@ -571,7 +572,7 @@ class Suite:
             try:
                 steps[peer] = [build(peer, params(i), capturable=graphed) for i in range(k)]
                 for s in steps[peer]:  # a few steps first: the state exists, as in training
-                    for _ in range(2):
+                    for _ in range(1 if self.quick else 2):
                         s()
                 sync(dev)
             except Exception as e:
