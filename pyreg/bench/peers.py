@@ -349,7 +349,7 @@ def compare(op: str, ref, got, dtype: torch.dtype) -> Tuple[bool, str]:
         total += r.numel()
     # worst: the largest |got - ref| - rtol*|ref|; within tolerance when <= atol
     tol_text = f"rtol {tol['rtol']:.1e}, atol {tol['atol']:.0e}"
-    detail = (f"within tolerance ({tol_text})" if ok else
+    detail = (f"within {tol_text}" if ok else
               f"off by up to {worst:.1e} beyond rtol*|ref| ({tol_text})")
     if op in ZERO_PATTERN_OPS:
         detail += _zero_pattern(zero_diff, total)

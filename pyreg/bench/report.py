@@ -51,7 +51,7 @@ def assess(rows: List[dict]) -> List[str]:
                          "(a busy machine) or the op moved fewer bytes than counted")
         if noisy:
             parts.append(f"too noisy to trust ({', '.join(noisy)}: slowest call / fastest call over "
-                         f"{NOISY_SPREAD:g}x; the machine was busy)")
+                         f"{NOISY_SPREAD:g}x; most likely a busy machine)")
         if parts:
             warnings.append(f"{shapes} {op}: " + "; ".join(parts))
     return warnings

@@ -339,8 +339,11 @@ class Suite:
         else:
             ok, detail = P.compare(op, spec_result(), ref, self.dtype)
             checks = {"pyreg": (ok, "vs float64 spec: " + detail)}
-        log(f"      pyreg on fresh data{'' if 'skipped' in checks['pyreg'][1] else ', checked against its float64 spec'}: "
-            f"{time.perf_counter() - t_check:.1f} s")
+        if "skipped" in checks["pyreg"][1]:
+            log(f"      pyreg on fresh data ({checks['pyreg'][1]}): {time.perf_counter() - t_check:.1f} s")
+        else:
+            log(f"      pyreg {'matches' if checks['pyreg'][0] else 'DOES NOT MATCH'} its float64 spec "
+                f"({checks['pyreg'][1][len('vs float64 spec: '):]}): {time.perf_counter() - t_check:.1f} s")
 
         # 2. the peers' results against pyreg's (compile happens here)
         fns: Dict[str, Optional[Callable]] = {"pyreg": pyreg_fn}
@@ -377,6 +380,10 @@ class Suite:
                 checks[peer] = (False, f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 fns[peer] = None
         ref = spec_cache = None  # (rebound, not deleted: closures above refer to them)
+        outcome = {True: "matches", False: "FAILS", "inexact": "inexact (off the float64 spec itself)"}
+        log("      checks against pyreg: " + "; ".join(
+            f"{peer} {outcome.get(checks[peer][0], checks[peer][0])}" if peer in checks else f"{peer} skipped (see notes)"
+            for peer in spec.peers[1:]))
 
         # 3. timing, side by side: pyreg, the peers and the flat-buffer
         # roofline and copy ops (rotated buffers) take turns call by call.
