@@ -68,18 +68,19 @@ def _only_json(out_dir):
 
 
 def test_ctrl_c_keeps_the_sets_measured(tmp_path, monkeypatch, capsys):
-    # Ctrl-C while the second set runs: the first set's results are on disk,
-    # marked partial, and the run exits 130 with a message saying what it kept.
+    # Ctrl-C while the second set runs (after its first op): the first set's
+    # results are on disk, marked partial, without the second set's half, and
+    # the run exits 130 with a message saying what it kept.
     real = suite.Suite.run_op
 
     def run_op(self, sset, op, k):
-        if sset.name == "lstm":
+        if sset.name == "lstm" and op == "max_norm_":
             raise KeyboardInterrupt
         return real(self, sset, op, k)
 
     monkeypatch.setattr(suite.Suite, "run_op", run_op)
     try:
-        rc = bench.main(ARGV + ["--shapes", "mlp,lstm", "--out", str(tmp_path)])
+        rc = bench.main(ARGV + ["--shapes", "mlp,lstm", "--ops", "prox_,max_norm_", "--out", str(tmp_path)])
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C escaped pyreg bench: no exit status, no message")
     assert rc == 130
@@ -90,8 +91,9 @@ def test_ctrl_c_keeps_the_sets_measured(tmp_path, monkeypatch, capsys):
     assert res["meta"]["complete"] is False and res["meta"]["sets_done"] == ["mlp"]
     assert res["meta"]["sets_planned"] == ["mlp", "lstm"]
     rows = res["rows"]
-    assert {r["shapes"] for r in rows} == {"mlp"}
-    assert {r["peer"] for r in rows} == {"pyreg", "loop", "foreach", "compile", "roofline", "copy"}
+    assert {r["shapes"] for r in rows} == {"mlp"} and list(res["shape_sets"]) == ["mlp"]
+    assert {(r["op"], r["peer"]) for r in rows} == {(op, peer) for op in ("prox_", "max_norm_") for peer in
+                                                     ("pyreg", "loop", "foreach", "compile", "roofline", "copy")}
     assert all(r["ms"] for r in rows if r["peer"] != "compile")
     with open(stem + ".md") as f:
         md = f.read()

@@ -1,6 +1,7 @@
 """The benchmark run: for each device, shape set and op, check then time every peer."""
 from __future__ import annotations
 
+import copy
 import datetime
 import gc
 import glob
@@ -288,8 +289,9 @@ class Suite:
                      "wall_s": round(time.perf_counter() - t_start, 1),
                      "complete": complete, "sets_planned": list(self.sets), "sets_done": list(self.sets_done),
                      "noisy_spread": report.NOISY_SPREAD, "roofline_limit_pct": report.ROOFLINE_LIMIT},
-            "notes": list(self.notes), "warnings": list(self.warnings), "shape_sets": self.sets_meta,
-            "rows": self.rows,
+            # a snapshot: the run goes on adding rows and sets after an incremental write
+            "notes": list(self.notes), "warnings": list(self.warnings),
+            "shape_sets": copy.deepcopy(self.sets_meta), "rows": copy.deepcopy(self.rows),
         }
 
     # -- one op ------------------------------------------------------------------
