@@ -17,7 +17,7 @@ GROUP_OPS = [op for op in ALL_OPS if peers.OPS[op].matrices_only]
 
 
 def _run(out_dir, device, extra=()):
-    argv = ["--quick", "--shapes", "mlp", "--device", device, "--repeats", "1", "--out", str(out_dir),
+    argv = ["--quick", "--compile", "--shapes", "mlp", "--device", device, "--repeats", "1", "--out", str(out_dir),
             "--tag", "smoke", *extra]
     assert bench.main(argv) == 0
     stems = [f[:-5] for f in os.listdir(out_dir) if f.endswith(".json")]
@@ -96,8 +96,8 @@ def _check_step_rows(res, ops):
             assert rs[peer]["speedup"] == pytest.approx(rs[peer]["ms"] / p["ms"])
         for peer in ("pyreg", "regularized", "loop"):
             detail = rs[peer]["check_detail"]
-            assert "zero pattern differs at 0" in detail, detail
-            assert int(detail.split(" exact zeros")[0].split()[-1]) > 0, detail
+            assert "same zero pattern" in detail and "differs" not in detail, detail
+            assert int(detail.split(" exact zeros")[0].split()[-1].replace(",", "")) > 0, detail
         assert "Regularized" in p["check_detail"] and "pyreg.optim.AdamW" in p["what"]
         assert "fused" in rs["regularized"]["what"] and "no L1" in rs["bare"]["what"]
 
@@ -109,7 +109,7 @@ def test_step_check_catches_a_wrong_result():
     ref = [torch.randn(50, 20, generator=g).mul_(0.02), torch.randn(20, generator=g).mul_(0.02)]
     ref[0][0, :5] = 0.0
     ok, detail = peers.compare_params(ref, [t.clone() for t in ref], torch.float32, 1e-9)
-    assert ok and "5 exact zeros, zero pattern differs at 0" in detail
+    assert ok and "5 exact zeros, same zero pattern" in detail
     near = [t.clone() for t in ref]
     near[0][0, 0] = 1e-10  # within rounding of the threshold: a zero on the other side is allowed
     assert peers.compare_params(ref, near, torch.float32, 1e-9)[0]
@@ -235,7 +235,7 @@ def test_group_op_peers_agree_with_pyreg_on_every_shape_set(name, op, strong):
         ok, detail = peers.compare(op, ref, got, dtype)
         assert ok, (peer, detail)
         if op == "group_prox_":
-            assert "zero pattern differs at 0 of" in detail, detail
+            assert f"same zero pattern ({sum(w.numel() for w in ws):,} elements)" in detail, detail
 
 
 @pytest.mark.parametrize("op", ["group_prox_", "max_norm_"])
@@ -267,7 +267,7 @@ def test_defaults_parse():
     # once made every run without --tag exit with an error.
     args = bench.parser().parse_args([])
     assert args.tag is None and not args.cuda_graphs and not args.quick
-    assert args.shapes == shapes.ORDER and args.ops == peers.OP_ORDER
+    assert bench.plan(args) == {"shapes": shapes.ORDER, "ops": peers.OP_ORDER, "compile": True}
 
 
 def test_cli_routes_to_bench(capsys):

@@ -7,7 +7,8 @@ and the same-traffic roofline op over one flat buffer; and a whole AdamW
 step with L1 (``step``): ``pyreg.optim.AdamW`` against ``Regularized`` around
 torch's fused AdamW, torch's AdamW alone and torch's AdamW plus a Python-loop
 prox. Checks every peer's output against pyreg's before timing it. Writes a markdown table, JSON and a
-PNG per device. Method: bench/README.md.
+PNG per device; the JSON and markdown after each shape set, so an interrupted run keeps what it
+measured. Method: bench/README.md.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -38,23 +39,33 @@ def _tag(text: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .suite import QUICK_COMPILE_MAX_TENSORS, QUICK_SHAPES
+
     p = argparse.ArgumentParser(
         prog="pyreg bench",
         description="Benchmark pyreg's ops against a Python loop, torch._foreach, torch.compile and the "
-                    "same-traffic bandwidth roofline, on the parameter shapes of real models.")
+                    "same-traffic bandwidth roofline, on the parameter shapes of real models. The full run "
+                    "(every shape set and peer) takes long on a small CPU; --quick is a smoke-sized run. "
+                    "Results (JSON, markdown) are written after each shape set.")
     p.add_argument("--quick", action="store_true",
-                   help="fewer repeats; torch.compile only for shape sets of at most "
-                        "16 tensors (the run says what it skipped)")
+                   help=f"smoke-sized run (about a minute on 2 CPU cores): shape sets {','.join(QUICK_SHAPES)} "
+                        f"only (unless --shapes), no torch.compile peer (unless --compile), 1 warm-up and "
+                        f"5 timed calls, fewer rotated copies; the run lists what it skipped")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default=None,
                    help="default: cpu, plus cuda when available")
-    p.add_argument("--shapes", type=choice_list(S.ORDER, "shape sets"), default=S.ORDER,
-                   help=f"comma list of {', '.join(S.ORDER)} (default: all; gpt-1.3b runs on GPU only)")
+    p.add_argument("--shapes", type=choice_list(S.ORDER, "shape sets"), default=None,
+                   help=f"comma list of {', '.join(S.ORDER)} (default: all, --quick: {','.join(QUICK_SHAPES)}; "
+                        "gpt-1.3b runs on GPU only)")
     p.add_argument("--ops", type=choice_list(P.OP_ORDER, "ops"), default=P.OP_ORDER,
                    help=f"comma list of {', '.join(P.OP_ORDER)} (default: all)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--out", default=None,
                    help="output folder (default: bench/results when it exists here, else ./bench-results)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    comp = p.add_mutually_exclusive_group()
+    comp.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    comp.add_argument("--compile", action="store_true",
+                      help=f"with --quick: time the torch.compile peer too, on sets of at most "
+                           f"{QUICK_COMPILE_MAX_TENSORS} tensors (the full run always does)")
     p.add_argument("--tag", type=_tag, default=None,
                    help="suffix for the output file names (letters, digits, '-'), e.g. omp-passive")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -74,9 +85,20 @@ def _is_default_cache(path: str) -> bool:
     return os.path.abspath(path) == os.path.abspath(default_cache_dir())
 
 
+def plan(args: argparse.Namespace) -> Dict[str, object]:
+    """What a run with these arguments measures: shape sets, ops, whether the
+    torch.compile peer runs."""
+    from .suite import QUICK_SHAPES
+
+    shapes = args.shapes if args.shapes is not None else (list(QUICK_SHAPES) if args.quick else list(S.ORDER))
+    compile_ = not args.no_compile and (args.compile or not args.quick)
+    return {"shapes": shapes, "ops": list(args.ops), "compile": compile_}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = parser()
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    what = plan(args)
     if args.device is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     elif args.device == "all":
@@ -93,42 +115,80 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = args.out or ("bench/results" if os.path.isdir("bench/results") else "bench-results")
     os.makedirs(out, exist_ok=True)
 
-    from .suite import Suite
+    from .suite import Suite, device_info
 
     # Cold compile times: a fresh inductor cache for this run (unless the user set one).
     # (torch sets the variable to its default itself on import: only a different value is the user's.)
     own_cache, previous = None, os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if not args.no_compile and (previous is None or _is_default_cache(previous)):
+    if what["compile"] and (previous is None or _is_default_cache(previous)):
         own_cache = tempfile.mkdtemp(prefix="pyreg-bench-inductor-")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = own_cache
+    def write(res: dict, stem: str, with_png: bool) -> bool:
+        """The run's files so far: JSON and markdown (and, at the end, the PNG),
+        each written whole (a temporary file, then a rename)."""
+        if own_cache is None and any(r["peer"] == "compile" and r["ms"] for r in res["rows"]):
+            note = "TORCHINDUCTOR_CACHE_DIR was set: compile times may be warm-cache times"
+            if note not in res["notes"]:
+                res["notes"].append(note)
+        png = stem + ".png"
+        have_png = with_png and report.plot(res, png)
+        res["files"] = {"json": stem + ".json", "markdown": stem + ".md", "png": png if have_png else None}
+        # the markdown first: once the JSON of a set exists, so does its markdown
+        report.write_atomic(stem + ".md", report.markdown(res, os.path.basename(png) if have_png else None))
+        report.write_json(res, stem + ".json")
+        return have_png
+
     try:
         for dev in devices:
             t0 = time.perf_counter()
-            print(f"== pyreg bench on {dev}: shapes {','.join(args.shapes)}; ops {','.join(args.ops)}; "
-                  f"{args.dtype}; {'quick' if args.quick else 'full'}; torch {torch.__version__}, "
-                  f"{torch.get_num_threads()} threads", flush=True)
-            suite = Suite(torch.device(dev), DTYPES[args.dtype], args.shapes, args.ops, args.quick,
-                          not args.no_compile, args.repeats, graphs=args.cuda_graphs)
-            res = suite.run()
-            if own_cache is None and any(r["peer"] == "compile" and r["ms"] for r in res["rows"]):
-                res["notes"].append("TORCHINDUCTOR_CACHE_DIR was set: compile times may be warm-cache times")
-            stem = os.path.join(out, res["meta"]["slug"] + ("-quick" if args.quick else "")
+            info = device_info(torch.device(dev))
+            stem = os.path.join(out, info["slug"] + ("-quick" if args.quick else "")
                                 + ("-cuda-graphs" if args.cuda_graphs else "")
                                 + (f"-{args.tag}" if args.tag else ""))
-            png = stem + ".png"
-            have_png = report.plot(res, png)
-            res["files"] = {"json": stem + ".json", "markdown": stem + ".md", "png": png if have_png else None}
-            report.write_json(res, stem + ".json")
-            md = report.markdown(res, os.path.basename(png) if have_png else None)
-            with open(stem + ".md", "w") as f:
-                f.write(md)
+            print(f"== pyreg bench on {dev}: shapes {','.join(what['shapes'])}; ops {','.join(what['ops'])}; "
+                  f"{args.dtype}; {'quick' if args.quick else 'full'} run"
+                  f"{'' if what['compile'] else ', no torch.compile peer'}; torch {torch.__version__}, "
+                  f"{torch.get_num_threads()} threads", flush=True)
+            if args.quick:
+                print("   --quick: a smoke-sized run (fewer shape sets and calls"
+                      + ("" if what["compile"] else ", no torch.compile peer")
+                      + "); run without --quick for the full figures", flush=True)
+            print(f"   results go to {stem}.json and .md, updated after each shape set", flush=True)
+            last: Dict[str, dict] = {}
+
+            def set_done(res: dict, stem=stem, last=last) -> None:
+                write(res, stem, with_png=False)
+                last["res"] = res
+                print(f"   saved {len(res['meta']['sets_done'])} of {len(res['meta']['sets_planned'])} "
+                      f"shape sets to {stem}.json, .md", flush=True)
+
+            suite = Suite(torch.device(dev), DTYPES[args.dtype], what["shapes"], what["ops"], args.quick,
+                          what["compile"], args.repeats, graphs=args.cuda_graphs, on_set_done=set_done)
+            try:
+                res = suite.run()
+            except KeyboardInterrupt:
+                done = last.get("res")
+                if done is not None:
+                    have_png = write(done, stem, with_png=True)
+                    print(f"\ninterrupted: kept the {len(done['meta']['sets_done'])} shape set(s) measured "
+                          f"({', '.join(done['meta']['sets_done'])}) in {stem}.json, {stem}.md"
+                          + (f", {stem}.png" if have_png else ""), file=sys.stderr, flush=True)
+                else:
+                    print("\ninterrupted before the first shape set was measured: nothing written",
+                          file=sys.stderr, flush=True)
+                return 130
+            have_png = write(res, stem, with_png=True)
             print()
             print(report.header(res))
             print()
             print(report.summary_table(res))
             print()
             print(report.full_table(res))
-            print(f"\nwrote {stem}.json, {stem}.md" + (f", {png}" if have_png else " (no matplotlib: no plot)")
+            flagged = sum(1 for r in res["rows"] if r.get("flags"))
+            if flagged:
+                print(f"\n{flagged} figure(s) flagged (!): see the WARNING lines above and the flags column",
+                      flush=True)
+            print(f"\nwrote {stem}.json, {stem}.md" + (f", {stem}.png" if have_png else " (no matplotlib: no plot)")
                   + f" in {time.perf_counter() - t0:.0f} s", flush=True)
     finally:
         if own_cache is not None:

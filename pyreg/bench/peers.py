@@ -331,7 +331,8 @@ def compare(op: str, ref, got, dtype: torch.dtype) -> Tuple[bool, str]:
             ok &= bool(torch.allclose(g, r64, **tol))
             worst = max(worst, _max_rel(g, r64))
         nnz_ok = bool(torch.equal(ref[3].to(torch.int64).cpu(), got[3].to(torch.int64).cpu()))
-        return ok and nnz_ok, f"max rel err {worst:.1e}, nnz {'equal' if nnz_ok else 'DIFFER'}"
+        return ok and nnz_ok, (f"max rel err {worst:.1e} (rtol {tol['rtol']:.0e}), nonzero counts "
+                               f"{'equal' if nnz_ok else 'DIFFER'}")
     tol = ELEMENTWISE_TOL[dtype]
     ok, worst, zero_diff, total = True, 0.0, 0, 0
     for r, g in zip(ref, got):
@@ -346,10 +347,19 @@ def compare(op: str, ref, got, dtype: torch.dtype) -> Tuple[bool, str]:
         if op in ZERO_PATTERN_OPS:
             zero_diff += int(((r == 0) != (g == 0)).sum())
         total += r.numel()
-    detail = f"max excess err {max(worst, 0.0):.1e}"
+    # worst: the largest |got - ref| - rtol*|ref|; within tolerance when <= atol
+    tol_text = f"rtol {tol['rtol']:.1e}, atol {tol['atol']:.0e}"
+    detail = (f"within {tol_text}" if ok else
+              f"off by up to {worst:.1e} beyond rtol*|ref| ({tol_text})")
     if op in ZERO_PATTERN_OPS:
-        detail += f", zero pattern differs at {zero_diff} of {total}"
+        detail += _zero_pattern(zero_diff, total)
     return ok, detail
+
+
+def _zero_pattern(differ: int, total: int) -> str:
+    if differ == 0:
+        return f", same zero pattern ({total:,} elements)"
+    return f", zero pattern differs at {differ:,} of {total:,} elements"
 
 
 def compare_params(ref: Sequence[Tensor], got: Sequence[Tensor], dtype: torch.dtype,
@@ -372,7 +382,10 @@ def compare_params(ref: Sequence[Tensor], got: Sequence[Tensor], dtype: torch.dt
         differ += int(mismatch.sum())
         beyond += int((mismatch & (torch.maximum(r64.abs(), g64.abs()) > zero_slack)).sum())
         del r64, g64, mismatch
-    detail = f"max abs err {worst:.1e}; {zeros} exact zeros, zero pattern differs at {differ}"
+    detail = f"max abs err {worst:.1e}; {zeros:,} exact zeros, " + (
+        "same zero pattern" if differ == 0 else f"zero pattern differs at {differ:,}")
     if beyond:
-        detail += f" ({beyond} beyond rounding of the threshold)"
+        detail += f" ({beyond:,} beyond rounding of the threshold)"
+    elif differ:
+        detail += " (all within rounding of the threshold)"
     return ok and beyond == 0, detail

@@ -1,6 +1,7 @@
 """The benchmark run: for each device, shape set and op, check then time every peer."""
 from __future__ import annotations
 
+import copy
 import datetime
 import gc
 import glob
@@ -15,14 +16,24 @@ import torch
 import pyreg
 
 from . import peers as P
+from . import report
 from . import shapes as S
 from .timing import cuda_graphed, peak_extra_bytes, sync, time_interleaved
 
-# In --quick mode torch.compile runs only for shape sets with at most this many
-# tensors: compiling a loop over 150 tensors takes 25-50 s per op on a 2-core CPU.
+# --quick is a smoke-sized run (about a minute on 2 CPU cores): the two small
+# shape sets of few tensors only (unless --shapes names others; vit-tiny's 152
+# tensors took over half of a quick run on a busy 2-core machine), no torch.compile peer (its start-up
+# alone takes 15-55 s on a 2-core CPU; --compile brings it back, then only for
+# sets of at most QUICK_COMPILE_MAX_TENSORS tensors: compiling a loop over 150
+# tensors takes 25-50 s per op), fewer calls, and fewer rotated copies.
+QUICK_SHAPES = ("mlp", "lstm")
 QUICK_COMPILE_MAX_TENSORS = 16
 CACHE_FACTOR = 4     # rotated buffers span at least this many times the last-level cache
 MAX_ROTATION = 64
+# --quick: the rotated copies span about the last-level cache once (at most 4
+# copies): filling 4x a large cache with fresh data took most of a quick run.
+QUICK_CACHE_FACTOR = 1
+QUICK_MAX_ROTATION = 4
 QUICK_SPEC_MAX_NUMEL = 10_000_000  # --quick: pyreg's float64 spec check only for sets up to this size
 
 
@@ -100,11 +111,12 @@ class Gen:
         return [self.randn(s, scale) for _, s in sset.shapes]
 
 
-def rotation_count(sset: S.ShapeSet, dtype: torch.dtype, cache: int, buffers: int = 1) -> int:
+def rotation_count(sset: S.ShapeSet, dtype: torch.dtype, cache: int, buffers: int = 1,
+                   factor: int = CACHE_FACTOR, most: int = MAX_ROTATION) -> int:
     """Copies of the set (each ``buffers`` tensors of its size) that together
-    span CACHE_FACTOR times the last-level cache."""
+    span ``factor`` times the last-level cache, at most ``most``."""
     nbytes = max(1, buffers * sset.numel * torch.tensor([], dtype=dtype).element_size())
-    return int(min(MAX_ROTATION, max(1, math.ceil(CACHE_FACTOR * cache / nbytes))))
+    return int(min(most, max(1, math.ceil(factor * cache / nbytes))))
 
 
 def free(dev: torch.device) -> None:
@@ -118,7 +130,8 @@ def free(dev: torch.device) -> None:
 # ---------------------------------------------------------------------------
 class Suite:
     def __init__(self, dev: torch.device, dtype: torch.dtype, sets: List[str], ops: List[str],
-                 quick: bool, compile_: bool, repeats: Optional[int], graphs: bool = False):
+                 quick: bool, compile_: bool, repeats: Optional[int], graphs: bool = False,
+                 on_set_done: Optional[Callable[[dict], None]] = None):
         if graphs and dev.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.dev, self.dtype, self.sets, self.ops = dev, dtype, sets, ops
@@ -131,12 +144,36 @@ class Suite:
         self.info = device_info(dev)
         self.rows: List[dict] = []
         self.notes: List[str] = []
+        self.warnings: List[str] = []
+        self.sets_done: List[str] = []
+        self.on_set_done = on_set_done  # called with result() after each shape set (incremental output)
+        self.t_start: Optional[float] = None
         self.sets_meta: Dict[str, dict] = {}
         self.compile_startup_s: Optional[float] = None
 
     # -- helpers ---------------------------------------------------------------
     def timeit_side_by_side(self, fns: Dict[str, Callable[[int], object]]) -> Dict[str, dict]:
         return time_interleaved(fns, self.dev, self.warmup, self.repeats, self.min_total_s)
+
+    def rotation(self, sset: S.ShapeSet, buffers: int = 1) -> int:
+        if self.quick:
+            return rotation_count(sset, self.dtype, self.info["cache_bytes"], buffers,
+                                  QUICK_CACHE_FACTOR, QUICK_MAX_ROTATION)
+        return rotation_count(sset, self.dtype, self.info["cache_bytes"], buffers)
+
+    def copies(self, make: Callable[[], Any], k: int) -> List[Any]:
+        """k rotated copies of ``make()`` (tensor lists, or a dict of them):
+        each fresh random data, or in --quick clones of the first (distinct
+        memory all the same, and cheaper to make)."""
+        if not self.quick:
+            return [make() for _ in range(k)]
+        first = make()
+
+        def clone(x):
+            if isinstance(x, dict):
+                return {key: clone(v) for key, v in x.items()}
+            return [t.clone() for t in x]
+        return [first] + [clone(first) for _ in range(k - 1)]
 
     def memory(self, fn: Callable[[], object]) -> dict:
         try:
@@ -146,7 +183,7 @@ class Suite:
 
     def row(self, sset, op, peer, what, ms=None, **kw) -> dict:
         r = {"device": self.dev.type, "shapes": sset.name, "op": op, "peer": peer, "what": what,
-             "ms": ms, "min_ms": None, "samples": None, "host_ms": None, "gbps": None, "pct_roofline": None, "pct_copy": None,
+             "ms": ms, "min_ms": None, "max_ms": None, "samples": None, "host_ms": None, "gbps": None, "pct_roofline": None, "pct_copy": None,
              "speedup": None, "check": "n/a", "check_detail": "", "peak_extra_mb": None,
              "rss_peak_extra_mb": None, "compile_s": None}
         r.update(kw)
@@ -168,11 +205,12 @@ class Suite:
         f(torch.ones(8, device=self.dev))
         sync(self.dev)
         self.compile_startup_s = time.perf_counter() - t0
-        log(f"  torch.compile start-up (one-time, not in per-op compile times): {self.compile_startup_s:.1f} s")
+        log(f"  torch.compile start-up (one-time, not counted in the per-op compile times): "
+            f"{self.compile_startup_s:.1f} s")
 
     # -- the run ---------------------------------------------------------------
     def run(self) -> dict:
-        t_start = time.perf_counter()
+        self.t_start = time.perf_counter()
         if self.compile:
             if self.quick:
                 big = [s for s in self.sets if S.get(s).count > QUICK_COMPILE_MAX_TENSORS]
@@ -182,6 +220,9 @@ class Suite:
                                       "25-50 s per op); run without --quick for it")
             if any(self.compile_enabled(S.get(s)) for s in self.sets):
                 self.warm_compiler()
+        elif self.quick:
+            self.notes.append("--quick: torch.compile peer skipped (its start-up alone takes 15-55 s on a "
+                              "2-core CPU); add --compile for it")
         else:
             self.notes.append("--no-compile: torch.compile peer skipped")
         if self.info["backend"] == "torch":
@@ -190,7 +231,10 @@ class Suite:
             log("  WARNING: " + msg)
             self.notes.append(msg)
         if self.quick:
-            self.notes.append(f"--quick: {self.warmup} warm-up call, median of >= {self.repeats} calls")
+            self.notes.append(f"--quick: {self.warmup} warm-up call (the optimizer step: 1 step first), median of >= {self.repeats} calls; rotated "
+                              f"copies span about the last-level cache once (at most {QUICK_MAX_ROTATION}; "
+                              f"the full run: {CACHE_FACTOR}x, at most {MAX_ROTATION}) and are clones of one "
+                              f"random copy, so small sets may be partly cache-resident")
         if self.graphs:
             self.notes.append("--cuda-graphs: every timed call (each peer, roofline and copy) is the replay of "
                               "a CUDA graph that captured it: device time only, no host launch overhead")
@@ -202,7 +246,7 @@ class Suite:
             if sset.gpu_only and self.dev.type != "cuda":
                 self.notes.append(f"{name}: GPU only, skipped on {self.dev.type}")
                 continue
-            k = rotation_count(sset, self.dtype, self.info["cache_bytes"])
+            k = self.rotation(sset)
             self.sets_meta[name] = {"description": sset.description, "tensors": sset.count,
                                     "numel": sset.numel, "rotation": k,
                                     "bytes_per_copy": sset.numel * self.elsize}
@@ -210,9 +254,10 @@ class Suite:
                 msub = S.matrices(sset)
                 self.sets_meta[name]["group_ops"] = {
                     "tensors": msub.count, "numel": msub.numel,
-                    "rotation": rotation_count(msub, self.dtype, self.info["cache_bytes"])}
-            log(f"[{self.dev.type}] {name}: {sset.count} tensors, {sset.numel / 1e6:.1f}M elements, "
-                f"{k} rotated cop{'y' if k == 1 else 'ies'}")
+                    "rotation": self.rotation(msub)}
+            log(f"[{self.dev.type}] {name} ({self.sets.index(name) + 1} of {len(self.sets)}): {sset.count} "
+                f"tensors, {sset.numel / 1e6:.1f}M elements, {k} rotated cop{'y' if k == 1 else 'ies'}")
+            first_row = len(self.rows)
             for op in self.ops:
                 t0 = time.perf_counter()
                 try:
@@ -222,7 +267,18 @@ class Suite:
                         self.run_op(sset, op, k)
                 finally:
                     free(self.dev)
-                log(f"    {op}: {time.perf_counter() - t0:.1f} s")
+                log(f"    {op}: done in {time.perf_counter() - t0:.1f} s")
+            for w in report.assess(self.rows[first_row:]):
+                log("  WARNING: " + w)
+                self.warnings.append(w)
+            self.sets_done.append(name)
+            if self.on_set_done is not None:
+                self.on_set_done(self.result())
+        return self.result(complete=True)
+
+    def result(self, complete: bool = False) -> dict:
+        """The results so far (``complete``: the run finished)."""
+        t_start = self.t_start if self.t_start is not None else time.perf_counter()
         return {
             "meta": {**self.info, "torch": torch.__version__, "pyreg": pyreg.__version__,
                      "python": platform.python_version(), "dtype": str(self.dtype).replace("torch.", ""),
@@ -230,8 +286,12 @@ class Suite:
                      "repeats": self.repeats, "min_total_s": self.min_total_s,
                      "compile_startup_s": self.compile_startup_s, "cuda_graphs": self.graphs,
                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                     "wall_s": round(time.perf_counter() - t_start, 1)},
-            "notes": self.notes, "shape_sets": self.sets_meta, "rows": self.rows,
+                     "wall_s": round(time.perf_counter() - t_start, 1),
+                     "complete": complete, "sets_planned": list(self.sets), "sets_done": list(self.sets_done),
+                     "noisy_spread": report.NOISY_SPREAD, "roofline_limit_pct": report.ROOFLINE_LIMIT},
+            # a snapshot: the run goes on adding rows and sets after an incremental write
+            "notes": list(self.notes), "warnings": list(self.warnings),
+            "shape_sets": copy.deepcopy(self.sets_meta), "rows": copy.deepcopy(self.rows),
         }
 
     # -- one op ------------------------------------------------------------------
@@ -239,15 +299,15 @@ class Suite:
         spec = P.OPS[op]
         if spec.matrices_only:  # the group ops: the set's tensors of 2+ dims
             sset = S.matrices(sset)
-            k = rotation_count(sset, self.dtype, self.info["cache_bytes"])
+            k = self.rotation(sset)
             self.note_once("group_prox_ and max_norm_ run on each set's tensors of 2 or more dimensions "
                            "(1-D biases and norm scales left out; tensor and element counts in the JSON)")
             log(f"      {op}: {sset.count} tensors of 2+ dims, {sset.numel / 1e6:.2f}M elements, "
                 f"{k} rotated cop{'y' if k == 1 else 'ies'}")
         c = P.Coefs(sset.count, self.dev, [s for _, s in sset.shapes] if spec.matrices_only else ())
         gen = Gen(self.dev, self.dtype, seed=1000 + P.OP_ORDER.index(op))
-        data = [{"ws": gen.tensors(sset, P.W_SCALE),
-                 "gs": gen.tensors(sset, P.G_SCALE) if op == "add_penalty_grad_" else []} for _ in range(k)]
+        data = self.copies(lambda: {"ws": gen.tensors(sset, P.W_SCALE),
+                                    "gs": gen.tensors(sset, P.G_SCALE) if op == "add_penalty_grad_" else []}, k)
 
         def fresh():  # a copy of rotation 0 (still pristine: checks run before any timing)
             return {key: ([t.clone() for t in v] if key in spec.mutates else v) for key, v in data[0].items()}
@@ -281,7 +341,11 @@ class Suite:
         else:
             ok, detail = P.compare(op, spec_result(), ref, self.dtype)
             checks = {"pyreg": (ok, "vs float64 spec: " + detail)}
-        log(f"      pyreg result (and spec check) on fresh data: {time.perf_counter() - t_check:.1f} s")
+        if "skipped" in checks["pyreg"][1]:
+            log(f"      pyreg on fresh data ({checks['pyreg'][1]}): {time.perf_counter() - t_check:.1f} s")
+        else:
+            log(f"      pyreg {'matches' if checks['pyreg'][0] else 'DOES NOT MATCH'} its float64 spec "
+                f"({checks['pyreg'][1][len('vs float64 spec: '):]}): {time.perf_counter() - t_check:.1f} s")
 
         # 2. the peers' results against pyreg's (compile happens here)
         fns: Dict[str, Optional[Callable]] = {"pyreg": pyreg_fn}
@@ -299,7 +363,7 @@ class Suite:
                 sync(self.dev)
                 first_call[peer] = time.perf_counter() - t0
                 if peer == "compile":
-                    log(f"      compile  first call (compiles) {first_call[peer]:.1f} s")
+                    log(f"      compile: first call (compiling) took {first_call[peer]:.1f} s")
                 checks[peer] = P.compare(op, ref, result(d, out), self.dtype)
                 if not checks[peer][0] and "vs float64 spec" not in checks["pyreg"][1]:
                     # --quick skipped pyreg's own spec check: a disagreement needs it now
@@ -318,12 +382,16 @@ class Suite:
                 checks[peer] = (False, f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 fns[peer] = None
         ref = spec_cache = None  # (rebound, not deleted: closures above refer to them)
+        outcome = {True: "matches", False: "FAILS", "inexact": "inexact (off the float64 spec itself)"}
+        log("      checks against pyreg: " + "; ".join(
+            f"{peer} {outcome.get(checks[peer][0], checks[peer][0])}" if peer in checks else f"{peer} skipped (see notes)"
+            for peer in spec.peers[1:]))
 
         # 3. timing, side by side: pyreg, the peers and the flat-buffer
         # roofline and copy ops (rotated buffers) take turns call by call.
         gen_ref = Gen(self.dev, self.dtype, seed=7)
-        bufs = [(gen_ref.randn((sset.numel,), P.W_SCALE), gen_ref.randn((sset.numel,), P.W_SCALE))
-                for _ in range(k)]
+        bufs = [tuple(pair) for pair in self.copies(
+            lambda: [gen_ref.randn((sset.numel,), P.W_SCALE), gen_ref.randn((sset.numel,), P.W_SCALE)], k)]
         calls: Dict[str, Callable[[int], object]] = {}
         for peer in spec.peers:
             if fns.get(peer) is not None:
@@ -361,7 +429,8 @@ class Suite:
             t = times[peer]
             timed[peer] = {**t, **self.memory(lambda: fns[peer](data[0]))}
             host = f", host {t['host_ms']:.3f} ms" if self.dev.type == "cuda" else ""
-            log(f"      {peer:8s} {t['ms']:9.3f} ms (median of {t['samples']}{host})")
+            log(f"      {peer:8s} {t['ms']:9.3f} ms (median of {t['samples']} calls; "
+                f"min {t['min_ms']:.3f}, max {t['max_ms']:.3f}{host})")
 
         # 4. rows
         base = timed.get("pyreg", {}).get("ms")
@@ -377,7 +446,8 @@ class Suite:
             t = timed[peer]
             ok, detail = checks[peer]
             status = ok if isinstance(ok, str) else ("pass" if ok else "FAIL")
-            r = self.row(sset, op, peer, what, ms=t["ms"], min_ms=t["min_ms"], samples=t["samples"],
+            r = self.row(sset, op, peer, what, ms=t["ms"], min_ms=t["min_ms"], max_ms=t["max_ms"],
+                         samples=t["samples"],
                          host_ms=t.get("host_ms"), gbps=nbytes / (t["ms"] * 1e6), pct_roofline=100.0 * roof["ms"] / t["ms"],
                          pct_copy=100.0 * (nbytes / t["ms"]) / (copy["gbps"] * 1e6),
                          speedup=(t["ms"] / base) if base else None,
@@ -390,7 +460,8 @@ class Suite:
             units = P.ROOFLINE[kind][0]
             self.row(sset, op, "roofline" if kind == spec.roofline else "copy",
                      f"{ref_t['what']} over one flat buffer ({units * self.elsize} B/elem)",
-                     ms=ref_t["ms"], min_ms=ref_t["min_ms"], samples=ref_t["samples"], gbps=ref_t["gbps"],
+                     ms=ref_t["ms"], min_ms=ref_t["min_ms"], max_ms=ref_t["max_ms"], samples=ref_t["samples"],
+                     gbps=ref_t["gbps"],
                      pct_roofline=100.0 * roof["ms"] / ref_t["ms"] if kind == spec.roofline else None,
                      pct_copy=100.0 * ref_t["gbps"] / copy["gbps"],
                      speedup=(ref_t["ms"] / base) if base else None)
@@ -417,13 +488,13 @@ class Suite:
         dev, dtype = self.dev, self.dtype
         lr, wd, l1 = P.LR, P.STEP_WEIGHT_DECAY, P.STEP_L1
         # p, g, m and v are all touched: rotate as many copies as that traffic needs
-        k = rotation_count(sset, dtype, self.info["cache_bytes"], buffers=4)
+        k = self.rotation(sset, buffers=4)
         self.sets_meta[sset.name]["step_rotation"] = k
         log(f"      step: {k} rotated cop{'y' if k == 1 else 'ies'} of (p, g, m, v)")
         impl = self.torch_adamw_impl()
         gen = Gen(dev, dtype, seed=2000)
-        weights = [gen.tensors(sset, P.W_SCALE) for _ in range(k)]
-        grads = [gen.tensors(sset, P.G_SCALE) for _ in range(k)]
+        weights = self.copies(lambda: gen.tensors(sset, P.W_SCALE), k)
+        grads = self.copies(lambda: gen.tensors(sset, P.G_SCALE), k)
         thresholds, scales = [lr * l1] * sset.count, [1.0] * sset.count  # the loop prox, l2 = 0
 
         def params(i: int) -> List[torch.nn.Parameter]:
@@ -477,8 +548,8 @@ class Suite:
                 ok, detail = checks["regularized"]
                 checks["pyreg"] = (ok, f"vs {ref_name}: {detail}")
             zeros = sum(int((p == 0).sum()) for p in results["pyreg"])
-            log(f"      check after one step: pyreg {zeros} exact zeros; "
-                + "; ".join(f"{peer}: {'pass' if checks[peer][0] else 'FAIL'} ({checks[peer][1]})"
+            log(f"      check after one step (pyreg's step made {zeros:,} exact zeros): "
+                + "; ".join(f"{peer} {'matches' if checks[peer][0] else 'FAILS'} ({checks[peer][1]})"
                             for peer in ("regularized", "loop") if peer in checks))
         for peer in ("pyreg", "regularized", "loop"):
             if peer in checks and not checks[peer][0]:
@@ -510,7 +581,7 @@ class Suite:
             try:
                 steps[peer] = [build(peer, params(i), capturable=graphed) for i in range(k)]
                 for s in steps[peer]:  # a few steps first: the state exists, as in training
-                    for _ in range(2):
+                    for _ in range(1 if self.quick else 2):
                         s()
                 sync(dev)
             except Exception as e:
@@ -521,15 +592,17 @@ class Suite:
         # element count (the same traffic, no per-tensor work), and a flat copy
         gen_ref = Gen(dev, dtype, seed=7)
         flat_steps, copies = [], []
-        for _ in range(k):
-            p = torch.nn.Parameter(gen_ref.randn((sset.numel,), P.W_SCALE))
-            p.grad = gen_ref.randn((sset.numel,), P.G_SCALE)
+        flat = self.copies(lambda: [gen_ref.randn((sset.numel,), P.W_SCALE), gen_ref.randn((sset.numel,), P.G_SCALE),
+                                    gen_ref.randn((sset.numel,), P.W_SCALE), gen_ref.randn((sset.numel,), P.W_SCALE)], k)
+        for w0, g0, a, b in flat:
+            p = torch.nn.Parameter(w0)
+            p.grad = g0
             o = torch.optim.AdamW([p], lr=P.LR, weight_decay=P.STEP_WEIGHT_DECAY, **{impl: True},
                                   **({"capturable": True} if graphed else {}))
             o.step()
             flat_steps.append(o.step)
-            a, b = gen_ref.randn((sset.numel,), P.W_SCALE), gen_ref.randn((sset.numel,), P.W_SCALE)
             copies.append(lambda a=a, b=b: b.copy_(a))
+        del flat
         sync(dev)
         calls: Dict[str, Callable[[int], object]] = {
             peer: (lambda i, s=s: s[i % k]()) for peer, s in steps.items()}
@@ -556,7 +629,8 @@ class Suite:
                 t = times[peer]
                 timed[peer] = {**t, **self.memory(lambda: calls[peer](0))}
                 host = f", host {t['host_ms']:.3f} ms" if dev.type == "cuda" else ""
-                log(f"      {peer:12s} {t['ms']:9.3f} ms (median of {t['samples']}{host})")
+                log(f"      {peer:12s} {t['ms']:9.3f} ms (median of {t['samples']} calls; "
+                    f"min {t['min_ms']:.3f}, max {t['max_ms']:.3f}{host})")
         steps = calls = flat_steps = copies = None  # free the optimizers' state
         nbytes = P.OPS["step"].bytes_per_elem * self.elsize * sset.numel
         roof, copy = times["roofline"], times["copy"]
@@ -574,7 +648,7 @@ class Suite:
                 detail = "eager check: " + detail
             status = ok if isinstance(ok, str) else ("pass" if ok else "FAIL")
             self.row(sset, op_name, peer, whats[peer] + suffix, ms=t["ms"], min_ms=t["min_ms"],
-                     samples=t["samples"], host_ms=t.get("host_ms"), gbps=nbytes / (t["ms"] * 1e6),
+                     max_ms=t["max_ms"], samples=t["samples"], host_ms=t.get("host_ms"), gbps=nbytes / (t["ms"] * 1e6),
                      pct_roofline=100.0 * roof["ms"] / t["ms"],
                      pct_copy=100.0 * (nbytes / t["ms"]) / (copy_gbps * 1e6),
                      speedup=(t["ms"] / base) if base else None, check=status, check_detail=detail,
@@ -584,7 +658,7 @@ class Suite:
             units, what = P.ROOFLINE["adamw_flat" if kind == "roofline" else "copy"]
             what = what if kind == "roofline" else f"{what} over one flat buffer"
             self.row(sset, op_name, kind, f"{what} ({units * self.elsize} B/elem){suffix}", ms=t["ms"],
-                     min_ms=t["min_ms"], samples=t["samples"], host_ms=t.get("host_ms"),
+                     min_ms=t["min_ms"], max_ms=t["max_ms"], samples=t["samples"], host_ms=t.get("host_ms"),
                      gbps=units * self.elsize * sset.numel / (t["ms"] * 1e6),
                      pct_roofline=100.0 * roof["ms"] / t["ms"] if kind == "roofline" else None,
                      pct_copy=100.0 * (units * self.elsize * sset.numel / (t["ms"] * 1e6)) / copy_gbps,

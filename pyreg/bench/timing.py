@@ -8,7 +8,7 @@
   training step that time overlaps the GPU's queued work, so a call whose
   host_ms is under its device ms does not slow a GPU-bound step.
 * Each sample is one call; the reported figure is the median of the samples,
-  after warm-up calls. Calls that take under ~1 ms get more samples.
+  after warm-up calls, with their minimum and maximum (the spread). Calls that take under ~1 ms get more samples.
   ``time_interleaved`` times several functions round robin (the suite's way).
 * Peak extra memory: see :func:`peak_extra_bytes`.
 """
@@ -61,8 +61,8 @@ def time_calls(fn: Callable[[int], object], device: torch.device, warmup: int, r
 
 
 def _summary(samples: List[float], host: List[float]) -> Dict[str, object]:
-    return {"ms": statistics.median(samples), "min_ms": min(samples), "samples": len(samples),
-            "host_ms": statistics.median(host)}
+    return {"ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples),
+            "samples": len(samples), "host_ms": statistics.median(host)}
 
 
 def time_interleaved(fns: Dict[str, Callable[[int], object]], device: torch.device, warmup: int,
