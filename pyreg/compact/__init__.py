@@ -279,6 +279,6 @@ def _first_difference(a, removed, old_values, new_values, tol) -> str:
             continue
         if ax is not None and not isinstance(ax, tuple):
             old = old.index_select(ax.dim, (~removed[ax.ids]).nonzero().flatten())
-        if old.shape == new.shape and float((old.double() - new.double()).abs().max(initial=0)) > tol:
+        if old.shape == new.shape and old.numel() and float((old.double() - new.double()).abs().max()) > tol:
             return f"{node.name} ({node.op} {node.target})"
     return "not found"

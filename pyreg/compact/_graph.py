@@ -534,11 +534,10 @@ class _Analyzer:
         if any(ax is None or ax.dim != tracked[0].dim for ax, _ in parts):
             return self.unknown(node)
         base = tracked[0]
-        const = base.const.clone()
         for ax in tracked[1:]:
             self.uf.unite(base.ids, ax.ids)
-            const &= ax.const
-        return Axis(base.dim, base.ids, const)
+        # each member's constant may differ: the joined tensor is not constant along the cat dim
+        return Axis(base.dim, base.ids, torch.zeros_like(base.const))
 
     def reshape(self, node, ax, x, y, record):
         if ax is None:
