@@ -146,17 +146,17 @@ class _Ids:
 
 
 def _zero_rows(w: Tensor) -> Tensor:
-    return (w.reshape(w.shape[0], -1) == 0).all(1)
+    return w.abs().amax(dim=tuple(range(1, w.dim()))) == 0
 
 
 def _zero_cols(w: Tensor) -> Tensor:
     """Per input feature (dim 1 of a Linear/conv weight): all weights zero."""
-    return (w.transpose(0, 1).reshape(w.shape[1], -1) == 0).all(1)
+    return w.abs().amax(dim=tuple(d for d in range(w.dim()) if d != 1)) == 0
 
 
 def _feature_values(x: Tensor, dim: int) -> Tensor:
-    """The values of sample 0, position 0 along every other dim, per feature of ``dim``."""
-    return x.detach().movedim(dim, -1).reshape(-1, x.shape[dim])[0]
+    """The values of sample 0, position 0 along every other dim, per feature of ``dim`` (a view)."""
+    return x.detach().movedim(dim, -1)[(0,) * (x.dim() - 1)]
 
 
 def _norm_dim(d: int, ndim: int) -> int:

@@ -84,9 +84,10 @@ def rewrite(a: Analysis, removed: Tensor, drop_inputs: bool) -> Dict[str, dict]:
                 kin = torch.ones(w.shape[1], dtype=torch.bool)
             note(name, "outputs", (~keep_out).nonzero().flatten())
             note(name, "inputs", (~kin).nonzero().flatten())
-            mod.weight = _param(w[keep_out][:, kin], w)
+            rows, cols = keep_out.nonzero().flatten(), kin.nonzero().flatten()
+            mod.weight = _param(w.index_select(0, rows).index_select(1, cols), w)
             if mod.bias is not None:
-                mod.bias = _param(mod.bias.detach()[keep_out], mod.bias)
+                mod.bias = _param(mod.bias.detach().index_select(0, rows), mod.bias)
             if isinstance(mod, nn.Linear):
                 mod.in_features, mod.out_features = int(kin.sum()), int(keep_out.sum())
             else:
