@@ -380,6 +380,28 @@ def test_embedding_dims():
     assert out.report.params_after == _params(m) - 3 * 11 - 3 * 2
 
 
+def test_embedding_flattened_per_token():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 5)
+            self.fc = nn.Linear(3 * 5, 2)
+
+        def forward(self, tokens):
+            return self.fc(self.emb(tokens).view(-1, 15))   # dims repeat per token: interleaved features
+
+    _seed(26)
+    m = Net().eval()
+    with torch.no_grad():
+        m.emb.weight[:, 2] = 0             # zero dim: constant 0 at every token
+        m.fc.weight[:, [4, 9, 14]] = 0     # dim 4 unused at every token
+        m.fc.weight[:, 0] = 0              # dim 0 unused at token 0 only: stays
+    tokens = torch.randint(0, 7, (6, 3))
+    out = pyreg.compact(m, tokens, measure=False)
+    assert torch.allclose(out.model(tokens), m(tokens), atol=1e-6)
+    assert out.model.emb.embedding_dim == 3 and out.model.fc.in_features == 9
+
+
 # ---------------------------------------------------------------- inputs
 
 @pytest.mark.parametrize("drop", [False, True])

@@ -17,10 +17,16 @@ outputs::
   constant channels, to check the result, and (``measure=True``) to time both
   models, at its batch size.
 - ``drop_inputs=False``: the compacted model takes the same inputs as the
-  original and gathers the kept input features itself (one ``index_select``);
+  original and gathers the kept input features itself (``torch.narrow``, a
+  view, when they are one contiguous range, else ``index_select``);
   ``drop_inputs=True``: it takes only the kept features
-  (``x[..., report.inputs[name]["kept"]]`` along the reported dim). Either way
-  the report lists the kept and removed input indices.
+  (``x.index_select(dim, kept)`` with ``report.inputs[name]["dim"]`` and
+  ``["kept"]``). Either way the report lists the kept and removed input
+  indices. A gather of scattered features reads the whole input, which can
+  cost about what the smaller first layer saves (on the demo MLP at batch
+  4096: 0.87x with 8 scattered kept inputs, 1.5x with 8 contiguous ones, 1.7x
+  with ``drop_inputs=True``): where speed matters, feed only the kept
+  features.
 - ``atol``: the allowed max abs difference of the outputs; default ``1e-5 ×``
   the largest original output magnitude (float32 rounding: folding changes the
   order of a sum).
@@ -261,9 +267,9 @@ def _kept_zero_groups(a, removed: Tensor) -> Dict[str, dict]:
 
 
 def _producer_const(a, name) -> Optional[Tensor]:
-    for node_name, ax in a.axes.items():
-        node = next((n for n in a.graph_module.graph.nodes if n.name == node_name), None)
-        if node is not None and node.op == "call_module" and node.target == name and ax is not None:
+    for node in a.graph_module.graph.nodes:
+        ax = a.axes.get(node.name)
+        if node.op == "call_module" and node.target == name and ax is not None:
             return getattr(ax, "axis", ax).const
     return None
 
@@ -282,3 +288,6 @@ def _first_difference(a, removed, old_values, new_values, tol) -> str:
         if old.shape == new.shape and old.numel() and float((old.double() - new.double()).abs().max()) > tol:
             return f"{node.name} ({node.op} {node.target})"
     return "not found"
+
+
+compact.__doc__ = __doc__  # help(pyreg.compact) shows the whole user documentation

@@ -185,6 +185,7 @@ class _Analyzer:
 
     def rnn_hidden_used(self, out: RnnOut, reason: str):
         out.plan.hidden_used = True
+        self.leave(f"{out.plan.module} (hidden units)", reason)
         self.block(out.axis, reason)
 
     def module_ids(self, name: str, n: int) -> Tensor:
@@ -427,10 +428,10 @@ class _Analyzer:
             return None
         return self.unknown(node)
 
-    def unknown(self, node):
+    def unknown(self, node, why="it is not supported"):
         name = getattr(node.target, "__name__", str(node.target))
         if any(self.a.axes.get(a.name) is not None for a in _flat_nodes(node.args, node.kwargs)):
-            self.leave(node.name, f"op {name} is not supported")
+            self.leave(node.name, f"op {name}: {why}")
         self.block_args(node, f"used by op {name} ({node.name})")
         return None
 
@@ -540,27 +541,23 @@ class _Analyzer:
         return Axis(base.dim, base.ids, torch.zeros_like(base.const))
 
     def reshape(self, node, ax, x, y, record):
+        """flatten/view/reshape: the channel dim may merge with others (a conv's channel becomes a
+        block of features, a token's dims repeat per token); it may not be split."""
         if ax is None:
             return None
         s, t = list(x.shape), list(y.shape)
-        c = ax.dim
-        before = _prod(s[:c])
-        k = 0
-        while k < len(t) and _prod(t[:k]) < before:
-            k += 1
-        while k < len(t) and t[k] == 1 and s[c] != 1:
-            k += 1
-        if k >= len(t) or _prod(t[:k]) != before:
-            return self.unknown(node)
-        # dims s[a..e] (a <= c <= e) merge into t[k]; the channel must lead its block (contiguous features)
-        e, size = c, s[c]
-        while size < t[k] and e + 1 < len(s):
-            e += 1
-            size *= s[e]
-        if size != t[k]:
-            return self.unknown(node)
-        rep = _prod(s[c + 1:e + 1])
-        out = Axis(k, ax.ids.repeat_interleave(rep), ax.const.repeat_interleave(rep))
+        c, n = ax.dim, s[ax.dim]
+        inner_s = _prod(s[c + 1:])
+        for k in range(len(t)):
+            inner_t = _prod(t[k + 1:])
+            if t[k] > 1 and inner_t <= inner_s and inner_t * t[k] >= inner_s * n:
+                break
+        else:
+            return self.unknown(node, "it splits the channel dim")
+        if inner_s % inner_t or (inner_t * t[k]) % (inner_s * n):
+            return self.unknown(node, "it splits the channel dim")
+        f = (torch.arange(t[k]) * inner_t // inner_s) % n
+        out = Axis(k, ax.ids[f], ax.const[f])
         if record:
             self.a.reshapes.append((node, out))
         return out
