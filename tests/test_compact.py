@@ -497,6 +497,33 @@ def test_wrong_input_shape():
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
 
 
+def test_wrong_result_is_refused_and_names_the_layer(monkeypatch):
+    """The check after building: a fold that adds nothing (a planted bug) raises, naming the layer."""
+    import importlib
+
+    rw = importlib.import_module("pyreg.compact._rewrite")
+
+    monkeypatch.setattr(rw, "_feature_values", lambda x, dim: torch.zeros(x.shape[dim]))
+    _seed(27)
+    m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        m[0].weight[1] = 0
+        m[0].bias[1] = 2.0
+    before = _state(m)
+    with pytest.raises(RuntimeError, match=r"first differing layer: _2 \(call_module 2\)"):
+        pyreg.compact(m, torch.randn(5, 4), measure=False)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_conv_and_rnn_wrong_input_shape():
+    with pytest.raises(ValueError, match="cannot run"):
+        pyreg.compact(nn.Conv2d(3, 4, 3), torch.randn(2, 4, 8, 8), measure=False)
+    with pytest.raises(ValueError, match="cannot run"):
+        pyreg.compact(RnnHead(nn.LSTM, 5, 4), torch.randn(2, 3, 6), measure=False)
+    with pytest.raises(ValueError, match="2 example inputs given"):
+        pyreg.compact(nn.Linear(3, 2), (torch.randn(2, 3), torch.randn(2, 3)), measure=False)
+
+
 # ---------------------------------------------------------------- report
 
 def test_report_table_dict_latency_and_sparse():
