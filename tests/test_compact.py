@@ -503,7 +503,7 @@ def test_wrong_result_is_refused_and_names_the_layer(monkeypatch):
 
     rw = importlib.import_module("pyreg.compact._rewrite")
 
-    monkeypatch.setattr(rw, "_feature_values", lambda x, dim: torch.zeros(x.shape[dim]))
+    monkeypatch.setattr(rw, "feature_values", lambda x, dim: torch.zeros(x.shape[dim]))
     _seed(27)
     m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
     with torch.no_grad():
@@ -534,7 +534,7 @@ def test_report_table_dict_latency_and_sparse():
         m[2].weight[0, :6] = 0             # element-wise zeros: stay, counted
     out = pyreg.compact(m.eval(), torch.randn(32, 16), measure=True)
     text = str(out.report)
-    assert "params" in text and "latency cpu, batch 32" in text and "do not speed up dense" in text
+    assert "params" in text and "latency cpu, batch 32 (example (32, 16))" in text and "do not speed up dense" in text
     d = out.report.to_dict()
     assert d["params_before"] == _params(m) and d["params_after"] == _params(m) - 8 * 12
     assert d["macs_before"] == 32 * (16 * 12 + 12 * 3) and d["macs_after"] == 32 * (8 * 12 + 12 * 3)

@@ -125,7 +125,7 @@ class Compacted:
         Unstructured zeros do not speed up dense inference; whether CSR does depends on the
         sparsity and size of the weights (often not, on the CPU, below ~90–95 % zeros)."""
         from ._report import SparseLinear, measure_latency
-        from ._rewrite import _set_module
+        from ._rewrite import set_module
 
         sparse = copy.deepcopy(self.model).eval()
         converted = {}
@@ -133,7 +133,7 @@ class Compacted:
             if type(mod) is nn.Linear:
                 frac = float((mod.weight == 0).float().mean()) if mod.weight.numel() else 0.0
                 if frac >= min_sparsity:
-                    _set_module(sparse, name, SparseLinear(mod))
+                    set_module(sparse, name, SparseLinear(mod))
                     converted[name] = frac
         info = {"converted": converted}
         if measure:
@@ -214,7 +214,8 @@ def compact(model: nn.Module, example_inputs, *, drop_inputs: bool = False, atol
     report = Report(layers=[], inputs=kept_inputs, left_alone=dict(analysis.left_alone),
                     kept_zero_groups=_kept_zero_groups(analysis, removed),
                     batch_size=int(args[0].shape[0]) if args[0].dim() else None,
-                    max_abs_error=0.0, output_scale=0.0, drop_inputs=drop_inputs)
+                    max_abs_error=0.0, output_scale=0.0, drop_inputs=drop_inputs,
+                    example_shapes=", ".join(str(tuple(a.shape)) for a in args))
     new_args = _model_args(report, args)
     with torch.no_grad():
         new_values = capture(gm, new_args)

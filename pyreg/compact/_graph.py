@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Axis", "Analysis", "analyze"]
+__all__ = ["Axis", "Analysis", "analyze", "decide", "feature_values"]
 
 # Element-wise modules and functions: a channel stays a channel, a constant stays a constant.
 ELEMENTWISE_MODULES = (
@@ -154,7 +154,7 @@ def _zero_cols(w: Tensor) -> Tensor:
     return w.abs().amax(dim=tuple(d for d in range(w.dim()) if d != 1)) == 0
 
 
-def _feature_values(x: Tensor, dim: int) -> Tensor:
+def feature_values(x: Tensor, dim: int) -> Tensor:
     """The values of sample 0, position 0 along every other dim, per feature of ``dim`` (a view)."""
     return x.detach().movedim(dim, -1)[(0,) * (x.dim() - 1)]
 
@@ -270,7 +270,10 @@ class _Analyzer:
                 return None
             return self.linear_like(node, name, mod, ax, x, y, "conv")
         if type(mod) in (nn.BatchNorm1d, nn.BatchNorm2d):
-            if ax is None or ax.dim != 1 or len(node.args) != 1:
+            if ax is None:
+                return None
+            if ax.dim != 1:
+                self.block(ax, f"normalized by {name} along another dim")
                 return None
             self.first_call(name, ax)
             self.a.slices.append((name, ax))
@@ -333,7 +336,7 @@ class _Analyzer:
                     foldable = torch.zeros_like(zero)  # one bias cannot hold two calls' constants
                 elif kind == "conv" and _zero_padded(mod):
                     # At padded borders a constant input channel is not constant: fold only zeros.
-                    foldable = _feature_values(x, 1) == 0
+                    foldable = feature_values(x, 1) == 0
                 else:
                     foldable = torch.ones_like(zero)
                 self.a.sites.append(Site(node, name, kind, ax, zero, foldable))
@@ -369,7 +372,7 @@ class _Analyzer:
                 elif mod.bias:
                     foldable = torch.ones_like(zero)
                 else:
-                    foldable = _feature_values(x, x.dim() - 1) == 0
+                    foldable = feature_values(x, x.dim() - 1) == 0
                 self.a.sites.append(Site(node, name, "rnn", ax, zero, foldable))
         incoming_zero, rec_ok = [], []
         for layer in range(L):

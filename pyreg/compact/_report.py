@@ -152,6 +152,7 @@ class Report:
     max_abs_error: float
     output_scale: float
     drop_inputs: bool
+    example_shapes: str = ""
     latency: Dict[str, dict] = field(default_factory=dict)
 
     @property
@@ -194,7 +195,8 @@ class Report:
                          f"features {_short(inp['kept'])} ({how})")
         lines.append(f"outputs checked: max abs error {self.max_abs_error:.3g} (output scale {self.output_scale:.3g})")
         for dev, lat in self.latency.items():
-            lines.append(f"latency {dev}, batch {self.batch_size}: {lat['before_ms']:.4g} ms -> "
+            lines.append(f"latency {dev}, batch {self.batch_size} (example {self.example_shapes}): "
+                         f"{lat['before_ms']:.4g} ms -> "
                          f"{lat['after_ms']:.4g} ms ({lat['speedup']:.2f}x; median of {lat['repeats']} "
                          f"interleaved repeats)")
         zeros = sum(r.zeros_after for r in self.layers)

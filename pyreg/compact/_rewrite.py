@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._graph import Analysis, _feature_values
+from ._graph import Analysis, feature_values
 
-__all__ = ["StackedRNN", "rewrite"]
+__all__ = ["StackedRNN", "rewrite", "set_module"]
 
 
 class StackedRNN(nn.Module):
@@ -31,7 +31,7 @@ class StackedRNN(nn.Module):
         return x, None
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module):
+def set_module(root: nn.Module, name: str, new: nn.Module):
     parent, _, last = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, last, new)
 
@@ -57,7 +57,7 @@ def rewrite(a: Analysis, removed: Tensor, drop_inputs: bool) -> Dict[str, dict]:
             continue
         mod = gm.get_submodule(s.module)
         x = a.values[s.node.args[0].name]
-        v = _feature_values(x, s.axis.dim).double()
+        v = feature_values(x, s.axis.dim).double()
         if s.kind == "linear":
             delta = mod.weight.detach().double()[:, fold] @ v[fold]
             base = mod.bias.detach().double() if mod.bias is not None else 0.0
@@ -201,4 +201,4 @@ def _rewrite_rnn(gm, name, plan, removed, kin, changes):
     else:
         out = StackedRNN(layers, mod.dropout)
     out.train(mod.training)
-    _set_module(gm, name, out)
+    set_module(gm, name, out)
