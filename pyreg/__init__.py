@@ -16,6 +16,7 @@ from .ops import (add_group_penalty_grad_, add_penalty_grad_, group_norms, group
 from .conventions import from_sklearn, from_weight_decay
 from .optim import Regularized, param_groups
 from . import optim
+from .compact import compact  # noqa: E402  (pyreg.compact: remove zeroed groups)
 
 __all__ = [
     "Regularized",
@@ -23,6 +24,7 @@ __all__ = [
     "add_group_penalty_grad_",
     "add_penalty_grad_",
     "backend_name",
+    "compact",
     "from_sklearn",
     "from_weight_decay",
     "group_norms",

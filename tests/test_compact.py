@@ -1,0 +1,626 @@
+"""pyreg.compact: removed groups, folded constants, coupling, inputs, report, errors."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import pyreg
+from pyreg.compact import Compacted, StackedRNN
+
+
+def _seed(s=0):
+    torch.manual_seed(s)
+
+
+def _params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def check(model, x, **kw):
+    """Compact, check the original is untouched, and compare on fresh random inputs."""
+    model.eval()
+    before = _state(model)
+    out = pyreg.compact(model, x, measure=False, **kw)
+    assert isinstance(out, Compacted)
+    after = _state(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    xs = x if isinstance(x, tuple) else (x,)
+    fresh = tuple(torch.randn_like(t) if t.is_floating_point() else t for t in xs)
+    if kw.get("drop_inputs"):
+        fresh_in = list(fresh)
+        for i, inp in zip(range(len(fresh)), out.report.inputs.values()):
+            fresh_in[i] = fresh[i].index_select(inp["dim"], torch.tensor(inp["kept"]))
+    else:
+        fresh_in = fresh
+    with torch.no_grad():
+        ref, got = model(*fresh), out.model(*fresh_in)
+    scale = float(ref.abs().max())
+    assert float((ref - got).abs().max()) <= 1e-5 * max(scale, 1e-6), (ref - got).abs().max()
+    assert out.report.params_after == _params(out.model)
+    assert out.report.params_before == _params(model)
+    return out
+
+
+# ---------------------------------------------------------------- Linear chains
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_chain_input_columns_and_outgoing_zero(bias):
+    _seed(1)
+    m = nn.Sequential(nn.Linear(13, 9, bias=bias), nn.ReLU(), nn.Dropout(0.3), nn.Linear(9, 7, bias=bias),
+                      nn.GELU(), nn.Linear(7, 3, bias=bias))
+    with torch.no_grad():
+        m[0].weight[:, [0, 5, 12]] = 0      # 3 inputs unused
+        m[3].weight[:, [2, 4]] = 0          # neurons 2, 4 of layer 0 unused (outgoing zero)
+        m[5].weight[:, 6] = 0               # neuron 6 of layer 3 unused
+    out = check(m, torch.randn(31, 13))
+    b = 1 if bias else 0
+    expected = _params(m) - 3 * 9 - 2 * (10 + b) - (7 + b + 3) + 3 * 0
+    # inputs: 3 columns of layer 0; neurons 2, 4: a row (10 kept inputs + bias) and a column of layer 3;
+    # neuron 6 of layer 3: a row (7 kept inputs + bias) and a column of layer 5
+    expected = _params(m) - 3 * 9 - 2 * (13 - 3 + b) - 2 * 7 - (9 - 2 + b) - 3
+    assert out.report.params_after == expected
+    assert out.report.inputs["input_1"]["removed"] == [0, 5, 12]
+    assert out.report.layers[0].removed["outputs"] == [2, 4]
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.SiLU])
+def test_incoming_zero_neuron_is_folded(act):
+    _seed(2)
+    m = nn.Sequential(nn.Linear(6, 5), act(), nn.Linear(5, 4), act(), nn.Linear(4, 2))
+    with torch.no_grad():
+        m[0].weight[1] = 0
+        m[0].bias[1] = 0.7       # constant act(0.7) != 0: must be folded, not dropped
+        m[2].weight[3] = 0
+        m[2].bias[3] = -0.4
+    out = check(m, torch.randn(17, 6))
+    assert out.report.params_after == _params(m) - (6 + 1 + 4) - (4 + 1 + 2)
+    assert out.report.layers[0].removed["outputs"] == [1]
+
+
+def test_fold_into_layer_without_bias_creates_one():
+    _seed(3)
+    m = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3, bias=False))
+    with torch.no_grad():
+        m[0].weight[0] = 0
+        m[0].bias[0] = 1.5
+    out = check(m, torch.randn(8, 5))
+    assert out.model.get_submodule("2").bias is not None
+
+
+def test_incoming_zero_with_zero_columns_needs_no_fold_and_odd_sizes():
+    _seed(4)
+    m = nn.Sequential(nn.Linear(1, 7), nn.Tanh(), nn.Linear(7, 1))
+    with torch.no_grad():
+        m[0].weight[[0, 3]] = 0
+    check(m, torch.randn(1, 1))
+
+
+# ---------------------------------------------------------------- convolutions
+
+def test_conv2d_chain_and_flatten_to_linear():
+    _seed(5)
+    m = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(5 * 4 * 4, 4))
+    with torch.no_grad():
+        m[0].weight[:, 1] = 0              # input channel 1 unused
+        m[0].weight[2] = 0                 # channel 2: constant relu(b), folded into conv 2 (no padding)
+        m[0].bias[2] = 0.5
+        m[2].weight[4] = 0                 # channel 4: constant map relu(b) -> a block of 16 features
+        m[2].bias[4] = 0.3
+        m[2].weight[:, 5] = 0              # channel 5 of conv 0 unused
+    out = check(m, torch.randn(4, 3, 8, 8))
+    exp = _params(m) - 6 * 9 - 2 * (2 * 9 + 1) - 2 * 5 * 9 - (4 * 9 + 1) - 16 * 4
+    assert out.report.params_after == exp
+    assert out.report.layers[-1].removed["inputs"] == list(range(64, 80))
+
+
+def test_view_with_literal_size_is_rewritten():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 6, 3)
+            self.fc = nn.Linear(6 * 5, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).view(-1, 30))
+
+    _seed(6)
+    m = Net()
+    with torch.no_grad():
+        m.conv.weight[3] = 0
+        m.conv.bias[3] = -0.2              # relu(-0.2) = 0
+    out = check(m, torch.randn(3, 4, 7))
+    assert out.model.conv.out_channels == 5
+
+
+def test_constant_channel_into_padded_conv_kept_unless_zero():
+    _seed(7)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1))
+    with torch.no_grad():
+        m[0].weight[[0, 1]] = 0
+        m[0].bias[0] = 0.8                 # constant 0.8: not constant at the padded border -> kept
+        m[0].bias[1] = -0.8                # relu -> 0: removable
+    out = check(m, torch.randn(2, 2, 6, 5))
+    assert out.model.get_submodule("0").out_channels == 3
+    assert out.report.layers[0].removed["outputs"] == [1]
+    assert "0" in out.report.kept_zero_groups
+
+
+def test_conv1d_chain():
+    _seed(8)
+    m = nn.Sequential(nn.Conv1d(5, 7, 3), nn.Tanh(), nn.Conv1d(7, 4, 1), nn.ReLU(), nn.Conv1d(4, 2, 3))
+    with torch.no_grad():
+        m[0].weight[:, 2] = 0
+        m[0].weight[6] = 0
+        m[0].bias[6] = 0.9                 # folded into the 1x1 conv (no padding)
+        m[4].weight[:, 0] = 0
+    out = check(m, torch.randn(3, 5, 11))
+    assert out.report.inputs["input_1"]["removed"] == [2]
+    assert out.model.get_submodule("2").out_channels == 3
+
+
+# ---------------------------------------------------------------- BatchNorm
+
+def test_batchnorm_eval_and_zero_gamma():
+    _seed(9)
+    m = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.Flatten(),
+                      nn.Linear(4 * 3 * 3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        for bn in (m[1], m[6]):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.normal_()
+            bn.bias.normal_()
+        m[1].weight[2] = 0                 # zero gamma: the channel is the constant relu(beta)
+        m[0].weight[4] = 0                 # zero kernel: constant conv bias through BN
+        m[5].weight[1] = 0                 # zero Linear row through BatchNorm1d
+    out = check(m, torch.randn(5, 3, 7, 7))
+    assert out.report.layers[1].removed["channels"] == [2, 4]
+    assert out.model.get_submodule("6").num_features == 7
+
+
+# ---------------------------------------------------------------- coupling
+
+class Residual(nn.Module):
+    def __init__(self, c=5):
+        super().__init__()
+        self.a = nn.Linear(c, 6)
+        self.b = nn.Linear(c, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.a(x)) + self.b(x))
+
+
+def test_residual_channel_zero_in_one_branch_stays():
+    _seed(10)
+    m = Residual()
+    with torch.no_grad():
+        m.a.weight[3] = 0
+        m.a.bias[3] = 0.0                  # zero in branch a only
+    out = check(m, torch.randn(9, 5))
+    assert out.model.a.out_features == 6 and out.model.b.out_features == 6
+
+
+def test_residual_channel_zero_in_every_member_goes():
+    _seed(11)
+    m = Residual()
+    with torch.no_grad():
+        for lin in (m.a, m.b):
+            lin.weight[3] = 0
+        m.a.bias[3], m.b.bias[3] = 0.4, -1.1  # the sum relu(0.4) - 1.1 is folded into head
+    out = check(m, torch.randn(9, 5))
+    assert out.model.a.out_features == 5 and out.model.b.out_features == 5 and out.model.head.in_features == 5
+    assert out.report.params_after == _params(m) - 2 * 6 - 2
+
+
+def test_residual_conv_block():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(4)
+            self.c2 = nn.Conv2d(4, 4, 1, bias=False)
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.bn1(self.c1(x))) + self.c2(x))
+
+    _seed(12)
+    m = Block()
+    with torch.no_grad():
+        m.bn1.bias.normal_()
+        m.c1.weight[1] = 0                 # only one member of the sum: stays
+        m.c1.weight[2] = 0
+        m.c2.weight[2] = 0                 # both: constant relu(beta) + 0, folded into the 1x1 head
+    out = check(m, torch.randn(3, 4, 6, 6))
+    assert out.model.c1.out_channels == 3 and out.model.bn1.num_features == 3
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 4)
+        self.b = nn.Linear(5, 3)
+        self.head = nn.Linear(7, 2)
+        self.side = nn.Linear(4, 2)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        return self.head(torch.cat([a, b], dim=1)) + self.side(a)
+
+
+def test_concat_coupling():
+    _seed(13)
+    m = Concat()
+    with torch.no_grad():
+        m.head.weight[:, [1, 2, 5]] = 0    # a1, a2, b1 unused by head
+        m.side.weight[:, 1] = 0            # a1 unused by side too -> goes; a2 is used by side -> stays
+    out = check(m, torch.randn(6, 5))
+    assert out.model.a.out_features == 3 and out.model.b.out_features == 2
+    assert out.model.head.in_features == 5 and out.model.side.in_features == 3
+
+
+def test_concat_along_batch_couples_members():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(3, 4)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.head(torch.cat([self.a(x), self.b(x)], 0))
+
+    _seed(14)
+    m = Net()
+    with torch.no_grad():
+        m.a.weight[0] = 0                  # zero in a only: stays
+        m.a.weight[2] = 0
+        m.b.weight[2] = 0                  # zero in both: the two constants differ -> cannot fold into one bias
+        m.head.weight[:, 3] = 0            # unused in both: goes
+    out = check(m, torch.randn(5, 3))
+    assert out.model.a.out_features == 3
+
+
+# ---------------------------------------------------------------- recurrent layers
+
+class RnnHead(nn.Module):
+    def __init__(self, kind, inputs, hidden, layers=1, batch_first=True, bias=True):
+        super().__init__()
+        self.rnn = kind(inputs, hidden, num_layers=layers, batch_first=batch_first, bias=bias)
+        self.head = nn.Linear(hidden, 3)
+        self.batch_first = batch_first
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1] if self.batch_first else out[-1])
+
+
+def _zero_unit(rnn, layer, unit, gates):
+    h = rnn.hidden_size
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            p = getattr(rnn, f"{name}_l{layer}", None)
+            if p is not None:
+                for g in range(gates):
+                    p[g * h + unit] = 0
+
+
+@pytest.mark.parametrize("kind,gates", [(nn.LSTM, 4), (nn.GRU, 3), (nn.RNN, 1)])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_rnn_input_columns_and_hidden_units(kind, gates, batch_first):
+    _seed(15)
+    m = RnnHead(kind, 7, 6, batch_first=batch_first)
+    with torch.no_grad():
+        m.rnn.weight_ih_l0[:, [0, 4]] = 0
+    _zero_unit(m.rnn, 0, 2, gates)                 # incoming zero: state stays 0
+    with torch.no_grad():
+        m.head.weight[:, 5] = 0                    # unit 5: unused by the head ...
+        m.rnn.weight_hh_l0[:, 5] = 0               # ... and by the other units
+    x = torch.randn(4, 5, 7) if batch_first else torch.randn(5, 4, 7)
+    out = check(m, x)
+    assert out.report.inputs["x"]["removed"] == [0, 4]
+    assert out.model.rnn.hidden_size == 4 and out.model.rnn.input_size == 5
+    H, I = 4, 5  # kept: 4 of 6 hidden units, 5 of 7 inputs; the head keeps 4 of 6 columns
+    exp = gates * H * I + gates * H * H + 2 * gates * H + H * 3 + 3
+    assert out.report.params_after == exp
+
+
+def test_rnn_unit_read_by_others_stays():
+    _seed(16)
+    m = RnnHead(nn.GRU, 4, 5)
+    with torch.no_grad():
+        m.head.weight[:, 1] = 0            # unused by the head but read through the recurrence: stays
+    out = check(m, torch.randn(2, 6, 4))
+    assert out.model.rnn.hidden_size == 5
+
+
+def test_multilayer_lstm_becomes_stacked():
+    _seed(17)
+    m = RnnHead(nn.LSTM, 5, 6, layers=3, batch_first=False)
+    _zero_unit(m.rnn, 0, 1, 4)
+    _zero_unit(m.rnn, 1, 3, 4)
+    _zero_unit(m.rnn, 1, 4, 4)
+    _zero_unit(m.rnn, 2, 0, 4)
+    with torch.no_grad():
+        m.rnn.weight_ih_l0[:, 2] = 0
+    out = check(m, torch.randn(7, 3, 5))
+    assert isinstance(out.model.rnn, StackedRNN)
+    assert [layer.hidden_size for layer in out.model.rnn.layers] == [5, 4, 5]
+
+
+# ---------------------------------------------------------------- embeddings
+
+def test_embedding_dims():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 6)
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, tokens):
+            return self.fc(self.emb(tokens).mean(1))
+
+    _seed(18)
+    m = Net()
+    with torch.no_grad():
+        m.emb.weight[:, [1, 4]] = 0
+        m.fc.weight[:, 5] = 0
+    tokens = torch.randint(0, 11, (4, 9))
+    m.eval()
+    out = pyreg.compact(m, tokens, measure=False)
+    assert torch.allclose(out.model(tokens), m(tokens), atol=1e-6)
+    assert out.model.emb.embedding_dim == 3
+    assert out.report.params_after == _params(m) - 3 * 11 - 3 * 2
+
+
+def test_embedding_flattened_per_token():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 5)
+            self.fc = nn.Linear(3 * 5, 2)
+
+        def forward(self, tokens):
+            return self.fc(self.emb(tokens).view(-1, 15))   # dims repeat per token: interleaved features
+
+    _seed(26)
+    m = Net().eval()
+    with torch.no_grad():
+        m.emb.weight[:, 2] = 0             # zero dim: constant 0 at every token
+        m.fc.weight[:, [4, 9, 14]] = 0     # dim 4 unused at every token
+        m.fc.weight[:, 0] = 0              # dim 0 unused at token 0 only: stays
+    tokens = torch.randint(0, 7, (6, 3))
+    out = pyreg.compact(m, tokens, measure=False)
+    assert torch.allclose(out.model(tokens), m(tokens), atol=1e-6)
+    assert out.model.emb.embedding_dim == 3 and out.model.fc.in_features == 9
+
+
+# ---------------------------------------------------------------- inputs
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_drop_inputs(drop):
+    _seed(19)
+    m = nn.Sequential(nn.Linear(10, 4), nn.ReLU(), nn.Linear(4, 1))
+    with torch.no_grad():
+        m[0].weight[:, [1, 3, 8]] = 0
+    x = torch.randn(12, 10)
+    out = check(m, x, drop_inputs=drop)
+    kept = [0, 2, 4, 5, 6, 7, 9]
+    assert out.report.inputs["input_1"]["kept"] == kept
+    with torch.no_grad():
+        if drop:
+            assert torch.allclose(out.model(x[:, kept]), m(x), atol=1e-6)
+        else:
+            assert torch.allclose(out.model(x), m(x), atol=1e-6)
+
+
+# ---------------------------------------------------------------- bad inputs, nothing changed
+
+def test_untraceable_model_raises():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.fc(x)
+            return -self.fc(x)
+
+    m = Branchy()
+    before = _state(m)
+    with pytest.raises(ValueError, match="cannot be traced"):
+        pyreg.compact(m, torch.randn(2, 3), measure=False)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_unsupported_layer_in_chain_is_left_alone_and_named():
+    _seed(20)
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.PReLU(4), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(),
+                      nn.Linear(4 * 3 * 3, 2))
+    with torch.no_grad():
+        m[0].weight[1] = 0
+        m[0].bias[1] = 0
+        m[2].weight[3] = 0
+        m[2].bias[3] = 0
+    out = check(m, torch.randn(2, 3, 5, 5))
+    assert "1" in out.report.left_alone and "PReLU" in out.report.left_alone["1"]
+    assert "2" in out.report.left_alone and "groups=2" in out.report.left_alone["2"]
+    assert out.report.params_after == _params(m)
+    assert "0" in out.report.kept_zero_groups
+
+
+def test_layernorm_over_channels_stops_the_chain():
+    _seed(21)
+    m = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 2))
+    with torch.no_grad():
+        m[0].weight[2] = 0
+        m[0].bias[2] = 0
+    out = check(m, torch.randn(4, 5))
+    assert out.report.params_after == _params(m)
+    assert "LayerNorm" in out.report.left_alone["1"]
+
+
+def test_layernorm_over_other_dim_passes():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 5, 1)
+            self.ln = nn.LayerNorm(8)
+            self.out = nn.Conv1d(5, 2, 1)
+
+        def forward(self, x):
+            return self.out(self.ln(self.conv(x)))
+
+    _seed(22)
+    m = Net()
+    with torch.no_grad():
+        m.out.weight[:, 4] = 0
+    out = check(m, torch.randn(2, 3, 8))
+    assert out.model.conv.out_channels == 4
+
+
+def test_wrong_input_shape():
+    m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1))
+    before = _state(m)
+    with pytest.raises(ValueError, match="cannot run on example_inputs of shape"):
+        pyreg.compact(m, torch.randn(2, 5), measure=False)
+    with pytest.raises(TypeError):
+        pyreg.compact(m, [1, 2], measure=False)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_wrong_result_is_refused_and_names_the_layer(monkeypatch):
+    """The check after building: a fold that adds nothing (a planted bug) raises, naming the layer."""
+    import importlib
+
+    rw = importlib.import_module("pyreg.compact._rewrite")
+
+    monkeypatch.setattr(rw, "feature_values", lambda x, dim: torch.zeros(x.shape[dim]))
+    _seed(27)
+    m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        m[0].weight[1] = 0
+        m[0].bias[1] = 2.0
+    before = _state(m)
+    with pytest.raises(RuntimeError, match=r"first differing layer: _2 \(call_module 2\)"):
+        pyreg.compact(m, torch.randn(5, 4), measure=False)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_conv_and_rnn_wrong_input_shape():
+    with pytest.raises(ValueError, match="cannot run"):
+        pyreg.compact(nn.Conv2d(3, 4, 3), torch.randn(2, 4, 8, 8), measure=False)
+    with pytest.raises(ValueError, match="cannot run"):
+        pyreg.compact(RnnHead(nn.LSTM, 5, 4), torch.randn(2, 3, 6), measure=False)
+    with pytest.raises(ValueError, match="2 example inputs given"):
+        pyreg.compact(nn.Linear(3, 2), (torch.randn(2, 3), torch.randn(2, 3)), measure=False)
+
+
+# ---------------------------------------------------------------- report
+
+def test_report_table_dict_latency_and_sparse():
+    _seed(23)
+    m = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+    with torch.no_grad():
+        m[0].weight[:, :8] = 0
+        m[2].weight[0, :6] = 0             # element-wise zeros: stay, counted
+    out = pyreg.compact(m.eval(), torch.randn(32, 16), measure=True)
+    text = str(out.report)
+    assert "params" in text and "latency cpu, batch 32 (example (32, 16))" in text and "do not speed up dense" in text
+    d = out.report.to_dict()
+    assert d["params_before"] == _params(m) and d["params_after"] == _params(m) - 8 * 12
+    assert d["macs_before"] == 32 * (16 * 12 + 12 * 3) and d["macs_after"] == 32 * (8 * 12 + 12 * 3)
+    assert d["latency"]["cpu"]["before_ms"] > 0 and d["layers"][2]["zeros_after"] == 6
+    sparse, info = out.to_sparse(min_sparsity=0.1)
+    assert list(info["converted"]) == ["2"] and info["cpu"]["sparse_ms"] > 0
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert torch.allclose(sparse(x), m(x), atol=1e-6)
+
+
+# ---------------------------------------------------------------- Torch-Pruning
+
+def test_same_count_as_torch_pruning():
+    tp = pytest.importorskip("torch_pruning", reason="torch_pruning is not installed")
+
+    def make():
+        torch.manual_seed(24)
+        m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+        with torch.no_grad():
+            m[3].weight[:, [1, 5]] = 0     # channels 1, 5 of conv 0 unused
+            m[8].weight[:, 2] = 0          # channel 2 of conv 3 unused
+        return m.eval()
+
+    x = torch.randn(2, 3, 8, 8)
+    ours = check(make(), x)
+    theirs = make()
+    dg = tp.DependencyGraph().build_dependency(theirs, example_inputs=x)
+    dg.get_pruning_group(theirs[0], tp.prune_conv_out_channels, idxs=[1, 5]).prune()
+    dg.get_pruning_group(theirs[3], tp.prune_conv_out_channels, idxs=[2]).prune()
+    assert ours.report.params_after == _params(theirs)
+    assert ours.model.get_submodule("0").out_channels == theirs[0].out_channels == 6
+
+
+# ---------------------------------------------------------------- a ResNet-like model
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, mid, cout, stride=1):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv2, self.bn2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+def resnet(widths=(64, 128, 256, 512), blocks=(3, 4, 6, 3), classes=1000):
+    layers = [nn.Conv2d(3, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(),
+              nn.MaxPool2d(3, 2, 1)]
+    cin = widths[0]
+    for i, (w, n) in enumerate(zip(widths, blocks)):
+        for j in range(n):
+            layers.append(Bottleneck(cin, w, 4 * w, 2 if j == 0 and i > 0 else 1))
+            cin = 4 * w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
+    return nn.Sequential(*layers)
+
+
+def zero_some_channels(model, frac=0.25, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.normal_(generator=g)
+                mod.running_var.uniform_(0.5, 2, generator=g)
+                mod.bias.normal_(generator=g)
+            if isinstance(mod, Bottleneck):
+                for conv, bn in ((mod.conv1, mod.bn1), (mod.conv2, mod.bn2)):
+                    k = int(conv.out_channels * frac)
+                    idx = torch.randperm(conv.out_channels, generator=g)[:k]
+                    conv.weight[idx] = 0
+                    bn.weight[idx[: k // 2]] = 0      # some through a zero gamma instead
+    return model
+
+
+def test_small_resnet():
+    _seed(25)
+    m = zero_some_channels(resnet(widths=(4, 8), blocks=(2, 2), classes=5)).eval()
+    out = check(m, torch.randn(2, 3, 32, 32))
+    assert out.report.params_after < _params(m)
