@@ -25,7 +25,17 @@ def blocks(results_path: Path = RESULTS) -> dict:
     mlp = format_table([r for r in winners if r["task"] == "mlp"])
     note = (f"<sub>`pyreg demo` (seed {cfg['seed']}, {cfg['device'].upper()}): each method's grid winner "
             f"by validation accuracy; docs/assets/demo/ holds the run.</sub>")
-    return {"README.md": {"demo-winners": f"```\n{mlp}\n```\n{note}"},
+    readme = f"```\n{mlp}\n```\n{note}"
+    for c in data.get("compact", []):
+        if c["task"] != "mlp":
+            continue
+        lat = c["latency"].get("cpu")
+        speed = (f"; CPU inference of a batch of {c['batch']}: {lat['before_ms']:.3g} ms -> {lat['after_ms']:.3g} ms "
+                 f"({lat['speedup']:.2f}x)") if lat else ""
+        readme += (f"\n\n`pyreg.compact` then removes the zeroed inputs from the group-lasso winner: "
+                   f"{c['num_inputs']} -> {len(c['inputs_kept'])} inputs, {c['params_before']:,} -> "
+                   f"{c['params_after']:,} parameters, the same outputs{speed}.")
+    return {"README.md": {"demo-winners": readme},
             "docs/demo.md": {"demo-all-winners": f"```\n{format_table(winners)}\n```",
                              "demo-finetune": f"```\n{format_finetune_table(data['finetune'])}\n```"}}
 

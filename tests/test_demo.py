@@ -296,3 +296,17 @@ def test_progress_on_a_terminal_and_in_a_log():
     p.run_done("mlp l1 0.1", result, 1.0)
     p.finish()
     assert log.getvalue() == "[100%] mlp l1 0.1: val acc 0.500 (1.0 s)\n"
+
+
+def test_group_winner_is_compacted(quick):
+    """The demo compacts the group-lasso winner: the MLP keeps exactly its
+    informative inputs, with fewer parameters and the same outputs (checked
+    inside pyreg.compact)."""
+    _, data = quick
+    rows = {c["task"]: c for c in data["compact"]}
+    mlp = rows["mlp"]
+    winner = _run(data, "mlp", "group", mlp["alpha"])[0]
+    assert mlp["num_inputs"] == 128 and len(mlp["inputs_kept"]) == winner["inputs_used"]
+    assert mlp["params_after"] < mlp["params_before"] and mlp["macs_after"] < mlp["macs_before"]
+    assert set(mlp["inputs_kept"]) == set(range(8))  # the informative ones
+    assert "cpu" in mlp["latency"]

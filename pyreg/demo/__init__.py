@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as e:
         parser.error(f"the demo needs matplotlib, scikit-learn and tqdm ({e}); "
                      'install them with: pip install "pyreg[demo]"')
-    from .study import FINETUNE_METHODS, grid_winners, run_finetune, run_study
+    from .study import FINETUNE_METHODS, compact_winner, grid_winners, run_finetune, run_study
 
     t0 = time.perf_counter()
     tasks = [t.to(device) for t in make_tasks(args.quick, args.seed)]
@@ -182,6 +182,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print("Grid-search winner per method (best validation accuracy; ties to the larger alpha):")
     print(report.format_table(winners))
+    compacted = []
+    by_name = {t.name: t for t in tasks}
+    for w in winners:
+        if w["method"] != "group":
+            continue
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            c = compact_winner(by_name[w["task"]], w, args.seed, device)
+        finally:
+            torch.set_num_threads(threads)
+        compacted.append(c)
+        print()
+        print(f"pyreg.compact on the {w['task']} group-lasso winner (alpha {w['alpha']:g}), "
+              f"batch {c['batch']}: parameters {c['params_before']:,} -> {c['params_after']:,}, "
+              f"inputs {c['num_inputs']} -> {len(c['inputs_kept'])}")
+        print(c["report"])
     print()
     print(f"Fine-tuning: an MLP pre-trained on {FINETUNE['old_sizes'][0]} samples, fine-tuned with a new head on\n"
           f"{FINETUNE['new_sizes'][0]} samples of a related task (one class split in two). new: accuracy on that "
@@ -191,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = {"quick": args.quick, "device": str(device), "methods": args.methods, "alphas": alphas,
               "seed": args.seed, **SETTINGS[args.quick],
               "finetune": {**FINETUNE, "alphas": list(FINETUNE_ALPHAS), "methods": list(FINETUNE_METHODS)}}
-    paths = report.write_all(args.out, config, results, winners, finetune)
+    paths = report.write_all(args.out, config, results, winners, finetune, compacted)
     print()
     print(f"Wrote {len(paths)} files to {os.path.abspath(args.out)}: "
           + ", ".join(os.path.basename(p) for p in paths))

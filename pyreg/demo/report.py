@@ -154,12 +154,12 @@ def write_finetune_csv(path: str, rows: Sequence[dict]) -> None:
 
 
 def write_json(path: str, config: dict, results: Sequence[dict], winners: Sequence[dict],
-               finetune: Sequence[dict] = ()) -> None:
+               finetune: Sequence[dict] = (), compacted: Sequence[dict] = ()) -> None:
     with open(path, "w") as f:
         json.dump({"config": config, "results": list(results),
                    "winners": [{"task": w["task"], "method": w["method"], "alpha": w["alpha"],
                                 "val_acc": w["val_acc"], "test_acc": w["test_acc"]} for w in winners],
-                   "finetune": list(finetune)},
+                   "finetune": list(finetune), "compact": list(compacted)},
                   f, indent=1)
 
 
@@ -263,7 +263,7 @@ def plot_input_weights(plt, path: str, winners: Sequence[dict], task: str) -> No
 
 
 def write_all(out_dir: str, config: dict, results: Sequence[dict], winners: Sequence[dict],
-              finetune: Sequence[dict] = ()) -> list[str]:
+              finetune: Sequence[dict] = (), compacted: Sequence[dict] = ()) -> list[str]:
     """Every output file; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     plt = load_pyplot()
@@ -272,7 +272,7 @@ def write_all(out_dir: str, config: dict, results: Sequence[dict], winners: Sequ
              ("results.csv", "results.json", "finetune.csv", "regularization_path.png", "layer_norms.png",
               "input_weights.png")}
     write_csv(paths["results.csv"], results)
-    write_json(paths["results.json"], config, results, winners, finetune)
+    write_json(paths["results.json"], config, results, winners, finetune, compacted)
     if finetune:
         write_finetune_csv(paths["finetune.csv"], finetune)
     else:

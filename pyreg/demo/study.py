@@ -154,6 +154,13 @@ def train_one(task: Task, method: str, alpha: float, seed: int, device: torch.de
     ``on_tick(steps_done, loss)`` is called about 20 times per run; the loss
     is read from the device (a host sync) only when ``want_loss``.
     """
+    model, opt = train_model(task, method, alpha, seed, device, on_tick, want_loss)
+    return measure(model, opt, task.data, method, alpha)
+
+
+def train_model(task: Task, method: str, alpha: float, seed: int, device: torch.device,
+                on_tick: Callable[[int, float | None], None] | None = None, want_loss: bool = False):
+    """Train one model (deterministic for a seed); returns (model, optimizer)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # same initial weights for every run of a task
         model = task.make_model()
@@ -176,7 +183,28 @@ def train_one(task: Task, method: str, alpha: float, seed: int, device: torch.de
         opt.step()
         if on_tick is not None and ((step + 1) % tick == 0 or step + 1 == task.steps):
             on_tick(step + 1, loss.item() if want_loss else None)
-    return measure(model, opt, data, method, alpha)
+    return model, opt
+
+
+def compact_winner(task: Task, winner: dict, seed: int, device: torch.device, batch: int = 4096,
+                   measure: bool = True) -> dict:
+    """The grid winner retrained (the same model: same seed) and compacted
+    with :func:`pyreg.compact` at a batch of ``batch`` random inputs: its
+    size, multiply-adds, kept inputs and latency before and after."""
+    model, _ = train_model(task, winner["method"], winner["alpha"], seed, device)
+    model.eval()
+    x = task.data.x_train
+    example = torch.randn((batch,) + tuple(x.shape[1:]), generator=torch.Generator().manual_seed(seed)).to(x)
+    out = pyreg.compact(model, example, measure=measure)
+    rep = out.report
+    inputs = next(iter(rep.inputs.values()), None)
+    return {"task": task.name, "method": winner["method"], "alpha": winner["alpha"], "batch": batch,
+            "params_before": rep.params_before, "params_after": rep.params_after,
+            "macs_before": rep.macs_before, "macs_after": rep.macs_after,
+            "inputs_kept": None if inputs is None else list(inputs["kept"]),
+            "num_inputs": None if inputs is None else inputs["size"],
+            "latency": {dev: {k: v for k, v in lat.items()} for dev, lat in rep.latency.items()},
+            "report": str(rep)}
 
 
 @torch.no_grad()
