@@ -429,3 +429,36 @@ def test_rmsprop_preconditioned_threshold_is_in_its_metric(centered):
             b.copy_(shrunk.to(b.dtype))
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert int((a == 0).sum()) > 0
+
+
+@pytest.mark.parametrize("family", ["fused", "proximal", "gradient"])
+def test_an_lr_changed_every_step_is_used_and_checked(family):
+    """A scheduler's new lr at every step takes effect (the cheap path that
+    re-checks only the lr) and a bad one still raises with nothing changed."""
+    def build(model):
+        groups = pyreg.param_groups(model, l1=0.05)
+        if family == "fused":
+            return optim.SGD(groups, lr=LR)
+        return pyreg.Regularized(torch.optim.SGD(groups, lr=LR), mode=family)
+
+    a, b = _model(), _model()
+    oa, ob = build(a), build(b)
+    for s in range(6):
+        lr = LR * (1 + s)
+        for g in oa.param_groups:
+            g["lr"] = lr  # a new float object at every step
+        ob = build(b)  # the reference: built afresh with this lr (every key checked anew)
+        for g in ob.param_groups:
+            g["lr"] = lr
+        _grads(a, s)
+        _grads(b, s)
+        oa.step()
+        ob.step()
+    for p, q in zip(a.parameters(), b.parameters()):  # SGD without momentum keeps no state
+        assert torch.equal(p, q)
+    oa.param_groups[0]["lr"] = float("nan")
+    _grads(a, 9)
+    before = _snapshot(a, oa)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\]"):
+        oa.step()
+    assert _same(before, _snapshot(a, oa))

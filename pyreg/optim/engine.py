@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .._common import outside_graph
+from .._validate import nonneg_real
 from . import apply
 from .keys import (KEYS, SIMPLE_TYPES, check_hypers, group_signature, hyper_signature, lr_value, read_group,
                    signature)
@@ -70,15 +71,46 @@ class Engine:
         whether anything changed since the last step; only then are the
         plan, torch's hyperparameters and the lrs checked again, each where
         its own part changed. Under torch.compile, see :func:`prepare_compiled`."""
-        sig = tuple(map(step_signature, groups))
         hit = self._prepared
-        if hit is not None and hit[0] == sig and (hit[1].lrs is not None or not lrs):
-            return hit[1]
+        if hit is not None and len(hit[0]) == len(groups) and (hit[1].lrs is not None or not lrs):
+            same = list(map(_unchanged, groups, hit[0]))
+            if all(same):
+                return hit[1]
+            out = self._new_lrs_only(groups, same, hit)
+            if out is not None:
+                return out
         self._prepared = None
         plan = self.plan(groups)
         token = self.check_hypers(groups)
         out = Prepared(plan, self.lrs(groups) if lrs else None, token)
-        self._prepared = (sig, out)
+        self._prepared = (list(map(_seen, groups)), out)
+        return out
+
+    def _new_lrs_only(self, groups: List[Dict[str, Any]], same: List[bool], hit: tuple) -> Optional[Prepared]:
+        """:meth:`prepare` when the groups changed only in their ``lr`` (a
+        scheduler's step) to another float: only the new lrs are checked.
+        None otherwise."""
+        seen_all, out = hit
+        lrs = None if out.lrs is None else list(out.lrs)
+        new_seen = list(seen_all)
+        for gi, ok in enumerate(same):
+            if ok:
+                continue
+            g, seen = groups[gi], seen_all[gi]
+            at = seen.lr_at
+            values = tuple(g.values())
+            ids = tuple(map(id, values))
+            lr = g.get("lr")
+            if (at < 0 or type(lr) is not float or ids[:at] != seen.ids[:at] or ids[at + 1:] != seen.ids[at + 1:]
+                    or tuple(g) != seen.keys or not _unchanged_but_lr(g, seen)):
+                return None
+            if lrs is not None or "lr" in self.hyper_keys:
+                lr = nonneg_real(lr, f"param_groups[{gi}]['lr']")
+            if lrs is not None:
+                lrs[gi] = lr
+            new_seen[gi] = seen._replace(ids=ids, values=values)
+        out = Prepared(out.plan, lrs, object())  # new hyperparameters: a new token
+        self._prepared = (new_seen, out)
         return out
 
     # -- checks ------------------------------------------------------------------
@@ -173,16 +205,49 @@ _kind_of = attrgetter("dtype", "device")
 _NOT_SETTINGS = frozenset(("params", "param_names"))
 
 
-def step_signature(group: Dict[str, Any]) -> tuple:
-    """The signature of everything a step reads from a group: its keys and
-    their values (see :func:`keys.signature`), its parameters' identity,
-    dtype and device."""
-    vals = tuple([v for k, v in group.items() if k not in _NOT_SETTINGS])
-    types = tuple(map(type, vals))
-    if not set(types) <= SIMPLE_TYPES:
-        vals = tuple(map(signature, vals))
+class _GroupSeen(NamedTuple):
+    """What a step saw of one group (see :meth:`Engine.prepare`)."""
+
+    keys: tuple
+    ids: tuple        # id of every value (the values are held in ``values``)
+    values: tuple
+    mutable: tuple    # keys whose values can change in place (tensors, lists, tuples holding them)
+    state: tuple      # their signatures (keys.signature)
+    params: tuple     # the parameters' ids
+    kinds: tuple      # and their (dtype, device)
+    lr_at: int        # the position of "lr" among the keys (-1: none)
+
+
+def _seen(group: Dict[str, Any]) -> _GroupSeen:
+    values = tuple(group.values())
+    mutable = tuple(k for k, v in group.items() if k not in _NOT_SETTINGS and not _immutable(v))
     ps = group["params"]
-    return tuple(group), vals, types, tuple(map(id, ps)), tuple(map(_kind_of, ps))
+    keys = tuple(group)
+    return _GroupSeen(keys, tuple(map(id, values)), values, mutable, tuple(signature(group[k]) for k in mutable),
+                      tuple(map(id, ps)), tuple(map(_kind_of, ps)), keys.index("lr") if "lr" in group else -1)
+
+
+def _unchanged_but_lr(group: Dict[str, Any], seen: _GroupSeen) -> bool:
+    """:func:`_unchanged` but for the value of ``lr``."""
+    ps = group["params"]
+    return (tuple(map(id, ps)) == seen.params and tuple(map(_kind_of, ps)) == seen.kinds
+            and (not seen.mutable or tuple(signature(group[k]) for k in seen.mutable) == seen.state))
+
+
+def _immutable(v: Any) -> bool:
+    tp = type(v)
+    return tp in SIMPLE_TYPES or (tp is tuple and set(map(type, v)) <= SIMPLE_TYPES)
+
+
+def _unchanged(group: Dict[str, Any], seen: _GroupSeen) -> bool:
+    """Whether a group is as :func:`_seen` saw it: the same keys holding the
+    same objects (compared by id at C speed; ``seen`` holds the objects, so
+    no other object can take their ids), mutable ones in the same state, the
+    same parameters with the same dtype and device."""
+    ps = group["params"]
+    return (tuple(map(id, group.values())) == seen.ids and tuple(group) == seen.keys
+            and tuple(map(id, ps)) == seen.params and tuple(map(_kind_of, ps)) == seen.kinds
+            and (not seen.mutable or tuple(signature(group[k]) for k in seen.mutable) == seen.state))
 
 
 @outside_graph
