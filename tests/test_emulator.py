@@ -175,3 +175,21 @@ void go(Big b, int* out) {{ PYREG_LAUNCH(k, 1, 32, 0, nullptr, b, out); }}
     assert (p.returncode == 0) == ok, p.stderr
     if not ok:
         assert "kernel arguments exceed the CUDA parameter space" in p.stderr
+
+
+@needs_emu
+def test_contracted_build_has_fused_multiply_adds():
+    # PYREG_CUDA_EMU_FMA=ON must make the compiler emit FMAs (on x86-64 that
+    # needs -mfma), or the build would not meet the roundings a GPU gives.
+    from pyreg import _C, backends
+
+    if "fma-contracted" not in backends.cuda_emu.archs():
+        pytest.skip("built without PYREG_CUDA_EMU_FMA=ON")
+    objdump = shutil.which("objdump")
+    if objdump is None or os.uname().machine != "x86_64":
+        pytest.skip("objdump for x86-64 not found")
+    asm = subprocess.run([objdump, "-d", "--no-show-raw-insn", _C.__file__], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    import re
+
+    assert len(re.findall(r"\bvfn?m(add|sub)\d+[sp][sd]\b", asm)) > 0, "no FMA instruction in the module"
