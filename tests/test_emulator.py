@@ -181,9 +181,9 @@ void go(Big b, int* out) {{ PYREG_LAUNCH(k, 1, 32, 0, nullptr, b, out); }}
 def test_contracted_build_has_fused_multiply_adds():
     # PYREG_CUDA_EMU_FMA=ON must make the compiler emit FMAs (on x86-64 that
     # needs -mfma), or the build would not meet the roundings a GPU gives.
-    from pyreg import _C, backends
+    from pyreg import _C
 
-    if "fma-contracted" not in backends.cuda_emu.archs():
+    if _selftest("contracted") != "on":
         pytest.skip("built without PYREG_CUDA_EMU_FMA=ON")
     objdump = shutil.which("objdump")
     if objdump is None or os.uname().machine != "x86_64":

@@ -7,9 +7,4 @@
 
 #define PYREG_CUDA_NS cuda_emu
 #define PYREG_CUDA_TABLE kCudaEmu
-// archs() of a build with contracted arithmetic (PYREG_CUDA_EMU_FMA=ON) says so.
-#if defined(PYREG_CUDA_EMU_FMA)
-#define PYREG_CUDA_ARCHS "emulated,fma-contracted"
-#else
 #define PYREG_CUDA_ARCHS "emulated"
-#endif

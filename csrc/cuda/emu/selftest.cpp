@@ -202,6 +202,11 @@ std::string selftest(const std::string& name) {
         return "block " + std::to_string(b) + ": sum " + std::to_string(sums[b]);
     return counter == nb ? "ok" : "counter " + std::to_string(counter);
   }
+#if defined(PYREG_CUDA_EMU_FMA)
+  if (name == "contracted") return "on";  // built with PYREG_CUDA_EMU_FMA=ON
+#else
+  if (name == "contracted") return "off";
+#endif
   if (name == "neighbour_racy") return check_neighbour(false);
   if (name == "neighbour_synced") return check_neighbour(true);
   if (name == "vector_aligned") {
