@@ -1,85 +1,150 @@
 #!/usr/bin/env bash
-# pyreg on a GPU machine, in stages that each take under 10 minutes; run from
-# the repository root, one command per line or several stages at once:
+# pyreg on a GPU machine in one command of at most 8 minutes (an H200 with 16
+# cores; the stage budgets below add up to 465 s), writing at most 3 files to
+# $OUT:
 #
-#   bash bench/gpu_session.sh build test sanitize  # build with CUDA, GPU tests, compute-sanitizer
-#   bash bench/gpu_session.sh bench-small     # mlp, lstm, vit-tiny, resnet50 (with torch.compile)
-#   bash bench/gpu_session.sh bench-graphs    # mlp, lstm, vit-tiny ops as CUDA-graph replays (device time)
-#   bash bench/gpu_session.sh bench-gpt2      # gpt2 (with torch.compile)
-#   bash bench/gpu_session.sh bench-1.3b      # gpt-1.3b (no torch.compile: its compile is too slow)
+#   OUT=/some/dir bash bench/gpu_session.sh            # the session
+#   bash bench/gpu_session.sh --dry-run                # the plan, each stage's logic on the CPU
 #
-# The install stays between commands on one machine; a fresh machine needs
-# `build` again. Logs and results go to $OUT; commit the results to
-# bench/results/, naming the device, driver and torch version.
+# Stages, in order, each under `timeout` (a stage that fails or runs out of
+# time is recorded and the next one runs):
+#   env        nvidia-smi, driver, torch and CUDA versions, nvcc
+#   build      pyreg with the CUDA kernels for sm_90 only (PYREG_CUDA=ON,
+#              PYREG_CUDA_ARCHS=90-real; CPU kernels for this CPU only)
+#   test       the CUDA tests: the op matrix, structured ops, fused optimizer
+#              and test_cuda on the cuda backend (not the whole suite, not the
+#              CUDA copy of torch's optimizer suite)
+#   memcheck / racecheck / initcheck
+#              compute-sanitizer on a small subset (every kernel, every dtype,
+#              batch boundaries); memcheck without torch's caching allocator
+#   bench      element ops, group ops and the optimizer step at GPT-2 and
+#              GPT-1.3B shapes, eager and as CUDA-graph replays
+# Files in $OUT: summary.txt (the GPU, driver, torch; each stage's exit status
+# and seconds), session.log (every stage's output), bench-results.tar.gz.
 #
-# Everything that imports pyreg runs outside the checkout: `python -m` puts the
-# cwd first on sys.path, and the source tree's pyreg/ has no compiled module.
+# The dry run (--dry-run or DRY_RUN=1) prints the plan, then runs each stage's
+# logic here on the CPU with the emulated build (cuda-emu) and tiny sizes: the
+# environment report, the installed module instead of a build, each pytest
+# selection collected (it must select tests) and run on cuda-emu, the
+# sanitizer selection without the sanitizer, a tiny CPU bench; same files.
+#
+# Everything that imports pyreg runs outside the checkout (the source tree's
+# pyreg/ has no compiled module).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+DRY=${DRY_RUN:-0}
+for a in "$@"; do
+  case $a in
+    --dry-run) DRY=1 ;;
+    *) echo "usage: bash bench/gpu_session.sh [--dry-run]" >&2; exit 2 ;;
+  esac
+done
 OUT=${OUT:-/tmp/pyreg-gpu-out}
-mkdir -p "$OUT/results"
+mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+# pytest's script, not `python -m pytest` (which puts the checkout first on sys.path)
+PYTEST="$(dirname "$(command -v "$PY")")/pytest"
+[ -x "$PYTEST" ] || PYTEST=$(command -v pytest)
+WORK=$(mktemp -d)  # bench results and scratch; only the three files go to $OUT
+trap 'rm -rf "$WORK"' EXIT
+SUMMARY="$OUT/summary.txt"
+LOG="$OUT/session.log"
+: > "$SUMMARY"
+: > "$LOG"
 status=0
+T_START=$SECONDS
 
-step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, keep going on failure
-  local name=$1; shift
-  echo "=== $name: $*"
+# Stage budgets in seconds (sum 465: under 8 minutes with the tarball).
+B_ENV=20 B_BUILD=150 B_TEST=90 B_MEMCHECK=45 B_RACECHECK=45 B_INITCHECK=30 B_BENCH=85
+
+# The CUDA tests (test ids: B fixtures give "cuda" / "cuda-emu"; test_cuda's
+# own parametrization likewise).
+TESTS="tests/test_cuda.py tests/test_ops.py tests/test_structured.py tests/test_fused_optim.py"
+SANITIZE_TESTS="tests/test_ops.py tests/test_structured.py tests/test_fused_optim.py"
+SANITIZE_SUBSET="(test_weight_stats or test_prox or test_add_penalty_grad or batch_boundaries \
+or test_group_prox or test_max_norm or test_group_penalty or cross_launch \
+or test_kernel_matches_spec or test_kernel_many_tensors or test_kernel_grad_scale)"
+if [ "$DRY" = 1 ]; then
+  SEL="emu"  # the same selections on the emulated backend
+  TEST_K="$SEL"
+  SANITIZE_K="$SEL and $SANITIZE_SUBSET"
+  SANITIZE_RUN_K="$SEL and test_weight_stats and fp32"  # tiny: the selection is collected in full
+  BENCH_ARGS=(--device cpu --quick --repeats 1 --no-compile --shapes mlp)
+  BENCH_OPS=(weight_stats,step)
+  TEST_FILES="tests/test_emulator.py tests/test_cuda.py"
+else
+  TEST_K="cuda and not emu"
+  SANITIZE_K="cuda and not emu and $SANITIZE_SUBSET"
+  SANITIZE_RUN_K="$SANITIZE_K"
+  BENCH_ARGS=(--device cuda --shapes gpt2,gpt-1.3b --no-compile --repeats 10)
+  BENCH_OPS=(weight_stats,add_penalty_grad_,prox_,group_prox_,max_norm_,step)
+  TEST_FILES="$TESTS"
+fi
+
+stage() {  # stage NAME BUDGET COMMAND...: run under timeout, log, record; keep going
+  local name=$1 budget=$2; shift 2
+  echo "=== $name (budget ${budget} s): $*" | tee -a "$LOG"
   local t0=$SECONDS
-  ( "$@" ) > "$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$budget" bash -c "$*" >> "$LOG" 2>&1
   local rc=$?
-  echo "=== $name: exit $rc after $((SECONDS - t0)) s (log: $name.log)"
-  tail -n 25 "$OUT/$name.log"
+  local dt=$((SECONDS - t0))
+  [ $rc -eq 124 ] && echo "=== $name: out of time" | tee -a "$LOG"
+  echo "=== $name: exit $rc after $dt s" | tee -a "$LOG"
+  printf '%-10s exit %3d  %4d s / %4d s\n' "$name" "$rc" "$dt" "$budget" >> "$SUMMARY"
   [ $rc -eq 0 ] || status=1
 }
 
-for stage in "$@"; do
-  case $stage in
-    build)
-      step env bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))'; nvcc --version | tail -n 2"
-      step build env CMAKE_ARGS="-DPYREG_CUDA=ON" CMAKE_BUILD_PARALLEL_LEVEL=16 \
-        "$PY" -m pip install --no-build-isolation --no-deps -v "$ROOT"
-      step info bash -c "cd '$OUT' && $PY -m pyreg info"
-      ;;
-    test)
-      # The GPU tests first (their own log), then the whole suite.
-      step test-cuda bash -c "cd '$ROOT' && pytest -q -rs tests/test_cuda.py tests/test_compile.py \
-        tests/test_ops.py tests/test_structured.py tests/test_fused_optim.py -k 'cuda or graph' -p no:cacheprovider"
-      step test-all bash -c "cd '$ROOT' && pytest -q -rs -p no:cacheprovider"
-      ;;
-    sanitize)
-      # A small subset (the sanitizers slow kernels down 10-100x): every kernel,
-      # every dtype, several launch batches.
-      subset="cuda and not emu and (test_weight_stats or test_prox or test_add_penalty_grad or batch_boundaries \
-        or test_group_prox or test_max_norm or test_group_penalty or cross_launch \
-        or test_kernel_matches_spec or test_kernel_many_tensors or test_kernel_grad_scale)"
-      for tool in memcheck racecheck synccheck; do
-        step "sanitize-$tool" bash -c "cd '$ROOT' && compute-sanitizer --tool $tool --error-exitcode 1 \
-          \"\$(command -v pytest)\" -q -p no:cacheprovider tests/test_ops.py tests/test_structured.py \
-          tests/test_fused_optim.py -k '$subset'"
-      done
-      ;;
-    bench-small)
-      step bench-small bash -c "cd '$OUT' && $PY -m pyreg bench --device cuda --shapes mlp,lstm,vit-tiny,resnet50 \
-        --out '$OUT/results' --tag small"
-      ;;
-    bench-graphs)
-      step bench-graphs bash -c "cd '$OUT' && $PY -m pyreg bench --device cuda --shapes mlp,lstm,vit-tiny \
-        --ops weight_stats,add_penalty_grad_,prox_ --cuda-graphs --out '$OUT/results' --tag small"
-      ;;
-    bench-gpt2)
-      step bench-gpt2 bash -c "cd '$OUT' && $PY -m pyreg bench --device cuda --shapes gpt2 \
-        --out '$OUT/results' --tag gpt2"
-      ;;
-    bench-1.3b)
-      step bench-1.3b bash -c "cd '$OUT' && $PY -m pyreg bench --device cuda --shapes gpt-1.3b --no-compile \
-        --out '$OUT/results' --tag gpt-1.3b"
-      ;;
-    *)
-      echo "unknown stage $stage (build, test, sanitize, bench-small, bench-graphs, bench-gpt2, bench-1.3b)" >&2
-      exit 2
-      ;;
-  esac
+echo "pyreg GPU session$([ "$DRY" = 1 ] && echo ' (dry run: CPU, emulated CUDA, tiny sizes)') in $ROOT -> $OUT" | tee -a "$LOG"
+echo "plan: env ${B_ENV}s, build ${B_BUILD}s, test ${B_TEST}s, memcheck ${B_MEMCHECK}s, racecheck ${B_RACECHECK}s, initcheck ${B_INITCHECK}s, bench ${B_BENCH}s" | tee -a "$LOG" "$SUMMARY"
+
+# ---- env: names the GPU, driver, torch ------------------------------------------
+stage env $B_ENV "cd '$WORK' && { command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader || echo 'no nvidia-smi'; } | tee gpu.txt; \
+  $PY -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)' | tee torch.txt; \
+  { command -v nvcc >/dev/null && nvcc --version | tail -n 2 || echo 'no nvcc'; } | tee nvcc.txt"
+{ echo "gpu: $(cat "$WORK/gpu.txt" 2>/dev/null)"; echo "$(cat "$WORK/torch.txt" 2>/dev/null)"; echo "nvcc: $(tail -n 1 "$WORK/nvcc.txt" 2>/dev/null)"; } >> "$SUMMARY"
+
+# ---- build: sm_90 only ------------------------------------------------------------
+if [ "$DRY" = 1 ]; then
+  stage build $B_BUILD "echo 'would run: CMAKE_BUILD_PARALLEL_LEVEL=16 $PY -m pip install --no-build-isolation --no-deps $ROOT \
+-Ccmake.define.PYREG_CUDA=ON -Ccmake.define.PYREG_CUDA_ARCHS=90-real -Ccmake.define.PYREG_CPU_ARCH=native'; \
+  cd '$WORK' && $PY -m pyreg info && $PY -c 'from pyreg import backends; assert backends.cuda_emu.compiled()'"
+else
+  stage build $B_BUILD "cd '$WORK' && CMAKE_BUILD_PARALLEL_LEVEL=16 $PY -m pip install --no-build-isolation --no-deps '$ROOT' \
+-Ccmake.define.PYREG_CUDA=ON -Ccmake.define.PYREG_CUDA_ARCHS=90-real -Ccmake.define.PYREG_CPU_ARCH=native \
+  && $PY -m pyreg info && $PY -c 'from pyreg import backends; assert backends.cuda.available(), backends.cuda.unavailable_reason()'"
+fi
+
+# ---- test: the CUDA tests -----------------------------------------------------------
+# The selection must select tests (a renamed test must not empty it silently).
+stage test $B_TEST "cd '$ROOT' && n=\$($PYTEST -q --co -p no:cacheprovider $TESTS -k '$TEST_K' | grep -c '::') \
+  && echo \"selected: \$n tests\" && [ \"\$n\" -gt 0 ] \
+  && $PYTEST -q -rs -x -p no:cacheprovider $TEST_FILES -k '$TEST_K'"
+
+# ---- compute-sanitizer ----------------------------------------------------------------
+for tool in memcheck racecheck initcheck; do
+  case $tool in memcheck) b=$B_MEMCHECK ;; racecheck) b=$B_RACECHECK ;; initcheck) b=$B_INITCHECK ;; esac
+  if [ "$DRY" = 1 ]; then
+    wrap=""  # the selection, run without the sanitizer
+  else
+    wrap="compute-sanitizer --tool $tool --error-exitcode 1"
+  fi
+  env=""
+  [ $tool = memcheck ] && env="PYTORCH_NO_CUDA_MEMORY_CACHING=1"
+  stage $tool $b "cd '$ROOT' && n=\$($PYTEST -q --co -p no:cacheprovider $SANITIZE_TESTS -k '$SANITIZE_K' | grep -c '::') \
+    && echo \"selected: \$n tests\" && [ \"\$n\" -gt 0 ] \
+    && $env $wrap $PYTEST -q -p no:cacheprovider $SANITIZE_TESTS -k '$SANITIZE_RUN_K'"
 done
-echo "=== done: status $status; files in $OUT"
+
+# ---- bench: eager and CUDA-graph replays ----------------------------------------------------
+graphs="--cuda-graphs"
+[ "$DRY" = 1 ] && graphs=""  # CUDA only
+stage bench $B_BENCH "cd '$WORK' && mkdir -p results \
+  && $PY -m pyreg bench ${BENCH_ARGS[*]} --ops ${BENCH_OPS[*]} --out '$WORK/results' --tag session \
+  && { [ -z '$graphs' ] || $PY -m pyreg bench ${BENCH_ARGS[*]} --ops ${BENCH_OPS[*]} $graphs --out '$WORK/results' --tag session; } \
+  && cp gpu.txt torch.txt nvcc.txt results/"
+tar -czf "$OUT/bench-results.tar.gz" -C "$WORK" results 2>/dev/null || tar -czf "$OUT/bench-results.tar.gz" -T /dev/null
+
+echo "total      $((SECONDS - T_START)) s; status $status" | tee -a "$SUMMARY" "$LOG"
+echo "=== done: status $status; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit $status

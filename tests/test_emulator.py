@@ -68,19 +68,87 @@ def test_launch_limits(name, error):
 ])
 def test_undefined_behaviour_aborts_with_a_message(name, message, tmp_path):
     # On a GPU these hang or give undefined values; the emulator stops the
-    # process and says where. A subprocess, run away from the source tree, that
-    # loads the compiled module alone (no torch: quick).
+    # process and says where.
+    p = _selftest_in_subprocess(name, tmp_path)
+    assert p.returncode != 0
+    assert "pyreg CUDA emulator: " + message in p.stderr, p.stderr
+    assert "[kernel " in p.stderr  # names the kernel, block and thread
+
+
+def _selftest_in_subprocess(name: str, cwd: Path, order: str | None = None):
+    # A subprocess, run away from the source tree, that loads the compiled
+    # module alone (no torch: quick).
     code = ("import glob, importlib.util as u, os; "
             "d = u.find_spec('pyreg').submodule_search_locations[0]; "
             "f = glob.glob(os.path.join(d, '_C*'))[0]; "
             "s = u.spec_from_file_location('pyreg._C', f); m = u.module_from_spec(s); "
             "s.loader.exec_module(m); "
-            f"m.cuda_emu_selftest({name!r})")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                       timeout=120)
+            f"print(m.cuda_emu_selftest({name!r}))")
+    env = dict(os.environ)
+    env.pop("PYREG_EMU_ORDER", None)
+    if order is not None:
+        env["PYREG_EMU_ORDER"] = order
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd,
+                          timeout=120, env=env)
+
+
+ORDERS = ["forward", "reverse", "random", "random:1", "random:12345"]
+
+
+@needs_emu
+@pytest.mark.parametrize("order", ORDERS)
+def test_correct_kernels_pass_in_every_order(order, monkeypatch):
+    # PYREG_EMU_ORDER is read at each launch: the CUDA semantics hold whatever
+    # order the threads and blocks run in.
+    monkeypatch.setenv("PYREG_EMU_ORDER", order)
+    for name in ["neighbour_synced", "shuffles", "barriers", "vector_aligned"]:
+        assert _selftest(name) == "ok", (name, order)
+
+
+@needs_emu
+def test_an_order_other_than_forward_finds_a_missing_barrier(monkeypatch):
+    # Thread t reads shared memory that thread t-1 writes, with no barrier
+    # between: forward order runs t-1 first and hides the race; a GPU does not
+    # promise that order, and reverse and random orders show it.
+    monkeypatch.setenv("PYREG_EMU_ORDER", "forward")
+    assert _selftest("neighbour_racy") == "ok"
+    monkeypatch.delenv("PYREG_EMU_ORDER")  # the default is forward
+    assert _selftest("neighbour_racy") == "ok"
+    for order in ["reverse", "random", "random:1", "random:12345"]:
+        monkeypatch.setenv("PYREG_EMU_ORDER", order)
+        got = _selftest("neighbour_racy")
+        assert got != "ok" and "read" in got, (order, got)
+
+
+@needs_emu
+def test_random_order_is_reproducible_for_a_seed(tmp_path):
+    first = _selftest_in_subprocess("neighbour_racy", tmp_path, "random:7")
+    again = _selftest_in_subprocess("neighbour_racy", tmp_path, "random:7")
+    assert first.returncode == 0 and first.stdout == again.stdout, (first.stdout, again.stdout)
+
+
+@needs_emu
+@pytest.mark.parametrize("order", ["sideways", "random:x", "random:"])
+def test_an_unknown_order_stops_with_a_message(order, tmp_path):
+    p = _selftest_in_subprocess("barriers", tmp_path, order)
     assert p.returncode != 0
+    assert f"pyreg CUDA emulator: PYREG_EMU_ORDER={order}" in p.stderr, p.stderr
+
+
+@needs_emu
+@pytest.mark.parametrize("name, message", [
+    ("misaligned_float4_load", "misaligned 16-byte float4 load at address 0x"),
+    ("misaligned_uint4_store", "misaligned 16-byte uint4 store at address 0x"),
+    ("misaligned_ldg_double2", "misaligned 16-byte double2 load at address 0x"),
+    ("misaligned_float2_load", "misaligned 8-byte float2 load at address 0x"),
+])
+def test_misaligned_vector_access_aborts_with_a_message(name, message, tmp_path):
+    # A GPU faults on a vector load or store at an address that is not a
+    # multiple of its size ("misaligned address"); the emulator stops there.
+    p = _selftest_in_subprocess(name, tmp_path)
+    assert p.returncode != 0, p.stdout
     assert "pyreg CUDA emulator: " + message in p.stderr, p.stderr
-    assert "[kernel " in p.stderr  # names the kernel, block and thread
+    assert "[kernel vector_kernel, block (0,0,0), thread (0,0,0)" in p.stderr, p.stderr
 
 
 def _compile(source: str, tmp_path: Path):
@@ -107,3 +175,21 @@ void go(Big b, int* out) {{ PYREG_LAUNCH(k, 1, 32, 0, nullptr, b, out); }}
     assert (p.returncode == 0) == ok, p.stderr
     if not ok:
         assert "kernel arguments exceed the CUDA parameter space" in p.stderr
+
+
+@needs_emu
+def test_contracted_build_has_fused_multiply_adds():
+    # PYREG_CUDA_EMU_FMA=ON must make the compiler emit FMAs (on x86-64 that
+    # needs -mfma), or the build would not meet the roundings a GPU gives.
+    from pyreg import _C
+
+    if _selftest("contracted") != "on":
+        pytest.skip("built without PYREG_CUDA_EMU_FMA=ON")
+    objdump = shutil.which("objdump")
+    if objdump is None or os.uname().machine != "x86_64":
+        pytest.skip("objdump for x86-64 not found")
+    asm = subprocess.run([objdump, "-d", "--no-show-raw-insn", _C.__file__], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    import re
+
+    assert len(re.findall(r"\bvfn?m(add|sub)\d+[sp][sd]\b", asm)) > 0, "no FMA instruction in the module"

@@ -21,6 +21,11 @@
 //   * kernel arguments at most kMaxParamBytes (laid out as the CUDA ABI lays
 //     them out): a compile error, as with nvcc;
 //   * static shared memory (PYREG_SHARED) at most 48 KB per block: abort;
+//   * a vector access (uint4, float4, double2, ... and __ldg/__ldcg of them)
+//     at an address not aligned to the vector's size: abort, naming the
+//     kernel, thread and address (a GPU faults: "misaligned address"). The
+//     vector types check every copy from or to them inside a kernel, so
+//     `reinterpret_cast<const uint4*>(p)[i]` is checked as it stands;
 //   * __syncthreads reached by some threads of a block while others exited or
 //     wait elsewhere, and shuffles whose mask leaves out the calling lane,
 //     names a lane that has exited or does not exist, differs between the
@@ -54,7 +59,63 @@ struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-struct alignas(16) uint4 { unsigned x, y, z, w; };
+namespace pyreg::emu {
+// Called by the vector types below on a copy from or to an address not aligned
+// to `align`: inside a kernel it aborts with a message; on the host it returns.
+void misaligned_vector(const void* p, size_t align, const char* type, bool store);
+inline void check_vector(const void* p, size_t align, const char* type, bool store) {
+  if ((reinterpret_cast<uintptr_t>(p) & (align - 1)) != 0) misaligned_vector(p, align, type, store);
+}
+}  // namespace pyreg::emu
+
+// CUDA's vector types with their alignment. A copy from or to one checks the
+// alignment of both sides (loads: the source; stores: the destination), as a
+// GPU's vector load/store instruction requires; locals are always aligned.
+#define PYREG_EMU_VEC2(V, T, A)                                                              \
+  struct alignas(A) V {                                                                      \
+    T x, y;                                                                                  \
+    V() = default;                                                                           \
+    constexpr V(T x_, T y_) : x(x_), y(y_) {}                                                \
+    V(const V& o) : x(), y() {                                                               \
+      ::pyreg::emu::check_vector(&o, A, #V, false);                                          \
+      x = o.x; y = o.y;                                                                      \
+    }                                                                                        \
+    V& operator=(const V& o) {                                                               \
+      ::pyreg::emu::check_vector(&o, A, #V, false);                                          \
+      ::pyreg::emu::check_vector(this, A, #V, true);                                         \
+      x = o.x; y = o.y;                                                                      \
+      return *this;                                                                          \
+    }                                                                                        \
+  };                                                                                         \
+  inline V make_##V(T x, T y) { return V(x, y); }
+#define PYREG_EMU_VEC4(V, T, A)                                                              \
+  struct alignas(A) V {                                                                      \
+    T x, y, z, w;                                                                            \
+    V() = default;                                                                           \
+    constexpr V(T x_, T y_, T z_, T w_) : x(x_), y(y_), z(z_), w(w_) {}                      \
+    V(const V& o) : x(), y(), z(), w() {                                                     \
+      ::pyreg::emu::check_vector(&o, A, #V, false);                                          \
+      x = o.x; y = o.y; z = o.z; w = o.w;                                                    \
+    }                                                                                        \
+    V& operator=(const V& o) {                                                               \
+      ::pyreg::emu::check_vector(&o, A, #V, false);                                          \
+      ::pyreg::emu::check_vector(this, A, #V, true);                                         \
+      x = o.x; y = o.y; z = o.z; w = o.w;                                                    \
+      return *this;                                                                          \
+    }                                                                                        \
+  };                                                                                         \
+  inline V make_##V(T x, T y, T z, T w) { return V(x, y, z, w); }
+PYREG_EMU_VEC2(int2, int, 8)
+PYREG_EMU_VEC2(uint2, unsigned, 8)
+PYREG_EMU_VEC2(float2, float, 8)
+PYREG_EMU_VEC2(double2, double, 16)
+PYREG_EMU_VEC2(longlong2, long long, 16)
+PYREG_EMU_VEC2(ulonglong2, unsigned long long, 16)
+PYREG_EMU_VEC4(int4, int, 16)
+PYREG_EMU_VEC4(uint4, unsigned, 16)
+PYREG_EMU_VEC4(float4, float, 16)
+#undef PYREG_EMU_VEC2
+#undef PYREG_EMU_VEC4
 
 using cudaStream_t = struct CUstream_st*;
 
@@ -182,9 +243,20 @@ T atomicAdd(T* p, T v) {
   return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
 }
 
-// Load bypassing L1 (cache-global): a plain load on the host.
+// Loads through the read-only cache (__ldg) and bypassing L1 (__ldcg, cache-
+// global): plain loads on the host, with the GPU's alignment rule (a vector
+// type checks itself when copied).
 template <typename T>
-T __ldcg(const T* p) { return *static_cast<const volatile T*>(p); }
+T __ldcg(const T* p) {
+  if constexpr (std::is_arithmetic_v<T>) {
+    ::pyreg::emu::check_vector(p, sizeof(T), "scalar", false);
+    return *static_cast<const volatile T*>(p);
+  } else {
+    return *p;
+  }
+}
+template <typename T>
+T __ldg(const T* p) { return __ldcg(p); }
 
 inline float __double2float_rn(double x) { return float(x); }  // host default rounding: nearest
 

@@ -10,6 +10,16 @@
 // which no fiber can proceed is a deadlock: it aborts with every thread's
 // state. Blocks run one after another, in blockIdx order (x fastest).
 //
+// The environment variable PYREG_EMU_ORDER, read at each launch, changes the
+// order of the sweeps and of the blocks: "forward" (the default, as above),
+// "reverse" (highest thread and block first) or "random" / "random:SEED"
+// (a random order of the threads of each block and of the blocks, from a
+// generator seeded with SEED, default 1, at the first launch that sees the
+// value). A GPU runs warps and blocks in no promised order: a kernel whose
+// result changes with the order has a race (e.g. a read of shared memory that
+// another thread writes with no barrier between), which forward order alone
+// can hide.
+//
 // Context switches are a few instructions on x86-64 (hand-written, callee-
 // saved registers and the FP control words only); elsewhere ucontext, which
 // is slower but portable (other CPUs, macOS).
@@ -21,6 +31,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <algorithm>
+#include <numeric>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -126,6 +137,56 @@ void make_context(Context& c, char* stack, size_t bytes, void (*entry)(void*), v
 }
 #endif
 
+// ---- order of threads and blocks ----------------------------------------------
+enum class OrderKind : uint8_t { kForward, kReverse, kRandom };
+
+struct Order {
+  OrderKind kind = OrderKind::kForward;
+  uint64_t rng = 0;  // splitmix64 state (random order)
+  std::string text;  // the value of PYREG_EMU_ORDER it was parsed from
+  uint64_t next() {
+    uint64_t z = (rng += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  uint64_t below(uint64_t n) { return n <= 1 ? 0 : next() % n; }  // bias is irrelevant here
+};
+thread_local Order tl_order;
+
+// Reads PYREG_EMU_ORDER; a value it does not know aborts (a typo must not
+// quietly test the default order).
+void read_order() {
+  const char* env = std::getenv("PYREG_EMU_ORDER");
+  const std::string v = env != nullptr ? env : "";
+  Order& o = tl_order;
+  if (v == o.text) return;  // unchanged (the initial state is forward, text "")
+  o.text = v;
+  o.rng = 0;
+  if (v.empty() || v == "forward") {
+    o.kind = OrderKind::kForward;
+  } else if (v == "reverse") {
+    o.kind = OrderKind::kReverse;
+  } else if (v == "random" || v.rfind("random:", 0) == 0) {
+    o.kind = OrderKind::kRandom;
+    o.rng = 1;
+    if (v != "random") {
+      char* end = nullptr;
+      const unsigned long long seed = std::strtoull(v.c_str() + 7, &end, 10);
+      if (end == nullptr || *end != '\0' || end == v.c_str() + 7) {
+        std::fprintf(stderr, "pyreg CUDA emulator: PYREG_EMU_ORDER=%s: the seed must be a number\n",
+                     v.c_str());
+        std::abort();
+      }
+      o.rng = seed;
+    }
+  } else {
+    std::fprintf(stderr, "pyreg CUDA emulator: PYREG_EMU_ORDER=%s is not forward, reverse, random "
+                 "or random:SEED\n", v.c_str());
+    std::abort();
+  }
+}
+
 // ---- state of the running block -----------------------------------------------
 enum class State : uint8_t { kReady, kAtBarrier, kAtShuffle, kDone };
 
@@ -165,6 +226,7 @@ struct Block {
   void (*body)(void*) = nullptr;
   void* ctx = nullptr;
   std::vector<Fiber> fibers;
+  std::vector<unsigned> order;  // the threads in sweep order
   std::vector<Warp> warps;
   Fiber* current = nullptr;
   Context sched;
@@ -243,12 +305,12 @@ inline bool runnable(const Block& b, const Fiber& f) {
 [[noreturn]] void deadlock(Block& b);
 
 // Switches from the running fiber (which has just blocked or returned) straight
-// to the next one, in thread order after it, that can proceed; to the
+// to the next one, in sweep order after it, that can proceed; to the
 // scheduler when every thread has returned. None left: a deadlock.
 void switch_away(Block& b) {
   Fiber* from = b.current;
   const size_t n = b.fibers.size();
-  // The ring holds the threads that have not returned, in thread order; a
+  // The ring holds the threads that have not returned, in sweep order; a
   // returning thread has already left it but still knows its successor.
   unsigned i = from->next;
   for (size_t k = 0; k < n; ++k, i = b.fibers[i].next) {
@@ -341,17 +403,28 @@ void run_block(Block& b) {
         f.state = State::kReady;
         f.wait_gen = 0;
         f.stack = tl_stacks.get(t);
-        f.prev = (t + n - 1) % n;
-        f.next = (t + 1) % n;
         make_context(f.ctx, f.stack, kStackBytes, fiber_main, &f);
       }
+  // The ring of threads in sweep order (PYREG_EMU_ORDER).
+  b.order.resize(n);
+  for (unsigned i = 0; i < n; ++i) b.order[i] = i;
+  if (tl_order.kind == OrderKind::kReverse) {
+    std::reverse(b.order.begin(), b.order.end());
+  } else if (tl_order.kind == OrderKind::kRandom) {
+    for (unsigned i = n; i > 1; --i) std::swap(b.order[i - 1], b.order[tl_order.below(i)]);
+  }
+  for (unsigned i = 0; i < n; ++i) {
+    Fiber& f = b.fibers[b.order[i]];
+    f.next = b.order[(i + 1) % n];
+    f.prev = b.order[(i + n - 1) % n];
+  }
   b.bar_gen = 0;
   b.bar_arrived = b.exited = b.done = 0;
   b.shared.clear();
   b.shared_bytes = 0;
-  // Thread 0 first; from there the fibers switch among themselves until the
-  // last one returns here.
-  b.current = &b.fibers[0];
+  // The first thread of the order first; from there the fibers switch among
+  // themselves until the last one returns here.
+  b.current = &b.fibers[b.order[0]];
 #if !defined(PYREG_EMU_ASM_SWITCH)
   tl_arg = b.current;
 #endif
@@ -468,6 +541,13 @@ void shared_use(const char* name, const void* p, size_t bytes) {
         b.shared_bytes, name, kMaxStaticShared);
 }
 
+void misaligned_vector(const void* p, size_t align, const char* type, bool store) {
+  Block* b = tl_block;
+  if (b == nullptr || b->current == nullptr) return;  // host code: not the GPU's rule
+  die(*b, b->current, "misaligned %zu-byte %s %s at address %p (not a multiple of %zu; a GPU "
+      "faults: misaligned address)", align, type, store ? "store" : "load", p, align);
+}
+
 cudaError_t& last_error() { return tl_error; }
 
 // ---- the host side ------------------------------------------------------------
@@ -484,6 +564,7 @@ cudaError_t launch_raw(const char* name, dim3 grid, dim3 block, size_t dynamic_s
       block.x > kMaxBlockThreads || block.y > kMaxBlockThreads || block.z > kMaxBlockZ ||
       threads > kMaxBlockThreads || dynamic_shared > kMaxStaticShared)
     return cudaErrorInvalidConfiguration;
+  read_order();
   static thread_local Block b;
   b.kernel = name;
   b.grid = grid;
@@ -492,12 +573,24 @@ cudaError_t launch_raw(const char* name, dim3 grid, dim3 block, size_t dynamic_s
   b.body = body;
   b.ctx = ctx;
   tl_block = &b;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        b.idx = uint3{x, y, z};
-        run_block(b);
-      }
+  // Block k of the order is block j = (a * k + c) mod N of the grid (x
+  // fastest): a = 1, c = 0 forward; a = N - 1, c = N - 1 reverse; a random a
+  // coprime to N and a random c for a random order. O(1) memory for any grid.
+  const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
+  uint64_t a = 1, c = 0;
+  if (tl_order.kind == OrderKind::kReverse) {
+    a = nblocks - 1;
+    c = nblocks - 1;
+  } else if (tl_order.kind == OrderKind::kRandom && nblocks > 1) {
+    c = tl_order.below(nblocks);
+    do a = 1 + tl_order.below(nblocks - 1);
+    while (std::gcd(a, nblocks) != 1);
+  }
+  for (uint64_t k = 0; k < nblocks; ++k) {
+    const uint64_t j = uint64_t((unsigned __int128)(a) * k % nblocks + c) % nblocks;
+    b.idx = uint3{unsigned(j % grid.x), unsigned(j / grid.x % grid.y), unsigned(j / grid.x / grid.y)};
+    run_block(b);
+  }
   tl_block = nullptr;
   return cudaSuccess;
 }

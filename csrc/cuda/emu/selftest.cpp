@@ -5,7 +5,12 @@
 //
 // "shuffles" and "barriers" run correct kernels and compare what the
 // emulator computed with the CUDA semantics, worked out here on the host; they
-// return "ok" or what differs. The "launch_*" cases make launches a GPU
+// return "ok" or what differs. "neighbour_racy" reads shared memory that
+// another thread writes with no barrier between: it computes the right result
+// in forward order only, so it returns "ok" there and what differs under some
+// other PYREG_EMU_ORDER; "neighbour_synced" is the same with the barrier, "ok"
+// in every order. "vector_aligned" loads and stores aligned vectors. The
+// "launch_*" cases make launches a GPU
 // refuses and return the launch error's name. The remaining cases break a
 // rule a GPU does not forgive (the emulator aborts the process with a message).
 #include "selftest.h"
@@ -13,6 +18,7 @@
 #include "cuda_runtime.h"
 #include "../launch.h"
 
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -64,6 +70,67 @@ __global__ void barrier_kernel(long long* sums, unsigned* counter) {
   }
   __syncthreads();
   buf[t] = 0;
+}
+
+// Each thread publishes a value in shared memory and reads its left
+// neighbour's. With kSync a barrier separates the write from the read; without
+// it, the read races with the neighbour's write (on a GPU, warps of one block
+// run in no promised order). The values differ between blocks and launches,
+// so a stale value of an earlier block (shared memory persists here) cannot
+// pass for a fresh one.
+template <bool kSync>
+__global__ void neighbour_kernel(int base, int* out) {
+  PYREG_SHARED(int[256], sh);
+  const int t = int(threadIdx.x), n = int(blockDim.x);
+  const int v = base + 1000 * int(blockIdx.x);
+  sh[t] = v + t;
+  if (kSync) __syncthreads();
+  out[int(blockIdx.x) * n + t] = t > 0 ? sh[t - 1] : v - 1;
+}
+
+std::string check_neighbour(bool sync) {
+  static int launches = 0;
+  const int base = 100000 * ++launches, n = 128, blocks = 3;
+  std::vector<int> out(blocks * n, 0);
+  if (sync) PYREG_LAUNCH(neighbour_kernel<true>, blocks, n, 0, nullptr, base, out.data());
+  else PYREG_LAUNCH(neighbour_kernel<false>, blocks, n, 0, nullptr, base, out.data());
+  for (int b = 0; b < blocks; ++b)
+    for (int t = 0; t < n; ++t) {
+      const int want = base + 1000 * b + t - 1;
+      if (out[b * n + t] != want)
+        return "block " + std::to_string(b) + " thread " + std::to_string(t) + " read " +
+               std::to_string(out[b * n + t]) + ", want " + std::to_string(want);
+    }
+  return "ok";
+}
+
+// Vector loads and stores through the vector types and __ldg, from `in` +
+// `offset` bytes (a multiple of 16: aligned; otherwise misaligned).
+__global__ void vector_kernel(const char* in, char* out, int offset, int kind) {
+  const int t = int(threadIdx.x);
+  if (kind == 0) {  // float4 load
+    const float4 v = reinterpret_cast<const float4*>(in + offset)[t];
+    reinterpret_cast<float4*>(out)[t] = v;
+  } else if (kind == 1) {  // uint4 store
+    const uint4 v = reinterpret_cast<const uint4*>(in)[t];
+    reinterpret_cast<uint4*>(out + offset)[t] = v;
+  } else if (kind == 2) {  // __ldg of a double2
+    reinterpret_cast<double2*>(out)[t] = __ldg(reinterpret_cast<const double2*>(in + offset) + t);
+  } else {  // float2 load (8 bytes)
+    reinterpret_cast<float2*>(out)[t] = reinterpret_cast<const float2*>(in + offset)[t];
+  }
+}
+
+std::string run_vectors(int offset, int kind) {
+  const int n = 32;
+  alignas(16) static char in[16 * 33 + 16], out[16 * 33 + 16];
+  for (int i = 0; i < int(sizeof in); ++i) in[i] = char(i * 7 + 1);
+  std::memset(out, 0, sizeof out);
+  PYREG_LAUNCH(vector_kernel, 1, n, 0, nullptr, in, out, offset, kind);
+  const int bytes = kind == 3 ? 8 : 16;
+  const int src = kind == 1 ? 0 : offset, dst = kind == 1 ? offset : 0;
+  if (std::memcmp(out + dst, in + src, size_t(n) * bytes) != 0) return "copied bytes differ";
+  return "ok";
 }
 
 __global__ void noop_kernel(int) {}
@@ -135,6 +202,24 @@ std::string selftest(const std::string& name) {
         return "block " + std::to_string(b) + ": sum " + std::to_string(sums[b]);
     return counter == nb ? "ok" : "counter " + std::to_string(counter);
   }
+#if defined(PYREG_CUDA_EMU_FMA)
+  if (name == "contracted") return "on";  // built with PYREG_CUDA_EMU_FMA=ON
+#else
+  if (name == "contracted") return "off";
+#endif
+  if (name == "neighbour_racy") return check_neighbour(false);
+  if (name == "neighbour_synced") return check_neighbour(true);
+  if (name == "vector_aligned") {
+    for (int kind = 0; kind < 4; ++kind) {
+      const std::string r = run_vectors(kind == 3 ? 8 : 16, kind);
+      if (r != "ok") return "kind " + std::to_string(kind) + ": " + r;
+    }
+    return "ok";
+  }
+  if (name == "misaligned_float4_load") return run_vectors(4, 0) + " (no abort)";
+  if (name == "misaligned_uint4_store") return run_vectors(8, 1) + " (no abort)";
+  if (name == "misaligned_ldg_double2") return run_vectors(8, 2) + " (no abort)";
+  if (name == "misaligned_float2_load") return run_vectors(4, 3) + " (no abort)";
   if (name == "launch_max_grid_y") return launch_error(dim3(1, 65535), dim3(1), 0);
   if (name == "launch_max_block") return launch_error(dim3(2), dim3(16, 8, 8), 0);
   if (name == "launch_grid_x") return launch_error(dim3(0x80000000u), dim3(1), 0);
