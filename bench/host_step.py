@@ -1,9 +1,11 @@
 """Host time of one optimizer step on the demo's MLP (CPU): pyreg.Regularized
 around torch's Adam, pyreg.optim.AdamW with L1, and the bare torch optimizers,
 timed in interleaved rounds in one process (median and min over rounds of the
-per-step time of ``opt.step()`` alone; the grads are set once).
+per-step time of ``opt.step()`` alone; the grads are set once). ``--cpu-time``
+times the calling thread's CPU time instead of the wall clock (with one torch
+thread: what the step itself costs, less sensitive to other load).
 
-    python bench/host_step.py [--rounds 15] [--steps 200]
+    python bench/host_step.py [--rounds 15] [--steps 200] [--cpu-time]
 """
 import argparse
 import statistics
@@ -35,7 +37,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--cpu-time", action="store_true", help="thread CPU time, one torch thread")
     args = ap.parse_args()
+    clock = time.perf_counter
+    if args.cpu_time:
+        torch.set_num_threads(1)
+        clock = time.thread_time
     torch.manual_seed(0)
     runs = {}
     for kind in KINDS:
@@ -48,12 +55,12 @@ def main() -> None:
         runs[kind] = (opt, [])
     for _ in range(args.rounds):
         for kind, (opt, times) in runs.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(args.steps):
                 opt.step()
-            times.append((time.perf_counter() - t0) / args.steps * 1e6)
+            times.append((clock() - t0) / args.steps * 1e6)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds x {args.steps} steps, µs per step")
+          f"{args.rounds} rounds x {args.steps} steps, µs per step ({'thread CPU time' if args.cpu_time else 'wall'})")
     print(f"{'optimizer':28s} {'min':>8s} {'median':>8s} {'max':>8s}")
     for kind, (_, t) in runs.items():
         print(f"{kind:28s} {min(t):8.1f} {statistics.median(t):8.1f} {max(t):8.1f}")
