@@ -74,6 +74,10 @@ def parser() -> argparse.ArgumentParser:
                         "training step); output files get '-cuda-graphs'")
     p.add_argument("--repeats", type=int_in(1), default=None,
                    help="timed calls per measurement, at least (default 15, --quick 5)")
+    p.add_argument("--compact", action="store_true",
+                   help="instead of the ops: inference of a model whose inputs group lasso zeroed, as trained, "
+                        "after pyreg.compact and after Torch-Pruning's removal of the same zeros "
+                        "(files get '-compact')")
     return p
 
 
@@ -95,6 +99,27 @@ def plan(args: argparse.Namespace) -> Dict[str, object]:
     return {"shapes": shapes, "ops": list(args.ops), "compile": compile_}
 
 
+def _compact(devices: List[str], out: str, args: argparse.Namespace) -> int:
+    """``--compact``: the compact benchmark on each device; a JSON and a markdown file each."""
+    import json
+
+    from . import compact
+    from .suite import device_info
+
+    for dev in devices:
+        info = device_info(torch.device(dev))
+        stem = os.path.join(out, info["slug"] + "-compact" + (f"-{args.tag}" if args.tag else ""))
+        print(f"== pyreg bench --compact on {dev}: batch {compact.BATCH}, torch {torch.__version__}", flush=True)
+        res = compact.run(dev, rounds=9 if args.quick else 25)
+        res["machine"] = info
+        report.write_atomic(stem + ".md", compact.markdown(res))
+        report.write_atomic(stem + ".json", json.dumps(res, indent=1, default=str) + "\n")
+        for note in res["notes"]:
+            print(f"   {note}")
+        print(f"wrote {stem}.json, {stem}.md", flush=True)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = parser()
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -114,6 +139,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "device here")
     out = args.out or ("bench/results" if os.path.isdir("bench/results") else "bench-results")
     os.makedirs(out, exist_ok=True)
+    if args.compact:
+        return _compact(devices, out, args)
 
     from .suite import Suite, device_info
 
