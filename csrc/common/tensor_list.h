@@ -59,7 +59,7 @@ enum OptimAlgo : int { kSgd = 0, kAdam = 1, kAdagrad = 2, kRmsprop = 3 };
 enum OptimProx : int { kNoProx = 0, kPlainProx = 1, kMetricProx = 2 };
 
 // One param group's numbers, kHyper doubles in the order of hyper.h (Python
-// writes them: pyreg/optim/_base.py).
+// builds the rows by name: pyreg/optim/functional.py).
 
 // What a whole step has in common (the bucket's flags and the GradScaler's
 // scalars). grad_scale/found_inf: float32 scalars in the tensors' memory, or
