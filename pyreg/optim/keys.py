@@ -165,12 +165,6 @@ def check_params(st: GroupSettings, params: Sequence[Tensor], where: str
     return gdims, mdims
 
 
-def fill_defaults(group: Dict[str, Any], defaults: Dict[str, Any]) -> None:
-    """Writes ``defaults`` into the group where it has no such key."""
-    for k, v in defaults.items():
-        group.setdefault(k, v)
-
-
 # --------------------------------------------------------------------------
 # torch's hyperparameters, checked at each step where they changed
 # --------------------------------------------------------------------------
