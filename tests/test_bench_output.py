@@ -239,3 +239,36 @@ def test_check_messages_say_what_they_found():
     got[0][0, 0] = 1.0
     ok, detail = peers.compare("prox_", ref, got, torch.float32)
     assert not ok and "off by up to 1.0e+00 beyond" in detail and "zero pattern differs at 1 of 1,207 elements" in detail
+
+
+# ---------------------------------------------------------------------------
+# torch.compile after an in-process run
+# ---------------------------------------------------------------------------
+_COMPILE_AFTER = "import torch; f = torch.compile(lambda x: (x * 3).relu().sum()); f(torch.randn(17))"
+
+
+def test_compile_after_an_in_process_run(tmp_path):
+    # pyreg bench times torch.compile cold, in a fresh inductor cache of its own.
+    # A process that goes on to compile must not leave entries in the user's
+    # cache that name files of that directory (removed at exit): the next
+    # process would load them and fail to build.
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["TMPDIR"] = str(tmp_path)  # torch's default cache, and the run's own, go under tmp_path
+    out = tmp_path / "out"
+    code = ("import sys; from pyreg.bench import main; "
+            f"assert main({ARGV + ['--shapes', 'mlp', '--compile', '--out', str(out)]!r}) == 0; "
+            + _COMPILE_AFTER)
+    for step in (code, _COMPILE_AFTER):  # the bench and a compile, then a compile in a new process
+        proc = subprocess.run([sys.executable, "-c", step], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("pyreg-bench-inductor-")]
+    default = [p for p in os.listdir(tmp_path) if p.startswith("torchinductor_")]
+    assert default, "torch's default inductor cache was not under TMPDIR"
+    dangling = []
+    for root, _, files in os.walk(tmp_path / default[0]):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                if b"pyreg-bench-inductor-" in f.read():
+                    dangling.append(os.path.join(root, name))
+    assert not dangling, f"entries of the user's inductor cache name the run's removed cache: {dangling[:3]}"

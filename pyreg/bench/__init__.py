@@ -219,11 +219,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                   + f" in {time.perf_counter() - t0:.0f} s", flush=True)
     finally:
         if own_cache is not None:
-            if previous is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
-            # Removed at exit, not now: torch keeps paths into its cache (compiled
-            # headers, kernels) for the rest of the process, which may compile again.
+            # The fresh cache stays this process's inductor cache until exit, and is
+            # removed then. Torch keeps paths into it (torch 2.7 caches the path of its
+            # compiled C++ prefix header): were the variable restored, a later
+            # torch.compile in this process would write entries into the user's cache
+            # that name files of this directory, and fail once it is gone.
             atexit.register(shutil.rmtree, own_cache, ignore_errors=True)
     return 0
