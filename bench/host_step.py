@@ -1,5 +1,5 @@
 """Host time of one optimizer step on the demo's MLP (CPU): pyreg.Regularized
-around torch's Adam, pyreg.optim.AdamW with L1, and the bare torch optimizers,
+around torch's Adam, pyreg.optim.AdamW with L1 (and with an l2_bound), and the bare torch optimizers,
 timed in interleaved rounds in one process (median and min over rounds of the
 per-step time of ``opt.step()`` alone; the grads are set once). ``--cpu-time``
 times the calling thread's CPU time instead of the wall clock (with one torch
@@ -27,10 +27,13 @@ def build(kind: str, model: torch.nn.Module):
         return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     if kind == "pyreg.optim.AdamW(l1)":
         return pyreg.optim.AdamW(groups, lr=1e-3)
+    if kind == "pyreg.optim.AdamW(l1,l2_bound)":
+        return pyreg.optim.AdamW(pyreg.param_groups(model, l1=1e-4, overrides={"*": {"l2_bound": 1.0}}), lr=1e-3)
     raise ValueError(kind)
 
 
-KINDS = ("torch Adam", "Regularized(torch Adam)", "torch AdamW(fused)", "pyreg.optim.AdamW(l1)")
+KINDS = ("torch Adam", "Regularized(torch Adam)", "torch AdamW(fused)", "pyreg.optim.AdamW(l1)",
+         "pyreg.optim.AdamW(l1,l2_bound)")
 
 
 def main() -> None:
@@ -61,9 +64,9 @@ def main() -> None:
             times.append((clock() - t0) / args.steps * 1e6)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds x {args.steps} steps, µs per step ({'thread CPU time' if args.cpu_time else 'wall'})")
-    print(f"{'optimizer':28s} {'min':>8s} {'median':>8s} {'max':>8s}")
+    print(f"{'optimizer':32s} {'min':>8s} {'median':>8s} {'max':>8s}")
     for kind, (_, t) in runs.items():
-        print(f"{kind:28s} {min(t):8.1f} {statistics.median(t):8.1f} {max(t):8.1f}")
+        print(f"{kind:32s} {min(t):8.1f} {statistics.median(t):8.1f} {max(t):8.1f}")
 
 
 if __name__ == "__main__":

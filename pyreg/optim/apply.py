@@ -1,23 +1,46 @@
 """What a step does to the plan's buckets (plan.py), the functional core of
 both optimizer families: the proximal step (element-wise, toward a
-reference, sparse group lasso), the penalty gradient, the max-norm
-projection, and the penalty of the weights as they are. Each bucket is one
+reference, sparse group lasso), the penalty gradient, the constraints after
+the step (the l2 bounds, the max-norm projection), and the penalty of the
+weights as they are. Each bucket is one
 call of a fused op (or of the backend's direct entry, for plain CPU lists
 already checked).
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import backends, ops
+from .._common import to_device
 from .._validate import check_grads_apart, disjoint_pointers, plain_cpu, tensor_list
 from .plan import Plan, Work
 from .results import ParamStats, Sparsity
+
+#: The kinds of bucket whose regularizer is a penalty (the others are
+#: constraints, applied after the step by :func:`constraints`).
+PENALIZED = ("elem", "ref", "group")
+#: What an ``l2_bound`` parameter keeps in the optimizer's state: its
+#: multiplier (float64), the bound in force (float64; +inf during a warm-up)
+#: and the steps it took (int64), 0-dim tensors on its device.
+BOUND_STATE = ("l2_bound_lambda", "l2_bound_kappa", "l2_bound_step")
+
+
+def penalized(work: Sequence[Work]) -> List[Work]:
+    """The buckets of ``work`` whose regularizer is a penalty."""
+    return [w for w in work if w.kind in PENALIZED]
+
+
+def constraints(work: Sequence[Work], state: Dict[Any, Dict[str, Any]]) -> None:
+    """After the step: the l2 bounds (:func:`l2_bound_buckets`), then the
+    max-norm projection (:func:`max_norm_buckets`)."""
+    l2_bound_buckets([w for w in work if w.kind == "l2_bound"], state)
+    max_norm_buckets([w for w in work if w.kind == "max_norm"])
+
 
 def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]]) -> None:
     """The proximal step of each bucket ``(work, lr)`` (lr: one float64 per
@@ -49,6 +72,108 @@ def max_norm_buckets(buckets: Sequence[Work]) -> None:
     eager = not torch.compiler.is_compiling()
     for w in buckets:
         ops.max_norm_(w.params, w.coef("max_norm", eager), w.dims)
+
+
+def l2_bound_buckets(buckets: Sequence[Work], state: Dict[Any, Dict[str, Any]]) -> None:
+    """Constrained Parameter Regularization (Franke et al., NeurIPS 2024) of
+    each "l2_bound" bucket, after the optimizer's step, in place. Per tensor
+    j with n_j elements and R_j = ||theta_j||^2 (from one fused
+    ``weight_stats`` pass over the bucket)::
+
+        lambda_j <- max(0, lambda_j + mu_j * (R_j - kappa_j))
+        theta_j  <- theta_j - 2 * lambda_j * theta_j
+
+    with mu_j = l2_mu / n_j (as in the paper's reference code: the rate of
+    ``l2_mu`` does not depend on the tensor's size) and kappa_j the group's
+    ``l2_bound``; with ``l2_bound="warm_start"``, kappa_j is +inf (no
+    constraint, lambda_j = 0) until the tensor's ``l2_warmup``-th step, whose
+    R_j becomes its bound. The multipliers, bounds and step counts stay on
+    the device, in the optimizer's state (:data:`BOUND_STATE`): no host sync."""
+    with torch.no_grad():
+        for w in buckets:
+            lam, kappa, steps, numel = _bound_state(w, state)
+            c = w.coefs
+            r = ops.weight_stats(w.params).l2.to(torch.float64).square()
+            warm = c["l2_warmup"] > 0
+            steps.add_(1)
+            bound = torch.where(warm, kappa, c["l2_bound"])
+            new = (lam + c["l2_mu"] / numel * (r - bound)).clamp_(min=0)
+            lam.copy_(torch.where(torch.isinf(bound), torch.zeros_like(new), new))
+            torch._foreach_mul_(w.params, list((1 - 2 * lam).unbind(0)))
+            kappa.copy_(torch.where(warm & (steps.to(torch.float64) == c["l2_warmup"]), r, bound))
+
+
+def _bound_state(w: Work, state: Dict[Any, Dict[str, Any]]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(multipliers, bounds, steps, numels) of ``w``'s params, one entry per
+    param, on their device. The optimizer's state holds 0-dim views of these
+    vectors (so a step updates it in place); new vectors are made from it
+    when the params with a grad change or the state was replaced (a state
+    dict loaded)."""
+    b = w.bucket
+    ps = w.params
+    ids = tuple(map(id, ps))
+    cur = b.bound_state
+    if cur is not None and cur[0] == ids and all(
+            state[p].get(BOUND_STATE[0]) is v for p, v in zip(ps, cur[5])):
+        return cur[1], cur[2], cur[3], cur[4]
+    dev = b.device
+    vals: List[Tuple[Any, Any, Any]] = []
+    for p in ps:
+        s = state[p]
+        vals.append(tuple(s.get(k, d) for k, d in zip(BOUND_STATE, (0.0, float("inf"), 0))))
+    lam = _stack([v[0] for v in vals], torch.float64, dev)
+    kappa = _stack([v[1] for v in vals], torch.float64, dev)
+    steps = _stack([v[2] for v in vals], torch.int64, dev)
+    numel = to_device([float(p.numel()) for p in ps], torch.float64, dev)
+    views = list(lam.unbind(0))
+    for p, v, k, n in zip(ps, views, kappa.unbind(0), steps.unbind(0)):
+        s = state[p]
+        s[BOUND_STATE[0]], s[BOUND_STATE[1]], s[BOUND_STATE[2]] = v, k, n
+    b.bound_state = (ids, lam, kappa, steps, numel, views)
+    return lam, kappa, steps, numel
+
+
+def _stack(values: List[Any], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """One vector of ``values`` (numbers, or one-value tensors anywhere)."""
+    if not any(isinstance(v, Tensor) for v in values):
+        return to_device(values, dtype, device).clone()
+    return torch.stack([v.detach().reshape(()).to(device=device, dtype=dtype) if isinstance(v, Tensor)
+                        else torch.tensor(v, dtype=dtype, device=device) for v in values])
+
+
+def pop_bound_state(state_dict: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[Any, Dict[str, Any]]]:
+    """A state dict without the ``l2_bound`` entries (torch's
+    ``load_state_dict`` would cast them to each parameter's dtype), and those
+    entries by the state dict's parameter index."""
+    st = state_dict.get("state")
+    if not isinstance(st, dict):
+        return state_dict, {}
+    out, kept = {}, {}
+    for k, v in st.items():
+        if isinstance(v, dict) and any(n in v for n in BOUND_STATE):
+            kept[k] = {n: v[n] for n in BOUND_STATE if n in v}
+            v = {n: x for n, x in v.items() if n not in BOUND_STATE}
+        out[k] = v
+    return dict(state_dict, state=out), kept
+
+
+def put_bound_state(state: Dict[Any, Dict[str, Any]], groups: List[Dict[str, Any]],
+                    saved_groups: List[Dict[str, Any]], kept: Dict[Any, Dict[str, Any]]) -> None:
+    """Puts back what :func:`pop_bound_state` took, after torch's
+    ``load_state_dict`` (which maps the saved groups' parameters onto
+    ``groups`` in order), as float64 / int64 tensors on each param's device."""
+    if not kept:
+        return
+    ids = [i for g in saved_groups for i in g["params"]]
+    params = [p for g in groups for p in g["params"]]
+    for i, p in zip(ids, params):
+        entry = kept.get(i)
+        if entry:
+            s = state[p]
+            for n, v in entry.items():
+                dt = torch.int64 if n == BOUND_STATE[2] else torch.float64
+                s[n] = (v.detach().to(device=p.device, dtype=dt).reshape(()).clone() if isinstance(v, Tensor)
+                        else torch.tensor(v, dtype=dt, device=p.device))
 
 
 def add_penalty_grads(buckets: Sequence[Work]) -> Tensor:

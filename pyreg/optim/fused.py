@@ -35,7 +35,7 @@ from .. import backends, ops
 from .._common import SUPPORTED_DTYPES, outside_graph
 from .._validate import nonneg_real
 from ._torch_compat import raw_step
-from .apply import max_norm_buckets, prox_buckets
+from .apply import constraints, penalized, pop_bound_state, prox_buckets, put_bound_state
 from .engine import Engine, Observable
 from .functional import METRIC_PROX, NO_PROX, PLAIN_PROX, fused_step, prox_kind, row, table
 from .keys import check_params, flag, hyper_keys_of, read_group
@@ -74,7 +74,7 @@ class _GroupRun(NamedTuple):
     rows: List[tuple]     # the distinct hyperparameter rows of the group
     row_of: List[int]     # each parameter's row
     flags: List[Flags]    # each parameter's flags (its prox: none where a structured pass does it)
-    structured: bool      # some parameter has group_l1, ref or max_norm
+    structured: bool      # some parameter has group_l1, ref, l2_bound or max_norm
     extra: Dict[str, Any]  # what the algorithm's _buffers needs (SGD: momentum)
 
 
@@ -191,7 +191,9 @@ class FusedOptimizer(Observable):
         for gi, group in enumerate(state_dict.get("param_groups", [])):
             n = len(group.get("params", ()))
             read_group(dict(group, params=[None] * n), self._engine.defaults, f"state_dict param_groups[{gi}]")
+        state_dict, bounds = pop_bound_state(state_dict)
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        put_bound_state(self.state, self.param_groups, state_dict.get("param_groups", []), bounds)  # type: ignore
         self._fill_keys()
 
     def _fill_keys(self) -> None:
@@ -251,7 +253,7 @@ class FusedOptimizer(Observable):
                     continue
                 if self._torch_path(p, g, group):
                     if structured:
-                        raise ValueError(f"param_groups[{gi}] sets group_l1, ref or max_norm, but some of its "
+                        raise ValueError(f"param_groups[{gi}] sets group_l1, ref, l2_bound or max_norm, but some of its "
                                          "parameters need torch's own step (sparse or complex grads, "
                                          "differentiable=True or tensor subclasses)")
                     others.append(j)
@@ -300,7 +302,7 @@ class FusedOptimizer(Observable):
 
     def _amp_skipped(self) -> bool:
         """Whether GradScaler skips this step (found_inf). Read on the host, so
-        only asked when a group sets group_l1, ref or max_norm: their passes
+        only asked when a group sets group_l1, ref, l2_bound or max_norm: their passes
         run after the fused kernel, which skips on the device by itself."""
         found_inf = getattr(self, "found_inf", None)
         return found_inf is not None and bool(found_inf.item())
@@ -379,7 +381,7 @@ class FusedOptimizer(Observable):
         if torch_groups:
             self._run_torch(torch_groups)
         work = [w for w in map(Bucket.active, plan.buckets) if w is not None]
-        self._out["last"], self._out["penalty"] = [w for w in work if w.kind != "max_norm"], None
+        self._out["last"], self._out["penalty"] = penalized(work), None
         after = [w for w in work if w.kind != "elem"]
         if buckets or after:
             with torch.no_grad():
@@ -387,8 +389,8 @@ class FusedOptimizer(Observable):
                     self._run(b)
                 if after and not self._amp_skipped():
                     group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
-                    prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in after if w.kind != "max_norm"])
-                    max_norm_buckets([w for w in after if w.kind == "max_norm"])
+                    prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in penalized(after)])
+                    constraints(after, self.state)  # type: ignore[attr-defined]
 
 
 #: The fused classes' own arguments (not torch's).

@@ -8,11 +8,17 @@ The keys (defaults in parentheses):
 * ``group_l1`` (0), ``group_dim`` (1): group lasso over the slices along ``group_dim``;
 * ``ref`` (None): one reference tensor (or None) per parameter (L1-SP / L2-SP);
 * ``max_norm`` (None), ``max_norm_dim`` (0): the max-norm constraint;
+* ``l2_bound`` (None), ``l2_warmup`` (None), ``l2_mu`` (1): Constrained
+  Parameter Regularization, a bound on each tensor's squared L2 norm kept by
+  a Lagrange multiplier (see :func:`pyreg.optim.apply.l2_bound_buckets`):
+  ``l2_bound`` is the bound (a coefficient), or ``"warm_start"``, each
+  tensor's own squared norm after ``l2_warmup`` steps; ``l2_mu`` is the
+  multiplier's rate;
 * ``preconditioned`` (False): the prox in the optimizer's own metric (fused
   optimizers only).
 
 A coefficient (``l1``, ``l2``, ``group_l1``, ``max_norm``) is accepted in the
-same forms everywhere: a number; a sequence with one number per parameter of
+same forms everywhere (so are ``l2_bound`` and ``l2_mu``): a number; a sequence with one number per parameter of
 the group; a tensor with one value (0-dim or one element) or one value per
 parameter (1-D). Each value must be finite and >= 0. A CPU tensor's values are
 read when the group changes (a device tensor's would need a host sync: keep
@@ -32,9 +38,10 @@ from .._validate import group_dims, nonneg_real, one_value_tensor
 #: The coefficient keys, and what each defaults to (None: not set).
 COEF_KEYS = ("l1", "l2", "group_l1", "max_norm")
 #: Every key pyreg reads from a param group.
-KEYS = ("l1", "l2", "group_l1", "group_dim", "ref", "max_norm", "max_norm_dim", "preconditioned")
+KEYS = ("l1", "l2", "group_l1", "group_dim", "ref", "max_norm", "max_norm_dim", "preconditioned",
+        "l2_bound", "l2_warmup", "l2_mu")
 #: The keys of the structured regularizers (after the update, outside the fused kernel).
-STRUCTURED_KEYS = ("group_l1", "group_dim", "max_norm", "max_norm_dim")
+STRUCTURED_KEYS = ("group_l1", "group_dim", "max_norm", "max_norm_dim", "l2_bound", "l2_warmup", "l2_mu")
 
 
 class GroupSettings(NamedTuple):
@@ -48,6 +55,9 @@ class GroupSettings(NamedTuple):
     max_norm_dim: Any
     ref: Optional[tuple]                   # one tensor (or None) per parameter
     preconditioned: bool
+    l2_bound: Optional[Tuple[float, ...]] = None  # None: no bound; NaN: "warm_start"
+    l2_warmup: int = 0                             # steps before a "warm_start" bound is set
+    l2_mu: Tuple[float, ...] = ()
 
     def kinds(self, j: int) -> Tuple[str, ...]:
         """What regularizes parameter ``j``: "group" (sparse group lasso with
@@ -58,6 +68,8 @@ class GroupSettings(NamedTuple):
             out = ("group",)
         elif self.l1[j] != 0.0 or self.l2[j] != 0.0:
             out = ("ref",) if self.ref is not None and self.ref[j] is not None else ("elem",)
+        if self.l2_bound is not None:
+            out += ("l2_bound",)
         if self.max_norm is not None:
             out += ("max_norm",)
         return out
@@ -69,7 +81,7 @@ class GroupSettings(NamedTuple):
                 _hashable(self.max_norm_dim), ref)
 
     def values(self) -> tuple:
-        return self.l1, self.l2, self.group_l1, self.max_norm
+        return self.l1, self.l2, self.group_l1, self.max_norm, self.l2_bound, self.l2_warmup, self.l2_mu
 
 
 def _hashable(dim: Any) -> Any:
@@ -132,11 +144,35 @@ def read_group(group: Dict[str, Any], defaults: Dict[str, Any], where: str) -> G
         if len(ref) != n:
             raise ValueError(f"{where}['ref'] has {len(ref)} entries but the group has {n} parameters")
     pre = flag(get("preconditioned", defaults.get("preconditioned", False)), f"{where}['preconditioned']")
-    st = GroupSettings(l1, l2, gl1, get("group_dim", 1), mx, get("max_norm_dim", 0), ref, pre)
+    bound, warmup = _l2_bound(get("l2_bound", defaults.get("l2_bound")), get("l2_warmup", defaults.get("l2_warmup")),
+                              n, where)
+    st = GroupSettings(l1, l2, gl1, get("group_dim", 1), mx, get("max_norm_dim", 0), ref, pre, bound, warmup,
+                       coef("l2_mu", 1.0))
     if pre and (any(gl1) or (ref is not None and any(r is not None for r in ref))):
         raise ValueError(f"{where} sets preconditioned=True with group_l1 or ref: the prox in the "
                          "optimizer's metric is element-wise L1/L2 only")
     return st
+
+
+def _l2_bound(bound: Any, warmup: Any, n: int, where: str) -> Tuple[Optional[Tuple[float, ...]], int]:
+    """``l2_bound`` and ``l2_warmup`` checked: (one bound per parameter, NaN
+    for "warm_start", or None; the warm-up steps, 0 for a given bound)."""
+    if isinstance(bound, str):
+        if bound != "warm_start":
+            raise ValueError(f"{where}['l2_bound'] must be a bound (a number, one per parameter, or a tensor) "
+                             f"or 'warm_start', got {bound!r}")
+        if warmup is None:
+            raise ValueError(f"{where}['l2_bound'] is 'warm_start', which sets each tensor's bound from its "
+                             "weights after a warm-up: set 'l2_warmup' to the number of steps (>= 1)")
+        if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 1:
+            raise ValueError(f"{where}['l2_warmup'] must be a number of steps >= 1, got {warmup!r}")
+        return (math.nan,) * n, int(warmup)
+    if warmup is not None:
+        raise ValueError(f"{where}['l2_warmup'] is set, but 'l2_bound' is {bound!r}: the warm-up sets the "
+                         "bound of l2_bound='warm_start' only")
+    if bound is None:
+        return None, 0
+    return coef_values(bound, n, f"{where}['l2_bound']"), 0
 
 
 def check_params(st: GroupSettings, params: Sequence[Tensor], where: str

@@ -16,10 +16,10 @@ from .._common import DTYPE_CODES, SUPPORTED_DTYPES, has_dtensor, to_device
 from .._validate import disjoint_pointers, first_overlap, plain_cpu
 from .keys import GroupSettings, check_params
 
-_KINDS = ("elem", "ref", "group", "max_norm")
+_KINDS = ("elem", "ref", "group", "l2_bound", "max_norm")
 #: The coefficients each kind of bucket holds, as per-tensor float64 tensors.
 _KIND_COEFS = {"elem": ("l1", "l2"), "ref": ("l1", "l2"), "group": ("l1", "l2", "group_l1"),
-               "max_norm": ("max_norm",)}
+               "l2_bound": ("l2_bound", "l2_warmup", "l2_mu"), "max_norm": ("max_norm",)}
 
 
 class Bucket:
@@ -38,6 +38,7 @@ class Bucket:
         self.one_group = groups[0] if groups.count(groups[0]) == len(groups) else None
         self._subsets: Dict[Tuple[bool, ...], Tuple[List[int], Tensor]] = {}
         self._direct: Optional[list] = None  # see direct()
+        self.bound_state: Optional[tuple] = None  # an "l2_bound" bucket's multipliers (apply.l2_bound_buckets)
 
     def direct(self) -> Optional[list]:
         """For a plain eager step on the CPU: ``[pointers, numels, dtype codes,
@@ -167,7 +168,7 @@ class Plan:
                                      "it has no data to regularize")
                 if kinds != ["elem"] and has_dtensor([p]):
                     raise TypeError(f"{where} parameter {name!r} is a DTensor (sharded): group_l1, "
-                                    "ref and max_norm need the full tensor; use l1/l2 on sharded "
+                                    "ref, l2_bound and max_norm need the full tensor; use l1/l2 on sharded "
                                     "parameters")
                 vals = _values_of(spec, j)
                 for kind in kinds:
@@ -252,4 +253,6 @@ class Plan:
 def _values_of(spec: GroupSettings, j: int) -> Dict[str, Optional[float]]:
     """Parameter j's coefficients, by name."""
     return {"l1": spec.l1[j], "l2": spec.l2[j], "group_l1": spec.group_l1[j],
-            "max_norm": None if spec.max_norm is None else spec.max_norm[j]}
+            "max_norm": None if spec.max_norm is None else spec.max_norm[j],
+            "l2_bound": None if spec.l2_bound is None else spec.l2_bound[j],
+            "l2_warmup": float(spec.l2_warmup), "l2_mu": spec.l2_mu[j] if spec.l2_mu else 1.0}

@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 
 from .._validate import nonneg_real
 from ._torch_compat import init_without_groups, step_with_own_hooks
-from .apply import add_penalty_grads, max_norm_buckets, prox_buckets
+from .apply import add_penalty_grads, constraints, penalized, pop_bound_state, prox_buckets, put_bound_state
 from .engine import Engine, Observable, plan_outside_graph
 from .keys import check_params, hyper_keys_of, read_group
 from .plan import Bucket, Plan, Work
@@ -214,7 +214,9 @@ class Regularized(Observable, Optimizer):
         for gi, group in enumerate(sd.get("param_groups", [])):
             n = len(group.get("params", ()))
             read_group(dict(group, params=[None] * n), defaults, f"state_dict param_groups[{gi}]")
+        sd, bounds = pop_bound_state(sd)
         self.optimizer.load_state_dict(sd)
+        put_bound_state(self.state, self.param_groups, sd.get("param_groups", []), bounds)
         self.mode, self.l1, self.l2 = mode, l1, l2
         self._engine = Engine(defaults, self._engine.hyper_keys, metric=False)
         self._fill_defaults()
@@ -233,7 +235,7 @@ class Regularized(Observable, Optimizer):
         return step_with_own_hooks(self.optimizer, closure)
 
     def _add_penalty_grads(self, work: List[Work]) -> None:
-        self._penalty = add_penalty_grads([w for w in work if w.kind != "max_norm"])
+        self._penalty = add_penalty_grads(penalized(work))
 
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """One step of the inner optimizer with regularization (see the class
@@ -274,7 +276,7 @@ class Regularized(Observable, Optimizer):
                     return loss
 
                 loss = self._inner_step(closure_with_penalty)
-            max_norm_buckets([w for w in work if w.kind == "max_norm"])
+            constraints(work, self.state)
             return loss
 
         # The lrs on each device before the inner step: a bad lr (or one that
@@ -282,7 +284,7 @@ class Regularized(Observable, Optimizer):
         group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
         loss = self._inner_step(closure)
         work = [w for w in map(Bucket.active, plan.buckets) if w is not None]
-        prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in work if w.kind != "max_norm"])
-        max_norm_buckets([w for w in work if w.kind == "max_norm"])
-        self._last = [w for w in work if w.kind != "max_norm"]
+        prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in penalized(work)])
+        constraints(work, self.state)
+        self._last = penalized(work)
         return loss
