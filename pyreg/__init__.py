@@ -6,6 +6,7 @@ optionally toward reference weights: ``ref=``), and the group ops
 ``group_norms``, ``group_penalty``, ``add_group_penalty_grad_``,
 ``group_prox_`` (group lasso) and ``max_norm_``.
 Convention helpers: ``from_sklearn``, ``from_weight_decay``.
+``path``: fit a model along a grid of regularization strengths.
 """
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ from .conventions import from_sklearn, from_weight_decay
 from .optim import Regularized, param_groups
 from . import optim
 from .compact import compact  # noqa: E402  (pyreg.compact: remove zeroed groups)
+from .path import path  # noqa: E402  (pyreg.path: a regularization path)
 
 __all__ = [
     "Regularized",
@@ -32,6 +34,7 @@ __all__ = [
     "group_prox_",
     "max_norm_",
     "param_groups",
+    "path",
     "penalty",
     "prox_",
     "use_backend",

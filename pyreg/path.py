@@ -1,0 +1,704 @@
+"""``pyreg.path``: a regularization path for any model.
+
+Fit the same model at a grid of regularization strengths, largest first, each
+fit warm-started from the previous one (as scikit-learn's ``lasso_path`` and
+glmnet do), measure a validation metric, the sparsity and the per-layer norms
+at every strength, and pick one (the best, or glmnet's "one standard error"
+rule). :func:`path` returns a :class:`PathResult`.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import math
+import numbers
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from ._validate import nonneg_real, real
+from .optim.groups import param_groups
+from .optim.keys import coef_values
+
+#: The built-in methods (``method=`` also takes a callable).
+METHODS = ("l1", "l2", "elastic_net", "group")
+#: The selection rules.
+SELECTS = ("best", "1se")
+#: What a ``method`` callable may return (the keyword arguments of :func:`pyreg.param_groups`).
+_GROUP_KWARGS = frozenset(("l1", "l2", "exclude", "overrides", "ref"))
+#: The coefficient keys whose nonzero value makes a parameter regularized.
+_REG_KEYS = ("l1", "l2", "group_l1")
+#: ``method="l2"``: ridge has no alpha that keeps zero weights at zero; the
+#: default grid then starts where glmnet's ridge grid starts (its rule for
+#: l1_ratio = 0: alpha_max at l1_ratio = 1e-3), in pyreg's convention.
+_RIDGE_RATIO = 1e-3
+
+Batches = Union[Tuple[Tensor, Tensor], Iterable[Any]]
+
+
+# --------------------------------------------------------------------------
+# The result
+# --------------------------------------------------------------------------
+class PathResult:
+    """What :func:`path` returns.
+
+    Attributes:
+        alphas: the grid, in the order it was fitted (decreasing).
+        rows: one dict per alpha: ``alpha``, ``train_loss`` (the mean training
+            loss over the last epoch's batches), ``val_metric`` (the mean
+            metric), ``val_se`` (its standard error; NaN where it cannot be
+            estimated: a metric that returns one value per batch, on a single
+            batch), ``sparsity`` (fraction of exact zeros over all regularized
+            weights), ``layers`` (per regularized parameter name: ``sparsity``,
+            ``l1`` = sum|w|, ``l2`` = ||w||_2), ``epochs`` and ``seconds``.
+        best_index: the index of the best mean metric.
+        index_1se: the index of the largest alpha whose mean metric is within
+            one standard error of the best (glmnet's ``lambda.1se``).
+        select: the rule that picked :attr:`index` (``"best"`` or ``"1se"``).
+        index: the selected index; ``alpha`` is ``alphas[index]``.
+        metric_on: ``"val"``, or ``"train"`` when no validation data was given
+            (the metric was then measured on the training data).
+        greater_is_better: whether a larger metric is better.
+    """
+
+    def __init__(self, alphas: List[float], rows: List[Dict[str, Any]], best_index: int, index_1se: int,
+                 select: str, metric_on: str, greater_is_better: bool, weights: Dict[int, Dict[str, Tensor]],
+                 template: nn.Module):
+        self.alphas = alphas
+        self.rows = rows
+        self.best_index = best_index
+        self.index_1se = index_1se
+        self.select = select
+        self.index = best_index if select == "best" else index_1se
+        self.metric_on = metric_on
+        self.greater_is_better = greater_is_better
+        self._weights = weights
+        self._template = template
+
+    @property
+    def alpha(self) -> float:
+        """The selected alpha."""
+        return self.alphas[self.index]
+
+    def weights(self, i: Optional[int] = None) -> Dict[str, Tensor]:
+        """The state dict (CPU copies) kept at alpha index ``i`` (default: the
+        selected one). With ``keep_weights=False`` only the selected index has one."""
+        i = self._index(i)
+        if i not in self._weights:
+            raise ValueError(f"the weights at alpha index {i} were not kept: with keep_weights=False only "
+                             f"the selected fit (index {self.index}) is kept")
+        return self._weights[i]
+
+    def model(self, i: Optional[int] = None) -> nn.Module:
+        """A new module (a copy of the model's architecture) holding the
+        weights at alpha index ``i`` (default: the selected one), on the
+        device the path ran on."""
+        state = self.weights(i)
+        out = copy.deepcopy(self._template)
+        out.load_state_dict(state)
+        return out
+
+    def _index(self, i: Optional[int]) -> int:
+        if i is None:
+            return self.index
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"the alpha index must be an int, got {type(i).__name__}")
+        n = len(self.alphas)
+        if not -n <= i < n:
+            raise IndexError(f"alpha index {i} is out of range for a path of {n} alphas")
+        return int(i) % n
+
+    def table(self) -> str:
+        """The path as a markdown table: one line per alpha, with the metric's
+        mean ± standard error and marks at the best and the 1se alphas."""
+        what = "val metric" if self.metric_on == "val" else "train metric"
+        lines = [f"| # | alpha | train loss | {what} (± se) | sparsity | pick |",
+                 "|---:|---:|---:|---:|---:|:---|"]
+        for i, r in enumerate(self.rows):
+            se = "" if not math.isfinite(r["val_se"]) else f" ± {r['val_se']:.3g}"
+            marks = [m for m, j in (("best", self.best_index), ("1se", self.index_1se)) if i == j]
+            if i == self.index:
+                marks.append("selected")
+            lines.append(f"| {i} | {r['alpha']:.4g} | {r['train_loss']:.4g} | {r['val_metric']:.4g}{se} | "
+                         f"{r['sparsity']:.1%} | {', '.join(marks)} |")
+        return "\n".join(lines)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Everything but the weights, as plain Python values (JSON-serialisable:
+        a non-finite number becomes None)."""
+        return _plain({"alphas": list(self.alphas), "rows": self.rows, "best_index": self.best_index,
+                       "index_1se": self.index_1se, "select": self.select, "index": self.index,
+                       "alpha": self.alpha, "metric_on": self.metric_on,
+                       "greater_is_better": self.greater_is_better})
+
+    def plot(self, path: str) -> str:
+        """Save a figure of the path to ``path`` (PNG) and return ``path``: the
+        metric with ±se error bars and lines at the best and 1se alphas, the
+        per-layer sparsity and the per-layer L2 norm, against alpha on a log
+        axis (largest alpha on the left, as fitted). Needs matplotlib."""
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("PathResult.plot needs matplotlib: pip install matplotlib") from e
+        alphas = list(self.alphas)
+        positive = [a for a in alphas if a > 0]
+        fig = Figure(figsize=(13, 4), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, 3)
+        metric = [r["val_metric"] for r in self.rows]
+        se = [r["val_se"] if math.isfinite(r["val_se"]) else 0.0 for r in self.rows]
+        ax = axes[0]
+        ax.errorbar(alphas, metric, yerr=se, marker="o", ms=3, capsize=2)
+        ax.axvline(alphas[self.best_index], color="tab:green", ls="--", label="best")
+        ax.axvline(alphas[self.index_1se], color="tab:red", ls=":", label="1se")
+        ax.set_ylabel("val metric" if self.metric_on == "val" else "train metric")
+        ax.legend()
+        names = list(self.rows[0]["layers"]) if self.rows else []
+        for name in names:
+            axes[1].plot(alphas, [r["layers"][name]["sparsity"] for r in self.rows], marker=".", label=name)
+            axes[2].plot(alphas, [r["layers"][name]["l2"] for r in self.rows], marker=".", label=name)
+        axes[1].set_ylabel("fraction of exact zeros")
+        axes[2].set_ylabel("L2 norm")
+        if names and len(names) <= 12:
+            axes[1].legend(fontsize="small")
+        for ax in axes:
+            if positive and len(positive) < len(alphas):
+                ax.set_xscale("symlog", linthresh=min(positive))
+            elif positive:
+                ax.set_xscale("log")
+            ax.invert_xaxis()  # largest first, as fitted
+            ax.set_xlabel("alpha")
+        fig.savefig(path, format="png", dpi=100)
+        return path
+
+    def __repr__(self) -> str:
+        if not self.rows:
+            return "PathResult(empty)"
+        r = self.rows[self.index]
+        return (f"PathResult({len(self.alphas)} alphas, select={self.select!r}, alpha={self.alpha:.4g} "
+                f"(index {self.index}), {self.metric_on}_metric={r['val_metric']:.4g}, "
+                f"sparsity={r['sparsity']:.1%})")
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    return x
+
+
+# --------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------
+def _flag(v: Any, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be True or False, got {v!r}")
+    return v
+
+
+def _int(v: Any, name: str, low: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < low:
+        raise ValueError(f"{name} must be >= {low}, got {v}")
+    return int(v)
+
+
+def _check_alphas(alphas: Any) -> Optional[List[float]]:
+    if alphas is None:
+        return None
+    if isinstance(alphas, Tensor):
+        alphas = alphas.detach().cpu().reshape(-1).tolist()
+    elif isinstance(alphas, (str, bytes)) or not isinstance(alphas, Iterable):
+        raise TypeError(f"alphas must be None or a sequence of numbers, got {type(alphas).__name__}")
+    out = []
+    for i, a in enumerate(alphas):
+        if hasattr(a, "item") and not isinstance(a, numbers.Real):  # numpy / 0-dim tensor
+            a = a.item()
+        out.append(nonneg_real(a, f"alphas[{i}]"))
+    if not out:
+        raise ValueError("alphas is empty: pass at least one alpha, or None for the default grid")
+    return sorted(out, reverse=True)
+
+
+def _check_data(data: Any, name: str) -> Tuple[bool, Any]:
+    """(full_batch, data): a pair of tensors (one batch), or a re-iterable of batches."""
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        x, y = data
+        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"{name}=(X, y) needs X and y with the same first dimension (samples), "
+                             f"got {tuple(x.shape)} and {tuple(y.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} has no samples")
+        return True, data
+    if isinstance(data, (str, bytes, Tensor)) or not isinstance(data, Iterable):
+        raise TypeError(f"{name} must be a tuple (X, y) of tensors or an iterable of (x, y) batches "
+                        f"(a DataLoader), got {type(data).__name__}")
+    if iter(data) is data:
+        raise TypeError(f"{name} is an iterator, which can be read only once; pass something that can be "
+                        "iterated every epoch (a list of batches, a DataLoader)")
+    return False, data
+
+
+def _regularized_names(groups: List[Dict[str, Any]]) -> List[str]:
+    """The names of the parameters with a nonzero l1, l2 or group_l1."""
+    out = []
+    for gi, g in enumerate(groups):
+        n = len(g["params"])
+        nonzero = [False] * n
+        for key in _REG_KEYS:
+            if g.get(key) is not None:
+                vals = coef_values(g[key], n, f"param_groups[{gi}][{key!r}]")
+                nonzero = [a or v != 0.0 for a, v in zip(nonzero, vals)]
+        out += [name for name, nz in zip(g["param_names"], nonzero) if nz]
+    return out
+
+
+class _Method:
+    """``method=`` and its arguments: the param groups at each alpha."""
+
+    def __init__(self, method: Any, l1_ratio: float, group_dim: int, exclude: Any):
+        self.method, self.l1_ratio, self.group_dim, self.exclude = method, l1_ratio, group_dim, exclude
+        self.names: List[str] = []
+
+    def kwargs(self, alpha: float) -> Dict[str, Any]:
+        m = self.method
+        if m == "l1":
+            return {"l1": alpha, "exclude": self.exclude}
+        if m == "l2":
+            return {"l2": alpha, "exclude": self.exclude}
+        if m == "elastic_net":
+            return {"l1": alpha * self.l1_ratio, "l2": 0.5 * alpha * (1.0 - self.l1_ratio), "exclude": self.exclude}
+        if m == "group":
+            over = {glob.escape(n): {"group_l1": alpha, "group_dim": self.group_dim} for n in self.names}
+            return {"exclude": self.exclude, "overrides": over}
+        kw = m(alpha)
+        if not isinstance(kw, dict):
+            raise TypeError(f"method({alpha!r}) must return a dict of pyreg.param_groups keyword arguments, "
+                            f"got {type(kw).__name__}")
+        bad = sorted(set(kw) - _GROUP_KWARGS)
+        if bad:
+            raise ValueError(f"method({alpha!r}) returned {bad}: not keyword arguments of pyreg.param_groups "
+                             f"(expected some of {sorted(_GROUP_KWARGS)})")
+        kw = dict(kw)
+        kw.setdefault("exclude", self.exclude)
+        return kw
+
+    def groups(self, model: nn.Module, alpha: float) -> List[Dict[str, Any]]:
+        return param_groups(model, **self.kwargs(alpha))
+
+    def check(self, model: nn.Module, alphas: Optional[List[float]]) -> None:
+        """Every alpha's groups built once on ``model`` (which is not changed),
+        so a bad setting raises before anything is trained; sets :attr:`names`."""
+        base = param_groups(model, l1=1.0, exclude=self.exclude)
+        names = _regularized_names(base)
+        if callable(self.method):
+            if alphas is None:
+                raise ValueError("method is a callable: pass alphas (the default grid needs a built-in method)")
+            seen = set()
+            for a in alphas:
+                seen.update(_regularized_names(self.groups(model, a)))
+            if seen:
+                order = [n for g in base for n in g["param_names"]]
+                names = [n for n in order if n in seen]
+        self.names = names
+        if not names:
+            raise ValueError("no parameter is regularized: every trainable parameter is excluded "
+                             "(see exclude=; exclude=[] regularizes them all)")
+        if self.method == "group":
+            from ._validate import group_dims
+
+            params = dict((n, p) for g in base for n, p in zip(g["param_names"], g["params"]))
+            for n in names:
+                p = params[n]
+                if p.dim() == 0:
+                    raise ValueError(f"method='group' needs group_dim < ndim for every regularized parameter; "
+                                     f"{n!r} is 0-dim")
+                group_dims(self.group_dim, [p], f"group_dim (for {n!r})")
+            self.groups(model, 1.0)
+
+
+# --------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------
+def _to(x: Any, device: Optional[torch.device]) -> Any:
+    if device is None:
+        return x
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def _batches(data: Any, full: bool, device: Optional[torch.device], name: str):
+    if full:
+        yield data
+        return
+    for b in data:
+        if not isinstance(b, (list, tuple)) or len(b) != 2:
+            raise TypeError(f"{name} must yield (x, y) batches, got {type(b).__name__}"
+                            + (f" of length {len(b)}" if isinstance(b, (list, tuple)) else ""))
+        yield _to(b[0], device), _to(b[1], device)
+
+
+def _size(x: Any, y: Any) -> int:
+    for t in (y, x):
+        if isinstance(t, Tensor) and t.dim() > 0:
+            return t.shape[0]
+    if isinstance(x, (list, tuple)) and x and isinstance(x[0], Tensor) and x[0].dim() > 0:
+        return x[0].shape[0]
+    return 1
+
+
+def _scalar(v: Any, what: str) -> Tensor:
+    if not isinstance(v, Tensor) or v.numel() != 1:
+        shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ValueError(f"{what} must return a scalar tensor, got {shape}")
+    return v.reshape(())
+
+
+# --------------------------------------------------------------------------
+# The path
+# --------------------------------------------------------------------------
+def _alpha_max(work: nn.Module, loss: Callable, train: Any, full: bool, device, params: List[Tensor],
+               method: str, l1_ratio: float, group_dim: int) -> float:
+    """The smallest alpha at which all-zero regularized weights stay zero: the
+    largest |dloss/dw| (group: the largest group gradient norm) at the current
+    weights, over the whole training data (batch losses weighted by their size)."""
+    buffers = {k: b.detach().clone() for k, b in work.named_buffers()}
+    work.train()
+    work.zero_grad(set_to_none=True)
+    n = 0
+    for x, y in _batches(train, full, device, "train"):
+        b = _size(x, y)
+        (_scalar(loss(work(x), y), "loss") * b).backward()
+        n += b
+    if n == 0:
+        raise ValueError("train has no batches")
+    with torch.no_grad():
+        grads = [p.grad / n if p.grad is not None else torch.zeros_like(p) for p in params]
+        if method == "group":
+            g = torch.cat([t.to(torch.float64) for t in ops.group_norms(grads, dim=group_dim)]).max()
+        else:
+            g = torch.stack([t.abs().max().to(torch.float64) for t in grads if t.numel()]).max()
+        for k, b in work.named_buffers():  # the gradient pass must not move BatchNorm's statistics
+            b.copy_(buffers[k])
+    work.zero_grad(set_to_none=True)
+    g = float(g)
+    if method == "elastic_net":
+        g /= l1_ratio
+    elif method == "l2":
+        g /= 2.0 * _RIDGE_RATIO  # glmnet's ridge grid: l1_ratio 1e-3; pyreg's l2 is its lambda / 2
+    if not math.isfinite(g) or g <= 0.0:
+        raise ValueError(f"cannot build the default grid: the loss gradient of the regularized weights at "
+                         f"the model's weights gives alpha_max={g}; pass alphas")
+    return g
+
+
+def _evaluate(work: nn.Module, metric: Callable, data: Any, full: bool, device) -> Tuple[float, float]:
+    """The metric's mean and standard error over ``data`` (one host sync)."""
+    work.eval()
+    per_sample: List[Tensor] = []
+    per_batch: List[Tensor] = []
+    sizes: List[int] = []
+    with torch.no_grad():
+        for x, y in _batches(data, full, device, "val"):
+            b = _size(x, y)
+            v = metric(work(x), y)
+            if not isinstance(v, Tensor):
+                v = torch.tensor(float(v))
+            if v.dim() >= 1 and v.shape[0] == b and v.numel() == b:
+                per_sample.append(v.detach().reshape(-1).to(torch.float64))
+            elif v.numel() == 1:
+                per_batch.append(v.detach().reshape(()).to(torch.float64))
+                sizes.append(b)
+            else:
+                raise ValueError(f"metric must return a scalar or one value per sample ({b}), got shape "
+                                 f"{tuple(v.shape)}")
+    work.train()
+    if per_sample and per_batch:
+        raise ValueError("metric returned one value per sample for some batches and a scalar for others")
+    if per_sample:
+        v = torch.cat([t.cpu() for t in per_sample])
+        n = v.numel()
+        if n == 0:
+            raise ValueError("the metric's data has no samples")
+        mean = float(v.mean())
+        se = float(v.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+        return mean, se
+    if not per_batch:
+        raise ValueError("the metric's data has no batches")
+    v = torch.stack([t.cpu() for t in per_batch])
+    w = torch.tensor(sizes, dtype=torch.float64)
+    w = w / w.sum()
+    mean = float((w * v).sum())
+    k = v.numel()
+    se = float(torch.sqrt(k / (k - 1) * (w * w * (v - mean) ** 2).sum())) if k > 1 else float("nan")
+    return mean, se
+
+
+def _layer_stats(names: List[str], params: List[Tensor]) -> Tuple[float, Dict[str, Dict[str, float]]]:
+    st = ops.weight_stats([p.detach() for p in params])
+    host = torch.stack([st.l1.to(torch.float64), st.l2.to(torch.float64), st.nnz.to(torch.float64)]).cpu()
+    l1, l2, nnz = host.tolist()
+    numels = [p.numel() for p in params]
+    layers = {n: {"sparsity": (1.0 - z / m) if m else 0.0, "l1": a, "l2": b}
+              for n, a, b, z, m in zip(names, l1, l2, nnz, numels)}
+    total = sum(numels)
+    return (1.0 - sum(nnz) / total) if total else 0.0, layers
+
+
+def _better(a: float, b: float, greater: bool) -> bool:
+    """Whether metric a is strictly better than b (NaN is worst)."""
+    if math.isnan(a):
+        return False
+    if math.isnan(b):
+        return True
+    return a > b if greater else a < b
+
+
+def _select(rows: List[Dict[str, Any]], greater: bool) -> Tuple[int, int]:
+    best = 0
+    for i, r in enumerate(rows):
+        if _better(r["val_metric"], rows[best]["val_metric"], greater):
+            best = i
+    m, se = rows[best]["val_metric"], rows[best]["val_se"]
+    if math.isnan(m):
+        return best, best
+    se = se if math.isfinite(se) else 0.0
+    limit = m - se if greater else m + se
+    for i, r in enumerate(rows):  # alphas decrease: the first match is the largest alpha
+        v = r["val_metric"]
+        if not math.isnan(v) and (v >= limit if greater else v <= limit):
+            return best, i
+    return best, best
+
+
+def _default_optimizer(groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
+    from .optim import Adam
+
+    return Adam(groups, lr=1e-3)
+
+
+def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *, val: Optional[Batches] = None,
+         alphas: Optional[Sequence[float]] = None, n_alphas: int = 10, eps: float = 1e-3,
+         method: Union[str, Callable[[float], Dict[str, Any]]] = "l1", l1_ratio: float = 0.5,
+         group_dim: int = 1, optimizer: Optional[Callable[[List[Dict[str, Any]]], torch.optim.Optimizer]] = None,
+         epochs: int = 10, metric: Optional[Callable[[Any, Any], Tensor]] = None, greater_is_better: bool = False,
+         select: str = "best", keep_weights: bool = True,
+         exclude: Union[None, Callable[[str, Tensor, nn.Module], bool], Sequence[str]] = None,
+         progress: bool = True, device: Union[None, str, torch.device] = None) -> PathResult:
+    """Fit ``model`` along a grid of regularization strengths and measure each fit.
+
+    The fits run on a copy of ``model`` (the model itself is not changed),
+    starting from its current weights (a pre-trained model works), at each
+    alpha of the grid from the largest to the smallest, each one warm-started
+    from the weights of the previous one. Every alpha gets a fresh optimizer
+    (the weights carry over, the optimizer's state does not) and ``epochs``
+    passes over ``train``. After each fit the metric is measured on ``val``,
+    and the sparsity and norms of the regularized weights are read (one host
+    sync per alpha; none inside the training steps).
+
+    Args:
+        model: the model (an ``nn.Module``); not changed.
+        loss: ``loss(model(x), y)`` -> scalar tensor: the training objective
+            without the penalty (a mean over the batch).
+        train: the training data: a tuple ``(X, y)`` of tensors (one full batch:
+            one step per epoch), or an iterable of ``(x, y)`` batches such as a
+            ``DataLoader`` (iterated again every epoch).
+        val: the data the metric is measured on, in the same forms. None: the
+            training data (``result.metric_on`` is then ``"train"``).
+        alphas: the grid (fitted in decreasing order whatever the order
+            given). None: ``n_alphas`` values spaced geometrically from
+            ``alpha_max`` down to ``eps * alpha_max``, where ``alpha_max`` is
+            the smallest alpha at which all-zero regularized weights stay zero:
+            the largest |d loss / d w| over the regularized weights at the
+            model's weights, on the whole training data (``"group"``: the
+            largest gradient norm of a group; ``"elastic_net"``: divided by
+            ``l1_ratio``; ``"l2"``, which never zeroes weights: glmnet's ridge
+            rule, the elastic-net value at ``l1_ratio = 1e-3``, i.e.
+            ``max|g| / 1e-3 / 2`` in pyreg's l2). For a linear model with zero
+            weights and ``loss = 0.5 * mse`` this is scikit-learn's
+            ``max|X^T y| / n``.
+        n_alphas: the size of the default grid.
+        eps: the default grid's smallest alpha over its largest (0 < eps < 1).
+        method: ``"l1"`` (``l1 = alpha``), ``"l2"`` (``l2 = alpha``: the
+            penalty ``alpha * sum w^2``), ``"elastic_net"`` (scikit-learn's
+            ``alpha * l1_ratio * sum|w| + 0.5 * alpha * (1 - l1_ratio) * sum w^2``,
+            i.e. ``l1 = alpha * l1_ratio``, ``l2 = 0.5 * alpha * (1 - l1_ratio)``),
+            ``"group"`` (group lasso ``group_l1 = alpha`` over the slices along
+            ``group_dim`` of every regularized weight), or a callable
+            ``alpha -> dict`` of :func:`pyreg.param_groups` keyword arguments
+            (``l1``, ``l2``, ``exclude``, ``overrides``, ``ref``) for anything
+            else; it needs ``alphas``.
+        l1_ratio: the L1 share of ``"elastic_net"``, in (0, 1].
+        group_dim: the dimension whose slices are the groups of ``"group"``
+            (1: the input columns of an ``nn.Linear`` weight).
+        optimizer: ``optimizer(param_groups)`` -> an optimizer, called once
+            per alpha, e.g. ``lambda g: pyreg.optim.SGD(g, lr=0.1)``. It must
+            apply the groups' ``l1``/``l2``/``group_l1``: one of pyreg's
+            optimizers or :class:`pyreg.Regularized`. Default:
+            ``pyreg.optim.Adam(g, lr=1e-3)``.
+        epochs: passes over ``train`` at each alpha (>= 1).
+        metric: ``metric(model(x), y)`` -> a tensor: one value per sample (the
+            standard error is then over samples) or a scalar per batch (over
+            batches, weighted by batch size). Default: ``loss``. Measured in
+            eval mode without grad.
+        greater_is_better: True for accuracy-like metrics.
+        select: ``"best"`` (the best mean metric) or ``"1se"`` (the largest
+            alpha whose mean metric is within one standard error of the best,
+            glmnet's ``lambda.1se``). Both are computed; this picks
+            ``result.alpha``.
+        keep_weights: keep a CPU copy of the weights at every alpha (for
+            ``result.model(i)``). False: keep only what the selection may
+            need (``"best"``: the best so far; ``"1se"``: each fit better
+            than all before it), and only the selected fit in the result.
+        exclude: the parameters left unregularized, as :func:`pyreg.param_groups`
+            takes it (None: biases, norms, embeddings, 1-D parameters).
+        progress: show a progress bar over the alphas (needs tqdm; none without it).
+        device: the device to train on (the copy and the batches are moved
+            there). None: the model's device (batches are moved to it).
+
+    Returns:
+        A :class:`PathResult`.
+
+    Raises:
+        TypeError, ValueError: for a bad argument, before anything is trained.
+    """
+    # -- checks, all before any training ------------------------------------------------
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not callable(loss):
+        raise TypeError(f"loss must be a callable (output, target) -> tensor, got {type(loss).__name__}")
+    if metric is not None and not callable(metric):
+        raise TypeError(f"metric must be None or a callable (output, target) -> tensor, got {type(metric).__name__}")
+    if optimizer is not None and not callable(optimizer):
+        raise TypeError(f"optimizer must be None or a callable param_groups -> optimizer, "
+                        f"got {type(optimizer).__name__}")
+    if not callable(method) and (not isinstance(method, str) or method not in METHODS):
+        raise ValueError(f"unknown method {method!r}: expected one of {list(METHODS)} or a callable "
+                         "alpha -> dict of pyreg.param_groups arguments")
+    l1_ratio = real(l1_ratio, "l1_ratio")
+    if not 0.0 < l1_ratio <= 1.0:
+        raise ValueError(f"l1_ratio must be in (0, 1], got {l1_ratio} (l1_ratio = 0 is method='l2')")
+    if isinstance(group_dim, bool) or not isinstance(group_dim, numbers.Integral):
+        raise TypeError(f"group_dim must be an int, got {type(group_dim).__name__}")
+    epochs = _int(epochs, "epochs", 1)
+    n_alphas = _int(n_alphas, "n_alphas", 1)
+    eps = real(eps, "eps")
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"eps must be in (0, 1), got {eps}")
+    grid = _check_alphas(alphas)
+    if not isinstance(select, str) or select not in SELECTS:
+        raise ValueError(f"select must be one of {list(SELECTS)}, got {select!r}")
+    greater_is_better = _flag(greater_is_better, "greater_is_better")
+    keep_weights = _flag(keep_weights, "keep_weights")
+    progress = _flag(progress, "progress")
+    if device is not None:
+        if not isinstance(device, (str, torch.device)):
+            raise TypeError(f"device must be None, a str or a torch.device, got {type(device).__name__}")
+        try:
+            device = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device: {e}") from None
+    full_train, train = _check_data(train, "train")
+    if val is None:
+        full_val, val_data, metric_on = full_train, train, "train"
+    else:
+        full_val, val_data = _check_data(val, "val")
+        metric_on = "val"
+    spec = _Method(method, l1_ratio, int(group_dim), exclude)
+    spec.check(model, grid)
+    make_optimizer = _default_optimizer if optimizer is None else optimizer
+    metric = loss if metric is None else metric
+
+    # -- the copy --------------------------------------------------------------------------
+    work = copy.deepcopy(model)
+    if device is not None:
+        work.to(device)
+    else:
+        first = next(iter(work.parameters()), None)
+        device = first.device if first is not None else None
+    if full_train:
+        train = _to(train, device)
+    if full_val:
+        val_data = _to(val_data, device)
+    named = {n: p for g in param_groups(work, exclude=exclude) for n, p in zip(g["param_names"], g["params"])}
+    reg_names = spec.names
+    reg_params = [named[n] for n in reg_names]
+
+    if grid is None:
+        top = _alpha_max(work, loss, train, full_train, device, reg_params, method, l1_ratio, int(group_dim))
+        grid = [top] if n_alphas == 1 else [top * eps ** (k / (n_alphas - 1)) for k in range(n_alphas)]
+
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(grid), desc="pyreg.path", unit="alpha")
+        except ImportError:
+            bar = None
+
+    rows: List[Dict[str, Any]] = []
+    weights: Dict[int, Dict[str, Tensor]] = {}
+    best_so_far = float("nan")
+    try:
+        for i, alpha in enumerate(grid):
+            t0 = time.perf_counter()
+            opt = make_optimizer(spec.groups(work, alpha))
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(f"optimizer(param_groups) must return a torch.optim.Optimizer, "
+                                f"got {type(opt).__name__}")
+            work.train()
+            total = count = None
+            for _ in range(epochs):
+                total, count = None, 0
+                for x, y in _batches(train, full_train, device, "train"):
+                    opt.zero_grad(set_to_none=True)
+                    value = _scalar(loss(work(x), y), "loss")
+                    value.backward()
+                    opt.step()
+                    b = _size(x, y)
+                    part = value.detach() * b
+                    total = part if total is None else total + part
+                    count += b
+                if count == 0:
+                    raise ValueError("train has no batches")
+            del opt
+            work.zero_grad(set_to_none=True)
+            train_loss = float(total) / count
+            mean, se = _evaluate(work, metric, val_data, full_val, device)
+            sparsity, layers = _layer_stats(reg_names, reg_params)
+            row = {"alpha": alpha, "train_loss": train_loss, "val_metric": mean, "val_se": se,
+                   "sparsity": sparsity, "layers": layers, "epochs": epochs,
+                   "seconds": time.perf_counter() - t0}
+            rows.append(row)
+            record = i == 0 or _better(mean, best_so_far, greater_is_better)  # better than all before
+            if record:
+                best_so_far = mean
+            # The best and the 1se fits are both records: without keep_weights only records are kept
+            # ("best": the latest only), and at the end only the selected one.
+            if keep_weights or record:
+                if not keep_weights and select == "best":
+                    weights.clear()
+                weights[i] = {k: v.detach().to("cpu", copy=True) for k, v in work.state_dict().items()}
+            if bar is not None:
+                bar.set_postfix(alpha=f"{alpha:.3g}", **{metric_on: f"{mean:.4g}"})
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    best, one_se = _select(rows, greater_is_better)
+    chosen = best if select == "best" else one_se
+    if not keep_weights:
+        weights = {chosen: weights[chosen]}
+    return PathResult(grid, rows, best, one_se, select, metric_on, greater_is_better, weights, work)

@@ -1,0 +1,436 @@
+"""``pyreg.path``: the regularization path. Parity with scikit-learn's
+``lasso_path`` / ``enet_path`` (proximal gradient with warm starts on a
+linear model reaches coordinate descent's coefficients and exact zeros), the
+grid, warm starts, selection, data forms, argument checks, the result's
+table, dict, plot and models, and that ``import pyreg`` stays light."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pyreg
+from pyreg.path import PathResult, _select
+
+N, P = 60, 12
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((N, P))
+    beta = np.zeros(P)
+    beta[:4] = [2.0, -1.5, 1.0, 0.5]
+    y = X @ beta + 0.5 * rng.standard_normal(N)
+    return X, y
+
+
+def _half_mse(out, y):
+    return 0.5 * ((out.squeeze(-1) - y) ** 2).mean()
+
+
+def _linear(p=P):
+    m = nn.Linear(p, 1, bias=False, dtype=torch.float64)
+    nn.init.zeros_(m.weight)
+    return m
+
+
+def _ista(X):
+    L = float(np.linalg.eigvalsh(X.T @ X / X.shape[0]).max())
+    return lambda g: pyreg.optim.SGD(g, lr=1.0 / L)
+
+
+def _mlp(p=P, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(p, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------
+# 1. Parity with scikit-learn
+# --------------------------------------------------------------------------
+def _sklearn_grid(X, y, l1_ratio, n_alphas, eps):
+    try:
+        from sklearn.linear_model._coordinate_descent import _alpha_grid
+
+        return np.asarray(_alpha_grid(X, y, l1_ratio=l1_ratio, fit_intercept=False, eps=eps, n_alphas=n_alphas))
+    except (ImportError, TypeError):  # another scikit-learn: its path's own default grid
+        from sklearn.linear_model import enet_path
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return enet_path(X, y, l1_ratio=l1_ratio, eps=eps, n_alphas=n_alphas)[0]
+
+
+@pytest.mark.parametrize("method,l1_ratio", [("l1", 1.0), ("elastic_net", 0.5)])
+def test_matches_sklearn_path(method, l1_ratio):
+    from sklearn.linear_model import enet_path
+
+    X, y = _data()
+    model = _linear()
+    result = pyreg.path(model, _half_mse, (torch.tensor(X), torch.tensor(y)), method=method, l1_ratio=l1_ratio,
+                        n_alphas=10, eps=1e-3, optimizer=_ista(X), epochs=400, exclude=[], progress=False)
+    # the default grid is scikit-learn's: alpha_max = max|X^T y| / (n * l1_ratio), geometric down to eps * that
+    sk_grid = _sklearn_grid(X, y, l1_ratio, 10, 1e-3)
+    np.testing.assert_allclose(result.alphas, sk_grid, rtol=1e-12)
+    assert result.alphas[0] == pytest.approx(np.abs(X.T @ y).max() / N / l1_ratio, rel=1e-12)
+    sk_alphas, sk_coefs, _ = enet_path(X, y, l1_ratio=l1_ratio, alphas=np.array(result.alphas), tol=1e-14,
+                                       max_iter=1_000_000)
+    ours = np.stack([result.weights(i)["weight"][0].numpy() for i in range(len(result.alphas))], axis=1)
+    assert np.abs(ours - sk_coefs).max() < 1e-4, np.abs(ours - sk_coefs).max()
+    np.testing.assert_array_equal(ours == 0, sk_coefs == 0)  # the same exact zeros
+    assert (sk_coefs == 0).any() and (sk_coefs != 0).any()   # the path has both (the test can fail)
+    # the reported per-layer numbers are those of the weights
+    for i, row in enumerate(result.rows):
+        w = ours[:, i]
+        assert row["layers"]["weight"]["l1"] == pytest.approx(np.abs(w).sum(), abs=1e-12)
+        assert row["layers"]["weight"]["l2"] == pytest.approx(np.linalg.norm(w), abs=1e-12)
+        assert row["sparsity"] == pytest.approx((w == 0).mean())
+
+
+# --------------------------------------------------------------------------
+# 2., 3. The model is not changed; warm starts, largest alpha first
+# --------------------------------------------------------------------------
+def test_the_users_model_is_not_changed():
+    X, y = _data()
+    model = _mlp()
+    before = _state(model)
+    model.eval()
+    result = pyreg.path(model, nn.functional.mse_loss, (torch.tensor(X).float(), torch.tensor(y).float()[:, None]),
+                        n_alphas=3, epochs=20, progress=False)
+    assert _same_state(before, _state(model))
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert not _same_state(before, result.weights(0))  # the copy was trained
+
+
+def test_alphas_run_in_decreasing_order_and_sparsity_falls():
+    X, y = _data()
+    given = [0.001, 0.3, 0.01, 0.1, 0.03, 1.0]
+    result = pyreg.path(_linear(), _half_mse, (torch.tensor(X), torch.tensor(y)), alphas=given,
+                        optimizer=_ista(X), epochs=200, exclude=[], progress=False)
+    assert result.alphas == sorted(given, reverse=True)
+    assert [r["alpha"] for r in result.rows] == result.alphas
+    sparsity = [r["sparsity"] for r in result.rows]
+    assert all(a >= b for a, b in zip(sparsity, sparsity[1:])), sparsity
+    assert sparsity[0] > sparsity[-1]
+
+
+def test_each_fit_starts_from_the_previous_one():
+    """With one ISTA step per alpha, the weights at alpha i are one proximal
+    step at alpha i from the weights at alpha i-1 (a cold start would begin
+    from the model's weights again)."""
+    X, y = _data()
+    torch.manual_seed(1)
+    model = _linear()
+    with torch.no_grad():
+        model.weight.normal_()
+    alphas = [0.5, 0.2, 0.1]
+    lr = 0.1
+    result = pyreg.path(model, _half_mse, (torch.tensor(X), torch.tensor(y)), alphas=alphas,
+                        optimizer=lambda g: pyreg.optim.SGD(g, lr=lr), epochs=1, exclude=[], progress=False)
+    w = model.weight.detach().clone()[0].numpy()
+    for i, a in enumerate(alphas):
+        g = X.T @ (X @ w - y) / N
+        z = w - lr * g
+        w = np.sign(z) * np.maximum(np.abs(z) - lr * a, 0.0)
+        np.testing.assert_allclose(result.weights(i)["weight"][0].numpy(), w, rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# 4. Selection
+# --------------------------------------------------------------------------
+def _rows(means, ses):
+    return [{"val_metric": m, "val_se": s} for m, s in zip(means, ses)]
+
+
+def test_select_rules():
+    # alphas decrease along the rows; the best is index 3, its se 0.1: index 1 is the largest within it
+    rows = _rows([1.0, 0.55, 0.6, 0.5, 0.52, 0.7], [0.1] * 6)
+    assert _select(rows, False) == (3, 1)
+    # accuracy-like: larger is better
+    rows = _rows([0.5, 0.8, 0.92, 0.95, 0.9], [0.02, 0.02, 0.02, 0.04, 0.02])
+    assert _select(rows, True) == (3, 2)
+    # NaN (a diverged fit) is never the best; no se (NaN): 1se is the best
+    rows = _rows([float("nan"), 0.4, 0.3, 0.35], [float("nan")] * 4)
+    assert _select(rows, False) == (2, 2)
+
+
+def test_selection_on_a_real_path_follows_the_rows():
+    X, y = _data()
+    Xt, yt = torch.tensor(X), torch.tensor(y)
+    Xv, yv = _data(seed=1)
+    per_sample = lambda out, t: 0.5 * (out.squeeze(-1) - t) ** 2  # noqa: E731
+    common = dict(val=(torch.tensor(Xv), torch.tensor(yv)), n_alphas=12, optimizer=_ista(X), epochs=150,
+                  exclude=[], metric=per_sample, progress=False)
+    best = pyreg.path(_linear(), _half_mse, (Xt, yt), select="best", **common)
+    one_se = pyreg.path(_linear(), _half_mse, (Xt, yt), select="1se", **common)
+    means = np.array([r["val_metric"] for r in best.rows])
+    ses = np.array([r["val_se"] for r in best.rows])
+    assert np.all(ses > 0)
+    assert best.best_index == int(np.argmin(means)) and best.alpha == best.alphas[best.best_index]
+    within = np.nonzero(means <= means[best.best_index] + ses[best.best_index])[0]
+    assert one_se.index_1se == best.index_1se == int(within[0])
+    assert one_se.alpha == one_se.alphas[one_se.index_1se] >= best.alpha
+    assert one_se.index_1se < one_se.best_index  # here 1se is a larger alpha than the best
+    # the metric is 0.5 * squared error per sample: its mean and standard error over the samples
+    w = best.weights(best.best_index)["weight"][0].numpy()
+    r = 0.5 * (Xv @ w - yv) ** 2
+    assert means[best.best_index] == pytest.approx(r.mean(), rel=1e-10)
+    assert ses[best.best_index] == pytest.approx(r.std(ddof=1) / math.sqrt(N), rel=1e-8)
+
+
+def _classes(n=200, p=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, p, generator=g)
+    y = (X[:, 0] + 0.5 * X[:, 1] > 0).long()
+    return X, y
+
+
+def test_greater_is_better_with_accuracy():
+    X, y = _classes()
+    Xv, yv = _classes(seed=1)
+    torch.manual_seed(0)
+    model = nn.Linear(10, 2)
+    accuracy = lambda out, t: (out.argmax(1) == t).float()  # noqa: E731
+    result = pyreg.path(model, nn.functional.cross_entropy, (X, y), val=(Xv, yv), n_alphas=6, eps=1e-2,
+                        optimizer=lambda g: pyreg.optim.SGD(g, lr=0.5), epochs=50, metric=accuracy,
+                        greater_is_better=True, progress=False)
+    acc = [r["val_metric"] for r in result.rows]
+    assert result.best_index == int(np.argmax(acc))
+    assert acc[result.best_index] > acc[0]  # at alpha_max the weights are shrunk to (nearly) nothing
+    limit = acc[result.best_index] - result.rows[result.best_index]["val_se"]
+    assert result.index_1se == min(i for i, a in enumerate(acc) if a >= limit)
+
+
+# --------------------------------------------------------------------------
+# 5. Data forms
+# --------------------------------------------------------------------------
+def test_dataloader_batches_and_val_none():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    X, y = _data()
+    Xt, yt = torch.tensor(X), torch.tensor(y)
+    loader = DataLoader(TensorDataset(Xt, yt), batch_size=16, shuffle=True)  # batches of 16, 16, 16, 12
+    calls = []
+
+    def counting_loss(out, t):
+        calls.append(len(t))
+        return _half_mse(out, t)
+
+    result = pyreg.path(_linear(), counting_loss, loader, n_alphas=4, optimizer=_ista(X), epochs=3,
+                        exclude=[], progress=False)
+    assert result.metric_on == "train" and "train metric" in result.table()
+    assert len(result.rows) == 4 and all(math.isfinite(r["val_metric"]) for r in result.rows)
+    # alpha_max over the whole training data, from the batches weighted by their sizes
+    assert result.alphas[0] == pytest.approx(np.abs(X.T @ y).max() / N, rel=1e-12)
+    # per alpha: 3 epochs of 4 steps, then the metric (the loss) on the 4 batches; plus the alpha_max pass
+    assert len(calls) == 4 + 4 * (3 * 4 + 4)
+    # a scalar metric per batch: the mean weighted by batch size, the se over the batches
+    assert all(r["val_se"] > 0 for r in result.rows)
+    w = result.weights(0)["weight"][0].numpy()
+    assert result.rows[0]["val_metric"] == pytest.approx(0.5 * np.mean((X @ w - y) ** 2), rel=1e-10)
+
+    full = pyreg.path(_linear(), _half_mse, (Xt, yt), val=loader, n_alphas=2, optimizer=_ista(X), epochs=3,
+                      exclude=[], progress=False)
+    assert full.metric_on == "val" and "val metric" in full.table()
+
+
+# --------------------------------------------------------------------------
+# 6. Bad input: a clear error before anything runs
+# --------------------------------------------------------------------------
+BAD = [
+    (dict(method="lasso"), ValueError, "unknown method"),
+    (dict(method="elastic_net", l1_ratio=0.0), ValueError, "l1_ratio"),
+    (dict(l1_ratio=1.5), ValueError, "l1_ratio"),
+    (dict(alphas=[]), ValueError, "alphas is empty"),
+    (dict(alphas=[0.1, float("nan")]), ValueError, "alphas"),
+    (dict(alphas=[0.1, float("inf")]), ValueError, "alphas"),
+    (dict(alphas=[0.1, -1.0]), ValueError, "alphas"),
+    (dict(alphas="0.1"), TypeError, "alphas"),
+    (dict(epochs=0), ValueError, "epochs"),
+    (dict(epochs=2.5), TypeError, "epochs"),
+    (dict(select="min"), ValueError, "select"),
+    (dict(n_alphas=0), ValueError, "n_alphas"),
+    (dict(eps=1.0), ValueError, "eps"),
+    (dict(greater_is_better="yes"), TypeError, "greater_is_better"),
+    (dict(metric="mse"), TypeError, "metric"),
+    (dict(optimizer="adam"), TypeError, "optimizer"),
+    (dict(method=lambda a: {"l1": a}), ValueError, "pass alphas"),
+    (dict(method=lambda a: {"lr": a}, alphas=[0.1]), ValueError, "param_groups"),
+    (dict(method=lambda a: a, alphas=[0.1]), TypeError, "dict"),
+    (dict(method="group", group_dim=5), ValueError, "group_dim"),
+    (dict(exclude=["*"]), ValueError, "no parameter is regularized"),
+    (dict(exclude=3), TypeError, "exclude"),
+    (dict(val=torch.zeros(3)), TypeError, "val"),
+    (dict(val=iter([])), TypeError, "iterator"),
+    (dict(device=3), TypeError, "device"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,match", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_arguments_fail_before_training(kwargs, error, match):
+    X, y = _data()
+    model = _mlp()
+    before = _state(model)
+    made = []
+
+    def factory(groups):
+        made.append(groups)
+        return pyreg.optim.SGD(groups, lr=0.01)
+
+    kwargs = {"optimizer": factory, "epochs": 1, "progress": False, **kwargs}
+    with pytest.raises(error, match=match):
+        pyreg.path(model, nn.functional.mse_loss, (torch.tensor(X).float(), torch.tensor(y).float()[:, None]),
+                   **kwargs)
+    assert made == []  # nothing was trained
+    assert _same_state(before, _state(model))
+
+
+def test_bad_data_and_model():
+    X = torch.zeros(5, 3)
+    with pytest.raises(TypeError, match="nn.Module"):
+        pyreg.path(lambda x: x, nn.functional.mse_loss, (X, X), progress=False)
+    with pytest.raises(ValueError, match="same first dimension"):
+        pyreg.path(nn.Linear(3, 3), nn.functional.mse_loss, (X, X[:4]), progress=False)
+    with pytest.raises(TypeError, match="iterator"):
+        pyreg.path(nn.Linear(3, 3), nn.functional.mse_loss, iter([(X, X)]), progress=False)
+
+
+# --------------------------------------------------------------------------
+# 7. Group lasso and a method of your own
+# --------------------------------------------------------------------------
+def test_group_method_zeroes_whole_input_columns():
+    torch.manual_seed(0)
+    X = torch.randn(200, 10)
+    y = (X[:, 0] - 2 * X[:, 1] + 0.5 * X[:, 2])[:, None]
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 1))
+    sgd = lambda g: pyreg.optim.SGD(g, lr=0.05, momentum=0.9)  # noqa: E731
+    result = pyreg.path(model, nn.functional.mse_loss, (X, y), method="group", n_alphas=4, optimizer=sgd,
+                        epochs=200, progress=False)
+    assert set(result.rows[0]["layers"]) == {"0.weight", "2.weight"}  # the biases are not regularized
+    for i in range(len(result.alphas)):
+        w = result.weights(i)["0.weight"]
+        zero_cols = (w == 0).all(dim=0)
+        # a column is zero as a whole or not at all: here exactly the noise inputs' columns
+        assert torch.equal((w == 0).any(dim=0), zero_cols), i
+        assert zero_cols.tolist() == [False] * 3 + [True] * 7, i
+    # at a large alpha every column of the first layer is zero
+    big = pyreg.path(model, nn.functional.mse_loss, (X, y), method="group", alphas=[10.0], optimizer=sgd,
+                     epochs=100, progress=False)
+    assert bool((big.weights(0)["0.weight"] == 0).all()) and big.rows[0]["layers"]["0.weight"]["sparsity"] == 1.0
+
+
+def test_group_alpha_max_is_the_largest_column_gradient_norm():
+    torch.manual_seed(0)
+    X = torch.randn(100, 6, dtype=torch.float64)
+    Y = X[:, :2] @ torch.randn(2, 3, dtype=torch.float64) + 0.1 * torch.randn(100, 3, dtype=torch.float64)
+    model = nn.Linear(6, 3, bias=False, dtype=torch.float64)
+    nn.init.zeros_(model.weight)
+    loss = lambda out, t: 0.5 * ((out - t) ** 2).sum(1).mean()  # noqa: E731
+    sgd = lambda g: pyreg.optim.SGD(g, lr=0.1)  # noqa: E731
+    result = pyreg.path(model, loss, (X, Y), method="group", n_alphas=3, optimizer=sgd, epochs=50,
+                        exclude=[], progress=False)
+    grad = -(Y.T @ X) / 100  # d loss / d W at W = 0, [out, in]: a column per input
+    top = float(grad.norm(dim=0).max())
+    assert result.alphas[0] == pytest.approx(top, rel=1e-12)
+    assert bool((result.weights(0)["weight"] == 0).all())  # at alpha_max zero weights stay zero...
+    below = pyreg.path(model, loss, (X, Y), method="group", alphas=[0.95 * top], optimizer=sgd, epochs=1,
+                       exclude=[], progress=False)
+    w = below.weights(0)["weight"]
+    assert bool((w != 0).any()) and bool(((w == 0).all(0) | (w != 0).all(0)).all())  # ... and not below it
+
+
+def test_callable_method():
+    X, y = _data()
+    Xt, yt = torch.tensor(X).float(), torch.tensor(y).float()[:, None]
+    model = _mlp()
+    seen = []
+
+    def method(alpha):
+        seen.append(alpha)
+        return {"l1": 0.0, "overrides": {"0.weight": {"l1": alpha}}}
+
+    result = pyreg.path(model, nn.functional.mse_loss, (Xt, yt), alphas=[0.0, 0.05, 0.5], method=method,
+                        optimizer=lambda g: pyreg.optim.SGD(g, lr=0.05), epochs=100, progress=False)
+    assert set(result.rows[0]["layers"]) == {"0.weight"}  # only what the method regularizes
+    assert result.alphas == [0.5, 0.05, 0.0]
+    sparsity = [r["sparsity"] for r in result.rows]
+    assert sparsity[0] > 0.5 and sparsity[0] >= sparsity[1] >= sparsity[2]
+    for i in range(3):  # the second layer has no L1
+        assert bool((result.weights(i)["2.weight"] != 0).all())
+    assert {0.0, 0.05, 0.5} <= set(seen)
+
+
+# --------------------------------------------------------------------------
+# 8. The result
+# --------------------------------------------------------------------------
+def _small_result(**kw):
+    X, y = _data()
+    return pyreg.path(_mlp(), nn.functional.mse_loss, (torch.tensor(X).float(), torch.tensor(y).float()[:, None]),
+                      n_alphas=4, epochs=30, optimizer=lambda g: pyreg.optim.SGD(g, lr=0.05), progress=False, **kw)
+
+
+def test_table_dict_plot_and_models(tmp_path):
+    result = _small_result()
+    assert isinstance(result, PathResult)
+    table = result.table()
+    lines = table.splitlines()
+    assert len(lines) == 2 + 4 and lines[0].startswith("| # | alpha")
+    assert "best" in lines[2 + result.best_index] and "1se" in lines[2 + result.index_1se]
+    assert "selected" in lines[2 + result.best_index]
+    d = json.loads(json.dumps(result.to_dict()))
+    assert d["alphas"] == result.alphas and d["best_index"] == result.best_index and len(d["rows"]) == 4
+    assert set(d["rows"][0]) >= {"alpha", "train_loss", "val_metric", "val_se", "sparsity", "layers", "epochs",
+                                 "seconds"}
+    assert d["rows"][0]["val_se"] is None  # a scalar metric on one full batch: no se
+    assert "PathResult(4 alphas" in repr(result)
+    for i in range(4):
+        m = result.model(i)
+        assert isinstance(m, nn.Sequential) and _same_state(_state(m), result.weights(i))
+    assert _same_state(_state(result.model()), result.weights(result.best_index))
+    pytest.importorskip("matplotlib")
+    out = result.plot(str(tmp_path / "path.png"))
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("select", ["best", "1se"])
+def test_keep_weights_false_keeps_the_selected_fit(select):
+    X, y = _data()
+    Xv, yv = _data(seed=1)
+    per_sample = lambda out, t: 0.5 * (out.squeeze(-1) - t) ** 2  # noqa: E731
+    common = dict(val=(torch.tensor(Xv), torch.tensor(yv)), n_alphas=12, optimizer=_ista(X), epochs=150,
+                  exclude=[], metric=per_sample, select=select, progress=False)
+    kept = pyreg.path(_linear(), _half_mse, (torch.tensor(X), torch.tensor(y)), **common)
+    result = pyreg.path(_linear(), _half_mse, (torch.tensor(X), torch.tensor(y)), keep_weights=False, **common)
+    assert kept.index_1se < kept.best_index  # the two rules pick different fits here
+    assert result.index == kept.index == (kept.best_index if select == "best" else kept.index_1se)
+    assert _same_state(_state(result.model()), kept.weights(kept.index))
+    assert not _same_state(result.weights(), kept.weights(kept.index + 1))
+    other = next(i for i in range(12) if i != result.index)
+    with pytest.raises(ValueError, match="not kept"):
+        result.model(other)
+
+
+# --------------------------------------------------------------------------
+# 9. import pyreg stays light
+# --------------------------------------------------------------------------
+def test_import_pyreg_loads_no_plotting_or_sklearn():
+    code = ("import sys, torch; before = set(sys.modules); import pyreg; "
+            "print(sorted(m for m in ('matplotlib', 'sklearn', 'tqdm') "
+            "if m in sys.modules and m not in before))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]", out
