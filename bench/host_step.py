@@ -1,5 +1,5 @@
 """Host time of one optimizer step on the demo's MLP (CPU): pyreg.Regularized
-around torch's Adam, pyreg.optim.AdamW with L1 (and with an l2_bound), and the bare torch optimizers,
+around torch's Adam, pyreg.optim.AdamW with L1 (with a target_sparsity instead, and with an l2_bound), and the bare torch optimizers,
 timed in interleaved rounds in one process (median and min over rounds of the
 per-step time of ``opt.step()`` alone; the grads are set once). ``--cpu-time``
 times the calling thread's CPU time instead of the wall clock (with one torch
@@ -27,13 +27,15 @@ def build(kind: str, model: torch.nn.Module):
         return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     if kind == "pyreg.optim.AdamW(l1)":
         return pyreg.optim.AdamW(groups, lr=1e-3)
+    if kind == "pyreg.optim.AdamW(target_sparsity)":
+        return pyreg.optim.AdamW(pyreg.param_groups(model, overrides={"*": {"target_sparsity": 0.5}}), lr=1e-3)
     if kind == "pyreg.optim.AdamW(l1,l2_bound)":
         return pyreg.optim.AdamW(pyreg.param_groups(model, l1=1e-4, overrides={"*": {"l2_bound": 1.0}}), lr=1e-3)
     raise ValueError(kind)
 
 
 KINDS = ("torch Adam", "Regularized(torch Adam)", "torch AdamW(fused)", "pyreg.optim.AdamW(l1)",
-         "pyreg.optim.AdamW(l1,l2_bound)")
+         "pyreg.optim.AdamW(target_sparsity)", "pyreg.optim.AdamW(l1,l2_bound)")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ already checked).
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -23,11 +24,16 @@ from .results import ParamStats, Sparsity
 
 #: The kinds of bucket whose regularizer is a penalty (the others are
 #: constraints, applied after the step by :func:`constraints`).
-PENALIZED = ("elem", "ref", "group")
+PENALIZED = ("elem", "ref", "group", "target")
 #: What an ``l2_bound`` parameter keeps in the optimizer's state: its
 #: multiplier (float64), the bound in force (float64; +inf during a warm-up)
 #: and the steps it took (int64), 0-dim tensors on its device.
 BOUND_STATE = ("l2_bound_lambda", "l2_bound_kappa", "l2_bound_step")
+#: What a ``target_sparsity`` parameter keeps in the optimizer's state: the
+#: l1 of its last step (float64, 0-dim, on its device).
+TARGET_STATE = ("target_l1",)
+#: Every state entry of pyreg's own (kept in its dtype by :func:`pop_own_state`).
+OWN_STATE = BOUND_STATE + TARGET_STATE
 
 
 def penalized(work: Sequence[Work]) -> List[Work]:
@@ -42,11 +48,13 @@ def constraints(work: Sequence[Work], state: Dict[Any, Dict[str, Any]]) -> None:
     max_norm_buckets([w for w in work if w.kind == "max_norm"])
 
 
-def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]]) -> None:
+def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[Any, Dict[str, Any]]] = None) -> None:
     """The proximal step of each bucket ``(work, lr)`` (lr: one float64 per
     tensor on the params' device), in place: element-wise L1/L2 (``prox_``,
-    toward the refs in a "ref" bucket), or the exact sparse-group-lasso prox
-    with L2 (``group_prox_``) in a "group" bucket."""
+    toward the refs in a "ref" bucket), the exact sparse-group-lasso prox
+    with L2 (``group_prox_``) in a "group" bucket, or in a "target" bucket
+    the element-wise prox with the l1 that meets each tensor's target
+    (:func:`target_prox`, which keeps it in the optimizer's ``state``)."""
     eager = not torch.compiler.is_compiling()
     be = _direct_backend() if eager else None
     for w, lr in buckets:
@@ -57,8 +65,70 @@ def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]]) -> None:
             torch.autograd.graph.increment_version(w.params)
         elif w.kind == "group":
             ops.group_prox_(w.params, c("group_l1"), lr, w.dims, element_l1=c("l1"), l2=c("l2"))
+        elif w.kind == "target":
+            target_prox(w, lr, state if state is not None else {})
         else:
             ops.prox_(w.params, c("l1"), c("l2"), lr, ref=w.refs)
+
+
+def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]]) -> None:
+    """``target_sparsity``: the element-wise prox of each tensor j (n_j
+    elements, target t_j) with the smallest l1 that leaves it
+    k_j = ceil(t_j * n_j) zeros: with tau_j the k_j-th smallest |w| of the
+    tensor as the step left it (0 for a target of 0),
+
+        l1_j = tau_j / lr,    w <- sign(w) * max(|w| - lr * l1_j, 0) / (1 + 2 * lr * l2)
+
+    so the weights with |w| <= tau_j, and only those, become exact zeros, and
+    the others shrink by tau_j. Where several weights tie at tau_j (common in
+    bfloat16, and for Adam's steps away from zero), tau_j is instead the
+    largest |w| below it when that count is closer to k_j. The target is met at every step, by any
+    optimizer, with no warm-up; the l1 follows the weights (it is the L1
+    strength at which the target is the tensor's sparsity). Costs one
+    selection (``torch.kthvalue`` of |w|) per tensor and step, on the device,
+    no host sync; the l1 used is in the optimizer's state (:data:`TARGET_STATE`,
+    and in :attr:`penalty`)."""
+    ps = w.params
+    (l1, _) = _own_state(w, state, TARGET_STATE, (torch.float64,), lambda: ([0.0] * len(ps),))
+    b = w.bucket
+    at = dict(zip(map(id, b.params), b.values["target_sparsity"]))  # the values as now set
+    taus = []
+    for p in ps:
+        n = p.numel()
+        k = min(n, math.ceil(at[id(p)] * n - 1e-9))
+        taus.append(_threshold(p.detach().abs().flatten(), k) if k > 0 else p.new_zeros((), dtype=torch.float64))
+    tau = torch.stack(taus)
+    if isinstance(lr, Tensor):
+        lr64 = lr.to(device=l1.device, dtype=torch.float64)
+        l1.copy_(torch.where(lr64 > 0, tau / lr64.clamp_min(1e-300), torch.zeros_like(tau)))
+    else:
+        l1.copy_(tau / lr if lr > 0 else torch.zeros_like(tau))
+    ops.prox_(ps, l1, w.coef("l2", not torch.compiler.is_compiling()), lr)
+
+
+def _threshold(a: Tensor, k: int) -> Tensor:
+    """The threshold whose count of ``a <= threshold`` is closest to ``k``
+    (``a``: magnitudes, 1 <= k <= a.numel()): the k-th smallest, or, where
+    ties at it would count more than the target by more than the largest
+    magnitude below it would count fewer, that one (0-dim float64, on the
+    device: no host sync)."""
+    kth = a.kthvalue(k).values
+    below = a < kth
+    n_lt = below.sum()
+    n_le = n_lt + (a == kth).sum()
+    lower = torch.where(below, a, torch.zeros_like(a)).amax()
+    return torch.where(n_le - k > k - n_lt, lower, kth).to(torch.float64)
+
+
+def current_l1(w: Work) -> Tensor:
+    """The l1 of ``w``'s params now: a "target" bucket's (as its last step
+    set them), else the group's."""
+    st = w.bucket.own_state
+    if w.kind == "target":
+        if st is not None and st[0] == tuple(map(id, w.params)):
+            return st[1][0]
+        return torch.zeros(len(w.params), dtype=torch.float64, device=w.bucket.device)
+    return w.coefs["l1"]
 
 
 def _direct_backend():
@@ -104,33 +174,47 @@ def l2_bound_buckets(buckets: Sequence[Work], state: Dict[Any, Dict[str, Any]]) 
 
 
 def _bound_state(w: Work, state: Dict[Any, Dict[str, Any]]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(multipliers, bounds, steps, numels) of ``w``'s params, one entry per
-    param, on their device. The optimizer's state holds 0-dim views of these
-    vectors (so a step updates it in place); new vectors are made from it
-    when the params with a grad change or the state was replaced (a state
-    dict loaded)."""
+    """(multipliers, bounds, steps, numels) of ``w``'s params (see :func:`_own_state`)."""
+    lam, kappa, steps, numel = _own_state(w, state, BOUND_STATE, (torch.float64, torch.float64, torch.int64),
+                                          lambda: ([0.0] * len(w.params), [float("inf")] * len(w.params),
+                                                   [0] * len(w.params)))
+    return lam, kappa, steps, numel
+
+
+def _own_state(w: Work, state: Dict[Any, Dict[str, Any]], names: Tuple[str, ...], dtypes: Tuple[torch.dtype, ...],
+               defaults) -> List[Tensor]:
+    """The vectors of the state ``names`` of ``w``'s params (one entry per
+    param, on their device), plus their numels (float64). The optimizer's
+    state holds 0-dim views of these vectors (so a step updates it in place);
+    new vectors are made from it when the params with a grad change or the
+    state was replaced (a state dict loaded); ``defaults()`` gives the values
+    of params that have none yet (numbers or one-value tensors, per name)."""
     b = w.bucket
     ps = w.params
     ids = tuple(map(id, ps))
-    cur = b.bound_state
+    cur = b.own_state
     if cur is not None and cur[0] == ids and all(
-            state[p].get(BOUND_STATE[0]) is v for p, v in zip(ps, cur[5])):
-        return cur[1], cur[2], cur[3], cur[4]
+            state[p].get(names[0]) is v for p, v in zip(ps, cur[2])):
+        return cur[1]
     dev = b.device
-    vals: List[Tuple[Any, Any, Any]] = []
-    for p in ps:
-        s = state[p]
-        vals.append(tuple(s.get(k, d) for k, d in zip(BOUND_STATE, (0.0, float("inf"), 0))))
-    lam = _stack([v[0] for v in vals], torch.float64, dev)
-    kappa = _stack([v[1] for v in vals], torch.float64, dev)
-    steps = _stack([v[2] for v in vals], torch.int64, dev)
+    fresh = None
+    vecs = []
+    for k, (name, dt) in enumerate(zip(names, dtypes)):
+        vals = []
+        for i, p in enumerate(ps):
+            v = state[p].get(name)
+            if v is None:
+                fresh = defaults() if fresh is None else fresh
+                v = fresh[k][i]
+            vals.append(v)
+        vecs.append(_stack(vals, dt, dev))
     numel = to_device([float(p.numel()) for p in ps], torch.float64, dev)
-    views = list(lam.unbind(0))
-    for p, v, k, n in zip(ps, views, kappa.unbind(0), steps.unbind(0)):
-        s = state[p]
-        s[BOUND_STATE[0]], s[BOUND_STATE[1]], s[BOUND_STATE[2]] = v, k, n
-    b.bound_state = (ids, lam, kappa, steps, numel, views)
-    return lam, kappa, steps, numel
+    for name, vec in zip(names, vecs):
+        for p, v in zip(ps, vec.unbind(0)):
+            state[p][name] = v
+    first = [state[p][names[0]] for p in ps]
+    b.own_state = (ids, vecs + [numel], first)
+    return vecs + [numel]
 
 
 def _stack(values: List[Any], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -141,8 +225,8 @@ def _stack(values: List[Any], dtype: torch.dtype, device: torch.device) -> Tenso
                         else torch.tensor(v, dtype=dtype, device=device) for v in values])
 
 
-def pop_bound_state(state_dict: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[Any, Dict[str, Any]]]:
-    """A state dict without the ``l2_bound`` entries (torch's
+def pop_own_state(state_dict: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[Any, Dict[str, Any]]]:
+    """A state dict without pyreg's own entries (:data:`OWN_STATE`; torch's
     ``load_state_dict`` would cast them to each parameter's dtype), and those
     entries by the state dict's parameter index."""
     st = state_dict.get("state")
@@ -150,16 +234,16 @@ def pop_bound_state(state_dict: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[An
         return state_dict, {}
     out, kept = {}, {}
     for k, v in st.items():
-        if isinstance(v, dict) and any(n in v for n in BOUND_STATE):
-            kept[k] = {n: v[n] for n in BOUND_STATE if n in v}
-            v = {n: x for n, x in v.items() if n not in BOUND_STATE}
+        if isinstance(v, dict) and any(n in v for n in OWN_STATE):
+            kept[k] = {n: v[n] for n in OWN_STATE if n in v}
+            v = {n: x for n, x in v.items() if n not in OWN_STATE}
         out[k] = v
     return dict(state_dict, state=out), kept
 
 
-def put_bound_state(state: Dict[Any, Dict[str, Any]], groups: List[Dict[str, Any]],
-                    saved_groups: List[Dict[str, Any]], kept: Dict[Any, Dict[str, Any]]) -> None:
-    """Puts back what :func:`pop_bound_state` took, after torch's
+def put_own_state(state: Dict[Any, Dict[str, Any]], groups: List[Dict[str, Any]],
+                  saved_groups: List[Dict[str, Any]], kept: Dict[Any, Dict[str, Any]]) -> None:
+    """Puts back what :func:`pop_own_state` took, after torch's
     ``load_state_dict`` (which maps the saved groups' parameters onto
     ``groups`` in order), as float64 / int64 tensors on each param's device."""
     if not kept:
@@ -235,7 +319,7 @@ def penalty_of(buckets: Sequence[Work]) -> Tensor:
     for w in buckets:
         c = w.coefs
         ps = [p.detach() for p in w.params]
-        value = ops.penalty(ps, c["l1"], c["l2"], ref=w.refs)
+        value = ops.penalty(ps, current_l1(w), c["l2"], ref=w.refs)
         if w.kind == "group":
             value = _sum(value, ops.group_penalty(ps, c["group_l1"], w.dims))
         total = value if total is None else _sum(total, value)

@@ -35,7 +35,7 @@ from .. import backends, ops
 from .._common import SUPPORTED_DTYPES, outside_graph
 from .._validate import nonneg_real
 from ._torch_compat import raw_step
-from .apply import constraints, penalized, pop_bound_state, prox_buckets, put_bound_state
+from .apply import constraints, penalized, pop_own_state, prox_buckets, put_own_state
 from .engine import Engine, Observable
 from .functional import METRIC_PROX, NO_PROX, PLAIN_PROX, fused_step, prox_kind, row, table
 from .keys import check_params, flag, hyper_keys_of, read_group
@@ -191,9 +191,9 @@ class FusedOptimizer(Observable):
         for gi, group in enumerate(state_dict.get("param_groups", [])):
             n = len(group.get("params", ()))
             read_group(dict(group, params=[None] * n), self._engine.defaults, f"state_dict param_groups[{gi}]")
-        state_dict, bounds = pop_bound_state(state_dict)
+        state_dict, bounds = pop_own_state(state_dict)
         super().load_state_dict(state_dict)  # type: ignore[misc]
-        put_bound_state(self.state, self.param_groups, state_dict.get("param_groups", []), bounds)  # type: ignore
+        put_own_state(self.state, self.param_groups, state_dict.get("param_groups", []), bounds)  # type: ignore
         self._fill_keys()
 
     def _fill_keys(self) -> None:
@@ -389,7 +389,8 @@ class FusedOptimizer(Observable):
                     self._run(b)
                 if after and not self._amp_skipped():
                     group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
-                    prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in penalized(after)])
+                    prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in penalized(after)],
+                                 self.state)  # type: ignore[attr-defined]
                     constraints(after, self.state)  # type: ignore[attr-defined]
 
 

@@ -14,6 +14,10 @@ The keys (defaults in parentheses):
   ``l2_bound`` is the bound (a coefficient), or ``"warm_start"``, each
   tensor's own squared norm after ``l2_warmup`` steps; ``l2_mu`` is the
   multiplier's rate;
+* ``target_sparsity`` (None): a fraction of exact zeros in [0, 1] (a
+  coefficient: one for the group, or one per parameter); at every step each
+  tensor's ``l1`` is the smallest that gives it that fraction (see
+  :func:`pyreg.optim.apply.target_prox`), in place of the group's ``l1``;
 * ``preconditioned`` (False): the prox in the optimizer's own metric (fused
   optimizers only).
 
@@ -39,9 +43,10 @@ from .._validate import group_dims, nonneg_real, one_value_tensor
 COEF_KEYS = ("l1", "l2", "group_l1", "max_norm")
 #: Every key pyreg reads from a param group.
 KEYS = ("l1", "l2", "group_l1", "group_dim", "ref", "max_norm", "max_norm_dim", "preconditioned",
-        "l2_bound", "l2_warmup", "l2_mu")
+        "l2_bound", "l2_warmup", "l2_mu", "target_sparsity")
 #: The keys of the structured regularizers (after the update, outside the fused kernel).
-STRUCTURED_KEYS = ("group_l1", "group_dim", "max_norm", "max_norm_dim", "l2_bound", "l2_warmup", "l2_mu")
+STRUCTURED_KEYS = ("group_l1", "group_dim", "max_norm", "max_norm_dim", "l2_bound", "l2_warmup", "l2_mu",
+                   "target_sparsity")
 
 
 class GroupSettings(NamedTuple):
@@ -58,13 +63,16 @@ class GroupSettings(NamedTuple):
     l2_bound: Optional[Tuple[float, ...]] = None  # None: no bound; NaN: "warm_start"
     l2_warmup: int = 0                             # steps before a "warm_start" bound is set
     l2_mu: Tuple[float, ...] = ()
+    target: Optional[Tuple[float, ...]] = None  # target_sparsity (None: l1 as given)
 
     def kinds(self, j: int) -> Tuple[str, ...]:
         """What regularizes parameter ``j``: "group" (sparse group lasso with
         its l1/l2), "ref" (l1/l2 toward its reference), "elem" (l1/l2), and
         "max_norm"."""
         out: Tuple[str, ...] = ()
-        if self.group_l1[j] != 0.0:
+        if self.target is not None:
+            out = ("target",)
+        elif self.group_l1[j] != 0.0:
             out = ("group",)
         elif self.l1[j] != 0.0 or self.l2[j] != 0.0:
             out = ("ref",) if self.ref is not None and self.ref[j] is not None else ("elem",)
@@ -81,7 +89,8 @@ class GroupSettings(NamedTuple):
                 _hashable(self.max_norm_dim), ref)
 
     def values(self) -> tuple:
-        return self.l1, self.l2, self.group_l1, self.max_norm, self.l2_bound, self.l2_warmup, self.l2_mu
+        return (self.l1, self.l2, self.group_l1, self.max_norm, self.l2_bound, self.l2_warmup, self.l2_mu,
+                self.target)
 
 
 def _hashable(dim: Any) -> Any:
@@ -146,8 +155,23 @@ def read_group(group: Dict[str, Any], defaults: Dict[str, Any], where: str) -> G
     pre = flag(get("preconditioned", defaults.get("preconditioned", False)), f"{where}['preconditioned']")
     bound, warmup = _l2_bound(get("l2_bound", defaults.get("l2_bound")), get("l2_warmup", defaults.get("l2_warmup")),
                               n, where)
+    target = get("target_sparsity", defaults.get("target_sparsity"))
+    if target is not None:
+        target = coef_values(target, n, f"{where}['target_sparsity']")
+        bad = next((t for t in target if t > 1.0), None)
+        if bad is not None:
+            raise ValueError(f"{where}['target_sparsity'] is a fraction of exact zeros, in [0, 1]; got {bad}")
+        if any(gl1):
+            raise ValueError(f"{where} sets both 'target_sparsity' and 'group_l1': the target adapts the "
+                             "element-wise l1 (group lasso with a target is not supported)")
+        if ref is not None and any(r is not None for r in ref):
+            raise ValueError(f"{where} sets both 'target_sparsity' and 'ref': the target counts exact zeros, "
+                             "not weights equal to their reference")
+        if pre:
+            raise ValueError(f"{where} sets both 'target_sparsity' and preconditioned=True: the target adapts "
+                             "the plain prox's l1")
     st = GroupSettings(l1, l2, gl1, get("group_dim", 1), mx, get("max_norm_dim", 0), ref, pre, bound, warmup,
-                       coef("l2_mu", 1.0))
+                       coef("l2_mu", 1.0), target)
     if pre and (any(gl1) or (ref is not None and any(r is not None for r in ref))):
         raise ValueError(f"{where} sets preconditioned=True with group_l1 or ref: the prox in the "
                          "optimizer's metric is element-wise L1/L2 only")

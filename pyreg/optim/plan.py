@@ -16,9 +16,10 @@ from .._common import DTYPE_CODES, SUPPORTED_DTYPES, has_dtensor, to_device
 from .._validate import disjoint_pointers, first_overlap, plain_cpu
 from .keys import GroupSettings, check_params
 
-_KINDS = ("elem", "ref", "group", "l2_bound", "max_norm")
+_KINDS = ("elem", "ref", "group", "target", "l2_bound", "max_norm")
 #: The coefficients each kind of bucket holds, as per-tensor float64 tensors.
 _KIND_COEFS = {"elem": ("l1", "l2"), "ref": ("l1", "l2"), "group": ("l1", "l2", "group_l1"),
+               "target": ("l2", "target_sparsity"),
                "l2_bound": ("l2_bound", "l2_warmup", "l2_mu"), "max_norm": ("max_norm",)}
 
 
@@ -38,7 +39,7 @@ class Bucket:
         self.one_group = groups[0] if groups.count(groups[0]) == len(groups) else None
         self._subsets: Dict[Tuple[bool, ...], Tuple[List[int], Tensor]] = {}
         self._direct: Optional[list] = None  # see direct()
-        self.bound_state: Optional[tuple] = None  # an "l2_bound" bucket's multipliers (apply.l2_bound_buckets)
+        self.own_state: Optional[tuple] = None  # a "target" or "l2_bound" bucket's state vectors (apply.py)
 
     def direct(self) -> Optional[list]:
         """For a plain eager step on the CPU: ``[pointers, numels, dtype codes,
@@ -255,4 +256,5 @@ def _values_of(spec: GroupSettings, j: int) -> Dict[str, Optional[float]]:
     return {"l1": spec.l1[j], "l2": spec.l2[j], "group_l1": spec.group_l1[j],
             "max_norm": None if spec.max_norm is None else spec.max_norm[j],
             "l2_bound": None if spec.l2_bound is None else spec.l2_bound[j],
-            "l2_warmup": float(spec.l2_warmup), "l2_mu": spec.l2_mu[j] if spec.l2_mu else 1.0}
+            "l2_warmup": float(spec.l2_warmup), "l2_mu": spec.l2_mu[j] if spec.l2_mu else 1.0,
+            "target_sparsity": None if spec.target is None else spec.target[j]}

@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 
 from .._validate import nonneg_real
 from ._torch_compat import init_without_groups, step_with_own_hooks
-from .apply import add_penalty_grads, constraints, penalized, pop_bound_state, prox_buckets, put_bound_state
+from .apply import add_penalty_grads, constraints, penalized, pop_own_state, prox_buckets, put_own_state
 from .engine import Engine, Observable, plan_outside_graph
 from .keys import check_params, hyper_keys_of, read_group
 from .plan import Bucket, Plan, Work
@@ -65,6 +65,13 @@ class Regularized(Observable, Optimizer):
     * ``"max_norm"`` (default None) and ``"max_norm_dim"`` (default 0): after
       the step, each slice along ``max_norm_dim`` is scaled onto the ball of
       radius ``max_norm`` (``pyreg.max_norm_``), in either mode.
+    * ``"target_sparsity"`` (default None): each step's ``l1`` is, per
+      tensor, the one that zeroes that fraction of it
+      (:func:`pyreg.optim.apply.target_prox`; proximal mode).
+    * ``"l2_bound"``, ``"l2_warmup"``, ``"l2_mu"``: a bound on each tensor's
+      squared norm, kept by a Lagrange multiplier after the step
+      (Constrained Parameter Regularization,
+      :func:`pyreg.optim.apply.l2_bound_buckets`), in either mode.
 
     Parameters whose ``grad`` is None are not touched in either mode, nor are
     groups without any regularizer.
@@ -214,9 +221,9 @@ class Regularized(Observable, Optimizer):
         for gi, group in enumerate(sd.get("param_groups", [])):
             n = len(group.get("params", ()))
             read_group(dict(group, params=[None] * n), defaults, f"state_dict param_groups[{gi}]")
-        sd, bounds = pop_bound_state(sd)
+        sd, bounds = pop_own_state(sd)
         self.optimizer.load_state_dict(sd)
-        put_bound_state(self.state, self.param_groups, sd.get("param_groups", []), bounds)
+        put_own_state(self.state, self.param_groups, sd.get("param_groups", []), bounds)
         self.mode, self.l1, self.l2 = mode, l1, l2
         self._engine = Engine(defaults, self._engine.hyper_keys, metric=False)
         self._fill_defaults()
@@ -260,6 +267,9 @@ class Regularized(Observable, Optimizer):
                 lrs = self._engine.lrs(groups)
         else:
             plan, lrs, _ = self._engine.prepare(groups, lrs=proximal)
+        if not proximal and any(b.kind == "target" for b in plan.buckets):
+            raise ValueError("target_sparsity adapts the l1 of the proximal step, which gives exact zeros: "
+                             "use mode='proximal'")
         self._last, self._penalty = [], None
         if self.mode == "gradient":
             if closure is None:
@@ -284,7 +294,7 @@ class Regularized(Observable, Optimizer):
         group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
         loss = self._inner_step(closure)
         work = [w for w in map(Bucket.active, plan.buckets) if w is not None]
-        prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in penalized(work)])
+        prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in penalized(work)], self.state)
         constraints(work, self.state)
         self._last = penalized(work)
         return loss

@@ -1,0 +1,193 @@
+"""``target_sparsity``: every tensor at its fraction of exact zeros at every
+step, in both optimizer families and on every backend; the step against the
+rule written out in float64; its state in the state dict; bad values rejected
+with nothing modified."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import pyreg
+from pyreg.optim.apply import TARGET_STATE
+from conftest import needs_emu
+
+BACKENDS = ["cpu", pytest.param("cuda-emu", marks=needs_emu), "torch"]
+OPTIMIZERS = {
+    "Regularized(Adam)": lambda g: pyreg.Regularized(torch.optim.Adam(g, lr=1e-2)),
+    "Regularized(SGD)": lambda g: pyreg.Regularized(torch.optim.SGD(g, lr=0.05, momentum=0.9)),
+    "SGD": lambda g: pyreg.optim.SGD(g, lr=0.05, momentum=0.9),
+    "Adam": lambda g: pyreg.optim.Adam(g, lr=1e-2),
+    "AdamW": lambda g: pyreg.optim.AdamW(g, lr=1e-2),
+    "Adagrad": lambda g: pyreg.optim.Adagrad(g, lr=0.05),
+    "RMSprop": lambda g: pyreg.optim.RMSprop(g, lr=1e-3),
+}
+TARGETS = {"0": 0.7, "2": 0.35, "4": 0.9}
+
+
+def task(dtype=torch.float32):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(21, 33), nn.Tanh(), nn.Linear(33, 17), nn.Tanh(), nn.Linear(17, 7)).to(dtype)
+    x = torch.randn(128, 21, dtype=dtype)
+    y = torch.tanh(x @ torch.randn(21, 7, dtype=dtype))
+    return m, x, y
+
+
+def sparsity(t):
+    return float((t == 0).sum()) / t.numel()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_tensor_at_its_target_at_every_step(name, dtype, backend):
+    m, x, y = task(dtype)
+    groups = pyreg.param_groups(m, overrides={k: {"target_sparsity": v} for k, v in TARGETS.items()})
+    opt = OPTIMIZERS[name](groups)
+    first = None
+    with pyreg.use_backend(backend):
+        for _ in range(25):
+            opt.zero_grad()
+            loss = (m(x) - y).float().pow(2).mean()
+            loss.backward()
+            first = float(loss.detach()) if first is None else first
+            opt.step()
+            for k, t in TARGETS.items():
+                w = m[int(k)].weight
+                # ceil(t * n) zeros, or the closest count where weights tie
+                # at the threshold (bfloat16 has 256 values per octave, and
+                # Adam moves weights from 0 by steps of nearly the same size)
+                assert abs(sparsity(w) - t) <= (0.05 if dtype == torch.bfloat16 else 0.01), (k, sparsity(w))
+            for layer in (0, 2, 4):  # biases are not regularized
+                assert sparsity(m[layer].bias) == 0.0
+    if dtype == torch.float32:
+        assert float(loss.detach()) < first  # and it trains
+    for k in TARGETS:
+        s = opt.state[m[int(k)].weight]
+        assert s[TARGET_STATE[0]].dtype == torch.float64 and float(s[TARGET_STATE[0]]) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["Regularized", "SGD"])
+def test_a_step_matches_the_rule(family, backend):
+    """torch's SGD step, then per tensor l1 = tau / lr with tau the
+    ceil(t * n)-th smallest |w|, and the prox with that l1 and the group's l2,
+    in float64: the same bits."""
+    g = torch.Generator().manual_seed(3)
+    shapes, targets, lr, l2 = [(9, 7), (31,), (2, 3, 5), ()], [0.5, 0.13, 1.0, 0.0], 0.1, 0.02
+    params = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    grads = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    want = [p.clone() for p in params]
+    for p, gr, t in zip(want, grads, targets):
+        p.sub_(lr * gr)
+        k = math.ceil(t * p.numel() - 1e-9)
+        tau = float(p.abs().flatten().sort().values[k - 1]) if k > 0 else 0.0
+        l1 = tau / lr
+        p.copy_(torch.sign(p) * torch.clamp(p.abs() - lr * l1, min=0) / (1 + 2 * lr * l2))
+    ps = [p.clone().requires_grad_() for p in params]
+    group = {"params": ps, "l2": l2, "target_sparsity": targets}
+    opt = pyreg.Regularized(torch.optim.SGD([group], lr=lr)) if family == "Regularized" else \
+        pyreg.optim.SGD([group], lr=lr)
+    for p, gr in zip(ps, grads):
+        p.grad = gr.clone()
+    with pyreg.use_backend(backend):
+        opt.step()
+    for a, b in zip(ps, want):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-14, atol=1e-15)
+    assert [sparsity(p) for p in ps[:3]] == [math.ceil(t * p.numel() - 1e-9) / p.numel()
+                                             for t, p in zip(targets, ps[:3])]
+
+
+def test_tensor_and_changed_targets_and_penalty():
+    m, x, y = task()
+    groups = [{"params": [m[0].weight, m[2].weight], "target_sparsity": torch.tensor([0.2, 0.6])},
+              {"params": [m[4].weight, m[0].bias, m[2].bias, m[4].bias]}]
+    opt = pyreg.optim.AdamW(groups, lr=1e-2)
+    for step in range(6):
+        if step == 3:
+            opt.param_groups[0]["target_sparsity"] = 0.8  # checked and applied at the next step
+        opt.zero_grad()
+        (m(x) - y).pow(2).mean().backward()
+        opt.step()
+        want = (0.2, 0.6) if step < 3 else (0.8, 0.8)
+        got = (sparsity(m[0].weight), sparsity(m[2].weight))
+        assert got == pytest.approx(want, abs=1.0 / 33)
+    l1 = [float(opt.state[p][TARGET_STATE[0]]) for p in (m[0].weight, m[2].weight)]
+    want = sum(l * float(p.detach().abs().sum()) for l, p in zip(l1, (m[0].weight, m[2].weight)))
+    assert float(opt.penalty) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["Regularized", "AdamW"])
+def test_state_dict_round_trip(family):
+    m, x, y = task(torch.bfloat16)
+
+    def make(model):
+        groups = pyreg.param_groups(model, overrides={"0": {"target_sparsity": 0.5}})
+        return (pyreg.Regularized(torch.optim.Adam(groups, lr=1e-2)) if family == "Regularized"
+                else pyreg.optim.AdamW(groups, lr=1e-2))
+
+    opt = make(m)
+    for _ in range(3):
+        opt.zero_grad()
+        (m(x) - y).float().pow(2).mean().backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    m2 = copy.deepcopy(m)
+    opt2 = make(m2)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    a, b = opt.state[m[0].weight][TARGET_STATE[0]], opt2.state[m2[0].weight][TARGET_STATE[0]]
+    assert b.dtype == torch.float64 and float(b) == float(a) > 0  # not cast to bfloat16
+
+
+BAD = [({"target_sparsity": -0.1}, "target_sparsity"),
+       ({"target_sparsity": 1.5}, "target_sparsity"),
+       ({"target_sparsity": float("nan")}, "target_sparsity"),
+       ({"target_sparsity": [0.5, 0.5, 0.5]}, "target_sparsity"),
+       ({"target_sparsity": 0.5, "group_l1": 1e-3}, "group_l1"),
+       ({"target_sparsity": 0.5, "preconditioned": True}, "preconditioned")]
+
+
+@pytest.mark.parametrize("family", ["Regularized", "AdamW"])
+@pytest.mark.parametrize("keys,words", BAD)
+def test_bad_values_raise_and_change_nothing(family, keys, words):
+    if family == "Regularized" and "preconditioned" in keys:
+        keys = dict(keys, preconditioned=False, target_sparsity=2.0)
+        words = "target_sparsity"
+    m = nn.Linear(5, 3)
+    make = ((lambda g: pyreg.Regularized(torch.optim.AdamW(g, lr=0.1))) if family == "Regularized"
+            else (lambda g: pyreg.optim.AdamW(g, lr=0.1)))
+    with pytest.raises((ValueError, TypeError), match=words):
+        make([dict(keys, params=list(m.parameters()))])
+    opt = make([{"params": list(m.parameters()), "target_sparsity": 0.3}])
+    m(torch.randn(4, 5)).sum().backward()
+    opt.step()
+    m(torch.randn(4, 5)).sum().backward()
+    weights = copy.deepcopy(m.state_dict())
+    state = copy.deepcopy(opt.state_dict()["state"])
+    opt.param_groups[0].update(keys)
+    with pytest.raises((ValueError, TypeError), match=words):
+        opt.step()
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, weights[k])
+    after = opt.state_dict()["state"]
+    for i in state:
+        for k in state[i]:
+            assert torch.equal(torch.as_tensor(after[i][k]), torch.as_tensor(state[i][k]))
+
+
+def test_ref_and_gradient_mode_are_refused():
+    m = nn.Linear(5, 3)
+    with pytest.raises(ValueError, match="ref"):
+        pyreg.optim.SGD([{"params": [m.weight], "target_sparsity": 0.5, "ref": [m.weight.detach().clone()]}],
+                        lr=0.1)
+    opt = pyreg.Regularized(torch.optim.SGD([{"params": [m.weight], "target_sparsity": 0.5}], lr=0.1),
+                            mode="gradient")
+    m(torch.randn(4, 5)).sum().backward()
+    before = m.weight.detach().clone()
+    with pytest.raises(ValueError, match="mode='proximal'"):
+        opt.step()
+    assert torch.equal(m.weight.detach(), before)
