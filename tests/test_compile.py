@@ -150,7 +150,7 @@ def test_cuda_graph_step_replays_equal_to_eager(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("kind", ["group_and_max_norm", "ref"])
+@pytest.mark.parametrize("kind", ["group_and_max_norm", "ref", "target_and_l2_bound"])
 def test_compiled_step_with_structured_regularizers(mode, kind):
     """Group lasso, max-norm and regularization toward a reference inside a
     compiled training step match eager, exact zeros included."""
@@ -161,6 +161,12 @@ def test_compiled_step_with_structured_regularizers(mode, kind):
                 for p in pretrained.parameters():
                     p.add_(0.1)
             groups = pyreg.param_groups(model, l1=0.01, l2=0.05, ref=pretrained)
+        elif kind == "target_and_l2_bound":
+            groups = pyreg.param_groups(model, l2=0.01, overrides={
+                "0": {"target_sparsity": 0.0 if mode == "gradient" else 0.6},
+                "2": {"l2_bound": 0.2, "l2_mu": 0.5}})
+            if mode == "gradient":  # a target needs the proximal step
+                groups = [{k: v for k, v in g.items() if k != "target_sparsity"} for g in groups]
         else:
             groups = pyreg.param_groups(model, l1=0.005, l2=0.01,
                                         overrides={"0": {"group_l1": 2.0, "group_dim": 1},
@@ -179,7 +185,11 @@ def test_compiled_step_with_structured_regularizers(mode, kind):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
             assert torch.equal(a == 0, b == 0)
         torch.testing.assert_close(oc.penalty, oe.penalty, rtol=1e-5, atol=1e-6)
-    if kind != "ref":
+    if kind == "target_and_l2_bound":
+        if mode == "proximal":
+            assert float((mc[0].weight == 0).float().mean()) == pytest.approx(0.6, abs=1 / 96)
+        assert float(oc.state[mc[2].weight]["l2_bound_lambda"]) > 0  # the bound acted
+    elif kind != "ref":
         assert float(mc[2].weight.detach().norm(dim=1).max()) <= 0.5 + 1e-6
         if mode == "proximal":
             assert bool((mc[0].weight == 0).all(dim=0).any())  # whole input columns
