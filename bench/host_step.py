@@ -66,9 +66,9 @@ def main() -> None:
             times.append((clock() - t0) / args.steps * 1e6)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds x {args.steps} steps, µs per step ({'thread CPU time' if args.cpu_time else 'wall'})")
-    print(f"{'optimizer':32s} {'min':>8s} {'median':>8s} {'max':>8s}")
+    print(f"{'optimizer':36s} {'min':>8s} {'median':>8s} {'max':>8s}")
     for kind, (_, t) in runs.items():
-        print(f"{kind:32s} {min(t):8.1f} {statistics.median(t):8.1f} {max(t):8.1f}")
+        print(f"{kind:36s} {min(t):8.1f} {statistics.median(t):8.1f} {max(t):8.1f}")
 
 
 if __name__ == "__main__":

@@ -80,8 +80,8 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]]) -> None:
         l1_j = tau_j / lr,    w <- sign(w) * max(|w| - lr * l1_j, 0) / (1 + 2 * lr * l2)
 
     so the weights with |w| <= tau_j, and only those, become exact zeros, and
-    the others shrink by tau_j. Where several weights tie at tau_j (common in
-    bfloat16, and for Adam's steps away from zero), tau_j is instead the
+    the others shrink by tau_j. In a 16-bit tensor, where weights often tie
+    at tau_j (bfloat16 has 256 values per octave), tau_j is instead the
     largest |w| below it when that count is closer to k_j. The target is met at every step, by any
     optimizer, with no warm-up; the l1 follows the weights (it is the L1
     strength at which the target is the tensor's sparsity). Costs one
@@ -96,7 +96,12 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]]) -> None:
     for p in ps:
         n = p.numel()
         k = min(n, math.ceil(at[id(p)] * n - 1e-9))
-        taus.append(_threshold(p.detach().abs().flatten(), k) if k > 0 else p.new_zeros((), dtype=torch.float64))
+        if k == 0:
+            taus.append(p.new_zeros((), dtype=torch.float64))
+        elif p.element_size() < 4:  # 16-bit: few distinct values, ties are common
+            taus.append(_threshold(p.detach().abs().flatten(), k))
+        else:
+            taus.append(p.detach().abs().flatten().kthvalue(k).values.to(torch.float64))
     tau = torch.stack(taus)
     if isinstance(lr, Tensor):
         lr64 = lr.to(device=l1.device, dtype=torch.float64)
