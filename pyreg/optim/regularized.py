@@ -1,6 +1,6 @@
 """``Regularized``: L1 / L2 / elastic-net regularization around any torch optimizer.
 
-    opt = pyreg.Regularized(torch.optim.AdamW(pyreg.param_groups(model, l1=1e-5)),
+    opt = pyreg.Regularized(torch.optim.AdamW(pyreg.param_groups(model, l1=0.3)),
                             mode="proximal")
 
 The wrapper is a real :class:`torch.optim.Optimizer` that *shares* the inner
