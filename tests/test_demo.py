@@ -11,14 +11,17 @@ import pytest
 import torch
 
 from pyreg import cli
-from pyreg.demo import FINETUNE_ALPHAS, QUICK_ALPHAS
+from pyreg.demo import CANCER, DIGITS, FINETUNE_ALPHAS, QUICK_ALPHAS
 from pyreg.demo.study import FINETUNE_METHODS, METHODS, plan_runs
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
 FILES = ["results.csv", "results.json", "finetune.csv", "regularization_path.png", "layer_norms.png",
-         "input_weights.png"]
+         "input_weights.png", "digits_pixels.png"]
+STUDY = ("mlp", "lstm")
+REAL = [(t, m, a) for t in ("cancer-raw", "cancer-std") for m, a in plan_runs(CANCER["methods"], CANCER["alphas"])] + [
+    ("digits", m, a) for m, a in plan_runs(DIGITS["methods"], DIGITS["alphas"])]
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +61,13 @@ def test_table_rows(quick, capsys):
     expected = [(t, m, a) for t in ("mlp", "lstm") for m, a in plan_runs(METHODS, QUICK_ALPHAS)]
     assert len(expected) == 2 * (1 + 5 * len(QUICK_ALPHAS))
     got = [(r["task"], r["method"], r["alpha"]) for r in data["results"]]
-    assert got == expected
+    assert got == expected + REAL  # the study's runs, then the real-data tasks' (same with --quick)
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["task"], r["method"], float(r["alpha"])) for r in rows] == expected
+    assert [(r["task"], r["method"], float(r["alpha"])) for r in rows] == expected + REAL
     # one grid-search winner per (task, method)
     assert sorted((w["task"], w["method"]) for w in data["winners"]) == sorted(
-        (t, m) for t in ("mlp", "lstm") for m in METHODS)
+        [(t, m) for t in STUDY for m in METHODS] + list({(t, m) for t, m, _ in REAL}))
 
 
 def test_printed_table(tmp_path, capsys):
@@ -238,8 +241,10 @@ def test_reproducible(quick, tmp_path):
                      "--methods", "l1", "--alphas", str(max(QUICK_ALPHAS))]) == 0
     with open(out / "results.json") as f:
         again = json.load(f)["results"]
-    first = [r for r in data["results"] if r["method"] == "l1" and r["alpha"] == max(QUICK_ALPHAS)]
-    assert again == first
+    first = [r for r in data["results"] if r["task"] in STUDY and r["method"] == "l1"
+             and r["alpha"] == max(QUICK_ALPHAS)]
+    assert [r for r in again if r["task"] in STUDY] == first
+    assert [r for r in again if r["task"] not in STUDY] == [r for r in data["results"] if r["task"] not in STUDY]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -310,3 +315,106 @@ def test_group_winner_is_compacted(quick):
     assert mlp["params_after"] < mlp["params_before"] and mlp["macs_after"] < mlp["macs_before"]
     assert set(mlp["inputs_kept"]) == set(range(8))  # the informative ones
     assert "cpu" in mlp["latency"]
+
+
+# --------------------------------------------------------------------------
+# The real-data tasks (scikit-learn's bundled breast cancer and digits sets)
+# --------------------------------------------------------------------------
+def _winner(data, task, method):
+    ws = [w for w in data["winners"] if w["task"] == task and w["method"] == method]
+    assert len(ws) == 1, (task, method)
+    return _run(data, task, method, ws[0]["alpha"])[0]
+
+
+def _cancer_msg(data):
+    return "\n".join(f"{r['task']} {r['method']} {r['alpha']}: val {r['val_acc']:.3f} kept {r['inputs_used']} "
+                     f"noise0 {r['noise_zeroed']} prec {r['precision']:.2f} large {r['kept_large_scale']}"
+                     for r in data["results"] if r["task"].startswith("cancer"))
+
+
+def test_breast_cancer_data():
+    """30 real features on scales five orders of magnitude apart, then noise inputs that are
+    shuffled copies of them (same scales); standardized from the training split."""
+    import numpy as np
+
+    from pyreg.demo.data import breast_cancer, feature_scales
+
+    raw = breast_cancer(30, (250, 150, 169), seed=0, standardize=False)
+    std = breast_cancer(30, (250, 150, 169), seed=0, standardize=True)
+    assert raw.num_features == std.num_features == 60 and raw.informative == list(range(30))
+    scales = np.array(feature_scales(raw))
+    assert scales[:30].max() / scales[:30].min() > 1e5
+    both = np.concatenate([raw.x_train, raw.x_val, raw.x_test])
+    assert np.allclose(np.sort(both[:, 30:], 0), np.sort(both[:, :30], 0))  # same values per column
+    assert np.allclose(std.x_train.mean(0), 0, atol=1e-4) and np.allclose(std.x_train.std(0, correction=0), 1, atol=1e-3)
+    assert torch.equal(raw.y_test, std.y_test)
+
+
+def test_cancer_raw_selection_follows_the_scale(quick):
+    """On raw inputs the penalties keep what is large, not what is informative:
+    every raw run that drops most inputs keeps only inputs of the larger-scale
+    half, and at least half of those it keeps are noise."""
+    _, data = quick
+    msg = _cancer_msg(data)
+    selective = [r for r in _run(data, "cancer-raw", "l1") + _run(data, "cancer-raw", "group")
+                 if r["inputs_used"] <= 20]
+    assert len(selective) >= 2, msg
+    for r in selective:
+        assert r["inputs_used"] > 0 and r["kept_large_scale"] == r["inputs_used"], msg
+        assert r["precision"] <= 0.5, msg
+
+
+def test_cancer_standardized_group_lasso_removes_the_noise(quick):
+    """On standardized inputs group lasso zeroes every noise input and keeps
+    only real features, validating as well as no penalty; its grid winner
+    zeroes many more noise inputs than the raw run's; standardizing also helps
+    the unpenalized net."""
+    _, data = quick
+    msg = _cancer_msg(data)
+    none_std, none_raw = _run(data, "cancer-std", "none")[0], _run(data, "cancer-raw", "none")[0]
+    clean = [r for r in _run(data, "cancer-std", "group")
+             if r["noise_zeroed"] == r["num_noise"] and r["val_acc"] >= none_std["val_acc"] - 0.02]
+    assert clean, msg
+    for r in clean:
+        assert r["precision"] == 1.0 and r["inputs_used"] >= 3, msg
+        assert r["kept_large_scale"] <= 0.75 * r["inputs_used"], msg  # scale no longer decides
+    assert (_winner(data, "cancer-std", "group")["noise_zeroed"]
+            >= _winner(data, "cancer-raw", "group")["noise_zeroed"] + 10), msg
+    assert none_std["val_acc"] >= none_raw["val_acc"] + 0.02, msg
+
+
+def test_digits_picture(quick):
+    """digits_pixels.png: one 8 x 8 panel per digits method (no penalty, the L1
+    and group lasso winners, target_sparsity), side by side."""
+    import struct
+
+    from pyreg.demo.report import PANEL_INCHES, PNG_DPI
+
+    out, data = quick
+    wins = {m: _winner(data, "digits", m) for m in DIGITS["methods"]}
+    assert data["config"]["digits_pixels_panels"] == [
+        m if m in ("none", "target") else f"{m} alpha={wins[m]['alpha']:g}" for m in DIGITS["methods"]]
+    with open(out / "digits_pixels.png", "rb") as f:
+        head = f.read(24)
+    width, height = struct.unpack(">II", head[16:24])
+    assert width == round(PANEL_INCHES * len(DIGITS["methods"]) * PNG_DPI) and width > 3 * height
+    for m in ("l1", "group"):
+        w = wins[m]
+        assert len(w["input_weight_norms"]) == 64 and w["inputs_used"] < 64, m
+        assert w["test_acc"] >= 0.9 and w["test_acc"] >= wins["none"]["test_acc"] - 0.02, (m, w["test_acc"])
+    # group lasso zeroes whole pixels: fewer pixels kept than L1's winner, at a lower sparsity overall
+    assert wins["group"]["inputs_used"] <= wins["l1"]["inputs_used"] - 4
+    assert wins["group"]["sparsity"] < wins["l1"]["sparsity"]
+
+
+def test_digits_target_sparsity(quick):
+    """target_sparsity: each targeted layer ends within 1 point of its target,
+    untargeted weights stay dense, accuracy holds."""
+    _, data = quick
+    r = _run(data, "digits", "target")[0]
+    none = _run(data, "digits", "none")[0]
+    assert r["targets"] == {f"{k}.weight": v for k, v in DIGITS["targets"].items()}
+    for name, t in r["targets"].items():
+        assert abs(r["layers"][name]["sparsity"] - t) <= 0.01, (name, r["layers"][name]["sparsity"], t)
+    assert r["layers"]["4.weight"]["sparsity"] == 0.0
+    assert r["val_acc"] >= none["val_acc"] - 0.03, (r["val_acc"], none["val_acc"])

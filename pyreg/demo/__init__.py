@@ -20,9 +20,21 @@ pre-trained weights, ``pyreg.param_groups(ref=...)``) over ``FINETUNE_ALPHAS``;
 it reports new-task accuracy and old-task accuracy with the old head
 (retention).
 
+Then two real data sets that ship with scikit-learn (``CANCER``, ``DIGITS``):
+
+* ``cancer-raw`` / ``cancer-std``: breast cancer (30 features whose scales
+  span five orders of magnitude) plus 30 noise inputs (shuffled copies of
+  the real features), on raw and on standardized inputs, with no penalty,
+  L1 and group lasso: on raw inputs what a penalty keeps follows the
+  inputs' scale, on standardized inputs group lasso removes the noise.
+* ``digits``: 8 x 8 images; L1 and group lasso (which pixels the first
+  layer still reads, drawn in ``digits_pixels.png``), and ``target_sparsity``
+  per layer (``target``: the fraction of exact zeros asked, and achieved).
+
 Output: a results table, the grid-search winner per method (by validation
 accuracy; ties to the larger alpha) with its test accuracy, the fine-tuning
-table, and CSV, JSON and PNG files in ``--out``. See ``pyreg demo --help``.
+table, the real-data tables, and CSV, JSON and PNG files in ``--out``. See
+``pyreg demo --help``.
 
 On the CPU the demo trains with one thread (``torch.set_num_threads(1)``,
 restored afterwards): its models are so small that splitting their matrix
@@ -53,6 +65,17 @@ SETTINGS = {  # steps of full-batch training per run
 FINETUNE = {"old_sizes": (1000, 400, 1000), "new_sizes": (50, 400, 1000), "pretrain_steps": 300,
             "finetune_steps": 200, "finetune_lr": 0.01}
 FINETUNE_ALPHAS = (0.1, 1.0, 10.0)
+#: The real-data tasks, scikit-learn's bundled sets (the same with and without
+#: --quick, and not limited by --methods / --alphas: they are cheap). Full
+#: batch, SGD with momentum 0.9, ``steps`` steps; the same MLP as ``mlp``.
+#: ``cancer``: breast cancer with ``num_noise`` shuffled copies of its
+#: features, on raw and on standardized inputs (raw inputs need a 100x smaller
+#: learning rate: 0.01 already diverges).
+CANCER = {"sizes": (250, 150, 169), "num_noise": 30, "steps": 300, "lr_raw": 1e-3, "lr_std": 0.1,
+          "methods": ("none", "l1", "group"), "alphas": (0.1, 0.3, 1.0)}
+#: ``digits``: 8 x 8 images; ``target``: target_sparsity per layer.
+DIGITS = {"sizes": (500, 400, 897), "steps": 300, "lr": 0.1, "methods": ("none", "l1", "group", "target"),
+          "alphas": (0.03, 0.1, 0.3), "targets": {"0": 0.9, "2": 0.5}}
 
 
 def _alpha(text: str) -> float:
@@ -81,18 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "elastic net, per-layer alpha and group lasso over a grid of alphas, via "
                     "pyreg's fused optimizers (pyreg.optim). Then fine-tuning a pre-trained MLP on a small related task "
                     "with no penalty, L2 and L2-SP (toward the pre-trained weights, alphas "
-                    f"{','.join(f'{a:g}' for a in FINETUNE_ALPHAS)}).")
+                    f"{','.join(f'{a:g}' for a in FINETUNE_ALPHAS)}). Then two real data sets that ship with "
+                    "scikit-learn: breast cancer with added noise inputs, raw and standardized, and "
+                    "handwritten digits (L1, group lasso, target_sparsity).")
     p.add_argument("--quick", action="store_true",
-                   help="fewer steps and 3 alphas (well under a minute on 2 CPU cores)")
+                   help="fewer steps and 3 alphas for the generated tasks (well under a minute on 2 CPU "
+                        "cores)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--out", default="pyreg-demo", metavar="DIR",
                    help="output folder for CSV, JSON and PNG files (default: ./pyreg-demo)")
     p.add_argument("--methods", type=choice_list(METHODS, "methods", lower=True), default=list(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)} (default: all; the "
-                        "fine-tuning task always runs its own three)")
+                        "fine-tuning and real-data tasks always run their own)")
     p.add_argument("--alphas", type=_alphas, default=None,
-                   help="comma-separated alpha grid (default: "
+                   help="comma-separated alpha grid of the mlp and lstm tasks (default: "
                         f"{','.join(map(str, DEFAULT_ALPHAS))}; --quick: {','.join(map(str, QUICK_ALPHAS))})")
     p.add_argument("--seed", type=int_in(0, 2 ** 63, "2**63"), default=0, help="seed of data and initial weights (default 0)")
     return p
@@ -143,6 +169,70 @@ def make_finetune_task(seed: int):
                         FINETUNE["finetune_lr"])
 
 
+def make_real_tasks(seed: int):
+    """The real-data tasks: (cancer tasks [raw, standardized], digits task)."""
+    from .data import breast_cancer, digits
+    from .study import MLP, Task
+
+    def sgd(lr):
+        return lambda groups: optim.SGD(groups, lr=lr, momentum=0.9)
+
+    cancer = []
+    for std in (False, True):
+        d = breast_cancer(CANCER["num_noise"], CANCER["sizes"], seed, standardize=std)
+        cancer.append(Task(d.name, d, lambda d=d: MLP(d.num_features, d.num_classes),
+                           sgd(CANCER["lr_std" if std else "lr_raw"]), CANCER["steps"]))
+    dg = digits(DIGITS["sizes"], seed)
+    return cancer, Task("digits", dg, lambda: MLP(dg.num_features, dg.num_classes), sgd(DIGITS["lr"]),
+                        DIGITS["steps"], dict(DIGITS["targets"]))
+
+
+def run_real(seed: int, device: torch.device, progress) -> tuple[list[dict], list[dict], list[dict]]:
+    """Every run of the real-data tasks: (rows, grid winners, the digits runs
+    to draw: none, each method's winner, target)."""
+    from .data import feature_scales
+    from .study import grid_winners, mark_input_scales, run_study
+
+    cancer, digits = make_real_tasks(seed)
+    scales = feature_scales(cancer[0].data)  # raw inputs
+    cancer = [t.to(device) for t in cancer]
+    rows = run_study(cancer, CANCER["methods"], CANCER["alphas"], seed, device, progress)
+    mark_input_scales(rows, scales)
+    digit_rows = run_study([digits.to(device)], DIGITS["methods"], DIGITS["alphas"], seed, device, progress)
+    rows += digit_rows
+    winners = grid_winners(rows)
+    panels = [w for m in DIGITS["methods"] for w in winners if w["task"] == "digits" and w["method"] == m]
+    return rows, winners, panels
+
+
+def print_real(rows: Sequence[dict], winners: Sequence[dict]) -> None:
+    from . import report
+
+    cancer = [r for r in rows if r["task"].startswith("cancer")]
+    print()
+    print(f"Breast cancer (scikit-learn): 30 real features whose scales span five orders of magnitude, plus "
+          f"{CANCER['num_noise']} noise inputs\n(shuffled copies of real features: same scales, no "
+          "signal), on raw and on standardized inputs. prec: real features among\nthe inputs kept; "
+          "large: inputs kept that are among the larger-scale half (raw standard deviation).")
+    print(report.format_table(cancer, report.CANCER_COLUMNS))
+    digits = [r for r in rows if r["task"] == "digits"]
+    print()
+    print("Digits (scikit-learn, 8 x 8 images, 10 classes): pixels the first layer still reads.")
+    print(report.format_table(digits, report.DIGITS_COLUMNS))
+    print()
+    print("target_sparsity on the digits MLP: the fraction of exact zeros per layer, asked and achieved.")
+    print(report.format_target_table([r for r in digits if r["method"] == "target"]))
+    print()
+    print("Real-data winners (best validation accuracy per task and method):")
+    for w in winners:
+        line = (f"  {w['task']:10s} {w['method']:6s} " + ("" if w["method"] in ("none", "target") else f"alpha {w['alpha']:g}: ")
+                + f"val {w['val_acc']:.3f}, test {w['test_acc']:.3f}, inputs kept {w['inputs_used']}/"
+                f"{w['num_informative'] + w['num_noise']}")
+        if w["task"].startswith("cancer"):
+            line += f", noise inputs zeroed {w['noise_zeroed']}/{w['num_noise']}"
+        print(line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -159,14 +249,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as e:
         parser.error(f"the demo needs matplotlib, scikit-learn and tqdm ({e}); "
                      'install them with: pip install "pyreg[demo]"')
-    from .study import FINETUNE_METHODS, compact_winner, grid_winners, run_finetune, run_study
+    from .study import (
+        FINETUNE_METHODS,
+        compact_winner,
+        grid_winners,
+        run_finetune,
+        run_study,
+    )
 
     t0 = time.perf_counter()
     tasks = [t.to(device) for t in make_tasks(args.quick, args.seed)]
     finetune_task = make_finetune_task(args.seed).to(device)
     print(f"pyreg demo: {len(tasks)} tasks, methods {', '.join(args.methods)}, "
           f"alphas {', '.join(f'{a:g}' for a in alphas)}, device {device}, seed {args.seed}"
-          + (" (quick)" if args.quick else "") + "; then fine-tuning", flush=True)
+          + (" (quick)" if args.quick else "") + "; then fine-tuning and the real-data tasks "
+          "(breast cancer, digits)", flush=True)
     progress = report.Progress()
     threads = torch.get_num_threads()
     if device.type == "cpu":
@@ -174,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = run_study(tasks, args.methods, alphas, args.seed, device, progress)
         finetune = run_finetune(finetune_task, FINETUNE_METHODS, FINETUNE_ALPHAS, args.seed, device, progress)
+        real, real_winners, panels = run_real(args.seed, device, progress)
     finally:
         torch.set_num_threads(threads)
     winners = grid_winners(results)
@@ -205,10 +303,12 @@ def main(argv: Sequence[str] | None = None) -> int:
           "task;\nold test: old-task accuracy with the old head (retention); drift: distance of the shared "
           "layers\nfrom the pre-trained ones, relative; winner: best new val per method (ties to the larger alpha).")
     print(report.format_finetune_table(finetune))
+    print_real(real, real_winners)
     config = {"quick": args.quick, "device": str(device), "methods": args.methods, "alphas": alphas,
               "seed": args.seed, **SETTINGS[args.quick],
-              "finetune": {**FINETUNE, "alphas": list(FINETUNE_ALPHAS), "methods": list(FINETUNE_METHODS)}}
-    paths = report.write_all(args.out, config, results, winners, finetune, compacted)
+              "finetune": {**FINETUNE, "alphas": list(FINETUNE_ALPHAS), "methods": list(FINETUNE_METHODS)},
+              "cancer": CANCER, "digits": DIGITS}
+    paths = report.write_all(args.out, config, results, winners, finetune, compacted, real, real_winners, panels)
     print()
     print(f"Wrote {len(paths)} files to {os.path.abspath(args.out)}: "
           + ", ".join(os.path.basename(p) for p in paths))

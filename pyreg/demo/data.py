@@ -7,9 +7,13 @@
   LSTM in which only two of the input channels carry signal.
 * :func:`related_tasks`: a task to pre-train on and a small related task to
   fine-tune on (same inputs, a partly changed label map).
+* :func:`breast_cancer` and :func:`digits`: two real data sets that ship
+  inside scikit-learn (nothing downloaded): breast cancer with added noise
+  inputs, raw or standardized, and 8 x 8 images of handwritten digits.
 
-Each returns a :class:`Splits` of standardized float32 tensors (statistics
-taken from the training split only) with train / validation / test parts.
+Each returns a :class:`Splits` of float32 tensors, standardized (statistics
+taken from the training split only; :func:`breast_cancer` also raw) with
+train / validation / test parts.
 """
 from __future__ import annotations
 
@@ -155,3 +159,50 @@ def related_tasks(num_informative: int, num_noise: int, old_sizes: tuple[int, in
     new = Splits("finetune", _f32(xs[3]), _i64(y_new[ntr]), _f32(xs[4]), _i64(y_new[nva]), _f32(xs[5]),
                  _i64(y_new[nte]), num_classes=num_classes + 1, informative=informative, num_features=width)
     return old, new
+
+
+def breast_cancer(num_noise: int, sizes: tuple[int, int, int], seed: int, standardize: bool) -> Splits:
+    """scikit-learn's breast cancer set (569 samples, 30 real features whose
+    standard deviations span five orders of magnitude, 2 classes; shipped
+    with scikit-learn) plus ``num_noise`` pure-noise inputs.
+
+    Noise input ``k`` is real feature ``k mod 30`` with its rows shuffled
+    (seeded): the same values at the same scale, no relation to the label,
+    so a noise input cannot be told from a real one by its scale. Columns
+    ``0 .. 29`` are the real features, ``30 ..`` the noise. With
+    ``standardize`` every column is scaled to mean 0, std 1 on the training
+    split; without it the inputs stay as measured (name ``"cancer-raw"``).
+    """
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    rng = np.random.default_rng(seed)
+    n, real = x.shape
+    noise = np.stack([x[rng.permutation(n), k % real] for k in range(num_noise)], axis=1)
+    x = np.concatenate([x, noise], axis=1)
+    tr, va, te = _split(n, sizes, rng)
+    xs = _standardize(x[tr], x[va], x[te]) if standardize else [x[tr], x[va], x[te]]
+    return Splits("cancer-std" if standardize else "cancer-raw", _f32(xs[0]), _i64(y[tr]), _f32(xs[1]),
+                  _i64(y[va]), _f32(xs[2]), _i64(y[te]), num_classes=2, informative=list(range(real)),
+                  num_features=real + num_noise)
+
+
+def feature_scales(data: Splits) -> list[float]:
+    """The standard deviation of each input column on the training split."""
+    return [float(v) for v in data.x_train.double().std(dim=0).tolist()]
+
+
+def digits(sizes: tuple[int, int, int], seed: int) -> Splits:
+    """scikit-learn's handwritten digits (1797 images of 8 x 8 pixels, 10
+    classes; shipped with scikit-learn), one input per pixel (row-major),
+    standardized on the training split (pixels that are constant there stay
+    0). Every pixel counts as informative: the question is which ones a
+    penalty keeps."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    rng = np.random.default_rng(seed)
+    tr, va, te = _split(len(x), sizes, rng)
+    xs = _standardize(x[tr], x[va], x[te])
+    return Splits("digits", _f32(xs[0]), _i64(y[tr]), _f32(xs[1]), _i64(y[va]), _f32(xs[2]), _i64(y[te]),
+                  num_classes=10, informative=list(range(x.shape[1])), num_features=x.shape[1])

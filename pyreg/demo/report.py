@@ -84,8 +84,26 @@ FINETUNE_COLUMNS = [
 ]
 
 
+#: The breast cancer task: inputs kept, noise inputs zeroed, the share of real
+#: features among the kept inputs (prec) and how many kept inputs are of the
+#: larger-scale half (large).
+CANCER_COLUMNS = [
+    ("task", "task", "{}"), ("method", "method", "{}"), ("alpha", "alpha", "{:g}"),
+    ("train", "train_acc", "{:.3f}"), ("val", "val_acc", "{:.3f}"), ("test", "test_acc", "{:.3f}"),
+    ("sparsity", "sparsity", "{:.1%}"), ("inputs", "inputs_used", "{}"), ("noise 0", "noise_zeroed", "{}"),
+    ("prec", "precision", "{:.2f}"), ("large", "kept_large_scale", "{}"),
+]
+
+#: The digits task: pixels (inputs) the first layer still reads.
+DIGITS_COLUMNS = [
+    ("task", "task", "{}"), ("method", "method", "{}"), ("alpha", "alpha", "{:g}"),
+    ("train", "train_acc", "{:.3f}"), ("val", "val_acc", "{:.3f}"), ("test", "test_acc", "{:.3f}"),
+    ("sparsity", "sparsity", "{:.1%}"), ("pixels", "inputs_used", "{}"),
+]
+
+
 def _cell(r: dict, key: str, fmt: str) -> str:
-    if key == "alpha" and r["method"] in ("none", "pretrained"):
+    if key == "alpha" and r["method"] in ("none", "pretrained", "target"):
         return "-"
     if key == "selected":
         return "*" if r[key] and r["method"] != "pretrained" else ""
@@ -95,6 +113,8 @@ def _cell(r: dict, key: str, fmt: str) -> str:
         return f"{r['inputs_used']}/{r['num_informative'] + r['num_noise']}"
     if key == "noise_zeroed":
         return f"{r['noise_zeroed']}/{r['num_noise']}"
+    if key == "kept_large_scale":
+        return f"{r['kept_large_scale']}/{r['inputs_used']}"
     return fmt.format(r[key])
 
 
@@ -108,6 +128,21 @@ def format_table(rows: Sequence[dict], columns=TABLE_COLUMNS) -> str:
     return "\n".join(ln.rstrip() for ln in lines)
 
 
+def format_target_table(rows: Sequence[dict]) -> str:
+    """Per layer of each ``target`` run: the target sparsity and the achieved one."""
+    lines = []
+    for r in rows:
+        for name, t in r.get("targets", {}).items():
+            got = r["layers"][name]["sparsity"]
+            lines.append([r["task"], name, f"{t:.1%}", f"{got:.1%}", f"{r['val_acc']:.3f}", f"{r['test_acc']:.3f}"])
+    cells = [["task", "layer", "target", "achieved", "val", "test"]] + lines
+    widths = [max(len(c[i]) for c in cells) for i in range(6)]
+    out = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+           for row in cells]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(ln.rstrip() for ln in out)
+
+
 def format_finetune_table(rows: Sequence[dict]) -> str:
     """The fine-tuning table: the pre-trained model, then one line per run."""
     return format_table(rows, FINETUNE_COLUMNS)
@@ -118,7 +153,7 @@ def format_finetune_table(rows: Sequence[dict]) -> str:
 # --------------------------------------------------------------------------
 CSV_FIELDS = ["task", "method", "alpha", "l1", "l2", "group_l1", "train_acc", "val_acc", "test_acc", "gap",
               "train_loss", "val_loss", "test_loss", "sparsity", "inputs_used", "informative_kept",
-              "noise_zeroed", "num_informative", "num_noise", "precision", "recall"]
+              "noise_zeroed", "num_informative", "num_noise", "precision", "recall", "kept_large_scale"]
 
 
 def write_csv(path: str, results: Sequence[dict]) -> None:
@@ -131,10 +166,10 @@ def write_csv(path: str, results: Sequence[dict]) -> None:
                 layer_names.append(name)
     fields = CSV_FIELDS + [f"{n}.{k}" for n in layer_names for k in ("l1_norm", "l2_norm", "sparsity")]
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
         w.writeheader()
         for r in results:
-            row = {k: r[k] for k in CSV_FIELDS}
+            row = {k: r[k] for k in CSV_FIELDS if k in r}
             for n, v in r["layers"].items():
                 row.update({f"{n}.{k}": v[k] for k in ("l1_norm", "l2_norm", "sparsity")})
             w.writerow(row)
@@ -262,17 +297,53 @@ def plot_input_weights(plt, path: str, winners: Sequence[dict], task: str) -> No
     plt.close(fig)
 
 
+PANEL_INCHES, PNG_DPI = 2.2, 110  # digits_pixels.png: width of one panel, resolution
+
+
+def plot_digit_pixels(plt, path: str, rows: Sequence[dict], side: int = 8) -> list[str]:
+    """One 8 x 8 image per run, side by side: the norm of each pixel's column
+    of the first layer (darker: larger), exact zeros marked with a red dot.
+    Returns the panels' labels, left to right."""
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(PANEL_INCHES * len(rows), PANEL_INCHES + 0.45), squeeze=False)
+    labels = []
+    for ax, r in zip(axes[0], rows):
+        norms = np.asarray(r["input_weight_norms"], dtype=float).reshape(side, side)
+        ax.imshow(norms, cmap="Greys", interpolation="nearest")
+        zeros = sorted(set(range(side * side)) - set(r["inputs_kept"]))  # whole column exactly 0
+        ax.plot([j % side for j in zeros], [j // side for j in zeros], "o", color="tab:red", ms=4)
+        label = r["method"] + ("" if r["method"] in ("none", "target") else f" alpha={r['alpha']:g}")
+        labels.append(label)
+        ax.set_title(f"{label}\n{r['inputs_used']}/{side * side} pixels, test {r['test_acc']:.3f}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=PNG_DPI)
+    plt.close(fig)
+    return labels
+
+
 def write_all(out_dir: str, config: dict, results: Sequence[dict], winners: Sequence[dict],
-              finetune: Sequence[dict] = (), compacted: Sequence[dict] = ()) -> list[str]:
-    """Every output file; returns their paths."""
+              finetune: Sequence[dict] = (), compacted: Sequence[dict] = (), real: Sequence[dict] = (),
+              real_winners: Sequence[dict] = (), pixel_panels: Sequence[dict] = ()) -> list[str]:
+    """Every output file; returns their paths. ``real`` / ``real_winners``:
+    the real-data tasks' runs and winners (in the CSV and JSON after the
+    study's; not in the study's plots); ``pixel_panels``: the digits runs
+    drawn in ``digits_pixels.png``."""
     os.makedirs(out_dir, exist_ok=True)
     plt = load_pyplot()
     tasks = list(dict.fromkeys(r["task"] for r in results))
     paths = {name: os.path.join(out_dir, name) for name in
              ("results.csv", "results.json", "finetune.csv", "regularization_path.png", "layer_norms.png",
-              "input_weights.png")}
-    write_csv(paths["results.csv"], results)
-    write_json(paths["results.json"], config, results, winners, finetune, compacted)
+              "input_weights.png", "digits_pixels.png")}
+    write_csv(paths["results.csv"], list(results) + list(real))
+    if pixel_panels:
+        config = {**config, "digits_pixels_panels": plot_digit_pixels(plt, paths["digits_pixels.png"], pixel_panels)}
+    else:
+        del paths["digits_pixels.png"]
+    write_json(paths["results.json"], config, list(results) + list(real), list(winners) + list(real_winners),
+               finetune, compacted)
     if finetune:
         write_finetune_csv(paths["finetune.csv"], finetune)
     else:

@@ -11,6 +11,9 @@ scikit-learn's ``ElasticNet(alpha, l1_ratio)`` penalty):
 * ``elastic``: ``l1_ratio = 0.5``;
 * ``layer``: per-layer alpha: L1 ``alpha`` on the input layer (input
   selection) and ``alpha / 10`` on every other weight;
+* ``target`` (the digits task only): no strength; ``target_sparsity`` per
+  layer (``Task.targets``), each step's ``l1`` the one that leaves that
+  fraction of the layer's weights exactly zero (one run);
 * ``group``: group lasso on the input layer's columns (one per input feature:
   ``group_dim = 1`` of an ``nn.Linear`` weight [out, in] and of an LSTM's
   ``weight_ih_l0`` [4 * hidden, in]) with ``group_l1 = alpha * sqrt(rows)``,
@@ -28,7 +31,7 @@ scikit-learn's ``ElasticNet(alpha, l1_ratio)`` penalty):
 Every run of a task starts from the same initial weights (seeded) and sees the
 same data, so runs differ only by their regularization. Biases are not
 regularized (``pyreg.param_groups``' default). The coefficients (``l1``,
-``l2``, ``group_l1``) ramp up linearly over the first half of training (a
+``l2``, ``group_l1``, ``target_sparsity``) ramp up linearly over the first half of training (a
 schedule written into the param groups, read at every step), so
 that a strong L1 does not zero the network before it has learned which
 inputs matter.
@@ -108,15 +111,18 @@ class Task:
     make_model: Callable[[], nn.Module]
     make_optimizer: Callable[[list[dict]], torch.optim.Optimizer]
     steps: int
+    #: method ``target``: ``target_sparsity`` per layer name (e.g. ``{"0": 0.9, "2": 0.5}``)
+    targets: dict[str, float] | None = None
 
     def to(self, device: torch.device) -> Task:
-        return Task(self.name, self.data.to(device), self.make_model, self.make_optimizer, self.steps)
+        return Task(self.name, self.data.to(device), self.make_model, self.make_optimizer, self.steps,
+                    self.targets)
 
 
 def coefficients(method: str, alpha: float, rows: int = 1) -> dict[str, float]:
     """Base (l1, l2) of a method at strength alpha, and ``group_l1``: the group
     lasso coefficient of the input layer's columns (``rows`` entries each)."""
-    if method == "none":
+    if method in ("none", "target"):  # target: each step's l1 comes from the target sparsity
         return {"l1": 0.0, "l2": 0.0, "group_l1": 0.0}
     if method == "layer":
         return {"l1": alpha * LAYER_FACTOR, "l2": 0.0, "group_l1": 0.0}
@@ -126,13 +132,19 @@ def coefficients(method: str, alpha: float, rows: int = 1) -> dict[str, float]:
     return {"l1": l1, "l2": l2, "group_l1": 0.0}
 
 
-def build_groups(model: nn.Module, method: str, alpha: float) -> list[dict]:
+def build_groups(model: nn.Module, method: str, alpha: float,
+                 targets: dict[str, float] | None = None) -> list[dict]:
     """``pyreg.param_groups`` for a method: biases excluded; for ``layer`` the
     input layer gets its own, stronger L1, for ``group`` group lasso over the
-    columns of its weight (overrides)."""
+    columns of its weight, for ``target`` a ``target_sparsity`` per layer of
+    ``targets`` (overrides)."""
     coef = coefficients(method, alpha, model.get_parameter(model.input_weight).shape[0])
     overrides = None
-    if method == "layer":
+    if method == "target":
+        if not targets:
+            raise ValueError("method 'target' needs the task's targets, e.g. {'0': 0.9}")
+        overrides = {layer: {"target_sparsity": t} for layer, t in targets.items()}
+    elif method == "layer":
         overrides = {model.input_layer: {"l1": alpha}}
     elif method == "group":
         # the weight's name, not the module's: a module pattern would give the
@@ -155,7 +167,10 @@ def train_one(task: Task, method: str, alpha: float, seed: int, device: torch.de
     is read from the device (a host sync) only when ``want_loss``.
     """
     model, opt = train_model(task, method, alpha, seed, device, on_tick, want_loss)
-    return measure(model, opt, task.data, method, alpha)
+    r = measure(model, opt, task.data, method, alpha)
+    if method == "target":
+        r["targets"] = {f"{layer}.weight": t for layer, t in task.targets.items()}
+    return r
 
 
 def train_model(task: Task, method: str, alpha: float, seed: int, device: torch.device,
@@ -166,9 +181,9 @@ def train_model(task: Task, method: str, alpha: float, seed: int, device: torch.
         model = task.make_model()
     model.to(device)
     data = task.data
-    opt = task.make_optimizer(build_groups(model, method, alpha))
-    ramped = ("l1", "l2", "group_l1")
-    targets = [{k: g[k] for k in ramped if k in g} for g in opt.param_groups]
+    opt = task.make_optimizer(build_groups(model, method, alpha, task.targets))
+    ramped = ("l1", "l2", "group_l1", "target_sparsity")
+    targets = [{k: g[k] for k in ramped if g.get(k) is not None} for g in opt.param_groups]
     ramp_steps = max(1, task.steps // 2)
     tick = max(1, task.steps // 20)
     model.train()
@@ -259,14 +274,20 @@ def measure(model: nn.Module, opt: torch.optim.Optimizer, data: Splits, method: 
         "recall": kept / len(informative) if informative else 0.0,
         "layers": layers,
         "input_weight_norms": [round(float(v), 6) for v in column_norms.cpu().tolist()],
+        "inputs_kept": used_idx,
     }
 
 
+#: Methods without a strength: one run each (``target``: the task's ``target_sparsity`` per layer).
+SINGLE_RUN = ("none", "target")
+
+
 def plan_runs(methods: Sequence[str], alphas: Sequence[float]) -> list[tuple]:
-    """(method, alpha) pairs: ``none`` once, every other method over the grid."""
+    """(method, alpha) pairs: ``none`` (and ``target``) once, every other
+    method over the grid."""
     runs = []
     for m in methods:
-        runs.extend([(m, 0.0)] if m == "none" else [(m, a) for a in alphas])
+        runs.extend([(m, 0.0)] if m in SINGLE_RUN else [(m, a) for a in alphas])
     return runs
 
 
@@ -278,7 +299,7 @@ def run_study(tasks: Sequence[Task], methods: Sequence[str], alphas: Sequence[fl
     runs = [(t, m, a) for t in tasks for m, a in plan_runs(methods, alphas)]
     progress.start(sum(t.steps for t, _, _ in runs))
     for task, method, alpha in runs:
-        label = f"{task.name} {method}" + ("" if method == "none" else f" alpha={alpha:g}")
+        label = f"{task.name} {method}" + ("" if method in SINGLE_RUN else f" alpha={alpha:g}")
         t0 = time.perf_counter()
         done = [0]
 
@@ -291,6 +312,17 @@ def run_study(tasks: Sequence[Task], methods: Sequence[str], alphas: Sequence[fl
         results.append(r)
     progress.finish()
     return results
+
+
+def mark_input_scales(results: Sequence[dict], scales: Sequence[float]) -> None:
+    """Adds ``kept_large_scale`` to each row: how many of the inputs it kept
+    are among the larger-scale half (``scales``: each input's standard
+    deviation on the raw training split, above their median)."""
+    median = sorted(scales)[len(scales) // 2]
+    large = {j for j, v in enumerate(scales) if v >= median}
+    for r in results:
+        r["kept_large_scale"] = len(large.intersection(r["inputs_kept"]))
+        r["num_large_scale"] = len(large)
 
 
 def grid_winners(results: Sequence[dict]) -> list[dict]:
