@@ -5,6 +5,9 @@ systems they map to (scikit-learn's MultiTaskLasso / MultiTaskElasticNet,
 Keras' MaxNorm) and their compositions."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +17,7 @@ from pyreg import backends
 from pyreg.backends import torch_ref
 
 from conftest import (DTYPE_IDS, DTYPES, ELEMENTWISE_TOL, GRAD_TOL, REDUCTION_TOL, bits_equal,
-                      like_list, random_list)
+                      like_list, needs_emu, random_list)
 
 
 def elem_tol(B, dtype):
@@ -247,6 +250,46 @@ def test_max_norm_leaves_small_groups_bit_identical(B):
     assert int(k[0]) == int(big.sum()) == 10
     assert bits_equal(w[~big], before[~big])
     torch.testing.assert_close(w[big].norm(dim=1), torch.full((10,), 20.0, device=B.dev))
+
+
+_READ_ONLY_GROUPS = r"""
+import ctypes, mmap, sys, warnings
+import torch, pyreg
+backend, dim, mixed = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "mixed"
+page = mmap.PAGESIZE
+n = page // 4                                    # float32 elements per page
+mm = mmap.mmap(-1, 2 * page)                     # page-aligned
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    w = torch.frombuffer(mm, dtype=torch.float32).view(2, n)
+g = torch.Generator().manual_seed(0)
+w.copy_(torch.randn(2, n, generator=g) * 0.01)
+if mixed:
+    w[1] *= 1e4                                  # row 1 alone outside the ball
+addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.mprotect(ctypes.c_void_p(addr), ctypes.c_size_t(page if mixed else 2 * page), mmap.PROT_READ) == 0
+before = w[0].clone()
+with pyreg.use_backend(backend):
+    k = pyreg.max_norm_([w], 1.0, dim=dim)
+assert int(k[0]) == (1 if mixed else 0), k
+assert torch.equal(w[0], before)
+if mixed:
+    assert abs(float(w[1].norm()) - 1.0) < 1e-5
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect through ctypes: Linux")
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda-emu", marks=needs_emu)])
+@pytest.mark.parametrize("case", [(0, "none"), (1, "none"), (0, "mixed")], ids=["rows", "columns", "rows-mixed"])
+def test_max_norm_writes_only_the_groups_it_scales(backend, case):
+    """The weights of groups inside the ball lie in read-only memory: a store
+    there (even of the same bits) would kill the process."""
+    dim, mixed = case
+    r = subprocess.run([sys.executable, "-c", _READ_ONLY_GROUPS, backend, str(dim), mixed],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
 
 
 def test_max_norm_equals_keras_formula():

@@ -182,12 +182,30 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
           T* __restrict gs = gp + idx;
 #pragma omp simd
           for (int64_t i = 0; i < n; ++i) gs[i] = group_grad<T>(load<A>(gs[i]), load<A>(xs[i]), fs[i * step]);
+        } else if constexpr (kOp == kGMaxNorm) {
+          // Only the groups it scales are written: one inside the ball (factor
+          // 1) keeps its bits without a store.
+          if (step == 0) {
+            const double f0 = fs[0];
+            if (f0 == 1.0) return;
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) xs[i] = group_scaled<T>(group_value<kOp, T, A>(xs[i], soft), f0);
+          } else {
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i)
+              if (fs[i] != 1.0) xs[i] = group_scaled<T>(group_value<kOp, T, A>(xs[i], soft), fs[i]);
+          }
         } else {
 #pragma omp simd
           for (int64_t i = 0; i < n; ++i) xs[i] = group_scaled<T>(group_value<kOp, T, A>(xs[i], soft), fs[i * step]);
         }
       };
       const int64_t width = g.sub == 1 ? g.inner : u.ncols;  // of each group's run
+      if constexpr (kOp == kGMaxNorm) {  // a tile with no group to scale: nothing to do
+        bool any = false;
+        for (int64_t j = 0; j < u.ng && !any; ++j) any = f[j] != 1.0;
+        if (!any) return;
+      }
       for (int64_t r = 0; r < u.nrows; ++r) {
         const int64_t base = (u.row0 + r) * L + u.col0;
         if (g.inner == 1) {

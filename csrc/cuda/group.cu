@@ -101,6 +101,10 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t t
   auto apply = [&](int64_t i, double fg) {
     if constexpr (kOp == kGGrad) {
       gr[i] = group_grad<T>(load<A>(gr[i]), load<A>(x[i]), fg);
+    } else if constexpr (kOp == kGMaxNorm) {
+      // Only the groups it scales are read and written: one inside the ball
+      // (factor 1) keeps its bits without a store.
+      if (fg != 1.0) x[i] = group_scaled<T>(group_value<kOp, T, A>(x[i], soft), fg);
     } else {
       x[i] = group_scaled<T>(group_value<kOp, T, A>(x[i], soft), fg);
     }
