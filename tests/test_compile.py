@@ -107,13 +107,20 @@ def test_plan_keeps_coefficient_tensors_across_value_changes():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("keys", ["l1_l2", "target_and_l2_bound"])
 @pytest.mark.parametrize("mode", MODES)
-def test_cuda_graph_step_replays_equal_to_eager(mode):
+def test_cuda_graph_step_replays_equal_to_eager(mode, keys):
     dev = "cuda"
 
     def make():
         model = _model(dev)
-        groups = pyreg.param_groups(model, l1=0.02, l2=0.01)
+        if keys == "l1_l2":
+            groups = pyreg.param_groups(model, l1=0.02, l2=0.01)
+        else:  # the multipliers and thresholds stay on the device: capturable after a warm-up
+            over = {"2": {"l2_bound": 0.2, "l2_mu": 0.5}}
+            if mode == "proximal":
+                over["0"] = {"target_sparsity": 0.6}
+            groups = pyreg.param_groups(model, l2=0.01, overrides=over)
         inner = torch.optim.Adam(groups, lr=0.01, capturable=True)  # step count on the device
         return model, pyreg.Regularized(inner, mode=mode)
 
