@@ -6,12 +6,20 @@ import csv
 import json
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from pyreg import cli
-from pyreg.demo import CANCER, DIGITS, FINETUNE_ALPHAS, QUICK_ALPHAS
+from pyreg.demo import (
+    CANCER,
+    DIGITS,
+    FINETUNE_ALPHAS,
+    QUICK_ALPHAS,
+    VOWELS,
+    VOWELS_SKIPPED,
+)
 from pyreg.demo.study import FINETUNE_METHODS, METHODS, plan_runs
 
 pytest.importorskip("matplotlib")
@@ -20,6 +28,32 @@ pytest.importorskip("sklearn")
 FILES = ["results.csv", "results.json", "finetune.csv", "regularization_path.png", "layer_norms.png",
          "input_weights.png", "digits_pixels.png"]
 STUDY = ("mlp", "lstm")
+def _fake_find_spec(root):
+    """importlib.util.find_spec, but "aeon" is the package folder ``root``
+    (None: not installed)."""
+    import importlib.machinery
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, package=None):
+        if name != "aeon":
+            return real(name, package)
+        if root is None:
+            return None
+        spec = importlib.machinery.ModuleSpec("aeon", None, is_package=True)
+        spec.submodule_search_locations = [str(root)]
+        return spec
+
+    return find_spec
+
+
+def _no_aeon(mp):
+    import importlib.util
+
+    mp.setattr(importlib.util, "find_spec", _fake_find_spec(None))
+
+
 REAL = [(t, m, a) for t in ("cancer-raw", "cancer-std") for m, a in plan_runs(CANCER["methods"], CANCER["alphas"])] + [
     ("digits", m, a) for m, a in plan_runs(DIGITS["methods"], DIGITS["alphas"])]
 
@@ -28,8 +62,9 @@ REAL = [(t, m, a) for t in ("cancer-raw", "cancer-std") for m, a in plan_runs(CA
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     threads = torch.get_num_threads()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
         warnings.simplefilter("error")  # the demo prints no warning of its own
+        _no_aeon(mp)  # the same runs whether or not the sequences extra is installed
         rc = cli.main(["demo", "--quick", "--device", "cpu", "--out", str(out), "--seed", "0"])
     assert rc == 0
     assert torch.get_num_threads() == threads  # the demo's one-thread setting is restored
@@ -70,9 +105,11 @@ def test_table_rows(quick, capsys):
         [(t, m) for t in STUDY for m in METHODS] + list({(t, m) for t, m, _ in REAL}))
 
 
-def test_printed_table(tmp_path, capsys):
-    """The terminal table: a header and one line per run (a reduced run)."""
+def test_printed_table(tmp_path, capsys, monkeypatch):
+    """The terminal table: a header and one line per run (a reduced run);
+    without the sequence data, one line says the vowels task is skipped."""
     out = tmp_path / "small"
+    _no_aeon(monkeypatch)
     rc = cli.main(["demo", "--quick", "--device", "cpu", "--out", str(out), "--methods", "none,l1",
                    "--alphas", "0.3"])
     assert rc == 0
@@ -88,6 +125,11 @@ def test_printed_table(tmp_path, capsys):
     assert "Fine-tuning" in text
     assert "Grid-search winner" in text and os.path.abspath(out) in text
     assert sorted(os.listdir(out)) == sorted(FILES)
+    skipped = [ln for ln in text.splitlines() if "vowels" in ln]
+    assert skipped == [VOWELS_SKIPPED] and 'pip install "pyreg[sequences]"' in VOWELS_SKIPPED
+    with open(out / "results.json") as f:
+        data = json.load(f)
+    assert "vowels" not in data["config"] and not any(r["task"] == "vowels" for r in data["results"])
 
 
 def test_l1_selects_informative_inputs(quick):
@@ -418,3 +460,244 @@ def test_digits_target_sparsity(quick):
         assert abs(r["layers"][name]["sparsity"] - t) <= 0.01, (name, r["layers"][name]["sparsity"], t)
     assert r["layers"]["4.weight"]["sparsity"] == 0.0
     assert r["val_acc"] >= none["val_acc"] - 0.03, (r["val_acc"], none["val_acc"])
+
+
+
+# --------------------------------------------------------------------------
+# The sequence task (JapaneseVowels, read from the aeon package's .ts files)
+# --------------------------------------------------------------------------
+TS_SNIPPET = """# a comment
+#another one
+@problemName Tiny
+@timeStamps false
+@missing false
+@univariate false
+@dimensions 2
+@equalLength false
+@classLabel true a b
+@data
+1,2,3:4,5,6:a
+
+0.5,-1.25:1e-3,7:b
+"""
+
+
+def test_read_ts_values_labels_and_lengths(tmp_path):
+    """The .ts reader: comments and blank lines skipped, header keys in any
+    case, one [length, channels] array per series, labels as declared;
+    pad_series right-aligns with zeros in front."""
+    import numpy as np
+
+    from pyreg.demo.data import pad_series, read_ts
+
+    path = tmp_path / "tiny.ts"
+    path.write_text(TS_SNIPPET.replace("@equalLength", "@EQUALLENGTH"))
+    ts = read_ts(path)
+    assert ts.labels == ["a", "b"] and ts.class_labels == ["a", "b"] and ts.lengths == [3, 2]
+    assert ts.num_channels == 2 and ts.header["problemname"] == "Tiny"
+    assert np.array_equal(ts.series[0], [[1, 4], [2, 5], [3, 6]])
+    assert np.array_equal(ts.series[1], [[0.5, 1e-3], [-1.25, 7]])
+    padded = pad_series(ts.series, 4)
+    assert padded.shape == (2, 4, 2)
+    assert np.array_equal(padded[1], [[0, 0], [0, 0], [0.5, 1e-3], [-1.25, 7]])
+    assert np.array_equal(padded[0, 1:], ts.series[0]) and not padded[0, 0].any()
+    with pytest.raises(ValueError, match="longer"):
+        pad_series(ts.series, 2)
+    assert read_ts("given", text=TS_SNIPPET).lengths == [3, 2]  # from text
+    univariate = TS_SNIPPET.replace("@univariate false", "@univariate true").replace("@dimensions 2", "@dimensions 1")
+    one = read_ts("u", text=univariate.replace(":4,5,6", "").replace(":1e-3,7", ""))
+    assert one.num_channels == 1 and np.array_equal(one.series[1][:, 0], [0.5, -1.25])
+
+
+@pytest.mark.parametrize("change, match", [
+    (("@missing false", "@missing false\n@targetlabel true"), "unsupported header @targetlabel"),
+    (("@timeStamps false", "@timeStamps true"), "timeStamps"),
+    (("@missing false", "@missing true"), "missing"),
+    (("@equalLength false", "@equalLength yes"), "true or false"),
+    (("@equalLength false", "@equalLength true"), "equalLength true"),
+    (("@univariate false", "@univariate true"), "univariate true"),
+    (("@dimensions 2", "@dimensions 3"), "dimensions 3"),
+    (("@classLabel true a b", "@classLabel false"), "classLabel"),
+    (("@classLabel true a b", "@classLabel true a"), r"\['b'\]"),
+    (("4,5,6:a", "4,?,6:a"), "not a number"),
+    (("4,5,6:a", "4,5:a"), "differ in length"),
+    (("1,2,3:4,5,6:a", "1,2,3:a"), "numbers of channels"),
+    (("1,2,3:4,5,6:a", "1,2,3"), "no ':'"),
+    (("@data\n", "@data\n@problemName again\n"), "header line after @data"),
+    (("@data\n1,2,3:4,5,6:a\n\n0.5,-1.25:1e-3,7:b\n", ""), "no @data"),
+    (("@problemName Tiny", "problemName Tiny"), "expected a header line"),
+    (("@problemName Tiny", "@problemName Tiny\n@problemName Twice"), "twice"),
+])
+def test_read_ts_rejects(change, match):
+    from pyreg.demo.data import read_ts
+
+    text = TS_SNIPPET.replace(*change)
+    assert text != TS_SNIPPET
+    with pytest.raises(ValueError, match=match):
+        read_ts("bad.ts", text=text)
+    with pytest.raises(ValueError, match="no series"):
+        read_ts("empty.ts", text=TS_SNIPPET.split("@data")[0] + "@data\n")
+
+
+def write_synthetic_vowels(root, seed=0, n_train=60, n_test=60, channels=4, classes=3):
+    """A small stand-in for aeon's JapaneseVowels files under ``root`` (an aeon
+    package folder): variable-length series whose class raises one channel
+    and shifts the last; not standardized."""
+    import numpy as np
+
+    folder = root / "datasets" / "data" / "JapaneseVowels"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for part, n in (("TRAIN", n_train), ("TEST", n_test)):
+        lines = ["# synthetic", "@problemName JapaneseVowels", "@timeStamps false", "@missing false",
+                 "@univariate false", f"@dimensions {channels}", "@equalLength false",
+                 "@classLabel true " + " ".join(str(k + 1) for k in range(classes)), "@data"]
+        for i in range(n):
+            k = i % classes
+            x = rng.standard_normal((int(rng.integers(5, 10)), channels)) + 3.0 + 0.5 * np.arange(channels)
+            x[:, k % channels] += 2.0
+            x[:, channels - 1] += k - 1
+            lines.append(":".join(",".join(f"{v:.5f}" for v in x[:, c]) for c in range(channels)) + f":{k + 1}")
+        (folder / f"JapaneseVowels_{part}.ts").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def synthetic_aeon(tmp_path_factory):
+    return write_synthetic_vowels(tmp_path_factory.mktemp("site") / "aeon")
+
+
+@pytest.fixture(scope="module")
+def vowels_root(synthetic_aeon):
+    """(aeon package folder, whether it holds the real data): the folder named
+    by PYREG_TEST_AEON_DIR (e.g. an unpacked aeon wheel), else the installed
+    aeon's, else the synthetic stand-in."""
+    from pyreg.demo.data import sequence_data_dir
+
+    env = os.environ.get("PYREG_TEST_AEON_DIR")
+    if env:
+        assert sequence_data_dir("JapaneseVowels", env) is not None, env
+        return env, True
+    found = sequence_data_dir("JapaneseVowels")
+    if found is not None:
+        return found.parents[2], True
+    return synthetic_aeon, False
+
+
+def test_sequence_data_dir(synthetic_aeon, tmp_path, monkeypatch):
+    """Found in the aeon package folder, given or located with find_spec
+    (aeon is not imported); None when aeon or the files are missing."""
+    import importlib.util
+    import sys
+
+    from pyreg.demo.data import sequence_data_dir
+
+    folder = synthetic_aeon / "datasets" / "data" / "JapaneseVowels"
+    assert sequence_data_dir("JapaneseVowels", synthetic_aeon) == folder
+    assert sequence_data_dir("BasicMotions", synthetic_aeon) is None
+    assert sequence_data_dir("JapaneseVowels", tmp_path) is None
+    monkeypatch.setattr(importlib.util, "find_spec", _fake_find_spec(synthetic_aeon))
+    assert sequence_data_dir("JapaneseVowels") == folder
+    assert "aeon" not in sys.modules or sys.modules["aeon"].__spec__ is not None
+    monkeypatch.setattr(importlib.util, "find_spec", _fake_find_spec(None))
+    assert sequence_data_dir("JapaneseVowels") is None
+
+
+def test_japanese_vowels_data(vowels_root):
+    """Training split from the TRAIN file, validation and test halves of the
+    TEST file; real channels standardized on the training frames, noise
+    channels appended, every series right-aligned with zeros in front."""
+    import numpy as np
+
+    from pyreg.demo.data import japanese_vowels, read_ts
+
+    root, real = vowels_root
+    d = japanese_vowels(5, seed=1, root=root)
+    folder = Path(root) / "datasets" / "data" / "JapaneseVowels"
+    train, test = read_ts(folder / "JapaneseVowels_TRAIN.ts"), read_ts(folder / "JapaneseVowels_TEST.ts")
+    channels = train.num_channels
+    length = max(train.lengths + test.lengths)
+    if real:
+        assert (channels, len(train.series), len(test.series), length) == (12, 270, 370, 29)
+        assert train.class_labels == [str(k) for k in range(1, 10)]
+    assert d.num_features == channels + 5 and d.informative == list(range(channels))
+    assert d.num_classes == len(train.class_labels)
+    assert d.x_train.shape == (len(train.series), length, channels + 5)
+    assert len(d.x_val) + len(d.x_test) == len(test.series) and abs(len(d.x_val) - len(d.x_test)) <= 1
+    # labels in file order on the training split
+    assert d.y_train.tolist() == [train.class_labels.index(lab) for lab in train.labels]
+    # right-aligned: the frames before a series' start are zero in every channel
+    x = d.x_train.numpy()
+    for i, n in enumerate(train.lengths):
+        assert not x[i, :length - n].any() and (x[i, length - n:, channels:] != 0).all()
+    # the real channels: the file's values, standardized over the training frames
+    frames = np.concatenate(train.series)
+    got = np.concatenate([x[i, length - n:, :channels] for i, n in enumerate(train.lengths)])
+    assert np.allclose(got, (frames - frames.mean(0)) / frames.std(0), atol=1e-5)
+    assert np.allclose(got.mean(0), 0, atol=1e-5) and np.allclose(got.std(0), 1, atol=1e-4)
+    again = japanese_vowels(5, seed=1, root=root)
+    assert torch.equal(again.x_val, d.x_val) and torch.equal(again.y_test, d.y_test)
+    other = japanese_vowels(5, seed=2, root=root)
+    assert not torch.equal(other.y_val, d.y_val)  # the validation / test split is seeded
+
+
+def test_vowels_group_lasso_zeroes_the_noise_channels(vowels_root):
+    """The claim: group lasso over the LSTM's input channels zeroes the
+    whole column of every noise channel at its grid winner and keeps the
+    real channels, validating about as well as no penalty; no penalty
+    zeroes nothing."""
+    import io
+
+    from pyreg.demo import run_vowels
+    from pyreg.demo.report import Progress
+
+    root, real = vowels_root
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows, winners = run_vowels(0, torch.device("cpu"), Progress(io.StringIO()), root=root)
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["method"], r["alpha"]) for r in rows] == plan_runs(VOWELS["methods"], VOWELS["alphas"])
+    win = {w["method"]: w for w in winners}
+    msg = "\n".join(f"{r['method']} {r['alpha']}: val {r['val_acc']:.3f} real {r['informative_kept']}/"
+                    f"{r['num_informative']} noise0 {r['noise_zeroed']}/{r['num_noise']}" for r in rows)
+    none, group = win["none"], win["group"]
+    assert none["noise_zeroed"] == 0 and none["sparsity"] == 0.0, msg
+    assert group["num_noise"] == VOWELS["num_noise"], msg
+    assert group["noise_zeroed"] == group["num_noise"], msg
+    assert group["informative_kept"] >= group["num_informative"] - (2 if real else 0), msg
+    assert group["val_acc"] >= none["val_acc"] - 0.03, msg
+    norms = group["input_weight_norms"]
+    assert all(v == 0.0 for v in norms[group["num_informative"]:]), msg
+    if real:  # JapaneseVowels: no run of L1 zeroes every noise channel
+        assert all(r["noise_zeroed"] < r["num_noise"] for r in rows if r["method"] == "l1"), msg
+        assert none["val_acc"] >= 0.9, msg
+
+
+def test_demo_runs_the_vowels_task_when_the_data_is_found(synthetic_aeon, tmp_path, capsys, monkeypatch):
+    """With aeon's data found (find_spec, aeon not imported) the demo runs the
+    vowels task: its table and winners printed, its rows after the real-data
+    tasks' in results.json and results.csv, its settings in the config."""
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", _fake_find_spec(synthetic_aeon))
+    out = tmp_path / "seq"
+    assert cli.main(["demo", "--quick", "--device", "cpu", "--out", str(out), "--methods", "none",
+                     "--alphas", "0.3"]) == 0
+    text = capsys.readouterr().out
+    assert VOWELS_SKIPPED not in text and "JapaneseVowels" in text and "Sequence winners" in text
+    printed = [ln.split()[:3] for ln in text.splitlines() if ln.startswith("vowels ")]
+    assert printed == [["vowels", m, "-" if m == "none" else f"{a:g}"]
+                       for m, a in plan_runs(VOWELS["methods"], VOWELS["alphas"])]
+    with open(out / "results.json") as f:
+        data = json.load(f)
+    rows = [r for r in data["results"] if r["task"] == "vowels"]
+    assert [(r["method"], r["alpha"]) for r in rows] == plan_runs(VOWELS["methods"], VOWELS["alphas"])
+    assert data["results"][-len(rows):] == rows
+    assert sorted(w["method"] for w in data["winners"] if w["task"] == "vowels") == sorted(VOWELS["methods"])
+    assert data["config"]["vowels"]["num_noise"] == VOWELS["num_noise"]
+    for r in rows:
+        assert (r["num_informative"], r["num_noise"]) == (4, VOWELS["num_noise"])
+    with open(out / "results.csv") as f:
+        assert sum(r["task"] == "vowels" for r in csv.DictReader(f)) == len(rows)

@@ -31,6 +31,16 @@ Then two real data sets that ship with scikit-learn (``CANCER``, ``DIGITS``):
   layer still reads, drawn in ``digits_pixels.png``), and ``target_sparsity``
   per layer (``target``: the fraction of exact zeros asked, and achieved).
 
+Then, when the ``sequences`` extra is installed (``pip install
+"pyreg[sequences]"``: the aeon package, whose wheel ships the data; aeon is
+not imported, its ``.ts`` files are read directly), a real sequence set for
+the LSTM (``VOWELS``):
+
+* ``vowels``: JapaneseVowels (12 channels of speech features per frame, 9
+  speakers) plus 12 pure-noise channels, with no penalty, L1 and group lasso
+  over the LSTM's input channels. Without the data it prints one line and
+  skips it.
+
 Output: a results table, the grid-search winner per method (by validation
 accuracy; ties to the larger alpha) with its test accuracy, the fine-tuning
 table, the real-data tables, and CSV, JSON and PNG files in ``--out``. See
@@ -76,6 +86,15 @@ CANCER = {"sizes": (250, 150, 169), "num_noise": 30, "steps": 300, "lr_raw": 1e-
 #: ``digits``: 8 x 8 images; ``target``: target_sparsity per layer.
 DIGITS = {"sizes": (500, 400, 897), "steps": 300, "lr": 0.1, "methods": ("none", "l1", "group", "target"),
           "alphas": (0.03, 0.1, 0.3), "targets": {"0": 0.9, "2": 0.5}}
+#: ``vowels``: the JapaneseVowels sequences (read from the aeon package, the
+#: ``sequences`` extra) plus ``num_noise`` N(0, 1) channels; the LSTM
+#: (``hidden`` units), full batch, SGD with momentum 0.9 (with Adam, whose
+#: steps have the same size on every column, group lasso zeroes either no
+#: channel or all of them).
+VOWELS = {"data": "JapaneseVowels", "num_noise": 12, "hidden": 16, "steps": 300, "lr": 0.3,
+          "methods": ("none", "l1", "group"), "alphas": (0.003, 0.01, 0.03)}
+#: What the demo prints instead of the ``vowels`` task when the data is not installed.
+VOWELS_SKIPPED = 'vowels: skipped (needs the sequence data: pip install "pyreg[sequences]")'
 
 
 def _alpha(text: str) -> float:
@@ -106,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "with no penalty, L2 and L2-SP (toward the pre-trained weights, alphas "
                     f"{','.join(f'{a:g}' for a in FINETUNE_ALPHAS)}). Then two real data sets that ship with "
                     "scikit-learn: breast cancer with added noise inputs, raw and standardized, and "
-                    "handwritten digits (L1, group lasso, target_sparsity).")
+                    "handwritten digits (L1, group lasso, target_sparsity). With the sequences extra "
+                    '(pip install "pyreg[sequences]"), also a real sequence set for the LSTM: '
+                    "JapaneseVowels plus noise channels, with group lasso over the input channels.")
     p.add_argument("--quick", action="store_true",
                    help="fewer steps and 3 alphas for the generated tasks (well under a minute on 2 CPU "
                         "cores)")
@@ -205,6 +226,50 @@ def run_real(seed: int, device: torch.device, progress) -> tuple[list[dict], lis
     return rows, winners, panels
 
 
+def make_vowels_task(seed: int, root=None):
+    """The ``vowels`` task, or None when the data is not found (``root``: the
+    aeon package folder; default: the installed one's)."""
+    from .data import japanese_vowels, sequence_data_dir
+    from .study import LSTMClassifier, Task
+
+    if sequence_data_dir(VOWELS["data"], root) is None:
+        return None
+    d = japanese_vowels(VOWELS["num_noise"], seed, root=root, name=VOWELS["data"])
+    return Task("vowels", d, lambda: LSTMClassifier(d.num_features, d.num_classes, hidden=VOWELS["hidden"]),
+                lambda groups: optim.SGD(groups, lr=VOWELS["lr"], momentum=0.9), VOWELS["steps"])
+
+
+def run_vowels(seed: int, device: torch.device, progress, root=None) -> tuple[list[dict], list[dict]] | None:
+    """Every run of the ``vowels`` task and its grid winners, or None when
+    the data is not found."""
+    from .study import grid_winners, run_study
+
+    task = make_vowels_task(seed, root)
+    if task is None:
+        return None
+    rows = run_study([task.to(device)], VOWELS["methods"], VOWELS["alphas"], seed, device, progress)
+    return rows, grid_winners(rows)
+
+
+def print_vowels(rows: Sequence[dict], winners: Sequence[dict]) -> None:
+    from . import report
+
+    r0 = rows[0]
+    print()
+    print(f"JapaneseVowels (the UCI set, as shipped with aeon): {r0['num_informative']} real channels per frame, "
+          f"the speaker as class, plus {r0['num_noise']}\nnoise channels (N(0, 1)); group lasso over the LSTM's "
+          "input channels (the columns of weight_ih_l0).\nreal: real channels kept; noise 0: noise channels "
+          "whose whole column is exactly zero.")
+    print(report.format_table(rows, report.VOWELS_COLUMNS))
+    print()
+    print("Sequence winners (best validation accuracy per method):")
+    for w in winners:
+        print(f"  {w['task']:10s} {w['method']:6s} " + ("" if w["method"] == "none" else f"alpha {w['alpha']:g}: ")
+              + f"val {w['val_acc']:.3f}, test {w['test_acc']:.3f}, sparsity {w['sparsity']:.1%}, real channels "
+              f"kept {w['informative_kept']}/{w['num_informative']}, noise channels zeroed "
+              f"{w['noise_zeroed']}/{w['num_noise']}")
+
+
 def print_real(rows: Sequence[dict], winners: Sequence[dict]) -> None:
     from . import report
 
@@ -272,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run_study(tasks, args.methods, alphas, args.seed, device, progress)
         finetune = run_finetune(finetune_task, FINETUNE_METHODS, FINETUNE_ALPHAS, args.seed, device, progress)
         real, real_winners, panels = run_real(args.seed, device, progress)
+        vowels = run_vowels(args.seed, device, progress)
     finally:
         torch.set_num_threads(threads)
     winners = grid_winners(results)
@@ -304,10 +370,18 @@ def main(argv: Sequence[str] | None = None) -> int:
           "layers\nfrom the pre-trained ones, relative; winner: best new val per method (ties to the larger alpha).")
     print(report.format_finetune_table(finetune))
     print_real(real, real_winners)
+    if vowels is None:
+        print()
+        print(VOWELS_SKIPPED)
+    else:
+        print_vowels(*vowels)
+        real, real_winners = real + vowels[0], real_winners + vowels[1]
     config = {"quick": args.quick, "device": str(device), "methods": args.methods, "alphas": alphas,
               "seed": args.seed, **SETTINGS[args.quick],
               "finetune": {**FINETUNE, "alphas": list(FINETUNE_ALPHAS), "methods": list(FINETUNE_METHODS)},
               "cancer": CANCER, "digits": DIGITS}
+    if vowels is not None:  # only when it ran: a run without the data writes what it did before
+        config["vowels"] = VOWELS
     paths = report.write_all(args.out, config, results, winners, finetune, compacted, real, real_winners, panels)
     print()
     print(f"Wrote {len(paths)} files to {os.path.abspath(args.out)}: "

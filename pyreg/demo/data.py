@@ -10,6 +10,11 @@
 * :func:`breast_cancer` and :func:`digits`: two real data sets that ship
   inside scikit-learn (nothing downloaded): breast cancer with added noise
   inputs, raw or standardized, and 8 x 8 images of handwritten digits.
+* :func:`japanese_vowels`: a real multichannel sequence set (12 channels of
+  speech features, variable length, 9 speakers) with added noise channels,
+  read from the ``.ts`` files that ship inside the ``aeon`` package (the
+  ``sequences`` extra); :func:`read_ts` parses that format without importing
+  aeon, :func:`sequence_data_dir` finds the files.
 
 Each returns a :class:`Splits` of float32 tensors, standardized (statistics
 taken from the training split only; :func:`breast_cancer` also raw) with
@@ -17,7 +22,10 @@ train / validation / test parts.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -206,3 +214,209 @@ def digits(sizes: tuple[int, int, int], seed: int) -> Splits:
     xs = _standardize(x[tr], x[va], x[te])
     return Splits("digits", _f32(xs[0]), _i64(y[tr]), _f32(xs[1]), _i64(y[va]), _f32(xs[2]), _i64(y[te]),
                   num_classes=10, informative=list(range(x.shape[1])), num_features=x.shape[1])
+
+
+# --------------------------------------------------------------------------
+# Sequence data in the .ts format (shipped inside the aeon package)
+# --------------------------------------------------------------------------
+@dataclass
+class TsData:
+    """A parsed ``.ts`` file: one ``[length, channels]`` float64 array per
+    series (lengths may differ), its class label, the labels the header
+    declares (in order) and the header (keys lower-case)."""
+
+    series: list[np.ndarray]
+    labels: list[str]
+    class_labels: list[str]
+    header: dict[str, str]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(s) for s in self.series]
+
+    @property
+    def num_channels(self) -> int:
+        return self.series[0].shape[1]
+
+
+#: The header keys :func:`read_ts` understands (lower-case); any other fails.
+TS_KEYS = ("problemname", "timestamps", "missing", "univariate", "dimensions", "equallength",
+           "serieslength", "classlabel", "data")
+
+
+def _ts_bool(header: dict[str, str], key: str, where: str) -> bool | None:
+    if key not in header:
+        return None
+    value = header[key].lower()
+    if value not in ("true", "false"):
+        raise ValueError(f"{where}: @{key} must be true or false, not {header[key]!r}")
+    return value == "true"
+
+
+def read_ts(source: str | os.PathLike, text: str | None = None) -> TsData:
+    """Parse a classification file in the ``.ts`` format (sktime / aeon).
+
+    Lines starting with ``#`` are comments; header lines start with ``@``
+    (``@problemName``, ``@univariate``, ``@dimensions``, ``@equalLength``,
+    ``@seriesLength``, ``@classLabel true <labels>``, ...), then ``@data``
+    and one series per line: channels separated by ``:``, values within a
+    channel by ``,``, the class label last. Every channel of a series has the
+    same length; series may differ in length unless ``@equalLength true``.
+
+    ``source`` is a path, or a name for messages when ``text`` is given.
+    Raises ValueError on anything this reader does not support or that
+    contradicts the header: an unknown header key, time stamps, missing
+    values (``?``), no class labels, a label the header does not list, a
+    channel count or length that differs from the header or between series.
+    """
+    where = str(source)
+    if text is None:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    header: dict[str, str] = {}
+    series: list[np.ndarray] = []
+    labels: list[str] = []
+    in_data = False
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        at = f"{where}, line {number}"
+        if not in_data:
+            if not line.startswith("@"):
+                raise ValueError(f"{at}: expected a header line (@...) before @data, got {line[:40]!r}")
+            key, _, value = line[1:].partition(" ")
+            key = key.lower()
+            if key not in TS_KEYS:
+                raise ValueError(f"{at}: unsupported header @{key} (this reader knows "
+                                 + ", ".join("@" + k for k in TS_KEYS) + ")")
+            if key in header:
+                raise ValueError(f"{at}: @{key} given twice")
+            header[key] = value.strip()
+            if key == "data":
+                in_data = True
+                if _ts_bool(header, "timestamps", where):
+                    raise ValueError(f"{where}: @timeStamps true is not supported")
+                if _ts_bool(header, "missing", where):
+                    raise ValueError(f"{where}: @missing true is not supported")
+                _ts_bool(header, "univariate", where)
+                _ts_bool(header, "equallength", where)
+                parts = header.get("classlabel", "").split()
+                if not parts or parts[0].lower() != "true" or len(parts) < 2:
+                    raise ValueError(f"{where}: needs @classLabel true followed by the class labels "
+                                     f"(a classification set), got {header.get('classlabel')!r}")
+            continue
+        if line.startswith("@"):
+            raise ValueError(f"{at}: header line after @data: {line[:40]!r}")
+        *channels, label = line.split(":")
+        if not channels:
+            raise ValueError(f"{at}: no ':' between the values and the class label")
+        try:
+            values = [[float(v) for v in c.split(",")] for c in channels]
+        except ValueError:
+            raise ValueError(f"{at}: a value is not a number (missing values '?' are not supported)") from None
+        if len({len(v) for v in values}) != 1:
+            raise ValueError(f"{at}: the channels of a series differ in length: {[len(v) for v in values]}")
+        arr = np.asarray(values, dtype=np.float64).T  # [length, channels]
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{at}: a value is not finite")
+        series.append(arr)
+        labels.append(label.strip())
+    if not in_data:
+        raise ValueError(f"{where}: no @data line")
+    if not series:
+        raise ValueError(f"{where}: no series after @data")
+    class_labels = header["classlabel"].split()[1:]
+    unknown = sorted(set(labels) - set(class_labels))
+    if unknown:
+        raise ValueError(f"{where}: class labels {unknown[:5]} are not among @classLabel {class_labels}")
+    counts = sorted({s.shape[1] for s in series})
+    if len(counts) != 1:
+        raise ValueError(f"{where}: the series have different numbers of channels: {counts}")
+    if _ts_bool(header, "univariate", where) and counts[0] != 1:
+        raise ValueError(f"{where}: @univariate true but the series have {counts[0]} channels")
+    if "dimensions" in header and header["dimensions"] != str(counts[0]):
+        raise ValueError(f"{where}: @dimensions {header['dimensions']} but the series have {counts[0]} channels")
+    lengths = sorted({len(s) for s in series})
+    if _ts_bool(header, "equallength", where):
+        if len(lengths) != 1:
+            raise ValueError(f"{where}: @equalLength true but the series lengths range from "
+                             f"{lengths[0]} to {lengths[-1]}")
+        if "serieslength" in header and header["serieslength"] != str(lengths[0]):
+            raise ValueError(f"{where}: @seriesLength {header['serieslength']} but the series have "
+                             f"length {lengths[0]}")
+    return TsData(series, labels, class_labels, header)
+
+
+def pad_series(series: list[np.ndarray], length: int) -> np.ndarray:
+    """``[n, length, channels]``: each series right-aligned, zeros in front
+    (so that the last step, the one an LSTM classifies from, is a real one)."""
+    if any(len(s) > length for s in series):
+        raise ValueError(f"a series is longer than {length} steps")
+    out = np.zeros((len(series), length, series[0].shape[1]), dtype=series[0].dtype)
+    for i, s in enumerate(series):
+        out[i, length - len(s):] = s
+    return out
+
+
+def sequence_data_dir(name: str, root: str | os.PathLike | None = None) -> Path | None:
+    """The folder holding ``<name>_TRAIN.ts`` and ``<name>_TEST.ts`` inside the
+    aeon package (``aeon/datasets/data/<name>``), or None when it is not
+    there. ``root``: the aeon package folder; default: that of the installed
+    package, found without importing it (``importlib.util.find_spec``)."""
+    if root is None:
+        try:
+            spec = importlib.util.find_spec("aeon")
+        except (ImportError, ValueError):
+            return None
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        if not locations:
+            return None
+        root = locations[0]
+    folder = Path(root) / "datasets" / "data" / name
+    if all((folder / f"{name}_{part}.ts").is_file() for part in ("TRAIN", "TEST")):
+        return folder
+    return None
+
+
+def japanese_vowels(num_noise: int, seed: int, root: str | os.PathLike | None = None,
+                    name: str = "JapaneseVowels") -> Splits:
+    """JapaneseVowels (UCI, as shipped inside aeon): 9 male speakers saying
+    "ae"; each series is an utterance, 12 channels of LPC cepstrum
+    coefficients over 7 to 29 frames; the class is the speaker. 270 training
+    series (30 per speaker) and 370 test series, which are split here
+    (seeded, half and half) into validation and test.
+
+    The 12 real channels are standardized with the training split's
+    statistics over its frames, then ``num_noise`` N(0, 1) channels (seeded)
+    are appended: columns ``0 .. 11`` are real, ``12 ..`` noise. Every series
+    is right-aligned to the longest one with zeros in front (all channels;
+    zero is each real channel's training mean). Raises FileNotFoundError when
+    the files are not found (see :func:`sequence_data_dir`).
+    """
+    folder = sequence_data_dir(name, root)
+    if folder is None:
+        raise FileNotFoundError(f"{name}_TRAIN.ts / _TEST.ts not found in the aeon package "
+                                '(pip install "pyreg[sequences]")')
+    train, test = (read_ts(folder / f"{name}_{part}.ts") for part in ("TRAIN", "TEST"))
+    if train.class_labels != test.class_labels or train.num_channels != test.num_channels:
+        raise ValueError(f"{name}: the training and test files differ in class labels or channels")
+    index = {c: i for i, c in enumerate(train.class_labels)}
+    frames = np.concatenate(train.series)
+    mean, std = frames.mean(axis=0), frames.std(axis=0)
+    std[std == 0] = 1.0
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(test.series))
+    half = len(order) // 2
+    parts = {"train": (train, np.arange(len(train.series))), "val": (test, order[:half]),
+             "test": (test, order[half:])}
+    length = max(train.lengths + test.lengths)
+    real = train.num_channels
+    out = {}
+    for split, (ts, idx) in parts.items():
+        series = [np.concatenate([(ts.series[i] - mean) / std,
+                                  rng.standard_normal((len(ts.series[i]), num_noise))], axis=1) for i in idx]
+        out[f"x_{split}"] = _f32(pad_series(series, length))
+        out[f"y_{split}"] = _i64(np.array([index[ts.labels[i]] for i in idx]))
+    return Splits("vowels", **out, num_classes=len(train.class_labels), informative=list(range(real)),
+                  num_features=real + num_noise)

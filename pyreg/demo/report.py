@@ -94,6 +94,14 @@ CANCER_COLUMNS = [
     ("prec", "precision", "{:.2f}"), ("large", "kept_large_scale", "{}"),
 ]
 
+#: The vowels task: real channels kept and noise channels zeroed (whole columns
+#: of the LSTM's input weight).
+VOWELS_COLUMNS = [
+    ("task", "task", "{}"), ("method", "method", "{}"), ("alpha", "alpha", "{:g}"),
+    ("train", "train_acc", "{:.3f}"), ("val", "val_acc", "{:.3f}"), ("test", "test_acc", "{:.3f}"),
+    ("sparsity", "sparsity", "{:.1%}"), ("real", "informative_kept", "{}"), ("noise 0", "noise_zeroed", "{}"),
+]
+
 #: The digits task: pixels (inputs) the first layer still reads.
 DIGITS_COLUMNS = [
     ("task", "task", "{}"), ("method", "method", "{}"), ("alpha", "alpha", "{:g}"),
@@ -113,6 +121,8 @@ def _cell(r: dict, key: str, fmt: str) -> str:
         return f"{r['inputs_used']}/{r['num_informative'] + r['num_noise']}"
     if key == "noise_zeroed":
         return f"{r['noise_zeroed']}/{r['num_noise']}"
+    if key == "informative_kept":
+        return f"{r['informative_kept']}/{r['num_informative']}"
     if key == "kept_large_scale":
         return f"{r['kept_large_scale']}/{r['inputs_used']}"
     return fmt.format(r[key])
