@@ -1,4 +1,5 @@
-"""Shared helpers for pyreg's tests: fresh random tensor lists and tolerances."""
+"""Shared helpers for pyreg's tests: fresh random tensor lists, tolerances,
+and the check that a bad param-group value changes nothing."""
 from __future__ import annotations
 
 import pytest
@@ -131,3 +132,38 @@ def B(request):
 
     name, dev = request.param
     return SimpleNamespace(name=name, be=backends.get(name), dev=dev)
+
+
+def bad_key_changes_nothing(family: str, good: dict, bad: dict, words: str) -> None:
+    """A bad param-group value (``bad``, over the good group ``good``) in
+    ``pyreg.Regularized(torch.optim.AdamW)`` (family "Regularized") or
+    ``pyreg.optim.AdamW``: refused at construction; and, set after a step,
+    refused at the next step with the weights and the optimizer's state as
+    they were."""
+    import copy
+
+    import pyreg
+    from torch import nn
+
+    m = nn.Linear(5, 3)
+    make = ((lambda g: pyreg.Regularized(torch.optim.AdamW(g, lr=0.1))) if family == "Regularized"
+            else (lambda g: pyreg.optim.AdamW(g, lr=0.1)))
+    with pytest.raises((ValueError, TypeError), match=words):
+        make([dict(bad, params=list(m.parameters()))])
+    opt = make([dict(good, params=list(m.parameters()))])
+    m(torch.randn(4, 5)).sum().backward()
+    opt.step()
+    m(torch.randn(4, 5)).sum().backward()
+    weights = copy.deepcopy(m.state_dict())
+    state = copy.deepcopy(opt.state_dict()["state"])
+    for k in good:
+        opt.param_groups[0].pop(k)
+    opt.param_groups[0].update(bad)
+    with pytest.raises((ValueError, TypeError), match=words):
+        opt.step()
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, weights[k])
+    after = opt.state_dict()["state"]
+    for i in state:
+        for k in state[i]:
+            assert torch.equal(torch.as_tensor(after[i][k]), torch.as_tensor(state[i][k]))

@@ -31,13 +31,13 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tu
 import torch
 from torch import Tensor, nn
 
-from .. import backends, ops
+from .. import ops
 from .._common import SUPPORTED_DTYPES, outside_graph
 from .._validate import nonneg_real
 from ._torch_compat import raw_step
 from .apply import constraints, penalized, pop_own_state, prox_buckets, put_own_state
 from .engine import Engine, Observable
-from .functional import METRIC_PROX, NO_PROX, PLAIN_PROX, fused_step, prox_kind, row, table
+from .functional import NO_PROX, fused_step, prox_kind, row, table
 from .keys import check_params, flag, hyper_keys_of, read_group
 from .plan import Bucket, Plan
 
