@@ -260,7 +260,7 @@ def test_compile_after_an_in_process_run(tmp_path):
             + _COMPILE_AFTER)
     for step in (code, _COMPILE_AFTER):  # the bench and a compile, then a compile in a new process
         proc = subprocess.run([sys.executable, "-c", step], env=env, capture_output=True, text=True,
-                              timeout=600)
+                              timeout=600, cwd=tmp_path)  # not the repository root: the installed pyreg
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert not [p for p in os.listdir(tmp_path) if p.startswith("pyreg-bench-inductor-")]
     default = [p for p in os.listdir(tmp_path) if p.startswith("torchinductor_")]

@@ -283,12 +283,13 @@ print("ok")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect through ctypes: Linux")
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda-emu", marks=needs_emu)])
 @pytest.mark.parametrize("case", [(0, "none"), (1, "none"), (0, "mixed")], ids=["rows", "columns", "rows-mixed"])
-def test_max_norm_writes_only_the_groups_it_scales(backend, case):
+def test_max_norm_writes_only_the_groups_it_scales(backend, case, tmp_path):
     """The weights of groups inside the ball lie in read-only memory: a store
-    there (even of the same bits) would kill the process."""
+    there (even of the same bits) would kill the process. (Run from another
+    directory: from the repository root, ``-c`` would import the source tree.)"""
     dim, mixed = case
     r = subprocess.run([sys.executable, "-c", _READ_ONLY_GROUPS, backend, str(dim), mixed],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
 
 
