@@ -193,6 +193,35 @@ def test_kernel_matches_spec(B, algo, make, flags, dtype, prox):
     assert_matches_spec(got, want, dtype, f"{B.name}")
 
 
+def misaligned_copy(t):
+    """t's values in a view of t's layout that starts one element into its
+    buffer (not 16-byte aligned, whatever the dtype)."""
+    span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
+    buf = torch.empty(span + 1, dtype=t.dtype, device=t.device)
+    return buf.as_strided(t.shape, t.stride(), 1).copy_(t)
+
+
+@pytest.mark.parametrize("array", ["params", "grads", "s1", "s2", "s3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("algo,make,flags", KERNEL_CASES)
+def test_kernel_one_array_misaligned(B, algo, make, flags, dtype, array):
+    """One array (params, grads or one state buffer) misaligned while the
+    others are aligned: the kernels' 16-byte path must see it and take the
+    scalar one (a GPU faults on a misaligned vector access; the emulator stops)."""
+    case = kernel_case(algo, dtype, seed=13, device=B.dev, **make)
+    if not case[array]:
+        pytest.skip(f"{array} is not used by this algorithm")
+    case[array] = [misaligned_copy(t) for t in case[array]]
+    want = clone_case(case, torch.float64)
+    got = clone_case(case)
+    got[array] = [misaligned_copy(t) for t in case[array]]
+    all_flags = dict(decoupled=False, amsgrad=False, maximize=False, nesterov=False, prox=spec.PLAIN_PROX)
+    all_flags.update(flags)
+    spec.optim_step(algo, **want, **all_flags)
+    run_kernel(B.be, algo, got, **all_flags)
+    assert_matches_spec(got, want, dtype, f"{B.name}, {array} misaligned")
+
+
 @pytest.mark.parametrize("algo,make,flags", KERNEL_CASES)
 def test_kernel_grad_scale_and_found_inf(B, algo, make, flags):
     """GradScaler's scalars: grads divided by grad_scale (and stored so); with

@@ -10,6 +10,11 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
 #ifndef PYREG_ISA_NS
 #define PYREG_ISA_NS generic  // the default build; csrc/cpu/isa/ variants define their own
 #endif
@@ -69,6 +74,12 @@ PYREG_HD half_t float_to_half(float f) {
   const uint32_t x = f32_bits(f);
   const uint32_t sign = x & 0x80000000u;
   const uint32_t u = x ^ sign;
+#if defined(__CUDA_ARCH__)
+  // The GPU converts in one instruction, rounding the same way (to nearest
+  // even, overflow to inf); only a NaN's bits are its own, so NaN keeps ours.
+  const uint32_t hw = __half_as_ushort(__float2half_rn(f));
+  return half_t{uint16_t(u > 0x7f800000u ? (0x7e00u | (sign >> 16)) : hw)};
+#else
   // Too large for half, inf or NaN.
   const uint32_t big = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
   // Half subnormal or zero: adding 0.5f lets the FPU round at the right bit.
@@ -77,6 +88,7 @@ PYREG_HD half_t float_to_half(float f) {
   const uint32_t nrm = (u + 0xc8000fffu + ((u >> 13) & 1u)) >> 13;  // 0xc8000fff = ((15-127)<<23)+0xfff
   const uint32_t o = u >= 0x47800000u ? big : (u < 0x38800000u ? sub : nrm);
   return half_t{uint16_t(o | (sign >> 16))};
+#endif
 }
 
 PYREG_HD float bf16_to_float(bf16_t b) { return bits_f32(uint32_t(b.bits) << 16); }
@@ -84,7 +96,13 @@ PYREG_HD float bf16_to_float(bf16_t b) { return bits_f32(uint32_t(b.bits) << 16)
 PYREG_HD bf16_t float_to_bf16(float f) {
   const uint32_t u = f32_bits(f);
   const uint32_t nan = (u >> 16) | 0x40u;  // quiet NaN
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  // sm_80 and later convert in one instruction, rounding to nearest even like
+  // the integer adds below; a NaN keeps the bits above.
+  const uint32_t rne = __bfloat16_as_ushort(__float2bfloat16_rn(f));
+#else
   const uint32_t rne = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+#endif
   return bf16_t{uint16_t((u & 0x7fffffffu) > 0x7f800000u ? nan : rne)};
 }
 

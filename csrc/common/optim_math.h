@@ -207,6 +207,23 @@ PYREG_HD void rmsprop_element(A& p, A g, A& sq, A& buf, A& gavg, const ElemScala
   if constexpr (kProx == kMetricProx) p = metric_prox(p, avg, e);
 }
 
+// The state arrays an algorithm's element touches (s1, s2, s3 of
+// optim_element), for loops that stage them in registers: state_reads<>(j)
+// whether s<j> is read, state_writes<>(j) whether it is written (j = 1, 2, 3).
+// SGD's first momentum step
+// (kState 1) writes its buffer without reading it.
+template <int kAlgo, int kState>
+PYREG_HD constexpr bool state_writes(int j) {
+  return kAlgo == kSgd      ? j == 1 && kState != 0
+         : kAlgo == kAdam   ? j == 1 || j == 2 || (j == 3 && kState == 1)
+         : kAlgo == kAdagrad ? j == 1
+                             : j == 1 || (j == 2 && (kState & kRmsMomentum) != 0) || (j == 3 && (kState & kRmsCentered) != 0);
+}
+template <int kAlgo, int kState>
+PYREG_HD constexpr bool state_reads(int j) {
+  return state_writes<kAlgo, kState>(j) && !(kAlgo == kSgd && kState == 1);
+}
+
 // One element of the step in storage: reads param i and its state, updates
 // them with grad value gv (already unscaled) and stores them. The CPU and
 // CUDA loops call it for their elements.
