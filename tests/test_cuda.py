@@ -352,3 +352,34 @@ def test_fused_optimizer_step_captured_in_a_cuda_graph(GPU_K, name):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         if name != "SGD":
             assert float(opt.state[a]["step"]) == 5.0
+
+
+# --------------------------------------------------------------------------- 16-bit stores
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_16bit_stores_round_like_the_cpu(K, dtype):
+    """A kernel's float32 -> 16-bit store (the GPU's conversion instruction,
+    the emulator's integer rounding) gives the CPU kernels' bits: values that
+    round up, down and to even at ties, 16-bit subnormals, overflow to inf,
+    and NaN where NaN went in. Reached through add_penalty_grad_ with l1 only:
+    grad + l1 * sign(w), one float32 add, then the store."""
+    g = torch.Generator().manual_seed(7)
+    fi = torch.finfo(dtype)
+    n = 40_000
+    grads = (torch.randn(n, generator=g) * torch.logspace(-9, 4, n).pow(torch.rand(n, generator=g))).to(dtype)
+    specials = torch.tensor([1.0, -1.0, fi.max, -fi.max, fi.tiny, fi.tiny * 0.5 if dtype == torch.float16 else fi.tiny,
+                             0.0, float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    grads[: specials.numel()] = specials
+    w = torch.randn(n, generator=g)
+    # l1 values: a tie at 1 (half an ulp of 1), a quarter ulp, and an odd one.
+    for l1 in (fi.eps / 2, fi.eps / 4, 3 * fi.eps / 4, 0.3371, fi.max / 8):
+        ws = [w.to(dtype).to(K.dev)]
+        got = [grads.clone().to(K.dev)]
+        K.be.add_penalty_grad_(ws, got, float(l1), 0.0)
+        want = [grads.clone()]
+        backends.get("cpu").add_penalty_grad_([w.to(dtype)], want, float(l1), 0.0)
+        a, b = got[0].cpu(), want[0]
+        nan = b.isnan()
+        assert bool((a.isnan() == nan).all()), f"l1={l1}: NaN in different places"
+        assert bits_equal(a[~nan], b[~nan]), f"l1={l1}: {int((a[~nan].view(torch.int16) != b[~nan].view(torch.int16)).sum())} elements differ"
