@@ -6,7 +6,8 @@
 //     each group's columns in shared memory (a thread per group when groups
 //     are narrower than a warp, else a warp per group with a fixed shuffle
 //     tree) into one float64 partial per (row tile, group, sub-tile);
-//   group_finish_kernel: a thread per group folds its partials in order into
+//   group_finish_kernel: a thread per group (a warp per group when a group
+//     has over kWarpFold partials) folds its partials in a fixed order into
 //     its norm, then its factor, and a Partial for the per-tensor fold (norm
 //     in s1, a count in nnz);
 //   group_tile_kernel<2> (prox, max_norm, grad): each element times its
@@ -184,17 +185,44 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t t
   }
 }
 
-// Group j's norm: the fold of its tile partials in a fixed order (row tile,
-// sub-tile, team warp).
-__device__ __forceinline__ double group_norm(const GroupBatch& b, int k, const GroupTiling& g,
-                                             const GroupWork& w, int64_t j) {
+// Group j's sum of squares: the fold of its tile partials in a fixed order
+// (row tile, sub-tile, team warp); its norm is the square root.
+__device__ __forceinline__ double group_sq(const GroupBatch& b, int k, const GroupTiling& g,
+                                           const GroupWork& w, int64_t j) {
   const int64_t tw = team_warps(g);
   double sq = 0.0;
   for (int64_t rt = 0; rt < g.row_tiles; ++rt)
     for (int64_t s = 0; s < g.sub; ++s)
       for (int64_t q = 0; q < tw; ++q) sq += w.tiles[b.poff[k] + partial_index(g, rt, j, s) * tw + q];
-  return sqrt(sq);
+  return sq;
 }
+
+__device__ __forceinline__ double group_norm(const GroupBatch& b, int k, const GroupTiling& g,
+                                             const GroupWork& w, int64_t j) {
+  return sqrt(group_sq(b, k, g, w, j));
+}
+
+// The same sum by a warp (lane = this thread's lane; every lane calls it):
+// lane l sums partials l, l + 32, ... in that order, then a fixed shuffle
+// tree; the result is lane 0's. For groups with many partials (a tall
+// tensor's columns: one per row tile), which one thread would fold with as
+// many dependent loads.
+__device__ __forceinline__ double group_sq_warp(const GroupBatch& b, int k, const GroupTiling& g,
+                                                const GroupWork& w, int64_t j, int lane) {
+  const int64_t tw = team_warps(g);
+  const int64_t per_rt = g.sub * tw;
+  const int64_t total = g.row_tiles * per_rt;
+  double sq = 0.0;
+  for (int64_t m = lane; m < total; m += 32) {
+    const int64_t rt = m / per_rt, r = m - rt * per_rt, s = r / tw, q = r - s * tw;
+    sq += w.tiles[b.poff[k] + partial_index(g, rt, j, s) * tw + q];
+  }
+  return warp_sum(sq);
+}
+
+// Partials per group from which group_finish_kernel folds with a warp per
+// group instead of a thread.
+constexpr int64_t kWarpFold = 16;
 
 // True when a tile holds its groups whole (one row tile, no sub-tiles): pass
 // 1 then also scales the tile, while it is in cache, and pass 2 skips it.
@@ -243,16 +271,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <int kOp>
+template <int kOp, int kLanes>
 __global__ void __launch_bounds__(kThreads)
     group_finish_kernel(const GroupBatch b, const GroupCoefs c, const GroupWork w) {
-  const int64_t gi = b.goff[0] + int64_t(blockIdx.x) * kThreads + threadIdx.x;  // global group
-  if (gi >= b.goff[b.nt]) return;
+  // kLanes: threads per group, 1 or a warp (32; the host's choice for the batch).
+  const int lane = int(threadIdx.x) % kLanes;
+  const int64_t gi = b.goff[0] + int64_t(blockIdx.x) * (kThreads / kLanes) + threadIdx.x / kLanes;  // global group
+  if (gi >= b.goff[b.nt]) return;  // warp-uniform when kLanes is 32
   const int k = owner(b.goff, b.nt, gi);
   const int t = b.t0 + k;
   const int64_t j = gi - b.goff[k];
   const GroupTiling g = group_tiling(b.outer[k], b.groups[k], b.inner[k]);
-  const double n = group_norm(b, k, g, w, j);
+  const double n = sqrt(kLanes == 1 ? group_sq(b, k, g, w, j) : group_sq_warp(b, k, g, w, j, lane));
+  if (lane != 0) return;
   const double f = group_factor<kOp>(c, t, n);
   int64_t count = 0;
   if constexpr (kOp == kGNorms) write_out(w.norms, w.out_dtype, gi, n);
@@ -361,10 +392,18 @@ void group_launch(const TensorList& w, const GroupList& gl, void* const* grads, 
     check(cudaGetLastError(), (nm + " group norm kernel launch").c_str());
   }
   for (const GroupBatch& b : batches) {
+    // A warp per group when some group of the batch has many partials.
+    int lanes = 1;
+    for (int k = 0; k < b.nt; ++k) {
+      const GroupTiling g = group_tiling(b.outer[k], b.groups[k], b.inner[k]);
+      if (g.row_tiles * g.sub * team_warps(g) > kWarpFold) lanes = 32;
+    }
+    const int64_t per_block = kThreads / lanes;
     const int64_t ng = b.goff[b.nt] - b.goff[0];
-    const int64_t blocks = ng > 0 ? (ng + kThreads - 1) / kThreads : 1;
+    const int64_t blocks = ng > 0 ? (ng + per_block - 1) / per_block : 1;
     if (blocks > kMaxGrid) fail("too many groups");
-    PYREG_LAUNCH(group_finish_kernel<kOp>, dim3(unsigned(blocks)), kThreads, 0, s, b, c, wk);
+    auto* const group_factors = lanes == 1 ? &group_finish_kernel<kOp, 1> : &group_finish_kernel<kOp, 32>;
+    PYREG_LAUNCH(group_factors, dim3(unsigned(blocks)), kThreads, 0, s, b, c, wk);
     check(cudaGetLastError(), (nm + " group factor kernel launch").c_str());
   }
   if constexpr (kOp == kGProx || kOp == kGMaxNorm || kOp == kGGrad) {
@@ -405,11 +444,16 @@ std::vector<KernelRef> group_kernels() {
       {reinterpret_cast<const void*>(&group_tile_kernel<2, kGProx>), "group_tile_kernel<2, prox>"},
       {reinterpret_cast<const void*>(&group_tile_kernel<2, kGMaxNorm>), "group_tile_kernel<2, max_norm>"},
       {reinterpret_cast<const void*>(&group_tile_kernel<2, kGGrad>), "group_tile_kernel<2, grad>"},
-      {reinterpret_cast<const void*>(&group_finish_kernel<kGNorms>), "group_finish_kernel<norms>"},
-      {reinterpret_cast<const void*>(&group_finish_kernel<kGProx>), "group_finish_kernel<prox>"},
-      {reinterpret_cast<const void*>(&group_finish_kernel<kGMaxNorm>), "group_finish_kernel<max_norm>"},
-      {reinterpret_cast<const void*>(&group_finish_kernel<kGPenalty>), "group_finish_kernel<penalty>"},
-      {reinterpret_cast<const void*>(&group_finish_kernel<kGGrad>), "group_finish_kernel<grad>"},
+      {reinterpret_cast<const void*>(&group_finish_kernel<kGNorms, 1>), "group_finish_kernel<norms>"},
+      {reinterpret_cast<const void*>(&group_finish_kernel<kGNorms, 32>), "group_finish_kernel<norms, warp>"},
+      {reinterpret_cast<const void*>(&group_finish_kernel<kGProx, 1>), "group_finish_kernel<prox>"},
+      {reinterpret_cast<const void*>(&group_finish_kernel<kGProx, 32>), "group_finish_kernel<prox, warp>"},
+      {reinterpret_cast<const void*>(&group_finish_kernel<kGMaxNorm, 1>), "group_finish_kernel<max_norm>"},
+      {reinterpret_cast<const void*>(&group_finish_kernel<kGMaxNorm, 32>), "group_finish_kernel<max_norm, warp>"},
+      {reinterpret_cast<const void*>(&group_finish_kernel<kGPenalty, 1>), "group_finish_kernel<penalty>"},
+      {reinterpret_cast<const void*>(&group_finish_kernel<kGPenalty, 32>), "group_finish_kernel<penalty, warp>"},
+      {reinterpret_cast<const void*>(&group_finish_kernel<kGGrad, 1>), "group_finish_kernel<grad>"},
+      {reinterpret_cast<const void*>(&group_finish_kernel<kGGrad, 32>), "group_finish_kernel<grad, warp>"},
       // This unit's own instances of the finishing kernel (common.cuh).
       {reinterpret_cast<const void*>(&finish_kernel<kPenalty>), "finish_kernel<penalty> (group ops)"},
       {reinterpret_cast<const void*>(&finish_kernel<kProx>), "finish_kernel<prox> (group ops)"},
