@@ -44,8 +44,11 @@ def penalized(work: Sequence[Work]) -> List[Work]:
 def constraints(work: Sequence[Work], state: Dict[Any, Dict[str, Any]]) -> None:
     """After the step: the l2 bounds (:func:`l2_bound_buckets`), then the
     max-norm projection (:func:`max_norm_buckets`)."""
-    l2_bound_buckets([w for w in work if w.kind == "l2_bound"], state)
-    max_norm_buckets([w for w in work if w.kind == "max_norm"])
+    kinds = {w.kind for w in work}
+    if "l2_bound" in kinds:
+        l2_bound_buckets([w for w in work if w.kind == "l2_bound"], state)
+    if "max_norm" in kinds:
+        max_norm_buckets([w for w in work if w.kind == "max_norm"])
 
 
 def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[Any, Dict[str, Any]]] = None) -> None:

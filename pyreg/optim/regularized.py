@@ -294,7 +294,8 @@ class Regularized(Observable, Optimizer):
         group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
         loss = self._inner_step(closure)
         work = [w for w in map(Bucket.active, plan.buckets) if w is not None]
-        prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in penalized(work)], self.state)
+        pen = penalized(work)
+        prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in pen], self.state)
         constraints(work, self.state)
-        self._last = penalized(work)
+        self._last = pen
         return loss
