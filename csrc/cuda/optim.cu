@@ -8,7 +8,9 @@
 // tensor's group row of the hyperparameter table and its step counter (device
 // memory, so a captured CUDA graph replays with the current values), computes
 // the per-tensor scalars in double, then each thread updates its elements
-// (csrc/common/optim_math.h): param, grad and state read once, written once.
+// (csrc/common/optim_math.h): param, grad and state read once, written once,
+// staged in registers as 16-byte vectors when the chunk's pointers are all
+// aligned (optim_kernel.cuh).
 // After each batch, optim_count_kernel increments the batch's step counters
 // (the main kernel read them as they were: no block races another's write).
 // With found_inf nonzero both kernels return at once: nothing changes.
