@@ -207,8 +207,8 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
             const Ptrs& s2, const Ptrs& s3, const Ptrs& steps, const std::vector<int32_t>& group,
             const std::vector<uint8_t>& fresh, int64_t n_groups, uintptr_t hyper, int algo,
             int step_dtype, bool decoupled, bool amsgrad, bool maximize, bool nesterov, bool centered, int prox,
-            uintptr_t grad_scale, uintptr_t found_inf, uintptr_t ws, int device, uintptr_t stream,
-            int nthreads) {
+            uintptr_t grad_scale, uintptr_t found_inf, uintptr_t ticket, uintptr_t ws, int device,
+            uintptr_t stream, int nthreads) {
           pyreg::OptimList l;
           l.w = make_list(p, n, d);
           const size_t count = p.size();
@@ -240,7 +240,7 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
           l.n_groups = n_groups;
           const pyreg::OptimSpec spec{algo, step_dtype, decoupled, amsgrad, maximize, nesterov, centered, prox,
                                       ptr<const double>(hyper), ptr<const float>(grad_scale),
-                                      ptr<const float>(found_inf)};
+                                      ptr<const float>(found_inf), ptr<unsigned>(ticket)};
           py::gil_scoped_release nogil;
           k->optim_step(l, spec, Launch{ptr<void>(ws), device, stream, nthreads});
         });

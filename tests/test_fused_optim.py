@@ -279,6 +279,44 @@ def test_kernel_same_bits_any_thread_count(algo, restore_threads):
                 assert bits_equal(a, b)
 
 
+@pytest.mark.parametrize("algo", [spec.ADAM, spec.ADAGRAD, spec.RMSPROP], ids=["adam", "adagrad", "rmsprop"])
+def test_kernel_counts_each_step_once(B, algo):
+    """The step counters go up by one per call, however many blocks a launch
+    has (a CUDA launch's last block counts them), in batches with and without
+    elements; the ticket an optimizer keeps is zero again after each call,
+    and a skipped step (found_inf) leaves both as they were."""
+    g = torch.Generator().manual_seed(algo)
+    sizes = [0, 3, 70_001, 0, 1, 200_003] + [0] * 90 + [5]  # CUDA: 3 launch batches (48 tensors each), one of empties
+    ps = [torch.randn(n, generator=g).to(B.dev) for n in sizes]
+    s1 = like(ps, 2, positive=True)
+    s2 = like(ps, 3, positive=True) if algo == spec.ADAM else []
+    case = dict(params=ps, grads=like(ps, 1), s1=s1, s2=s2, s3=[],
+                steps=[torch.tensor(float(i % 5), device=B.dev) for i in range(len(ps))],
+                group=[0] * len(ps), fresh=[], hyper=kernel_case(algo, torch.float32, 0, device=B.dev)["hyper"])
+    flags = dict(decoupled=False, amsgrad=False, maximize=False, nesterov=False, prox=spec.PLAIN_PROX)
+    ticket = torch.zeros(1, dtype=torch.int32, device=B.dev)
+    start = [float(t) for t in case["steps"]]
+    for k in range(1, 4):
+        B.be.optim_step(algo, *(case[x] for x in ("params", "grads", "s1", "s2", "s3", "steps", "group", "fresh",
+                                                    "hyper")), **flags, ticket=ticket)
+        assert [float(t) for t in case["steps"]] == [s + k for s in start]
+        assert int(ticket) == 0
+    B.be.optim_step(algo, *(case[x] for x in ("params", "grads", "s1", "s2", "s3", "steps", "group", "fresh",
+                                                "hyper")), **flags, ticket=ticket,
+                    found_inf=torch.tensor(1.0, device=B.dev), grad_scale=torch.tensor(2.0, device=B.dev))
+    assert [float(t) for t in case["steps"]] == [s + 3 for s in start]
+    assert int(ticket) == 0
+
+
+def test_optimizer_keeps_one_ticket_per_device():
+    m = nn.Linear(4, 3)
+    opt = optim.AdamW(m.parameters(), lr=1e-2, l1=1e-3)
+    for _ in range(3):
+        m(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    assert list(opt._tickets) == [torch.device("cpu")] and int(opt._tickets[torch.device("cpu")]) == 0
+
+
 def test_kernel_nan_and_inf_propagate(B):
     """NaN and Inf in grads reach the params and state as in the spec."""
     ps = [torch.tensor([1.0, -2.0, 3.0, 0.5], device=B.dev)]

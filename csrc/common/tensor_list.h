@@ -76,6 +76,11 @@ struct OptimSpec {
   const double* hyper;   // kHyper doubles per group (host for the CPU, device for CUDA)
   const float* grad_scale;
   const float* found_inf;
+  // CUDA only (the CPU ignores it): an unsigned in device memory, zero before
+  // a launch and left zero after it. The launch's blocks take a ticket from it
+  // as they finish; the last one increments the step counters, which every
+  // block has read by then (no second kernel). One per optimizer and device.
+  unsigned* ticket;
 };
 
 // Per-tensor results of a reduction sweep (finalized, in tensor order).

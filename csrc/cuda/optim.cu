@@ -11,9 +11,10 @@
 // (csrc/common/optim_math.h): param, grad and state read once, written once,
 // staged in registers as 16-byte vectors when the chunk's pointers are all
 // aligned (optim_kernel.cuh).
-// After each batch, optim_count_kernel increments the batch's step counters
-// (the main kernel read them as they were: no block races another's write).
-// With found_inf nonzero both kernels return at once: nothing changes.
+// The last block of a launch to finish (a ticket, OptimSpec::ticket)
+// increments the batch's step counters, which every block read before: one
+// launch per batch. With found_inf nonzero every block returns at once:
+// nothing changes.
 //
 // The kernel and its per-algorithm units: optim_kernel.cuh.
 #include "optim_kernel.cuh"
@@ -21,13 +22,6 @@
 namespace pyreg {
 namespace PYREG_CUDA_NS {
 namespace {
-
-// The batch's step counters, +1 each (after optim_kernel read them).
-__global__ void __launch_bounds__(kMaxOptimTensors) optim_count_kernel(const OptimBatch b, const OptimSpec s) {
-  if (step_skipped(s)) return;
-  const int k = int(threadIdx.x);
-  if (k < b.nt && b.step[k] != nullptr) write_step(b.step[k], s.step_dtype, next_step(b.step[k], s.step_dtype));
-}
 
 // ---- host side ------------------------------------------------------------------
 std::vector<OptimBatch> optim_plan(const OptimList& l, const OptimSpec& s) {
@@ -48,6 +42,7 @@ std::vector<OptimBatch> optim_plan(const OptimList& l, const OptimSpec& s) {
   if (s.algo < kSgd || s.algo > kRmsprop) fail("optim_step: unknown algorithm");
   if (s.step_dtype != kFloat32 && s.step_dtype != kFloat64) fail("optim_step: step counters must be float32 or float64");
   if (s.hyper == nullptr && n > 0) fail("optim_step: null hyperparameter table");
+  if (s.algo != kSgd && s.ticket == nullptr && n > 0) fail("optim_step: null step ticket");
   auto need = [&](const std::vector<void*>& v, int64_t t, const char* what) {
     if (v.empty() || v[t] == nullptr) fail(std::string("optim_step: null ") + what + " for tensor " + std::to_string(t));
   };
@@ -103,7 +98,6 @@ std::vector<KernelRef> optim_kernels() {
       optim_adam_kernel(),
       optim_adagrad_kernel(),
       optim_rmsprop_kernel(),
-      {reinterpret_cast<const void*>(&optim_count_kernel), "optim_count_kernel"},
   };
 }
 
@@ -114,20 +108,16 @@ void optim_step(const OptimList& l, const OptimSpec& s, const Launch& at) {
   (void)cudaGetLastError();
   cudaStream_t st = reinterpret_cast<cudaStream_t>(at.stream);
   for (const OptimBatch& b : batches) {
-    if (b.cstart[b.nt] > 0) {
-      const dim3 grid(unsigned(b.cstart[b.nt]));
-      switch (s.algo) {
-        case kSgd: launch_optim_sgd(b, s, grid, st); break;
-        case kAdam: launch_optim_adam(b, s, grid, st); break;
-        case kRmsprop: launch_optim_rmsprop(b, s, grid, st); break;
-        default: launch_optim_adagrad(b, s, grid, st); break;
-      }
-      check(cudaGetLastError(), "optim_step kernel launch");
+    // A batch without elements still counts its steps (SGD has none).
+    if (b.cstart[b.nt] == 0 && s.algo == kSgd) continue;
+    const dim3 grid(unsigned(b.cstart[b.nt] > 0 ? b.cstart[b.nt] : 1));
+    switch (s.algo) {
+      case kSgd: launch_optim_sgd(b, s, grid, st); break;
+      case kAdam: launch_optim_adam(b, s, grid, st); break;
+      case kRmsprop: launch_optim_rmsprop(b, s, grid, st); break;
+      default: launch_optim_adagrad(b, s, grid, st); break;
     }
-    if (s.algo != kSgd) {
-      PYREG_LAUNCH(optim_count_kernel, dim3(1), kMaxOptimTensors, 0, st, b, s);
-      check(cudaGetLastError(), "optim_step count kernel launch");
-    }
+    check(cudaGetLastError(), "optim_step kernel launch");
   }
 }
 

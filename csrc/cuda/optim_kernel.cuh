@@ -173,21 +173,38 @@ __device__ __forceinline__ void optim_chunk_of(const OptimBatch& b, const OptimS
 
 template <int kAlgo>
 __global__ void __launch_bounds__(kThreads) optim_kernel(const OptimBatch b, const OptimSpec s) {
-  if (step_skipped(s)) return;
+  if (step_skipped(s)) return;  // every block: nothing changes, the ticket stays zero
   const int cidx = int(blockIdx.x);
-  if (cidx >= b.cstart[b.nt]) return;
-  const int k = owner(b.cstart, b.nt, cidx);  // empty tensors share the next one's start
-  const int64_t chunk = int64_t(1) << b.shift[k];
-  const int64_t begin = int64_t(cidx - b.cstart[k]) * chunk;
-  const int64_t rest = b.numel[k] - begin;
-  const int len = int(rest < chunk ? rest : chunk);
-  const double step = kAlgo == kSgd ? 0.0 : next_step(b.step[k], s.step_dtype);
-  const StepScalars sc = step_scalars(s, s.hyper + int64_t(kHyper) * b.group[k], step);
-  switch (b.dtype[k]) {
-    case kFloat64: optim_chunk_of<kAlgo, double>(b, s, k, begin, len, sc); break;
-    case kFloat16: optim_chunk_of<kAlgo, half_t>(b, s, k, begin, len, sc); break;
-    case kBFloat16: optim_chunk_of<kAlgo, bf16_t>(b, s, k, begin, len, sc); break;
-    default: optim_chunk_of<kAlgo, float>(b, s, k, begin, len, sc); break;
+  if (cidx < b.cstart[b.nt]) {  // else a batch without chunks (a grid of 1)
+    const int k = owner(b.cstart, b.nt, cidx);  // empty tensors share the next one's start
+    const int64_t chunk = int64_t(1) << b.shift[k];
+    const int64_t begin = int64_t(cidx - b.cstart[k]) * chunk;
+    const int64_t rest = b.numel[k] - begin;
+    const int len = int(rest < chunk ? rest : chunk);
+    const double step = kAlgo == kSgd ? 0.0 : next_step(b.step[k], s.step_dtype);
+    const StepScalars sc = step_scalars(s, s.hyper + int64_t(kHyper) * b.group[k], step);
+    switch (b.dtype[k]) {
+      case kFloat64: optim_chunk_of<kAlgo, double>(b, s, k, begin, len, sc); break;
+      case kFloat16: optim_chunk_of<kAlgo, half_t>(b, s, k, begin, len, sc); break;
+      case kBFloat16: optim_chunk_of<kAlgo, bf16_t>(b, s, k, begin, len, sc); break;
+      default: optim_chunk_of<kAlgo, float>(b, s, k, begin, len, sc); break;
+    }
+  }
+  if constexpr (kAlgo != kSgd) {
+    // The step counters, +1 each, by the last block to finish: every block
+    // read its tensor's counter before taking its ticket.
+    PYREG_SHARED(bool, last);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      last = atomicAdd(s.ticket, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int k = int(threadIdx.x); k < b.nt; k += kThreads)
+      if (b.step[k] != nullptr) write_step(b.step[k], s.step_dtype, next_step(b.step[k], s.step_dtype));
+    if (threadIdx.x == 0) *s.ticket = 0u;  // for the next launch
   }
 }
 

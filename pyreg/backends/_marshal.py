@@ -165,3 +165,10 @@ def group_shapes(tensors: Sequence[Tensor], dims: Sequence[int]) -> Tuple[List[i
     """Three lists, (outer, groups, inner) per tensor, as pyreg._C takes them."""
     shapes = [group_shape(t, d) for t, d in zip(tensors, dims)]
     return [s[0] for s in shapes], [s[1] for s in shapes], [s[2] for s in shapes]
+
+
+def step_ticket(device: torch.device) -> Tensor:
+    """A zeroed int32 on ``device`` for the CUDA optimizer kernel's ticket
+    (``compiled.CompiledKernels.optim_step``): the kernel leaves it zero, so one
+    ticket serves every step of an optimizer on that device."""
+    return torch.zeros(1, dtype=torch.int32, device=device)

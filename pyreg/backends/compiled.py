@@ -270,18 +270,29 @@ class CompiledKernels:
                    s2: List[Tensor], s3: List[Tensor], steps: List[Tensor], group: List[int],
                    fresh: List[int], hyper: Tensor, *, decoupled: bool, amsgrad: bool, maximize: bool,
                    nesterov: bool, prox: int, centered: bool = False, grad_scale: Optional[Tensor] = None,
-                   found_inf: Optional[Tensor] = None) -> None:
+                   found_inf: Optional[Tensor] = None, ticket: Optional[Tensor] = None) -> None:
         """See torch_ref.optim_step. The caller guarantees what the kernels
         assume: every grad and state buffer dense and laid out like its param
         (same dtype and strides), step counters float32 or float64 scalars and
         ``hyper`` a contiguous float64 (groups, len(torch_ref.HYPER)) tensor, all on the params'
-        device, and grad_scale/found_inf float32 scalars there."""
+        device, and grad_scale/found_inf float32 scalars there.
+
+        ``ticket`` (the CUDA builds; the CPU's ignore it): an int32 tensor of
+        one zero on the params' device that the kernel leaves zero, kept by
+        the caller across steps (``_marshal.step_ticket``); without one, a zeroed
+        one is made for the call."""
         desc = m.describe(params)
         step_dtype = DTYPE_CODES[steps[0].dtype] if steps else 0
         keep, *at = self._launch(self, params[0].device, lambda: 0)
         ptr = m.pointers
+        if self._launch is cpu_launch:  # the CPU kernels have no ticket
+            ticket_ptr = 0
+        else:
+            if ticket is None:
+                ticket = m.step_ticket(params[0].device) if params else None
+            ticket_ptr = 0 if ticket is None else ticket.data_ptr()
         self._fn("optim_step")(*desc, ptr(grads), ptr(s1), ptr(s2), ptr(s3), ptr(steps), group, fresh,
                                hyper.shape[0], hyper.data_ptr(), algo, step_dtype, decoupled, amsgrad,
                                maximize, nesterov, centered, prox,
                                0 if grad_scale is None else grad_scale.data_ptr(),
-                               0 if found_inf is None else found_inf.data_ptr(), *at)
+                               0 if found_inf is None else found_inf.data_ptr(), ticket_ptr, *at)

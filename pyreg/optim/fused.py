@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._common import SUPPORTED_DTYPES, outside_graph
 from .._validate import nonneg_real
+from ..backends._marshal import step_ticket
 from ._torch_compat import raw_step
 from .apply import constraints, penalized, pop_own_state, prox_buckets, put_own_state
 from .engine import Engine, Observable
@@ -136,6 +137,7 @@ class FusedOptimizer(Observable):
         self._out: Dict[str, Any] = {"last": [], "penalty": None}
         self._runs: Dict[int, Tuple[tuple, Any, _GroupRun]] = {}
         self._tables: Dict[tuple, Tensor] = {}
+        self._tickets: Dict[torch.device, Tensor] = {}  # the CUDA kernel's, one per device
 
     # -- what each optimizer supplies ------------------------------------------------
     def _hyper(self, group: Dict[str, Any]) -> Dict[str, Any]:
@@ -337,9 +339,13 @@ class FusedOptimizer(Observable):
     def _run(self, b: _Bucket) -> None:
         f = b.flags
         grad_scale, found_inf = self._amp_scalars(b.params[0].device)
+        dev = b.params[0].device
+        ticket = self._tickets.get(dev)
+        if ticket is None:
+            ticket = self._tickets[dev] = step_ticket(dev)
         fused_step(self._algo, b.params, b.grads, b.s1, b.s2, b.s3, b.steps, b.rows, b.fresh, self._table(b),
                    decoupled=f.decoupled, amsgrad=f.amsgrad, maximize=f.maximize, nesterov=f.nesterov,
-                   centered=f.centered, prox=f.prox, grad_scale=grad_scale, found_inf=found_inf)
+                   centered=f.centered, prox=f.prox, grad_scale=grad_scale, found_inf=found_inf, ticket=ticket)
 
     def _run_torch(self, torch_groups) -> None:
         """torch's own step on the parameters the kernels do not take, then the
