@@ -8,8 +8,8 @@ ptxas's report of each kernel checked:
 * each kernel's registers allow the blocks per SM its ``__launch_bounds__``
   asks for (maxThreadsPerBlock, minBlocksPerMultiprocessor; 1 when not given),
   in the SM's 64K registers with the hardware's allocation granularity;
-* the vector paths of the elementwise kernel and of every optimizer's kernel
-  load and store 128 bits at a time: ``ld.global``/``st.global`` of
+* the vector paths of the elementwise kernel, of every optimizer's kernel and
+  of the group ops' second pass load and store 128 bits at a time: ``ld.global``/``st.global`` of
   ``.v4.u32`` in the PTX, and ``LDG.E.128`` in the SASS where cuobjdump is
   installed.
 
@@ -47,7 +47,8 @@ KNOWN_SPILLS = {
 }
 #: The units whose kernels have a 16-byte vector path, and those kernels.
 VECTOR_UNITS = {"elementwise": "chunk_kernel", "optim_sgd": "optim_kernel", "optim_adam": "optim_kernel",
-                "optim_adagrad": "optim_kernel", "optim_rmsprop": "optim_kernel"}
+                "optim_adagrad": "optim_kernel", "optim_rmsprop": "optim_kernel",
+                "group": "group_tile_kernelILi2"}  # the group ops' second pass
 REGS_PER_SM = 65536
 REG_UNIT = 256  # registers are allocated per warp in units of 256
 MAX_REGS = 255
@@ -220,8 +221,8 @@ def test_registers_allow_the_launch_bounds(compiled):
 @needs_nvcc
 @pytest.mark.parametrize("unit", list(VECTOR_UNITS))
 def test_vector_path_moves_128_bits_ptx(compiled, unit):
-    # run_chunk (elementwise) and optim_chunk (optim_kernel.cuh) move 16-byte
-    # vectors (uint4) when every pointer of a chunk is 16-byte aligned.
+    # run_chunk (elementwise), optim_chunk (optim_kernel.cuh) and group_tile's
+    # second pass (group.cu) move 16-byte vectors (uint4) when aligned.
     ptx = (compiled / f"{unit}.ptx").read_text()
     assert re.search(r"ld\.global(\.\w+)*\.v4\.(u32|b32)", ptx), f"no 128-bit global load in {unit}'s PTX"
     assert re.search(r"st\.global(\.\w+)*\.v4\.(u32|b32)", ptx), f"no 128-bit global store in {unit}'s PTX"

@@ -83,10 +83,45 @@ __device__ __forceinline__ Team team_of(const GroupTiling& g) {
   return m;
 }
 
+// The second pass over narrow tiles whose rows allow it moves kGroupVec<T>
+// consecutive columns per access: 4 float (16 bytes) or 4 half/bfloat16 (8
+// bytes), 2 double (16 bytes). A thread then owns runs of kGroupVec<T>
+// columns instead of single columns strided by kThreads.
+template <typename T>
+constexpr int kGroupVec = sizeof(T) == 8 ? 2 : 4;
+
+template <int W, typename T>
+__device__ __forceinline__ void load_run(T (&r)[W], const T* p) {
+  if constexpr (W * sizeof(T) == 16) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    memcpy(r, &v, 16);
+  } else {
+    static_assert(W * sizeof(T) == 8, "runs of 8 or 16 bytes");
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    memcpy(r, &v, 8);
+  }
+}
+
+template <int W, typename T>
+__device__ __forceinline__ void store_run(T* p, const T (&r)[W]) {
+  if constexpr (W * sizeof(T) == 16) {
+    uint4 v;
+    memcpy(&v, r, 16);
+    *reinterpret_cast<uint4*>(p) = v;
+  } else {
+    uint2 v;
+    memcpy(&v, r, 8);
+    *reinterpret_cast<uint2*>(p) = v;
+  }
+}
+
 // colsum: the kernel's shared buffer of kGroupTileCols doubles (declared once
 // in the kernel: a GPU reserves every __shared__ declaration of every dtype's
 // instance of this function, not just the one that runs).
-template <int kPass, int kOp, typename T>
+// kRunsOk: whether narrow tiles may move runs of columns (the second pass
+// that a fused tile runs inside the first keeps single columns: fewer
+// registers live across the factors' division).
+template <int kPass, int kOp, typename T, bool kRunsOk = true>
 __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t tile, const GroupCoefs& c,
                                            const GroupWork& w, double* colsum) {
   using A = opmath_t<T>;
@@ -139,7 +174,16 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t t
     }
     return;
   }
-  // Narrow groups: a thread per column.
+  // Narrow groups: a thread per column; in the second pass, per run of W
+  // columns when every row of the tile starts W-aligned (tile-uniform). (The
+  // first pass, which reads only, keeps single columns: runs there made
+  // ptxas spill more around the fused tiles' factors.)
+  constexpr int W = kGroupVec<T>;
+  constexpr int kRuns = kGroupCols / W;
+  static_assert(kRuns * W == kGroupCols, "a thread's columns split into runs");
+  const uintptr_t first = reinterpret_cast<uintptr_t>(x + u.row0 * L + u.col0) |
+                          (kOp == kGGrad ? reinterpret_cast<uintptr_t>(gr + u.row0 * L + u.col0) : uintptr_t(0));
+  const bool runs = kPass == 2 && kRunsOk && L % W == 0 && u.ncols % W == 0 && first % (W * sizeof(T)) == 0;
   if constexpr (kPass == 1) {
     double acc[kGroupCols];
 #pragma unroll
@@ -166,6 +210,48 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t t
       double sq = 0.0;
       for (int64_t i = 0; i < g.inner; ++i) sq += colsum[j * g.inner + i];
       out[partial_index(g, u.rt, u.g0 + j, 0)] = sq;
+    }
+  } else if (runs) {
+    double f[kGroupCols];
+    bool any[kRuns];  // a run with a factor other than 1 (max_norm_ stores only those)
+#pragma unroll
+    for (int q = 0; q < kRuns; ++q) {
+      const int64_t c0 = (int64_t(threadIdx.x) + q * kThreads) * W;
+      any[q] = false;
+#pragma unroll
+      for (int e = 0; e < W; ++e) {
+        f[q * W + e] = c0 < u.ncols ? w.factor[b.goff[k] + u.g0 + (c0 + e) / g.inner] : 1.0;
+        any[q] = any[q] || f[q * W + e] != 1.0;
+      }
+    }
+    for (int64_t r = 0; r < u.nrows; ++r) {
+      const int64_t base = (u.row0 + r) * L + u.col0;
+#pragma unroll
+      for (int q = 0; q < kRuns; ++q) {
+        const int64_t c0 = (int64_t(threadIdx.x) + q * kThreads) * W;
+        if (c0 >= u.ncols) continue;
+        T v[W];
+        if constexpr (kOp == kGGrad) {
+          T gv[W];
+          load_run(v, x + base + c0);
+          load_run(gv, gr + base + c0);
+#pragma unroll
+          for (int e = 0; e < W; ++e) gv[e] = group_grad<T>(load<A>(gv[e]), load<A>(v[e]), f[q * W + e]);
+          store_run(gr + base + c0, gv);
+        } else if constexpr (kOp == kGMaxNorm) {
+          if (!any[q]) continue;  // a run inside the ball keeps its bits without a store
+          load_run(v, x + base + c0);
+#pragma unroll
+          for (int e = 0; e < W; ++e)
+            if (f[q * W + e] != 1.0) v[e] = group_scaled<T>(group_value<kOp, T, A>(v[e], soft), f[q * W + e]);
+          store_run(x + base + c0, v);
+        } else {
+          load_run(v, x + base + c0);
+#pragma unroll
+          for (int e = 0; e < W; ++e) v[e] = group_scaled<T>(group_value<kOp, T, A>(v[e], soft), f[q * W + e]);
+          store_run(x + base + c0, v);
+        }
+      }
     }
   } else {
     double f[kGroupCols];
@@ -243,7 +329,7 @@ __device__ __forceinline__ void group_tile_run(const GroupBatch& b, int k, int64
       for (int64_t j = threadIdx.x; j < u.ng; j += kThreads)
         w.factor[b.goff[k] + u.g0 + j] = group_factor<kOp>(c, b.t0 + k, group_norm(b, k, g, w, u.g0 + j));
       __syncthreads();  // and its factors
-      group_tile<2, kOp, T>(b, k, tile, c, w, colsum);
+      group_tile<2, kOp, T, false>(b, k, tile, c, w, colsum);
     }
   }
 }
