@@ -49,6 +49,7 @@ def group_list(dtype, seed=0, device="cpu", scale=1.0):
         r(4097),                                  # 1-D: groups are single elements
         r(5, 0),                                  # no groups along dim 1
         r(1 + 20000 * 16)[1:].view(20000, 16),    # dim 1: rows of 16 over row tiles, not aligned
+        r(1 + 100 * 4 * 200)[1:].view(100, 4, 200),  # dim 1: wide groups over row tiles, not aligned
     ]
 
 

@@ -115,6 +115,35 @@ __device__ __forceinline__ void store_run(T* p, const T (&r)[W]) {
   }
 }
 
+// Pass 2 of op kOp on the W elements at x + at (and the grads at gr + at),
+// element e with factor f[e]; a run with every factor 1 is not stored by
+// max_norm_ (it keeps its bits).
+template <int kOp, int W, typename T, typename A>
+__device__ __forceinline__ void update_run(T* x, T* gr, int64_t at, const double (&f)[W],
+                                           const ProxParams<A>& soft) {
+  T v[W];
+  load_run(v, x + at);
+  if constexpr (kOp == kGGrad) {
+    T gv[W];
+    load_run(gv, gr + at);
+#pragma unroll
+    for (int e = 0; e < W; ++e) gv[e] = group_grad<T>(load<A>(gv[e]), load<A>(v[e]), f[e]);
+    store_run(gr + at, gv);
+  } else if constexpr (kOp == kGMaxNorm) {
+    bool any = false;
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      if (f[e] != 1.0) v[e] = group_scaled<T>(group_value<kOp, T, A>(v[e], soft), f[e]);
+      any = any || f[e] != 1.0;
+    }
+    if (any) store_run(x + at, v);
+  } else {
+#pragma unroll
+    for (int e = 0; e < W; ++e) v[e] = group_scaled<T>(group_value<kOp, T, A>(v[e], soft), f[e]);
+    store_run(x + at, v);
+  }
+}
+
 // colsum: the kernel's shared buffer of kGroupTileCols doubles (declared once
 // in the kernel: a GPU reserves every __shared__ declaration of every dtype's
 // instance of this function, not just the one that runs).
@@ -145,6 +174,15 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t t
       x[i] = group_scaled<T>(group_value<kOp, T, A>(x[i], soft), fg);
     }
   };
+  // The second pass moves runs of W elements when the tile's rows, and its
+  // groups' runs (wide) or the tile's columns (narrow), start W-aligned
+  // (tile-uniform). The first pass, which only reads, keeps single elements:
+  // runs there made ptxas spill more around the fused tiles' factors.
+  constexpr int W = kGroupVec<T>;
+  const uintptr_t first0 = reinterpret_cast<uintptr_t>(x + u.row0 * L + u.col0) |
+                           (kOp == kGGrad ? reinterpret_cast<uintptr_t>(gr + u.row0 * L + u.col0) : uintptr_t(0));
+  const bool runs = kPass == 2 && kRunsOk && L % W == 0 && u.ncols % W == 0 && first0 % (W * sizeof(T)) == 0 &&
+                    (!g.wide || (g.inner % W == 0 && (g.sub == 1 ? g.inner : u.ncols) % W == 0));
   if (g.wide) {  // tile-uniform
     const Team m = team_of(g);
     if (m.id >= m.n) return;  // an idle warp (no barrier below)
@@ -164,6 +202,14 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t t
         sq = warp_sum(sq);
         if (lane == 0)
           w.tiles[b.poff[k] + partial_index(g, u.rt, u.g0 + j, u.s) * m.warps + m.slot] = sq;
+      } else if (runs) {
+        double f[W];
+        for (int e = 0; e < W; ++e) f[e] = w.factor[b.goff[k] + u.g0 + j];
+        if (kOp == kGMaxNorm && f[0] == 1.0) continue;  // inside the ball: no store
+        for (int64_t r = 0; r < u.nrows; ++r) {
+          const int64_t base = (u.row0 + r) * L + first;
+          for (int64_t i = m.q; i < width / W; i += m.nq) update_run<kOp, W, T, A>(x, gr, base + i * W, f, soft);
+        }
       } else {
         const double fg = w.factor[b.goff[k] + u.g0 + j];
         for (int64_t r = 0; r < u.nrows; ++r) {
@@ -175,15 +221,9 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t t
     return;
   }
   // Narrow groups: a thread per column; in the second pass, per run of W
-  // columns when every row of the tile starts W-aligned (tile-uniform). (The
-  // first pass, which reads only, keeps single columns: runs there made
-  // ptxas spill more around the fused tiles' factors.)
-  constexpr int W = kGroupVec<T>;
+  // columns when every row of the tile starts W-aligned (tile-uniform).
   constexpr int kRuns = kGroupCols / W;
   static_assert(kRuns * W == kGroupCols, "a thread's columns split into runs");
-  const uintptr_t first = reinterpret_cast<uintptr_t>(x + u.row0 * L + u.col0) |
-                          (kOp == kGGrad ? reinterpret_cast<uintptr_t>(gr + u.row0 * L + u.col0) : uintptr_t(0));
-  const bool runs = kPass == 2 && kRunsOk && L % W == 0 && u.ncols % W == 0 && first % (W * sizeof(T)) == 0;
   if constexpr (kPass == 1) {
     double acc[kGroupCols];
 #pragma unroll
@@ -212,45 +252,19 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t t
       out[partial_index(g, u.rt, u.g0 + j, 0)] = sq;
     }
   } else if (runs) {
-    double f[kGroupCols];
-    bool any[kRuns];  // a run with a factor other than 1 (max_norm_ stores only those)
+    double f[kRuns][W];
 #pragma unroll
     for (int q = 0; q < kRuns; ++q) {
       const int64_t c0 = (int64_t(threadIdx.x) + q * kThreads) * W;
-      any[q] = false;
 #pragma unroll
-      for (int e = 0; e < W; ++e) {
-        f[q * W + e] = c0 < u.ncols ? w.factor[b.goff[k] + u.g0 + (c0 + e) / g.inner] : 1.0;
-        any[q] = any[q] || f[q * W + e] != 1.0;
-      }
+      for (int e = 0; e < W; ++e) f[q][e] = c0 < u.ncols ? w.factor[b.goff[k] + u.g0 + (c0 + e) / g.inner] : 1.0;
     }
     for (int64_t r = 0; r < u.nrows; ++r) {
       const int64_t base = (u.row0 + r) * L + u.col0;
 #pragma unroll
       for (int q = 0; q < kRuns; ++q) {
         const int64_t c0 = (int64_t(threadIdx.x) + q * kThreads) * W;
-        if (c0 >= u.ncols) continue;
-        T v[W];
-        if constexpr (kOp == kGGrad) {
-          T gv[W];
-          load_run(v, x + base + c0);
-          load_run(gv, gr + base + c0);
-#pragma unroll
-          for (int e = 0; e < W; ++e) gv[e] = group_grad<T>(load<A>(gv[e]), load<A>(v[e]), f[q * W + e]);
-          store_run(gr + base + c0, gv);
-        } else if constexpr (kOp == kGMaxNorm) {
-          if (!any[q]) continue;  // a run inside the ball keeps its bits without a store
-          load_run(v, x + base + c0);
-#pragma unroll
-          for (int e = 0; e < W; ++e)
-            if (f[q * W + e] != 1.0) v[e] = group_scaled<T>(group_value<kOp, T, A>(v[e], soft), f[q * W + e]);
-          store_run(x + base + c0, v);
-        } else {
-          load_run(v, x + base + c0);
-#pragma unroll
-          for (int e = 0; e < W; ++e) v[e] = group_scaled<T>(group_value<kOp, T, A>(v[e], soft), f[q * W + e]);
-          store_run(x + base + c0, v);
-        }
+        if (c0 < u.ncols) update_run<kOp, W, T, A>(x, gr, base + c0, f[q], soft);
       }
     }
   } else {
