@@ -140,6 +140,34 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const Work w, int64_t 
   }
 }
 
+// Run i of base (its elements [i * W, i * W + W)), moved as one 8- or
+// 16-byte access (base aligned to it): the vector paths of the optimizer
+// step and the group ops.
+template <int W, typename T>
+__device__ __forceinline__ void load_run(T (&r)[W], const T* base, int i) {
+  if constexpr (W * sizeof(T) == 16) {
+    const uint4 v = reinterpret_cast<const uint4*>(base)[i];
+    memcpy(r, &v, 16);
+  } else {
+    static_assert(W * sizeof(T) == 8, "runs of 8 or 16 bytes");
+    const uint2 v = reinterpret_cast<const uint2*>(base)[i];
+    memcpy(r, &v, 8);
+  }
+}
+
+template <int W, typename T>
+__device__ __forceinline__ void store_run(T* base, int i, const T (&r)[W]) {
+  if constexpr (W * sizeof(T) == 16) {
+    uint4 v;
+    memcpy(&v, r, 16);
+    reinterpret_cast<uint4*>(base)[i] = v;
+  } else {
+    uint2 v;
+    memcpy(&v, r, 8);
+    reinterpret_cast<uint2*>(base)[i] = v;
+  }
+}
+
 // The tensor of a batch that owns item i, given the batch's item starts.
 template <typename I>
 __device__ __forceinline__ int owner(const I* start, int nt, int64_t i) {

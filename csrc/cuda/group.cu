@@ -90,31 +90,6 @@ __device__ __forceinline__ Team team_of(const GroupTiling& g) {
 template <typename T>
 constexpr int kGroupVec = sizeof(T) == 8 ? 2 : 4;
 
-template <int W, typename T>
-__device__ __forceinline__ void load_run(T (&r)[W], const T* p) {
-  if constexpr (W * sizeof(T) == 16) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    memcpy(r, &v, 16);
-  } else {
-    static_assert(W * sizeof(T) == 8, "runs of 8 or 16 bytes");
-    const uint2 v = *reinterpret_cast<const uint2*>(p);
-    memcpy(r, &v, 8);
-  }
-}
-
-template <int W, typename T>
-__device__ __forceinline__ void store_run(T* p, const T (&r)[W]) {
-  if constexpr (W * sizeof(T) == 16) {
-    uint4 v;
-    memcpy(&v, r, 16);
-    *reinterpret_cast<uint4*>(p) = v;
-  } else {
-    uint2 v;
-    memcpy(&v, r, 8);
-    *reinterpret_cast<uint2*>(p) = v;
-  }
-}
-
 // Pass 2 of op kOp on the W elements at x + at (and the grads at gr + at),
 // element e with factor f[e]; a run with every factor 1 is not stored by
 // max_norm_ (it keeps its bits).
@@ -122,13 +97,13 @@ template <int kOp, int W, typename T, typename A>
 __device__ __forceinline__ void update_run(T* x, T* gr, int64_t at, const double (&f)[W],
                                            const ProxParams<A>& soft) {
   T v[W];
-  load_run(v, x + at);
+  load_run(v, x + at, 0);
   if constexpr (kOp == kGGrad) {
     T gv[W];
-    load_run(gv, gr + at);
+    load_run(gv, gr + at, 0);
 #pragma unroll
     for (int e = 0; e < W; ++e) gv[e] = group_grad<T>(load<A>(gv[e]), load<A>(v[e]), f[e]);
-    store_run(gr + at, gv);
+    store_run(gr + at, 0, gv);
   } else if constexpr (kOp == kGMaxNorm) {
     bool any = false;
 #pragma unroll
@@ -136,11 +111,11 @@ __device__ __forceinline__ void update_run(T* x, T* gr, int64_t at, const double
       if (f[e] != 1.0) v[e] = group_scaled<T>(group_value<kOp, T, A>(v[e], soft), f[e]);
       any = any || f[e] != 1.0;
     }
-    if (any) store_run(x + at, v);
+    if (any) store_run(x + at, 0, v);
   } else {
 #pragma unroll
     for (int e = 0; e < W; ++e) v[e] = group_scaled<T>(group_value<kOp, T, A>(v[e], soft), f[e]);
-    store_run(x + at, v);
+    store_run(x + at, 0, v);
   }
 }
 

@@ -60,20 +60,6 @@ __device__ __forceinline__ bool step_skipped(const OptimSpec& s) {
 template <typename T>
 constexpr int kVec = 16 / int(sizeof(T));
 
-template <int N, typename T>
-__device__ __forceinline__ void load_vec(T (&r)[N], const T* base, int i) {
-  static_assert(N * sizeof(T) == 16, "a vector is 16 bytes");
-  const uint4 v = reinterpret_cast<const uint4*>(base)[i];
-  memcpy(r, &v, 16);
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void store_vec(T* base, int i, const T (&r)[N]) {
-  uint4 v;
-  memcpy(&v, r, 16);
-  reinterpret_cast<uint4*>(base)[i] = v;
-}
-
 // Updates the N staged elements r* (in registers; optim_element indexes them).
 template <int kAlgo, int kProx, int kState, bool kUnscale, int N, typename T, typename A>
 __device__ __forceinline__ void optim_staged(T (&rp)[N], T (&rg)[N], T (&r1)[N], T (&r2)[N], T (&r3)[N],
@@ -109,17 +95,17 @@ __device__ __forceinline__ void optim_chunk(const OptimBatch& b, int k, int64_t 
   const int nv = mis == 0 ? len / V : 0;
   for (int i = int(threadIdx.x); i < nv; i += kThreads) {
     T rp[V], rg[V], r1[V], r2[V], r3[V];
-    load_vec(rp, p, i);
-    load_vec(rg, g, i);
-    if constexpr (kR1) load_vec(r1, s1, i);
-    if constexpr (kR2) load_vec(r2, s2, i);
-    if constexpr (kR3) load_vec(r3, s3, i);
+    load_run(rp, p, i);
+    load_run(rg, g, i);
+    if constexpr (kR1) load_run(r1, s1, i);
+    if constexpr (kR2) load_run(r2, s2, i);
+    if constexpr (kR3) load_run(r3, s3, i);
     optim_staged<kAlgo, kProx, kState, kUnscale>(rp, rg, r1, r2, r3, e, scale);
-    store_vec(p, i, rp);
-    if constexpr (kUnscale) store_vec(g, i, rg);
-    if constexpr (kW1) store_vec(s1, i, r1);
-    if constexpr (kW2) store_vec(s2, i, r2);
-    if constexpr (kW3) store_vec(s3, i, r3);
+    store_run(p, i, rp);
+    if constexpr (kUnscale) store_run(g, i, rg);
+    if constexpr (kW1) store_run(s1, i, r1);
+    if constexpr (kW2) store_run(s2, i, r2);
+    if constexpr (kW3) store_run(s3, i, r3);
   }
   // Scalar: the tail, or the whole chunk when a pointer is not aligned.
   for (int i = nv * V + int(threadIdx.x); i < len; i += kThreads) {
