@@ -210,8 +210,7 @@ PYREG_HD void rmsprop_element(A& p, A g, A& sq, A& buf, A& gavg, const ElemScala
 // The state arrays an algorithm's element touches (s1, s2, s3 of
 // optim_element), for loops that stage them in registers: state_reads<>(j)
 // whether s<j> is read, state_writes<>(j) whether it is written (j = 1, 2, 3).
-// SGD's first momentum step
-// (kState 1) writes its buffer without reading it.
+// SGD's first momentum step (kState 1) writes its buffer without reading it.
 template <int kAlgo, int kState>
 PYREG_HD constexpr bool state_writes(int j) {
   return kAlgo == kSgd      ? j == 1 && kState != 0

@@ -83,10 +83,9 @@ __device__ __forceinline__ Team team_of(const GroupTiling& g) {
   return m;
 }
 
-// The second pass over narrow tiles whose rows allow it moves kGroupVec<T>
-// consecutive columns per access: 4 float (16 bytes) or 4 half/bfloat16 (8
-// bytes), 2 double (16 bytes). A thread then owns runs of kGroupVec<T>
-// columns instead of single columns strided by kThreads.
+// The second pass moves runs of kGroupVec<T> consecutive elements per access
+// where the tile allows it (see group_tile): 4 float (16 bytes) or 4
+// half/bfloat16 (8 bytes), 2 double (16 bytes).
 template <typename T>
 constexpr int kGroupVec = sizeof(T) == 8 ? 2 : 4;
 
@@ -122,9 +121,9 @@ __device__ __forceinline__ void update_run(T* x, T* gr, int64_t at, const double
 // colsum: the kernel's shared buffer of kGroupTileCols doubles (declared once
 // in the kernel: a GPU reserves every __shared__ declaration of every dtype's
 // instance of this function, not just the one that runs).
-// kRunsOk: whether narrow tiles may move runs of columns (the second pass
-// that a fused tile runs inside the first keeps single columns: fewer
-// registers live across the factors' division).
+// kRunsOk: whether the second pass may move runs (the second pass that a
+// fused tile runs inside the first keeps single elements: fewer registers
+// live across the factors' division).
 template <int kPass, int kOp, typename T, bool kRunsOk = true>
 __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t tile, const GroupCoefs& c,
                                            const GroupWork& w, double* colsum) {
