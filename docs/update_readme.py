@@ -20,6 +20,7 @@ def blocks(results_path: Path = RESULTS) -> dict:
         CANCER_COLUMNS,
         DIGITS_COLUMNS,
         format_finetune_table,
+        format_strength_table,
         format_table,
         format_target_table,
     )
@@ -45,11 +46,13 @@ def blocks(results_path: Path = RESULTS) -> dict:
     cancer = [r for r in data["results"] if r["task"].startswith("cancer")]
     digits = [r for r in data["results"] if r["task"] == "digits"]
     readme += "\n\n" + real_data_sentences(cancer, digits, winners)
-    return {"README.md": {"demo-winners": readme},
+    strength = f"```\n{format_strength_table(data['results'])}\n```"
+    return {"README.md": {"demo-winners": readme, "demo-strength": strength},
             "docs/demo.md": {"demo-all-winners": f"```\n{format_table(study)}\n```",
                              "demo-finetune": f"```\n{format_finetune_table(data['finetune'])}\n```",
                              "demo-cancer": f"```\n{format_table(cancer, CANCER_COLUMNS)}\n```",
                              "demo-digits": f"```\n{format_table(digits, DIGITS_COLUMNS)}\n```",
+                             "demo-strength": strength,
                              "demo-target": "```\n" + format_target_table(
                                  [r for r in digits if r["method"] == "target"]) + "\n```"}}
 

@@ -94,7 +94,7 @@ def test_files_written(quick):
 def test_table_rows(quick, capsys):
     out, data = quick
     expected = [(t, m, a) for t in ("mlp", "lstm") for m, a in plan_runs(METHODS, QUICK_ALPHAS)]
-    assert len(expected) == 2 * (1 + 5 * len(QUICK_ALPHAS))
+    assert len(expected) == 2 * (2 + 5 * len(QUICK_ALPHAS))  # none and strength once, 5 methods over the grid
     got = [(r["task"], r["method"], r["alpha"]) for r in data["results"]]
     assert got == expected + REAL  # the study's runs, then the real-data tasks' (same with --quick)
     with open(out / "results.csv") as f:
@@ -434,12 +434,13 @@ def test_digits_picture(quick):
 
     out, data = quick
     wins = {m: _winner(data, "digits", m) for m in DIGITS["methods"]}
+    drawn = [m for m in DIGITS["methods"] if m != "strength"]  # strength: in the tables, not drawn
     assert data["config"]["digits_pixels_panels"] == [
-        m if m in ("none", "target") else f"{m} alpha={wins[m]['alpha']:g}" for m in DIGITS["methods"]]
+        m if m in ("none", "target") else f"{m} alpha={wins[m]['alpha']:g}" for m in drawn]
     with open(out / "digits_pixels.png", "rb") as f:
         head = f.read(24)
     width, height = struct.unpack(">II", head[16:24])
-    assert width == round(PANEL_INCHES * len(DIGITS["methods"]) * PNG_DPI) and width > 3 * height
+    assert width == round(PANEL_INCHES * len(drawn) * PNG_DPI) and width > 3 * height
     for m in ("l1", "group"):
         w = wins[m]
         assert len(w["input_weight_norms"]) == 64 and w["inputs_used"] < 64, m
@@ -461,6 +462,29 @@ def test_digits_target_sparsity(quick):
     assert r["layers"]["4.weight"]["sparsity"] == 0.0
     assert r["val_acc"] >= none["val_acc"] - 0.03, (r["val_acc"], none["val_acc"])
 
+
+
+def test_strength_runs_once_per_task_with_its_table(quick, capsys):
+    """``strength``: one run per task at STRENGTH, every layer's l1 from its
+    push (zeros in each weight, comparable across layers), and the table
+    against the L1 grid search, whose numbers are the rows'."""
+    from pyreg.demo.report import format_strength_table
+    from pyreg.demo.study import STRENGTH
+
+    _, data = quick
+    for task in ("mlp", "lstm", "cancer-raw", "cancer-std", "digits"):
+        rows = _run(data, task, "strength")
+        assert len(rows) == 1 and rows[0]["alpha"] == STRENGTH, task
+    r = _run(data, "mlp", "strength")[0]
+    per_layer = [v["sparsity"] for k, v in r["layers"].items() if k.endswith("weight")]
+    assert min(per_layer) > 0.2 and max(per_layer) < 3 * min(per_layer), per_layer
+    table = format_strength_table(data["results"]).splitlines()
+    assert [ln.split()[0] for ln in table[2:]] == ["mlp", "lstm", "cancer-raw", "cancer-std", "digits"]
+    grid = [x for x in data["results"] if x["task"] == "mlp" and x["method"] == "l1"]
+    best = max(grid, key=lambda x: (x["val_acc"], x["alpha"]))
+    cells = table[2].split()
+    assert cells[2] == str(len(grid)) and cells[3] == f"{best['val_acc']:.3f}" and cells[8] == f"{r['val_acc']:.3f}"
+    assert cells[-1] == f"{100 * (r['val_acc'] - best['val_acc']):+.1f}"
 
 
 # --------------------------------------------------------------------------

@@ -13,6 +13,11 @@ for L1, whole zero input columns for group lasso):
   label depends on two channels, with 10% label noise and 200 training
   sequences.
 
+Each task also runs ``strength`` once: ``pyreg.param_groups(model,
+l1_strength=STRENGTH)``, every layer's ``l1`` set from its own push (the
+optimizer's step) every 10 steps, the same strength for every task; a table
+compares it with the L1 grid search and the runs each took.
+
 Then a fine-tuning task: an MLP pre-trained on one generated task is
 fine-tuned, with a new head, on a small related task (same inputs, one class
 split in two) with no penalty, L2 toward 0 and L2-SP (L2 toward the
@@ -82,9 +87,9 @@ FINETUNE_ALPHAS = (0.1, 1.0, 10.0)
 #: features, on raw and on standardized inputs (raw inputs need a 100x smaller
 #: learning rate: 0.01 already diverges).
 CANCER = {"sizes": (250, 150, 169), "num_noise": 30, "steps": 300, "lr_raw": 1e-3, "lr_std": 0.1,
-          "methods": ("none", "l1", "group"), "alphas": (0.1, 0.3, 1.0)}
+          "methods": ("none", "l1", "group", "strength"), "alphas": (0.1, 0.3, 1.0)}
 #: ``digits``: 8 x 8 images; ``target``: target_sparsity per layer.
-DIGITS = {"sizes": (500, 400, 897), "steps": 300, "lr": 0.1, "methods": ("none", "l1", "group", "target"),
+DIGITS = {"sizes": (500, 400, 897), "steps": 300, "lr": 0.1, "methods": ("none", "l1", "group", "target", "strength"),
           "alphas": (0.03, 0.1, 0.3), "targets": {"0": 0.9, "2": 0.5}}
 #: ``vowels``: the JapaneseVowels sequences (read from the aeon package, the
 #: ``sequences`` extra) plus ``num_noise`` N(0, 1) channels; the LSTM
@@ -222,7 +227,8 @@ def run_real(seed: int, device: torch.device, progress) -> tuple[list[dict], lis
     digit_rows = run_study([digits.to(device)], DIGITS["methods"], DIGITS["alphas"], seed, device, progress)
     rows += digit_rows
     winners = grid_winners(rows)
-    panels = [w for m in DIGITS["methods"] for w in winners if w["task"] == "digits" and w["method"] == m]
+    panels = [w for m in DIGITS["methods"] if m != "strength"
+              for w in winners if w["task"] == "digits" and w["method"] == m]
     return rows, winners, panels
 
 
@@ -376,6 +382,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print_vowels(*vowels)
         real, real_winners = real + vowels[0], real_winners + vowels[1]
+    if any(r["method"] == "strength" for r in results + real):
+        print()
+        print("How much regularization: the L1 grid search (its winner by validation accuracy, and the runs it\n"
+              "took) against one run of l1_strength (each layer's l1 from its own push, the same strength for\n"
+              "every task and layer). val diff: strength minus grid winner, in points.")
+        print(report.format_strength_table(results + real))
     config = {"quick": args.quick, "device": str(device), "methods": args.methods, "alphas": alphas,
               "seed": args.seed, **SETTINGS[args.quick],
               "finetune": {**FINETUNE, "alphas": list(FINETUNE_ALPHAS), "methods": list(FINETUNE_METHODS)},

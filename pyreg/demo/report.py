@@ -111,7 +111,7 @@ DIGITS_COLUMNS = [
 
 
 def _cell(r: dict, key: str, fmt: str) -> str:
-    if key == "alpha" and r["method"] in ("none", "pretrained", "target"):
+    if key == "alpha" and r["method"] in ("none", "pretrained", "target"):  # strength: alpha is the strength
         return "-"
     if key == "selected":
         return "*" if r[key] and r["method"] != "pretrained" else ""
@@ -148,6 +148,33 @@ def format_target_table(rows: Sequence[dict]) -> str:
     cells = [["task", "layer", "target", "achieved", "val", "test"]] + lines
     widths = [max(len(c[i]) for c in cells) for i in range(6)]
     out = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+           for row in cells]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(ln.rstrip() for ln in out)
+
+
+def format_strength_table(rows: Sequence[dict]) -> str:
+    """Per task with a ``strength`` run: the L1 grid search (its winner by
+    validation accuracy, ties to the larger alpha, and the number of runs it
+    took) against the one run of ``l1_strength``: accuracies, sparsity, and
+    the difference in validation accuracy (points)."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows if r["method"] == "strength"))
+    lines = []
+    for task in tasks:
+        grid = [r for r in rows if r["task"] == task and r["method"] == "l1"]
+        rule = next(r for r in rows if r["task"] == task and r["method"] == "strength")
+        if not grid:
+            continue
+        best = max(grid, key=lambda r: (r["val_acc"], r["alpha"]))
+        lines.append([task, f"{best['alpha']:g}", str(len(grid)), f"{best['val_acc']:.3f}", f"{best['test_acc']:.3f}",
+                      f"{best['sparsity']:.1%}", f"{rule['alpha']:g}", "1", f"{rule['val_acc']:.3f}",
+                      f"{rule['test_acc']:.3f}", f"{rule['sparsity']:.1%}",
+                      f"{100 * (rule['val_acc'] - best['val_acc']):+.1f}"])
+    head = ["task", "l1 alpha", "runs", "val", "test", "sparsity", "strength", "runs", "val", "test", "sparsity",
+            "val diff"]
+    cells = [head] + lines
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    out = ["  ".join(c.rjust(w) if i > 0 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
            for row in cells]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(ln.rstrip() for ln in out)

@@ -11,6 +11,11 @@ scikit-learn's ``ElasticNet(alpha, l1_ratio)`` penalty):
 * ``elastic``: ``l1_ratio = 0.5``;
 * ``layer``: per-layer alpha: L1 ``alpha`` on the input layer (input
   selection) and ``alpha / 10`` on every other weight;
+* ``strength``: no alpha grid: one run with ``l1_strength`` =
+  :data:`STRENGTH` (``pyreg.param_groups(model, l1_strength=...)``): every
+  10 steps each weight's ``l1`` becomes that quantile of the magnitudes of
+  its push, the optimizer's step divided by lr; not ramped (the rule's l1
+  is 0 until its first refresh, then follows the push);
 * ``target`` (the digits task only): no strength; ``target_sparsity`` per
   layer (``Task.targets``), each step's ``l1`` the one that leaves that
   fraction of the layer's weights exactly zero (one run);
@@ -57,7 +62,9 @@ import pyreg
 
 from .data import Splits
 
-METHODS = ("none", "l1", "l2", "elastic", "layer", "group")
+METHODS = ("none", "l1", "l2", "elastic", "layer", "group", "strength")
+#: method ``strength``: the one strength it runs with (``l1_strength``, a fraction in [0, 1])
+STRENGTH = 0.8
 L1_RATIO = {"l1": 1.0, "l2": 0.0, "elastic": 0.5}
 LAYER_FACTOR = 0.1  # method "layer": alpha on the input layer, alpha * LAYER_FACTOR elsewhere
 
@@ -122,7 +129,7 @@ class Task:
 def coefficients(method: str, alpha: float, rows: int = 1) -> dict[str, float]:
     """Base (l1, l2) of a method at strength alpha, and ``group_l1``: the group
     lasso coefficient of the input layer's columns (``rows`` entries each)."""
-    if method in ("none", "target"):  # target: each step's l1 comes from the target sparsity
+    if method in ("none", "target", "strength"):  # l1 from the target sparsity / the strength rule
         return {"l1": 0.0, "l2": 0.0, "group_l1": 0.0}
     if method == "layer":
         return {"l1": alpha * LAYER_FACTOR, "l2": 0.0, "group_l1": 0.0}
@@ -140,6 +147,8 @@ def build_groups(model: nn.Module, method: str, alpha: float,
     ``targets`` (overrides)."""
     coef = coefficients(method, alpha, model.get_parameter(model.input_weight).shape[0])
     overrides = None
+    if method == "strength":
+        return pyreg.param_groups(model, l1_strength=alpha)
     if method == "target":
         if not targets:
             raise ValueError("method 'target' needs the task's targets, e.g. {'0': 0.9}")
@@ -182,7 +191,7 @@ def train_model(task: Task, method: str, alpha: float, seed: int, device: torch.
     model.to(device)
     data = task.data
     opt = task.make_optimizer(build_groups(model, method, alpha, task.targets))
-    ramped = ("l1", "l2", "group_l1", "target_sparsity")
+    ramped = ("l1", "l2", "group_l1", "target_sparsity")  # not l1_strength: its l1 follows the push
     targets = [{k: g[k] for k in ramped if g.get(k) is not None} for g in opt.param_groups]
     ramp_steps = max(1, task.steps // 2)
     tick = max(1, task.steps // 20)
@@ -278,16 +287,17 @@ def measure(model: nn.Module, opt: torch.optim.Optimizer, data: Splits, method: 
     }
 
 
-#: Methods without a strength: one run each (``target``: the task's ``target_sparsity`` per layer).
-SINGLE_RUN = ("none", "target")
+#: Methods run once, not over the grid (``target``: the task's
+#: ``target_sparsity`` per layer; ``strength``: ``l1_strength`` = :data:`STRENGTH`).
+SINGLE_RUN = ("none", "target", "strength")
 
 
 def plan_runs(methods: Sequence[str], alphas: Sequence[float]) -> list[tuple]:
-    """(method, alpha) pairs: ``none`` (and ``target``) once, every other
-    method over the grid."""
+    """(method, alpha) pairs: ``none`` and ``target`` once (alpha 0),
+    ``strength`` once (alpha :data:`STRENGTH`), every other method over the grid."""
     runs = []
     for m in methods:
-        runs.extend([(m, 0.0)] if m in SINGLE_RUN else [(m, a) for a in alphas])
+        runs.extend([(m, STRENGTH if m == "strength" else 0.0)] if m in SINGLE_RUN else [(m, a) for a in alphas])
     return runs
 
 
@@ -299,7 +309,7 @@ def run_study(tasks: Sequence[Task], methods: Sequence[str], alphas: Sequence[fl
     runs = [(t, m, a) for t in tasks for m, a in plan_runs(methods, alphas)]
     progress.start(sum(t.steps for t, _, _ in runs))
     for task, method, alpha in runs:
-        label = f"{task.name} {method}" + ("" if method in SINGLE_RUN else f" alpha={alpha:g}")
+        label = f"{task.name} {method}" + ("" if method in ("none", "target") else f" alpha={alpha:g}")
         t0 = time.perf_counter()
         done = [0]
 

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import functional as F
 from .adam import step_counter
-from .fused import Params, FusedOptimizer, hyper_number, scalar_dtype
+from .fused import Params, FusedOptimizer, grad_with_decay, hyper_number, scalar_dtype, wide
 
 
 class Adagrad(FusedOptimizer, torch.optim.Adagrad):
@@ -50,3 +50,10 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
 
     def _buffers(self, p, s, group, run):
         return s["sum"], None, None, step_counter(p, s), 0
+
+    def _push(self, p, s, group, metric, before):
+        g = grad_with_decay(p, group, before)
+        if metric:  # the metric prox's step size is clr / (sqrt(G) + eps): the push is the grad
+            return g
+        decay = 1 + (s["step"].to(torch.float64) - 1) * group["lr_decay"]  # lr / clr
+        return g / decay / (wide(s["sum"]).sqrt() + group["eps"])

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .fused import Params, Flags, FusedOptimizer, hyper_number, scalar_dtype
+from .fused import Params, Flags, FusedOptimizer, hyper_number, scalar_dtype, wide
 
 
 def step_counter(p: Tensor, s: Dict[str, Any]) -> Tensor:
@@ -47,6 +47,15 @@ class _AdamBase(FusedOptimizer):
             if vmax is None:
                 vmax = s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return s["exp_avg"], s["exp_avg_sq"], vmax, step_counter(p, s), 0
+
+    def _push(self, p, s, group, metric, before):
+        beta1, beta2 = group["betas"]
+        step = s["step"].to(torch.float64)
+        m = wide(s["exp_avg"]) / (1 - beta1 ** step)  # m_hat
+        if metric:  # the metric prox's step size is lr / (sqrt(v_hat) + eps): the push is m_hat
+            return m
+        v = s["max_exp_avg_sq"] if group.get("amsgrad", False) else s["exp_avg_sq"]
+        return m / ((wide(v) / (1 - beta2 ** step)).sqrt() + group["eps"])
 
 
 _DOC = """:class:`torch.optim.{name}` (same arguments, state and state dict: ``step``,

@@ -19,12 +19,12 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from .. import backends, ops
 from .._common import to_device
 from .._validate import check_grads_apart, disjoint_pointers, plain_cpu, tensor_list
-from .plan import Plan, Work
+from .plan import Bucket, Plan, Work
 from .results import ParamStats, Sparsity
 
 #: The kinds of bucket whose regularizer is a penalty (the others are
 #: constraints, applied after the step by :func:`constraints`).
-PENALIZED = ("elem", "ref", "group", "target")
+PENALIZED = ("elem", "ref", "group", "target", "strength")
 #: What an ``l2_bound`` parameter keeps in the optimizer's state: its
 #: multiplier (float64), the bound in force (float64; +inf during a warm-up)
 #: and the steps it took (int64), 0-dim tensors on its device.
@@ -32,8 +32,11 @@ BOUND_STATE = ("l2_bound_lambda", "l2_bound_kappa", "l2_bound_step")
 #: What a ``target_sparsity`` parameter keeps in the optimizer's state: the
 #: l1 of its last step (float64, 0-dim, on its device).
 TARGET_STATE = ("target_l1",)
+#: What an ``l1_strength`` parameter keeps in the optimizer's state: the l1
+#: its last refresh set (float64, 0-dim, on its device).
+STRENGTH_STATE = ("strength_l1",)
 #: Every state entry of pyreg's own (kept in its dtype by :func:`pop_own_state`).
-OWN_STATE = BOUND_STATE + TARGET_STATE
+OWN_STATE = BOUND_STATE + TARGET_STATE + STRENGTH_STATE
 
 
 def penalized(work: Sequence[Work]) -> List[Work]:
@@ -57,7 +60,9 @@ def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[An
     toward the refs in a "ref" bucket), the exact sparse-group-lasso prox
     with L2 (``group_prox_``) in a "group" bucket, or in a "target" bucket
     the element-wise prox with the l1 that meets each tensor's target
-    (:func:`target_prox`, which keeps it in the optimizer's ``state``)."""
+    (:func:`target_prox`, which keeps it in the optimizer's ``state``), or
+    in a "strength" bucket the element-wise prox with each tensor's l1 as
+    its last refresh set it (:func:`refresh_strength`)."""
     eager = not torch.compiler.is_compiling()
     be = _direct_backend() if eager else None
     for w, lr in buckets:
@@ -70,6 +75,8 @@ def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[An
             ops.group_prox_(w.params, c("group_l1"), lr, w.dims, element_l1=c("l1"), l2=c("l2"))
         elif w.kind == "target":
             target_prox(w, lr, state if state is not None else {})
+        elif w.kind == "strength":
+            ops.prox_(w.params, strength_l1(w, state if state is not None else {}), c("l2"), lr)
         else:
             ops.prox_(w.params, c("l1"), c("l2"), lr, ref=w.refs)
 
@@ -114,6 +121,74 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]]) -> None:
     ops.prox_(ps, l1, w.coef("l2", not torch.compiler.is_compiling()), lr)
 
 
+def strength_l1(w: Work, state: Dict[Any, Dict[str, Any]]) -> Tensor:
+    """The l1 of each tensor of a "strength" bucket (float64, on the device),
+    as the last :func:`refresh_strength` set it: 0 before the first refresh.
+    The optimizer's state holds a 0-dim view of each (:data:`STRENGTH_STATE`)."""
+    return _own_state(w, state, STRENGTH_STATE, (torch.float64,), lambda: ([0.0] * len(w.params),))[0]
+
+
+def strength_due(b: Bucket) -> List[Tensor]:
+    """Counts a step of a "strength" bucket (on the host: no sync) and
+    returns its params whose l1 this step refreshes: those whose
+    ``l1_refresh`` divides the bucket's step count."""
+    b.steps_taken += 1
+    return [p for p, every in zip(b.params, b.values["l1_refresh"]) if b.steps_taken % int(every) == 0]
+
+
+def strength_pushes(w: Work, made) -> Dict[int, Tensor]:
+    """``{i: made(p)}`` for the params ``p = w.params[i]`` that are due (see
+    :func:`strength_due`); ``made``: a dict by ``id(p)`` or a function."""
+    get = made.get if isinstance(made, dict) else None
+    out = {}
+    for i, p in enumerate(w.params):
+        v = get(id(p)) if get is not None else made(p)
+        if v is not None:
+            out[i] = v
+    return out
+
+
+def refresh_strength(w: Work, pushes: Dict[int, Tensor], state: Dict[Any, Dict[str, Any]], lr=None) -> None:
+    """``l1_strength``: sets the l1 of tensor i of ``w`` (each i of
+    ``pushes``) from its push P_i, the optimizer's step in the prox's metric,
+    in l1's units (the step divided by each element's prox step size: by lr
+    in the plain metric, by lr / (sqrt(v_hat) + eps) in Adam's, and so on;
+    pass the raw steps and ``lr``, one number or one per tensor of ``w``,
+    to have them divided here). With a_i the tensor's strength and n_i its
+    size, l1_i is the k_i-th smallest |P_i|, k_i = ceil(a_i * n_i) (0 for
+    a_i = 0; a_i = 1: the largest push):
+
+        l1_i = quantile(|P_i|, a_i)
+
+    A weight whose push stays below l1_i is driven to exact zero by the
+    prox (the optimality condition of L1: |push| <= l1 at a zero), so at a
+    refresh the fraction a_i of the tensor's weights is outweighed by the
+    penalty, for any optimizer and metric, and any layer size and scale.
+    One selection (``torch.kthvalue``) per tensor, on the device: no host
+    sync."""
+    if not pushes:
+        return
+    vec = strength_l1(w, state)
+    at = dict(zip(map(id, w.bucket.params), w.bucket.values["l1_strength"]))
+    idx, vals = [], []
+    for i, step in pushes.items():
+        p = w.params[i]
+        n = step.numel()
+        k = min(n, math.ceil(at[id(p)] * n - 1e-9))
+        a = step.detach().abs().flatten()
+        q = (a.to(torch.float32) if a.element_size() < 4 else a).kthvalue(k).values if k > 0 else a.new_zeros(())
+        q = q.to(torch.float64)
+        if lr is not None:
+            r = lr[i] if isinstance(lr, Tensor) else lr
+            if isinstance(r, Tensor):
+                q = torch.where(r > 0, q / r.clamp_min(1e-300), torch.zeros_like(q))
+            else:
+                q = q / r if r > 0 else torch.zeros_like(q)
+        idx.append(i)
+        vals.append(q)
+    vec.index_copy_(0, to_device(idx, torch.int64, vec.device), torch.stack(vals))
+
+
 def _threshold(a: Tensor, k: int) -> Tensor:
     """The threshold whose count of ``a <= threshold`` is closest to ``k``
     (``a``: magnitudes, 1 <= k <= a.numel()): the k-th smallest, or, where
@@ -130,9 +205,10 @@ def _threshold(a: Tensor, k: int) -> Tensor:
 
 def current_l1(w: Work) -> Tensor:
     """The l1 of ``w``'s params now: a "target" bucket's (as its last step
-    set them), else the group's."""
+    set them), a "strength" bucket's (as its last refresh set them), else
+    the group's."""
     st = w.bucket.own_state
-    if w.kind == "target":
+    if w.kind in ("target", "strength"):
         if st is not None and st[0] == tuple(map(id, w.params)):
             return st[1][0]
         return torch.zeros(len(w.params), dtype=torch.float64, device=w.bucket.device)

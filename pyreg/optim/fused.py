@@ -36,11 +36,12 @@ from .._common import SUPPORTED_DTYPES, outside_graph
 from .._validate import nonneg_real
 from ..backends._marshal import step_ticket
 from ._torch_compat import raw_step
-from .apply import constraints, penalized, pop_own_state, prox_buckets, put_own_state
+from .apply import (OWN_STATE, constraints, penalized, pop_own_state, prox_buckets, put_own_state, refresh_strength,
+                    strength_due, strength_l1, strength_pushes)
 from .engine import Engine, Observable
-from .functional import NO_PROX, fused_step, prox_kind, row, table
+from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
 from .keys import check_params, flag, hyper_keys_of, read_group
-from .plan import Bucket, Plan
+from .plan import Bucket, Plan, Work
 
 #: The keys pyreg adds to torch's param groups (the others, group_l1, ref,
 #: max_norm, are optional; see keys.py).
@@ -144,6 +145,15 @@ class FusedOptimizer(Observable):
         """The group's hyperparameters by name (functional.HYPER), l1/l2 aside."""
         raise NotImplementedError
 
+    def _push(self, p: Tensor, s: Dict[str, Any], group: Dict[str, Any], metric: bool,
+              before: Optional[Tensor]) -> Tensor:
+        """The step this optimizer just gave ``p``, in the units of its prox's
+        l1: the step divided by the prox's step size of each element (lr in
+        the plain metric; ``metric``: the optimizer's own). Read from the
+        state the kernel left and the grad (for ``l1_strength``); ``before``:
+        p before the step where its group has a weight decay, else None."""
+        raise NotImplementedError
+
     def _flags(self, group: Dict[str, Any]) -> Flags:
         """The group's flags (prox aside)."""
         return Flags(maximize=bool(group.get("maximize", False)))
@@ -225,9 +235,11 @@ class FusedOptimizer(Observable):
                 rows.append(row(dict(named, l1=l1, l2=l2)))
             row_of.append(k)
             kinds = st.kinds(j)
-            pk = prox_kind(l1, l2, st.preconditioned) if "elem" in kinds else NO_PROX
+            # l1_strength: the prox in the kernel, with the l1 its last refresh set (see _gather)
+            pk = (prox_kind(l1, l2, st.preconditioned) if "elem" in kinds
+                  else prox_kind(1.0, l2, st.preconditioned) if "strength" in kinds else NO_PROX)
             flags.append(base._replace(prox=pk))
-        structured = any(k != "elem" for j in range(len(row_of)) for k in st.kinds(j))
+        structured = any(k not in ("elem", "strength") for j in range(len(row_of)) for k in st.kinds(j))
         run = _GroupRun(rows, row_of, flags, structured, self._extra(group))
         self._runs[gi] = (hypers, st, run)
         return run
@@ -240,8 +252,10 @@ class FusedOptimizer(Observable):
         return (type(p) not in _PLAIN_TYPES or g.layout is not torch.strided or p.dtype not in SUPPORTED_DTYPES
                 or g.dtype != p.dtype or g.device != p.device or bool(group.get("differentiable")))
 
-    def _gather(self, plan: Plan, runs: List[_GroupRun]):
-        """(buckets, groups for torch's own step)."""
+    def _gather(self, plan: Plan, runs: List[_GroupRun], l1_of: Dict[int, Tensor]):
+        """(buckets, groups for torch's own step). ``l1_of``: the l1 (a 0-dim
+        device tensor) of each ``l1_strength`` parameter, by id: each gets a
+        row of its own, its l1 written into the table on the device."""
         buckets: Dict[tuple, _Bucket] = {}
         torch_groups = []
         state = self.state  # type: ignore[attr-defined]
@@ -254,8 +268,9 @@ class FusedOptimizer(Observable):
                 if g is None:
                     continue
                 if self._torch_path(p, g, group):
-                    if structured:
-                        raise ValueError(f"param_groups[{gi}] sets group_l1, ref, l2_bound or max_norm, but some of its "
+                    if structured or id(p) in l1_of:
+                        raise ValueError(f"param_groups[{gi}] sets group_l1, ref, l2_bound, max_norm or l1_strength, "
+                                         "but some of its "
                                          "parameters need torch's own step (sparse or complex grads, "
                                          "differentiable=True or tensor subclasses)")
                     others.append(j)
@@ -263,7 +278,7 @@ class FusedOptimizer(Observable):
                 # As torch: no state entry for a parameter that has no state
                 # (SGD without momentum), so the state dict has none either.
                 s = state[p] if p in state else {}
-                if not s:
+                if not s or all(k in OWN_STATE for k in s):  # pyreg's own entries only (l1_strength)
                     self._new_state(p, s, group)
                 bufs = self._buffers(p, s, group, run)
                 if s and p not in state:
@@ -277,10 +292,16 @@ class FusedOptimizer(Observable):
                 b = buckets.get(key)
                 if b is None:
                     b = buckets[key] = _Bucket(flags, key[3])
-                r = b.table_rows.get((gi, run.row_of[j]))
-                if r is None:
-                    r = b.table_rows[(gi, run.row_of[j])] = len(b.row_values)
-                    b.row_values.append(run.rows[run.row_of[j]])
+                own = l1_of.get(id(p))
+                if own is not None:
+                    r = len(b.row_values)
+                    b.row_values.append(run.rows[run.row_of[j]][:L1_COLUMN] + (own,)
+                                        + run.rows[run.row_of[j]][L1_COLUMN + 1:])
+                else:
+                    r = b.table_rows.get((gi, run.row_of[j]))
+                    if r is None:
+                        r = b.table_rows[(gi, run.row_of[j])] = len(b.row_values)
+                        b.row_values.append(run.rows[run.row_of[j]])
                 b.params.append(p)
                 b.grads.append(g)
                 for lst, t in zip((b.s1, b.s2, b.s3, b.steps), bufs[:4]):
@@ -383,22 +404,69 @@ class FusedOptimizer(Observable):
         engine = self._engine
         plan, lrs, hypers = engine.prepare(groups)
         runs = [self._run_of(gi, g, plan, hypers) for gi, g in enumerate(groups)]
-        buckets, torch_groups = self._gather(plan, runs)
+        work = [w for w in map(Bucket.active, plan.buckets) if w is not None]
+        strength = [w for w in work if w.kind == "strength"]
+        state = self.state  # type: ignore[attr-defined]
+        l1_of = {id(p): v for w in strength for p, v in zip(w.params, strength_l1(w, state).unbind(0))}
+        buckets, torch_groups = self._gather(plan, runs, l1_of)
         if torch_groups:
             self._run_torch(torch_groups)
-        work = [w for w in map(Bucket.active, plan.buckets) if w is not None]
         self._out["last"], self._out["penalty"] = penalized(work), None
-        after = [w for w in work if w.kind != "elem"]
+        after = [w for w in work if w.kind not in ("elem", "strength")]
         if buckets or after:
             with torch.no_grad():
+                due = self._due(plan, strength)
                 for b in buckets:
                     self._run(b)
+                if due and not self._amp_skipped():
+                    self._refresh(plan, strength, due)
                 if after and not self._amp_skipped():
                     group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
                     prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in penalized(after)],
                                  self.state)  # type: ignore[attr-defined]
                     constraints(after, self.state)  # type: ignore[attr-defined]
 
+    def _due(self, plan: Plan, strength: List[Work]) -> Dict[int, Optional[Tensor]]:
+        """``l1_strength``: the params whose l1 this step refreshes, by id,
+        each with a copy of its weights before the step where its group has
+        a weight decay (the push of a grad with coupled decay needs them;
+        see :func:`grad_with_decay`), else None."""
+        groups = self.param_groups  # type: ignore[attr-defined]
+        out: Dict[int, Optional[Tensor]] = {}
+        for w in strength:
+            gi = dict(zip(map(id, w.bucket.params), w.bucket.groups))
+            for p in strength_due(w.bucket):
+                if p.grad is not None:
+                    out[id(p)] = p.detach().clone() if groups[gi[id(p)]].get("weight_decay") else None
+        return out
+
+    def _refresh(self, plan: Plan, strength: List[Work], due: Dict[int, Optional[Tensor]]) -> None:
+        """``l1_strength``: after the kernels, the l1 of the tensors due for a
+        refresh, from their push (:meth:`_push`), for the next steps."""
+        groups = self.param_groups  # type: ignore[attr-defined]
+        state = self.state  # type: ignore[attr-defined]
+        for w in strength:
+            gi = dict(zip(map(id, w.bucket.params), w.bucket.groups))
+            pushes = strength_pushes(w, lambda p: self._push(p, state[p], groups[gi[id(p)]],
+                                                             plan.specs[gi[id(p)]].preconditioned, due[id(p)])
+                                     if id(p) in due else None)
+            refresh_strength(w, pushes, state)
+
+
+def wide(t: Tensor) -> Tensor:
+    """``t`` in a dtype to compute a push in (16-bit: float32)."""
+    return t.float() if t.element_size() < 4 else t
+
+
+def grad_with_decay(p: Tensor, group: Dict[str, Any], before: Optional[Tensor]) -> Tensor:
+    """p's grad plus its coupled weight decay, ``weight_decay * before``
+    (the weights before the step, as the kernel adds it)."""
+    g = wide(p.grad.detach())
+    wd = group.get("weight_decay", 0)
+    return g + wd * wide(before) if wd else g
+
+
+L1_COLUMN = HYPER.index("l1")
 
 #: The fused classes' own arguments (not torch's).
 _OWN_ARGS = frozenset(("self", "params", "l1", "l2", "preconditioned"))

@@ -42,7 +42,8 @@ def _matches(pattern: str, name: str, module_name: str) -> bool:
 def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
                  exclude: Union[None, Callable[[str, Tensor, nn.Module], bool], Sequence[str]] = None,
                  overrides: Optional[Dict[str, Dict[str, Any]]] = None,
-                 ref: Union[None, nn.Module, Dict[str, Tensor]] = None) -> List[Dict[str, Any]]:
+                 ref: Union[None, nn.Module, Dict[str, Tensor]] = None,
+                 l1_strength: Optional[float] = None) -> List[Dict[str, Any]]:
     """Param groups for ``model`` with per-group ``l1``/``l2`` and parameter names.
 
     Every trainable parameter (``requires_grad``; frozen ones are skipped)
@@ -74,6 +75,12 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
     parameters that are not excluded (so ``"fc1"`` sets them on ``fc1.weight``,
     not on ``fc1.bias``).
 
+    ``l1_strength``: the L1 strength as a fraction in [0, 1] instead of an
+    ``l1`` (which must then be 0): each regularized tensor's ``l1`` is set
+    from its own push every ``l1_refresh`` steps (an override may set that
+    key, and a per-layer ``l1_strength``); see "How much regularization" in
+    the guide and :func:`pyreg.optim.apply.refresh_strength`.
+
     ``ref``: reference weights (a model, or a state dict such as the
     pre-trained one) to regularize toward (L1-SP / L2-SP): every group gets a
     ``"ref"`` list with, per parameter, a copy of the reference tensor of the
@@ -92,6 +99,13 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
     if not isinstance(model, nn.Module):
         raise TypeError(f"param_groups needs an nn.Module, got {type(model).__name__}")
     base = {"l1": nonneg_real(l1, "l1"), "l2": nonneg_real(l2, "l2")}
+    if l1_strength is not None:
+        a = nonneg_real(l1_strength, "l1_strength")
+        if a > 1.0:
+            raise ValueError(f"l1_strength is a fraction in [0, 1]; got {a}")
+        if base["l1"]:
+            raise ValueError("param_groups sets both l1 and l1_strength: the strength sets each tensor's l1")
+        base["l1_strength"] = a
     if exclude is None:
         rule = default_exclude
     elif callable(exclude):

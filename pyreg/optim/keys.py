@@ -18,6 +18,12 @@ The keys (defaults in parentheses):
   coefficient: one for the group, or one per parameter); at every step each
   tensor's ``l1`` is the smallest that gives it that fraction (see
   :func:`pyreg.optim.apply.target_prox`), in place of the group's ``l1``;
+* ``l1_strength`` (None), ``l1_refresh`` (10): the L1 strength as a
+  dimensionless fraction in [0, 1] (a coefficient): every ``l1_refresh``
+  steps each tensor's ``l1`` becomes the ``l1_strength``-quantile of the
+  magnitudes of its push, the optimizer's step in the prox's metric (see
+  :func:`pyreg.optim.apply.refresh_strength`), in place of the group's ``l1``
+  (0 until the first refresh);
 * ``preconditioned`` (False): the prox in the optimizer's own metric (fused
   optimizers only).
 
@@ -43,7 +49,7 @@ from .._validate import group_dims, nonneg_real, one_value_tensor
 COEF_KEYS = ("l1", "l2", "group_l1", "max_norm")
 #: Every key pyreg reads from a param group.
 KEYS = ("l1", "l2", "group_l1", "group_dim", "ref", "max_norm", "max_norm_dim", "preconditioned",
-        "l2_bound", "l2_warmup", "l2_mu", "target_sparsity")
+        "l2_bound", "l2_warmup", "l2_mu", "target_sparsity", "l1_strength", "l1_refresh")
 #: The keys of the structured regularizers (after the update, outside the fused kernel).
 STRUCTURED_KEYS = ("group_l1", "group_dim", "max_norm", "max_norm_dim", "l2_bound", "l2_warmup", "l2_mu",
                    "target_sparsity")
@@ -64,6 +70,8 @@ class GroupSettings(NamedTuple):
     l2_warmup: int = 0                             # steps before a "warm_start" bound is set
     l2_mu: Tuple[float, ...] = ()
     target: Optional[Tuple[float, ...]] = None  # target_sparsity (None: l1 as given)
+    strength: Optional[Tuple[float, ...]] = None  # l1_strength (None: l1 as given)
+    refresh: int = 10                              # l1_refresh: steps between two refreshes of l1
 
     def kinds(self, j: int) -> Tuple[str, ...]:
         """What regularizes parameter ``j``: "group" (sparse group lasso with
@@ -72,6 +80,8 @@ class GroupSettings(NamedTuple):
         out: Tuple[str, ...] = ()
         if self.target is not None:
             out = ("target",)
+        elif self.strength is not None:
+            out = ("strength",)
         elif self.group_l1[j] != 0.0:
             out = ("group",)
         elif self.l1[j] != 0.0 or self.l2[j] != 0.0:
@@ -90,7 +100,7 @@ class GroupSettings(NamedTuple):
 
     def values(self) -> tuple:
         return (self.l1, self.l2, self.group_l1, self.max_norm, self.l2_bound, self.l2_warmup, self.l2_mu,
-                self.target)
+                self.target, self.strength, self.refresh)
 
 
 def _hashable(dim: Any) -> Any:
@@ -170,8 +180,17 @@ def read_group(group: Dict[str, Any], defaults: Dict[str, Any], where: str) -> G
         if pre:
             raise ValueError(f"{where} sets both 'target_sparsity' and preconditioned=True: the target adapts "
                              "the plain prox's l1")
+    strength, refresh = _strength(get("l1_strength", defaults.get("l1_strength")),
+                                  get("l1_refresh", defaults.get("l1_refresh")), n, where)
+    if strength is not None:
+        other = ("target_sparsity" if target is not None else "group_l1" if any(gl1) else "l1" if any(l1)
+                 else "ref" if ref is not None and any(r is not None for r in ref) else None)
+        if other is not None:
+            raise ValueError(f"{where} sets both 'l1_strength' and {other!r}: the strength sets each tensor's "
+                             "element-wise l1 (leave 'l1' at 0; group lasso or a reference with a strength is "
+                             "not supported)")
     st = GroupSettings(l1, l2, gl1, get("group_dim", 1), mx, get("max_norm_dim", 0), ref, pre, bound, warmup,
-                       coef("l2_mu", 1.0), target)
+                       coef("l2_mu", 1.0), target, strength, refresh)
     if pre and (any(gl1) or (ref is not None and any(r is not None for r in ref))):
         raise ValueError(f"{where} sets preconditioned=True with group_l1 or ref: the prox in the "
                          "optimizer's metric is element-wise L1/L2 only")
@@ -197,6 +216,23 @@ def _l2_bound(bound: Any, warmup: Any, n: int, where: str) -> Tuple[Optional[Tup
     if bound is None:
         return None, 0
     return coef_values(bound, n, f"{where}['l2_bound']"), 0
+
+
+def _strength(strength: Any, refresh: Any, n: int, where: str) -> Tuple[Optional[Tuple[float, ...]], int]:
+    """``l1_strength`` and ``l1_refresh`` checked: (one fraction in [0, 1]
+    per parameter, or None; the steps between refreshes)."""
+    if refresh is None:
+        refresh = 10
+    elif isinstance(refresh, bool) or not isinstance(refresh, numbers.Integral) or refresh < 1:
+        raise ValueError(f"{where}['l1_refresh'] must be a number of steps >= 1, got {refresh!r}")
+    if strength is None:
+        return None, int(refresh)
+    vals = coef_values(strength, n, f"{where}['l1_strength']")
+    bad = next((v for v in vals if v > 1.0), None)
+    if bad is not None:
+        raise ValueError(f"{where}['l1_strength'] is a fraction in [0, 1] (0: no penalty, 1: the largest push "
+                         f"of each tensor); got {bad}")
+    return vals, int(refresh)
 
 
 def check_params(st: GroupSettings, params: Sequence[Tensor], where: str

@@ -16,10 +16,10 @@ from .._common import DTYPE_CODES, SUPPORTED_DTYPES, has_dtensor, to_device
 from .._validate import disjoint_pointers, first_overlap, plain_cpu
 from .keys import GroupSettings, check_params
 
-_KINDS = ("elem", "ref", "group", "target", "l2_bound", "max_norm")
+_KINDS = ("elem", "ref", "group", "target", "strength", "l2_bound", "max_norm")
 #: The coefficients each kind of bucket holds, as per-tensor float64 tensors.
 _KIND_COEFS = {"elem": ("l1", "l2"), "ref": ("l1", "l2"), "group": ("l1", "l2", "group_l1"),
-               "target": ("l2", "target_sparsity"),
+               "target": ("l2", "target_sparsity"), "strength": ("l2", "l1_strength", "l1_refresh"),
                "l2_bound": ("l2_bound", "l2_warmup", "l2_mu"), "max_norm": ("max_norm",)}
 
 
@@ -39,7 +39,8 @@ class Bucket:
         self.one_group = groups[0] if groups.count(groups[0]) == len(groups) else None
         self._subsets: Dict[Tuple[bool, ...], Tuple[List[int], Tensor]] = {}
         self._direct: Optional[list] = None  # see direct()
-        self.own_state: Optional[tuple] = None  # a "target" or "l2_bound" bucket's state vectors (apply.py)
+        self.own_state: Optional[tuple] = None  # a "target", "strength" or "l2_bound" bucket's state vectors (apply.py)
+        self.steps_taken = 0  # a "strength" bucket's steps, counted on the host (apply.strength_due)
 
     def direct(self) -> Optional[list]:
         """For a plain eager step on the CPU: ``[pointers, numels, dtype codes,
@@ -257,4 +258,5 @@ def _values_of(spec: GroupSettings, j: int) -> Dict[str, Optional[float]]:
             "max_norm": None if spec.max_norm is None else spec.max_norm[j],
             "l2_bound": None if spec.l2_bound is None else spec.l2_bound[j],
             "l2_warmup": float(spec.l2_warmup), "l2_mu": spec.l2_mu[j] if spec.l2_mu else 1.0,
-            "target_sparsity": None if spec.target is None else spec.target[j]}
+            "target_sparsity": None if spec.target is None else spec.target[j],
+            "l1_strength": None if spec.strength is None else spec.strength[j], "l1_refresh": float(spec.refresh)}

@@ -25,7 +25,8 @@ from torch.optim import Optimizer
 
 from .._validate import nonneg_real
 from ._torch_compat import init_without_groups, step_with_own_hooks
-from .apply import add_penalty_grads, constraints, penalized, pop_own_state, prox_buckets, put_own_state
+from .apply import (add_penalty_grads, constraints, penalized, pop_own_state, prox_buckets, put_own_state,
+                    refresh_strength, strength_due, strength_pushes)
 from .engine import Engine, Observable, plan_outside_graph
 from .keys import check_params, hyper_keys_of, read_group
 from .plan import Bucket, Plan, Work
@@ -68,6 +69,12 @@ class Regularized(Observable, Optimizer):
     * ``"target_sparsity"`` (default None): each step's ``l1`` is, per
       tensor, the one that zeroes that fraction of it
       (:func:`pyreg.optim.apply.target_prox`; proximal mode).
+    * ``"l1_strength"`` (default None, a fraction in [0, 1]) and
+      ``"l1_refresh"`` (default 10): every ``l1_refresh`` steps each tensor's
+      ``l1`` becomes that quantile of the magnitudes of the inner
+      optimizer's step divided by lr (its push;
+      :func:`pyreg.optim.apply.refresh_strength`; 0 until the first
+      refresh; proximal mode).
     * ``"l2_bound"``, ``"l2_warmup"``, ``"l2_mu"``: a bound on each tensor's
       squared norm, kept by a Lagrange multiplier after the step
       (Constrained Parameter Regularization,
@@ -267,9 +274,9 @@ class Regularized(Observable, Optimizer):
                 lrs = self._engine.lrs(groups)
         else:
             plan, lrs, _ = self._engine.prepare(groups, lrs=proximal)
-        if not proximal and any(b.kind == "target" for b in plan.buckets):
-            raise ValueError("target_sparsity adapts the l1 of the proximal step, which gives exact zeros: "
-                             "use mode='proximal'")
+        if not proximal and any(b.kind in ("target", "strength") for b in plan.buckets):
+            raise ValueError("target_sparsity and l1_strength set the l1 of the proximal step, which gives exact "
+                             "zeros: use mode='proximal'")
         self._last, self._penalty = [], None
         if self.mode == "gradient":
             if closure is None:
@@ -292,10 +299,18 @@ class Regularized(Observable, Optimizer):
         # The lrs on each device before the inner step: a bad lr (or one that
         # cannot be copied during graph capture) raises before anything changed.
         group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
+        # l1_strength: the params whose l1 this step refreshes, as they were
+        # before the inner step (their push is the step it makes).
+        before = {id(p): p.detach().clone() for b in plan.buckets if b.kind == "strength" for p in strength_due(b)}
         loss = self._inner_step(closure)
         work = [w for w in map(Bucket.active, plan.buckets) if w is not None]
         pen = penalized(work)
-        prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in pen], self.state)
+        lr_of = [(w, plan.work_lr(w, lrs, group_lrs)) for w in pen]
+        steps = [(w, lr, strength_pushes(w, lambda p: before[id(p)].sub_(p.detach()) if id(p) in before else None))
+                 for w, lr in lr_of if w.kind == "strength" and before]
+        prox_buckets(lr_of, self.state)
+        for w, lr, pushes in steps:
+            refresh_strength(w, pushes, self.state, lr=lr)
         constraints(work, self.state)
         self._last = pen
         return loss

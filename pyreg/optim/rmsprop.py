@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import functional as F
 from .adam import step_counter
-from .fused import Params, Flags, FusedOptimizer, hyper_number, scalar_dtype
+from .fused import Params, Flags, FusedOptimizer, grad_with_decay, hyper_number, scalar_dtype, wide
 
 
 class RMSprop(FusedOptimizer, torch.optim.RMSprop):
@@ -65,3 +65,14 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             if avg is None:
                 avg = s["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return s["square_avg"], buf, avg, step_counter(p, s), 0
+
+    def _push(self, p, s, group, metric, before):
+        sq = wide(s["square_avg"])
+        if group.get("centered", False):
+            sq = sq - wide(s["grad_avg"]).square()
+        denom = sq.sqrt() + group["eps"]
+        if group["momentum"] > 0:
+            buf = wide(s["momentum_buffer"])
+            return buf * denom if metric else buf
+        g = grad_with_decay(p, group, before)
+        return g if metric else g / denom

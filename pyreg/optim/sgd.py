@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .fused import Params, Flags, FusedOptimizer, hyper_number
+from .fused import Params, Flags, FusedOptimizer, grad_with_decay, hyper_number, wide
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
@@ -56,3 +56,10 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             s["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             return s["momentum_buffer"], None, None, None, 1
         return buf, None, None, None, 0
+
+    def _push(self, p, s, group, metric, before):  # SGD's metric is the plain one
+        g = grad_with_decay(p, group, before)
+        buf = s.get("momentum_buffer") if group["momentum"] != 0 else None
+        if buf is None:
+            return g
+        return g + group["momentum"] * wide(buf) if group.get("nesterov", False) else wide(buf)

@@ -1,0 +1,257 @@
+"""``l1_strength``: each tensor's l1 set from its own push (the optimizer's
+step in the prox's metric) every ``l1_refresh`` steps. The refresh against
+the rule written out in float64 from torch's own optimizers, for every
+fused algorithm and metric and on every backend; both families agreeing;
+comparable sparsity across optimizers and metrics at one strength; the
+state in the state dict; bad values rejected with nothing modified."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import pyreg
+from pyreg.optim.apply import STRENGTH_STATE
+from conftest import bad_key_changes_nothing, needs_emu
+
+BACKENDS = ["cpu", pytest.param("cuda-emu", marks=needs_emu), "torch"]
+KEY = STRENGTH_STATE[0]
+
+# (pyreg class, torch class, arguments); each runs plain and preconditioned
+CONFIGS = {
+    "SGD-nesterov": (pyreg.optim.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    "SGD": (pyreg.optim.SGD, torch.optim.SGD, dict(lr=0.1, weight_decay=0.01)),
+    "Adam": (pyreg.optim.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.01)),
+    "Adam-amsgrad": (pyreg.optim.Adam, torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
+    "Adagrad": (pyreg.optim.Adagrad, torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.01)),
+    "RMSprop": (pyreg.optim.RMSprop, torch.optim.RMSprop, dict(lr=1e-2)),
+    "RMSprop-centered-momentum": (pyreg.optim.RMSprop, torch.optim.RMSprop,
+                                  dict(lr=1e-2, momentum=0.5, centered=True, weight_decay=0.01)),
+}
+SHAPES = [(9, 7), (31,), (2, 3, 5), (), (0, 3)]
+STRENGTHS = [0.5, 0.13, 1.0, 0.7, 0.4]
+
+
+def step_size(opt, p, metric):
+    """torch's prox step size of each element of p after its step: lr, or in
+    the optimizer's metric lr / (its denominator)."""
+    group = opt.param_groups[0]
+    lr, s = group["lr"], opt.state[p]
+    if not metric or isinstance(opt, torch.optim.SGD):
+        return torch.full_like(p, lr)
+    if isinstance(opt, torch.optim.Adam):
+        b2 = group["betas"][1]
+        v = s["max_exp_avg_sq"] if group["amsgrad"] else s["exp_avg_sq"]
+        return lr / ((v / (1 - b2 ** float(s["step"]))).sqrt() + group["eps"])
+    if isinstance(opt, torch.optim.Adagrad):
+        clr = lr / (1 + (float(s["step"]) - 1) * group["lr_decay"])
+        return clr / (s["sum"].sqrt() + group["eps"])
+    sq = s["square_avg"] - (s["grad_avg"] ** 2 if group["centered"] else 0)
+    return lr / (sq.sqrt() + group["eps"])
+
+
+def rule(params, before, sizes, strengths):
+    """l1 = the ceil(a * n)-th smallest |step / step size| (0 for k = 0)."""
+    out = []
+    for p, b, t, a in zip(params, before, sizes, strengths):
+        push = ((b - p.detach()) / t).abs().flatten()
+        k = math.ceil(a * push.numel() - 1e-9)
+        out.append(float(push.sort().values[k - 1]) if k > 0 else 0.0)
+    return out
+
+
+def grads_for(shapes, step, dtype):
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("metric", [False, True], ids=["plain", "metric"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_refresh_matches_the_rule(name, metric, backend):
+    """Three steps with l1_refresh=3: the first two have l1 = 0, so pyreg's
+    optimizer computes what torch's does; the third's refresh sets each
+    tensor's l1 from the third step, measured on torch's run in float64."""
+    ours_cls, torch_cls, kw = CONFIGS[name]
+    g = torch.Generator().manual_seed(7)
+    init = [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
+    ours = [p.clone().requires_grad_() for p in init]
+    ref = [p.clone().requires_grad_() for p in init]
+    opt = ours_cls([{"params": ours, "l1_strength": STRENGTHS, "l1_refresh": 3}], preconditioned=metric, **kw)
+    topt = torch_cls(ref, **kw)
+    with pyreg.use_backend(backend):
+        for step in range(3):
+            for ps in (ours, ref):
+                for p, gr in zip(ps, grads_for(SHAPES, step, torch.float64)):
+                    p.grad = gr
+            before = [p.detach().clone() for p in ref]
+            topt.step()
+            opt.step()
+            if step < 2:
+                for p in ours:
+                    assert float(opt.state[p][KEY]) == 0.0
+    for a, b in zip(ours, ref):  # l1 was 0 until now: torch's step
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-13, atol=1e-15)
+    want = rule(ref, before, [step_size(topt, p, metric) for p in ref], STRENGTHS)
+    got = [float(opt.state[p][KEY]) for p in ours]
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-300)
+    assert all(v > 0 for v, p in zip(got, ours) if p.numel())
+    assert got[-1] == 0.0  # the empty tensor
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_regularized_refresh_matches_the_rule(backend):
+    """pyreg.Regularized(torch.optim.Adam): the push is the inner step / lr."""
+    g = torch.Generator().manual_seed(8)
+    init = [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
+    ours = [p.clone().requires_grad_() for p in init]
+    ref = [p.clone().requires_grad_() for p in init]
+    opt = pyreg.Regularized(torch.optim.Adam([{"params": ours, "l1_strength": STRENGTHS, "l1_refresh": 2}],
+                                             lr=1e-2))
+    topt = torch.optim.Adam(ref, lr=1e-2)
+    with pyreg.use_backend(backend):
+        for step in range(2):
+            for ps in (ours, ref):
+                for p, gr in zip(ps, grads_for(SHAPES, step, torch.float64)):
+                    p.grad = gr
+            before = [p.detach().clone() for p in ref]
+            topt.step()
+            opt.step()
+    want = rule(ref, before, [torch.full_like(p, 1e-2) for p in ref], STRENGTHS)
+    assert [float(opt.state[p][KEY]) for p in ours] == pytest.approx(want, rel=1e-9, abs=1e-300)
+
+
+def task(dtype=torch.float32):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(21, 33), nn.Tanh(), nn.Linear(33, 17), nn.Tanh(), nn.Linear(17, 7)).to(dtype)
+    x = torch.randn(128, 21, dtype=dtype)
+    y = torch.tanh(x @ torch.randn(21, 7, dtype=dtype))
+    return m, x, y
+
+
+def train(m, x, y, opt, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        (m(x) - y).float().pow(2).mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad"])
+def test_both_families_take_the_same_steps(name, backend):
+    """The fused optimizer (plain metric) and Regularized over torch's own
+    give the same weights and l1s, refreshes included; the prox acted."""
+    ours_cls, torch_cls, kw = {"SGD": CONFIGS["SGD-nesterov"], "Adam": CONFIGS["Adam"],
+                               "Adagrad": CONFIGS["Adagrad"]}[name]
+    m1, x, y = task()
+    m2 = copy.deepcopy(m1)
+    o1 = ours_cls(pyreg.param_groups(m1, l1_strength=0.6), **kw)
+    o2 = pyreg.Regularized(torch_cls(pyreg.param_groups(m2, l1_strength=0.6), **kw))
+    with pyreg.use_backend(backend):
+        train(m1, x, y, o1, 35)
+        train(m2, x, y, o2, 35)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        if a.dim() > 1:
+            torch.testing.assert_close(o1.state[a][KEY], o2.state[b][KEY], rtol=1e-3, atol=0)
+    assert float(o1.sparsity().overall) > 0.1
+
+
+def test_comparable_sparsity_across_optimizers_and_metrics():
+    """At one strength, the fraction of exact zeros is within a factor of 3
+    across SGD, Adam, AdamW, Adagrad and RMSprop, plain and preconditioned
+    (with fixed l1 it differs by orders of magnitude)."""
+    runs = [(pyreg.optim.SGD, dict(lr=0.1, momentum=0.9))] + [
+        (cls, dict(kw, preconditioned=pre)) for cls, kw in
+        [(pyreg.optim.Adam, dict(lr=1e-2)), (pyreg.optim.AdamW, dict(lr=1e-2)), (pyreg.optim.Adagrad, dict(lr=0.1)),
+         (pyreg.optim.RMSprop, dict(lr=1e-3))] for pre in (False, True)]
+    for a in (0.8, 0.95):
+        got = []
+        for cls, kw in runs:
+            m, x, y = task()
+            opt = cls(pyreg.param_groups(m, l1_strength=a), **kw)
+            train(m, x, y, opt, 200)
+            got.append(float(opt.sparsity().overall))
+        assert min(got) > 0 and max(got) / min(got) <= 3.0, (a, got)
+
+
+def test_per_layer_strength_tensor_and_changes_and_penalty():
+    m, x, y = task()
+    groups = [{"params": [m[0].weight, m[2].weight], "l1_strength": torch.tensor([0.9, 0.3]), "l1_refresh": 5},
+              {"params": [m[4].weight, m[0].bias, m[2].bias, m[4].bias]}]
+    opt = pyreg.optim.Adam(groups, lr=1e-2)
+    train(m, x, y, opt, 60)
+    l1 = [float(opt.state[p][KEY]) for p in (m[0].weight, m[2].weight)]
+    assert l1[0] > l1[1] > 0
+    s0, s2 = (float((w == 0).float().mean()) for w in (m[0].weight, m[2].weight))
+    assert s0 > s2
+    want = sum(a * float(p.detach().abs().sum()) for a, p in zip(l1, (m[0].weight, m[2].weight)))
+    assert float(opt.penalty) == pytest.approx(want, rel=1e-5)
+    opt.param_groups[0]["l1_strength"] = 0.0  # checked and applied at the next refresh
+    train(m, x, y, opt, 5)
+    assert [float(opt.state[p][KEY]) for p in (m[0].weight, m[2].weight)] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("family", ["Regularized", "AdamW"])
+def test_state_dict_round_trip(family):
+    m, x, y = task(torch.bfloat16)
+
+    def make(model):
+        groups = pyreg.param_groups(model, l1_strength=0.5)
+        for g in groups:
+            g["l1_refresh"] = 4
+        return (pyreg.Regularized(torch.optim.Adam(groups, lr=1e-2)) if family == "Regularized"
+                else pyreg.optim.AdamW(groups, lr=1e-2))
+
+    opt = make(m)
+    train(m, x, y, opt, 5)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    m2 = copy.deepcopy(m)
+    opt2 = make(m2)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    a, b = opt.state[m[0].weight][KEY], opt2.state[m2[0].weight][KEY]
+    assert b.dtype == torch.float64 and float(b) == float(a) > 0  # not cast to bfloat16
+    train(m, x, y, opt, 2)  # no refresh in either: the same bits
+    train(m2, x, y, opt2, 2)
+    for p, q in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
+BAD = [({"l1_strength": -0.1}, "l1_strength"),
+       ({"l1_strength": 1.5}, "l1_strength"),
+       ({"l1_strength": float("nan")}, "l1_strength"),
+       ({"l1_strength": [0.5, 0.5, 0.5]}, "l1_strength"),
+       ({"l1_strength": 0.5, "l1_refresh": 0}, "l1_refresh"),
+       ({"l1_strength": 0.5, "l1_refresh": 2.5}, "l1_refresh"),
+       ({"l1_strength": 0.5, "l1_refresh": True}, "l1_refresh"),
+       ({"l1_strength": 0.5, "l1": 1e-3}, "'l1'"),
+       ({"l1_strength": 0.5, "target_sparsity": 0.5}, "target_sparsity"),
+       ({"l1_strength": 0.5, "group_l1": 1e-3}, "group_l1")]
+
+
+@pytest.mark.parametrize("family", ["Regularized", "AdamW"])
+@pytest.mark.parametrize("keys,words", BAD)
+def test_bad_values_raise_and_change_nothing(family, keys, words):
+    bad_key_changes_nothing(family, {"l1_strength": 0.3, "l1_refresh": 1}, keys, words)
+
+
+def test_param_groups_keyword_and_gradient_mode():
+    m = nn.Linear(5, 3)
+    groups = pyreg.param_groups(m, l1_strength=0.4)
+    assert [g.get("l1_strength") for g in groups] == [0.4, None]  # the bias is excluded
+    for bad in (1.2, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="l1_strength"):
+            pyreg.param_groups(m, l1_strength=bad)
+    with pytest.raises(ValueError, match="l1_strength"):
+        pyreg.param_groups(m, l1=1e-3, l1_strength=0.4)
+    opt = pyreg.Regularized(torch.optim.SGD(groups, lr=0.1), mode="gradient")
+    m(torch.randn(4, 5)).sum().backward()
+    before = m.weight.detach().clone()
+    with pytest.raises(ValueError, match="mode='proximal'"):
+        opt.step()
+    assert torch.equal(m.weight.detach(), before)
