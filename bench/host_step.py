@@ -1,5 +1,7 @@
 """Host time of one optimizer step on the demo's MLP (CPU): pyreg.Regularized
-around torch's Adam, pyreg.optim.AdamW with L1 (with a target_sparsity instead, and with an l2_bound), and the bare torch optimizers,
+around torch's Adam (also with an l1_strength), pyreg.optim.AdamW with L1
+(with a target_sparsity or an l1_strength instead, and with an l2_bound),
+and the bare torch optimizers,
 timed in interleaved rounds in one process (median and min over rounds of the
 per-step time of ``opt.step()`` alone; the grads are set once). ``--cpu-time``
 times the calling thread's CPU time instead of the wall clock (with one torch
@@ -31,11 +33,16 @@ def build(kind: str, model: torch.nn.Module):
         return pyreg.optim.AdamW(pyreg.param_groups(model, overrides={"*": {"target_sparsity": 0.5}}), lr=1e-3)
     if kind == "pyreg.optim.AdamW(l1,l2_bound)":
         return pyreg.optim.AdamW(pyreg.param_groups(model, l1=1e-4, overrides={"*": {"l2_bound": 1.0}}), lr=1e-3)
+    if kind == "pyreg.optim.AdamW(l1_strength)":
+        return pyreg.optim.AdamW(pyreg.param_groups(model, l1_strength=0.8), lr=1e-3)
+    if kind == "Regularized(torch Adam, l1_strength)":
+        return pyreg.Regularized(torch.optim.Adam(pyreg.param_groups(model, l1_strength=0.8), lr=1e-3))
     raise ValueError(kind)
 
 
 KINDS = ("torch Adam", "Regularized(torch Adam)", "torch AdamW(fused)", "pyreg.optim.AdamW(l1)",
-         "pyreg.optim.AdamW(target_sparsity)", "pyreg.optim.AdamW(l1,l2_bound)")
+         "pyreg.optim.AdamW(target_sparsity)", "pyreg.optim.AdamW(l1,l2_bound)", "pyreg.optim.AdamW(l1_strength)",
+         "Regularized(torch Adam, l1_strength)")
 
 
 def main() -> None:

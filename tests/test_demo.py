@@ -105,6 +105,37 @@ def test_table_rows(quick, capsys):
         [(t, m) for t in STUDY for m in METHODS] + list({(t, m) for t, m, _ in REAL}))
 
 
+def test_full_runs_the_per_layer_grid(tmp_path, capsys, monkeypatch):
+    """--full: every combination of the per-layer alphas on the mlp's three
+    weights (2 alphas here: 8 runs), each weight at its own l1, and the
+    table of the three searches with the winners' numbers."""
+    import pyreg.demo
+
+    _no_aeon(monkeypatch)
+    monkeypatch.setattr(pyreg.demo, "LAYER_GRID_ALPHAS", (0.03, 0.3))
+    out = tmp_path / "full"
+    rc = cli.main(["demo", "--quick", "--full", "--device", "cpu", "--out", str(out), "--methods", "none,l1,strength",
+                   "--alphas", "0.3"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    with open(out / "layer_grid.json") as f:
+        grid = json.load(f)
+    combos = [tuple(r["layer_alphas"].values()) for r in grid["results"]]
+    assert sorted(combos) == sorted((a, b, c) for a in (0.03, 0.3) for b in (0.03, 0.3) for c in (0.03, 0.3))
+    assert all(list(r["layer_alphas"]) == ["0.weight", "2.weight", "4.weight"] for r in grid["results"])
+    # each weight got its own alpha: with 0.3 on the input layer it is sparser than with 0.03
+    by = {tuple(r["layer_alphas"].values()): r for r in grid["results"]}
+    assert by[(0.3, 0.03, 0.03)]["layers"]["0.weight"]["sparsity"] > by[(0.03, 0.03, 0.03)]["layers"]["0.weight"][
+        "sparsity"]
+    assert by[(0.03, 0.03, 0.3)]["layers"]["4.weight"]["sparsity"] > by[(0.03, 0.03, 0.03)]["layers"]["4.weight"][
+        "sparsity"]
+    best = max(grid["results"], key=lambda r: (r["val_acc"], tuple(r["layer_alphas"].values())))
+    line = next(ln for ln in text.splitlines() if ln.startswith("L1, alpha per layer"))
+    assert line.split()[4:7] == [",".join(f"{a:g}" for a in best["layer_alphas"].values()), "8",
+                                 f"{best['val_acc']:.3f}"]
+    assert any(ln.startswith("l1_strength") for ln in text.splitlines())
+
+
 def test_printed_table(tmp_path, capsys, monkeypatch):
     """The terminal table: a header and one line per run (a reduced run);
     without the sequence data, one line says the vowels task is skipped."""

@@ -80,6 +80,8 @@ SETTINGS = {  # steps of full-batch training per run
 FINETUNE = {"old_sizes": (1000, 400, 1000), "new_sizes": (50, 400, 1000), "pretrain_steps": 300,
             "finetune_steps": 200, "finetune_lr": 0.01}
 FINETUNE_ALPHAS = (0.1, 1.0, 10.0)
+#: ``--full``: the exhaustive per-layer grid on the mlp task, these alphas on each of its 3 weights (125 runs)
+LAYER_GRID_ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0)
 #: The real-data tasks, scikit-learn's bundled sets (the same with and without
 #: --quick, and not limited by --methods / --alphas: they are cheap). Full
 #: batch, SGD with momentum 0.9, ``steps`` steps; the same MLP as ``mlp``.
@@ -146,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", type=_alphas, default=None,
                    help="comma-separated alpha grid of the mlp and lstm tasks (default: "
                         f"{','.join(map(str, DEFAULT_ALPHAS))}; --quick: {','.join(map(str, QUICK_ALPHAS))})")
+    p.add_argument("--full", action="store_true",
+                   help="also the exhaustive per-layer grid on the mlp task (L1 with alphas "
+                        f"{','.join(f'{a:g}' for a in LAYER_GRID_ALPHAS)} on each of its 3 weights: "
+                        f"{len(LAYER_GRID_ALPHAS) ** 3} runs, a few minutes on a CPU), against the one-alpha grid "
+                        "and one l1_strength run; written to layer_grid.json")
     p.add_argument("--seed", type=int_in(0, 2 ** 63, "2**63"), default=0, help="seed of data and initial weights (default 0)")
     return p
 
@@ -344,6 +351,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         finetune = run_finetune(finetune_task, FINETUNE_METHODS, FINETUNE_ALPHAS, args.seed, device, progress)
         real, real_winners, panels = run_real(args.seed, device, progress)
         vowels = run_vowels(args.seed, device, progress)
+        layer_grid = None
+        if args.full:
+            from .study import run_layer_grid
+
+            mlp = next(t for t in tasks if t.name == "mlp")
+            layer_grid = run_layer_grid(mlp, LAYER_GRID_ALPHAS, args.seed, device, progress)
     finally:
         torch.set_num_threads(threads)
     winners = grid_winners(results)
@@ -388,6 +401,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               "took) against one run of l1_strength (each layer's l1 from its own push, the same strength for\n"
               "every task and layer). val diff: strength minus grid winner, in points.")
         print(report.format_strength_table(results + real))
+    if layer_grid is not None:
+        print()
+        print(f"The mlp task's exhaustive per-layer grid (--full): L1 at each of {len(LAYER_GRID_ALPHAS)} alphas on each "
+              "weight,\nagainst the one-alpha grid and the one l1_strength run (winners by validation accuracy).")
+        print(report.format_layer_grid_table(results, layer_grid))
     config = {"quick": args.quick, "device": str(device), "methods": args.methods, "alphas": alphas,
               "seed": args.seed, **SETTINGS[args.quick],
               "finetune": {**FINETUNE, "alphas": list(FINETUNE_ALPHAS), "methods": list(FINETUNE_METHODS)},
@@ -395,6 +413,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if vowels is not None:  # only when it ran: a run without the data writes what it did before
         config["vowels"] = VOWELS
     paths = report.write_all(args.out, config, results, winners, finetune, compacted, real, real_winners, panels)
+    if layer_grid is not None:
+        import json
+
+        path = os.path.join(args.out, "layer_grid.json")
+        with open(path, "w") as f:
+            json.dump({"task": "mlp", "alphas": list(LAYER_GRID_ALPHAS), "results": layer_grid}, f, indent=1)
+        paths.append(path)
     print()
     print(f"Wrote {len(paths)} files to {os.path.abspath(args.out)}: "
           + ", ".join(os.path.basename(p) for p in paths))

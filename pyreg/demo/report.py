@@ -180,6 +180,34 @@ def format_strength_table(rows: Sequence[dict]) -> str:
     return "\n".join(ln.rstrip() for ln in out)
 
 
+def format_layer_grid_table(rows: Sequence[dict], layer_rows: Sequence[dict], task: str = "mlp") -> str:
+    """``--full``: on ``task``, the winner (best validation accuracy, ties to
+    the larger alphas) of the L1 grid with one alpha, of the exhaustive grid
+    with an alpha per layer (``layer_rows``), and the one ``strength`` run:
+    alphas, runs, accuracies, sparsity, inputs used."""
+    def best(rs):
+        return max(rs, key=lambda r: (r["val_acc"], tuple(r.get("layer_alphas", {}).values()) or (r["alpha"],)))
+
+    lines = []
+    grid = [r for r in rows if r["task"] == task and r["method"] == "l1"]
+    if grid:
+        lines.append(("L1, one alpha", f"{best(grid)['alpha']:g}", len(grid), best(grid)))
+    if layer_rows:
+        b = best(layer_rows)
+        lines.append(("L1, alpha per layer", ",".join(f"{a:g}" for a in b["layer_alphas"].values()), len(layer_rows), b))
+    rule = [r for r in rows if r["task"] == task and r["method"] == "strength"]
+    if rule:
+        lines.append(("l1_strength", f"{rule[0]['alpha']:g}", 1, rule[0]))
+    head = ["search", "alphas", "runs", "val", "test", "sparsity", "inputs"]
+    cells = [head] + [[name, a, str(n), f"{r['val_acc']:.3f}", f"{r['test_acc']:.3f}", f"{r['sparsity']:.1%}",
+                       _cell(r, "inputs_used", "{}")] for name, a, n, r in lines]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    out = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+           for row in cells]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(ln.rstrip() for ln in out)
+
+
 def format_finetune_table(rows: Sequence[dict]) -> str:
     """The fine-tuning table: the pre-trained model, then one line per run."""
     return format_table(rows, FINETUNE_COLUMNS)

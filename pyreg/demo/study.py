@@ -50,6 +50,7 @@ and no ramp.
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -140,15 +141,22 @@ def coefficients(method: str, alpha: float, rows: int = 1) -> dict[str, float]:
 
 
 def build_groups(model: nn.Module, method: str, alpha: float,
-                 targets: dict[str, float] | None = None) -> list[dict]:
+                 targets: dict[str, float] | None = None,
+                 layer_alphas: dict[str, float] | None = None) -> list[dict]:
     """``pyreg.param_groups`` for a method: biases excluded; for ``layer`` the
     input layer gets its own, stronger L1, for ``group`` group lasso over the
     columns of its weight, for ``target`` a ``target_sparsity`` per layer of
-    ``targets`` (overrides)."""
+    ``targets`` (overrides); for ``per-layer`` (the ``--full`` grid) L1 at
+    its own alpha on each weight of ``layer_alphas`` (by parameter name)."""
     coef = coefficients(method, alpha, model.get_parameter(model.input_weight).shape[0])
     overrides = None
     if method == "strength":
         return pyreg.param_groups(model, l1_strength=alpha)
+    if method == "per-layer":
+        if not layer_alphas:
+            raise ValueError("method 'per-layer' needs an alpha per weight, e.g. {'0.weight': 0.1}")
+        return pyreg.param_groups(model, overrides={name: {"l1": pyreg.from_sklearn(a, 1.0)[0]}
+                                                    for name, a in layer_alphas.items()})
     if method == "target":
         if not targets:
             raise ValueError("method 'target' needs the task's targets, e.g. {'0': 0.9}")
@@ -169,28 +177,31 @@ def _accuracy_and_loss(model: nn.Module, x: Tensor, y: Tensor):
 
 def train_one(task: Task, method: str, alpha: float, seed: int, device: torch.device,
               on_tick: Callable[[int, float | None], None] | None = None,
-              want_loss: bool = False) -> dict:
+              want_loss: bool = False, layer_alphas: dict[str, float] | None = None) -> dict:
     """Train one model and return its measurements (plain Python numbers).
 
     ``on_tick(steps_done, loss)`` is called about 20 times per run; the loss
     is read from the device (a host sync) only when ``want_loss``.
     """
-    model, opt = train_model(task, method, alpha, seed, device, on_tick, want_loss)
+    model, opt = train_model(task, method, alpha, seed, device, on_tick, want_loss, layer_alphas)
     r = measure(model, opt, task.data, method, alpha)
+    if layer_alphas is not None:
+        r["layer_alphas"] = dict(layer_alphas)
     if method == "target":
         r["targets"] = {f"{layer}.weight": t for layer, t in task.targets.items()}
     return r
 
 
 def train_model(task: Task, method: str, alpha: float, seed: int, device: torch.device,
-                on_tick: Callable[[int, float | None], None] | None = None, want_loss: bool = False):
+                on_tick: Callable[[int, float | None], None] | None = None, want_loss: bool = False,
+                layer_alphas: dict[str, float] | None = None):
     """Train one model (deterministic for a seed); returns (model, optimizer)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # same initial weights for every run of a task
         model = task.make_model()
     model.to(device)
     data = task.data
-    opt = task.make_optimizer(build_groups(model, method, alpha, task.targets))
+    opt = task.make_optimizer(build_groups(model, method, alpha, task.targets, layer_alphas))
     ramped = ("l1", "l2", "group_l1", "target_sparsity")  # not l1_strength: its l1 follows the push
     targets = [{k: g[k] for k in ramped if g.get(k) is not None} for g in opt.param_groups]
     ramp_steps = max(1, task.steps // 2)
@@ -318,6 +329,32 @@ def run_study(tasks: Sequence[Task], methods: Sequence[str], alphas: Sequence[fl
             _done[0] = step
 
         r = train_one(task, method, alpha, seed, device, on_tick, want_loss=progress.wants_loss)
+        progress.run_done(label, r, time.perf_counter() - t0)
+        results.append(r)
+    progress.finish()
+    return results
+
+
+def run_layer_grid(task: Task, alphas: Sequence[float], seed: int, device: torch.device, progress) -> list[dict]:
+    """The exhaustive per-layer grid (``pyreg demo --full``): L1 with its own
+    alpha on each weight of the task's model (biases excluded), every
+    combination of ``alphas``: len(alphas) ** (number of weights) runs."""
+    with torch.random.fork_rng(devices=[]):
+        names = [n for n, p in task.make_model().named_parameters() if p.dim() > 1]
+    combos = list(itertools.product(alphas, repeat=len(names)))
+    progress.start(task.steps * len(combos))
+    results = []
+    for combo in combos:
+        layer_alphas = dict(zip(names, combo))
+        label = f"{task.name} per-layer " + ",".join(f"{a:g}" for a in combo)
+        t0 = time.perf_counter()
+        done = [0]
+
+        def on_tick(step, loss, _done=done, _label=label):
+            progress.advance(step - _done[0], _label, loss)
+            _done[0] = step
+
+        r = train_one(task, "per-layer", combo[0], seed, device, on_tick, progress.wants_loss, layer_alphas)
         progress.run_done(label, r, time.perf_counter() - t0)
         results.append(r)
     progress.finish()

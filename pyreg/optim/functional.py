@@ -43,13 +43,8 @@ def table(rows: Sequence[tuple], device: torch.device) -> Tensor:
     numbers = [0.0 if isinstance(v, Tensor) else float(v) for r in rows for v in r]
     t = to_device(numbers, torch.float64, device).reshape(len(rows), len(HYPER))
     on_device = [(i, j, v) for i, r in enumerate(rows) for j, v in enumerate(r) if isinstance(v, Tensor)]
-    if len(on_device) == 1:
-        i, j, v = on_device[0]
+    for i, j, v in on_device:
         t[i, j] = v.reshape(())
-    elif on_device:
-        at = to_device([i * len(HYPER) + j for i, j, _ in on_device], torch.int64, device)
-        t.view(-1).index_copy_(0, at, torch.stack([v.detach().reshape(()).to(device=device, dtype=torch.float64)
-                                                   for _, _, v in on_device]))
     return t
 
 

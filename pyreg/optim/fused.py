@@ -32,11 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .._common import SUPPORTED_DTYPES, outside_graph
+from .._common import SUPPORTED_DTYPES, outside_graph, to_device
 from .._validate import nonneg_real
 from ..backends._marshal import step_ticket
 from ._torch_compat import raw_step
-from .apply import (OWN_STATE, constraints, penalized, pop_own_state, prox_buckets, put_own_state, refresh_strength,
+from .apply import (OWN_STATE, STRENGTH_STATE, constraints, penalized, pop_own_state, prox_buckets, put_own_state, refresh_strength,
                     strength_due, strength_l1, strength_pushes)
 from .engine import Engine, Observable
 from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
@@ -78,6 +78,7 @@ class _GroupRun(NamedTuple):
     flags: List[Flags]    # each parameter's flags (its prox: none where a structured pass does it)
     structured: bool      # some parameter has group_l1, ref, l2_bound or max_norm
     extra: Dict[str, Any]  # what the algorithm's _buffers needs (SGD: momentum)
+    dynamic: bool = False  # a row holds a device tensor (a tensor lr): the table is written at each step
 
 
 class _Bucket:
@@ -95,6 +96,8 @@ class _Bucket:
         self.fresh: List[int] = []
         self.table_rows: Dict[Tuple[int, int], int] = {}  # (group, group row) -> row of the bucket's table
         self.row_values: List[tuple] = []
+        self.dynamic = False  # some row holds a tensor lr (see _GroupRun.dynamic)
+        self.l1_rows: List[Tuple[int, Tensor]] = []  # (row, l1) of each l1_strength param: its own row
 
 
 class FusedOptimizer(Observable):
@@ -240,7 +243,8 @@ class FusedOptimizer(Observable):
                   else prox_kind(1.0, l2, st.preconditioned) if "strength" in kinds else NO_PROX)
             flags.append(base._replace(prox=pk))
         structured = any(k not in ("elem", "strength") for j in range(len(row_of)) for k in st.kinds(j))
-        run = _GroupRun(rows, row_of, flags, structured, self._extra(group))
+        run = _GroupRun(rows, row_of, flags, structured, self._extra(group),
+                        any(isinstance(v, Tensor) for r in rows for v in r))
         self._runs[gi] = (hypers, st, run)
         return run
 
@@ -292,11 +296,12 @@ class FusedOptimizer(Observable):
                 b = buckets.get(key)
                 if b is None:
                     b = buckets[key] = _Bucket(flags, key[3])
+                b.dynamic = b.dynamic or run.dynamic
                 own = l1_of.get(id(p))
-                if own is not None:
+                if own is not None:  # its own row, l1 written in from the device tensor (see _table)
                     r = len(b.row_values)
-                    b.row_values.append(run.rows[run.row_of[j]][:L1_COLUMN] + (own,)
-                                        + run.rows[run.row_of[j]][L1_COLUMN + 1:])
+                    b.row_values.append(run.rows[run.row_of[j]])
+                    b.l1_rows.append((r, own))
                 else:
                     r = b.table_rows.get((gi, run.row_of[j]))
                     if r is None:
@@ -343,19 +348,37 @@ class FusedOptimizer(Observable):
 
     def _table(self, b: _Bucket) -> Tensor:
         """The bucket's hyperparameter table on its device: cached while the
-        numbers stay the same (one asynchronous copy when they change), device
-        tensors (a GPU tensor lr) written in on the device at each step."""
+        numbers stay the same (one asynchronous copy when they change).
+        Device tensors are written in on the device: a tensor lr at each step
+        (so that a captured CUDA graph reads its value at each replay), each
+        ``l1_strength`` l1 into its own row when it changed in place (its
+        version) or is another tensor (the cache keeps the tensors it was
+        made from, so no id is reused)."""
         dev = b.params[0].device
         rows = b.row_values
-        if any(isinstance(v, Tensor) for r in rows for v in r):
-            return table(rows, dev)
-        key = (dev, tuple(rows))
-        t = self._tables.get(key)
-        if t is None:
-            if len(self._tables) > 16:
-                self._tables.clear()
-            t = self._tables[key] = table(rows, dev)
-        return t
+        if b.dynamic:
+            t = table(rows, dev)
+        else:
+            key = (dev, tuple(rows))
+            t = self._tables.get(key)
+            if t is None:
+                if len(self._tables) > 16:
+                    self._tables.clear()
+                t = self._tables[key] = table(rows, dev)
+        if not b.l1_rows:
+            return t
+        l1s = [v for _, v in b.l1_rows]
+        key = (id(t), tuple(map(id, l1s)), tuple(r for r, _ in b.l1_rows))
+        versions = tuple(v._version for v in l1s)
+        hit = None if b.dynamic else self._tables.get(key)
+        if hit is not None and hit[1] == versions:
+            return hit[0]
+        out = t.clone()
+        at = to_device([r * len(HYPER) + L1_COLUMN for r, _ in b.l1_rows], torch.int64, dev)
+        out.view(-1).index_copy_(0, at, torch.stack([v.reshape(()) for v in l1s]).to(device=dev, dtype=out.dtype))
+        if not b.dynamic:
+            self._tables[key] = (out, versions, l1s, t)
+        return out
 
     def _run(self, b: _Bucket) -> None:
         f = b.flags
@@ -407,7 +430,9 @@ class FusedOptimizer(Observable):
         work = [w for w in map(Bucket.active, plan.buckets) if w is not None]
         strength = [w for w in work if w.kind == "strength"]
         state = self.state  # type: ignore[attr-defined]
-        l1_of = {id(p): v for w in strength for p, v in zip(w.params, strength_l1(w, state).unbind(0))}
+        for w in strength:
+            strength_l1(w, state)  # the vector, and its 0-dim views in the state (the same objects every step)
+        l1_of = {id(p): state[p][STRENGTH_STATE[0]] for w in strength for p in w.params}
         buckets, torch_groups = self._gather(plan, runs, l1_of)
         if torch_groups:
             self._run_torch(torch_groups)
