@@ -255,3 +255,18 @@ def test_param_groups_keyword_and_gradient_mode():
     with pytest.raises(ValueError, match="mode='proximal'"):
         opt.step()
     assert torch.equal(m.weight.detach(), before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_capture_is_refused():
+    """Its refresh is counted on the host: a captured step would replay one
+    decision forever, so capture raises, with nothing captured half-way."""
+    m = nn.Linear(16, 4).cuda()
+    opt = pyreg.optim.Adam(pyreg.param_groups(m, l1_strength=0.5), lr=1e-2, capturable=True)
+    x = torch.randn(8, 16, device="cuda")
+    m(x).sum().backward()
+    opt.step()  # warm-up, eager
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="CUDA graph"):
+        with torch.cuda.graph(g):
+            opt.step()

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import backends, ops
-from .._common import to_device
+from .._common import capturing, to_device
 from .._validate import check_grads_apart, disjoint_pointers, plain_cpu, tensor_list
 from .plan import Bucket, Plan, Work
 from .results import ParamStats, Sparsity
@@ -111,13 +111,15 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]]) -> None:
         elif p.element_size() < 4:  # 16-bit: few distinct values, ties are common
             taus.append(_threshold(p.detach().abs().flatten(), k))
         else:
-            taus.append(p.detach().abs().flatten().kthvalue(k).values.to(torch.float64))
-    tau = torch.stack(taus)
+            taus.append(p.detach().abs().view(-1).kthvalue(k).values)
+    tau = torch.stack([t.to(torch.float64) for t in taus]) if len({t.dtype for t in taus}) > 1 else torch.stack(taus)
     if isinstance(lr, Tensor):
         lr64 = lr.to(device=l1.device, dtype=torch.float64)
         l1.copy_(torch.where(lr64 > 0, tau / lr64.clamp_min(1e-300), torch.zeros_like(tau)))
+    elif lr > 0:
+        torch.div(tau, lr, out=l1)  # float64, or the tensors' dtype rounded up to float64
     else:
-        l1.copy_(tau / lr if lr > 0 else torch.zeros_like(tau))
+        l1.zero_()
     ops.prox_(ps, l1, w.coef("l2", not torch.compiler.is_compiling()), lr)
 
 
@@ -131,7 +133,14 @@ def strength_l1(w: Work, state: Dict[Any, Dict[str, Any]]) -> Tensor:
 def strength_due(b: Bucket) -> List[Tensor]:
     """Counts a step of a "strength" bucket (on the host: no sync) and
     returns its params whose l1 this step refreshes: those whose
-    ``l1_refresh`` divides the bucket's step count."""
+    ``l1_refresh`` divides the bucket's step count. The count lives on the
+    host, so a step that is compiled into a graph or captured into a CUDA
+    graph (replayed without it) is refused with a clear error."""
+    if torch.compiler.is_compiling() or capturing(b.device):
+        raise RuntimeError("l1_strength refreshes each tensor's l1 every l1_refresh steps, counted on the host: "
+                           "its step cannot be compiled by torch.compile or captured into a CUDA graph (use "
+                           "a fused optimizer, whose step runs eagerly under torch.compile, without capture; "
+                           "or a fixed l1)")
     b.steps_taken += 1
     return [p for p, every in zip(b.params, b.values["l1_refresh"]) if b.steps_taken % int(every) == 0]
 
@@ -247,9 +256,14 @@ def l2_bound_buckets(buckets: Sequence[Work], state: Dict[Any, Dict[str, Any]]) 
         for w in buckets:
             lam, kappa, steps, numel = _bound_state(w, state)
             c = w.coefs
-            r = ops.weight_stats(w.params).l2.to(torch.float64).square()
-            warm = c["l2_warmup"] > 0
+            r = ops.weight_stats(w.params).l2.to(torch.float64).square_()
             steps.add_(1)
+            if not any(w.bucket.values["l2_warmup"]):  # given bounds only: fewer ops, the same rule
+                lam.addcmul_(c["l2_mu"] / numel, r.sub_(c["l2_bound"])).clamp_(min=0)
+                torch._foreach_mul_(w.params, list(lam.mul(-2).add_(1).unbind(0)))
+                kappa.copy_(c["l2_bound"])
+                continue
+            warm = c["l2_warmup"] > 0
             bound = torch.where(warm, kappa, c["l2_bound"])
             new = (lam + c["l2_mu"] / numel * (r - bound)).clamp_(min=0)
             lam.copy_(torch.where(torch.isinf(bound), torch.zeros_like(new), new))
