@@ -24,13 +24,15 @@ from .optim.groups import param_groups
 from .optim.keys import coef_values
 
 #: The built-in methods (``method=`` also takes a callable).
-METHODS = ("l1", "l2", "elastic_net", "group")
+METHODS = ("l1", "l2", "elastic_net", "group", "strength")
 #: The selection rules.
 SELECTS = ("best", "1se")
 #: What a ``method`` callable may return (the keyword arguments of :func:`pyreg.param_groups`).
-_GROUP_KWARGS = frozenset(("l1", "l2", "exclude", "overrides", "ref"))
+_GROUP_KWARGS = frozenset(("l1", "l2", "exclude", "overrides", "ref", "l1_strength"))
 #: The coefficient keys whose nonzero value makes a parameter regularized.
-_REG_KEYS = ("l1", "l2", "group_l1")
+_REG_KEYS = ("l1", "l2", "group_l1", "l1_strength")
+#: ``method="strength"``: the default grid, from this strength down, evenly spaced.
+_STRENGTH_TOP = 0.95
 #: ``method="l2"``: ridge has no alpha that keeps zero weights at zero; the
 #: default grid then starts where glmnet's ridge grid starts (its rule for
 #: l1_ratio = 0: alpha_max at l1_ratio = 1e-3), in pyreg's convention.
@@ -279,6 +281,8 @@ class _Method:
         if m == "group":
             over = {glob.escape(n): {"group_l1": alpha, "group_dim": self.group_dim} for n in self.names}
             return {"exclude": self.exclude, "overrides": over}
+        if m == "strength":
+            return {"l1_strength": alpha, "exclude": self.exclude}
         kw = m(alpha)
         if not isinstance(kw, dict):
             raise TypeError(f"method({alpha!r}) must return a dict of pyreg.param_groups keyword arguments, "
@@ -535,9 +539,13 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
             ``alpha * l1_ratio * sum|w| + 0.5 * alpha * (1 - l1_ratio) * sum w^2``,
             i.e. ``l1 = alpha * l1_ratio``, ``l2 = 0.5 * alpha * (1 - l1_ratio)``),
             ``"group"`` (group lasso ``group_l1 = alpha`` over the slices along
-            ``group_dim`` of every regularized weight), or a callable
+            ``group_dim`` of every regularized weight), ``"strength"``
+            (``l1_strength = alpha``, a fraction in [0, 1]: each tensor's
+            l1 set from its own push, see :func:`pyreg.param_groups`; the
+            default grid is ``n_alphas`` strengths evenly spaced from 0.95
+            down, ``eps`` unused), or a callable
             ``alpha -> dict`` of :func:`pyreg.param_groups` keyword arguments
-            (``l1``, ``l2``, ``exclude``, ``overrides``, ``ref``) for anything
+            (``l1``, ``l2``, ``exclude``, ``overrides``, ``ref``, ``l1_strength``) for anything
             else; it needs ``alphas``.
         l1_ratio: the L1 share of ``"elastic_net"``, in (0, 1].
         group_dim: the dimension whose slices are the groups of ``"group"``
@@ -597,6 +605,8 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
     if not 0.0 < eps < 1.0:
         raise ValueError(f"eps must be in (0, 1), got {eps}")
     grid = _check_alphas(alphas)
+    if method == "strength" and grid is not None and max(grid) > 1.0:
+        raise ValueError(f"method='strength' takes strengths in [0, 1] (l1_strength); got {max(grid)}")
     if not isinstance(select, str) or select not in SELECTS:
         raise ValueError(f"select must be one of {list(SELECTS)}, got {select!r}")
     greater_is_better = _flag(greater_is_better, "greater_is_better")
@@ -635,6 +645,8 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
     reg_names = spec.names
     reg_params = [named[n] for n in reg_names]
 
+    if grid is None and method == "strength":
+        grid = [_STRENGTH_TOP] if n_alphas == 1 else [_STRENGTH_TOP * (1 - k / n_alphas) for k in range(n_alphas)]
     if grid is None:
         top = _alpha_max(work, loss, train, full_train, device, reg_params, method, l1_ratio, int(group_dim))
         grid = [top] if n_alphas == 1 else [top * eps ** (k / (n_alphas - 1)) for k in range(n_alphas)]

@@ -128,6 +128,28 @@ def test_alphas_run_in_decreasing_order_and_sparsity_falls():
     assert sparsity[0] > sparsity[-1]
 
 
+def test_strength_method_default_grid_and_sparsity():
+    """method="strength": l1_strength = alpha at each point, the default grid
+    evenly spaced from 0.95 down, sparsity falling with the strength, and
+    each fit's optimizer setting its l1 from the push."""
+    X, y = _data()
+    made = []
+
+    def factory(groups):
+        made.append(pyreg.optim.Adam(groups, lr=1e-2))
+        return made[-1]
+
+    model = _mlp()
+    result = pyreg.path(model, nn.functional.mse_loss, (torch.tensor(X).float(), torch.tensor(y).float()[:, None]),
+                        method="strength", n_alphas=4, optimizer=factory, epochs=60, progress=False)
+    assert result.alphas == pytest.approx([0.95, 0.7125, 0.475, 0.2375])
+    assert [g.get("l1_strength") for g in made[0].param_groups] == [0.95, None]  # biases excluded
+    sparsity = [r["sparsity"] for r in result.rows]
+    assert sparsity[0] > sparsity[-1] and sparsity[0] > 0.5, sparsity
+    w = made[0].param_groups[0]["params"][0]  # (later fits start where units died: pushes of 0 are common)
+    assert float(made[0].state[w]["strength_l1"]) > 0
+
+
 def test_each_fit_starts_from_the_previous_one():
     """With one ISTA step per alpha, the weights at alpha i are one proximal
     step at alpha i from the weights at alpha i-1 (a cold start would begin
@@ -277,6 +299,7 @@ BAD = [
     (dict(val=torch.zeros(3)), TypeError, "val"),
     (dict(val=iter([])), TypeError, "iterator"),
     (dict(device=3), TypeError, "device"),
+    (dict(method="strength", alphas=[0.5, 1.5]), ValueError, "strength"),
 ]
 
 
