@@ -67,13 +67,21 @@ def grads_for(shapes, step, dtype):
     return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
 
 
+def due_step(i, every):
+    """The first step (counted from 1) that refreshes tensor i of a bucket:
+    t >= every with (t + i) % every == 0 (staggered)."""
+    return next(t for t in range(every, 3 * every) if (t + i) % every == 0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", [False, True], ids=["plain", "metric"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_a_refresh_matches_the_rule(name, metric, backend):
-    """Three steps with l1_refresh=3: the first two have l1 = 0, so pyreg's
-    optimizer computes what torch's does; the third's refresh sets each
-    tensor's l1 from the third step, measured on torch's run in float64."""
+    """l1_refresh=3, 5 tensors: tensor i is first refreshed at step
+    due_step(i, 3) (3, 5, 4, 3, 5), and until then has l1 = 0, so pyreg's
+    optimizer computes what torch's does on it (the algorithms work element
+    by element); each refresh sets the l1 from that step, measured on
+    torch's run in float64."""
     ours_cls, torch_cls, kw = CONFIGS[name]
     g = torch.Generator().manual_seed(7)
     init = [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
@@ -81,29 +89,35 @@ def test_a_refresh_matches_the_rule(name, metric, backend):
     ref = [p.clone().requires_grad_() for p in init]
     opt = ours_cls([{"params": ours, "l1_strength": STRENGTHS, "l1_refresh": 3}], preconditioned=metric, **kw)
     topt = torch_cls(ref, **kw)
+    due = [due_step(i, 3) for i in range(len(SHAPES))]
+    assert due == [3, 5, 4, 3, 5]
+    want = [None] * len(SHAPES)
     with pyreg.use_backend(backend):
-        for step in range(3):
+        for step in range(1, 6):
             for ps in (ours, ref):
                 for p, gr in zip(ps, grads_for(SHAPES, step, torch.float64)):
                     p.grad = gr
             before = [p.detach().clone() for p in ref]
             topt.step()
             opt.step()
-            if step < 2:
-                for p in ours:
-                    assert float(opt.state[p][KEY]) == 0.0
-    for a, b in zip(ours, ref):  # l1 was 0 until now: torch's step
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-13, atol=1e-15)
-    want = rule(ref, before, [step_size(topt, p, metric) for p in ref], STRENGTHS)
+            for i, (a, b) in enumerate(zip(ours, ref)):
+                if step < due[i]:
+                    assert float(opt.state[a][KEY]) == 0.0
+                if step <= due[i]:  # l1 was 0 until now: torch's step
+                    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-13, atol=1e-15)
+                if step == due[i]:
+                    want[i] = rule([b], [before[i]], [step_size(topt, b, metric)], [STRENGTHS[i]])[0]
+                    assert float(opt.state[a][KEY]) == pytest.approx(want[i], rel=1e-9, abs=1e-300)
     got = [float(opt.state[p][KEY]) for p in ours]
-    assert got == pytest.approx(want, rel=1e-9, abs=1e-300)
     assert all(v > 0 for v, p in zip(got, ours) if p.numel())
     assert got[-1] == 0.0  # the empty tensor
+    assert all(opt.state[p]["strength_step"] == 5 for p in ours)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_regularized_refresh_matches_the_rule(backend):
-    """pyreg.Regularized(torch.optim.Adam): the push is the inner step / lr."""
+    """pyreg.Regularized(torch.optim.Adam): the push is the inner step / lr
+    (l1_refresh=2: tensors 0, 2, 4 at step 2, tensors 1, 3 at step 3)."""
     g = torch.Generator().manual_seed(8)
     init = [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
     ours = [p.clone().requires_grad_() for p in init]
@@ -111,16 +125,20 @@ def test_regularized_refresh_matches_the_rule(backend):
     opt = pyreg.Regularized(torch.optim.Adam([{"params": ours, "l1_strength": STRENGTHS, "l1_refresh": 2}],
                                              lr=1e-2))
     topt = torch.optim.Adam(ref, lr=1e-2)
+    due = [due_step(i, 2) for i in range(len(SHAPES))]
+    assert due == [2, 3, 2, 3, 2]
     with pyreg.use_backend(backend):
-        for step in range(2):
+        for step in range(1, 4):
             for ps in (ours, ref):
                 for p, gr in zip(ps, grads_for(SHAPES, step, torch.float64)):
                     p.grad = gr
             before = [p.detach().clone() for p in ref]
             topt.step()
             opt.step()
-    want = rule(ref, before, [torch.full_like(p, 1e-2) for p in ref], STRENGTHS)
-    assert [float(opt.state[p][KEY]) for p in ours] == pytest.approx(want, rel=1e-9, abs=1e-300)
+            for i, (a, b) in enumerate(zip(ours, ref)):
+                if step == due[i]:
+                    want = rule([b], [before[i]], [torch.full_like(b, 1e-2)], [STRENGTHS[i]])[0]
+                    assert float(opt.state[a][KEY]) == pytest.approx(want, rel=1e-9, abs=1e-300)
 
 
 def task(dtype=torch.float32):
@@ -190,7 +208,7 @@ def test_per_layer_strength_tensor_and_changes_and_penalty():
     assert s0 > s2
     want = sum(a * float(p.detach().abs().sum()) for a, p in zip(l1, (m[0].weight, m[2].weight)))
     assert float(opt.penalty) == pytest.approx(want, rel=1e-5)
-    opt.param_groups[0]["l1_strength"] = 0.0  # checked and applied at the next refresh
+    opt.param_groups[0]["l1_strength"] = 0.0  # checked and applied at each tensor's next refresh
     train(m, x, y, opt, 5)
     assert [float(opt.state[p][KEY]) for p in (m[0].weight, m[2].weight)] == [0.0, 0.0]
 
@@ -216,8 +234,9 @@ def test_state_dict_round_trip(family):
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     a, b = opt.state[m[0].weight][KEY], opt2.state[m2[0].weight][KEY]
     assert b.dtype == torch.float64 and float(b) == float(a) > 0  # not cast to bfloat16
-    train(m, x, y, opt, 2)  # no refresh in either: the same bits
-    train(m2, x, y, opt2, 2)
+    assert opt2.state[m2[0].weight]["strength_step"] == 5
+    train(m, x, y, opt, 6)  # the count goes on: the same refreshes, the same bits
+    train(m2, x, y, opt2, 6)
     for p, q in zip(m.parameters(), m2.parameters()):
         assert torch.equal(p, q)
 

@@ -35,6 +35,8 @@ TARGET_STATE = ("target_l1",)
 #: What an ``l1_strength`` parameter keeps in the optimizer's state: the l1
 #: its last refresh set (float64, 0-dim, on its device).
 STRENGTH_STATE = ("strength_l1",)
+#: Its count of steps, for the next refresh (a number, on the host; see :func:`strength_due`).
+STRENGTH_STEP = "strength_step"
 #: Every state entry of pyreg's own (kept in its dtype by :func:`pop_own_state`).
 OWN_STATE = BOUND_STATE + TARGET_STATE + STRENGTH_STATE
 
@@ -130,19 +132,39 @@ def strength_l1(w: Work, state: Dict[Any, Dict[str, Any]]) -> Tensor:
     return _own_state(w, state, STRENGTH_STATE, (torch.float64,), lambda: ([0.0] * len(w.params),))[0]
 
 
-def strength_due(b: Bucket) -> List[Tensor]:
+def strength_due(b: Bucket, state: Dict[Any, Dict[str, Any]]) -> List[Tensor]:
     """Counts a step of a "strength" bucket (on the host: no sync) and
-    returns its params whose l1 this step refreshes: those whose
-    ``l1_refresh`` divides the bucket's step count. The count lives on the
-    host, so a step that is compiled into a graph or captured into a CUDA
-    graph (replayed without it) is refused with a clear error."""
+    returns its params whose l1 this step refreshes: every ``l1_refresh``
+    (K) steps each, from step K on, the bucket's tensor i at the steps t
+    with (t + i) % K == 0 (staggered: each step refreshes about 1/K of the
+    tensors, and Regularized copies only those before its inner step). The
+    count is read back from the params' state (``strength_step``, a number,
+    see :func:`record_strength_step`), so a loaded state dict continues it.
+    It lives on the host, so a step that is
+    compiled into a graph or captured into a CUDA graph (replayed without
+    it) is refused with a clear error."""
     if torch.compiler.is_compiling() or capturing(b.device):
         raise RuntimeError("l1_strength refreshes each tensor's l1 every l1_refresh steps, counted on the host: "
                            "its step cannot be compiled by torch.compile or captured into a CUDA graph (use "
                            "a fused optimizer, whose step runs eagerly under torch.compile, without capture; "
                            "or a fixed l1)")
-    b.steps_taken += 1
-    return [p for p, every in zip(b.params, b.values["l1_refresh"]) if b.steps_taken % int(every) == 0]
+    if b.steps_taken is None:  # a new plan: continue the count of the state (a loaded one too)
+        b.steps_taken = max((int(state[p].get(STRENGTH_STEP, 0)) for p in b.params if p in state), default=0)
+    t = b.steps_taken = b.steps_taken + 1
+    return [p for i, (p, every) in enumerate(zip(b.params, b.values["l1_refresh"]))
+            if t >= every and (t + i) % int(every) == 0]
+
+
+def record_strength_step(buckets: Sequence[Bucket], state: Dict[Any, Dict[str, Any]]) -> None:
+    """After a step: each "strength" bucket's count into the state of its
+    params that have one (a param without state is left so: torch's
+    optimizers create theirs at its first step)."""
+    for b in buckets:
+        if b.kind == "strength" and b.steps_taken is not None:
+            for p in b.params:
+                s = state.get(p)
+                if s:
+                    s[STRENGTH_STEP] = b.steps_taken
 
 
 def strength_pushes(w: Work, made) -> Dict[int, Tensor]:

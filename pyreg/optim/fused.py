@@ -36,8 +36,8 @@ from .._common import SUPPORTED_DTYPES, outside_graph, to_device
 from .._validate import nonneg_real
 from ..backends._marshal import step_ticket
 from ._torch_compat import raw_step
-from .apply import (OWN_STATE, STRENGTH_STATE, constraints, penalized, pop_own_state, prox_buckets, put_own_state, refresh_strength,
-                    strength_due, strength_l1, strength_pushes)
+from .apply import (OWN_STATE, STRENGTH_STATE, STRENGTH_STEP, constraints, penalized, pop_own_state, prox_buckets, put_own_state, refresh_strength,
+                    record_strength_step, strength_due, strength_l1, strength_pushes)
 from .engine import Engine, Observable
 from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
 from .keys import check_params, flag, hyper_keys_of, read_group
@@ -282,7 +282,7 @@ class FusedOptimizer(Observable):
                 # As torch: no state entry for a parameter that has no state
                 # (SGD without momentum), so the state dict has none either.
                 s = state[p] if p in state else {}
-                if not s or all(k in OWN_STATE for k in s):  # pyreg's own entries only (l1_strength)
+                if not s or all(k in OWN_STATE or k == STRENGTH_STEP for k in s):  # pyreg's own only
                     self._new_state(p, s, group)
                 bufs = self._buffers(p, s, group, run)
                 if s and p not in state:
@@ -441,6 +441,8 @@ class FusedOptimizer(Observable):
         if buckets or after:
             with torch.no_grad():
                 due = self._due(plan, strength)
+                if strength:
+                    record_strength_step([w.bucket for w in strength], self.state)  # type: ignore[attr-defined]
                 for b in buckets:
                     self._run(b)
                 if due and not self._amp_skipped():
@@ -460,7 +462,7 @@ class FusedOptimizer(Observable):
         out: Dict[int, Optional[Tensor]] = {}
         for w in strength:
             gi = dict(zip(map(id, w.bucket.params), w.bucket.groups))
-            for p in strength_due(w.bucket):
+            for p in strength_due(w.bucket, self.state):  # type: ignore[attr-defined]
                 if p.grad is not None:
                     out[id(p)] = p.detach().clone() if groups[gi[id(p)]].get("weight_decay") else None
         return out

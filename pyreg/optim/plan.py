@@ -40,7 +40,7 @@ class Bucket:
         self._subsets: Dict[Tuple[bool, ...], Tuple[List[int], Tensor]] = {}
         self._direct: Optional[list] = None  # see direct()
         self.own_state: Optional[tuple] = None  # a "target", "strength" or "l2_bound" bucket's state vectors (apply.py)
-        self.steps_taken = 0  # a "strength" bucket's steps, counted on the host (apply.strength_due)
+        self.steps_taken: Optional[int] = None  # a "strength" bucket's steps, on the host (apply.strength_due)
 
     def direct(self) -> Optional[list]:
         """For a plain eager step on the CPU: ``[pointers, numels, dtype codes,

@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 from .._validate import nonneg_real
 from ._torch_compat import init_without_groups, step_with_own_hooks
 from .apply import (add_penalty_grads, constraints, penalized, pop_own_state, prox_buckets, put_own_state,
-                    refresh_strength, strength_due, strength_pushes)
+                    record_strength_step, refresh_strength, strength_due, strength_pushes)
 from .engine import Engine, Observable, plan_outside_graph
 from .keys import check_params, hyper_keys_of, read_group
 from .plan import Bucket, Plan, Work
@@ -301,8 +301,12 @@ class Regularized(Observable, Optimizer):
         group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
         # l1_strength: the params whose l1 this step refreshes, as they were
         # before the inner step (their push is the step it makes).
-        before = {id(p): p.detach().clone() for b in plan.buckets if b.kind == "strength" for p in strength_due(b)}
+        before = ({id(p): p.detach().clone() for b in plan.buckets if b.kind == "strength"
+                   for p in strength_due(b, self.state)}
+                  if any(b.kind == "strength" for b in plan.buckets) else None)
         loss = self._inner_step(closure)
+        if before is not None:
+            record_strength_step(plan.buckets, self.state)
         work = [w for w in map(Bucket.active, plan.buckets) if w is not None]
         pen = penalized(work)
         lr_of = [(w, plan.work_lr(w, lrs, group_lrs)) for w in pen]
