@@ -50,12 +50,14 @@ class _AdamBase(FusedOptimizer):
 
     def _push(self, p, s, group, metric, before):
         beta1, beta2 = group["betas"]
-        step = s["step"].to(torch.float64)
-        m = wide(s["exp_avg"]) / (1 - beta1 ** step)  # m_hat
+        step = s["step"]
+        # the bias corrections: numbers for a CPU counter (no sync), else on the device
+        t = float(step) if step.device.type == "cpu" else step.to(torch.float64)
+        m = wide(s["exp_avg"]) / (1 - beta1 ** t)  # m_hat
         if metric:  # the metric prox's step size is lr / (sqrt(v_hat) + eps): the push is m_hat
             return m
         v = s["max_exp_avg_sq"] if group.get("amsgrad", False) else s["exp_avg_sq"]
-        return m / ((wide(v) / (1 - beta2 ** step)).sqrt() + group["eps"])
+        return m.div_((wide(v) / (1 - beta2 ** t)).sqrt_().add_(group["eps"]))
 
 
 _DOC = """:class:`torch.optim.{name}` (same arguments, state and state dict: ``step``,

@@ -71,7 +71,8 @@ def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[An
         c = partial(w.coef, eager=eager)
         d = w.bucket.direct() if be is not None and w.params is w.bucket.params else None
         if d is not None:  # the checks were made: straight to the kernels
-            be.prox_ptrs(d[0], d[1], d[2], c("l1"), c("l2"), lr, d[3])
+            l1 = strength_l1(w, state if state is not None else {}) if w.kind == "strength" else c("l1")
+            be.prox_ptrs(d[0], d[1], d[2], l1, c("l2"), lr, d[3])
             torch.autograd.graph.increment_version(w.params)
         elif w.kind == "group":
             ops.group_prox_(w.params, c("group_l1"), lr, w.dims, element_l1=c("l1"), l2=c("l2"))
@@ -201,23 +202,21 @@ def refresh_strength(w: Work, pushes: Dict[int, Tensor], state: Dict[Any, Dict[s
         return
     vec = strength_l1(w, state)
     at = dict(zip(map(id, w.bucket.params), w.bucket.values["l1_strength"]))
-    idx, vals = [], []
     for i, step in pushes.items():
         p = w.params[i]
         n = step.numel()
         k = min(n, math.ceil(at[id(p)] * n - 1e-9))
-        a = step.detach().abs().flatten()
-        q = (a.to(torch.float32) if a.element_size() < 4 else a).kthvalue(k).values if k > 0 else a.new_zeros(())
-        q = q.to(torch.float64)
-        if lr is not None:
-            r = lr[i] if isinstance(lr, Tensor) else lr
-            if isinstance(r, Tensor):
-                q = torch.where(r > 0, q / r.clamp_min(1e-300), torch.zeros_like(q))
-            else:
-                q = q / r if r > 0 else torch.zeros_like(q)
-        idx.append(i)
-        vals.append(q)
-    vec.index_copy_(0, to_device(idx, torch.int64, vec.device), torch.stack(vals))
+        if k == 0:
+            vec[i].zero_()
+            continue
+        a = step.detach().abs().view(-1)
+        q = (a.float() if a.element_size() < 4 else a).kthvalue(k).values
+        r = None if lr is None else lr[i] if isinstance(lr, Tensor) else lr
+        if isinstance(r, Tensor):
+            q = torch.where(r > 0, q / r.clamp_min(1e-300), torch.zeros_like(r))
+        elif r is not None:
+            q = q / r if r > 0 else q.zero_()
+        vec[i].copy_(q)  # into the float64 vector (its 0-dim views are in the state)
 
 
 def _threshold(a: Tensor, k: int) -> Tensor:

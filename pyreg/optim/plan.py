@@ -49,12 +49,12 @@ class Bucket:
         ``_direct_grads``), for calling the kernels with no per-call list
         checks, or None (then the ops run, with their checks).
 
-        Only an "elem" bucket of plain, contiguous, non-inference CPU tensors,
+        Only an "elem" or "strength" bucket of plain, contiguous, non-inference CPU tensors,
         pairwise disjoint in memory; checked when first asked and again
         whenever a parameter's data pointer or size changed. The plan's
         signature covers the rest (each parameter's identity, dtype, device)."""
         ps = self.params
-        if self.kind != "elem" or self.device.type != "cpu":
+        if self.kind not in ("elem", "strength") or self.device.type != "cpu":
             return None
         d = self._direct
         ptrs = list(map(Tensor.data_ptr, ps))
@@ -170,8 +170,8 @@ class Plan:
                                      "it has no data to regularize")
                 if kinds != ["elem"] and has_dtensor([p]):
                     raise TypeError(f"{where} parameter {name!r} is a DTensor (sharded): group_l1, "
-                                    "ref, l2_bound and max_norm need the full tensor; use l1/l2 on sharded "
-                                    "parameters")
+                                    "ref, l2_bound, max_norm, target_sparsity and l1_strength need the full "
+                                    "tensor; use l1/l2 on sharded parameters")
                 vals = _values_of(spec, j)
                 for kind in kinds:
                     b = reg.setdefault((kind, p.device, p.dtype), ([], [], {}, [], [], []))
