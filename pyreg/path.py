@@ -24,11 +24,13 @@ from .optim.groups import param_groups
 from .optim.keys import coef_values
 
 #: The built-in methods (``method=`` also takes a callable).
-METHODS = ("l1", "l2", "elastic_net", "group", "strength")
+METHODS = ("l1", "l2", "elastic_net", "group", "strength", "group_strength")
 #: The selection rules.
 SELECTS = ("best", "1se")
 #: What a ``method`` callable may return (the keyword arguments of :func:`pyreg.param_groups`).
 _GROUP_KWARGS = frozenset(("l1", "l2", "exclude", "overrides", "ref", "l1_strength"))
+#: The methods whose alpha is a strength in [0, 1] (default grid from _STRENGTH_TOP down).
+_STRENGTH_METHODS = ("strength", "group_strength")
 #: The coefficient keys whose nonzero value makes a parameter regularized.
 _REG_KEYS = ("l1", "l2", "group_l1", "l1_strength")
 #: ``method="strength"``: the default grid, from this strength down, evenly spaced.
@@ -283,6 +285,9 @@ class _Method:
             return {"exclude": self.exclude, "overrides": over}
         if m == "strength":
             return {"l1_strength": alpha, "exclude": self.exclude}
+        if m == "group_strength":
+            over = {glob.escape(n): {"group_strength": alpha, "group_dim": self.group_dim} for n in self.names}
+            return {"exclude": self.exclude, "overrides": over}
         kw = m(alpha)
         if not isinstance(kw, dict):
             raise TypeError(f"method({alpha!r}) must return a dict of pyreg.param_groups keyword arguments, "
@@ -316,14 +321,14 @@ class _Method:
         if not names:
             raise ValueError("no parameter is regularized: every trainable parameter is excluded "
                              "(see exclude=; exclude=[] regularizes them all)")
-        if self.method == "group":
+        if self.method in ("group", "group_strength"):
             from ._validate import group_dims
 
             params = dict((n, p) for g in base for n, p in zip(g["param_names"], g["params"]))
             for n in names:
                 p = params[n]
                 if p.dim() == 0:
-                    raise ValueError(f"method='group' needs group_dim < ndim for every regularized parameter; "
+                    raise ValueError(f"method={self.method!r} needs group_dim < ndim for every regularized parameter; "
                                      f"{n!r} is 0-dim")
                 group_dims(self.group_dim, [p], f"group_dim (for {n!r})")
             self.groups(model, 1.0)
@@ -543,7 +548,9 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
             (``l1_strength = alpha``, a fraction in [0, 1]: each tensor's
             l1 set from its own push, see :func:`pyreg.param_groups`; the
             default grid is ``n_alphas`` strengths evenly spaced from 0.95
-            down, ``eps`` unused), or a callable
+            down, ``eps`` unused), ``"group_strength"`` (the same for
+            group lasso: ``group_strength = alpha`` over the slices along
+            ``group_dim`` of every regularized weight), or a callable
             ``alpha -> dict`` of :func:`pyreg.param_groups` keyword arguments
             (``l1``, ``l2``, ``exclude``, ``overrides``, ``ref``, ``l1_strength``) for anything
             else; it needs ``alphas``.
@@ -605,8 +612,8 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
     if not 0.0 < eps < 1.0:
         raise ValueError(f"eps must be in (0, 1), got {eps}")
     grid = _check_alphas(alphas)
-    if method == "strength" and grid is not None and max(grid) > 1.0:
-        raise ValueError(f"method='strength' takes strengths in [0, 1] (l1_strength); got {max(grid)}")
+    if method in _STRENGTH_METHODS and grid is not None and max(grid) > 1.0:
+        raise ValueError(f"method={method!r} takes strengths in [0, 1]; got {max(grid)}")
     if not isinstance(select, str) or select not in SELECTS:
         raise ValueError(f"select must be one of {list(SELECTS)}, got {select!r}")
     greater_is_better = _flag(greater_is_better, "greater_is_better")
@@ -645,7 +652,7 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
     reg_names = spec.names
     reg_params = [named[n] for n in reg_names]
 
-    if grid is None and method == "strength":
+    if grid is None and method in _STRENGTH_METHODS:
         grid = [_STRENGTH_TOP] if n_alphas == 1 else [_STRENGTH_TOP * (1 - k / n_alphas) for k in range(n_alphas)]
     if grid is None:
         top = _alpha_max(work, loss, train, full_train, device, reg_params, method, l1_ratio, int(group_dim))

@@ -94,7 +94,7 @@ def test_files_written(quick):
 def test_table_rows(quick, capsys):
     out, data = quick
     expected = [(t, m, a) for t in ("mlp", "lstm") for m, a in plan_runs(METHODS, QUICK_ALPHAS)]
-    assert len(expected) == 2 * (2 + 5 * len(QUICK_ALPHAS))  # none and strength once, 5 methods over the grid
+    assert len(expected) == 2 * (3 + 5 * len(QUICK_ALPHAS))  # none and the 2 strengths once, 5 over the grid
     got = [(r["task"], r["method"], r["alpha"]) for r in data["results"]]
     assert got == expected + REAL  # the study's runs, then the real-data tasks' (same with --quick)
     with open(out / "results.csv") as f:
@@ -465,7 +465,7 @@ def test_digits_picture(quick):
 
     out, data = quick
     wins = {m: _winner(data, "digits", m) for m in DIGITS["methods"]}
-    drawn = [m for m in DIGITS["methods"] if m != "strength"]  # strength: in the tables, not drawn
+    drawn = [m for m in DIGITS["methods"] if m not in ("strength", "group-strength")]  # in the tables only
     assert data["config"]["digits_pixels_panels"] == [
         m if m in ("none", "target") else f"{m} alpha={wins[m]['alpha']:g}" for m in drawn]
     with open(out / "digits_pixels.png", "rb") as f:
@@ -496,26 +496,36 @@ def test_digits_target_sparsity(quick):
 
 
 def test_strength_runs_once_per_task_with_its_table(quick, capsys):
-    """``strength``: one run per task at STRENGTH, every layer's l1 from its
-    push (zeros in each weight, comparable across layers), and the table
-    against the L1 grid search, whose numbers are the rows'."""
+    """``strength`` and ``group-strength``: one run per task at STRENGTH /
+    GROUP_STRENGTH (l1_strength: zeros in each weight, comparable across
+    layers; group_strength: whole input columns of the first layer only),
+    and the table against the grid of the same penalty, whose numbers are
+    the rows'."""
     from pyreg.demo.report import format_strength_table
-    from pyreg.demo.study import STRENGTH
+    from pyreg.demo.study import GROUP_STRENGTH, STRENGTH
 
     _, data = quick
-    for task in ("mlp", "lstm", "cancer-raw", "cancer-std", "digits"):
-        rows = _run(data, task, "strength")
-        assert len(rows) == 1 and rows[0]["alpha"] == STRENGTH, task
+    tasks = ["mlp", "lstm", "cancer-raw", "cancer-std", "digits"]
+    for task in tasks:
+        for method, s in (("strength", STRENGTH), ("group-strength", GROUP_STRENGTH)):
+            rows = _run(data, task, method)
+            assert len(rows) == 1 and rows[0]["alpha"] == s, (task, method)
     r = _run(data, "mlp", "strength")[0]
     per_layer = [v["sparsity"] for k, v in r["layers"].items() if k.endswith("weight")]
     assert min(per_layer) > 0.2 and max(per_layer) < 3 * min(per_layer), per_layer
+    g = _run(data, "mlp", "group-strength")[0]
+    assert g["inputs_used"] < g["num_informative"] + g["num_noise"]  # whole inputs dropped
+    assert g["layers"]["2.weight"]["sparsity"] == 0.0 and g["layers"]["4.weight"]["sparsity"] == 0.0
     table = format_strength_table(data["results"]).splitlines()
-    assert [ln.split()[0] for ln in table[2:]] == ["mlp", "lstm", "cancer-raw", "cancer-std", "digits"]
-    grid = [x for x in data["results"] if x["task"] == "mlp" and x["method"] == "l1"]
-    best = max(grid, key=lambda x: (x["val_acc"], x["alpha"]))
-    cells = table[2].split()
-    assert cells[2] == str(len(grid)) and cells[3] == f"{best['val_acc']:.3f}" and cells[8] == f"{r['val_acc']:.3f}"
-    assert cells[-1] == f"{100 * (r['val_acc'] - best['val_acc']):+.1f}"
+    assert [ln.split()[:2] for ln in table[2:]] == [[t, m] for t in tasks for m in ("strength", "group-strength")]
+    for line, (method, grid_method) in zip(table[2:4], (("strength", "l1"), ("group-strength", "group"))):
+        cells = line.split()
+        rule = _run(data, "mlp", method)[0]
+        grid = [x for x in data["results"] if x["task"] == "mlp" and x["method"] == grid_method]
+        best = max(grid, key=lambda x: (x["val_acc"], x["alpha"]))
+        assert cells[3] == f"{rule['val_acc']:.3f}" and cells[6] == grid_method and cells[8] == str(len(grid))
+        assert cells[9] == f"{best['val_acc']:.3f}"
+        assert cells[-1] == f"{100 * (rule['val_acc'] - best['val_acc']):+.1f}"
 
 
 # --------------------------------------------------------------------------

@@ -150,6 +150,22 @@ def test_strength_method_default_grid_and_sparsity():
     assert float(made[0].state[w]["strength_l1"]) > 0
 
 
+def test_group_strength_method_drops_whole_input_columns():
+    """method="group_strength": group_strength = alpha on every weight's
+    columns: the MLP's first layer loses whole input columns only, more at
+    the larger strength."""
+    X, y = _data()
+    result = pyreg.path(_mlp(), nn.functional.mse_loss, (torch.tensor(X).float(), torch.tensor(y).float()[:, None]),
+                        method="group_strength", alphas=[0.3, 0.9],
+                        optimizer=lambda g: pyreg.optim.SGD(g, lr=0.05, momentum=0.9), epochs=120, progress=False)
+    w = result.model(0)[0].weight  # 0.9, the first fit
+    zero_cols = (w == 0).all(dim=0)
+    assert int((w == 0).sum()) == 8 * int(zero_cols.sum()) > 0  # the zeros come in whole columns
+    # (the next fit starts there: a column that regrows stays 0 in the rows of units that died)
+    dropped = [int((result.model(i)[0].weight == 0).all(dim=0).sum()) for i in range(2)]
+    assert dropped[0] > dropped[1], dropped
+
+
 def test_each_fit_starts_from_the_previous_one():
     """With one ISTA step per alpha, the weights at alpha i are one proximal
     step at alpha i from the weights at alpha i-1 (a cold start would begin
@@ -300,6 +316,8 @@ BAD = [
     (dict(val=iter([])), TypeError, "iterator"),
     (dict(device=3), TypeError, "device"),
     (dict(method="strength", alphas=[0.5, 1.5]), ValueError, "strength"),
+    (dict(method="group_strength", alphas=[2.0]), ValueError, "strength"),
+    (dict(method="group_strength", group_dim=5), ValueError, "group_dim"),
 ]
 
 

@@ -141,6 +141,73 @@ def test_regularized_refresh_matches_the_rule(backend):
                     assert float(opt.state[a][KEY]) == pytest.approx(want, rel=1e-9, abs=1e-300)
 
 
+GSHAPES = [(9, 7), (2, 3, 5), (4, 6), (3, 0)]
+
+
+def col_norms(t):
+    """The L2 norm of each slice along dim 1 (float64)."""
+    if t.shape[1] == 0:
+        return t.new_zeros(0, dtype=torch.float64)
+    return t.detach().double().movedim(1, 0).reshape(t.shape[1], -1).norm(dim=1)
+GSTRENGTHS = [0.5, 1.0, 0.3, 0.6]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["SGD-nesterov", "Adam", "Adagrad", "RMSprop-centered-momentum", "Regularized"])
+def test_a_group_refresh_matches_the_rule(name, backend):
+    """group_strength (group_dim 1), l1_refresh=2: tensor i's group_l1 is
+    first set at step due_step(i, 2) (2, 3, 2, 3) to the
+    ceil(s * groups)-th smallest L2 norm of its push over its groups, the
+    push measured on torch's run in float64 (plain metric)."""
+    ours_cls, torch_cls, kw = CONFIGS.get(name, CONFIGS["Adam"])
+    g = torch.Generator().manual_seed(9)
+    init = [torch.randn(s, generator=g, dtype=torch.float64) for s in GSHAPES]
+    ours = [p.clone().requires_grad_() for p in init]
+    ref = [p.clone().requires_grad_() for p in init]
+    group = {"params": ours, "group_strength": GSTRENGTHS, "group_dim": 1, "l1_refresh": 2}
+    opt = pyreg.Regularized(torch_cls([group], **kw)) if name == "Regularized" else ours_cls([group], **kw)
+    topt = torch_cls(ref, **kw)
+    due = [due_step(i, 2) for i in range(len(GSHAPES))]
+    with pyreg.use_backend(backend):
+        for step in range(1, 4):
+            for ps in (ours, ref):
+                for p, gr in zip(ps, grads_for(GSHAPES, step, torch.float64)):
+                    p.grad = gr
+            before = [p.detach().clone() for p in ref]
+            topt.step()
+            opt.step()
+            for i, (a, b) in enumerate(zip(ours, ref)):
+                if step == due[i]:
+                    push = (before[i] - b.detach()) / step_size(topt, b, False)
+                    norms = col_norms(push).sort().values
+                    k = math.ceil(GSTRENGTHS[i] * norms.numel() - 1e-9)
+                    want = float(norms[k - 1]) if k > 0 else 0.0
+                    assert float(opt.state[a]["strength_group_l1"]) == pytest.approx(want, rel=1e-9, abs=1e-300)
+    assert float(opt.state[ours[0]]["strength_group_l1"]) > 0
+    # the group prox with it zeroes whole columns, and the penalty counts them
+    pen = sum(float(opt.state[p]["strength_group_l1"]) * float(col_norms(p).sum()) for p in ours)
+    assert float(opt.penalty) == pytest.approx(pen, rel=1e-9)
+
+
+def test_group_strength_zeroes_whole_columns_in_both_families():
+    """The target depends on 5 of 21 inputs: group_strength on the first
+    layer's columns drops inputs whole, the same in both families."""
+    m1, x, _ = task()
+    y = torch.tanh(x[:, :5] @ torch.randn(5, 7, generator=torch.Generator().manual_seed(1)))
+    m2 = copy.deepcopy(m1)
+    over = {"0.weight": {"group_strength": 0.9, "group_dim": 1}}
+    o1 = pyreg.optim.SGD(pyreg.param_groups(m1, overrides=over), lr=0.1, momentum=0.9)
+    o2 = pyreg.Regularized(torch.optim.SGD(pyreg.param_groups(m2, overrides=over), lr=0.1, momentum=0.9))
+    train(m1, x, y, o1, 150)
+    train(m2, x, y, o2, 150)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    cols = (m1[0].weight != 0).any(dim=0)
+    assert 0 < int(cols.sum()) < 21, cols  # some inputs dropped, whole
+    assert bool(cols[:5].all())  # not the informative ones
+    assert float((m1[2].weight == 0).sum()) == 0  # the other layers are not touched
+
+
 def task(dtype=torch.float32):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(21, 33), nn.Tanh(), nn.Linear(33, 17), nn.Tanh(), nn.Linear(17, 7)).to(dtype)
@@ -250,7 +317,13 @@ BAD = [({"l1_strength": -0.1}, "l1_strength"),
        ({"l1_strength": 0.5, "l1_refresh": True}, "l1_refresh"),
        ({"l1_strength": 0.5, "l1": 1e-3}, "'l1'"),
        ({"l1_strength": 0.5, "target_sparsity": 0.5}, "target_sparsity"),
-       ({"l1_strength": 0.5, "group_l1": 1e-3}, "group_l1")]
+       ({"l1_strength": 0.5, "group_l1": 1e-3}, "group_l1"),
+       ({"group_strength": 1.5}, "group_strength"),
+       ({"group_strength": -0.5}, "group_strength"),
+       ({"group_strength": 0.5, "group_l1": 1e-3}, "group_l1"),
+       ({"group_strength": 0.5, "l1_strength": 0.5}, "l1_strength"),
+       ({"group_strength": 0.5, "target_sparsity": 0.5}, "target_sparsity"),
+       ({"group_strength": 0.5, "group_dim": 5}, "group_dim")]
 
 
 @pytest.mark.parametrize("family", ["Regularized", "AdamW"])

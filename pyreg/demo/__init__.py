@@ -15,8 +15,10 @@ for L1, whole zero input columns for group lasso):
 
 Each task also runs ``strength`` once: ``pyreg.param_groups(model,
 l1_strength=STRENGTH)``, every layer's ``l1`` set from its own push (the
-optimizer's step) every 10 steps, the same strength for every task; a table
-compares it with the L1 grid search and the runs each took.
+optimizer's step) every 10 steps, the same strength for every task; and
+``group-strength`` once: ``group_strength=GROUP_STRENGTH`` on the input
+layer's columns. A table compares them with the L1 and group-lasso grid
+searches and the runs each took.
 
 Then a fine-tuning task: an MLP pre-trained on one generated task is
 fine-tuned, with a new head, on a small related task (same inputs, one class
@@ -89,9 +91,9 @@ LAYER_GRID_ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0)
 #: features, on raw and on standardized inputs (raw inputs need a 100x smaller
 #: learning rate: 0.01 already diverges).
 CANCER = {"sizes": (250, 150, 169), "num_noise": 30, "steps": 300, "lr_raw": 1e-3, "lr_std": 0.1,
-          "methods": ("none", "l1", "group", "strength"), "alphas": (0.1, 0.3, 1.0)}
+          "methods": ("none", "l1", "group", "strength", "group-strength"), "alphas": (0.1, 0.3, 1.0)}
 #: ``digits``: 8 x 8 images; ``target``: target_sparsity per layer.
-DIGITS = {"sizes": (500, 400, 897), "steps": 300, "lr": 0.1, "methods": ("none", "l1", "group", "target", "strength"),
+DIGITS = {"sizes": (500, 400, 897), "steps": 300, "lr": 0.1, "methods": ("none", "l1", "group", "target", "strength", "group-strength"),
           "alphas": (0.03, 0.1, 0.3), "targets": {"0": 0.9, "2": 0.5}}
 #: ``vowels``: the JapaneseVowels sequences (read from the aeon package, the
 #: ``sequences`` extra) plus ``num_noise`` N(0, 1) channels; the LSTM
@@ -234,7 +236,7 @@ def run_real(seed: int, device: torch.device, progress) -> tuple[list[dict], lis
     digit_rows = run_study([digits.to(device)], DIGITS["methods"], DIGITS["alphas"], seed, device, progress)
     rows += digit_rows
     winners = grid_winners(rows)
-    panels = [w for m in DIGITS["methods"] if m != "strength"
+    panels = [w for m in DIGITS["methods"] if m not in ("strength", "group-strength")
               for w in winners if w["task"] == "digits" and w["method"] == m]
     return rows, winners, panels
 
@@ -395,16 +397,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print_vowels(*vowels)
         real, real_winners = real + vowels[0], real_winners + vowels[1]
-    if any(r["method"] == "strength" for r in results + real):
+    if any(r["method"] in ("strength", "group-strength") for r in results + real):
         print()
-        print("How much regularization: the L1 grid search (its winner by validation accuracy, and the runs it\n"
-              "took) against one run of l1_strength (each layer's l1 from its own push, the same strength for\n"
-              "every task and layer). val diff: strength minus grid winner, in points.")
+        print("How much regularization: one run of a strength (l1_strength: each layer's l1 from its own push;\n"
+              "group-strength: the input layer's group_l1 from its columns' push; the same strength for every\n"
+              "task) against the grid search of the same penalty (L1; group lasso), its winner by validation\n"
+              "accuracy and the runs it took. val diff: the strength's run minus the grid winner, in points.")
         print(report.format_strength_table(results + real))
     if layer_grid is not None:
         print()
         print(f"The mlp task's exhaustive per-layer grid (--full): L1 at each of {len(LAYER_GRID_ALPHAS)} alphas on each "
-              "weight,\nagainst the one-alpha grid and the one l1_strength run (winners by validation accuracy).")
+              "weight,\nagainst the one-alpha grids and the one-run strengths (winners by validation accuracy).")
         print(report.format_layer_grid_table(results, layer_grid))
     config = {"quick": args.quick, "device": str(device), "methods": args.methods, "alphas": alphas,
               "seed": args.seed, **SETTINGS[args.quick],

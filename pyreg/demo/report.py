@@ -153,28 +153,31 @@ def format_target_table(rows: Sequence[dict]) -> str:
     return "\n".join(ln.rstrip() for ln in out)
 
 
+#: The strength methods of the demo, and the grid-searched method each stands in for.
+STRENGTH_GRIDS = {"strength": "l1", "group-strength": "group"}
+
+
 def format_strength_table(rows: Sequence[dict]) -> str:
-    """Per task with a ``strength`` run: the L1 grid search (its winner by
-    validation accuracy, ties to the larger alpha, and the number of runs it
-    took) against the one run of ``l1_strength``: accuracies, sparsity, and
+    """Per task and strength method (``strength``, ``group-strength``) run:
+    the one run against the grid search of the same penalty (``l1``,
+    ``group``; its winner by validation accuracy, ties to the larger alpha,
+    and the number of runs it took): accuracies, sparsity, inputs used, and
     the difference in validation accuracy (points)."""
-    tasks = list(dict.fromkeys(r["task"] for r in rows if r["method"] == "strength"))
     lines = []
-    for task in tasks:
-        grid = [r for r in rows if r["task"] == task and r["method"] == "l1"]
-        rule = next(r for r in rows if r["task"] == task and r["method"] == "strength")
+    for rule in [r for r in rows if r["method"] in STRENGTH_GRIDS]:
+        grid = [r for r in rows if r["task"] == rule["task"] and r["method"] == STRENGTH_GRIDS[rule["method"]]]
         if not grid:
             continue
         best = max(grid, key=lambda r: (r["val_acc"], r["alpha"]))
-        lines.append([task, f"{best['alpha']:g}", str(len(grid)), f"{best['val_acc']:.3f}", f"{best['test_acc']:.3f}",
-                      f"{best['sparsity']:.1%}", f"{rule['alpha']:g}", "1", f"{rule['val_acc']:.3f}",
-                      f"{rule['test_acc']:.3f}", f"{rule['sparsity']:.1%}",
-                      f"{100 * (rule['val_acc'] - best['val_acc']):+.1f}"])
-    head = ["task", "l1 alpha", "runs", "val", "test", "sparsity", "strength", "runs", "val", "test", "sparsity",
+        lines.append([rule["task"], rule["method"], f"{rule['alpha']:g}", f"{rule['val_acc']:.3f}",
+                      f"{rule['test_acc']:.3f}", _cell(rule, "inputs_used", "{}"), best["method"],
+                      f"{best['alpha']:g}", str(len(grid)), f"{best['val_acc']:.3f}", f"{best['test_acc']:.3f}",
+                      _cell(best, "inputs_used", "{}"), f"{100 * (rule['val_acc'] - best['val_acc']):+.1f}"])
+    head = ["task", "one run", "strength", "val", "test", "inputs", "grid", "alpha", "runs", "val", "test", "inputs",
             "val diff"]
     cells = [head] + lines
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    out = ["  ".join(c.rjust(w) if i > 0 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    out = ["  ".join(c.ljust(w) if i in (0, 1, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
            for row in cells]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(ln.rstrip() for ln in out)
@@ -183,8 +186,9 @@ def format_strength_table(rows: Sequence[dict]) -> str:
 def format_layer_grid_table(rows: Sequence[dict], layer_rows: Sequence[dict], task: str = "mlp") -> str:
     """``--full``: on ``task``, the winner (best validation accuracy, ties to
     the larger alphas) of the L1 grid with one alpha, of the exhaustive grid
-    with an alpha per layer (``layer_rows``), and the one ``strength`` run:
-    alphas, runs, accuracies, sparsity, inputs used."""
+    with an alpha per layer (``layer_rows``), the one ``strength`` run, and
+    (where they ran) the group-lasso grid's winner and the one
+    ``group-strength`` run: alphas, runs, accuracies, sparsity, inputs used."""
     def best(rs):
         return max(rs, key=lambda r: (r["val_acc"], tuple(r.get("layer_alphas", {}).values()) or (r["alpha"],)))
 
@@ -198,6 +202,12 @@ def format_layer_grid_table(rows: Sequence[dict], layer_rows: Sequence[dict], ta
     rule = [r for r in rows if r["task"] == task and r["method"] == "strength"]
     if rule:
         lines.append(("l1_strength", f"{rule[0]['alpha']:g}", 1, rule[0]))
+    ggrid = [r for r in rows if r["task"] == task and r["method"] == "group"]
+    if ggrid:
+        lines.append(("group lasso, one alpha", f"{best(ggrid)['alpha']:g}", len(ggrid), best(ggrid)))
+    grule = [r for r in rows if r["task"] == task and r["method"] == "group-strength"]
+    if grule:
+        lines.append(("group_strength", f"{grule[0]['alpha']:g}", 1, grule[0]))
     head = ["search", "alphas", "runs", "val", "test", "sparsity", "inputs"]
     cells = [head] + [[name, a, str(n), f"{r['val_acc']:.3f}", f"{r['test_acc']:.3f}", f"{r['sparsity']:.1%}",
                        _cell(r, "inputs_used", "{}")] for name, a, n, r in lines]

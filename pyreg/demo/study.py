@@ -16,6 +16,10 @@ scikit-learn's ``ElasticNet(alpha, l1_ratio)`` penalty):
   10 steps each weight's ``l1`` becomes that quantile of the magnitudes of
   its push, the optimizer's step divided by lr; not ramped (the rule's l1
   is 0 until its first refresh, then follows the push);
+* ``group-strength``: the same for group lasso: one run with
+  ``group_strength`` = :data:`GROUP_STRENGTH` on the input layer's columns
+  (the input weight's ``group_l1`` that quantile of its columns' push
+  norms), no other penalty;
 * ``target`` (the digits task only): no strength; ``target_sparsity`` per
   layer (``Task.targets``), each step's ``l1`` the one that leaves that
   fraction of the layer's weights exactly zero (one run);
@@ -63,9 +67,11 @@ import pyreg
 
 from .data import Splits
 
-METHODS = ("none", "l1", "l2", "elastic", "layer", "group", "strength")
+METHODS = ("none", "l1", "l2", "elastic", "layer", "group", "strength", "group-strength")
 #: method ``strength``: the one strength it runs with (``l1_strength``, a fraction in [0, 1])
 STRENGTH = 0.8
+#: method ``group-strength``: its ``group_strength`` on the input layer's columns
+GROUP_STRENGTH = 0.9
 L1_RATIO = {"l1": 1.0, "l2": 0.0, "elastic": 0.5}
 LAYER_FACTOR = 0.1  # method "layer": alpha on the input layer, alpha * LAYER_FACTOR elsewhere
 
@@ -130,7 +136,7 @@ class Task:
 def coefficients(method: str, alpha: float, rows: int = 1) -> dict[str, float]:
     """Base (l1, l2) of a method at strength alpha, and ``group_l1``: the group
     lasso coefficient of the input layer's columns (``rows`` entries each)."""
-    if method in ("none", "target", "strength"):  # l1 from the target sparsity / the strength rule
+    if method in ("none", "target", "strength", "group-strength"):  # coefficients from a target / a strength
         return {"l1": 0.0, "l2": 0.0, "group_l1": 0.0}
     if method == "layer":
         return {"l1": alpha * LAYER_FACTOR, "l2": 0.0, "group_l1": 0.0}
@@ -152,6 +158,8 @@ def build_groups(model: nn.Module, method: str, alpha: float,
     overrides = None
     if method == "strength":
         return pyreg.param_groups(model, l1_strength=alpha)
+    if method == "group-strength":
+        return pyreg.param_groups(model, overrides={model.input_weight: {"group_strength": alpha, "group_dim": 1}})
     if method == "per-layer":
         if not layer_alphas:
             raise ValueError("method 'per-layer' needs an alpha per weight, e.g. {'0.weight': 0.1}")
@@ -299,16 +307,19 @@ def measure(model: nn.Module, opt: torch.optim.Optimizer, data: Splits, method: 
 
 
 #: Methods run once, not over the grid (``target``: the task's
-#: ``target_sparsity`` per layer; ``strength``: ``l1_strength`` = :data:`STRENGTH`).
-SINGLE_RUN = ("none", "target", "strength")
+#: ``target_sparsity`` per layer; ``strength``: ``l1_strength`` = :data:`STRENGTH`;
+#: ``group-strength``: ``group_strength`` = :data:`GROUP_STRENGTH` on the input layer).
+SINGLE_RUN = ("none", "target", "strength", "group-strength")
 
 
 def plan_runs(methods: Sequence[str], alphas: Sequence[float]) -> list[tuple]:
     """(method, alpha) pairs: ``none`` and ``target`` once (alpha 0),
-    ``strength`` once (alpha :data:`STRENGTH`), every other method over the grid."""
+    ``strength`` and ``group-strength`` once (alpha :data:`STRENGTH`,
+    :data:`GROUP_STRENGTH`), every other method over the grid."""
     runs = []
     for m in methods:
-        runs.extend([(m, STRENGTH if m == "strength" else 0.0)] if m in SINGLE_RUN else [(m, a) for a in alphas])
+        one = {"strength": STRENGTH, "group-strength": GROUP_STRENGTH}.get(m, 0.0)
+        runs.extend([(m, one)] if m in SINGLE_RUN else [(m, a) for a in alphas])
     return runs
 
 

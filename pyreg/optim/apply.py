@@ -24,7 +24,9 @@ from .results import ParamStats, Sparsity
 
 #: The kinds of bucket whose regularizer is a penalty (the others are
 #: constraints, applied after the step by :func:`constraints`).
-PENALIZED = ("elem", "ref", "group", "target", "strength")
+PENALIZED = ("elem", "ref", "group", "target", "strength", "gstrength")
+#: The kinds whose coefficient a refresh sets from the push (:func:`refresh_strength`).
+STRENGTH_KINDS = ("strength", "gstrength")
 #: What an ``l2_bound`` parameter keeps in the optimizer's state: its
 #: multiplier (float64), the bound in force (float64; +inf during a warm-up)
 #: and the steps it took (int64), 0-dim tensors on its device.
@@ -35,10 +37,12 @@ TARGET_STATE = ("target_l1",)
 #: What an ``l1_strength`` parameter keeps in the optimizer's state: the l1
 #: its last refresh set (float64, 0-dim, on its device).
 STRENGTH_STATE = ("strength_l1",)
+#: What a ``group_strength`` parameter keeps: the group_l1 its last refresh set (float64, 0-dim).
+GSTRENGTH_STATE = ("strength_group_l1",)
 #: Its count of steps, for the next refresh (a number, on the host; see :func:`strength_due`).
 STRENGTH_STEP = "strength_step"
 #: Every state entry of pyreg's own (kept in its dtype by :func:`pop_own_state`).
-OWN_STATE = BOUND_STATE + TARGET_STATE + STRENGTH_STATE
+OWN_STATE = BOUND_STATE + TARGET_STATE + STRENGTH_STATE + GSTRENGTH_STATE
 
 
 def penalized(work: Sequence[Work]) -> List[Work]:
@@ -80,6 +84,9 @@ def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[An
             target_prox(w, lr, state if state is not None else {})
         elif w.kind == "strength":
             ops.prox_(w.params, strength_l1(w, state if state is not None else {}), c("l2"), lr)
+        elif w.kind == "gstrength":
+            ops.group_prox_(w.params, strength_l1(w, state if state is not None else {}), lr, w.dims,
+                            element_l1=c("l1"), l2=c("l2"))
         else:
             ops.prox_(w.params, c("l1"), c("l2"), lr, ref=w.refs)
 
@@ -127,10 +134,13 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]]) -> None:
 
 
 def strength_l1(w: Work, state: Dict[Any, Dict[str, Any]]) -> Tensor:
-    """The l1 of each tensor of a "strength" bucket (float64, on the device),
-    as the last :func:`refresh_strength` set it: 0 before the first refresh.
-    The optimizer's state holds a 0-dim view of each (:data:`STRENGTH_STATE`)."""
-    return _own_state(w, state, STRENGTH_STATE, (torch.float64,), lambda: ([0.0] * len(w.params),))[0]
+    """The l1 of each tensor of a "strength" bucket (the group_l1 of a
+    "gstrength" one), float64 on the device, as the last
+    :func:`refresh_strength` set it: 0 before the first refresh. The
+    optimizer's state holds a 0-dim view of each (:data:`STRENGTH_STATE`,
+    :data:`GSTRENGTH_STATE`)."""
+    names = STRENGTH_STATE if w.kind == "strength" else GSTRENGTH_STATE
+    return _own_state(w, state, names, (torch.float64,), lambda: ([0.0] * len(w.params),))[0]
 
 
 def strength_due(b: Bucket, state: Dict[Any, Dict[str, Any]]) -> List[Tensor]:
@@ -161,7 +171,7 @@ def record_strength_step(buckets: Sequence[Bucket], state: Dict[Any, Dict[str, A
     params that have one (a param without state is left so: torch's
     optimizers create theirs at its first step)."""
     for b in buckets:
-        if b.kind == "strength" and b.steps_taken is not None:
+        if b.kind in STRENGTH_KINDS and b.steps_taken is not None:
             for p in b.params:
                 s = state.get(p)
                 if s:
@@ -182,7 +192,9 @@ def strength_pushes(w: Work, made) -> Dict[int, Tensor]:
 
 def refresh_strength(w: Work, pushes: Dict[int, Tensor], state: Dict[Any, Dict[str, Any]], lr=None) -> None:
     """``l1_strength``: sets the l1 of tensor i of ``w`` (each i of
-    ``pushes``) from its push P_i, the optimizer's step in the prox's metric,
+    ``pushes``; ``group_strength``: its group_l1, from the L2 norms of its
+    push over its groups in place of |P_i|) from its push P_i, the
+    optimizer's step in the prox's metric,
     in l1's units (the step divided by each element's prox step size: by lr
     in the plain metric, by lr / (sqrt(v_hat) + eps) in Adam's, and so on;
     pass the raw steps and ``lr``, one number or one per tensor of ``w``,
@@ -201,15 +213,16 @@ def refresh_strength(w: Work, pushes: Dict[int, Tensor], state: Dict[Any, Dict[s
     if not pushes:
         return
     vec = strength_l1(w, state)
-    at = dict(zip(map(id, w.bucket.params), w.bucket.values["l1_strength"]))
+    group = w.kind == "gstrength"
+    at = dict(zip(map(id, w.bucket.params), w.bucket.values["group_strength" if group else "l1_strength"]))
     for i, step in pushes.items():
         p = w.params[i]
-        n = step.numel()
+        a = ops.group_norms([step.detach()], w.dims[i])[0] if group else step.detach().abs().view(-1)
+        n = a.numel()
         k = min(n, math.ceil(at[id(p)] * n - 1e-9))
         if k == 0:
             vec[i].zero_()
             continue
-        a = step.detach().abs().view(-1)
         q = (a.float() if a.element_size() < 4 else a).kthvalue(k).values
         r = None if lr is None else lr[i] if isinstance(lr, Tensor) else lr
         if isinstance(r, Tensor):
@@ -237,12 +250,17 @@ def current_l1(w: Work) -> Tensor:
     """The l1 of ``w``'s params now: a "target" bucket's (as its last step
     set them), a "strength" bucket's (as its last refresh set them), else
     the group's."""
+    return _own_vector(w) if w.kind in ("target", "strength") else w.coefs["l1"]
+
+
+def _own_vector(w: Work) -> Tensor:
+    """The first state vector of ``w``'s bucket for its params (the l1 a
+    "target" or "strength" bucket last set, the group_l1 of a "gstrength"
+    one), zeros if there is none yet."""
     st = w.bucket.own_state
-    if w.kind in ("target", "strength"):
-        if st is not None and st[0] == tuple(map(id, w.params)):
-            return st[1][0]
-        return torch.zeros(len(w.params), dtype=torch.float64, device=w.bucket.device)
-    return w.coefs["l1"]
+    if st is not None and st[0] == tuple(map(id, w.params)):
+        return st[1][0]
+    return torch.zeros(len(w.params), dtype=torch.float64, device=w.bucket.device)
 
 
 def _direct_backend():
@@ -439,8 +457,9 @@ def penalty_of(buckets: Sequence[Work]) -> Tensor:
         c = w.coefs
         ps = [p.detach() for p in w.params]
         value = ops.penalty(ps, current_l1(w), c["l2"], ref=w.refs)
-        if w.kind == "group":
-            value = _sum(value, ops.group_penalty(ps, c["group_l1"], w.dims))
+        if w.kind in ("group", "gstrength"):
+            gl1 = c["group_l1"] if w.kind == "group" else _own_vector(w)
+            value = _sum(value, ops.group_penalty(ps, gl1, w.dims))
         total = value if total is None else _sum(total, value)
     return total if total is not None else torch.zeros(())
 

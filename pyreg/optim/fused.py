@@ -36,7 +36,7 @@ from .._common import SUPPORTED_DTYPES, outside_graph, to_device
 from .._validate import nonneg_real
 from ..backends._marshal import step_ticket
 from ._torch_compat import raw_step
-from .apply import (OWN_STATE, STRENGTH_STATE, STRENGTH_STEP, constraints, penalized, pop_own_state, prox_buckets, put_own_state, refresh_strength,
+from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STATE, STRENGTH_STEP, constraints, penalized, pop_own_state, prox_buckets, put_own_state, refresh_strength,
                     record_strength_step, strength_due, strength_l1, strength_pushes)
 from .engine import Engine, Observable
 from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
@@ -428,11 +428,12 @@ class FusedOptimizer(Observable):
         plan, lrs, hypers = engine.prepare(groups)
         runs = [self._run_of(gi, g, plan, hypers) for gi, g in enumerate(groups)]
         work = [w for w in map(Bucket.active, plan.buckets) if w is not None]
-        strength = [w for w in work if w.kind == "strength"]
+        strength = [w for w in work if w.kind in STRENGTH_KINDS]
         state = self.state  # type: ignore[attr-defined]
         for w in strength:
             strength_l1(w, state)  # the vector, and its 0-dim views in the state (the same objects every step)
-        l1_of = {id(p): state[p][STRENGTH_STATE[0]] for w in strength for p in w.params}
+        # l1_strength: the kernel's prox reads each l1 from its own table row (group_strength: the group pass)
+        l1_of = {id(p): state[p][STRENGTH_STATE[0]] for w in strength if w.kind == "strength" for p in w.params}
         buckets, torch_groups = self._gather(plan, runs, l1_of)
         if torch_groups:
             self._run_torch(torch_groups)
@@ -445,13 +446,13 @@ class FusedOptimizer(Observable):
                     record_strength_step([w.bucket for w in strength], self.state)  # type: ignore[attr-defined]
                 for b in buckets:
                     self._run(b)
-                if due and not self._amp_skipped():
-                    self._refresh(plan, strength, due)
                 if after and not self._amp_skipped():
                     group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
                     prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in penalized(after)],
                                  self.state)  # type: ignore[attr-defined]
                     constraints(after, self.state)  # type: ignore[attr-defined]
+                if due and not self._amp_skipped():  # the new coefficients from the next step on
+                    self._refresh(plan, strength, due)
 
     def _due(self, plan: Plan, strength: List[Work]) -> Dict[int, Optional[Tensor]]:
         """``l1_strength``: the params whose l1 this step refreshes, by id,
@@ -468,8 +469,9 @@ class FusedOptimizer(Observable):
         return out
 
     def _refresh(self, plan: Plan, strength: List[Work], due: Dict[int, Optional[Tensor]]) -> None:
-        """``l1_strength``: after the kernels, the l1 of the tensors due for a
-        refresh, from their push (:meth:`_push`), for the next steps."""
+        """``l1_strength`` / ``group_strength``: after the step, the l1 (group_l1)
+        of the tensors due for a refresh, from their push (:meth:`_push`),
+        for the next steps."""
         groups = self.param_groups  # type: ignore[attr-defined]
         state = self.state  # type: ignore[attr-defined]
         for w in strength:

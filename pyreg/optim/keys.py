@@ -24,6 +24,11 @@ The keys (defaults in parentheses):
   magnitudes of its push, the optimizer's step in the prox's metric (see
   :func:`pyreg.optim.apply.refresh_strength`), in place of the group's ``l1``
   (0 until the first refresh);
+* ``group_strength`` (None): the same for group lasso: every ``l1_refresh``
+  steps each tensor's ``group_l1`` becomes the ``group_strength``-quantile,
+  over its groups (slices along ``group_dim``), of the L2 norms of its push
+  (see :func:`pyreg.optim.apply.refresh_strength`), in place of a given
+  ``group_l1`` (plain metric; ``l1``/``l2`` add to it as with ``group_l1``);
 * ``preconditioned`` (False): the prox in the optimizer's own metric (fused
   optimizers only).
 
@@ -49,10 +54,11 @@ from .._validate import group_dims, nonneg_real, one_value_tensor
 COEF_KEYS = ("l1", "l2", "group_l1", "max_norm")
 #: Every key pyreg reads from a param group.
 KEYS = ("l1", "l2", "group_l1", "group_dim", "ref", "max_norm", "max_norm_dim", "preconditioned",
-        "l2_bound", "l2_warmup", "l2_mu", "target_sparsity", "l1_strength", "l1_refresh")
+        "l2_bound", "l2_warmup", "l2_mu", "target_sparsity", "l1_strength", "l1_refresh",
+        "group_strength")
 #: The keys of the structured regularizers (after the update, outside the fused kernel).
 STRUCTURED_KEYS = ("group_l1", "group_dim", "max_norm", "max_norm_dim", "l2_bound", "l2_warmup", "l2_mu",
-                   "target_sparsity")
+                   "target_sparsity", "group_strength")
 
 
 class GroupSettings(NamedTuple):
@@ -72,6 +78,7 @@ class GroupSettings(NamedTuple):
     target: Optional[Tuple[float, ...]] = None  # target_sparsity (None: l1 as given)
     strength: Optional[Tuple[float, ...]] = None  # l1_strength (None: l1 as given)
     refresh: int = 10                              # l1_refresh: steps between two refreshes of l1
+    gstrength: Optional[Tuple[float, ...]] = None  # group_strength (None: group_l1 as given)
 
     def kinds(self, j: int) -> Tuple[str, ...]:
         """What regularizes parameter ``j``: "group" (sparse group lasso with
@@ -82,6 +89,8 @@ class GroupSettings(NamedTuple):
             out = ("target",)
         elif self.strength is not None:
             out = ("strength",)
+        elif self.gstrength is not None:
+            out = ("gstrength",)
         elif self.group_l1[j] != 0.0:
             out = ("group",)
         elif self.l1[j] != 0.0 or self.l2[j] != 0.0:
@@ -100,7 +109,7 @@ class GroupSettings(NamedTuple):
 
     def values(self) -> tuple:
         return (self.l1, self.l2, self.group_l1, self.max_norm, self.l2_bound, self.l2_warmup, self.l2_mu,
-                self.target, self.strength, self.refresh)
+                self.target, self.strength, self.refresh, self.gstrength)
 
 
 def _hashable(dim: Any) -> Any:
@@ -189,8 +198,16 @@ def read_group(group: Dict[str, Any], defaults: Dict[str, Any], where: str) -> G
             raise ValueError(f"{where} sets both 'l1_strength' and {other!r}: the strength sets each tensor's "
                              "element-wise l1 (leave 'l1' at 0; group lasso or a reference with a strength is "
                              "not supported)")
+    gstrength = _fraction(get("group_strength", defaults.get("group_strength")), n, where, "group_strength")
+    if gstrength is not None:
+        other = ("l1_strength" if strength is not None else "target_sparsity" if target is not None
+                 else "group_l1" if any(gl1) else "ref" if ref is not None and any(r is not None for r in ref)
+                 else "preconditioned" if pre else None)
+        if other is not None:
+            raise ValueError(f"{where} sets both 'group_strength' and {other!r}: the strength sets each tensor's "
+                             "group_l1 in the plain metric (leave 'group_l1' at 0; l1 and l2 may be set)")
     st = GroupSettings(l1, l2, gl1, get("group_dim", 1), mx, get("max_norm_dim", 0), ref, pre, bound, warmup,
-                       coef("l2_mu", 1.0), target, strength, refresh)
+                       coef("l2_mu", 1.0), target, strength, refresh, gstrength)
     if pre and (any(gl1) or (ref is not None and any(r is not None for r in ref))):
         raise ValueError(f"{where} sets preconditioned=True with group_l1 or ref: the prox in the "
                          "optimizer's metric is element-wise L1/L2 only")
@@ -225,14 +242,20 @@ def _strength(strength: Any, refresh: Any, n: int, where: str) -> Tuple[Optional
         refresh = 10
     elif isinstance(refresh, bool) or not isinstance(refresh, numbers.Integral) or refresh < 1:
         raise ValueError(f"{where}['l1_refresh'] must be a number of steps >= 1, got {refresh!r}")
-    if strength is None:
-        return None, int(refresh)
-    vals = coef_values(strength, n, f"{where}['l1_strength']")
+    return _fraction(strength, n, where, "l1_strength"), int(refresh)
+
+
+def _fraction(value: Any, n: int, where: str, key: str) -> Optional[Tuple[float, ...]]:
+    """A strength (``l1_strength``, ``group_strength``): None, or one
+    fraction in [0, 1] per parameter."""
+    if value is None:
+        return None
+    vals = coef_values(value, n, f"{where}[{key!r}]")
     bad = next((v for v in vals if v > 1.0), None)
     if bad is not None:
-        raise ValueError(f"{where}['l1_strength'] is a fraction in [0, 1] (0: no penalty, 1: the largest push "
+        raise ValueError(f"{where}[{key!r}] is a fraction in [0, 1] (0: no penalty, 1: the largest push "
                          f"of each tensor); got {bad}")
-    return vals, int(refresh)
+    return vals
 
 
 def check_params(st: GroupSettings, params: Sequence[Tensor], where: str
@@ -255,7 +278,8 @@ def check_params(st: GroupSettings, params: Sequence[Tensor], where: str
         if any(g != 0.0 and r is not None for g, r in zip(st.group_l1, st.ref)):
             raise ValueError(f"{where} sets both 'group_l1' and 'ref': group lasso toward a reference "
                              "is not supported")
-    gdims = group_dims(st.group_dim, params, f"{where}['group_dim']") if any(st.group_l1) else None
+    gdims = (group_dims(st.group_dim, params, f"{where}['group_dim']")
+             if any(st.group_l1) or st.gstrength is not None else None)
     mdims = (group_dims(st.max_norm_dim, params, f"{where}['max_norm_dim']")
              if st.max_norm is not None else None)
     return gdims, mdims

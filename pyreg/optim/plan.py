@@ -16,10 +16,11 @@ from .._common import DTYPE_CODES, SUPPORTED_DTYPES, has_dtensor, to_device
 from .._validate import disjoint_pointers, first_overlap, plain_cpu
 from .keys import GroupSettings, check_params
 
-_KINDS = ("elem", "ref", "group", "target", "strength", "l2_bound", "max_norm")
+_KINDS = ("elem", "ref", "group", "target", "strength", "gstrength", "l2_bound", "max_norm")
 #: The coefficients each kind of bucket holds, as per-tensor float64 tensors.
 _KIND_COEFS = {"elem": ("l1", "l2"), "ref": ("l1", "l2"), "group": ("l1", "l2", "group_l1"),
                "target": ("l2", "target_sparsity"), "strength": ("l2", "l1_strength", "l1_refresh"),
+               "gstrength": ("l1", "l2", "group_strength", "l1_refresh"),
                "l2_bound": ("l2_bound", "l2_warmup", "l2_mu"), "max_norm": ("max_norm",)}
 
 
@@ -39,7 +40,7 @@ class Bucket:
         self.one_group = groups[0] if groups.count(groups[0]) == len(groups) else None
         self._subsets: Dict[Tuple[bool, ...], Tuple[List[int], Tensor]] = {}
         self._direct: Optional[list] = None  # see direct()
-        self.own_state: Optional[tuple] = None  # a "target", "strength" or "l2_bound" bucket's state vectors (apply.py)
+        self.own_state: Optional[tuple] = None  # a "target", "(g)strength" or "l2_bound" bucket's state (apply.py)
         self.steps_taken: Optional[int] = None  # a "strength" bucket's steps, on the host (apply.strength_due)
 
     def direct(self) -> Optional[list]:
@@ -178,7 +179,7 @@ class Plan:
                     b[0].append(p), b[1].append(gi), b[5].append(j)
                     for k in _KIND_COEFS[kind]:
                         b[2].setdefault(k, []).append(vals[k])
-                    b[3].append(gdims[j] if kind == "group" else mdims[j] if kind == "max_norm" else None)
+                    b[3].append(gdims[j] if kind in ("group", "gstrength") else mdims[j] if kind == "max_norm" else None)
                     b[4].append(ref)
                 reg_names[id(p)] = name
         # The ops write the params after the inner step: reject shared memory
@@ -192,7 +193,7 @@ class Plan:
                              f"parameters {na!r} and {nb!r} share memory; "
                              "pyreg updates each regularized parameter in place, so they must be distinct")
         order = {k: i for i, k in enumerate(_KINDS)}
-        self.buckets = [Bucket(kind, ps, gs, idx, vals, dims if kind in ("group", "max_norm") else None,
+        self.buckets = [Bucket(kind, ps, gs, idx, vals, dims if kind in ("group", "gstrength", "max_norm") else None,
                                refs if kind == "ref" else None)
                         for (kind, _, _), (ps, gs, vals, dims, refs, idx)
                         in sorted(reg.items(), key=lambda kv: order[kv[0][0]])]
@@ -259,4 +260,5 @@ def _values_of(spec: GroupSettings, j: int) -> Dict[str, Optional[float]]:
             "l2_bound": None if spec.l2_bound is None else spec.l2_bound[j],
             "l2_warmup": float(spec.l2_warmup), "l2_mu": spec.l2_mu[j] if spec.l2_mu else 1.0,
             "target_sparsity": None if spec.target is None else spec.target[j],
-            "l1_strength": None if spec.strength is None else spec.strength[j], "l1_refresh": float(spec.refresh)}
+            "l1_strength": None if spec.strength is None else spec.strength[j], "l1_refresh": float(spec.refresh),
+            "group_strength": None if spec.gstrength is None else spec.gstrength[j]}

@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 
 from .._validate import nonneg_real
 from ._torch_compat import init_without_groups, step_with_own_hooks
-from .apply import (add_penalty_grads, constraints, penalized, pop_own_state, prox_buckets, put_own_state,
+from .apply import (STRENGTH_KINDS, add_penalty_grads, constraints, penalized, pop_own_state, prox_buckets, put_own_state,
                     record_strength_step, refresh_strength, strength_due, strength_pushes)
 from .engine import Engine, Observable, plan_outside_graph
 from .keys import check_params, hyper_keys_of, read_group
@@ -274,9 +274,9 @@ class Regularized(Observable, Optimizer):
                 lrs = self._engine.lrs(groups)
         else:
             plan, lrs, _ = self._engine.prepare(groups, lrs=proximal)
-        if not proximal and any(b.kind in ("target", "strength") for b in plan.buckets):
-            raise ValueError("target_sparsity and l1_strength set the l1 of the proximal step, which gives exact "
-                             "zeros: use mode='proximal'")
+        if not proximal and any(b.kind in ("target", "strength", "gstrength") for b in plan.buckets):
+            raise ValueError("target_sparsity, l1_strength and group_strength set the coefficients of the "
+                             "proximal step, which gives exact zeros: use mode='proximal'")
         self._last, self._penalty = [], None
         if self.mode == "gradient":
             if closure is None:
@@ -301,9 +301,9 @@ class Regularized(Observable, Optimizer):
         group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
         # l1_strength: the params whose l1 this step refreshes, as they were
         # before the inner step (their push is the step it makes).
-        before = ({id(p): p.detach().clone() for b in plan.buckets if b.kind == "strength"
+        before = ({id(p): p.detach().clone() for b in plan.buckets if b.kind in STRENGTH_KINDS
                    for p in strength_due(b, self.state)}
-                  if any(b.kind == "strength" for b in plan.buckets) else None)
+                  if any(b.kind in STRENGTH_KINDS for b in plan.buckets) else None)
         loss = self._inner_step(closure)
         if before is not None:
             record_strength_step(plan.buckets, self.state)
@@ -311,7 +311,7 @@ class Regularized(Observable, Optimizer):
         pen = penalized(work)
         lr_of = [(w, plan.work_lr(w, lrs, group_lrs)) for w in pen]
         steps = [(w, lr, strength_pushes(w, lambda p: before[id(p)].sub_(p.detach()) if id(p) in before else None))
-                 for w, lr in lr_of if w.kind == "strength" and before]
+                 for w, lr in lr_of if w.kind in STRENGTH_KINDS and before]
         prox_buckets(lr_of, self.state)
         for w, lr, pushes in steps:
             refresh_strength(w, pushes, self.state, lr=lr)
