@@ -15,6 +15,7 @@ from torch import nn
 import pyreg
 from pyreg.optim.apply import STRENGTH_STATE
 from conftest import bad_key_changes_nothing, needs_emu
+from test_target_sparsity import task  # the same small model and data
 
 BACKENDS = ["cpu", pytest.param("cuda-emu", marks=needs_emu), "torch"]
 KEY = STRENGTH_STATE[0]
@@ -206,14 +207,6 @@ def test_group_strength_zeroes_whole_columns_in_both_families():
     assert 0 < int(cols.sum()) < 21, cols  # some inputs dropped, whole
     assert bool(cols[:5].all())  # not the informative ones
     assert float((m1[2].weight == 0).sum()) == 0  # the other layers are not touched
-
-
-def task(dtype=torch.float32):
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(21, 33), nn.Tanh(), nn.Linear(33, 17), nn.Tanh(), nn.Linear(17, 7)).to(dtype)
-    x = torch.randn(128, 21, dtype=dtype)
-    y = torch.tanh(x @ torch.randn(21, 7, dtype=dtype))
-    return m, x, y
 
 
 def train(m, x, y, opt, steps):
