@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -178,13 +178,12 @@ def record_strength_step(buckets: Sequence[Bucket], state: Dict[Any, Dict[str, A
                     s[STRENGTH_STEP] = b.steps_taken
 
 
-def strength_pushes(w: Work, made) -> Dict[int, Tensor]:
-    """``{i: made(p)}`` for the params ``p = w.params[i]`` that are due (see
-    :func:`strength_due`); ``made``: a dict by ``id(p)`` or a function."""
-    get = made.get if isinstance(made, dict) else None
+def strength_pushes(w: Work, made: Callable[[Tensor], Optional[Tensor]]) -> Dict[int, Tensor]:
+    """``{i: made(p)}`` for the params ``p = w.params[i]`` for which ``made``
+    gives a push (None: not due this step, see :func:`strength_due`)."""
     out = {}
     for i, p in enumerate(w.params):
-        v = get(id(p)) if get is not None else made(p)
+        v = made(p)
         if v is not None:
             out[i] = v
     return out
