@@ -88,22 +88,10 @@ void prox(const TensorList& w, const void* const* refs, Coef l1, Coef l2, Coef l
         // Counts the elements left different from the reference.
         return sweep<A, false, false, true>(n, update, NeLoader<A, T>{x, r});
       }
-      // One pass: each block's prox, counting the nonzeros of what is stored
+      // One pass: each element's prox, counting the nonzeros of what is stored
       // as it is stored (an exact count: no reduction order to keep).
       Partial part = zero_partial();
-      for (int64_t b = 0; b < n; b += kBlock) {
-        const int len = int(std::min(kBlock, n - b));
-        T* __restrict xs = x + b;
-        prefetch_ahead(xs, len);
-        int32_t nz = 0;
-#pragma omp simd reduction(+ : nz)
-        for (int k = 0; k < len; ++k) {
-          const T y = store<T>(prox_value(load<A>(xs[k]), pp));
-          xs[k] = y;
-          nz += load<A>(y) != A(0) ? 1 : 0;
-        }
-        part.nnz += nz;
-      }
+      part.nnz = prox_count(n, x, pp);
       return part;
     });
   });
