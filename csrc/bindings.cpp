@@ -100,6 +100,8 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
   m.def(name("workspace_bytes").c_str(),
         [k](int64_t n, int64_t total) { return k->workspace_bytes(n, total); }, py::arg("n"),
         py::arg("total_numel"));
+  m.def(name("param_bytes").c_str(), [k] { return k->param_bytes(); });
+  m.def(name("launch_count").c_str(), [k] { return k->launch_count(); });
   m.def(name("weight_stats").c_str(),
         [k](const Ptrs& p, const Numels& n, const Codes& d, uintptr_t l1, uintptr_t l2,
             uintptr_t linf, uintptr_t nnz, int out_dtype, uintptr_t ws, int device,

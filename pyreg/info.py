@@ -9,6 +9,12 @@ from . import __version__, _lib
 from .backends import cpu, cuda, cuda_emu
 
 
+def _launches(be) -> str:
+    n = be.param_bytes()
+    return (f"kernel arguments up to {n} bytes: one launch per kernel for a model's list" if n > 4096
+            else f"kernel arguments up to {n} bytes: a launch per batch of 48-96 tensors")
+
+
 def info() -> dict:
     C = _lib._C
     d = {
@@ -28,7 +34,7 @@ def info() -> dict:
         if why:
             d["cuda backend"] = f"compiled ({archs}), not usable: {why}"
         else:
-            d["cuda backend"] = f"compiled ({archs})"
+            d["cuda backend"] = f"compiled ({archs}; {_launches(cuda)})"
             for i in range(torch.cuda.device_count()):
                 cc = ".".join(map(str, torch.cuda.get_device_capability(i)))
                 why = cuda.unavailable_reason(i)
@@ -38,7 +44,7 @@ def info() -> dict:
         d["cuda-emu backend"] = "not compiled (build with PYREG_CUDA_EMU=ON)"
     else:
         why = cuda_emu.unavailable_reason()
-        d["cuda-emu backend"] = ("compiled (the CUDA kernels on the CPU, for tests)" if not why
+        d["cuda-emu backend"] = (f"compiled (the CUDA kernels on the CPU, for tests; {_launches(cuda_emu)})" if not why
                                  else f"compiled, not usable: {why}")
     return d
 

@@ -151,27 +151,31 @@ def test_misaligned_vector_access_aborts_with_a_message(name, message, tmp_path)
     assert "[kernel vector_kernel, block (0,0,0), thread (0,0,0)" in p.stderr, p.stderr
 
 
-def _compile(source: str, tmp_path: Path):
+def _compile(source: str, tmp_path: Path, *flags: str):
     cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         pytest.skip("no C++ compiler")
     f = tmp_path / "k.cpp"
     f.write_text(source)
-    return subprocess.run([cxx, "-std=c++17", "-fsyntax-only", f"-I{CSRC}", str(f)],
+    return subprocess.run([cxx, "-std=c++17", "-fsyntax-only", f"-I{CSRC}", *flags, str(f)],
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("nbytes, ok", [(4000, True), (4100, False)])
-def test_kernel_arguments_over_the_parameter_space_do_not_compile(nbytes, ok, tmp_path):
-    # As with nvcc: arguments beyond the 4 KB parameter space are a compile error.
+@pytest.mark.parametrize("small, nbytes, ok", [(False, 32700, True), (False, 32800, False),
+                                             (True, 4000, True), (True, 4100, False)])
+def test_kernel_arguments_over_the_parameter_space_do_not_compile(small, nbytes, ok, tmp_path):
+    # As with nvcc: arguments beyond the parameter space are a compile error:
+    # 32764 bytes (CUDA 12.1 and newer, sm_70 and newer), or 4 KB in a
+    # PYREG_CUDA_SMALL_PARAMS build. launch.h sizes the batches to match.
     src = f"""
 #include "cuda/emu/cuda_runtime.h"
 #include "cuda/launch.h"
 struct Big {{ char bytes[{nbytes}]; }};
+static_assert(pyreg::kParamBytes == {4096 if small else 32764}, "launch.h's parameter space");
 __global__ void k(Big b, int* out) {{ out[threadIdx.x] = b.bytes[0]; }}
 void go(Big b, int* out) {{ PYREG_LAUNCH(k, 1, 32, 0, nullptr, b, out); }}
 """
-    p = _compile(src, tmp_path)
+    p = _compile(src, tmp_path, *(["-DPYREG_CUDA_SMALL_PARAMS"] if small else []))
     assert (p.returncode == 0) == ok, p.stderr
     if not ok:
         assert "kernel arguments exceed the CUDA parameter space" in p.stderr

@@ -13,7 +13,7 @@ from pyreg.backends import torch_ref
 
 from pyreg._tolerance import TOLERANCES
 
-from conftest import (bits_equal, coef_tensors, like_list, DTYPE_IDS, DTYPES, ELEMENTWISE_TOL, GRAD_TOL, REDUCTION_TOL, as_f64, needs_emu,
+from conftest import (BACKEND_PARAMS, bits_equal, coef_tensors, like_list, DTYPE_IDS, DTYPES, ELEMENTWISE_TOL, GRAD_TOL, REDUCTION_TOL, as_f64, needs_emu,
                       random_list)
 
 # The op matrix runs on every backend (the fixture B: torch, cpu, cuda-emu,
@@ -35,9 +35,11 @@ def test_info_reports_compiled_cpu(tmp_path):
     assert "cpu backend: compiled, usable" in out
     assert f"torch: {torch.__version__}" in out
     assert "threads:" in out and "cuda backend:" in out
-    emu = "compiled (the CUDA kernels on the CPU, for tests)" if backends.get("cuda-emu").compiled() \
-        else "not compiled (build with PYREG_CUDA_EMU=ON)"
+    be = backends.get("cuda-emu")
+    emu = (f"compiled (the CUDA kernels on the CPU, for tests; kernel arguments up to {be.param_bytes()} bytes"
+           if be.compiled() else "not compiled (build with PYREG_CUDA_EMU=ON)")
     assert f"cuda-emu backend: {emu}" in out
+    assert be.param_bytes() in ((4096, 32764) if be.compiled() else (0,))
 
 
 def coefs(kind, n, seed):
@@ -658,6 +660,54 @@ def test_many_tensors_mixed_dtypes_and_sizes(B):
     for i, (w, ww) in enumerate(zip(ts, want)):
         assert torch.equal(w == 0, ww.to(w.dtype) == 0), f"tensor {i}"
     assert torch.equal(nnz, torch.stack([torch.count_nonzero(w) for w in ts]))
+
+
+@pytest.mark.parametrize("B", [p for p in BACKEND_PARAMS if p.id in ("cuda-emu", "cuda")], indirect=True)
+def test_launches_per_op_for_a_model(B):
+    # 300 tensors (GPT-2 has 148, ResNet-50 161). With CUDA 12.1's large
+    # kernel parameters (32764 bytes) the whole list goes to one launch per
+    # kernel: 2 for an element-wise op (its chunks, then the per-tensor
+    # fold), 2 for group_norms, 4 for group_prox_ / max_norm_ (norm partials,
+    # factors, scale, fold), 1 for an optimizer step. With 4 KB parameters
+    # (PYREG_CUDA_SMALL_PARAMS) each kernel runs once per batch of 96
+    # (element-wise) or 48 tensors.
+    from pyreg import _C
+
+    prefix = B.name.replace("-", "_")
+    count = getattr(_C, f"{prefix}_launch_count")
+    large = getattr(_C, f"{prefix}_param_bytes")() > 4096
+    n = 300
+    g = torch.Generator().manual_seed(70)
+    ts = [torch.randn(int(s), generator=g).to(B.dev) for s in torch.randint(1, 5000, (n,), generator=g)]
+    ms = [torch.randn(int(r), 23, generator=g).to(B.dev) for r in torch.randint(1, 40, (n,), generator=g)]
+    ps = [torch.nn.Parameter(t.clone()) for t in ts]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g).to(B.dev)
+    elem, group = (1, 1) if large else (-(-n // 96), -(-n // 48))
+    ops = {
+        "weight_stats": (lambda: pyreg.weight_stats(ts), elem + 1),
+        "penalty": (lambda: pyreg.penalty(ts, 0.1, 0.2), elem + 1),
+        "add_penalty_grad_": (lambda: pyreg.add_penalty_grad_(ts, [p.grad for p in ps], 0.1, 0.2), elem + 1),
+        "prox_": (lambda: pyreg.prox_(ts, 0.1, 0.2, 0.01), elem + 1),
+        "group_norms": (lambda: pyreg.group_norms(ms, dim=1), 2 * group),
+        "group_prox_": (lambda: pyreg.group_prox_(ms, l1=0.1, lr=0.1, dim=1), 3 * group + 1),
+        "max_norm_": (lambda: pyreg.max_norm_(ms, 1.0, dim=0), 3 * group + 1),
+    }
+    with pyreg.use_backend(B.name):
+        got = {}
+        for name, (fn, _) in ops.items():
+            before = count()
+            fn()
+            got[name] = count() - before
+        for cls in (pyreg.optim.SGD, pyreg.optim.AdamW, pyreg.optim.Adagrad, pyreg.optim.RMSprop):
+            opt = cls([{"params": ps, "l1": 1e-3}], lr=1e-3)
+            opt.step()  # the first step also sets up the state
+            before = count()
+            opt.step()
+            got[cls.__name__] = count() - before
+    want = {name: k for name, (_, k) in ops.items()}
+    want.update({name: group for name in ("SGD", "AdamW", "Adagrad", "RMSprop")})
+    assert got == want, f"kernel launches per call ({'32764' if large else '4096'}-byte parameters)"
 
 
 def test_chunk_size_boundaries(B):

@@ -49,6 +49,8 @@ KNOWN_SPILLS = {
 VECTOR_UNITS = {"elementwise": "chunk_kernel", "optim_sgd": "optim_kernel", "optim_adam": "optim_kernel",
                 "optim_adagrad": "optim_kernel", "optim_rmsprop": "optim_kernel",
                 "group": "group_tile_kernelILi2"}  # the group ops' second pass
+#: Of those, the instances that only read (weight_stats, penalty): no stores to check.
+READ_ONLY = ("chunk_kernelILi0E", "chunk_kernelILi1E")
 REGS_PER_SM = 65536
 REG_UNIT = 256  # registers are allocated per warp in units of 256
 MAX_REGS = 255
@@ -240,8 +242,10 @@ def test_vector_path_moves_128_bits_sass(compiled, unit):
     kernels = [s for s in per_kernel if VECTOR_UNITS[unit] in s.split("\n", 1)[0]]
     assert kernels, f"no {VECTOR_UNITS[unit]} in the SASS of {unit}"
     for s in kernels:
-        assert re.search(r"LDG\.E\.128", s), f"no LDG.E.128 in {s.split(chr(10), 1)[0]}"
-        assert re.search(r"STG\.E\.128", s), f"no STG.E.128 in {s.split(chr(10), 1)[0]}"
+        name = s.split("\n", 1)[0]
+        assert re.search(r"LDG\.E\.128", s), f"no LDG.E.128 in {name}"
+        if not any(r in name for r in READ_ONLY):
+            assert re.search(r"STG\.E\.128", s), f"no STG.E.128 in {name}"
 
 
 def main() -> int:

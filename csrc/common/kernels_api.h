@@ -38,6 +38,12 @@ struct Kernels {
   // Workspace bytes for any list of n tensors with `total_numel` elements in
   // all (an upper bound, so the caller needs no per-tensor sizes); 0 on the CPU.
   int64_t (*workspace_bytes)(int64_t n, int64_t total_numel);
+  // CUDA builds: the kernel parameter space the tensor lists are batched for
+  // (4096, or 32764 with CUDA 12.1's large kernel parameters: one launch per
+  // kernel for a model's list), and the kernel launches made so far (for
+  // tests). 0 on the CPU.
+  int64_t (*param_bytes)();
+  int64_t (*launch_count)();
 
   // Per tensor: l1 = sum|w|, l2 = sqrt(sum w^2), linf = max|w| (NaN if any w
   // is NaN), nnz = #(w != 0). Outputs in out_dtype (kFloat32/kFloat64), nnz int64.

@@ -44,6 +44,8 @@ extern const Kernels PYREG_CPU_TABLE = {
     [] { return std::string(); },
     [](int) { return std::string(); },
     [](int64_t, int64_t) { return int64_t(0); },
+    [] { return int64_t(0); },
+    [] { return int64_t(0); },
     k::weight_stats,
     k::penalty,
     k::add_penalty_grad,

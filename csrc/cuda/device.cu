@@ -9,8 +9,11 @@
 #include <cuda_runtime.h>
 #endif
 
+#include <atomic>
 #include <string>
 #include <vector>
+
+#include "launch.h"
 
 // CMake passes the architectures (comma-separated) to this file only.
 #ifndef PYREG_CUDA_ARCHS
@@ -44,6 +47,15 @@ std::string archs() {
   return out;
 }
 
+int64_t param_bytes() { return int64_t(kParamBytes); }
+
+namespace {
+std::atomic<int64_t> g_launches{0};
+}  // namespace
+
+void count_launch() { g_launches.fetch_add(1, std::memory_order_relaxed); }
+int64_t launch_count() { return g_launches.load(std::memory_order_relaxed); }
+
 int device_count() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {
@@ -71,6 +83,18 @@ std::string device_error(int device) {
   (void)cudaGetDeviceCount(&n);
   if (device < 0 || device >= n)
     return "no CUDA device " + std::to_string(device) + " (" + std::to_string(n) + " found)";
+#if !defined(PYREG_CUDA_EMU)
+  if (kParamBytes > 4096) {  // CUDA 12.1's large kernel parameters need its driver
+    int driver = 0;
+    (void)cudaDriverGetVersion(&driver);
+    (void)cudaGetLastError();
+    if (driver < 12010)
+      return "pyreg's CUDA kernels were built to take up to " + std::to_string(kParamBytes) +
+             " bytes of kernel arguments (CUDA 12.1), which this driver (CUDA " + std::to_string(driver / 1000) +
+             "." + std::to_string(driver % 1000 / 10) + ") does not support: update the driver (R530 or "
+             "newer), or build pyreg with the CMake option PYREG_CUDA_SMALL_PARAMS=ON";
+  }
+#endif
   int prev = 0;
   if (cudaGetDevice(&prev) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
     const cudaError_t e = cudaGetLastError();

@@ -52,7 +52,7 @@ namespace pyreg {
 namespace PYREG_CUDA_NS {
 namespace {
 
-constexpr int kMaxTensors = 96;               // tensors per launch (by-value metadata)
+constexpr int kMaxTensors = kParamBytes > 4096 ? 800 : 96;  // tensors per launch (by-value metadata)
 
 // ---------------------------------------------------------------------------
 // Kernel arguments
@@ -70,9 +70,8 @@ struct Batch {
   int32_t nt;                      // tensors in this batch (0 only for an empty list)
 };
 
-// Kernel parameter space: 4 KB on every toolkit/driver pyreg supports.
-static_assert(sizeof(Batch) + sizeof(Coefs) + sizeof(Work) <= 4000,
-              "chunk kernel arguments must fit in 4 KB");
+static_assert(sizeof(Batch) + sizeof(Coefs) + sizeof(Work) <= kParamBytes - kParamSlack,
+              "chunk kernel arguments must fit in the kernel parameter space (launch.h)");
 static_assert(kChunk * 8 < INT_MAX, "chunk lengths are int");
 static_assert(kChunk / kThreads <= 128, "a thread's float32 run is at most 128 elements");
 
@@ -227,7 +226,7 @@ __device__ __forceinline__ Partial run_chunk(void* xbase, void* gbase, const voi
 // Kernels
 // ---------------------------------------------------------------------------
 template <int kOp>
-__global__ void __launch_bounds__(kThreads) chunk_kernel(const Batch b, const Coefs c, const Work w) {
+__global__ void __launch_bounds__(kThreads) chunk_kernel(PYREG_PARAM(Batch) b, const Coefs c, const Work w) {
   const int cidx = int(blockIdx.x);
   if (cidx == 0) {
     // This batch's tensor -> chunk map, for the finishing kernel. Entry t0+nt

@@ -20,7 +20,7 @@ namespace pyreg {
 namespace PYREG_CUDA_NS {
 namespace {
 
-constexpr int kMaxGroupTensors = 48;
+constexpr int kMaxGroupTensors = kParamBytes > 4096 ? 480 : 48;  // tensors per launch
 constexpr int kGroupCols = int(kGroupTileCols) / kThreads;  // columns per thread
 static_assert(kGroupCols * kThreads == kGroupTileCols, "a tile's columns split evenly over threads");
 
@@ -43,8 +43,8 @@ struct GroupWork {
   int out_dtype;
 };
 
-static_assert(sizeof(GroupBatch) + sizeof(GroupCoefs) + sizeof(GroupWork) <= 4000,
-              "group kernel arguments must fit in 4 KB");
+static_assert(sizeof(GroupBatch) + sizeof(GroupCoefs) + sizeof(GroupWork) <= kParamBytes - kParamSlack,
+              "group kernel arguments must fit in the kernel parameter space (launch.h)");
 
 __device__ __forceinline__ double warp_sum(double v) {
 #pragma unroll
@@ -324,7 +324,7 @@ __device__ __forceinline__ void group_tile_run(const GroupBatch& b, int k, int64
 
 template <int kPass, int kOp>
 __global__ void __launch_bounds__(kThreads)
-    group_tile_kernel(const GroupBatch b, const GroupCoefs c, const GroupWork w) {
+    group_tile_kernel(PYREG_PARAM(GroupBatch) b, const GroupCoefs c, const GroupWork w) {
   const int64_t tile = int64_t(blockIdx.x);
   if (kPass == 1 && tile == 0) {
     // This batch's tensor -> group map, for finish_kernel.
@@ -347,7 +347,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <int kOp, int kLanes>
 __global__ void __launch_bounds__(kThreads)
-    group_finish_kernel(const GroupBatch b, const GroupCoefs c, const GroupWork w) {
+    group_finish_kernel(PYREG_PARAM(GroupBatch) b, const GroupCoefs c, const GroupWork w) {
   // kLanes: threads per group, 1 or a warp (32; the host's choice for the batch).
   const int lane = int(threadIdx.x) % kLanes;
   const int64_t gi = b.goff[0] + int64_t(blockIdx.x) * (kThreads / kLanes) + threadIdx.x / kLanes;  // global group

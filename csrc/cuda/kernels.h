@@ -78,6 +78,8 @@ std::string archs();
 int device_count();
 std::string runtime_error();
 std::string device_error(int device);
+int64_t param_bytes();   // the kernel parameter space the batches fill (launch.h)
+int64_t launch_count();  // kernel launches by this build so far
 
 }  // namespace PYREG_CUDA_NS
 }  // namespace pyreg

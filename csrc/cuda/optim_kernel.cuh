@@ -9,7 +9,7 @@ namespace pyreg {
 namespace PYREG_CUDA_NS {
 
 // The batch of a launch: a plain struct, the same in every unit.
-constexpr int kMaxOptimTensors = 48;  // tensors per launch (by-value metadata)
+constexpr int kMaxOptimTensors = kParamBytes > 4096 ? 440 : 48;  // tensors per launch (by-value metadata)
 
 struct OptimBatch {
   void* p[kMaxOptimTensors];
@@ -27,7 +27,8 @@ struct OptimBatch {
   int32_t nt;
 };
 
-static_assert(sizeof(OptimBatch) + sizeof(OptimSpec) <= 4000, "optimizer kernel arguments must fit in 4 KB");
+static_assert(sizeof(OptimBatch) + sizeof(OptimSpec) <= kParamBytes - kParamSlack,
+              "optimizer kernel arguments must fit in the kernel parameter space (launch.h)");
 
 // Each algorithm's unit: launches its optim_kernel on `grid` blocks, and names
 // the kernel for device_error's probe.
@@ -158,7 +159,7 @@ __device__ __forceinline__ void optim_chunk_of(const OptimBatch& b, const OptimS
 }
 
 template <int kAlgo>
-__global__ void __launch_bounds__(kThreads) optim_kernel(const OptimBatch b, const OptimSpec s) {
+__global__ void __launch_bounds__(kThreads) optim_kernel(PYREG_PARAM(OptimBatch) b, const OptimSpec s) {
   if (step_skipped(s)) return;  // every block: nothing changes, the ticket stays zero
   const int cidx = int(blockIdx.x);
   if (cidx < b.cstart[b.nt]) {  // else a batch without chunks (a grid of 1)

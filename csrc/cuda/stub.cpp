@@ -19,6 +19,8 @@ Kernels stub(std::string (*why)()) {
       why,
       [](int) { return std::string("not built"); },
       [](int64_t, int64_t) { return int64_t(0); },
+      [] { return int64_t(0); },
+      [] { return int64_t(0); },
       [](const TensorList&, void*, void*, void*, int64_t*, int, const Launch&) { unavailable(); },
       [](const TensorList&, const void* const*, Coef, Coef, void*, int, const Launch&) { unavailable(); },
       [](const TensorList&, const void* const*, void* const*, Coef, Coef, void*, int, const Launch&) {

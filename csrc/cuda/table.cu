@@ -12,6 +12,7 @@ namespace k = PYREG_CUDA_NS;
 
 extern const Kernels PYREG_CUDA_TABLE = {
     true,         k::archs,   k::device_count, k::runtime_error,    k::device_error, k::workspace_bytes,
+    k::param_bytes, k::launch_count,
     k::weight_stats, k::penalty, k::add_penalty_grad, k::prox,
     k::group_workspace_bytes, k::group_norms, k::group_prox, k::max_norm, k::group_penalty,
     k::add_group_penalty_grad,

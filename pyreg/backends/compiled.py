@@ -102,6 +102,12 @@ class CompiledKernels:
         """What the code was built for: the CPU instruction set, the CUDA architectures."""
         return self._fn("archs")() if self.compiled() else ""
 
+    def param_bytes(self) -> int:
+        """CUDA builds: the kernel parameter space the tensor lists are batched
+        for: 32764 bytes (CUDA 12.1's large kernel parameters: one launch per
+        kernel for a model's list) or 4096; 0 on the CPU or when not built."""
+        return int(self._fn("param_bytes")()) if self.compiled() else 0
+
     def unavailable_reason(self, device: Optional[int] = None) -> str:
         """Why the kernels cannot run on device index ``device`` (None: the
         current one), or "" when they can. The first answer per device is

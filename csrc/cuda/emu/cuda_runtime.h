@@ -19,7 +19,8 @@
 //     block (x, y <= 1024, z <= 64), no zero dimension: else the launch does
 //     not run and cudaGetLastError() returns cudaErrorInvalidConfiguration;
 //   * kernel arguments at most kMaxParamBytes (laid out as the CUDA ABI lays
-//     them out): a compile error, as with nvcc;
+//     them out; 32764 bytes, or 4096 with PYREG_CUDA_SMALL_PARAMS): a compile
+//     error, as with nvcc;
 //   * static shared memory (PYREG_SHARED) at most 48 KB per block: abort;
 //   * a vector access (uint4, float4, double2, ... and __ldg/__ldcg of them)
 //     at an address not aligned to the vector's size: abort, naming the
@@ -140,7 +141,13 @@ struct cudaDeviceProp {
 
 namespace pyreg::emu {
 
-constexpr size_t kMaxParamBytes = 4096;           // kernel parameter space
+// Kernel parameter space: 32764 bytes, as CUDA 12.1 and newer on sm_70 and
+// newer allow; 4096 (older toolkits and GPUs) in a PYREG_CUDA_SMALL_PARAMS build.
+#if defined(PYREG_CUDA_SMALL_PARAMS)
+constexpr size_t kMaxParamBytes = 4096;
+#else
+constexpr size_t kMaxParamBytes = 32764;
+#endif
 constexpr size_t kMaxStaticShared = 48 * 1024;    // static shared memory per block
 constexpr unsigned kMaxGridX = 0x7fffffffu, kMaxGridYZ = 65535u;
 constexpr unsigned kMaxBlockThreads = 1024u, kMaxBlockZ = 64u;

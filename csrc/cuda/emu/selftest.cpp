@@ -15,7 +15,7 @@
 // rule a GPU does not forgive (the emulator aborts the process with a message).
 #include "selftest.h"
 
-#include "cuda_runtime.h"
+#include "build.h"  // the emulator's cuda_runtime.h and namespace (its launches count there)
 #include "../launch.h"
 
 #include <cstring>
