@@ -39,12 +39,12 @@ FLAGS = ["-O3", "--expt-relaxed-constexpr", "-maxrregcount=128", "-std=c++17", f
 #: The kernels every op runs through; a spill in one of them costs every call.
 HOT = ["chunk_kernel", "finish_kernel", "group_tile_kernel", "group_finish_kernel", "optim_kernel"]
 #: Spills ptxas reports for sm_90 in these instantiations (kernel, template
-#: arguments as mangled): (spill store bytes, spill load bytes) at most. Both
-#: have a stack frame for calls that are not inlined. Removing one is a fix;
-#: a new entry, or a larger one, is a regression.
-KNOWN_SPILLS = {
-    ("group_tile_kernel", "ILi1ELi1E"): (176, 376),  # pass 1 of the group ops' kOp 1
-}
+#: arguments as mangled): (spill store bytes, spill load bytes) at most. None
+#: today. A spill usually comes with a stack frame: registers saved around a
+#: call that is not inlined (a GPU has no 64-bit integer divide, and a float64
+#: division or square root keeps a slow path out of line). Adding an entry is a
+#: regression.
+KNOWN_SPILLS: dict = {}
 #: The units whose kernels have a 16-byte vector path, and those kernels.
 VECTOR_UNITS = {"elementwise": "chunk_kernel", "optim_sgd": "optim_kernel", "optim_adam": "optim_kernel",
                 "optim_adagrad": "optim_kernel", "optim_rmsprop": "optim_kernel",

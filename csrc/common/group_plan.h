@@ -51,28 +51,53 @@ struct GroupTiling {
   int64_t partials() const { return row_tiles * groups * sub; }
 };
 
+// The tiling's divisions, without 64-bit divides: a GPU has none (nvcc calls
+// a subroutine, and the registers saved around each call spill to local
+// memory). The divisors are small, and tile indices are under 2^31 (each
+// planner refuses a tensor with more tiles).
+//
+// a / b for 0 <= a < 2^63 and 0 < b <= kMaxSmallDivisor: long division in
+// base-2^15 digits, each step a 32-bit division ((r << 15) | digit < 2^32).
+constexpr int64_t kMaxSmallDivisor = int64_t(1) << 17;
+PYREG_HD int64_t div_small(int64_t a, int64_t b) {
+  const uint32_t d = uint32_t(b);
+  uint64_t q = 0;
+  uint32_t r = 0;
+  for (int s = 60; s >= 0; s -= 15) {
+    const uint32_t cur = (r << 15) | uint32_t((uint64_t(a) >> s) & 0x7fffu);
+    q = (q << 15) | (cur / d);
+    r = cur % d;
+  }
+  return int64_t(q);
+}
+// a / b and a % b for 0 <= a, b < 2^31.
+PYREG_HD int64_t div32(int64_t a, int64_t b) { return int64_t(uint32_t(a) / uint32_t(b)); }
+PYREG_HD int64_t mod32(int64_t a, int64_t b) { return int64_t(uint32_t(a) % uint32_t(b)); }
+
 // narrow_elems: the elements a tile of narrow groups aims for (more rows per
-// tile, fewer partials; the CPU takes larger tiles than a GPU block).
+// tile, fewer partials; the CPU takes larger tiles than a GPU block), at most
+// kMaxSmallDivisor.
 PYREG_HD GroupTiling group_tiling(int64_t outer, int64_t groups, int64_t inner,
                                   int64_t narrow_elems = kGroupTileElems) {
   GroupTiling t{outer, groups, inner, inner >= kWideInner, 1, 0, 1, 0, 1, 0, 0};
   if (outer <= 0 || groups <= 0 || inner <= 0) return t;  // no elements: no tiles
   const int64_t span = t.wide ? kGroupTileElems : kGroupTileCols;
   if (inner > span) {
-    t.sub = (inner + span - 1) / span;
+    // ceil(inner / span), span a power of two: shifts
+    t.sub = t.wide ? (inner + kGroupTileElems - 1) / kGroupTileElems : (inner + kGroupTileCols - 1) / kGroupTileCols;
     t.width = span;
     t.gp = 1;
     t.cols = span;
   } else {
-    t.gp = span / inner;
+    t.gp = div32(span, inner);
     if (t.gp > groups) t.gp = groups;
     t.cols = t.gp * inner;
   }
-  t.rows = (t.wide ? kGroupTileElems : narrow_elems) / t.cols;
+  t.rows = div32(t.wide ? kGroupTileElems : narrow_elems, t.cols);  // <= kMaxSmallDivisor
   if (t.rows < 1) t.rows = 1;
   if (t.rows > outer) t.rows = outer;
-  t.row_tiles = (outer + t.rows - 1) / t.rows;
-  t.col_tiles = (groups + t.gp - 1) / t.gp * t.sub;
+  t.row_tiles = div_small(outer + t.rows - 1, t.rows);
+  t.col_tiles = div_small(groups + t.gp - 1, t.gp) * t.sub;  // gp <= span
   return t;
 }
 
@@ -87,8 +112,8 @@ struct GroupTile {
 
 PYREG_HD GroupTile group_tile(const GroupTiling& t, int64_t k) {
   GroupTile u;
-  u.rt = k / t.col_tiles;
-  const int64_t ct = k % t.col_tiles;
+  u.rt = div32(k, t.col_tiles);  // tile indices are under 2^31
+  const int64_t ct = mod32(k, t.col_tiles);
   u.row0 = u.rt * t.rows;
   u.nrows = t.outer - u.row0 < t.rows ? t.outer - u.row0 : t.rows;
   if (t.sub == 1) {
@@ -98,9 +123,9 @@ PYREG_HD GroupTile group_tile(const GroupTiling& t, int64_t k) {
     u.col0 = u.g0 * t.inner;
     u.ncols = u.ng * t.inner;
   } else {
-    u.g0 = ct / t.sub;
+    u.g0 = div32(ct, t.sub);
     u.ng = 1;
-    u.s = ct % t.sub;
+    u.s = mod32(ct, t.sub);
     const int64_t c = u.s * t.width;
     u.col0 = u.g0 * t.inner + c;
     u.ncols = t.inner - c < t.width ? t.inner - c : t.width;

@@ -104,6 +104,21 @@ PYREG_HD ProxParams<A> prox_params(double l1, double l2, double lr) {
   return p;
 }
 
+// The element soft-threshold of the group prox: prox_params(l1, 0, lr), whose
+// L2 scale 1 / (1 + 0) is 1 (for a finite lr; with lr infinite every element
+// is zeroed or NaN whatever the scale), written without the division: the
+// group kernels then call no division subroutine per tile.
+template <typename A>
+PYREG_HD ProxParams<A> soft_params(double l1, double lr) {
+  const double t = lr * l1;
+  ProxParams<A> p;
+  p.t_floor = floor_to<A>(t);
+  p.t_hi = A(t);
+  p.t_lo = A(t - double(p.t_hi));
+  p.scale = A(1);
+  return p;
+}
+
 template <typename A>
 PYREG_HD A prox_value(A v, const ProxParams<A>& p) {
   const A a = abs_of(v);

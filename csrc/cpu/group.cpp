@@ -49,8 +49,7 @@ void group_run(const TensorList& w, const GroupList& gl, const GroupArgs& a, int
   // The element soft-threshold of group_prox (scale 1: the L2 scale is in the factor).
   auto soft_of = [&](int64_t t, auto zero) {
     using A = decltype(zero);
-    return kOp == kGProx ? prox_params<A>(coef_at(a.c.l1, t), 0.0, coef_at(a.c.lr, t))
-                         : prox_params<A>(0.0, 0.0, 0.0);
+    return kOp == kGProx ? soft_params<A>(coef_at(a.c.l1, t), coef_at(a.c.lr, t)) : soft_params<A>(0.0, 0.0);
   };
   auto factor_of = [&](int64_t t, double nrm) { return group_factor<kOp>(a.c, t, nrm); };
   std::vector<double> parts(poff[n]);

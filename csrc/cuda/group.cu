@@ -59,7 +59,7 @@ __device__ __forceinline__ double warp_sum(double v) {
 // team_warps(g) partials per (row tile, sub-tile): the tile partials of a
 // tensor are g.partials() * team_warps(g).
 PYREG_HD int64_t team_warps(const GroupTiling& g) {
-  return g.wide ? kWarps / (g.gp < kWarps ? g.gp : kWarps) : 1;
+  return g.wide ? kWarps / int(g.gp < kWarps ? g.gp : kWarps) : 1;
 }
 
 struct Team {
@@ -72,12 +72,13 @@ struct Team {
 
 __device__ __forceinline__ Team team_of(const GroupTiling& g) {
   Team m;
-  m.warps = team_warps(g);
-  m.n = kWarps / m.warps;
+  const int warps = int(team_warps(g));  // 32-bit divisions: a GPU has no 64-bit divide
+  m.warps = warps;
+  m.n = kWarps / warps;
   if (m.n > g.gp) m.n = g.gp;
-  const int64_t warp = threadIdx.x >> 5;
-  m.id = warp / m.warps;
-  m.slot = warp % m.warps;
+  const int warp = int(threadIdx.x >> 5);
+  m.id = warp / warps;
+  m.slot = warp % warps;
   m.q = m.slot * 32 + (threadIdx.x & 31);
   m.nq = m.warps * 32;
   return m;
@@ -125,14 +126,12 @@ __device__ __forceinline__ void update_run(T* x, T* gr, int64_t at, const double
 // fused tile runs inside the first keeps single elements: fewer registers
 // live across the factors' division).
 template <int kPass, int kOp, typename T, bool kRunsOk = true>
-__device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t tile, const GroupCoefs& c,
-                                           const GroupWork& w, double* colsum) {
+__device__ __forceinline__ void group_tile(const GroupBatch& b, int k, const GroupTiling& g, const GroupTile& u,
+                                           const GroupCoefs& c, const GroupWork& w, double* colsum) {
   using A = opmath_t<T>;
   const int t = b.t0 + k;
-  const GroupTiling g = group_tiling(b.outer[k], b.groups[k], b.inner[k]);
-  const GroupTile u = group_tile(g, tile);
-  const ProxParams<A> soft = kOp == kGProx ? prox_params<A>(coef_at(c.l1, t), 0.0, coef_at(c.lr, t))
-                                           : prox_params<A>(0.0, 0.0, 0.0);
+  const ProxParams<A> soft = kOp == kGProx ? soft_params<A>(coef_at(c.l1, t), coef_at(c.lr, t))
+                                           : soft_params<A>(0.0, 0.0);
   T* x = static_cast<T*>(b.x[k]);
   const int64_t L = g.groups * g.inner;
   T* gr = kOp == kGGrad ? static_cast<T*>(b.g[k]) : nullptr;
@@ -231,7 +230,7 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t t
     for (int q = 0; q < kRuns; ++q) {
       const int64_t c0 = (int64_t(threadIdx.x) + q * kThreads) * W;
 #pragma unroll
-      for (int e = 0; e < W; ++e) f[q][e] = c0 < u.ncols ? w.factor[b.goff[k] + u.g0 + (c0 + e) / g.inner] : 1.0;
+      for (int e = 0; e < W; ++e) f[q][e] = c0 < u.ncols ? w.factor[b.goff[k] + u.g0 + div32(c0 + e, g.inner)] : 1.0;
     }
     for (int64_t r = 0; r < u.nrows; ++r) {
       const int64_t base = (u.row0 + r) * L + u.col0;
@@ -246,7 +245,7 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, int64_t t
 #pragma unroll
     for (int j = 0; j < kGroupCols; ++j) {
       const int64_t col = int64_t(threadIdx.x) + j * kThreads;
-      f[j] = col < u.ncols ? w.factor[b.goff[k] + u.g0 + col / g.inner] : 0.0;
+      f[j] = col < u.ncols ? w.factor[b.goff[k] + u.g0 + div32(col, g.inner)] : 0.0;
     }
     for (int64_t r = 0; r < u.nrows; ++r) {
       const int64_t base = (u.row0 + r) * L + u.col0;
@@ -288,7 +287,7 @@ __device__ __forceinline__ double group_sq_warp(const GroupBatch& b, int k, cons
   const int64_t total = g.row_tiles * per_rt;
   double sq = 0.0;
   for (int64_t m = lane; m < total; m += 32) {
-    const int64_t rt = m / per_rt, r = m - rt * per_rt, s = r / tw, q = r - s * tw;
+    const int64_t rt = div32(m, per_rt), r = m - rt * per_rt, s = div32(r, tw), q = r - s * tw;
     sq += w.tiles[b.poff[k] + partial_index(g, rt, j, s) * tw + q];
   }
   return warp_sum(sq);
@@ -305,20 +304,15 @@ __device__ __forceinline__ bool fused_tiles(const GroupTiling& g) {
   return (kOp == kGProx || kOp == kGMaxNorm || kOp == kGGrad) && g.row_tiles == 1 && g.sub == 1;
 }
 
-template <int kPass, int kOp, typename T>
-__device__ __forceinline__ void group_tile_run(const GroupBatch& b, int k, int64_t tile, const GroupCoefs& c,
-                                               const GroupWork& w, double* colsum, bool fused) {
-  group_tile<kPass, kOp, T>(b, k, tile, c, w, colsum);
-  if constexpr (kPass == 1) {
-    if (fused) {  // block-uniform
-      __syncthreads();  // the tile's partials are written
-      const GroupTiling g = group_tiling(b.outer[k], b.groups[k], b.inner[k]);
-      const GroupTile u = group_tile(g, tile);
-      for (int64_t j = threadIdx.x; j < u.ng; j += kThreads)
-        w.factor[b.goff[k] + u.g0 + j] = group_factor<kOp>(c, b.t0 + k, group_norm(b, k, g, w, u.g0 + j));
-      __syncthreads();  // and its factors
-      group_tile<2, kOp, T, false>(b, k, tile, c, w, colsum);
-    }
+// Pass kPass of tile u of tensor k, in its dtype.
+template <int kPass, int kOp, bool kRunsOk = true>
+__device__ __forceinline__ void group_tile_any(const GroupBatch& b, int k, const GroupTiling& g, const GroupTile& u,
+                                               const GroupCoefs& c, const GroupWork& w, double* colsum) {
+  switch (b.dtype[k]) {
+    case kFloat64: group_tile<kPass, kOp, double, kRunsOk>(b, k, g, u, c, w, colsum); break;
+    case kFloat16: group_tile<kPass, kOp, half_t, kRunsOk>(b, k, g, u, c, w, colsum); break;
+    case kBFloat16: group_tile<kPass, kOp, bf16_t, kRunsOk>(b, k, g, u, c, w, colsum); break;
+    default: group_tile<kPass, kOp, float, kRunsOk>(b, k, g, u, c, w, colsum); break;
   }
 }
 
@@ -333,15 +327,20 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (tile >= b.tstart[b.nt]) return;  // only for a batch without tiles (grid of 1)
   const int k = owner(b.tstart, b.nt, tile);  // tensors without tiles share the next one's start
-  const int64_t rel = tile - b.tstart[k];
-  const bool fused = fused_tiles<kOp>(group_tiling(b.outer[k], b.groups[k], b.inner[k]));
+  const GroupTiling g = group_tiling(b.outer[k], b.groups[k], b.inner[k]);
+  const GroupTile u = group_tile(g, tile - b.tstart[k]);
+  const bool fused = fused_tiles<kOp>(g);
   if (kPass == 2 && fused) return;  // scaled in pass 1
   PYREG_SHARED(double[kPass == 1 ? kGroupTileCols : 1], colsum);
-  switch (b.dtype[k]) {
-    case kFloat64: group_tile_run<kPass, kOp, double>(b, k, rel, c, w, colsum, fused); break;
-    case kFloat16: group_tile_run<kPass, kOp, half_t>(b, k, rel, c, w, colsum, fused); break;
-    case kBFloat16: group_tile_run<kPass, kOp, bf16_t>(b, k, rel, c, w, colsum, fused); break;
-    default: group_tile_run<kPass, kOp, float>(b, k, rel, c, w, colsum, fused); break;
+  group_tile_any<kPass, kOp>(b, k, g, u, c, w, colsum);
+  if constexpr (kPass == 1) {
+    if (fused) {  // block-uniform: the factors, then pass 2, while the tile is in cache
+      __syncthreads();  // the tile's partials are written
+      for (int64_t j = threadIdx.x; j < u.ng; j += kThreads)
+        w.factor[b.goff[k] + u.g0 + j] = group_factor<kOp>(c, b.t0 + k, group_norm(b, k, g, w, u.g0 + j));
+      __syncthreads();  // and its factors
+      group_tile_any<2, kOp, false>(b, k, g, u, c, w, colsum);
+    }
   }
 }
 
