@@ -45,9 +45,9 @@ constexpr int64_t kBlock = 2048;
 // Default of inline_bytes(): jobs under 4 MB of tensor data run inline.
 constexpr int64_t kCpuInlineBytes = int64_t(4) << 20;
 // Software prefetch distance, in elements. With the hardware prefetcher alone
-// the reductions and prox_ stayed ~10% further from a.sum() / a.mul_(c) on the
-// development CPU (AMD EPYC, AVX2); add_penalty_grad_ (two streams) did not
-// gain, so it does not prefetch.
+// the reductions and prox_ stayed ~10% further from a.sum() / a.mul_(c) on an
+// AMD EPYC (AVX2); add_penalty_grad_ (two streams) did not gain, so it does
+// not prefetch.
 constexpr int64_t kAhead = 4096;
 
 // For consecutive blocks of kBlock elements covering [0, n): first
