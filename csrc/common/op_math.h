@@ -93,21 +93,11 @@ struct ProxParams {
   A t_floor, t_hi, t_lo, scale;
 };
 
-template <typename A>
-PYREG_HD ProxParams<A> prox_params(double l1, double l2, double lr) {
-  const double t = lr * l1;
-  ProxParams<A> p;
-  p.t_floor = floor_to<A>(t);
-  p.t_hi = A(t);
-  p.t_lo = A(t - double(p.t_hi));
-  p.scale = A(1.0 / (1.0 + 2.0 * lr * l2));
-  return p;
-}
-
-// The element soft-threshold of the group prox: prox_params(l1, 0, lr), whose
-// L2 scale 1 / (1 + 0) is 1 (for a finite lr; with lr infinite every element
-// is zeroed or NaN whatever the scale), written without the division: the
-// group kernels then call no division subroutine per tile.
+// The element soft-threshold alone (L2 scale 1), written without a division:
+// the group prox's element step (prox_params(l1, 0, lr), whose scale 1 / (1 + 0)
+// is 1 for a finite lr; with lr infinite every element is zeroed or NaN
+// whatever the scale), so the group kernels call no division subroutine per
+// tile.
 template <typename A>
 PYREG_HD ProxParams<A> soft_params(double l1, double lr) {
   const double t = lr * l1;
@@ -116,6 +106,14 @@ PYREG_HD ProxParams<A> soft_params(double l1, double lr) {
   p.t_hi = A(t);
   p.t_lo = A(t - double(p.t_hi));
   p.scale = A(1);
+  return p;
+}
+
+// The soft-threshold, then the L2 scale 1 / (1 + 2 lr l2).
+template <typename A>
+PYREG_HD ProxParams<A> prox_params(double l1, double l2, double lr) {
+  ProxParams<A> p = soft_params<A>(l1, lr);
+  p.scale = A(1.0 / (1.0 + 2.0 * lr * l2));
   return p;
 }
 
