@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # pyreg on a GPU machine in one command of at most 8 minutes (an H200 with 16
-# cores; the stage budgets below add up to 465 s), writing at most 3 files to
+# cores; the stage budgets below add up to 465 s), writing at most 4 files to
 # $OUT:
 #
 #   OUT=/some/dir bash bench/gpu_session.sh            # the session
@@ -16,17 +16,19 @@
 #              CUDA copy of torch's optimizer suite)
 #   memcheck / racecheck / initcheck
 #              compute-sanitizer on a small subset (every kernel, every dtype,
-#              batch boundaries); memcheck without torch's caching allocator
+#              batch boundaries; racecheck only the kernels with shared
+#              memory); memcheck without torch's caching allocator
 #   bench      element ops, group ops and the optimizer step at GPT-2 and
 #              GPT-1.3B shapes, eager and as CUDA-graph replays
 # Files in $OUT: summary.txt (the GPU, driver, torch; each stage's exit status
-# and seconds), session.log (every stage's output), bench-results.tar.gz.
+# and seconds), session.log (every stage's output), tests.xml (the CUDA tests,
+# JUnit; not in a dry run), bench-results.tar.gz.
 #
 # The dry run (--dry-run or DRY_RUN=1) prints the plan, then runs each stage's
 # logic here on the CPU with the emulated build (cuda-emu) and tiny sizes: the
 # environment report, the installed module instead of a build, each pytest
 # selection collected (it must select tests) and run on cuda-emu, the
-# sanitizer selection without the sanitizer, a tiny CPU bench; same files.
+# sanitizer selection without the sanitizer, a tiny CPU bench.
 #
 # Everything that imports pyreg runs outside the checkout (the source tree's
 # pyreg/ has no compiled module).
@@ -56,27 +58,39 @@ status=0
 T_START=$SECONDS
 
 # Stage budgets in seconds (sum 465: under 8 minutes with the tarball).
-B_ENV=20 B_BUILD=150 B_TEST=90 B_MEMCHECK=45 B_RACECHECK=45 B_INITCHECK=30 B_BENCH=85
+B_ENV=20 B_BUILD=130 B_TEST=90 B_MEMCHECK=45 B_RACECHECK=40 B_INITCHECK=30 B_BENCH=110
 
 # The CUDA tests (test ids: B fixtures give "cuda" / "cuda-emu"; test_cuda's
 # own parametrization likewise).
 TESTS="tests/test_cuda.py tests/test_ops.py tests/test_structured.py tests/test_fused_optim.py"
 SANITIZE_TESTS="tests/test_ops.py tests/test_structured.py tests/test_fused_optim.py"
-SANITIZE_SUBSET="(test_weight_stats or test_prox or test_add_penalty_grad or batch_boundaries \
-or test_group_prox or test_max_norm or test_group_penalty or cross_launch \
-or test_kernel_matches_spec or test_kernel_many_tensors or test_kernel_grad_scale)"
+# Every kernel in every dtype, at batch boundaries, but few of the optimizer
+# variants (under a sanitizer each launch, torch's own included, is slow):
+SAN_ELEM="(test_weight_stats or test_prox or test_add_penalty_grad or batch_boundaries)"
+SAN_GROUP="(test_group_prox or test_max_norm or test_group_penalty or cross_launch)"
+SAN_OPTIM="((test_kernel_matches_spec and (fp32 or bf16) and not noprox and not metric) \
+or test_kernel_many_tensors or test_kernel_grad_scale)"
+# racecheck sees shared memory only: the kernels that use it (reductions, group ops)
+SANITIZE_SUBSET="($SAN_ELEM or $SAN_GROUP or $SAN_OPTIM)"
+RACECHECK_SUBSET="($SAN_ELEM or $SAN_GROUP or test_kernel_grad_scale)"
 if [ "$DRY" = 1 ]; then
   SEL="emu"  # the same selections on the emulated backend
   TEST_K="$SEL"
   SANITIZE_K="$SEL and $SANITIZE_SUBSET"
+  RACECHECK_K="$SEL and $RACECHECK_SUBSET"
   SANITIZE_RUN_K="$SEL and test_weight_stats and fp32"  # tiny: the selection is collected in full
+  RACECHECK_RUN_K="$SANITIZE_RUN_K"
+  JUNIT=""
   BENCH_ARGS=(--device cpu --quick --repeats 1 --no-compile --shapes mlp)
   BENCH_OPS=(weight_stats,step)
   TEST_FILES="tests/test_emulator.py tests/test_cuda.py"
 else
   TEST_K="cuda and not emu"
   SANITIZE_K="cuda and not emu and $SANITIZE_SUBSET"
+  RACECHECK_K="cuda and not emu and $RACECHECK_SUBSET"
   SANITIZE_RUN_K="$SANITIZE_K"
+  RACECHECK_RUN_K="$RACECHECK_K"
+  JUNIT="--junitxml=$OUT/tests.xml"
   BENCH_ARGS=(--device cuda --shapes gpt2,gpt-1.3b --no-compile --repeats 10)
   BENCH_OPS=(weight_stats,add_penalty_grad_,prox_,group_prox_,max_norm_,step)
   TEST_FILES="$TESTS"
@@ -119,7 +133,7 @@ fi
 # The selection must select tests (a renamed test must not empty it silently).
 stage test $B_TEST "cd '$ROOT' && n=\$($PYTEST -q --co -p no:cacheprovider $TESTS -k '$TEST_K' | grep -c '::') \
   && echo \"selected: \$n tests\" && [ \"\$n\" -gt 0 ] \
-  && $PYTEST -q -rs -x -p no:cacheprovider $TEST_FILES -k '$TEST_K'"
+  && $PYTEST -q -rs --maxfail=30 -p no:cacheprovider $JUNIT $TEST_FILES -k '$TEST_K'"
 
 # ---- compute-sanitizer ----------------------------------------------------------------
 for tool in memcheck racecheck initcheck; do
@@ -131,9 +145,11 @@ for tool in memcheck racecheck initcheck; do
   fi
   env=""
   [ $tool = memcheck ] && env="PYTORCH_NO_CUDA_MEMORY_CACHING=1"
-  stage $tool $b "cd '$ROOT' && n=\$($PYTEST -q --co -p no:cacheprovider $SANITIZE_TESTS -k '$SANITIZE_K' | grep -c '::') \
+  k=$SANITIZE_K run_k=$SANITIZE_RUN_K
+  [ $tool = racecheck ] && k=$RACECHECK_K run_k=$RACECHECK_RUN_K
+  stage $tool $b "cd '$ROOT' && n=\$($PYTEST -q --co -p no:cacheprovider $SANITIZE_TESTS -k '$k' | grep -c '::') \
     && echo \"selected: \$n tests\" && [ \"\$n\" -gt 0 ] \
-    && $env $wrap $PYTEST -q -p no:cacheprovider $SANITIZE_TESTS -k '$SANITIZE_RUN_K'"
+    && $env $wrap $PYTEST -q -p no:cacheprovider $SANITIZE_TESTS -k '$run_k'"
 done
 
 # ---- bench: eager and CUDA-graph replays ----------------------------------------------------
