@@ -11,13 +11,15 @@
 #   env        nvidia-smi, driver, torch and CUDA versions, nvcc
 #   build      pyreg with the CUDA kernels for sm_90 only (PYREG_CUDA=ON,
 #              PYREG_CUDA_ARCHS=90-real; CPU kernels for this CPU only)
-#   test       the CUDA tests: the op matrix, structured ops, fused optimizer
-#              and test_cuda on the cuda backend (not the whole suite, not the
-#              CUDA copy of torch's optimizer suite)
+#   test       the CUDA tests: the op matrix, structured ops, fused optimizer,
+#              test_cuda and the CUDA-graph, error and strength tests on the
+#              cuda backend (not the whole suite, not the CUDA copy of torch's
+#              optimizer suite); all failures reported, in tests.xml too
 #   memcheck / racecheck / initcheck
-#              compute-sanitizer on a small subset (every kernel, every dtype,
-#              batch boundaries; racecheck only the kernels with shared
-#              memory); memcheck without torch's caching allocator
+#              compute-sanitizer on bench/sanitize_ops.py: every kernel and
+#              optimizer once per dtype, on lists that cross the chunk and
+#              launch-batch boundaries; memcheck without torch's caching
+#              allocator
 #   bench      element ops, group ops and the optimizer step at GPT-2 and
 #              GPT-1.3B shapes, eager and as CUDA-graph replays
 # Files in $OUT: summary.txt (the GPU, driver, torch; each stage's exit status
@@ -26,9 +28,9 @@
 #
 # The dry run (--dry-run or DRY_RUN=1) prints the plan, then runs each stage's
 # logic here on the CPU with the emulated build (cuda-emu) and tiny sizes: the
-# environment report, the installed module instead of a build, each pytest
+# environment report, the installed module instead of a build, the test
 # selection collected (it must select tests) and run on cuda-emu, the
-# sanitizer selection without the sanitizer, a tiny CPU bench.
+# sanitizers' workload on cuda-emu (fp32) without a sanitizer, a tiny CPU bench.
 #
 # Everything that imports pyreg runs outside the checkout (the source tree's
 # pyreg/ has no compiled module).
@@ -58,38 +60,27 @@ status=0
 T_START=$SECONDS
 
 # Stage budgets in seconds (sum 465: under 8 minutes with the tarball).
-B_ENV=20 B_BUILD=130 B_TEST=90 B_MEMCHECK=45 B_RACECHECK=40 B_INITCHECK=30 B_BENCH=110
+B_ENV=15 B_BUILD=120 B_TEST=100 B_MEMCHECK=50 B_RACECHECK=50 B_INITCHECK=40 B_BENCH=90
 
 # The CUDA tests (test ids: B fixtures give "cuda" / "cuda-emu"; test_cuda's
 # own parametrization likewise).
-TESTS="tests/test_cuda.py tests/test_ops.py tests/test_structured.py tests/test_fused_optim.py"
-SANITIZE_TESTS="tests/test_ops.py tests/test_structured.py tests/test_fused_optim.py"
-# Every kernel in every dtype, at batch boundaries, but few of the optimizer
-# variants (under a sanitizer each launch, torch's own included, is slow):
-SAN_ELEM="(test_weight_stats or test_prox or test_add_penalty_grad or batch_boundaries)"
-SAN_GROUP="(test_group_prox or test_max_norm or test_group_penalty or cross_launch)"
-SAN_OPTIM="((test_kernel_matches_spec and (fp32 or bf16) and not noprox and not metric) \
-or test_kernel_many_tensors or test_kernel_grad_scale)"
-# racecheck sees shared memory only: the kernels that use it (reductions, group ops)
-SANITIZE_SUBSET="($SAN_ELEM or $SAN_GROUP or $SAN_OPTIM)"
-RACECHECK_SUBSET="($SAN_ELEM or $SAN_GROUP or test_kernel_grad_scale)"
+TESTS="tests/test_cuda.py tests/test_ops.py tests/test_structured.py tests/test_fused_optim.py \
+tests/test_compile.py tests/test_errors.py tests/test_strength.py"
+# The sanitizers' workload: every kernel once per dtype on small lists that
+# cross the launch planners' chunk and batch boundaries (bench/sanitize_ops.py;
+# under a sanitizer, pytest's start-up and the suite's sizes take minutes).
+SANITIZE="bench/sanitize_ops.py"
 if [ "$DRY" = 1 ]; then
   SEL="emu"  # the same selections on the emulated backend
   TEST_K="$SEL"
-  SANITIZE_K="$SEL and $SANITIZE_SUBSET"
-  RACECHECK_K="$SEL and $RACECHECK_SUBSET"
-  SANITIZE_RUN_K="$SEL and test_weight_stats and fp32"  # tiny: the selection is collected in full
-  RACECHECK_RUN_K="$SANITIZE_RUN_K"
+  SANITIZE_ARGS="--device cpu --backend cuda-emu --dtypes fp32"
   JUNIT=""
   BENCH_ARGS=(--device cpu --quick --repeats 1 --no-compile --shapes mlp)
   BENCH_OPS=(weight_stats,step)
   TEST_FILES="tests/test_emulator.py tests/test_cuda.py"
 else
   TEST_K="cuda and not emu"
-  SANITIZE_K="cuda and not emu and $SANITIZE_SUBSET"
-  RACECHECK_K="cuda and not emu and $RACECHECK_SUBSET"
-  SANITIZE_RUN_K="$SANITIZE_K"
-  RACECHECK_RUN_K="$RACECHECK_K"
+  SANITIZE_ARGS="--device cuda"
   JUNIT="--junitxml=$OUT/tests.xml"
   BENCH_ARGS=(--device cuda --shapes gpt2,gpt-1.3b --no-compile --repeats 10)
   BENCH_OPS=(weight_stats,add_penalty_grad_,prox_,group_prox_,max_norm_,step)
@@ -145,19 +136,20 @@ for tool in memcheck racecheck initcheck; do
   fi
   env=""
   [ $tool = memcheck ] && env="PYTORCH_NO_CUDA_MEMORY_CACHING=1"
-  k=$SANITIZE_K run_k=$SANITIZE_RUN_K
-  [ $tool = racecheck ] && k=$RACECHECK_K run_k=$RACECHECK_RUN_K
-  stage $tool $b "cd '$ROOT' && n=\$($PYTEST -q --co -p no:cacheprovider $SANITIZE_TESTS -k '$k' | grep -c '::') \
-    && echo \"selected: \$n tests\" && [ \"\$n\" -gt 0 ] \
-    && $env $wrap $PYTEST -q -p no:cacheprovider $SANITIZE_TESTS -k '$run_k'"
+  stage $tool $b "cd '$ROOT' && $env $wrap $PY $SANITIZE $SANITIZE_ARGS"
 done
 
 # ---- bench: eager and CUDA-graph replays ----------------------------------------------------
+# The results' files name the driver and torch (the GPU is in the bench's own file names).
+DRIVER=$(grep , "$WORK/gpu.txt" 2>/dev/null | head -n 1 | cut -d, -f2 | tr -d ' ')
+TORCH=$($PY -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)
+TAG="driver-${DRIVER:-none}-torch-${TORCH:-none}"
+TAG=$(echo "$TAG" | tr -c 'A-Za-z0-9\n' '-')
 graphs="--cuda-graphs"
 [ "$DRY" = 1 ] && graphs=""  # CUDA only
 stage bench $B_BENCH "cd '$WORK' && mkdir -p results \
-  && $PY -m pyreg bench ${BENCH_ARGS[*]} --ops ${BENCH_OPS[*]} --out '$WORK/results' --tag session \
-  && { [ -z '$graphs' ] || $PY -m pyreg bench ${BENCH_ARGS[*]} --ops ${BENCH_OPS[*]} $graphs --out '$WORK/results' --tag session; } \
+  && $PY -m pyreg bench ${BENCH_ARGS[*]} --ops ${BENCH_OPS[*]} --out '$WORK/results' --tag $TAG \
+  && { [ -z '$graphs' ] || $PY -m pyreg bench ${BENCH_ARGS[*]} --ops ${BENCH_OPS[*]} $graphs --out '$WORK/results' --tag $TAG; } \
   && cp gpu.txt torch.txt nvcc.txt results/"
 tar -czf "$OUT/bench-results.tar.gz" -C "$WORK" results 2>/dev/null || tar -czf "$OUT/bench-results.tar.gz" -T /dev/null
 

@@ -1,0 +1,137 @@
+"""Every pyreg kernel once, on small tensor lists, for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck python bench/sanitize_ops.py [--device cuda]
+
+Under a sanitizer each launch (torch's own too) runs tens to hundreds of times
+slower, and importing pytest and collecting the suite costs minutes: this
+script is the sanitizers' workload instead of the test suite. For each dtype it
+builds one list that spans what the launch planners split on:
+
+* an empty tensor, 0-dim tensors and odd sizes;
+* a tensor over a chunk (the large-tensor chunk of 65536 elements and the
+  small one of 16384), so one tensor spans several blocks;
+* more tensors than one launch's batch holds (the largest batch, 800, plus
+  some), so every op runs over a batch boundary;
+* non-contiguous inputs are not passed: the ops copy them to contiguous
+  buffers first (the kernels only ever see contiguous memory).
+
+It then calls every op (element-wise, prox toward a reference, the group ops
+along both dims, max-norm) and one fused step of every optimizer with L1 and
+L2, and checks the results against the float64 specification loosely (a
+wrong result is not the sanitizer's business, but a NaN or an unwritten
+output shows up here too). Exit status 0 when every result is finite and
+close; the sanitizer's own exit code reports memory errors and races.
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+import pyreg
+from pyreg.backends import torch_ref
+
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
+BATCH_TENSORS = 801   # one more than the largest launch batch (element-wise ops)
+
+
+def shapes() -> list:
+    out = [(0,), (), (1,), (7,), (3, 5), (17, 33), (65536 + 3,), (129, 130), (16384 * 2 + 1,)]
+    out += [(i % 5 + 1,) for i in range(BATCH_TENSORS - len(out))]
+    return out
+
+
+def make(dtype, dev, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(dev) for s in shapes()]
+
+
+def close(got, want, what, tol):
+    got = got.double().cpu()
+    want = want.double().cpu()
+    if not torch.isfinite(got).all():
+        raise AssertionError(f"{what}: not finite")
+    err = float((got - want).abs().max()) if got.numel() else 0.0
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    if err > tol * max(scale, 1.0):
+        raise AssertionError(f"{what}: max abs error {err:.3g} (scale {scale:.3g})")
+
+
+def run(dev: str, dtype_names) -> int:
+    n_checks = 0
+    for name in dtype_names:
+        dt = DTYPES[name]
+        tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dt, 5e-2)
+        ws = make(dt, dev, 1)
+        gs = make(dt, dev, 2)
+        ref = make(dt, dev, 3)
+        w64 = [w.double().cpu() for w in ws]
+
+        st = pyreg.weight_stats(ws)
+        want = torch_ref.weight_stats(w64)
+        close(st[0], want[0], f"{name} weight_stats l1", tol)
+        close(st[1], want[1], f"{name} weight_stats l2", tol)
+        close(pyreg.penalty(ws, 1e-3, 1e-2), torch_ref.penalty(w64, 1e-3, 1e-2), f"{name} penalty", tol)
+
+        g = [x.clone() for x in gs]
+        pyreg.add_penalty_grad_(ws, g, 1e-3, 1e-2)
+        g64 = [x.double().cpu() for x in gs]
+        torch_ref.add_penalty_grad_(w64, g64, 1e-3, 1e-2)
+        for i in (0, 6, len(g) - 1):
+            close(g[i], g64[i], f"{name} add_penalty_grad_[{i}]", tol)
+
+        w = [x.clone() for x in ws]
+        pyreg.prox_(w, 0.3, 0.01, 0.5)
+        w = [x.clone() for x in ws]
+        pyreg.prox_(w, 0.3, 0.01, 0.5, ref=ref)
+
+        mats = [x.clone() for x in ws if x.dim() == 2] + [make(dt, dev, 4)[0].reshape(0, 5)]
+        for dim in (0, 1):
+            norms = pyreg.group_norms(mats, dim=dim)
+            want_n = torch_ref.group_norms([m.double().cpu() for m in mats], [dim] * len(mats))
+            close(torch.cat([x.reshape(-1) for x in norms]), want_n.reshape(-1), f"{name} group_norms dim={dim}", tol)
+            pyreg.group_penalty(mats, 0.1, dim=dim)
+            gm = [torch.randn_like(m) for m in mats]
+            pyreg.add_group_penalty_grad_(mats, gm, 0.1, dim=dim)
+            pyreg.group_prox_([m.clone() for m in mats], 0.5, 0.5, dim=dim)
+            pyreg.max_norm_([m.clone() for m in mats], 1.0, dim=dim)
+        n_checks += 1
+
+        # every fused optimizer, one step with L1 and L2 (two steps for the state)
+        for cls, kw in ((pyreg.optim.SGD, dict(lr=0.1, momentum=0.9)), (pyreg.optim.Adam, dict(lr=1e-2)),
+                        (pyreg.optim.AdamW, dict(lr=1e-2)), (pyreg.optim.Adagrad, dict(lr=1e-2)),
+                        (pyreg.optim.RMSprop, dict(lr=1e-2))):
+            ps = [torch.nn.Parameter(x.clone()) for x in ws if x.numel()]
+            for p, gr in zip(ps, (x for x in gs if x.numel())):
+                p.grad = gr.clone()
+            opt = cls(ps, l1=1e-3, l2=1e-2, **kw)
+            opt.step()
+            opt.step()
+            for p in (ps[0], ps[5], ps[-1]):
+                if not torch.isfinite(p.detach().double()).all():
+                    raise AssertionError(f"{name} {cls.__name__}: not finite")
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return n_checks
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated: " + ",".join(DTYPES))
+    p.add_argument("--backend", default=None, help="force a pyreg backend (e.g. cuda-emu)")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    names = args.dtypes.split(",")
+    if args.backend:
+        with pyreg.use_backend(args.backend):
+            n = run(args.device, names)
+    else:
+        n = run(args.device, names)
+    print(f"sanitize_ops: {n} dtypes, every op and optimizer, {len(shapes())} tensors per list, "
+          f"{time.perf_counter() - t0:.1f} s: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
