@@ -47,6 +47,9 @@ from .plan import Bucket, Plan, Work
 #: max_norm, are optional; see keys.py).
 PYREG_KEYS = ("l1", "l2", "preconditioned")
 _PLAIN_TYPES = (Tensor, nn.Parameter)
+#: State keys that pyreg keeps beside the algorithm's (a state holding only
+#: these is new to the algorithm: its own state is created at the next step).
+_PYREG_STATE_KEYS = frozenset(OWN_STATE) | {STRENGTH_STEP}
 #: What the optimizers take as ``params``: tensors, param groups, or (name, tensor) pairs.
 Params = Iterable[Any]
 
@@ -251,27 +254,32 @@ class FusedOptimizer(Observable):
     def _extra(self, group: Dict[str, Any]) -> Dict[str, Any]:
         return {}
 
-    def _torch_path(self, p: Tensor, g: Tensor, group: Dict[str, Any]) -> bool:
-        """True for a parameter the fused kernels do not take."""
-        return (type(p) not in _PLAIN_TYPES or g.layout is not torch.strided or p.dtype not in SUPPORTED_DTYPES
-                or g.dtype != p.dtype or g.device != p.device or bool(group.get("differentiable")))
-
     def _gather(self, plan: Plan, runs: List[_GroupRun], l1_of: Dict[int, Tensor]):
         """(buckets, groups for torch's own step). ``l1_of``: the l1 (a 0-dim
         device tensor) of each ``l1_strength`` parameter, by id: each gets a
-        row of its own, its l1 written into the table on the device."""
+        row of its own, its l1 written into the table on the device.
+
+        This loop runs over every parameter at every step: it reads each
+        attribute once and tests in C where it can (the step's host time)."""
         buckets: Dict[tuple, _Bucket] = {}
         torch_groups = []
         state = self.state  # type: ignore[attr-defined]
+        new_state, buffers = self._new_state, self._buffers
+        strided = torch.strided
         for gi, (group, run) in enumerate(zip(self.param_groups, runs)):  # type: ignore[attr-defined]
             st = plan.specs[gi]
             structured = run.structured
+            differentiable = bool(group.get("differentiable"))
+            flags_of, row_of = run.flags, run.row_of
             others = []
             for j, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
-                if self._torch_path(p, g, group):
+                dev, dt = p.device, p.dtype
+                if (differentiable or type(p) not in _PLAIN_TYPES or g.layout is not strided
+                        or dt not in SUPPORTED_DTYPES or g.dtype != dt or g.device != dev):
+                    # a parameter the fused kernels do not take
                     if structured or id(p) in l1_of:
                         raise ValueError(f"param_groups[{gi}] sets group_l1, ref, l2_bound, max_norm or l1_strength, "
                                          "but some of its "
@@ -281,37 +289,44 @@ class FusedOptimizer(Observable):
                     continue
                 # As torch: no state entry for a parameter that has no state
                 # (SGD without momentum), so the state dict has none either.
-                s = state[p] if p in state else {}
-                if not s or all(k in OWN_STATE or k == STRENGTH_STEP for k in s):  # pyreg's own only
-                    self._new_state(p, s, group)
-                bufs = self._buffers(p, s, group, run)
-                if s and p not in state:
+                s = state.get(p)
+                added = s is None
+                if added:
+                    s = {}
+                if not s or s.keys() <= _PYREG_STATE_KEYS:  # none, or pyreg's own only
+                    new_state(p, s, group)
+                bufs = buffers(p, s, group, run)
+                if added and s:
                     state[p] = s
-                step = bufs[3]
-                flags = run.flags[j]
+                s1, s2, s3, step = bufs[0], bufs[1], bufs[2], bufs[3]
+                flags = flags_of[j]
                 # Which state buffers exist is part of the key: the kernels take
                 # each buffer list for all of a bucket's parameters or for none.
-                key = (p.device, p.dtype, flags, None if step is None else step.dtype,
-                       tuple(t is None for t in bufs[:3]))
+                key = (dev, dt, flags, None if step is None else step.dtype, s1 is None, s2 is None, s3 is None)
                 b = buckets.get(key)
                 if b is None:
                     b = buckets[key] = _Bucket(flags, key[3])
                 b.dynamic = b.dynamic or run.dynamic
-                own = l1_of.get(id(p))
+                own = l1_of.get(id(p)) if l1_of else None
                 if own is not None:  # its own row, l1 written in from the device tensor (see _table)
                     r = len(b.row_values)
-                    b.row_values.append(run.rows[run.row_of[j]])
+                    b.row_values.append(run.rows[row_of[j]])
                     b.l1_rows.append((r, own))
                 else:
-                    r = b.table_rows.get((gi, run.row_of[j]))
+                    r = b.table_rows.get((gi, row_of[j]))
                     if r is None:
-                        r = b.table_rows[(gi, run.row_of[j])] = len(b.row_values)
-                        b.row_values.append(run.rows[run.row_of[j]])
+                        r = b.table_rows[(gi, row_of[j])] = len(b.row_values)
+                        b.row_values.append(run.rows[row_of[j]])
                 b.params.append(p)
                 b.grads.append(g)
-                for lst, t in zip((b.s1, b.s2, b.s3, b.steps), bufs[:4]):
-                    if t is not None:
-                        lst.append(t)
+                if s1 is not None:
+                    b.s1.append(s1)
+                if s2 is not None:
+                    b.s2.append(s2)
+                if s3 is not None:
+                    b.s3.append(s3)
+                if step is not None:
+                    b.steps.append(step)
                 b.rows.append(r)
                 b.fresh.append(bufs[4])
             if others:
