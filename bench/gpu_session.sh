@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # pyreg on a GPU machine in one command of at most 8 minutes (an H200 with 16
-# cores; the stage budgets below add up to 465 s), writing at most 4 files to
+# cores; the stage budgets below add up to 455 s), writing at most 4 files to
 # $OUT:
 #
 #   OUT=/some/dir bash bench/gpu_session.sh            # the session
@@ -20,6 +20,8 @@
 #              optimizer once per dtype, on lists that cross the chunk and
 #              launch-batch boundaries; memcheck without torch's caching
 #              allocator
+#   profile    Nsight Compute (ncu, clocks left alone) on the group ops'
+#              kernels at GPT-2 shapes (bench/profile_ops.py)
 #   bench      element ops, group ops and the optimizer step at GPT-2 and
 #              GPT-1.3B shapes, eager and as CUDA-graph replays
 # Files in $OUT: summary.txt (the GPU, driver, torch; each stage's exit status
@@ -59,8 +61,8 @@ LOG="$OUT/session.log"
 status=0
 T_START=$SECONDS
 
-# Stage budgets in seconds (sum 465: under 8 minutes with the tarball).
-B_ENV=15 B_BUILD=120 B_TEST=100 B_MEMCHECK=50 B_RACECHECK=50 B_INITCHECK=40 B_BENCH=90
+# Stage budgets in seconds (sum 455: under 8 minutes with the tarball).
+B_ENV=15 B_BUILD=110 B_TEST=90 B_MEMCHECK=40 B_RACECHECK=40 B_INITCHECK=30 B_PROFILE=50 B_BENCH=90
 
 # The CUDA tests (test ids: B fixtures give "cuda" / "cuda-emu"; test_cuda's
 # own parametrization likewise).
@@ -101,7 +103,7 @@ stage() {  # stage NAME BUDGET COMMAND...: run under timeout, log, record; keep 
 }
 
 echo "pyreg GPU session$([ "$DRY" = 1 ] && echo ' (dry run: CPU, emulated CUDA, tiny sizes)') in $ROOT -> $OUT" | tee -a "$LOG"
-echo "plan: env ${B_ENV}s, build ${B_BUILD}s, test ${B_TEST}s, memcheck ${B_MEMCHECK}s, racecheck ${B_RACECHECK}s, initcheck ${B_INITCHECK}s, bench ${B_BENCH}s" | tee -a "$LOG" "$SUMMARY"
+echo "plan: env ${B_ENV}s, build ${B_BUILD}s, test ${B_TEST}s, memcheck ${B_MEMCHECK}s, racecheck ${B_RACECHECK}s, initcheck ${B_INITCHECK}s, profile ${B_PROFILE}s, bench ${B_BENCH}s" | tee -a "$LOG" "$SUMMARY"
 
 # ---- env: names the GPU, driver, torch ------------------------------------------
 stage env $B_ENV "cd '$WORK' && { command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader || echo 'no nvidia-smi'; } | tee gpu.txt; \
@@ -138,6 +140,15 @@ for tool in memcheck racecheck initcheck; do
   [ $tool = memcheck ] && env="PYTORCH_NO_CUDA_MEMORY_CACHING=1"
   stage $tool $b "cd '$ROOT' && $env $wrap $PY $SANITIZE $SANITIZE_ARGS"
 done
+
+# ---- profile: Nsight Compute's view of the group ops' kernels (GPT-2 shapes) -------------------
+# The clocks are left as they are (--clock-control none); one run of each op.
+if [ "$DRY" = 1 ]; then
+  stage profile $B_PROFILE "cd '$ROOT' && $PY bench/profile_ops.py --device cpu --shapes mlp --ops group_prox_,max_norm_"
+else
+  stage profile $B_PROFILE "cd '$ROOT' && ncu --clock-control none -k regex:'group_|finish_kernel' --section SpeedOfLight --section Occupancy \
+--section LaunchStats --section MemoryWorkloadAnalysis $PY bench/profile_ops.py --shapes gpt2 --ops group_prox_,max_norm_"
+fi
 
 # ---- bench: eager and CUDA-graph replays ----------------------------------------------------
 # The results' files name the driver and torch (the GPU is in the bench's own file names).

@@ -16,13 +16,14 @@ builds one list that spans what the launch planners split on:
   buffers first (the kernels only ever see contiguous memory).
 
 It then calls every op (element-wise, prox toward a reference, the group ops
-along both dims, max-norm) and one fused step of every optimizer with L1 and
+along both dims, max-norm) and two fused steps of every optimizer (AdamW over a launch batch) with L1 and
 L2, and checks the results against the float64 specification loosely (a
 wrong result is not the sanitizer's business, but a NaN or an unwritten
 output shows up here too). Exit status 0 when every result is finite and
 close; the sanitizer's own exit code reports memory errors and races.
 """
 import argparse
+import math
 import sys
 import time
 
@@ -33,6 +34,7 @@ from pyreg.backends import torch_ref
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
 BATCH_TENSORS = 801   # one more than the largest launch batch (element-wise ops)
+OPTIM_TENSORS = 445   # over the optimizer's batch (440 parameters)
 
 
 def shapes() -> list:
@@ -41,9 +43,29 @@ def shapes() -> list:
     return out
 
 
-def make(dtype, dev, seed):
+def make(dtype, dev, seed, shape_list=None):
+    """Tensors of ``shape_list`` (default: ``shapes()``) filled with random
+    values: views of one buffer, made with one copy to the device (under a
+    sanitizer every torch launch and copy is slow too)."""
+    shape_list = shapes() if shape_list is None else shape_list
+    sizes = [math.prod(s) for s in shape_list]
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(dev) for s in shapes()]
+    flat = torch.randn(sum(sizes), generator=g, dtype=torch.float64).to(dtype).to(dev)
+    return [v.view(s) for v, s in zip(flat.split(sizes), shape_list)]
+
+
+def copy(ts):
+    """A copy of a list from ``make`` (again views of one buffer)."""
+    if not ts:
+        return []
+    base = ts[0]._base if ts[0]._base is not None else ts[0]
+    flat = base.clone()
+    sizes = [t.numel() for t in ts]
+    return [v.view(t.shape) for v, t in zip(flat.split(sizes), ts)]
+
+
+def copy_each(ts):
+    return [t.clone() for t in ts]
 
 
 def close(got, want, what, tol):
@@ -73,37 +95,39 @@ def run(dev: str, dtype_names) -> int:
         close(st[1], want[1], f"{name} weight_stats l2", tol)
         close(pyreg.penalty(ws, 1e-3, 1e-2), torch_ref.penalty(w64, 1e-3, 1e-2), f"{name} penalty", tol)
 
-        g = [x.clone() for x in gs]
+        g = copy(gs)
         pyreg.add_penalty_grad_(ws, g, 1e-3, 1e-2)
         g64 = [x.double().cpu() for x in gs]
         torch_ref.add_penalty_grad_(w64, g64, 1e-3, 1e-2)
         for i in (0, 6, len(g) - 1):
             close(g[i], g64[i], f"{name} add_penalty_grad_[{i}]", tol)
 
-        w = [x.clone() for x in ws]
-        pyreg.prox_(w, 0.3, 0.01, 0.5)
-        w = [x.clone() for x in ws]
-        pyreg.prox_(w, 0.3, 0.01, 0.5, ref=ref)
+        pyreg.prox_(copy(ws), 0.3, 0.01, 0.5)
+        pyreg.prox_(copy(ws), 0.3, 0.01, 0.5, ref=ref)
 
-        mats = [x.clone() for x in ws if x.dim() == 2] + [make(dt, dev, 4)[0].reshape(0, 5)]
+        mats = [x.clone() for x in ws if x.dim() == 2] + [make(dt, dev, 4, [(0, 5)])[0]]
         for dim in (0, 1):
             norms = pyreg.group_norms(mats, dim=dim)
             want_n = torch_ref.group_norms([m.double().cpu() for m in mats], [dim] * len(mats))
             close(torch.cat([x.reshape(-1) for x in norms]), want_n.reshape(-1), f"{name} group_norms dim={dim}", tol)
             pyreg.group_penalty(mats, 0.1, dim=dim)
-            gm = [torch.randn_like(m) for m in mats]
+            gm = copy_each(mats)
             pyreg.add_group_penalty_grad_(mats, gm, 0.1, dim=dim)
-            pyreg.group_prox_([m.clone() for m in mats], 0.5, 0.5, dim=dim)
-            pyreg.max_norm_([m.clone() for m in mats], 1.0, dim=dim)
+            pyreg.group_prox_(copy_each(mats), 0.5, 0.5, dim=dim)
+            pyreg.max_norm_(copy_each(mats), 1.0, dim=dim)
         n_checks += 1
 
-        # every fused optimizer, one step with L1 and L2 (two steps for the state)
-        for cls, kw in ((pyreg.optim.SGD, dict(lr=0.1, momentum=0.9)), (pyreg.optim.Adam, dict(lr=1e-2)),
-                        (pyreg.optim.AdamW, dict(lr=1e-2)), (pyreg.optim.Adagrad, dict(lr=1e-2)),
-                        (pyreg.optim.RMSprop, dict(lr=1e-2))):
-            ps = [torch.nn.Parameter(x.clone()) for x in ws if x.numel()]
-            for p, gr in zip(ps, (x for x in gs if x.numel())):
-                p.grad = gr.clone()
+        # every fused optimizer, two steps with L1 and L2 (the second with state);
+        # AdamW over more parameters than one launch's batch (440) holds
+        for cls, kw, count in ((pyreg.optim.SGD, dict(lr=0.1, momentum=0.9), 24),
+                               (pyreg.optim.Adam, dict(lr=1e-2), 24),
+                               (pyreg.optim.AdamW, dict(lr=1e-2), OPTIM_TENSORS),
+                               (pyreg.optim.Adagrad, dict(lr=1e-2), 24),
+                               (pyreg.optim.RMSprop, dict(lr=1e-2, momentum=0.9, centered=True), 24)):
+            sh = [s for s in shapes() if math.prod(s)][:count]
+            ps = [torch.nn.Parameter(x) for x in make(dt, dev, 5, sh)]
+            for p, gr in zip(ps, make(dt, dev, 6, sh)):
+                p.grad = gr
             opt = cls(ps, l1=1e-3, l2=1e-2, **kw)
             opt.step()
             opt.step()

@@ -17,7 +17,7 @@ from conftest import needs_emu
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_session.sh"
-STAGES = ["env", "build", "test", "memcheck", "racecheck", "initcheck", "bench"]
+STAGES = ["env", "build", "test", "memcheck", "racecheck", "initcheck", "profile", "bench"]
 
 
 def test_stage_budgets_fit_in_8_minutes():
