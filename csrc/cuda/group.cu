@@ -90,32 +90,78 @@ __device__ __forceinline__ Team team_of(const GroupTiling& g) {
 template <typename T>
 constexpr int kGroupVec = sizeof(T) == 8 ? 2 : 4;
 
-// Pass 2 of op kOp on the W elements at x + at (and the grads at gr + at),
-// element e with factor f[e]; a run with every factor 1 is not stored by
+// Wide groups: loads each thread has in flight in the loops over a group's
+// run (one at a time left a warp waiting on every load: the loops' trip
+// counts are only known at run time, so nvcc did not unroll them).
+constexpr int kWideUnroll = 4;
+static_assert(kGroupTileElems + kWideUnroll * kThreads < (int64_t(1) << 31),
+              "a wide group's run (at most a tile) is indexed in 32 bits");
+
+// Pass 2 of op kOp on U runs of W elements, at x + at + u * stride (and the
+// grads at gr + ...), element e of each with factor f[e]: every run loaded
+// before the first is updated. A run with every factor 1 is not stored by
 // max_norm_ (it keeps its bits).
+template <int kOp, int U, int W, typename T, typename A>
+__device__ __forceinline__ void update_runs(T* x, T* gr, int64_t at, int64_t stride, const double (&f)[W],
+                                            const ProxParams<A>& soft) {
+  T v[U][W];
+#pragma unroll
+  for (int u = 0; u < U; ++u) load_run(v[u], x + at + u * stride, 0);
+  if constexpr (kOp == kGGrad) {
+    T gv[U][W];
+#pragma unroll
+    for (int u = 0; u < U; ++u) load_run(gv[u], gr + at + u * stride, 0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int e = 0; e < W; ++e) gv[u][e] = group_grad<T>(load<A>(gv[u][e]), load<A>(v[u][e]), f[e]);
+      store_run(gr + at + u * stride, 0, gv[u]);
+    }
+  } else if constexpr (kOp == kGMaxNorm) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      bool any = false;
+#pragma unroll
+      for (int e = 0; e < W; ++e) {
+        if (f[e] != 1.0) v[u][e] = group_scaled<T>(group_value<kOp, T, A>(v[u][e], soft), f[e]);
+        any = any || f[e] != 1.0;
+      }
+      if (any) store_run(x + at + u * stride, 0, v[u]);
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int e = 0; e < W; ++e) v[u][e] = group_scaled<T>(group_value<kOp, T, A>(v[u][e], soft), f[e]);
+      store_run(x + at + u * stride, 0, v[u]);
+    }
+  }
+}
+
 template <int kOp, int W, typename T, typename A>
 __device__ __forceinline__ void update_run(T* x, T* gr, int64_t at, const double (&f)[W],
                                            const ProxParams<A>& soft) {
-  T v[W];
-  load_run(v, x + at, 0);
+  update_runs<kOp, 1, W, T, A>(x, gr, at, 0, f, soft);
+}
+
+// Pass 2 of op kOp on the U elements at x + at + u * stride of one group
+// (factor fg; max_norm_'s callers skip a group whose factor is 1): all loaded
+// before the first is updated.
+template <int kOp, int U, typename T, typename A>
+__device__ __forceinline__ void update_elems(T* x, T* gr, int64_t at, int64_t stride, double fg,
+                                             const ProxParams<A>& soft) {
+  T v[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) v[u] = x[at + u * stride];
   if constexpr (kOp == kGGrad) {
-    T gv[W];
-    load_run(gv, gr + at, 0);
+    T gv[U];
 #pragma unroll
-    for (int e = 0; e < W; ++e) gv[e] = group_grad<T>(load<A>(gv[e]), load<A>(v[e]), f[e]);
-    store_run(gr + at, 0, gv);
-  } else if constexpr (kOp == kGMaxNorm) {
-    bool any = false;
+    for (int u = 0; u < U; ++u) gv[u] = gr[at + u * stride];
 #pragma unroll
-    for (int e = 0; e < W; ++e) {
-      if (f[e] != 1.0) v[e] = group_scaled<T>(group_value<kOp, T, A>(v[e], soft), f[e]);
-      any = any || f[e] != 1.0;
-    }
-    if (any) store_run(x + at, 0, v);
+    for (int u = 0; u < U; ++u) gr[at + u * stride] = group_grad<T>(load<A>(gv[u]), load<A>(v[u]), fg);
   } else {
 #pragma unroll
-    for (int e = 0; e < W; ++e) v[e] = group_scaled<T>(group_value<kOp, T, A>(v[e], soft), f[e]);
-    store_run(x + at, 0, v);
+    for (int u = 0; u < U; ++u) x[at + u * stride] = group_scaled<T>(group_value<kOp, T, A>(v[u], soft), fg);
   }
 }
 
@@ -164,10 +210,25 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, const Gro
     for (int64_t j = m.id; j < u.ng; j += m.n) {  // warp-uniform
       const int64_t first = u.col0 + j * g.inner;
       if constexpr (kPass == 1) {
+        // The squares are added in the order of i (kWideUnroll loads ahead):
+        // the bits do not depend on the unroll. A run is at most a tile
+        // (kGroupTileElems) wide: 32-bit indices.
+        const int nq = int(m.nq), wd = int(width);
         double sq = 0.0;
         for (int64_t r = 0; r < u.nrows; ++r) {
           const T* run = x + (u.row0 + r) * L + first;
-          for (int64_t i = m.q; i < width; i += m.nq) {
+          int i = int(m.q);
+          for (; i + (kWideUnroll - 1) * nq < wd; i += kWideUnroll * nq) {
+            T v[kWideUnroll];
+#pragma unroll
+            for (int e = 0; e < kWideUnroll; ++e) v[e] = run[i + e * nq];
+#pragma unroll
+            for (int e = 0; e < kWideUnroll; ++e) {
+              const double d = double(group_value<kOp, T, A>(v[e], soft));
+              sq += d * d;
+            }
+          }
+          for (; i < wd; i += nq) {
             const double v = double(group_value<kOp, T, A>(run[i], soft));
             sq += v * v;
           }
@@ -179,15 +240,24 @@ __device__ __forceinline__ void group_tile(const GroupBatch& b, int k, const Gro
         double f[W];
         for (int e = 0; e < W; ++e) f[e] = w.factor[b.goff[k] + u.g0 + j];
         if (kOp == kGMaxNorm && f[0] == 1.0) continue;  // inside the ball: no store
+        const int nq = int(m.nq), nruns = int(width / W);  // 32-bit indices (as pass 1)
         for (int64_t r = 0; r < u.nrows; ++r) {
           const int64_t base = (u.row0 + r) * L + first;
-          for (int64_t i = m.q; i < width / W; i += m.nq) update_run<kOp, W, T, A>(x, gr, base + i * W, f, soft);
+          int i = int(m.q);
+          if constexpr (kOp == kGProx)  // (max_norm_'s and the grad's spilled)
+            for (; i + nq < nruns; i += 2 * nq) update_runs<kOp, 2, W, T, A>(x, gr, base + i * W, nq * W, f, soft);
+          for (; i < nruns; i += nq) update_run<kOp, W, T, A>(x, gr, base + i * W, f, soft);
         }
       } else {
         const double fg = w.factor[b.goff[k] + u.g0 + j];
+        if (kOp == kGMaxNorm && fg == 1.0) continue;  // inside the ball: no load, no store
+        const int nq = int(m.nq), wd = int(width);
         for (int64_t r = 0; r < u.nrows; ++r) {
           const int64_t base = (u.row0 + r) * L + first;
-          for (int64_t i = m.q; i < width; i += m.nq) apply(base + i, fg);
+          int i = int(m.q);
+          constexpr int U = kOp == kGGrad ? 2 : kWideUnroll;  // (the grad: twice the loads)
+          for (; i + (U - 1) * nq < wd; i += U * nq) update_elems<kOp, U, T, A>(x, gr, base + i, nq, fg, soft);
+          for (; i < wd; i += nq) apply(base + i, fg);
         }
       }
     }
