@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # pyreg on a GPU machine in one command of at most 8 minutes (an H200 with 16
-# cores; the stage budgets below add up to 455 s), writing at most 4 files to
+# cores; the stage budgets below add up to 465 s), writing at most 4 files to
 # $OUT:
 #
 #   OUT=/some/dir bash bench/gpu_session.sh            # the session
@@ -23,7 +23,8 @@
 #   profile    Nsight Compute (ncu, clocks left alone) on the group ops'
 #              kernels at GPT-2 shapes (bench/profile_ops.py)
 #   bench      element ops, group ops and the optimizer step at GPT-2 and
-#              GPT-1.3B shapes, eager and as CUDA-graph replays
+#              GPT-1.3B shapes, eager and as CUDA-graph replays; every fused
+#              optimizer's step against torch's (bench/optim_kernels.py)
 # Files in $OUT: summary.txt (the GPU, driver, torch; each stage's exit status
 # and seconds), session.log (every stage's output), tests.xml (the CUDA tests,
 # JUnit; not in a dry run), bench-results.tar.gz.
@@ -61,8 +62,8 @@ LOG="$OUT/session.log"
 status=0
 T_START=$SECONDS
 
-# Stage budgets in seconds (sum 455: under 8 minutes with the tarball).
-B_ENV=15 B_BUILD=110 B_TEST=90 B_MEMCHECK=40 B_RACECHECK=40 B_INITCHECK=30 B_PROFILE=50 B_BENCH=90
+# Stage budgets in seconds (sum 465: under 8 minutes with the tarball).
+B_ENV=15 B_BUILD=110 B_TEST=85 B_MEMCHECK=35 B_RACECHECK=35 B_INITCHECK=30 B_PROFILE=40 B_BENCH=115
 
 # The CUDA tests (test ids: B fixtures give "cuda" / "cuda-emu"; test_cuda's
 # own parametrization likewise).
@@ -79,6 +80,7 @@ if [ "$DRY" = 1 ]; then
   JUNIT=""
   BENCH_ARGS=(--device cpu --quick --repeats 1 --no-compile --shapes mlp)
   BENCH_OPS=(weight_stats,step)
+  OPTIM_ARGS="--device cpu --shapes mlp --repeats 1 --min-total-s 0.01"
   TEST_FILES="tests/test_emulator.py tests/test_cuda.py"
 else
   TEST_K="cuda and not emu"
@@ -86,6 +88,7 @@ else
   JUNIT="--junitxml=$OUT/tests.xml"
   BENCH_ARGS=(--device cuda --shapes gpt2,gpt-1.3b --no-compile --repeats 10)
   BENCH_OPS=(weight_stats,add_penalty_grad_,prox_,group_prox_,max_norm_,step)
+  OPTIM_ARGS="--device cuda --shapes gpt2 --graphs --repeats 5 --min-total-s 0.1"
   TEST_FILES="$TESTS"
 fi
 
@@ -161,6 +164,7 @@ graphs="--cuda-graphs"
 stage bench $B_BENCH "cd '$WORK' && mkdir -p results \
   && $PY -m pyreg bench ${BENCH_ARGS[*]} --ops ${BENCH_OPS[*]} --out '$WORK/results' --tag $TAG \
   && { [ -z '$graphs' ] || $PY -m pyreg bench ${BENCH_ARGS[*]} --ops ${BENCH_OPS[*]} $graphs --out '$WORK/results' --tag $TAG; } \
+  && $PY '$ROOT/bench/optim_kernels.py' $OPTIM_ARGS --out '$WORK/results/optim-kernels-$TAG.json' \
   && cp gpu.txt torch.txt nvcc.txt results/"
 tar -czf "$OUT/bench-results.tar.gz" -C "$WORK" results 2>/dev/null || tar -czf "$OUT/bench-results.tar.gz" -T /dev/null
 

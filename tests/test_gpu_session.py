@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,8 @@ def test_dry_run_runs_every_stage(tmp_path):
     log = (out / "session.log").read_text()
     assert len(re.findall(r"selected: [1-9]\d* tests", log)) == 1  # the test stage selects tests
     assert len(re.findall(r"^sanitize_ops: .*: ok$", log, re.M)) == 3  # each sanitizer's workload ran
+    with tarfile.open(out / "bench-results.tar.gz") as tar:
+        names = tar.getnames()
+    # the bench's files and every optimizer's step, named by driver and torch
+    assert any(re.fullmatch(r"results/.*-driver-none-torch-[0-9-]+\.json", n) for n in names), names
+    assert any(re.fullmatch(r"results/optim-kernels-driver-none-torch-[0-9-]+\.json", n) for n in names), names
