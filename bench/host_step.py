@@ -7,7 +7,13 @@ per-step time of ``opt.step()`` alone; the grads are set once). ``--cpu-time``
 times the calling thread's CPU time instead of the wall clock (with one torch
 thread: what the step itself costs, less sensitive to other load).
 
-    python bench/host_step.py [--rounds 15] [--steps 200] [--cpu-time]
+``--whole`` times a whole training step instead (zero_grad, the forward
+and backward pass of a batch of 256, then the step) of torch's Adam, torch's
+Adam on pyreg's two param groups, Regularized around it, and pyreg's fused
+Adam with L1, with each one's ratio to torch's Adam: what a regularized
+training loop costs over a plain one.
+
+    python bench/host_step.py [--rounds 15] [--steps 200] [--cpu-time] [--whole]
 """
 import argparse
 import statistics
@@ -23,6 +29,10 @@ def build(kind: str, model: torch.nn.Module):
     groups = pyreg.param_groups(model, l1=1e-4)
     if kind == "torch Adam":
         return torch.optim.Adam(model.parameters(), lr=1e-3)
+    if kind == "torch Adam, pyreg's groups":
+        return torch.optim.Adam(groups, lr=1e-3)
+    if kind == "pyreg.optim.Adam(l1)":
+        return pyreg.optim.Adam(groups, lr=1e-3)
     if kind == "Regularized(torch Adam)":
         return pyreg.Regularized(torch.optim.Adam(groups, lr=1e-3))
     if kind == "torch AdamW(fused)":
@@ -45,37 +55,54 @@ KINDS = ("torch Adam", "Regularized(torch Adam)", "torch AdamW(fused)", "pyreg.o
          "Regularized(torch Adam, l1_strength)")
 
 
+WHOLE = ("torch Adam", "torch Adam, pyreg's groups", "Regularized(torch Adam)", "pyreg.optim.Adam(l1)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--cpu-time", action="store_true", help="thread CPU time, one torch thread")
+    ap.add_argument("--whole", action="store_true", help="a whole training step: zero_grad, forward, backward, step")
     args = ap.parse_args()
+    if args.rounds < 1 or args.steps < 1:
+        ap.error("--rounds and --steps must be >= 1")
     clock = time.perf_counter
     if args.cpu_time:
         torch.set_num_threads(1)
         clock = time.thread_time
     torch.manual_seed(0)
+    x, y = torch.randn(256, 128), torch.randint(0, 2, (256,))
     runs = {}
-    for kind in KINDS:
+    for kind in (WHOLE if args.whole else KINDS):
         model = MLP(128, 2)
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-2
         opt = build(kind, model)
+        if args.whole:
+            def step(model=model, opt=opt):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+        else:
+            step = opt.step
         for _ in range(20):
-            opt.step()
-        runs[kind] = (opt, [])
+            step()
+        runs[kind] = (step, [])
     for _ in range(args.rounds):
-        for kind, (opt, times) in runs.items():
+        for kind, (step, times) in runs.items():
             t0 = clock()
             for _ in range(args.steps):
-                opt.step()
+                step()
             times.append((clock() - t0) / args.steps * 1e6)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds x {args.steps} steps, µs per step ({'thread CPU time' if args.cpu_time else 'wall'})")
-    print(f"{'optimizer':36s} {'min':>8s} {'median':>8s} {'max':>8s}")
+    what = "whole training step" if args.whole else "step"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps, "
+          f"µs per {what} ({'thread CPU time' if args.cpu_time else 'wall'})")
+    base = runs["torch Adam"][1]
+    print(f"{'optimizer':36s} {'min':>8s} {'median':>8s} {'max':>8s} {'/ Adam':>8s}  (median of the rounds' ratios)")
     for kind, (_, t) in runs.items():
-        print(f"{kind:36s} {min(t):8.1f} {statistics.median(t):8.1f} {max(t):8.1f}")
+        ratio = statistics.median(a / b for a, b in zip(t, base))
+        print(f"{kind:36s} {min(t):8.1f} {statistics.median(t):8.1f} {max(t):8.1f} {ratio:8.3f}")
 
 
 if __name__ == "__main__":

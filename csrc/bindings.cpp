@@ -13,6 +13,7 @@
 
 #include "common/kernels_api.h"
 #include "common/tensor_list.h"
+#include "fast_prox.h"
 #if defined(PYREG_WITH_CUDA_EMU)
 #include "cuda/emu/selftest.h"
 #endif
@@ -266,6 +267,7 @@ PYBIND11_MODULE(_C, m) {
   bind_kernels(m, "cpu", pyreg::kCpu);
   bind_kernels(m, "cuda", pyreg::kCuda);
   bind_kernels(m, "cuda_emu", pyreg::kCudaEmu);
+  pyreg::bind_fast_prox(m, pyreg::kCpu);
 #if defined(PYREG_WITH_CUDA_EMU)
   m.def("cuda_emu_selftest", &pyreg::emu::selftest, py::arg("name"),
         "Runs one of the emulator's own checks (csrc/cuda/emu/selftest.cpp).");

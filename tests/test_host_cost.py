@@ -261,7 +261,7 @@ def test_direct_kernel_calls_match_the_ops(mode, overrides, monkeypatch):
     outs = []
     for direct in (True, False):
         if not direct:
-            monkeypatch.setattr(A, "_direct_backend", lambda: None)
+            monkeypatch.setattr(A, "direct_backend", lambda: None)
         model, opt, step = _setup(mode, seed=7, overrides=overrides)
         for _ in range(3):
             step()
@@ -302,3 +302,161 @@ def test_fast_path_leaves_non_tensors_to_the_general_check(op):
     args = {"max_norm_": (1.0,), "group_prox_": (0.1,)}.get(op, ())
     with pytest.raises(TypeError, match=r"tensors\[1\] is a float, not a torch.Tensor"):
         getattr(pyreg, op)([torch.randn(3), 1.0], *args)
+
+
+# --------------------------------------------------------------------------
+# Regularized's fast path (pyreg._C.FastProx): a step that finds the groups as
+# the previous steps left them goes straight from the inner step to the CPU
+# prox kernel. It must give the bits of the full path, and hand every change
+# to it.
+# --------------------------------------------------------------------------
+from pyreg.optim import regularized as R  # noqa: E402
+
+
+def _count_fast(monkeypatch):
+    """Counts the steps that took the fast path."""
+    calls = []
+    bump = R._bump
+    monkeypatch.setattr(R, "_bump", lambda ps: (calls.append(1), bump(ps)))
+    return calls
+
+
+def _run_both(monkeypatch, between, steps=6, opt_class=torch.optim.Adam):
+    """The same training with and without the fast path, ``between(k, model,
+    opt)`` before step k: (params and penalty with it, without it, fast steps)."""
+    calls = _count_fast(monkeypatch)
+    outs = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(R, "fast_prox", lambda *a: None)
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+        opt = pyreg.Regularized(opt_class(pyreg.param_groups(model, l1=1.0, l2=1e-3), lr=1e-2))
+        gen = torch.Generator().manual_seed(5)
+        for k in range(steps):
+            between(k, model, opt)
+            x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 3, generator=gen)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            between(-1 - k, model, opt)  # after backward, before the step
+            opt.step()
+        outs.append([p.detach().clone() for p in model.parameters()] + [opt.penalty.clone()])
+        if fast:
+            n_fast = len(calls)
+    return outs[0], outs[1], n_fast
+
+
+def _bits_equal(a, b):
+    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(_bits(x), _bits(y)) for x, y in zip(a, b))
+
+
+def test_fast_path_takes_new_lrs_and_gives_the_full_paths_bits(monkeypatch):
+    def schedule(k, model, opt):
+        if k >= 3:  # a scheduler: a new float lr in every group at every step
+            for g in opt.param_groups:
+                g["lr"] = 1e-2 / (k + 1)
+    with_fast, without, n_fast = _run_both(monkeypatch, schedule, steps=8)
+    assert n_fast == 6  # the first two steps check everything; then every step is fast
+    assert _bits_equal(with_fast, without)
+    assert any(bool((p == 0).any()) for p in with_fast[:-1])  # the prox made zeros
+
+
+def test_fast_path_hands_a_new_coefficient_to_the_full_path(monkeypatch):
+    def change(k, model, opt):
+        if k == 4:
+            opt.param_groups[0]["l1"] = 0.2
+    with_fast, without, n_fast = _run_both(monkeypatch, change, steps=8)
+    assert n_fast == 5  # steps 2, 3; step 4 checks all (the plan keeps its buckets); 5, 6, 7
+    assert _bits_equal(with_fast, without)
+
+
+def test_fast_path_skips_a_param_without_grad(monkeypatch):
+    def drop(k, model, opt):
+        if k == -5:  # after backward of step 4: the first weight has no grad this step
+            model[0].weight.grad = None
+    with_fast, without, n_fast = _run_both(monkeypatch, drop, steps=7)
+    assert n_fast == 3
+    assert _bits_equal(with_fast, without)
+
+
+def test_fast_path_follows_memory_replaced_before_the_step(monkeypatch):
+    def move(k, model, opt):
+        if k == 4:
+            model[2].weight.data = model[2].weight.data.clone()  # new memory, same values
+    with_fast, without, n_fast = _run_both(monkeypatch, move, steps=7)
+    assert n_fast == 3
+    assert _bits_equal(with_fast, without)
+
+
+class _CopyingSGD(torch.optim.SGD):
+    """An SGD whose step puts each param's new value in new memory."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.data = p.data - g["lr"] * p.grad
+        return None
+
+
+def test_fast_path_follows_memory_the_inner_step_replaced(monkeypatch):
+    with_fast, without, n_fast = _run_both(monkeypatch, lambda k, m, o: None, steps=6, opt_class=_CopyingSGD)
+    assert n_fast == 0  # each step found new memory after the inner step: the full path's prox
+    assert _bits_equal(with_fast, without)
+
+
+def test_fast_path_takes_an_added_group(monkeypatch):
+    extra = {}
+
+    def add(k, model, opt):
+        if k == 4:
+            extra["w"] = torch.nn.Parameter(torch.randn(5, 7, generator=torch.Generator().manual_seed(9)))
+            opt.add_param_group({"params": [extra["w"]], "param_names": ["extra"], "l1": 0.05})
+        if k < 0 and "w" in extra:
+            extra["w"].grad = torch.full_like(extra["w"], 0.01)
+    with_fast, without, n_fast = _run_both(monkeypatch, add, steps=8)
+    assert _bits_equal(with_fast, without)
+    assert n_fast == 4  # steps 2, 3; step 4 makes a new plan, checked at 4 and 5; then 6, 7
+
+
+@pytest.mark.parametrize("key, bad, err", [
+    ("lr", float("nan"), ValueError), ("lr", -1e-3, ValueError), ("lr", float("inf"), ValueError),
+    ("lr", "0.1", TypeError), ("l1", -1.0, ValueError), ("l2", float("nan"), ValueError),
+])
+def test_fast_path_then_a_bad_value_raises_and_changes_nothing(key, bad, err, monkeypatch):
+    calls = _count_fast(monkeypatch)
+    model, opt, step = _setup("proximal")
+    for _ in range(3):
+        step()
+    assert calls and opt._fast is not None
+    opt.param_groups[1][key] = bad
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(torch.randn(16, 8)), torch.randn(16, 3)).backward()
+    before = _snapshot(model, opt)
+    with pytest.raises(err):
+        opt.step()
+    _same(before, _snapshot(model, opt))
+
+
+def test_fast_path_is_not_taken_under_another_backend_or_a_dispatch_mode(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    calls = _count_fast(monkeypatch)
+    model, opt, step = _setup("proximal")
+    for _ in range(3):
+        step()
+    n = len(calls)
+    assert n == 1
+    with pyreg.use_backend("torch"):
+        step()
+    with Passthrough():
+        step()
+    assert len(calls) == n
+    step()  # all checked again
+    step()
+    assert len(calls) == n + 1

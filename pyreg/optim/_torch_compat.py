@@ -52,9 +52,14 @@ def step_with_own_hooks(opt: Optimizer, closure: Optional[Callable[[], Any]]):
     if not getattr(step, "hooked", False):  # not torch's wrapped step
         return opt.step() if closure is None else opt.step(closure)
     raw = step.__wrapped__
+    pre, post = opt._optimizer_step_pre_hooks, opt._optimizer_step_post_hooks
+    if not pre and not post:  # the common case, in fewer operations
+        out = raw(opt) if closure is None else raw(opt, closure)
+        opt._optimizer_step_code()
+        return out
     args: tuple = (opt,) if closure is None else (opt, closure)
     kwargs: Dict[str, Any] = {}
-    for hook in list(opt._optimizer_step_pre_hooks.values()):
+    for hook in list(pre.values()):
         result = hook(opt, args, kwargs)
         if result is not None:
             if not (isinstance(result, tuple) and len(result) == 2):
@@ -63,6 +68,6 @@ def step_with_own_hooks(opt: Optimizer, closure: Optional[Callable[[], Any]]):
             args, kwargs = result
     out = raw(*args, **kwargs)
     opt._optimizer_step_code()
-    for hook in list(opt._optimizer_step_post_hooks.values()):
+    for hook in list(post.values()):
         hook(opt, args, kwargs)
     return out

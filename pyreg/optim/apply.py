@@ -14,7 +14,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import backends, ops
 from .._common import capturing, to_device
@@ -70,7 +69,7 @@ def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[An
     in a "strength" bucket the element-wise prox with each tensor's l1 as
     its last refresh set it (:func:`refresh_strength`)."""
     eager = not torch.compiler.is_compiling()
-    be = _direct_backend() if eager else None
+    be = direct_backend() if eager else None
     for w, lr in buckets:
         c = partial(w.coef, eager=eager)
         d = w.bucket.direct() if be is not None and w.params is w.bucket.params else None
@@ -262,10 +261,13 @@ def _own_vector(w: Work) -> Tensor:
     return torch.zeros(len(w.params), dtype=torch.float64, device=w.bucket.device)
 
 
-def _direct_backend():
+_dispatch_modes = torch._C._len_torch_dispatch_stack  # the user dispatch modes on the stack
+
+
+def direct_backend():
     """The cpu backend when a step may call it directly (plain eager mode,
     no dispatch mode, no other backend forced), else None."""
-    return None if _get_current_dispatch_mode() is not None else backends.eager_cpu()
+    return None if _dispatch_modes() else backends.eager_cpu()
 
 
 def max_norm_buckets(buckets: Sequence[Work]) -> None:
@@ -404,7 +406,7 @@ def add_penalty_grads(buckets: Sequence[Work]) -> Tensor:
     are checked before the first one is written, so a bad grad changes nothing."""
     grads = [[p.grad for p in w.params] for w in buckets]
     eager = not torch.compiler.is_compiling()
-    be = _direct_backend() if eager else None
+    be = direct_backend() if eager else None
     # Buckets whose params and grads pass the direct path's checks (see
     # _direct_grads) go straight to the kernels; the others through the op.
     direct = [_direct_grads(w, gs) if be is not None else None for w, gs in zip(buckets, grads)]

@@ -86,6 +86,11 @@ class Engine:
         self._prepared = (list(map(_seen, groups)), out)
         return out
 
+    def seen_groups(self) -> Optional[List["_GroupSeen"]]:
+        """What the last :meth:`prepare` saw of each group (None before one)."""
+        hit = self._prepared
+        return None if hit is None else hit[0]
+
     def _new_lrs_only(self, groups: List[Dict[str, Any]], same: List[bool], hit: tuple) -> Optional[Prepared]:
         """:meth:`prepare` when the groups changed only in their ``lr`` (a
         scheduler's step) to another float: only the new lrs are checked.

@@ -25,13 +25,34 @@ from torch.optim import Optimizer
 
 from .._validate import nonneg_real
 from ._torch_compat import init_without_groups, step_with_own_hooks
-from .apply import (STRENGTH_KINDS, add_penalty_grads, constraints, penalized, pop_own_state, prox_buckets, put_own_state,
-                    record_strength_step, refresh_strength, strength_due, strength_pushes)
+from . import apply
+from .apply import (STRENGTH_KINDS, add_penalty_grads, constraints, penalized, pop_own_state,
+                    prox_buckets, put_own_state, record_strength_step, refresh_strength, strength_due,
+                    strength_pushes)
 from .engine import Engine, Observable, plan_outside_graph
 from .keys import check_params, hyper_keys_of, read_group
+from ..backends import _marshal as m
 from .plan import Bucket, Plan, Work
 
 __all__ = ["Regularized"]
+
+_is_compiling = torch.compiler.is_compiling
+_get_num_threads = torch.get_num_threads
+_increment_version = torch.autograd.graph.increment_version
+
+
+def _version_bump() -> Callable[[List[Tensor]], None]:
+    """What bumps the autograd version of a list of tensors in one call:
+    torch's own C function where it takes a list, else the public one."""
+    raw = getattr(torch._C, "_increment_version", None)
+    try:
+        raw([])
+    except Exception:  # noqa: BLE001  an older signature: one tensor at a time
+        return _increment_version
+    return raw
+
+
+_bump = _version_bump()
 
 MODES = ("proximal", "gradient")
 
@@ -123,6 +144,8 @@ class Regularized(Observable, Optimizer):
         self.l2 = nonneg_real(l2, "l2")
         self._engine = Engine({"l1": self.l1, "l2": self.l2}, hyper_keys_of(type(optimizer)), metric=False)
         self._out: Dict[str, Any] = {"last": [], "penalty": None}  # backs _last and _penalty
+        self._fast: Optional[tuple] = None  # see fast_prox
+        self._fast_plan: Optional[Plan] = None
         self._plan()  # validates everything before the groups are touched
         self._fill_defaults()
 
@@ -160,11 +183,12 @@ class Regularized(Observable, Optimizer):
         self.optimizer.defaults = value
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_out"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_out", "_fast", "_fast_plan")}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._out = {"last": [], "penalty": None}
+        self._fast, self._fast_plan = None, None
         self._patch_step_function()
 
     def __repr__(self) -> str:
@@ -192,6 +216,7 @@ class Regularized(Observable, Optimizer):
         param_group.setdefault("l2", self.l2)
         self.optimizer.add_param_group(param_group)
         self._engine.reset()
+        self._fast = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -233,6 +258,7 @@ class Regularized(Observable, Optimizer):
         put_own_state(self.state, self.param_groups, sd.get("param_groups", []), bounds)
         self.mode, self.l1, self.l2 = mode, l1, l2
         self._engine = Engine(defaults, self._engine.hyper_keys, metric=False)
+        self._fast, self._fast_plan = None, None
         self._fill_defaults()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
@@ -266,6 +292,22 @@ class Regularized(Observable, Optimizer):
         # Validation happens here, before anything changes. Under torch.compile
         # it runs outside the graph, so the coefficients (Python floats in the
         # groups) are not baked into it: changing them recompiles nothing.
+        fast = self._fast
+        if (fast is not None and closure is None and not _is_compiling() and self.mode == "proximal"
+                and fast[0].same(self.optimizer.param_groups) and apply.direct_backend() is not None):
+            # Nothing changed since a step that made every check (an lr may be a new float):
+            # the inner step, then the element prox straight into the CPU kernels.
+            loss = step_with_own_hooks(self.optimizer, None)
+            if not fast[0].prox(_get_num_threads()):  # the inner step replaced a tensor's memory
+                self._fast = None
+                plan, lrs, _ = self._engine.prepare(self.param_groups)
+                self._prox_after_step(plan, lrs, {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}, None)
+                return loss
+            _bump(fast[1])
+            out = self._out
+            out["last"], out["penalty"] = fast[2], None
+            return loss
+        self._fast = None
         groups = self.param_groups
         proximal = self.mode == "proximal"
         if torch.compiler.is_compiling():
@@ -305,6 +347,18 @@ class Regularized(Observable, Optimizer):
                    for p in strength_due(b, self.state)}
                   if any(b.kind in STRENGTH_KINDS for b in plan.buckets) else None)
         loss = self._inner_step(closure)
+        work = self._prox_after_step(plan, lrs, group_lrs, before)
+        if closure is None and not torch.compiler.is_compiling():
+            self._fast = fast_prox(groups, plan, work, self._engine, self._fast_plan)
+            self._fast_plan = plan
+        return loss
+
+    def _prox_after_step(self, plan: Plan, lrs: list, group_lrs: Dict[torch.device, Tensor],
+                         before: Optional[Dict[int, Tensor]]) -> List[Work]:
+        """The proximal step's part after the inner step: the prox of each
+        bucket, the l1_strength refreshes (``before``: the params they refresh,
+        as they were before the inner step), the constraints. Returns the
+        buckets restricted to the params with a grad."""
         if before is not None:
             record_strength_step(plan.buckets, self.state)
         work = [w for w in map(Bucket.active, plan.buckets) if w is not None]
@@ -317,4 +371,44 @@ class Regularized(Observable, Optimizer):
             refresh_strength(w, pushes, self.state, lr=lr)
         constraints(work, self.state)
         self._last = pen
-        return loss
+        return work
+
+
+def fast_prox(groups: List[Dict[str, Any]], plan: Plan, work: List[Work], engine: Engine,
+              last_plan: Optional[Plan]) -> Optional[tuple]:
+    """After a proximal step that made every check: ``(pyreg._C.FastProx,
+    the regularized params, the step's buckets for ``penalty``)`` when the
+    next steps can take the fast path, else None. The fast path is for the
+    common case: every regularized parameter in an element-wise L1/L2
+    bucket that the CPU kernels take directly (plain, dense, disjoint CPU
+    tensors, each with a grad), every group's lr a float, no group setting
+    that can change in place (a tensor, a list), and the same plan as the
+    step before (groups that change at every step, other than their lr, gain
+    nothing from it). ``FastProx.same`` then checks at each step, at C
+    speed, that the groups are still exactly so; when it finds any other
+    change, the step takes the full path, which checks (and raises on) it."""
+    from .._lib import _C  # noqa: PLC0415
+
+    if (plan is not last_plan or _C is None or not hasattr(_C, "FastProx") or apply.direct_backend() is None
+            or not plan.buckets or len(work) != len(plan.buckets)):
+        return None
+    seen = engine.seen_groups()
+    if seen is None or len(seen) != len(groups) or any(s.mutable for s in seen):
+        return None
+    if type(groups) is not list or any(type(g) is not dict or type(g.get("lr")) is not float
+                                       or type(g.get("params")) is not list for g in groups):
+        return None
+    buckets = []
+    for w in work:
+        d = w.bucket.direct() if w.kind == "elem" and w.params is w.bucket.params else None
+        if d is None:
+            return None
+        coefs = [w.coef(k, True) for k in ("l1", "l2")]
+        n = len(w.params)
+        args = [m.coef(c, w.bucket.device, n) for c in coefs]
+        buckets.append((list(w.params), list(w.bucket.groups), list(d[2]), args[0], args[1], tuple(coefs)))
+    try:
+        guard = _C.FastProx(groups, buckets)
+    except ValueError:  # something it does not take: the full path
+        return None
+    return guard, [p for w in work for p in w.params], list(penalized(work))
