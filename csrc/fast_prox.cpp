@@ -241,12 +241,6 @@ std::vector<size_t> FastProx::sizes() const {
   return out;
 }
 
-py::list FastProx::lrs() const {
-  py::list out;
-  for (const Group& g : groups_seen_) out.append(g.lr);
-  return out;
-}
-
 void bind_fast_prox(py::module_& m, const Kernels& cpu) {
   const Kernels* k = &cpu;
   py::class_<FastProx>(m, "FastProx",
@@ -259,7 +253,6 @@ void bind_fast_prox(py::module_& m, const Kernels& cpu) {
       .def("prox", &FastProx::prox, py::arg("nthreads"),
            "The prox of every bucket (CPU kernels), when every tensor still has the memory seen "
            "(else nothing is done, and false returned).")
-      .def("lrs", &FastProx::lrs, "Each group's lr as last taken in.")
       .def("sizes", &FastProx::sizes, "The number of tensors of each bucket (one kernel call each).");
 }
 

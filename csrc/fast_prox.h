@@ -17,7 +17,6 @@ class FastProx {
   FastProx(pybind11::list groups, pybind11::list buckets, const Kernels& kernels);
   bool same(pybind11::handle groups);
   bool prox(int nthreads);
-  pybind11::list lrs() const;
   std::vector<size_t> sizes() const;
 
  private:
