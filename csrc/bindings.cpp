@@ -203,6 +203,22 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
                                     Launch{ptr<void>(ws), device, stream, nthreads});
         });
 
+  // ---- selection: bound only in a build that has it (Python falls back to
+  // torch's selection where `<prefix>_kth_abs` is missing).
+  if (k->kth_abs != nullptr) {
+    m.def(name("kth_abs").c_str(),
+          [k](const Ptrs& p, const Numels& n, const Codes& d, const Numels& ks, bool closest, uintptr_t out,
+              uintptr_t ws, int device, uintptr_t stream, int nthreads) {
+            TensorList w = make_list(p, n, d);
+            if (ks.size() != p.size()) throw std::invalid_argument("pyreg._C: k differs in length from tensors");
+            for (size_t i = 0; i < ks.size(); ++i)
+              if (ks[i] < 0 || ks[i] > n[i]) throw std::invalid_argument("pyreg._C: k out of [0, numel]");
+            if (out == 0 && !p.empty()) throw std::invalid_argument("pyreg._C: null output");
+            py::gil_scoped_release nogil;
+            k->kth_abs(w, ks.data(), closest, ptr<double>(out), Launch{ptr<void>(ws), device, stream, nthreads});
+          });
+  }
+
   // ---- the fused optimizer step: per param its grad, state buffers (an empty
   // list when unused), step counter, group row and fresh flag (SGD).
   m.def(name("optim_step").c_str(),

@@ -12,6 +12,7 @@ these ops (or, in plain eager mode, the backend directly).
     pyreg::add_group_penalty_grad_(tensors, grads!, dims, group_l1) -> 0-dim
     pyreg::group_prox_(tensors!, dims, l1, group_l1, l2, lr) -> 1-D int64 (nonzero groups)
     pyreg::max_norm_(tensors!, dims, max_value) -> 1-D int64 (groups scaled)
+    pyreg::kth_abs(tensors, k, closest) -> 1-D float64 (the k-th smallest |w| per tensor)
 
 Coefficients are 1-D float64 tensors with one entry per tensor, on the
 tensors' device; ``ref`` is a list of tensors like ``tensors``, or empty (none);
@@ -163,3 +164,16 @@ def max_norm_op(tensors: List[Tensor], dims: List[int], max_value: Tensor) -> Te
 @max_norm_op.register_fake
 def _(tensors, dims, max_value):
     return torch.empty(len(tensors), dtype=torch.int64, device=tensors[0].device)
+
+
+# --------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------
+@torch.library.custom_op("pyreg::kth_abs", mutates_args=())
+def kth_abs_op(tensors: List[Tensor], k: List[int], closest: bool) -> Tensor:
+    return backends.for_tensors(tensors).kth_abs(tensors, list(k), closest)
+
+
+@kth_abs_op.register_fake
+def _(tensors, k, closest):
+    return torch.empty(len(tensors), dtype=torch.float64, device=tensors[0].device)

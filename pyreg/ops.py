@@ -10,6 +10,7 @@ model) in one call:
     add_group_penalty_grad_(tensors, grads, l1, dim=1) -> 0-dim tensor (penalty value)
     group_prox_(tensors, l1, lr, dim=1, element_l1=0, l2=0) -> 1-D int64 (nonzero groups)
     max_norm_(tensors, max_value, dim=0)             -> 1-D int64 (groups scaled)
+    kth_abs(tensors, k, closest=False)               -> 1-D float64 (the k-th smallest |w| per tensor)
 
 Each function validates its arguments (_validate.py), normalizes the
 coefficients, and runs: lists of DTensors through pyreg.distributed; in plain
@@ -29,7 +30,7 @@ from . import backends
 from ._common import WeightStats, coef_tensor, has_dtensor
 from .backends._marshal import plain_description
 from ._ops import (add_group_penalty_grad_op, add_penalty_grad_op, group_norms_op, group_penalty_op,
-                   group_prox_op, max_norm_op, penalty_op, prox_op, weight_stats_op)
+                   group_prox_op, kth_abs_op, max_norm_op, penalty_op, prox_op, weight_stats_op)
 from ._validate import (PLAIN_TYPES, Coefficient, check_grads_apart, check_no_overlap, check_refs_apart,
                         coefficient, disjoint_pointers, fast_coefficient, group_dims, partner_list, plain_cpu,
                         tensor_list)
@@ -401,3 +402,72 @@ def max_norm_(tensors: Iterable[Tensor], max_value: Coefficient, dim=0) -> Tenso
         if out is not None:
             return out
         return max_norm_op(ts, dims, coef_tensor(c, n, dev))
+
+
+# --------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------
+def kth_abs(tensors: Iterable[Tensor], k, closest: bool = False) -> Tensor:
+    """The k-th smallest magnitude of each tensor, exactly: for tensor i,
+    the ``k[i]``-th smallest of its |w| (1-based, NaN counting as the
+    largest; 0 for ``k[i] = 0``), as 1-D float64 on the tensors' device. ``k``
+    is one int for every tensor or one per tensor, each in [0, numel].
+
+    A prox with ``lr * l1`` equal to it leaves at least ``k[i]`` exact zeros
+    (every weight with |w| <= it). ``closest=True``: where weights tie at it
+    (common in 16-bit tensors), so that #(|w| <= it) overshoots ``k[i]`` by
+    more than the largest magnitude below it would fall short, that one
+    instead (0 if there is none): the threshold whose count of zeros is
+    closest to ``k[i]``.
+
+    One call for the whole list, on the device, no host sync. The CPU kernel
+    counts the magnitudes' bit patterns by their top bits in one pass and
+    selects within the k-th one's bin; on CUDA it runs torch's
+    ``kthvalue`` per tensor.
+    """
+    closest = _flag(closest, "closest")
+    if type(tensors) in _LISTS and type(k) in _LISTS and len(k) == len(tensors):
+        be = _fast_cpu(tensors)
+        if be is not None and be.selects() and _ks_ok(k, tensors):
+            out = torch.empty(len(tensors), dtype=torch.float64)
+            be.kth_abs_ptrs(*plain_description(tensors), list(k), closest, out)
+            return out
+    ts = tensor_list(tensors)
+    _no_dtensor(ts, "kth_abs")
+    ks = _ks(k, ts)
+    if not ts:
+        return torch.zeros(0, dtype=torch.float64)
+    with torch.no_grad():
+        out = _eager(ts, (), lambda be: be.kth_abs(ts, ks, closest))
+        if out is not None:
+            return out
+        return kth_abs_op([t.detach() for t in ts], ks, closest)
+
+
+def _flag(v, name: str) -> bool:
+    if type(v) is not bool:
+        raise TypeError(f"{name} must be True or False, got {v!r}")
+    return v
+
+
+def _ks_ok(k, ts) -> bool:
+    """True when ``k`` holds one plain int in [0, numel] per tensor."""
+    return all(type(v) is int and 0 <= v <= t.numel() for v, t in zip(k, ts))
+
+
+def _ks(k, ts: List[Tensor]) -> List[int]:
+    """``k`` as one int per tensor, each in [0, numel], or a clear error."""
+    if isinstance(k, (bool, float)) or not isinstance(k, (int, list, tuple)) and not (
+            isinstance(k, Tensor) and k.dtype in (torch.int32, torch.int64) and k.dim() <= 1):
+        raise TypeError(f"k must be an int or a sequence of ints (one per tensor), got {type(k).__name__}")
+    if isinstance(k, Tensor):
+        k = k.tolist()
+    ks = [k] * len(ts) if isinstance(k, int) else list(k)
+    if len(ks) != len(ts):
+        raise ValueError(f"k has {len(ks)} values for {len(ts)} tensors")
+    for i, (v, t) in enumerate(zip(ks, ts)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"k[{i}] must be an int, got {type(v).__name__}")
+        if not 0 <= v <= t.numel():
+            raise ValueError(f"k[{i}] = {v} is outside [0, {t.numel()}] (the size of tensor {i})")
+    return [int(v) for v in ks]

@@ -101,6 +101,14 @@ struct Kernels {
   // incremented. With spec.found_inf pointing at a nonzero value nothing
   // changes; with spec.grad_scale the grads are divided by it (and stored so).
   void (*optim_step)(const OptimList& l, const OptimSpec& spec, const Launch& at);
+
+  // ---- selection -------------------------------------------------------------
+  // out[i] = the k[i]-th smallest |w_i| (0 <= k[i] <= numel_i; 0 for k[i] = 0;
+  // NaN counts as the largest), as a double: exact, no rounding. With
+  // `closest`, where ties at it leave the count #(|w_i| <= out) farther from
+  // k[i] than the largest |w_i| below it would, that one (0 if none). Null in
+  // a build without it (the CUDA builds: Python runs torch's selection there).
+  void (*kth_abs)(const TensorList& w, const int64_t* k, bool closest, double* out, const Launch& at);
 };
 
 extern const Kernels kCpu;

@@ -4,6 +4,7 @@
 //   elementwise.cpp  weight_stats, penalty, add_penalty_grad, prox
 //   group.cpp        group_norms, group_prox, max_norm, the group penalty
 //   optim.cpp        the fused optimizer step
+//   select.cpp       kth_abs
 //   table.cpp        the Kernels table of the build
 // with the chunking, sweeps and parallel run they share in sweep.h.
 //
@@ -43,6 +44,9 @@ void add_group_penalty_grad(const TensorList& w, const GroupList& gl, void* cons
 
 // optim.cpp
 void optim_step(const OptimList& l, const OptimSpec& spec, const Launch& at);
+
+// select.cpp
+void kth_abs(const TensorList& w, const int64_t* k, bool closest, double* out, const Launch& at);
 
 // table.cpp: the instruction set the variant was compiled for.
 std::string isa();

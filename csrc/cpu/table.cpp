@@ -1,5 +1,5 @@
 // table.cpp: the Kernels table of pyreg's CPU kernels (kernels_api.h), from
-// the entry points of elementwise.cpp, group.cpp and optim.cpp: kCpu, or one
+// the entry points of elementwise.cpp, group.cpp, optim.cpp and select.cpp: kCpu, or one
 // instruction-set variant's table (csrc/cpu/isa/) that csrc/cpu/dispatch.cpp
 // chooses from at load time.
 #include <string>
@@ -57,6 +57,7 @@ extern const Kernels PYREG_CPU_TABLE = {
     k::group_penalty,
     k::add_group_penalty_grad,
     k::optim_step,
+    k::kth_abs,
 };
 
 }  // namespace pyreg

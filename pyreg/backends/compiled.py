@@ -214,6 +214,28 @@ class CompiledKernels:
         self._fn("prox")(ptrs, numels, codes, list(refs), *(m.coef(c, dev, n) for c in (l1, l2, lr)),
                          nnz.data_ptr(), *at)
 
+    # ---- selection ------------------------------------------------------------------
+    def selects(self) -> bool:
+        """Whether this build has its own selection kernel (``kth_abs``): the
+        CPU's. The CUDA builds have none; their ``kth_abs`` runs torch's."""
+        return _C is not None and hasattr(_C, f"{self._prefix}_kth_abs")
+
+    def kth_abs(self, tensors: List[Tensor], k: List[int], closest: bool = False) -> Tensor:
+        if not self.selects():  # torch's selection (kthvalue), on the tensors' device
+            return torch_ref.kth_abs(tensors, k, closest)
+        ws = m.dense_list(tensors)
+        out = torch.empty(len(ws), dtype=torch.float64, device=ws[0].device)
+        self.kth_abs_ptrs(*m.describe(ws), k, closest, out)
+        return out
+
+    def kth_abs_ptrs(self, ptrs: List[int], numels: List[int], codes: List[int], k: List[int], closest: bool,
+                     out: Tensor) -> None:
+        """kth_abs on a list already described and checked (a build that
+        ``selects``), into ``out`` (float64, one per tensor, on the tensors'
+        device)."""
+        keep, *at = self._at(out.device, numels)
+        self._fn("kth_abs")(ptrs, numels, codes, k, closest, out.data_ptr(), *at)
+
     # ---- the group ops -------------------------------------------------------------
     def _group_launch(self, ws: List[Tensor], dims: List[int]):
         """(tensors and their group shapes as pyreg._C takes them, keep-alive,

@@ -102,6 +102,27 @@ def prox_(tensors: List[Tensor], l1, l2, lr, ref: Optional[List[Tensor]] = None)
 # --------------------------------------------------------------------------
 # Group ops: group g of a tensor along dim = every element with index g in dim
 # --------------------------------------------------------------------------
+def kth_abs(tensors: List[Tensor], k: List[int], closest: bool = False) -> Tensor:
+    """Per tensor the k-th smallest |w| (NaN the largest; 0 for k = 0), as
+    float64. ``closest``: where ties at it leave #(|w| <= it) farther from
+    k than the largest |w| below it would, that one (0 if there is none)."""
+    out = []
+    for t, kk in zip(tensors, k):
+        a = t.detach().reshape(-1).to(_hp(t)).abs()
+        if kk == 0:
+            out.append(a.new_zeros(()))
+            continue
+        kth = a.kthvalue(kk).values
+        if closest:
+            below = a < kth
+            n_lt = below.sum()
+            n_le = n_lt + (a == kth).sum()
+            lower = torch.where(below, a, torch.zeros_like(a)).amax()
+            kth = torch.where(n_le - kk > kk - n_lt, lower, kth)
+        out.append(kth)
+    return torch.stack(out).to(torch.float64) if out else torch.zeros(0, dtype=torch.float64)
+
+
 def _grouped(x: Tensor, dim: int) -> Tensor:
     """x as [groups, rest] (a view or copy; a 0-dim tensor is one group)."""
     if x.dim() == 0:

@@ -72,6 +72,9 @@ def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[An
     be = direct_backend() if eager else None
     for w, lr in buckets:
         c = partial(w.coef, eager=eager)
+        if w.kind == "target":
+            target_prox(w, lr, state if state is not None else {}, be)
+            continue
         d = w.bucket.direct() if be is not None and w.params is w.bucket.params else None
         if d is not None:  # the checks were made: straight to the kernels
             l1 = strength_l1(w, state if state is not None else {}) if w.kind == "strength" else c("l1")
@@ -79,8 +82,6 @@ def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[An
             torch.autograd.graph.increment_version(w.params)
         elif w.kind == "group":
             ops.group_prox_(w.params, c("group_l1"), lr, w.dims, element_l1=c("l1"), l2=c("l2"))
-        elif w.kind == "target":
-            target_prox(w, lr, state if state is not None else {})
         elif w.kind == "strength":
             ops.prox_(w.params, strength_l1(w, state if state is not None else {}), c("l2"), lr)
         elif w.kind == "gstrength":
@@ -90,7 +91,7 @@ def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[An
             ops.prox_(w.params, c("l1"), c("l2"), lr, ref=w.refs)
 
 
-def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]]) -> None:
+def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]], be=None) -> None:
     """``target_sparsity``: the element-wise prox of each tensor j (n_j
     elements, target t_j) with the smallest l1 that leaves it
     k_j = ceil(t_j * n_j) zeros: with tau_j the k_j-th smallest |w| of the
@@ -99,37 +100,43 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]]) -> None:
         l1_j = tau_j / lr,    w <- sign(w) * max(|w| - lr * l1_j, 0) / (1 + 2 * lr * l2)
 
     so the weights with |w| <= tau_j, and only those, become exact zeros, and
-    the others shrink by tau_j. In a 16-bit tensor, where weights often tie
-    at tau_j (bfloat16 has 256 values per octave), tau_j is instead the
-    largest |w| below it when that count is closer to k_j. The target is met at every step, by any
-    optimizer, with no warm-up; the l1 follows the weights (it is the L1
-    strength at which the target is the tensor's sparsity). Costs one
-    selection (``torch.kthvalue`` of |w|) per tensor and step, on the device,
-    no host sync; the l1 used is in the optimizer's state (:data:`TARGET_STATE`,
-    and in :attr:`penalty`)."""
+    the others shrink by tau_j. Where weights tie at tau_j (common in 16-bit
+    tensors: bfloat16 has 256 values per octave), tau_j is instead the
+    largest |w| below it when that count is closer to k_j
+    (:func:`pyreg.ops.kth_abs` with ``closest=True``). The target is met at
+    every step, by any optimizer, with no warm-up; the l1 follows the weights
+    (it is the L1 strength at which the target is the tensor's sparsity).
+    Costs one selection call for the bucket, on the device, no host sync;
+    the l1 used is in the optimizer's state (:data:`TARGET_STATE`, and in
+    :attr:`penalty`). ``be``: the cpu backend, when the caller found that
+    the kernels may be called directly (:func:`direct_backend`)."""
     ps = w.params
     (l1, _) = _own_state(w, state, TARGET_STATE, (torch.float64,), lambda: ([0.0] * len(ps),))
     b = w.bucket
     at = dict(zip(map(id, b.params), b.values["target_sparsity"]))  # the values as now set
-    taus = []
-    for p in ps:
-        n = p.numel()
-        k = min(n, math.ceil(at[id(p)] * n - 1e-9))
-        if k == 0:
-            taus.append(p.new_zeros((), dtype=torch.float64))
-        elif p.element_size() < 4:  # 16-bit: few distinct values, ties are common
-            taus.append(_threshold(p.detach().abs().flatten(), k))
-        else:
-            taus.append(p.detach().abs().view(-1).kthvalue(k).values)
-    tau = torch.stack([t.to(torch.float64) for t in taus]) if len({t.dtype for t in taus}) > 1 else torch.stack(taus)
+    ks = [min(p.numel(), math.ceil(at[id(p)] * p.numel() - 1e-9)) for p in ps]
+    d = b.direct() if be is not None and ps is b.params and be.selects() else None
+    eager = not torch.compiler.is_compiling()
+    l2 = w.coef("l2", eager)
+    if d is not None:  # the checks were made: straight to the kernels
+        be.kth_abs_ptrs(d[0], d[1], d[2], ks, True, l1)
+        _per_lr(l1, l1, lr)
+        be.prox_ptrs(d[0], d[1], d[2], l1, l2, lr, d[3])
+        torch.autograd.graph.increment_version(ps)
+        return
+    _per_lr(ops.kth_abs([p.detach() for p in ps], ks, closest=True), l1, lr)
+    ops.prox_(ps, l1, l2, lr)
+
+
+def _per_lr(tau: Tensor, out: Tensor, lr) -> None:
+    """``out <- tau / lr`` (float64; 0 where lr is 0), ``lr`` a number or one per tensor."""
     if isinstance(lr, Tensor):
-        lr64 = lr.to(device=l1.device, dtype=torch.float64)
-        l1.copy_(torch.where(lr64 > 0, tau / lr64.clamp_min(1e-300), torch.zeros_like(tau)))
+        lr64 = lr.to(device=out.device, dtype=torch.float64)
+        out.copy_(torch.where(lr64 > 0, tau / lr64.clamp_min(1e-300), torch.zeros_like(tau)))
     elif lr > 0:
-        torch.div(tau, lr, out=l1)  # float64, or the tensors' dtype rounded up to float64
+        torch.div(tau, lr, out=out)
     else:
-        l1.zero_()
-    ops.prox_(ps, l1, w.coef("l2", not torch.compiler.is_compiling()), lr)
+        out.zero_()
 
 
 def strength_l1(w: Work, state: Dict[Any, Dict[str, Any]]) -> Tensor:
@@ -206,42 +213,27 @@ def refresh_strength(w: Work, pushes: Dict[int, Tensor], state: Dict[Any, Dict[s
     prox (the optimality condition of L1: |push| <= l1 at a zero), so at a
     refresh the fraction a_i of the tensor's weights is outweighed by the
     penalty, for any optimizer and metric, and any layer size and scale.
-    One selection (``torch.kthvalue``) per tensor, on the device: no host
-    sync."""
+    One selection call (:func:`pyreg.ops.kth_abs`) for the tensors due, on
+    the device: no host sync."""
     if not pushes:
         return
     vec = strength_l1(w, state)
     group = w.kind == "gstrength"
     at = dict(zip(map(id, w.bucket.params), w.bucket.values["group_strength" if group else "l1_strength"]))
-    for i, step in pushes.items():
-        p = w.params[i]
-        a = ops.group_norms([step.detach()], w.dims[i])[0] if group else step.detach().abs().view(-1)
-        n = a.numel()
-        k = min(n, math.ceil(at[id(p)] * n - 1e-9))
-        if k == 0:
-            vec[i].zero_()
-            continue
-        q = (a.float() if a.element_size() < 4 else a).kthvalue(k).values
-        r = None if lr is None else lr[i] if isinstance(lr, Tensor) else lr
-        if isinstance(r, Tensor):
-            q = torch.where(r > 0, q / r.clamp_min(1e-300), torch.zeros_like(r))
-        elif r is not None:
-            q = q / r if r > 0 else q.zero_()
-        vec[i].copy_(q)  # into the float64 vector (its 0-dim views are in the state)
-
-
-def _threshold(a: Tensor, k: int) -> Tensor:
-    """The threshold whose count of ``a <= threshold`` is closest to ``k``
-    (``a``: magnitudes, 1 <= k <= a.numel()): the k-th smallest, or, where
-    ties at it would count more than the target by more than the largest
-    magnitude below it would count fewer, that one (0-dim float64, on the
-    device: no host sync)."""
-    kth = a.kthvalue(k).values
-    below = a < kth
-    n_lt = below.sum()
-    n_le = n_lt + (a == kth).sum()
-    lower = torch.where(below, a, torch.zeros_like(a)).amax()
-    return torch.where(n_le - k > k - n_lt, lower, kth).to(torch.float64)
+    idx = list(pushes)
+    steps = [pushes[i].detach() for i in idx]
+    mags = ops.group_norms(steps, [w.dims[i] for i in idx]) if group else steps  # kth_abs takes |.|
+    ks = [min(a.numel(), math.ceil(at[id(w.params[i])] * a.numel() - 1e-9)) for i, a in zip(idx, mags)]
+    q = ops.kth_abs(mags, ks)  # one selection call for the due tensors
+    if isinstance(lr, Tensor):
+        r = lr[idx].to(torch.float64) if len(idx) < len(w.params) else lr.to(torch.float64)
+        q = torch.where(r > 0, q / r.clamp_min(1e-300), torch.zeros_like(q))
+    elif lr is not None:
+        q = q / lr if lr > 0 else q.zero_()
+    if len(idx) == len(w.params):
+        vec.copy_(q)  # into the float64 vector (its 0-dim views are in the state)
+    else:
+        vec.index_copy_(0, torch.tensor(idx, device=vec.device), q)
 
 
 def current_l1(w: Work) -> Tensor:

@@ -50,12 +50,12 @@ class Bucket:
         ``_direct_grads``), for calling the kernels with no per-call list
         checks, or None (then the ops run, with their checks).
 
-        Only an "elem" or "strength" bucket of plain, contiguous, non-inference CPU tensors,
+        Only an "elem", "strength" or "target" bucket of plain, contiguous, non-inference CPU tensors,
         pairwise disjoint in memory; checked when first asked and again
         whenever a parameter's data pointer or size changed. The plan's
         signature covers the rest (each parameter's identity, dtype, device)."""
         ps = self.params
-        if self.kind not in ("elem", "strength") or self.device.type != "cpu":
+        if self.kind not in ("elem", "strength", "target") or self.device.type != "cpu":
             return None
         d = self._direct
         ptrs = list(map(Tensor.data_ptr, ps))

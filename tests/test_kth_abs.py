@@ -1,0 +1,137 @@
+"""``pyreg.ops.kth_abs``, the selection behind ``target_sparsity`` and
+``l1_strength``: against the spec (torch_ref, torch's kthvalue) and against
+a sort, on every backend and dtype, every layout, ties, zeros, NaN and Inf;
+bad input rejected."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pyreg
+from pyreg import backends, ops
+from pyreg.backends import torch_ref
+
+from conftest import DTYPE_IDS, DTYPES, random_list, restore_threads  # noqa: F401
+
+
+def by_sort(t: torch.Tensor, k: int, closest: bool) -> float:
+    """The rule written out with a sort, in float64 (NaN last)."""
+    a = t.detach().double().abs().flatten().cpu()
+    if k == 0:
+        return 0.0
+    s = torch.cat([a[~a.isnan()].sort().values, a[a.isnan()]])
+    kth = float(s[k - 1])
+    if not closest or math.isnan(kth):
+        return kth
+    n_lt, n_le = int((a < kth).sum()), int((a <= kth).sum())
+    lower = float(a[a < kth].max()) if n_lt else 0.0
+    return lower if n_le - k > k - n_lt else kth
+
+
+def same(got: torch.Tensor, want) -> bool:
+    want = torch.as_tensor(want, dtype=torch.float64)
+    got = got.cpu()
+    return got.dtype == torch.float64 and torch.equal(got.isnan(), want.isnan()) and torch.equal(
+        got.nan_to_num(), want.nan_to_num())
+
+
+def ks_for(ts, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [int(torch.randint(0, t.numel() + 1, (), generator=g)) for t in ts]
+
+
+@pytest.mark.parametrize("closest", [False, True], ids=["kth", "closest"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_against_the_spec_and_a_sort(B, dtype, closest):
+    # Every layout of the op matrix: empty tensors, a 0-dim one, odd sizes up
+    # to 278011, transposed, strided, misaligned and permuted views.
+    ts = random_list(dtype, seed=5, device=B.dev, more_layouts=True)
+    for seed in range(3):
+        ks = ks_for(ts, seed)
+        with pyreg.use_backend(B.name):
+            got = ops.kth_abs(ts, ks, closest=closest)
+        assert got.device.type == B.dev and got.shape == (len(ts),)
+        assert same(got, torch_ref.kth_abs(ts, ks, closest).cpu())
+        assert same(got, [by_sort(t, k, closest) for t, k in zip(ts, ks)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_ties_zeros_and_specials(B, dtype):
+    g = torch.Generator().manual_seed(11)
+    n = 70001  # several counting levels and the four-way counts
+    # Half the weights tied at one value just above zero (what Adam does to
+    # weights a prox zeroed), a quarter exact zeros (both signs), the rest random.
+    x = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    x[: n // 2] = torch.tensor(1e-3, dtype=torch.float64).to(dtype) * torch.sign(torch.randn(n // 2, generator=g))
+    x[n // 2: 3 * n // 4] = 0.0
+    x[n // 2: n // 2 + 100] = -0.0
+    x = x[torch.randperm(n, generator=g)].to(B.dev)
+    y = torch.tensor([0.0, -0.0, 1.0, float("nan"), -3.0, float("inf"), float("-inf"), 2.0],
+                     dtype=dtype, device=B.dev)
+    small = x[:300].clone()  # few keys: narrow counts
+    cases = [(x, k) for k in (1, n // 4, n // 4 + 1, n // 2, 3 * n // 4, 3 * n // 4 + 1, n - 1, n)]
+    cases += [(y, k) for k in range(0, 9)] + [(small, k) for k in (1, 75, 150, 299, 300)]
+    for closest in (False, True):
+        with pyreg.use_backend(B.name):
+            got = ops.kth_abs([t for t, _ in cases], [k for _, k in cases], closest=closest)
+        assert same(got, [by_sort(t, k, closest) for t, k in cases]), closest
+
+
+def test_closest_takes_the_value_below_where_ties_overshoot(B):
+    # |w| = 1 x 3, 2 x 6, 3 x 1; k = 4: the 4th smallest is 2, but #(|w| <= 2)
+    # = 9 overshoots by 5 where #(|w| <= 1) = 3 falls short by 1.
+    w = torch.tensor([1.0, -1, 1, 2, 2, -2, 2, 2, 2, 3], dtype=torch.bfloat16, device=B.dev)
+    with pyreg.use_backend(B.name):
+        assert ops.kth_abs([w], [4]).tolist() == [2.0]
+        assert ops.kth_abs([w], [4], closest=True).tolist() == [1.0]
+        assert ops.kth_abs([w], [7], closest=True).tolist() == [2.0]  # 9 - 7 < 7 - 3
+        assert ops.kth_abs([w], [2], closest=True).tolist() == [1.0]  # nothing below 1 needed
+        # all six tied at 2, k = 1: 0 zeros (short by 1) is closer than 6 (over by 5)
+        assert ops.kth_abs([w[3:9]], [1], closest=True).tolist() == [0.0]
+        assert ops.kth_abs([w[3:9]], [4], closest=True).tolist() == [2.0]
+
+
+def test_one_k_for_all_and_empty_list():
+    ts = [torch.randn(5), torch.randn(3, 3)]
+    assert torch.equal(ops.kth_abs(ts, 2), ops.kth_abs(ts, [2, 2]))
+    assert ops.kth_abs([], []).shape == (0,)
+
+
+def test_the_same_for_any_thread_count(restore_threads):  # noqa: F811
+    g = torch.Generator().manual_seed(2)
+    ts = [torch.randn(n, generator=g) for n in (300000, 5, 70001, 4096)]
+    ks = [150000, 3, 1, 4096]
+    outs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        outs.append(ops.kth_abs(ts, ks, closest=True))
+    assert torch.equal(outs[0], outs[1])
+    assert same(outs[0], [by_sort(t, k, True) for t, k in zip(ts, ks)])
+
+
+def test_the_cpu_build_selects_and_the_cuda_builds_use_torch():
+    assert backends.cpu.selects()
+    assert not backends.get("cuda-emu").selects() and not backends.get("cuda").selects()
+
+
+@pytest.mark.parametrize("k, words", [([1], "2 tensors"), ([1, -1], "outside"), ([1, 10], "outside"),
+                                      ([1, 1.5], "must be an int"), (1.0, "int or a sequence"),
+                                      ([True, 1], "must be an int")])
+def test_bad_k_is_rejected(k, words):
+    ts = [torch.randn(4), torch.randn(3)]
+    with pytest.raises((TypeError, ValueError), match=words):
+        ops.kth_abs(ts, k)
+
+
+def test_bad_closest_is_rejected():
+    with pytest.raises(TypeError, match="closest"):
+        ops.kth_abs([torch.randn(3)], [1], closest=1)
+
+
+def test_opcheck_and_compile():
+    ts = [torch.randn(40), torch.randn(7, 3, dtype=torch.float64)]
+    torch.library.opcheck(torch.ops.pyreg.kth_abs.default, (ts, [20, 5], True))
+    f = torch.compile(lambda a, b: ops.kth_abs([a, b], [20, 5], closest=True), backend="eager", fullgraph=True)
+    assert torch.equal(f(*ts), ops.kth_abs(ts, [20, 5], closest=True))
