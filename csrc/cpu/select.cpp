@@ -65,19 +65,21 @@ template <typename K, typename Get>
 void count_digits(Get&& key, int64_t n, int shift, K mask, std::vector<int64_t>& hist) {
   constexpr int64_t kBlock = int64_t(1) << 30;
   const size_t bins = size_t(mask) + 1;
-  const int ways = n >= 4096 ? 4 : 1;
-  std::vector<int32_t> part(size_t(ways) * bins);
+  const int ways = n >= 16384 ? 4 : 1;
+  thread_local std::vector<int32_t> part;  // reused: a fresh one per call costs more than small counts
+  if (part.size() < size_t(ways) * bins) part.resize(size_t(ways) * bins);
+  int32_t* c = part.data();
   hist.assign(bins, 0);
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t end = std::min(n, start + kBlock);
-    std::fill(part.begin(), part.end(), 0);
+    std::fill(c, c + size_t(ways) * bins, 0);
     int64_t i = start;
     if (ways == 4)
       for (; i + 4 <= end; i += 4)
-        for (int j = 0; j < 4; ++j) ++part[size_t(j) * bins + ((key(i + j) >> shift) & mask)];
-    for (; i < end; ++i) ++part[(key(i) >> shift) & mask];
+        for (int j = 0; j < 4; ++j) ++c[size_t(j) * bins + ((key(i + j) >> shift) & mask)];
+    for (; i < end; ++i) ++c[(key(i) >> shift) & mask];
     for (int j = 0; j < ways; ++j)
-      for (size_t b = 0; b < bins; ++b) hist[b] += part[size_t(j) * bins + b];
+      for (size_t b = 0; b < bins; ++b) hist[b] += c[size_t(j) * bins + b];
   }
 }
 
@@ -93,10 +95,11 @@ double kth_of(const T* x, int64_t n, int64_t k, bool closest) {
   K prefix = 0;         // the k-th key's digits so far
   int shift = kKeyBits;
   // One level: the digit below `shift` of the k-th key, from the counts of
-  // the candidates' digits (key(i), i < m); then only the keys with that
-  // digit stay candidates, written to `keys` without a branch (each key is
-  // written at the next free place, which advances only past a key that stays).
-  auto level = [&](auto&& key, int64_t m) {
+  // the candidates' digits (key(i), i < m: the tensor's, or `keys` when
+  // in_keys); then only the keys with that digit stay candidates, written to
+  // `keys` without a branch (each key is written at the next free place,
+  // which advances only past a key that stays).
+  auto level = [&](auto&& key, int64_t m, bool in_keys) {
     // Digits of up to 11 bits; fewer for few keys, whose counts would
     // otherwise cost more to set up and scan than the keys themselves.
     const int width = 64 - __builtin_clzll(uint64_t(m) | 1);
@@ -107,6 +110,8 @@ double kth_of(const T* x, int64_t n, int64_t k, bool closest) {
     int64_t d = 0;
     for (; below + hist[size_t(d)] < k; ++d) below += hist[size_t(d)];
     const K first = K(prefix | K(K(d) << shift));  // the smallest key with this digit
+    prefix = first;
+    if (in_keys && hist[size_t(d)] == m) return;  // every candidate has the digit: they all stay
     std::vector<K> next(size_t(hist[size_t(d)]) + 1);
     size_t kept = 0;
     for (int64_t i = 0; i < m; ++i) {
@@ -118,12 +123,11 @@ double kth_of(const T* x, int64_t n, int64_t k, bool closest) {
     }
     next.resize(kept);
     keys.swap(next);
-    prefix = first;
   };
-  level([x](int64_t i) { return KT::of(x[i]); }, n);
+  level([x](int64_t i) { return KT::of(x[i]); }, n, false);
   while (shift > 0) {
     const K* c = keys.data();
-    level([c](int64_t i) { return c[i]; }, int64_t(keys.size()));
+    level([c](int64_t i) { return c[i]; }, int64_t(keys.size()), true);
   }
   // Every candidate is now the k-th key; below it lie `below` keys, the
   // largest of them `earlier`.

@@ -155,11 +155,17 @@ class CompiledKernels:
         n = len(ws)
         l1, l2, linf = (torch.empty(n, dtype=rd, device=dev) for _ in range(3))
         nnz = torch.empty(n, dtype=torch.int64, device=dev)
-        desc = m.describe(ws)
-        keep, *at = self._at(dev, desc[1])
-        self._fn("weight_stats")(*desc, l1.data_ptr(), l2.data_ptr(), linf.data_ptr(),
-                                 nnz.data_ptr(), DTYPE_CODES[rd], *at)
-        return WeightStats(l1, l2, linf, nnz)
+        out = WeightStats(l1, l2, linf, nnz)
+        self.weight_stats_ptrs(*m.describe(ws), out)
+        return out
+
+    def weight_stats_ptrs(self, ptrs: List[int], numels: List[int], codes: List[int], out: WeightStats) -> None:
+        """weight_stats on a list already described and checked, into ``out``
+        (l1, l2, linf: float32 or float64, nnz: int64; one entry per tensor,
+        on the tensors' device)."""
+        keep, *at = self._at(out.nnz.device, numels)
+        self._fn("weight_stats")(ptrs, numels, codes, out.l1.data_ptr(), out.l2.data_ptr(), out.linf.data_ptr(),
+                                 out.nnz.data_ptr(), DTYPE_CODES[out.l1.dtype], *at)
 
     def penalty(self, tensors: List[Tensor], l1: KernelCoef, l2: KernelCoef,
                 ref: Optional[List[Tensor]] = None) -> Tensor:

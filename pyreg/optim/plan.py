@@ -42,6 +42,7 @@ class Bucket:
         self._direct: Optional[list] = None  # see direct()
         self.own_state: Optional[tuple] = None  # a "target", "(g)strength" or "l2_bound" bucket's state (apply.py)
         self.steps_taken: Optional[int] = None  # a "strength" bucket's steps, on the host (apply.strength_due)
+        self.stats_out: Optional[Any] = None  # an "l2_bound" bucket's weight_stats outputs, reused (apply._norms)
 
     def direct(self) -> Optional[list]:
         """For a plain eager step on the CPU: ``[pointers, numels, dtype codes,
@@ -50,12 +51,12 @@ class Bucket:
         ``_direct_grads``), for calling the kernels with no per-call list
         checks, or None (then the ops run, with their checks).
 
-        Only an "elem", "strength" or "target" bucket of plain, contiguous, non-inference CPU tensors,
+        Only an "elem", "strength", "target" or "l2_bound" bucket of plain, contiguous, non-inference CPU tensors,
         pairwise disjoint in memory; checked when first asked and again
         whenever a parameter's data pointer or size changed. The plan's
         signature covers the rest (each parameter's identity, dtype, device)."""
         ps = self.params
-        if self.kind not in ("elem", "strength", "target") or self.device.type != "cpu":
+        if self.kind not in ("elem", "strength", "target", "l2_bound") or self.device.type != "cpu":
             return None
         d = self._direct
         ptrs = list(map(Tensor.data_ptr, ps))
