@@ -203,6 +203,22 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
                                     Launch{ptr<void>(ws), device, stream, nthreads});
         });
 
+  // ---- l2_bound: bound only in a build that has it (Python runs the rule in
+  // torch ops where `<prefix>_l2_bound` is missing).
+  if (k->l2_bound != nullptr) {
+    m.def(name("l2_bound").c_str(),
+          [k](const Ptrs& p, const Numels& n, const Codes& d, uintptr_t lam, uintptr_t kappa, uintptr_t steps,
+              const CoefArg& bound, const CoefArg& mu, const CoefArg& warmup, uintptr_t ws, int device,
+              uintptr_t stream, int nthreads) {
+            TensorList w = make_list(p, n, d);
+            if (!p.empty() && (lam == 0 || kappa == 0 || steps == 0))
+              throw std::invalid_argument("pyreg._C: null l2_bound state");
+            py::gil_scoped_release nogil;
+            k->l2_bound(w, ptr<double>(lam), ptr<double>(kappa), ptr<int64_t>(steps), coef(bound), coef(mu),
+                        coef(warmup), Launch{ptr<void>(ws), device, stream, nthreads});
+          });
+  }
+
   // ---- selection: bound only in a build that has it (Python falls back to
   // torch's selection where `<prefix>_kth_abs` is missing).
   if (k->kth_abs != nullptr) {

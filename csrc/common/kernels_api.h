@@ -102,6 +102,15 @@ struct Kernels {
   // changes; with spec.grad_scale the grads are divided by it (and stored so).
   void (*optim_step)(const OptimList& l, const OptimSpec& spec, const Launch& at);
 
+  // ---- l2_bound (CPR; csrc/common/op_math.h cpr_update) ------------------------
+  // Per tensor i, after the optimizer's step: steps[i] += 1, then lam[i],
+  // kappa[i] (host or device float64, as the tensors) updated from
+  // R = sum w_i^2 by cpr_update, and w_i <- w_i * (1 - 2 * lam[i]) (not
+  // written where the factor is 1). Null in a build without it (the CUDA
+  // builds: Python runs the rule in torch ops there).
+  void (*l2_bound)(const TensorList& w, double* lam, double* kappa, int64_t* steps, Coef bound, Coef mu,
+                   Coef warmup, const Launch& at);
+
   // ---- selection -------------------------------------------------------------
   // out[i] = the k[i]-th smallest |w_i| (0 <= k[i] <= numel_i; 0 for k[i] = 0;
   // NaN counts as the largest), as a double: exact, no rounding. With

@@ -181,6 +181,23 @@ PYREG_HD A group_value(T x, const ProxParams<A>& soft) {
   else return load<A>(x);
 }
 
+// ---- l2_bound: Constrained Parameter Regularization (Franke et al. 2024) ------
+// One tensor's update after the optimizer's step, from R = ||w||^2: with b the
+// bound in force (during a warm-up, `kappa`, +inf until the warm-up's last
+// step; else the group's `bound`),
+//   lam   <- max(0, lam + mu / n * (R - b))    (0 while b is +inf)
+//   kappa <- R at the warm-up's last step (step == warmup), else b
+// and returns w's factor 1 - 2 * lam. `step` counts this step. The float64
+// reference is pyreg/optim/apply.py's l2_bound_buckets.
+PYREG_HD double cpr_update(double& lam, double& kappa, int64_t step, double r, double n, double bound,
+                           double mu, double warmup) {
+  const double b = warmup > 0 ? kappa : bound;
+  const double v = lam + mu / n * (r - b);
+  lam = isinf(b) ? 0.0 : (v < 0.0 ? 0.0 : v);
+  kappa = (warmup > 0 && double(step) == warmup) ? r : b;
+  return 1.0 - 2.0 * lam;
+}
+
 // ---- results ------------------------------------------------------------------
 // One result into a float32 or float64 output (out_dtype: kFloat32 / kFloat64).
 PYREG_HD void write_out(void* out, int out_dtype, int64_t i, double v) {

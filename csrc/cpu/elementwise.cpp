@@ -1,6 +1,6 @@
 // elementwise.cpp: pyreg's element-wise CPU ops (weight_stats, penalty,
-// add_penalty_grad, prox; csrc/common/kernels_api.h for the contracts), on
-// the sweeps of sweep.h.
+// add_penalty_grad, prox, l2_bound; csrc/common/kernels_api.h for the
+// contracts), on the sweeps of sweep.h.
 #include "sweep.h"
 
 namespace pyreg::cpu {
@@ -96,6 +96,42 @@ void prox(const TensorList& w, const void* const* refs, Coef l1, Coef l2, Coef l
     });
   });
   for (int64_t i = 0; i < w.size(); ++i) nnz[i] = s[i].nnz;
+}
+
+void l2_bound(const TensorList& w, double* lam, double* kappa, int64_t* steps, Coef bound, Coef mu,
+              Coef warmup, const Launch& at) {
+  auto s = run(w, at.nthreads, [&](const Item& it) {
+    return with_dtype(w.dtypes[it.tensor], w.ptrs[it.tensor], [&](auto* p) {
+      using T = std::remove_pointer_t<decltype(p)>;
+      using A = opmath_t<T>;
+      return sweep<A, true, false, false>(it.end - it.begin, no_update, loader<A>(p + it.begin));
+    });
+  });
+  std::vector<double> f(size_t(w.size()));
+  bool scale = false;
+  for (int64_t i = 0; i < w.size(); ++i) {
+    steps[i] += 1;
+    f[size_t(i)] = cpr_update(lam[i], kappa[i], steps[i], s[i].s2, double(w.numels[i]), coef_at(bound, i),
+                              coef_at(mu, i), coef_at(warmup, i));
+    scale = scale || f[size_t(i)] != 1.0;
+  }
+  if (!scale) return;  // a warm-up, or every multiplier 0: nothing to write
+  run(w, at.nthreads, [&](const Item& it) {
+    const double fi = f[size_t(it.tensor)];
+    if (fi != 1.0) {
+      with_dtype(w.dtypes[it.tensor], w.ptrs[it.tensor], [&](auto* p) {
+        using T = std::remove_pointer_t<decltype(p)>;
+        using A = opmath_t<T>;
+        T* __restrict x = p + it.begin;
+        const A c = A(fi);
+        const int64_t n = it.end - it.begin;
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) x[k] = store<T>(load<A>(x[k]) * c);
+        return 0;
+      });
+    }
+    return zero_partial();
+  });
 }
 
 }  // namespace PYREG_ISA_NS

@@ -1,7 +1,7 @@
 // kernels.h: pyreg's CPU kernels (the contracts of csrc/common/kernels_api.h,
 // on host memory, run on pyreg's thread pool). One translation unit per
 // family of ops, compiled in parallel:
-//   elementwise.cpp  weight_stats, penalty, add_penalty_grad, prox
+//   elementwise.cpp  weight_stats, penalty, add_penalty_grad, prox, l2_bound
 //   group.cpp        group_norms, group_prox, max_norm, the group penalty
 //   optim.cpp        the fused optimizer step
 //   select.cpp       kth_abs
@@ -31,6 +31,8 @@ void add_penalty_grad(const TensorList& w, const void* const* refs, void* const*
                       void* out, int out_dtype, const Launch& at);
 void prox(const TensorList& w, const void* const* refs, Coef l1, Coef l2, Coef lr, int64_t* nnz,
           const Launch& at);
+void l2_bound(const TensorList& w, double* lam, double* kappa, int64_t* steps, Coef bound, Coef mu, Coef warmup,
+              const Launch& at);
 
 // group.cpp
 void group_norms(const TensorList& w, const GroupList& gl, void* norms, int out_dtype, const Launch& at);

@@ -57,6 +57,7 @@ extern const Kernels PYREG_CPU_TABLE = {
     k::group_penalty,
     k::add_group_penalty_grad,
     k::optim_step,
+    k::l2_bound,
     k::kth_abs,
 };
 

@@ -35,6 +35,7 @@ Kernels stub(std::string (*why)()) {
       [](const TensorList&, const GroupList&, void* const*, Coef, void*, int, const Launch&) { unavailable(); },
       [](const OptimList&, const OptimSpec&, const Launch&) { unavailable(); },
       nullptr,
+      nullptr,
   };
 }
 

@@ -17,7 +17,7 @@ behind them. Only the launch context differs, per device:
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -84,7 +84,7 @@ class CompiledKernels:
         self._prefix = prefix
         self._launch = launch
         self._device_errors: Dict[int, str] = {}
-        self._fns: Dict[str, Callable] = {}  # pyreg._C's functions of this build, by op
+        self._fns: Dict[object, Any] = {}  # pyreg._C's functions of this build, by op (and what it has)
 
     def __repr__(self) -> str:
         return f"<pyreg backend {self.NAME!r}>"
@@ -220,11 +220,36 @@ class CompiledKernels:
         self._fn("prox")(ptrs, numels, codes, list(refs), *(m.coef(c, dev, n) for c in (l1, l2, lr)),
                          nnz.data_ptr(), *at)
 
+    # ---- l2_bound (CPR) --------------------------------------------------------------
+    def bounds(self) -> bool:
+        """Whether this build has its own l2_bound kernel: the CPU's (the
+        engine runs the rule in torch ops elsewhere)."""
+        return self._has("l2_bound")
+
+    def _has(self, what: str) -> bool:
+        """Whether pyreg._C has this build's ``what`` (bound only where the
+        build has the kernel); asked once."""
+        has = self._fns.get(("has", what))
+        if has is None:
+            has = self._fns[("has", what)] = _C is not None and hasattr(_C, f"{self._prefix}_{what}")
+        return has
+
+    def l2_bound_ptrs(self, ptrs: List[int], numels: List[int], codes: List[int], lam: Tensor, kappa: Tensor,
+                      steps: Tensor, bound: KernelCoef, mu: KernelCoef, warmup: KernelCoef) -> None:
+        """One CPR update after a step (csrc/common/kernels_api.h) on a list
+        already described and checked, in place: the params, their
+        multipliers ``lam`` and bounds ``kappa`` (float64) and step counts
+        ``steps`` (int64), one entry per tensor, contiguous, on its device."""
+        dev, n = lam.device, len(ptrs)
+        keep, *at = self._at(dev, numels)
+        self._fn("l2_bound")(ptrs, numels, codes, lam.data_ptr(), kappa.data_ptr(), steps.data_ptr(),
+                             *(m.coef(c, dev, n) for c in (bound, mu, warmup)), *at)
+
     # ---- selection ------------------------------------------------------------------
     def selects(self) -> bool:
         """Whether this build has its own selection kernel (``kth_abs``): the
         CPU's. The CUDA builds have none; their ``kth_abs`` runs torch's."""
-        return _C is not None and hasattr(_C, f"{self._prefix}_kth_abs")
+        return self._has("kth_abs")
 
     def kth_abs(self, tensors: List[Tensor], k: List[int], closest: bool = False) -> Tensor:
         if not self.selects():  # torch's selection (kthvalue), on the tensors' device

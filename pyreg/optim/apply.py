@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, ops
-from .._common import WeightStats, capturing, to_device
+from .._common import capturing, to_device
 from .._validate import check_grads_apart, disjoint_pointers, plain_cpu, tensor_list
 from .plan import Bucket, Plan, Work
 from .results import ParamStats, Sparsity
@@ -283,13 +283,25 @@ def l2_bound_buckets(buckets: Sequence[Work], state: Dict[Any, Dict[str, Any]]) 
     ``l2_bound``; with ``l2_bound="warm_start"``, kappa_j is +inf (no
     constraint, lambda_j = 0) until the tensor's ``l2_warmup``-th step, whose
     R_j becomes its bound. The multipliers, bounds and step counts stay on
-    the device, in the optimizer's state (:data:`BOUND_STATE`): no host sync."""
-    be = None if torch.compiler.is_compiling() else direct_backend()
-    with torch.no_grad():
-        for w in buckets:
-            lam, kappa, steps, numel = _bound_state(w, state)
+    the device, in the optimizer's state (:data:`BOUND_STATE`): no host sync.
+
+    On the plain eager CPU path the whole update is one call of the CPU
+    kernel (the rule written once in csrc/common/op_math.h, ``cpr_update``;
+    R_j summed in float64 there); elsewhere (CUDA, torch.compile, another
+    backend forced) the torch ops below, R_j from ``weight_stats``' norm."""
+    eager = not torch.compiler.is_compiling()
+    be = direct_backend() if eager else None
+    for w in buckets:
+        lam, kappa, steps, numel = _bound_state(w, state)
+        d = w.bucket.direct() if be is not None and w.params is w.bucket.params and be.bounds() else None
+        if d is not None:  # the checks were made: the CPU kernel, in one call (the same rule, R in float64)
+            be.l2_bound_ptrs(d[0], d[1], d[2], lam, kappa, steps,
+                             *(w.coef(k, eager) for k in ("l2_bound", "l2_mu", "l2_warmup")))
+            torch.autograd.graph.increment_version(w.params)
+            continue
+        with torch.no_grad():
             c = w.coefs
-            r = _norms(w, be).to(torch.float64).square_()
+            r = ops.weight_stats(w.params).l2.to(torch.float64).square_()
             steps.add_(1)
             if not any(w.bucket.values["l2_warmup"]):  # given bounds only: fewer ops, the same rule
                 lam.addcmul_(c["l2_mu"] / numel, r.sub_(c["l2_bound"])).clamp_(min=0)
@@ -302,23 +314,6 @@ def l2_bound_buckets(buckets: Sequence[Work], state: Dict[Any, Dict[str, Any]]) 
             lam.copy_(torch.where(torch.isinf(bound), torch.zeros_like(new), new))
             torch._foreach_mul_(w.params, list((1 - 2 * lam).unbind(0)))
             kappa.copy_(torch.where(warm & (steps.to(torch.float64) == c["l2_warmup"]), r, bound))
-
-
-def _norms(w: Work, be) -> Tensor:
-    """||theta_j|| of each param of ``w`` (``weight_stats``' l2, in its result
-    dtype), straight from the kernels where ``be`` (the cpu backend, see
-    :func:`direct_backend`) may take the bucket directly."""
-    d = w.bucket.direct() if be is not None and w.params is w.bucket.params else None
-    if d is None:
-        return ops.weight_stats(w.params).l2
-    out = w.bucket.stats_out
-    if out is None or out.nnz.shape[0] != len(w.params):
-        rd = torch.float64 if w.params[0].dtype is torch.float64 else torch.float32
-        n = len(w.params)
-        out = w.bucket.stats_out = WeightStats(*(torch.empty(n, dtype=rd) for _ in range(3)),
-                                               torch.empty(n, dtype=torch.int64))
-    be.weight_stats_ptrs(d[0], d[1], d[2], out)
-    return out.l2
 
 
 def _bound_state(w: Work, state: Dict[Any, Dict[str, Any]]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

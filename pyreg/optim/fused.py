@@ -462,9 +462,11 @@ class FusedOptimizer(Observable):
                 for b in buckets:
                     self._run(b)
                 if after and not self._amp_skipped():
-                    group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
-                    prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in penalized(after)],
-                                 self.state)  # type: ignore[attr-defined]
+                    prox_after = penalized(after)
+                    if prox_after:  # (the lrs only where a prox reads them)
+                        group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
+                        prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in prox_after],
+                                     self.state)  # type: ignore[attr-defined]
                     constraints(after, self.state)  # type: ignore[attr-defined]
                 if due and not self._amp_skipped():  # the new coefficients from the next step on
                     self._refresh(plan, strength, due)

@@ -42,7 +42,6 @@ class Bucket:
         self._direct: Optional[list] = None  # see direct()
         self.own_state: Optional[tuple] = None  # a "target", "(g)strength" or "l2_bound" bucket's state (apply.py)
         self.steps_taken: Optional[int] = None  # a "strength" bucket's steps, on the host (apply.strength_due)
-        self.stats_out: Optional[Any] = None  # an "l2_bound" bucket's weight_stats outputs, reused (apply._norms)
 
     def direct(self) -> Optional[list]:
         """For a plain eager step on the CPU: ``[pointers, numels, dtype codes,
