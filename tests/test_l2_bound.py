@@ -192,3 +192,42 @@ BAD = [({"l2_bound": "warm_start"}, "l2_warmup"),
 @pytest.mark.parametrize("keys,words", BAD)
 def test_bad_values_raise_and_change_nothing(family, keys, words):
     bad_key_changes_nothing(family, {"l2_bound": 10.0}, keys, words)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda-emu", marks=needs_emu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernels_follow_the_torch_rule_over_many_tensors(backend, dtype):
+    """The compiled update (one call per bucket: the CPU kernel, or on the
+    emulator the CUDA kernels' three launches, in batches of tensors) against
+    the rule in torch ops (the torch backend), over 900 tensors (more than a
+    launch takes): odd and empty sizes, tensors of several chunks, a bound per
+    tensor; a given-bound group and a warm-start one."""
+    g = torch.Generator().manual_seed(4)
+    sizes = [int(s) for s in torch.randint(0, 40, (900,), generator=g)] + [70001, 300001, 0]
+
+    def run(be):
+        ps = [torch.randn(n, generator=torch.Generator().manual_seed(i), dtype=torch.float64).to(dtype)
+              .requires_grad_() for i, n in enumerate(sizes)]
+        bounds = [0.3 * float(p.detach().double().pow(2).sum()) + 0.01 for p in ps[:600]]
+        groups = [{"params": ps[:600], "l2_bound": bounds, "l2_mu": 0.2},
+                  {"params": ps[600:], "l2_bound": "warm_start", "l2_warmup": 2, "l2_mu": 1.0}]
+        opt = pyreg.optim.SGD(groups, lr=0.05)
+        with pyreg.use_backend(be):
+            for step in range(5):
+                for i, p in enumerate(ps):
+                    p.grad = torch.full_like(p, 0.01 * ((i + step) % 5 - 2))
+                opt.step()
+        return ps, [opt.state[p][k] for p in ps for k in BOUND_STATE]
+
+    got, got_state = run(backend)
+    want, want_state = run("torch")
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.detach().float(), b.detach().float(), **tol)
+    lam = [float(x) for x in got_state[0::3]]
+    assert max(lam[:600]) > 1e-2 and max(lam[600:]) > 1e-3  # the bounds acted, in both groups
+    # The multipliers: the kernels sum R in float64, the torch ops square the
+    # norm in the result dtype, and a warm-started bound makes R - kappa a
+    # difference of near-equal numbers: an absolute tolerance.
+    torch.testing.assert_close(torch.stack(got_state[0::3]), torch.stack(want_state[0::3]), rtol=1e-3, atol=5e-6)
+    assert torch.equal(torch.stack(got_state[2::3]), torch.stack(want_state[2::3]))  # step counts

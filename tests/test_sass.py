@@ -49,8 +49,8 @@ KNOWN_SPILLS: dict = {}
 VECTOR_UNITS = {"elementwise": "chunk_kernel", "optim_sgd": "optim_kernel", "optim_adam": "optim_kernel",
                 "optim_adagrad": "optim_kernel", "optim_rmsprop": "optim_kernel",
                 "group": "group_tile_kernelILi2"}  # the group ops' second pass
-#: Of those, the instances that only read (weight_stats, penalty): no stores to check.
-READ_ONLY = ("chunk_kernelILi0E", "chunk_kernelILi1E")
+#: Of those, the instances that only read (weight_stats, penalty, l2_bound's sums): no stores to check.
+READ_ONLY = ("chunk_kernelILi0E", "chunk_kernelILi1E", "chunk_kernelILi4E")
 REGS_PER_SM = 65536
 REG_UNIT = 256  # registers are allocated per warp in units of 256
 MAX_REGS = 255

@@ -187,12 +187,13 @@ PYREG_HD A group_value(T x, const ProxParams<A>& soft) {
 // step; else the group's `bound`),
 //   lam   <- max(0, lam + mu / n * (R - b))    (0 while b is +inf)
 //   kappa <- R at the warm-up's last step (step == warmup), else b
-// and returns w's factor 1 - 2 * lam. `step` counts this step. The float64
-// reference is pyreg/optim/apply.py's l2_bound_buckets.
+// and returns w's factor 1 - 2 * lam. `step` counts this step; n is w's
+// size (an empty tensor counts as 1: R = 0, its multiplier stays 0). The
+// float64 reference is pyreg/optim/apply.py's l2_bound_buckets.
 PYREG_HD double cpr_update(double& lam, double& kappa, int64_t step, double r, double n, double bound,
                            double mu, double warmup) {
   const double b = warmup > 0 ? kappa : bound;
-  const double v = lam + mu / n * (r - b);
+  const double v = lam + mu / (n > 0.0 ? n : 1.0) * (r - b);
   lam = isinf(b) ? 0.0 : (v < 0.0 ? 0.0 : v);
   kappa = (warmup > 0 && double(step) == warmup) ? r : b;
   return 1.0 - 2.0 * lam;

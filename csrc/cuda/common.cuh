@@ -41,7 +41,9 @@ constexpr int64_t kSmallChunk = int64_t(1) << kSmallChunkShift;
 constexpr int64_t kBigTensor = int64_t(1) << 22;  // elements from which a tensor uses kChunk
 constexpr int64_t kMaxGrid = INT_MAX;         // blocks per launch (grid.x limit)
 
-enum Op : int { kStats = 0, kPenalty = 1, kGrad = 2, kProx = 3 };
+// kBound: l2_bound's sums (as kPenalty's) and its finishing step; kScale: its
+// scaling pass (each tensor by its factor, read from Coefs::l1).
+enum Op : int { kStats = 0, kPenalty = 1, kGrad = 2, kProx = 3, kBound = 4, kScale = 5 };
 
 struct Coefs {
   Coef l1, l2, lr;
@@ -50,7 +52,7 @@ struct Coefs {
 struct Work {
   unsigned* counter;
   int64_t* first;  // n+1 entries: tensor t owns global chunks [first[t], first[t+1])
-  double* terms;   // n entries: l1[t]*s1 + l2[t]*s2 (penalty ops)
+  double* terms;   // n entries: l1[t]*s1 + l2[t]*s2 (penalty ops); l2_bound: numel, then the factor
   Partial* parts;  // one per global chunk
 };
 
@@ -61,6 +63,9 @@ struct Outs {
   int64_t* nnz;
   void* value;
   int out_dtype;
+  double* lam = nullptr;     // l2_bound: the multipliers, bounds and step counts, updated in place
+  double* kappa = nullptr;
+  int64_t* steps = nullptr;
 };
 
 // ---------------------------------------------------------------------------
@@ -95,7 +100,10 @@ __device__ __forceinline__ Partial block_reduce(Partial p) {
   return p;
 }
 
-// kFin: kStats (weight_stats), kPenalty (penalty and add_penalty_grad), kProx.
+// kFin: kStats (weight_stats), kPenalty (penalty and add_penalty_grad), kProx,
+// kBound (l2_bound: each tensor's CPR update from its sum of squares, its
+// factor into terms[t], where the chunk kernel left its numel; Coefs: bound,
+// mu, warmup).
 template <int kFin>
 __global__ void __launch_bounds__(kThreads) finish_kernel(const Work w, int64_t n, const Coefs c,
                                                            const Outs o) {
@@ -114,6 +122,11 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const Work w, int64_t 
         o.nnz[t] = int64_t(p.nnz);
       } else if constexpr (kFin == kProx) {
         o.nnz[t] = int64_t(p.nnz);
+      } else if constexpr (kFin == kBound) {
+        const int64_t step = o.steps[t] + 1;
+        o.steps[t] = step;
+        w.terms[t] = cpr_update(o.lam[t], o.kappa[t], step, p.s2, w.terms[t], coef_at(c.l1, t),
+                                coef_at(c.l2, t), coef_at(c.lr, t));
       } else {
         w.terms[t] = coef_at(c.l1, t) * p.s1 + coef_at(c.l2, t) * p.s2;
       }

@@ -1,5 +1,5 @@
 // elementwise.cu: pyreg's element-wise CUDA ops (weight_stats, penalty,
-// add_penalty_grad, prox; see kernels.h for the contracts and csrc/cpu/ for
+// add_penalty_grad, prox, l2_bound; see kernels.h for the contracts and csrc/cpu/ for
 // the exact semantics they reproduce). The group ops are in group.cu, the
 // fused optimizer step in optim.cu; what they share in common.cuh.
 //
@@ -96,7 +96,9 @@ struct Acc {
 // kRef: toward the reference value rv (d = x - rv in place of x).
 template <int kOp, bool kRef, typename T, typename A>
 __device__ __forceinline__ void element(T& xv, T& gv, T rv, const Params<A>& p, Acc<A>& acc) {
-  if constexpr (kOp == kProx) {
+  if constexpr (kOp == kScale) {
+    xv = store<T>(load<A>(xv) * p.c1);
+  } else if constexpr (kOp == kProx) {
     if constexpr (kRef) {
       const T o = prox_toward<T>(load<A>(xv), load<A>(rv), p.prox);
       xv = o;
@@ -147,6 +149,7 @@ __device__ __forceinline__ Partial run_chunk(void* xbase, void* gbase, const voi
     p.c2 = A(2.0 * coef_at(c.l2, t));
   }
   if constexpr (kOp == kProx) p.prox = prox_params<A>(coef_at(c.l1, t), coef_at(c.l2, t), coef_at(c.lr, t));
+  if constexpr (kOp == kScale) p.c1 = A(coef_at(c.l1, t));
 
   Acc<A> acc;
   // 16-byte vectors when the chunk start is 16-byte aligned (chunks are a
@@ -180,7 +183,7 @@ __device__ __forceinline__ Partial run_chunk(void* xbase, void* gbase, const voi
         } else {
 #pragma unroll
           for (int k = 0; k < V; ++k) element<kOp, kRef, T, A>(vx[k], vx[k], vr[k], p, acc);
-          if constexpr (kOp == kProx) {
+          if constexpr (kOp == kProx || kOp == kScale) {
             memcpy(&rx, vx, 16);
             reinterpret_cast<uint4*>(x)[i] = rx;
           }
@@ -195,11 +198,11 @@ __device__ __forceinline__ Partial run_chunk(void* xbase, void* gbase, const voi
           g[i] = gv;
         } else {
           element<kOp, kRef, T, A>(xv, xv, rv, p, acc);
-          if constexpr (kOp == kProx) x[i] = xv;
+          if constexpr (kOp == kProx || kOp == kScale) x[i] = xv;
         }
       });
   Partial out{double(acc.s1), double(acc.s2), double(acc.mx), int64_t(acc.nnz)};
-  if constexpr (kOp != kProx && sizeof(A) < sizeof(double)) {
+  if constexpr (kOp != kProx && kOp != kScale && sizeof(A) < sizeof(double)) {
     if (out_of_float_range(acc.s1, acc.s2)) {
       // Rare: this thread's elements again, in float64 (the spec). The weights
       // were only read (grads are written, weights never), so they are intact.
@@ -233,6 +236,8 @@ __global__ void __launch_bounds__(kThreads) chunk_kernel(PYREG_PARAM(Batch) b, c
     // is also written by the next batch, with the same value.
     for (int k = int(threadIdx.x); k <= b.nt; k += kThreads)
       w.first[b.t0 + k] = b.chunk0 + b.cstart[k];
+    if constexpr (kOp == kBound)  // each tensor's numel, for the finishing kernel
+      for (int k = int(threadIdx.x); k < b.nt; k += kThreads) w.terms[b.t0 + k] = double(b.numel[k]);
     if (b.t0 == 0 && threadIdx.x == 0) *w.counter = 0u;
   }
   if (cidx >= b.cstart[b.nt]) return;  // only for a batch without chunks (grid of 1)
@@ -251,6 +256,9 @@ __global__ void __launch_bounds__(kThreads) chunk_kernel(PYREG_PARAM(Batch) b, c
   const int64_t rest = b.numel[k] - begin;
   const int len = int(rest < chunk ? rest : chunk);
   const int t = b.t0 + k;
+  if constexpr (kOp == kScale) {
+    if (coef_at(c.l1, t) == 1.0) return;  // the tensor keeps its bits (block-uniform)
+  }
 
   Partial p;
   if (kOp != kStats && b.r[k] != nullptr) {
@@ -268,8 +276,10 @@ __global__ void __launch_bounds__(kThreads) chunk_kernel(PYREG_PARAM(Batch) b, c
       default: p = run_chunk<kOp, false, float>(b.x[k], b.g[k], nullptr, begin, len, c, t); break;
     }
   }
-  p = block_reduce(p);
-  if (threadIdx.x == 0) w.parts[b.chunk0 + cidx] = p;
+  if constexpr (kOp != kScale) {
+    p = block_reduce(p);
+    if (threadIdx.x == 0) w.parts[b.chunk0 + cidx] = p;
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -341,6 +351,16 @@ Work work_of(const TensorList& w, void* workspace) {
               reinterpret_cast<Partial*>(base + lay.parts)};
 }
 
+template <int kOp>
+void launch_chunks(const std::vector<Batch>& batches, const Coefs& c, const Work& wk, cudaStream_t s,
+                   const char* name) {
+  for (const Batch& b : batches) {
+    const int64_t blocks = b.cstart[b.nt] > 0 ? b.cstart[b.nt] : 1;
+    PYREG_LAUNCH(chunk_kernel<kOp>, dim3(unsigned(blocks)), kThreads, 0, s, b, c, wk);
+    check(cudaGetLastError(), (std::string(name) + " chunk kernel launch").c_str());
+  }
+}
+
 template <int kOp, int kFin>
 void launch(const TensorList& w, void* const* grads, const void* const* refs, const Coefs& c,
             const Outs& o, const Launch& at, const char* name) {
@@ -349,15 +369,14 @@ void launch(const TensorList& w, void* const* grads, const void* const* refs, co
   DeviceGuard guard(at.device);
   (void)cudaGetLastError();  // do not blame this launch for an earlier, non-sticky error
   cudaStream_t s = reinterpret_cast<cudaStream_t>(at.stream);
-  for (const Batch& b : batches) {
-    const int64_t blocks = b.cstart[b.nt] > 0 ? b.cstart[b.nt] : 1;
-    PYREG_LAUNCH(chunk_kernel<kOp>, dim3(unsigned(blocks)), kThreads, 0, s, b, c, wk);
-    check(cudaGetLastError(), (std::string(name) + " chunk kernel launch").c_str());
-  }
+  launch_chunks<kOp>(batches, c, wk, s, name);
   const int64_t n = w.size();
   const int64_t fblocks = n > 0 ? (n + kWarps - 1) / kWarps : 1;
   PYREG_LAUNCH(finish_kernel<kFin>, dim3(unsigned(fblocks)), kThreads, 0, s, wk, n, c, o);
   check(cudaGetLastError(), (std::string(name) + " finishing kernel launch").c_str());
+  if constexpr (kFin == kBound)  // each tensor by its factor, from the workspace (1: not written)
+    launch_chunks<kScale>(batches, Coefs{Coef{wk.terms, 0.0}, Coef{nullptr, 0.0}, Coef{nullptr, 0.0}}, wk, s,
+                          name);
 }
 
 }  // namespace
@@ -371,6 +390,9 @@ std::vector<KernelRef> elementwise_kernels() {
       {reinterpret_cast<const void*>(&finish_kernel<kStats>), "finish_kernel<stats>"},
       {reinterpret_cast<const void*>(&finish_kernel<kPenalty>), "finish_kernel<penalty>"},
       {reinterpret_cast<const void*>(&finish_kernel<kProx>), "finish_kernel<prox>"},
+      {reinterpret_cast<const void*>(&chunk_kernel<kBound>), "chunk_kernel<bound>"},
+      {reinterpret_cast<const void*>(&finish_kernel<kBound>), "finish_kernel<bound>"},
+      {reinterpret_cast<const void*>(&chunk_kernel<kScale>), "chunk_kernel<scale>"},
   };
 }
 
@@ -407,6 +429,16 @@ void prox(const TensorList& w, const void* const* refs, Coef l1, Coef l2, Coef l
           const Launch& at) {
   const Outs o{nullptr, nullptr, nullptr, nnz, nullptr, kFloat64};
   launch<kProx, kProx>(w, nullptr, refs, Coefs{l1, l2, lr}, o, at, "prox");
+}
+
+void l2_bound(const TensorList& w, double* lam, double* kappa, int64_t* steps, Coef bound, Coef mu, Coef warmup,
+              const Launch& at) {
+  if (w.size() > 0 && (lam == nullptr || kappa == nullptr || steps == nullptr)) fail("null l2_bound state");
+  Outs o{nullptr, nullptr, nullptr, nullptr, nullptr, kFloat64};
+  o.lam = lam;
+  o.kappa = kappa;
+  o.steps = steps;
+  launch<kBound, kBound>(w, nullptr, nullptr, Coefs{bound, mu, warmup}, o, at, "l2_bound");
 }
 
 }  // namespace PYREG_CUDA_NS

@@ -1,7 +1,7 @@
 // kernels.h: pyreg's fused CUDA kernels: the contracts of
 // csrc/common/kernels_api.h, on device pointers, launched on the caller's
 // stream. One translation unit per family of ops, compiled in parallel:
-//   elementwise.cu  weight_stats, penalty, add_penalty_grad, prox
+//   elementwise.cu  weight_stats, penalty, add_penalty_grad, prox, l2_bound
 //   group.cu        group_norms, group_prox, max_norm, the group penalty
 //   optim.cu        the fused optimizer step (host side), its kernel for each
 //                   algorithm in optim_sgd.cu, optim_adam.cu, optim_adagrad.cu,
@@ -55,6 +55,8 @@ void add_penalty_grad(const TensorList& w, const void* const* refs, void* const*
                       void* out, int out_dtype, const Launch& at);
 void prox(const TensorList& w, const void* const* refs, Coef l1, Coef l2, Coef lr, int64_t* nnz,
           const Launch& at);
+void l2_bound(const TensorList& w, double* lam, double* kappa, int64_t* steps, Coef bound, Coef mu, Coef warmup,
+              const Launch& at);
 std::vector<KernelRef> elementwise_kernels();
 
 // group.cu

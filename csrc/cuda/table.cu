@@ -17,7 +17,7 @@ extern const Kernels PYREG_CUDA_TABLE = {
     k::group_workspace_bytes, k::group_norms, k::group_prox, k::max_norm, k::group_penalty,
     k::add_group_penalty_grad,
     k::optim_step,
-    nullptr,  // l2_bound: no CUDA kernel (pyreg/optim/apply.py runs the rule in torch ops)
+    k::l2_bound,
     nullptr,  // kth_abs: no CUDA kernel (pyreg/backends/compiled.py runs torch's selection)
 };
 

@@ -222,8 +222,8 @@ class CompiledKernels:
 
     # ---- l2_bound (CPR) --------------------------------------------------------------
     def bounds(self) -> bool:
-        """Whether this build has its own l2_bound kernel: the CPU's (the
-        engine runs the rule in torch ops elsewhere)."""
+        """Whether this build has an l2_bound kernel (every compiled build;
+        the engine runs the rule in torch ops without one)."""
         return self._has("l2_bound")
 
     def _has(self, what: str) -> bool:
@@ -233,6 +233,13 @@ class CompiledKernels:
         if has is None:
             has = self._fns[("has", what)] = _C is not None and hasattr(_C, f"{self._prefix}_{what}")
         return has
+
+    def l2_bound_(self, tensors: List[Tensor], lam: Tensor, kappa: Tensor, steps: Tensor, bound: KernelCoef,
+                  mu: KernelCoef, warmup: KernelCoef) -> None:
+        """One CPR update after a step, in place (see :meth:`l2_bound_ptrs`)."""
+        ws = m.Writable(tensors)
+        self.l2_bound_ptrs(*m.describe(ws.work), lam, kappa, steps, bound, mu, warmup)
+        ws.commit()
 
     def l2_bound_ptrs(self, ptrs: List[int], numels: List[int], codes: List[int], lam: Tensor, kappa: Tensor,
                       steps: Tensor, bound: KernelCoef, mu: KernelCoef, warmup: KernelCoef) -> None:

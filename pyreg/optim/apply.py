@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, ops
-from .._common import capturing, to_device
+from .._common import capturing, has_dtensor, to_device
 from .._validate import check_grads_apart, disjoint_pointers, plain_cpu, tensor_list
 from .plan import Bucket, Plan, Work
 from .results import ParamStats, Sparsity
@@ -285,21 +285,29 @@ def l2_bound_buckets(buckets: Sequence[Work], state: Dict[Any, Dict[str, Any]]) 
     R_j becomes its bound. The multipliers, bounds and step counts stay on
     the device, in the optimizer's state (:data:`BOUND_STATE`): no host sync.
 
-    On the plain eager CPU path the whole update is one call of the CPU
-    kernel (the rule written once in csrc/common/op_math.h, ``cpr_update``;
-    R_j summed in float64 there); elsewhere (CUDA, torch.compile, another
-    backend forced) the torch ops below, R_j from ``weight_stats``' norm."""
+    In eager mode on a compiled backend (CPU, CUDA, the emulator) the whole
+    update is one call of its kernels (the rule written once in
+    csrc/common/op_math.h, ``cpr_update``; R_j summed in float64 there):
+    on CUDA three launches, nothing on the host. On the torch backend and
+    under torch.compile, the torch ops below (R_j from ``weight_stats``' norm)."""
     eager = not torch.compiler.is_compiling()
     be = direct_backend() if eager else None
     for w in buckets:
         lam, kappa, steps, numel = _bound_state(w, state)
         d = w.bucket.direct() if be is not None and w.params is w.bucket.params and be.bounds() else None
-        if d is not None:  # the checks were made: the CPU kernel, in one call (the same rule, R in float64)
+        if d is not None:  # the checks were made: straight to the CPU kernel
             be.l2_bound_ptrs(d[0], d[1], d[2], lam, kappa, steps,
                              *(w.coef(k, eager) for k in ("l2_bound", "l2_mu", "l2_warmup")))
             torch.autograd.graph.increment_version(w.params)
             continue
-        with torch.no_grad():
+        kernels = (backends.for_tensors(w.params) if eager and not _dispatch_modes() and not has_dtensor(w.params)
+                   else None)
+        if getattr(kernels, "bounds", bool)():  # a compiled backend (CUDA, the emulator): its kernels
+            kernels.l2_bound_(w.params, lam, kappa, steps,
+                              *(w.coef(k, eager) for k in ("l2_bound", "l2_mu", "l2_warmup")))
+            torch.autograd.graph.increment_version(w.params)
+            continue
+        with torch.no_grad():  # the torch backend, torch.compile: the rule in torch ops
             c = w.coefs
             r = ops.weight_stats(w.params).l2.to(torch.float64).square_()
             steps.add_(1)
@@ -327,7 +335,8 @@ def _bound_state(w: Work, state: Dict[Any, Dict[str, Any]]) -> Tuple[Tensor, Ten
 def _own_state(w: Work, state: Dict[Any, Dict[str, Any]], names: Tuple[str, ...], dtypes: Tuple[torch.dtype, ...],
                defaults) -> List[Tensor]:
     """The vectors of the state ``names`` of ``w``'s params (one entry per
-    param, on their device), plus their numels (float64). The optimizer's
+    param, on their device), plus their numels (float64; an empty tensor
+    counts as 1, so that a rate per element stays finite). The optimizer's
     state holds 0-dim views of these vectors (so a step updates it in place);
     new vectors are made from it when the params with a grad change or the
     state was replaced (a state dict loaded); ``defaults()`` gives the values
@@ -351,7 +360,7 @@ def _own_state(w: Work, state: Dict[Any, Dict[str, Any]], names: Tuple[str, ...]
                 v = fresh[k][i]
             vals.append(v)
         vecs.append(_stack(vals, dt, dev))
-    numel = to_device([float(p.numel()) for p in ps], torch.float64, dev)
+    numel = to_device([float(max(p.numel(), 1)) for p in ps], torch.float64, dev)
     for name, vec in zip(names, vecs):
         for p, v in zip(ps, vec.unbind(0)):
             state[p][name] = v
