@@ -16,8 +16,8 @@ builds one list that spans what the launch planners split on:
   buffers first (the kernels only ever see contiguous memory).
 
 It then calls every op (element-wise, prox toward a reference, the group ops
-along both dims, max-norm) and two fused steps of every optimizer (AdamW over a launch batch) with L1 and
-L2, and checks the results against the float64 specification loosely (a
+along both dims, max-norm, the selection) and two fused steps of every optimizer (AdamW over a launch batch) with L1 and
+L2 (AdamW then a step with an l2_bound and one with a target_sparsity), and checks the results against the float64 specification loosely (a
 wrong result is not the sanitizer's business, but a NaN or an unwritten
 output shows up here too). Exit status 0 when every result is finite and
 close; the sanitizer's own exit code reports memory errors and races.
@@ -105,6 +105,11 @@ def run(dev: str, dtype_names) -> int:
         pyreg.prox_(copy(ws), 0.3, 0.01, 0.5)
         pyreg.prox_(copy(ws), 0.3, 0.01, 0.5, ref=ref)
 
+        ks = [(t.numel() + 1) // 2 for t in ws]
+        for closest in (False, True):
+            close(pyreg.kth_abs(ws, ks, closest=closest), torch_ref.kth_abs(w64, ks, closest),
+                  f"{name} kth_abs closest={closest}", 0.0)  # a selection: exact
+
         mats = [x.clone() for x in ws if x.dim() == 2] + [make(dt, dev, 4, [(0, 5)])[0]]
         for dim in (0, 1):
             norms = pyreg.group_norms(mats, dim=dim)
@@ -131,6 +136,11 @@ def run(dev: str, dtype_names) -> int:
             opt = cls(ps, l1=1e-3, l2=1e-2, **kw)
             opt.step()
             opt.step()
+            if cls is pyreg.optim.AdamW:  # l2_bound's kernels over the same launch batch, then target_sparsity
+                opt.param_groups[0].update(l2_bound=0.5, l2_mu=0.1)
+                opt.step()
+                opt.param_groups[0].update(l1=0.0, l2_bound=None, target_sparsity=0.5)
+                opt.step()
             for p in (ps[0], ps[5], ps[-1]):
                 if not torch.isfinite(p.detach().double()).all():
                     raise AssertionError(f"{name} {cls.__name__}: not finite")

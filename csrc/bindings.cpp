@@ -221,6 +221,8 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
 
   // ---- selection: bound only in a build that has it (Python falls back to
   // torch's selection where `<prefix>_kth_abs` is missing).
+  m.def(name("kth_abs_workspace_bytes").c_str(), [k](int64_t n) { return k->kth_abs_workspace_bytes(n); },
+        py::arg("n"));
   if (k->kth_abs != nullptr) {
     m.def(name("kth_abs").c_str(),
           [k](const Ptrs& p, const Numels& n, const Codes& d, const Numels& ks, bool closest, uintptr_t out,

@@ -1,7 +1,7 @@
 """``pyreg.ops.kth_abs``, the selection behind ``target_sparsity`` and
 ``l1_strength``: against the spec (torch_ref, torch's kthvalue) and against
 a sort, on every backend and dtype, every layout, ties, zeros, NaN and Inf;
-bad input rejected."""
+bad input rejected; the emulated CUDA selection under every fiber order."""
 from __future__ import annotations
 
 import math
@@ -111,9 +111,42 @@ def test_the_same_for_any_thread_count(restore_threads):  # noqa: F811
     assert same(outs[0], [by_sort(t, k, True) for t, k in zip(ts, ks)])
 
 
-def test_the_cpu_build_selects_and_the_cuda_builds_use_torch():
+def test_every_compiled_build_runs_its_own_selection():
     assert backends.cpu.selects()
-    assert not backends.get("cuda-emu").selects() and not backends.get("cuda").selects()
+    emu = backends.get("cuda-emu")
+    if emu.compiled():  # the CUDA kernels: launches, not torch's kthvalue
+        assert emu.selects()
+        before = emu._fn("launch_count")()
+        with pyreg.use_backend("cuda-emu"):
+            ops.kth_abs([torch.randn(100), torch.randn(3, dtype=torch.float64)], [50, 2], closest=True)
+        # clear, 8 levels of (count, pick) for the float64 tensor, the closest pass, finish
+        assert emu._fn("launch_count")() - before == 1 + 2 * 8 + 2
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "random:7"])
+def test_emulated_selection_under_every_fiber_order(order):
+    """The CUDA selection under each order of the emulator's threads: the
+    digit is found by one thread of a block while the others read the state
+    (a race there showed only under some orders)."""
+    if not backends.get("cuda-emu").compiled():
+        pytest.skip("the CUDA emulator is not built")
+    import subprocess
+    import sys
+    code = (
+        "import torch, pyreg\n"
+        "from pyreg.backends import torch_ref\n"
+        "I, N = float('inf'), float('nan')\n"
+        "t = torch.tensor([N, I, 1.0, 2.0, 2.0, -0.0, 0.5] * 3)\n"
+        "ks = list(range(22))\n"
+        "with pyreg.use_backend('cuda-emu'):\n"
+        "    for closest in (False, True):\n"
+        "        got = pyreg.kth_abs([t] * 22, ks, closest=closest)\n"
+        "        want = torch_ref.kth_abs([t] * 22, ks, closest)\n"
+        "        assert torch.equal(got.nan_to_num(), want.nan_to_num()), (got, want)\n"
+        "        assert torch.equal(got.isnan(), want.isnan())\n")
+    env = dict(__import__("os").environ, PYREG_EMU_ORDER=order)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("k, words", [([1], "2 tensors"), ([1, -1], "outside"), ([1, 10], "outside"),

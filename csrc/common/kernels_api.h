@@ -106,8 +106,8 @@ struct Kernels {
   // Per tensor i, after the optimizer's step: steps[i] += 1, then lam[i],
   // kappa[i] (host or device float64, as the tensors) updated from
   // R = sum w_i^2 by cpr_update, and w_i <- w_i * (1 - 2 * lam[i]) (not
-  // written where the factor is 1). Null in a build without it (the CUDA
-  // builds: Python runs the rule in torch ops there).
+  // written where the factor is 1). Null in a stub (Python then runs the
+  // rule in torch ops).
   void (*l2_bound)(const TensorList& w, double* lam, double* kappa, int64_t* steps, Coef bound, Coef mu,
                    Coef warmup, const Launch& at);
 
@@ -115,9 +115,11 @@ struct Kernels {
   // out[i] = the k[i]-th smallest |w_i| (0 <= k[i] <= numel_i; 0 for k[i] = 0;
   // NaN counts as the largest), as a double: exact, no rounding. With
   // `closest`, where ties at it leave the count #(|w_i| <= out) farther from
-  // k[i] than the largest |w_i| below it would, that one (0 if none). Null in
-  // a build without it (the CUDA builds: Python runs torch's selection there).
+  // k[i] than the largest |w_i| below it would, that one (0 if none). `out`
+  // and the workspace on the tensors' device.
   void (*kth_abs)(const TensorList& w, const int64_t* k, bool closest, double* out, const Launch& at);
+  // Workspace bytes kth_abs needs for n tensors (0 on the CPU).
+  int64_t (*kth_abs_workspace_bytes)(int64_t n);
 };
 
 extern const Kernels kCpu;

@@ -59,6 +59,7 @@ extern const Kernels PYREG_CPU_TABLE = {
     k::optim_step,
     k::l2_bound,
     k::kth_abs,
+    [](int64_t) { return int64_t(0); },
 };
 
 }  // namespace pyreg

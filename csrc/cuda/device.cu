@@ -2,7 +2,7 @@
 // the architectures it was built for, the device count, and whether its
 // kernels can run on a device (device_error also loads every kernel's module,
 // each family listing its kernels: elementwise_kernels(), group_kernels(),
-// optim_kernels()).
+// optim_kernels(), select_kernels()).
 #include "kernels.h"
 
 #if !defined(PYREG_CUDA_EMU)  // the emulator's stand-in is already included
@@ -101,7 +101,7 @@ std::string device_error(int device) {
     return std::string("cannot use device ") + std::to_string(device) + ": " + cudaGetErrorName(e);
   }
   std::vector<KernelRef> kernels = elementwise_kernels();
-  for (const std::vector<KernelRef>& more : {group_kernels(), optim_kernels()})
+  for (const std::vector<KernelRef>& more : {group_kernels(), optim_kernels(), select_kernels()})
     kernels.insert(kernels.end(), more.begin(), more.end());
   std::string err;
   for (const KernelRef& k : kernels) {

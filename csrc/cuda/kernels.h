@@ -75,6 +75,11 @@ std::vector<KernelRef> group_kernels();
 void optim_step(const OptimList& l, const OptimSpec& spec, const Launch& at);
 std::vector<KernelRef> optim_kernels();
 
+// select.cu
+void kth_abs(const TensorList& w, const int64_t* k, bool closest, double* out, const Launch& at);
+int64_t kth_abs_workspace_bytes(int64_t n);
+std::vector<KernelRef> select_kernels();
+
 // device.cu
 std::string archs();
 int device_count();

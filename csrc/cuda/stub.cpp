@@ -36,6 +36,7 @@ Kernels stub(std::string (*why)()) {
       [](const OptimList&, const OptimSpec&, const Launch&) { unavailable(); },
       nullptr,
       nullptr,
+      [](int64_t) { return int64_t(0); },
   };
 }
 

@@ -1,5 +1,5 @@
 // table.cu: the Kernels table of pyreg's CUDA build (kernels_api.h), from
-// the entry points of elementwise.cu, group.cu, optim.cu and device.cu.
+// the entry points of elementwise.cu, group.cu, optim.cu, select.cu and device.cu.
 #include "kernels.h"
 
 #ifndef PYREG_CUDA_TABLE
@@ -18,7 +18,8 @@ extern const Kernels PYREG_CUDA_TABLE = {
     k::add_group_penalty_grad,
     k::optim_step,
     k::l2_bound,
-    nullptr,  // kth_abs: no CUDA kernel (pyreg/backends/compiled.py runs torch's selection)
+    k::kth_abs,
+    k::kth_abs_workspace_bytes,
 };
 
 }  // namespace pyreg

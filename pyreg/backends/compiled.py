@@ -254,8 +254,8 @@ class CompiledKernels:
 
     # ---- selection ------------------------------------------------------------------
     def selects(self) -> bool:
-        """Whether this build has its own selection kernel (``kth_abs``): the
-        CPU's. The CUDA builds have none; their ``kth_abs`` runs torch's."""
+        """Whether this build has a selection kernel (``kth_abs``; every
+        compiled build: without one, ``kth_abs`` runs torch's)."""
         return self._has("kth_abs")
 
     def kth_abs(self, tensors: List[Tensor], k: List[int], closest: bool = False) -> Tensor:
@@ -271,7 +271,8 @@ class CompiledKernels:
         """kth_abs on a list already described and checked (a build that
         ``selects``), into ``out`` (float64, one per tensor, on the tensors'
         device)."""
-        keep, *at = self._at(out.device, numels)
+        n = len(ptrs)
+        keep, *at = self._launch(self, out.device, lambda: self._fn("kth_abs_workspace_bytes")(n))
         self._fn("kth_abs")(ptrs, numels, codes, k, closest, out.data_ptr(), *at)
 
     # ---- the group ops -------------------------------------------------------------

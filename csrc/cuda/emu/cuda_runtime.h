@@ -6,7 +6,7 @@
 // sources a second time (csrc/cuda/emu/*_emu.cpp, through build.h) with this
 // directory first on the include path. What it provides:
 //   * threadIdx / blockIdx / blockDim / gridDim, __syncthreads, the
-//     __shfl_*_sync family, atomicAdd, __threadfence, __ldcg, the few device
+//     __shfl_*_sync family, atomicAdd, atomicMax, __threadfence, __ldcg, the few device
 //     intrinsics the kernels call, and the runtime calls the launchers make
 //     (streams are accepted and ignored: a launch runs to completion before it
 //     returns);
@@ -248,6 +248,14 @@ template <typename T>
 T atomicAdd(T* p, T v) {
   static_assert(std::is_integral_v<T>, "the emulator's atomicAdd takes integers");
   return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
+template <typename T>
+T atomicMax(T* p, T v) {
+  static_assert(std::is_integral_v<T>, "the emulator's atomicMax takes integers");
+  T old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+  while (old < v && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+  }
+  return old;
 }
 
 // Loads through the read-only cache (__ldg) and bypassing L1 (__ldcg, cache-
