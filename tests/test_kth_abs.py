@@ -124,29 +124,18 @@ def test_every_compiled_build_runs_its_own_selection():
 
 
 @pytest.mark.parametrize("order", ["forward", "reverse", "random:7"])
-def test_emulated_selection_under_every_fiber_order(order):
-    """The CUDA selection under each order of the emulator's threads: the
-    digit is found by one thread of a block while the others read the state
-    (a race there showed only under some orders)."""
+def test_emulated_selection_under_every_fiber_order(order, monkeypatch):
+    """The CUDA selection under each order of the emulator's threads (read
+    at each launch): the digit is found by one thread of a block while the
+    others read the state (a race there showed only under some orders)."""
     if not backends.get("cuda-emu").compiled():
         pytest.skip("the CUDA emulator is not built")
-    import subprocess
-    import sys
-    code = (
-        "import torch, pyreg\n"
-        "from pyreg.backends import torch_ref\n"
-        "I, N = float('inf'), float('nan')\n"
-        "t = torch.tensor([N, I, 1.0, 2.0, 2.0, -0.0, 0.5] * 3)\n"
-        "ks = list(range(22))\n"
-        "with pyreg.use_backend('cuda-emu'):\n"
-        "    for closest in (False, True):\n"
-        "        got = pyreg.kth_abs([t] * 22, ks, closest=closest)\n"
-        "        want = torch_ref.kth_abs([t] * 22, ks, closest)\n"
-        "        assert torch.equal(got.nan_to_num(), want.nan_to_num()), (got, want)\n"
-        "        assert torch.equal(got.isnan(), want.isnan())\n")
-    env = dict(__import__("os").environ, PYREG_EMU_ORDER=order)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    monkeypatch.setenv("PYREG_EMU_ORDER", order)
+    t = torch.tensor([float("nan"), float("inf"), 1.0, 2.0, 2.0, -0.0, 0.5] * 3)
+    ks = list(range(22))
+    with pyreg.use_backend("cuda-emu"):
+        for closest in (False, True):
+            assert same(ops.kth_abs([t] * 22, ks, closest=closest), torch_ref.kth_abs([t] * 22, ks, closest))
 
 
 @pytest.mark.parametrize("k, words", [([1], "2 tensors"), ([1, -1], "outside"), ([1, 10], "outside"),

@@ -301,7 +301,7 @@ def l2_bound_buckets(buckets: Sequence[Work], state: Dict[Any, Dict[str, Any]]) 
             torch.autograd.graph.increment_version(w.params)
             continue
         kernels = (backends.for_tensors(w.params) if eager and not _dispatch_modes() and not has_dtensor(w.params)
-                   else None)
+                   and not any(map(Tensor.is_inference, w.params)) else None)
         if getattr(kernels, "bounds", bool)():  # a compiled backend (CUDA, the emulator): its kernels
             kernels.l2_bound_(w.params, lam, kappa, steps,
                               *(w.coef(k, eager) for k in ("l2_bound", "l2_mu", "l2_warmup")))
