@@ -13,7 +13,7 @@ import torch
 import pyreg
 from pyreg import backends
 
-from conftest import bits_equal, coef_tensors, like_list, needs_emu, needs_gpu, random_list
+from conftest import TWO_KERNEL_SUMS, bits_equal, coef_tensors, like_list, needs_emu, needs_gpu, random_list
 
 _GPU_AND_KERNELS = torch.cuda.is_available() and backends.get("cuda").compiled()
 
@@ -80,7 +80,7 @@ def test_non_default_stream(GPU_K):
     s.synchronize()
     assert all(bits_equal(x, y) for x, y in zip(st, ref_st))
     assert bits_equal(v, ref_v)
-    torch.testing.assert_close(gv, ref_v, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gv, ref_v, **TWO_KERNEL_SUMS)
     assert torch.equal(nnz, torch.stack([torch.count_nonzero(w) for w in pw]))
 
 

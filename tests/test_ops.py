@@ -13,8 +13,8 @@ from pyreg.backends import torch_ref
 
 from pyreg._tolerance import TOLERANCES
 
-from conftest import (BACKEND_PARAMS, bits_equal, coef_tensors, like_list, DTYPE_IDS, DTYPES, ELEMENTWISE_TOL, GRAD_TOL, REDUCTION_TOL, as_f64, needs_emu,
-                      random_list)
+from conftest import (BACKEND_PARAMS, bits_equal, coef_tensors, like_list, DTYPE_IDS, DTYPES, ELEMENTWISE_TOL, GRAD_TOL, REDUCTION_TOL, TWO_KERNEL_SUMS,
+                      as_f64, needs_emu, random_list)
 
 # The op matrix runs on every backend (the fixture B: torch, cpu, cuda-emu,
 # cuda; absent ones skip), against the float64 spec and the CPU kernels.
@@ -651,7 +651,7 @@ def test_many_tensors_mixed_dtypes_and_sizes(B):
     gw = [gg.double() + (l1[i] * torch.sign(w.double()) + 2 * l2[i] * w.double())
           for i, (w, gg) in enumerate(zip(ts, gs))]
     gv = B.be.add_penalty_grad_(ts, gs, l1, l2)
-    torch.testing.assert_close(gv, v, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gv, v, **TWO_KERNEL_SUMS)
     for gg, want, d in zip(gs, gw, dts):
         torch.testing.assert_close(gg.double(), want.to(d).double(), **GRAD_TOL[d])
     want = as_f64(ts)
@@ -796,7 +796,7 @@ def test_batch_boundaries(B, n):
     gs = [x.to(d) for x, d in zip(gs, dts)]
     want_g = [x.double() + (l1[i] * torch.sign(w.double()) + 2 * l2[i] * w.double())
               for i, (w, x) in enumerate(zip(ts, gs))]
-    torch.testing.assert_close(B.be.add_penalty_grad_(ts, gs, l1, l2), v, rtol=1e-12, atol=0)
+    torch.testing.assert_close(B.be.add_penalty_grad_(ts, gs, l1, l2), v, **TWO_KERNEL_SUMS)
     for x, wg, d in zip(gs, want_g, dts):
         torch.testing.assert_close(x.double(), wg.to(d).double(), **GRAD_TOL[d])
     want = as_f64(ts)
