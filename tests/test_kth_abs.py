@@ -79,6 +79,20 @@ def test_ties_zeros_and_specials(B, dtype):
         assert same(got, [by_sort(t, k, closest) for t, k in cases]), closest
 
 
+def test_lists_over_launch_batches(B):
+    """650 tensors (more than a CUDA launch takes: 600, or 64 with 4 KB kernel
+    parameters), mixed dtypes, empty and multi-chunk ones among them."""
+    g = torch.Generator().manual_seed(9)
+    sizes = [int(s) for s in torch.randint(0, 60, (650,), generator=g)]
+    sizes[63], sizes[64], sizes[600] = 40_000, 0, 16_385
+    ts = [torch.randn(n, generator=g, dtype=torch.float64).to(DTYPES[i % 4]).to(B.dev) for i, n in enumerate(sizes)]
+    ks = ks_for(ts, 10)
+    for closest in (False, True):
+        with pyreg.use_backend(B.name):
+            got = ops.kth_abs(ts, ks, closest=closest)
+        assert same(got, torch_ref.kth_abs(ts, ks, closest).cpu())
+
+
 def test_closest_takes_the_value_below_where_ties_overshoot(B):
     # |w| = 1 x 3, 2 x 6, 3 x 1; k = 4: the 4th smallest is 2, but #(|w| <= 2)
     # = 9 overshoots by 5 where #(|w| <= 1) = 3 falls short by 1.
