@@ -225,11 +225,8 @@ def refresh_strength(w: Work, pushes: Dict[int, Tensor], state: Dict[Any, Dict[s
     mags = ops.group_norms(steps, [w.dims[i] for i in idx]) if group else steps  # kth_abs takes |.|
     ks = [min(a.numel(), math.ceil(at[id(w.params[i])] * a.numel() - 1e-9)) for i, a in zip(idx, mags)]
     q = ops.kth_abs(mags, ks)  # one selection call for the due tensors
-    if isinstance(lr, Tensor):
-        r = lr[idx].to(torch.float64) if len(idx) < len(w.params) else lr.to(torch.float64)
-        q = torch.where(r > 0, q / r.clamp_min(1e-300), torch.zeros_like(q))
-    elif lr is not None:
-        q = q / lr if lr > 0 else q.zero_()
+    if lr is not None:
+        _per_lr(q, q, lr[idx] if isinstance(lr, Tensor) and len(idx) < len(w.params) else lr)
     if len(idx) == len(w.params):
         vec.copy_(q)  # into the float64 vector (its 0-dim views are in the state)
     else:
