@@ -1,6 +1,6 @@
 """The CPU kernels' instruction-set variants (x86-64 baseline, AVX2, AVX-512;
 chosen at load time, forced with PYREG_CPU_ISA) compute the same bits. Each
-variant this CPU supports runs every op on every dtype in a process of its own."""
+variant this CPU supports runs every op (kth_abs too) on every dtype in a process of its own."""
 from __future__ import annotations
 
 import os
@@ -22,6 +22,7 @@ sys.path.insert(0, {tests!r})
 from conftest import DTYPES, random_list
 from test_structured import dims_for, group_list
 from test_fused_optim import kernel_case
+from test_kth_abs import KINDS, clustered
 from pyreg.backends import torch_ref as spec
 out = {{"archs": pyreg.backends.cpu.archs()}}
 with pyreg.use_backend("cpu"):
@@ -35,7 +36,11 @@ with pyreg.use_backend("cpu"):
         v = pyreg.add_penalty_grad_(ts, gs, 0.3, 0.7)
         nnz = pyreg.prox_(ts, 0.21, 0.13, 0.9)
         nnz_r = pyreg.prox_(ts, 0.21, 0.13, 0.9, ref=rs)
-        out[str(dt)] = [*st, p, pr, v, nnz, nnz_r] + gs + ts
+        g = torch.Generator().manual_seed(500 + k)
+        cs = [clustered(n, dt, kind, g) for n in (17, 1000, 4097) for kind in KINDS]
+        kth = [pyreg.kth_abs(xs, [(x.numel() * j) // 4 for x in xs], closest=c)
+               for xs in (ts, cs) for j in range(5) for c in (False, True)]
+        out[str(dt)] = [*st, p, pr, v, nnz, nnz_r] + gs + ts + kth
         ws = group_list(dt, seed=300 + k)
         for which in ("rows", "cols"):
             dims = dims_for(ws, which)

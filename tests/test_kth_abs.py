@@ -57,6 +57,58 @@ def test_against_the_spec_and_a_sort(B, dtype, closest):
         assert same(got, [by_sort(t, k, closest) for t, k in zip(ts, ks)])
 
 
+def clustered(n: int, dtype: torch.dtype, kind: str, g: torch.Generator) -> torch.Tensor:
+    """n weights (as many negative as positive) in one of the shapes that end
+    a selection early or late: a tight cluster (values 1 to 40 units in the
+    last place apart, what an optimizer step does to the weights a prox
+    zeroed) among spread weights, two clusters, a few distinct values, one
+    value, or values spread over every exponent."""
+    one = torch.tensor(1e-3, dtype=dtype)
+    ulp = one.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[one.element_size()])
+    near = lambda m: (ulp + torch.randint(-40, 41, (m,), generator=g).to(ulp.dtype)).view(dtype)  # noqa: E731
+    x = (torch.randn(n, generator=g, dtype=torch.float64) * 0.05).to(dtype)
+    if kind == "cluster":
+        x[: n // 2] = near(n // 2)
+    elif kind == "two clusters":
+        x[: n // 3] = near(n // 3)
+        x[n // 3: 2 * n // 3] = near(2 * n // 3 - n // 3) * 7
+    elif kind == "few values":
+        x = torch.tensor([0.0, 1e-3, 2e-3, 0.5], dtype=torch.float64)[torch.randint(0, 4, (n,), generator=g)]
+        x = x.to(dtype)
+    elif kind == "one value":
+        x = torch.full((n,), 1e-3, dtype=dtype)
+    elif kind == "every exponent":
+        x = torch.exp2(torch.rand(n, generator=g, dtype=torch.float64) * 60 - 40).to(dtype)
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).to(dtype)
+    return (x * sign)[torch.randperm(n, generator=g)]
+
+
+KINDS = ("cluster", "two clusters", "few values", "one value", "every exponent")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_clusters_and_ties_at_every_k(B, dtype):
+    # Sizes around the 16-key steps of the vector copy (odd tails), and ks
+    # below, inside and above each cluster: a selection that the kept keys'
+    # common bits end early, one that ends at its last digit (the largest key
+    # below from the counts), and one that needs every level.
+    g = torch.Generator().manual_seed(23)
+    cases = []
+    for n in (1, 15, 16, 17, 33, 257, 1000, 4097, 20001):
+        for kind in KINDS:
+            x = clustered(n, dtype, kind, g).to(B.dev)
+            for k in sorted({1, max(1, n // 3), max(1, n // 2), n // 2 + 1, n - 1, n} - {0}):
+                if k <= n:
+                    cases.append((x, k))
+    for closest in (False, True):
+        with pyreg.use_backend(B.name):
+            got = ops.kth_abs([t for t, _ in cases], [k for _, k in cases], closest=closest)
+        want = [by_sort(t, k, closest) for t, k in cases]
+        bad = [(i, t.numel(), k, float(a), b) for i, ((t, k), a, b) in enumerate(zip(cases, got.cpu(), want))
+               if not same(a.reshape(1), [b])]
+        assert not bad, (closest, bad[:5])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_ties_zeros_and_specials(B, dtype):
     g = torch.Generator().manual_seed(11)

@@ -9,19 +9,27 @@
 // Per tensor (tensors run in parallel on pyreg's pool, one tensor per item), a
 // radix selection: one pass counts the keys by their top bits (11 of them, or
 // fewer for a small tensor), a second copies out the keys whose top bits are
-// the k-th key's; the same two steps on the next bits of those few keys, and
-// so on until every bit of the k-th key is known (3 levels for a large
-// 32-bit float tensor).
-// No comparison sorts: every loop is branch-free over the data, so the time
-// does not depend on the values (ties included). With `closest`, the count
+// the k-th key's (16 at a time with AVX-512 for float32) and finds the
+// smallest and largest of them; the bits those two share are then known, and
+// the same two steps run on the next differing bits of those few keys, until
+// every bit of the k-th key is known. The last level copies nothing.
+// No comparison sorts: every loop is branch-free over the data, and ties or
+// tight clusters (the weights an optimizer step just moved off zero) end the
+// selection early instead of costing extra levels. With `closest`, the count
 // below the k-th key and the largest key below it come from the same passes.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "sweep.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace pyreg::cpu {
 namespace PYREG_ISA_NS {
@@ -58,14 +66,16 @@ template <> struct Key<bf16_t> {
 };
 
 // hist[d] = the count of keys key(i), i < n, whose digit (key >> shift) & mask
-// is d. Four interleaved counts for a long run (neighbouring weights often
-// share a digit, and one count would make each increment wait for the last);
-// int32 counts, added into int64 every 2^30 keys.
+// is d. Four interleaved counts once there are at least as many keys as bins:
+// keys that share a digit (ties, and the weights an optimizer step just moved
+// off zero, which differ in their last bits only) would otherwise make each
+// increment of one count wait for the last. int32 counts, added into int64
+// every 2^30 keys.
 template <typename K, typename Get>
 void count_digits(Get&& key, int64_t n, int shift, K mask, std::vector<int64_t>& hist) {
   constexpr int64_t kBlock = int64_t(1) << 30;
   const size_t bins = size_t(mask) + 1;
-  const int ways = n >= 16384 ? 4 : 1;
+  const int ways = n >= int64_t(bins) ? 4 : 1;
   thread_local std::vector<int32_t> part;  // reused: a fresh one per call costs more than small counts
   if (part.size() < size_t(ways) * bins) part.resize(size_t(ways) * bins);
   int32_t* c = part.data();
@@ -83,58 +93,152 @@ void count_digits(Get&& key, int64_t n, int shift, K mask, std::vector<int64_t>&
   }
 }
 
+// One copy pass of a level: the keys src[i], i < m (the tensor's, as Key<T>
+// reads them, or the last level's candidates), whose digit (key >> shift) &
+// mask is `digit` go to `out` in order (room for m_kept + kPad keys: each
+// step may write past the last kept one); returns how many. Also `best`: the
+// largest key below `first` (keys below it: every key whose digit is
+// smaller), and `lo`/`hi`: the smallest and largest key kept.
+constexpr int64_t kPad = 16;
+
+template <typename K>
+struct Kept {
+  K best, lo, hi;
+};
+
+template <typename K, typename Get>
+int64_t copy_digit(Get&& key, int64_t m, int shift, K mask, K digit, K first, K* out, Kept<K>& r) {
+  K best = r.best, lo = r.lo, hi = r.hi;  // locals: a store to `out` may not alias them
+  int64_t kept = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    const K v = key(i);
+    out[kept] = v;  // written always; the place advances past a kept key only
+    const bool keep = ((v >> shift) & mask) == digit;
+    kept += int64_t(keep);
+    const K low = v < first ? v : K(0);
+    best = low > best ? low : best;
+    lo = keep && v < lo ? v : lo;
+    hi = keep && v > hi ? v : hi;
+  }
+  r = {best, lo, hi};
+  return kept;
+}
+
+#if defined(__AVX512F__)
+// (GCC 12's own AVX-512 headers trip -Wmaybe-uninitialized at -O3: their
+// "undefined" vectors.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// The same for 32-bit keys read straight from memory (`bits`: a float
+// tensor's words, or the candidates), 16 keys a step: the kept keys
+// compressed into a register and stored whole (a compress to memory is
+// microcoded on some CPUs), hence kPad.
+inline int64_t copy_digit32(const uint32_t* bits, int64_t m, int shift, uint32_t mask, uint32_t digit,
+                            uint32_t first, uint32_t* out, Kept<uint32_t>& r) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), vmask = _mm512_set1_epi32(int(mask));
+  const __m512i vdigit = _mm512_set1_epi32(int(digit)), vfirst = _mm512_set1_epi32(int(first));
+  const __m128i vshift = _mm_cvtsi32_si128(shift);
+  __m512i best = _mm512_set1_epi32(int(r.best)), lo = _mm512_set1_epi32(int(r.lo));
+  __m512i hi = _mm512_set1_epi32(int(r.hi));
+  int64_t kept = 0, i = 0;
+  for (; i + 16 <= m; i += 16) {
+    const __m512i v = _mm512_and_si512(_mm512_loadu_si512(bits + i), abs_mask);
+    const __mmask16 keep =
+        _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_srl_epi32(v, vshift), vmask), vdigit);
+    _mm512_storeu_si512(out + kept, _mm512_maskz_compress_epi32(keep, v));
+    kept += __builtin_popcount(unsigned(keep));
+    best = _mm512_mask_max_epu32(best, _mm512_cmplt_epu32_mask(v, vfirst), best, v);
+    lo = _mm512_mask_min_epu32(lo, keep, lo, v);
+    hi = _mm512_mask_max_epu32(hi, keep, hi, v);
+  }
+  Kept<uint32_t> tail{_mm512_reduce_max_epu32(best), _mm512_reduce_min_epu32(lo), _mm512_reduce_max_epu32(hi)};
+  kept += copy_digit<uint32_t>([bits, i](int64_t j) { return bits[i + j] & 0x7fffffffu; }, m - i, shift, mask,
+                               digit, first, out + kept, tail);
+  r = tail;
+  return kept;
+}
+#pragma GCC diagnostic pop
+#endif
+
 template <typename T>
 double kth_of(const T* x, int64_t n, int64_t k, bool closest) {
   using KT = Key<T>;
   using K = typename KT::K;
   constexpr int kKeyBits = int(8 * sizeof(K)) - 1;
   std::vector<int64_t> hist;
-  std::vector<K> keys;  // the candidates: the keys whose digits so far are the k-th key's
-  int64_t below = 0;    // keys smaller than every candidate
-  K earlier = 0;        // the largest of those (0 if none)
-  K prefix = 0;         // the k-th key's digits so far
+  std::unique_ptr<K[]> keys;  // the candidates: the keys whose bits so far are the k-th key's
+  int64_t n_keys = 0;
+  int64_t below = 0;          // keys smaller than every candidate
+  K earlier = 0;              // the largest of those (0 if none)
+  K prefix = 0;               // the k-th key's bits above `shift`
+  int64_t ties = 0;           // at the end: the keys equal to the k-th
   int shift = kKeyBits;
-  // One level: the digit below `shift` of the k-th key, from the counts of
-  // the candidates' digits (key(i), i < m: the tensor's, or `keys` when
-  // in_keys); then only the keys with that digit stay candidates, written to
-  // `keys` without a branch (each key is written at the next free place,
-  // which advances only past a key that stays).
-  auto level = [&](auto&& key, int64_t m, bool in_keys) {
-    // Digits of up to 11 bits; fewer for few keys, whose counts would
-    // otherwise cost more to set up and scan than the keys themselves.
+  // Each level: the next digit of the k-th key, from the counts of the
+  // candidates' digits; then only the keys with that digit stay candidates.
+  // The copy also finds the smallest and largest key kept: every bit above
+  // their highest differing bit is then known, so the next level starts
+  // there (ties and tight clusters, such as the weights an optimizer step
+  // just moved off zero, end in one or two levels). At the last digit nothing
+  // is copied: the counts give the number of ties, and the largest key below
+  // the k-th is the largest digit counted below it.
+  for (bool in_keys = false;; in_keys = true) {
+    const int64_t m = in_keys ? n_keys : n;
+    const K* c = keys.get();
+    auto key = [&](auto&& f) {
+      if (in_keys) return f([c](int64_t i) { return c[i]; });
+      return f([x](int64_t i) { return KT::of(x[i]); });
+    };
+    // Digits of up to 11 bits; for fewer than 2^15 keys, about one bin per
+    // 16 keys: more bins would cost more to clear, fold and scan than they
+    // save in later levels.
     const int width = 64 - __builtin_clzll(uint64_t(m) | 1);
-    const int bits = std::min({kBinBits, shift, std::max(4, width)});
+    const int bits = std::min({kBinBits, shift, std::max(4, width - 4)});
     shift -= bits;
     const K mask = K((K(1) << bits) - 1);
-    count_digits<K>(key, m, shift, mask, hist);
+    key([&](auto&& get) { count_digits<K>(get, m, shift, mask, hist); });
     int64_t d = 0;
-    for (; below + hist[size_t(d)] < k; ++d) below += hist[size_t(d)];
+    for (const int64_t last = int64_t(mask); d < last && below + hist[size_t(d)] < k; ++d) below += hist[size_t(d)];
     const K first = K(prefix | K(K(d) << shift));  // the smallest key with this digit
     prefix = first;
-    if (in_keys && hist[size_t(d)] == m) return;  // every candidate has the digit: they all stay
-    std::vector<K> next(size_t(hist[size_t(d)]) + 1);
-    size_t kept = 0;
-    for (int64_t i = 0; i < m; ++i) {
-      const K v = key(i);
-      next[kept] = v;
-      kept += size_t(((v >> shift) & mask) == K(d));
-      const K low = v < first ? v : K(0);
-      earlier = low > earlier ? low : earlier;
+    if (shift == 0) {  // the last digit: the k-th key is known
+      ties = hist[size_t(d)];
+      for (int64_t b = d - 1; b >= 0; --b)
+        if (hist[size_t(b)] != 0) {
+          earlier = K(first - K(d - b));
+          break;
+        }
+      break;
     }
-    next.resize(kept);
-    keys.swap(next);
-  };
-  level([x](int64_t i) { return KT::of(x[i]); }, n, false);
-  while (shift > 0) {
-    const K* c = keys.data();
-    level([c](int64_t i) { return c[i]; }, int64_t(keys.size()), true);
+    std::unique_ptr<K[]> next(new K[size_t(hist[size_t(d)] + kPad)]);  // (not zeroed)
+    Kept<K> r{earlier, std::numeric_limits<K>::max(), K(0)};
+    int64_t kept;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float>) {
+      const uint32_t* src = in_keys ? c : reinterpret_cast<const uint32_t*>(x);
+      kept = copy_digit32(src, m, shift, mask, K(d), first, next.get(), r);
+    } else
+#endif
+    {
+      kept = key([&](auto&& get) { return copy_digit<K>(get, m, shift, mask, K(d), first, next.get(), r); });
+    }
+    keys = std::move(next);
+    n_keys = kept;
+    earlier = r.best;
+    const K differ = K(r.lo ^ r.hi);  // below `shift` only: the kept keys share the digits above
+    if (differ == 0) {  // every candidate is the same key
+      prefix = r.lo;
+      ties = kept;
+      break;
+    }
+    // (min: each level lowers the shift, so the loop ends whatever the data)
+    shift = std::min(shift, 8 * int(sizeof(unsigned long long)) - __builtin_clzll((unsigned long long)differ));
+    prefix = K(r.lo & ~K((K(1) << shift) - 1));  // (shift < the key's bits: the sign bit is clear)
   }
-  // Every candidate is now the k-th key; below it lie `below` keys, the
-  // largest of them `earlier`.
+  // Below the k-th key lie `below` keys, the largest of them `earlier`.
   const K kth = prefix;
   if (kth > KT::kInf) return std::numeric_limits<double>::quiet_NaN();
   if (!closest) return KT::value(kth);
-  const int64_t n_lt = below, n_le = below + int64_t(keys.size());
+  const int64_t n_lt = below, n_le = below + ties;
   return n_le - k > k - n_lt ? KT::value(earlier) : KT::value(kth);
 }
 
