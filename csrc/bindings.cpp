@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/kernels_api.h"
+#include "common/op_math.h"
 #include "common/tensor_list.h"
 #include "fast_prox.h"
 #if defined(PYREG_WITH_CUDA_EMU)
@@ -283,6 +284,33 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
         });
 }
 
+// cpu_target_prox: target_sparsity's prox for a list already checked (the
+// optimizers' direct path on the CPU), in one call: tau_i = kth_abs(w_i, k_i,
+// closest), l1[i] = per_lr(tau_i, lr_i) (into the optimizer's state vector),
+// then prox with those l1 (nnz: the counts). The same two kernels as the
+// separate calls, hence the same bits; the CPU build only, since the division
+// between them runs here, on the host.
+void bind_cpu_target_prox(py::module_& m, const pyreg::Kernels& kernels) {
+  const pyreg::Kernels* k = &kernels;
+  m.def("cpu_target_prox",
+        [k](const Ptrs& p, const Numels& n, const Codes& d, const Numels& ks, bool closest, uintptr_t l1,
+            const CoefArg& l2, const CoefArg& lr, uintptr_t nnz, int nthreads) {
+          TensorList w = make_list(p, n, d);
+          if (ks.size() != p.size()) throw std::invalid_argument("pyreg._C: k differs in length from tensors");
+          for (size_t i = 0; i < ks.size(); ++i)
+            if (ks[i] < 0 || ks[i] > n[i]) throw std::invalid_argument("pyreg._C: k out of [0, numel]");
+          if (!p.empty() && (l1 == 0 || nnz == 0)) throw std::invalid_argument("pyreg._C: null output");
+          py::gil_scoped_release nogil;
+          const pyreg::Launch at{nullptr, -1, 0, nthreads};
+          double* tau = ptr<double>(l1);
+          k->kth_abs(w, ks.data(), closest, tau, at);
+          const pyreg::Coef step = coef(lr);
+          for (size_t i = 0; i < p.size(); ++i)
+            tau[i] = pyreg::per_lr(tau[i], step.per_tensor != nullptr ? step.per_tensor[i] : step.value);
+          k->prox(w, nullptr, pyreg::Coef{tau, 0.0}, coef(l2), step, ptr<int64_t>(nnz), at);
+        });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -299,6 +327,7 @@ PYBIND11_MODULE(_C, m) {
   // One set of bindings per build: the CPU kernels, the GPU build of the CUDA
   // kernels and the emulated one.
   bind_kernels(m, "cpu", pyreg::kCpu);
+  bind_cpu_target_prox(m, pyreg::kCpu);
   bind_kernels(m, "cuda", pyreg::kCuda);
   bind_kernels(m, "cuda_emu", pyreg::kCudaEmu);
   pyreg::bind_fast_prox(m, pyreg::kCpu);

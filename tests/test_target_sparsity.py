@@ -100,6 +100,42 @@ def test_a_step_matches_the_rule(family, backend):
                                              for t, p in zip(targets, ps[:3])]
 
 
+@pytest.mark.parametrize("family", ["Regularized", "SGD"])
+def test_groups_with_their_own_lr_one_call_and_separate_calls(family, monkeypatch):
+    """Two groups with different lrs in one bucket (a per-tensor lr: the CPU
+    kernels' one-call path divides by each tensor's lr), one of them 0 (no
+    step: an l1 of 0, nothing zeroed). The one call (selection, l1, prox) gives
+    the bits of the separate calls it replaces (the op, the division in
+    torch, the prox op), over several steps; and the torch backend's (the
+    spec's) values."""
+    def run(backend):
+        m, x, y = task()
+        groups = [{"params": [m[0].weight, m[2].weight], "lr": 0.05, "target_sparsity": [0.4, 0.6]},
+                  {"params": [m[4].weight], "lr": 0.0, "target_sparsity": 0.3},
+                  {"params": [m[0].bias, m[2].bias, m[4].bias]}]
+        opt = (pyreg.Regularized(torch.optim.SGD(groups, lr=0.05)) if family == "Regularized"
+               else pyreg.optim.SGD(groups, lr=0.05))
+        with pyreg.use_backend(backend):
+            for _ in range(3):
+                opt.zero_grad()
+                (m(x) - y).pow(2).mean().backward()
+                opt.step()
+        ws = [m[i].weight.detach().clone() for i in (0, 2, 4)]
+        assert [sparsity(w) for w in ws[:2]] == pytest.approx([0.4, 0.6], abs=1.0 / 33)
+        l1 = [opt.state[m[i].weight][TARGET_STATE[0]].clone() for i in (0, 2, 4)]
+        assert sparsity(ws[2]) == 0.0 and float(l1[2]) == 0.0 and float(l1[0]) > 0
+        return ws + l1
+
+    assert pyreg.backends.cpu.fuses_target()
+    one_call = run("cpu")
+    spec = run("torch")
+    monkeypatch.setattr(type(pyreg.backends.cpu), "fuses_target", lambda self: False)
+    separate = run("cpu")
+    for a, b, c in zip(one_call, separate, spec):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+
+
 def test_tensor_and_changed_targets_and_penalty():
     m, x, y = task()
     groups = [{"params": [m[0].weight, m[2].weight], "target_sparsity": torch.tensor([0.2, 0.6])},

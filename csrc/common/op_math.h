@@ -181,6 +181,12 @@ PYREG_HD A group_value(T x, const ProxParams<A>& soft) {
   else return load<A>(x);
 }
 
+// ---- target_sparsity ---------------------------------------------------------
+// The l1 at which a prox of step size lr moves a weight of magnitude tau to
+// zero, tau / lr (0 where lr is 0: no step, no strength). The float64
+// reference is pyreg/optim/apply.py's _per_lr.
+PYREG_HD double per_lr(double tau, double lr) { return lr > 0.0 ? tau / lr : 0.0; }
+
 // ---- l2_bound: Constrained Parameter Regularization (Franke et al. 2024) ------
 // One tensor's update after the optimizer's step, from R = ||w||^2: with b the
 // bound in force (during a warm-up, `kappa`, +inf until the warm-up's last

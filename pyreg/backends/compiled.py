@@ -275,6 +275,22 @@ class CompiledKernels:
         keep, *at = self._launch(self, out.device, lambda: self._fn("kth_abs_workspace_bytes")(n))
         self._fn("kth_abs")(ptrs, numels, codes, k, closest, out.data_ptr(), *at)
 
+    def fuses_target(self) -> bool:
+        """Whether this build has ``target_prox_ptrs`` in one call (the CPU
+        build; elsewhere the caller makes the selection and the prox itself)."""
+        return self._has("target_prox")
+
+    def target_prox_ptrs(self, ptrs: List[int], numels: List[int], codes: List[int], k: List[int], l1: Tensor,
+                         l2: KernelCoef, lr: KernelCoef, nnz: Tensor) -> None:
+        """``target_sparsity``'s prox on a list already described and checked
+        (a build that ``fuses_target``), in one call: ``l1 <- kth_abs(k,
+        closest=True) / lr`` (0 where lr is 0; float64, one per tensor), then
+        the prox with that l1, the counts into ``nnz``. The same kernels, and
+        bits, as :meth:`kth_abs_ptrs`, the division and :meth:`prox_ptrs`."""
+        dev, n = l1.device, len(ptrs)
+        self._fn("target_prox")(ptrs, numels, codes, k, True, l1.data_ptr(), m.coef(l2, dev, n),
+                                m.coef(lr, dev, n), nnz.data_ptr(), torch.get_num_threads())
+
     # ---- the group ops -------------------------------------------------------------
     def _group_launch(self, ws: List[Tensor], dims: List[int]):
         """(tensors and their group shapes as pyreg._C takes them, keep-alive,

@@ -113,26 +113,34 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]], be=None) -> None:
     ps = w.params
     (l1, _) = _own_state(w, state, TARGET_STATE, (torch.float64,), lambda: ([0.0] * len(ps),))
     b = w.bucket
-    at = dict(zip(map(id, b.params), b.values["target_sparsity"]))  # the values as now set
-    ks = [min(p.numel(), math.ceil(at[id(p)] * p.numel() - 1e-9)) for p in ps]
-    d = b.direct() if be is not None and ps is b.params and be.selects() else None
+    targets = b.values["target_sparsity"]  # the values as now set (a new list when one changes)
+    d = b.direct() if be is not None and ps is b.params and be.fuses_target() else None
     eager = not torch.compiler.is_compiling()
     l2 = w.coef("l2", eager)
-    if d is not None:  # the checks were made: straight to the kernels
-        be.kth_abs_ptrs(d[0], d[1], d[2], ks, True, l1)
-        _per_lr(l1, l1, lr)
-        be.prox_ptrs(d[0], d[1], d[2], l1, l2, lr, d[3])
+    if d is not None:  # the checks were made: straight to the kernels (selection, l1, prox: one call)
+        hit = b.target_ks
+        if hit is None or hit[0] is not targets or hit[1] != d[1]:
+            hit = b.target_ks = (targets, d[1], _zeros_for(targets, d[1]))
+        be.target_prox_ptrs(d[0], d[1], d[2], hit[2], l1, l2, lr, d[3])
         torch.autograd.graph.increment_version(ps)
         return
+    at = dict(zip(map(id, b.params), targets))
+    ks = _zeros_for([at[id(p)] for p in ps], [p.numel() for p in ps])
     _per_lr(ops.kth_abs([p.detach() for p in ps], ks, closest=True), l1, lr)
     ops.prox_(ps, l1, l2, lr)
 
 
+def _zeros_for(targets: Sequence[float], numels: Sequence[int]) -> List[int]:
+    """k_j = ceil(t_j * n_j) (at most n_j): the zeros each tensor's target asks for."""
+    return [min(n, math.ceil(t * n - 1e-9)) for t, n in zip(targets, numels)]
+
+
 def _per_lr(tau: Tensor, out: Tensor, lr) -> None:
     """``out <- tau / lr`` (float64; 0 where lr is 0), ``lr`` a number or one per tensor."""
-    if isinstance(lr, Tensor):
+    if isinstance(lr, Tensor):  # (as csrc/common/op_math.h's per_lr)
         lr64 = lr.to(device=out.device, dtype=torch.float64)
-        out.copy_(torch.where(lr64 > 0, tau / lr64.clamp_min(1e-300), torch.zeros_like(tau)))
+        pos = lr64 > 0
+        out.copy_(torch.where(pos, tau / torch.where(pos, lr64, 1.0), torch.zeros_like(tau)))
     elif lr > 0:
         torch.div(tau, lr, out=out)
     else:
