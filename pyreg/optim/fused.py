@@ -388,11 +388,17 @@ class FusedOptimizer(Observable):
         hit = None if b.dynamic else self._tables.get(key)
         if hit is not None and hit[1] == versions:
             return hit[0]
+        values = torch.stack([v.reshape(()) for v in l1s]).to(device=dev, dtype=t.dtype)
+        if hit is not None:  # a refresh since: the new values into the same copy (the same stream
+            # orders this write after the steps that read it; l1_strength's steps are never captured)
+            hit[0].view(-1).index_copy_(0, hit[4], values)
+            self._tables[key] = (hit[0], versions, l1s, t, hit[4])
+            return hit[0]
         out = t.clone()
         at = to_device([r * len(HYPER) + L1_COLUMN for r, _ in b.l1_rows], torch.int64, dev)
-        out.view(-1).index_copy_(0, at, torch.stack([v.reshape(()) for v in l1s]).to(device=dev, dtype=out.dtype))
+        out.view(-1).index_copy_(0, at, values)
         if not b.dynamic:
-            self._tables[key] = (out, versions, l1s, t)
+            self._tables[key] = (out, versions, l1s, t, at)
         return out
 
     def _run(self, b: _Bucket) -> None:
@@ -479,8 +485,11 @@ class FusedOptimizer(Observable):
         groups = self.param_groups  # type: ignore[attr-defined]
         out: Dict[int, Optional[Tensor]] = {}
         for w in strength:
+            due = strength_due(w.bucket, self.state)  # type: ignore[attr-defined]
+            if not due:  # (most steps)
+                continue
             gi = dict(zip(map(id, w.bucket.params), w.bucket.groups))
-            for p in strength_due(w.bucket, self.state):  # type: ignore[attr-defined]
+            for p in due:
                 if p.grad is not None:
                     out[id(p)] = p.detach().clone() if groups[gi[id(p)]].get("weight_decay") else None
         return out
