@@ -109,6 +109,57 @@ def test_clusters_and_ties_at_every_k(B, dtype):
         assert not bad, (closest, bad[:5])
 
 
+def by_sort_all(t: torch.Tensor, ks, closest: bool):
+    """``by_sort`` for several k of one tensor, with one sort."""
+    a = t.detach().double().abs().flatten().cpu()
+    s = torch.cat([a[~a.isnan()].sort().values, a[a.isnan()]])
+    out = []
+    for k in ks:
+        kth = float(s[k - 1]) if k else 0.0
+        if k and closest and not math.isnan(kth):
+            n_lt = int(torch.searchsorted(s[~s.isnan()], kth, right=False))
+            n_le = int(torch.searchsorted(s[~s.isnan()], kth, right=True))
+            lower = float(s[n_lt - 1]) if n_lt else 0.0
+            kth = lower if n_le - k > k - n_lt else kth
+        out.append(kth)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_large_tensors_through_a_sampled_bracket(dtype):
+    # From 2^18 keys on, the CPU kernel first brackets the k-th key from an
+    # evenly spaced sample, then selects among the keys in the bracket. Every
+    # shape of clustered(), at ks from the first to the last, and tensors
+    # whose sample lies (every 64th weight, the ones sampled at this size,
+    # far larger than the rest; or the rest all tied), where the bracket
+    # misses and the whole tensor is selected from: exact either way.
+    g = torch.Generator().manual_seed(31)
+    cases = []
+    for n in (1 << 18, 300007):
+        for kind in KINDS:
+            cases.append(clustered(n, dtype, kind, g))
+    for fill in ("random", "tied"):
+        n = 1 << 18  # a sample of 4096 weights, every 64th from the 32nd
+        x = (torch.randn(n, generator=g, dtype=torch.float64) * 0.05).to(dtype)
+        if fill == "tied":
+            x[:] = 1e-3
+        x[32::64] = 1000.0
+        cases.append(x)
+    for closest in (False, True):
+        tensors, ks, want = [], [], []
+        for x in cases:
+            n = x.numel()
+            kx = sorted({1, 2, n // 64, n // 3, n // 2, n - n // 64, n - 1, n})
+            tensors += [x] * len(kx)
+            ks += kx
+            want += by_sort_all(x, kx, closest)
+        with pyreg.use_backend("cpu"):
+            got = ops.kth_abs(tensors, ks, closest=closest)
+        bad = [(i, t.numel(), k, float(a), b) for i, (t, k, a, b) in enumerate(zip(tensors, ks, got, want))
+               if not same(a.reshape(1), [b])]
+        assert not bad, (closest, bad[:5])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_ties_zeros_and_specials(B, dtype):
     g = torch.Generator().manual_seed(11)

@@ -13,7 +13,10 @@
 // smallest and largest of them; the bits those two share are then known, and
 // the same two steps run on the next differing bits of those few keys, until
 // every bit of the k-th key is known. The last level copies nothing.
-// No comparison sorts: every loop is branch-free over the data, and ties or
+// A large tensor (2^18 keys or more) first gets a bracket around its k-th key
+// from an evenly spaced sample, and one pass copies out the keys in it: the
+// levels then run on those (on the whole tensor if the bracket missed).
+// Every loop over the data is branch-free, and ties or
 // tight clusters (the weights an optimizer step just moved off zero) end the
 // selection early instead of costing extra levels. With `closest`, the count
 // below the k-th key and the largest key below it come from the same passes.
@@ -160,6 +163,107 @@ inline int64_t copy_digit32(const uint32_t* bits, int64_t m, int shift, uint32_t
 #pragma GCC diagnostic pop
 #endif
 
+// ---- a large tensor: a bracket from a sample, then one pass ------------------
+// From kBracketMin keys on, a selection first guesses where the k-th key lies
+// from a sample of the keys (evenly spaced), as a bracket [lo, hi] of sample
+// keys around the sample's own k-th, wide enough (4 standard deviations of a
+// sample quantile's rank) that it almost always holds the k-th key. One pass
+// then counts the keys below lo (and finds the largest of them) and copies out
+// the keys in [lo, hi]; the radix levels run on those few. Where the bracket
+// missed (the pass shows the k-th key outside it), the radix levels run on the
+// whole tensor instead: the result is exact either way.
+constexpr int64_t kBracketMin = int64_t(1) << 18;
+
+template <typename K>
+struct Bracket {
+  int64_t below = 0;  // keys < lo
+  K earlier = 0;      // the largest of them (0 if none)
+  int64_t kept = 0;   // keys in [lo, hi], copied out
+};
+
+template <typename K, typename Get>
+void bracket_pass(Get&& key, int64_t m, K lo, K hi, K* out, Bracket<K>& r) {
+  K best = r.earlier;
+  int64_t below = r.below, kept = r.kept;
+  for (int64_t i = 0; i < m; ++i) {
+    const K v = key(i);
+    out[kept] = v;
+    kept += int64_t(v >= lo && v <= hi);
+    below += int64_t(v < lo);
+    const K low = v < lo ? v : K(0);
+    best = low > best ? low : best;
+  }
+  r.below = below;
+  r.kept = kept;
+  r.earlier = best;
+}
+
+#if defined(__AVX512F__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+inline void bracket_pass32(const uint32_t* bits, int64_t m, uint32_t lo, uint32_t hi, uint32_t* out,
+                           Bracket<uint32_t>& r) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  const __m512i vlo = _mm512_set1_epi32(int(lo)), vhi = _mm512_set1_epi32(int(hi));
+  __m512i best = _mm512_set1_epi32(int(r.earlier));
+  int64_t below = r.below, kept = r.kept, i = 0;
+  for (; i + 16 <= m; i += 16) {
+    const __m512i v = _mm512_and_si512(_mm512_loadu_si512(bits + i), abs_mask);
+    const __mmask16 lt = _mm512_cmplt_epu32_mask(v, vlo);
+    const __mmask16 in = _mm512_mask_cmple_epu32_mask(__mmask16(~lt), v, vhi);
+    _mm512_storeu_si512(out + kept, _mm512_maskz_compress_epi32(in, v));
+    kept += __builtin_popcount(unsigned(in));
+    below += __builtin_popcount(unsigned(lt));
+    best = _mm512_mask_max_epu32(best, lt, best, v);
+  }
+  r.below = below;
+  r.kept = kept;
+  r.earlier = _mm512_reduce_max_epu32(best);
+  bracket_pass<uint32_t>([bits, i](int64_t j) { return bits[i + j] & 0x7fffffffu; }, m - i, lo, hi, out, r);
+}
+#pragma GCC diagnostic pop
+#endif
+
+// The bracket for the k-th of the n keys (n >= kBracketMin), and its pass:
+// true, with the keys in the bracket in `keys` and the count and largest key
+// below it in `r`, when the k-th key lies in it; false (nothing kept) if not.
+template <typename T, typename K>
+bool bracket(const T* x, int64_t n, int64_t k, std::unique_ptr<K[]>& keys, K& lo, K& hi, Bracket<K>& r) {
+  using KT = Key<T>;
+  const int64_t s = std::min<int64_t>(int64_t(1) << 15, std::max<int64_t>(int64_t(1) << 12, n >> 6));
+  const int64_t stride = n / s;
+  std::vector<K> sample(static_cast<size_t>(s));
+  for (int64_t j = 0; j < s; ++j) sample[size_t(j)] = KT::of(x[j * stride + stride / 2]);
+  const double p = double(k) / double(n);
+  const double rank = p * double(s) - 0.5, margin = 4.0 * std::sqrt(double(s) * p * (1.0 - p)) + 2.0;
+  const int64_t lo_rank = int64_t(std::floor(rank - margin)), hi_rank = int64_t(std::ceil(rank + margin));
+  lo = K(0);
+  hi = K(~K(0) >> 1);  // the largest key (the sign bit is clear)
+  if (lo_rank > 0) {
+    std::nth_element(sample.begin(), sample.begin() + lo_rank, sample.end());
+    lo = sample[size_t(lo_rank)];
+  }
+  if (hi_rank < s - 1) {
+    const auto from = sample.begin() + std::max<int64_t>(lo_rank, 0);
+    std::nth_element(from, sample.begin() + hi_rank, sample.end());
+    hi = sample[size_t(hi_rank)];
+  }
+  // Room for every key (pages only touched where written: the kept ones).
+  keys.reset(new K[size_t(n + kPad)]);
+  r = Bracket<K>{};
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    bracket_pass32(reinterpret_cast<const uint32_t*>(x), n, lo, hi, keys.get(), r);
+  } else
+#endif
+  {
+    bracket_pass<K>([x](int64_t i) { return KT::of(x[i]); }, n, lo, hi, keys.get(), r);
+  }
+  if (r.below < k && k <= r.below + r.kept) return true;
+  keys.reset();
+  return false;
+}
+
 template <typename T>
 double kth_of(const T* x, int64_t n, int64_t k, bool closest) {
   using KT = Key<T>;
@@ -173,6 +277,20 @@ double kth_of(const T* x, int64_t n, int64_t k, bool closest) {
   K prefix = 0;               // the k-th key's bits above `shift`
   int64_t ties = 0;           // at the end: the keys equal to the k-th
   int shift = kKeyBits;
+  bool in_keys = false;
+  if (n >= kBracketMin) {  // a bracket from a sample first: then the levels run on the keys in it
+    K lo = 0, hi = 0;
+    Bracket<K> r;
+    if (bracket(x, n, k, keys, lo, hi, r)) {
+      in_keys = true;
+      n_keys = r.kept;
+      below = r.below;
+      earlier = r.earlier;
+      const K differ = K(lo ^ hi);  // the kept keys share the bits above their highest differing one
+      shift = differ == 0 ? 0 : std::min(kKeyBits, 64 - __builtin_clzll((unsigned long long)differ));
+      prefix = shift >= kKeyBits ? K(0) : K(lo & ~K((K(1) << shift) - 1));
+    }
+  }
   // Each level: the next digit of the k-th key, from the counts of the
   // candidates' digits; then only the keys with that digit stay candidates.
   // The copy also finds the smallest and largest key kept: every bit above
@@ -181,7 +299,7 @@ double kth_of(const T* x, int64_t n, int64_t k, bool closest) {
   // just moved off zero, end in one or two levels). At the last digit nothing
   // is copied: the counts give the number of ties, and the largest key below
   // the k-th is the largest digit counted below it.
-  for (bool in_keys = false;; in_keys = true) {
+  for (;; in_keys = true) {
     const int64_t m = in_keys ? n_keys : n;
     const K* c = keys.get();
     auto key = [&](auto&& f) {
