@@ -292,6 +292,7 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
 // between them runs here, on the host.
 void bind_cpu_target_prox(py::module_& m, const pyreg::Kernels& kernels) {
   const pyreg::Kernels* k = &kernels;
+  if (k->kth_abs == nullptr || k->prox == nullptr) return;  // (Python then makes the separate calls)
   m.def("cpu_target_prox",
         [k](const Ptrs& p, const Numels& n, const Codes& d, const Numels& ks, bool closest, uintptr_t l1,
             const CoefArg& l2, const CoefArg& lr, uintptr_t nnz, int nthreads) {
