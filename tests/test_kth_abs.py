@@ -109,6 +109,23 @@ def test_clusters_and_ties_at_every_k(B, dtype):
         assert not bad, (closest, bad[:5])
 
 
+def sampled(n: int):
+    """The weights the CPU kernel samples to bracket the k-th of n (2^18 or
+    more): one from each run of n // s, at an offset from a hash of the run's
+    index (csrc/cpu/select.cpp's sample_at)."""
+    s = min(1 << 15, max(1 << 12, n >> 6))
+    stride = n // s
+    m64 = (1 << 64) - 1
+    out = []
+    for j in range(s):
+        z = (j + 0x9E3779B97F4A7C15) & m64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+        z ^= z >> 31
+        out.append(j * stride + z % stride)
+    return torch.tensor(out)
+
+
 def by_sort_all(t: torch.Tensor, ks, closest: bool):
     """``by_sort`` for several k of one tensor, with one sort."""
     a = t.detach().double().abs().flatten().cpu()
@@ -127,23 +144,27 @@ def by_sort_all(t: torch.Tensor, ks, closest: bool):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_large_tensors_through_a_sampled_bracket(dtype):
-    # From 2^18 keys on, the CPU kernel first brackets the k-th key from an
-    # evenly spaced sample, then selects among the keys in the bracket. Every
-    # shape of clustered(), at ks from the first to the last, and tensors
-    # whose sample lies (every 64th weight, the ones sampled at this size,
-    # far larger than the rest; or the rest all tied), where the bracket
-    # misses and the whole tensor is selected from: exact either way.
+    # From 2^18 keys on, the CPU kernel first brackets the k-th key from a
+    # sample, then selects among the keys in the bracket. Every shape of
+    # clustered(), at ks from the first to the last; a layout with a period
+    # (every 64th weight large: a sample taken at a fixed offset in each run
+    # of 64 would see only those); and tensors whose sample lies (the sampled
+    # weights far larger than the rest, the rest random or all tied), where
+    # the bracket misses and the whole tensor is selected from: exact either way.
     g = torch.Generator().manual_seed(31)
     cases = []
     for n in (1 << 18, 300007):
         for kind in KINDS:
             cases.append(clustered(n, dtype, kind, g))
+    n = 1 << 18
+    x = (torch.randn(n, generator=g, dtype=torch.float64) * 0.05).to(dtype)
+    x[32::64] = 1000.0
+    cases.append(x)
     for fill in ("random", "tied"):
-        n = 1 << 18  # a sample of 4096 weights, every 64th from the 32nd
         x = (torch.randn(n, generator=g, dtype=torch.float64) * 0.05).to(dtype)
         if fill == "tied":
             x[:] = 1e-3
-        x[32::64] = 1000.0
+        x[sampled(n)] = 1000.0
         cases.append(x)
     for closest in (False, True):
         tensors, ks, want = [], [], []

@@ -165,7 +165,7 @@ inline int64_t copy_digit32(const uint32_t* bits, int64_t m, int shift, uint32_t
 
 // ---- a large tensor: a bracket from a sample, then one pass ------------------
 // From kBracketMin keys on, a selection first guesses where the k-th key lies
-// from a sample of the keys (evenly spaced), as a bracket [lo, hi] of sample
+// from a sample of the keys (one from each run of n/s keys), as a bracket [lo, hi] of sample
 // keys around the sample's own k-th, wide enough (4 standard deviations of a
 // sample quantile's rank) that it almost always holds the k-th key. One pass
 // then counts the keys below lo (and finds the largest of them) and copies out
@@ -173,6 +173,18 @@ inline int64_t copy_digit32(const uint32_t* bits, int64_t m, int shift, uint32_t
 // missed (the pass shows the k-th key outside it), the radix levels run on the
 // whole tensor instead: the result is exact either way.
 constexpr int64_t kBracketMin = int64_t(1) << 18;
+
+// The sample's j-th key: one from each run of `stride` keys, at an offset
+// that a fixed hash of j (splitmix64) scatters over the run, so that no
+// periodic layout (rows, columns) lines up with the sample. The same keys for
+// the same n, every time.
+inline int64_t sample_at(int64_t j, int64_t stride) {
+  uint64_t z = uint64_t(j) + 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return j * stride + int64_t(z % uint64_t(stride));
+}
 
 template <typename K>
 struct Bracket {
@@ -233,7 +245,7 @@ bool bracket(const T* x, int64_t n, int64_t k, std::unique_ptr<K[]>& keys, K& lo
   const int64_t s = std::min<int64_t>(int64_t(1) << 15, std::max<int64_t>(int64_t(1) << 12, n >> 6));
   const int64_t stride = n / s;
   std::vector<K> sample(static_cast<size_t>(s));
-  for (int64_t j = 0; j < s; ++j) sample[size_t(j)] = KT::of(x[j * stride + stride / 2]);
+  for (int64_t j = 0; j < s; ++j) sample[size_t(j)] = KT::of(x[sample_at(j, stride)]);
   const double p = double(k) / double(n);
   const double rank = p * double(s) - 0.5, margin = 4.0 * std::sqrt(double(s) * p * (1.0 - p)) + 2.0;
   const int64_t lo_rank = int64_t(std::floor(rank - margin)), hi_rank = int64_t(std::ceil(rank + margin));
