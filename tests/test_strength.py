@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 import pyreg
+from pyreg.optim import apply
 from pyreg.optim.apply import STRENGTH_STATE
+from pyreg.optim.plan import Bucket
 from conftest import bad_key_changes_nothing, needs_emu
 from test_target_sparsity import task  # the same small model and data
 
@@ -68,18 +70,81 @@ def grads_for(shapes, step, dtype):
     return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
 
 
-def due_step(i, every):
-    """The first step (counted from 1) that refreshes tensor i of a bucket:
-    t >= every with (t + i) % every == 0 (staggered)."""
-    return next(t for t in range(every, 3 * every) if (t + i) % every == 0)
+#: The refresh slice the rule tests stagger their small buckets with.
+SLICE = 16
+
+
+@pytest.fixture
+def staggered(monkeypatch):
+    """Refresh slices of SLICE weights: the small buckets below refresh
+    their tensors at different steps (by default they would refresh at once)."""
+    monkeypatch.setattr(apply, "REFRESH_SLICE", SLICE)
+
+
+def due_step(shapes, i, every, slice_size=SLICE):
+    """The first step (counted from 1) that refreshes tensor i of a bucket of
+    ``shapes``: the bucket in S = min(tensors, ceil(weights / slice_size))
+    slices, tensor i in slice j = floor(S * (weights before it) / weights)
+    (at most S - 1), refreshed at the steps t >= every with
+    (t + floor(j * every / S)) % every == 0."""
+    sizes = [math.prod(sh) for sh in shapes]
+    total = sum(sizes)
+    s = max(1, min(len(sizes), -(-total // slice_size)))
+    j = min(s - 1, sum(sizes[:i]) * s // total) if total else 0
+    return next(t for t in range(every, 3 * every) if (t + j * every // s) % every == 0)
+
+
+def refreshed_per_step(shapes, every, steps):
+    """The tensors (indices) that a "strength" bucket of ``shapes`` refreshes
+    at each of its first ``steps`` steps, counted by the engine's rule."""
+    params = [torch.zeros(sh) for sh in shapes]
+    n = len(params)
+    b = Bucket("strength", params, [0] * n, list(range(n)),
+               {"l2": [0.0] * n, "l1_strength": [0.5] * n, "l1_refresh": [every] * n}, None, None)
+    state = {}
+    out = []
+    for _ in range(steps):
+        due = {id(p) for p in apply.strength_due(b, state)}
+        out.append([i for i, p in enumerate(params) if id(p) in due])
+    return out
+
+
+@pytest.mark.parametrize("shapes", [
+    [(64, 128), (64,), (128, 64), (10,)],  # the demo's scale: one slice, refreshed at once
+    [(768, 768)] * 12 + [(768,)] * 12 + [(3072, 768)] * 3,  # a large bucket: about 1/K of it per step
+    [(5000,)] * 40 + [(2_000_000,)],  # many small tensors, then one large one
+    [(0,), ()],  # an empty and a 0-dim tensor
+], ids=["small", "large", "skewed", "tiny"])
+@pytest.mark.parametrize("every", [1, 7, 10])
+def test_refreshes_are_staggered_by_slices(shapes, every):
+    """Each tensor is refreshed once in every l1_refresh (K) steps from step K
+    on; a bucket of at most REFRESH_SLICE weights at once; a larger one in
+    slices, so that no step refreshes much more than 1/K of its weights (a
+    slice holds whole tensors: at most one slice plus the largest tensor)."""
+    sizes = [math.prod(sh) for sh in shapes]
+    total = sum(sizes)
+    per_step = refreshed_per_step(shapes, every, 3 * every + 1)
+    assert all(not got for got in per_step[:every - 1])  # nothing before step K
+    for start in range(every - 1, 2 * every):  # any window of K steps from step K on
+        window = [i for got in per_step[start:start + every] for i in got]
+        assert sorted(window) == list(range(len(shapes)))
+    for t, got in enumerate(per_step):
+        assert got == [i for i in range(len(shapes)) if due_step(shapes, i, every, apply.REFRESH_SLICE) <= t + 1
+                       and (t + 1 - due_step(shapes, i, every, apply.REFRESH_SLICE)) % every == 0]
+    if total <= apply.REFRESH_SLICE:
+        assert all(got in ([], list(range(len(shapes)))) for got in per_step)
+    else:
+        s = min(len(shapes), -(-total // apply.REFRESH_SLICE))
+        most = max(sum(sizes[i] for i in got) for got in per_step)
+        assert most <= -(-total // min(s, every)) + max(sizes)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", [False, True], ids=["plain", "metric"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_a_refresh_matches_the_rule(name, metric, backend):
+def test_a_refresh_matches_the_rule(name, metric, backend, staggered):
     """l1_refresh=3, 5 tensors: tensor i is first refreshed at step
-    due_step(i, 3) (3, 5, 4, 3, 5), and until then has l1 = 0, so pyreg's
+    due_step(SHAPES, i, 3) (3, 5, 5, 4, 4), and until then has l1 = 0, so pyreg's
     optimizer computes what torch's does on it (the algorithms work element
     by element); each refresh sets the l1 from that step, measured on
     torch's run in float64."""
@@ -90,8 +155,8 @@ def test_a_refresh_matches_the_rule(name, metric, backend):
     ref = [p.clone().requires_grad_() for p in init]
     opt = ours_cls([{"params": ours, "l1_strength": STRENGTHS, "l1_refresh": 3}], preconditioned=metric, **kw)
     topt = torch_cls(ref, **kw)
-    due = [due_step(i, 3) for i in range(len(SHAPES))]
-    assert due == [3, 5, 4, 3, 5]
+    due = [due_step(SHAPES, i, 3) for i in range(len(SHAPES))]
+    assert due == [3, 5, 5, 4, 4]
     want = [None] * len(SHAPES)
     with pyreg.use_backend(backend):
         for step in range(1, 6):
@@ -115,10 +180,39 @@ def test_a_refresh_matches_the_rule(name, metric, backend):
     assert all(opt.state[p]["strength_step"] == 5 for p in ours)
 
 
+@pytest.mark.parametrize("metric", [False, True], ids=["plain", "metric"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_refresh_with_step_counts_that_differ(metric, amsgrad):
+    """A tensor that had no grad at the first step has taken one step fewer
+    when the bucket's refresh comes (l1_refresh=3: both at step 3): each
+    push has its own bias corrections."""
+    g = torch.Generator().manual_seed(11)
+    shapes = [(6, 5), (7,)]
+    init = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    ours = [p.clone().requires_grad_() for p in init]
+    ref = [p.clone().requires_grad_() for p in init]
+    kw = dict(lr=1e-2, betas=(0.8, 0.9), amsgrad=amsgrad)
+    opt = pyreg.optim.Adam([{"params": ours, "l1_strength": [0.6, 0.3], "l1_refresh": 3}], preconditioned=metric,
+                           **kw)
+    topt = torch.optim.Adam(ref, **kw)
+    for step in range(1, 4):
+        for ps in (ours, ref):
+            for i, (p, gr) in enumerate(zip(ps, grads_for(shapes, step, torch.float64))):
+                p.grad = None if step == 1 and i == 1 else gr
+        before = [p.detach().clone() for p in ref]
+        topt.step()
+        opt.step()
+    assert [int(topt.state[p]["step"]) for p in ref] == [3, 2]
+    want = rule(ref, before, [step_size(topt, b, metric) for b in ref], [0.6, 0.3])
+    got = [float(opt.state[p][KEY]) for p in ours]
+    assert got == pytest.approx(want, rel=1e-9)
+    assert all(v > 0 for v in got)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_regularized_refresh_matches_the_rule(backend):
+def test_regularized_refresh_matches_the_rule(backend, staggered):
     """pyreg.Regularized(torch.optim.Adam): the push is the inner step / lr
-    (l1_refresh=2: tensors 0, 2, 4 at step 2, tensors 1, 3 at step 3)."""
+    (l1_refresh=2: tensors 0, 1 at step 2, tensors 2, 3, 4 at step 3)."""
     g = torch.Generator().manual_seed(8)
     init = [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
     ours = [p.clone().requires_grad_() for p in init]
@@ -126,8 +220,8 @@ def test_regularized_refresh_matches_the_rule(backend):
     opt = pyreg.Regularized(torch.optim.Adam([{"params": ours, "l1_strength": STRENGTHS, "l1_refresh": 2}],
                                              lr=1e-2))
     topt = torch.optim.Adam(ref, lr=1e-2)
-    due = [due_step(i, 2) for i in range(len(SHAPES))]
-    assert due == [2, 3, 2, 3, 2]
+    due = [due_step(SHAPES, i, 2) for i in range(len(SHAPES))]
+    assert due == [2, 2, 3, 3, 3]
     with pyreg.use_backend(backend):
         for step in range(1, 4):
             for ps in (ours, ref):
@@ -155,9 +249,9 @@ GSTRENGTHS = [0.5, 1.0, 0.3, 0.6]
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["SGD-nesterov", "Adam", "Adagrad", "RMSprop-centered-momentum", "Regularized"])
-def test_a_group_refresh_matches_the_rule(name, backend):
+def test_a_group_refresh_matches_the_rule(name, backend, staggered):
     """group_strength (group_dim 1), l1_refresh=2: tensor i's group_l1 is
-    first set at step due_step(i, 2) (2, 3, 2, 3) to the
+    first set at step due_step(GSHAPES, i, 2) (2, 3, 3, 3) to the
     ceil(s * groups)-th smallest L2 norm of its push over its groups, the
     push measured on torch's run in float64 (plain metric)."""
     ours_cls, torch_cls, kw = CONFIGS.get(name, CONFIGS["Adam"])
@@ -168,7 +262,8 @@ def test_a_group_refresh_matches_the_rule(name, backend):
     group = {"params": ours, "group_strength": GSTRENGTHS, "group_dim": 1, "l1_refresh": 2}
     opt = pyreg.Regularized(torch_cls([group], **kw)) if name == "Regularized" else ours_cls([group], **kw)
     topt = torch_cls(ref, **kw)
-    due = [due_step(i, 2) for i in range(len(GSHAPES))]
+    due = [due_step(GSHAPES, i, 2) for i in range(len(GSHAPES))]
+    assert due == [2, 3, 3, 3]
     with pyreg.use_backend(backend):
         for step in range(1, 4):
             for ps in (ours, ref):

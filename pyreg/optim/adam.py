@@ -2,6 +2,7 @@
 L1 / L2 proximal steps (optionally in Adam's own metric), fused."""
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -23,6 +24,7 @@ def step_counter(p: Tensor, s: Dict[str, Any]) -> Tensor:
 class _AdamBase(FusedOptimizer):
     _algo = F.ADAM
     _decoupled = False
+    _push_reads_before = False  # the push is m_hat (over sqrt(v_hat) + eps), which hold any decay already
 
     def _hyper(self, group: Dict[str, Any]) -> Dict[str, Any]:
         beta1, beta2 = group["betas"]
@@ -47,6 +49,35 @@ class _AdamBase(FusedOptimizer):
             if vmax is None:
                 vmax = s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return s["exp_avg"], s["exp_avg_sq"], vmax, step_counter(p, s), 0
+
+    def _pushes(self, items):
+        """As :meth:`_push` for each item, in four multi-tensor ops where the
+        items share one group with number betas and eps and CPU counters
+        (plain metric: m_hat / (sqrt(v_hat) + eps) written as
+        m / ((sqrt(v) + eps*r) * c1 / r), c1 = 1 - beta1^t, r = sqrt(1 - beta2^t))."""
+        group = items[0][2] if items else None
+        beta1, beta2 = group["betas"] if group is not None else (None, None)
+        if (group is None or any(it[2] is not group or it[0].element_size() < 4
+                                 or it[1]["step"].device.type != "cpu" for it in items)
+                or not all(isinstance(x, (int, float)) for x in (beta1, beta2, group["eps"]))):
+            return super()._pushes(items)
+        ts = [float(it[1]["step"]) for it in items]
+        if ts.count(ts[0]) == len(ts):  # (one step count: one number each, the faster ops)
+            ts = ts[0]
+        c1 = 1 - beta1 ** ts if isinstance(ts, float) else [1 - beta1 ** t for t in ts]
+        m = [it[1]["exp_avg"] for it in items]
+        if items[0][3]:  # the metric prox: m_hat
+            return torch._foreach_div(m, c1)
+        r = math.sqrt(1 - beta2 ** ts) if isinstance(ts, float) else [math.sqrt(1 - beta2 ** t) for t in ts]
+        d = torch._foreach_sqrt([it[1]["max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"]
+                                 for it in items])
+        if isinstance(ts, float):
+            torch._foreach_add_(d, group["eps"] * r)
+            torch._foreach_mul_(d, c1 / r)
+        else:
+            torch._foreach_add_(d, [group["eps"] * x for x in r])
+            torch._foreach_mul_(d, [a / x for a, x in zip(c1, r)])
+        return torch._foreach_div(m, d)
 
     def _push(self, p, s, group, metric, before):
         beta1, beta2 = group["betas"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from operator import is_
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -157,12 +158,33 @@ def strength_l1(w: Work, state: Dict[Any, Dict[str, Any]]) -> Tensor:
     return _own_state(w, state, names, (torch.float64,), lambda: ([0.0] * len(w.params),))[0]
 
 
+#: A refresh takes at least this many weights of a bucket at once: below it
+#: a refresh's fixed cost (a few torch ops and a kernel call) outweighs its work.
+REFRESH_SLICE = 1 << 16
+
+
+def refresh_phases(sizes: Sequence[int]) -> Tuple[List[int], int]:
+    """The staggering of a bucket's refreshes: its tensors (of ``sizes``, in
+    order) in S slices of about equal weight count, S = min(number of
+    tensors, ceil(total / REFRESH_SLICE)), at least 1. Returns each tensor's
+    slice (by the count of weights before it) and S."""
+    total = sum(sizes)
+    s = max(1, min(len(sizes), -(-total // REFRESH_SLICE)))
+    out, before = [], 0
+    for n in sizes:
+        out.append(min(s - 1, before * s // total) if total else 0)
+        before += n
+    return out, s
+
+
 def strength_due(b: Bucket, state: Dict[Any, Dict[str, Any]]) -> List[Tensor]:
     """Counts a step of a "strength" bucket (on the host: no sync) and
     returns its params whose l1 this step refreshes: every ``l1_refresh``
-    (K) steps each, from step K on, the bucket's tensor i at the steps t
-    with (t + i) % K == 0 (staggered: each step refreshes about 1/K of the
-    tensors, and Regularized copies only those before its inner step). The
+    (K) steps each, from step K on, staggered by slices of the bucket (see
+    :func:`refresh_phases`): a tensor of slice j of S at the steps t with
+    (t + j*K // S) % K == 0. A small bucket is one slice, refreshed at once;
+    a large one refreshes about 1/K of its weights at each step
+    (and Regularized copies only those before its inner step). The
     count is read back from the params' state (``strength_step``, a number,
     see :func:`record_strength_step`), so a loaded state dict continues it.
     It lives on the host, so a step that is
@@ -175,9 +197,15 @@ def strength_due(b: Bucket, state: Dict[Any, Dict[str, Any]]) -> List[Tensor]:
                            "or a fixed l1)")
     if b.steps_taken is None:  # a new plan: continue the count of the state (a loaded one too)
         b.steps_taken = max((int(state[p].get(STRENGTH_STEP, 0)) for p in b.params if p in state), default=0)
+        slices, s = refresh_phases([p.numel() for p in b.params])
+        b.refresh_at = [(int(k), j * int(k) // s) for j, k in zip(slices, b.values["l1_refresh"])]
+        if b.refresh_at.count(b.refresh_at[0]) == len(b.params):
+            b.refresh_at = b.refresh_at[0]  # (the whole bucket at once: one test per step)
     t = b.steps_taken = b.steps_taken + 1
-    return [p for i, (p, every) in enumerate(zip(b.params, b.values["l1_refresh"]))
-            if t >= every and (t + i) % int(every) == 0]
+    at = b.refresh_at
+    if isinstance(at, tuple):
+        return b.params if t >= at[0] and (t + at[1]) % at[0] == 0 else []
+    return [p for p, (every, shift) in zip(b.params, at) if t >= every and (t + shift) % every == 0]
 
 
 def record_strength_step(buckets: Sequence[Bucket], state: Dict[Any, Dict[str, Any]]) -> None:
@@ -227,12 +255,17 @@ def refresh_strength(w: Work, pushes: Dict[int, Tensor], state: Dict[Any, Dict[s
         return
     vec = strength_l1(w, state)
     group = w.kind == "gstrength"
-    at = dict(zip(map(id, w.bucket.params), w.bucket.values["group_strength" if group else "l1_strength"]))
+    values = w.bucket.values["group_strength" if group else "l1_strength"]
+    if w.params is not w.bucket.params:  # (some params without a grad: by identity)
+        at = dict(zip(map(id, w.bucket.params), values))
+        values = [at[id(p)] for p in w.params]
     idx = list(pushes)
     steps = [pushes[i].detach() for i in idx]
     mags = ops.group_norms(steps, [w.dims[i] for i in idx]) if group else steps  # kth_abs takes |.|
-    ks = [min(a.numel(), math.ceil(at[id(w.params[i])] * a.numel() - 1e-9)) for i, a in zip(idx, mags)]
-    q = ops.kth_abs(mags, ks)  # one selection call for the due tensors
+    ks = [min(a.numel(), math.ceil(values[i] * a.numel() - 1e-9)) for i, a in zip(idx, mags)]
+    be = direct_backend() if w.bucket.device.type == "cpu" and not torch.compiler.is_compiling() else None
+    # one selection call for the due tensors (on the CPU, with no op dispatch: the pushes are new tensors)
+    q = be.kth_abs(mags, ks) if be is not None and be.selects() else ops.kth_abs(mags, ks)
     if lr is not None:
         _per_lr(q, q, lr[idx] if isinstance(lr, Tensor) and len(idx) < len(w.params) else lr)
     if len(idx) == len(w.params):
@@ -350,8 +383,7 @@ def _own_state(w: Work, state: Dict[Any, Dict[str, Any]], names: Tuple[str, ...]
     ps = w.params
     ids = tuple(map(id, ps))
     cur = b.own_state
-    if cur is not None and cur[0] == ids and all(
-            state[p].get(names[0]) is v for p, v in zip(ps, cur[2])):
+    if cur is not None and cur[0] == ids and all(map(is_, [state[p].get(names[0]) for p in ps], cur[2])):
         return cur[1]
     dev = b.device
     fresh = None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from operator import is_
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -36,8 +37,8 @@ from .._common import SUPPORTED_DTYPES, outside_graph, to_device
 from .._validate import nonneg_real
 from ..backends._marshal import step_ticket
 from ._torch_compat import raw_step
-from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STATE, STRENGTH_STEP, constraints, penalized, pop_own_state, prox_buckets, put_own_state, refresh_strength,
-                    record_strength_step, strength_due, strength_l1, strength_pushes)
+from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, constraints, penalized, pop_own_state, prox_buckets, put_own_state, refresh_strength,
+                    record_strength_step, strength_due, strength_l1)
 from .engine import Engine, Observable
 from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
 from .keys import check_params, flag, hyper_keys_of, read_group
@@ -100,7 +101,11 @@ class _Bucket:
         self.table_rows: Dict[Tuple[int, int], int] = {}  # (group, group row) -> row of the bucket's table
         self.row_values: List[tuple] = []
         self.dynamic = False  # some row holds a tensor lr (see _GroupRun.dynamic)
-        self.l1_rows: List[Tuple[int, Tensor]] = []  # (row, l1) of each l1_strength param: its own row
+        # l1_strength: each param's own row, its l1 from one float64 vector of
+        # the engine (apply.strength_l1; one per device and dtype, so one here)
+        self.l1_vec: Optional[Tensor] = None
+        self.l1_rows: List[int] = []  # the rows of the l1_strength params
+        self.l1_index: List[int] = []  # and their l1's index in l1_vec
 
 
 class FusedOptimizer(Observable):
@@ -110,6 +115,9 @@ class FusedOptimizer(Observable):
     ``_buffers``, and lists the torch class after this one in its bases."""
 
     _algo: int = -1
+    #: Whether :meth:`_push` reads the weights before the step (a coupled
+    #: weight decay's term of the grad): they are copied only where it does.
+    _push_reads_before = True
     _pyreg_fused = True  # Regularized refuses to wrap it (it would regularize twice)
     # GradScaler hands grad_scale / found_inf to step() (see _amp_scalars).
     _step_supports_amp_scaling = True
@@ -144,6 +152,8 @@ class FusedOptimizer(Observable):
         self._out: Dict[str, Any] = {"last": [], "penalty": None}
         self._runs: Dict[int, Tuple[tuple, Any, _GroupRun]] = {}
         self._tables: Dict[tuple, Tensor] = {}
+        # l1_strength: its l1 vectors (apply.strength_l1), and where each param's l1 is in them (_apply)
+        self._l1_of: Tuple[List[Tensor], Dict[int, Tuple[Tensor, int]]] = ([], {})
         self._tickets: Dict[torch.device, Tensor] = {}  # the CUDA kernel's, one per device
 
     # -- what each optimizer supplies ------------------------------------------------
@@ -159,6 +169,11 @@ class FusedOptimizer(Observable):
         state the kernel left and the grad (for ``l1_strength``); ``before``:
         p before the step where its group has a weight decay, else None."""
         raise NotImplementedError
+
+    def _pushes(self, items: List[Tuple[Tensor, Dict[str, Any], Dict[str, Any], bool, Optional[Tensor]]]) -> List[Tensor]:
+        """:meth:`_push` of each item, (p, state, group, metric, before), all of
+        one group's metric; an optimizer may compute them together."""
+        return [self._push(*it) for it in items]
 
     def _flags(self, group: Dict[str, Any]) -> Flags:
         """The group's flags (prox aside)."""
@@ -219,7 +234,7 @@ class FusedOptimizer(Observable):
             for key in PYREG_KEYS:
                 group.setdefault(key, self._engine.defaults[key])
         self._engine.reset()
-        self._runs, self._tables = {}, {}
+        self._runs, self._tables, self._l1_of = {}, {}, ([], {})
 
     # -- the step ------------------------------------------------------------------
     def _run_of(self, gi: int, group: Dict[str, Any], plan: Plan, hypers: Any) -> _GroupRun:
@@ -254,10 +269,11 @@ class FusedOptimizer(Observable):
     def _extra(self, group: Dict[str, Any]) -> Dict[str, Any]:
         return {}
 
-    def _gather(self, plan: Plan, runs: List[_GroupRun], l1_of: Dict[int, Tensor]):
-        """(buckets, groups for torch's own step). ``l1_of``: the l1 (a 0-dim
-        device tensor) of each ``l1_strength`` parameter, by id: each gets a
-        row of its own, its l1 written into the table on the device.
+    def _gather(self, plan: Plan, runs: List[_GroupRun], l1_of: Dict[int, Tuple[Tensor, int]]):
+        """(buckets, groups for torch's own step). ``l1_of``: where the l1 of
+        each ``l1_strength`` parameter is, by id (its vector on the device, and
+        the index in it): each gets a row of its own, its l1 written into the
+        table on the device.
 
         This loop runs over every parameter at every step: it reads each
         attribute once and tests in C where it can (the step's host time)."""
@@ -308,10 +324,12 @@ class FusedOptimizer(Observable):
                     b = buckets[key] = _Bucket(flags, key[3])
                 b.dynamic = b.dynamic or run.dynamic
                 own = l1_of.get(id(p)) if l1_of else None
-                if own is not None:  # its own row, l1 written in from the device tensor (see _table)
+                if own is not None:  # its own row, l1 written in from the device vector (see _table)
                     r = len(b.row_values)
                     b.row_values.append(run.rows[row_of[j]])
-                    b.l1_rows.append((r, own))
+                    b.l1_vec = own[0]
+                    b.l1_rows.append(r)
+                    b.l1_index.append(own[1])
                 else:
                     r = b.table_rows.get((gi, row_of[j]))
                     if r is None:
@@ -382,23 +400,24 @@ class FusedOptimizer(Observable):
                 t = self._tables[key] = table(rows, dev)
         if not b.l1_rows:
             return t
-        l1s = [v for _, v in b.l1_rows]
-        key = (id(t), tuple(map(id, l1s)), tuple(r for r, _ in b.l1_rows))
-        versions = tuple(v._version for v in l1s)
+        vec = b.l1_vec
+        key = (id(t), id(vec), tuple(b.l1_rows), tuple(b.l1_index))
+        version = vec._version  # (its 0-dim views in the state share it)
         hit = None if b.dynamic else self._tables.get(key)
-        if hit is not None and hit[1] == versions:
+        if hit is not None and hit[1] == version:
             return hit[0]
-        values = torch.stack([v.reshape(()) for v in l1s]).to(device=dev, dtype=t.dtype)
+        whole = b.l1_index == list(range(vec.numel()))
+        values = (vec if whole else vec[b.l1_index]).to(device=dev, dtype=t.dtype)
         if hit is not None:  # a refresh since: the new values into the same copy (the same stream
             # orders this write after the steps that read it; l1_strength's steps are never captured)
             hit[0].view(-1).index_copy_(0, hit[4], values)
-            self._tables[key] = (hit[0], versions, l1s, t, hit[4])
+            self._tables[key] = (hit[0], vec._version, vec, t, hit[4])
             return hit[0]
         out = t.clone()
-        at = to_device([r * len(HYPER) + L1_COLUMN for r, _ in b.l1_rows], torch.int64, dev)
+        at = to_device([r * len(HYPER) + L1_COLUMN for r in b.l1_rows], torch.int64, dev)
         out.view(-1).index_copy_(0, at, values)
         if not b.dynamic:
-            self._tables[key] = (out, versions, l1s, t, at)
+            self._tables[key] = (out, vec._version, vec, t, at)
         return out
 
     def _run(self, b: _Bucket) -> None:
@@ -451,11 +470,14 @@ class FusedOptimizer(Observable):
         work = [w for w in map(Bucket.active, plan.buckets) if w is not None]
         strength = [w for w in work if w.kind in STRENGTH_KINDS]
         state = self.state  # type: ignore[attr-defined]
-        for w in strength:
-            strength_l1(w, state)  # the vector, and its 0-dim views in the state (the same objects every step)
-        # l1_strength: the kernel's prox reads each l1 from its own table row (group_strength: the group pass)
-        l1_of = {id(p): state[p][STRENGTH_STATE[0]] for w in strength if w.kind == "strength" for p in w.params}
-        buckets, torch_groups = self._gather(plan, runs, l1_of)
+        # l1_strength: the kernel's prox reads each l1 from its own table row (see _table; group_strength:
+        # the group pass), from the vector whose 0-dim views are in the state (the same objects every step)
+        vecs = [strength_l1(w, state) for w in strength]
+        l1_of = self._l1_of
+        if len(l1_of[0]) != len(vecs) or not all(map(is_, l1_of[0], vecs)):  # (the same vectors: the same params)
+            l1_of = self._l1_of = (vecs, {id(p): (v, i) for w, v in zip(strength, vecs) if w.kind == "strength"
+                                         for i, p in enumerate(w.params)})
+        buckets, torch_groups = self._gather(plan, runs, l1_of[1])
         if torch_groups:
             self._run_torch(torch_groups)
         self._out["last"], self._out["penalty"] = penalized(work), None
@@ -491,7 +513,8 @@ class FusedOptimizer(Observable):
             gi = dict(zip(map(id, w.bucket.params), w.bucket.groups))
             for p in due:
                 if p.grad is not None:
-                    out[id(p)] = p.detach().clone() if groups[gi[id(p)]].get("weight_decay") else None
+                    out[id(p)] = (p.detach().clone() if self._push_reads_before
+                                  and groups[gi[id(p)]].get("weight_decay") else None)
         return out
 
     def _refresh(self, plan: Plan, strength: List[Work], due: Dict[int, Optional[Tensor]]) -> None:
@@ -502,10 +525,14 @@ class FusedOptimizer(Observable):
         state = self.state  # type: ignore[attr-defined]
         for w in strength:
             gi = dict(zip(map(id, w.bucket.params), w.bucket.groups))
-            pushes = strength_pushes(w, lambda p: self._push(p, state[p], groups[gi[id(p)]],
-                                                             plan.specs[gi[id(p)]].preconditioned, due[id(p)])
-                                     if id(p) in due else None)
-            refresh_strength(w, pushes, state)
+            todo = [(i, p, gi[id(p)]) for i, p in enumerate(w.params) if id(p) in due]
+            metrics = [plan.specs[g].preconditioned for _, _, g in todo]
+            pushes: Dict[int, Tensor] = {}
+            for metric in set(metrics):  # (each call: one metric)
+                some = [t for t, m in zip(todo, metrics) if m == metric]
+                pushes.update(zip((i for i, _, _ in some), self._pushes(
+                    [(p, state[p], groups[g], metric, due[id(p)]) for _, p, g in some])))
+            refresh_strength(w, dict(sorted(pushes.items(), key=lambda x: x[0])), state)
 
 
 def wide(t: Tensor) -> Tensor:
