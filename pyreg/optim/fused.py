@@ -498,6 +498,9 @@ class FusedOptimizer(Observable):
                     constraints(after, self.state)  # type: ignore[attr-defined]
                 if due and not self._amp_skipped():  # the new coefficients from the next step on
                     self._refresh(plan, strength, due)
+                    for b in buckets:  # (into the cached tables now, while they are at hand)
+                        if b.l1_rows:
+                            self._table(b)
 
     def _due(self, plan: Plan, strength: List[Work]) -> Dict[int, Optional[Tensor]]:
         """``l1_strength``: the params whose l1 this step refreshes, by id,
