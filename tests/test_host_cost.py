@@ -327,7 +327,16 @@ def _count_fast(monkeypatch):
     return calls
 
 
-def _run_both(monkeypatch, between, steps=6, opt_class=torch.optim.Adam):
+def _l1_groups(model):
+    return pyreg.param_groups(model, l1=1.0, l2=1e-3)
+
+
+def _strength_groups(model):
+    """l1_strength, refreshed every 3 steps, with an l2."""
+    return pyreg.param_groups(model, l1_strength=0.6, l2=1e-3, overrides={"*": {"l1_refresh": 3}})
+
+
+def _run_both(monkeypatch, between, steps=6, opt_class=torch.optim.Adam, groups=_l1_groups):
     """The same training with and without the fast path, ``between(k, model,
     opt)`` before step k: (params and penalty with it, without it, fast steps)."""
     calls = _count_fast(monkeypatch)
@@ -337,7 +346,7 @@ def _run_both(monkeypatch, between, steps=6, opt_class=torch.optim.Adam):
             monkeypatch.setattr(R, "fast_prox", lambda *a: None)
         torch.manual_seed(3)
         model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
-        opt = pyreg.Regularized(opt_class(pyreg.param_groups(model, l1=1.0, l2=1e-3), lr=1e-2))
+        opt = pyreg.Regularized(opt_class(groups(model), lr=1e-2))
         gen = torch.Generator().manual_seed(5)
         for k in range(steps):
             between(k, model, opt)
@@ -409,6 +418,43 @@ class _CopyingSGD(torch.optim.SGD):
 def test_fast_path_follows_memory_the_inner_step_replaced(monkeypatch):
     with_fast, without, n_fast = _run_both(monkeypatch, lambda k, m, o: None, steps=6, opt_class=_CopyingSGD)
     assert n_fast == 0  # each step found new memory after the inner step: the full path's prox
+    assert _bits_equal(with_fast, without)
+
+
+def test_fast_path_with_l1_strength_gives_the_full_paths_bits(monkeypatch):
+    """l1_strength's buckets take the fast path too: their prox reads the l1
+    vector that the refreshes (every 3 steps, after the prox) update."""
+    def schedule(k, model, opt):
+        if k >= 5:
+            for g in opt.param_groups:
+                g["lr"] = 1e-2 / (k + 1)
+    with_fast, without, n_fast = _run_both(monkeypatch, schedule, steps=9, groups=_strength_groups)
+    assert n_fast == 7
+    assert _bits_equal(with_fast, without)
+    assert any(bool((p == 0).any()) for p in with_fast[:-1])  # the refreshed l1 made zeros
+
+
+def test_fast_path_with_l1_strength_follows_l1_values_replaced_in_the_state(monkeypatch):
+    """Another l1 tensor put into the state (as a state loaded by hand): the
+    step finds its l1 vector gone and takes the full path, which reads the
+    state's values."""
+    def replace(k, model, opt):
+        if k == 4:
+            for s in opt.state.values():
+                if "strength_l1" in s:
+                    s["strength_l1"] = s["strength_l1"] * 1.5
+    with_fast, without, n_fast = _run_both(monkeypatch, replace, steps=9, groups=_strength_groups)
+    assert n_fast == 6  # steps 2, 3; 4 checks all (the plan stays: fast again from 5); 5, 6, 7, 8
+    assert _bits_equal(with_fast, without)
+
+
+def test_fast_path_with_l1_strength_follows_memory_the_inner_step_replaced(monkeypatch):
+    """Each fast step's prox finds new memory and hands the step to the full
+    path (steps 3, 5, 7: a refresh at 3), whose refreshes still measure the
+    push from the weights before the step."""
+    with_fast, without, n_fast = _run_both(monkeypatch, lambda k, m, o: None, steps=8, opt_class=_CopyingSGD,
+                                           groups=_strength_groups)
+    assert n_fast == 0
     assert _bits_equal(with_fast, without)
 
 

@@ -28,7 +28,7 @@ from ._torch_compat import init_without_groups, step_with_own_hooks
 from . import apply
 from .apply import (STRENGTH_KINDS, add_penalty_grads, constraints, penalized, pop_own_state,
                     prox_buckets, put_own_state, record_strength_step, refresh_strength, strength_due,
-                    strength_pushes)
+                    strength_l1, strength_pushes)
 from .engine import Engine, Observable, plan_outside_graph
 from .keys import check_params, hyper_keys_of, read_group
 from ..backends import _marshal as m
@@ -53,6 +53,9 @@ def _version_bump() -> Callable[[List[Tensor]], None]:
 
 
 _bump = _version_bump()
+
+#: What :meth:`Regularized._fast_step` answers when the step must take the full path.
+_FULL_PATH = object()
 
 MODES = ("proximal", "gradient")
 
@@ -297,16 +300,10 @@ class Regularized(Observable, Optimizer):
                 and fast[0].same(self.optimizer.param_groups) and apply.direct_backend() is not None):
             # Nothing changed since a step that made every check (an lr may be a new float):
             # the inner step, then the element prox straight into the CPU kernels.
-            loss = step_with_own_hooks(self.optimizer, None)
-            if not fast[0].prox(_get_num_threads()):  # the inner step replaced a tensor's memory
-                self._fast = None
-                plan, lrs, _ = self._engine.prepare(self.param_groups)
-                self._prox_after_step(plan, lrs, {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}, None)
+            loss = self._fast_step(fast)
+            if loss is not _FULL_PATH:
                 return loss
-            _bump(fast[1])
-            out = self._out
-            out["last"], out["penalty"] = fast[2], None
-            return loss
+        self._fast = None
         self._fast = None
         groups = self.param_groups
         proximal = self.mode == "proximal"
@@ -349,8 +346,41 @@ class Regularized(Observable, Optimizer):
         loss = self._inner_step(closure)
         work = self._prox_after_step(plan, lrs, group_lrs, before)
         if closure is None and not torch.compiler.is_compiling():
-            self._fast = fast_prox(groups, plan, work, self._engine, self._fast_plan)
+            self._fast = fast_prox(groups, plan, work, self._engine, self._fast_plan, self.state)
             self._fast_plan = plan
+        return loss
+
+    def _fast_step(self, fast: tuple):
+        """The step on the fast path (see :func:`fast_prox`), or _FULL_PATH
+        (nothing done) where an l1_strength bucket's l1 vector is no longer
+        the state's (a state loaded into the inner optimizer)."""
+        guard, params, pen, strength, plan = fast
+        before = None
+        if strength:  # l1_strength: as the full path, with its prox in the CPU kernels
+            state = self.state
+            if not all(strength_l1(w, state) is vec for w, vec in strength):
+                return _FULL_PATH
+            before = {id(p): p.detach().clone() for w, _ in strength for p in strength_due(w.bucket, state)}
+        loss = step_with_own_hooks(self.optimizer, None)
+        # the pushes of the tensors due (their step, before the prox), into new tensors: `before` stays
+        # as it was for the full path below
+        pushes = [(w, {i: torch.sub(before[id(p)], p.detach()) for i, p in enumerate(w.params) if id(p) in before})
+                  for w, _ in strength] if before else ()
+        if not guard.prox(_get_num_threads()):  # the inner step replaced a tensor's memory
+            self._fast = None
+            plan, lrs, _ = self._engine.prepare(self.param_groups)
+            self._prox_after_step(plan, lrs, {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}, before)
+            return loss
+        _bump(params)
+        if before is not None:
+            record_strength_step([w.bucket for w, _ in strength], self.state)
+            if pushes:
+                lrs = [g["lr"] for g in self.param_groups]  # (floats: the guard checked them)
+                group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
+                for w, due in pushes:
+                    refresh_strength(w, due, self.state, lr=plan.work_lr(w, lrs, group_lrs))
+        out = self._out
+        out["last"], out["penalty"] = pen, None
         return loss
 
     def _prox_after_step(self, plan: Plan, lrs: list, group_lrs: Dict[torch.device, Tensor],
@@ -375,18 +405,22 @@ class Regularized(Observable, Optimizer):
 
 
 def fast_prox(groups: List[Dict[str, Any]], plan: Plan, work: List[Work], engine: Engine,
-              last_plan: Optional[Plan]) -> Optional[tuple]:
+              last_plan: Optional[Plan], state: Dict[Any, Dict[str, Any]]) -> Optional[tuple]:
     """After a proximal step that made every check: ``(pyreg._C.FastProx,
-    the regularized params, the step's buckets for ``penalty``)`` when the
+    the regularized params, the step's buckets for ``penalty``, the
+    l1_strength buckets with their l1 vectors, the plan)`` when the
     next steps can take the fast path, else None. The fast path is for the
-    common case: every regularized parameter in an element-wise L1/L2
-    bucket that the CPU kernels take directly (plain, dense, disjoint CPU
-    tensors, each with a grad), every group's lr a float, no group setting
-    that can change in place (a tensor, a list), and the same plan as the
-    step before (groups that change at every step, other than their lr, gain
-    nothing from it). ``FastProx.same`` then checks at each step, at C
-    speed, that the groups are still exactly so; when it finds any other
-    change, the step takes the full path, which checks (and raises on) it."""
+    common case: every regularized parameter in an element-wise L1/L2 or
+    ``l1_strength`` bucket that the CPU kernels take directly (plain, dense,
+    disjoint CPU tensors, each with a grad), every group's lr a float, no
+    group setting that can change in place (a tensor, a list), and the same
+    plan as the step before (groups that change at every step, other than
+    their lr, gain nothing from it). ``FastProx.same`` then checks at each
+    step, at C speed, that the groups are still exactly so; when it finds
+    any other change, the step takes the full path, which checks (and
+    raises on) it. An l1_strength bucket's prox reads its l1 from the
+    vector in the optimizer's state, which its refreshes update in place
+    (and the step checks that the state still holds it)."""
     from .._lib import _C  # noqa: PLC0415
 
     if (plan is not last_plan or _C is None or not hasattr(_C, "FastProx") or apply.direct_backend() is None
@@ -398,12 +432,18 @@ def fast_prox(groups: List[Dict[str, Any]], plan: Plan, work: List[Work], engine
     if type(groups) is not list or any(type(g) is not dict or type(g.get("lr")) is not float
                                        or type(g.get("params")) is not list for g in groups):
         return None
-    buckets = []
+    buckets, strength = [], []
     for w in work:
-        d = w.bucket.direct() if w.kind == "elem" and w.params is w.bucket.params else None
+        d = (w.bucket.direct() if w.kind in ("elem", "strength") and w.params is w.bucket.params
+             else None)
         if d is None:
             return None
-        coefs = [w.coef(k, True) for k in ("l1", "l2")]
+        if w.kind == "strength":
+            vec = strength_l1(w, state)
+            strength.append((w, vec))
+            coefs = [vec, w.coef("l2", True)]
+        else:
+            coefs = [w.coef(k, True) for k in ("l1", "l2")]
         n = len(w.params)
         args = [m.coef(c, w.bucket.device, n) for c in coefs]
         buckets.append((list(w.params), list(w.bucket.groups), list(d[2]), args[0], args[1], tuple(coefs)))
@@ -411,4 +451,4 @@ def fast_prox(groups: List[Dict[str, Any]], plan: Plan, work: List[Work], engine
         guard = _C.FastProx(groups, buckets)
     except ValueError:  # something it does not take: the full path
         return None
-    return guard, [p for w in work for p in w.params], list(penalized(work))
+    return guard, [p for w in work for p in w.params], list(penalized(work)), strength, plan
