@@ -306,8 +306,18 @@ class Suite:
                 f"{k} rotated cop{'y' if k == 1 else 'ies'}")
         c = P.Coefs(sset.count, self.dev, [s for _, s in sset.shapes] if spec.matrices_only else ())
         gen = Gen(self.dev, self.dtype, seed=1000 + P.OP_ORDER.index(op))
-        data = self.copies(lambda: {"ws": gen.tensors(sset, P.W_SCALE),
-                                    "gs": gen.tensors(sset, P.G_SCALE) if op == "add_penalty_grad_" else []}, k)
+        gen_ref = Gen(self.dev, self.dtype, seed=7)
+        # Each copy's tensors and its flat buffers for the roofline and copy ops
+        # are made together, so that both lie in memory of the same kind: a
+        # process's first allocations can land in fragmented memory, which
+        # streams slower (bench/layout.py shows it).
+        both = self.copies(lambda: {"ws": gen.tensors(sset, P.W_SCALE),
+                                    "gs": gen.tensors(sset, P.G_SCALE) if op == "add_penalty_grad_" else [],
+                                    "flat": [gen_ref.randn((sset.numel,), P.W_SCALE),
+                                             gen_ref.randn((sset.numel,), P.W_SCALE)]}, k)
+        data = [{"ws": d["ws"], "gs": d["gs"]} for d in both]
+        bufs = [tuple(d["flat"]) for d in both]
+        del both
 
         def fresh():  # a copy of rotation 0 (still pristine: checks run before any timing)
             return {key: ([t.clone() for t in v] if key in spec.mutates else v) for key, v in data[0].items()}
@@ -389,9 +399,6 @@ class Suite:
 
         # 3. timing, side by side: pyreg, the peers and the flat-buffer
         # roofline and copy ops (rotated buffers) take turns call by call.
-        gen_ref = Gen(self.dev, self.dtype, seed=7)
-        bufs = [tuple(pair) for pair in self.copies(
-            lambda: [gen_ref.randn((sset.numel,), P.W_SCALE), gen_ref.randn((sset.numel,), P.W_SCALE)], k)]
         calls: Dict[str, Callable[[int], object]] = {}
         for peer in spec.peers:
             if fns.get(peer) is not None:
