@@ -369,6 +369,28 @@ def test_per_layer_strength_tensor_and_changes_and_penalty():
 
 
 @pytest.mark.parametrize("family", ["Regularized", "AdamW"])
+def test_l1_refresh_changed_after_construction_is_followed(family):
+    """l1_refresh 5, then 3 from step 8: the refreshes come at steps 5, then
+    9, 12, 15, 18 (the steps divisible by the new value)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    group = {"params": [m[0].weight, m[2].weight], "l1_strength": 0.5, "l1_refresh": 5}
+    opt = (pyreg.Regularized(torch.optim.Adam([group], lr=1e-2)) if family == "Regularized"
+           else pyreg.optim.AdamW([group], lr=1e-2))
+    x, y = torch.randn(16, 8), torch.randn(16, 3)
+    refreshed, prev = [], 0.0
+    for t in range(1, 21):
+        if t == 8:
+            opt.param_groups[0]["l1_refresh"] = 3
+        train(m, x, y, opt, 1)
+        cur = float(opt.state[m[0].weight][KEY])
+        if cur != prev:
+            refreshed.append(t)
+        prev = cur
+    assert refreshed == [5, 9, 12, 15, 18]
+
+
+@pytest.mark.parametrize("family", ["Regularized", "AdamW"])
 def test_state_dict_round_trip(family):
     m, x, y = task(torch.bfloat16)
 

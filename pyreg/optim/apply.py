@@ -197,12 +197,13 @@ def strength_due(b: Bucket, state: Dict[Any, Dict[str, Any]]) -> List[Tensor]:
                            "or a fixed l1)")
     if b.steps_taken is None:  # a new plan: continue the count of the state (a loaded one too)
         b.steps_taken = max((int(state[p].get(STRENGTH_STEP, 0)) for p in b.params if p in state), default=0)
+    every = b.values["l1_refresh"]  # (a new list when a value changes)
+    if b.refresh_at[0] is not every:
         slices, s = refresh_phases([p.numel() for p in b.params])
-        b.refresh_at = [(int(k), j * int(k) // s) for j, k in zip(slices, b.values["l1_refresh"])]
-        if b.refresh_at.count(b.refresh_at[0]) == len(b.params):
-            b.refresh_at = b.refresh_at[0]  # (the whole bucket at once: one test per step)
+        at = [(int(k), j * int(k) // s) for j, k in zip(slices, every)]
+        b.refresh_at = (every, at[0] if at.count(at[0]) == len(at) else at)  # (one for all: one test per step)
     t = b.steps_taken = b.steps_taken + 1
-    at = b.refresh_at
+    at = b.refresh_at[1]
     if isinstance(at, tuple):
         return b.params if t >= at[0] and (t + at[1]) % at[0] == 0 else []
     return [p for p, (every, shift) in zip(b.params, at) if t >= every and (t + shift) % every == 0]
@@ -264,8 +265,9 @@ def refresh_strength(w: Work, pushes: Dict[int, Tensor], state: Dict[Any, Dict[s
     mags = ops.group_norms(steps, [w.dims[i] for i in idx]) if group else steps  # kth_abs takes |.|
     ks = [min(a.numel(), math.ceil(values[i] * a.numel() - 1e-9)) for i, a in zip(idx, mags)]
     be = direct_backend() if w.bucket.device.type == "cpu" and not torch.compiler.is_compiling() else None
-    # one selection call for the due tensors (on the CPU, with no op dispatch: the pushes are new tensors)
-    q = be.kth_abs(mags, ks) if be is not None and be.selects() else ops.kth_abs(mags, ks)
+    # one selection call for the due tensors (plain CPU tensors: the kernel, with no op dispatch)
+    q = (be.kth_abs(mags, ks) if be is not None and be.selects() and plain_cpu(mags)
+         else ops.kth_abs(mags, ks))
     if lr is not None:
         _per_lr(q, q, lr[idx] if isinstance(lr, Tensor) and len(idx) < len(w.params) else lr)
     if len(idx) == len(w.params):

@@ -499,7 +499,7 @@ class FusedOptimizer(Observable):
                 if due and not self._amp_skipped():  # the new coefficients from the next step on
                     self._refresh(plan, strength, due)
                     for b in buckets:  # (into the cached tables now, while they are at hand)
-                        if b.l1_rows:
+                        if b.l1_rows and not b.dynamic:
                             self._table(b)
 
     def _due(self, plan: Plan, strength: List[Work]) -> Dict[int, Optional[Tensor]]:

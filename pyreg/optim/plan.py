@@ -42,8 +42,8 @@ class Bucket:
         self._direct: Optional[list] = None  # see direct()
         self.own_state: Optional[tuple] = None  # a "target", "(g)strength" or "l2_bound" bucket's state (apply.py)
         self.steps_taken: Optional[int] = None  # a "strength" bucket's steps, on the host (apply.strength_due)
-        # its (l1_refresh, shift) per tensor, or one for all (apply.strength_due)
-        self.refresh_at: Union[List[Tuple[int, int]], Tuple[int, int]] = []
+        # its l1_refresh values, and the (l1_refresh, shift) of each tensor or one for all (apply.strength_due)
+        self.refresh_at: Tuple[Optional[list], Union[List[Tuple[int, int]], Tuple[int, int]]] = (None, [])
         self.target_ks: Optional[tuple] = None  # a "target" bucket's zeros per tensor, cached (apply.target_prox)
 
     def direct(self) -> Optional[list]:
