@@ -210,6 +210,33 @@ def test_adam_refresh_with_step_counts_that_differ(metric, amsgrad):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_refresh_of_plain_and_preconditioned_groups_in_one_bucket(backend):
+    """Two groups of one bucket, one in the plain metric and one in Adam's:
+    each tensor's refresh (at step 2) measures its push in its own metric."""
+    g = torch.Generator().manual_seed(12)
+    shapes = [(7, 5), (9,), (4, 4)]
+    init = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    ours = [p.clone().requires_grad_() for p in init]
+    ref = [p.clone().requires_grad_() for p in init]
+    opt = pyreg.optim.Adam([{"params": ours[:2], "l1_strength": 0.4, "l1_refresh": 2},
+                            {"params": ours[2:], "l1_strength": 0.7, "l1_refresh": 2, "preconditioned": True}],
+                           lr=1e-2)
+    topt = torch.optim.Adam(ref, lr=1e-2)
+    with pyreg.use_backend(backend):
+        for step in (1, 2):
+            for ps in (ours, ref):
+                for p, gr in zip(ps, grads_for(shapes, step, torch.float64)):
+                    p.grad = gr
+            before = [p.detach().clone() for p in ref]
+            topt.step()
+            opt.step()
+    metric = [False, False, True]
+    want = [rule([b], [a], [step_size(topt, b, m)], [s])[0]
+            for b, a, m, s in zip(ref, before, metric, [0.4, 0.4, 0.7])]
+    assert [float(opt.state[p][KEY]) for p in ours] == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_regularized_refresh_matches_the_rule(backend, staggered):
     """pyreg.Regularized(torch.optim.Adam): the push is the inner step / lr
     (l1_refresh=2: tensors 0, 1 at step 2, tensors 2, 3, 4 at step 3)."""
