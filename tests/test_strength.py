@@ -70,6 +70,18 @@ def grads_for(shapes, step, dtype):
     return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
 
 
+def step_both(ours, ref, opt, topt, shapes, step):
+    """Step ``step`` of pyreg's optimizer and torch's, each on its own params
+    with the same grads; returns torch's params as they were before it."""
+    for ps in (ours, ref):
+        for p, gr in zip(ps, grads_for(shapes, step, torch.float64)):
+            p.grad = gr
+    before = [p.detach().clone() for p in ref]
+    topt.step()
+    opt.step()
+    return before
+
+
 #: The refresh slice the rule tests stagger their small buckets with.
 SLICE = 16
 
@@ -160,12 +172,7 @@ def test_a_refresh_matches_the_rule(name, metric, backend, staggered):
     want = [None] * len(SHAPES)
     with pyreg.use_backend(backend):
         for step in range(1, 6):
-            for ps in (ours, ref):
-                for p, gr in zip(ps, grads_for(SHAPES, step, torch.float64)):
-                    p.grad = gr
-            before = [p.detach().clone() for p in ref]
-            topt.step()
-            opt.step()
+            before = step_both(ours, ref, opt, topt, SHAPES, step)
             for i, (a, b) in enumerate(zip(ours, ref)):
                 if step < due[i]:
                     assert float(opt.state[a][KEY]) == 0.0
@@ -224,12 +231,7 @@ def test_a_refresh_of_plain_and_preconditioned_groups_in_one_bucket(backend):
     topt = torch.optim.Adam(ref, lr=1e-2)
     with pyreg.use_backend(backend):
         for step in (1, 2):
-            for ps in (ours, ref):
-                for p, gr in zip(ps, grads_for(shapes, step, torch.float64)):
-                    p.grad = gr
-            before = [p.detach().clone() for p in ref]
-            topt.step()
-            opt.step()
+            before = step_both(ours, ref, opt, topt, shapes, step)
     metric = [False, False, True]
     want = [rule([b], [a], [step_size(topt, b, m)], [s])[0]
             for b, a, m, s in zip(ref, before, metric, [0.4, 0.4, 0.7])]
@@ -251,12 +253,7 @@ def test_regularized_refresh_matches_the_rule(backend, staggered):
     assert due == [2, 2, 3, 3, 3]
     with pyreg.use_backend(backend):
         for step in range(1, 4):
-            for ps in (ours, ref):
-                for p, gr in zip(ps, grads_for(SHAPES, step, torch.float64)):
-                    p.grad = gr
-            before = [p.detach().clone() for p in ref]
-            topt.step()
-            opt.step()
+            before = step_both(ours, ref, opt, topt, SHAPES, step)
             for i, (a, b) in enumerate(zip(ours, ref)):
                 if step == due[i]:
                     want = rule([b], [before[i]], [torch.full_like(b, 1e-2)], [STRENGTHS[i]])[0]
@@ -293,12 +290,7 @@ def test_a_group_refresh_matches_the_rule(name, backend, staggered):
     assert due == [2, 3, 3, 3]
     with pyreg.use_backend(backend):
         for step in range(1, 4):
-            for ps in (ours, ref):
-                for p, gr in zip(ps, grads_for(GSHAPES, step, torch.float64)):
-                    p.grad = gr
-            before = [p.detach().clone() for p in ref]
-            topt.step()
-            opt.step()
+            before = step_both(ours, ref, opt, topt, GSHAPES, step)
             for i, (a, b) in enumerate(zip(ours, ref)):
                 if step == due[i]:
                     push = (before[i] - b.detach()) / step_size(topt, b, False)
