@@ -304,7 +304,6 @@ class Regularized(Observable, Optimizer):
             if loss is not _FULL_PATH:
                 return loss
         self._fast = None
-        self._fast = None
         groups = self.param_groups
         proximal = self.mode == "proximal"
         if torch.compiler.is_compiling():
