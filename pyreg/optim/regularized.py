@@ -363,7 +363,7 @@ class Regularized(Observable, Optimizer):
         loss = step_with_own_hooks(self.optimizer, None)
         # the pushes of the tensors due (their step, before the prox), into new tensors: `before` stays
         # as it was for the full path below
-        pushes = [(w, {i: torch.sub(before[id(p)], p.detach()) for i, p in enumerate(w.params) if id(p) in before})
+        pushes = [(w, strength_pushes(w, lambda p: torch.sub(before[id(p)], p.detach()) if id(p) in before else None))
                   for w, _ in strength] if before else ()
         if not guard.prox(_get_num_threads()):  # the inner step replaced a tensor's memory
             self._fast = None
