@@ -166,6 +166,16 @@ PYREG_HD void adam_element(A& p, A g, A& m, A& v, A& vmax, const ElemScalars<A>&
   if constexpr (kProx == kMetricProx) p = metric_prox(p, denom, e);
 }
 
+// l1_strength's push of an Adam step, in l1's units (the step over the prox's
+// step size): m_hat / (sqrt(v_hat) + eps) in the plain metric, written as
+// m / ((sqrt(v) + e) * s) with e = eps * r, s = c1 / r (c1 = 1 - beta1^t,
+// r = sqrt(1 - beta2^t)), op for op as pyreg/optim/adam.py's _pushes computes
+// it in torch ops; m_hat = m / s (s = c1) in Adam's own metric (no v).
+template <typename A>
+PYREG_HD A adam_push(A m, A v, A e, A s) {
+  return m / ((sqrt(v) + e) * s);
+}
+
 // ---- Adagrad ------------------------------------------------------------------
 template <int kProx, int kWd, typename A>
 PYREG_HD void adagrad_element(A& p, A g, A& sum, const ElemScalars<A>& e) {

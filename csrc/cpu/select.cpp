@@ -1,4 +1,5 @@
-// select.cpp: kth_abs, the k-th smallest magnitude of each tensor
+// select.cpp: kth_abs, the k-th smallest magnitude of each tensor, and
+// adam_push_kth, the same of the push of an Adam step
 // (csrc/common/kernels_api.h for the contract), on the CPU.
 //
 // A selection is exact: it compares values and rounds nothing, so it is
@@ -381,6 +382,31 @@ void kth_abs(const TensorList& w, const int64_t* k, bool closest, double* out, c
       return;
     }
     out[t] = with_dtype(w.dtypes[t], w.ptrs[t], [&](auto* p) { return kth_of(p, w.numels[t], k[t], closest); });
+  });
+}
+
+void adam_push_kth(const TensorList& m, const void* const* v, const double* e, const double* s, const int64_t* k,
+                   double* out, const Launch& at) {
+  parallel_for(m.size(), m.size() > 1 ? threads_for(m, at.nthreads, 2) : 1, [&](int64_t t) {
+    const int64_t n = m.numels[t];
+    if (k[t] == 0) {
+      out[t] = 0.0;
+      return;
+    }
+    auto run = [&](auto* mp) {
+      using A = std::remove_pointer_t<decltype(mp)>;
+      std::unique_ptr<A[]> push(new A[size_t(n)]);
+      const A* vp = v != nullptr ? static_cast<const A*>(v[t]) : nullptr;
+      const A et = A(e[t]), st = A(s[t]);
+      A* out_p = push.get();
+      if (vp != nullptr) {
+        for (int64_t i = 0; i < n; ++i) out_p[i] = adam_push(mp[i], vp[i], et, st);
+      } else {
+        for (int64_t i = 0; i < n; ++i) out_p[i] = mp[i] / st;
+      }
+      return kth_of(static_cast<const A*>(out_p), n, k[t], false);
+    };
+    out[t] = m.dtypes[t] == kFloat64 ? run(static_cast<double*>(m.ptrs[t])) : run(static_cast<float*>(m.ptrs[t]));
   });
 }
 

@@ -37,6 +37,7 @@ Kernels stub(std::string (*why)()) {
       nullptr,
       nullptr,
       [](int64_t) { return int64_t(0); },
+      nullptr,
   };
 }
 

@@ -8,7 +8,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .._validate import plain_cpu
 from . import functional as F
+from .apply import direct_backend
 from .fused import Params, Flags, FusedOptimizer, hyper_number, scalar_dtype, wide
 
 
@@ -50,34 +52,55 @@ class _AdamBase(FusedOptimizer):
                 vmax = s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return s["exp_avg"], s["exp_avg_sq"], vmax, step_counter(p, s), 0
 
-    def _pushes(self, items):
-        """As :meth:`_push` for each item, in four multi-tensor ops where the
-        items share one group with number betas and eps and CPU counters
-        (plain metric: m_hat / (sqrt(v_hat) + eps) written as
-        m / ((sqrt(v) + eps*r) * c1 / r), c1 = 1 - beta1^t, r = sqrt(1 - beta2^t))."""
+    @staticmethod
+    def _push_terms(items):
+        """(exp_avgs, the second moments or None in Adam's metric, e, s) with
+        each item's push ``m / ((sqrt(v) + e) * s)`` (``m / s``), for items that
+        share one group with number betas and eps, float32/64 state and CPU
+        step counters; else None. Plain metric: m_hat / (sqrt(v_hat) + eps) =
+        m / ((sqrt(v) + eps*r) * c1 / r), c1 = 1 - beta1^t, r = sqrt(1 - beta2^t);
+        Adam's metric: m_hat = m / c1."""
         group = items[0][2] if items else None
         beta1, beta2 = group["betas"] if group is not None else (None, None)
         if (group is None or any(it[2] is not group or it[0].element_size() < 4
                                  or it[1]["step"].device.type != "cpu" for it in items)
                 or not all(isinstance(x, (int, float)) for x in (beta1, beta2, group["eps"]))):
-            return super()._pushes(items)
+            return None
         ts = [float(it[1]["step"]) for it in items]
-        if ts.count(ts[0]) == len(ts):  # (one step count: one number each, the faster ops)
-            ts = ts[0]
-        c1 = 1 - beta1 ** ts if isinstance(ts, float) else [1 - beta1 ** t for t in ts]
         m = [it[1]["exp_avg"] for it in items]
+        c1 = [1 - beta1 ** t for t in ts]
         if items[0][3]:  # the metric prox: m_hat
-            return torch._foreach_div(m, c1)
-        r = math.sqrt(1 - beta2 ** ts) if isinstance(ts, float) else [math.sqrt(1 - beta2 ** t) for t in ts]
-        d = torch._foreach_sqrt([it[1]["max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"]
-                                 for it in items])
-        if isinstance(ts, float):
-            torch._foreach_add_(d, group["eps"] * r)
-            torch._foreach_mul_(d, c1 / r)
-        else:
-            torch._foreach_add_(d, [group["eps"] * x for x in r])
-            torch._foreach_mul_(d, [a / x for a, x in zip(c1, r)])
+            return m, None, [0.0] * len(ts), c1
+        r = [math.sqrt(1 - beta2 ** t) for t in ts]
+        v = [it[1]["max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"] for it in items]
+        return m, v, [group["eps"] * x for x in r], [a / x for a, x in zip(c1, r)]
+
+    def _pushes(self, items):
+        """As :meth:`_push` for each item, in four multi-tensor ops where
+        :meth:`_push_terms` applies."""
+        terms = self._push_terms(items)
+        if terms is None:
+            return super()._pushes(items)
+        m, v, e, s = terms
+        one = s.count(s[0]) == len(s) and e.count(e[0]) == len(e)  # (one number each: the faster ops)
+        if v is None:
+            return torch._foreach_div(m, s[0] if one else s)
+        d = torch._foreach_sqrt(v)
+        torch._foreach_add_(d, e[0] if one else e)
+        torch._foreach_mul_(d, s[0] if one else s)
         return torch._foreach_div(m, d)
+
+    def _push_quantiles(self, items, ks):
+        """The k-th smallest |push| of each item in one call of the CPU kernel
+        (``adam_push_kth``: the same bits as :meth:`_pushes` and ``kth_abs``),
+        where :meth:`_push_terms` applies to plain CPU tensors."""
+        be = direct_backend() if items and items[0][0].device.type == "cpu" else None
+        terms = self._push_terms(items) if be is not None and be.pushes_adam() else None
+        if terms is None or not plain_cpu(terms[0]) or (terms[1] is not None and not plain_cpu(terms[0] + terms[1])):
+            return None
+        out = torch.empty(len(items), dtype=torch.float64)
+        be.adam_push_kth(*terms, ks, out)
+        return out
 
     def _push(self, p, s, group, metric, before):
         beta1, beta2 = group["betas"]

@@ -254,20 +254,36 @@ def refresh_strength(w: Work, pushes: Dict[int, Tensor], state: Dict[Any, Dict[s
     the device: no host sync."""
     if not pushes:
         return
-    vec = strength_l1(w, state)
     group = w.kind == "gstrength"
-    values = w.bucket.values["group_strength" if group else "l1_strength"]
-    if w.params is not w.bucket.params:  # (some params without a grad: by identity)
-        at = dict(zip(map(id, w.bucket.params), values))
-        values = [at[id(p)] for p in w.params]
     idx = list(pushes)
     steps = [pushes[i].detach() for i in idx]
     mags = ops.group_norms(steps, [w.dims[i] for i in idx]) if group else steps  # kth_abs takes |.|
-    ks = [min(a.numel(), math.ceil(values[i] * a.numel() - 1e-9)) for i, a in zip(idx, mags)]
+    ks = strength_ks(w, idx, [a.numel() for a in mags])
     be = direct_backend() if w.bucket.device.type == "cpu" and not torch.compiler.is_compiling() else None
     # one selection call for the due tensors (plain CPU tensors: the kernel, with no op dispatch)
     q = (be.kth_abs(mags, ks) if be is not None and be.selects() and plain_cpu(mags)
          else ops.kth_abs(mags, ks))
+    store_strength(w, idx, q, state, lr)
+
+
+def strength_ks(w: Work, idx: Sequence[int], sizes: Sequence[int]) -> List[int]:
+    """The rank k_i = ceil(a_i * n_i) of the quantile of each tensor ``i`` of
+    ``idx`` (``sizes``: n_i, its push's elements, or groups for
+    ``group_strength``), a_i its strength (see :func:`refresh_strength`)."""
+    values = w.bucket.values["group_strength" if w.kind == "gstrength" else "l1_strength"]
+    if w.params is not w.bucket.params:  # (some params without a grad: by identity)
+        at = dict(zip(map(id, w.bucket.params), values))
+        values = [at[id(p)] for p in w.params]
+    return [min(n, math.ceil(values[i] * n - 1e-9)) for i, n in zip(idx, sizes)]
+
+
+def store_strength(w: Work, idx: List[int], q: Tensor, state: Dict[Any, Dict[str, Any]], lr=None) -> None:
+    """The end of :func:`refresh_strength`: the selected quantiles ``q`` (float64,
+    one per tensor of ``idx``, in push units; divided by ``lr`` if given)
+    become those tensors' l1 (group_l1) in the state's vector. An optimizer
+    that selects its push's quantiles itself (without the pushes in memory)
+    calls it directly, with :func:`strength_ks`' ranks."""
+    vec = strength_l1(w, state)
     if lr is not None:
         _per_lr(q, q, lr[idx] if isinstance(lr, Tensor) and len(idx) < len(w.params) else lr)
     if len(idx) == len(w.params):

@@ -38,7 +38,7 @@ from .._validate import nonneg_real
 from ..backends._marshal import step_ticket
 from ._torch_compat import raw_step
 from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, constraints, penalized, pop_own_state, prox_buckets, put_own_state, refresh_strength,
-                    record_strength_step, strength_due, strength_l1)
+                    record_strength_step, store_strength, strength_due, strength_ks, strength_l1)
 from .engine import Engine, Observable
 from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
 from .keys import check_params, flag, hyper_keys_of, read_group
@@ -174,6 +174,13 @@ class FusedOptimizer(Observable):
         """:meth:`_push` of each item, (p, state, group, metric, before), all of
         one group's metric; an optimizer may compute them together."""
         return [self._push(*it) for it in items]
+
+    def _push_quantiles(self, items: List[Tuple[Tensor, Dict[str, Any], Dict[str, Any], bool, Optional[Tensor]]],
+                        ks: List[int]) -> Optional[Tensor]:
+        """The ks[i]-th smallest |push| of each item (float64), selected
+        without the pushes in memory where the optimizer can; None: it
+        cannot, :meth:`_pushes` gives them."""
+        return None
 
     def _flags(self, group: Dict[str, Any]) -> Flags:
         """The group's flags (prox aside)."""
@@ -533,8 +540,14 @@ class FusedOptimizer(Observable):
             pushes: Dict[int, Tensor] = {}
             for metric in set(metrics):  # (each call: one metric)
                 some = [t for t, m in zip(todo, metrics) if m == metric]
-                pushes.update(zip((i for i, _, _ in some), self._pushes(
-                    [(p, state[p], groups[g], metric, due[id(p)]) for _, p, g in some])))
+                idx = [i for i, _, _ in some]
+                items = [(p, state[p], groups[g], metric, due[id(p)]) for _, p, g in some]
+                q = (self._push_quantiles(items, strength_ks(w, idx, [p.numel() for _, p, _ in some]))
+                     if w.kind == "strength" else None)
+                if q is not None:  # (selected without the pushes in memory)
+                    store_strength(w, idx, q, state)
+                else:
+                    pushes.update(zip(idx, self._pushes(items)))
             refresh_strength(w, dict(sorted(pushes.items(), key=lambda x: x[0])), state)
 
 
