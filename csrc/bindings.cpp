@@ -238,16 +238,16 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
           });
   }
 
-  // ---- l1_strength's refresh of an Adam step: bound only in a build that has
+  // ---- l1_strength's refresh of an adaptive step: bound only in a build that has
   // it (the CPU build; Python computes the push in torch ops elsewhere).
-  if (k->adam_push_kth != nullptr) {
-    m.def(name("adam_push_kth").c_str(),
+  if (k->push_kth != nullptr) {
+    m.def(name("push_kth").c_str(),
           [k](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& v, const std::vector<double>& e,
               const std::vector<double>& s, const Numels& ks, uintptr_t out, int nthreads) {
             TensorList w = make_list(p, n, d);
             for (int code : d)
               if (code != pyreg::kFloat32 && code != pyreg::kFloat64)
-                throw std::invalid_argument("pyreg._C: adam_push_kth takes float32 or float64 state");
+                throw std::invalid_argument("pyreg._C: push_kth takes float32 or float64 state");
             std::vector<void*> vp = optional_ptrs(v, p.size(), "second moments");
             for (size_t i = 0; i < vp.size(); ++i)
               if (vp[i] == nullptr && n[i] > 0) throw std::invalid_argument("pyreg._C: null second moment");
@@ -257,8 +257,8 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
               if (ks[i] < 0 || ks[i] > n[i]) throw std::invalid_argument("pyreg._C: k out of [0, numel]");
             if (out == 0 && !p.empty()) throw std::invalid_argument("pyreg._C: null output");
             py::gil_scoped_release nogil;
-            k->adam_push_kth(w, vp.empty() ? nullptr : vp.data(), e.data(), s.data(), ks.data(), ptr<double>(out),
-                             Launch{nullptr, -1, 0, nthreads});
+            k->push_kth(w, vp.empty() ? nullptr : vp.data(), e.data(), s.data(), ks.data(), ptr<double>(out),
+                        Launch{nullptr, -1, 0, nthreads});
           });
   }
 

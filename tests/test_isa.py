@@ -1,6 +1,6 @@
 """The CPU kernels' instruction-set variants (x86-64 baseline, AVX2, AVX-512;
 chosen at load time, forced with PYREG_CPU_ISA) compute the same bits. Each
-variant this CPU supports runs every op (kth_abs and adam_push_kth too) on every dtype in a process of its own."""
+variant this CPU supports runs every op (kth_abs and push_kth too) on every dtype in a process of its own."""
 from __future__ import annotations
 
 import os
@@ -46,7 +46,7 @@ with pyreg.use_backend("cpu"):
             vs = [m * m + 1e-6 for m in ms]
             for second in (vs, None):
                 q = torch.empty(len(ms), dtype=torch.float64)
-                pyreg.backends.cpu.adam_push_kth(ms, second, [3e-8] * len(ms), [0.7] * len(ms),
+                pyreg.backends.cpu.push_kth(ms, second, [3e-8] * len(ms), [0.7] * len(ms),
                                                  [(m.numel() * 3) // 4 for m in ms], q)
                 out[str(dt)].append(q)
         ws = group_list(dt, seed=300 + k)

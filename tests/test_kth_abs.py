@@ -297,8 +297,8 @@ def test_opcheck_and_compile():
     assert torch.equal(f(*ts), ops.kth_abs(ts, [20, 5], closest=True))
 
 
-def adam_push_by_torch(m, v, e, s):
-    """The push of an Adam step as pyreg.optim.Adam's torch ops compute it:
+def push_by_torch(m, v, e, s):
+    """The push of an adaptive step as pyreg.optim's torch ops compute it:
     m / ((sqrt(v) + e) * s), or m / s without v."""
     if v is None:
         return [mi / si for mi, si in zip(m, s)]
@@ -307,32 +307,32 @@ def adam_push_by_torch(m, v, e, s):
 
 @pytest.mark.parametrize("second", [True, False], ids=["plain", "metric"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_adam_push_kth_is_the_selection_of_the_torch_push(dtype, second):
-    """``adam_push_kth`` (l1_strength's refresh of an Adam step on the CPU, in
+def test_push_kth_is_the_selection_of_the_torch_push(dtype, second):
+    """``push_kth`` (l1_strength's refresh of an adaptive step on the CPU, in
     one call) gives the bits of the push computed in torch ops and then
     selected, for every k; on every contiguous layout of the op matrix
     (empty, 0-dim, odd sizes, a misaligned start), each tensor with its own
     e and s, and compares with a sort of the float64 push."""
-    if not backends.cpu.pushes_adam():
-        pytest.skip("this build has no adam_push_kth")
+    if not backends.cpu.selects_pushes():
+        pytest.skip("this build has no push_kth")
     m = [t.contiguous() for t in random_list(dtype, seed=8, more_layouts=True, scale=1e-2)]
     g = torch.Generator().manual_seed(9)
     v = [(t.double() ** 2 * 0.7 + torch.rand(t.shape, generator=g, dtype=torch.float64) * 1e-6).to(dtype)
          for t in m] if second else None
     e = [float(x) for x in torch.rand(len(m), generator=g, dtype=torch.float64) * 1e-7]
     s = [float(x) for x in 0.05 + torch.rand(len(m), generator=g, dtype=torch.float64)]
-    push = adam_push_by_torch(m, v, e, s)
+    push = push_by_torch(m, v, e, s)
     for seed in range(3):
         ks = ks_for(m, seed)
         out = torch.full((len(m),), -1.0, dtype=torch.float64)
-        backends.cpu.adam_push_kth(m, v, e, s, ks, out)
+        backends.cpu.push_kth(m, v, e, s, ks, out)
         assert same(out, ops.kth_abs(push, ks))
         assert same(out, [by_sort(t, k, False) for t, k in zip(push, ks)])
 
 
-def test_adam_push_kth_the_same_for_any_thread_count(restore_threads):  # noqa: F811
-    if not backends.cpu.pushes_adam():
-        pytest.skip("this build has no adam_push_kth")
+def test_push_kth_the_same_for_any_thread_count(restore_threads):  # noqa: F811
+    if not backends.cpu.selects_pushes():
+        pytest.skip("this build has no push_kth")
     g = torch.Generator().manual_seed(3)
     m = [torch.randn(n, generator=g) for n in (300000, 5, 70001)]
     v = [t * t + 1e-4 for t in m]
@@ -341,7 +341,7 @@ def test_adam_push_kth_the_same_for_any_thread_count(restore_threads):  # noqa: 
     for threads in (1, 2):
         torch.set_num_threads(threads)
         out = torch.empty(3, dtype=torch.float64)
-        backends.cpu.adam_push_kth(m, v, [1e-8] * 3, [0.5] * 3, ks, out)
+        backends.cpu.push_kth(m, v, [1e-8] * 3, [0.5] * 3, ks, out)
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
 
@@ -355,12 +355,12 @@ def test_adam_push_kth_the_same_for_any_thread_count(restore_threads):  # noqa: 
     (lambda a: a.update(k=[-1, 1]), "out of"),
     (lambda a: a.update(out=0), "null output"),
 ])
-def test_adam_push_kth_rejects_bad_input(change, words):
+def test_push_kth_rejects_bad_input(change, words):
     """The binding checks what it is given before any kernel runs, and the
     output is not written."""
     c = pytest.importorskip("pyreg._C")
-    if not hasattr(c, "cpu_adam_push_kth"):
-        pytest.skip("this build has no adam_push_kth")
+    if not hasattr(c, "cpu_push_kth"):
+        pytest.skip("this build has no push_kth")
     m = [torch.randn(4), torch.randn(3, 2)]
     v = [t * t for t in m]
     out = torch.full((2,), 7.0, dtype=torch.float64)
@@ -368,5 +368,5 @@ def test_adam_push_kth_rejects_bad_input(change, words):
              e=[1e-8, 1e-8], s=[1.0, 1.0], k=[1, 2], out=out.data_ptr())
     change(a)
     with pytest.raises(ValueError, match=words):
-        c.cpu_adam_push_kth(a["ptrs"], a["numels"], a["codes"], a["v"], a["e"], a["s"], a["k"], a["out"], 1)
+        c.cpu_push_kth(a["ptrs"], a["numels"], a["codes"], a["v"], a["e"], a["s"], a["k"], a["out"], 1)
     assert out.tolist() == [7.0, 7.0]

@@ -216,22 +216,34 @@ def test_adam_refresh_with_step_counts_that_differ(metric, amsgrad):
     assert all(v > 0 for v in got)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_adam_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(dtype, amsgrad, monkeypatch):
-    """On the CPU, pyreg.optim.Adam selects each push's quantile in one call
-    (``adam_push_kth``, without the pushes in memory). It gives the l1 of
-    the torch-ops push and ``kth_abs`` bit for bit, in both metrics, with
-    step counts that differ (a tensor without a grad at step 1), through
-    several refreshes; and it is the path taken."""
-    from pyreg.backends.compiled import CompiledKernels
-    if not pyreg.backends.cpu.pushes_adam():
-        pytest.skip("this build has no adam_push_kth")
-    calls = []
-    kernel = CompiledKernels.adam_push_kth
-    monkeypatch.setattr(CompiledKernels, "adam_push_kth", lambda self, *a: calls.append(1) or kernel(self, *a))
+#: (optimizer, its arguments, whether its push is computed in the selection kernel)
+ONE_CALL = [(pyreg.optim.Adam, dict(betas=(0.8, 0.9)), True),
+            (pyreg.optim.AdamW, dict(betas=(0.8, 0.9), amsgrad=True, weight_decay=0.1), True),
+            (pyreg.optim.Adagrad, dict(), True),
+            (pyreg.optim.Adagrad, dict(lr_decay=0.1), False),
+            (pyreg.optim.RMSprop, dict(), True),
+            (pyreg.optim.RMSprop, dict(momentum=0.5), False),
+            (pyreg.optim.SGD, dict(momentum=0.9), False)]
 
-    class TorchOps(pyreg.optim.Adam):  # the pushes in torch ops, then kth_abs
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cls, kw, one_call", ONE_CALL, ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(ONE_CALL)])
+def test_a_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(cls, kw, one_call, dtype, monkeypatch):
+    """On the CPU, the optimizers whose push has the form m / ((sqrt(v) + e) * s)
+    (Adam; Adagrad without lr_decay; RMSprop without momentum) select each
+    push's quantile in one call (``push_kth``, without the pushes in
+    memory). It gives the l1 of the push computed in torch ops and
+    ``kth_abs`` bit for bit, in both metrics, with step counts that differ
+    (a tensor without a grad at step 1), through several refreshes; it is
+    the path taken where it applies, and the others take the torch ops."""
+    from pyreg.backends.compiled import CompiledKernels
+    if not pyreg.backends.cpu.selects_pushes():
+        pytest.skip("this build has no push_kth")
+    calls = []
+    kernel = CompiledKernels.push_kth
+    monkeypatch.setattr(CompiledKernels, "push_kth", lambda self, *a: calls.append(1) or kernel(self, *a))
+
+    class TorchOps(cls):  # the pushes in torch ops, then kth_abs
         def _push_quantiles(self, items, ks):
             return None
 
@@ -239,10 +251,9 @@ def test_adam_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(dtype, 
     shapes = [(17, 9), (31,), (0, 3), (5, 4)]
     init = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
     params = [[p.clone().requires_grad_() for p in init] for _ in range(2)]
-    opts = [cls([{"params": ps[:2], "l1_strength": [0.6, 0.3], "l1_refresh": 2},
-                 {"params": ps[2:], "l1_strength": 0.8, "l1_refresh": 2, "preconditioned": True}],
-                lr=1e-2, betas=(0.8, 0.9), amsgrad=amsgrad)
-            for cls, ps in zip((pyreg.optim.Adam, TorchOps), params)]
+    opts = [c([{"params": ps[:2], "l1_strength": [0.6, 0.3], "l1_refresh": 2},
+               {"params": ps[2:], "l1_strength": 0.8, "l1_refresh": 2, "preconditioned": True}], lr=1e-2, **kw)
+            for c, ps in zip((cls, TorchOps), params)]
     for step in range(1, 8):
         for ps, opt in zip(params, opts):
             for i, (p, gr) in enumerate(zip(ps, grads_for(shapes, step, dtype))):
@@ -250,7 +261,8 @@ def test_adam_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(dtype, 
             opt.step()
         got, want = ([float(opt.state[p].get(KEY, -1.0)) for p in ps] for ps, opt in zip(params, opts))
         assert got[:2] + got[3:] == want[:2] + want[3:], step
-    assert all(v > 0 for v in got[:2] + got[3:]) and calls
+    assert all(v > 0 for v in got[:2] + got[3:])
+    assert bool(calls) == one_call
     assert all(torch.equal(a, b) for a, b in zip(*params))
 
 

@@ -120,14 +120,14 @@ struct Kernels {
   void (*kth_abs)(const TensorList& w, const int64_t* k, bool closest, double* out, const Launch& at);
   // Workspace bytes kth_abs needs for n tensors (0 on the CPU).
   int64_t (*kth_abs_workspace_bytes)(int64_t n);
-  // out[i] = kth_abs (k[i], not closest) of the push of tensor i's Adam
-  // step, P = adam_push(m, v, e[i], s[i]) (csrc/common/optim_math.h;
+  // out[i] = kth_abs (k[i], not closest) of the push of tensor i's adaptive
+  // step, P = adaptive_push(m, v, e[i], s[i]) (csrc/common/optim_math.h;
   // P = m / s[i] where v is null), computed in m's type: l1_strength's
   // refresh in one call, without the pushes in memory. m (and v) float32 or
   // float64, on the host. Null where not built (the CUDA builds: Python
   // computes the push in torch ops and selects with kth_abs).
-  void (*adam_push_kth)(const TensorList& m, const void* const* v, const double* e, const double* s,
-                        const int64_t* k, double* out, const Launch& at);
+  void (*push_kth)(const TensorList& m, const void* const* v, const double* e, const double* s, const int64_t* k,
+                   double* out, const Launch& at);
 };
 
 extern const Kernels kCpu;

@@ -166,13 +166,17 @@ PYREG_HD void adam_element(A& p, A g, A& m, A& v, A& vmax, const ElemScalars<A>&
   if constexpr (kProx == kMetricProx) p = metric_prox(p, denom, e);
 }
 
-// l1_strength's push of an Adam step, in l1's units (the step over the prox's
-// step size): m_hat / (sqrt(v_hat) + eps) in the plain metric, written as
-// m / ((sqrt(v) + e) * s) with e = eps * r, s = c1 / r (c1 = 1 - beta1^t,
-// r = sqrt(1 - beta2^t)), op for op as pyreg/optim/adam.py's _pushes computes
-// it in torch ops; m_hat = m / s (s = c1) in Adam's own metric (no v).
+// l1_strength's push of an adaptive step, in l1's units (the step over the
+// prox's step size), m / ((sqrt(v) + e) * s), op for op as the optimizers'
+// _pushes / _push compute it in torch ops (pyreg/optim/adam.py and the
+// others' _push_terms):
+//   Adam, plain metric: m_hat / (sqrt(v_hat) + eps) with m = exp_avg,
+//     v = exp_avg_sq, e = eps * r, s = c1 / r (c1 = 1 - beta1^t,
+//     r = sqrt(1 - beta2^t)); in Adam's own metric m_hat = m / s, s = c1 (no v);
+//   Adagrad (no lr_decay), RMSprop (no momentum, not centered), plain metric:
+//     grad / (sqrt(v) + eps), e = eps, s = 1 (exact).
 template <typename A>
-PYREG_HD A adam_push(A m, A v, A e, A s) {
+PYREG_HD A adaptive_push(A m, A v, A e, A s) {
   return m / ((sqrt(v) + e) * s);
 }
 

@@ -1,5 +1,5 @@
 // select.cpp: kth_abs, the k-th smallest magnitude of each tensor, and
-// adam_push_kth, the same of the push of an Adam step
+// push_kth, the same of the push of an adaptive step (Adam, Adagrad, RMSprop)
 // (csrc/common/kernels_api.h for the contract), on the CPU.
 //
 // A selection is exact: it compares values and rounds nothing, so it is
@@ -385,8 +385,8 @@ void kth_abs(const TensorList& w, const int64_t* k, bool closest, double* out, c
   });
 }
 
-void adam_push_kth(const TensorList& m, const void* const* v, const double* e, const double* s, const int64_t* k,
-                   double* out, const Launch& at) {
+void push_kth(const TensorList& m, const void* const* v, const double* e, const double* s, const int64_t* k,
+              double* out, const Launch& at) {
   parallel_for(m.size(), m.size() > 1 ? threads_for(m, at.nthreads, 2) : 1, [&](int64_t t) {
     const int64_t n = m.numels[t];
     if (k[t] == 0) {
@@ -400,7 +400,7 @@ void adam_push_kth(const TensorList& m, const void* const* v, const double* e, c
       const A et = A(e[t]), st = A(s[t]);
       A* out_p = push.get();
       if (vp != nullptr) {
-        for (int64_t i = 0; i < n; ++i) out_p[i] = adam_push(mp[i], vp[i], et, st);
+        for (int64_t i = 0; i < n; ++i) out_p[i] = adaptive_push(mp[i], vp[i], et, st);
       } else {
         for (int64_t i = 0; i < n; ++i) out_p[i] = mp[i] / st;
       }

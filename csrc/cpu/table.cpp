@@ -60,7 +60,7 @@ extern const Kernels PYREG_CPU_TABLE = {
     k::l2_bound,
     k::kth_abs,
     [](int64_t) { return int64_t(0); },
-    k::adam_push_kth,
+    k::push_kth,
 };
 
 }  // namespace pyreg

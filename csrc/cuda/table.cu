@@ -20,7 +20,7 @@ extern const Kernels PYREG_CUDA_TABLE = {
     k::l2_bound,
     k::kth_abs,
     k::kth_abs_workspace_bytes,
-    nullptr,  // adam_push_kth: the CPU build's only
+    nullptr,  // push_kth: the CPU build's only
 };
 
 }  // namespace pyreg

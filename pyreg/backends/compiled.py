@@ -275,23 +275,23 @@ class CompiledKernels:
         keep, *at = self._launch(self, out.device, lambda: self._fn("kth_abs_workspace_bytes")(n))
         self._fn("kth_abs")(ptrs, numels, codes, k, closest, out.data_ptr(), *at)
 
-    def pushes_adam(self) -> bool:
-        """Whether this build has :meth:`adam_push_kth` (the CPU build)."""
-        return self._has("adam_push_kth")
+    def selects_pushes(self) -> bool:
+        """Whether this build has :meth:`push_kth` (the CPU build)."""
+        return self._has("push_kth")
 
-    def adam_push_kth(self, exp_avg: List[Tensor], exp_avg_sq: Optional[List[Tensor]], e: List[float],
-                      s: List[float], k: List[int], out: Tensor) -> None:
-        """``out[i] <- kth_abs`` (k[i]) of the push of an Adam step,
-        ``m_i / ((sqrt(v_i) + e[i]) * s[i])`` (``m_i / s[i]`` without ``v``:
-        ``exp_avg_sq`` None), computed in the state's dtype as
-        csrc/common/optim_math.h's ``adam_push``, without the pushes in
-        memory: the same bits as those torch ops and :meth:`kth_abs`. For a
-        build that :meth:`pushes_adam`, on plain contiguous CPU tensors of
-        one dtype, float32 or float64 (``_validate.plain_cpu``); ``out``
-        float64, one per tensor."""
-        ptrs, numels, codes = m.plain_description(exp_avg)
-        self._fn("adam_push_kth")(ptrs, numels, codes, [] if exp_avg_sq is None else m.pointers(exp_avg_sq), e, s,
-                                  k, out.data_ptr(), torch.get_num_threads())
+    def push_kth(self, m_: List[Tensor], v: Optional[List[Tensor]], e: List[float], s: List[float], k: List[int],
+                 out: Tensor) -> None:
+        """``out[i] <- kth_abs`` (k[i]) of the push of an adaptive step,
+        ``m_i / ((sqrt(v_i) + e[i]) * s[i])`` (``m_i / s[i]`` with ``v``
+        None), computed in the tensors' dtype as csrc/common/optim_math.h's
+        ``adaptive_push``, without the pushes in memory: the same bits as
+        those torch ops and :meth:`kth_abs`. For a build that
+        :meth:`selects_pushes`, on plain contiguous CPU tensors of one dtype,
+        float32 or float64 (``_validate.plain_cpu``); ``out`` float64, one per
+        tensor."""
+        ptrs, numels, codes = m.plain_description(m_)
+        self._fn("push_kth")(ptrs, numels, codes, [] if v is None else m.pointers(v), e, s, k, out.data_ptr(),
+                             torch.get_num_threads())
 
     def fuses_target(self) -> bool:
         """Whether this build has ``target_prox_ptrs`` in one call (the CPU

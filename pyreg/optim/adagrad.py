@@ -51,6 +51,18 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
     def _buffers(self, p, s, group, run):
         return s["sum"], None, None, step_counter(p, s), 0
 
+    def _push_terms(self, items):
+        """Without weight decay or lr_decay: the push is the grad (Adagrad's
+        metric) or grad / (sqrt(G) + eps), the terms ``(grads, G or None,
+        eps, 1)`` (see :meth:`_push`: the same ops)."""
+        group = items[0][2] if items else None
+        if (group is None or group["weight_decay"] or group["lr_decay"] or not isinstance(group["eps"], (int, float))
+                or any(it[2] is not group for it in items)):
+            return None
+        n = len(items)
+        grads = [it[0].grad for it in items]
+        return grads, None if items[0][3] else [it[1]["sum"] for it in items], [float(group["eps"])] * n, [1.0] * n
+
     def _push(self, p, s, group, metric, before):
         g = grad_with_decay(p, group, before)
         if metric:  # the metric prox's step size is clr / (sqrt(G) + eps): the push is the grad

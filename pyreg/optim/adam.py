@@ -8,9 +8,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._validate import plain_cpu
 from . import functional as F
-from .apply import direct_backend
 from .fused import Params, Flags, FusedOptimizer, hyper_number, scalar_dtype, wide
 
 
@@ -52,12 +50,10 @@ class _AdamBase(FusedOptimizer):
                 vmax = s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return s["exp_avg"], s["exp_avg_sq"], vmax, step_counter(p, s), 0
 
-    @staticmethod
-    def _push_terms(items):
-        """(exp_avgs, the second moments or None in Adam's metric, e, s) with
-        each item's push ``m / ((sqrt(v) + e) * s)`` (``m / s``), for items that
-        share one group with number betas and eps, float32/64 state and CPU
-        step counters; else None. Plain metric: m_hat / (sqrt(v_hat) + eps) =
+    def _push_terms(self, items):
+        """(exp_avgs, the second moments or None in Adam's metric, e, s) for
+        items that share one group with number betas and eps, float32/64
+        state and CPU step counters; else None. Plain metric: m_hat / (sqrt(v_hat) + eps) =
         m / ((sqrt(v) + eps*r) * c1 / r), c1 = 1 - beta1^t, r = sqrt(1 - beta2^t);
         Adam's metric: m_hat = m / c1."""
         group = items[0][2] if items else None
@@ -89,18 +85,6 @@ class _AdamBase(FusedOptimizer):
         torch._foreach_add_(d, e[0] if one else e)
         torch._foreach_mul_(d, s[0] if one else s)
         return torch._foreach_div(m, d)
-
-    def _push_quantiles(self, items, ks):
-        """The k-th smallest |push| of each item in one call of the CPU kernel
-        (``adam_push_kth``: the same bits as :meth:`_pushes` and ``kth_abs``),
-        where :meth:`_push_terms` applies to plain CPU tensors."""
-        be = direct_backend() if items and items[0][0].device.type == "cpu" else None
-        terms = self._push_terms(items) if be is not None and be.pushes_adam() else None
-        if terms is None or not plain_cpu(terms[0]) or (terms[1] is not None and not plain_cpu(terms[0] + terms[1])):
-            return None
-        out = torch.empty(len(items), dtype=torch.float64)
-        be.adam_push_kth(*terms, ks, out)
-        return out
 
     def _push(self, p, s, group, metric, before):
         beta1, beta2 = group["betas"]

@@ -34,11 +34,12 @@ from torch import Tensor, nn
 
 from .. import ops
 from .._common import SUPPORTED_DTYPES, outside_graph, to_device
-from .._validate import nonneg_real
+from .._validate import nonneg_real, plain_cpu
 from ..backends._marshal import step_ticket
 from ._torch_compat import raw_step
-from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, constraints, penalized, pop_own_state, prox_buckets, put_own_state, refresh_strength,
-                    record_strength_step, store_strength, strength_due, strength_ks, strength_l1)
+from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, constraints, direct_backend, penalized, pop_own_state,
+                    prox_buckets, put_own_state, refresh_strength, record_strength_step, store_strength, strength_due,
+                    strength_ks, strength_l1)
 from .engine import Engine, Observable
 from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
 from .keys import check_params, flag, hyper_keys_of, read_group
@@ -175,12 +176,28 @@ class FusedOptimizer(Observable):
         one group's metric; an optimizer may compute them together."""
         return [self._push(*it) for it in items]
 
+    def _push_terms(self, items: List[Tuple[Tensor, Dict[str, Any], Dict[str, Any], bool, Optional[Tensor]]]
+                    ) -> Optional[Tuple[List[Tensor], Optional[List[Tensor]], List[float], List[float]]]:
+        """``(m, v, e, s)`` with each item's push (see :meth:`_push`) equal,
+        op for op, to ``m_i / ((sqrt(v_i) + e_i) * s_i)`` (``m_i / s_i`` where
+        ``v`` is None), for items where the optimizer's push has that form
+        (csrc/common/optim_math.h's ``adaptive_push``); None where it does not."""
+        return None
+
     def _push_quantiles(self, items: List[Tuple[Tensor, Dict[str, Any], Dict[str, Any], bool, Optional[Tensor]]],
                         ks: List[int]) -> Optional[Tensor]:
-        """The ks[i]-th smallest |push| of each item (float64), selected
-        without the pushes in memory where the optimizer can; None: it
-        cannot, :meth:`_pushes` gives them."""
-        return None
+        """The ks[i]-th smallest |push| of each item (float64), in one call of
+        the CPU kernel (``push_kth``: the push from :meth:`_push_terms`, then
+        its selection, without the push in memory; the same bits as the push
+        in torch ops and ``kth_abs``) where the terms are plain CPU tensors;
+        else None (:meth:`_pushes` gives the pushes)."""
+        be = direct_backend() if items and items[0][0].device.type == "cpu" else None
+        terms = self._push_terms(items) if be is not None and be.selects_pushes() else None
+        if terms is None or not plain_cpu(terms[0] if terms[1] is None else terms[0] + terms[1]):
+            return None
+        out = torch.empty(len(items), dtype=torch.float64)
+        be.push_kth(*terms, ks, out)
+        return out
 
     def _flags(self, group: Dict[str, Any]) -> Flags:
         """The group's flags (prox aside)."""

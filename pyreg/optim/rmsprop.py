@@ -66,6 +66,19 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
                 avg = s["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return s["square_avg"], buf, avg, step_counter(p, s), 0
 
+    def _push_terms(self, items):
+        """Without momentum, centering or weight decay: the push is the grad
+        (RMSprop's metric) or grad / (sqrt(v) + eps), the terms ``(grads, v or
+        None, eps, 1)`` (see :meth:`_push`: the same ops)."""
+        group = items[0][2] if items else None
+        if (group is None or group["weight_decay"] or group["momentum"] > 0 or group.get("centered", False)
+                or not isinstance(group["eps"], (int, float)) or any(it[2] is not group for it in items)):
+            return None
+        n = len(items)
+        grads = [it[0].grad for it in items]
+        return (grads, None if items[0][3] else [it[1]["square_avg"] for it in items], [float(group["eps"])] * n,
+                [1.0] * n)
+
     def _push(self, p, s, group, metric, before):
         sq = wide(s["square_avg"])
         if group.get("centered", False):
