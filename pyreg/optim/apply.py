@@ -277,13 +277,15 @@ def strength_ks(w: Work, idx: Sequence[int], sizes: Sequence[int]) -> List[int]:
     return [min(n, math.ceil(values[i] * n - 1e-9)) for i, n in zip(idx, sizes)]
 
 
-def store_strength(w: Work, idx: List[int], q: Tensor, state: Dict[Any, Dict[str, Any]], lr=None) -> None:
+def store_strength(w: Work, idx: List[int], q: Tensor, state: Dict[Any, Dict[str, Any]], lr=None,
+                   vec: Optional[Tensor] = None) -> None:
     """The end of :func:`refresh_strength`: the selected quantiles ``q`` (float64,
     one per tensor of ``idx``, in push units; divided by ``lr`` if given)
     become those tensors' l1 (group_l1) in the state's vector. An optimizer
     that selects its push's quantiles itself (without the pushes in memory)
-    calls it directly, with :func:`strength_ks`' ranks."""
-    vec = strength_l1(w, state)
+    calls it directly, with :func:`strength_ks`' ranks (and ``vec``, the
+    vector :func:`strength_l1` gave this step, if at hand)."""
+    vec = strength_l1(w, state) if vec is None else vec
     if lr is not None:
         _per_lr(q, q, lr[idx] if isinstance(lr, Tensor) and len(idx) < len(w.params) else lr)
     if len(idx) == len(w.params):

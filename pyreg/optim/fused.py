@@ -521,7 +521,7 @@ class FusedOptimizer(Observable):
                                      self.state)  # type: ignore[attr-defined]
                     constraints(after, self.state)  # type: ignore[attr-defined]
                 if due and not self._amp_skipped():  # the new coefficients from the next step on
-                    self._refresh(plan, strength, due)
+                    self._refresh(plan, strength, due, vecs)
                     for b in buckets:  # (into the cached tables now, while they are at hand)
                         if b.l1_rows and not b.dynamic:
                             self._table(b)
@@ -544,13 +544,13 @@ class FusedOptimizer(Observable):
                                   and groups[gi[id(p)]].get("weight_decay") else None)
         return out
 
-    def _refresh(self, plan: Plan, strength: List[Work], due: Dict[int, Optional[Tensor]]) -> None:
+    def _refresh(self, plan: Plan, strength: List[Work], due: Dict[int, Optional[Tensor]], vecs: List[Tensor]) -> None:
         """``l1_strength`` / ``group_strength``: after the step, the l1 (group_l1)
         of the tensors due for a refresh, from their push (:meth:`_push`),
-        for the next steps."""
+        for the next steps (``vecs``: each work's :func:`strength_l1` this step)."""
         groups = self.param_groups  # type: ignore[attr-defined]
         state = self.state  # type: ignore[attr-defined]
-        for w in strength:
+        for w, vec in zip(strength, vecs):
             gi = dict(zip(map(id, w.bucket.params), w.bucket.groups))
             todo = [(i, p, gi[id(p)]) for i, p in enumerate(w.params) if id(p) in due]
             metrics = [plan.specs[g].preconditioned for _, _, g in todo]
@@ -562,7 +562,7 @@ class FusedOptimizer(Observable):
                 q = (self._push_quantiles(items, strength_ks(w, idx, [p.numel() for _, p, _ in some]))
                      if w.kind == "strength" else None)
                 if q is not None:  # (selected without the pushes in memory)
-                    store_strength(w, idx, q, state)
+                    store_strength(w, idx, q, state, vec=vec)
                 else:
                     pushes.update(zip(idx, self._pushes(items)))
             refresh_strength(w, dict(sorted(pushes.items(), key=lambda x: x[0])), state)
