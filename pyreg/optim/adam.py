@@ -58,11 +58,12 @@ class _AdamBase(FusedOptimizer):
         Adam's metric: m_hat = m / c1."""
         group = items[0][2] if items else None
         beta1, beta2 = group["betas"] if group is not None else (None, None)
-        if (group is None or any(it[2] is not group or it[0].element_size() < 4
-                                 or it[1]["step"].device.type != "cpu" for it in items)
-                or not all(isinstance(x, (int, float)) for x in (beta1, beta2, group["eps"]))):
+        steps = [it[1]["step"] for it in items]
+        if (group is None or not all(isinstance(x, (int, float)) for x in (beta1, beta2, group["eps"]))
+                or not all(s.is_cpu for s in steps)
+                or any(it[2] is not group or it[0].element_size() < 4 for it in items)):
             return None
-        ts = [float(it[1]["step"]) for it in items]
+        ts = list(map(float, steps))
         m = [it[1]["exp_avg"] for it in items]
         c1 = [1 - beta1 ** t for t in ts]
         if items[0][3]:  # the metric prox: m_hat

@@ -537,11 +537,13 @@ class FusedOptimizer(Observable):
             due = strength_due(w.bucket, self.state)  # type: ignore[attr-defined]
             if not due:  # (most steps)
                 continue
+            if not self._push_reads_before:
+                out.update((id(p), None) for p in due if p.grad is not None)
+                continue
             gi = dict(zip(map(id, w.bucket.params), w.bucket.groups))
             for p in due:
                 if p.grad is not None:
-                    out[id(p)] = (p.detach().clone() if self._push_reads_before
-                                  and groups[gi[id(p)]].get("weight_decay") else None)
+                    out[id(p)] = p.detach().clone() if groups[gi[id(p)]].get("weight_decay") else None
         return out
 
     def _refresh(self, plan: Plan, strength: List[Work], due: Dict[int, Optional[Tensor]], vecs: List[Tensor]) -> None:
@@ -556,7 +558,8 @@ class FusedOptimizer(Observable):
             metrics = [plan.specs[g].preconditioned for _, _, g in todo]
             pushes: Dict[int, Tensor] = {}
             for metric in set(metrics):  # (each call: one metric)
-                some = [t for t, m in zip(todo, metrics) if m == metric]
+                some = todo if len(metrics) == 1 or metrics.count(metric) == len(metrics) else [
+                    t for t, m in zip(todo, metrics) if m == metric]
                 idx = [i for i, _, _ in some]
                 items = [(p, state[p], groups[g], metric, due[id(p)]) for _, p, g in some]
                 q = (self._push_quantiles(items, strength_ks(w, idx, [p.numel() for _, p, _ in some]))
@@ -565,7 +568,8 @@ class FusedOptimizer(Observable):
                     store_strength(w, idx, q, state, vec=vec)
                 else:
                     pushes.update(zip(idx, self._pushes(items)))
-            refresh_strength(w, dict(sorted(pushes.items(), key=lambda x: x[0])), state)
+            if pushes:
+                refresh_strength(w, dict(sorted(pushes.items(), key=lambda x: x[0])), state)
 
 
 def wide(t: Tensor) -> Tensor:
