@@ -13,10 +13,19 @@ Adam on pyreg's two param groups, Regularized around it, and pyreg's fused
 Adam with L1, with each one's ratio to torch's Adam: what a regularized
 training loop costs over a plain one.
 
-    python bench/host_step.py [--rounds 15] [--steps 200] [--cpu-time] [--whole]
+Each row with a base (the same step without the new key: ``over`` names
+it) also gets the median over rounds of its time minus its base's, in µs:
+the host cost of ``target_sparsity``, ``l2_bound`` and ``l1_strength`` per
+step, and of ``Regularized`` over torch's Adam on the same param groups.
+``--out PATH`` also writes the table to ``PATH.md`` (with the CPU, torch
+and the command), as bench/results/ keeps it.
+
+    python bench/host_step.py [--rounds 15] [--steps 200] [--cpu-time] [--whole] [--out PATH]
 """
 import argparse
+import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -50,9 +59,17 @@ def build(kind: str, model: torch.nn.Module):
     raise ValueError(kind)
 
 
-KINDS = ("torch Adam", "Regularized(torch Adam)", "torch AdamW(fused)", "pyreg.optim.AdamW(l1)",
-         "pyreg.optim.AdamW(target_sparsity)", "pyreg.optim.AdamW(l1,l2_bound)", "pyreg.optim.AdamW(l1_strength)",
-         "Regularized(torch Adam, l1_strength)")
+KINDS = ("torch Adam", "torch Adam, pyreg's groups", "Regularized(torch Adam)", "torch AdamW(fused)",
+         "pyreg.optim.AdamW(l1)", "pyreg.optim.AdamW(target_sparsity)", "pyreg.optim.AdamW(l1,l2_bound)",
+         "pyreg.optim.AdamW(l1_strength)", "Regularized(torch Adam, l1_strength)")
+
+#: The row each row's extra host time is taken over (the same step without what the row adds).
+BASES = {"torch Adam, pyreg's groups": "torch Adam",
+         "Regularized(torch Adam)": "torch Adam, pyreg's groups",
+         "pyreg.optim.AdamW(target_sparsity)": "pyreg.optim.AdamW(l1)",
+         "pyreg.optim.AdamW(l1,l2_bound)": "pyreg.optim.AdamW(l1)",
+         "pyreg.optim.AdamW(l1_strength)": "pyreg.optim.AdamW(l1)",
+         "Regularized(torch Adam, l1_strength)": "Regularized(torch Adam)"}
 
 
 WHOLE = ("torch Adam", "torch Adam, pyreg's groups", "Regularized(torch Adam)", "pyreg.optim.Adam(l1)")
@@ -64,6 +81,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--cpu-time", action="store_true", help="thread CPU time, one torch thread")
     ap.add_argument("--whole", action="store_true", help="a whole training step: zero_grad, forward, backward, step")
+    ap.add_argument("--out", help="also write the table to OUT.md")
     args = ap.parse_args()
     if args.rounds < 1 or args.steps < 1:
         ap.error("--rounds and --steps must be >= 1")
@@ -96,13 +114,38 @@ def main() -> None:
                 step()
             times.append((clock() - t0) / args.steps * 1e6)
     what = "whole training step" if args.whole else "step"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps, "
-          f"µs per {what} ({'thread CPU time' if args.cpu_time else 'wall'})")
+    head = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} "
+            f"steps, µs per {what} ({'thread CPU time' if args.cpu_time else 'wall'})")
     base = runs["torch Adam"][1]
-    print(f"{'optimizer':36s} {'min':>8s} {'median':>8s} {'max':>8s} {'/ Adam':>8s}  (median of the rounds' ratios)")
+    lines = ["| optimizer | min | median | max | / Adam | over | µs over it |", "|---|---:|---:|---:|---:|---|---:|"]
+    print(head)
+    print(f"{'optimizer':38s} {'min':>7s} {'median':>7s} {'max':>7s} {'/ Adam':>7s}  {'µs over':>8s}  (ratios and "
+          "differences: medians over the rounds)")
     for kind, (_, t) in runs.items():
         ratio = statistics.median(a / b for a, b in zip(t, base))
-        print(f"{kind:36s} {min(t):8.1f} {statistics.median(t):8.1f} {max(t):8.1f} {ratio:8.3f}")
+        over = BASES.get(kind) if BASES.get(kind) in runs else None
+        extra = statistics.median(a - b for a, b in zip(t, runs[over][1])) if over else None
+        print(f"{kind:38s} {min(t):7.1f} {statistics.median(t):7.1f} {max(t):7.1f} {ratio:7.3f}  "
+              + (f"{extra:+8.1f}  over {over}" if over else ""))
+        lines.append(f"| {kind} | {min(t):.1f} | {statistics.median(t):.1f} | {max(t):.1f} | {ratio:.3f} | "
+                     + (f"{over} | {extra:+.1f} |" if over else "| |"))
+    if args.out:
+        cpu = _cpu_name()
+        with open(args.out + ".md", "w") as f:
+            f.write(f"Host time per optimizer {what} on the demo's MLP (128-32-32-2, 6 tensors), {cpu}; {head}. "
+                    f"Regenerate: `python bench/host_step.py {' '.join(sys.argv[1:])}`.\n\n")
+            f.write("\n".join(lines) + "\n")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
