@@ -232,7 +232,8 @@ def strength_pushes(w: Work, made: Callable[[Tensor], Optional[Tensor]]) -> Dict
     return out
 
 
-def refresh_strength(w: Work, pushes: Dict[int, Tensor], state: Dict[Any, Dict[str, Any]], lr=None) -> None:
+def refresh_strength(w: Work, pushes: Dict[int, Tensor], state: Dict[Any, Dict[str, Any]], lr=None,
+                     vec: Optional[Tensor] = None) -> None:
     """``l1_strength``: sets the l1 of tensor i of ``w`` (each i of
     ``pushes``; ``group_strength``: its group_l1, from the L2 norms of its
     push over its groups in place of |P_i|) from its push P_i, the
@@ -263,7 +264,7 @@ def refresh_strength(w: Work, pushes: Dict[int, Tensor], state: Dict[Any, Dict[s
     # one selection call for the due tensors (plain CPU tensors: the kernel, with no op dispatch)
     q = (be.kth_abs(mags, ks) if be is not None and be.selects() and plain_cpu(mags)
          else ops.kth_abs(mags, ks))
-    store_strength(w, idx, q, state, lr)
+    store_strength(w, idx, q, state, lr, vec)
 
 
 def strength_ks(w: Work, idx: Sequence[int], sizes: Sequence[int]) -> List[int]:
@@ -286,12 +287,15 @@ def store_strength(w: Work, idx: List[int], q: Tensor, state: Dict[Any, Dict[str
     calls it directly, with :func:`strength_ks`' ranks (and ``vec``, the
     vector :func:`strength_l1` gave this step, if at hand)."""
     vec = strength_l1(w, state) if vec is None else vec
+    if len(idx) == len(w.params):  # into the float64 vector (its 0-dim views are in the state)
+        if lr is None:
+            vec.copy_(q)
+        else:
+            _per_lr(q, vec, lr)
+        return
     if lr is not None:
-        _per_lr(q, q, lr[idx] if isinstance(lr, Tensor) and len(idx) < len(w.params) else lr)
-    if len(idx) == len(w.params):
-        vec.copy_(q)  # into the float64 vector (its 0-dim views are in the state)
-    else:
-        vec.index_copy_(0, torch.tensor(idx, device=vec.device), q)
+        _per_lr(q, q, lr[idx] if isinstance(lr, Tensor) else lr)
+    vec.index_copy_(0, torch.tensor(idx, device=vec.device), q)
 
 
 def current_l1(w: Work) -> Tensor:

@@ -376,8 +376,8 @@ class Regularized(Observable, Optimizer):
             if pushes:
                 lrs = [g["lr"] for g in self.param_groups]  # (floats: the guard checked them)
                 group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
-                for w, due in pushes:
-                    refresh_strength(w, due, self.state, lr=plan.work_lr(w, lrs, group_lrs))
+                for (w, due), (_, vec) in zip(pushes, strength):
+                    refresh_strength(w, due, self.state, lr=plan.work_lr(w, lrs, group_lrs), vec=vec)
         out = self._out
         out["last"], out["penalty"] = pen, None
         return loss
