@@ -23,7 +23,6 @@ and the command), as bench/results/ keeps it.
     python bench/host_step.py [--rounds 15] [--steps 200] [--cpu-time] [--whole] [--out PATH]
 """
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -130,22 +129,12 @@ def main() -> None:
         lines.append(f"| {kind} | {min(t):.1f} | {statistics.median(t):.1f} | {max(t):.1f} | {ratio:.3f} | "
                      + (f"{over} | {extra:+.1f} |" if over else "| |"))
     if args.out:
-        cpu = _cpu_name()
+        from pyreg.bench.suite import cpu_name  # noqa: PLC0415 (only for --out)
+        cpu = cpu_name()
         with open(args.out + ".md", "w") as f:
             f.write(f"Host time per optimizer {what} on the demo's MLP (128-32-32-2, 6 tensors), {cpu}; {head}. "
                     f"Regenerate: `python bench/host_step.py {' '.join(sys.argv[1:])}`.\n\n")
             f.write("\n".join(lines) + "\n")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
