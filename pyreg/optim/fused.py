@@ -569,7 +569,7 @@ class FusedOptimizer(Observable):
                 else:
                     pushes.update(zip(idx, self._pushes(items)))
             if pushes:
-                refresh_strength(w, dict(sorted(pushes.items(), key=lambda x: x[0])), state)
+                refresh_strength(w, dict(sorted(pushes.items(), key=lambda x: x[0])), state, vec=vec)
 
 
 def wide(t: Tensor) -> Tensor:
