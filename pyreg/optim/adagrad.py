@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import functional as F
 from .adam import step_counter
-from .fused import Params, FusedOptimizer, grad_with_decay, hyper_number, scalar_dtype, wide
+from .fused import Params, FusedOptimizer, grad_push_terms, grad_with_decay, hyper_number, scalar_dtype, wide
 
 
 class Adagrad(FusedOptimizer, torch.optim.Adagrad):
@@ -55,13 +55,8 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         """Without weight decay or lr_decay: the push is the grad (Adagrad's
         metric) or grad / (sqrt(G) + eps), the terms ``(grads, G or None,
         eps, 1)`` (see :meth:`_push`: the same ops)."""
-        group = items[0][2] if items else None
-        if (group is None or group["weight_decay"] or group["lr_decay"] or not isinstance(group["eps"], (int, float))
-                or any(it[2] is not group for it in items)):
-            return None
-        n = len(items)
-        grads = [it[0].grad for it in items]
-        return grads, None if items[0][3] else [it[1]["sum"] for it in items], [float(group["eps"])] * n, [1.0] * n
+        group = items[0][2] if items else {}
+        return None if group.get("weight_decay") or group.get("lr_decay") else grad_push_terms(items, "sum")
 
     def _push(self, p, s, group, metric, before):
         g = grad_with_decay(p, group, before)

@@ -577,6 +577,19 @@ def wide(t: Tensor) -> Tensor:
     return t.float() if t.element_size() < 4 else t
 
 
+def grad_push_terms(items, second: str):
+    """:meth:`FusedOptimizer._push_terms` for a push grad / (sqrt(v) + eps),
+    v the state buffer ``second`` (Adagrad's and RMSprop's, where nothing
+    else changes it; the grad alone in the optimizer's metric): ``(grads, v
+    or None, eps, 1)`` for items of one group with a number eps, else None."""
+    group = items[0][2] if items else None
+    if group is None or not isinstance(group["eps"], (int, float)) or any(it[2] is not group for it in items):
+        return None
+    n = len(items)
+    return ([it[0].grad for it in items], None if items[0][3] else [it[1][second] for it in items],
+            [float(group["eps"])] * n, [1.0] * n)
+
+
 def grad_with_decay(p: Tensor, group: Dict[str, Any], before: Optional[Tensor]) -> Tensor:
     """p's grad plus its coupled weight decay, ``weight_decay * before``
     (the weights before the step, as the kernel adds it)."""

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import functional as F
 from .adam import step_counter
-from .fused import Params, Flags, FusedOptimizer, grad_with_decay, hyper_number, scalar_dtype, wide
+from .fused import Params, Flags, FusedOptimizer, grad_push_terms, grad_with_decay, hyper_number, scalar_dtype, wide
 
 
 class RMSprop(FusedOptimizer, torch.optim.RMSprop):
@@ -70,14 +70,10 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         """Without momentum, centering or weight decay: the push is the grad
         (RMSprop's metric) or grad / (sqrt(v) + eps), the terms ``(grads, v or
         None, eps, 1)`` (see :meth:`_push`: the same ops)."""
-        group = items[0][2] if items else None
-        if (group is None or group["weight_decay"] or group["momentum"] > 0 or group.get("centered", False)
-                or not isinstance(group["eps"], (int, float)) or any(it[2] is not group for it in items)):
+        group = items[0][2] if items else {}
+        if group.get("weight_decay") or group.get("momentum", 0) > 0 or group.get("centered", False):
             return None
-        n = len(items)
-        grads = [it[0].grad for it in items]
-        return (grads, None if items[0][3] else [it[1]["square_avg"] for it in items], [float(group["eps"])] * n,
-                [1.0] * n)
+        return grad_push_terms(items, "square_avg")
 
     def _push(self, p, s, group, metric, before):
         sq = wide(s["square_avg"])
