@@ -55,15 +55,20 @@ table, the real-data tables, and CSV, JSON and PNG files in ``--out``. See
 
 On the CPU the demo trains with one thread (``torch.set_num_threads(1)``,
 restored afterwards): its models are so small that splitting their matrix
-products over threads costs more than it gains.
+products over threads costs more than it gains. So that its numbers are the
+same on every x86-64 CPU with AVX2, Intel or AMD, it fixes, before its first
+tensor operation, the code paths of torch that round differently from one CPU
+to another (:func:`fixed_cpu_paths`), and it trains without oneDNN.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -104,6 +109,71 @@ VOWELS = {"data": "JapaneseVowels", "num_noise": 12, "hidden": 16, "steps": 300,
           "methods": ("none", "l1", "group"), "alphas": (0.003, 0.01, 0.03)}
 #: What the demo prints instead of the ``vowels`` task when the data is not installed.
 VOWELS_SKIPPED = 'vowels: skipped (needs the sequence data: pip install "pyreg[sequences]")'
+
+
+def _avx2_fma() -> bool:
+    """Whether this CPU has AVX2 and FMA (numpy's record of its features)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy < 2
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            return False
+    return bool(features.get("AVX2") and features.get("FMA3"))
+
+
+@contextlib.contextmanager
+def fixed_cpu_paths() -> Iterator[dict]:
+    """Fixes, before the demo's first tensor operation, the code paths of torch
+    whose rounding depends on the CPU, so that the demo's numbers do not
+    (on x86-64; an environment variable already set is kept):
+
+    * ``ATEN_CPU_CAPABILITY=avx2`` (on a CPU with AVX2 and FMA): torch's
+      vectorized kernels at 8 float lanes, also on a CPU with AVX-512, whose
+      16 lanes sum in another order;
+    * ``MKL_CBWR=COMPATIBLE``: MKL's matrix products on the branch that gives
+      the same results on Intel and AMD CPUs (MKL picks its other branches by
+      vendor).
+
+    torch reads each of them once, at a process's first use: in a process
+    that has already run tensor operations they may not apply, and the
+    record yielded says which capability is in effect. It goes into the
+    results' config, with what :func:`cpu_training` fixes around the training
+    (oneDNN off: its LSTM kernels are also chosen by instruction set; one
+    thread). The variables are restored on exit (what torch read stays), so
+    that processes started later do not inherit them."""
+    saved = {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        if _avx2_fma():
+            os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+        os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+    try:
+        yield {"capability": torch.backends.cpu.get_cpu_capability(), "mkl_cbwr": os.environ.get("MKL_CBWR"),
+               "onednn": False, "threads": 1}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def cpu_training(device: torch.device) -> Iterator[None]:
+    """Around the demo's training on the CPU: one thread (tiny models) and
+    oneDNN off, both restored afterwards (see :func:`fixed_cpu_paths`)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False  # (not its flags(): they also set a TF32 switch, with a warning)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = onednn
 
 
 def _alpha(text: str) -> float:
@@ -316,6 +386,12 @@ def print_real(rows: Sequence[dict], winners: Sequence[dict]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    with fixed_cpu_paths() as cpu_paths:  # before any tensor operation
+        return _study(parser, args, cpu_paths)
+
+
+def _study(parser: argparse.ArgumentParser, args: argparse.Namespace, cpu_paths: dict) -> int:
+    """The demo's run, from its parsed arguments (see :func:`main`)."""
     device = _device(parser, args.device)
     alphas = args.alphas if args.alphas is not None else list(QUICK_ALPHAS if args.quick else DEFAULT_ALPHAS)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -345,10 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (" (quick)" if args.quick else "") + "; then fine-tuning and the real-data tasks "
           "(breast cancer, digits)", flush=True)
     progress = report.Progress()
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # tiny models: one thread is fastest
-    try:
+    with cpu_training(device):
         results = run_study(tasks, args.methods, alphas, args.seed, device, progress)
         finetune = run_finetune(finetune_task, FINETUNE_METHODS, FINETUNE_ALPHAS, args.seed, device, progress)
         real, real_winners, panels = run_real(args.seed, device, progress)
@@ -359,8 +432,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             mlp = next(t for t in tasks if t.name == "mlp")
             layer_grid = run_layer_grid(mlp, LAYER_GRID_ALPHAS, args.seed, device, progress)
-    finally:
-        torch.set_num_threads(threads)
     winners = grid_winners(results)
     print()
     print(report.format_table(results))
@@ -372,12 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for w in winners:
         if w["method"] != "group":
             continue
-        if device.type == "cpu":
-            torch.set_num_threads(1)
-        try:
-            c = compact_winner(by_name[w["task"]], w, args.seed, device)
-        finally:
-            torch.set_num_threads(threads)
+        with cpu_training(device):  # (not timed here: the paths fixed for the numbers are not the fast ones)
+            c = compact_winner(by_name[w["task"]], w, args.seed, device, measure=False)
         compacted.append(c)
         print()
         print(f"pyreg.compact on the {w['task']} group-lasso winner (alpha {w['alpha']:g}), "
@@ -413,6 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "seed": args.seed, **SETTINGS[args.quick],
               "finetune": {**FINETUNE, "alphas": list(FINETUNE_ALPHAS), "methods": list(FINETUNE_METHODS)},
               "cancer": CANCER, "digits": DIGITS}
+    if device.type == "cpu":
+        config["cpu_paths"] = cpu_paths
     if vowels is not None:  # only when it ran: a run without the data writes what it did before
         config["vowels"] = VOWELS
     paths = report.write_all(args.out, config, results, winners, finetune, compacted, real, real_winners, panels)
