@@ -82,6 +82,18 @@ def as_f64(tensors):
     return [t.detach().to(torch.float64) for t in tensors]
 
 
+def ieee_sqrt(t):
+    """The square root correctly rounded, in ``t``'s dtype (numpy's, as the C++
+    kernels compute it). torch's own CPU sqrt is not correctly rounded on
+    every CPU (an AMD EPYC: about 1 in 6 float32 results and 1 in 80
+    float64 ones off by an ulp), so a test that compares a kernel's bits
+    with torch ops that take a sqrt gives them this one."""
+    import numpy as np
+
+    a = t.detach().cpu().numpy()
+    return torch.from_numpy(np.asarray(np.sqrt(a), dtype=a.dtype)).to(t.device)  # (0-dim: an array too)
+
+
 @pytest.fixture
 def restore_threads():
     n = torch.get_num_threads()

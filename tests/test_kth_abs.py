@@ -13,7 +13,7 @@ import pyreg
 from pyreg import backends, ops
 from pyreg.backends import torch_ref
 
-from conftest import DTYPE_IDS, DTYPES, random_list, restore_threads  # noqa: F401
+from conftest import DTYPE_IDS, DTYPES, ieee_sqrt, random_list, restore_threads  # noqa: F401
 
 
 def by_sort(t: torch.Tensor, k: int, closest: bool) -> float:
@@ -299,10 +299,11 @@ def test_opcheck_and_compile():
 
 def push_by_torch(m, v, e, s):
     """The push of an adaptive step as pyreg.optim's torch ops compute it:
-    m / ((sqrt(v) + e) * s), or m / s without v."""
+    m / ((sqrt(v) + e) * s), or m / s without v; with a correctly rounded
+    sqrt (``ieee_sqrt``: torch's is not on every CPU)."""
     if v is None:
         return [mi / si for mi, si in zip(m, s)]
-    return [mi / ((vi.sqrt() + ei) * si) for mi, vi, ei, si in zip(m, v, e, s)]
+    return [mi / ((ieee_sqrt(vi) + ei) * si) for mi, vi, ei, si in zip(m, v, e, s)]
 
 
 @pytest.mark.parametrize("second", [True, False], ids=["plain", "metric"])

@@ -188,8 +188,9 @@ class FusedOptimizer(Observable):
                         ks: List[int]) -> Optional[Tensor]:
         """The ks[i]-th smallest |push| of each item (float64), in one call of
         the CPU kernel (``push_kth``: the push from :meth:`_push_terms`, then
-        its selection, without the push in memory; the same bits as the push
-        in torch ops and ``kth_abs``) where the terms are plain CPU tensors;
+        its selection, without the push in memory; the same operations as the
+        push in torch ops and ``kth_abs``, with a correctly rounded sqrt, which
+        torch's CPU sqrt is not on every CPU) where the terms are plain CPU tensors;
         else None (:meth:`_pushes` gives the pushes)."""
         be = direct_backend() if items and items[0][0].device.type == "cpu" else None
         terms = self._push_terms(items) if be is not None and be.selects_pushes() else None
