@@ -96,10 +96,10 @@ LAYER_GRID_ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0)
 #: features, on raw and on standardized inputs (raw inputs need a 100x smaller
 #: learning rate: 0.01 already diverges).
 CANCER = {"sizes": (250, 150, 169), "num_noise": 30, "steps": 300, "lr_raw": 1e-3, "lr_std": 0.1,
-          "methods": ("none", "l1", "group", "strength", "group-strength"), "alphas": (0.1, 0.3, 1.0)}
+          "methods": ("none", "l1", "group", "strength", "group-strength"), "alphas": (0.03, 0.1, 0.3, 1.0, 3.0)}
 #: ``digits``: 8 x 8 images; ``target``: target_sparsity per layer.
 DIGITS = {"sizes": (500, 400, 897), "steps": 300, "lr": 0.1, "methods": ("none", "l1", "group", "target", "strength", "group-strength"),
-          "alphas": (0.03, 0.1, 0.3), "targets": {"0": 0.9, "2": 0.5}}
+          "alphas": (0.01, 0.03, 0.1, 0.3, 1.0), "targets": {"0": 0.9, "2": 0.5}}
 #: ``vowels``: the JapaneseVowels sequences (read from the aeon package, the
 #: ``sequences`` extra) plus ``num_noise`` N(0, 1) channels; the LSTM
 #: (``hidden`` units), full batch, SGD with momentum 0.9 (with Adam, whose
