@@ -36,10 +36,7 @@ def blocks(results_path: Path = RESULTS) -> dict:
     for c in data.get("compact", []):
         if c["task"] != "mlp":
             continue
-        lat = c["latency"].get("cpu")
-        speed = (f"; CPU inference of a batch of {c['batch']}: {lat['before_ms']:.3g} ms -> {lat['after_ms']:.3g} ms "
-                 f"({lat['speedup']:.2f}x)") if lat else (
-            " (its inference time: `pyreg bench --compact`, [results](bench/README.md#--compact))")
+        speed = " (its inference time: `pyreg bench --compact`, [results](bench/README.md#--compact))"
         readme += (f"\n\n`pyreg.compact` then removes the zeroed inputs from the group-lasso winner: "
                    f"{c['num_inputs']} -> {len(c['inputs_kept'])} inputs, {c['params_before']:,} -> "
                    f"{c['params_after']:,} parameters, the same outputs{speed}.")

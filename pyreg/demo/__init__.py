@@ -160,10 +160,10 @@ def fixed_cpu_paths() -> Iterator[dict]:
 
 
 @contextlib.contextmanager
-def cpu_training(device: torch.device) -> Iterator[None]:
+def cpu_training(device: torch.device | str) -> Iterator[None]:
     """Around the demo's training on the CPU: one thread (tiny models) and
     oneDNN off, both restored afterwards (see :func:`fixed_cpu_paths`)."""
-    if device.type != "cpu":
+    if torch.device(device).type != "cpu":
         yield
         return
     threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
@@ -443,8 +443,8 @@ def _study(parser: argparse.ArgumentParser, args: argparse.Namespace, cpu_paths:
     for w in winners:
         if w["method"] != "group":
             continue
-        with cpu_training(device):  # (not timed here: the paths fixed for the numbers are not the fast ones)
-            c = compact_winner(by_name[w["task"]], w, args.seed, device, measure=False)
+        with cpu_training(device):
+            c = compact_winner(by_name[w["task"]], w, args.seed, device)
         compacted.append(c)
         print()
         print(f"pyreg.compact on the {w['task']} group-lasso winner (alpha {w['alpha']:g}), "
