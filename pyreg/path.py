@@ -2,7 +2,9 @@
 
 Fit the same model at a grid of regularization strengths, largest first, each
 fit warm-started from the previous one (as scikit-learn's ``lasso_path`` and
-glmnet do), measure a validation metric, the sparsity and the per-layer norms
+glmnet do), or smallest first (``order="increasing"``: a network learns
+before its weights are pruned, and the steps of one training run can be
+spread over the whole grid), measure a validation metric, the sparsity and the per-layer norms
 at every strength, and pick one (the best, or glmnet's "one standard error"
 rule). :func:`path` returns a :class:`PathResult`.
 """
@@ -13,6 +15,7 @@ import glob
 import math
 import numbers
 import time
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -27,6 +30,8 @@ from .optim.keys import coef_values
 METHODS = ("l1", "l2", "elastic_net", "group", "strength", "group_strength")
 #: The selection rules.
 SELECTS = ("best", "1se")
+#: The orders the grid can be fitted in.
+ORDERS = ("decreasing", "increasing")
 #: What a ``method`` callable may return (the keyword arguments of :func:`pyreg.param_groups`).
 _GROUP_KWARGS = frozenset(("l1", "l2", "exclude", "overrides", "ref", "l1_strength"))
 #: The methods whose alpha is a strength in [0, 1] (default grid from _STRENGTH_TOP down).
@@ -50,7 +55,7 @@ class PathResult:
     """What :func:`path` returns.
 
     Attributes:
-        alphas: the grid, in the order it was fitted (decreasing).
+        alphas: the grid, in the order it was fitted (``order``).
         rows: one dict per alpha: ``alpha``, ``train_loss`` (the mean training
             loss over the last epoch's batches), ``val_metric`` (the mean
             metric), ``val_se`` (its standard error; NaN where it cannot be
@@ -58,10 +63,12 @@ class PathResult:
             batch), ``sparsity`` (fraction of exact zeros over all regularized
             weights), ``layers`` (per regularized parameter name: ``sparsity``,
             ``l1`` = sum|w|, ``l2`` = ||w||_2), ``epochs`` and ``seconds``.
-        best_index: the index of the best mean metric.
+        best_index: the index of the best mean metric (of equal ones, the
+            largest alpha's).
         index_1se: the index of the largest alpha whose mean metric is within
             one standard error of the best (glmnet's ``lambda.1se``).
         select: the rule that picked :attr:`index` (``"best"`` or ``"1se"``).
+        order: the order the grid was fitted in (``"decreasing"`` or ``"increasing"``).
         index: the selected index; ``alpha`` is ``alphas[index]``.
         metric_on: ``"val"``, or ``"train"`` when no validation data was given
             (the metric was then measured on the training data).
@@ -69,13 +76,15 @@ class PathResult:
     """
 
     def __init__(self, alphas: List[float], rows: List[Dict[str, Any]], best_index: int, index_1se: int,
-                 select: str, metric_on: str, greater_is_better: bool, weights: Dict[int, Dict[str, Tensor]],
+                 select: str, order: str, metric_on: str, greater_is_better: bool,
+                 weights: Dict[int, Dict[str, Tensor]],
                  template: nn.Module):
         self.alphas = alphas
         self.rows = rows
         self.best_index = best_index
         self.index_1se = index_1se
         self.select = select
+        self.order = order
         self.index = best_index if select == "best" else index_1se
         self.metric_on = metric_on
         self.greater_is_better = greater_is_better
@@ -134,7 +143,7 @@ class PathResult:
         """Everything but the weights, as plain Python values (JSON-serialisable:
         a non-finite number becomes None)."""
         return _plain({"alphas": list(self.alphas), "rows": self.rows, "best_index": self.best_index,
-                       "index_1se": self.index_1se, "select": self.select, "index": self.index,
+                       "index_1se": self.index_1se, "select": self.select, "order": self.order, "index": self.index,
                        "alpha": self.alpha, "metric_on": self.metric_on,
                        "greater_is_better": self.greater_is_better})
 
@@ -142,7 +151,7 @@ class PathResult:
         """Save a figure of the path to ``path`` (PNG) and return ``path``: the
         metric with ±se error bars and lines at the best and 1se alphas, the
         per-layer sparsity and the per-layer L2 norm, against alpha on a log
-        axis (largest alpha on the left, as fitted). Needs matplotlib."""
+        axis (largest alpha on the left, whatever the order fitted). Needs matplotlib."""
         try:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
@@ -174,7 +183,7 @@ class PathResult:
                 ax.set_xscale("symlog", linthresh=min(positive))
             elif positive:
                 ax.set_xscale("log")
-            ax.invert_xaxis()  # largest first, as fitted
+            ax.invert_xaxis()  # largest first
             ax.set_xlabel("alpha")
         fig.savefig(path, format="png", dpi=100)
         return path
@@ -474,21 +483,32 @@ def _better(a: float, b: float, greater: bool) -> bool:
     return a > b if greater else a < b
 
 
+def _beats(row: Dict[str, Any], other: Dict[str, Any], greater: bool) -> bool:
+    """Whether ``row`` is selected over ``other`` as the best: a better mean
+    metric, or an equal one at a larger alpha (the simpler model)."""
+    a, b = row["val_metric"], other["val_metric"]
+    if _better(a, b, greater):
+        return True
+    return a == b and row["alpha"] > other["alpha"]
+
+
 def _select(rows: List[Dict[str, Any]], greater: bool) -> Tuple[int, int]:
+    """(best, 1se) indices of ``rows``, in whatever order the alphas were fitted."""
     best = 0
     for i, r in enumerate(rows):
-        if _better(r["val_metric"], rows[best]["val_metric"], greater):
+        if _beats(r, rows[best], greater):
             best = i
     m, se = rows[best]["val_metric"], rows[best]["val_se"]
     if math.isnan(m):
         return best, best
     se = se if math.isfinite(se) else 0.0
     limit = m - se if greater else m + se
-    for i, r in enumerate(rows):  # alphas decrease: the first match is the largest alpha
+    one_se = best
+    for i, r in enumerate(rows):  # the largest alpha within one se of the best
         v = r["val_metric"]
-        if not math.isnan(v) and (v >= limit if greater else v <= limit):
-            return best, i
-    return best, best
+        if not math.isnan(v) and (v >= limit if greater else v <= limit) and r["alpha"] > rows[one_se]["alpha"]:
+            one_se = i
+    return best, one_se
 
 
 def _default_optimizer(groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
@@ -502,7 +522,7 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
          method: Union[str, Callable[[float], Dict[str, Any]]] = "l1", l1_ratio: float = 0.5,
          group_dim: int = 1, optimizer: Optional[Callable[[List[Dict[str, Any]]], torch.optim.Optimizer]] = None,
          epochs: int = 10, metric: Optional[Callable[[Any, Any], Tensor]] = None, greater_is_better: bool = False,
-         select: str = "best", keep_weights: bool = True,
+         select: str = "best", order: str = "decreasing", keep_weights: bool = True,
          exclude: Union[None, Callable[[str, Tensor, nn.Module], bool], Sequence[str]] = None,
          progress: bool = True, device: Union[None, str, torch.device] = None) -> PathResult:
     """Fit ``model`` along a grid of regularization strengths and measure each fit.
@@ -525,8 +545,7 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
             ``DataLoader`` (iterated again every epoch).
         val: the data the metric is measured on, in the same forms. None: the
             training data (``result.metric_on`` is then ``"train"``).
-        alphas: the grid (fitted in decreasing order whatever the order
-            given). None: ``n_alphas`` values spaced geometrically from
+        alphas: the grid (fitted in ``order``, whatever the order given). None: ``n_alphas`` values spaced geometrically from
             ``alpha_max`` down to ``eps * alpha_max``, where ``alpha_max`` is
             the smallest alpha at which all-zero regularized weights stay zero:
             the largest |d loss / d w| over the regularized weights at the
@@ -571,11 +590,26 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
         select: ``"best"`` (the best mean metric) or ``"1se"`` (the largest
             alpha whose mean metric is within one standard error of the best,
             glmnet's ``lambda.1se``). Both are computed; this picks
-            ``result.alpha``.
+            ``result.alpha``. Of equal metrics, both pick the larger alpha.
+        order: ``"decreasing"`` (largest alpha first, as scikit-learn and
+            glmnet fit a path: from the sparsest model, each fit adding
+            weights) or ``"increasing"`` (smallest first: each fit prunes the
+            previous one). All-zero weights are a stationary point of a
+            network of more than one layer at every alpha (with every weight
+            of a layer zero, no gradient that depends on the input reaches
+            the others). So in decreasing order a first alpha strong enough
+            to zero every regularized weight leaves every later fit there
+            (``path`` warns when that happens): start the grid lower, or
+            fit it in increasing order, where the network learns first and
+            reaches the strong alphas last. Increasing is also the order
+            for spreading the steps of one training run over the grid
+            (``epochs`` = the run's epochs / the number of alphas).
         keep_weights: keep a CPU copy of the weights at every alpha (for
             ``result.model(i)``). False: keep only what the selection may
-            need (``"best"``: the best so far; ``"1se"``: each fit better
-            than all before it), and only the selected fit in the result.
+            need (``"best"``: the best so far; ``"1se"`` in decreasing order:
+            each fit better than all before it; in increasing order: every
+            fit, as a later one may still be picked), and only the selected
+            fit in the result.
         exclude: the parameters left unregularized, as :func:`pyreg.param_groups`
             takes it (None: biases, norms, embeddings, 1-D parameters).
         progress: show a progress bar over the alphas (needs tqdm; none without it).
@@ -616,6 +650,8 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
         raise ValueError(f"method={method!r} takes strengths in [0, 1]; got {max(grid)}")
     if not isinstance(select, str) or select not in SELECTS:
         raise ValueError(f"select must be one of {list(SELECTS)}, got {select!r}")
+    if not isinstance(order, str) or order not in ORDERS:
+        raise ValueError(f"order must be one of {list(ORDERS)}, got {order!r}")
     greater_is_better = _flag(greater_is_better, "greater_is_better")
     keep_weights = _flag(keep_weights, "keep_weights")
     progress = _flag(progress, "progress")
@@ -657,6 +693,8 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
     if grid is None:
         top = _alpha_max(work, loss, train, full_train, device, reg_params, method, l1_ratio, int(group_dim))
         grid = [top] if n_alphas == 1 else [top * eps ** (k / (n_alphas - 1)) for k in range(n_alphas)]
+    if order == "increasing":
+        grid = grid[::-1]
 
     bar = None
     if progress:
@@ -669,7 +707,9 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
 
     rows: List[Dict[str, Any]] = []
     weights: Dict[int, Dict[str, Tensor]] = {}
-    best_so_far = float("nan")
+    best_row: Optional[Dict[str, Any]] = None
+    keep_all = keep_weights or (select == "1se" and order == "increasing")
+    dead_warned = False
     try:
         for i, alpha in enumerate(grid):
             t0 = time.perf_counter()
@@ -701,15 +741,22 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
                    "sparsity": sparsity, "layers": layers, "epochs": epochs,
                    "seconds": time.perf_counter() - t0}
             rows.append(row)
-            record = i == 0 or _better(mean, best_so_far, greater_is_better)  # better than all before
+            record = best_row is None or _beats(row, best_row, greater_is_better)  # the best so far
             if record:
-                best_so_far = mean
-            # The best and the 1se fits are both records: without keep_weights only records are kept
-            # ("best": the latest only), and at the end only the selected one.
-            if keep_weights or record:
-                if not keep_weights and select == "best":
+                best_row = row
+            # In decreasing order the best and the 1se fits are both records: without keep_weights only
+            # records are kept ("best": the latest only), and at the end only the selected one.
+            if keep_all or record:
+                if not keep_all and select == "best":
                     weights.clear()
                 weights[i] = {k: v.detach().to("cpu", copy=True) for k, v in work.state_dict().items()}
+            if (order == "decreasing" and sparsity == 1.0 and i + 1 < len(grid) and len(reg_params) > 1
+                    and not dead_warned):
+                warnings.warn(f"pyreg.path: the fit at alpha={alpha:.4g} left every regularized weight zero, "
+                              f"and the {len(grid) - i - 1} smaller alphas start from there: a network of more "
+                              "than one layer rarely recovers from all-zero weights. Start the grid lower, "
+                              "or fit it with order='increasing'.", RuntimeWarning, stacklevel=2)
+                dead_warned = True
             if bar is not None:
                 bar.set_postfix(alpha=f"{alpha:.3g}", **{metric_on: f"{mean:.4g}"})
                 bar.update(1)
@@ -720,4 +767,4 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
     chosen = best if select == "best" else one_se
     if not keep_weights:
         weights = {chosen: weights[chosen]}
-    return PathResult(grid, rows, best, one_se, select, metric_on, greater_is_better, weights, work)
+    return PathResult(grid, rows, best, one_se, select, order, metric_on, greater_is_better, weights, work)

@@ -128,6 +128,65 @@ def test_alphas_run_in_decreasing_order_and_sparsity_falls():
     assert sparsity[0] > sparsity[-1]
 
 
+@pytest.mark.parametrize("select", ["best", "1se"])
+def test_increasing_order_fits_smallest_first_and_selects_as_decreasing_does(select):
+    X, y = _data()
+    Xv, yv = _data(seed=1)
+    per_sample = lambda out, t: 0.5 * (out.squeeze(-1) - t) ** 2  # noqa: E731
+    common = dict(val=(torch.tensor(Xv), torch.tensor(yv)), n_alphas=12, optimizer=_ista(X), epochs=300,
+                  exclude=[], metric=per_sample, select=select, progress=False)
+    down = pyreg.path(_linear(), _half_mse, (torch.tensor(X), torch.tensor(y)), **common)
+    up = pyreg.path(_linear(), _half_mse, (torch.tensor(X), torch.tensor(y)), order="increasing", **common)
+    assert up.alphas == down.alphas[::-1]
+    assert [r["alpha"] for r in up.rows] == up.alphas
+    sparsity = [r["sparsity"] for r in up.rows]
+    assert all(a <= b for a, b in zip(sparsity, sparsity[1:])), sparsity
+    # a convex problem: the same optimum at every alpha whichever fit it starts from
+    for i in range(12):
+        a, b = down.weights(i)["weight"], up.weights(11 - i)["weight"]
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert torch.equal(a == 0, b == 0)
+    assert down.index_1se < down.best_index  # the two rules pick different fits here
+    assert up.alpha == down.alpha and up.index == 11 - down.index
+    assert up.best_index == 11 - down.best_index and up.index_1se == 11 - down.index_1se
+    # keep_weights=False keeps the selected fit in this order too
+    lean = pyreg.path(_linear(), _half_mse, (torch.tensor(X), torch.tensor(y)), order="increasing",
+                      keep_weights=False, **common)
+    assert lean.index == up.index
+    assert _same_state(lean.weights(), up.weights(up.index))
+    with pytest.raises(ValueError, match="not kept"):
+        lean.model(next(i for i in range(12) if i != lean.index))
+
+
+def test_ties_go_to_the_larger_alpha_in_either_order():
+    rows = _rows([0.5, 0.3, 0.3, 0.4], [0.0] * 4)  # alphas 1.0, 0.5, 0.25, 0.125
+    assert _select(rows, False) == (1, 1)
+    up = rows[::-1]
+    assert _select(up, False) == (2, 2)  # the same row (alpha 0.5)
+    # 1se in increasing order: the largest alpha within one se of the best, wherever it sits
+    rows = _rows([0.9, 0.52, 0.5, 0.6], [0.05] * 4)[::-1]  # alphas 0.125 .. 1.0
+    assert _select(rows, False) == (1, 2)
+
+
+def test_a_dead_decreasing_path_warns_and_the_increasing_one_learns():
+    # a grid that starts where every weight of the MLP dies: in decreasing order every later fit
+    # starts from all-zero weights; in increasing order the network learns first
+    X, y = _data()
+    data = (torch.tensor(X).float(), torch.tensor(y).float()[:, None])
+    common = dict(alphas=[100.0, 0.01, 0.001], optimizer=lambda g: pyreg.optim.SGD(g, lr=0.05, momentum=0.9),
+                  epochs=100, progress=False)
+    with pytest.warns(RuntimeWarning, match="every regularized weight zero"):
+        down = pyreg.path(_mlp(), nn.functional.mse_loss, data, **common)  # decreasing: the default
+    assert [r["sparsity"] for r in down.rows] == [1.0, 1.0, 1.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        up = pyreg.path(_mlp(), nn.functional.mse_loss, data, order="increasing", **common)
+    assert up.order == "increasing" and up.to_dict()["order"] == "increasing" and down.order == "decreasing"
+    assert up.alphas == [0.001, 0.01, 100.0]
+    assert up.rows[0]["sparsity"] < 0.5 and up.rows[-1]["sparsity"] == 1.0
+    assert up.rows[0]["val_metric"] < 0.5 * min(r["val_metric"] for r in down.rows)
+
+
 def test_strength_method_default_grid_and_sparsity():
     """method="strength": l1_strength = alpha at each point, the default grid
     evenly spaced from 0.95 down, sparsity falling with the strength, and
@@ -190,8 +249,8 @@ def test_each_fit_starts_from_the_previous_one():
 # --------------------------------------------------------------------------
 # 4. Selection
 # --------------------------------------------------------------------------
-def _rows(means, ses):
-    return [{"val_metric": m, "val_se": s} for m, s in zip(means, ses)]
+def _rows(means, ses):  # alphas 1, 1/2, 1/4, ...: decreasing along the rows
+    return [{"alpha": 2.0 ** -i, "val_metric": m, "val_se": s} for i, (m, s) in enumerate(zip(means, ses))]
 
 
 def test_select_rules():
@@ -301,6 +360,8 @@ BAD = [
     (dict(epochs=0), ValueError, "epochs"),
     (dict(epochs=2.5), TypeError, "epochs"),
     (dict(select="min"), ValueError, "select"),
+    (dict(order="ascending"), ValueError, "order"),
+    (dict(order=None), ValueError, "order"),
     (dict(n_alphas=0), ValueError, "n_alphas"),
     (dict(eps=1.0), ValueError, "eps"),
     (dict(greater_is_better="yes"), TypeError, "greater_is_better"),
@@ -421,7 +482,8 @@ def test_callable_method():
 def _small_result(**kw):
     X, y = _data()
     return pyreg.path(_mlp(), nn.functional.mse_loss, (torch.tensor(X).float(), torch.tensor(y).float()[:, None]),
-                      n_alphas=4, epochs=30, optimizer=lambda g: pyreg.optim.SGD(g, lr=0.05), progress=False, **kw)
+                      n_alphas=4, epochs=30, optimizer=lambda g: pyreg.optim.SGD(g, lr=0.05), progress=False,
+                      order="increasing", **kw)
 
 
 def test_table_dict_plot_and_models(tmp_path):
