@@ -73,6 +73,11 @@ def quick(tmp_path_factory):
     return out, data
 
 
+def _planned(task, method, alpha):
+    """A result row's (task, method, alpha) as plan_runs gives it (``path``'s row holds the alpha it picked)."""
+    return task, method, 0.0 if method == "path" else float(alpha)
+
+
 def _run(data, task, method, alpha=None):
     rs = [r for r in data["results"] if r["task"] == task and r["method"] == method
           and (alpha is None or r["alpha"] == alpha)]
@@ -94,12 +99,13 @@ def test_files_written(quick):
 def test_table_rows(quick, capsys):
     out, data = quick
     expected = [(t, m, a) for t in ("mlp", "lstm") for m, a in plan_runs(METHODS, QUICK_ALPHAS)]
-    assert len(expected) == 2 * (3 + 5 * len(QUICK_ALPHAS))  # none and the 2 strengths once, 5 over the grid
-    got = [(r["task"], r["method"], r["alpha"]) for r in data["results"]]
+    assert len(expected) == 2 * (4 + 5 * len(QUICK_ALPHAS))  # none, the 2 strengths and path once, 5 over the grid
+    got = [_planned(r["task"], r["method"], r["alpha"]) for r in data["results"]]
     assert got == expected + REAL  # the study's runs, then the real-data tasks' (same with --quick)
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["task"], r["method"], float(r["alpha"])) for r in rows] == expected + REAL
+    assert [_planned(r["task"], r["method"], r["alpha"]) for r in rows] == expected + REAL
+    assert [float(r["alpha"]) for r in rows] == [r["alpha"] for r in data["results"]]
     # one grid-search winner per (task, method)
     assert sorted((w["task"], w["method"]) for w in data["winners"]) == sorted(
         [(t, m) for t in STUDY for m in METHODS] + list({(t, m) for t, m, _ in REAL}))
@@ -465,7 +471,7 @@ def test_digits_picture(quick):
 
     out, data = quick
     wins = {m: _winner(data, "digits", m) for m in DIGITS["methods"]}
-    drawn = [m for m in DIGITS["methods"] if m not in ("strength", "group-strength")]  # in the tables only
+    drawn = [m for m in DIGITS["methods"] if m not in ("strength", "group-strength", "path")]  # in the tables only
     assert data["config"]["digits_pixels_panels"] == [
         m if m in ("none", "target") else f"{m} alpha={wins[m]['alpha']:g}" for m in drawn]
     with open(out / "digits_pixels.png", "rb") as f:
@@ -517,7 +523,8 @@ def test_strength_runs_once_per_task_with_its_table(quick, capsys):
     assert g["inputs_used"] < g["num_informative"] + g["num_noise"]  # whole inputs dropped
     assert g["layers"]["2.weight"]["sparsity"] == 0.0 and g["layers"]["4.weight"]["sparsity"] == 0.0
     table = format_strength_table(data["results"]).splitlines()
-    assert [ln.split()[:2] for ln in table[2:]] == [[t, m] for t in tasks for m in ("strength", "group-strength")]
+    assert [ln.split()[:2] for ln in table[2:]] == [[t, m] for t in tasks
+                                                    for m in ("strength", "group-strength", "path")]
     for line, (method, grid_method) in zip(table[2:4], (("strength", "l1"), ("group-strength", "group"))):
         cells = line.split()
         rule = _run(data, "mlp", method)[0]
@@ -526,6 +533,63 @@ def test_strength_runs_once_per_task_with_its_table(quick, capsys):
         assert cells[3] == f"{rule['val_acc']:.3f}" and cells[6] == grid_method and cells[8] == str(len(grid))
         assert cells[9] == f"{best['val_acc']:.3f}"
         assert cells[-1] == f"{100 * (rule['val_acc'] - best['val_acc']):+.1f}"
+
+
+def test_path_runs_the_grid_once_and_keeps_its_best_fit(quick):
+    """``path``: one run per task over the task's grid, smallest alpha
+    first; the row is the fit with the best validation accuracy (ties to
+    the larger alpha), its alpha the one picked; the strength table
+    compares it with the L1 grid's winner."""
+    from pyreg.demo.report import format_strength_table
+
+    _, data = quick
+    grids = {"mlp": QUICK_ALPHAS, "lstm": QUICK_ALPHAS, "cancer-raw": CANCER["alphas"],
+             "cancer-std": CANCER["alphas"], "digits": DIGITS["alphas"]}
+    for task, grid in grids.items():
+        rows = _run(data, task, "path")
+        assert len(rows) == 1, task
+        r = rows[0]
+        assert [p["alpha"] for p in r["path"]] == sorted(grid), task
+        best = max(r["path"], key=lambda p: (p["val_acc"], p["alpha"]))
+        assert r["alpha"] == best["alpha"] and r["l1"] == best["alpha"], (task, r["alpha"], r["path"])
+        weights = [v for name, v in r["layers"].items() if "weight" in name]  # what the path regularized
+        zeros = 1 - sum(v["nonzero"] for v in weights) / sum(v["numel"] for v in weights)
+        assert r["val_acc"] == best["val_acc"] and zeros == pytest.approx(best["sparsity"], abs=1e-12), task
+    line = next(ln for ln in format_strength_table(data["results"]).splitlines()
+                if ln.split()[:2] == ["digits", "path"])
+    r = _run(data, "digits", "path")[0]
+    grid = [x for x in data["results"] if x["task"] == "digits" and x["method"] == "l1"]
+    best = max(grid, key=lambda x: (x["val_acc"], x["alpha"]))
+    cells = line.split()
+    assert cells[2:5] == ["alpha", f"{r['alpha']:g}", f"{r['val_acc']:.3f}"] and cells[7] == "l1"
+    assert cells[-1] == f"{100 * (r['val_acc'] - best['val_acc']):+.1f}"
+
+
+def test_path_spreads_one_runs_steps_over_the_grid():
+    """train_path: a fresh optimizer per alpha, in increasing order, each
+    with the task's L1 at that alpha on the weights, and steps // len(grid)
+    steps each: no more steps than one run."""
+    import pyreg
+    from pyreg.demo import make_real_tasks
+    from pyreg.demo.study import Task, train_path
+
+    _, digits = make_real_tasks(0)
+    made, steps = [], []
+
+    def factory(groups):
+        opt = pyreg.optim.SGD(groups, lr=0.1, momentum=0.9)
+        made.append(opt)
+        opt.register_step_post_hook(lambda o, a, k: steps.append(len(made)))
+        return opt
+
+    task = Task("digits", digits.data, digits.make_model, factory, 50)
+    model, groups, alpha, trace = train_path(task, [0.1, 0.01, 0.03], 0, torch.device("cpu"))
+    assert [g["l1"] for o in made for g in o.param_groups if g["param_names"][0].endswith("weight")] == [
+        0.01, 0.03, 0.1]
+    assert [g["l1"] for o in made for g in o.param_groups if g["param_names"][0].endswith("bias")] == [0.0] * 3
+    assert steps == [1] * 16 + [2] * 16 + [3] * 16  # 50 // 3 each
+    assert [p["alpha"] for p in trace] == [0.01, 0.03, 0.1] and alpha in (0.01, 0.03, 0.1)
+    assert {n for g in groups for n in g["param_names"]} == {n for n, _ in model.named_parameters()}
 
 
 # --------------------------------------------------------------------------

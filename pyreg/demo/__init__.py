@@ -17,8 +17,10 @@ Each task also runs ``strength`` once: ``pyreg.param_groups(model,
 l1_strength=STRENGTH)``, every layer's ``l1`` set from its own push (the
 optimizer's step) every 10 steps, the same strength for every task; and
 ``group-strength`` once: ``group_strength=GROUP_STRENGTH`` on the input
-layer's columns. A table compares them with the L1 and group-lasso grid
-searches and the runs each took.
+layer's columns; and ``path`` once: :func:`pyreg.path` over the task's L1
+grid from the smallest alpha up, the steps of one run split over the
+alphas, the fit with the best validation accuracy kept. A table compares
+them with the L1 and group-lasso grid searches and the runs each took.
 
 Then a fine-tuning task: an MLP pre-trained on one generated task is
 fine-tuned, with a new head, on a small related task (same inputs, one class
@@ -96,9 +98,10 @@ LAYER_GRID_ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0)
 #: features, on raw and on standardized inputs (raw inputs need a 100x smaller
 #: learning rate: 0.01 already diverges).
 CANCER = {"sizes": (250, 150, 169), "num_noise": 30, "steps": 300, "lr_raw": 1e-3, "lr_std": 0.1,
-          "methods": ("none", "l1", "group", "strength", "group-strength"), "alphas": (0.03, 0.1, 0.3, 1.0, 3.0)}
+          "methods": ("none", "l1", "group", "strength", "group-strength", "path"),
+          "alphas": (0.03, 0.1, 0.3, 1.0, 3.0)}
 #: ``digits``: 8 x 8 images; ``target``: target_sparsity per layer.
-DIGITS = {"sizes": (500, 400, 897), "steps": 300, "lr": 0.1, "methods": ("none", "l1", "group", "target", "strength", "group-strength"),
+DIGITS = {"sizes": (500, 400, 897), "steps": 300, "lr": 0.1, "methods": ("none", "l1", "group", "target", "strength", "group-strength", "path"),
           "alphas": (0.01, 0.03, 0.1, 0.3, 1.0), "targets": {"0": 0.9, "2": 0.5}}
 #: ``vowels``: the JapaneseVowels sequences (read from the aeon package, the
 #: ``sequences`` extra) plus ``num_noise`` N(0, 1) channels; the LSTM
@@ -306,7 +309,7 @@ def run_real(seed: int, device: torch.device, progress) -> tuple[list[dict], lis
     digit_rows = run_study([digits.to(device)], DIGITS["methods"], DIGITS["alphas"], seed, device, progress)
     rows += digit_rows
     winners = grid_winners(rows)
-    panels = [w for m in DIGITS["methods"] if m not in ("strength", "group-strength")
+    panels = [w for m in DIGITS["methods"] if m not in ("strength", "group-strength", "path")
               for w in winners if w["task"] == "digits" and w["method"] == m]
     return rows, winners, panels
 
@@ -464,12 +467,14 @@ def _study(parser: argparse.ArgumentParser, args: argparse.Namespace, cpu_paths:
     else:
         print_vowels(*vowels)
         real, real_winners = real + vowels[0], real_winners + vowels[1]
-    if any(r["method"] in ("strength", "group-strength") for r in results + real):
+    if any(r["method"] in ("strength", "group-strength", "path") for r in results + real):
         print()
         print("How much regularization: one run of a strength (l1_strength: each layer's l1 from its own push;\n"
               "group-strength: the input layer's group_l1 from its columns' push; the same strength for every\n"
-              "task) against the grid search of the same penalty (L1; group lasso), its winner by validation\n"
-              "accuracy and the runs it took. val diff: the strength's run minus the grid winner, in points.")
+              "task), and one run of path (pyreg.path over the L1 grid, smallest alpha first, the run's steps\n"
+              "split over the alphas, the best fit by validation accuracy), against the grid search of the same\n"
+              "penalty (L1; group lasso), its winner by validation accuracy and the runs it took. val diff: the\n"
+              "one run minus the grid winner, in points.")
         print(report.format_strength_table(results + real))
     if layer_grid is not None:
         print()

@@ -153,27 +153,29 @@ def format_target_table(rows: Sequence[dict]) -> str:
     return "\n".join(ln.rstrip() for ln in out)
 
 
-#: The strength methods of the demo, and the grid-searched method each stands in for.
-STRENGTH_GRIDS = {"strength": "l1", "group-strength": "group"}
+#: The one-run methods of the demo that stand in for a grid search, and the grid-searched method of each.
+STRENGTH_GRIDS = {"strength": "l1", "group-strength": "group", "path": "l1"}
 
 
 def format_strength_table(rows: Sequence[dict]) -> str:
-    """Per task and strength method (``strength``, ``group-strength``) run:
-    the one run against the grid search of the same penalty (``l1``,
-    ``group``; its winner by validation accuracy, ties to the larger alpha,
-    and the number of runs it took): accuracies, sparsity, inputs used, and
-    the difference in validation accuracy (points)."""
+    """Per task and one-run method (``strength``, ``group-strength``,
+    ``path``): the one run against the grid search of the same penalty
+    (``l1``, ``group``; its winner by validation accuracy, ties to the larger
+    alpha, and the number of runs it took): the run's setting (the strength,
+    or the alpha the path picked), accuracies, inputs used, and the
+    difference in validation accuracy (points)."""
     lines = []
     for rule in [r for r in rows if r["method"] in STRENGTH_GRIDS]:
         grid = [r for r in rows if r["task"] == rule["task"] and r["method"] == STRENGTH_GRIDS[rule["method"]]]
         if not grid:
             continue
         best = max(grid, key=lambda r: (r["val_acc"], r["alpha"]))
-        lines.append([rule["task"], rule["method"], f"{rule['alpha']:g}", f"{rule['val_acc']:.3f}",
+        setting = f"alpha {rule['alpha']:g}" if rule["method"] == "path" else f"{rule['alpha']:g}"
+        lines.append([rule["task"], rule["method"], setting, f"{rule['val_acc']:.3f}",
                       f"{rule['test_acc']:.3f}", _cell(rule, "inputs_used", "{}"), best["method"],
                       f"{best['alpha']:g}", str(len(grid)), f"{best['val_acc']:.3f}", f"{best['test_acc']:.3f}",
                       _cell(best, "inputs_used", "{}"), f"{100 * (rule['val_acc'] - best['val_acc']):+.1f}"])
-    head = ["task", "one run", "strength", "val", "test", "inputs", "grid", "alpha", "runs", "val", "test", "inputs",
+    head = ["task", "one run", "setting", "val", "test", "inputs", "grid", "alpha", "runs", "val", "test", "inputs",
             "val diff"]
     cells = [head] + lines
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
@@ -186,7 +188,7 @@ def format_strength_table(rows: Sequence[dict]) -> str:
 def format_layer_grid_table(rows: Sequence[dict], layer_rows: Sequence[dict], task: str = "mlp") -> str:
     """``--full``: on ``task``, the winner (best validation accuracy, ties to
     the larger alphas) of the L1 grid with one alpha, of the exhaustive grid
-    with an alpha per layer (``layer_rows``), the one ``strength`` run, and
+    with an alpha per layer (``layer_rows``), the one ``strength`` and ``path`` runs, and
     (where they ran) the group-lasso grid's winner and the one
     ``group-strength`` run: alphas, runs, accuracies, sparsity, inputs used."""
     def best(rs):
@@ -202,6 +204,9 @@ def format_layer_grid_table(rows: Sequence[dict], layer_rows: Sequence[dict], ta
     rule = [r for r in rows if r["task"] == task and r["method"] == "strength"]
     if rule:
         lines.append(("l1_strength", f"{rule[0]['alpha']:g}", 1, rule[0]))
+    one_run_path = [r for r in rows if r["task"] == task and r["method"] == "path"]
+    if one_run_path:
+        lines.append(("L1 path, one run", f"{one_run_path[0]['alpha']:g}", 1, one_run_path[0]))
     ggrid = [r for r in rows if r["task"] == task and r["method"] == "group"]
     if ggrid:
         lines.append(("group lasso, one alpha", f"{best(ggrid)['alpha']:g}", len(ggrid), best(ggrid)))

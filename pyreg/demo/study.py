@@ -20,6 +20,13 @@ scikit-learn's ``ElasticNet(alpha, l1_ratio)`` penalty):
   ``group_strength`` = :data:`GROUP_STRENGTH` on the input layer's columns
   (the input weight's ``group_l1`` that quantile of its columns' push
   norms), no other penalty;
+* ``path``: the L1 grid in the steps of one run: :func:`pyreg.path` over
+  the task's alphas from the smallest up (``order="increasing"``), each
+  alpha warm-started from the previous fit and trained for ``steps //
+  len(alphas)`` steps with a fresh optimizer; the fit with the best
+  validation accuracy (ties to the larger alpha) is the result, and its
+  ``alpha`` the one picked. It uses the validation set as the grid search
+  does, at the cost of one run;
 * ``target`` (the digits task only): no strength; ``target_sparsity`` per
   layer (``Task.targets``), each step's ``l1`` the one that leaves that
   fraction of the layer's weights exactly zero (one run);
@@ -67,12 +74,12 @@ import pyreg
 
 from .data import Splits
 
-METHODS = ("none", "l1", "l2", "elastic", "layer", "group", "strength", "group-strength")
+METHODS = ("none", "l1", "l2", "elastic", "layer", "group", "strength", "group-strength", "path")
 #: method ``strength``: the one strength it runs with (``l1_strength``, a fraction in [0, 1])
 STRENGTH = 0.8
 #: method ``group-strength``: its ``group_strength`` on the input layer's columns
 GROUP_STRENGTH = 0.9
-L1_RATIO = {"l1": 1.0, "l2": 0.0, "elastic": 0.5}
+L1_RATIO = {"l1": 1.0, "l2": 0.0, "elastic": 0.5, "path": 1.0}  # path: L1 at the alpha it picked
 LAYER_FACTOR = 0.1  # method "layer": alpha on the input layer, alpha * LAYER_FACTOR elsewhere
 
 
@@ -185,14 +192,26 @@ def _accuracy_and_loss(model: nn.Module, x: Tensor, y: Tensor):
 
 def train_one(task: Task, method: str, alpha: float, seed: int, device: torch.device,
               on_tick: Callable[[int, float | None], None] | None = None,
-              want_loss: bool = False, layer_alphas: dict[str, float] | None = None) -> dict:
+              want_loss: bool = False, layer_alphas: dict[str, float] | None = None,
+              alphas: Sequence[float] | None = None) -> dict:
     """Train one model and return its measurements (plain Python numbers).
 
     ``on_tick(steps_done, loss)`` is called about 20 times per run; the loss
-    is read from the device (a host sync) only when ``want_loss``.
+    is read from the device (a host sync) only when ``want_loss``. Method
+    ``path`` needs the grid (``alphas``; ``alpha`` is unused) and reports
+    progress once, at its end.
     """
+    if method == "path":
+        if not alphas:
+            raise ValueError("method 'path' needs the alpha grid, e.g. alphas=[0.01, 0.1, 1.0]")
+        model, groups, alpha, trace = train_path(task, alphas, seed, device)
+        if on_tick is not None:
+            on_tick(task.steps, None)
+        r = measure(model, groups, task.data, method, alpha)
+        r["path"] = trace
+        return r
     model, opt = train_model(task, method, alpha, seed, device, on_tick, want_loss, layer_alphas)
-    r = measure(model, opt, task.data, method, alpha)
+    r = measure(model, opt.param_groups, task.data, method, alpha)
     if layer_alphas is not None:
         r["layer_alphas"] = dict(layer_alphas)
     if method == "target":
@@ -229,6 +248,33 @@ def train_model(task: Task, method: str, alpha: float, seed: int, device: torch.
     return model, opt
 
 
+def _correct(logits: Tensor, y: Tensor) -> Tensor:
+    return (logits.argmax(1) == y).float()
+
+
+def train_path(task: Task, alphas: Sequence[float], seed: int, device: torch.device):
+    """Method ``path``: :func:`pyreg.path` over ``alphas`` (L1, scikit-learn's
+    alpha) from the smallest up, ``task.steps // len(alphas)`` full-batch
+    steps at each (at most one run's steps in all), the task's optimizer
+    made afresh at each alpha. Returns (the model at the alpha with the best
+    validation accuracy, its param groups, that alpha, the path: per alpha
+    ``alpha``, ``val_acc``, ``sparsity``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the same initial weights as every other run of the task
+        model = task.make_model()
+    model.to(device)
+    d = task.data
+    grid = sorted(alphas)
+    res = pyreg.path(model, nn.functional.cross_entropy, (d.x_train, d.y_train), val=(d.x_val, d.y_val),
+                     alphas=[pyreg.from_sklearn(a, 1.0)[0] for a in grid], method="l1",
+                     optimizer=task.make_optimizer, epochs=max(1, task.steps // len(grid)), metric=_correct,
+                     greater_is_better=True, order="increasing", keep_weights=False, progress=False)
+    best = res.model()
+    trace = [{"alpha": a, "val_acc": round(r["val_metric"], 6), "sparsity": r["sparsity"]}
+             for a, r in zip(grid, res.rows)]
+    return best, pyreg.param_groups(best), grid[res.index], trace
+
+
 def compact_winner(task: Task, winner: dict, seed: int, device: torch.device, batch: int = 4096) -> dict:
     """The grid winner retrained (the same model: same seed) and compacted
     with :func:`pyreg.compact` at a batch of ``batch`` random inputs: its
@@ -253,24 +299,26 @@ def compact_winner(task: Task, winner: dict, seed: int, device: torch.device, ba
 
 
 @torch.no_grad()
-def layer_stats(opt: torch.optim.Optimizer):
-    """(names, WeightStats, numels) of every parameter of the optimizer's groups:
-    one fused weight_stats pass over all layers."""
-    params = [p for g in opt.param_groups for p in g["params"]]
-    names = [n for g in opt.param_groups for n in g["param_names"]]
+def layer_stats(groups: Sequence[dict]):
+    """(names, WeightStats, numels) of every parameter of the param groups
+    (``param_names`` and ``params``, e.g. an optimizer's): one fused
+    weight_stats pass over all layers."""
+    params = [p for g in groups for p in g["params"]]
+    names = [n for g in groups for n in g["param_names"]]
     return names, pyreg.weight_stats([p.detach() for p in params]), [p.numel() for p in params]
 
 
-def measure(model: nn.Module, opt: torch.optim.Optimizer, data: Splits, method: str, alpha: float) -> dict:
-    """Accuracy and loss per split, per-layer norms and sparsity, and which
-    inputs the first layer still uses. Read back to the host once, after training."""
+def measure(model: nn.Module, groups: Sequence[dict], data: Splits, method: str, alpha: float) -> dict:
+    """Accuracy and loss per split, per-layer norms and sparsity (of the
+    parameters of ``groups``: the optimizer's param groups), and which inputs
+    the first layer still uses. Read back to the host once, after training."""
     model.eval()
     values = {}
     with torch.no_grad():
         for split in ("train", "val", "test"):
             acc, loss = _accuracy_and_loss(model, getattr(data, f"x_{split}"), getattr(data, f"y_{split}"))
             values[f"{split}_acc"], values[f"{split}_loss"] = acc, loss
-    names, stats, numels = layer_stats(opt)
+    names, stats, numels = layer_stats(groups)
     first = model.first_weight()
     # a column of the input layer's weight is one input feature (LSTM: 4 gates x hidden rows)
     used = (first != 0).any(dim=0)
@@ -310,14 +358,16 @@ def measure(model: nn.Module, opt: torch.optim.Optimizer, data: Splits, method: 
 
 #: Methods run once, not over the grid (``target``: the task's
 #: ``target_sparsity`` per layer; ``strength``: ``l1_strength`` = :data:`STRENGTH`;
-#: ``group-strength``: ``group_strength`` = :data:`GROUP_STRENGTH` on the input layer).
-SINGLE_RUN = ("none", "target", "strength", "group-strength")
+#: ``group-strength``: ``group_strength`` = :data:`GROUP_STRENGTH` on the input layer;
+#: ``path``: the grid within one run's steps, its alpha the one it picked).
+SINGLE_RUN = ("none", "target", "strength", "group-strength", "path")
 
 
 def plan_runs(methods: Sequence[str], alphas: Sequence[float]) -> list[tuple]:
-    """(method, alpha) pairs: ``none`` and ``target`` once (alpha 0),
-    ``strength`` and ``group-strength`` once (alpha :data:`STRENGTH`,
-    :data:`GROUP_STRENGTH`), every other method over the grid."""
+    """(method, alpha) pairs: ``none``, ``target`` and ``path`` once (alpha 0;
+    ``path``'s result has the alpha it picked), ``strength`` and
+    ``group-strength`` once (alpha :data:`STRENGTH`, :data:`GROUP_STRENGTH`),
+    every other method over the grid."""
     runs = []
     for m in methods:
         one = {"strength": STRENGTH, "group-strength": GROUP_STRENGTH}.get(m, 0.0)
@@ -333,7 +383,7 @@ def run_study(tasks: Sequence[Task], methods: Sequence[str], alphas: Sequence[fl
     runs = [(t, m, a) for t in tasks for m, a in plan_runs(methods, alphas)]
     progress.start(sum(t.steps for t, _, _ in runs))
     for task, method, alpha in runs:
-        label = f"{task.name} {method}" + ("" if method in ("none", "target") else f" alpha={alpha:g}")
+        label = f"{task.name} {method}" + ("" if method in ("none", "target", "path") else f" alpha={alpha:g}")
         t0 = time.perf_counter()
         done = [0]
 
@@ -341,7 +391,7 @@ def run_study(tasks: Sequence[Task], methods: Sequence[str], alphas: Sequence[fl
             progress.advance(step - _done[0], _label, loss)
             _done[0] = step
 
-        r = train_one(task, method, alpha, seed, device, on_tick, want_loss=progress.wants_loss)
+        r = train_one(task, method, alpha, seed, device, on_tick, want_loss=progress.wants_loss, alphas=alphas)
         progress.run_done(label, r, time.perf_counter() - t0)
         results.append(r)
     progress.finish()
