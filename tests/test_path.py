@@ -128,15 +128,22 @@ def test_alphas_run_in_decreasing_order_and_sparsity_falls():
     assert sparsity[0] > sparsity[-1]
 
 
-@pytest.mark.parametrize("select", ["best", "1se"])
-def test_increasing_order_fits_smallest_first_and_selects_as_decreasing_does(select):
+def _validated(epochs, **kw):
+    """The linear model's training data, and path arguments with validation
+    data and a per-sample metric (12 alphas, ISTA)."""
     X, y = _data()
     Xv, yv = _data(seed=1)
     per_sample = lambda out, t: 0.5 * (out.squeeze(-1) - t) ** 2  # noqa: E731
-    common = dict(val=(torch.tensor(Xv), torch.tensor(yv)), n_alphas=12, optimizer=_ista(X), epochs=300,
-                  exclude=[], metric=per_sample, select=select, progress=False)
-    down = pyreg.path(_linear(), _half_mse, (torch.tensor(X), torch.tensor(y)), **common)
-    up = pyreg.path(_linear(), _half_mse, (torch.tensor(X), torch.tensor(y)), order="increasing", **common)
+    return (torch.tensor(X), torch.tensor(y)), dict(val=(torch.tensor(Xv), torch.tensor(yv)), n_alphas=12,
+                                                    optimizer=_ista(X), epochs=epochs, exclude=[],
+                                                    metric=per_sample, progress=False, **kw)
+
+
+@pytest.mark.parametrize("select", ["best", "1se"])
+def test_increasing_order_fits_smallest_first_and_selects_as_decreasing_does(select):
+    train, common = _validated(300, select=select)
+    down = pyreg.path(_linear(), _half_mse, train, **common)
+    up = pyreg.path(_linear(), _half_mse, train, order="increasing", **common)
     assert up.alphas == down.alphas[::-1]
     assert [r["alpha"] for r in up.rows] == up.alphas
     sparsity = [r["sparsity"] for r in up.rows]
@@ -150,8 +157,7 @@ def test_increasing_order_fits_smallest_first_and_selects_as_decreasing_does(sel
     assert up.alpha == down.alpha and up.index == 11 - down.index
     assert up.best_index == 11 - down.best_index and up.index_1se == 11 - down.index_1se
     # keep_weights=False keeps the selected fit in this order too
-    lean = pyreg.path(_linear(), _half_mse, (torch.tensor(X), torch.tensor(y)), order="increasing",
-                      keep_weights=False, **common)
+    lean = pyreg.path(_linear(), _half_mse, train, order="increasing", keep_weights=False, **common)
     assert lean.index == up.index
     assert _same_state(lean.weights(), up.weights(up.index))
     with pytest.raises(ValueError, match="not kept"):
@@ -512,13 +518,9 @@ def test_table_dict_plot_and_models(tmp_path):
 
 @pytest.mark.parametrize("select", ["best", "1se"])
 def test_keep_weights_false_keeps_the_selected_fit(select):
-    X, y = _data()
-    Xv, yv = _data(seed=1)
-    per_sample = lambda out, t: 0.5 * (out.squeeze(-1) - t) ** 2  # noqa: E731
-    common = dict(val=(torch.tensor(Xv), torch.tensor(yv)), n_alphas=12, optimizer=_ista(X), epochs=150,
-                  exclude=[], metric=per_sample, select=select, progress=False)
-    kept = pyreg.path(_linear(), _half_mse, (torch.tensor(X), torch.tensor(y)), **common)
-    result = pyreg.path(_linear(), _half_mse, (torch.tensor(X), torch.tensor(y)), keep_weights=False, **common)
+    train, common = _validated(150, select=select)
+    kept = pyreg.path(_linear(), _half_mse, train, **common)
+    result = pyreg.path(_linear(), _half_mse, train, keep_weights=False, **common)
     assert kept.index_1se < kept.best_index  # the two rules pick different fits here
     assert result.index == kept.index == (kept.best_index if select == "best" else kept.index_1se)
     assert _same_state(_state(result.model()), kept.weights(kept.index))
