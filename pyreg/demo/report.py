@@ -301,13 +301,16 @@ def _by_method(results, task):
 
 def plot_path(plt, path: str, results: Sequence[dict], tasks: Sequence[str]) -> None:
     """Validation accuracy and sparsity against alpha, one line per method
-    (``none`` as a dashed horizontal line)."""
+    (``none`` as a dashed horizontal line; ``path`` a point at the alpha it
+    picked; the strengths, which have no alpha, are left out)."""
     fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7), squeeze=False)
     for col, task in enumerate(tasks):
         groups = _by_method(results, task)
         for row, (key, label) in enumerate((("val_acc", "validation accuracy"), ("sparsity", "sparsity"))):
             ax = axes[row][col]
             for method, rs in groups.items():
+                if method in ("strength", "group-strength"):  # a strength in [0, 1], not an alpha
+                    continue
                 if method == "none":
                     ax.axhline(rs[0][key], color="k", ls="--", lw=1, label="none")
                     continue
