@@ -4,9 +4,9 @@ Fit the same model at a grid of regularization strengths, largest first, each
 fit warm-started from the previous one (as scikit-learn's ``lasso_path`` and
 glmnet do), or smallest first (``order="increasing"``: a network learns
 before its weights are pruned, and the steps of one training run can be
-spread over the whole grid), measure a validation metric, the sparsity and the per-layer norms
-at every strength, and pick one (the best, or glmnet's "one standard error"
-rule). :func:`path` returns a :class:`PathResult`.
+spread over the whole grid), measure a validation metric, the sparsity and
+the per-layer norms at every strength, and pick one (the best, or glmnet's
+"one standard error" rule). :func:`path` returns a :class:`PathResult`.
 """
 from __future__ import annotations
 
@@ -143,8 +143,8 @@ class PathResult:
         """Everything but the weights, as plain Python values (JSON-serialisable:
         a non-finite number becomes None)."""
         return _plain({"alphas": list(self.alphas), "rows": self.rows, "best_index": self.best_index,
-                       "index_1se": self.index_1se, "select": self.select, "order": self.order, "index": self.index,
-                       "alpha": self.alpha, "metric_on": self.metric_on,
+                       "index_1se": self.index_1se, "select": self.select, "order": self.order,
+                       "index": self.index, "alpha": self.alpha, "metric_on": self.metric_on,
                        "greater_is_better": self.greater_is_better})
 
     def plot(self, path: str) -> str:
@@ -545,7 +545,8 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
             ``DataLoader`` (iterated again every epoch).
         val: the data the metric is measured on, in the same forms. None: the
             training data (``result.metric_on`` is then ``"train"``).
-        alphas: the grid (fitted in ``order``, whatever the order given). None: ``n_alphas`` values spaced geometrically from
+        alphas: the grid (fitted in ``order``, whatever the order given).
+            None: ``n_alphas`` values spaced geometrically from
             ``alpha_max`` down to ``eps * alpha_max``, where ``alpha_max`` is
             the smallest alpha at which all-zero regularized weights stay zero:
             the largest |d loss / d w| over the regularized weights at the
