@@ -101,7 +101,8 @@ CANCER = {"sizes": (250, 150, 169), "num_noise": 30, "steps": 300, "lr_raw": 1e-
           "methods": ("none", "l1", "group", "strength", "group-strength", "path"),
           "alphas": (0.03, 0.1, 0.3, 1.0, 3.0)}
 #: ``digits``: 8 x 8 images; ``target``: target_sparsity per layer.
-DIGITS = {"sizes": (500, 400, 897), "steps": 300, "lr": 0.1, "methods": ("none", "l1", "group", "target", "strength", "group-strength", "path"),
+DIGITS = {"sizes": (500, 400, 897), "steps": 300, "lr": 0.1,
+          "methods": ("none", "l1", "group", "target", "strength", "group-strength", "path"),
           "alphas": (0.01, 0.03, 0.1, 0.3, 1.0), "targets": {"0": 0.9, "2": 0.5}}
 #: ``vowels``: the JapaneseVowels sequences (read from the aeon package, the
 #: ``sequences`` extra) plus ``num_noise`` N(0, 1) channels; the LSTM
@@ -299,6 +300,7 @@ def run_real(seed: int, device: torch.device, progress) -> tuple[list[dict], lis
     """Every run of the real-data tasks: (rows, grid winners, the digits runs
     to draw: none, each method's winner, target)."""
     from .data import feature_scales
+    from .report import STRENGTH_GRIDS
     from .study import grid_winners, mark_input_scales, run_study
 
     cancer, digits = make_real_tasks(seed)
@@ -309,7 +311,7 @@ def run_real(seed: int, device: torch.device, progress) -> tuple[list[dict], lis
     digit_rows = run_study([digits.to(device)], DIGITS["methods"], DIGITS["alphas"], seed, device, progress)
     rows += digit_rows
     winners = grid_winners(rows)
-    panels = [w for m in DIGITS["methods"] if m not in ("strength", "group-strength", "path")
+    panels = [w for m in DIGITS["methods"] if m not in STRENGTH_GRIDS  # the one-run methods: in the tables only
               for w in winners if w["task"] == "digits" and w["method"] == m]
     return rows, winners, panels
 
@@ -467,7 +469,7 @@ def _study(parser: argparse.ArgumentParser, args: argparse.Namespace, cpu_paths:
     else:
         print_vowels(*vowels)
         real, real_winners = real + vowels[0], real_winners + vowels[1]
-    if any(r["method"] in ("strength", "group-strength", "path") for r in results + real):
+    if any(r["method"] in report.STRENGTH_GRIDS for r in results + real):
         print()
         print("How much regularization: one run of a strength (l1_strength: each layer's l1 from its own push;\n"
               "group-strength: the input layer's group_l1 from its columns' push; the same strength for every\n"
