@@ -15,7 +15,6 @@ import glob
 import math
 import numbers
 import time
-import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -62,7 +61,11 @@ class PathResult:
             estimated: a metric that returns one value per batch, on a single
             batch), ``sparsity`` (fraction of exact zeros over all regularized
             weights), ``layers`` (per regularized parameter name: ``sparsity``,
-            ``l1`` = sum|w|, ``l2`` = ||w||_2), ``epochs`` and ``seconds``.
+            ``l1`` = sum|w|, ``l2`` = ||w||_2), ``epochs``, ``seconds`` and
+            ``start`` (the alpha of the fit this one started from; None:
+            the model's own weights, as the first fit does, and a fit after
+            a dead one when no fit before was alive: see :func:`path`'s
+            ``order``).
         best_index: the index of the best mean metric (of equal ones, the
             largest alpha's).
         index_1se: the index of the largest alpha whose mean metric is within
@@ -421,16 +424,30 @@ def _alpha_max(work: nn.Module, loss: Callable, train: Any, full: bool, device, 
     return g
 
 
-def _evaluate(work: nn.Module, metric: Callable, data: Any, full: bool, device) -> Tuple[float, float]:
-    """The metric's mean and standard error over ``data`` (one host sync)."""
+def _evaluate(work: nn.Module, metric: Callable, data: Any, full: bool, device) -> Tuple[float, float, bool]:
+    """The metric's mean and standard error over ``data``, and whether the
+    model's output was the same for every sample (a tensor output whose
+    first dimension is the batch; False for any other output). Read back at the end."""
     work.eval()
     per_sample: List[Tensor] = []
     per_batch: List[Tensor] = []
     sizes: List[int] = []
+    first: Optional[Tensor] = None  # the first sample's output
+    differs: Optional[Tensor] = None  # whether any sample's output differs from it (on the device)
+    constant = True
     with torch.no_grad():
         for x, y in _batches(data, full, device, "val"):
             b = _size(x, y)
-            v = metric(work(x), y)
+            out = work(x)
+            if constant:
+                if (not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != b
+                        or (first is not None and first.shape[1:] != out.shape[1:])):
+                    constant = False
+                elif b:
+                    first = out[:1].clone() if first is None else first
+                    d = (out != first).any()
+                    differs = d if differs is None else differs | d
+            v = metric(out, y)
             if not isinstance(v, Tensor):
                 v = torch.tensor(float(v))
             if v.dim() >= 1 and v.shape[0] == b and v.numel() == b:
@@ -442,6 +459,7 @@ def _evaluate(work: nn.Module, metric: Callable, data: Any, full: bool, device) 
                 raise ValueError(f"metric must return a scalar or one value per sample ({b}), got shape "
                                  f"{tuple(v.shape)}")
     work.train()
+    constant = constant and differs is not None and not bool(differs)
     if per_sample and per_batch:
         raise ValueError("metric returned one value per sample for some batches and a scalar for others")
     if per_sample:
@@ -451,7 +469,7 @@ def _evaluate(work: nn.Module, metric: Callable, data: Any, full: bool, device) 
             raise ValueError("the metric's data has no samples")
         mean = float(v.mean())
         se = float(v.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-        return mean, se
+        return mean, se, constant
     if not per_batch:
         raise ValueError("the metric's data has no batches")
     v = torch.stack([t.cpu() for t in per_batch])
@@ -460,7 +478,12 @@ def _evaluate(work: nn.Module, metric: Callable, data: Any, full: bool, device) 
     mean = float((w * v).sum())
     k = v.numel()
     se = float(torch.sqrt(k / (k - 1) * (w * w * (v - mean) ** 2).sum())) if k > 1 else float("nan")
-    return mean, se
+    return mean, se, constant
+
+
+def _cpu_state(work: nn.Module) -> Dict[str, Tensor]:
+    """A CPU copy of ``work``'s state dict."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in work.state_dict().items()}
 
 
 def _layer_stats(names: List[str], params: List[Tensor]) -> Tuple[float, Dict[str, Dict[str, float]]]:
@@ -529,12 +552,14 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
 
     The fits run on a copy of ``model`` (the model itself is not changed),
     starting from its current weights (a pre-trained model works), at each
-    alpha of the grid from the largest to the smallest, each one warm-started
-    from the weights of the previous one. Every alpha gets a fresh optimizer
-    (the weights carry over, the optimizer's state does not) and ``epochs``
-    passes over ``train``. After each fit the metric is measured on ``val``,
-    and the sparsity and norms of the regularized weights are read (one host
-    sync per alpha; none inside the training steps).
+    alpha of the grid from the largest to the smallest (or the reverse:
+    ``order``), each one warm-started from the weights of the previous one
+    (unless that one left the network dead: ``order``). Every alpha gets a
+    fresh optimizer (the weights carry over, the optimizer's state does not)
+    and ``epochs`` passes over ``train``. After each fit the metric is
+    measured on ``val``, and the sparsity and norms of the regularized
+    weights are read (read back once per alpha, after its fit; no host sync
+    inside the training steps).
 
     Args:
         model: the model (an ``nn.Module``); not changed.
@@ -595,16 +620,20 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
         order: ``"decreasing"`` (largest alpha first, as scikit-learn and
             glmnet fit a path: from the sparsest model, each fit adding
             weights) or ``"increasing"`` (smallest first: each fit prunes the
-            previous one). All-zero weights are a stationary point of a
-            network of more than one layer at every alpha (with every weight
-            of a layer zero, no gradient that depends on the input reaches
-            the others). So in decreasing order a first alpha strong enough
-            to zero every regularized weight leaves every later fit there
-            (``path`` warns when that happens): start the grid lower, or
-            fit it in increasing order, where the network learns first and
-            reaches the strong alphas last. Increasing is also the order
-            for spreading the steps of one training run over the grid
-            (``epochs`` = the run's epochs / the number of alphas).
+            previous one, so a network learns before it is pruned).
+            Increasing is also the order for spreading the steps of one
+            training run over the grid (``epochs`` = the run's epochs / the
+            number of alphas). In either order, a dead fit is no warm
+            start: one after which the model's output is the same for every
+            sample of the metric's data, with more than one regularized
+            tensor. A network whose regularized layers are (nearly) all
+            zero is stuck there at every alpha (with every weight of a layer
+            zero, no gradient that depends on the input reaches the others),
+            so every later fit started there would stay dead. The next fit
+            starts instead from the last live fit, or from the model's own
+            weights if none was (``rows[i]["start"]`` says which). A single
+            regularized tensor, as a linear model's, is never stuck at
+            zero: its fits are always warm-started.
         keep_weights: keep a CPU copy of the weights at every alpha (for
             ``result.model(i)``). False: keep only what the selection may
             need (``"best"``: the best so far; ``"1se"`` in decreasing order:
@@ -710,7 +739,13 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
     weights: Dict[int, Dict[str, Tensor]] = {}
     best_row: Optional[Dict[str, Any]] = None
     keep_all = keep_weights or (select == "1se" and order == "increasing")
-    dead_warned = False
+    # A dead fit (the same output for every sample) of a network is no warm start: the next fit
+    # starts from the last live one, or from the model's own weights. Their CPU copy is kept only
+    # where more than one tensor is regularized (a single one, as a linear model's, is not stuck
+    # at zero).
+    live: Optional[Tuple[Optional[float], Dict[str, Tensor]]] = (
+        (None, _cpu_state(work)) if len(reg_params) > 1 else None)
+    start: Optional[float] = None
     try:
         for i, alpha in enumerate(grid):
             t0 = time.perf_counter()
@@ -736,11 +771,11 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
             del opt
             work.zero_grad(set_to_none=True)
             train_loss = float(total) / count
-            mean, se = _evaluate(work, metric, val_data, full_val, device)
+            mean, se, constant = _evaluate(work, metric, val_data, full_val, device)
             sparsity, layers = _layer_stats(reg_names, reg_params)
             row = {"alpha": alpha, "train_loss": train_loss, "val_metric": mean, "val_se": se,
                    "sparsity": sparsity, "layers": layers, "epochs": epochs,
-                   "seconds": time.perf_counter() - t0}
+                   "seconds": time.perf_counter() - t0, "start": start}
             rows.append(row)
             record = best_row is None or _beats(row, best_row, greater_is_better)  # the best so far
             if record:
@@ -750,14 +785,14 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
             if keep_all or record:
                 if not keep_all and select == "best":
                     weights.clear()
-                weights[i] = {k: v.detach().to("cpu", copy=True) for k, v in work.state_dict().items()}
-            if (order == "decreasing" and sparsity == 1.0 and i + 1 < len(grid) and len(reg_params) > 1
-                    and not dead_warned):
-                warnings.warn(f"pyreg.path: the fit at alpha={alpha:.4g} left every regularized weight zero, "
-                              f"and the {len(grid) - i - 1} smaller alphas start from there: a network of more "
-                              "than one layer rarely recovers from all-zero weights. Start the grid lower, "
-                              "or fit it with order='increasing'.", RuntimeWarning, stacklevel=2)
-                dead_warned = True
+                weights[i] = _cpu_state(work)
+            start = alpha
+            if live is not None and i + 1 < len(grid):
+                if constant:  # no warm start: the next fit starts where the last live one ended
+                    start = live[0]
+                    work.load_state_dict(live[1])
+                else:
+                    live = (alpha, weights[i] if i in weights else _cpu_state(work))
             if bar is not None:
                 bar.set_postfix(alpha=f"{alpha:.3g}", **{metric_on: f"{mean:.4g}"})
                 bar.update(1)

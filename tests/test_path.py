@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import pyreg
-from pyreg.path import PathResult, _select
+from pyreg.path import PathResult, _evaluate, _select
 
 N, P = 60, 12
 
@@ -146,6 +146,10 @@ def test_increasing_order_fits_smallest_first_and_selects_as_decreasing_does(sel
     up = pyreg.path(_linear(), _half_mse, train, order="increasing", **common)
     assert up.alphas == down.alphas[::-1]
     assert [r["alpha"] for r in up.rows] == up.alphas
+    # one regularized tensor: every fit is warm-started from the one before, all-zero ones too
+    assert down.rows[0]["sparsity"] == 1.0
+    assert [r["start"] for r in down.rows] == [None] + down.alphas[:-1]
+    assert [r["start"] for r in up.rows] == [None] + up.alphas[:-1]
     sparsity = [r["sparsity"] for r in up.rows]
     assert all(a <= b for a, b in zip(sparsity, sparsity[1:])), sparsity
     # a convex problem: the same optimum at every alpha whichever fit it starts from
@@ -174,23 +178,70 @@ def test_ties_go_to_the_larger_alpha_in_either_order():
     assert _select(rows, False) == (1, 2)
 
 
-def test_a_dead_decreasing_path_warns_and_the_increasing_one_learns():
-    # a grid that starts where every weight of the MLP dies: in decreasing order every later fit
-    # starts from all-zero weights; in increasing order the network learns first
+def test_a_fit_that_kills_the_network_is_no_warm_start():
+    # alpha 100 zeroes every weight of the MLP, a stationary point at every alpha: the fit after it
+    # starts from the last fit that kept a weight (or the model's own weights), in either order
     X, y = _data()
     data = (torch.tensor(X).float(), torch.tensor(y).float()[:, None])
-    common = dict(alphas=[100.0, 0.01, 0.001], optimizer=lambda g: pyreg.optim.SGD(g, lr=0.05, momentum=0.9),
-                  epochs=100, progress=False)
-    with pytest.warns(RuntimeWarning, match="every regularized weight zero"):
-        down = pyreg.path(_mlp(), nn.functional.mse_loss, data, **common)  # decreasing: the default
-    assert [r["sparsity"] for r in down.rows] == [1.0, 1.0, 1.0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        up = pyreg.path(_mlp(), nn.functional.mse_loss, data, order="increasing", **common)
-    assert up.order == "increasing" and up.to_dict()["order"] == "increasing" and down.order == "decreasing"
-    assert up.alphas == [0.001, 0.01, 100.0]
-    assert up.rows[0]["sparsity"] < 0.5 and up.rows[-1]["sparsity"] == 1.0
-    assert up.rows[0]["val_metric"] < 0.5 * min(r["val_metric"] for r in down.rows)
+    common = dict(optimizer=lambda g: pyreg.optim.SGD(g, lr=0.05, momentum=0.9), epochs=100, progress=False)
+    model = _mlp()
+    down = pyreg.path(model, nn.functional.mse_loss, data, alphas=[100.0, 0.01, 0.001], **common)  # the default
+    assert down.order == "decreasing" and [r["sparsity"] for r in down.rows][0] == 1.0
+    assert [r["start"] for r in down.rows] == [None, None, 0.01]
+    # the fit at 0.01 is the one the model's own weights give at 0.01
+    fresh = pyreg.path(model, nn.functional.mse_loss, data, alphas=[0.01], **common)
+    assert fresh.rows[0]["start"] is None and _same_state(down.weights(1), fresh.weights(0))
+    assert down.rows[2]["sparsity"] < 0.5
+    up = pyreg.path(model, nn.functional.mse_loss, data, alphas=[0.001, 100.0, 200.0], order="increasing", **common)
+    assert up.alphas == [0.001, 100.0, 200.0] and up.to_dict()["order"] == "increasing"
+    assert [r["start"] for r in up.rows] == [None, 0.001, 0.001]
+    assert up.to_dict()["rows"][1]["start"] == 0.001
+    assert up.rows[0]["sparsity"] < 0.5 and up.rows[1]["sparsity"] == up.rows[2]["sparsity"] == 1.0
+    # the fit at 200 is the one that follows the fit at 0.001 directly (the unregularized biases show it)
+    pair = pyreg.path(model, nn.functional.mse_loss, data, alphas=[0.001, 200.0], order="increasing", **common)
+    assert _same_state(up.weights(2), pair.weights(1))
+
+
+def test_a_dead_fit_is_told_by_its_output_not_by_its_zeros():
+    # the output layer alone zeroed (its l1 1e5 times the input layer's): the model's output is its bias
+    # for every sample while most input weights remain, and the next fit starts from the model
+    X, y = _data()
+    data = (torch.tensor(X).float(), torch.tensor(y).float()[:, None])
+    common = dict(optimizer=lambda g: pyreg.optim.SGD(g, lr=0.05, momentum=0.9), epochs=100, progress=False,
+                  method=lambda a: {"l1": a / 1e5, "overrides": {"2.weight": {"l1": a}}})
+    down = pyreg.path(_mlp(), nn.functional.mse_loss, data, alphas=[1000.0, 0.001], **common)
+    top = down.rows[0]["layers"]
+    assert top["2.weight"]["sparsity"] == 1.0 and top["0.weight"]["sparsity"] < 0.5
+    assert [r["start"] for r in down.rows] == [None, None]
+    fresh = pyreg.path(_mlp(), nn.functional.mse_loss, data, alphas=[0.001], **common)
+    assert _same_state(down.weights(1), fresh.weights(0))
+
+
+class _Out(nn.Module):
+    """Returns ``outputs[i]`` at its i-th call (whatever the input)."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs, self.calls = outputs, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.outputs[self.calls - 1]
+
+
+@pytest.mark.parametrize("outputs, constant", [
+    ([torch.ones(3, 2), torch.ones(2, 2)], True),  # the same row for every sample, over two batches
+    ([torch.ones(3, 2), torch.tensor([[1.0, 1.0], [1.0, 1.5]])], False),  # one sample of the second differs
+    ([torch.ones(3, 2), torch.full((2, 2), 2.0)], False),  # each batch constant, but not the same
+    ([torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 1.0]]), torch.ones(2, 2)], False),
+    ([torch.ones(3, 2), torch.ones(2, 3)], False),  # shapes that differ
+    ([torch.full((3, 2), float("nan")), torch.full((2, 2), float("nan"))], False),  # NaN equals nothing
+    ([(torch.ones(3, 2),), (torch.ones(2, 2),)], False),  # not a tensor: not known constant
+])
+def test_evaluate_tells_a_constant_output(outputs, constant):
+    batches = [(torch.randn(3, 4), torch.zeros(3)), (torch.randn(2, 4), torch.zeros(2))]
+    mean, _, got = _evaluate(_Out(outputs), lambda out, y: torch.zeros(y.shape[0]), batches, False, None)
+    assert mean == 0.0 and got is constant
 
 
 def test_strength_method_default_grid_and_sparsity():
