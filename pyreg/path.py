@@ -639,7 +639,10 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
             need (``"best"``: the best so far; ``"1se"`` in decreasing order:
             each fit better than all before it; in increasing order: every
             fit, as a later one may still be picked), and only the selected
-            fit in the result.
+            fit in the result. Either way, with more than one regularized
+            tensor, the last live fit's weights (at first the model's) are
+            also kept on the CPU while the path runs, for a restart after a
+            dead fit (``order``).
         exclude: the parameters left unregularized, as :func:`pyreg.param_groups`
             takes it (None: biases, norms, embeddings, 1-D parameters).
         progress: show a progress bar over the alphas (needs tqdm; none without it).
