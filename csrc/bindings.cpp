@@ -14,6 +14,7 @@
 #include "common/kernels_api.h"
 #include "common/op_math.h"
 #include "common/tensor_list.h"
+#include "fast_list.h"
 #include "fast_prox.h"
 #if defined(PYREG_WITH_CUDA_EMU)
 #include "cuda/emu/selftest.h"
@@ -356,6 +357,7 @@ PYBIND11_MODULE(_C, m) {
   bind_kernels(m, "cuda", pyreg::kCuda);
   bind_kernels(m, "cuda_emu", pyreg::kCudaEmu);
   pyreg::bind_fast_prox(m, pyreg::kCpu);
+  pyreg::bind_fast_list(m);
 #if defined(PYREG_WITH_CUDA_EMU)
   m.def("cuda_emu_selftest", &pyreg::emu::selftest, py::arg("name"),
         "Runs one of the emulator's own checks (csrc/cuda/emu/selftest.cpp).");

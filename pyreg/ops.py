@@ -27,12 +27,11 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
-from ._common import WeightStats, coef_tensor, has_dtensor
-from .backends._marshal import plain_description
+from ._common import DTYPE_CODES, WeightStats, coef_tensor, has_dtensor
 from ._ops import (add_group_penalty_grad_op, add_penalty_grad_op, group_norms_op, group_penalty_op,
                    group_prox_op, kth_abs_op, max_norm_op, penalty_op, prox_op, weight_stats_op)
 from ._validate import (PLAIN_TYPES, Coefficient, check_grads_apart, check_no_overlap, check_refs_apart,
-                        coefficient, disjoint_pointers, fast_coefficient, group_dims, partner_list, plain_cpu,
+                        coefficient, fast_coefficient, group_dims, partner_list,
                         tensor_list)
 
 _dtype_of, _shape_of, _requires_grad = attrgetter("dtype"), attrgetter("shape"), attrgetter("requires_grad")
@@ -72,22 +71,39 @@ def _eager(inputs: Sequence[Tensor], mutated: Sequence[Tensor],
 # --------------------------------------------------------------------------
 # CPU fast path: the common case, checked and run with the fewest Python steps
 # --------------------------------------------------------------------------
-def _fast_cpu(ts, written=()):
-    """The cpu backend when a call on the list ``ts`` is the common case that
-    needs no further tensor check and no dispatcher: plain eager mode, plain
-    contiguous CPU tensors of one supported dtype (``plain_cpu``), the
-    ``written`` ones (a sub-list of ``ts``, or ``ts`` itself) pairwise
-    disjoint in memory and no inference tensor among them outside inference
-    mode. None otherwise: the general path then checks (and explains) all.
-    Every input it accepts passes the general path's checks, with the same
-    result (the same kernels run). The caller checks that the written ones
-    are disjoint (``disjoint_pointers``)."""
-    if (type(ts) not in _LISTS or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-            or not plain_cpu(ts)):
+def _plain_lister():
+    """pyreg._C.plain_list, with the types, layout and dtypes it compares
+    with registered; None without the compiled module."""
+    from ._lib import _C  # noqa: PLC0415
+
+    if _C is None or not hasattr(_C, "plain_list"):
         return None
-    if written and not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, written)):
+    _C.register_plain(Tensor, torch.nn.Parameter, torch.strided, dict(DTYPE_CODES),
+                      {d: d.itemsize for d in DTYPE_CODES})
+    return _C.plain_list
+
+
+_plain_list = _plain_lister()
+
+
+def _fast_cpu(ts, written: bool = False):
+    """``(the cpu backend, (data pointers, numels, dtype codes))`` when a
+    call on ``ts`` is the common case that needs no further tensor check and
+    no dispatcher: plain eager mode, a list or tuple of plain contiguous CPU
+    tensors of one supported dtype (``plain_cpu``) and, for an op that
+    ``written`` them, pairwise disjoint in memory and no inference tensor
+    among them outside inference mode (``disjoint_pointers``). None
+    otherwise: the general path then checks (and explains) all. Every input
+    it accepts passes the general path's checks, with the same result (the
+    same kernels run). The test is one call into pyreg._C
+    (csrc/fast_list.cpp)."""
+    if _plain_list is None or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return None
-    return backends.eager_cpu()
+    be = backends.eager_cpu()
+    if be is None:
+        return None
+    d = _plain_list(ts, written, written and not torch.is_inference_mode_enabled())
+    return None if d is None else (be, d)
 
 
 def _fast_coefs(n: int, *cs):
@@ -121,6 +137,14 @@ def weight_stats(tensors: Iterable[Tensor]) -> WeightStats:
     device with one entry per tensor (float64 if any tensor is float64, else
     float32; nnz is int64).
     """
+    fast = _fast_cpu(tensors)
+    if fast is not None:
+        be, desc = fast
+        n = len(tensors)
+        rd = torch.float64 if tensors[0].dtype is torch.float64 else torch.float32
+        out = WeightStats(*(torch.empty(n, dtype=rd) for _ in range(3)), torch.empty(n, dtype=torch.int64))
+        be.weight_stats_ptrs(*desc, out)
+        return out
     ts = tensor_list(tensors)
     if not ts:
         e = torch.zeros(0)
@@ -162,13 +186,14 @@ def penalty(tensors: Iterable[Tensor], l1: Coefficient = 0.0, l2: Coefficient = 
     the penalty of w - ref instead (L1-SP / L2-SP); refs are constants.
     """
     if ref is None and not torch.compiler.is_compiling():
-        be = _fast_cpu(tensors)  # first: it takes only lists of tensors
-        if be is not None and torch.is_grad_enabled() and any(map(_requires_grad, tensors)):
-            be = None  # the differentiable op
-        cs = None if be is None else _fast_coefs(len(tensors), l1, l2)
+        fast = _fast_cpu(tensors)  # first: it takes only lists of tensors
+        if fast is not None and torch.is_grad_enabled() and any(map(_requires_grad, tensors)):
+            fast = None  # the differentiable op
+        cs = None if fast is None else _fast_coefs(len(tensors), l1, l2)
         if cs is not None:
+            be, desc = fast
             out = torch.empty((), dtype=torch.float64 if tensors[0].dtype is torch.float64 else torch.float32)
-            be.penalty_ptrs(*plain_description(tensors), *cs, out)
+            be.penalty_ptrs(*desc, *cs, out)
             return out
     ts = tensor_list(tensors)
     n, dev = len(ts), (ts[0].device if ts else torch.device("cpu"))
@@ -197,14 +222,15 @@ def add_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor],
     if (ref is None and not torch.compiler.is_compiling() and type(tensors) in _LISTS and type(grads) in _LISTS
             and len(tensors) == len(grads)):
         both = [*grads, *tensors]
-        be = _fast_cpu(both, both)
-        ptrs = (disjoint_pointers(both) if be is not None and list(map(_shape_of, grads)) == list(map(_shape_of, tensors))
-                else None)
-        cs = None if ptrs is None else _fast_coefs(len(tensors), l1, l2)
+        fast = _fast_cpu(both, True)  # (the tensors too: one test of the whole list)
+        if fast is not None and list(map(_shape_of, grads)) != list(map(_shape_of, tensors)):
+            fast = None
+        cs = None if fast is None else _fast_coefs(len(tensors), l1, l2)
         if cs is not None:
+            be, (ptrs, numels, codes) = fast
             n = len(grads)
             out = torch.empty((), dtype=torch.float64 if tensors[0].dtype is torch.float64 else torch.float32)
-            be.add_penalty_grad_ptrs(*plain_description(tensors, ptrs[n:]), ptrs[:n], *cs, out)
+            be.add_penalty_grad_ptrs(ptrs[n:], numels[n:], codes[n:], ptrs[:n], *cs, out)
             torch.autograd.graph.increment_version(grads)
             return out
     ts = tensor_list(tensors)
@@ -254,12 +280,12 @@ def prox_(tensors: Iterable[Tensor], l1: Coefficient = 0.0, l2: Coefficient = 0.
     weights that differ from their reference.
     """
     if ref is None:
-        be = _fast_cpu(tensors, tensors)
-        ptrs = None if be is None else disjoint_pointers(tensors)
-        cs = None if ptrs is None else _fast_coefs(len(tensors), l1, l2, lr)
+        fast = _fast_cpu(tensors, True)
+        cs = None if fast is None else _fast_coefs(len(tensors), l1, l2, lr)
         if cs is not None:
+            be, desc = fast
             out = torch.empty(len(tensors), dtype=torch.int64)
-            be.prox_ptrs(*plain_description(tensors, ptrs), *cs, out)
+            be.prox_ptrs(*desc, *cs, out)
             torch.autograd.graph.increment_version(tensors)
             return out
     ts = tensor_list(tensors)
@@ -356,11 +382,11 @@ def group_prox_(tensors: Iterable[Tensor], l1: Coefficient = 0.0, lr: Coefficien
     soft-threshold (lr * element_l1), then the group soft-threshold, then the
     division by (1 + 2 * lr * l2).
     """
-    be = _fast_cpu(tensors, tensors)
-    dims = None if be is None or disjoint_pointers(tensors) is None else _fast_dims(dim, tensors)
+    fast = _fast_cpu(tensors, True)
+    dims = None if fast is None else _fast_dims(dim, tensors)
     cs = None if dims is None else _fast_coefs(len(tensors), element_l1, l1, l2, lr)
     if cs is not None:
-        out = be.group_prox_(list(tensors), dims, *cs)
+        out = fast[0].group_prox_(list(tensors), dims, *cs)
         torch.autograd.graph.increment_version(tensors)
         return out
     ts, dims, n, dev = _group_args(tensors, dim, "group_prox_")
@@ -385,11 +411,11 @@ def max_norm_(tensors: Iterable[Tensor], max_value: Coefficient, dim=0) -> Tenso
     is Keras' ``MaxNorm(max_value, axis=0)`` on a Dense kernel. Returns the
     number of groups of each tensor that were scaled (1-D int64).
     """
-    be = _fast_cpu(tensors, tensors)
-    dims = None if be is None or disjoint_pointers(tensors) is None else _fast_dims(dim, tensors)
+    fast = _fast_cpu(tensors, True)
+    dims = None if fast is None else _fast_dims(dim, tensors)
     cs = None if dims is None else _fast_coefs(len(tensors), max_value)
     if cs is not None:
-        out = be.max_norm_(list(tensors), dims, *cs)
+        out = fast[0].max_norm_(list(tensors), dims, *cs)
         torch.autograd.graph.increment_version(tensors)
         return out
     ts, dims, n, dev = _group_args(tensors, dim, "max_norm_")
@@ -426,10 +452,10 @@ def kth_abs(tensors: Iterable[Tensor], k, closest: bool = False) -> Tensor:
     """
     closest = _flag(closest, "closest")
     if type(tensors) in _LISTS and type(k) in _LISTS and len(k) == len(tensors):
-        be = _fast_cpu(tensors)
-        if be is not None and be.selects() and _ks_ok(k, tensors):
+        fast = _fast_cpu(tensors)
+        if fast is not None and fast[0].selects() and _ks_ok(k, tensors):
             out = torch.empty(len(tensors), dtype=torch.float64)
-            be.kth_abs_ptrs(*plain_description(tensors), list(k), closest, out)
+            fast[0].kth_abs_ptrs(*fast[1], list(k), closest, out)
             return out
     ts = tensor_list(tensors)
     _no_dtensor(ts, "kth_abs")

@@ -121,6 +121,58 @@ def test_plain_cpu_only_takes_the_common_case():
     assert not _validate.plain_cpu([a, a.as_subclass(type("Sub", (torch.Tensor,), {}))])
 
 
+def _plain_lists():
+    """Lists the ops' fast-path test must take or refuse, each with a name."""
+    a, b = torch.randn(3), torch.randn(2, 4)
+    buf = torch.randn(10)
+    p = torch.nn.Parameter(torch.randn(5))
+    with torch.inference_mode():
+        inf = torch.randn(4)
+    e1, e2 = torch.empty(0), buf[3:3]  # empty tensors: empty ranges (one inside buf's)
+    sub = a.as_subclass(type("Sub", (torch.Tensor,), {}))
+    return {
+        "two": [a, b], "tuple": (a, b), "one": [a], "empty list": [], "0-dim": [torch.tensor(2.0), a],
+        "parameter": [p, a], "requires grad": [torch.randn(3, requires_grad=True)],
+        "float64": [a.double(), b.double()], "float16": [a.half()], "bfloat16": [a.bfloat16(), b.bfloat16()],
+        "two dtypes": [a, b.double()], "int": [a, torch.arange(3)], "not contiguous": [a, torch.randn(2, 3).t()],
+        "sparse": [a, torch.randn(3).to_sparse()], "meta": [a, torch.empty(3, device="meta")],
+        "not a tensor": [a, 1.0], "subclass": [a, sub], "generator": (t for t in [a, b]),
+        "views apart": [buf[:5], buf[5:]], "views overlap": [buf[:6], buf[4:]], "twice": [a, a],
+        "empty ones": [e1, e2, buf], "empty twice": [e1, e1], "inference": [a, inf],
+    }
+
+
+@pytest.mark.parametrize("name", list(_plain_lists()))
+@pytest.mark.parametrize("written", [False, True])
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_the_fast_path_test_takes_what_the_python_checks_take(name, written, inference_mode):
+    """pyreg._C.plain_list (one pass in C) against the checks it replaces:
+    plain_cpu, and for a written list no inference tensor outside inference
+    mode and disjoint_pointers; the same pointers, element counts and dtype
+    codes as plain_description where it takes the list."""
+    from pyreg import ops
+    from pyreg.backends._marshal import plain_description
+
+    ts = _plain_lists()[name]
+    listed = list(ts) if name != "generator" else None
+    want = None
+    if listed is not None and type(ts) in (list, tuple) and _validate.plain_cpu(listed):
+        ptrs = list(map(torch.Tensor.data_ptr, listed))
+        if written:
+            if not inference_mode and any(t.is_inference() for t in listed):
+                ptrs = None
+            elif ptrs is not None:
+                ptrs = _validate.disjoint_pointers(listed)
+        want = None if ptrs is None else plain_description(listed, ptrs)
+    got = ops._plain_list(ts, written, written and not inference_mode)
+    assert (got is None) == (want is None), (name, got, want)
+    if want is not None:
+        assert tuple(map(list, got)) == tuple(map(list, want))
+    with torch.inference_mode(inference_mode):
+        fast = ops._fast_cpu(ts, written)
+    assert (fast is None) == (want is None)
+
+
 @pytest.mark.parametrize("bad, err, match", [
     (dict(l1=-1.0), ValueError, "l1 must be finite"),
     (dict(l2=float("nan")), ValueError, "l2 must be finite"),

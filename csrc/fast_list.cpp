@@ -1,0 +1,167 @@
+// fast_list.cpp: pyreg._C.plain_list, the ops' test of the common case of a
+// call on CPU tensors, made in one pass at C speed (pyreg/ops.py's fast path).
+//
+// The common case: a list (or tuple) of at least one tensor, each exactly a
+// torch.Tensor or an nn.Parameter (no subclass that could change what its
+// data means), all of one supported dtype, dense (strided layout),
+// contiguous, on the CPU; and for an op that writes them, none an inference
+// tensor (unless inference mode is on: the caller says) and no two sharing a
+// byte. What plain_list answers for such a list, the kernels take directly:
+// each tensor's data pointer and element count, and the dtype code of all.
+// For anything else it answers None, and the caller's general path checks
+// (and explains) everything. It accepts exactly what pyreg/_validate.py's
+// plain_cpu and disjoint_pointers accept, with fewer reads per tensor:
+// torch's attribute getters, without building the tuples and device objects
+// the Python form compares.
+//
+// It uses the Python C API only (no libtorch): tensors are read through their
+// Python attributes. The types and dtypes it compares with are registered
+// once, by pyreg/_validate.py at import (register_plain).
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "fast_list.h"
+
+namespace py = pybind11;
+
+namespace pyreg {
+namespace {
+
+struct Registry {
+  py::object tensor, parameter, strided;
+  std::vector<std::pair<py::object, int>> dtypes;  // (torch dtype, kernel code)
+  std::vector<int> itemsize;                       // bytes per element, by code
+  py::object dtype = py::str("dtype"), layout = py::str("layout"), is_cpu = py::str("is_cpu"),
+             is_contiguous = py::str("is_contiguous"), is_inference = py::str("is_inference"),
+             data_ptr = py::str("data_ptr"), numel = py::str("numel");
+};
+
+Registry* registry = nullptr;  // set once, never freed (the module lives as long)
+
+// A new reference to attribute `name` of `o`, or nullptr with the error cleared.
+PyObject* get(PyObject* o, PyObject* name) {
+  PyObject* r = PyObject_GetAttr(o, name);
+  if (r == nullptr) PyErr_Clear();
+  return r;
+}
+
+// The result of the no-argument method `name` of `o` (new reference), or nullptr with the error cleared.
+PyObject* call0(PyObject* o, PyObject* name) {
+  PyObject* args[1] = {o};
+  PyObject* r = PyObject_VectorcallMethod(name, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
+  if (r == nullptr) PyErr_Clear();
+  return r;
+}
+
+// Whether attribute (or, with `method`, the no-argument method) `name` of `o` is `want`.
+bool is(PyObject* o, PyObject* name, PyObject* want, bool method = false) {
+  PyObject* r = method ? call0(o, name) : get(o, name);
+  if (r == nullptr) return false;
+  const bool same = r == want;
+  Py_DECREF(r);
+  return same;
+}
+
+// The no-argument method `name` of `o` as a non-negative integer, or false.
+bool count(PyObject* o, PyObject* name, unsigned long long* out) {
+  PyObject* r = call0(o, name);
+  if (r == nullptr) return false;
+  bool ok = PyLong_Check(r);
+  if (ok) {
+    *out = PyLong_AsUnsignedLongLong(r);
+    if (PyErr_Occurred()) {
+      PyErr_Clear();
+      ok = false;
+    }
+  }
+  Py_DECREF(r);
+  return ok;
+}
+
+}  // namespace
+
+void register_plain(py::handle tensor, py::handle parameter, py::handle strided, py::dict dtype_codes,
+                    py::dict itemsizes) {
+  auto* r = new Registry();
+  r->tensor = py::reinterpret_borrow<py::object>(tensor);
+  r->parameter = py::reinterpret_borrow<py::object>(parameter);
+  r->strided = py::reinterpret_borrow<py::object>(strided);
+  for (auto item : dtype_codes) {
+    const int code = item.second.cast<int>();
+    if (code < 0 || code > 255) throw py::value_error("register_plain: a dtype code out of range");
+    r->dtypes.emplace_back(py::reinterpret_borrow<py::object>(item.first), code);
+    if (int(r->itemsize.size()) <= code) r->itemsize.resize(size_t(code) + 1, 0);
+    r->itemsize[size_t(code)] = itemsizes[item.first].cast<int>();
+  }
+  delete registry;  // a second registration replaces the first
+  registry = r;
+}
+
+py::object plain_list(py::handle seq, bool written, bool check_inference) {
+  const Registry* r = registry;
+  PyObject* s = seq.ptr();
+  if (r == nullptr || !(PyList_CheckExact(s) || PyTuple_CheckExact(s))) return py::none();
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(s);
+  if (n == 0) return py::none();
+  PyObject** items = PySequence_Fast_ITEMS(s);
+  PyObject* dtype = nullptr;  // the first tensor's (borrowed from it while it is in the list)
+  int code = -1;
+  py::list ptrs(n), numels(n);
+  std::vector<std::pair<unsigned long long, unsigned long long>> spans;  // [start, end) in bytes
+  if (written && n > 1) spans.reserve(size_t(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* t = items[i];
+    PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(t));
+    if (type != r->tensor.ptr() && type != r->parameter.ptr()) return py::none();
+    PyObject* d = get(t, r->dtype.ptr());
+    if (d == nullptr) return py::none();
+    Py_DECREF(d);  // a torch dtype is a long-lived singleton: compared by identity only
+    if (dtype == nullptr) {
+      for (const auto& [obj, c] : r->dtypes)
+        if (obj.ptr() == d) code = c;
+      if (code < 0) return py::none();
+      dtype = d;
+    } else if (d != dtype) {
+      return py::none();
+    }
+    if (!is(t, r->layout.ptr(), r->strided.ptr()) || !is(t, r->is_cpu.ptr(), Py_True) ||
+        !is(t, r->is_contiguous.ptr(), Py_True, true))
+      return py::none();
+    if (written && check_inference && !is(t, r->is_inference.ptr(), Py_False, true)) return py::none();
+    unsigned long long ptr = 0, numel = 0;
+    if (!count(t, r->data_ptr.ptr(), &ptr) || !count(t, r->numel.ptr(), &numel)) return py::none();
+    PyObject* p = PyLong_FromUnsignedLongLong(ptr);
+    PyObject* m = p == nullptr ? nullptr : PyLong_FromUnsignedLongLong(numel);
+    if (m == nullptr) {
+      Py_XDECREF(p);
+      throw py::error_already_set();
+    }
+    PyList_SET_ITEM(ptrs.ptr(), i, p);  // steals the references
+    PyList_SET_ITEM(numels.ptr(), i, m);
+    if (written && n > 1) spans.emplace_back(ptr, ptr + numel * unsigned(r->itemsize[size_t(code)]));
+  }
+  if (written && n > 1) {  // no two share a byte: sorted by start, each ends at or before the next starts
+    std::sort(spans.begin(), spans.end());
+    for (size_t i = 1; i < spans.size(); ++i)
+      if (spans[i - 1].second > spans[i].first) return py::none();
+  }
+  py::list codes(n);
+  py::int_ c(code);
+  for (Py_ssize_t i = 0; i < n; ++i) codes[size_t(i)] = c;
+  return py::make_tuple(ptrs, numels, codes);
+}
+
+void bind_fast_list(py::module_& m) {
+  m.def("register_plain", &register_plain, py::arg("tensor"), py::arg("parameter"), py::arg("strided"),
+        py::arg("dtype_codes"), py::arg("itemsizes"),
+        "Registers the types, layout and dtypes (with their kernel codes and sizes) plain_list compares with.");
+  m.def("plain_list", &plain_list, py::arg("tensors"), py::arg("written"), py::arg("check_inference"),
+        "(data pointers, numels, dtype codes) of a list of plain contiguous CPU tensors of one supported "
+        "dtype (written: also pairwise disjoint, and with check_inference no inference tensor), else None.");
+}
+
+}  // namespace pyreg
