@@ -27,12 +27,12 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
-from ._common import DTYPE_CODES, WeightStats, coef_tensor, has_dtensor
+from ._common import WeightStats, coef_tensor, has_dtensor
+from .backends._marshal import plain_list
 from ._ops import (add_group_penalty_grad_op, add_penalty_grad_op, group_norms_op, group_penalty_op,
                    group_prox_op, kth_abs_op, max_norm_op, penalty_op, prox_op, weight_stats_op)
 from ._validate import (PLAIN_TYPES, Coefficient, check_grads_apart, check_no_overlap, check_refs_apart,
-                        coefficient, fast_coefficient, group_dims, partner_list,
-                        tensor_list)
+                        coefficient, fast_coefficient, group_dims, partner_list, tensor_list)
 
 _dtype_of, _shape_of, _requires_grad = attrgetter("dtype"), attrgetter("shape"), attrgetter("requires_grad")
 _PLAIN_TYPES = PLAIN_TYPES
@@ -71,21 +71,6 @@ def _eager(inputs: Sequence[Tensor], mutated: Sequence[Tensor],
 # --------------------------------------------------------------------------
 # CPU fast path: the common case, checked and run with the fewest Python steps
 # --------------------------------------------------------------------------
-def _plain_lister():
-    """pyreg._C.plain_list, with the types, layout and dtypes it compares
-    with registered; None without the compiled module."""
-    from ._lib import _C  # noqa: PLC0415
-
-    if _C is None or not hasattr(_C, "plain_list"):
-        return None
-    _C.register_plain(Tensor, torch.nn.Parameter, torch.strided, dict(DTYPE_CODES),
-                      {d: d.itemsize for d in DTYPE_CODES})
-    return _C.plain_list
-
-
-_plain_list = _plain_lister()
-
-
 def _fast_cpu(ts, written: bool = False):
     """``(the cpu backend, (data pointers, numels, dtype codes))`` when a
     call on ``ts`` is the common case that needs no further tensor check and
@@ -95,14 +80,11 @@ def _fast_cpu(ts, written: bool = False):
     among them outside inference mode (``disjoint_pointers``). None
     otherwise: the general path then checks (and explains) all. Every input
     it accepts passes the general path's checks, with the same result (the
-    same kernels run). The test is one call into pyreg._C
-    (csrc/fast_list.cpp)."""
-    if _plain_list is None or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    same kernels run). The test is one call into pyreg._C (``plain_list``)."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return None
     be = backends.eager_cpu()
-    if be is None:
-        return None
-    d = _plain_list(ts, written, written and not torch.is_inference_mode_enabled())
+    d = None if be is None else plain_list(ts, written)
     return None if d is None else (be, d)
 
 

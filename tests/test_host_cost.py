@@ -146,12 +146,12 @@ def _plain_lists():
 @pytest.mark.parametrize("written", [False, True])
 @pytest.mark.parametrize("inference_mode", [False, True])
 def test_the_fast_path_test_takes_what_the_python_checks_take(name, written, inference_mode):
-    """pyreg._C.plain_list (one pass in C) against the checks it replaces:
+    """plain_list (one pass in C) against the checks it stands for:
     plain_cpu, and for a written list no inference tensor outside inference
     mode and disjoint_pointers; the same pointers, element counts and dtype
     codes as plain_description where it takes the list."""
     from pyreg import ops
-    from pyreg.backends._marshal import plain_description
+    from pyreg.backends._marshal import plain_description, plain_list
 
     ts = _plain_lists()[name]
     listed = list(ts) if name != "generator" else None
@@ -164,12 +164,12 @@ def test_the_fast_path_test_takes_what_the_python_checks_take(name, written, inf
             elif ptrs is not None:
                 ptrs = _validate.disjoint_pointers(listed)
         want = None if ptrs is None else plain_description(listed, ptrs)
-    got = ops._plain_list(ts, written, written and not inference_mode)
+    with torch.inference_mode(inference_mode):
+        got = plain_list(ts, written)
+        fast = ops._fast_cpu(ts, written)
     assert (got is None) == (want is None), (name, got, want)
     if want is not None:
-        assert tuple(map(list, got)) == tuple(map(list, want))
-    with torch.inference_mode(inference_mode):
-        fast = ops._fast_cpu(ts, written)
+        assert tuple(map(list, got)) == tuple(map(list, want)) and tuple(fast[1]) == tuple(got)
     assert (fast is None) == (want is None)
 
 

@@ -64,6 +64,33 @@ def plain_description(tensors: Sequence[Tensor], ptrs: Optional[List[int]] = Non
             [DTYPE_CODES[tensors[0].dtype]] * n)
 
 
+def _plain_lister():
+    """pyreg._C.plain_list, with the types, layout and dtypes it compares
+    with registered; None without the compiled module."""
+    from .._lib import _C  # noqa: PLC0415
+
+    if _C is None or not hasattr(_C, "plain_list"):
+        return None
+    _C.register_plain(Tensor, torch.nn.Parameter, torch.strided, dict(DTYPE_CODES),
+                      {d: d.itemsize for d in DTYPE_CODES})
+    return _C.plain_list
+
+
+_plain_list = _plain_lister()
+
+
+def plain_list(ts: Sequence[Tensor], written: bool = False) -> Optional[Tuple[List[int], List[int], List[int]]]:
+    """``(data pointers, numels, dtype codes)`` of ``ts``, as the kernels
+    take them, when it is the common case of a CPU op: a list or tuple that
+    ``_validate.plain_cpu`` takes and, with ``written`` (an op that writes
+    them), no inference tensor outside inference mode and no two sharing a
+    byte (``_validate.disjoint_pointers``). None otherwise, and without the
+    compiled module. One pass in C (csrc/fast_list.cpp)."""
+    if _plain_list is None:
+        return None
+    return _plain_list(ts, written, written and not torch.is_inference_mode_enabled())
+
+
 def pointers(tensors: Sequence[Tensor]) -> List[int]:
     return list(map(Tensor.data_ptr, tensors))
 
