@@ -129,17 +129,19 @@ class PathResult:
 
     def table(self) -> str:
         """The path as a markdown table: one line per alpha, with the metric's
-        mean ± standard error and marks at the best and the 1se alphas."""
+        mean ± standard error, the fit it started from (``model``: the
+        model's own weights) and marks at the best and the 1se alphas."""
         what = "val metric" if self.metric_on == "val" else "train metric"
-        lines = [f"| # | alpha | train loss | {what} (± se) | sparsity | pick |",
-                 "|---:|---:|---:|---:|---:|:---|"]
+        lines = [f"| # | alpha | train loss | {what} (± se) | sparsity | start | pick |",
+                 "|---:|---:|---:|---:|---:|---:|:---|"]
         for i, r in enumerate(self.rows):
             se = "" if not math.isfinite(r["val_se"]) else f" ± {r['val_se']:.3g}"
             marks = [m for m, j in (("best", self.best_index), ("1se", self.index_1se)) if i == j]
             if i == self.index:
                 marks.append("selected")
+            start = "model" if r.get("start") is None else f"{r['start']:.4g}"
             lines.append(f"| {i} | {r['alpha']:.4g} | {r['train_loss']:.4g} | {r['val_metric']:.4g}{se} | "
-                         f"{r['sparsity']:.1%} | {', '.join(marks)} |")
+                         f"{r['sparsity']:.1%} | {start} | {', '.join(marks)} |")
         return "\n".join(lines)
 
     def to_dict(self) -> Dict[str, Any]:

@@ -188,6 +188,7 @@ def test_a_fit_that_kills_the_network_is_no_warm_start():
     down = pyreg.path(model, nn.functional.mse_loss, data, alphas=[100.0, 0.01, 0.001], **common)  # the default
     assert down.order == "decreasing" and [r["sparsity"] for r in down.rows][0] == 1.0
     assert [r["start"] for r in down.rows] == [None, None, 0.01]
+    assert [line.split("|")[6].strip() for line in down.table().splitlines()[2:]] == ["model", "model", "0.01"]
     # the fit at 0.01 is the one the model's own weights give at 0.01
     fresh = pyreg.path(model, nn.functional.mse_loss, data, alphas=[0.01], **common)
     assert fresh.rows[0]["start"] is None and _same_state(down.weights(1), fresh.weights(0))
