@@ -4,7 +4,8 @@
 // The common case: a list (or tuple) of at least one tensor, each exactly a
 // torch.Tensor or an nn.Parameter (no subclass that could change what its
 // data means), all of one supported dtype, dense (strided layout),
-// contiguous, on the CPU; and for an op that writes them, none an inference
+// contiguous, on the CPU, without torch's negative bit (its memory would hold
+// the negated values); and for an op that writes them, none an inference
 // tensor (unless inference mode is on: the caller says) and no two sharing a
 // byte. What plain_list answers for such a list, the kernels take directly:
 // each tensor's data pointer and element count, and the dtype code of all.
@@ -36,7 +37,8 @@ struct Registry {
   std::vector<std::pair<py::object, int>> dtypes;  // (torch dtype, kernel code)
   std::vector<int> itemsize;                       // bytes per element, by code
   py::object dtype = py::str("dtype"), layout = py::str("layout"), is_cpu = py::str("is_cpu"),
-             is_contiguous = py::str("is_contiguous"), is_inference = py::str("is_inference"),
+             is_contiguous = py::str("is_contiguous"), is_neg = py::str("is_neg"),
+             is_inference = py::str("is_inference"),
              data_ptr = py::str("data_ptr"), numel = py::str("numel");
 };
 
@@ -129,7 +131,7 @@ py::object plain_list(py::handle seq, bool written, bool check_inference) {
       return py::none();
     }
     if (!is(t, r->layout.ptr(), r->strided.ptr()) || !is(t, r->is_cpu.ptr(), Py_True) ||
-        !is(t, r->is_contiguous.ptr(), Py_True, true))
+        !is(t, r->is_contiguous.ptr(), Py_True, true) || !is(t, r->is_neg.ptr(), Py_False, true))
       return py::none();
     if (written && check_inference && !is(t, r->is_inference.ptr(), Py_False, true)) return py::none();
     unsigned long long ptr = 0, numel = 0;

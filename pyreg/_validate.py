@@ -61,7 +61,7 @@ def fast_coefficient(c, n: int) -> Union[float, Tensor, None]:
     if tp is int:
         return float(c) if 0 <= c <= _INT_MAX else None
     if (tp is Tensor and c.dtype is torch.float64 and c.device.type == "cpu" and c.shape == (n,)
-            and c.is_contiguous() and not c.requires_grad):
+            and c.is_contiguous() and not c.requires_grad and not c.is_neg()):
         vals = c.tolist()
         return c if min(vals) >= 0 and math.isfinite(sum(vals)) else None
     return None
@@ -126,14 +126,15 @@ _second = itemgetter(1)
 def plain_cpu(ts: Sequence[Tensor]) -> bool:
     """True for the common case of a CPU op, decided at C speed: a non-empty
     list of plain tensors (``PLAIN_TYPES``), all contiguous, on the CPU, of
-    one supported dtype. It passes every check of :func:`tensor_list`, and
+    one supported dtype, none with the negative bit (its memory holds the
+    negated values). It passes every check of :func:`tensor_list`, and
     the kernels take each tensor as a flat run of its elements."""
     try:
         kinds = set(map(_plain_kind, ts))
     except AttributeError:  # not a tensor
         return False
     return (bool(kinds) and kinds <= _PLAIN_CPU and len(set(map(_second, kinds))) == 1
-            and all(map(Tensor.is_contiguous, ts)))
+            and all(map(Tensor.is_contiguous, ts)) and not any(map(Tensor.is_neg, ts)))
 
 
 def uniform(ts: List[Tensor]) -> bool:
@@ -178,7 +179,7 @@ def coefficient(c: Coefficient, n: int, device: torch.device, name: str) -> Unio
                 if bad.any():
                     i = int(bad.reshape(-1).nonzero()[0])
                     raise ValueError(f"{name}[{i}] must be finite and >= 0, got {float(c.reshape(-1)[i])}")
-        return to_device(c, torch.float64, device).expand(n).contiguous()
+        return to_device(c.resolve_neg(), torch.float64, device).expand(n).contiguous()
     if isinstance(c, numbers.Real) and not isinstance(c, bool):
         return nonneg_real(c, name)
     if isinstance(c, (str, bytes)) or not isinstance(c, Iterable):

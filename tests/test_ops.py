@@ -331,6 +331,55 @@ def test_noncontiguous_equals_contiguous(op):
             assert torch.equal(vv, c), name
 
 
+def _neg(t):
+    """A view with torch's negative bit whose values are ``t``'s (its memory holds -t)."""
+    v = torch._neg_view(t.neg().clone())
+    assert v.is_neg() and v.is_contiguous() and torch.equal(v, t)
+    return v
+
+
+def test_views_with_the_negative_bit_are_read_as_their_values(B):
+    """A contiguous view with the negative bit (torch._neg_view; the
+    imaginary part of a conjugated complex tensor of one element) holds the
+    negated values in memory: every op, on tensors, grads, refs and
+    coefficients of that kind, gives what it gives on the same values in
+    ordinary tensors, and writes through the view."""
+    g = torch.Generator().manual_seed(3)
+    plain = [torch.randn(5, generator=g).to(B.dev), torch.randn(4, 3, generator=g).to(B.dev),
+             torch.randn(1, generator=g).to(B.dev)]
+    grads = [torch.randn(t.shape, generator=g).to(B.dev) for t in plain]
+    refs = [torch.randn(t.shape, generator=g).to(B.dev) for t in plain]
+    c = torch.tensor([0.2, 0.1, 0.3], dtype=torch.float64, device=B.dev)
+    z = torch.randn(1, dtype=torch.complex64, generator=g).to(B.dev).conj().imag
+    assert z.is_neg() and z.is_contiguous()  # the public way to one
+    negs = [_neg(plain[0]), plain[1], _neg(plain[2])]
+    neg_grads = [grads[0], _neg(grads[1]), _neg(grads[2])]
+    with pyreg.use_backend(B.name):
+        for a, b in zip(pyreg.weight_stats(negs + [z]), pyreg.weight_stats(plain + [z.resolve_neg()])):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+        for ts in (negs, plain):  # (ordinary tensors: the CPU fast path takes the coefficient)
+            torch.testing.assert_close(pyreg.penalty(ts, _neg(c), 0.1), pyreg.penalty(plain, c, 0.1),
+                                       rtol=1e-6, atol=0)
+        gn, gp = [_neg(x) if x.is_neg() else x.clone() for x in neg_grads], [x.clone() for x in grads]
+        pyreg.add_penalty_grad_(negs, gn, 0.3, 0.2)
+        pyreg.add_penalty_grad_(plain, gp, 0.3, 0.2)
+        assert all(torch.equal(x, y) for x, y in zip(gn, gp))
+        for kw in (dict(l1=0.3, l2=0.1), dict(l1=_neg(c), l2=0.1), dict(l1=0.3, ref=[_neg(r) for r in refs])):
+            wn, wp = [_neg(t) for t in plain], [t.clone() for t in plain]
+            pyreg.prox_(wn, lr=2.0, **kw)
+            kp = dict(kw, l1=c) if isinstance(kw["l1"], torch.Tensor) else dict(kw)
+            if "ref" in kw:
+                kp["ref"] = refs
+            pyreg.prox_(wp, lr=2.0, **kp)
+            assert all(torch.equal(x, y) for x, y in zip(wn, wp)), kw
+            pinned = [x == r for x, r in zip(wp, refs)] if "ref" in kw else [x == 0 for x in wp]
+            assert any(bool(m.any()) for m in pinned)  # the threshold cut
+        gn, gp = [_neg(x) for x in grads[1:2]], [x.clone() for x in grads[1:2]]
+        pyreg.add_group_penalty_grad_([_neg(plain[1])], gn, 0.3, dim=1)
+        pyreg.add_group_penalty_grad_([plain[1]], gp, 0.3, dim=1)
+        assert torch.equal(gn[0], gp[0])
+
+
 @pytest.mark.parametrize("op", ["weight_stats", "penalty", "add_penalty_grad_", "prox_"])
 def test_deterministic_across_thread_counts(op, restore_threads):
     # Several chunks per tensor, mixed dtypes: results must be bitwise equal

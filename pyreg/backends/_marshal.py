@@ -5,7 +5,9 @@ Kernels see each tensor as a flat run of ``numel`` elements starting at its data
 pointer. That is exact for any dense, non-overlapping layout (contiguous,
 channels-last, transposed...), because every op treats elements independently
 or reduces over all of them. Other views are handled on a dense copy; in-place
-ops then copy the result back.
+ops then copy the result back. So is a view with torch's negative bit set
+(``torch._neg_view``, or the imaginary part of a conjugated complex tensor):
+its memory holds the negated values, which the kernels would read as they are.
 """
 from __future__ import annotations
 
@@ -19,7 +21,10 @@ from .._common import DTYPE_CODES
 
 
 def is_dense(t: Tensor) -> bool:
-    """True if t's elements fill [data_ptr, data_ptr + numel) with no gaps."""
+    """True if t's elements fill [data_ptr, data_ptr + numel) with no gaps,
+    each as its value (no negative bit)."""
+    if t.is_neg():
+        return False
     if t.is_contiguous():
         return True
     order = sorted(range(t.dim()), key=t.stride, reverse=True)
@@ -27,11 +32,12 @@ def is_dense(t: Tensor) -> bool:
 
 
 def dense(t: Tensor) -> Tensor:
-    return t if is_dense(t) else t.contiguous()
+    return t if is_dense(t) else t.resolve_neg().contiguous()
 
 
 def all_contiguous(tensors: Sequence[Tensor]) -> bool:
-    return all(map(Tensor.is_contiguous, tensors))
+    """All contiguous, and none with the negative bit (see the module's docstring)."""
+    return all(map(Tensor.is_contiguous, tensors)) and not any(map(Tensor.is_neg, tensors))
 
 
 def dense_list(tensors: Sequence[Tensor]) -> List[Tensor]:
@@ -136,8 +142,8 @@ class Writable:
         self.work = []
         for i, t in enumerate(self.targets):
             if like is None:
-                self.work.append(t if is_dense(t) else t.contiguous())
-            elif t.numel() <= 1 or (is_dense(t) and t.stride() == like[i].stride()):
+                self.work.append(dense(t))
+            elif is_dense(t) and (t.numel() <= 1 or t.stride() == like[i].stride()):
                 self.work.append(t)
             else:  # a copy laid out exactly like its (dense) partner, element for element
                 ref = like[i]

@@ -65,7 +65,9 @@ def fused_step(algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Te
     per device)."""
     be = backend if backend is not None else backends.for_tensors(params)
     lists = (params, grads, s1, s2, s3)
-    if not all(all(map(Tensor.is_contiguous, ts)) for ts in lists):
+    if any(map(Tensor.is_neg, params)) or any(map(Tensor.is_neg, grads)):
+        be = spec  # a view with torch's negative bit: its memory holds the negated values
+    elif not all(all(map(Tensor.is_contiguous, ts)) for ts in lists):
         if not all(_same_layout(ts) for ts in zip(*[x for x in lists if x])):
             be = spec
     be.optim_step(algo, params, grads, s1, s2, s3, steps, rows, fresh, hyper, decoupled=decoupled,
