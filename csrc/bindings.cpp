@@ -52,22 +52,26 @@ TensorList make_list(const Ptrs& ptrs, const Numels& numels, const Codes& dtypes
   return w;
 }
 
-std::vector<void*> as_ptrs(const Ptrs& p, size_t n) {
-  if (p.size() != n) throw std::invalid_argument("pyreg._C: grads differ in length from tensors");
+// Per-tensor pointers of a list paired with the tensors of `w` (grads,
+// refs, state buffers): as many, and none null where its tensor has elements.
+std::vector<void*> paired_ptrs(const Ptrs& p, const TensorList& w, const char* what) {
+  if (p.size() != w.ptrs.size())
+    throw std::invalid_argument(std::string("pyreg._C: ") + what + " differ in length from tensors");
   std::vector<void*> out;
-  out.reserve(n);
-  for (uintptr_t x : p) out.push_back(reinterpret_cast<void*>(x));
+  out.reserve(p.size());
+  for (size_t i = 0; i < p.size(); ++i) {
+    if (p[i] == 0 && w.numels[i] > 0) throw std::invalid_argument(std::string("pyreg._C: null ") + what + " pointer");
+    out.push_back(reinterpret_cast<void*>(p[i]));
+  }
   return out;
 }
 
+std::vector<void*> as_ptrs(const Ptrs& p, const TensorList& w) { return paired_ptrs(p, w, "grads"); }
+
 // Optional per-tensor pointers (refs): an empty list means none.
-std::vector<void*> optional_ptrs(const Ptrs& p, size_t n, const char* what) {
+std::vector<void*> optional_ptrs(const Ptrs& p, const TensorList& w, const char* what) {
   if (p.empty()) return {};
-  if (p.size() != n) throw std::invalid_argument(std::string("pyreg._C: ") + what + " differ in length from tensors");
-  std::vector<void*> out;
-  out.reserve(n);
-  for (uintptr_t x : p) out.push_back(reinterpret_cast<void*>(x));
-  return out;
+  return paired_ptrs(p, w, what);
 }
 
 const void* const* data_or_null(const std::vector<void*>& v) { return v.empty() ? nullptr : v.data(); }
@@ -119,7 +123,7 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
             const CoefArg& l2, uintptr_t out, int out_dtype, uintptr_t ws, int device,
             uintptr_t stream, int nthreads) {
           TensorList w = make_list(p, n, d);
-          std::vector<void*> rp = optional_ptrs(refs, p.size(), "refs");
+          std::vector<void*> rp = optional_ptrs(refs, w, "refs");
           py::gil_scoped_release nogil;
           k->penalty(w, data_or_null(rp), coef(l1), coef(l2), ptr<void>(out), out_dtype,
                      Launch{ptr<void>(ws), device, stream, nthreads});
@@ -129,8 +133,8 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
             const CoefArg& l1, const CoefArg& l2, uintptr_t out, int out_dtype, uintptr_t ws,
             int device, uintptr_t stream, int nthreads) {
           TensorList w = make_list(p, n, d);
-          std::vector<void*> rp = optional_ptrs(refs, p.size(), "refs");
-          std::vector<void*> gp = as_ptrs(g, p.size());
+          std::vector<void*> rp = optional_ptrs(refs, w, "refs");
+          std::vector<void*> gp = as_ptrs(g, w);
           py::gil_scoped_release nogil;
           k->add_penalty_grad(w, data_or_null(rp), gp.data(), coef(l1), coef(l2), ptr<void>(out),
                               out_dtype, Launch{ptr<void>(ws), device, stream, nthreads});
@@ -140,7 +144,7 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
             const CoefArg& l2, const CoefArg& lr, uintptr_t nnz, uintptr_t ws, int device,
             uintptr_t stream, int nthreads) {
           TensorList w = make_list(p, n, d);
-          std::vector<void*> rp = optional_ptrs(refs, p.size(), "refs");
+          std::vector<void*> rp = optional_ptrs(refs, w, "refs");
           py::gil_scoped_release nogil;
           k->prox(w, data_or_null(rp), coef(l1), coef(l2), coef(lr), ptr<int64_t>(nnz),
                   Launch{ptr<void>(ws), device, stream, nthreads});
@@ -199,7 +203,7 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
             uintptr_t out, int out_dtype, uintptr_t ws, int device, uintptr_t stream, int nthreads) {
           TensorList w = make_list(p, n, d);
           pyreg::GroupList gl = make_groups(w, outer, groups, inner);
-          std::vector<void*> gp = as_ptrs(g, p.size());
+          std::vector<void*> gp = as_ptrs(g, w);
           py::gil_scoped_release nogil;
           k->add_group_penalty_grad(w, gl, gp.data(), coef(group_l1), ptr<void>(out), out_dtype,
                                     Launch{ptr<void>(ws), device, stream, nthreads});
@@ -249,7 +253,7 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
             for (int code : d)
               if (code != pyreg::kFloat32 && code != pyreg::kFloat64)
                 throw std::invalid_argument("pyreg._C: push_kth takes float32 or float64 state");
-            std::vector<void*> vp = optional_ptrs(v, p.size(), "second moments");
+            std::vector<void*> vp = optional_ptrs(v, w, "second moments");
             for (size_t i = 0; i < vp.size(); ++i)
               if (vp[i] == nullptr && n[i] > 0) throw std::invalid_argument("pyreg._C: null second moment");
             if (e.size() != p.size() || s.size() != p.size() || ks.size() != p.size())
@@ -275,11 +279,11 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
           pyreg::OptimList l;
           l.w = make_list(p, n, d);
           const size_t count = p.size();
-          l.grads = as_ptrs(g, count);
-          l.s1 = optional_ptrs(s1, count, "state buffers");
-          l.s2 = optional_ptrs(s2, count, "state buffers");
-          l.s3 = optional_ptrs(s3, count, "state buffers");
-          l.steps = optional_ptrs(steps, count, "step counters");
+          l.grads = as_ptrs(g, l.w);
+          l.s1 = optional_ptrs(s1, l.w, "state buffers");
+          l.s2 = optional_ptrs(s2, l.w, "state buffers");
+          l.s3 = optional_ptrs(s3, l.w, "state buffers");
+          l.steps = optional_ptrs(steps, l.w, "step counters");
           if (group.size() != count) throw std::invalid_argument("pyreg._C: group indices differ in length from tensors");
           if (!fresh.empty() && fresh.size() != count)
             throw std::invalid_argument("pyreg._C: fresh flags differ in length from tensors");

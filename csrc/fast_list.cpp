@@ -4,8 +4,9 @@
 // The common case: a list (or tuple) of at least one tensor, each exactly a
 // torch.Tensor or an nn.Parameter (no subclass that could change what its
 // data means), all of one supported dtype, dense (strided layout),
-// contiguous, on the CPU, without torch's negative bit (its memory would hold
-// the negated values); and for an op that writes them, none an inference
+// contiguous, on the CPU, with memory (not a ZeroTensor), without torch's
+// negative bit (its memory would hold the negated values); and for an op
+// that writes them, none an inference
 // tensor (unless inference mode is on: the caller says) and no two sharing a
 // byte. What plain_list answers for such a list, the kernels take directly:
 // each tensor's data pointer and element count, and the dtype code of all.
@@ -136,6 +137,7 @@ py::object plain_list(py::handle seq, bool written, bool check_inference) {
     if (written && check_inference && !is(t, r->is_inference.ptr(), Py_False, true)) return py::none();
     unsigned long long ptr = 0, numel = 0;
     if (!count(t, r->data_ptr.ptr(), &ptr) || !count(t, r->numel.ptr(), &numel)) return py::none();
+    if (ptr == 0 && numel > 0) return py::none();  // no memory (a ZeroTensor)
     PyObject* p = PyLong_FromUnsignedLongLong(ptr);
     PyObject* m = p == nullptr ? nullptr : PyLong_FromUnsignedLongLong(numel);
     if (m == nullptr) {

@@ -61,7 +61,7 @@ def fast_coefficient(c, n: int) -> Union[float, Tensor, None]:
     if tp is int:
         return float(c) if 0 <= c <= _INT_MAX else None
     if (tp is Tensor and c.dtype is torch.float64 and c.device.type == "cpu" and c.shape == (n,)
-            and c.is_contiguous() and not c.requires_grad and not c.is_neg()):
+            and c.is_contiguous() and not c.requires_grad and not c.is_neg() and not c._is_zerotensor()):
         vals = c.tolist()
         return c if min(vals) >= 0 and math.isfinite(sum(vals)) else None
     return None
@@ -111,6 +111,9 @@ def tensor_list(tensors, what: str = "tensors") -> List[Tensor]:
                              "one call takes tensors on one device")
         if t.is_meta:
             raise ValueError(f"{what}[{i}] is a meta tensor: it has no data to regularize")
+        if t._is_zerotensor():
+            raise TypeError(f"{what}[{i}] is a ZeroTensor (torch's zeros without memory, which cannot be read "
+                            f"in place or written): pass a materialized tensor, e.g. {what}[{i}].clone()")
     return out
 
 
@@ -139,13 +142,15 @@ def plain_cpu(ts: Sequence[Tensor]) -> bool:
 
 def uniform(ts: List[Tensor]) -> bool:
     """The checks of ``_tensor_list`` for a non-empty list, at C speed: dense
-    strided tensors of supported dtypes, all on one (non-meta) device."""
+    strided tensors of supported dtypes, all on one (non-meta) device, none a
+    ZeroTensor."""
     if not ts or not all(issubclass(cls, Tensor) for cls in set(map(type, ts))):
         return False
     devices = set(map(_device_of, ts))
     return (len(devices) == 1 and next(iter(devices)).type != "meta"
             and set(map(_dtype_of, ts)) <= _SUPPORTED
-            and set(map(_layout_of, ts)) == {torch.strided})
+            and set(map(_layout_of, ts)) == {torch.strided}
+            and not any(map(Tensor._is_zerotensor, ts)))
 
 
 # --------------------------------------------------------------------------
@@ -169,6 +174,8 @@ def coefficient(c: Coefficient, n: int, device: torch.device, name: str) -> Unio
                              f"one value per tensor ({n})")
         if not (c.is_floating_point() or c.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name} has dtype {c.dtype}; expected a real dtype")
+        # memory holding the values: a ZeroTensor has none, a view with the negative bit the negated ones
+        c = c.clone() if c._is_zerotensor() else c.resolve_neg()
         if c.device.type == "cpu" and not torch.compiler.is_compiling():
             # Cheap here (no device sync); device tensors are trusted as given.
             # Fast accept: min over the non-NaN values (or NaN) >= 0, and a
@@ -179,7 +186,7 @@ def coefficient(c: Coefficient, n: int, device: torch.device, name: str) -> Unio
                 if bad.any():
                     i = int(bad.reshape(-1).nonzero()[0])
                     raise ValueError(f"{name}[{i}] must be finite and >= 0, got {float(c.reshape(-1)[i])}")
-        return to_device(c.resolve_neg(), torch.float64, device).expand(n).contiguous()
+        return to_device(c, torch.float64, device).expand(n).contiguous()
     if isinstance(c, numbers.Real) and not isinstance(c, bool):
         return nonneg_real(c, name)
     if isinstance(c, (str, bytes)) or not isinstance(c, Iterable):

@@ -136,6 +136,17 @@ OP_CASES = [
      ValueError, "grads[0] and grads[1] share memory"),
     ("apg-grad-expanded", lambda w, g: pyreg.add_penalty_grad_(w[:1], [torch.zeros(1).expand(10)], l1=0.1),
      ValueError, "grads[0] has overlapping memory"),
+    # ZeroTensors (torch's zeros without memory: nothing to read in place, immutable)
+    ("apg-zerotensor-grad", lambda w, g: pyreg.add_penalty_grad_(w, [g[0], torch._efficientzerotensor(4, 5)], l1=0.1),
+     TypeError, "grads[1] is a ZeroTensor"),
+    ("prox-zerotensor", lambda w, g: pyreg.prox_(w + [torch._efficientzerotensor(3)], l1=0.1), TypeError,
+     "tensors[2] is a ZeroTensor"),
+    ("stats-zerotensor", lambda w, g: pyreg.weight_stats([torch._efficientzerotensor(3)]), TypeError,
+     "tensors[0] is a ZeroTensor"),
+    ("prox-zerotensor-ref", lambda w, g: pyreg.prox_(w, l1=0.1, ref=[w[0] + 1, torch._efficientzerotensor(4, 5)]),
+     TypeError, "ref[1] is a ZeroTensor"),
+    ("group-prox-zerotensor", lambda w, g: pyreg.group_prox_([w[1], torch._efficientzerotensor(2, 3)], 0.1),
+     TypeError, "tensors[1] is a ZeroTensor"),
     # not tensors at all
     ("stats-int", lambda w, g: pyreg.weight_stats(3), TypeError, "tensors must be a tensor or an iterable of tensors, got int"),
     ("penalty-str", lambda w, g: pyreg.penalty("weights"), TypeError, "got str"),
@@ -153,6 +164,30 @@ def test_op_rejects_and_changes_nothing(call, exc, message):
     with _raises(exc, message):
         call(w, g)
     assert _same((w, g), before)
+
+
+def test_a_null_pointer_paired_with_a_tensor_is_refused_by_the_kernels_entry():
+    """What reaches pyreg._C directly is checked there too: a grad, ref or
+    state pointer of 0 for a tensor with elements raises (a ZeroTensor has
+    no memory), never a write to address 0."""
+    from pyreg._lib import _C
+
+    w = torch.randn(3)
+    out = torch.zeros((), dtype=torch.float32)
+    with pytest.raises(ValueError, match="null grads pointer"):
+        _C.cpu_add_penalty_grad([w.data_ptr()], [3], [0], [], [0], (0, 0.1), (0, 0.0), out.data_ptr(), 0,
+                                0, -1, 0, 1)
+    with pytest.raises(ValueError, match="null refs pointer"):
+        _C.cpu_penalty([w.data_ptr()], [3], [0], [0], (0, 0.1), (0, 0.0), out.data_ptr(), 0, 0, -1, 0, 1)
+    assert out.item() == 0.0
+
+
+def test_a_zerotensor_coefficient_is_read_as_zeros():
+    w, _ = _inputs()
+    a, b = [t.clone() for t in w], [t.clone() for t in w]
+    pyreg.prox_(a, l1=torch._efficientzerotensor(2, dtype=torch.float64), l2=0.1)
+    pyreg.prox_(b, l1=torch.zeros(2, dtype=torch.float64), l2=0.1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_grads_may_share_storage_apart_and_weights_may_alias():

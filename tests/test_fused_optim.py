@@ -997,3 +997,23 @@ def test_parameters_with_the_negative_bit_step_as_their_values(name):
         b.step()
         # (the spec steps a list with such a tensor: equal to rounding, not bit for bit)
         torch.testing.assert_close(neg.detach(), ref.detach(), rtol=1e-6, atol=1e-7, msg=str(step))
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"])
+def test_a_zerotensor_grad_steps_as_zeros(name):
+    """A grad that is a ZeroTensor (torch's zeros without memory, as autograd
+    may hand over) steps as a grad of zeros, as torch's optimizers take it."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, generator=g)
+    a, b = torch.nn.Parameter(x.clone()), torch.nn.Parameter(x.clone())
+    cls = getattr(pyreg.optim, name)
+    kw = dict(momentum=0.9) if name == "SGD" else {}
+    oa = cls([{"params": [a], "l1": 0.05, "l2": 0.01}], lr=0.1, **kw)
+    ob = cls([{"params": [b], "l1": 0.05, "l2": 0.01}], lr=0.1, **kw)
+    for step in range(3):
+        gr = torch.randn(2, 3, generator=g)
+        a.grad = torch._efficientzerotensor(2, 3) if step == 1 else gr.clone()
+        b.grad = torch.zeros(2, 3) if step == 1 else gr.clone()
+        oa.step()
+        ob.step()
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7, msg=str(step))

@@ -101,6 +101,13 @@ def pointers(tensors: Sequence[Tensor]) -> List[int]:
     return list(map(Tensor.data_ptr, tensors))
 
 
+def memoryless(tensors: Sequence[Tensor], ptrs: Optional[List[int]] = None) -> bool:
+    """Whether a tensor of the list has elements but no memory (a null data
+    pointer: torch's ZeroTensor, all zeros by construction)."""
+    ptrs = pointers(tensors) if ptrs is None else ptrs
+    return any(p == 0 and t.numel() > 0 for p, t in zip(ptrs, tensors))
+
+
 #: A coefficient as the backends take it: one value for every tensor, or a
 #: 1-D float64 tensor with one value per tensor.
 KernelCoef = Union[float, Tensor]

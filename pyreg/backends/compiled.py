@@ -381,8 +381,16 @@ class CompiledKernels:
         ``ticket`` (the CUDA builds; the CPU's ignore it): an int32 tensor of
         one zero on the params' device that the kernel leaves zero, kept by
         the caller across steps (``_marshal.step_ticket``); without one, a zeroed
-        one is made for the call."""
+        one is made for the call.
+
+        Returns False, having done nothing, where a param or grad has no
+        memory (a torch ZeroTensor, which autograd may hand over as a grad of
+        zeros): the caller steps that list otherwise (the spec). True once
+        the kernels ran."""
         desc = m.describe(params)
+        gptrs = m.pointers(grads)
+        if (0 in gptrs or 0 in desc[0]) and (m.memoryless(grads, gptrs) or m.memoryless(params, desc[0])):
+            return False
         step_dtype = DTYPE_CODES[steps[0].dtype] if steps else 0
         keep, *at = self._launch(self, params[0].device, lambda: 0)
         ptr = m.pointers
@@ -392,7 +400,7 @@ class CompiledKernels:
             if ticket is None:
                 ticket = m.step_ticket(params[0].device) if params else None
             ticket_ptr = 0 if ticket is None else ticket.data_ptr()
-        self._fn("optim_step")(*desc, ptr(grads), ptr(s1), ptr(s2), ptr(s3), ptr(steps), group, fresh,
+        self._fn("optim_step")(*desc, gptrs, ptr(s1), ptr(s2), ptr(s3), ptr(steps), group, fresh,
                                hyper.shape[0], hyper.data_ptr(), algo, step_dtype, decoupled, amsgrad,
                                maximize, nesterov, centered, prox,
                                0 if grad_scale is None else grad_scale.data_ptr(),

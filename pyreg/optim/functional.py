@@ -70,9 +70,11 @@ def fused_step(algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Te
     elif not all(all(map(Tensor.is_contiguous, ts)) for ts in lists):
         if not all(_same_layout(ts) for ts in zip(*[x for x in lists if x])):
             be = spec
-    be.optim_step(algo, params, grads, s1, s2, s3, steps, rows, fresh, hyper, decoupled=decoupled,
-                  amsgrad=amsgrad, maximize=maximize, nesterov=nesterov, centered=centered, prox=prox,
-                  grad_scale=grad_scale, found_inf=found_inf, ticket=ticket)
+    kw = dict(decoupled=decoupled, amsgrad=amsgrad, maximize=maximize, nesterov=nesterov, centered=centered,
+              prox=prox, grad_scale=grad_scale, found_inf=found_inf)
+    if be.optim_step(algo, params, grads, s1, s2, s3, steps, rows, fresh, hyper, ticket=ticket, **kw) is False:
+        # a list the kernels cannot take (a grad without memory: a ZeroTensor): the spec steps it
+        spec.optim_step(algo, params, grads, s1, s2, s3, steps, rows, fresh, hyper, **kw)
 
 
 def _same_layout(ts) -> bool:
