@@ -111,7 +111,7 @@ def tensor_list(tensors, what: str = "tensors") -> List[Tensor]:
                              "one call takes tensors on one device")
         if t.is_meta:
             raise ValueError(f"{what}[{i}] is a meta tensor: it has no data to regularize")
-        if t._is_zerotensor():
+        if not torch.compiler.is_compiling() and t._is_zerotensor():  # (a tracer's tensors have memory)
             raise TypeError(f"{what}[{i}] is a ZeroTensor (torch's zeros without memory, which cannot be read "
                             f"in place or written): pass a materialized tensor, e.g. {what}[{i}].clone()")
     return out
@@ -130,14 +130,16 @@ def plain_cpu(ts: Sequence[Tensor]) -> bool:
     """True for the common case of a CPU op, decided at C speed: a non-empty
     list of plain tensors (``PLAIN_TYPES``), all contiguous, on the CPU, of
     one supported dtype, none with the negative bit (its memory holds the
-    negated values). It passes every check of :func:`tensor_list`, and
-    the kernels take each tensor as a flat run of its elements."""
+    negated values) and none a ZeroTensor (no memory). It passes every check
+    of :func:`tensor_list`, and the kernels take each tensor as a flat run
+    of its elements."""
     try:
         kinds = set(map(_plain_kind, ts))
     except AttributeError:  # not a tensor
         return False
     return (bool(kinds) and kinds <= _PLAIN_CPU and len(set(map(_second, kinds))) == 1
-            and all(map(Tensor.is_contiguous, ts)) and not any(map(Tensor.is_neg, ts)))
+            and all(map(Tensor.is_contiguous, ts)) and not any(map(Tensor.is_neg, ts))
+            and not any(map(Tensor._is_zerotensor, ts)))
 
 
 def uniform(ts: List[Tensor]) -> bool:
@@ -174,8 +176,8 @@ def coefficient(c: Coefficient, n: int, device: torch.device, name: str) -> Unio
                              f"one value per tensor ({n})")
         if not (c.is_floating_point() or c.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name} has dtype {c.dtype}; expected a real dtype")
-        # memory holding the values: a ZeroTensor has none, a view with the negative bit the negated ones
-        c = c.clone() if c._is_zerotensor() else c.resolve_neg()
+        if not torch.compiler.is_compiling() and c._is_zerotensor():
+            c = c.clone()  # memory holding the zeros (a ZeroTensor has none)
         if c.device.type == "cpu" and not torch.compiler.is_compiling():
             # Cheap here (no device sync); device tensors are trusted as given.
             # Fast accept: min over the non-NaN values (or NaN) >= 0, and a
@@ -186,7 +188,8 @@ def coefficient(c: Coefficient, n: int, device: torch.device, name: str) -> Unio
                 if bad.any():
                     i = int(bad.reshape(-1).nonzero()[0])
                     raise ValueError(f"{name}[{i}] must be finite and >= 0, got {float(c.reshape(-1)[i])}")
-        return to_device(c, torch.float64, device).expand(n).contiguous()
+        # (a view with the negative bit holds the negated values in memory)
+        return to_device(c.resolve_neg(), torch.float64, device).expand(n).contiguous()
     if isinstance(c, numbers.Real) and not isinstance(c, bool):
         return nonneg_real(c, name)
     if isinstance(c, (str, bytes)) or not isinstance(c, Iterable):

@@ -139,7 +139,7 @@ def _plain_lists():
         "not a tensor": [a, 1.0], "subclass": [a, sub], "generator": (t for t in [a, b]),
         "views apart": [buf[:5], buf[5:]], "views overlap": [buf[:6], buf[4:]], "twice": [a, a],
         "empty ones": [e1, e2, buf], "empty twice": [e1, e1], "inference": [a, inf],
-        "negative bit": [a, torch._neg_view(b)],
+        "negative bit": [a, torch._neg_view(b)], "zerotensor": [a, torch._efficientzerotensor(3)],
     }
 
 
