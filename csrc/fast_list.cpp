@@ -37,41 +37,44 @@ struct Registry {
   py::object tensor, parameter, strided;
   std::vector<std::pair<py::object, int>> dtypes;  // (torch dtype, kernel code)
   std::vector<int> itemsize;                       // bytes per element, by code
-  py::object dtype = py::str("dtype"), layout = py::str("layout"), is_cpu = py::str("is_cpu"),
-             is_contiguous = py::str("is_contiguous"), is_neg = py::str("is_neg"),
-             is_inference = py::str("is_inference"),
-             data_ptr = py::str("data_ptr"), numel = py::str("numel");
+  // torch.Tensor's descriptors of what is read, looked up once: properties
+  // (dtype, layout, is_cpu) and no-argument methods (the others), each
+  // applied to a tensor as map(torch.Tensor.<name>, ...) would.
+  py::object dtype, layout, is_cpu, is_contiguous, is_neg, is_inference, data_ptr, numel;
 };
 
 Registry* registry = nullptr;  // set once, never freed (the module lives as long)
 
-// A new reference to attribute `name` of `o`, or nullptr with the error cleared.
-PyObject* get(PyObject* o, PyObject* name) {
-  PyObject* r = PyObject_GetAttr(o, name);
+// Property `descr` (a descriptor of torch.Tensor) of tensor `o`: a new
+// reference, or nullptr with the error cleared.
+PyObject* get(PyObject* o, PyObject* descr) {
+  descrgetfunc f = Py_TYPE(descr)->tp_descr_get;
+  PyObject* r = f == nullptr ? nullptr : f(descr, o, reinterpret_cast<PyObject*>(Py_TYPE(o)));
   if (r == nullptr) PyErr_Clear();
   return r;
 }
 
-// The result of the no-argument method `name` of `o` (new reference), or nullptr with the error cleared.
-PyObject* call0(PyObject* o, PyObject* name) {
+// The no-argument method `descr` (a method descriptor of torch.Tensor)
+// called on `o`: a new reference, or nullptr with the error cleared.
+PyObject* call0(PyObject* o, PyObject* descr) {
   PyObject* args[1] = {o};
-  PyObject* r = PyObject_VectorcallMethod(name, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
+  PyObject* r = PyObject_Vectorcall(descr, args, 1, nullptr);
   if (r == nullptr) PyErr_Clear();
   return r;
 }
 
-// Whether attribute (or, with `method`, the no-argument method) `name` of `o` is `want`.
-bool is(PyObject* o, PyObject* name, PyObject* want, bool method = false) {
-  PyObject* r = method ? call0(o, name) : get(o, name);
+// Whether property (or, with `method`, the no-argument method) `descr` of `o` is `want`.
+bool is(PyObject* o, PyObject* descr, PyObject* want, bool method = false) {
+  PyObject* r = method ? call0(o, descr) : get(o, descr);
   if (r == nullptr) return false;
   const bool same = r == want;
   Py_DECREF(r);
   return same;
 }
 
-// The no-argument method `name` of `o` as a non-negative integer, or false.
-bool count(PyObject* o, PyObject* name, unsigned long long* out) {
-  PyObject* r = call0(o, name);
+// The no-argument method `descr` of `o` as a non-negative integer, or false.
+bool count(PyObject* o, PyObject* descr, unsigned long long* out) {
+  PyObject* r = call0(o, descr);
   if (r == nullptr) return false;
   bool ok = PyLong_Check(r);
   if (ok) {
@@ -93,6 +96,10 @@ void register_plain(py::handle tensor, py::handle parameter, py::handle strided,
   r->tensor = py::reinterpret_borrow<py::object>(tensor);
   r->parameter = py::reinterpret_borrow<py::object>(parameter);
   r->strided = py::reinterpret_borrow<py::object>(strided);
+  for (auto [field, name] : {std::pair{&r->dtype, "dtype"}, {&r->layout, "layout"}, {&r->is_cpu, "is_cpu"},
+                             {&r->is_contiguous, "is_contiguous"}, {&r->is_neg, "is_neg"},
+                             {&r->is_inference, "is_inference"}, {&r->data_ptr, "data_ptr"}, {&r->numel, "numel"}})
+    *field = r->tensor.attr(name);
   for (auto item : dtype_codes) {
     const int code = item.second.cast<int>();
     if (code < 0 || code > 255) throw py::value_error("register_plain: a dtype code out of range");

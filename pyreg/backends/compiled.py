@@ -405,3 +405,4 @@ class CompiledKernels:
                                maximize, nesterov, centered, prox,
                                0 if grad_scale is None else grad_scale.data_ptr(),
                                0 if found_inf is None else found_inf.data_ptr(), ticket_ptr, *at)
+        return True
