@@ -12,8 +12,9 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._common import DTYPE_CODES, SUPPORTED_DTYPES, has_dtensor, to_device
-from .._validate import disjoint_pointers, first_overlap, plain_cpu
+from .._common import SUPPORTED_DTYPES, has_dtensor, to_device
+from .._validate import first_overlap
+from ..backends._marshal import plain_list
 from .keys import GroupSettings, check_params
 
 _KINDS = ("elem", "ref", "group", "target", "strength", "gstrength", "l2_bound", "max_norm")
@@ -65,13 +66,12 @@ class Bucket:
         if (d is not None and ptrs == d[0] and all(map(Tensor.is_contiguous, ps))
                 and list(map(Tensor.numel, ps)) == d[1]):
             return d
-        if (not plain_cpu(ps) or any(map(Tensor.is_inference, ps))
-                or disjoint_pointers(ps) is None):
+        # (inference tensors refused in inference mode too: the description outlives the step)
+        desc = None if any(map(Tensor.is_inference, ps)) else plain_list(list(ps), True)
+        if desc is None:
             self._direct = None
             return None
-        code = DTYPE_CODES[ps[0].dtype]
-        self._direct = d = [ptrs, list(map(Tensor.numel, ps)), [code] * len(ps),
-                            torch.empty(len(ps), dtype=torch.int64), None]
+        self._direct = d = [*desc, torch.empty(len(ps), dtype=torch.int64), None]
         return d
 
     def set_values(self, values: Dict[str, List[float]]) -> None:
