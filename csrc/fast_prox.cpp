@@ -14,7 +14,12 @@
 // `prox(nthreads)`, after the inner optimizer's step, runs the CPU prox
 // kernel on the buckets, with the GIL released, once it has found each
 // regularized tensor at the data pointer seen (else it does nothing and
-// answers false: the caller takes the full path).
+// answers false: the caller takes the full path). `step()` makes the whole
+// step in one call where the inner optimizer's step is torch's wrapped one
+// (bind_step): same(), the inner step as torch's wrapper runs it less the
+// global hooks (those ran around pyreg.Regularized's own step), prox(), the
+// parameters' version bump; it leaves an inner optimizer with step hooks of
+// its own, and everything that changed, to the caller.
 //
 // It uses the Python C API only (no libtorch): tensors are read through their
 // Python attributes (grad, dtype, data_ptr(), numel(), is_contiguous()).
@@ -22,6 +27,7 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <cstdint>
 #include <stdexcept>
 #include <type_traits>
@@ -235,6 +241,83 @@ bool FastProx::prox(int nthreads) {
   return true;
 }
 
+void FastProx::bind_step(py::object opt, py::object step, py::object direct, py::object num_threads,
+                         py::object bump, py::list params, py::dict out, py::object last) {
+  raw_ = step.attr("__wrapped__");  // torch's hooked step wraps the optimizer's own
+  opt_ = std::move(opt);
+  direct_ = std::move(direct);
+  num_threads_ = std::move(num_threads);
+  bump_ = std::move(bump);
+  params_ = std::move(params);
+  out_ = std::move(out);
+  last_ = std::move(last);
+  step_ = std::move(step);
+}
+
+namespace {
+
+struct StepNames {
+  py::object param_groups = py::str("param_groups"), step = py::str("step"),
+             pre = py::str("_optimizer_step_pre_hooks"), post = py::str("_optimizer_step_post_hooks"),
+             step_code = py::str("_optimizer_step_code"), last = py::str("last"), penalty = py::str("penalty");
+};
+
+const StepNames& step_names() {
+  static const StepNames* n = new StepNames();  // interned once, never freed (the module lives as long)
+  return *n;
+}
+
+// A new reference to the result of `f` called on `args`, or an exception for Python.
+py::object call(PyObject* f, std::initializer_list<PyObject*> args) {
+  PyObject* r = PyObject_Vectorcall(f, const_cast<PyObject**>(args.begin()), args.size(), nullptr);
+  if (r == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+
+// Whether attribute `name` of `o` is a non-empty container (false on any error).
+bool nonempty(PyObject* o, PyObject* name) {
+  PyObject* d = attr(o, name);
+  if (d == nullptr) return true;
+  const Py_ssize_t n = PyObject_Length(d);
+  Py_DECREF(d);
+  if (n < 0) PyErr_Clear();
+  return n != 0;
+}
+
+}  // namespace
+
+py::tuple FastProx::step() {
+  // 0: nothing done (the caller's full path checks everything); 3: nothing
+  // done, the inner optimizer has step hooks (the caller runs them).
+  const auto status = [](int s, py::object loss = py::none()) { return py::make_tuple(s, std::move(loss)); };
+  if (step_.is_none()) return status(0);
+  const StepNames& n = step_names();
+  PyObject* opt = opt_.ptr();
+  PyObject* type_step = attr(reinterpret_cast<PyObject*>(Py_TYPE(opt)), n.step.ptr());
+  if (type_step == nullptr) return status(0);
+  Py_DECREF(type_step);  // compared by identity only (step_ holds the one seen)
+  if (type_step != step_.ptr()) return status(0);
+  PyObject* groups = attr(opt, n.param_groups.ptr());
+  if (groups == nullptr) return status(0);
+  const bool as_before = same(groups);
+  Py_DECREF(groups);
+  if (!as_before) return status(0);
+  // None under a user dispatch mode or another backend: the ops decide
+  if (call(direct_.ptr(), {}).is_none()) return status(0);
+  if (nonempty(opt, n.pre.ptr()) || nonempty(opt, n.post.ptr())) return status(3);
+  py::object loss = call(raw_.ptr(), {opt});
+  PyObject* code = PyObject_CallMethodNoArgs(opt, n.step_code.ptr());  // as torch's wrapper does
+  if (code == nullptr) throw py::error_already_set();
+  Py_DECREF(code);
+  const int nthreads = py::cast<int>(call(num_threads_.ptr(), {}));
+  if (!prox(nthreads)) return status(2, loss);  // the inner step replaced a tensor's memory: the caller's prox
+  call(bump_.ptr(), {params_.ptr()});
+  if (PyDict_SetItem(out_.ptr(), n.last.ptr(), last_.ptr()) < 0 ||
+      PyDict_SetItem(out_.ptr(), n.penalty.ptr(), Py_None) < 0)
+    throw py::error_already_set();
+  return status(1, loss);
+}
+
 std::vector<size_t> FastProx::sizes() const {
   std::vector<size_t> out;
   for (const Bucket& b : buckets_) out.push_back(b.params.size());
@@ -253,6 +336,16 @@ void bind_fast_prox(py::module_& m, const Kernels& cpu) {
       .def("prox", &FastProx::prox, py::arg("nthreads"),
            "The prox of every bucket (CPU kernels), when every tensor still has the memory seen "
            "(else nothing is done, and false returned).")
+      .def("bind_step", &FastProx::bind_step, py::arg("opt"), py::arg("step"), py::arg("direct"),
+           py::arg("num_threads"), py::arg("bump"), py::arg("params"), py::arg("out"), py::arg("last"),
+           "What step() runs: the inner optimizer `opt`, its class's hooked `step` as seen, what answers "
+           "None where the CPU kernels may not be called directly, torch's thread count, the version bump of `params`, and the dict `out` "
+           "whose 'last' becomes `last` (and 'penalty' None) after each step.")
+      .def("step", &FastProx::step,
+           "The whole fast step: (status, loss). 1: same(), the inner step (torch's wrapper's work but "
+           "the global hooks), prox(), the version bump; 0: nothing done, something changed; 2: the inner "
+           "step ran and replaced a tensor's memory (no prox done); 3: nothing done, the inner optimizer "
+           "has step hooks.")
       .def("sizes", &FastProx::sizes, "The number of tensors of each bucket (one kernel call each).");
 }
 

@@ -17,6 +17,10 @@ class FastProx {
   FastProx(pybind11::list groups, pybind11::list buckets, const Kernels& kernels);
   bool same(pybind11::handle groups);
   bool prox(int nthreads);
+  void bind_step(pybind11::object opt, pybind11::object step, pybind11::object direct,
+                 pybind11::object num_threads, pybind11::object bump, pybind11::list params,
+                 pybind11::dict out, pybind11::object last);
+  pybind11::tuple step();
   std::vector<size_t> sizes() const;
 
  private:
@@ -39,6 +43,10 @@ class FastProx {
     std::vector<int64_t> nnz;
   };
   void fill_lrs();
+
+  // What step() calls and reads (set by bind_step; step_ is None until then).
+  pybind11::object opt_, step_ = pybind11::none(), raw_, direct_, num_threads_, bump_, out_, last_;
+  pybind11::list params_;
 
   const Kernels* kernels_;
   pybind11::list groups_;

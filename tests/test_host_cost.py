@@ -474,6 +474,28 @@ def test_fast_path_follows_memory_the_inner_step_replaced(monkeypatch):
     assert _bits_equal(with_fast, without)
 
 
+def test_fast_path_runs_the_inner_optimizers_own_hooks(monkeypatch):
+    """The whole fast step (one call into C) leaves an inner optimizer with
+    step hooks to the fast step that runs them: each hook once per step, in
+    order, and the full path's bits; without hooks again, the one call."""
+    seen, handles = {}, []
+
+    def hooks(k, model, opt):
+        calls = seen.setdefault(id(opt), [])
+        if k == 4:
+            inner = opt.optimizer
+            handles.append(inner.register_step_pre_hook(lambda o, a, kw: calls.append(("pre", o is inner))))
+            handles.append(inner.register_step_post_hook(lambda o, a, kw: calls.append(("post", o is inner))))
+        if k == 6:
+            for h in handles:
+                h.remove()
+            handles.clear()
+    with_fast, without, n_fast = _run_both(monkeypatch, hooks, steps=8)
+    assert _bits_equal(with_fast, without)
+    assert n_fast == 6  # steps 2..7, hooks or not
+    assert all(c == [("pre", True), ("post", True)] * 2 for c in seen.values())  # steps 4 and 5 only
+
+
 def test_fast_path_with_l1_strength_gives_the_full_paths_bits(monkeypatch):
     """l1_strength's buckets take the fast path too: their prox reads the l1
     vector that the refreshes (every 3 steps, after the prox) update."""

@@ -296,13 +296,23 @@ class Regularized(Observable, Optimizer):
         # it runs outside the graph, so the coefficients (Python floats in the
         # groups) are not baked into it: changing them recompiles nothing.
         fast = self._fast
-        if (fast is not None and closure is None and not _is_compiling() and self.mode == "proximal"
-                and fast[0].same(self.optimizer.param_groups) and apply.direct_backend() is not None):
+        if fast is not None and closure is None and self.mode == "proximal" and not _is_compiling():
             # Nothing changed since a step that made every check (an lr may be a new float):
             # the inner step, then the element prox straight into the CPU kernels.
-            loss = self._fast_step(fast)
-            if loss is not _FULL_PATH:
-                return loss
+            if fast[5]:  # no l1_strength, torch's wrapped inner step: all of it in one call
+                status, loss = fast[0].step()
+                if status == 1:
+                    return loss
+                if status == 2:  # the inner step replaced a tensor's memory
+                    return self._prox_in_full(None, loss)
+                if status == 3:  # the inner optimizer's own step hooks: the step below runs them
+                    loss = self._fast_step(fast)
+                    if loss is not _FULL_PATH:
+                        return loss
+            elif fast[0].same(self.optimizer.param_groups) and apply.direct_backend() is not None:
+                loss = self._fast_step(fast)
+                if loss is not _FULL_PATH:
+                    return loss
         self._fast = None
         groups = self.param_groups
         proximal = self.mode == "proximal"
@@ -345,7 +355,8 @@ class Regularized(Observable, Optimizer):
         loss = self._inner_step(closure)
         work = self._prox_after_step(plan, lrs, group_lrs, before)
         if closure is None and not torch.compiler.is_compiling():
-            self._fast = fast_prox(groups, plan, work, self._engine, self._fast_plan, self.state)
+            self._fast = fast_prox(groups, plan, work, self._engine, self._fast_plan, self.state,
+                                   self.optimizer, self._out)
             self._fast_plan = plan
         return loss
 
@@ -353,7 +364,7 @@ class Regularized(Observable, Optimizer):
         """The step on the fast path (see :func:`fast_prox`), or _FULL_PATH
         (nothing done) where an l1_strength bucket's l1 vector is no longer
         the state's (a state loaded into the inner optimizer)."""
-        guard, params, pen, strength, plan = fast
+        guard, params, pen, strength, plan, _ = fast
         before = None
         if strength:  # l1_strength: as the full path, with its prox in the CPU kernels
             state = self.state
@@ -366,10 +377,7 @@ class Regularized(Observable, Optimizer):
         pushes = [(w, strength_pushes(w, lambda p: torch.sub(before[id(p)], p.detach()) if id(p) in before else None))
                   for w, _ in strength] if before else ()
         if not guard.prox(_get_num_threads()):  # the inner step replaced a tensor's memory
-            self._fast = None
-            plan, lrs, _ = self._engine.prepare(self.param_groups)
-            self._prox_after_step(plan, lrs, {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}, before)
-            return loss
+            return self._prox_in_full(before, loss)
         _bump(params)
         if before is not None:
             record_strength_step([w.bucket for w, _ in strength], self.state)
@@ -380,6 +388,15 @@ class Regularized(Observable, Optimizer):
                     refresh_strength(w, due, self.state, lr=plan.work_lr(w, lrs, group_lrs), vec=vec)
         out = self._out
         out["last"], out["penalty"] = pen, None
+        return loss
+
+    def _prox_in_full(self, before: Optional[Dict[int, Tensor]], loss: Any) -> Any:
+        """After a fast step's inner step that replaced a tensor's memory: the
+        rest of the step on the full path (``before`` as for
+        :meth:`_prox_after_step`). Returns ``loss``."""
+        self._fast = None
+        plan, lrs, _ = self._engine.prepare(self.param_groups)
+        self._prox_after_step(plan, lrs, {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}, before)
         return loss
 
     def _prox_after_step(self, plan: Plan, lrs: list, group_lrs: Dict[torch.device, Tensor],
@@ -404,10 +421,13 @@ class Regularized(Observable, Optimizer):
 
 
 def fast_prox(groups: List[Dict[str, Any]], plan: Plan, work: List[Work], engine: Engine,
-              last_plan: Optional[Plan], state: Dict[Any, Dict[str, Any]]) -> Optional[tuple]:
+              last_plan: Optional[Plan], state: Dict[Any, Dict[str, Any]], inner: Optimizer,
+              out: Dict[str, Any]) -> Optional[tuple]:
     """After a proximal step that made every check: ``(pyreg._C.FastProx,
     the regularized params, the step's buckets for ``penalty``, the
-    l1_strength buckets with their l1 vectors, the plan)`` when the
+    l1_strength buckets with their l1 vectors, the plan, whether
+    ``FastProx.step`` makes the whole step: no l1_strength, and the inner
+    optimizer's step is torch's wrapped one)`` when the
     next steps can take the fast path, else None. The fast path is for the
     common case: every regularized parameter in an element-wise L1/L2 or
     ``l1_strength`` bucket that the CPU kernels take directly (plain, dense,
@@ -450,4 +470,9 @@ def fast_prox(groups: List[Dict[str, Any]], plan: Plan, work: List[Work], engine
         guard = _C.FastProx(groups, buckets)
     except ValueError:  # something it does not take: the full path
         return None
-    return guard, [p for w in work for p in w.params], list(penalized(work)), strength, plan
+    params, pen = [p for w in work for p in w.params], list(penalized(work))
+    step = type(inner).step
+    whole = not strength and getattr(step, "hooked", False)
+    if whole:  # torch's wrapped step: the whole step in one call
+        guard.bind_step(inner, step, apply.direct_backend, _get_num_threads, _bump, params, out, pen)
+    return guard, params, pen, strength, plan, whole
