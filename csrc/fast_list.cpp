@@ -40,7 +40,7 @@ struct Registry {
   // torch.Tensor's descriptors of what is read, looked up once: properties
   // (dtype, layout, is_cpu) and no-argument methods (the others), each
   // applied to a tensor as map(torch.Tensor.<name>, ...) would.
-  py::object dtype, layout, is_cpu, is_contiguous, is_neg, is_inference, data_ptr, numel;
+  py::object dtype, layout, is_cpu, grad, is_contiguous, is_neg, is_inference, data_ptr, numel;
 };
 
 Registry* registry = nullptr;  // set once, never freed (the module lives as long)
@@ -97,6 +97,7 @@ void register_plain(py::handle tensor, py::handle parameter, py::handle strided,
   r->parameter = py::reinterpret_borrow<py::object>(parameter);
   r->strided = py::reinterpret_borrow<py::object>(strided);
   for (auto [field, name] : {std::pair{&r->dtype, "dtype"}, {&r->layout, "layout"}, {&r->is_cpu, "is_cpu"},
+                             {&r->grad, "grad"},
                              {&r->is_contiguous, "is_contiguous"}, {&r->is_neg, "is_neg"},
                              {&r->is_inference, "is_inference"}, {&r->data_ptr, "data_ptr"}, {&r->numel, "numel"}})
     *field = r->tensor.attr(name);
@@ -164,6 +165,19 @@ py::object plain_list(py::handle seq, bool written, bool check_inference) {
   py::int_ c(code);
   for (Py_ssize_t i = 0; i < n; ++i) codes[size_t(i)] = c;
   return py::make_tuple(ptrs, numels, codes);
+}
+
+PyObject* read_tensor(PyObject* t, TensorRead what) {
+  const Registry* r = registry;
+  if (r == nullptr) return nullptr;
+  switch (what) {
+    case TensorRead::dtype: return get(t, r->dtype.ptr());
+    case TensorRead::grad: return get(t, r->grad.ptr());
+    case TensorRead::numel: return call0(t, r->numel.ptr());
+    case TensorRead::is_contiguous: return call0(t, r->is_contiguous.ptr());
+    case TensorRead::data_ptr: return call0(t, r->data_ptr.ptr());
+  }
+  return nullptr;
 }
 
 void bind_fast_list(py::module_& m) {

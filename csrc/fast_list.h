@@ -10,4 +10,11 @@ void register_plain(pybind11::handle tensor, pybind11::handle parameter, pybind1
 pybind11::object plain_list(pybind11::handle tensors, bool written, bool check_inference);
 void bind_fast_list(pybind11::module_& m);
 
+// One read of a tensor through torch.Tensor's descriptors, as plain_list
+// makes it: the property (dtype, grad) or the no-argument method's result
+// (numel, is_contiguous, data_ptr) as a new reference; nullptr (the error
+// cleared) on an error or before register_plain.
+enum class TensorRead { dtype, grad, numel, is_contiguous, data_ptr };
+PyObject* read_tensor(PyObject* t, TensorRead what);
+
 }  // namespace pyreg

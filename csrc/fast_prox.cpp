@@ -21,8 +21,9 @@
 // parameters' version bump; it leaves an inner optimizer with step hooks of
 // its own, and everything that changed, to the caller.
 //
-// It uses the Python C API only (no libtorch): tensors are read through their
-// Python attributes (grad, dtype, data_ptr(), numel(), is_contiguous()).
+// It uses the Python C API only (no libtorch): tensors are read through
+// torch.Tensor's descriptors, as pyreg._C.plain_list reads them (grad, dtype,
+// data_ptr(), numel(), is_contiguous()).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -36,6 +37,7 @@
 
 #include "common/kernels_api.h"
 #include "common/tensor_list.h"
+#include "fast_list.h"
 #include "fast_prox.h"
 
 namespace py = pybind11;
@@ -50,29 +52,10 @@ PyObject* attr(PyObject* o, PyObject* name) {
   return r;
 }
 
-// The result of the no-argument method `name` of `o` (new reference), or
-// nullptr with the error cleared.
-PyObject* call0(PyObject* o, PyObject* name) {
-  PyObject* args[1] = {o};
-  PyObject* r = PyObject_VectorcallMethod(name, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
-  if (r == nullptr) PyErr_Clear();
-  return r;
-}
-
-struct Names {
-  py::object grad = py::str("grad"), dtype = py::str("dtype"), data_ptr = py::str("data_ptr"),
-             numel = py::str("numel"), is_contiguous = py::str("is_contiguous");
-};
-
-const Names& names() {
-  static const Names* n = new Names();  // interned once, never freed (the module lives as long)
-  return *n;
-}
-
-// The value of the no-argument method `name` of `o` as an integer, or false.
+// The value of tensor `t`'s read `what` (an integer) as T, or false.
 template <typename T>
-bool int_of(PyObject* o, PyObject* name, T* out) {
-  PyObject* r = call0(o, name);
+bool int_of(PyObject* t, TensorRead what, T* out) {
+  PyObject* r = read_tensor(t, what);
   if (r == nullptr) return false;
   const bool ok = PyLong_Check(r);
   if (ok) *out = std::is_signed<T>::value ? T(PyLong_AsLongLong(r)) : T(PyLong_AsUnsignedLongLong(r));
@@ -87,37 +70,32 @@ bool int_of(PyObject* o, PyObject* name, T* out) {
 // Whether regularized parameter `p` still has the dtype `dtype` and a grad,
 // `numel` elements and is contiguous. false on any difference or error.
 bool as_seen(PyObject* p, PyObject* dtype, int64_t numel) {
-  const Names& n = names();
-  PyObject* dt = attr(p, n.dtype.ptr());
+  PyObject* dt = read_tensor(p, TensorRead::dtype);
   if (dt == nullptr) return false;
-  const bool same_dtype = dt == dtype;
-  Py_DECREF(dt);
-  if (!same_dtype) return false;
-  PyObject* g = attr(p, n.grad.ptr());
+  Py_DECREF(dt);  // a torch dtype is a long-lived singleton: compared by identity only
+  if (dt != dtype) return false;
+  PyObject* g = read_tensor(p, TensorRead::grad);
   if (g == nullptr) return false;
-  const bool has_grad = g != Py_None;
   Py_DECREF(g);
-  if (!has_grad) return false;
+  if (g == Py_None) return false;
   long long got = -1;
-  if (!int_of(p, n.numel.ptr(), &got) || got != numel) return false;
-  PyObject* r = call0(p, n.is_contiguous.ptr());
+  if (!int_of(p, TensorRead::numel, &got) || got != numel) return false;
+  PyObject* r = read_tensor(p, TensorRead::is_contiguous);
   if (r == nullptr) return false;
-  const bool contiguous = r == Py_True;
   Py_DECREF(r);
-  return contiguous;
+  return r == Py_True;
 }
 
 // Whether `p`'s data pointer is still `ptr` (its memory was not replaced).
 bool same_memory(PyObject* p, uintptr_t ptr) {
   unsigned long long got = 0;
-  return int_of(p, names().data_ptr.ptr(), &got) && got == ptr;
+  return int_of(p, TensorRead::data_ptr, &got) && got == ptr;
 }
 
 }  // namespace
 
 FastProx::FastProx(py::list groups, py::list buckets, const Kernels& kernels)
     : kernels_(&kernels), groups_(groups) {
-  const Names& n = names();
   for (py::handle gh : groups) {
     if (!PyDict_CheckExact(gh.ptr())) throw std::invalid_argument("FastProx: a param group is not a dict");
     Group g;
@@ -163,9 +141,9 @@ FastProx::FastProx(py::list groups, py::list buckets, const Kernels& kernels)
       if (b.group[i] < 0 || size_t(b.group[i]) >= groups_seen_.size())
         throw std::invalid_argument("FastProx: a group index is out of range");
       if (b.list.dtypes[i] < 0 || b.list.dtypes[i] > 3) throw std::invalid_argument("FastProx: unknown dtype code");
-      py::object r = py::reinterpret_steal<py::object>(call0(p, n.data_ptr.ptr()));
-      py::object m = py::reinterpret_steal<py::object>(call0(p, n.numel.ptr()));
-      py::object dt = py::reinterpret_steal<py::object>(attr(p, n.dtype.ptr()));
+      py::object r = py::reinterpret_steal<py::object>(read_tensor(p, TensorRead::data_ptr));
+      py::object m = py::reinterpret_steal<py::object>(read_tensor(p, TensorRead::numel));
+      py::object dt = py::reinterpret_steal<py::object>(read_tensor(p, TensorRead::dtype));
       if (!r || !m || !dt) throw std::invalid_argument("FastProx: a parameter is not a tensor");
       b.params.push_back(py::reinterpret_borrow<py::object>(p));
       b.dtypes.push_back(dt);
@@ -256,14 +234,14 @@ void FastProx::bind_step(py::object opt, py::object step, py::object direct, py:
 
 namespace {
 
-struct StepNames {
+struct Names {
   py::object param_groups = py::str("param_groups"), step = py::str("step"),
              pre = py::str("_optimizer_step_pre_hooks"), post = py::str("_optimizer_step_post_hooks"),
              step_code = py::str("_optimizer_step_code"), last = py::str("last"), penalty = py::str("penalty");
 };
 
-const StepNames& step_names() {
-  static const StepNames* n = new StepNames();  // interned once, never freed (the module lives as long)
+const Names& names() {
+  static const Names* n = new Names();  // interned once, never freed (the module lives as long)
   return *n;
 }
 
@@ -291,7 +269,7 @@ py::tuple FastProx::step() {
   // done, the inner optimizer has step hooks (the caller runs them).
   const auto status = [](int s, py::object loss = py::none()) { return py::make_tuple(s, std::move(loss)); };
   if (step_.is_none()) return status(0);
-  const StepNames& n = step_names();
+  const Names& n = names();
   PyObject* opt = opt_.ptr();
   PyObject* type_step = attr(reinterpret_cast<PyObject*>(Py_TYPE(opt)), n.step.ptr());
   if (type_step == nullptr) return status(0);
