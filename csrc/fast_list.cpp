@@ -3,7 +3,7 @@
 //
 // The common case: a list (or tuple) of at least one tensor, each exactly a
 // torch.Tensor or an nn.Parameter (no subclass that could change what its
-// data means), all of one supported dtype, dense (strided layout),
+// data means), all of one supported dtype, dense (strided layout, not nested),
 // contiguous, on the CPU, with memory (not a ZeroTensor), without torch's
 // negative bit (its memory would hold the negated values); and for an op
 // that writes them, none an inference
@@ -40,7 +40,7 @@ struct Registry {
   // torch.Tensor's descriptors of what is read, looked up once: properties
   // (dtype, layout, is_cpu) and no-argument methods (the others), each
   // applied to a tensor as map(torch.Tensor.<name>, ...) would.
-  py::object dtype, layout, is_cpu, grad, is_contiguous, is_neg, is_inference, data_ptr, numel;
+  py::object dtype, layout, is_cpu, is_nested, grad, is_contiguous, is_neg, is_inference, data_ptr, numel;
 };
 
 Registry* registry = nullptr;  // set once, never freed (the module lives as long)
@@ -97,7 +97,7 @@ void register_plain(py::handle tensor, py::handle parameter, py::handle strided,
   r->parameter = py::reinterpret_borrow<py::object>(parameter);
   r->strided = py::reinterpret_borrow<py::object>(strided);
   for (auto [field, name] : {std::pair{&r->dtype, "dtype"}, {&r->layout, "layout"}, {&r->is_cpu, "is_cpu"},
-                             {&r->grad, "grad"},
+                             {&r->is_nested, "is_nested"}, {&r->grad, "grad"},
                              {&r->is_contiguous, "is_contiguous"}, {&r->is_neg, "is_neg"},
                              {&r->is_inference, "is_inference"}, {&r->data_ptr, "data_ptr"}, {&r->numel, "numel"}})
     *field = r->tensor.attr(name);
@@ -140,6 +140,7 @@ py::object plain_list(py::handle seq, bool written, bool check_inference) {
       return py::none();
     }
     if (!is(t, r->layout.ptr(), r->strided.ptr()) || !is(t, r->is_cpu.ptr(), Py_True) ||
+        !is(t, r->is_nested.ptr(), Py_False) ||
         !is(t, r->is_contiguous.ptr(), Py_True, true) || !is(t, r->is_neg.ptr(), Py_False, true))
       return py::none();
     if (written && check_inference && !is(t, r->is_inference.ptr(), Py_False, true)) return py::none();

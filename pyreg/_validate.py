@@ -22,6 +22,7 @@ from ._common import SUPPORTED_DTYPES, capturing, has_dtensor, local_tensors, to
 Coefficient = Union[float, Sequence[float], Tensor]
 
 _dtype_of, _device_of, _layout_of = attrgetter("dtype"), attrgetter("device"), attrgetter("layout")
+_is_nested = attrgetter("is_nested")
 _start_of, _end_of = itemgetter(0), itemgetter(1)  # of (start, end) byte spans
 _SUPPORTED = frozenset(SUPPORTED_DTYPES)
 
@@ -111,6 +112,9 @@ def tensor_list(tensors, what: str = "tensors") -> List[Tensor]:
                              "one call takes tensors on one device")
         if t.is_meta:
             raise ValueError(f"{what}[{i}] is a meta tensor: it has no data to regularize")
+        if t.is_nested:
+            raise TypeError(f"{what}[{i}] is a nested tensor; pyreg takes its components as separate "
+                            f"tensors: pass {what}[{i}].unbind()")
         if not torch.compiler.is_compiling() and t._is_zerotensor():  # (a tracer's tensors have memory)
             raise TypeError(f"{what}[{i}] is a ZeroTensor (torch's zeros without memory, which cannot be read "
                             f"in place or written): pass a materialized tensor, e.g. {what}[{i}].clone()")
@@ -130,7 +134,7 @@ def plain_cpu(ts: Sequence[Tensor]) -> bool:
     """True for the common case of a CPU op, decided at C speed: a non-empty
     list of plain tensors (``PLAIN_TYPES``), all contiguous, on the CPU, of
     one supported dtype, none with the negative bit (its memory holds the
-    negated values) and none a ZeroTensor (no memory). It passes every check
+    negated values), none a ZeroTensor (no memory) and none nested. It passes every check
     of :func:`tensor_list`, and the kernels take each tensor as a flat run
     of its elements."""
     try:
@@ -139,20 +143,20 @@ def plain_cpu(ts: Sequence[Tensor]) -> bool:
         return False
     return (bool(kinds) and kinds <= _PLAIN_CPU and len(set(map(_second, kinds))) == 1
             and all(map(Tensor.is_contiguous, ts)) and not any(map(Tensor.is_neg, ts))
-            and not any(map(Tensor._is_zerotensor, ts)))
+            and not any(map(Tensor._is_zerotensor, ts)) and not any(map(_is_nested, ts)))
 
 
 def uniform(ts: List[Tensor]) -> bool:
     """The checks of ``_tensor_list`` for a non-empty list, at C speed: dense
     strided tensors of supported dtypes, all on one (non-meta) device, none a
-    ZeroTensor."""
+    ZeroTensor or nested (those the full checks decide)."""
     if not ts or not all(issubclass(cls, Tensor) for cls in set(map(type, ts))):
         return False
     devices = set(map(_device_of, ts))
     return (len(devices) == 1 and next(iter(devices)).type != "meta"
             and set(map(_dtype_of, ts)) <= _SUPPORTED
             and set(map(_layout_of, ts)) == {torch.strided}
-            and not any(map(Tensor._is_zerotensor, ts)))
+            and not any(map(Tensor._is_zerotensor, ts)) and not any(map(_is_nested, ts)))
 
 
 # --------------------------------------------------------------------------
@@ -379,6 +383,9 @@ def group_dims(dim, tensors: Sequence[Tensor], name: str = "dim") -> List[int]:
         raise TypeError(f"{name} must be an int or a sequence of ints, got {type(dim).__name__}")
     out = []
     for i, (t, d) in enumerate(zip(tensors, dims)):
+        if t.is_nested:
+            raise TypeError(f"tensors[{i}] is a nested tensor: its groups along {name} are not defined "
+                            "(its components differ in shape); pass its components (.unbind())")
         nd = max(t.dim(), 1)
         if not -nd <= d < nd:
             raise ValueError(f"{name}={d} is out of range for tensors[{i}] of shape {tuple(t.shape)} "

@@ -147,6 +147,20 @@ OP_CASES = [
      TypeError, "ref[1] is a ZeroTensor"),
     ("group-prox-zerotensor", lambda w, g: pyreg.group_prox_([w[1], torch._efficientzerotensor(2, 3)], 0.1),
      TypeError, "tensors[1] is a ZeroTensor"),
+    # nested tensors (a torch.Tensor whose components differ in shape)
+    ("prox-nested", lambda w, g: pyreg.prox_(w + [_nested()], l1=0.1), TypeError,
+     "tensors[2] is a nested tensor; pyreg takes its components as separate tensors"),
+    ("stats-nested", lambda w, g: pyreg.weight_stats([_nested(), w[0]]), TypeError, "tensors[0] is a nested tensor"),
+    ("penalty-nested", lambda w, g: pyreg.penalty([w[0], _nested()], l1=0.1), TypeError, "tensors[1] is a nested"),
+    ("kth-abs-nested", lambda w, g: pyreg.kth_abs([_nested()], 1), TypeError, "tensors[0] is a nested"),
+    ("apg-nested-grad", lambda w, g: pyreg.add_penalty_grad_(w[:1], [_nested(2, 5)], l1=0.1), TypeError,
+     "grads[0] is a nested tensor"),
+    ("prox-nested-ref", lambda w, g: pyreg.prox_(w[:1], l1=0.1, ref=[_nested(2, 5)]), TypeError,
+     "ref[0] is a nested tensor"),
+    ("group-prox-nested", lambda w, g: pyreg.group_prox_([w[1], _nested()], 0.1), TypeError,
+     "tensors[1] is a nested tensor"),
+    ("max-norm-nested", lambda w, g: pyreg.max_norm_([_nested(), w[1]], 1.0), TypeError,
+     "tensors[0] is a nested tensor"),
     # not tensors at all
     ("stats-int", lambda w, g: pyreg.weight_stats(3), TypeError, "tensors must be a tensor or an iterable of tensors, got int"),
     ("penalty-str", lambda w, g: pyreg.penalty("weights"), TypeError, "got str"),
@@ -154,6 +168,13 @@ OP_CASES = [
     ("use-backend-unknown", lambda w, g: pyreg.use_backend("gpu").__enter__(), ValueError,
      "unknown backend 'gpu'; expected one of ['cpu', 'cuda', 'cuda-emu', 'torch']"),
 ]
+
+
+def _nested(rows: int = 3, cols: int = 4):
+    """A contiguous nested tensor of two components, (rows, cols) and (rows + 2, cols)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's prototype warning
+        return torch.nested.nested_tensor([torch.randn(rows, cols), torch.randn(rows + 2, cols)])
 
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")

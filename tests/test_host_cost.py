@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,7 @@ def test_plain_cpu_only_takes_the_common_case():
     assert not _validate.plain_cpu([a, torch.empty(3, device="meta")])
     assert not _validate.plain_cpu([a, 1.0])
     assert not _validate.plain_cpu([a, a.as_subclass(type("Sub", (torch.Tensor,), {}))])
+    assert not _validate.plain_cpu([a, _nested()])
 
 
 def _plain_lists():
@@ -140,7 +142,15 @@ def _plain_lists():
         "views apart": [buf[:5], buf[5:]], "views overlap": [buf[:6], buf[4:]], "twice": [a, a],
         "empty ones": [e1, e2, buf], "empty twice": [e1, e1], "inference": [a, inf],
         "negative bit": [a, torch._neg_view(b)], "zerotensor": [a, torch._efficientzerotensor(3)],
+        "nested": [a, _nested()],
     }
+
+
+def _nested():
+    """A contiguous (strided) nested tensor: a torch.Tensor whose memory is its components' elements."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's prototype warning
+        return torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)])
 
 
 @pytest.mark.parametrize("name", list(_plain_lists()))
