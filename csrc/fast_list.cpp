@@ -1,10 +1,12 @@
 // fast_list.cpp: pyreg._C.plain_list, the ops' test of the common case of a
-// call on CPU tensors, made in one pass at C speed (pyreg/ops.py's fast path).
+// call on CPU tensors, or on the tensors of one GPU, made in one pass at C
+// speed (pyreg/ops.py's fast path).
 //
 // The common case: a list (or tuple) of at least one tensor, each exactly a
 // torch.Tensor or an nn.Parameter (no subclass that could change what its
 // data means), all of one supported dtype, dense (strided layout, not nested),
-// contiguous, on the CPU, with memory (not a ZeroTensor), without torch's
+// contiguous, on the CPU (with `cuda`: all on one GPU, whose index it also
+// answers), with memory (not a ZeroTensor), without torch's
 // negative bit (its memory would hold the negated values); and for an op
 // that writes them, none an inference
 // tensor (unless inference mode is on: the caller says) and no two sharing a
@@ -38,9 +40,10 @@ struct Registry {
   std::vector<std::pair<py::object, int>> dtypes;  // (torch dtype, kernel code)
   std::vector<int> itemsize;                       // bytes per element, by code
   // torch.Tensor's descriptors of what is read, looked up once: properties
-  // (dtype, layout, is_cpu) and no-argument methods (the others), each
+  // (dtype, layout, is_cpu, is_cuda, is_nested, grad) and no-argument methods (the others), each
   // applied to a tensor as map(torch.Tensor.<name>, ...) would.
-  py::object dtype, layout, is_cpu, is_nested, grad, is_contiguous, is_neg, is_inference, data_ptr, numel;
+  py::object dtype, layout, is_cpu, is_cuda, get_device, is_nested, grad, is_contiguous, is_neg, is_inference,
+      data_ptr, numel;
 };
 
 Registry* registry = nullptr;  // set once, never freed (the module lives as long)
@@ -97,6 +100,7 @@ void register_plain(py::handle tensor, py::handle parameter, py::handle strided,
   r->parameter = py::reinterpret_borrow<py::object>(parameter);
   r->strided = py::reinterpret_borrow<py::object>(strided);
   for (auto [field, name] : {std::pair{&r->dtype, "dtype"}, {&r->layout, "layout"}, {&r->is_cpu, "is_cpu"},
+                             {&r->is_cuda, "is_cuda"}, {&r->get_device, "get_device"},
                              {&r->is_nested, "is_nested"}, {&r->grad, "grad"},
                              {&r->is_contiguous, "is_contiguous"}, {&r->is_neg, "is_neg"},
                              {&r->is_inference, "is_inference"}, {&r->data_ptr, "data_ptr"}, {&r->numel, "numel"}})
@@ -112,7 +116,7 @@ void register_plain(py::handle tensor, py::handle parameter, py::handle strided,
   registry = r;
 }
 
-py::object plain_list(py::handle seq, bool written, bool check_inference) {
+py::object plain_list(py::handle seq, bool written, bool check_inference, bool cuda) {
   const Registry* r = registry;
   PyObject* s = seq.ptr();
   if (r == nullptr || !(PyList_CheckExact(s) || PyTuple_CheckExact(s))) return py::none();
@@ -121,6 +125,7 @@ py::object plain_list(py::handle seq, bool written, bool check_inference) {
   PyObject** items = PySequence_Fast_ITEMS(s);
   PyObject* dtype = nullptr;  // the first tensor's (borrowed from it while it is in the list)
   int code = -1;
+  long long device = -1;  // cuda: the first tensor's device index
   py::list ptrs(n), numels(n);
   std::vector<std::pair<unsigned long long, unsigned long long>> spans;  // [start, end) in bytes
   if (written && n > 1) spans.reserve(size_t(n));
@@ -139,7 +144,16 @@ py::object plain_list(py::handle seq, bool written, bool check_inference) {
     } else if (d != dtype) {
       return py::none();
     }
-    if (!is(t, r->layout.ptr(), r->strided.ptr()) || !is(t, r->is_cpu.ptr(), Py_True) ||
+    if (cuda) {  // on one GPU
+      unsigned long long index = 0;
+      if (!is(t, r->is_cuda.ptr(), Py_True) || !count(t, r->get_device.ptr(), &index)) return py::none();
+      if (i == 0) {
+        device = static_cast<long long>(index);
+      } else if (static_cast<long long>(index) != device) {
+        return py::none();
+      }
+    }
+    if (!is(t, r->layout.ptr(), r->strided.ptr()) || (!cuda && !is(t, r->is_cpu.ptr(), Py_True)) ||
         !is(t, r->is_nested.ptr(), Py_False) ||
         !is(t, r->is_contiguous.ptr(), Py_True, true) || !is(t, r->is_neg.ptr(), Py_False, true))
       return py::none();
@@ -165,6 +179,7 @@ py::object plain_list(py::handle seq, bool written, bool check_inference) {
   py::list codes(n);
   py::int_ c(code);
   for (Py_ssize_t i = 0; i < n; ++i) codes[size_t(i)] = c;
+  if (cuda) return py::make_tuple(ptrs, numels, codes, device);
   return py::make_tuple(ptrs, numels, codes);
 }
 
@@ -186,8 +201,10 @@ void bind_fast_list(py::module_& m) {
         py::arg("dtype_codes"), py::arg("itemsizes"),
         "Registers the types, layout and dtypes (with their kernel codes and sizes) plain_list compares with.");
   m.def("plain_list", &plain_list, py::arg("tensors"), py::arg("written"), py::arg("check_inference"),
+        py::arg("cuda") = false,
         "(data pointers, numels, dtype codes) of a list of plain contiguous CPU tensors of one supported "
-        "dtype (written: also pairwise disjoint, and with check_inference no inference tensor), else None.");
+        "dtype (written: also pairwise disjoint, and with check_inference no inference tensor), else None; "
+        "with cuda, of such tensors all on one GPU, with its index: (pointers, numels, codes, index).");
 }
 
 }  // namespace pyreg

@@ -20,7 +20,7 @@ eager mode the backend directly (``_eager``); otherwise the custom op
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
 from ._common import WeightStats, coef_tensor, has_dtensor
-from .backends._marshal import plain_list
+from .backends._marshal import plain_cuda_list, plain_list
 from ._ops import (add_group_penalty_grad_op, add_penalty_grad_op, group_norms_op, group_penalty_op,
                    group_prox_op, kth_abs_op, max_norm_op, penalty_op, prox_op, weight_stats_op)
 from ._validate import (PLAIN_TYPES, Coefficient, check_grads_apart, check_no_overlap, check_refs_apart,
@@ -69,30 +69,51 @@ def _eager(inputs: Sequence[Tensor], mutated: Sequence[Tensor],
 
 
 # --------------------------------------------------------------------------
-# CPU fast path: the common case, checked and run with the fewest Python steps
+# Fast path: the common case, checked and run with the fewest Python steps
 # --------------------------------------------------------------------------
-def _fast_cpu(ts, written: bool = False):
-    """``(the cpu backend, (data pointers, numels, dtype codes))`` when a
-    call on ``ts`` is the common case that needs no further tensor check and
-    no dispatcher: plain eager mode, a list or tuple of plain contiguous CPU
-    tensors of one supported dtype (``plain_cpu``) and, for an op that
-    ``written`` them, pairwise disjoint in memory and no inference tensor
-    among them outside inference mode (``disjoint_pointers``). None
-    otherwise: the general path then checks (and explains) all. Every input
-    it accepts passes the general path's checks, with the same result (the
-    same kernels run). The test is one call into pyreg._C (``plain_list``)."""
+def _fast(ts, written: bool = False):
+    """``(backend, (data pointers, numels, dtype codes), device)`` when a call
+    on ``ts`` is the common case that needs no further tensor check and no
+    dispatcher: plain eager mode, a list or tuple of plain contiguous tensors
+    of one supported dtype, all on the CPU (device None: the ``cpu`` backend,
+    or ``cuda-emu`` where it is forced) or all on one GPU that the ``cuda``
+    backend runs on, and, for an op that ``written`` them, pairwise disjoint
+    in memory and no inference tensor among them outside inference mode.
+    None otherwise: the general path then checks (and explains) all. Every
+    input it accepts passes the general path's checks, with the same result
+    (the same kernels run). The test is one call into pyreg._C
+    (``plain_list``; a GPU list is told from a CPU one by its first tensor)."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return None
-    be = backends.eager_cpu()
+    be = backends.eager_host()
     d = None if be is None else plain_list(ts, written)
-    return None if d is None else (be, d)
+    if d is not None:
+        return be, d, None
+    g = plain_cuda_list(ts, written)
+    if g is None:
+        return None
+    be = backends.eager_cuda(g[0])
+    return None if be is None else (be, g[1], _cuda_device(g[0]))
 
 
-def _fast_coefs(n: int, *cs):
+def _cuda_device(index: int) -> torch.device:
+    dev = _CUDA_DEVICES.get(index)
+    if dev is None:
+        dev = _CUDA_DEVICES[index] = torch.device("cuda", index)
+    return dev
+
+
+_CUDA_DEVICES: Dict[int, torch.device] = {}
+
+
+def _fast_coefs(n: int, device: Optional[torch.device], *cs):
     """The coefficients in the kernels' form, or None unless all are in the
-    common form (``fast_coefficient``)."""
+    common form (``fast_coefficient``; on a GPU (``device``), numbers only:
+    a CPU tensor would need a copy there)."""
     out = tuple(fast_coefficient(c, n) for c in cs)
-    return None if any(c is None for c in out) else out
+    if any(c is None for c in out) or (device is not None and not all(type(c) is float for c in out)):
+        return None
+    return out
 
 
 def _fast_dims(dim, ts) -> Optional[List[int]]:
@@ -121,12 +142,13 @@ def weight_stats(tensors: Iterable[Tensor]) -> WeightStats:
     device with one entry per tensor (float64 if any tensor is float64, else
     float32; nnz is int64).
     """
-    fast = _fast_cpu(tensors)
+    fast = _fast(tensors)
     if fast is not None:
-        be, desc = fast
+        be, desc, dev = fast
         n = len(tensors)
         rd = torch.float64 if tensors[0].dtype is torch.float64 else torch.float32
-        out = WeightStats(*(torch.empty(n, dtype=rd) for _ in range(3)), torch.empty(n, dtype=torch.int64))
+        out = WeightStats(*(torch.empty(n, dtype=rd, device=dev) for _ in range(3)),
+                          torch.empty(n, dtype=torch.int64, device=dev))
         be.weight_stats_ptrs(*desc, out)
         return out
     ts = tensor_list(tensors)
@@ -170,13 +192,14 @@ def penalty(tensors: Iterable[Tensor], l1: Coefficient = 0.0, l2: Coefficient = 
     the penalty of w - ref instead (L1-SP / L2-SP); refs are constants.
     """
     if ref is None and not torch.compiler.is_compiling():
-        fast = _fast_cpu(tensors)  # first: it takes only lists of tensors
+        fast = _fast(tensors)  # first: it takes only lists of tensors
         if fast is not None and torch.is_grad_enabled() and any(map(_requires_grad, tensors)):
             fast = None  # the differentiable op
-        cs = None if fast is None else _fast_coefs(len(tensors), l1, l2)
+        cs = None if fast is None else _fast_coefs(len(tensors), fast[2], l1, l2)
         if cs is not None:
-            be, desc = fast
-            out = torch.empty((), dtype=torch.float64 if tensors[0].dtype is torch.float64 else torch.float32)
+            be, desc, dev = fast
+            out = torch.empty((), dtype=torch.float64 if tensors[0].dtype is torch.float64 else torch.float32,
+                              device=dev)
             be.penalty_ptrs(*desc, *cs, out)
             return out
     ts = tensor_list(tensors)
@@ -206,14 +229,15 @@ def add_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor],
     if (ref is None and not torch.compiler.is_compiling() and type(tensors) in _LISTS and type(grads) in _LISTS
             and len(tensors) == len(grads)):
         both = [*grads, *tensors]
-        fast = _fast_cpu(both, True)  # (the tensors too: one test of the whole list)
+        fast = _fast(both, True)  # (the tensors too: one test of the whole list)
         if fast is not None and list(map(_shape_of, grads)) != list(map(_shape_of, tensors)):
             fast = None
-        cs = None if fast is None else _fast_coefs(len(tensors), l1, l2)
+        cs = None if fast is None else _fast_coefs(len(tensors), fast[2], l1, l2)
         if cs is not None:
-            be, (ptrs, numels, codes) = fast
+            be, (ptrs, numels, codes), dev = fast
             n = len(grads)
-            out = torch.empty((), dtype=torch.float64 if tensors[0].dtype is torch.float64 else torch.float32)
+            out = torch.empty((), dtype=torch.float64 if tensors[0].dtype is torch.float64 else torch.float32,
+                              device=dev)
             be.add_penalty_grad_ptrs(ptrs[n:], numels[n:], codes[n:], ptrs[:n], *cs, out)
             torch.autograd.graph.increment_version(grads)
             return out
@@ -264,11 +288,11 @@ def prox_(tensors: Iterable[Tensor], l1: Coefficient = 0.0, l2: Coefficient = 0.
     weights that differ from their reference.
     """
     if ref is None:
-        fast = _fast_cpu(tensors, True)
-        cs = None if fast is None else _fast_coefs(len(tensors), l1, l2, lr)
+        fast = _fast(tensors, True)
+        cs = None if fast is None else _fast_coefs(len(tensors), fast[2], l1, l2, lr)
         if cs is not None:
-            be, desc = fast
-            out = torch.empty(len(tensors), dtype=torch.int64)
+            be, desc, dev = fast
+            out = torch.empty(len(tensors), dtype=torch.int64, device=dev)
             be.prox_ptrs(*desc, *cs, out)
             torch.autograd.graph.increment_version(tensors)
             return out
@@ -366,9 +390,9 @@ def group_prox_(tensors: Iterable[Tensor], l1: Coefficient = 0.0, lr: Coefficien
     soft-threshold (lr * element_l1), then the group soft-threshold, then the
     division by (1 + 2 * lr * l2).
     """
-    fast = _fast_cpu(tensors, True)
+    fast = _fast(tensors, True)
     dims = None if fast is None else _fast_dims(dim, tensors)
-    cs = None if dims is None else _fast_coefs(len(tensors), element_l1, l1, l2, lr)
+    cs = None if dims is None else _fast_coefs(len(tensors), fast[2], element_l1, l1, l2, lr)
     if cs is not None:
         out = fast[0].group_prox_(list(tensors), dims, *cs)
         torch.autograd.graph.increment_version(tensors)
@@ -395,9 +419,9 @@ def max_norm_(tensors: Iterable[Tensor], max_value: Coefficient, dim=0) -> Tenso
     is Keras' ``MaxNorm(max_value, axis=0)`` on a Dense kernel. Returns the
     number of groups of each tensor that were scaled (1-D int64).
     """
-    fast = _fast_cpu(tensors, True)
+    fast = _fast(tensors, True)
     dims = None if fast is None else _fast_dims(dim, tensors)
-    cs = None if dims is None else _fast_coefs(len(tensors), max_value)
+    cs = None if dims is None else _fast_coefs(len(tensors), fast[2], max_value)
     if cs is not None:
         out = fast[0].max_norm_(list(tensors), dims, *cs)
         torch.autograd.graph.increment_version(tensors)
@@ -436,9 +460,9 @@ def kth_abs(tensors: Iterable[Tensor], k, closest: bool = False) -> Tensor:
     """
     closest = _flag(closest, "closest")
     if type(tensors) in _LISTS and type(k) in _LISTS and len(k) == len(tensors):
-        fast = _fast_cpu(tensors)
+        fast = _fast(tensors)
         if fast is not None and fast[0].selects() and _ks_ok(k, tensors):
-            out = torch.empty(len(tensors), dtype=torch.float64)
+            out = torch.empty(len(tensors), dtype=torch.float64, device=fast[2])
             fast[0].kth_abs_ptrs(*fast[1], list(k), closest, out)
             return out
     ts = tensor_list(tensors)

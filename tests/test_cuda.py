@@ -5,6 +5,7 @@ a GPU has: streams, graph capture, no host syncs, several devices, more than
 tested with every other backend's in test_ops.py."""
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -352,6 +353,55 @@ def test_fused_optimizer_step_captured_in_a_cuda_graph(GPU_K, name):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         if name != "SGD":
             assert float(opt.state[a]["step"]) == 5.0
+
+
+# --------------------------------------------------------------------------- the ops' fast path
+
+
+def _forced(K):
+    """The emulator is used only when forced; the GPU build is chosen for GPU tensors."""
+    return pyreg.use_backend("cuda-emu") if K.name == "cuda-emu" else contextlib.nullcontext()
+
+
+def _every_op(ts, gs):
+    """Each op with a fast path, on (clones of) ``ts`` and ``gs``: every result and every written tensor."""
+    ws, grads = [t.clone() for t in ts], [g.clone() for g in gs]
+    out = [*pyreg.weight_stats(ws), pyreg.penalty(ws, 0.03, 0.2), pyreg.add_penalty_grad_(ws, grads, 0.03, 0.2),
+           pyreg.kth_abs(ws, [2, 5, 100]), pyreg.prox_(ws, 0.5, 0.1, 0.7)]
+    out += [pyreg.group_prox_(ws, 0.4, 0.5, dim=0, element_l1=0.05, l2=0.1), pyreg.max_norm_(ws, 1.5, dim=0)]
+    return out + ws + grads
+
+
+def test_ops_fast_path_runs_the_cuda_kernels(K, monkeypatch):
+    """A plain list on the kernels' device goes through the ops' fast path
+    (one check in C, pyreg._C.plain_list) to the same kernels as the general
+    path, with the same bits; a list it does not take, a tensor coefficient
+    on a GPU, or another backend forced leaves the call to the general path."""
+    from pyreg import ops
+
+    g = torch.Generator().manual_seed(11)
+    ts = [(torch.randn(s, generator=g) * 2).to(K.dev) for s in ((7,), (30, 10), (64, 65))]
+    gs = [torch.randn(t.shape, generator=g).to(K.dev) for t in ts]
+    with _forced(K):
+        fast = ops._fast(ts, True)
+        assert fast is not None and fast[0] is K.be
+        assert fast[1] == ([t.data_ptr() for t in ts], [t.numel() for t in ts], [fast[1][2][0]] * 3)
+        assert fast[2] == (None if K.dev == "cpu" else ts[0].device)
+        assert ops._fast(ts + [ts[1].t()], True) is None  # not contiguous
+        assert ops._fast(ts + [ts[0][2:]], True) is None  # overlapping
+        assert ops._fast(ts + [ts[0].double()]) is None  # two dtypes
+        if K.dev != "cpu":
+            assert ops._fast(ts + [torch.randn(3)]) is None  # two devices
+            assert ops._fast_coefs(3, fast[2], 0.1, torch.ones(3, dtype=torch.float64)) is None
+        with pyreg.use_backend("torch"):
+            assert ops._fast(ts) is None
+        fast_results = _every_op(ts, gs)
+    monkeypatch.setattr(ops, "_fast", lambda *a, **k: None)
+    with _forced(K):
+        general = _every_op(ts, gs)
+    assert len(fast_results) == len(general)
+    for i, (a, b) in enumerate(zip(fast_results, general)):
+        assert a.device == b.device and a.dtype == b.dtype and bits_equal(a.cpu(), b.cpu()), i
 
 
 # --------------------------------------------------------------------------- 16-bit stores

@@ -30,7 +30,7 @@ The three compiled ones are instances of one class (compiled.py).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -92,6 +92,29 @@ def eager_cpu() -> Optional[CompiledKernels]:
 
 
 _cpu_ok: Optional[bool] = None  # whether the cpu backend can run (fixed once loaded)
+
+
+def eager_host() -> Optional[CompiledKernels]:
+    """The compiled backend that runs ops on CPU tensors now when the ops
+    may call it directly: ``cpu`` (as :func:`eager_cpu`), or ``cuda-emu``
+    where it is forced and available; else None."""
+    if _forced == "cuda-emu":
+        return cuda_emu if cuda_emu.available() else None
+    return eager_cpu()
+
+
+def eager_cuda(index: int) -> Optional[CompiledKernels]:
+    """The ``cuda`` backend when it runs ops on GPU ``index`` now (built for
+    it and available there, no other backend forced), else None."""
+    if _forced is not None and _forced != "cuda":
+        return None
+    ok = _cuda_ok.get(index)
+    if ok is None:
+        ok = _cuda_ok[index] = cuda.available(index)
+    return cuda if ok else None
+
+
+_cuda_ok: Dict[int, bool] = {}  # whether the cuda backend can run on each GPU (fixed once asked)
 
 
 def backend_name(device: Union[str, torch.device]) -> str:

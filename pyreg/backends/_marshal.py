@@ -97,6 +97,17 @@ def plain_list(ts: Sequence[Tensor], written: bool = False) -> Optional[Tuple[Li
     return _plain_list(ts, written, written and not torch.is_inference_mode_enabled())
 
 
+def plain_cuda_list(ts: Sequence[Tensor], written: bool = False
+                    ) -> Optional[Tuple[int, Tuple[List[int], List[int], List[int]]]]:
+    """``(device index, (data pointers, numels, dtype codes))`` for what
+    :func:`plain_list` takes, but with every tensor on one GPU instead of the
+    CPU; else None."""
+    if _plain_list is None:
+        return None
+    d = _plain_list(ts, written, written and not torch.is_inference_mode_enabled(), True)
+    return None if d is None else (d[3], d[:3])
+
+
 def pointers(tensors: Sequence[Tensor]) -> List[int]:
     return list(map(Tensor.data_ptr, tensors))
 
