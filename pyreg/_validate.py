@@ -30,11 +30,21 @@ _SUPPORTED = frozenset(SUPPORTED_DTYPES)
 # --------------------------------------------------------------------------
 # Numbers
 # --------------------------------------------------------------------------
+def _as_float(x, where: str, rule: str) -> float:
+    """float(x), or a ValueError saying ``rule`` where x is beyond a float's range."""
+    try:
+        return float(x)
+    except OverflowError:
+        r = repr(x)
+        raise ValueError(f"{where} must be {rule}, got {r if len(r) <= 40 else r[:20] + '...'} "
+                         "(beyond a float's range)") from None
+
+
 def real(x, where: str) -> float:
     """x as a float: a finite real number (not a bool)."""
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{where} must be a real number, got {type(x).__name__}")
-    x = float(x)
+    x = _as_float(x, where, "finite")
     if not math.isfinite(x):
         raise ValueError(f"{where} must be finite, got {x}")
     return x
@@ -44,7 +54,7 @@ def nonneg_real(x, where: str) -> float:
     """x as a float: a finite real number >= 0 (a coefficient, an lr, an alpha)."""
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{where} must be a real number, got {type(x).__name__}")
-    x = float(x)
+    x = _as_float(x, where, "finite and >= 0")
     if not math.isfinite(x) or x < 0:
         raise ValueError(f"{where} must be finite and >= 0, got {x}")
     return x

@@ -147,6 +147,8 @@ OP_CASES = [
      TypeError, "ref[1] is a ZeroTensor"),
     ("group-prox-zerotensor", lambda w, g: pyreg.group_prox_([w[1], torch._efficientzerotensor(2, 3)], 0.1),
      TypeError, "tensors[1] is a ZeroTensor"),
+    ("prox-huge-int-l1", lambda w, g: pyreg.prox_(w, l1=10 ** 400), ValueError,
+     "l1 must be finite and >= 0, got 10000000000000000000... (beyond a float's range)"),
     # nested tensors (a torch.Tensor whose components differ in shape)
     ("prox-nested", lambda w, g: pyreg.prox_(w + [_nested()], l1=0.1), TypeError,
      "tensors[2] is a nested tensor; pyreg takes its components as separate tensors"),
@@ -499,3 +501,26 @@ def test_cli_exit_status_in_a_process(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pyreg", "info", "--threads", "0"],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and "unrecognized arguments: --threads 0" in r.stderr
+
+
+@pytest.mark.parametrize("family", ["fused", "regularized"])
+@pytest.mark.parametrize("key, bad", [("lr", float("nan")), ("lr", 10 ** 400), ("eps", -1.0),
+                                      ("betas", (0.9, float("nan"))), ("weight_decay", float("inf"))],
+                         ids=["lr-nan", "lr-huge-int", "eps-negative", "beta2-nan", "weight-decay-inf"])
+def test_a_groups_bad_hyperparameter_raises_when_the_group_is_given(family, key, bad):
+    """torch's hyperparameters of a group are checked when the group is given
+    (at construction, and by add_param_group, which then adds nothing), as
+    each step checks them: torch's constructors check only their defaults."""
+    m = nn.Linear(3, 2)
+
+    def make(groups):
+        if family == "fused":
+            return pyreg.optim.AdamW(groups, lr=0.1)
+        return pyreg.Regularized(torch.optim.AdamW(groups, lr=0.1))
+
+    with _raises(ValueError, f"param_groups[0]['{key}']"):
+        make([{"params": [m.weight], key: bad}])
+    opt = make([{"params": [m.weight]}])
+    with _raises(ValueError, f"param_groups[1]['{key}']"):
+        opt.add_param_group({"params": [m.bias], key: bad})
+    assert len(opt.param_groups) == 1 and all(len(g["params"]) == 1 for g in opt.param_groups)

@@ -24,12 +24,13 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import required
 
 from .._common import outside_graph
 from .._validate import nonneg_real
 from . import apply
-from .keys import (KEYS, SIMPLE_TYPES, check_hypers, group_signature, hyper_signature, lr_value, read_group,
-                   signature)
+from .keys import (KEYS, SIMPLE_TYPES, check_hypers, check_params, group_signature, hyper_signature, lr_value,
+                   read_group, signature)
 from .plan import Plan
 from .results import ParamStats, Sparsity
 
@@ -130,6 +131,19 @@ class Engine:
                                  "Adagrad, RMSprop), which know that metric")
             out.append(st)
         return out
+
+    def check_added(self, group: Dict[str, Any], torch_defaults: Dict[str, Any], index: int) -> None:
+        """A group about to be added (``add_param_group``, which torch's
+        constructor calls for each group), checked as a step would check it,
+        before anything is added: pyreg's keys, the params against them, and
+        torch's hyperparameters as the group will hold them (the optimizer's
+        ``torch_defaults`` filled in; a required one it lacks is left to torch,
+        which names it). ``index``: the position it will have."""
+        where = f"param_groups[{index}]"
+        st = self.read([group], index)[0]
+        check_params(st, group.get("params", []), where)
+        full = {k: v for k, v in {**torch_defaults, **group}.items() if v is not required}
+        check_hypers(full, where, self.hyper_keys)
 
     def plan(self, groups: List[Dict[str, Any]]) -> Plan:
         """The cached plan of ``groups``; checks everything first where a

@@ -42,7 +42,7 @@ from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, constraints, direc
                     strength_ks, strength_l1)
 from .engine import Engine, Observable
 from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
-from .keys import check_params, flag, hyper_keys_of, read_group
+from .keys import flag, hyper_keys_of, read_group
 from .plan import Bucket, Plan, Work
 
 #: The keys pyreg adds to torch's param groups (the others, group_l1, ref,
@@ -226,9 +226,7 @@ class FusedOptimizer(Observable):
             if len({id(p) for p in ps}) != len(ps):
                 raise ValueError("a parameter group lists the same parameter twice; pyreg's fused "
                                  "optimizers update each parameter once per step, so list it once")
-        where = f"param_groups[{len(getattr(self, 'param_groups', []))}]"
-        st = read_group(param_group, self._engine.defaults, where)
-        check_params(st, param_group.get("params", []), where)
+        self._engine.check_added(param_group, self.defaults, len(getattr(self, "param_groups", [])))
         for key in PYREG_KEYS:
             param_group.setdefault(key, self._engine.defaults[key])
         super().add_param_group(param_group)  # type: ignore[misc]

@@ -30,7 +30,7 @@ from .apply import (STRENGTH_KINDS, add_penalty_grads, constraints, penalized, p
                     prox_buckets, put_own_state, record_strength_step, refresh_strength, strength_due,
                     strength_l1, strength_pushes)
 from .engine import Engine, Observable, plan_outside_graph
-from .keys import check_params, hyper_keys_of, read_group
+from .keys import hyper_keys_of, read_group
 from ..backends import _marshal as m
 from .plan import Bucket, Plan, Work
 
@@ -150,6 +150,9 @@ class Regularized(Observable, Optimizer):
         self._fast: Optional[tuple] = None  # see fast_prox
         self._fast_plan: Optional[Plan] = None
         self._plan()  # validates everything before the groups are touched
+        self._engine.check_hypers(self.param_groups)
+        if mode == "proximal":
+            self._engine.lrs(self.param_groups)
         self._fill_defaults()
 
     # What the last step left for ``penalty``: (params, l1, l2) per bucket and the
@@ -208,13 +211,11 @@ class Regularized(Observable, Optimizer):
         wrapper's. Invalid coefficients raise before anything is added."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        where = f"param_groups[{len(self.param_groups)}]"
         param_group = dict(param_group)
         if "params" in param_group:  # a list, so that checking it consumes no iterator
             ps = param_group["params"]
             param_group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
-        check_params(self._engine.read([param_group], len(self.param_groups))[0], param_group.get("params", []),
-                     where)
+        self._engine.check_added(param_group, self.optimizer.defaults, len(self.param_groups))
         param_group.setdefault("l1", self.l1)
         param_group.setdefault("l2", self.l2)
         self.optimizer.add_param_group(param_group)
