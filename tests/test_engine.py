@@ -68,6 +68,15 @@ def test_wrapping_a_fused_optimizer_is_refused(name):
     assert all(torch.equal(p, b) for p, b in zip(m.parameters(), before))
 
 
+def test_wrapping_a_regularized_optimizer_is_refused():
+    m = nn.Linear(40, 20)
+    inner = pyreg.Regularized(torch.optim.SGD(m.parameters(), lr=1e-2), l1=0.02)
+    groups = [dict(g) for g in inner.param_groups]
+    with pytest.raises(TypeError, match="not another Regularized.*regularize twice"):
+        pyreg.Regularized(inner, l1=0.5)
+    assert [dict(g) for g in inner.param_groups] == groups  # the inner one's groups as they were
+
+
 def test_the_fused_optimizer_alone_matches_regularized_around_torch():
     """What the refused composition was for: the fused optimizer alone gives
     Regularized(torch's)'s result, with the same observability."""

@@ -137,6 +137,10 @@ class Regularized(Observable, Optimizer):
                 "so wrapping it would regularize twice. Use it on its own (it has penalty, stats() and "
                 "sparsity() too), or wrap the torch optimizer it extends, e.g. "
                 "pyreg.Regularized(torch.optim.AdamW(...))")
+        if isinstance(optimizer, Regularized):
+            raise TypeError("Regularized wraps a torch optimizer, not another Regularized: the inner one already "
+                            "applies its groups' l1, l2 and other keys, so wrapping it would regularize twice. "
+                            "Set the coefficients on the one you have (its param_groups, or add_param_group)")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         # Not Optimizer.__init__: it would copy the groups.
