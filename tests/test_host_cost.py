@@ -591,3 +591,163 @@ def test_fast_path_is_not_taken_under_another_backend_or_a_dispatch_mode(monkeyp
     step()  # all checked again
     step()
     assert len(calls) == n + 1
+
+
+# --------------------------------------------------------------------------
+# The fused optimizers keep a step's buckets (fused._Gathered) and, while
+# nothing they were made from changed, give the next steps only new grads.
+# Every change must send the step back through the full gather, with the
+# bits of an optimizer that never keeps them.
+# --------------------------------------------------------------------------
+from pyreg.optim import fused as FZ  # noqa: E402
+
+
+def _gather_both(monkeypatch, opt_factory, between, steps=7):
+    """The same training with the kept buckets and without; ``between(k,
+    model, opt)`` after backward of step k: (params and state with, without,
+    steps that reused the buckets)."""
+    reused = []
+    reuse = FZ._Gathered.reuse
+
+    def counting(self, *a):
+        out = reuse(self, *a)
+        reused.append(out is not None)
+        return out
+
+    outs = []
+    for keep in (True, False):
+        monkeypatch.setattr(FZ._Gathered, "reuse", counting if keep else (lambda self, *a: None))
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+        opt = opt_factory(model)
+        gen = torch.Generator().manual_seed(5)
+        for k in range(steps):
+            x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 3, generator=gen)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            between(k, model, opt)
+            opt.step()
+        state = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        outs.append([p.detach().clone() for p in model.parameters()] + [t.clone() for t in state])
+    return outs[0], outs[1], sum(reused)
+
+
+_FACTORIES = {
+    "AdamW": lambda m: pyreg.optim.AdamW(pyreg.param_groups(m, l1=0.05), lr=1e-2, weight_decay=0.1),
+    "SGD momentum": lambda m: pyreg.optim.SGD(pyreg.param_groups(m, l1=0.05), lr=0.05, momentum=0.9),
+    "SGD": lambda m: pyreg.optim.SGD(pyreg.param_groups(m, l1=0.05), lr=0.05),
+    "Adagrad": lambda m: pyreg.optim.Adagrad(pyreg.param_groups(m, l1=0.05), lr=0.05),
+    "RMSprop centered": lambda m: pyreg.optim.RMSprop(pyreg.param_groups(m, l1=0.05), lr=1e-2, momentum=0.5,
+                                                      centered=True),
+    "Adam l1_strength": lambda m: pyreg.optim.Adam(pyreg.param_groups(m, l1_strength=0.5,
+                                                                       overrides={"*": {"l1_refresh": 3}}), lr=1e-2),
+}
+
+
+@pytest.mark.parametrize("name", list(_FACTORIES))
+def test_kept_buckets_give_the_full_gathers_bits(monkeypatch, name):
+    with_kept, without, reused = _gather_both(monkeypatch, _FACTORIES[name], lambda k, m, o: None)
+    assert _bits_equal(with_kept, without)
+    assert reused >= (3 if "strength" in name else 5)  # the steps after the first (l1_strength: but its refreshes)
+
+
+def _replace_a_buffer(k, model, opt):
+    if k == 3:  # a new tensor in the state, as a user resetting a moment would put it
+        s = opt.state[model[0].weight]
+        s["exp_avg"] = torch.zeros_like(s["exp_avg"])
+
+
+def _drop_a_grad(k, model, opt):
+    if k in (2, 3):
+        model[2].weight.grad = None
+
+
+def _add_a_state_key(k, model, opt):
+    if k == 3:
+        opt.state[model[0].bias]["max_exp_avg_sq"] = torch.zeros_like(model[0].bias)
+        opt.param_groups[1]["amsgrad"] = True
+
+
+def _drop_state(k, model, opt):
+    if k == 3:
+        del opt.state[model[2].weight]
+
+
+def _load_state(k, model, opt):
+    if k == 4:
+        opt.load_state_dict(opt.state_dict())
+
+
+def _new_lr(k, model, opt):
+    if k >= 2:
+        for g in opt.param_groups:
+            g["lr"] = 1e-2 / (k + 1)
+
+
+def _swap_memory(k, model, opt):
+    if k == 3:
+        model[2].weight.data = model[2].weight.data.clone()
+
+
+def _amsgrad_on(k, model, opt):
+    if k == 3:
+        opt.param_groups[0]["amsgrad"] = True
+
+
+def _new_betas(k, model, opt):
+    if k == 3:
+        opt.param_groups[0]["betas"] = (0.8, 0.99)
+
+
+@pytest.mark.parametrize("between", [_replace_a_buffer, _drop_a_grad, _add_a_state_key, _drop_state, _load_state,
+                                     _new_lr, _swap_memory, _amsgrad_on, _new_betas])
+def test_kept_buckets_follow_every_change(monkeypatch, between):
+    with_kept, without, reused = _gather_both(monkeypatch, _FACTORIES["AdamW"], between)
+    assert _bits_equal(with_kept, without)
+    assert reused >= 2
+
+
+def test_kept_buckets_follow_a_renamed_state_key():
+    """A buffer moved to another key is as a missing buffer: the step raises as
+    the full gather does (torch's own step would too), never steps with it."""
+    m = torch.nn.Linear(4, 3)
+    opt = pyreg.optim.AdamW(m.parameters(), lr=1e-2, l1=0.01)
+    for _ in range(3):
+        m.weight.grad, m.bias.grad = torch.ones_like(m.weight), torch.ones_like(m.bias)
+        opt.step()
+    s = opt.state[m.weight]
+    last = list(s)[-1]
+    s["moved"] = s.pop(last)  # the same objects in the same order, under another key
+    with pytest.raises(KeyError):
+        opt.step()
+
+
+def test_kept_buckets_follow_a_sparse_grad(monkeypatch):
+    """A grad that turns sparse goes to torch's own step (the kernels take
+    dense memory), as in the full gather, and back."""
+    def sparse(k, model, opt):
+        if k in (3, 4):
+            model[0].weight.grad = model[0].weight.grad.to_sparse()
+    with_kept, without, reused = _gather_both(monkeypatch, _FACTORIES["SGD"], sparse)
+    assert _bits_equal(with_kept, without)
+    assert reused >= 2
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD momentum"])
+def test_kept_buckets_keep_no_grad_alive(name):
+    """After a step and zero_grad (set_to_none), a step's grads are freed:
+    the kept buckets hold no reference to them (a model's worth of memory)."""
+    import gc
+    import weakref
+
+    m = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    opt = _FACTORIES[name](m)
+    for _ in range(4):
+        opt.zero_grad()
+        m(torch.randn(5, 8)).sum().backward()
+        refs = [weakref.ref(p.grad) for p in m.parameters()]
+        opt.step()
+    assert opt._gathered is not None and opt._gathered.hits >= 2
+    opt.zero_grad()
+    gc.collect()
+    assert all(r() is None for r in refs)

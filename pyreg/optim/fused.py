@@ -24,9 +24,11 @@ fused pass. The step:
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
-from operator import is_
+from itertools import chain, compress, repeat
+from operator import attrgetter, is_, not_
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -49,6 +51,7 @@ from .plan import Bucket, Plan, Work
 #: max_norm, are optional; see keys.py).
 PYREG_KEYS = ("l1", "l2", "preconditioned")
 _PLAIN_TYPES = (Tensor, nn.Parameter)
+_PLAIN_SET = frozenset(_PLAIN_TYPES)
 #: State keys that pyreg keeps beside the algorithm's (a state holding only
 #: these is new to the algorithm: its own state is created at the next step).
 _PYREG_STATE_KEYS = frozenset(OWN_STATE) | {STRENGTH_STEP}
@@ -101,12 +104,106 @@ class _Bucket:
         self.fresh: List[int] = []
         self.table_rows: Dict[Tuple[int, int], int] = {}  # (group, group row) -> row of the bucket's table
         self.row_values: List[tuple] = []
+        self.row_src: List[Tuple[int, int]] = []  # each row's (group, row of the group's run)
         self.dynamic = False  # some row holds a tensor lr (see _GroupRun.dynamic)
         # l1_strength: each param's own row, its l1 from one float64 vector of
         # the engine (apply.strength_l1; one per device and dtype, so one here)
         self.l1_vec: Optional[Tensor] = None
         self.l1_rows: List[int] = []  # the rows of the l1_strength params
         self.l1_index: List[int] = []  # and their l1's index in l1_vec
+
+
+class _Gathered:
+    """A step's buckets (:meth:`FusedOptimizer._gather`), kept for the next
+    steps while everything they were made from is as it was: the same plan
+    (so the same parameters, with the same dtypes and devices), the same
+    group runs (or runs that differ only in their lrs, a scheduler's step:
+    the rows then follow) and l1_strength rows, the same state dict, each
+    parameter's state holding the same keys and the same tensors (its
+    buffers; a number, such as pyreg's count of l1_strength steps, may
+    change), and the same parameters with a grad, each grad a plain dense
+    tensor of its parameter's dtype and device. Then only the grads are new:
+    read in one pass per attribute instead of the full gather's
+    per-parameter work."""
+
+    def __init__(self, plan: Plan, runs: List["_GroupRun"], l1_of: Dict[int, Tuple[Tensor, int]],
+                 state: Dict[Any, Any], groups: List[Dict[str, Any]], buckets: List[_Bucket]):
+        self.plan, self.runs, self.l1_of, self.state = plan, list(runs), l1_of, state
+        self.hits = 0  # the steps it served
+        self.params = [p for g in groups for p in g["params"]]
+        self.nones = [p.grad is None for p in self.params]
+        pos = {id(p): i for i, p in enumerate(self.params)}
+        self.buckets = []
+        for b in buckets:
+            c = copy.copy(b)
+            c.fresh = [0] * len(b.params)  # any buffer this step made exists from now on
+            c.grads = []  # (each step's own)
+            self.buckets.append(c)
+        self.index = [pos[id(p)] for b in buckets for p in b.params]
+        ps = [p for b in buckets for p in b.params]
+        self.with_grad = ps
+        self.dtypes, self.devices = list(map(_dtype_of, ps)), list(map(_device_of, ps))
+        states = [state.get(p, _NO_STATE) for p in ps]
+        self.keys = list(chain.from_iterable(states))
+        self.values = list(chain.from_iterable(map(dict.values, states)))
+
+    def reuse(self, plan: Plan, runs: List["_GroupRun"], l1_of: Dict[int, Tuple[Tensor, int]],
+              state: Dict[Any, Any]) -> Optional[List[_Bucket]]:
+        """The kept buckets with this step's grads, or None where anything
+        differs (the full gather then decides)."""
+        if plan is not self.plan or l1_of is not self.l1_of or state is not self.state or len(runs) != len(self.runs):
+            return None
+        new_lrs = not all(map(is_, runs, self.runs))
+        if new_lrs and not all(map(_lr_only, runs, self.runs)):
+            return None
+        grads = list(map(_grad_of, self.params))
+        if list(map(is_, grads, repeat(None))) != self.nones:
+            return None
+        gs = list(map(grads.__getitem__, self.index))
+        if (not set(map(type, gs)) <= _PLAIN_SET or not all(map(is_, map(_layout_of, gs), repeat(torch.strided)))
+                or list(map(_dtype_of, gs)) != self.dtypes or list(map(_device_of, gs)) != self.devices):
+            return None
+        states = list(map(state.get, self.with_grad, repeat(_NO_STATE)))
+        if list(chain.from_iterable(states)) != self.keys:  # (a dict iterates its keys)
+            return None
+        values = list(chain.from_iterable(map(dict.values, states)))
+        if len(values) != len(self.values):
+            return None
+        same = list(map(is_, values, self.values))
+        if not all(same):  # only numbers may differ (pyreg's step counts): no buffer
+            other = list(map(not_, same))
+            if any(isinstance(v, Tensor) for v in chain(compress(values, other), compress(self.values, other))):
+                return None
+        k = 0
+        for b in self.buckets:
+            n = len(b.params)
+            b.grads = gs[k:k + n]
+            k += n
+            if new_lrs:
+                b.row_values = [runs[gi].rows[r] for gi, r in b.row_src]
+        if new_lrs:
+            self.runs = list(runs)
+        return self.buckets
+
+
+def _lr_only(new: "_GroupRun", old: "_GroupRun") -> bool:
+    """Whether a group's run differs from the one before at most in its rows'
+    lrs (a scheduler's step): every parameter has the same row and flags, the
+    rows hold numbers, and each row's other values are the same."""
+    if new is old:
+        return True
+    if (new.dynamic or old.dynamic or new.structured != old.structured or new.row_of != old.row_of
+            or new.flags != old.flags or new.extra != old.extra or len(new.rows) != len(old.rows)):
+        return False
+    return all(a[:_LR] == b[:_LR] and a[_LR + 1:] == b[_LR + 1:] for a, b in zip(new.rows, old.rows))
+
+
+_LR = HYPER.index("lr")
+
+
+_NO_STATE: Dict[str, Any] = {}  # (never written: a parameter without state, as _Gathered reads it)
+_grad_of, _dtype_of, _device_of, _layout_of = (attrgetter("grad"), attrgetter("dtype"), attrgetter("device"),
+                                                attrgetter("layout"))
 
 
 class FusedOptimizer(Observable):
@@ -156,6 +253,8 @@ class FusedOptimizer(Observable):
         # l1_strength: its l1 vectors (apply.strength_l1), and where each param's l1 is in them (_apply)
         self._l1_of: Tuple[List[Tensor], Dict[int, Tuple[Tensor, int]]] = ([], {})
         self._tickets: Dict[torch.device, Tensor] = {}  # the CUDA kernel's, one per device
+        self._gathered: Optional[_Gathered] = None  # the last step's buckets (see _Gathered)
+        self._gather_backoff = self._gather_wait = 0  # steps to gather in full before keeping them again
 
     # -- what each optimizer supplies ------------------------------------------------
     def _hyper(self, group: Dict[str, Any]) -> Dict[str, Any]:
@@ -231,6 +330,7 @@ class FusedOptimizer(Observable):
             param_group.setdefault(key, self._engine.defaults[key])
         super().add_param_group(param_group)  # type: ignore[misc]
         self._engine.reset()
+        self._gathered = None
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]
@@ -258,6 +358,7 @@ class FusedOptimizer(Observable):
                 group.setdefault(key, self._engine.defaults[key])
         self._engine.reset()
         self._runs, self._tables, self._l1_of = {}, {}, ([], {})
+        self._gathered = None
 
     # -- the step ------------------------------------------------------------------
     def _run_of(self, gi: int, group: Dict[str, Any], plan: Plan, hypers: Any) -> _GroupRun:
@@ -293,6 +394,29 @@ class FusedOptimizer(Observable):
         return {}
 
     def _gather(self, plan: Plan, runs: List[_GroupRun], l1_of: Dict[int, Tuple[Tensor, int]]):
+        """(buckets, groups for torch's own step): the last step's buckets with
+        this step's grads where nothing else changed (:class:`_Gathered`),
+        else :meth:`_gather_all`'s, kept for the next steps unless some
+        parameters need torch's own step."""
+        state = self.state  # type: ignore[attr-defined]
+        kept = self._gathered
+        if kept is not None:
+            buckets = kept.reuse(plan, runs, l1_of, state)
+            if buckets is not None:
+                kept.hits += 1
+                return buckets, []
+            # Keeping costs about what the full gather does: where the kept buckets served no step
+            # (something changes at every step), wait longer before keeping them again.
+            self._gather_backoff = 0 if kept.hits else min(2 * self._gather_backoff + 1, 63)
+            self._gather_wait, self._gathered = self._gather_backoff, None
+        buckets, torch_groups = self._gather_all(plan, runs, l1_of)
+        if self._gather_wait:
+            self._gather_wait -= 1
+        elif not torch_groups:
+            self._gathered = _Gathered(plan, runs, l1_of, state, self.param_groups, buckets)  # type: ignore[attr-defined]
+        return buckets, torch_groups
+
+    def _gather_all(self, plan: Plan, runs: List[_GroupRun], l1_of: Dict[int, Tuple[Tensor, int]]):
         """(buckets, groups for torch's own step). ``l1_of``: where the l1 of
         each ``l1_strength`` parameter is, by id (its vector on the device, and
         the index in it): each gets a row of its own, its l1 written into the
@@ -350,6 +474,7 @@ class FusedOptimizer(Observable):
                 if own is not None:  # its own row, l1 written in from the device vector (see _table)
                     r = len(b.row_values)
                     b.row_values.append(run.rows[row_of[j]])
+                    b.row_src.append((gi, row_of[j]))
                     b.l1_vec = own[0]
                     b.l1_rows.append(r)
                     b.l1_index.append(own[1])
@@ -358,6 +483,7 @@ class FusedOptimizer(Observable):
                     if r is None:
                         r = b.table_rows[(gi, row_of[j])] = len(b.row_values)
                         b.row_values.append(run.rows[row_of[j]])
+                        b.row_src.append((gi, row_of[j]))
                 b.params.append(p)
                 b.grads.append(g)
                 if s1 is not None:
@@ -512,6 +638,7 @@ class FusedOptimizer(Observable):
                     record_strength_step([w.bucket for w in strength], self.state)  # type: ignore[attr-defined]
                 for b in buckets:
                     self._run(b)
+                    b.grads = []  # (a kept bucket must not keep this step's grads alive)
                 if after and not self._amp_skipped():
                     prox_after = penalized(after)
                     if prox_after:  # (the lrs only where a prox reads them)
