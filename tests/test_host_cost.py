@@ -699,8 +699,13 @@ def _new_betas(k, model, opt):
         opt.param_groups[0]["betas"] = (0.8, 0.99)
 
 
+def _differentiable_on(k, model, opt):
+    if k == 3:  # torch's own step for the group's params from now on (a setting that no run row holds)
+        opt.param_groups[1]["differentiable"] = True
+
+
 @pytest.mark.parametrize("between", [_replace_a_buffer, _drop_a_grad, _add_a_state_key, _drop_state, _load_state,
-                                     _new_lr, _swap_memory, _amsgrad_on, _new_betas])
+                                     _new_lr, _swap_memory, _amsgrad_on, _new_betas, _differentiable_on])
 def test_kept_buckets_follow_every_change(monkeypatch, between):
     with_kept, without, reused = _gather_both(monkeypatch, _FACTORIES["AdamW"], between)
     assert _bits_equal(with_kept, without)

@@ -44,7 +44,7 @@ from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, constraints, direc
                     strength_ks, strength_l1)
 from .engine import Engine, Observable
 from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
-from .keys import flag, hyper_keys_of, read_group
+from .keys import flag, hyper_keys_of, read_group, signature
 from .plan import Bucket, Plan, Work
 
 #: The keys pyreg adds to torch's param groups (the others, group_l1, ref,
@@ -129,6 +129,7 @@ class _Gathered:
     def __init__(self, plan: Plan, runs: List["_GroupRun"], l1_of: Dict[int, Tuple[Tensor, int]],
                  state: Dict[Any, Any], groups: List[Dict[str, Any]], buckets: List[_Bucket]):
         self.plan, self.runs, self.l1_of, self.state = plan, list(runs), l1_of, state
+        self.settings = list(map(_but_lr, groups))
         self.hits = 0  # the steps it served
         self.params = [p for g in groups for p in g["params"]]
         self.nones = [p.grad is None for p in self.params]
@@ -148,13 +149,13 @@ class _Gathered:
         self.values = list(chain.from_iterable(map(dict.values, states)))
 
     def reuse(self, plan: Plan, runs: List["_GroupRun"], l1_of: Dict[int, Tuple[Tensor, int]],
-              state: Dict[Any, Any]) -> Optional[List[_Bucket]]:
+              state: Dict[Any, Any], groups: List[Dict[str, Any]]) -> Optional[List[_Bucket]]:
         """The kept buckets with this step's grads, or None where anything
         differs (the full gather then decides)."""
         if plan is not self.plan or l1_of is not self.l1_of or state is not self.state or len(runs) != len(self.runs):
             return None
-        new_lrs = not all(map(is_, runs, self.runs))
-        if new_lrs and not all(map(_lr_only, runs, self.runs)):
+        new_lrs = not all(map(is_, runs, self.runs))  # (a run is made again when any setting changed)
+        if new_lrs and (not all(map(_lr_only, runs, self.runs)) or list(map(_but_lr, groups)) != self.settings):
             return None
         grads = list(map(_grad_of, self.params))
         if list(map(is_, grads, repeat(None))) != self.nones:
@@ -199,6 +200,11 @@ def _lr_only(new: "_GroupRun", old: "_GroupRun") -> bool:
 
 
 _LR = HYPER.index("lr")
+
+
+def _but_lr(group: Dict[str, Any]) -> tuple:
+    """The signature of every setting of a group but its params and lr."""
+    return tuple((k, signature(v)) for k, v in group.items() if k != "params" and k != "lr")
 
 
 _NO_STATE: Dict[str, Any] = {}  # (never written: a parameter without state, as _Gathered reads it)
@@ -401,7 +407,7 @@ class FusedOptimizer(Observable):
         state = self.state  # type: ignore[attr-defined]
         kept = self._gathered
         if kept is not None:
-            buckets = kept.reuse(plan, runs, l1_of, state)
+            buckets = kept.reuse(plan, runs, l1_of, state, self.param_groups)  # type: ignore[attr-defined]
             if buckets is not None:
                 kept.hits += 1
                 return buckets, []
