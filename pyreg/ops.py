@@ -123,8 +123,6 @@ def _fast_dims(dim, ts) -> Optional[List[int]]:
         return None
     out = []
     for t in ts:
-        if t.is_nested:
-            return None
         nd = t.dim() or 1
         if not -nd <= dim < nd:
             return None
