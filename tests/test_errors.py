@@ -524,3 +524,125 @@ def test_a_groups_bad_hyperparameter_raises_when_the_group_is_given(family, key,
     with _raises(ValueError, f"param_groups[1]['{key}']"):
         opt.add_param_group({"params": [m.bias], key: bad})
     assert len(opt.param_groups) == 1 and all(len(g["params"]) == 1 for g in opt.param_groups)
+
+
+# --------------------------------------------------------------------------
+# A grad or optimizer state that no longer matches its parameter: the fused
+# kernels pair elements by position and read each as the param's dtype
+# --------------------------------------------------------------------------
+FUSED = {
+    "SGD": lambda g: pyreg.optim.SGD(g, lr=0.05, momentum=0.9),
+    "Adam": lambda g: pyreg.optim.Adam(g, lr=0.01),
+    "AdamW": lambda g: pyreg.optim.AdamW(g, lr=0.01, amsgrad=True),
+    "Adagrad": lambda g: pyreg.optim.Adagrad(g, lr=0.05),
+    "RMSprop": lambda g: pyreg.optim.RMSprop(g, lr=0.01, momentum=0.9, centered=True),
+}
+
+
+def _fused_trained(make, shapes=((6, 5), (3, 6))):
+    """A fused optimizer over a small MLP (layer sizes from ``shapes``) after
+    four steps, so that its next step takes the kept gather."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(shapes[0][1], shapes[0][0]), nn.ReLU(), nn.Linear(shapes[1][1], shapes[1][0]))
+    opt = make(pyreg.param_groups(m, l1=1e-3))
+    x = torch.randn(8, shapes[0][1])
+    for _ in range(4):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+    return m, opt
+
+
+def _fused_snapshot(m, opt):
+    return {"params": _clone(list(m.parameters())), "state": _clone({i: opt.state[p] for i, p in
+                                                                     enumerate(m.parameters()) if p in opt.state})}
+
+
+def _replace_larger_stale_grad(m, opt):
+    m[0].weight.data = torch.randn(7, 5)  # its grad stays (6, 5)
+
+
+def _replace_larger_new_grad(m, opt):
+    m[0].weight.data = torch.randn(12, 5)
+    m[0].weight.grad = torch.randn(12, 5)
+
+
+def _replace_smaller_new_grad(m, opt):
+    m[2].weight.data = torch.randn(3, 2)
+    m[2].weight.grad = torch.randn(3, 2)
+
+
+def _module_to_float64(m, opt):  # Module.to() replaces each param's memory through .data
+    m.double()
+    opt.zero_grad()
+    m(torch.randn(8, 5, dtype=torch.float64)).square().mean().backward()
+
+
+def _grad_memory_replaced(m, opt):
+    m[0].weight.grad.data = torch.randn(3)
+
+
+def _state_of_another_model(m, opt):
+    # the same number of parameters, other shapes: layer 0 is (5, 6) there, layer 2 (3, 5)
+    _, other = _fused_trained(lambda g: type(opt)(g, **{k: v for k, v in opt.defaults.items()
+                                                       if k in ("lr", "momentum", "centered", "amsgrad")}),
+                              shapes=((5, 5), (3, 5)))
+    opt.load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize("change, message", [
+    (_replace_larger_stale_grad, "parameter 0 ('0.weight') is (7, 5) torch.float32 on cpu but its grad is (6, 5)"),
+    (_replace_larger_new_grad, "parameter 0 ('0.weight') is (12, 5) torch.float32 on cpu but its state "),
+    (_replace_smaller_new_grad, "parameter 1 ('2.weight') is (3, 2) torch.float32 on cpu but its state "),
+    (_module_to_float64, "is (6, 5) torch.float64 on cpu but its state "),
+    (_grad_memory_replaced, "parameter 0 ('0.weight') is (6, 5) torch.float32 on cpu but its grad is (3,)"),
+    (_state_of_another_model, "parameter 0 ('0.weight') is (6, 5) torch.float32 on cpu but its state "),
+], ids=["larger-stale-grad", "larger-new-grad", "smaller-new-grad", "module-to-float64", "grad-memory",
+        "state-of-another-model"])
+@pytest.mark.parametrize("name", list(FUSED))
+def test_a_grad_or_state_unlike_its_param_raises_and_changes_nothing(name, change, message):
+    m, opt = _fused_trained(FUSED[name])
+    change(m, opt)
+    before = _fused_snapshot(m, opt)
+    with _raises(ValueError, message):
+        opt.step()
+    assert _same(_fused_snapshot(m, opt), before)
+    with _raises(ValueError, message):  # and again: nothing was kept from the failed step
+        opt.step()
+
+
+FUNCTIONAL_CASES = [
+    ("grad shape", lambda w, g, s, t: pyreg.optim.functional.adam(w, [g[0][:5]], s[0], s[1], [], t, lr=0.1),
+     "grads[0] is (5,) torch.float32 on cpu but params[0] is (10,) torch.float32 on cpu"),
+    ("state dtype", lambda w, g, s, t: pyreg.optim.functional.adam(w, g, s[0], [s[1][0].double()], [], t, lr=0.1),
+     "exp_avg_sqs[0] is (10,) torch.float64 on cpu but params[0] is (10,) torch.float32 on cpu"),
+    ("state device", lambda w, g, s, t: pyreg.optim.functional.adagrad(
+        w, g, [torch.empty(10, device="meta")], t, lr=0.1), "state_sums[0] is (10,) torch.float32 on meta"),
+    ("a list short", lambda w, g, s, t: pyreg.optim.functional.adam(w, g, s[0], [], [], t, lr=0.1),
+     "exp_avg_sqs has 0 tensors for 1 params"),
+    ("amsgrad without its list", lambda w, g, s, t: pyreg.optim.functional.adam(
+        w, g, s[0], s[1], [], t, lr=0.1, amsgrad=True), "max_exp_avg_sqs has 0 tensors for 1 params"),
+    ("no step counters", lambda w, g, s, t: pyreg.optim.functional.rmsprop(w, g, s[0], [], [], [], lr=0.1),
+     "state_steps has 0 tensors for 1 params"),
+    ("an empty step counter", lambda w, g, s, t: pyreg.optim.functional.adam(
+        w, g, s[0], s[1], [], [torch.zeros(0)], lr=0.1), "state_steps[0] is (0,) torch.float32 on cpu"),
+    ("an int step counter", lambda w, g, s, t: pyreg.optim.functional.adam(
+        w, g, s[0], s[1], [], [torch.zeros((), dtype=torch.int64)], lr=0.1), "state_steps[0] is () torch.int64"),
+    ("a momentum buffer's shape", lambda w, g, s, t: pyreg.optim.functional.sgd(
+        w, g, [torch.zeros(4)], lr=0.1, momentum=0.9),
+     "momentum_buffer_list[0] is (4,) torch.float32 on cpu but params[0] is (10,)"),
+    ("momentum buffers short", lambda w, g, s, t: pyreg.optim.functional.sgd(w, g, [], lr=0.1, momentum=0.9),
+     "momentum_buffer_list has 0 entries for 1 params"),
+]
+
+
+@pytest.mark.parametrize("call, message", [c[1:] for c in FUNCTIONAL_CASES], ids=[c[0] for c in FUNCTIONAL_CASES])
+def test_functional_steps_check_their_lists_and_change_nothing(call, message):
+    w, g = _inputs()
+    w, g = w[:1], g[:1]
+    s = ([torch.rand(10)], [torch.rand(10)])
+    t = [torch.full((), 3.0)]
+    before = _clone((w, g, s, t))
+    with _raises(ValueError, message):
+        call(w, g, s, t)
+    assert _same((w, g, s, t), before)

@@ -12,7 +12,8 @@ values, one column per name of :data:`HYPER`. Rows are built by name
 """
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Optional, Sequence
+from operator import attrgetter
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -56,13 +57,16 @@ def fused_step(algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Te
                s3: List[Tensor], steps: List[Tensor], rows: List[int], fresh: List[int], hyper: Tensor, *,
                decoupled: bool = False, amsgrad: bool = False, maximize: bool = False, nesterov: bool = False,
                centered: bool = False, prox: int = NO_PROX, grad_scale: Optional[Tensor] = None,
-               found_inf: Optional[Tensor] = None, ticket: Optional[Tensor] = None, backend=None) -> None:
+               found_inf: Optional[Tensor] = None, ticket: Optional[Tensor] = None, backend=None,
+               desc: Optional[tuple] = None) -> None:
     """One fused pass of algorithm ``algo`` over the lists (see
     ``pyreg.backends.torch_ref.optim_step``, the float64 spec): the backend
     chosen for the params' device, or the spec where a grad or state buffer is
     laid out unlike its param (the kernels pair elements by position).
-    ``ticket``: see ``CompiledKernels.optim_step`` (an optimizer keeps one
-    per device)."""
+    The caller has checked that each grad and state buffer has its param's
+    shape, dtype and device (:func:`unpaired`). ``ticket``: see
+    ``CompiledKernels.optim_step`` (an optimizer keeps one per device);
+    ``desc``: the params' ``describe`` if the caller has just read it."""
     be = backend if backend is not None else backends.for_tensors(params)
     lists = (params, grads, s1, s2, s3)
     if any(map(Tensor.is_neg, params)) or any(map(Tensor.is_neg, grads)):
@@ -72,9 +76,63 @@ def fused_step(algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Te
             be = spec
     kw = dict(decoupled=decoupled, amsgrad=amsgrad, maximize=maximize, nesterov=nesterov, centered=centered,
               prox=prox, grad_scale=grad_scale, found_inf=found_inf)
-    if be.optim_step(algo, params, grads, s1, s2, s3, steps, rows, fresh, hyper, ticket=ticket, **kw) is False:
+    if be.optim_step(algo, params, grads, s1, s2, s3, steps, rows, fresh, hyper, ticket=ticket, desc=desc,
+                     **kw) is False:
         # a list the kernels cannot take (a grad without memory: a ZeroTensor): the spec steps it
         spec.optim_step(algo, params, grads, s1, s2, s3, steps, rows, fresh, hyper, **kw)
+
+
+_shape_of, _dtype_of, _device_of = attrgetter("shape"), attrgetter("dtype"), attrgetter("device")
+
+
+def like_params(params: Sequence[Tensor]) -> Tuple[list, list, list]:
+    """The params' shapes, dtypes and devices (what :func:`unpaired` compares)."""
+    return list(map(_shape_of, params)), list(map(_dtype_of, params)), list(map(_device_of, params))
+
+
+def unpaired(params: Sequence[Tensor], ts: Sequence[Tensor], like: Optional[tuple] = None) -> Optional[int]:
+    """The index of the first tensor of ``ts`` without its param's shape,
+    dtype and device (the kernels pair their elements by position and read
+    them as the param's dtype), ``len`` of the shorter list where the lengths
+    differ, or None where every one matches. ``like``: the params'
+    :func:`like_params`, if at hand. In one pass per attribute (C speed)."""
+    shapes, dtypes, devices = like_params(params) if like is None else like
+    if (len(ts) == len(shapes) and list(map(_shape_of, ts)) == shapes and list(map(_dtype_of, ts)) == dtypes
+            and list(map(_device_of, ts)) == devices):
+        return None
+    for i, (p, t) in enumerate(zip(params, ts)):
+        if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
+            return i
+    return min(len(params), len(ts))
+
+
+def _check_lists(params: List[Tensor], lists: Sequence[Tuple[str, List[Tensor]]],
+                 steps: Optional[List[Tensor]]) -> None:
+    """The functional API's lists against ``params`` (see :func:`unpaired`),
+    and its step counters (None: the algorithm has none): one per param,
+    float32 or float64, one element, on the params' devices, of one dtype.
+    Raises ``ValueError``."""
+    like = like_params(params)
+    for name, ts in lists:
+        i = unpaired(params, ts, like)
+        if i is None:
+            continue
+        if i >= min(len(params), len(ts)):
+            raise ValueError(f"{name} has {len(ts)} tensors for {len(params)} params")
+        t, p = ts[i], params[i]
+        raise ValueError(f"{name}[{i}] is {tuple(t.shape)} {t.dtype} on {t.device} but params[{i}] is "
+                         f"{tuple(p.shape)} {p.dtype} on {p.device}: each must have its param's shape, dtype "
+                         "and device")
+    if steps is None:
+        return
+    if len(steps) != len(params):
+        raise ValueError(f"state_steps has {len(steps)} tensors for {len(params)} params")
+    for i, (s, d) in enumerate(zip(steps, like[2])):
+        if (not isinstance(s, Tensor) or s.numel() != 1 or s.dtype not in (torch.float32, torch.float64)
+                or s.dtype != steps[0].dtype or s.device != d):
+            got = f"{tuple(s.shape)} {s.dtype} on {s.device}" if isinstance(s, Tensor) else type(s).__name__
+            raise ValueError(f"state_steps[{i}] is {got}: step counters are one-element float32 or float64 "
+                             "tensors (all of one dtype) on their params' devices")
 
 
 def _same_layout(ts) -> bool:
@@ -84,9 +142,14 @@ def _same_layout(ts) -> bool:
 
 
 def _one(algo: int, params, grads, s1, s2, s3, steps, fresh, values: Mapping[str, Any], l1: float, l2: float,
-         preconditioned: bool, **flags) -> None:
+         preconditioned: bool, names: Sequence[Optional[str]], **flags) -> None:
+    """One call of :func:`fused_step` with one row of ``values``; ``names``:
+    the names of grads, s1, s2, s3 as the caller's signature has them, None
+    for a list the algorithm does not read (it must then be empty)."""
     if not params:
         return
+    _check_lists(params, [(k, v) for k, v in zip(names, (grads, s1, s2, s3)) if k is not None],
+                 steps if algo != SGD else None)
     dev = params[0].device
     hyper = table([row(dict(values, l1=l1, l2=l2))], dev)
     with torch.no_grad():
@@ -103,6 +166,13 @@ def sgd(params: List[Tensor], grads: List[Tensor], momentum_buffer_list: List[Op
     bufs: List[Tensor] = []
     fresh: List[int] = []
     if momentum != 0:
+        if len(momentum_buffer_list) != len(params):
+            raise ValueError(f"momentum_buffer_list has {len(momentum_buffer_list)} entries for {len(params)} params")
+        for i, (p, b) in enumerate(zip(params, momentum_buffer_list)):  # (before any buffer is made)
+            if b is not None and unpaired([p], [b]) is not None:
+                raise ValueError(f"momentum_buffer_list[{i}] is {tuple(b.shape)} {b.dtype} on {b.device} but "
+                                 f"params[{i}] is {tuple(p.shape)} {p.dtype} on {p.device}: each must have "
+                                 "its param's shape, dtype and device")
         for i, (p, b) in enumerate(zip(params, momentum_buffer_list)):
             if b is None:
                 b = momentum_buffer_list[i] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -114,7 +184,8 @@ def sgd(params: List[Tensor], grads: List[Tensor], momentum_buffer_list: List[Op
         fresh = [0] * len(params)
     _one(SGD, params, grads, bufs, [], [], [], fresh,
          {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "dampening": dampening}, l1, l2, False,
-         maximize=maximize, nesterov=nesterov and momentum != 0, grad_scale=grad_scale, found_inf=found_inf)
+         ("grads", "momentum_buffer_list" if momentum != 0 else None), maximize=maximize, nesterov=nesterov and momentum != 0,
+         grad_scale=grad_scale, found_inf=found_inf)
 
 
 def adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
@@ -127,8 +198,8 @@ def adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_
     prox (``preconditioned``: in Adam's metric), fused."""
     _one(ADAM, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], state_steps,
          [0] * len(params), {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay},
-         l1, l2, preconditioned, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
-         grad_scale=grad_scale, found_inf=found_inf)
+         l1, l2, preconditioned, ("grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs" if amsgrad else None), decoupled=decoupled,
+         amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def adagrad(params: List[Tensor], grads: List[Tensor], state_sums: List[Tensor], state_steps: List[Tensor], *,
@@ -139,7 +210,7 @@ def adagrad(params: List[Tensor], grads: List[Tensor], state_sums: List[Tensor],
     in Adagrad's metric, proximal Adagrad), fused."""
     _one(ADAGRAD, params, grads, state_sums, [], [], state_steps, [0] * len(params),
          {"lr": lr, "weight_decay": weight_decay, "lr_decay": lr_decay, "eps": eps}, l1, l2, preconditioned,
-         maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+         ("grads", "state_sums"), maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def rmsprop(params: List[Tensor], grads: List[Tensor], square_avgs: List[Tensor], grad_avgs: List[Tensor],
@@ -152,4 +223,6 @@ def rmsprop(params: List[Tensor], grads: List[Tensor], square_avgs: List[Tensor]
     _one(RMSPROP, params, grads, square_avgs, momentum_buffer_list if momentum != 0 else [],
          grad_avgs if centered else [], state_steps, [0] * len(params),
          {"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay, "momentum": momentum},
-         l1, l2, preconditioned, centered=centered, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+         l1, l2, preconditioned, ("grads", "square_avgs", "momentum_buffer_list" if momentum != 0 else None,
+          "grad_avgs" if centered else None), centered=centered,
+         maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)

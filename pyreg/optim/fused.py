@@ -37,13 +37,13 @@ from torch import Tensor, nn
 from .. import ops
 from .._common import SUPPORTED_DTYPES, outside_graph, to_device
 from .._validate import nonneg_real, plain_cpu
-from ..backends._marshal import step_ticket
+from ..backends._marshal import describe, step_ticket
 from ._torch_compat import raw_step
 from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, constraints, direct_backend, penalized, pop_own_state,
                     prox_buckets, put_own_state, refresh_strength, record_strength_step, store_strength, strength_due,
                     strength_ks, strength_l1)
 from .engine import Engine, Observable
-from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
+from .functional import HYPER, NO_PROX, fused_step, like_params, prox_kind, row, table, unpaired
 from .keys import flag, hyper_keys_of, read_group, signature
 from .plan import Bucket, Plan, Work
 
@@ -111,6 +111,8 @@ class _Bucket:
         self.l1_vec: Optional[Tensor] = None
         self.l1_rows: List[int] = []  # the rows of the l1_strength params
         self.l1_index: List[int] = []  # and their l1's index in l1_vec
+        self.desc: Optional[tuple] = None  # the params' describe() read this step, where at hand (kept buckets)
+        self.expect: Optional[tuple] = None  # kept buckets: the params' numels and dtype codes when gathered
 
 
 class _Gathered:
@@ -139,11 +141,13 @@ class _Gathered:
             c = copy.copy(b)
             c.fresh = [0] * len(b.params)  # any buffer this step made exists from now on
             c.grads = []  # (each step's own)
+            c.expect = describe(b.params)[1:]
             self.buckets.append(c)
         self.index = [pos[id(p)] for b in buckets for p in b.params]
         ps = [p for b in buckets for p in b.params]
         self.with_grad = ps
         self.dtypes, self.devices = list(map(_dtype_of, ps)), list(map(_device_of, ps))
+        self.numels = list(map(Tensor.numel, ps))
         states = [state.get(p, _NO_STATE) for p in ps]
         self.keys = list(chain.from_iterable(states))
         self.values = list(chain.from_iterable(map(dict.values, states)))
@@ -162,7 +166,15 @@ class _Gathered:
             return None
         gs = list(map(grads.__getitem__, self.index))
         if (not set(map(type, gs)) <= _PLAIN_SET or not all(map(is_, map(_layout_of, gs), repeat(torch.strided)))
-                or list(map(_dtype_of, gs)) != self.dtypes or list(map(_device_of, gs)) != self.devices):
+                or list(map(_dtype_of, gs)) != self.dtypes or list(map(_device_of, gs)) != self.devices
+                or list(map(Tensor.numel, gs)) != self.numels):
+            return None
+        # The params as gathered (one replaced through .data, as Module.to() does, is not: the state
+        # the buckets hold was checked against the param it was): their numels and dtypes as the
+        # kernel call reads them, and their devices.
+        descs = list(map(describe, map(attrgetter("params"), self.buckets)))
+        if (list(map(_device_of, self.with_grad)) != self.devices
+                or not all(d[1] == b.expect[0] and d[2] == b.expect[1] for d, b in zip(descs, self.buckets))):
             return None
         states = list(map(state.get, self.with_grad, repeat(_NO_STATE)))
         if list(chain.from_iterable(states)) != self.keys:  # (a dict iterates its keys)
@@ -176,9 +188,10 @@ class _Gathered:
             if any(isinstance(v, Tensor) for v in chain(compress(values, other), compress(self.values, other))):
                 return None
         k = 0
-        for b in self.buckets:
+        for b, d in zip(self.buckets, descs):
             n = len(b.params)
             b.grads = gs[k:k + n]
+            b.desc = d
             k += n
             if new_lrs:
                 b.row_values = [runs[gi].rows[r] for gi, r in b.row_src]
@@ -514,7 +527,33 @@ class FusedOptimizer(Observable):
                                      "step (complex parameters or differentiable=True): pyreg's prox "
                                      "takes real parameters outside autograd")
                 torch_groups.append((group, others, st))
+        for b in buckets.values():  # before any kernel runs
+            self._check_paired(b)
         return list(buckets.values()), torch_groups
+
+    def _check_paired(self, b: _Bucket) -> None:
+        """Raises ``ValueError`` where a grad or state buffer of the bucket does not
+        have its param's shape, dtype and device (the kernels pair elements by
+        position): a param replaced through ``.data`` after its state was made,
+        or a state dict of another model."""
+        like = like_params(b.params)
+        state = self.state  # type: ignore[attr-defined]
+        for ts in (b.grads, b.s1, b.s2, b.s3):
+            i = unpaired(b.params, ts, like) if ts else None
+            if i is None:
+                continue
+            p, t = b.params[i], ts[i]
+            what = "grad" if ts is b.grads else "state " + repr(next(
+                (k for k, v in state.get(p, {}).items() if v is t), "buffer"))
+            gi, j = next((gi, j) for gi, g in enumerate(self.param_groups)  # type: ignore[attr-defined]
+                         for j, q in enumerate(g["params"]) if q is p)
+            names = self.param_groups[gi].get("param_names")  # type: ignore[attr-defined]
+            name = f" ({names[j]!r})" if names and j < len(names) else ""
+            raise ValueError(
+                f"param_groups[{gi}] parameter {j}{name} is {tuple(p.shape)} {p.dtype} on {p.device} but its {what} "
+                f"is {tuple(t.shape)} {t.dtype} on {t.device}: a grad and the optimizer's state must have their "
+                "parameter's shape, dtype and device (was the parameter replaced through .data, e.g. by "
+                "Module.to(), after its state was made, or a state dict of another model loaded?)")
 
     def _amp_skipped(self) -> bool:
         """Whether GradScaler skips this step (found_inf). Read on the host, so
@@ -584,7 +623,8 @@ class FusedOptimizer(Observable):
             ticket = self._tickets[dev] = step_ticket(dev)
         fused_step(self._algo, b.params, b.grads, b.s1, b.s2, b.s3, b.steps, b.rows, b.fresh, self._table(b),
                    decoupled=f.decoupled, amsgrad=f.amsgrad, maximize=f.maximize, nesterov=f.nesterov,
-                   centered=f.centered, prox=f.prox, grad_scale=grad_scale, found_inf=found_inf, ticket=ticket)
+                   centered=f.centered, prox=f.prox, grad_scale=grad_scale, found_inf=found_inf, ticket=ticket,
+                   desc=b.desc)
 
     def _run_torch(self, torch_groups) -> None:
         """torch's own step on the parameters the kernels do not take, then the
