@@ -85,6 +85,8 @@ def test_a_step_matches_the_rule(family, backend):
         k = math.ceil(t * p.numel() - 1e-9)
         tau = float(p.abs().flatten().sort().values[k - 1]) if k > 0 else 0.0
         l1 = tau / lr
+        if lr * l1 < tau:  # the threshold lr * l1, rounded, must reach tau: one ulp up
+            l1 = math.nextafter(l1, math.inf)
         p.copy_(torch.sign(p) * torch.clamp(p.abs() - lr * l1, min=0) / (1 + 2 * lr * l2))
     ps = [p.clone().requires_grad_() for p in params]
     group = {"params": ps, "l2": l2, "target_sparsity": targets}
@@ -98,6 +100,33 @@ def test_a_step_matches_the_rule(family, backend):
         torch.testing.assert_close(a.detach(), b, rtol=1e-14, atol=1e-15)
     assert [sparsity(p) for p in ps[:3]] == [math.ceil(t * p.numel() - 1e-9) / p.numel()
                                              for t, p in zip(targets, ps[:3])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("family", ["Regularized", "SGD"])
+def test_the_count_of_zeros_is_exact_at_any_lr(family, dtype, backend):
+    """ceil(t * n) exact zeros after every step, at 60 random lrs: the l1
+    that zeroes the k-th smallest weight is tau / lr, raised by one ulp where
+    the prox's threshold lr * l1 rounds below tau (about one lr in twenty),
+    so that the k-th weight is zeroed too. Distinct magnitudes (no ties), so
+    the count is exact."""
+    g = torch.Generator().manual_seed(5)
+    targets = [0.5, 0.3]
+    for i in range(60):
+        lr = float(torch.rand((), generator=g, dtype=torch.float64)) * 0.3 + 1e-3
+        ps = [torch.randn(37, generator=g, dtype=dtype).requires_grad_(),
+              torch.randn(6, 5, generator=g, dtype=dtype).requires_grad_()]
+        group = {"params": ps, "target_sparsity": targets}
+        opt = pyreg.Regularized(torch.optim.SGD([group], lr=lr)) if family == "Regularized" else \
+            pyreg.optim.SGD([group], lr=lr)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g, dtype=dtype)
+            with pyreg.use_backend(backend):
+                opt.step()
+            got = [int((p == 0).sum()) for p in ps]
+            assert got == [math.ceil(t * p.numel() - 1e-9) for t, p in zip(targets, ps)], (i, lr, got)
 
 
 @pytest.mark.parametrize("family", ["Regularized", "SGD"])

@@ -183,9 +183,19 @@ PYREG_HD A group_value(T x, const ProxParams<A>& soft) {
 
 // ---- target_sparsity ---------------------------------------------------------
 // The l1 at which a prox of step size lr moves a weight of magnitude tau to
-// zero, tau / lr (0 where lr is 0: no step, no strength). The float64
-// reference is pyreg/optim/apply.py's _per_lr.
-PYREG_HD double per_lr(double tau, double lr) { return lr > 0.0 ? tau / lr : 0.0; }
+// zero (0 where lr is 0: no step, no strength): tau / lr, rounded, then
+// raised by one ulp where the prox's threshold lr * l1 (rounded, as
+// soft_params computes it) falls short of tau, at most kPerLrRaises times
+// (once always sufficed in tests), so that a weight of magnitude tau is
+// zeroed. The float64 reference is pyreg/optim/apply.py's _per_lr.
+constexpr int kPerLrRaises = 2;
+PYREG_HD double per_lr(double tau, double lr) {
+  if (!(lr > 0.0)) return 0.0;
+  double l1 = tau / lr;
+  for (int i = 0; i < kPerLrRaises; ++i)
+    if (lr * l1 < tau) l1 = nextafter(l1, INFINITY);
+  return l1;
+}
 
 // ---- l2_bound: Constrained Parameter Regularization (Franke et al. 2024) ------
 // One tensor's update after the optimizer's step, from R = ||w||^2: with b the

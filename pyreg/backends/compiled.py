@@ -302,9 +302,11 @@ class CompiledKernels:
                          l2: KernelCoef, lr: KernelCoef, nnz: Tensor) -> None:
         """``target_sparsity``'s prox on a list already described and checked
         (a build that ``fuses_target``), in one call: ``l1 <- kth_abs(k,
-        closest=True) / lr`` (0 where lr is 0; float64, one per tensor), then
-        the prox with that l1, the counts into ``nnz``. The same kernels, and
-        bits, as :meth:`kth_abs_ptrs`, the division and :meth:`prox_ptrs`."""
+        closest=True) / lr`` (0 where lr is 0; float64, one per tensor; one ulp
+        up where lr * l1 rounds below the selected magnitude, as
+        ``pyreg.optim.apply._per_lr``), then the prox with that l1, the counts
+        into ``nnz``. The same kernels, and bits, as :meth:`kth_abs_ptrs`, the
+        l1 in torch ops and :meth:`prox_ptrs`."""
         dev, n = l1.device, len(ptrs)
         self._fn("target_prox")(ptrs, numels, codes, k, True, l1.data_ptr(), m.coef(l2, dev, n),
                                 m.coef(lr, dev, n), nnz.data_ptr(), torch.get_num_threads())

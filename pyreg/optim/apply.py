@@ -100,7 +100,8 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]], be=None) -> None:
 
         l1_j = tau_j / lr,    w <- sign(w) * max(|w| - lr * l1_j, 0) / (1 + 2 * lr * l2)
 
-    so the weights with |w| <= tau_j, and only those, become exact zeros, and
+    (l1_j one ulp larger where lr * l1_j would round below tau_j: see
+    :func:`_per_lr`), so the weights with |w| <= tau_j, and only those, become exact zeros, and
     the others shrink by tau_j. Where weights tie at tau_j (common in 16-bit
     tensors: bfloat16 has 256 values per octave), tau_j is instead the
     largest |w| below it when that count is closer to k_j
@@ -137,15 +138,36 @@ def _zeros_for(targets: Sequence[float], numels: Sequence[int]) -> List[int]:
 
 
 def _per_lr(tau: Tensor, out: Tensor, lr) -> None:
-    """``out <- tau / lr`` (float64; 0 where lr is 0), ``lr`` a number or one per tensor."""
-    if isinstance(lr, Tensor):  # (as csrc/common/op_math.h's per_lr)
+    """``out <- l1``, the l1 at which a prox of step size ``lr`` moves a weight
+    of magnitude ``tau`` to zero (float64; 0 where lr is 0), ``lr`` a number
+    or one per tensor: ``tau / lr``, rounded, then raised by one ulp where
+    the prox's threshold ``lr * l1`` (rounded as the prox rounds it) falls
+    short of ``tau`` (about one case in twenty; twice at most), so that a
+    weight of magnitude ``tau`` is zeroed. ``out`` may be ``tau``. As
+    csrc/common/op_math.h's per_lr, bit for bit."""
+    if isinstance(lr, Tensor):
         lr64 = lr.to(device=out.device, dtype=torch.float64)
         pos = lr64 > 0
-        out.copy_(torch.where(pos, tau / torch.where(pos, lr64, 1.0), torch.zeros_like(tau)))
+        l1 = torch.where(pos, tau / torch.where(pos, lr64, 1.0), torch.zeros_like(tau))
     elif lr > 0:
-        torch.div(tau, lr, out=out)
+        lr64, pos = lr, None
+        l1 = tau / lr
     else:
         out.zero_()
+        return
+    up = torch.full_like(l1, math.inf)
+    for _ in range(PER_LR_RAISES):
+        low = l1 * lr64 < tau
+        if pos is not None:
+            low &= pos
+        l1 = torch.where(low, torch.nextafter(l1, up), l1)
+    out.copy_(l1)
+
+
+#: How many times :func:`_per_lr` may raise an l1 by one ulp (one always
+#: sufficed in tests over four million random pairs; csrc/common/op_math.h
+#: has the same count).
+PER_LR_RAISES = 2
 
 
 def strength_l1(w: Work, state: Dict[Any, Dict[str, Any]]) -> Tensor:
