@@ -117,6 +117,11 @@ def test_elastic_net_endpoints_are_pure_l1_and_pure_l2(dtype, data, alpha, lr):
 # --------------------------------------------------------------------------
 # Norms and penalty
 # --------------------------------------------------------------------------
+def _normal_or_zero(x: torch.Tensor) -> bool:
+    """Whether 0-dim ``x`` is 0 or a normal number of its dtype (its bits then scale exactly by 2^k)."""
+    return bool(x == 0) or bool(x.abs() >= torch.finfo(x.dtype).tiny)
+
+
 @DTYPES
 @SETTINGS
 @given(data=st.data(), k=st.integers(-10, 10), negative=st.booleans(), c=st.floats(0.01, 100.0))
@@ -133,8 +138,13 @@ def test_norms_are_homogeneous(dtype, data, k, negative, c):
     for f in ("l1", "l2", "linf"):
         assert torch.equal(getattr(scaled, f), getattr(base, f) * abs(s))
     assert torch.equal(scaled.nnz, base.nnz)
-    assert torch.equal(_cpu(pyreg.penalty, [t * s for t in ts], 0.3, 0.0), _cpu(pyreg.penalty, ts, 0.3, 0.0) * abs(s))
-    assert torch.equal(_cpu(pyreg.penalty, [t * s for t in ts], 0.0, 0.3), _cpu(pyreg.penalty, ts, 0.0, 0.3) * s * s)
+    # The penalty is stored in the inputs' dtype: where a result is subnormal there
+    # (found by Hypothesis: 0.3 * 1.18e-38 in float32), it keeps fewer bits, and
+    # scaling is no longer exact; such results are out of this property's domain.
+    for (l1, l2), f in (((0.3, 0.0), abs(s)), ((0.0, 0.3), s * s)):
+        a, b = _cpu(pyreg.penalty, [t * s for t in ts], l1, l2), _cpu(pyreg.penalty, ts, l1, l2)
+        if _normal_or_zero(a) and _normal_or_zero(b):
+            assert torch.equal(a, b * f)
     # any other factor: up to rounding
     other = _cpu(pyreg.weight_stats, [t * c for t in ts])
     for f in ("l1", "l2", "linf"):
