@@ -8,6 +8,7 @@ The basics are in test_ops.py / test_optim.py; this file is the full matrix.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import subprocess
 import sys
@@ -646,3 +647,57 @@ def test_functional_steps_check_their_lists_and_change_nothing(call, message):
     with _raises(ValueError, message):
         call(w, g, s, t)
     assert _same((w, g, s, t), before)
+
+
+STRUCTURED = {
+    "ref": lambda m: pyreg.param_groups(m, l2=0.1, ref=copy.deepcopy(m)),
+    "group": lambda m: pyreg.param_groups(m, overrides={"0.weight": {"group_l1": 0.1, "group_dim": 1}}),
+    "max_norm": lambda m: pyreg.param_groups(m, overrides={"0.weight": {"max_norm": 0.5, "max_norm_dim": 1}}),
+}
+
+
+@pytest.mark.parametrize("kind, replacement, message", [
+    ("ref", (7, 4), "param_groups[0]['ref'][0] is (5, 4) torch.float32 on cpu but its parameter is (7, 4)"),
+    ("group", (9,), "param_groups[0]['group_dim']=1 is out of range for tensors[0] of shape (9,)"),
+    ("max_norm", (9,), "param_groups[0]['max_norm_dim']=1 is out of range for tensors[0] of shape (9,)"),
+])
+@pytest.mark.parametrize("family", ["Regularized", "fused"])
+def test_a_param_replaced_through_data_that_its_setting_no_longer_fits_raises_before_the_step(family, kind,
+                                                                                             replacement, message):
+    """SGD without momentum (no state to mismatch): the plan's group dimension or
+    ref no longer fits the param, and the step raises before the update (it used
+    to raise in the structured pass, after the update had changed the weights)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    groups = STRUCTURED[kind](m)
+    opt = pyreg.Regularized(torch.optim.SGD(groups, lr=0.1)) if family == "Regularized" else \
+        pyreg.optim.SGD(groups, lr=0.1)
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+    m[0].weight.data = torch.randn(replacement)
+    m[0].weight.grad = torch.randn(replacement)
+    before = _fused_snapshot(m, opt)
+    with _raises(ValueError, message):
+        opt.step()
+    assert _same(_fused_snapshot(m, opt), before)
+
+
+@pytest.mark.parametrize("family", ["Regularized", "fused"])
+def test_a_param_replaced_through_data_with_a_shape_its_setting_fits_steps_on_its_new_shape(family):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    groups = pyreg.param_groups(m, overrides={"0.weight": {"target_sparsity": 0.5}})
+    opt = pyreg.Regularized(torch.optim.SGD(groups, lr=0.1)) if family == "Regularized" else \
+        pyreg.optim.SGD(groups, lr=0.1)
+    for _ in range(3):
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    m[0].weight.data = torch.randn(9, 7)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert int((m[0].weight == 0).sum()) == math.ceil(0.5 * 63)

@@ -75,11 +75,11 @@ class Engine:
         hit = self._prepared
         if hit is not None and len(hit[0]) == len(groups) and (hit[1].lrs is not None or not lrs):
             same = list(map(_unchanged, groups, hit[0]))
-            if all(same):
-                return hit[1]
-            out = self._new_lrs_only(groups, same, hit)
+            out = hit[1] if all(same) else self._new_lrs_only(groups, same, hit)
             if out is not None:
-                return out
+                if out.plan.current():
+                    return out
+                self._plan = None  # a param replaced through .data: the plan made again (and checked)
         self._prepared = None
         plan = self.plan(groups)
         token = self.check_hypers(groups)
