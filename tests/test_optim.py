@@ -425,6 +425,23 @@ def test_stats_and_sparsity():
     assert sp.overall.dim() == 0 and sp.names == s.names
 
 
+@pytest.mark.parametrize("family", ["Regularized", "fused"])
+def test_sparsity_counts_a_param_replaced_through_data_at_its_new_size(family):
+    m = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    groups = pyreg.param_groups(m, l1=0.1)
+    opt = pyreg.Regularized(torch.optim.SGD(groups, lr=0.1)) if family == "Regularized" else \
+        pyreg.optim.SGD(groups, lr=0.1)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.sparsity()
+    m[0].weight.data = torch.zeros(50, 4)
+    m[0].weight.data[0] = 1.0
+    s = opt.stats()
+    assert s.numel.tolist() == [200, 6, 3, 2] and int(s.nnz[0]) == 4
+    assert float(opt.sparsity().per_param[0]) == pytest.approx(196 / 200)
+
+
 # --------------------------------------------------------------------------
 # param_groups
 # --------------------------------------------------------------------------
