@@ -373,8 +373,7 @@ class CompiledKernels:
                    s2: List[Tensor], s3: List[Tensor], steps: List[Tensor], group: List[int],
                    fresh: List[int], hyper: Tensor, *, decoupled: bool, amsgrad: bool, maximize: bool,
                    nesterov: bool, prox: int, centered: bool = False, grad_scale: Optional[Tensor] = None,
-                   found_inf: Optional[Tensor] = None, ticket: Optional[Tensor] = None,
-                   desc: Optional[tuple] = None) -> None:
+                   found_inf: Optional[Tensor] = None, ticket: Optional[Tensor] = None) -> None:
         """See torch_ref.optim_step. The caller guarantees what the kernels
         assume: every grad and state buffer dense and laid out like its param
         (same dtype and strides), step counters float32 or float64 scalars and
@@ -384,14 +383,13 @@ class CompiledKernels:
         ``ticket`` (the CUDA builds; the CPU's ignore it): an int32 tensor of
         one zero on the params' device that the kernel leaves zero, kept by
         the caller across steps (``_marshal.step_ticket``); without one, a zeroed
-        one is made for the call. ``desc``: ``_marshal.describe(params)``
-        where the caller has just read it.
+        one is made for the call.
 
         Returns False, having done nothing, where a param or grad has no
         memory (a torch ZeroTensor, which autograd may hand over as a grad of
         zeros): the caller steps that list otherwise (the spec). True once
         the kernels ran."""
-        desc = m.describe(params) if desc is None else desc
+        desc = m.describe(params)
         gptrs = m.pointers(grads)
         if (0 in gptrs or 0 in desc[0]) and (m.memoryless(grads, gptrs) or m.memoryless(params, desc[0])):
             return False

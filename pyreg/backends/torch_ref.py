@@ -215,8 +215,7 @@ def optim_step(algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Te
                s3: List[Tensor], steps: List[Tensor], group: List[int], fresh: List[int], hyper: Tensor, *,
                decoupled: bool, amsgrad: bool, maximize: bool, nesterov: bool, prox: int,
                centered: bool = False, grad_scale: Optional[Tensor] = None,
-               found_inf: Optional[Tensor] = None, ticket: Optional[Tensor] = None,
-               desc: Optional[tuple] = None) -> None:
+               found_inf: Optional[Tensor] = None, ticket: Optional[Tensor] = None) -> None:
     """One step of SGD (algo 0), Adam/AdamW (1), Adagrad (2) or RMSprop (3) on every param,
     then its group's prox, in place: torch.optim's single-tensor algorithms,
     computed in float64 and rounded once per stored value.
@@ -237,7 +236,7 @@ def optim_step(algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Te
 
     ``grad_scale``/``found_inf`` (GradScaler, float32 scalars): grads are divided
     by grad_scale (and stored so); found_inf != 0 leaves everything unchanged.
-    ``ticket``, ``desc``: the compiled kernels' (see ``CompiledKernels.optim_step``), unused here.
+    ``ticket``: the CUDA kernels' (see ``CompiledKernels.optim_step``), unused here.
     """
     skip = None if found_inf is None else found_inf.detach().to(torch.float64) != 0
 

@@ -75,11 +75,11 @@ class Engine:
         hit = self._prepared
         if hit is not None and len(hit[0]) == len(groups) and (hit[1].lrs is not None or not lrs):
             same = list(map(_unchanged, groups, hit[0]))
-            out = hit[1] if all(same) else self._new_lrs_only(groups, same, hit)
+            if all(same):
+                return hit[1]
+            out = self._new_lrs_only(groups, same, hit)
             if out is not None:
-                if out.plan.current():
-                    return out
-                self._plan = None  # a param replaced through .data: the plan made again (and checked)
+                return out
         self._prepared = None
         plan = self.plan(groups)
         token = self.check_hypers(groups)
@@ -154,8 +154,8 @@ class Engine:
             return self._plan
         self._quick = None
         specs = self.read(groups)
-        shape = (tuple(st.shape() for st in specs),
-                 tuple(tuple((id(p), p.dtype, p.device) for p in g["params"]) for g in groups))
+        shape = (tuple(st.shape() for st in specs), tuple(tuple(map(id, g["params"])) for g in groups),
+                 tuple(tuple(map(_kind_of, g["params"])) for g in groups))
         if self._plan is None or shape != self._shape:
             self._plan = Plan(groups, specs)
             self._shape = shape
@@ -220,7 +220,10 @@ class Prepared(NamedTuple):
     hypers: Optional[tuple]
 
 
-_kind_of = attrgetter("dtype", "device")
+#: What a step compares of each parameter: a param replaced through ``.data`` (as
+#: ``Module.to()`` does) with another shape, dtype or device makes the plan again,
+#: and checks it (a group dimension or ref that no longer fits raises before the step).
+_kind_of = attrgetter("shape", "dtype", "device")
 _NOT_SETTINGS = frozenset(("params", "param_names"))
 
 
@@ -233,7 +236,7 @@ class _GroupSeen(NamedTuple):
     mutable: tuple    # keys whose values can change in place (tensors, lists, tuples holding them)
     state: tuple      # their signatures (keys.signature)
     params: tuple     # the parameters' ids
-    kinds: tuple      # and their (dtype, device)
+    kinds: tuple      # and their (shape, dtype, device)
     lr_at: int        # the position of "lr" among the keys (-1: none)
 
 
@@ -262,7 +265,7 @@ def _unchanged(group: Dict[str, Any], seen: _GroupSeen) -> bool:
     """Whether a group is as :func:`_seen` saw it: the same keys holding the
     same objects (compared by id at C speed; ``seen`` holds the objects, so
     no other object can take their ids), mutable ones in the same state, the
-    same parameters with the same dtype and device."""
+    same parameters with the same shape, dtype and device."""
     ps = group["params"]
     return (tuple(map(id, group.values())) == seen.ids and tuple(group) == seen.keys
             and tuple(map(id, ps)) == seen.params and tuple(map(_kind_of, ps)) == seen.kinds

@@ -57,16 +57,14 @@ def fused_step(algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Te
                s3: List[Tensor], steps: List[Tensor], rows: List[int], fresh: List[int], hyper: Tensor, *,
                decoupled: bool = False, amsgrad: bool = False, maximize: bool = False, nesterov: bool = False,
                centered: bool = False, prox: int = NO_PROX, grad_scale: Optional[Tensor] = None,
-               found_inf: Optional[Tensor] = None, ticket: Optional[Tensor] = None, backend=None,
-               desc: Optional[tuple] = None) -> None:
+               found_inf: Optional[Tensor] = None, ticket: Optional[Tensor] = None, backend=None) -> None:
     """One fused pass of algorithm ``algo`` over the lists (see
     ``pyreg.backends.torch_ref.optim_step``, the float64 spec): the backend
     chosen for the params' device, or the spec where a grad or state buffer is
     laid out unlike its param (the kernels pair elements by position).
     The caller has checked that each grad and state buffer has its param's
     shape, dtype and device (:func:`unpaired`). ``ticket``: see
-    ``CompiledKernels.optim_step`` (an optimizer keeps one per device);
-    ``desc``: the params' ``describe`` if the caller has just read it."""
+    ``CompiledKernels.optim_step`` (an optimizer keeps one per device)."""
     be = backend if backend is not None else backends.for_tensors(params)
     lists = (params, grads, s1, s2, s3)
     if any(map(Tensor.is_neg, params)) or any(map(Tensor.is_neg, grads)):
@@ -76,8 +74,7 @@ def fused_step(algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Te
             be = spec
     kw = dict(decoupled=decoupled, amsgrad=amsgrad, maximize=maximize, nesterov=nesterov, centered=centered,
               prox=prox, grad_scale=grad_scale, found_inf=found_inf)
-    if be.optim_step(algo, params, grads, s1, s2, s3, steps, rows, fresh, hyper, ticket=ticket, desc=desc,
-                     **kw) is False:
+    if be.optim_step(algo, params, grads, s1, s2, s3, steps, rows, fresh, hyper, ticket=ticket, **kw) is False:
         # a list the kernels cannot take (a grad without memory: a ZeroTensor): the spec steps it
         spec.optim_step(algo, params, grads, s1, s2, s3, steps, rows, fresh, hyper, **kw)
 

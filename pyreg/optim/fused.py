@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._common import SUPPORTED_DTYPES, outside_graph, to_device
 from .._validate import nonneg_real, plain_cpu
-from ..backends._marshal import describe, step_ticket
+from ..backends._marshal import step_ticket
 from ._torch_compat import raw_step
 from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, constraints, direct_backend, penalized, pop_own_state,
                     prox_buckets, put_own_state, refresh_strength, record_strength_step, store_strength, strength_due,
@@ -111,20 +111,20 @@ class _Bucket:
         self.l1_vec: Optional[Tensor] = None
         self.l1_rows: List[int] = []  # the rows of the l1_strength params
         self.l1_index: List[int] = []  # and their l1's index in l1_vec
-        self.desc: Optional[tuple] = None  # the params' describe() read this step, where at hand (kept buckets)
-        self.expect: Optional[tuple] = None  # kept buckets: the params' numels and dtype codes when gathered
 
 
 class _Gathered:
     """A step's buckets (:meth:`FusedOptimizer._gather`), kept for the next
     steps while everything they were made from is as it was: the same plan
-    (so the same parameters, with the same dtypes and devices), the same
+    (so the same parameters, with the same shapes, dtypes and devices: the
+    engine compares them at every step and makes a new plan where one
+    changed, as a param replaced through ``.data`` may have), the same
     group runs (or runs that differ only in their lrs, a scheduler's step:
     the rows then follow) and l1_strength rows, the same state dict, each
     parameter's state holding the same keys and the same tensors (its
     buffers; a number, such as pyreg's count of l1_strength steps, may
     change), and the same parameters with a grad, each grad a plain dense
-    tensor of its parameter's dtype and device. Then only the grads are new:
+    tensor of its parameter's dtype, device and size. Then only the grads are new:
     read in one pass per attribute instead of the full gather's
     per-parameter work."""
 
@@ -141,7 +141,6 @@ class _Gathered:
             c = copy.copy(b)
             c.fresh = [0] * len(b.params)  # any buffer this step made exists from now on
             c.grads = []  # (each step's own)
-            c.expect = describe(b.params)[1:]
             self.buckets.append(c)
         self.index = [pos[id(p)] for b in buckets for p in b.params]
         ps = [p for b in buckets for p in b.params]
@@ -169,13 +168,6 @@ class _Gathered:
                 or list(map(_dtype_of, gs)) != self.dtypes or list(map(_device_of, gs)) != self.devices
                 or list(map(Tensor.numel, gs)) != self.numels):
             return None
-        # The params as gathered (one replaced through .data, as Module.to() does, is not: the state
-        # the buckets hold was checked against the param it was): their numels and dtypes as the
-        # kernel call reads them, and their devices.
-        descs = list(map(describe, map(attrgetter("params"), self.buckets)))
-        if (list(map(_device_of, self.with_grad)) != self.devices
-                or not all(d[1] == b.expect[0] and d[2] == b.expect[1] for d, b in zip(descs, self.buckets))):
-            return None
         states = list(map(state.get, self.with_grad, repeat(_NO_STATE)))
         if list(chain.from_iterable(states)) != self.keys:  # (a dict iterates its keys)
             return None
@@ -188,10 +180,9 @@ class _Gathered:
             if any(isinstance(v, Tensor) for v in chain(compress(values, other), compress(self.values, other))):
                 return None
         k = 0
-        for b, d in zip(self.buckets, descs):
+        for b in self.buckets:
             n = len(b.params)
             b.grads = gs[k:k + n]
-            b.desc = d
             k += n
             if new_lrs:
                 b.row_values = [runs[gi].rows[r] for gi, r in b.row_src]
@@ -623,8 +614,7 @@ class FusedOptimizer(Observable):
             ticket = self._tickets[dev] = step_ticket(dev)
         fused_step(self._algo, b.params, b.grads, b.s1, b.s2, b.s3, b.steps, b.rows, b.fresh, self._table(b),
                    decoupled=f.decoupled, amsgrad=f.amsgrad, maximize=f.maximize, nesterov=f.nesterov,
-                   centered=f.centered, prox=f.prox, grad_scale=grad_scale, found_inf=found_inf, ticket=ticket,
-                   desc=b.desc)
+                   centered=f.centered, prox=f.prox, grad_scale=grad_scale, found_inf=found_inf, ticket=ticket)
 
     def _run_torch(self, torch_groups) -> None:
         """torch's own step on the parameters the kernels do not take, then the

@@ -7,7 +7,6 @@ change; the apply functions (apply.py) run the ops on it.
 from __future__ import annotations
 
 from collections import OrderedDict
-from operator import attrgetter
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -18,7 +17,6 @@ from .._validate import first_overlap
 from ..backends._marshal import plain_list
 from .keys import GroupSettings, check_params
 
-_meta = attrgetter("shape", "dtype", "device")
 _KINDS = ("elem", "ref", "group", "target", "strength", "gstrength", "l2_bound", "max_norm")
 #: The coefficients each kind of bucket holds, as per-tensor float64 tensors.
 _KIND_COEFS = {"elem": ("l1", "l2"), "ref": ("l1", "l2"), "group": ("l1", "l2", "group_l1"),
@@ -203,10 +201,6 @@ class Plan:
                         for (kind, _, _), (ps, gs, vals, dims, refs, idx)
                         in sorted(reg.items(), key=lambda kv: order[kv[0][0]])]
         self.devices = list(dict.fromkeys(b.device for b in self.buckets))
-        # The params whose shape the plan depends on beyond their dtype and device: every kind
-        # but the element-wise one (group dimensions, refs, per-tensor selections and state).
-        self._watched = list({id(p): p for b in self.buckets if b.kind != "elem" for p in b.params}.values())
-        self._watched_as = list(map(_meta, self._watched))
         self.specs = specs
         self._lr_cache: Dict[torch.device, Tuple[tuple, Tensor]] = {}
         self._work_lr_cache: Dict[int, Tuple[Tensor, Tensor]] = {}
@@ -231,14 +225,6 @@ class Plan:
         if hit is None or hit[0] != numels:
             hit = self._numels = (numels, to_device(numels, torch.int64, self.first_device)[self.inverse])
         return hit
-
-    def current(self) -> bool:
-        """Whether the params of its buckets of every kind but the element-wise
-        one still have the shapes, dtypes and devices it was made for (a param
-        replaced through ``.data`` since, as ``Module.to()`` does, may not:
-        its group dimension or ref may no longer fit). In one pass per step,
-        over those params only."""
-        return not self._watched or list(map(_meta, self._watched)) == self._watched_as
 
     def group_lrs(self, lrs: list, device: torch.device) -> Tensor:
         """The groups' current lrs as one float64 tensor on ``device`` (an entry
