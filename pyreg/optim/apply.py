@@ -582,7 +582,7 @@ def stats(plan: Plan) -> ParamStats:
         return torch.cat([getattr(s, field).to(device=dev, dtype=dtype) for s in parts])[plan.inverse]
 
     return ParamStats(list(plan.names), cat("l1", rd), cat("l2", rd), cat("linf", rd),
-                      cat("nnz", torch.int64), plan.numels_now()[1])
+                      cat("nnz", torch.int64), plan.numel)
 
 
 def sparsity(s: ParamStats) -> Sparsity:

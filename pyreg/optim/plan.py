@@ -213,18 +213,8 @@ class Plan:
         for k, i in enumerate(order_):
             inverse[i] = k
         self.inverse = to_device(inverse, torch.int64, self.first_device)
-        self._numels: Optional[Tuple[List[int], Tensor]] = None
-
-    def numels_now(self) -> Tuple[List[int], Tensor]:
-        """Every parameter's element count as it is now (a param replaced
-        through ``.data`` may have another than when the plan was made), in
-        :attr:`stat_buckets` order, and as an int64 tensor in optimizer order
-        (the plan's own while the counts are the same: no copy)."""
         numels = [p.numel() for ps in self.stat_buckets for p in ps]
-        hit = self._numels
-        if hit is None or hit[0] != numels:
-            hit = self._numels = (numels, to_device(numels, torch.int64, self.first_device)[self.inverse])
-        return hit
+        self.numel = to_device(numels, torch.int64, self.first_device)[self.inverse]
 
     def group_lrs(self, lrs: list, device: torch.device) -> Tensor:
         """The groups' current lrs as one float64 tensor on ``device`` (an entry
