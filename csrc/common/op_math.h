@@ -193,7 +193,7 @@ PYREG_HD double per_lr(double tau, double lr) {
   if (!(lr > 0.0)) return 0.0;
   double l1 = tau / lr;
   for (int i = 0; i < kPerLrRaises; ++i)
-    if (lr * l1 < tau) l1 = nextafter(l1, INFINITY);
+    if (lr * l1 < tau) l1 = nextafter(l1, HUGE_VAL);
   return l1;
 }
 

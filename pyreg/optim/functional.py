@@ -181,8 +181,8 @@ def sgd(params: List[Tensor], grads: List[Tensor], momentum_buffer_list: List[Op
         fresh = [0] * len(params)
     _one(SGD, params, grads, bufs, [], [], [], fresh,
          {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "dampening": dampening}, l1, l2, False,
-         ("grads", "momentum_buffer_list" if momentum != 0 else None), maximize=maximize, nesterov=nesterov and momentum != 0,
-         grad_scale=grad_scale, found_inf=found_inf)
+         ("grads", "momentum_buffer_list" if momentum != 0 else None), maximize=maximize,
+         nesterov=nesterov and momentum != 0, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
@@ -195,8 +195,8 @@ def adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_
     prox (``preconditioned``: in Adam's metric), fused."""
     _one(ADAM, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], state_steps,
          [0] * len(params), {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay},
-         l1, l2, preconditioned, ("grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs" if amsgrad else None), decoupled=decoupled,
-         amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+         l1, l2, preconditioned, ("grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs" if amsgrad else None),
+         decoupled=decoupled, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def adagrad(params: List[Tensor], grads: List[Tensor], state_sums: List[Tensor], state_steps: List[Tensor], *,
