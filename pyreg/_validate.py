@@ -22,6 +22,7 @@ from ._common import SUPPORTED_DTYPES, capturing, has_dtensor, local_tensors, to
 Coefficient = Union[float, Sequence[float], Tensor]
 
 _dtype_of, _device_of, _layout_of = attrgetter("dtype"), attrgetter("device"), attrgetter("layout")
+_shape_of = attrgetter("shape")
 _is_nested = attrgetter("is_nested")
 _start_of, _end_of = itemgetter(0), itemgetter(1)  # of (start, end) byte spans
 _SUPPORTED = frozenset(SUPPORTED_DTYPES)
@@ -347,18 +348,45 @@ def extent(t: Tensor) -> int:
 # --------------------------------------------------------------------------
 # References (ops toward a reference) and group dimensions (group ops)
 # --------------------------------------------------------------------------
-def partner_list(others, tensors: Sequence[Tensor], name: str, plural: str) -> List[Tensor]:
-    """``others`` (grads, refs): one tensor per tensor, each of its tensor's
-    shape, dtype and device. ``name`` indexes them in messages, ``plural``
-    counts them ("grads", "ref tensors")."""
+def partner_list(others, tensors: Sequence[Tensor], name: str, plural: str, base: str = "tensors",
+                 like: Optional[tuple] = None) -> List[Tensor]:
+    """``others`` (grads, refs, an optimizer's state buffers): one tensor per
+    tensor, each of its tensor's shape, dtype and device. ``name`` indexes
+    them in messages, ``plural`` counts them ("grads", "ref tensors"),
+    ``base`` names ``tensors`` ("params"); ``like``: :func:`like_tensors`
+    of ``tensors``, if at hand."""
     os_ = tensor_list(others, name)
     if len(os_) != len(tensors):
-        raise ValueError(f"got {len(tensors)} tensors but {len(os_)} {plural}")
-    for i, (t, o) in enumerate(zip(tensors, os_)):
-        if o.shape != t.shape or o.dtype != t.dtype or o.device != t.device:
-            raise ValueError(f"{name}[{i}] is {tuple(o.shape)} {o.dtype} on {o.device} but "
-                             f"tensors[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}")
+        raise ValueError(f"got {len(tensors)} {base} but {len(os_)} {plural}")
+    i = first_unpaired(tensors, os_, like)
+    if i is not None:
+        t, o = tensors[i], os_[i]
+        raise ValueError(f"{name}[{i}] is {tuple(o.shape)} {o.dtype} on {o.device} but "
+                         f"{base}[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}")
     return os_
+
+
+def like_tensors(tensors: Sequence[Tensor]) -> Tuple[list, list, list]:
+    """The tensors' shapes, dtypes and devices (what :func:`first_unpaired` compares)."""
+    return list(map(_shape_of, tensors)), list(map(_dtype_of, tensors)), list(map(_device_of, tensors))
+
+
+def first_unpaired(tensors: Sequence[Tensor], others: Sequence[Tensor], like: Optional[tuple] = None
+                   ) -> Optional[int]:
+    """The index of the first of ``others`` without its tensor's shape, dtype
+    and device (the kernels pair their elements by position and read them as
+    the tensor's dtype), ``len`` of the shorter list where the lengths
+    differ, or None where every one matches. ``like``: :func:`like_tensors`
+    of ``tensors``, if at hand. In one pass per attribute (C speed)."""
+    shapes, dtypes, devices = like_tensors(tensors) if like is None else like
+    if (not torch.compiler.is_compiling()  # (Dynamo traces the loop below, not map())
+            and len(others) == len(shapes) and list(map(_shape_of, others)) == shapes
+            and list(map(_dtype_of, others)) == dtypes and list(map(_device_of, others)) == devices):
+        return None
+    for i, (t, o) in enumerate(zip(tensors, others)):
+        if o.shape != t.shape or o.dtype != t.dtype or o.device != t.device:
+            return i
+    return None if len(tensors) == len(others) else min(len(tensors), len(others))
 
 
 def check_refs_apart(tensors: Sequence[Tensor], refs: Sequence[Tensor]) -> None:

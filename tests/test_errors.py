@@ -618,13 +618,13 @@ FUNCTIONAL_CASES = [
     ("state dtype", lambda w, g, s, t: pyreg.optim.functional.adam(w, g, s[0], [s[1][0].double()], [], t, lr=0.1),
      "exp_avg_sqs[0] is (10,) torch.float64 on cpu but params[0] is (10,) torch.float32 on cpu"),
     ("state device", lambda w, g, s, t: pyreg.optim.functional.adagrad(
-        w, g, [torch.empty(10, device="meta")], t, lr=0.1), "state_sums[0] is (10,) torch.float32 on meta"),
+        w, g, [torch.empty(10, device="meta")], t, lr=0.1), "state_sums[0] is a meta tensor"),
     ("a list short", lambda w, g, s, t: pyreg.optim.functional.adam(w, g, s[0], [], [], t, lr=0.1),
-     "exp_avg_sqs has 0 tensors for 1 params"),
+     "got 1 params but 0 exp_avg_sqs"),
     ("amsgrad without its list", lambda w, g, s, t: pyreg.optim.functional.adam(
-        w, g, s[0], s[1], [], t, lr=0.1, amsgrad=True), "max_exp_avg_sqs has 0 tensors for 1 params"),
+        w, g, s[0], s[1], [], t, lr=0.1, amsgrad=True), "got 1 params but 0 max_exp_avg_sqs"),
     ("no step counters", lambda w, g, s, t: pyreg.optim.functional.rmsprop(w, g, s[0], [], [], [], lr=0.1),
-     "state_steps has 0 tensors for 1 params"),
+     "got 1 params but 0 state_steps"),
     ("an empty step counter", lambda w, g, s, t: pyreg.optim.functional.adam(
         w, g, s[0], s[1], [], [torch.zeros(0)], lr=0.1), "state_steps[0] is (0,) torch.float32 on cpu"),
     ("an int step counter", lambda w, g, s, t: pyreg.optim.functional.adam(
@@ -633,7 +633,7 @@ FUNCTIONAL_CASES = [
         w, g, [torch.zeros(4)], lr=0.1, momentum=0.9),
      "momentum_buffer_list[0] is (4,) torch.float32 on cpu but params[0] is (10,)"),
     ("momentum buffers short", lambda w, g, s, t: pyreg.optim.functional.sgd(w, g, [], lr=0.1, momentum=0.9),
-     "momentum_buffer_list has 0 entries for 1 params"),
+     "got 1 params but 0 momentum_buffer_list entries"),
 ]
 
 

@@ -12,7 +12,6 @@ values, one column per name of :data:`HYPER`. Rows are built by name
 """
 from __future__ import annotations
 
-from operator import attrgetter
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -20,6 +19,7 @@ from torch import Tensor
 
 from .. import backends
 from .._common import to_device
+from .._validate import first_unpaired, like_tensors, partner_list
 from ..backends import torch_ref as spec
 from ..backends._marshal import is_dense
 
@@ -63,7 +63,7 @@ def fused_step(algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Te
     chosen for the params' device, or the spec where a grad or state buffer is
     laid out unlike its param (the kernels pair elements by position).
     The caller has checked that each grad and state buffer has its param's
-    shape, dtype and device (:func:`unpaired`). ``ticket``: see
+    shape, dtype and device (``_validate.first_unpaired``). ``ticket``: see
     ``CompiledKernels.optim_step`` (an optimizer keeps one per device)."""
     be = backend if backend is not None else backends.for_tensors(params)
     lists = (params, grads, s1, s2, s3)
@@ -79,51 +79,19 @@ def fused_step(algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Te
         spec.optim_step(algo, params, grads, s1, s2, s3, steps, rows, fresh, hyper, **kw)
 
 
-_shape_of, _dtype_of, _device_of = attrgetter("shape"), attrgetter("dtype"), attrgetter("device")
-
-
-def like_params(params: Sequence[Tensor]) -> Tuple[list, list, list]:
-    """The params' shapes, dtypes and devices (what :func:`unpaired` compares)."""
-    return list(map(_shape_of, params)), list(map(_dtype_of, params)), list(map(_device_of, params))
-
-
-def unpaired(params: Sequence[Tensor], ts: Sequence[Tensor], like: Optional[tuple] = None) -> Optional[int]:
-    """The index of the first tensor of ``ts`` without its param's shape,
-    dtype and device (the kernels pair their elements by position and read
-    them as the param's dtype), ``len`` of the shorter list where the lengths
-    differ, or None where every one matches. ``like``: the params'
-    :func:`like_params`, if at hand. In one pass per attribute (C speed)."""
-    shapes, dtypes, devices = like_params(params) if like is None else like
-    if (len(ts) == len(shapes) and list(map(_shape_of, ts)) == shapes and list(map(_dtype_of, ts)) == dtypes
-            and list(map(_device_of, ts)) == devices):
-        return None
-    for i, (p, t) in enumerate(zip(params, ts)):
-        if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
-            return i
-    return min(len(params), len(ts))
-
-
 def _check_lists(params: List[Tensor], lists: Sequence[Tuple[str, List[Tensor]]],
                  steps: Optional[List[Tensor]]) -> None:
-    """The functional API's lists against ``params`` (see :func:`unpaired`),
+    """The functional API's lists against ``params`` (``_validate.partner_list``),
     and its step counters (None: the algorithm has none): one per param,
     float32 or float64, one element, on the params' devices, of one dtype.
     Raises ``ValueError``."""
-    like = like_params(params)
+    like = like_tensors(params)
     for name, ts in lists:
-        i = unpaired(params, ts, like)
-        if i is None:
-            continue
-        if i >= min(len(params), len(ts)):
-            raise ValueError(f"{name} has {len(ts)} tensors for {len(params)} params")
-        t, p = ts[i], params[i]
-        raise ValueError(f"{name}[{i}] is {tuple(t.shape)} {t.dtype} on {t.device} but params[{i}] is "
-                         f"{tuple(p.shape)} {p.dtype} on {p.device}: each must have its param's shape, dtype "
-                         "and device")
+        partner_list(ts, params, name, name, "params", like)
     if steps is None:
         return
     if len(steps) != len(params):
-        raise ValueError(f"state_steps has {len(steps)} tensors for {len(params)} params")
+        raise ValueError(f"got {len(params)} params but {len(steps)} state_steps")
     for i, (s, d) in enumerate(zip(steps, like[2])):
         if (not isinstance(s, Tensor) or s.numel() != 1 or s.dtype not in (torch.float32, torch.float64)
                 or s.dtype != steps[0].dtype or s.device != d):
@@ -164,12 +132,11 @@ def sgd(params: List[Tensor], grads: List[Tensor], momentum_buffer_list: List[Op
     fresh: List[int] = []
     if momentum != 0:
         if len(momentum_buffer_list) != len(params):
-            raise ValueError(f"momentum_buffer_list has {len(momentum_buffer_list)} entries for {len(params)} params")
+            raise ValueError(f"got {len(params)} params but {len(momentum_buffer_list)} momentum_buffer_list entries")
         for i, (p, b) in enumerate(zip(params, momentum_buffer_list)):  # (before any buffer is made)
-            if b is not None and unpaired([p], [b]) is not None:
+            if b is not None and first_unpaired([p], [b]) is not None:
                 raise ValueError(f"momentum_buffer_list[{i}] is {tuple(b.shape)} {b.dtype} on {b.device} but "
-                                 f"params[{i}] is {tuple(p.shape)} {p.dtype} on {p.device}: each must have "
-                                 "its param's shape, dtype and device")
+                                 f"params[{i}] is {tuple(p.shape)} {p.dtype} on {p.device}")
         for i, (p, b) in enumerate(zip(params, momentum_buffer_list)):
             if b is None:
                 b = momentum_buffer_list[i] = torch.zeros_like(p, memory_format=torch.preserve_format)

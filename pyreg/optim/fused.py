@@ -36,14 +36,14 @@ from torch import Tensor, nn
 
 from .. import ops
 from .._common import SUPPORTED_DTYPES, outside_graph, to_device
-from .._validate import nonneg_real, plain_cpu
+from .._validate import first_unpaired, like_tensors, nonneg_real, plain_cpu
 from ..backends._marshal import step_ticket
 from ._torch_compat import raw_step
 from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, constraints, direct_backend, penalized, pop_own_state,
                     prox_buckets, put_own_state, refresh_strength, record_strength_step, store_strength, strength_due,
                     strength_ks, strength_l1)
 from .engine import Engine, Observable
-from .functional import HYPER, NO_PROX, fused_step, like_params, prox_kind, row, table, unpaired
+from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
 from .keys import flag, hyper_keys_of, read_group, signature
 from .plan import Bucket, Plan, Work
 
@@ -527,10 +527,10 @@ class FusedOptimizer(Observable):
         have its param's shape, dtype and device (the kernels pair elements by
         position): a param replaced through ``.data`` after its state was made,
         or a state dict of another model."""
-        like = like_params(b.params)
+        like = like_tensors(b.params)
         state = self.state  # type: ignore[attr-defined]
         for ts in (b.grads, b.s1, b.s2, b.s3):
-            i = unpaired(b.params, ts, like) if ts else None
+            i = first_unpaired(b.params, ts, like) if ts else None
             if i is None:
                 continue
             p, t = b.params[i], ts[i]
