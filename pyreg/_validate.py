@@ -354,15 +354,19 @@ def partner_list(others, tensors: Sequence[Tensor], name: str, plural: str, base
     tensor, each of its tensor's shape, dtype and device. ``name`` indexes
     them in messages, ``plural`` counts them ("grads", "ref tensors"),
     ``base`` names ``tensors`` ("params"); ``like``: :func:`like_tensors`
-    of ``tensors``, if at hand."""
+    of ``tensors``, where at hand (then checked by :func:`first_unpaired`)."""
     os_ = tensor_list(others, name)
     if len(os_) != len(tensors):
         raise ValueError(f"got {len(tensors)} {base} but {len(os_)} {plural}")
-    i = first_unpaired(tensors, os_, like)
-    if i is not None:
-        t, o = tensors[i], os_[i]
-        raise ValueError(f"{name}[{i}] is {tuple(o.shape)} {o.dtype} on {o.device} but "
-                         f"{base}[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}")
+    if like is not None:  # (the optimizers' lists: one pass per attribute)
+        bad = first_unpaired(tensors, os_, like)
+        pairs: Iterable = () if bad is None else ((bad, (tensors[bad], os_[bad])),)
+    else:  # (the ops: this loop, which Dynamo traces in a compiled step)
+        pairs = enumerate(zip(tensors, os_))
+    for i, (t, o) in pairs:
+        if o.shape != t.shape or o.dtype != t.dtype or o.device != t.device:
+            raise ValueError(f"{name}[{i}] is {tuple(o.shape)} {o.dtype} on {o.device} but "
+                             f"{base}[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}")
     return os_
 
 
