@@ -41,6 +41,13 @@ def _as_float(x, where: str, rule: str) -> float:
                          "(beyond a float's range)") from None
 
 
+def flag(value, where: str) -> bool:
+    """value, which must be True or False (not a truthy object)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{where} must be True or False, got {value!r}")
+    return value
+
+
 def real(x, where: str) -> float:
     """x as a float: a finite real number (not a bool)."""
     if isinstance(x, bool) or not isinstance(x, numbers.Real):

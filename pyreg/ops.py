@@ -31,7 +31,7 @@ from ._common import WeightStats, coef_tensor, has_dtensor
 from .backends._marshal import plain_cuda_list, plain_list
 from ._ops import (add_group_penalty_grad_op, add_penalty_grad_op, group_norms_op, group_penalty_op,
                    group_prox_op, kth_abs_op, max_norm_op, penalty_op, prox_op, weight_stats_op)
-from ._validate import (PLAIN_TYPES, Coefficient, check_grads_apart, check_no_overlap, check_refs_apart,
+from ._validate import (PLAIN_TYPES, Coefficient, check_grads_apart, check_no_overlap, check_refs_apart, flag,
                         coefficient, fast_coefficient, group_dims, partner_list, tensor_list)
 
 _dtype_of, _shape_of, _requires_grad = attrgetter("dtype"), attrgetter("shape"), attrgetter("requires_grad")
@@ -456,7 +456,7 @@ def kth_abs(tensors: Iterable[Tensor], k, closest: bool = False) -> Tensor:
     selection on the magnitudes' bit patterns (on the CPU, 11 bits at a
     time, branch-free; on CUDA, 8 bits per level, two launches each).
     """
-    closest = _flag(closest, "closest")
+    closest = flag(closest, "closest")
     if type(tensors) in _LISTS and type(k) in _LISTS and len(k) == len(tensors):
         fast = _fast(tensors)
         if fast is not None and fast[0].selects() and _ks_ok(k, tensors):
@@ -473,12 +473,6 @@ def kth_abs(tensors: Iterable[Tensor], k, closest: bool = False) -> Tensor:
         if out is not None:
             return out
         return kth_abs_op([t.detach() for t in ts], ks, closest)
-
-
-def _flag(v, name: str) -> bool:
-    if type(v) is not bool:
-        raise TypeError(f"{name} must be True or False, got {v!r}")
-    return v
 
 
 def _ks_ok(k, ts) -> bool:

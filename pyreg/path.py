@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from ._validate import nonneg_real, real
+from ._validate import flag, nonneg_real, real
 from .optim.groups import param_groups
 from .optim.keys import coef_values
 
@@ -215,12 +215,6 @@ def _plain(x: Any) -> Any:
 # --------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------
-def _flag(v: Any, name: str) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError(f"{name} must be True or False, got {v!r}")
-    return v
-
-
 def _int(v: Any, name: str, low: int) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
@@ -687,9 +681,9 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
         raise ValueError(f"select must be one of {list(SELECTS)}, got {select!r}")
     if not isinstance(order, str) or order not in ORDERS:
         raise ValueError(f"order must be one of {list(ORDERS)}, got {order!r}")
-    greater_is_better = _flag(greater_is_better, "greater_is_better")
-    keep_weights = _flag(keep_weights, "keep_weights")
-    progress = _flag(progress, "progress")
+    greater_is_better = flag(greater_is_better, "greater_is_better")
+    keep_weights = flag(keep_weights, "keep_weights")
+    progress = flag(progress, "progress")
     if device is not None:
         if not isinstance(device, (str, torch.device)):
             raise TypeError(f"device must be None, a str or a torch.device, got {type(device).__name__}")

@@ -524,6 +524,151 @@ def test_conv_and_rnn_wrong_input_shape():
         pyreg.compact(nn.Linear(3, 2), (torch.randn(2, 3), torch.randn(2, 3)), measure=False)
 
 
+class InPlace(nn.Module):
+    """A Linear, an in-place form of an activation or arithmetic, a Linear."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.fc, self.out, self.how, self.act = nn.Linear(4, 8), nn.Linear(8, 2), how, nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.how == "relu_":
+            h.relu_()
+        elif self.how == "mul_relu_":
+            h.mul_(2)
+            h.relu_()
+        elif self.how == "add_":
+            g = self.fc(x)
+            g.add_(h)
+            h = g
+        elif self.how == "torch.relu_":
+            torch.relu_(h)
+        elif self.how == "inplace=True":
+            torch.nn.functional.relu(h, inplace=True)
+        elif self.how == "ReLU(inplace=True)":
+            self.act(h)
+        elif self.how == "+=":
+            h += 1
+            h = torch.relu(h)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("how", ["relu_", "mul_relu_", "add_", "torch.relu_", "inplace=True", "ReLU(inplace=True)",
+                                 "+="])
+def test_in_place_calls_are_followed(how):
+    """An in-place call whose result the forward drops (h.relu_()) is what later reads of h see: traced,
+    its node has no users; it must not be dropped as dead code (that changed the outputs, silently
+    where the example did not show it), and the constant folded is the value after it."""
+    _seed(40)
+    m = InPlace(how)
+    with torch.no_grad():
+        m.fc.bias.fill_(-1.0)
+        m.fc.weight[3] = 0
+        m.fc.bias[3] = 0.5  # a constant neuron, folded after the activation
+        m.fc.weight[:, 1] = 0
+    out = check(m, torch.zeros(2, 4))  # on zeros every other pre-activation is negative
+    assert out.report.params_after < _params(m)
+
+
+@pytest.mark.parametrize("how", ["view", "base", "input"])
+def test_in_place_write_seen_through_another_tensor_is_refused(how):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.fc(x)
+            if how == "view":  # writes a view, reads the base
+                h[:, :2].relu_()
+            elif how == "base":  # writes the base, reads a view made before
+                v = h.view(-1)
+                h.relu_()
+                h = v.view(h.shape)
+            else:
+                x.relu_()
+                h = self.fc(x)
+            return self.out(h)
+
+    m = Net()
+    before = _state(m)
+    with pytest.raises(ValueError, match="writes in place into"):
+        pyreg.compact(m, torch.randn(3, 4), measure=False)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("read", ["F.linear", "bias of the producer", "bias of the consumer"])
+def test_a_layer_whose_parameters_are_read_directly_is_left_whole(read):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = self.out(torch.relu(self.fc(x)))
+            if read == "F.linear":
+                return y + torch.nn.functional.linear(x, self.fc.weight, self.fc.bias)[:, :2]
+            if read == "bias of the producer":
+                return y + self.fc.bias.sum()
+            return y + self.out.bias.sum()
+
+    _seed(41)
+    m = Net()
+    with torch.no_grad():
+        m.fc.weight[3] = 0
+        m.fc.bias[3] = 2.0
+    out = check(m, torch.randn(5, 4))
+    name = "out" if read == "bias of the consumer" else "fc"
+    assert "read directly" in out.report.left_alone[name]
+    assert out.model.fc.out_features == 8
+
+
+def test_avg_pool_with_a_divisor_override_is_not_constant_preserving():
+    _seed(42)
+    m = nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU(), nn.AvgPool2d(2, 2, ceil_mode=True, divisor_override=1),
+                      nn.Conv2d(3, 2, 1))
+    with torch.no_grad():
+        m[0].weight[1] = 0
+        m[0].bias[1] = 1.0  # constant before the pool; not after it (edge windows sum fewer values)
+    check(m, torch.randn(2, 2, 5, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_with_a_fold(dtype):
+    _seed(43)
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
+    with torch.no_grad():
+        m[0].weight[:, 1] = 0
+        m[0].weight[2] = 0
+        m[0].bias[2] = 0.5
+    out = pyreg.compact(m, torch.randn(4, 6).to(dtype), measure=False)
+    assert out.report.params_after < _params(m)
+    eps = torch.finfo(dtype).eps
+    assert 0 < out.report.max_abs_error <= 16 * eps * out.report.output_scale
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(example_inputs=torch.randn(0, 6)), ValueError, "no samples"),
+    (dict(example_inputs=torch.full((2, 6), float("nan"))), ValueError, "NaN or inf"),
+    (dict(atol=-1.0), ValueError, "atol must be finite and >= 0"),
+    (dict(atol="x"), TypeError, "atol must be a real number"),
+    (dict(drop_inputs="yes"), TypeError, "drop_inputs must be True or False"),
+    (dict(measure="no"), TypeError, "measure must be True or False"),
+])
+def test_bad_arguments(kw, err, match):
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        m[0].weight[2] = 0
+        m[0].bias[2] = 0.5
+    before = _state(m)
+    kw = dict(kw)
+    x = kw.pop("example_inputs", torch.randn(3, 6))
+    with pytest.raises(err, match=match):
+        pyreg.compact(m, x, **kw)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
 # ---------------------------------------------------------------- report
 
 def test_report_table_dict_latency_and_sparse():

@@ -29,7 +29,7 @@ outputs::
   features.
 - ``atol``: the allowed max abs difference of the outputs; default ``1e-5 ×``
   the largest original output magnitude (float32 rounding: folding changes the
-  order of a sum).
+  order of a sum), or ``16 eps ×`` it for float16 and bfloat16 outputs.
 - ``measure=True``: median latency of both models, interleaved calls, on the
   CPU and (when available) CUDA.
 
@@ -64,8 +64,18 @@ single-layer modules; with more than one layer its final states must be
 unused), ``nn.Embedding`` (dims, i.e. weight columns, read by later layers),
 element-wise activations, dropout and pooling. Any other layer or op that reads
 a channel keeps it, and is named in ``report.left_alone`` with the reason; a
-conv with ``groups > 1`` is left as it is. Channels that reach the model's
-output are kept. Each layer keeps at least one channel.
+conv with ``groups > 1`` is left as it is, and so is a layer whose parameters
+the forward also reads directly (``F.linear(x, self.fc.weight)``,
+``self.fc.bias.sum()``). Channels that reach the model's output are kept.
+Each layer keeps at least one channel.
+
+In-place calls (``h.relu_()``, ``h += b``, ``F.relu(h, inplace=True)``,
+``nn.ReLU(inplace=True)``) are followed as their out-of-place forms, later
+reads of ``h`` reading the result (the compacted model computes them out of
+place). Where that would change what the model computes, ``compact`` raises
+``ValueError``: a write into a view whose base is read afterwards (or the
+other way), into an input, parameter or buffer, an assignment into part of a
+tensor (``h[:, 0] = ...``), or an in-place call with no out-of-place form.
 
 What is returned. ``Compacted.model`` is a ``torch.fx.GraphModule`` (the
 submodules keep their names; literal sizes in ``view``/``reshape`` are
@@ -83,7 +93,8 @@ weight is very sparse and large.
 
 Errors (the original model is never changed): a model that ``torch.fx`` cannot
 trace raises ``ValueError`` with torch.fx's reason (no silent fallback: an
-unchanged copy would hide that nothing was removed); ``example_inputs`` the model cannot run raise ``ValueError``;
+unchanged copy would hide that nothing was removed); ``example_inputs`` the model cannot run, with no
+samples or with NaN or inf raise ``ValueError``, as do the in-place calls above;
 a result whose outputs differ from the original's beyond ``atol`` raises
 ``RuntimeError`` naming the first layer whose output differs (this is a bug to
 report, never a result).
@@ -94,6 +105,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from .._validate import flag, nonneg_real
 from ._report import Report
 
 __all__ = ["compact", "Compacted", "Report", "StackedRNN"]
@@ -167,12 +179,26 @@ def _flat_tensors(x):
     return []
 
 
+def _default_atol(outputs) -> float:
+    """The default ``atol`` over the output scale: 1e-5, or 16 units of
+    rounding of the outputs' least precise floating dtype where that is
+    coarser (float16, bfloat16: folding a constant changes a sum's order)."""
+    eps = [torch.finfo(t.dtype).eps for t in outputs if t.is_floating_point()]
+    return max([1e-5] + [16 * e for e in eps])
+
+
+def _cannot_run(args, e: Exception) -> ValueError:
+    shapes = ", ".join(str(tuple(a.shape)) for a in args)
+    return ValueError(f"compact: the model cannot run on example_inputs of shape {shapes} ({type(e).__name__}: {e})")
+
+
 def compact(model: nn.Module, example_inputs, *, drop_inputs: bool = False, atol: Optional[float] = None,
             measure: bool = True) -> Compacted:
     """Remove every exactly-zero group whose removal leaves the outputs unchanged; see the module doc."""
     import torch.fx
 
     from ._graph import analyze, decide
+    from ._inplace import functionalize
     from ._report import LayerRow, capture, layer_counts, measure_latency
     from ._rewrite import rewrite
 
@@ -181,6 +207,16 @@ def compact(model: nn.Module, example_inputs, *, drop_inputs: bool = False, atol
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if not args or not all(isinstance(a, Tensor) for a in args):
         raise TypeError("compact: example_inputs must be a tensor or a tuple of tensors")
+    flag(drop_inputs, "compact: drop_inputs")
+    flag(measure, "compact: measure")
+    if atol is not None:
+        atol = nonneg_real(atol, "compact: atol")
+    for i, a in enumerate(args):
+        if a.dim() and a.shape[0] == 0:
+            raise ValueError(f"compact: example_inputs[{i}] has no samples (shape {tuple(a.shape)}); the example "
+                             "shows which channels are constant, and checks the result")
+        if a.is_floating_point() and not bool(torch.isfinite(a).all()):
+            raise ValueError(f"compact: example_inputs[{i}] holds NaN or inf; the result is checked on it")
     ref = copy.deepcopy(model).eval()
     work = copy.deepcopy(model).eval()
     try:
@@ -188,19 +224,22 @@ def compact(model: nn.Module, example_inputs, *, drop_inputs: bool = False, atol
     except Exception as e:
         raise ValueError(f"compact: {type(model).__name__} cannot be traced by torch.fx.symbolic_trace "
                          f"({type(e).__name__}: {e}); nothing was changed") from e
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
     n_placeholders = sum(n.op == "placeholder" for n in gm.graph.nodes)
     if len(args) > n_placeholders:
         raise ValueError(f"compact: {len(args)} example inputs given, the model takes {n_placeholders}")
     try:
         with torch.no_grad():
             ref_out = ref(*args)
+            functionalize(gm, args)  # (in-place calls: their results are what later reads see)
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
             values = capture(gm, args)
+    except ValueError as e:
+        if str(e).startswith("compact: "):
+            raise
+        raise _cannot_run(args, e) from e
     except Exception as e:
-        shapes = ", ".join(str(tuple(a.shape)) for a in args)
-        raise ValueError(f"compact: the model cannot run on example_inputs of shape {shapes} "
-                         f"({type(e).__name__}: {e})") from e
+        raise _cannot_run(args, e) from e
     before = layer_counts(gm, values)
 
     analysis = analyze(gm, values)
@@ -221,7 +260,7 @@ def compact(model: nn.Module, example_inputs, *, drop_inputs: bool = False, atol
         new_values = capture(gm, new_args)
     ref_t, new_t = _flat_tensors(ref_out), _flat_tensors(new_values["__output__"])
     scale = max([float(t.abs().max()) for t in ref_t if t.numel()] + [0.0])
-    tol = atol if atol is not None else 1e-5 * max(scale, 1e-6)
+    tol = atol if atol is not None else _default_atol(ref_t) * max(scale, 1e-6)
     if len(ref_t) != len(new_t) or any(a.shape != b.shape for a, b in zip(ref_t, new_t)):
         raise RuntimeError("compact: the compacted model's outputs have other shapes; this is a bug")
     err = max([float((a.double() - b.double()).abs().max()) for a, b in zip(ref_t, new_t) if a.numel()] + [0.0])

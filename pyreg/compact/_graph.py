@@ -35,11 +35,11 @@ ELEMENTWISE_FUNCTIONS = {
 }
 ELEMENTWISE_METHODS = {
     "relu", "tanh", "sigmoid", "abs", "neg", "exp", "contiguous", "clone", "detach", "float", "double",
-    "half", "to", "type_as", "relu_", "sigmoid_", "tanh_",
-}
-BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
-                    operator.isub, operator.imul, torch.add, torch.sub, torch.mul, torch.div}
-BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_"}
+    "half", "to", "type_as",
+}  # (in-place forms were made out-of-place before: _inplace.py)
+BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
+                    torch.div}
+BINARY_METHODS = {"add", "sub", "mul", "div"}
 RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
 RESHAPE_METHODS = {"flatten", "view", "reshape"}
 REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
@@ -169,6 +169,9 @@ class _Analyzer:
         self.values = values
         self.uf = _Ids()
         self.a = Analysis(graph_module=gm, values=values, axes={})
+        # layers whose parameters the forward also reads directly (F.linear(x, self.fc.weight)): those
+        # reads would see the layer's removed rows and columns, so such a layer is left whole
+        self.read_directly = {n.target.rpartition(".")[0]: n.target for n in gm.graph.nodes if n.op == "get_attr"}
 
     # -- helpers --------------------------------------------------------
     def block(self, axis: Optional[Axis], reason: str):
@@ -260,6 +263,11 @@ class _Analyzer:
             ax = None
         x = self.values.get(node.args[0].name) if node.args and isinstance(node.args[0], torch.fx.Node) else None
         y = self.values.get(node.name)
+        if name in self.read_directly:
+            reason = f"its {self.read_directly[name].rpartition('.')[2]} is also read directly by the forward"
+            self.leave(name, reason)
+            self.block_args(node, f"consumed by {name}: {reason}")
+            return None
         if isinstance(mod, nn.Linear):
             return self.linear_like(node, name, mod, ax, x, y, "linear")
         if type(mod) in (nn.Conv1d, nn.Conv2d):
@@ -302,8 +310,9 @@ class _Analyzer:
                 self.block(ax, f"pooled over the channel dim by {name}")
                 return None
             const = ax.const
-            if isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d)) and mod.count_include_pad and _any(mod.padding):
-                const = torch.zeros_like(const)
+            if isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d)) and (
+                    (mod.count_include_pad and _any(mod.padding)) or getattr(mod, "divisor_override", None)):
+                const = torch.zeros_like(const)  # windows at the edges average fewer values
             return Axis(1, ax.ids, const)
         if isinstance(mod, nn.Embedding):
             if mod.max_norm is not None:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .._common import SUPPORTED_DTYPES, outside_graph, to_device
-from .._validate import first_unpaired, like_tensors, nonneg_real, plain_cpu
+from .._validate import first_unpaired, flag, like_tensors, nonneg_real, plain_cpu
 from ..backends._marshal import step_ticket
 from ._torch_compat import raw_step
 from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, constraints, direct_backend, penalized, pop_own_state,
@@ -44,7 +44,7 @@ from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, constraints, direc
                     strength_ks, strength_l1)
 from .engine import Engine, Observable
 from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
-from .keys import flag, hyper_keys_of, read_group, signature
+from .keys import hyper_keys_of, read_group, signature
 from .plan import Bucket, Plan, Work
 
 #: The keys pyreg adds to torch's param groups (the others, group_l1, ref,

@@ -48,7 +48,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .._validate import group_dims, nonneg_real, one_value_tensor
+from .._validate import flag, group_dims, nonneg_real, one_value_tensor
 
 #: The coefficient keys, and what each defaults to (None: not set).
 COEF_KEYS = ("l1", "l2", "group_l1", "max_norm")
@@ -114,12 +114,6 @@ class GroupSettings(NamedTuple):
 
 def _hashable(dim: Any) -> Any:
     return tuple(dim) if isinstance(dim, (list, tuple)) else dim
-
-
-def flag(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{where} must be True or False, got {value!r}")
-    return value
 
 
 def coef_values(value: Any, n: int, where: str) -> Tuple[float, ...]:
