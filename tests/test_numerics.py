@@ -197,6 +197,46 @@ def test_grad_scaler_skipped_step_changes_nothing(mode, inner):
     assert not torch.equal(model[0].weight.detach(), params[0])
 
 
+_STRENGTH_KEYS = {
+    "l1_strength": {"l1_strength": 0.5},
+    "group_strength": {"overrides": {"0.weight": {"group_strength": 0.5, "group_dim": 1}}},
+}
+
+
+@pytest.mark.parametrize("keys", list(_STRENGTH_KEYS))
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"])
+def test_grad_scaler_skipped_step_leaves_the_strength_count(name, keys):
+    """pyreg's fused optimizers under GradScaler with l1_strength/group_strength: a skipped step leaves the
+    count of steps (which decides the refreshes) and the refreshed l1 as they were, as the weights."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
+    groups = pyreg.param_groups(model, **_STRENGTH_KEYS[keys])
+    for g in groups:
+        if g.get(keys):
+            g["l1_refresh"] = 2
+    opt = getattr(pyreg.optim, name)(groups, lr=1e-2)
+    scaler = _scaler()
+    x, y = torch.randn(16, 6), torch.randn(16, 1)
+
+    def step(poison):
+        opt.zero_grad()
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+        if poison:
+            model[2].weight.grad[0, 0] = INF
+        scaler.step(opt)
+        scaler.update()
+
+    for _ in range(3):
+        step(False)
+    w = model[0].weight
+    before = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[w].items()}
+    params = [p.detach().clone() for p in model.parameters()]
+    step(True)  # step 4 of the count would be a refresh (l1_refresh 2)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), params))
+    for k, v in before.items():
+        assert torch.equal(opt.state[w][k], v) if torch.is_tensor(v) else opt.state[w][k] == v, k
+
+
 # --------------------------------------------------------------------------
 # Large sums
 # --------------------------------------------------------------------------

@@ -548,8 +548,10 @@ class FusedOptimizer(Observable):
 
     def _amp_skipped(self) -> bool:
         """Whether GradScaler skips this step (found_inf). Read on the host, so
-        only asked when a group sets group_l1, ref, l2_bound or max_norm: their passes
-        run after the fused kernel, which skips on the device by itself."""
+        only asked when a group sets group_l1, ref, l2_bound or max_norm (their passes
+        run after the fused kernel, which skips on the device by itself) or
+        l1_strength/group_strength (whose count of steps, on the host, a skipped
+        step leaves as it was)."""
         found_inf = getattr(self, "found_inf", None)
         return found_inf is not None and bool(found_inf.item())
 
@@ -669,20 +671,21 @@ class FusedOptimizer(Observable):
         after = [w for w in work if w.kind not in ("elem", "strength")]
         if buckets or after:
             with torch.no_grad():
-                due = self._due(plan, strength)
-                if strength:
+                skipped = bool(strength or after) and self._amp_skipped()
+                due = {} if skipped else self._due(plan, strength)
+                if strength and not skipped:
                     record_strength_step([w.bucket for w in strength], self.state)  # type: ignore[attr-defined]
                 for b in buckets:
                     self._run(b)
                     b.grads = []  # (a kept bucket must not keep this step's grads alive)
-                if after and not self._amp_skipped():
+                if after and not skipped:
                     prox_after = penalized(after)
                     if prox_after:  # (the lrs only where a prox reads them)
                         group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
                         prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in prox_after],
                                      self.state)  # type: ignore[attr-defined]
                     constraints(after, self.state)  # type: ignore[attr-defined]
-                if due and not self._amp_skipped():  # the new coefficients from the next step on
+                if due:  # the new coefficients from the next step on
                     self._refresh(plan, strength, due, vecs)
                     for b in buckets:  # (into the cached tables now, while they are at hand)
                         if b.l1_rows and not b.dynamic:
