@@ -8,7 +8,7 @@
 // list, the same dicts holding the same keys and values (by identity: the
 // object holds references to them, so no other object can take their ids),
 // the same parameters of the same type, and each regularized one with a
-// grad, the same dtype and size, contiguous. The one change it accepts is an lr set to another
+// grad, the same dtype, size and memory, contiguous. The one change it accepts is an lr set to another
 // finite float >= 0 (a scheduler's step), which it takes in. Anything else
 // answers false, and the caller's full path checks (and raises on) it.
 // `prox(nthreads)`, after the inner optimizer's step, runs the CPU prox
@@ -194,9 +194,11 @@ bool FastProx::same(py::handle groups) {
       if (p != g.params[j].ptr() || reinterpret_cast<PyObject*>(Py_TYPE(p)) != g.types[j]) return false;
     }
   }
-  for (const Bucket& b : buckets_)
+  for (const Bucket& b : buckets_)  // (memory moved, e.g. .data replaced: the full path checks for sharing)
     for (size_t i = 0; i < b.params.size(); ++i)
-      if (!as_seen(b.params[i].ptr(), b.dtypes[i].ptr(), b.list.numels[i])) return false;
+      if (!as_seen(b.params[i].ptr(), b.dtypes[i].ptr(), b.list.numels[i]) ||
+          !same_memory(b.params[i].ptr(), reinterpret_cast<uintptr_t>(b.list.ptrs[i])))
+        return false;
   if (!new_lrs.empty()) {
     for (auto& [gi, v] : new_lrs) {
       Group& g = groups_seen_[gi];

@@ -326,6 +326,66 @@ def test_parameters_sharing_memory_are_rejected_at_construction():
     pyreg.Regularized(inner)
 
 
+_SHARING = {
+    "pyreg.optim.SGD": lambda ps: pyreg.optim.SGD(ps, lr=0.1, momentum=0.9, l1=0.01),
+    "pyreg.optim.AdamW": lambda ps: pyreg.optim.AdamW(ps, lr=0.1, l1=0.01),
+    "Regularized proximal": lambda ps: pyreg.Regularized(torch.optim.SGD(ps, lr=0.1, momentum=0.9), l1=0.01),
+    "Regularized gradient": lambda ps: pyreg.Regularized(torch.optim.Adam(ps, lr=0.1), l1=0.01, mode="gradient"),
+}
+
+
+@pytest.mark.parametrize("steps", [0, 1, 3])
+@pytest.mark.parametrize("make", list(_SHARING))
+def test_parameters_that_come_to_share_memory_are_rejected_before_the_step(make, steps):
+    """A weight given another's memory through .data after construction (after ``steps`` steps: the kept
+    and fast paths): the step raises before anything changed, as at construction."""
+    g = torch.Generator().manual_seed(5)
+    a, b = nn.Parameter(torch.randn(64, generator=g)), nn.Parameter(torch.randn(64, generator=g))
+    opt = _SHARING[make]([a, b])
+    for _ in range(steps):
+        a.grad, b.grad = torch.randn(64, generator=g), torch.randn(64, generator=g)
+        opt.step()
+    b.data = a.data
+    a.grad, b.grad = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    before = a.detach().clone()
+    state = {k: v.clone() for k, v in opt.state[a].items() if torch.is_tensor(v)}
+    with _raises(ValueError, "share memory; pyreg updates each regularized parameter in place"):
+        opt.step()
+    assert torch.equal(a.detach(), before)
+    assert all(torch.equal(opt.state[a][k], v) for k, v in state.items())
+
+
+def _overlapping_pair():
+    base = torch.zeros(6)
+    return [nn.Parameter(base[:4]), nn.Parameter(base[2:])]
+
+
+_ADDED = {
+    "a parameter twice": (lambda q: {"params": [q, q]}, ValueError, "appears earlier in the optimizer"),
+    "complex": (lambda q: {"params": [nn.Parameter(torch.randn(3, dtype=torch.complex64))], "l1": 0.1},
+                TypeError, "complex64"),
+    "meta": (lambda q: {"params": [nn.Parameter(torch.zeros(3, device="meta"))], "l1": 0.1}, ValueError,
+             "meta tensor"),
+    "sharing memory": (lambda q: {"params": _overlapping_pair(), "l1": 0.1}, ValueError, "share memory"),
+    "a set": (lambda q: {"params": {q}}, TypeError, "ordered collections"),
+}
+
+
+@pytest.mark.parametrize("case", list(_ADDED))
+@pytest.mark.parametrize("family", ["Regularized", "pyreg.optim"])
+def test_add_param_group_refuses_what_every_step_would(family, case):
+    """A group that every step would refuse is refused by add_param_group, which adds nothing."""
+    p, q = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+    opt = (pyreg.Regularized(torch.optim.SGD([p], lr=0.1), l1=0.1) if family == "Regularized"
+           else pyreg.optim.SGD([p], lr=0.1, l1=0.1))
+    make, exc, message = _ADDED[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch warns of a duplicate before pyreg refuses it)
+        with _raises(exc, message):
+            opt.add_param_group(make(q))
+    assert len(opt.param_groups) == 1
+
+
 def test_meta_parameter_is_rejected_at_construction():
     p = nn.Parameter(torch.zeros(3, device="meta"))
     with _raises(ValueError, "param_groups[0] parameter 'param_groups.0.0' is a meta tensor"):

@@ -30,13 +30,17 @@ def _grads(params, step, seed=100):
 # --------------------------------------------------------------------------
 # Equivalences and closed forms
 # --------------------------------------------------------------------------
+@pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, True)])
-def test_gradient_l2_matches_torch_weight_decay(momentum, nesterov):
+def test_gradient_l2_matches_torch_weight_decay(momentum, nesterov, maximize):
+    # with maximize, torch's decay still shrinks the weights (it is added after the grad's negation):
+    # so does the penalty's gradient
     wd = 0.1
     ps, ref = _params(), _params()
-    opt = pyreg.Regularized(torch.optim.SGD(ps, lr=0.05, momentum=momentum, nesterov=nesterov),
+    opt = pyreg.Regularized(torch.optim.SGD(ps, lr=0.05, momentum=momentum, nesterov=nesterov, maximize=maximize),
                             l2=pyreg.from_weight_decay(wd), mode="gradient")
-    ref_opt = torch.optim.SGD(ref, lr=0.05, momentum=momentum, nesterov=nesterov, weight_decay=wd)
+    ref_opt = torch.optim.SGD(ref, lr=0.05, momentum=momentum, nesterov=nesterov, weight_decay=wd,
+                              maximize=maximize)
     for step in range(8):
         for p, r, g in zip(ps, ref, _grads(ps, step)):
             p.grad, r.grad = g.clone(), g.clone()

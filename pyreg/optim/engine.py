@@ -29,7 +29,7 @@ from torch.optim.optimizer import required
 from .._common import outside_graph
 from .._validate import nonneg_real
 from . import apply
-from .keys import (KEYS, SIMPLE_TYPES, check_hypers, check_params, group_signature, hyper_signature, lr_value,
+from .keys import (KEYS, SIMPLE_TYPES, check_hypers, group_signature, hyper_signature, lr_value,
                    read_group, signature)
 from .plan import Plan
 from .results import ParamStats, Sparsity
@@ -75,13 +75,13 @@ class Engine:
         hit = self._prepared
         if hit is not None and len(hit[0]) == len(groups) and (hit[1].lrs is not None or not lrs):
             same = list(map(_unchanged, groups, hit[0]))
-            if all(same):
-                return hit[1]
-            out = self._new_lrs_only(groups, same, hit)
+            out = hit[1] if all(same) else self._new_lrs_only(groups, same, hit)
             if out is not None:
+                out.plan.check_memory()  # (a parameter's .data replaced: its memory may now be shared)
                 return out
         self._prepared = None
         plan = self.plan(groups)
+        plan.check_memory()
         token = self.check_hypers(groups)
         out = Prepared(plan, self.lrs(groups) if lrs else None, token)
         self._prepared = (list(map(_seen, groups)), out)
@@ -138,10 +138,19 @@ class Engine:
         before anything is added: pyreg's keys, the params against them, and
         torch's hyperparameters as the group will hold them (the optimizer's
         ``torch_defaults`` filled in; a required one it lacks is left to torch,
-        which names it). ``index``: the position it will have."""
+        which names it). ``index``: the position it will have. The params are
+        checked as a plan checks them (a trial plan of the group: refs, group
+        dims, dtypes and layouts of the regularized ones, no parameter twice, no
+        shared memory), so a group that every step would refuse is not added."""
         where = f"param_groups[{index}]"
         st = self.read([group], index)[0]
-        check_params(st, group.get("params", []), where)
+        ps = group.get("params")
+        if ps and isinstance(ps[0], tuple):  # named: (name, param) pairs, as torch takes them
+            trial = dict(group, params=[q[-1] for q in ps], param_names=[q[0] for q in ps])
+        else:
+            trial = group
+        if ps and all(isinstance(p, Tensor) for p in trial["params"]):  # (else torch names what is wrong)
+            Plan([trial], [st], index)
         full = {k: v for k, v in {**torch_defaults, **group}.items() if v is not required}
         check_hypers(full, where, self.hyper_keys)
 
@@ -270,6 +279,18 @@ def _unchanged(group: Dict[str, Any], seen: _GroupSeen) -> bool:
     return (tuple(map(id, group.values())) == seen.ids and tuple(group) == seen.keys
             and tuple(map(id, ps)) == seen.params and tuple(map(_kind_of, ps)) == seen.kinds
             and (not seen.mutable or tuple(signature(group[k]) for k in seen.mutable) == seen.state))
+
+
+def param_list(params: Any) -> List[Tensor]:
+    """A group's ``params`` as a list (so that checking it consumes no
+    iterator): a tensor becomes a list of one; a set is refused, as torch's
+    ``add_param_group`` refuses it (its order changes between runs)."""
+    if isinstance(params, Tensor):
+        return [params]
+    if isinstance(params, (set, frozenset)):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering "
+                        "of tensors in sets will change between runs. Please use a list instead.")
+    return list(params)
 
 
 @outside_graph

@@ -42,7 +42,7 @@ from ._torch_compat import raw_step
 from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, constraints, direct_backend, penalized, pop_own_state,
                     prox_buckets, put_own_state, refresh_strength, record_strength_step, store_strength, strength_due,
                     strength_ks, strength_l1)
-from .engine import Engine, Observable
+from .engine import Engine, Observable, param_list
 from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
 from .keys import hyper_keys_of, read_group, signature
 from .plan import Bucket, Plan, Work
@@ -323,18 +323,16 @@ class FusedOptimizer(Observable):
 
     # -- param groups and state dicts -------------------------------------------------
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        """torch's ``add_param_group``, with pyreg's keys checked (as in every
-        step: see keys.py) and defaulted. A parameter listed twice is an error
-        (torch only warns): the fused step would update it twice."""
+        """torch's ``add_param_group``, with pyreg's keys and the params checked
+        (as in every step: see :meth:`Engine.check_added`) and defaulted. A
+        parameter listed twice is an error (torch only warns): the fused step
+        would update it twice."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         param_group = dict(param_group)
         ps = param_group.get("params")
-        if ps is not None:
-            ps = param_group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
-            if len({id(p) for p in ps}) != len(ps):
-                raise ValueError("a parameter group lists the same parameter twice; pyreg's fused "
-                                 "optimizers update each parameter once per step, so list it once")
+        if ps is not None:  # a list, so that checking it consumes no iterator
+            param_group["params"] = param_list(ps)
         self._engine.check_added(param_group, self.defaults, len(getattr(self, "param_groups", [])))
         for key in PYREG_KEYS:
             param_group.setdefault(key, self._engine.defaults[key])

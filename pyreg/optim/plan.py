@@ -137,14 +137,15 @@ class Work(NamedTuple):
 class Plan:
     """What a step needs, derived from the param groups and cached on them."""
 
-    def __init__(self, groups: List[Dict[str, Any]], specs: List[GroupSettings]):
+    def __init__(self, groups: List[Dict[str, Any]], specs: List[GroupSettings], first: int = 0):
+        """``first``: the index of ``groups[0]`` in the optimizer (in messages)."""
         seen = set()
         reg: Dict[tuple, Tuple[list, list, Dict[str, list], list, list, list]] = OrderedDict()
         every: Dict[Tuple[torch.device, torch.dtype], Tuple[list, list]] = OrderedDict()
         reg_names: Dict[int, str] = {}
         self.names: List[str] = []
         position = 0
-        for gi, (group, spec) in enumerate(zip(groups, specs)):
+        for gi, (group, spec) in enumerate(zip(groups, specs), first):
             names = group.get("param_names")
             params = group["params"]
             where = f"param_groups[{gi}]"
@@ -187,14 +188,11 @@ class Plan:
                 reg_names[id(p)] = name
         # The ops write the params after the inner step: reject shared memory
         # now, before any step, rather than half-way through one.
-        reg_params = list({id(p): p for b in reg.values() for p in b[0]}.values())
-        bad = None if torch.compiler.is_compiling() else first_overlap(reg_params)
-        if bad is not None:
-            na, nb = (reg_names[id(reg_params[i])] for i in bad)
-            raise ValueError(f"parameter {na!r} overlaps itself in memory (an expanded view?)"
-                             if bad[0] == bad[1] else
-                             f"parameters {na!r} and {nb!r} share memory; "
-                             "pyreg updates each regularized parameter in place, so they must be distinct")
+        self._reg_params = list({id(p): p for b in reg.values() for p in b[0]}.values())
+        self._reg_names = [reg_names[id(p)] for p in self._reg_params]
+        self._memory: Optional[list] = None
+        if not torch.compiler.is_compiling():
+            self.check_memory()
         order = {k: i for i, k in enumerate(_KINDS)}
         self.buckets = [Bucket(kind, ps, gs, idx, vals, dims if kind in ("group", "gstrength", "max_norm") else None,
                                refs if kind == "ref" else None)
@@ -216,6 +214,33 @@ class Plan:
         numels = [p.numel() for ps in self.stat_buckets for p in ps]
         self.numel = to_device(numels, torch.int64, self.first_device)[self.inverse]
 
+
+    def check_memory(self) -> None:
+        """Raise if two regularized parameters share memory (or one overlaps
+        itself): the ops write each in place. Checked when the plan is made
+        and again, before a step changes anything, whenever a parameter's
+        memory moved since (``.data`` replaced: two may have come to share
+        it); the data pointers are compared at C speed."""
+        ps = self._reg_params
+        if not ps or has_dtensor(ps):  # (a DTensor's shards: FSDP2 moves them; checked when made)
+            if self._memory is None:
+                self._memory = []
+                self._raise_overlap(first_overlap(ps))
+            return
+        ptrs = list(map(Tensor.data_ptr, ps))
+        if ptrs == self._memory:
+            return
+        self._raise_overlap(first_overlap(ps))
+        self._memory = ptrs
+
+    def _raise_overlap(self, bad: Optional[Tuple[int, int]]) -> None:
+        if bad is None:
+            return
+        na, nb = (self._reg_names[i] for i in bad)
+        raise ValueError(f"parameter {na!r} overlaps itself in memory (an expanded view?)"
+                         if bad[0] == bad[1] else
+                         f"parameters {na!r} and {nb!r} share memory; "
+                         "pyreg updates each regularized parameter in place, so they must be distinct")
     def group_lrs(self, lrs: list, device: torch.device) -> Tensor:
         """The groups' current lrs as one float64 tensor on ``device`` (an entry
         per group). Numbers: one small copy when they change, else the cached

@@ -29,7 +29,7 @@ from . import apply
 from .apply import (STRENGTH_KINDS, add_penalty_grads, constraints, penalized, pop_own_state,
                     prox_buckets, put_own_state, record_strength_step, refresh_strength, strength_due,
                     strength_l1, strength_pushes)
-from .engine import Engine, Observable, plan_outside_graph
+from .engine import Engine, Observable, param_list, plan_outside_graph
 from .keys import hyper_keys_of, read_group
 from ..backends import _marshal as m
 from .plan import Bucket, Plan, Work
@@ -216,9 +216,8 @@ class Regularized(Observable, Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         param_group = dict(param_group)
-        if "params" in param_group:  # a list, so that checking it consumes no iterator
-            ps = param_group["params"]
-            param_group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
+        if "params" in param_group:
+            param_group["params"] = param_list(param_group["params"])
         self._engine.check_added(param_group, self.optimizer.defaults, len(self.param_groups))
         param_group.setdefault("l1", self.l1)
         param_group.setdefault("l2", self.l2)
@@ -283,7 +282,22 @@ class Regularized(Observable, Optimizer):
         return step_with_own_hooks(self.optimizer, closure)
 
     def _add_penalty_grads(self, work: List[Work]) -> None:
-        self._penalty = add_penalty_grads(penalized(work))
+        """Gradient mode: the penalty's gradient into the grads. A group with
+        torch's ``maximize`` ascends its grads: their penalty gradient is
+        subtracted (added to the negated grads, which are negated back: exact),
+        so that the penalty still pulls toward zero, as the prox does."""
+        pen = penalized(work)
+        up = [g for g in self.param_groups if g.get("maximize") is True]
+        if up:
+            ids = {id(p) for w in pen for p in w.params}
+            up = [p.grad for g in up for p in g["params"] if id(p) in ids and p.grad is not None]
+        for g in up:
+            g.neg_()
+        try:
+            self._penalty = add_penalty_grads(pen)
+        finally:
+            for g in up:
+                g.neg_()
 
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """One step of the inner optimizer with regularization (see the class
