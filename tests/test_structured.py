@@ -339,6 +339,26 @@ def test_group_ops_nan_inf(B):
     torch.testing.assert_close(d.cpu(), rd, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_group_grad_of_a_group_with_a_subnormal_norm(B, dtype):
+    """c * w_g / ||w_g|| is at most c per element, but c / ||w_g|| is beyond float32's range for a norm
+    below about 1 / FLT_MAX: the product must not pass through it (it gave inf, and NaN at the zeros).
+    (float64: the squares of its subnormals underflow in the spec's own float64 norm.)"""
+    tiny = torch.finfo(dtype).tiny / 64  # a subnormal of the dtype
+    w = torch.tensor([[tiny, 1.0], [0.0, -2.0], [-tiny, 0.5]], dtype=dtype, device=B.dev)
+    g = torch.zeros_like(w)
+    want = torch.zeros(3, 2, dtype=torch.float64)
+    torch_ref.add_group_penalty_grad_([w.cpu().double()], [want], [1], 1.0)
+    x = w.clone().requires_grad_(True)
+    with pyreg.use_backend(B.name):
+        pyreg.add_group_penalty_grad_([w], [g], 1.0, dim=1)
+        pyreg.group_penalty([x], 1.0, dim=1).backward()
+    for got in (g, x.grad):
+        assert bool(torch.isfinite(got).all()), got
+        torch.testing.assert_close(got.cpu().double(), want.to(dtype).double(), **GRAD_TOL[dtype])
+    assert abs(float(g[0, 0]) - 2 ** -0.5) < 1e-2 and float(g[1, 0]) == 0.0
+
+
 # --------------------------------------------------------------------------- batches and determinism
 def test_many_tensors_cross_launch_batches(B):
     # More tensors than one launch describes (48 for the group kernels), mixed

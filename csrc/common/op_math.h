@@ -170,7 +170,13 @@ PYREG_HD double group_factor(const GroupCoefs& c, int64_t t, double n) {
 template <typename T, typename A>
 PYREG_HD T group_scaled(A v, double f) { return store<T>(v * A(f)); }
 template <typename T, typename A>
-PYREG_HD T group_grad(A g, A v, double f) { return store<T>(g + A(f) * v); }
+PYREG_HD T group_grad(A g, A v, double f) {
+  const A af = A(f);
+  // A factor beyond A's range (c / n for a norm n below about 1 / FLT_MAX, i.e.
+  // subnormal weights in float): f * v in double, which is within it.
+  if (af - af != A(0) && f - f == 0.0) return store<T>(g + A(f * double(v)));
+  return store<T>(g + af * v);
+}
 
 // The value whose group norms op kOp takes, from a stored element x: the
 // element soft-threshold by `soft` (rounded to the storage type T) for
