@@ -50,6 +50,32 @@ def _(tensors, l1, l2, ref):
     return torch.empty((), dtype=result_dtype(tensors), device=tensors[0].device)
 
 
+class _KernelGrad(torch.autograd.Function):
+    """A penalty's grad (from its kernel, outside autograd) as a function of
+    the penalized tensor whose own backward raises: a second derivative
+    through it is refused, not silently computed without the penalty."""
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, tensor: Tensor, message: str) -> Tensor:
+        ctx.message = message
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(ctx.message)
+
+
+def _differentiable_once(grads: List[Tensor], inputs: List[Tensor], op: str, formula: str) -> List[Tensor]:
+    """The grads of a penalty's backward, as :class:`_KernelGrad` where that
+    backward builds a graph (``create_graph=True``: grad mode on) and the
+    input requires grad."""
+    if not torch.is_grad_enabled():
+        return grads
+    message = (f"pyreg.{op}'s gradient is computed by its kernel and cannot be differentiated again (a second "
+               f"derivative through create_graph=True); for one, write the penalty in torch ops: {formula}")
+    return [_KernelGrad.apply(g, t, message) if t.requires_grad else g for g, t in zip(grads, inputs)]
+
+
 def _penalty_setup(ctx, inputs, output):
     tensors, l1, l2, ref = inputs
     ctx.n = len(tensors)
@@ -62,6 +88,8 @@ def _penalty_backward(ctx, grad_out):
     grads = [torch.zeros_like(t) for t in tensors]
     go = grad_out.to(l1.dtype)
     add_penalty_grad_op(tensors, grads, l1 * go, l2 * go, ref)
+    grads = _differentiable_once(grads, tensors, "penalty",
+                                 "l1 * (w - ref).abs().sum() + l2 * (w - ref).square().sum()")
     return grads, None, None, [None] * len(ref)
 
 
@@ -128,6 +156,8 @@ def _group_penalty_backward(ctx, grad_out):
     group_l1, *tensors = ctx.saved_tensors
     grads = [torch.zeros_like(t) for t in tensors]
     add_group_penalty_grad_op(tensors, grads, ctx.dims, group_l1 * grad_out.to(group_l1.dtype))
+    grads = _differentiable_once(grads, tensors, "group_penalty",
+                                 "group_l1 * the sum of the groups' torch.linalg.norm")
     return grads, None, None
 
 

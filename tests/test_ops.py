@@ -175,6 +175,25 @@ def test_penalty_gradcheck(B):
         assert torch.autograd.gradcheck(lambda *w: pyreg.penalty(list(w), l1, 0.25), ts)
 
 
+@pytest.mark.parametrize("op", ["penalty", "group_penalty"])
+def test_penalty_grad_is_not_differentiated_again_silently(B, op):
+    """A penalty's grad comes from its kernel: with create_graph=True it is the right first derivative,
+    and a second derivative through it raises (it silently left the penalty's term out)."""
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(3, 4, generator=g, dtype=torch.float64).to(B.dev).requires_grad_()
+    with pyreg.use_backend(B.name):
+        pen = pyreg.penalty([w], 0.3, 0.5) if op == "penalty" else pyreg.group_penalty([w], 0.3, dim=1)
+        (grad,) = torch.autograd.grad((w ** 3).sum() + pen, w, create_graph=True)
+    x = w.detach()
+    want = 3 * x ** 2 + (0.3 * torch.sign(x) + x if op == "penalty" else 0.3 * x / x.norm(dim=0))
+    torch.testing.assert_close(grad.detach(), want)
+    with pytest.raises(RuntimeError, match=f"pyreg.{op}'s gradient is computed by its kernel"):
+        torch.autograd.grad(grad.sum(), w)
+    with pyreg.use_backend(B.name):  # first order only: no change
+        pyreg.penalty([w], 0.3, 0.5).backward()
+    torch.testing.assert_close(w.grad, 0.3 * torch.sign(x) + x)
+
+
 # --------------------------------------------------------------------------- add_penalty_grad_
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", KINDS)
