@@ -229,10 +229,22 @@ def coefficient(c: Coefficient, n: int, device: torch.device, name: str) -> Unio
 # --------------------------------------------------------------------------
 # Memory overlap (in-place ops)
 # --------------------------------------------------------------------------
+def check_writable(tensors: Sequence[Tensor], what: str) -> None:
+    """No inference tensor among the tensors an op writes, outside inference
+    mode: torch refuses to write one there (the kernels would, silently)."""
+    if torch.is_inference_mode_enabled() or not any(map(Tensor.is_inference, tensors)):
+        return
+    i = next(i for i, t in enumerate(tensors) if t.is_inference())
+    raise ValueError(f"{what}[{i}] is an inference tensor (made under torch.inference_mode()), which cannot be "
+                     "written in place outside inference mode: clone it, or call the op inside inference mode")
+
+
 def check_no_overlap(tensors: Sequence[Tensor], what: str) -> None:
-    """In-place ops must not write one memory location twice."""
+    """In-place ops must be able to write the tensors (:func:`check_writable`)
+    and must not write one memory location twice."""
     if torch.compiler.is_compiling():
         return
+    check_writable(tensors, what)
     bad = first_overlap(tensors)
     if bad is None:
         return
@@ -244,18 +256,20 @@ def check_no_overlap(tensors: Sequence[Tensor], what: str) -> None:
                      "an in-place op needs distinct tensors")
 
 
-def check_grads_apart(tensors: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-    """add_penalty_grad_ writes the grads while it reads the tensors: no grad may
-    share memory with another grad (or itself), nor with any tensor. Tensors may
-    share memory with each other (they are only read). No device sync."""
+def check_grads_apart(tensors: Sequence[Tensor], grads: Sequence[Tensor], op: str = "add_penalty_grad_") -> None:
+    """``op`` writes the grads while it reads the tensors: the grads writable,
+    no grad sharing memory with another grad (or itself), nor with any tensor.
+    Tensors may share memory with each other (they are only read). No device
+    sync."""
     if torch.compiler.is_compiling():
         return
+    check_writable(grads, "grads")
     if not has_dtensor(grads) and not has_dtensor(tensors) and disjoint(list(grads) + list(tensors)):
         return  # the common case, at C speed
     check_no_overlap(grads, "grads")
     bad = _overlap(grads, tensors)
     if bad is not None:
-        raise ValueError(f"grads[{bad[0]}] shares memory with tensors[{bad[1]}]; add_penalty_grad_ "
+        raise ValueError(f"grads[{bad[0]}] shares memory with tensors[{bad[1]}]; {op} "
                          "writes the grads while it reads the tensors, so they must be distinct")
 
 

@@ -365,7 +365,7 @@ def add_group_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor], 
     c = coefficient(l1, n, dev, "l1")
     if not ts:
         return torch.zeros(())
-    check_grads_apart(ts, gs)
+    check_grads_apart(ts, gs, "add_group_penalty_grad_")
     with torch.no_grad():
         out = _eager(ts, gs, lambda be: be.add_group_penalty_grad_(ts, gs, dims, c))
         if out is not None:

@@ -137,6 +137,19 @@ OP_CASES = [
      ValueError, "grads[0] and grads[1] share memory"),
     ("apg-grad-expanded", lambda w, g: pyreg.add_penalty_grad_(w[:1], [torch.zeros(1).expand(10)], l1=0.1),
      ValueError, "grads[0] has overlapping memory"),
+    ("agpg-grad-is-weight", lambda w, g: pyreg.add_group_penalty_grad_(w[1:], [w[1]], 0.1), ValueError,
+     "grads[0] shares memory with tensors[0]; add_group_penalty_grad_ writes the grads"),
+    # inference tensors written outside inference mode (torch refuses to write them)
+    ("prox-inference", lambda w, g: pyreg.prox_([w[0], _inference(3)], l1=0.1), ValueError,
+     "tensors[1] is an inference tensor (made under torch.inference_mode()), which cannot be written in place"),
+    ("group-prox-inference", lambda w, g: pyreg.group_prox_([w[1], _inference(2, 3)], 0.1), ValueError,
+     "tensors[1] is an inference tensor"),
+    ("max-norm-inference", lambda w, g: pyreg.max_norm_([w[1], _inference(2, 3)], 0.1), ValueError,
+     "tensors[1] is an inference tensor"),
+    ("apg-inference-grad", lambda w, g: pyreg.add_penalty_grad_(w, [g[0], _inference(4, 5)], l1=0.1), ValueError,
+     "grads[1] is an inference tensor"),
+    ("agpg-inference-grad", lambda w, g: pyreg.add_group_penalty_grad_(w[1:], [_inference(4, 5)], 0.1), ValueError,
+     "grads[0] is an inference tensor"),
     # ZeroTensors (torch's zeros without memory: nothing to read in place, immutable)
     ("apg-zerotensor-grad", lambda w, g: pyreg.add_penalty_grad_(w, [g[0], torch._efficientzerotensor(4, 5)], l1=0.1),
      TypeError, "grads[1] is a ZeroTensor"),
@@ -171,6 +184,30 @@ OP_CASES = [
     ("use-backend-unknown", lambda w, g: pyreg.use_backend("gpu").__enter__(), ValueError,
      "unknown backend 'gpu'; expected one of ['cpu', 'cuda', 'cuda-emu', 'torch']"),
 ]
+
+
+def _inference(*shape):
+    with torch.inference_mode():
+        return torch.randn(*shape)
+
+
+@pytest.mark.parametrize("op", ["prox_", "add_penalty_grad_"])
+def test_inference_tensor_written_outside_inference_mode_changes_nothing(B, op):
+    """On every backend (torch's refused the inference tensor after writing the tensors before it)."""
+    w = [torch.randn(5, device=B.dev), torch.randn(3, device=B.dev)]
+    with torch.inference_mode():
+        inf = torch.randn(4, device=B.dev)
+    written = [w[0].clone(), inf] if op == "prox_" else [torch.randn(5, device=B.dev), inf]
+    before = [t.clone() for t in written]
+    with pyreg.use_backend(B.name), pytest.raises(ValueError, match=r"\[1\] is an inference tensor"):
+        if op == "prox_":
+            pyreg.prox_(written, l1=0.1)
+        else:
+            pyreg.add_penalty_grad_([w[0], torch.randn(4, device=B.dev)], written, l1=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(written, before))
+    with torch.inference_mode(), pyreg.use_backend(B.name):  # inside inference mode: written
+        pyreg.prox_([inf], l1=10.0)
+    assert bool((inf == 0).all())
 
 
 def _nested(rows: int = 3, cols: int = 4):
