@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Callable, List, Optional, Sequence
 
 
@@ -33,3 +34,15 @@ def int_in(lo: int, hi: Optional[int] = None, hi_text: Optional[str] = None) -> 
             raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
         return value
     return parse
+
+
+def output_folder(parser: argparse.ArgumentParser, path: str, option: str = "--out") -> str:
+    """The output folder, made now (with its parents) and found writable, so
+    that a bad one stops the tool before its run, not after it (exit 2)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        parser.error(f"argument {option}: cannot make the folder {path!r} ({e.strerror or e})")
+    if not os.access(path, os.W_OK | os.X_OK):
+        parser.error(f"argument {option}: the folder {path!r} is not writable")
+    return path

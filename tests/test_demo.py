@@ -331,6 +331,7 @@ def test_reproducible(quick, tmp_path):
     (["--alphas", "0.1,-1"], "--alphas"),
     (["--alphas", "nan"], "--alphas"),
     (["--seed", "1.5"], "--seed"),
+    (["--seed", str(2 ** 32)], "--seed"),  # scikit-learn's generators take 32-bit seeds
     (["--device", "tpu"], "--device"),
 ])
 def test_bad_arguments(tmp_path, capsys, args, needle):
@@ -340,6 +341,23 @@ def test_bad_arguments(tmp_path, capsys, args, needle):
     assert e.value.code == 2
     assert needle in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("tool", ["demo", "bench"])
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_output_folder_that_cannot_be_made_stops_before_the_run(tmp_path, capsys, tool, where):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    out = f if where == "a file" else f / "sub"
+    args = ["--quick", "--device", "cpu", "--out", str(out)]
+    args += ["--methods", "none"] if tool == "demo" else ["--shapes", "mlp", "--ops", "weight_stats"]
+    with pytest.raises(SystemExit) as e:
+        cli.main([tool] + args)
+    assert e.value.code == 2
+    err = capsys.readouterr()
+    assert "argument --out: cannot make the folder" in err.err
+    assert "pyreg demo:" not in err.out and "weight_stats" not in err.out  # (nothing ran)
+    assert f.read_text() == "x"
 
 
 def test_cuda_unavailable(tmp_path, capsys):

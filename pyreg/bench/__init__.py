@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .._argtypes import choice_list, int_in
+from .._argtypes import choice_list, int_in, output_folder
 from . import peers as P
 from . import report
 from . import shapes as S
@@ -137,8 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "cuda" in devices and not torch.cuda.is_available():
         p.error(f"{'--cuda-graphs' if args.cuda_graphs else '--device cuda'}: torch has no usable CUDA "
                 "device here")
-    out = args.out or ("bench/results" if os.path.isdir("bench/results") else "bench-results")
-    os.makedirs(out, exist_ok=True)
+    out = output_folder(p, args.out or ("bench/results" if os.path.isdir("bench/results") else "bench-results"))
     if args.compact:
         return _compact(devices, out, args)
 

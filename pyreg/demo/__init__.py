@@ -75,7 +75,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .. import optim
-from .._argtypes import choice_list, int_in
+from .._argtypes import choice_list, int_in, output_folder
 from .._validate import nonneg_real
 from .study import METHODS
 
@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{','.join(f'{a:g}' for a in LAYER_GRID_ALPHAS)} on each of its 3 weights: "
                         f"{len(LAYER_GRID_ALPHAS) ** 3} runs, a few minutes on a CPU), against the one-alpha grid "
                         "and one l1_strength run; written to layer_grid.json")
-    p.add_argument("--seed", type=int_in(0, 2 ** 63, "2**63"), default=0, help="seed of data and initial weights (default 0)")
+    p.add_argument("--seed", type=int_in(0, 2 ** 32, "2**32"), default=0,
+                   help="seed of data and initial weights (default 0; below 2**32, as scikit-learn's)")
     return p
 
 
@@ -399,8 +400,6 @@ def _study(parser: argparse.ArgumentParser, args: argparse.Namespace, cpu_paths:
     """The demo's run, from its parsed arguments (see :func:`main`)."""
     device = _device(parser, args.device)
     alphas = args.alphas if args.alphas is not None else list(QUICK_ALPHAS if args.quick else DEFAULT_ALPHAS)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        parser.error(f"argument --out: {args.out!r} exists and is not a folder")
     try:
         from . import report
 
@@ -410,6 +409,7 @@ def _study(parser: argparse.ArgumentParser, args: argparse.Namespace, cpu_paths:
     except ImportError as e:
         parser.error(f"the demo needs matplotlib, scikit-learn and tqdm ({e}); "
                      'install them with: pip install "pyreg[demo]"')
+    output_folder(parser, args.out)
     from .study import (
         FINETUNE_METHODS,
         compact_winner,
