@@ -420,6 +420,46 @@ def _alpha_max(work: nn.Module, loss: Callable, train: Any, full: bool, device, 
     return g
 
 
+def _applies_groups(opt: Any) -> bool:
+    """Whether ``opt`` applies pyreg's param-group keys: one of pyreg.optim's
+    optimizers or a pyreg.Regularized."""
+    from .optim.fused import FusedOptimizer
+    from .optim.regularized import Regularized
+
+    return isinstance(opt, (FusedOptimizer, Regularized))
+
+
+def _metric_value(v: Any, b: int) -> Tensor:
+    """The metric's value on a batch of ``b`` samples, as float64: one value
+    per sample (1-D) or one for the batch (0-dim)."""
+    if isinstance(v, bool) or not isinstance(v, (Tensor, numbers.Real)):
+        raise TypeError(f"metric must return a tensor or a number, got {type(v).__name__}")
+    if not isinstance(v, Tensor):
+        v = torch.tensor(float(v))
+    if v.is_complex() or not (v.is_floating_point() or v.dtype in (torch.bool, torch.int64, torch.int32)):
+        raise TypeError(f"metric must return real values, got dtype {v.dtype}")
+    if v.dim() >= 1 and v.shape[0] == b and v.numel() == b:
+        return v.detach().reshape(-1).to(torch.float64)
+    if v.numel() == 1:
+        return v.detach().reshape(()).to(torch.float64)
+    raise ValueError(f"metric must return a scalar or one value per sample ({b}), got shape {tuple(v.shape)}")
+
+
+def _check_metric(work: nn.Module, metric: Callable, data: Any, full: bool, device) -> None:
+    """The metric on the first batch of its data, before anything is trained:
+    data with no batch, or a metric that returns what :func:`_evaluate`
+    cannot take, raise now instead of after the first fit."""
+    work.eval()
+    try:
+        with torch.no_grad():
+            for x, y in _batches(data, full, device, "val"):
+                _metric_value(metric(work(x), y), _size(x, y))
+                return
+    finally:
+        work.train()
+    raise ValueError("the metric's data has no batches")
+
+
 def _evaluate(work: nn.Module, metric: Callable, data: Any, full: bool, device) -> Tuple[float, float, bool]:
     """The metric's mean and standard error over ``data``, and whether the
     model's output was the same for every sample (a tensor output whose
@@ -431,9 +471,11 @@ def _evaluate(work: nn.Module, metric: Callable, data: Any, full: bool, device) 
     first: Optional[Tensor] = None  # the first sample's output
     differs: Optional[Tensor] = None  # whether any sample's output differs from it (on the device)
     constant = True
+    samples = 0
     with torch.no_grad():
         for x, y in _batches(data, full, device, "val"):
             b = _size(x, y)
+            samples += b
             out = work(x)
             if constant:
                 if (not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != b
@@ -443,19 +485,15 @@ def _evaluate(work: nn.Module, metric: Callable, data: Any, full: bool, device) 
                     first = out[:1].clone() if first is None else first
                     d = (out != first).any()
                     differs = d if differs is None else differs | d
-            v = metric(out, y)
-            if not isinstance(v, Tensor):
-                v = torch.tensor(float(v))
-            if v.dim() >= 1 and v.shape[0] == b and v.numel() == b:
-                per_sample.append(v.detach().reshape(-1).to(torch.float64))
-            elif v.numel() == 1:
-                per_batch.append(v.detach().reshape(()).to(torch.float64))
-                sizes.append(b)
+            v = _metric_value(metric(out, y), b)
+            if v.dim() == 1:
+                per_sample.append(v)
             else:
-                raise ValueError(f"metric must return a scalar or one value per sample ({b}), got shape "
-                                 f"{tuple(v.shape)}")
+                per_batch.append(v)
+                sizes.append(b)
     work.train()
-    constant = constant and differs is not None and not bool(differs)
+    # (one sample: nothing to compare it with, so never "the same output for every sample")
+    constant = constant and samples > 1 and differs is not None and not bool(differs)
     if per_sample and per_batch:
         raise ValueError("metric returned one value per sample for some batches and a scalar for others")
     if per_sample:
@@ -691,6 +729,8 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
             device = torch.device(device)
         except RuntimeError as e:
             raise ValueError(f"device: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {str(device)!r}, but CUDA is not available here")
     full_train, train = _check_data(train, "train")
     if val is None:
         full_val, val_data, metric_on = full_train, train, "train"
@@ -713,6 +753,7 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
         train = _to(train, device)
     if full_val:
         val_data = _to(val_data, device)
+    _check_metric(work, metric, val_data, full_val, device)
     named = {n: p for g in param_groups(work, exclude=exclude) for n, p in zip(g["param_names"], g["params"])}
     reg_names = spec.names
     reg_params = [named[n] for n in reg_names]
@@ -749,9 +790,10 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
         for i, alpha in enumerate(grid):
             t0 = time.perf_counter()
             opt = make_optimizer(spec.groups(work, alpha))
-            if not isinstance(opt, torch.optim.Optimizer):
-                raise TypeError(f"optimizer(param_groups) must return a torch.optim.Optimizer, "
-                                f"got {type(opt).__name__}")
+            if not _applies_groups(opt):
+                raise TypeError(f"optimizer(param_groups) returned a {type(opt).__name__}, which does not apply the "
+                                "groups' l1/l2/group_l1 (the path would train without them): return one of "
+                                "pyreg.optim's optimizers or a pyreg.Regularized")
             work.train()
             total = count = None
             for _ in range(epochs):

@@ -392,7 +392,8 @@ def test_dataloader_batches_and_val_none():
     # alpha_max over the whole training data, from the batches weighted by their sizes
     assert result.alphas[0] == pytest.approx(np.abs(X.T @ y).max() / N, rel=1e-12)
     # per alpha: 3 epochs of 4 steps, then the metric (the loss) on the 4 batches; plus the alpha_max pass
-    assert len(calls) == 4 + 4 * (3 * 4 + 4)
+    # and the metric's check on the first batch before any fit
+    assert len(calls) == 1 + 4 + 4 * (3 * 4 + 4)
     # a scalar metric per batch: the mean weighted by batch size, the se over the batches
     assert all(r["val_se"] > 0 for r in result.rows)
     w = result.weights(0)["weight"][0].numpy()
@@ -437,7 +438,12 @@ BAD = [
     (dict(method="strength", alphas=[0.5, 1.5]), ValueError, "strength"),
     (dict(method="group_strength", alphas=[2.0]), ValueError, "strength"),
     (dict(method="group_strength", group_dim=5), ValueError, "group_dim"),
-]
+    (dict(metric=lambda out, y: "x"), TypeError, "metric must return a tensor or a number, got str"),
+    (dict(metric=lambda out, y: None), TypeError, "metric must return a tensor or a number, got NoneType"),
+    (dict(metric=lambda out, y: torch.ones(2, 3)), ValueError, "one value per sample"),
+    (dict(val=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(3, 10), torch.zeros(3, 1)),
+                                          batch_size=8, drop_last=True)), ValueError, "no batches"),
+] + ([] if torch.cuda.is_available() else [(dict(device="cuda"), ValueError, "CUDA is not available")])
 
 
 @pytest.mark.parametrize("kwargs,error,match", BAD, ids=[str(i) for i in range(len(BAD))])
@@ -457,6 +463,32 @@ def test_bad_arguments_fail_before_training(kwargs, error, match):
                    **kwargs)
     assert made == []  # nothing was trained
     assert _same_state(before, _state(model))
+
+
+def test_an_optimizer_that_ignores_the_groups_keys_is_refused_before_training():
+    """torch's SGD would train the path without its l1 (sparsity 0 at every alpha, silently)."""
+    X, y = _data()
+    model = _mlp()
+    before = _state(model)
+    losses = []
+
+    def loss(out, t):
+        losses.append(1)
+        return nn.functional.mse_loss(out, t)
+
+    with pytest.raises(TypeError, match="does not apply the groups' l1/l2/group_l1"):
+        pyreg.path(model, loss, (torch.tensor(X).float(), torch.tensor(y).float()[:, None]), alphas=[10.0],
+                   optimizer=lambda g: torch.optim.SGD(g, lr=0.1), metric=nn.functional.mse_loss, epochs=1,
+                   progress=False)
+    assert losses == [] and _same_state(before, _state(model))  # no training step
+
+
+def test_one_sample_of_metric_data_never_counts_as_a_dead_fit():
+    X, y = _data()
+    Xt, yt = torch.tensor(X).float(), torch.tensor(y).float()[:, None]
+    r = pyreg.path(_mlp(), nn.functional.mse_loss, (Xt, yt), val=(Xt[:1], yt[:1]), alphas=[0.1, 0.01, 0.001],
+                   optimizer=lambda g: pyreg.optim.SGD(g, lr=0.01), epochs=2, order="decreasing", progress=False)
+    assert [row["start"] for row in r.rows] == [None, 0.1, 0.01]  # warm starts (every fit was "dead" before)
 
 
 def test_bad_data_and_model():
