@@ -191,6 +191,8 @@ def coefficient(c: Coefficient, n: int, device: torch.device, name: str) -> Unio
     for every tensor; the kernels get it by value, so it needs no memory and
     no fill on the device) or a 1-D float64 tensor of n entries on ``device``."""
     if isinstance(c, Tensor):
+        if c.is_meta:
+            raise ValueError(f"{name} is a meta tensor: it has no values")
         if c.device != device and c.device.type == "cpu" and capturing(device):
             raise _host_copy_error(name, "a CPU tensor")
         if c.dim() > 1 or (c.dim() == 1 and c.numel() != n):
@@ -414,15 +416,15 @@ def first_unpaired(tensors: Sequence[Tensor], others: Sequence[Tensor], like: Op
     return None if len(tensors) == len(others) else min(len(tensors), len(others))
 
 
-def check_refs_apart(tensors: Sequence[Tensor], refs: Sequence[Tensor]) -> None:
-    """An op that writes the tensors while it reads the refs: no ref may share
-    memory with any tensor."""
+def check_refs_apart(tensors: Sequence[Tensor], refs: Sequence[Tensor], what: str = "tensors") -> None:
+    """An op that writes ``what`` (the tensors, or the grads) while it reads
+    the refs: no ref may share memory with any of them."""
     if torch.compiler.is_compiling() or disjoint(list(tensors) + list(refs)):
         return
     bad = _overlap(tensors, refs)
     if bad is not None:
-        raise ValueError(f"tensors[{bad[0]}] shares memory with ref[{bad[1]}]; the op writes the "
-                         "tensors while it reads the refs, so they must be distinct")
+        raise ValueError(f"{what}[{bad[0]}] shares memory with ref[{bad[1]}]; the op writes the "
+                         f"{what} while it reads the refs, so they must be distinct")
 
 
 def group_dims(dim, tensors: Sequence[Tensor], name: str = "dim") -> List[int]:

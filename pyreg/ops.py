@@ -258,7 +258,7 @@ def add_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor],
         return torch.zeros(())
     if rs is not None:
         _no_dtensor(gs, "ref=")
-        check_refs_apart(gs, rs)
+        check_refs_apart(gs, rs, "grads")
     if has_dtensor(ts) or has_dtensor(gs):
         return _distributed().add_penalty_grad_(ts, gs, coef_tensor(c1, n, dev), coef_tensor(c2, n, dev))
     check_grads_apart(ts, gs)

@@ -137,6 +137,10 @@ OP_CASES = [
      ValueError, "grads[0] and grads[1] share memory"),
     ("apg-grad-expanded", lambda w, g: pyreg.add_penalty_grad_(w[:1], [torch.zeros(1).expand(10)], l1=0.1),
      ValueError, "grads[0] has overlapping memory"),
+    ("prox-meta-l1", lambda w, g: pyreg.prox_(w, l1=torch.empty(2, device="meta")), ValueError,
+     "l1 is a meta tensor: it has no values"),
+    ("apg-ref-is-grad", lambda w, g: pyreg.add_penalty_grad_(w, g, l1=0.1, ref=[g[0], w[1] + 1]), ValueError,
+     "grads[0] shares memory with ref[0]; the op writes the grads while it reads the refs"),
     ("agpg-grad-is-weight", lambda w, g: pyreg.add_group_penalty_grad_(w[1:], [w[1]], 0.1), ValueError,
      "grads[0] shares memory with tensors[0]; add_group_penalty_grad_ writes the grads"),
     # inference tensors written outside inference mode (torch refuses to write them)
