@@ -427,25 +427,30 @@ def check_refs_apart(tensors: Sequence[Tensor], refs: Sequence[Tensor], what: st
                          f"{what} while it reads the refs, so they must be distinct")
 
 
-def group_dims(dim, tensors: Sequence[Tensor], name: str = "dim") -> List[int]:
-    """The group dimension of each tensor, normalized to 0 <= d < max(ndim, 1):
-    one int for every tensor, or a sequence of ints (one per tensor). A 0-dim
-    tensor (one group) takes 0 or -1."""
-    n = len(tensors)
+def dim_values(dim, n: int, name: str = "dim") -> List[int]:
+    """One int per tensor (of ``n``) from one int for every tensor or a
+    sequence of ints, one per tensor; a bool, a float or a tensor is a
+    TypeError (not read as a dimension)."""
     if isinstance(dim, bool):
         raise TypeError(f"{name} must be an int or a sequence of ints, got bool")
     if isinstance(dim, numbers.Integral):
-        dims = [int(dim)] * n
-    elif isinstance(dim, Iterable) and not isinstance(dim, (str, bytes, Tensor)):
+        return [int(dim)] * n
+    if isinstance(dim, Iterable) and not isinstance(dim, (str, bytes, Tensor)):
         dims = list(dim)
         if len(dims) != n:
             raise ValueError(f"{name} has {len(dims)} values but there are {n} tensors")
         for i, d in enumerate(dims):
             if isinstance(d, bool) or not isinstance(d, numbers.Integral):
                 raise TypeError(f"{name}[{i}] must be an int, got {type(d).__name__}")
-        dims = [int(d) for d in dims]
-    else:
-        raise TypeError(f"{name} must be an int or a sequence of ints, got {type(dim).__name__}")
+        return [int(d) for d in dims]
+    raise TypeError(f"{name} must be an int or a sequence of ints, got {type(dim).__name__}")
+
+
+def group_dims(dim, tensors: Sequence[Tensor], name: str = "dim") -> List[int]:
+    """The group dimension of each tensor, normalized to 0 <= d < max(ndim, 1):
+    one int for every tensor, or a sequence of ints (one per tensor). A 0-dim
+    tensor (one group) takes 0 or -1."""
+    dims = dim_values(dim, len(tensors), name)
     out = []
     for i, (t, d) in enumerate(zip(tensors, dims)):
         if t.is_nested:

@@ -427,6 +427,26 @@ def test_add_param_group_refuses_what_every_step_would(family, case):
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize("key,value", [("group_dim", True), ("group_dim", 1.0), ("group_dim", torch.tensor([1, 0])),
+                                       ("max_norm_dim", 0.0)])
+@pytest.mark.parametrize("family", ["Regularized", "pyreg.optim"])
+def test_a_dim_set_after_construction_is_checked_as_at_construction(family, key, value):
+    """A group dim of another type set after some steps (True and 1.0 equal the 1 the plan was made with)."""
+    g = torch.Generator().manual_seed(9)
+    w, v = nn.Parameter(torch.randn(3, 4, generator=g)), nn.Parameter(torch.randn(3, 4, generator=g))
+    group = {"params": [w, v], "group_l1": 0.1, "group_dim": 1, "max_norm": 1.0, "max_norm_dim": 0}
+    opt = (pyreg.Regularized(torch.optim.SGD([group], lr=0.1)) if family == "Regularized"
+           else pyreg.optim.SGD([group], lr=0.1))
+    for _ in range(2):
+        w.grad, v.grad = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+        opt.step()
+    before = [w.detach().clone(), v.detach().clone()]
+    opt.param_groups[0][key] = value
+    with _raises(TypeError, f"param_groups[0]['{key}'] must be an int or a sequence of ints"):
+        opt.step()
+    assert torch.equal(w.detach(), before[0]) and torch.equal(v.detach(), before[1])
+
+
 def test_meta_parameter_is_rejected_at_construction():
     p = nn.Parameter(torch.zeros(3, device="meta"))
     with _raises(ValueError, "param_groups[0] parameter 'param_groups.0.0' is a meta tensor"):

@@ -48,7 +48,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .._validate import flag, group_dims, nonneg_real, one_value_tensor
+from .._validate import dim_values, flag, group_dims, nonneg_real, one_value_tensor
 
 #: The coefficient keys, and what each defaults to (None: not set).
 COEF_KEYS = ("l1", "l2", "group_l1", "max_norm")
@@ -200,7 +200,12 @@ def read_group(group: Dict[str, Any], defaults: Dict[str, Any], where: str) -> G
         if other is not None:
             raise ValueError(f"{where} sets both 'group_strength' and {other!r}: the strength sets each tensor's "
                              "group_l1 in the plain metric (leave 'group_l1' at 0; l1 and l2 may be set)")
-    st = GroupSettings(l1, l2, gl1, get("group_dim", 1), mx, get("max_norm_dim", 0), ref, pre, bound, warmup,
+    gdim, mdim = get("group_dim", 1), get("max_norm_dim", 0)
+    if any(gl1) or gstrength is not None:  # (their types at every read: 1.0 or True would match 1 in the plan)
+        dim_values(gdim, n, f"{where}['group_dim']")
+    if mx is not None:
+        dim_values(mdim, n, f"{where}['max_norm_dim']")
+    st = GroupSettings(l1, l2, gl1, gdim, mx, mdim, ref, pre, bound, warmup,
                        coef("l2_mu", 1.0), target, strength, refresh, gstrength)
     if pre and (any(gl1) or (ref is not None and any(r is not None for r in ref))):
         raise ValueError(f"{where} sets preconditioned=True with group_l1 or ref: the prox in the "
