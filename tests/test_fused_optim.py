@@ -647,6 +647,47 @@ def test_state_dict_keeps_pyreg_keys_and_loads_torch_ones():
     assert fresh.param_groups[0]["l1"] == 0.5 and fresh.param_groups[0]["preconditioned"] is False
 
 
+@pytest.mark.parametrize("family", ["pyreg.optim", "Regularized"])
+def test_a_torch_checkpoint_keeps_each_groups_pyreg_keys(family):
+    """A group's own keys (here target_sparsity and group_l1) survive loading a checkpoint of torch's optimizer,
+    which holds none of them (they vanished: the run went on unregularized, silently)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4))
+    t = torch.optim.AdamW(m.parameters(), lr=0.01)
+    m(torch.randn(4, 16)).sum().backward()
+    t.step()
+    groups = [{"params": [m[0].weight], "target_sparsity": 0.9}, {"params": [m[1].weight], "group_l1": 0.5},
+              {"params": [m[0].bias, m[1].bias]}]
+    opt = optim.AdamW(groups, lr=0.01) if family == "pyreg.optim" else pyreg.Regularized(torch.optim.AdamW(groups,
+                                                                                                          lr=0.01))
+    ck = torch.optim.AdamW([{"params": [m[0].weight]}, {"params": [m[1].weight]}, {"params": [m[0].bias, m[1].bias]}],
+                           lr=0.01).state_dict()
+    opt.load_state_dict(ck)
+    assert opt.param_groups[0]["target_sparsity"] == 0.9 and opt.param_groups[1]["group_l1"] == 0.5
+    m(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    assert float((m[0].weight == 0).float().mean()) == pytest.approx(0.9, abs=1 / 128)
+
+
+@pytest.mark.parametrize("family", ["pyreg.optim", "Regularized"])
+@pytest.mark.parametrize("bad", [torch.zeros(2), "x", float("nan")])
+def test_a_bad_own_state_entry_is_refused_before_anything_is_loaded(family, bad):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 4))
+    groups = [{"params": [w], "l2_bound": 0.5}]
+    opt = optim.Adam(groups, lr=0.1) if family == "pyreg.optim" else pyreg.Regularized(torch.optim.Adam(groups, lr=0.1))
+    for _ in range(3):
+        w.grad = torch.randn(4, 4)
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    before = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["l2_bound_lambda"] = bad
+    sd["param_groups"][0]["lr"] = 0.5
+    with pytest.raises((ValueError, TypeError), match=r"state_dict\['state'\]\[0\]\['l2_bound_lambda'\]"):
+        opt.load_state_dict(sd)
+    assert str(opt.state_dict()) == str(before)  # nothing loaded: groups and state as they were
+
+
 @pytest.mark.parametrize("name", list(CLASSES))
 def test_pickle_and_deepcopy(name):
     params = [nn.Parameter(torch.randn(5, 3))]

@@ -9,6 +9,7 @@ already checked).
 from __future__ import annotations
 
 import math
+import numbers
 from functools import partial
 from operator import is_
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -470,10 +471,26 @@ def pop_own_state(state_dict: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[Any,
     out, kept = {}, {}
     for k, v in st.items():
         if isinstance(v, dict) and any(n in v for n in OWN_STATE):
-            kept[k] = {n: v[n] for n in OWN_STATE if n in v}
+            kept[k] = {n: _own_value(v[n], f"state_dict['state'][{k!r}][{n!r}]") for n in OWN_STATE if n in v}
             v = {n: x for n, x in v.items() if n not in OWN_STATE}
         out[k] = v
     return dict(state_dict, state=out), kept
+
+
+def _own_value(v: Any, where: str) -> Any:
+    """One of pyreg's own state entries, checked before anything is loaded:
+    one finite real number (a one-element tensor, or a number)."""
+    if isinstance(v, Tensor):
+        if v.numel() != 1 or v.is_complex() or v.dtype is torch.bool or v.is_meta:
+            raise ValueError(f"{where} must hold one real number, got a {v.dtype} tensor of shape {tuple(v.shape)}")
+        x = float(v)
+    elif isinstance(v, numbers.Real) and not isinstance(v, bool):
+        x = float(v)
+    else:
+        raise TypeError(f"{where} must be a number or a one-element tensor, got {type(v).__name__}")
+    if not math.isfinite(x):
+        raise ValueError(f"{where} must be finite, got {x}")
+    return v
 
 
 def put_own_state(state: Dict[Any, Dict[str, Any]], groups: List[Dict[str, Any]],

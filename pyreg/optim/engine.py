@@ -281,6 +281,17 @@ def _unchanged(group: Dict[str, Any], seen: _GroupSeen) -> bool:
             and (not seen.mutable or tuple(signature(group[k]) for k in seen.mutable) == seen.state))
 
 
+def keep_own_keys(before: List[Dict[str, Any]], groups: List[Dict[str, Any]], saved: List[Dict[str, Any]]) -> None:
+    """After torch's ``load_state_dict`` (which replaces each group's dict by
+    the saved one): a saved group without any of pyreg's keys (a checkpoint of
+    torch's own optimizer) keeps the pyreg keys its group held ``before``,
+    instead of losing them (a group's target_sparsity, group_l1, ref... would
+    otherwise vanish, silently)."""
+    for old, new, s in zip(before, groups, saved):
+        if not any(k in s for k in KEYS):
+            new.update({k: old[k] for k in KEYS if k in old})
+
+
 def param_list(params: Any) -> List[Tensor]:
     """A group's ``params`` as a list (so that checking it consumes no
     iterator): a tensor becomes a list of one; a set is refused, as torch's

@@ -42,7 +42,7 @@ from ._torch_compat import raw_step
 from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, constraints, direct_backend, penalized, pop_own_state,
                     prox_buckets, put_own_state, refresh_strength, record_strength_step, store_strength, strength_due,
                     strength_ks, strength_l1)
-from .engine import Engine, Observable, param_list
+from .engine import Engine, Observable, keep_own_keys, param_list
 from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
 from .keys import hyper_keys_of, read_group, signature
 from .plan import Bucket, Plan, Work
@@ -349,14 +349,16 @@ class FusedOptimizer(Observable):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """torch's ``load_state_dict``; the loaded groups' settings are kept
-        (checked first: a bad one raises before anything is loaded), and a
-        state dict of torch's optimizer (without pyreg's keys) gets the
-        constructor's ``l1``, ``l2``, ``preconditioned``."""
+        (checked first, as pyreg's own state entries: a bad one raises before
+        anything is loaded), and a group of a state dict of torch's optimizer
+        (without pyreg's keys) keeps the pyreg keys its group holds now."""
         for gi, group in enumerate(state_dict.get("param_groups", [])):
             n = len(group.get("params", ()))
             read_group(dict(group, params=[None] * n), self._engine.defaults, f"state_dict param_groups[{gi}]")
         state_dict, bounds = pop_own_state(state_dict)
+        before = [dict(g) for g in self.param_groups]  # type: ignore[attr-defined]
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        keep_own_keys(before, self.param_groups, state_dict.get("param_groups", []))  # type: ignore[attr-defined]
         put_own_state(self.state, self.param_groups, state_dict.get("param_groups", []), bounds)  # type: ignore
         self._fill_keys()
 

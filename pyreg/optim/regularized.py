@@ -29,7 +29,7 @@ from . import apply
 from .apply import (STRENGTH_KINDS, add_penalty_grads, constraints, penalized, pop_own_state,
                     prox_buckets, put_own_state, record_strength_step, refresh_strength, strength_due,
                     strength_l1, strength_pushes)
-from .engine import Engine, Observable, param_list, plan_outside_graph
+from .engine import Engine, Observable, keep_own_keys, param_list, plan_outside_graph
 from .keys import hyper_keys_of, read_group
 from ..backends import _marshal as m
 from .plan import Bucket, Plan, Work
@@ -244,7 +244,9 @@ class Regularized(Observable, Optimizer):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict` (or a plain one of the inner
-        optimizer: then the wrapper's defaults and mode are kept)."""
+        optimizer: then the wrapper's defaults and mode are kept, and each group
+        keeps the pyreg keys it holds now). Checked first, pyreg's own state
+        entries included: a bad one raises before anything is loaded."""
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             out = hook(self, state_dict)
             if out is not None:
@@ -261,7 +263,9 @@ class Regularized(Observable, Optimizer):
             n = len(group.get("params", ()))
             read_group(dict(group, params=[None] * n), defaults, f"state_dict param_groups[{gi}]")
         sd, bounds = pop_own_state(sd)
+        before = [dict(g) for g in self.param_groups]
         self.optimizer.load_state_dict(sd)
+        keep_own_keys(before, self.param_groups, sd.get("param_groups", []))
         put_own_state(self.state, self.param_groups, sd.get("param_groups", []), bounds)
         self.mode, self.l1, self.l2 = mode, l1, l2
         self._engine = Engine(defaults, self._engine.hyper_keys, metric=False)
