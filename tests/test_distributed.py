@@ -352,6 +352,8 @@ def _fsdp_worker(rank, world, init_file, ckpt_dir):
             with pytest.raises(TypeError, match="is a DTensor"):
                 pyreg.Regularized(torch.optim.SGD(
                     pyreg.param_groups(model, l1=0.1, overrides={"a": extra}), lr=0.1))
+        with pytest.raises(TypeError, match="is a DTensor"):  # (refused at the first step, before)
+            pyreg.optim.Adam(pyreg.param_groups(model, l1=0.05), lr=0.01, preconditioned=True)
         with pytest.raises(TypeError, match="does not take DTensors"):
             pyreg.max_norm_([model.a.weight], 1.0)
         with pytest.raises(TypeError, match="does not take DTensors"):

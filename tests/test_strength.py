@@ -525,12 +525,19 @@ def test_param_groups_keyword_and_gradient_mode():
             pyreg.param_groups(m, l1_strength=bad)
     with pytest.raises(ValueError, match="l1_strength"):
         pyreg.param_groups(m, l1=1e-3, l1_strength=0.4)
-    opt = pyreg.Regularized(torch.optim.SGD(groups, lr=0.1), mode="gradient")
+    with pytest.raises(ValueError, match="mode='proximal'"):  # refused when given
+        pyreg.Regularized(torch.optim.SGD(groups, lr=0.1), mode="gradient")
+    opt = pyreg.Regularized(torch.optim.SGD(groups, lr=0.1))
+    opt.mode = "gradient"  # or when the mode is set later: at the step, which changes nothing
     m(torch.randn(4, 5)).sum().backward()
     before = m.weight.detach().clone()
     with pytest.raises(ValueError, match="mode='proximal'"):
         opt.step()
     assert torch.equal(m.weight.detach(), before)
+    opt = pyreg.Regularized(torch.optim.SGD([m.bias], lr=0.1), mode="gradient")
+    with pytest.raises(ValueError, match="mode='proximal'"):
+        opt.add_param_group({"params": [m.weight], "l1_strength": 0.5})
+    assert len(opt.param_groups) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

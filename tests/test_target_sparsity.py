@@ -230,8 +230,11 @@ def test_ref_and_gradient_mode_are_refused():
     with pytest.raises(ValueError, match="ref"):
         pyreg.optim.SGD([{"params": [m.weight], "target_sparsity": 0.5, "ref": [m.weight.detach().clone()]}],
                         lr=0.1)
-    opt = pyreg.Regularized(torch.optim.SGD([{"params": [m.weight], "target_sparsity": 0.5}], lr=0.1),
-                            mode="gradient")
+    with pytest.raises(ValueError, match="mode='proximal'"):
+        pyreg.Regularized(torch.optim.SGD([{"params": [m.weight], "target_sparsity": 0.5}], lr=0.1),
+                          mode="gradient")
+    opt = pyreg.Regularized(torch.optim.SGD([{"params": [m.weight], "target_sparsity": 0.5}], lr=0.1))
+    opt.mode = "gradient"
     m(torch.randn(4, 5)).sum().backward()
     before = m.weight.detach().clone()
     with pytest.raises(ValueError, match="mode='proximal'"):

@@ -132,7 +132,7 @@ class Engine:
             out.append(st)
         return out
 
-    def check_added(self, group: Dict[str, Any], torch_defaults: Dict[str, Any], index: int) -> None:
+    def check_added(self, group: Dict[str, Any], torch_defaults: Dict[str, Any], index: int) -> Optional[Plan]:
         """A group about to be added (``add_param_group``, which torch's
         constructor calls for each group), checked as a step would check it,
         before anything is added: pyreg's keys, the params against them, and
@@ -141,7 +141,8 @@ class Engine:
         which names it). ``index``: the position it will have. The params are
         checked as a plan checks them (a trial plan of the group: refs, group
         dims, dtypes and layouts of the regularized ones, no parameter twice, no
-        shared memory), so a group that every step would refuse is not added."""
+        shared memory), so a group that every step would refuse is not added.
+        Returns that trial plan (None where the params were left to torch)."""
         where = f"param_groups[{index}]"
         st = self.read([group], index)[0]
         ps = group.get("params")
@@ -149,10 +150,12 @@ class Engine:
             trial = dict(group, params=[q[-1] for q in ps], param_names=[q[0] for q in ps])
         else:
             trial = group
+        plan = None
         if ps and all(isinstance(p, Tensor) for p in trial["params"]):  # (else torch names what is wrong)
-            Plan([trial], [st], index)
+            plan = Plan([trial], [st], index)
         full = {k: v for k, v in {**torch_defaults, **group}.items() if v is not required}
         check_hypers(full, where, self.hyper_keys)
+        return plan
 
     def plan(self, groups: List[Dict[str, Any]]) -> Plan:
         """The cached plan of ``groups``; checks everything first where a

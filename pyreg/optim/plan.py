@@ -173,10 +173,11 @@ class Plan:
                 if p.is_meta:
                     raise ValueError(f"{where} parameter {name!r} is a meta tensor: "
                                      "it has no data to regularize")
-                if kinds != ["elem"] and has_dtensor([p]):
+                if (kinds != ["elem"] or spec.preconditioned) and has_dtensor([p]):
                     raise TypeError(f"{where} parameter {name!r} is a DTensor (sharded): group_l1, "
-                                    "ref, l2_bound, max_norm, target_sparsity and l1_strength need the full "
-                                    "tensor; use l1/l2 on sharded parameters")
+                                    "ref, l2_bound, max_norm, target_sparsity, l1_strength and group_strength "
+                                    "need the full tensor, and preconditioned the fused kernels (a DTensor "
+                                    "takes torch's step); use l1/l2 on sharded parameters")
                 vals = _values_of(spec, j)
                 for kind in kinds:
                     b = reg.setdefault((kind, p.device, p.dtype), ([], [], {}, [], [], []))

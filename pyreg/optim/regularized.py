@@ -60,6 +60,14 @@ _FULL_PATH = object()
 MODES = ("proximal", "gradient")
 
 
+def _check_mode(mode: str, plan: Plan) -> None:
+    """The keys that only the proximal mode applies (at construction, and at
+    each step: the mode and the groups may change)."""
+    if mode != "proximal" and any(b.kind in ("target", "strength", "gstrength") for b in plan.buckets):
+        raise ValueError("target_sparsity, l1_strength and group_strength set the coefficients of the "
+                         "proximal step, which gives exact zeros: use mode='proximal'")
+
+
 class Regularized(Observable, Optimizer):
     """Add L1 / L2 / elastic-net regularization to any ``torch.optim`` optimizer.
 
@@ -153,7 +161,7 @@ class Regularized(Observable, Optimizer):
         self._out: Dict[str, Any] = {"last": [], "penalty": None}  # backs _last and _penalty
         self._fast: Optional[tuple] = None  # see fast_prox
         self._fast_plan: Optional[Plan] = None
-        self._plan()  # validates everything before the groups are touched
+        _check_mode(mode, self._plan())  # validates everything before the groups are touched
         self._engine.check_hypers(self.param_groups)
         if mode == "proximal":
             self._engine.lrs(self.param_groups)
@@ -218,7 +226,9 @@ class Regularized(Observable, Optimizer):
         param_group = dict(param_group)
         if "params" in param_group:
             param_group["params"] = param_list(param_group["params"])
-        self._engine.check_added(param_group, self.optimizer.defaults, len(self.param_groups))
+        trial = self._engine.check_added(param_group, self.optimizer.defaults, len(self.param_groups))
+        if trial is not None:
+            _check_mode(self.mode, trial)
         param_group.setdefault("l1", self.l1)
         param_group.setdefault("l2", self.l2)
         self.optimizer.add_param_group(param_group)
@@ -345,9 +355,7 @@ class Regularized(Observable, Optimizer):
                 lrs = self._engine.lrs(groups)
         else:
             plan, lrs, _ = self._engine.prepare(groups, lrs=proximal)
-        if not proximal and any(b.kind in ("target", "strength", "gstrength") for b in plan.buckets):
-            raise ValueError("target_sparsity, l1_strength and group_strength set the coefficients of the "
-                             "proximal step, which gives exact zeros: use mode='proximal'")
+        _check_mode(self.mode, plan)
         self._last, self._penalty = [], None
         if self.mode == "gradient":
             if closure is None:
