@@ -447,6 +447,26 @@ def test_a_dim_set_after_construction_is_checked_as_at_construction(family, key,
     assert torch.equal(w.detach(), before[0]) and torch.equal(v.detach(), before[1])
 
 
+@pytest.mark.parametrize("family", ["Regularized", "pyreg.optim", "add_param_group"])
+def test_a_misspelt_key_warns_and_a_foreign_one_does_not(family):
+    """torch keeps any key in a group: a misspelt pyreg key would do nothing, silently."""
+    m = nn.Linear(4, 3)
+
+    def make(extra):
+        group = {"params": [m.weight], "group_l1": 0.1, **extra}
+        if family == "Regularized":
+            return pyreg.Regularized(torch.optim.SGD([group], lr=0.1))
+        if family == "pyreg.optim":
+            return pyreg.optim.SGD([group], lr=0.1)
+        return pyreg.optim.SGD([m.bias], lr=0.1).add_param_group(group)
+
+    with pytest.warns(UserWarning, match=r"has a key 'group_dims', which nothing reads; did you mean 'group_dim'\?"):
+        make({"group_dims": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make({"name": "first layer"})  # a key of the user's own: no warning
+
+
 def test_meta_parameter_is_rejected_at_construction():
     p = nn.Parameter(torch.zeros(3, device="meta"))
     with _raises(ValueError, "param_groups[0] parameter 'param_groups.0.0' is a meta tensor"):

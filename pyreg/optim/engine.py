@@ -19,6 +19,8 @@ by identity and version, see :func:`keys.signature`):
 """
 from __future__ import annotations
 
+import difflib
+import warnings
 from operator import attrgetter
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
@@ -150,6 +152,7 @@ class Engine:
             trial = dict(group, params=[q[-1] for q in ps], param_names=[q[0] for q in ps])
         else:
             trial = group
+        warn_near_misses(group, torch_defaults, where)
         plan = None
         if ps and all(isinstance(p, Tensor) for p in trial["params"]):  # (else torch names what is wrong)
             plan = Plan([trial], [st], index)
@@ -282,6 +285,19 @@ def _unchanged(group: Dict[str, Any], seen: _GroupSeen) -> bool:
     return (tuple(map(id, group.values())) == seen.ids and tuple(group) == seen.keys
             and tuple(map(id, ps)) == seen.params and tuple(map(_kind_of, ps)) == seen.kinds
             and (not seen.mutable or tuple(signature(group[k]) for k in seen.mutable) == seen.state))
+
+
+def warn_near_misses(group: Dict[str, Any], torch_defaults: Dict[str, Any], where: str) -> None:
+    """A warning for a key that no one reads but that nearly spells one of
+    pyreg's or the optimizer's (``group_dims``, ``max_norms``): torch keeps
+    any extra key in a group, so a misspelt setting would do nothing, silently."""
+    known = set(KEYS) | set(torch_defaults) | {"params", "param_names"}
+    for key in group:
+        if isinstance(key, str) and key not in known:
+            close = difflib.get_close_matches(key, sorted(known - {"params", "param_names"}), n=1, cutoff=0.8)
+            if close:
+                warnings.warn(f"{where} has a key {key!r}, which nothing reads; did you mean {close[0]!r}?",
+                              UserWarning, stacklevel=4)
 
 
 def keep_own_keys(before: List[Dict[str, Any]], groups: List[Dict[str, Any]], saved: List[Dict[str, Any]]) -> None:

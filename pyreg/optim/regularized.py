@@ -29,7 +29,7 @@ from . import apply
 from .apply import (STRENGTH_KINDS, add_penalty_grads, constraints, penalized, pop_own_state,
                     prox_buckets, put_own_state, record_strength_step, refresh_strength, strength_due,
                     strength_l1, strength_pushes)
-from .engine import Engine, Observable, keep_own_keys, param_list, plan_outside_graph
+from .engine import Engine, Observable, keep_own_keys, param_list, plan_outside_graph, warn_near_misses
 from .keys import hyper_keys_of, read_group
 from ..backends import _marshal as m
 from .plan import Bucket, Plan, Work
@@ -162,6 +162,8 @@ class Regularized(Observable, Optimizer):
         self._fast: Optional[tuple] = None  # see fast_prox
         self._fast_plan: Optional[Plan] = None
         _check_mode(mode, self._plan())  # validates everything before the groups are touched
+        for gi, g in enumerate(self.param_groups):
+            warn_near_misses(g, optimizer.defaults, f"param_groups[{gi}]")
         self._engine.check_hypers(self.param_groups)
         if mode == "proximal":
             self._engine.lrs(self.param_groups)
