@@ -122,22 +122,16 @@ def functionalize(gm, args) -> int:
             raise ValueError(f"compact: {what} writes in place into {target.name}, whose memory "
                              f"{later[0].name} reads afterwards through another tensor (a view); nothing was "
                              "changed")
-        if kind == "method":
-            name = _method_form(node.target)
-            if name is None:
-                raise ValueError(f"compact: {what} writes in place and has no out-of-place form; nothing was "
-                                 "changed")
-            node.target = name
-        elif kind == "operator":
-            node.target = _OPERATORS[node.target]
-        elif kind == "kwarg":
-            node.kwargs = dict(node.kwargs, inplace=False)
-        elif kind == "function":
-            form = _function_form(node.target)
+        if kind in ("method", "function"):
+            form = _method_form(node.target) if kind == "method" else _function_form(node.target)
             if form is None:
                 raise ValueError(f"compact: {what} writes in place and has no out-of-place form; nothing was "
                                  "changed")
             node.target = form
+        elif kind == "operator":
+            node.target = _OPERATORS[node.target]
+        elif kind == "kwarg":
+            node.kwargs = dict(node.kwargs, inplace=False)
         else:
             gm.get_submodule(node.target).inplace = False
         for u in list(target.users):
