@@ -192,6 +192,7 @@ class Plan:
         self._reg_params = list({id(p): p for b in reg.values() for p in b[0]}.values())
         self._reg_names = [reg_names[id(p)] for p in self._reg_params]
         self._memory: Optional[list] = None
+        self._sharded = has_dtensor(self._reg_params)  # (the same parameter objects while the plan lasts)
         if not torch.compiler.is_compiling():
             self.check_memory()
         order = {k: i for i, k in enumerate(_KINDS)}
@@ -223,7 +224,7 @@ class Plan:
         memory moved since (``.data`` replaced: two may have come to share
         it); the data pointers are compared at C speed."""
         ps = self._reg_params
-        if not ps or has_dtensor(ps):  # (a DTensor's shards: FSDP2 moves them; checked when made)
+        if not ps or self._sharded:  # (a DTensor's shards: FSDP2 moves them; checked when made)
             if self._memory is None:
                 self._memory = []
                 self._raise_overlap(first_overlap(ps))
