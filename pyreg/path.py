@@ -14,6 +14,7 @@ import copy
 import glob
 import math
 import numbers
+import os
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -157,6 +158,8 @@ class PathResult:
         metric with ±se error bars and lines at the best and 1se alphas, the
         per-layer sparsity and the per-layer L2 norm, against alpha on a log
         axis (largest alpha on the left, whatever the order fitted). Needs matplotlib."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a file name (str or os.PathLike), got {type(path).__name__}")
         try:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure

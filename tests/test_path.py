@@ -595,6 +595,8 @@ def test_table_dict_plot_and_models(tmp_path):
         assert isinstance(m, nn.Sequential) and _same_state(_state(m), result.weights(i))
     assert _same_state(_state(result.model()), result.weights(result.best_index))
     pytest.importorskip("matplotlib")
+    with pytest.raises(TypeError, match="path must be a file name"):
+        result.plot(123)
     out = result.plot(str(tmp_path / "path.png"))
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
