@@ -148,8 +148,8 @@ class Engine:
         where = f"param_groups[{index}]"
         st = self.read([group], index)[0]
         ps = group.get("params")
-        if ps and isinstance(ps[0], tuple):  # named: (name, param) pairs, as torch takes them
-            trial = dict(group, params=[q[-1] for q in ps], param_names=[q[0] for q in ps])
+        if ps and all(isinstance(q, tuple) and len(q) == 2 for q in ps):  # named: (name, param), as torch takes
+            trial = dict(group, params=[q[1] for q in ps], param_names=[q[0] for q in ps])
         else:
             trial = group
         warn_near_misses(group, torch_defaults, where)

@@ -138,7 +138,8 @@ class Plan:
     """What a step needs, derived from the param groups and cached on them."""
 
     def __init__(self, groups: List[Dict[str, Any]], specs: List[GroupSettings], first: int = 0):
-        """``first``: the index of ``groups[0]`` in the optimizer (in messages)."""
+        """``first``: the index of ``groups[0]`` in the optimizer (in messages
+        and the buckets' group indices: a trial plan of a group being added)."""
         seen = set()
         reg: Dict[tuple, Tuple[list, list, Dict[str, list], list, list, list]] = OrderedDict()
         every: Dict[Tuple[torch.device, torch.dtype], Tuple[list, list]] = OrderedDict()
