@@ -16,6 +16,7 @@ import math
 import numbers
 import os
 import time
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -395,12 +396,26 @@ def _alpha_max(work: nn.Module, loss: Callable, train: Any, full: bool, device, 
     weights, over the whole training data (batch losses weighted by their size)."""
     buffers = {k: b.detach().clone() for k, b in work.named_buffers()}
     work.train()
+    # Dropout off (its modules, and an RNN's between layers, which stays in training mode for cuDNN's backward):
+    # the grid is the data's, not one random mask's. BatchNorm stays in training mode: its batch statistics are
+    # part of the gradient, and its running ones are restored below.
+    rnns = {m: m.dropout for m in work.modules() if isinstance(m, nn.RNNBase) and m.dropout}
+    for m in work.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    for m in rnns:
+        m.dropout = 0.0
     work.zero_grad(set_to_none=True)
     n = 0
-    for x, y in _batches(train, full, device, "train"):
-        b = _size(x, y)
-        (_scalar(loss(work(x), y), "loss") * b).backward()
-        n += b
+    try:
+        for x, y in _batches(train, full, device, "train"):
+            b = _size(x, y)
+            (_scalar(loss(work(x), y), "loss") * b).backward()
+            n += b
+    finally:
+        work.train()
+        for m, p in rnns.items():
+            m.dropout = p
     if n == 0:
         raise ValueError("train has no batches")
     with torch.no_grad():
@@ -612,7 +627,7 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
             ``alpha_max`` down to ``eps * alpha_max``, where ``alpha_max`` is
             the smallest alpha at which all-zero regularized weights stay zero:
             the largest |d loss / d w| over the regularized weights at the
-            model's weights, on the whole training data (``"group"``: the
+            model's weights, on the whole training data with dropout off (``"group"``: the
             largest gradient norm of a group; ``"elastic_net"``: divided by
             ``l1_ratio``; ``"l2"``, which never zeroes weights: glmnet's ridge
             rule, the elastic-net value at ``l1_ratio = 1e-3``, i.e.
@@ -844,6 +859,11 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
         if bar is not None:
             bar.close()
     best, one_se = _select(rows, greater_is_better)
+    if rows and all(math.isnan(r["val_metric"]) for r in rows):
+        warnings.warn(f"pyreg.path: the {metric_on} metric is NaN at every alpha, so none is better than another: "
+                      f"the selected index {best} (alpha {grid[best]:.4g}) is the first fitted, not a choice "
+                      "(see result.table(); a loss that diverged gives NaN: try a smaller lr)",
+                      RuntimeWarning, stacklevel=2)
     chosen = best if select == "best" else one_se
     if not keep_weights:
         weights = {chosen: weights[chosen]}

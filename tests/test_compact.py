@@ -497,6 +497,29 @@ def test_wrong_input_shape():
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
 
 
+def _batch_of_three(x):
+    if x.shape[0] < 3:  # a model's own error, which happens to start as compact's refusals do
+        raise ValueError("compact: batch too small")
+    return x
+
+
+torch.fx.wrap("_batch_of_three")  # (called when the traced model runs)
+
+
+def test_a_models_own_value_error_is_told_as_the_model_failing_to_run():
+    class Checks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(_batch_of_three(x))
+
+    with pytest.raises(ValueError, match=r"cannot run on example_inputs of shape \(2, 4\) "
+                                         r"\(ValueError: compact: batch too small\)"):
+        pyreg.compact(Checks(), torch.randn(2, 4), measure=False)
+
+
 def test_wrong_result_is_refused_and_names_the_layer(monkeypatch):
     """The check after building: a fold that adds nothing (a planted bug) raises, naming the layer."""
     import importlib

@@ -513,6 +513,18 @@ def test_param_groups_overrides_and_custom_exclude():
         pyreg.param_groups(net, exclude=3)
 
 
+def test_param_groups_exclude_pattern_matching_nothing_warns():
+    net = _Net()
+    with pytest.warns(UserWarning, match=r"exclude pattern\(s\) \['hed\.\*'\] match no trainable"):
+        groups = pyreg.param_groups(net, l1=0.1, exclude=["*.bias", "hed.*"])
+    assert _names(groups)["head.weight"] == (0.1, 0.0)  # the typo excluded nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # patterns that all match, a rule, or none: no warning
+        pyreg.param_groups(net, l1=0.1, exclude=["*.bias", "head"])
+        pyreg.param_groups(net, l1=0.1, exclude=lambda n, p, m: False)
+        pyreg.param_groups(net, l1=0.1, exclude=[])
+
+
 # --------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------

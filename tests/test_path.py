@@ -323,6 +323,63 @@ def test_select_rules():
     assert _select(rows, False) == (2, 2)
 
 
+def test_a_metric_nan_at_every_alpha_warns_that_nothing_was_chosen():
+    X, y = _data()
+    Xt, yt = torch.tensor(X), torch.tensor(y)
+    nan = lambda out, t: torch.full((t.shape[0],), float("nan"), dtype=torch.float64)  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="NaN at every alpha"):
+        result = pyreg.path(_linear(), _half_mse, (Xt, yt), alphas=[0.1, 0.01], metric=nan, optimizer=_ista(X),
+                            epochs=2, progress=False)
+    assert result.index == 0
+    calls = []
+
+    def nan_first(out, t):  # NaN for the metric's check and the first fit, then a number
+        calls.append(1)
+        return nan(out, t) if len(calls) <= 2 else _half_mse(out, t)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one alpha with a number: no warning
+        result = pyreg.path(_linear(), _half_mse, (Xt, yt), alphas=[0.1, 0.01], metric=nan_first,
+                            optimizer=_ista(X), epochs=2, progress=False)
+    assert result.index == 1 and math.isnan(result.rows[0]["val_metric"])
+
+
+@pytest.mark.parametrize("rnn", [False, True])
+def test_default_grid_is_not_one_dropout_masks(rnn):
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 5, 4), torch.randn(64, 1)
+    if rnn:  # dropout between an LSTM's layers
+        class Net(nn.Module):
+            def __init__(self, p):
+                super().__init__()
+                self.rnn, self.head = nn.LSTM(4, 6, num_layers=2, dropout=p, batch_first=True), nn.Linear(6, 1)
+
+            def forward(self, x):
+                return self.head(self.rnn(x)[0][:, -1])
+    else:
+        class Net(nn.Module):
+            def __init__(self, p):
+                super().__init__()
+                self.body = nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Dropout(p), nn.Linear(16, 1))
+
+            def forward(self, x):
+                return self.body(x)
+    torch.manual_seed(1)
+    plain = Net(0.0)
+    torch.manual_seed(1)
+    model = Net(0.5)
+    model.load_state_dict(plain.state_dict())
+    loss = nn.functional.mse_loss
+    tops = []
+    for seed in range(3):  # the grid does not change with the random state
+        torch.manual_seed(seed)
+        tops.append(pyreg.path(model, loss, (X, y), n_alphas=2, epochs=1, progress=False).alphas[0])
+    expected = pyreg.path(plain, loss, (X, y), n_alphas=2, epochs=1, progress=False).alphas[0]
+    assert tops == [expected] * 3  # ... and is the model's without dropout
+    if rnn:
+        assert model.rnn.dropout == 0.5 and model.training
+
+
 def test_selection_on_a_real_path_follows_the_rows():
     X, y = _data()
     Xt, yt = torch.tensor(X), torch.tensor(y)

@@ -198,7 +198,7 @@ def compact(model: nn.Module, example_inputs, *, drop_inputs: bool = False, atol
     import torch.fx
 
     from ._graph import analyze, decide
-    from ._inplace import functionalize
+    from ._inplace import Refused, functionalize
     from ._report import LayerRow, capture, layer_counts, measure_latency
     from ._rewrite import rewrite
 
@@ -234,10 +234,8 @@ def compact(model: nn.Module, example_inputs, *, drop_inputs: bool = False, atol
             gm.graph.eliminate_dead_code()
             gm.recompile()
             values = capture(gm, args)
-    except ValueError as e:
-        if str(e).startswith("compact: "):
-            raise
-        raise _cannot_run(args, e) from e
+    except Refused:
+        raise
     except Exception as e:
         raise _cannot_run(args, e) from e
     before = layer_counts(gm, values)

@@ -18,7 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["functionalize"]
+__all__ = ["Refused", "functionalize"]
+
+
+class Refused(ValueError):
+    """An in-place call that compact cannot rewrite without changing what the
+    model computes (told apart from the model's own errors while it runs)."""
 
 _OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
               operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
@@ -106,26 +111,26 @@ def functionalize(gm, args) -> int:
         what = f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"
         target = node.args[0] if node.args else None
         if not isinstance(target, torch.fx.Node):
-            raise ValueError(f"compact: {what} writes in place into something that is not a tensor of the graph; "
+            raise Refused(f"compact: {what} writes in place into something that is not a tensor of the graph; "
                              "nothing was changed")
         if target.op in ("placeholder", "get_attr"):
             where = "an input of the model" if target.op == "placeholder" else f"the model's {target.target}"
-            raise ValueError(f"compact: {what} writes in place into {where}; compact takes models whose forward "
+            raise Refused(f"compact: {what} writes in place into {where}; compact takes models whose forward "
                              "does not write its inputs, parameters or buffers; nothing was changed")
         if node.target in _NO_FORM or node.target in ("__setitem__", "__delitem__"):
-            raise ValueError(f"compact: {what} writes into part of a tensor (x[...] = ...), which compact "
+            raise Refused(f"compact: {what} writes into part of a tensor (x[...] = ...), which compact "
                              "cannot follow; nothing was changed")
         mem = storages.get(target.name)
         later = [u for m in nodes if m is not target and m is not node and mem is not None
                  and storages.get(m.name) == mem for u in m.users if order[u] > order[node]]
         if later:
-            raise ValueError(f"compact: {what} writes in place into {target.name}, whose memory "
+            raise Refused(f"compact: {what} writes in place into {target.name}, whose memory "
                              f"{later[0].name} reads afterwards through another tensor (a view); nothing was "
                              "changed")
         if kind in ("method", "function"):
             form = _method_form(node.target) if kind == "method" else _function_form(node.target)
             if form is None:
-                raise ValueError(f"compact: {what} writes in place and has no out-of-place form; nothing was "
+                raise Refused(f"compact: {what} writes in place and has no out-of-place form; nothing was "
                                  "changed")
             node.target = form
         elif kind == "operator":

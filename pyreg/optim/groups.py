@@ -3,6 +3,7 @@ exclusions, overrides, reference weights) and its default exclusion rule."""
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from torch import Tensor, nn
@@ -57,7 +58,8 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
     * ``exclude=callable(name, param, module) -> bool``: your rule instead;
     * ``exclude=["*.bias", "encoder.*", ...]``: fnmatch patterns instead,
       matched against the parameter's qualified name or its module's name;
-      ``exclude=[]`` excludes nothing.
+      ``exclude=[]`` excludes nothing. A pattern that matches no trainable
+      parameter warns (a likely typo: the parameters it meant are regularized).
 
     ``overrides={pattern: {"l1": ..., "l2": ..., "lr": ...}}`` sets options
     for the parameters whose qualified name or module name matches the
@@ -135,6 +137,7 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
         elif not isinstance(ref, dict):
             raise TypeError(f"ref must be an nn.Module or a state dict, got {type(ref).__name__}")
     used = set()
+    used_exclude = set()
 
     groups: List[Dict[str, Any]] = []
     seen = set()
@@ -149,7 +152,9 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
             if rule is not None:
                 excluded = bool(rule(name, param, module))
             else:
-                excluded = any(_matches(p, name, module_name) for p in patterns)
+                hits = [p for p in patterns if _matches(p, name, module_name)]
+                excluded = bool(hits)
+                used_exclude.update(hits)
             opts = {"l1": 0.0, "l2": 0.0} if excluded else dict(base)
             for pattern, extra in overrides.items():
                 if _matches(pattern, name, module_name):
@@ -168,6 +173,11 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
     unused = [p for p in overrides if p not in used]
     if unused:
         raise ValueError(f"overrides pattern(s) {unused} match no trainable parameter of the model")
+    unused = [p for p in patterns if p not in used_exclude] if rule is None else []
+    if unused:
+        warnings.warn(f"exclude pattern(s) {unused} match no trainable parameter of the model, so they exclude "
+                      "nothing: check their spelling (patterns match a parameter's qualified name, such as "
+                      "'fc1.bias', or its module's name)", UserWarning, stacklevel=2)
     out = []
     for group in groups:
         opts = group.pop("_opts")
