@@ -272,6 +272,31 @@ def test_fused_l1_set_after_construction_is_checked(name, value):
     assert _same(before, _snapshot(model, opt))
 
 
+@pytest.mark.parametrize("family", ["fused", "wrapper"])
+@pytest.mark.parametrize("key", ["group_l1", "l2_mu", "max_norm_dim"])
+def test_a_key_added_as_none_after_a_step_is_checked_as_at_construction(family, key):
+    """A key the group did not hold, set to None (which is no value of it):
+    refused at the next step as when the group is given, nothing changed."""
+    model = _model()
+    make = ((lambda g: FUSED["Adam"](g, lr=LR)) if family == "fused"
+            else (lambda g: pyreg.Regularized(TORCH["Adam"](g, lr=LR))))
+    extra = {"max_norm": 1.0} if key == "max_norm_dim" else {}
+    groups = [dict(g, **extra) if g["l1"] else g for g in pyreg.param_groups(model, l1=1e-3)]
+    with pytest.raises((TypeError, ValueError), match=rf"\['{key}'\]"):
+        make([dict(groups[0], **{key: None})] + groups[1:])
+    opt = make(groups)
+    for step in range(2):
+        _grads(model, step)
+        opt.step()
+    assert key not in opt.param_groups[0]
+    opt.param_groups[0][key] = None
+    _grads(model, 2)
+    before = _snapshot(model, opt)
+    with pytest.raises((TypeError, ValueError), match=rf"param_groups\[0\]\['{key}'\]"):
+        opt.step()
+    assert _same(before, _snapshot(model, opt))
+
+
 def test_tensor_l1_in_a_fused_group():
     """A one-value tensor l1 (set after construction, as torch allows for lr)
     works in the fused optimizers as in Regularized, and a change of its

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 
 import pytest
@@ -669,23 +670,65 @@ def test_a_torch_checkpoint_keeps_each_groups_pyreg_keys(family):
     assert float((m[0].weight == 0).float().mean()) == pytest.approx(0.9, abs=1 / 128)
 
 
+_OWN_KEYS = {"l2_bound_lambda": {"l2_bound": 0.5}, "l2_bound_kappa": {"l2_bound": 0.5},
+             "l2_bound_step": {"l2_bound": 0.5}, "target_l1": {"target_sparsity": 0.5},
+             "strength_l1": {"l1_strength": 0.5, "l1_refresh": 2},
+             "strength_group_l1": {"group_strength": 0.5, "l1_refresh": 2},
+             "strength_step": {"l1_strength": 0.5, "l1_refresh": 2}}
+
+
 @pytest.mark.parametrize("family", ["pyreg.optim", "Regularized"])
-@pytest.mark.parametrize("bad", [torch.zeros(2), "x", float("nan")])
-def test_a_bad_own_state_entry_is_refused_before_anything_is_loaded(family, bad):
+@pytest.mark.parametrize("entry, bad", [("l2_bound_lambda", torch.zeros(2)), ("l2_bound_lambda", "x"),
+                                        ("l2_bound_lambda", float("nan")), ("l2_bound_lambda", -1.0),
+                                        ("l2_bound_kappa", -1.0), ("l2_bound_kappa", float("-inf")),
+                                        ("l2_bound_step", -1), ("l2_bound_step", torch.tensor(1.5)),
+                                        ("target_l1", -0.5), ("strength_l1", -1.0), ("strength_l1", float("inf")),
+                                        ("strength_group_l1", -1.0), ("strength_step", "x"),
+                                        ("strength_step", -2), ("strength_step", 2.5)])
+def test_a_bad_own_state_entry_is_refused_before_anything_is_loaded(family, entry, bad):
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(4, 4))
-    groups = [{"params": [w], "l2_bound": 0.5}]
+    groups = [{"params": [w], **_OWN_KEYS[entry]}]
     opt = optim.Adam(groups, lr=0.1) if family == "pyreg.optim" else pyreg.Regularized(torch.optim.Adam(groups, lr=0.1))
     for _ in range(3):
         w.grad = torch.randn(4, 4)
         opt.step()
     sd = copy.deepcopy(opt.state_dict())
+    assert entry in sd["state"][0]
     before = copy.deepcopy(opt.state_dict())
-    sd["state"][0]["l2_bound_lambda"] = bad
+    sd["state"][0][entry] = bad
     sd["param_groups"][0]["lr"] = 0.5
-    with pytest.raises((ValueError, TypeError), match=r"state_dict\['state'\]\[0\]\['l2_bound_lambda'\]"):
+    with pytest.raises((ValueError, TypeError), match=rf"state_dict\['state'\]\[0\]\['{entry}'\]"):
         opt.load_state_dict(sd)
     assert str(opt.state_dict()) == str(before)  # nothing loaded: groups and state as they were
+
+
+@pytest.mark.parametrize("family", ["pyreg.optim", "Regularized"])
+def test_a_checkpoint_within_the_l2_bound_warm_up_resumes_as_the_run_goes_on(family):
+    def make(w):
+        groups = [{"params": [w], "l2_bound": "warm_start", "l2_warmup": 5}]
+        return (optim.Adam(groups, lr=0.1) if family == "pyreg.optim"
+                else pyreg.Regularized(torch.optim.Adam(groups, lr=0.1)))
+
+    torch.manual_seed(0)
+    grads = [torch.randn(4, 4) for _ in range(10)]
+    w = nn.Parameter(torch.randn(4, 4))
+    w2 = nn.Parameter(w.detach().clone())
+    opt = make(w)
+    for g in grads[:3]:
+        w.grad = g.clone()
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    assert math.isinf(float(sd["state"][0]["l2_bound_kappa"]))  # (within the warm-up: no bound yet)
+    w2.data.copy_(w.detach())
+    resumed = make(w2)
+    resumed.load_state_dict(sd)
+    for g in grads[3:]:
+        w.grad, w2.grad = g.clone(), g.clone()
+        opt.step()
+        resumed.step()
+    assert torch.equal(w, w2) and float(opt.state[w]["l2_bound_lambda"]) > 0  # the bound set and acting
+    assert torch.equal(opt.state[w]["l2_bound_kappa"], resumed.state[w2]["l2_bound_kappa"])
 
 
 @pytest.mark.parametrize("name", list(CLASSES))

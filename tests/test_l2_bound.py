@@ -116,6 +116,33 @@ def test_warm_start_bound_is_the_norm_after_warmup():
     assert kappa == at4  # set once
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["Regularized", "SGD"])
+def test_a_warm_up_shortened_below_the_steps_taken_sets_the_bound_at_the_next_step(family, backend):
+    params, grads = make_params(torch.float64), make_grads(8, torch.float64)
+    ps = [p.clone().requires_grad_() for p in params]
+    group = {"params": ps, "l2_bound": "warm_start", "l2_warmup": 10, "l2_mu": 0.1}
+    opt = (pyreg.Regularized(torch.optim.SGD([group], lr=0.1)) if family == "Regularized"
+           else pyreg.optim.SGD([group], lr=0.1))
+    with pyreg.use_backend(backend):
+        for t, gs in enumerate(grads, 1):
+            if t == 4:
+                opt.param_groups[0]["l2_warmup"] = 2  # (3 steps taken, no bound yet)
+            if t == 6:
+                opt.param_groups[0]["l2_warmup"] = 7  # a later end: the bound set stays
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+            kappa = [float(opt.state[p][BOUND_STATE[1]]) for p in ps]
+            if t < 4:
+                assert all(math.isinf(k) for k in kappa)
+            if t == 4:
+                assert kappa == pytest.approx([float(p.detach().pow(2).sum()) for p in ps], rel=1e-12)
+                at4 = kappa
+    assert kappa == at4
+    assert max(float(opt.state[p][BOUND_STATE[0]]) for p in ps) > 0  # the bound acted
+
+
 @pytest.mark.parametrize("family", ["Regularized", "AdamW"])
 def test_state_dict_round_trip(family):
     """Save after 5 steps, load into a fresh optimizer, 5 more: the same as 10

@@ -208,7 +208,9 @@ PYREG_HD double per_lr(double tau, double lr) {
 // bound in force (during a warm-up, `kappa`, +inf until the warm-up's last
 // step; else the group's `bound`),
 //   lam   <- max(0, lam + mu / n * (R - b))    (0 while b is +inf)
-//   kappa <- R at the warm-up's last step (step == warmup), else b
+//   kappa <- R at the first step with step >= warmup while b is +inf (the
+//            warm-up's last step; or the next step, where `warmup` was set
+//            below the steps taken), else b
 // and returns w's factor 1 - 2 * lam. `step` counts this step; n is w's
 // size (an empty tensor counts as 1: R = 0, its multiplier stays 0). The
 // float64 reference is pyreg/optim/apply.py's l2_bound_buckets.
@@ -217,7 +219,7 @@ PYREG_HD double cpr_update(double& lam, double& kappa, int64_t step, double r, d
   const double b = warmup > 0 ? kappa : bound;
   const double v = lam + mu / (n > 0.0 ? n : 1.0) * (r - b);
   lam = isinf(b) ? 0.0 : (v < 0.0 ? 0.0 : v);
-  kappa = (warmup > 0 && double(step) == warmup) ? r : b;
+  kappa = (warmup > 0 && isinf(b) && double(step) >= warmup) ? r : b;
   return 1.0 - 2.0 * lam;
 }
 

@@ -367,7 +367,8 @@ def l2_bound_buckets(buckets: Sequence[Work], state: Dict[Any, Dict[str, Any]]) 
     ``l2_mu`` does not depend on the tensor's size) and kappa_j the group's
     ``l2_bound``; with ``l2_bound="warm_start"``, kappa_j is +inf (no
     constraint, lambda_j = 0) until the tensor's ``l2_warmup``-th step, whose
-    R_j becomes its bound. The multipliers, bounds and step counts stay on
+    R_j becomes its bound (where ``l2_warmup`` is set below the steps already
+    taken while no bound is set, the next step's R_j). The multipliers, bounds and step counts stay on
     the device, in the optimizer's state (:data:`BOUND_STATE`): no host sync.
 
     In eager mode on a compiled backend (CPU, CUDA, the emulator) the whole
@@ -406,7 +407,7 @@ def l2_bound_buckets(buckets: Sequence[Work], state: Dict[Any, Dict[str, Any]]) 
             new = (lam + c["l2_mu"] / numel * (r - bound)).clamp_(min=0)
             lam.copy_(torch.where(torch.isinf(bound), torch.zeros_like(new), new))
             torch._foreach_mul_(w.params, list((1 - 2 * lam).unbind(0)))
-            kappa.copy_(torch.where(warm & (steps.to(torch.float64) == c["l2_warmup"]), r, bound))
+            kappa.copy_(torch.where(warm & torch.isinf(bound) & (steps.to(torch.float64) >= c["l2_warmup"]), r, bound))
 
 
 def _bound_state(w: Work, state: Dict[Any, Dict[str, Any]]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -470,16 +471,24 @@ def pop_own_state(state_dict: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[Any,
         return state_dict, {}
     out, kept = {}, {}
     for k, v in st.items():
+        if isinstance(v, dict) and STRENGTH_STEP in v:  # (a host number, which torch's load keeps as it is)
+            _own_value(v[STRENGTH_STEP], f"state_dict['state'][{k!r}][{STRENGTH_STEP!r}]", STRENGTH_STEP)
         if isinstance(v, dict) and any(n in v for n in OWN_STATE):
-            kept[k] = {n: _own_value(v[n], f"state_dict['state'][{k!r}][{n!r}]") for n in OWN_STATE if n in v}
+            kept[k] = {n: _own_value(v[n], f"state_dict['state'][{k!r}][{n!r}]", n) for n in OWN_STATE if n in v}
             v = {n: x for n, x in v.items() if n not in OWN_STATE}
         out[k] = v
     return dict(state_dict, state=out), kept
 
 
-def _own_value(v: Any, where: str) -> Any:
+#: The values each own state entry may hold: "count" an integer >= 0, "bound"
+#: a number >= 0 or +inf (a warm-up's bound), any other a finite number >= 0.
+_OWN_DOMAIN = {BOUND_STATE[1]: "bound", BOUND_STATE[2]: "count", STRENGTH_STEP: "count"}
+
+
+def _own_value(v: Any, where: str, name: str) -> Any:
     """One of pyreg's own state entries, checked before anything is loaded:
-    one finite real number (a one-element tensor, or a number)."""
+    one real number (a one-element tensor, or a number) in its entry's
+    domain (:data:`_OWN_DOMAIN`)."""
     if isinstance(v, Tensor):
         if v.numel() != 1 or v.is_complex() or v.dtype is torch.bool or v.is_meta:
             raise ValueError(f"{where} must hold one real number, got a {v.dtype} tensor of shape {tuple(v.shape)}")
@@ -488,8 +497,13 @@ def _own_value(v: Any, where: str) -> Any:
         x = float(v)
     else:
         raise TypeError(f"{where} must be a number or a one-element tensor, got {type(v).__name__}")
-    if not math.isfinite(x):
-        raise ValueError(f"{where} must be finite, got {x}")
+    domain = _OWN_DOMAIN.get(name)
+    if domain == "count":
+        if not (math.isfinite(x) and x >= 0 and x == int(x)):
+            raise ValueError(f"{where} is a count of steps: an integer >= 0, got {x}")
+    elif not (x >= 0 and (math.isfinite(x) or (domain == "bound" and x > 0))):
+        inf = " (or +inf, during a warm-up)" if domain == "bound" else ""
+        raise ValueError(f"{where} must be finite and >= 0{inf}, got {x}")
     return v
 
 

@@ -164,7 +164,8 @@ class Engine:
         """The cached plan of ``groups``; checks everything first where a
         group changed (see the module docstring)."""
         quick = tuple(group_signature(g, _PLAN_KEYS) + (tuple(map(id, g["params"])),
-                                                          tuple(map(_kind_of, g["params"]))) for g in groups)
+                                                          tuple(map(_kind_of, g["params"])),
+                                                          tuple(g)) for g in groups)  # (a key set to None)
         if self._plan is not None and quick == self._quick:
             return self._plan
         self._quick = None
