@@ -724,6 +724,10 @@ def _grad_memory_replaced(m, opt):
     m[0].weight.grad.data = torch.randn(3)
 
 
+def _grad_of_another_dtype(m, opt):
+    m[0].weight.grad.data = m[0].weight.grad.data.double()  # (torch's .grad setter refuses it; .data does not)
+
+
 def _state_of_another_model(m, opt):
     # the same number of parameters, other shapes: layer 0 is (5, 6) there, layer 2 (3, 5)
     _, other = _fused_trained(lambda g: type(opt)(g, **{k: v for k, v in opt.defaults.items()
@@ -739,8 +743,10 @@ def _state_of_another_model(m, opt):
     (_module_to_float64, "is (6, 5) torch.float64 on cpu but its state "),
     (_grad_memory_replaced, "parameter 0 ('0.weight') is (6, 5) torch.float32 on cpu but its grad is (3,)"),
     (_state_of_another_model, "parameter 0 ('0.weight') is (6, 5) torch.float32 on cpu but its state "),
+    (_grad_of_another_dtype, "parameter 0 ('0.weight') is (6, 5) torch.float32 on cpu but its grad is (6, 5) "
+                             "torch.float64"),
 ], ids=["larger-stale-grad", "larger-new-grad", "smaller-new-grad", "module-to-float64", "grad-memory",
-        "state-of-another-model"])
+        "state-of-another-model", "grad-dtype"])
 @pytest.mark.parametrize("name", list(FUSED))
 def test_a_grad_or_state_unlike_its_param_raises_and_changes_nothing(name, change, message):
     m, opt = _fused_trained(FUSED[name])

@@ -464,6 +464,31 @@ def test_l1_refresh_changed_after_construction_is_followed(family):
     assert refreshed == [5, 9, 12, 15, 18]
 
 
+@pytest.mark.parametrize("lrs", [(0.1, 0.1), (0.1, 0.05)], ids=["one-lr", "lr-per-tensor"])
+def test_a_refresh_at_lr_0_keeps_the_l1_in_regularized(lrs):
+    """Regularized measures the push from the step its inner optimizer took:
+    a step of lr 0 shows none, so a tensor whose lr is 0 at a refresh keeps the
+    l1 of its last refresh (the other tensors of the bucket refresh)."""
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(5, 3))
+    keys = {"l1_strength": 0.5, "l1_refresh": 2}
+    opt = pyreg.Regularized(torch.optim.Adam([{"params": [a], "lr": lrs[0], **keys},
+                                              {"params": [b], "lr": lrs[1], **keys}]))
+    for t in range(1, 5):
+        if t == 4:  # a refresh step
+            opt.param_groups[1]["lr"] = 0.0
+            if lrs[0] == lrs[1]:
+                opt.param_groups[0]["lr"] = 0.0
+        a.grad, b.grad = torch.randn(6, 4), torch.randn(5, 3)
+        opt.step()
+        l1 = [float(opt.state[p][STRENGTH_STATE[0]]) for p in (a, b)]
+        if t == 2:
+            at2 = l1
+    assert at2[0] > 0 and at2[1] > 0
+    assert l1[1] == at2[1]
+    assert (l1[0] == at2[0]) if lrs[0] == lrs[1] else (l1[0] != at2[0] and l1[0] > 0)
+
+
 @pytest.mark.parametrize("family", ["Regularized", "AdamW"])
 def test_state_dict_round_trip(family):
     m, x, y = task(torch.bfloat16)

@@ -310,15 +310,18 @@ def store_strength(w: Work, idx: List[int], q: Tensor, state: Dict[Any, Dict[str
     calls it directly, with :func:`strength_ks`' ranks (and ``vec``, the
     vector :func:`strength_l1` gave this step, if at hand)."""
     vec = strength_l1(w, state) if vec is None else vec
-    if len(idx) == len(w.params):  # into the float64 vector (its 0-dim views are in the state)
-        if lr is None:
-            vec.copy_(q)
-        else:
-            _per_lr(q, vec, lr)
-        return
+    if lr is not None and not isinstance(lr, Tensor) and lr <= 0:
+        return  # a step of lr 0 shows no push: the l1 stays as the last refresh set it
+    whole = len(idx) == len(w.params)
     if lr is not None:
-        _per_lr(q, q, lr[idx] if isinstance(lr, Tensor) else lr)
-    vec.index_copy_(0, torch.tensor(idx, device=vec.device), q)
+        lr = lr if whole or not isinstance(lr, Tensor) else lr[idx]
+        _per_lr(q, q, lr)
+        if isinstance(lr, Tensor):  # (where a tensor's lr is 0, its l1 stays)
+            q = torch.where(lr.to(device=q.device) > 0, q, vec if whole else vec[idx])
+    if whole:  # into the float64 vector (its 0-dim views are in the state)
+        vec.copy_(q)
+    else:
+        vec.index_copy_(0, torch.tensor(idx, device=vec.device), q)
 
 
 def current_l1(w: Work) -> Tensor:

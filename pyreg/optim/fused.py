@@ -451,8 +451,9 @@ class FusedOptimizer(Observable):
                     continue
                 dev, dt = p.device, p.dtype
                 if (differentiable or type(p) not in _PLAIN_TYPES or g.layout is not strided
-                        or dt not in SUPPORTED_DTYPES or g.dtype != dt or g.device != dev):
-                    # a parameter the fused kernels do not take
+                        or dt not in SUPPORTED_DTYPES):
+                    # a parameter the fused kernels do not take (a grad of another dtype or device
+                    # than its parameter's goes into the bucket, whose check refuses it)
                     if structured or id(p) in l1_of:
                         raise ValueError(f"param_groups[{gi}] sets group_l1, ref, l2_bound, max_norm or l1_strength, "
                                          "but some of its "
