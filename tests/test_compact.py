@@ -794,3 +794,225 @@ def test_small_resnet():
     m = zero_some_channels(resnet(widths=(4, 8), blocks=(2, 2), classes=5)).eval()
     out = check(m, torch.randn(2, 3, 32, 32))
     assert out.report.params_after < _params(m)
+
+
+# ---------------------------------------------------------------- what only other inputs would show
+
+def _same_on(model, out, inputs):
+    """The compacted model computes the original's on each of ``inputs`` (other sizes than the example's)."""
+    model.eval()
+    with torch.no_grad():
+        for x in inputs:
+            ref, got = model(x), out.model(x)
+            assert ref.shape == got.shape and float((ref - got).abs().max()) <= 1e-5 * max(1.0, float(
+                ref.abs().max())), tuple(x.shape)
+
+
+class _SeqSum(nn.Module):
+    def __init__(self, dims):
+        super().__init__()
+        self.fc1, self.fc2, self.dims = nn.Linear(6, 8), nn.Linear(8, 3), dims
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)).sum(self.dims))
+
+
+class _ConvSum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c(x)).sum((2, 3)))
+
+
+@pytest.mark.parametrize("case", ["time", "batch", "space"])
+def test_a_constant_summed_over_positions_is_kept_and_a_zero_one_removed(case):
+    """sum() over positions scales a constant channel by their number, which may differ from input to
+    input (not folded); a channel that is 0 stays 0 (removed)."""
+    _seed(40)
+    m = _ConvSum() if case == "space" else _SeqSum(1 if case == "time" else 0)
+    first = m.c if case == "space" else m.fc1
+    with torch.no_grad():
+        first.weight[2] = 0
+        first.bias[2] = 0.7   # relu(0.7): a constant that the sum multiplies
+        first.weight[5] = 0
+        first.bias[5] = -0.3  # relu(-0.3) = 0: nothing to fold
+    example = {"time": torch.randn(4, 5, 6), "batch": torch.randn(4, 6), "space": torch.randn(2, 3, 8, 8)}[case]
+    others = {"time": [torch.randn(4, 9, 6), torch.randn(2, 1, 6)], "batch": [torch.randn(7, 6)],
+              "space": [torch.randn(2, 3, 12, 12)]}[case]
+    out = check(m, example)
+    assert out.report.layers[0].removed["outputs"] == [5]
+    _same_on(m, out, others)
+
+
+class _Scaled(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.fc1, self.fc2, self.how = nn.Linear(6, 8), nn.Linear(8, 3), how
+        self.register_buffer("gain", torch.tensor(1.5))
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if self.how == "input scale":
+            h = h * x.abs().mean()
+        elif self.how == "batch size":
+            h = h / x.size(0)
+        else:
+            h = h * self.gain  # a buffer: the same for every input
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("how", ["input scale", "batch size", "buffer"])
+def test_a_constant_times_a_value_of_the_input_is_not_a_constant(how):
+    _seed(41)
+    m = _Scaled(how)
+    with torch.no_grad():
+        m.fc1.weight[2] = 0
+        m.fc1.bias[2] = 0.7
+    out = check(m, torch.randn(4, 6))
+    assert out.report.layers[0].removed.get("outputs", []) == ([2] if how == "buffer" else [])
+    _same_on(m, out, [3 * torch.randn(4, 6), torch.randn(9, 6)])
+
+
+def test_a_layer_also_called_on_an_input_not_followed_keeps_its_columns():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.shared = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.shared(torch.relu(self.a(x))) + self.shared(torch.softmax(self.b(x), -1))
+
+    _seed(42)
+    m = M()
+    with torch.no_grad():
+        m.shared.weight[:, 2] = 0
+    out = check(m, torch.randn(4, 6))
+    assert out.model.shared.in_features == 8
+
+
+class _Keywords(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.a, self.o, self.how = nn.Linear(5, 8), nn.Linear(8, 2), how
+        if how in ("add", "mul"):
+            self.b = nn.Linear(5, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.how == "module":
+            return self.o(input=h)
+        if self.how == "flatten":
+            return self.o(torch.flatten(input=h, start_dim=1))
+        g = torch.relu(self.b(x))
+        if self.how == "add":
+            return self.o(torch.add(h, other=g))
+        return self.o(h.mul(other=g))
+
+
+@pytest.mark.parametrize("how", ["module", "flatten", "add", "mul"])
+@pytest.mark.parametrize("zeroed", [False, True])
+def test_a_tensor_passed_by_keyword_is_kept_whole(how, zeroed):
+    _seed(43)
+    m = _Keywords(how)
+    if zeroed:
+        with torch.no_grad():
+            m.o.weight[:, 3] = 0
+    out = check(m, torch.randn(3, 5))
+    assert out.model.a.out_features == 8
+
+
+def _double(w):
+    return 2 * w
+
+
+class _Double(nn.Module):
+    def forward(self, w):
+        return _double(w)
+
+
+@pytest.mark.parametrize("how", ["parametrization", "weight_norm", "spectral_norm", "hook", "pre-hook"])
+def test_layers_with_parametrizations_or_hooks_are_left_whole(how):
+    from torch.nn.utils import parametrizations, parametrize
+
+    _seed(44)
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        m[0].weight[4] = 0
+        m[0].bias[4] = 0.5
+        m[2].weight[:, [2, 5]] = 0
+        m[4].weight[:, 1] = 0
+    if how == "parametrization":
+        parametrize.register_parametrization(m[2], "weight", _Double())
+    elif how == "weight_norm":
+        parametrizations.weight_norm(m[2])
+    elif how == "spectral_norm":
+        parametrizations.spectral_norm(m[2])
+    elif how == "hook":  # makes the "constant" neuron 4 of m[0] depend on the input
+        m[2].register_forward_hook(lambda mod, inp, out: out + inp[0].mean(-1, keepdim=True))
+    else:
+        m[2].register_forward_pre_hook(lambda mod, inp: (inp[0] * torch.linspace(0.5, 2, 8),))
+    out = check(m, torch.randn(5, 6))
+    assert "2" in out.report.left_alone, out.report.left_alone
+    assert out.model.get_submodule("2").in_features == 8
+    _same_on(m, out, [torch.randn(9, 6), torch.randn(1, 6)])
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+def test_a_model_that_cannot_be_copied_is_refused_unchanged():
+    _seed(45)
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), torch.nn.utils.weight_norm(nn.Linear(8, 3)))
+    m(torch.randn(2, 6)).sum().backward()  # (its computed weight is not a leaf: deepcopy refuses it)
+    before = _state(m)
+    with pytest.raises(ValueError, match="cannot be copied with copy.deepcopy"):
+        pyreg.compact(m, torch.randn(4, 6), measure=False)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_tied_layers_stay_tied_and_count_once():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.a, self.b, self.out = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.out(torch.relu(self.b(torch.relu(self.a(torch.relu(self.enc(x)))))))
+
+    _seed(46)
+    m = Tied()
+    with torch.no_grad():
+        m.a.weight[:, 3] = 0
+        m.out.weight[:, 5] = 0
+    out = check(m, torch.randn(4, 6))  # (its params_before is the model's own count)
+    assert out.model.a.weight is out.model.b.weight
+    assert out.report.left_alone.get("a") == "it shares a parameter with b"
+
+
+def test_a_width_read_by_the_forward_keeps_the_channels():
+    class M(nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            self.fc1, self.fc2, self.how = nn.Linear(6, 8), nn.Linear(8, 3), how
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x))
+            width = h.shape[-1] if self.how == "shape" else h.size(1) if self.how == "size" else h.size()[-1]
+            return self.fc2(h) / width ** 0.5
+
+    for how in ("shape", "size", "size()"):
+        _seed(47)
+        m = M(how)
+        with torch.no_grad():
+            m.fc2.weight[:, [2, 5]] = 0
+        out = check(m, torch.randn(4, 6))
+        assert out.model.fc2.in_features == 8, how
+
+
+def test_meta_inputs_or_weights_are_refused():
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"example_inputs\[0\] is on the meta device"):
+        pyreg.compact(m, torch.randn(4, 6, device="meta"), measure=False)
+    with pytest.raises(ValueError, match="the model's 0.weight is on the meta device"):
+        pyreg.compact(m.to("meta"), torch.randn(4, 6), measure=False)

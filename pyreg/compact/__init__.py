@@ -51,7 +51,11 @@ are one group. A group is removed when, at every layer that reads it, either
   the kernel slice's sum). A constant channel feeding a zero-padded conv is not
   constant at the borders: it is removed only when its value is 0, else kept
   and reported. A layer without a bias gets one when a nonzero constant is
-  folded into it.
+  folded into it. A constant stays one through a mean or a max over other
+  dims, not through a sum (its value would scale with the number of
+  positions, which another input may change: only a constant 0 is removed),
+  nor through a product with a value the forward computes (``h * x.mean()``,
+  ``h / x.size(0)``; a parameter or buffer is fixed).
 
 Supported layers: ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` (``groups=1``),
 ``nn.BatchNorm1d/2d`` (sliced; eval mode), ``nn.LayerNorm`` over dims other than
@@ -66,8 +70,14 @@ element-wise activations, dropout and pooling. Any other layer or op that reads
 a channel keeps it, and is named in ``report.left_alone`` with the reason; a
 conv with ``groups > 1`` is left as it is, and so is a layer whose parameters
 the forward also reads directly (``F.linear(x, self.fc.weight)``,
-``self.fc.bias.sum()``). Channels that reach the model's output are kept.
-Each layer keeps at least one channel.
+``self.fc.bias.sum()``), a layer with forward hooks or pre-hooks, a layer
+whose weight is parametrized (``torch.nn.utils.parametrize``,
+``parametrizations.weight_norm``/``spectral_norm``), and layers that share a
+parameter (tied weights stay tied). Channels that reach the model's output are
+kept, and so are those of a tensor passed by keyword (``self.fc(input=h)``),
+of a layer also called on an input whose channels are not followed, and of a
+tensor whose width the forward reads (``h.shape[-1]``, ``h.size(1)``, or its
+shape used whole). Each layer keeps at least one channel.
 
 In-place calls (``h.relu_()``, ``h += b``, ``F.relu(h, inplace=True)``,
 ``nn.ReLU(inplace=True)``) are followed as their out-of-place forms, later
@@ -79,7 +89,11 @@ tensor (``h[:, 0] = ...``), or an in-place call with no out-of-place form.
 
 What is returned. ``Compacted.model`` is a ``torch.fx.GraphModule`` (the
 submodules keep their names; literal sizes in ``view``/``reshape`` are
-updated) in eval mode. ``Compacted.report`` (:class:`Report`) holds per layer
+updated) in eval mode: it computes the original's eval-mode forward, with
+the branches the trace took in eval mode (dropout off, ``self.training``
+read as False) and the constants folded at their eval-mode values, so it is
+for inference (training it further runs no dropout). It takes inputs of the
+example's rank. ``Compacted.report`` (:class:`Report`) holds per layer
 the parameters and multiply-adds (Linear, conv, recurrent; at the example's
 shapes) before and after, the removed output/input/hidden indices, the
 element-wise zeros left; the kept input indices; the layers left alone and
@@ -93,13 +107,16 @@ weight is very sparse and large.
 
 Errors (the original model is never changed): a model that ``torch.fx`` cannot
 trace raises ``ValueError`` with torch.fx's reason (no silent fallback: an
-unchanged copy would hide that nothing was removed); ``example_inputs`` the model cannot run, with no
-samples or with NaN or inf raise ``ValueError``, as do the in-place calls above;
+unchanged copy would hide that nothing was removed), and so does one that
+``copy.deepcopy`` cannot copy, or whose weights are on the meta device;
+``example_inputs`` the model cannot run, with no samples, on the meta device,
+or with NaN or inf raise ``ValueError``, as do the in-place calls above;
 a result whose outputs differ from the original's beyond ``atol`` raises
 ``RuntimeError`` naming the first layer whose output differs (this is a bug to
 report, never a result).
 """
 import copy
+import itertools
 from typing import Dict, Optional
 
 import torch
@@ -212,13 +229,24 @@ def compact(model: nn.Module, example_inputs, *, drop_inputs: bool = False, atol
     if atol is not None:
         atol = nonneg_real(atol, "compact: atol")
     for i, a in enumerate(args):
+        if a.is_meta:
+            raise ValueError(f"compact: example_inputs[{i}] is on the meta device; compact runs the model on "
+                             "real values (which channels are constant, and the check of the result)")
         if a.dim() and a.shape[0] == 0:
             raise ValueError(f"compact: example_inputs[{i}] has no samples (shape {tuple(a.shape)}); the example "
                              "shows which channels are constant, and checks the result")
         if a.is_floating_point() and not bool(torch.isfinite(a).all()):
             raise ValueError(f"compact: example_inputs[{i}] holds NaN or inf; the result is checked on it")
-    ref = copy.deepcopy(model).eval()
-    work = copy.deepcopy(model).eval()
+    meta = next((n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"compact: the model's {meta} is on the meta device; compact needs the trained weights "
+                         "(load them first, e.g. with load_state_dict(..., assign=True))")
+    try:
+        ref = copy.deepcopy(model).eval()
+        work = copy.deepcopy(model).eval()
+    except Exception as e:
+        raise ValueError(f"compact: {type(model).__name__} cannot be copied with copy.deepcopy "
+                         f"({type(e).__name__}: {e}); compact works on copies, and nothing was changed") from e
     try:
         gm = torch.fx.symbolic_trace(work)
     except Exception as e:

@@ -172,6 +172,24 @@ class _Analyzer:
         # layers whose parameters the forward also reads directly (F.linear(x, self.fc.weight)): those
         # reads would see the layer's removed rows and columns, so such a layer is left whole
         self.read_directly = {n.target.rpartition(".")[0]: n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        # layers whose weights the slicing cannot reach, or whose call runs more than their weights
+        # (hooks, parametrizations: the weight computed from others), or that share a parameter with
+        # another layer (a tie that slicing each layer would break): left whole
+        self.whole: Dict[str, str] = {}
+        owners: Dict[int, List[str]] = {}
+        for name, mod in gm.named_modules():
+            for p in mod.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(name)
+            if torch.nn.utils.parametrize.is_parametrized(mod):
+                self.whole[name] = "its weights are parametrized (torch.nn.utils.parametrize)"
+            elif mod._forward_hooks or mod._forward_pre_hooks:
+                self.whole[name] = "it has forward hooks, which may read or change what it computes"
+        for names in owners.values():
+            if len(names) > 1:
+                for name in names:
+                    self.whole.setdefault(name, f"it shares a parameter with {', '.join(n for n in names if n != name)}")
+        self.shapes: Dict[str, tuple] = {}  # a tensor's shape read whole (x.shape, x.size()): (its Axis, its rank)
+        self.untracked_calls = set()  # layers called on an input whose channels are not followed
 
     # -- helpers --------------------------------------------------------
     def block(self, axis: Optional[Axis], reason: str):
@@ -197,14 +215,21 @@ class _Analyzer:
         return self.a.module_ids[name]
 
     def first_call(self, name: str, axis: Optional[Axis]) -> bool:
-        """Count calls; a layer called twice must lose the same columns in both calls."""
-        self.a.calls[name] = self.a.calls.get(name, 0) + 1
-        if axis is None:
-            return True
+        """Count calls; a layer called twice must lose the same columns in both calls (a call on
+        an input whose channels are not followed keeps them all)."""
+        n = self.a.calls[name] = self.a.calls.get(name, 0) + 1
+        untracked = f"{name} is also called on an input whose channels are not followed"
         prev = self.a.module_input.get(name)
+        if axis is None:
+            if n > 1 and prev is not None:
+                self.block(prev, untracked)
+            self.untracked_calls.add(name)
+            return n == 1
+        if name in self.untracked_calls:
+            self.block(axis, untracked)
         if prev is None:
             self.a.module_input[name] = axis
-            return True
+            return n == 1
         if prev.ids.shape == axis.ids.shape and prev.dim == axis.dim:
             self.uf.unite(prev.ids, axis.ids)
         else:
@@ -219,7 +244,11 @@ class _Analyzer:
     def run(self):
         for node in self.gm.graph.nodes:
             out = None
-            if node.op == "placeholder":
+            self.shape_uses(node)
+            if node.op in ("call_module", "call_function", "call_method") and any(
+                    self.a.axes.get(a.name) is not None for a in _flat_nodes((), node.kwargs)):
+                out = self.unknown(node, "a tensor whose channels are followed is passed to it by keyword")
+            elif node.op == "placeholder":
                 out = self.placeholder(node)
             elif node.op == "get_attr":
                 out = None
@@ -232,6 +261,21 @@ class _Analyzer:
             self.a.axes[node.name] = out
         self.a.parent = self.uf.roots()
         return self.a
+
+    def shape_uses(self, node):
+        """A shape read whole (``x.shape``, ``x.size()``) may be used only for its other dims:
+        reading the channel dim's size (``x.shape[-1]``), or using the shape any other way,
+        keeps every channel (the forward would compute with the new width)."""
+        for a in _flat_nodes(node.args, node.kwargs):
+            if a.name not in self.shapes:
+                continue
+            ax, ndim = self.shapes[a.name]
+            i = node.args[1] if node.target is operator.getitem and len(node.args) == 2 else None
+            if isinstance(i, int) and node.args[0] is a:
+                if _norm_dim(i, ndim) == ax.dim:
+                    self.block(ax, f"its width is read ({node.name})")
+            else:
+                self.block(ax, f"its shape is used whole ({node.name})")
 
     def placeholder(self, node):
         x = self.values.get(node.name)
@@ -263,8 +307,9 @@ class _Analyzer:
             ax = None
         x = self.values.get(node.args[0].name) if node.args and isinstance(node.args[0], torch.fx.Node) else None
         y = self.values.get(node.name)
-        if name in self.read_directly:
-            reason = f"its {self.read_directly[name].rpartition('.')[2]} is also read directly by the forward"
+        reason = (f"its {self.read_directly[name].rpartition('.')[2]} is also read directly by the forward"
+                  if name in self.read_directly else self.whole.get(name))
+        if reason is not None:
             self.leave(name, reason)
             self.block_args(node, f"consumed by {name}: {reason}")
             return None
@@ -434,10 +479,19 @@ class _Analyzer:
             if ax.dim != 1 or (t in (F.avg_pool1d, F.avg_pool2d)):
                 return self.unknown(node)
             return ax
-        if method and t in ("size", "dim"):
+        if method and t == "dim":
+            return None
+        if (method and t == "size") or (not method and t is getattr and node.args[1:2] == ("shape",)):
+            if ax is not None:
+                d = node.args[1] if method and len(node.args) > 1 else node.kwargs.get("dim") if method else None
+                if isinstance(d, int):
+                    if _norm_dim(d, x.dim()) == ax.dim:
+                        self.block(ax, f"its width is read ({node.name})")
+                else:
+                    self.shapes[node.name] = (ax, x.dim())
             return None
         if not method and t is getattr:
-            return None
+            return self.unknown(node) if ax is not None else None
         return self.unknown(node)
 
     def unknown(self, node, why="it is not supported"):
@@ -498,9 +552,13 @@ class _Analyzer:
                     return self.unknown(node)
                 if ax is not None:
                     axes.append((ax, v))
-                elif isinstance(v, Tensor) and v.dim() > 0:
-                    const_ok = False
-                    axes.append((None, v))
+                else:
+                    # a value of the graph (a 0-dim tensor, a number from a size) may differ from input to
+                    # input: a constant channel times it is not constant (a parameter or buffer is fixed)
+                    const_ok &= a.op == "get_attr"
+                    if isinstance(v, Tensor) and v.dim() > 0:
+                        const_ok = False
+                        axes.append((None, v))
             elif not isinstance(a, (int, float, bool)):
                 return self.unknown(node)
         tracked = [(ax, v) for ax, v in axes if ax is not None]
@@ -597,7 +655,10 @@ class _Analyzer:
         if ax.dim in dims:
             return self.unknown(node)
         dim = ax.dim if keep else ax.dim - sum(d < ax.dim for d in dims)
-        return Axis(dim, ax.ids, ax.const)
+        const = ax.const
+        if node.target in ("sum", torch.sum):  # c summed over n positions is n * c: n may differ by input
+            const = const & (feature_values(x, ax.dim) == 0)
+        return Axis(dim, ax.ids, const)
 
 
 def _prod(xs):

@@ -52,7 +52,8 @@ def _macs(mod: nn.Module, x, y) -> int:
 
 
 def layer_counts(gm, values) -> Dict[str, dict]:
-    """Per called layer: type, parameters, multiply-adds (Linear, conv, recurrent), exact zeros."""
+    """Per called layer: type, parameters (a shared one in its first layer's row), multiply-adds
+    (Linear, conv, recurrent), exact zeros."""
     rows: Dict[str, dict] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -65,10 +66,14 @@ def layer_counts(gm, values) -> Dict[str, dict]:
         row = rows.setdefault(node.target, {"type": type(mod).__name__, "params": 0, "macs": 0, "zeros": 0,
                                             "weights": 0})
         row["macs"] += _macs(mod, x, y)
+    seen = set()  # a parameter shared by two layers (tied) counts in the first one's row
     for name, row in rows.items():
         mod = gm.get_submodule(name)
-        row["params"] = sum(p.numel() for p in mod.parameters())
         for pname, p in mod.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            row["params"] += p.numel()
             if "weight" in pname:
                 row["weights"] += p.numel()
                 row["zeros"] += int((p.detach() == 0).sum())
