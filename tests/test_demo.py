@@ -548,16 +548,16 @@ def test_strength_runs_once_per_task_with_its_table(quick, capsys):
         rule = _run(data, "mlp", method)[0]
         grid = [x for x in data["results"] if x["task"] == "mlp" and x["method"] == grid_method]
         best = max(grid, key=lambda x: (x["val_acc"], x["alpha"]))
-        assert cells[3] == f"{rule['val_acc']:.3f}" and cells[6] == grid_method and cells[8] == str(len(grid))
-        assert cells[9] == f"{best['val_acc']:.3f}"
+        assert cells[3] == "1" and cells[4] == f"{rule['val_acc']:.3f}"  # one run
+        assert cells[7] == grid_method and cells[9] == str(len(grid)) and cells[10] == f"{best['val_acc']:.3f}"
         assert cells[-1] == f"{100 * (rule['val_acc'] - best['val_acc']):+.1f}"
 
 
 def test_path_runs_the_grid_once_and_keeps_its_best_fit(quick):
-    """``path``: one run per task over the task's grid, smallest alpha
-    first; the row is the fit with the best validation accuracy (ties to
-    the larger alpha), its alpha the one picked; the strength table
-    compares it with the L1 grid's winner."""
+    """``path`` on grids of fewer than 8 alphas: one run's steps per task
+    over the task's grid, smallest alpha first; the row is the fit with the
+    best validation accuracy (ties to the larger alpha), its alpha the one
+    picked; the strength table compares it with the L1 grid's winner."""
     from pyreg.demo.report import format_strength_table
 
     _, data = quick
@@ -567,7 +567,7 @@ def test_path_runs_the_grid_once_and_keeps_its_best_fit(quick):
         rows = _run(data, task, "path")
         assert len(rows) == 1, task
         r = rows[0]
-        assert [p["alpha"] for p in r["path"]] == sorted(grid), task
+        assert [p["alpha"] for p in r["path"]] == sorted(grid) and 0.9 < r["runs"] <= 1, task  # (steps // alphas)
         best = max(r["path"], key=lambda p: (p["val_acc"], p["alpha"]))
         assert r["alpha"] == best["alpha"] and r["l1"] == best["alpha"], (task, r["alpha"], r["path"])
         weights = [v for name, v in r["layers"].items() if "weight" in name]  # what the path regularized
@@ -579,7 +579,7 @@ def test_path_runs_the_grid_once_and_keeps_its_best_fit(quick):
     grid = [x for x in data["results"] if x["task"] == "digits" and x["method"] == "l1"]
     best = max(grid, key=lambda x: (x["val_acc"], x["alpha"]))
     cells = line.split()
-    assert cells[2:5] == ["alpha", f"{r['alpha']:g}", f"{r['val_acc']:.3f}"] and cells[7] == "l1"
+    assert cells[2:6] == ["alpha", f"{r['alpha']:g}", "1", f"{r['val_acc']:.3f}"] and cells[8] == "l1"
     assert cells[-1] == f"{100 * (r['val_acc'] - best['val_acc']):+.1f}"
 
 
@@ -601,13 +601,54 @@ def test_path_spreads_one_runs_steps_over_the_grid():
         return opt
 
     task = Task("digits", digits.data, digits.make_model, factory, 50)
-    model, groups, alpha, trace = train_path(task, [0.1, 0.01, 0.03], 0, torch.device("cpu"))
+    model, groups, alpha, trace, runs = train_path(task, [0.1, 0.01, 0.03], 0, torch.device("cpu"))
     assert [g["l1"] for o in made for g in o.param_groups if g["param_names"][0].endswith("weight")] == [
         0.01, 0.03, 0.1]
     assert [g["l1"] for o in made for g in o.param_groups if g["param_names"][0].endswith("bias")] == [0.0] * 3
     assert steps == [1] * 16 + [2] * 16 + [3] * 16  # 50 // 3 each
     assert [p["alpha"] for p in trace] == [0.01, 0.03, 0.1] and alpha in (0.01, 0.03, 0.1)
     assert {n for g in groups for n in g["param_names"]} == {n for n, _ in model.named_parameters()}
+    assert runs == 48 / 50
+
+
+def test_path_on_a_grid_of_8_alphas_or_more_refits_at_its_1se_alpha(monkeypatch):
+    """With a fifth of the grid's runs (10 alphas: 2 runs) holding one run
+    more, train_path runs the path in what that run leaves (steps // len(grid)
+    each), picks the largest alpha within one standard error of the best
+    validation accuracy, and returns the task's own run at that alpha from
+    the same initial weights (its bits)."""
+    import pyreg
+    from pyreg.demo import make_real_tasks
+    from pyreg.demo.study import Task, train_model, train_path
+
+    _, digits = make_real_tasks(0)
+    made, steps, picked = [], [], []
+
+    def factory(groups):
+        opt = pyreg.optim.SGD(groups, lr=0.1, momentum=0.9)
+        made.append(opt)
+        opt.register_step_post_hook(lambda o, a, k: steps.append(len(made)))
+        return opt
+
+    real_path = pyreg.path
+
+    def spy(*args, **kwargs):
+        res = real_path(*args, **kwargs)
+        picked.append((kwargs["select"], res.alphas[res.index_1se], res.rows))
+        return res
+
+    monkeypatch.setattr(pyreg, "path", spy)
+    task = Task("digits", digits.data, digits.make_model, factory, 50)
+    grid = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+    model, groups, alpha, trace, runs = train_path(task, grid, 0, torch.device("cpu"))
+    assert steps == [i for i in range(1, 11) for _ in range(5)] + [11] * 50 and runs == 2.0
+    select, one_se, rows = picked[0]
+    assert select == "1se" and pyreg.from_sklearn(alpha, 1.0)[0] == one_se
+    assert [p["alpha"] for p in trace] == grid and alpha < max(grid)  # (the largest alphas kill the network)
+    monkeypatch.setattr(pyreg, "path", real_path)
+    made.clear()
+    again, _ = train_model(task, "l1", alpha, 0, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
 # --------------------------------------------------------------------------

@@ -17,10 +17,13 @@ Each task also runs ``strength`` once: ``pyreg.param_groups(model,
 l1_strength=STRENGTH)``, every layer's ``l1`` set from its own push (the
 optimizer's step) every 10 steps, the same strength for every task; and
 ``group-strength`` once: ``group_strength=GROUP_STRENGTH`` on the input
-layer's columns; and ``path`` once: :func:`pyreg.path` over the task's L1
-grid from the smallest alpha up, the steps of one run split over the
-alphas, the fit with the best validation accuracy kept. A table compares
-them with the L1 and group-lasso grid searches and the runs each took.
+layer's columns; and ``path``: :func:`pyreg.path` over the task's L1 grid
+from the smallest alpha up in a fifth of the grid's training steps (at
+least one run's): with 8 alphas or more, a path in what one run leaves,
+then that run at the alpha the path picked (the largest within one standard
+error of the best validation accuracy); else the path in one run's steps,
+its best fit kept. A table compares them with the L1 and group-lasso grid
+searches and the runs each took.
 
 Then a fine-tuning task: an MLP pre-trained on one generated task is
 fine-tuned, with a new head, on a small related task (same inputs, one class
@@ -473,10 +476,11 @@ def _study(parser: argparse.ArgumentParser, args: argparse.Namespace, cpu_paths:
         print()
         print("How much regularization: one run of a strength (l1_strength: each layer's l1 from its own push;\n"
               "group-strength: the input layer's group_l1 from its columns' push; the same strength for every\n"
-              "task), and one run of path (pyreg.path over the L1 grid, smallest alpha first, the run's steps\n"
-              "split over the alphas, the best fit by validation accuracy), against the grid search of the same\n"
-              "penalty (L1; group lasso), its winner by validation accuracy and the runs it took. val diff: the\n"
-              "one run minus the grid winner, in points.")
+              "task), and path (pyreg.path over the L1 grid, smallest alpha first, in a fifth of the grid's steps:\n"
+              "with 8 alphas or more a path, then one run at the largest alpha within one standard error of its\n"
+              "best; else the path in one run, its best fit), against the grid search of the same penalty (L1;\n"
+              "group lasso), its winner by validation accuracy and the runs it took. val diff: the method minus\n"
+              "the grid winner, in points.")
         print(report.format_strength_table(results + real))
     if layer_grid is not None:
         print()

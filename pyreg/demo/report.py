@@ -153,17 +153,18 @@ def format_target_table(rows: Sequence[dict]) -> str:
     return "\n".join(ln.rstrip() for ln in out)
 
 
-#: The one-run methods of the demo that stand in for a grid search, and the grid-searched method of each.
+#: The demo's methods that stand in for a grid search, and the grid-searched method of each.
 STRENGTH_GRIDS = {"strength": "l1", "group-strength": "group", "path": "l1"}
 
 
 def format_strength_table(rows: Sequence[dict]) -> str:
-    """Per task and one-run method (``strength``, ``group-strength``,
-    ``path``): the one run against the grid search of the same penalty
-    (``l1``, ``group``; its winner by validation accuracy, ties to the larger
-    alpha, and the number of runs it took): the run's setting (the strength,
-    or the alpha the path picked), accuracies, inputs used, and the
-    difference in validation accuracy (points)."""
+    """Per task and method that stands in for a grid search (``strength``,
+    ``group-strength``: one run; ``path``: the runs its ``runs`` says)
+    against the grid search of the same penalty (``l1``, ``group``; its
+    winner by validation accuracy, ties to the larger alpha, and the number
+    of runs it took): the method's setting (the strength, or the alpha the
+    path picked), its runs, accuracies, inputs used, and the difference in
+    validation accuracy (points)."""
     lines = []
     for rule in [r for r in rows if r["method"] in STRENGTH_GRIDS]:
         grid = [r for r in rows if r["task"] == rule["task"] and r["method"] == STRENGTH_GRIDS[rule["method"]]]
@@ -171,15 +172,16 @@ def format_strength_table(rows: Sequence[dict]) -> str:
             continue
         best = max(grid, key=lambda r: (r["val_acc"], r["alpha"]))
         setting = f"alpha {rule['alpha']:g}" if rule["method"] == "path" else f"{rule['alpha']:g}"
-        lines.append([rule["task"], rule["method"], setting, f"{rule['val_acc']:.3f}",
-                      f"{rule['test_acc']:.3f}", _cell(rule, "inputs_used", "{}"), best["method"],
+        lines.append([rule["task"], rule["method"], setting, f"{round(rule.get('runs', 1), 2):g}",
+                      f"{rule['val_acc']:.3f}", f"{rule['test_acc']:.3f}", _cell(rule, "inputs_used", "{}"),
+                      best["method"],
                       f"{best['alpha']:g}", str(len(grid)), f"{best['val_acc']:.3f}", f"{best['test_acc']:.3f}",
                       _cell(best, "inputs_used", "{}"), f"{100 * (rule['val_acc'] - best['val_acc']):+.1f}"])
-    head = ["task", "one run", "setting", "val", "test", "inputs", "grid", "alpha", "runs", "val", "test", "inputs",
-            "val diff"]
+    head = ["task", "method", "setting", "runs", "val", "test", "inputs", "grid", "alpha", "runs", "val", "test",
+            "inputs", "val diff"]
     cells = [head] + lines
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    out = ["  ".join(c.ljust(w) if i in (0, 1, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    out = ["  ".join(c.ljust(w) if i in (0, 1, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
            for row in cells]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(ln.rstrip() for ln in out)
@@ -204,9 +206,9 @@ def format_layer_grid_table(rows: Sequence[dict], layer_rows: Sequence[dict], ta
     rule = [r for r in rows if r["task"] == task and r["method"] == "strength"]
     if rule:
         lines.append(("l1_strength", f"{rule[0]['alpha']:g}", 1, rule[0]))
-    one_run_path = [r for r in rows if r["task"] == task and r["method"] == "path"]
-    if one_run_path:
-        lines.append(("L1 path, one run", f"{one_run_path[0]['alpha']:g}", 1, one_run_path[0]))
+    path = [r for r in rows if r["task"] == task and r["method"] == "path"]
+    if path:
+        lines.append(("L1 path", f"{path[0]['alpha']:g}", f"{round(path[0].get('runs', 1), 2):g}", path[0]))
     ggrid = [r for r in rows if r["task"] == task and r["method"] == "group"]
     if ggrid:
         lines.append(("group lasso, one alpha", f"{best(ggrid)['alpha']:g}", len(ggrid), best(ggrid)))

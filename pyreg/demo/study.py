@@ -20,13 +20,17 @@ scikit-learn's ``ElasticNet(alpha, l1_ratio)`` penalty):
   ``group_strength`` = :data:`GROUP_STRENGTH` on the input layer's columns
   (the input weight's ``group_l1`` that quantile of its columns' push
   norms), no other penalty;
-* ``path``: the L1 grid in the steps of one run: :func:`pyreg.path` over
-  the task's alphas from the smallest up (``order="increasing"``), each
-  alpha warm-started from the previous fit and trained for ``steps //
-  len(alphas)`` steps with a fresh optimizer; the fit with the best
-  validation accuracy (ties to the larger alpha) is the result, and its
-  ``alpha`` the one picked. It uses the validation set as the grid search
-  does, at the cost of one run;
+* ``path``: the L1 grid in a fifth of the grid's training steps (at least
+  one run's; :func:`path_budget`): :func:`pyreg.path` over the task's
+  alphas from the smallest up (``order="increasing"``), each alpha
+  warm-started from the previous fit and trained for the same number of
+  steps with a fresh optimizer. Where the budget holds one run more (8
+  alphas or more), the path takes what that run leaves and picks the
+  largest alpha whose validation accuracy is within one standard error of
+  the best (``select="1se"``), and the result is one run at that alpha (as
+  scikit-learn's ``LassoCV`` refits); else the path takes one run's steps
+  and its fit with the best validation accuracy (ties to the larger alpha)
+  is the result. It uses the validation set as the grid search does;
 * ``target`` (the digits task only): no strength; ``target_sparsity`` per
   layer (``Task.targets``), each step's ``l1`` the one that leaves that
   fraction of the layer's weights exactly zero (one run);
@@ -75,6 +79,9 @@ import pyreg
 from .data import Splits
 
 METHODS = ("none", "l1", "l2", "elastic", "layer", "group", "strength", "group-strength", "path")
+#: method ``path``: the grid size, in runs of a fifth of it (``len(alphas) / 5``), from which it refits
+#: (one run at the alpha its path picked, the path taking the rest; see :func:`path_budget`)
+PATH_REFIT_RUNS = 1.5
 #: method ``strength``: the one strength it runs with (``l1_strength``, a fraction in [0, 1])
 STRENGTH = 0.8
 #: method ``group-strength``: its ``group_strength`` on the input layer's columns
@@ -204,11 +211,11 @@ def train_one(task: Task, method: str, alpha: float, seed: int, device: torch.de
     if method == "path":
         if not alphas:
             raise ValueError("method 'path' needs the alpha grid, e.g. alphas=[0.01, 0.1, 1.0]")
-        model, groups, alpha, trace = train_path(task, alphas, seed, device)
+        model, groups, alpha, trace, runs = train_path(task, alphas, seed, device)
         if on_tick is not None:
             on_tick(task.steps, None)
         r = measure(model, groups, task.data, method, alpha)
-        r["path"] = trace
+        r["path"], r["runs"] = trace, round(runs, 3)
         return r
     model, opt = train_model(task, method, alpha, seed, device, on_tick, want_loss, layer_alphas)
     r = measure(model, opt.param_groups, task.data, method, alpha)
@@ -252,27 +259,50 @@ def _correct(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.argmax(1) == y).float()
 
 
+def path_budget(task: Task, alphas: Sequence[float]) -> tuple[int, bool]:
+    """Method ``path``'s use of a fifth of the grid's training steps
+    (``len(alphas) / 5`` runs): (the steps at each alpha of the path, whether
+    one run at the picked alpha follows). With room for that run and a path
+    of at least half a run (grids of 8 alphas or more), the path takes what
+    the refit leaves; with less, the path alone takes one run's steps."""
+    runs = len(alphas) / 5
+    refit = runs >= PATH_REFIT_RUNS
+    path_steps = int((runs - 1 if refit else max(1.0, runs)) * task.steps)
+    return max(1, path_steps // len(alphas)), refit
+
+
 def train_path(task: Task, alphas: Sequence[float], seed: int, device: torch.device):
     """Method ``path``: :func:`pyreg.path` over ``alphas`` (L1, scikit-learn's
-    alpha) from the smallest up, ``task.steps // len(alphas)`` full-batch
-    steps at each (at most one run's steps in all), the task's optimizer
-    made afresh at each alpha. Returns (the model at the alpha with the best
-    validation accuracy, its param groups, that alpha, the path: per alpha
-    ``alpha``, ``val_acc``, ``sparsity``)."""
+    alpha) from the smallest up, the steps :func:`path_budget` gives at each,
+    the task's optimizer made afresh at each alpha. Where the budget holds
+    one run more, the path picks by the one-standard-error rule (the largest
+    alpha whose validation accuracy is within one standard error of the
+    best: ``select="1se"``) and the result is a run of the task's own
+    training at that alpha from the same initial weights (as scikit-learn's
+    ``LassoCV`` refits at the alpha its path picked); else the result is the
+    path's fit with the best validation accuracy. Returns (the model, its
+    param groups, the alpha picked, the path: per alpha ``alpha``,
+    ``val_acc``, ``sparsity``, and the runs it took, a fraction)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the same initial weights as every other run of the task
         model = task.make_model()
     model.to(device)
     d = task.data
     grid = sorted(alphas)
+    per_alpha, refit = path_budget(task, grid)
     res = pyreg.path(model, nn.functional.cross_entropy, (d.x_train, d.y_train), val=(d.x_val, d.y_val),
                      alphas=[pyreg.from_sklearn(a, 1.0)[0] for a in grid], method="l1",
-                     optimizer=task.make_optimizer, epochs=max(1, task.steps // len(grid)), metric=_correct,
-                     greater_is_better=True, order="increasing", keep_weights=False, progress=False)
-    best = res.model()
+                     optimizer=task.make_optimizer, epochs=per_alpha, metric=_correct,
+                     greater_is_better=True, order="increasing", select="1se" if refit else "best",
+                     keep_weights=False, progress=False)
     trace = [{"alpha": a, "val_acc": round(r["val_metric"], 6), "sparsity": r["sparsity"]}
              for a, r in zip(grid, res.rows)]
-    return best, pyreg.param_groups(best), grid[res.index], trace
+    runs = (per_alpha * len(grid) + (task.steps if refit else 0)) / task.steps
+    if refit:
+        model, opt = train_model(task, "l1", grid[res.index], seed, device)
+        return model, opt.param_groups, grid[res.index], trace, runs
+    best = res.model()
+    return best, pyreg.param_groups(best), grid[res.index], trace, runs
 
 
 def compact_winner(task: Task, winner: dict, seed: int, device: torch.device, batch: int = 4096) -> dict:
@@ -359,7 +389,7 @@ def measure(model: nn.Module, groups: Sequence[dict], data: Splits, method: str,
 #: Methods run once, not over the grid (``target``: the task's
 #: ``target_sparsity`` per layer; ``strength``: ``l1_strength`` = :data:`STRENGTH`;
 #: ``group-strength``: ``group_strength`` = :data:`GROUP_STRENGTH` on the input layer;
-#: ``path``: the grid within one run's steps, its alpha the one it picked).
+#: ``path``: the grid in a fifth of its steps, its alpha the one it picked).
 SINGLE_RUN = ("none", "target", "strength", "group-strength", "path")
 
 
