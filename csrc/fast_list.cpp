@@ -9,8 +9,9 @@
 // answers), with memory (not a ZeroTensor), without torch's
 // negative bit (its memory would hold the negated values); and for an op
 // that writes them, none an inference
-// tensor (unless inference mode is on: the caller says) and no two sharing a
-// byte. What plain_list answers for such a list, the kernels take directly:
+// tensor (unless inference mode is on: the caller says), none that autograd
+// records (requires grad, with a grad_fn: in grad mode, the caller says) and
+// no two sharing a byte. What plain_list answers for such a list, the kernels take directly:
 // each tensor's data pointer and element count, and the dtype code of all.
 // For anything else it answers None, and the caller's general path checks
 // (and explains) everything. It accepts exactly what pyreg/_validate.py's
@@ -43,7 +44,7 @@ struct Registry {
   // (dtype, layout, is_cpu, is_cuda, is_nested, grad) and no-argument methods (the others), each
   // applied to a tensor as map(torch.Tensor.<name>, ...) would.
   py::object dtype, layout, is_cpu, is_cuda, get_device, is_nested, grad, is_contiguous, is_neg, is_inference,
-      data_ptr, numel;
+      data_ptr, numel, requires_grad, grad_fn;
 };
 
 Registry* registry = nullptr;  // set once, never freed (the module lives as long)
@@ -103,7 +104,8 @@ void register_plain(py::handle tensor, py::handle parameter, py::handle strided,
                              {&r->is_cuda, "is_cuda"}, {&r->get_device, "get_device"},
                              {&r->is_nested, "is_nested"}, {&r->grad, "grad"},
                              {&r->is_contiguous, "is_contiguous"}, {&r->is_neg, "is_neg"},
-                             {&r->is_inference, "is_inference"}, {&r->data_ptr, "data_ptr"}, {&r->numel, "numel"}})
+                             {&r->is_inference, "is_inference"}, {&r->data_ptr, "data_ptr"}, {&r->numel, "numel"},
+                             {&r->requires_grad, "requires_grad"}, {&r->grad_fn, "grad_fn"}})
     *field = r->tensor.attr(name);
   for (auto item : dtype_codes) {
     const int code = item.second.cast<int>();
@@ -116,7 +118,7 @@ void register_plain(py::handle tensor, py::handle parameter, py::handle strided,
   registry = r;
 }
 
-py::object plain_list(py::handle seq, bool written, bool check_inference, bool cuda) {
+py::object plain_list(py::handle seq, bool written, bool check_inference, bool cuda, bool check_tracked) {
   const Registry* r = registry;
   PyObject* s = seq.ptr();
   if (r == nullptr || !(PyList_CheckExact(s) || PyTuple_CheckExact(s))) return py::none();
@@ -158,6 +160,9 @@ py::object plain_list(py::handle seq, bool written, bool check_inference, bool c
         !is(t, r->is_contiguous.ptr(), Py_True, true) || !is(t, r->is_neg.ptr(), Py_False, true))
       return py::none();
     if (written && check_inference && !is(t, r->is_inference.ptr(), Py_False, true)) return py::none();
+    // (a tensor that autograd records, written in grad mode: the general path refuses it)
+    if (written && check_tracked && !is(t, r->requires_grad.ptr(), Py_False) && !is(t, r->grad_fn.ptr(), Py_None))
+      return py::none();
     unsigned long long ptr = 0, numel = 0;
     if (!count(t, r->data_ptr.ptr(), &ptr) || !count(t, r->numel.ptr(), &numel)) return py::none();
     if (ptr == 0 && numel > 0) return py::none();  // no memory (a ZeroTensor)
@@ -201,9 +206,10 @@ void bind_fast_list(py::module_& m) {
         py::arg("dtype_codes"), py::arg("itemsizes"),
         "Registers the types, layout and dtypes (with their kernel codes and sizes) plain_list compares with.");
   m.def("plain_list", &plain_list, py::arg("tensors"), py::arg("written"), py::arg("check_inference"),
-        py::arg("cuda") = false,
+        py::arg("cuda") = false, py::arg("check_tracked") = false,
         "(data pointers, numels, dtype codes) of a list of plain contiguous CPU tensors of one supported "
-        "dtype (written: also pairwise disjoint, and with check_inference no inference tensor), else None; "
+        "dtype (written: also pairwise disjoint, with check_inference no inference tensor, and with "
+        "check_tracked none that requires grad and has a grad_fn), else None; "
         "with cuda, of such tensors all on one GPU, with its index: (pointers, numels, codes, index).");
 }
 

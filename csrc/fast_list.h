@@ -7,7 +7,8 @@ namespace pyreg {
 
 void register_plain(pybind11::handle tensor, pybind11::handle parameter, pybind11::handle strided,
                     pybind11::dict dtype_codes, pybind11::dict itemsizes);
-pybind11::object plain_list(pybind11::handle tensors, bool written, bool check_inference, bool cuda);
+pybind11::object plain_list(pybind11::handle tensors, bool written, bool check_inference, bool cuda,
+                            bool check_tracked);
 void bind_fast_list(pybind11::module_& m);
 
 // One read of a tensor through torch.Tensor's descriptors, as plain_list

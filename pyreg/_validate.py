@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from operator import attrgetter, itemgetter, le
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from ._common import SUPPORTED_DTYPES, capturing, has_dtensor, local_tensors, to_device
 
@@ -59,11 +61,14 @@ def real(x, where: str) -> float:
 
 
 def nonneg_real(x, where: str) -> float:
-    """x as a float: a finite real number >= 0 (a coefficient, an lr, an alpha)."""
+    """x as a float: a finite real number >= 0 (a coefficient, an lr, an alpha).
+    (The test is written in comparisons, which torch.compile can trace on a
+    symbolic float: a number Dynamo made an input of the graph, such as an lr
+    that changed between calls.)"""
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{where} must be a real number, got {type(x).__name__}")
     x = _as_float(x, where, "finite and >= 0")
-    if not math.isfinite(x) or x < 0:
+    if not 0.0 <= x <= _FLOAT_MAX:  # (NaN fails both)
         raise ValueError(f"{where} must be finite and >= 0, got {x}")
     return x
 
@@ -106,12 +111,23 @@ def one_value_tensor(t: Tensor, where: str) -> Tensor:
 # --------------------------------------------------------------------------
 # Tensor lists
 # --------------------------------------------------------------------------
+def _no_tangents(tensors: List[Tensor], what: str) -> None:
+    """Forward-mode AD is not supported: the ops compute no tangent (a dual
+    tensor's would be dropped)."""
+    for i, t in enumerate(tensors):
+        if isinstance(t, Tensor) and _forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(f"{what}[{i}] carries a forward-mode AD tangent (torch.autograd.forward_ad, "
+                                      "torch.func.jvp): pyreg's ops compute no tangent")
+
+
 def tensor_list(tensors, what: str = "tensors") -> List[Tensor]:
     if isinstance(tensors, Tensor):
         tensors = [tensors]
     elif isinstance(tensors, (str, bytes)) or not isinstance(tensors, Iterable):
         raise TypeError(f"{what} must be a tensor or an iterable of tensors, got {type(tensors).__name__}")
     out = list(tensors)
+    if _forward_ad._current_level >= 0:  # (inside a dual_level: a tensor may carry a tangent)
+        _no_tangents(out, what)
     if not torch.compiler.is_compiling() and uniform(out):
         return out
     device = None  # explain why not (or accept an empty list)
@@ -233,7 +249,16 @@ def coefficient(c: Coefficient, n: int, device: torch.device, name: str) -> Unio
 # --------------------------------------------------------------------------
 def check_writable(tensors: Sequence[Tensor], what: str) -> None:
     """No inference tensor among the tensors an op writes, outside inference
-    mode: torch refuses to write one there (the kernels would, silently)."""
+    mode: torch refuses to write one there (the kernels would, silently). In
+    grad mode, none that autograd records (the result of ops on tensors that
+    require grad): pyreg's in-place ops are not recorded, so gradients
+    through it would leave them out."""
+    if torch.is_grad_enabled():
+        i = next((i for i, t in enumerate(tensors) if t.grad_fn is not None), None)
+        if i is not None:
+            raise ValueError(f"{what}[{i}] is the result of ops that autograd records (it requires grad and has a "
+                             "grad_fn): pyreg's in-place ops are not recorded, so gradients through it would be "
+                             "wrong; write a leaf (a parameter), or call the op under torch.no_grad()")
     if torch.is_inference_mode_enabled() or not any(map(Tensor.is_inference, tensors)):
         return
     i = next(i for i, t in enumerate(tensors) if t.is_inference())
@@ -243,10 +268,14 @@ def check_writable(tensors: Sequence[Tensor], what: str) -> None:
 
 def check_no_overlap(tensors: Sequence[Tensor], what: str) -> None:
     """In-place ops must be able to write the tensors (:func:`check_writable`)
-    and must not write one memory location twice."""
+    and must not write one memory location twice. Tensors without memory to
+    compare (fake tensors, as torch.compile's tracing makes; the functional
+    tensors of make_fx) are not compared, as under torch.compile."""
     if torch.compiler.is_compiling():
         return
     check_writable(tensors, what)
+    if _without_memory(tensors):
+        return
     bad = first_overlap(tensors)
     if bad is None:
         return
@@ -273,6 +302,23 @@ def check_grads_apart(tensors: Sequence[Tensor], grads: Sequence[Tensor], op: st
     if bad is not None:
         raise ValueError(f"grads[{bad[0]}] shares memory with tensors[{bad[1]}]; {op} "
                          "writes the grads while it reads the tensors, so they must be distinct")
+
+
+def _without_memory(tensors: Sequence[Tensor]) -> bool:
+    """Whether some tensor of a list of subclasses has no memory whose
+    addresses could be compared: a fake tensor (FakeTensorMode), or one
+    whose data pointer cannot be read."""
+    if set(map(type, tensors)) <= PLAIN_TYPES:
+        return False
+    fake = sys.modules.get("torch._subclasses.fake_tensor")  # (loaded wherever a fake tensor exists)
+    if fake is not None and any(isinstance(t, fake.FakeTensor) for t in tensors):
+        return True
+    try:
+        for t in tensors:
+            t.data_ptr()
+    except RuntimeError:
+        return True
+    return False
 
 
 def first_overlap(tensors: Sequence[Tensor]) -> Optional[Tuple[int, int]]:

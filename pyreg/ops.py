@@ -24,7 +24,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+_tracing = torch._C._get_tracing_state  # torch.jit.trace records the custom ops, not the kernels' writes
 
 from . import backends
 from ._common import WeightStats, coef_tensor, has_dtensor
@@ -58,6 +61,8 @@ def _eager(inputs: Sequence[Tensor], mutated: Sequence[Tensor],
     backward. Returns None where the custom op must run instead."""
     if (torch.compiler.is_compiling()
             or _get_current_dispatch_mode() is not None
+            or _tracing() is not None
+            or _forward_ad._current_level >= 0
             or not set(map(type, inputs)) <= _PLAIN_TYPES
             or not set(map(type, mutated)) <= _PLAIN_TYPES
             or (not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, mutated)))):
@@ -83,7 +88,8 @@ def _fast(ts, written: bool = False):
     input it accepts passes the general path's checks, with the same result
     (the same kernels run). The test is one call into pyreg._C
     (``plain_list``; a GPU list is told from a CPU one by its first tensor)."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _tracing() is not None
+            or _forward_ad._current_level >= 0):
         return None
     be = backends.eager_host()
     d = None if be is None else plain_list(ts, written)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -549,6 +550,111 @@ def test_torch_compile_matches_eager():
         assert torch.equal(a, b)
 
 
+_COEF_OPS = {
+    "prox_": lambda ws, c: pyreg.prox_(ws, l1=0.5, lr=c),
+    "penalty": lambda ws, c: pyreg.penalty(ws, l2=c),
+    "group_prox_": lambda ws, c: pyreg.group_prox_(ws, l1=c),
+    "max_norm_": lambda ws, c: pyreg.max_norm_(ws, c),
+    "add_penalty_grad_": lambda ws, c: pyreg.add_penalty_grad_(ws, [w * 2 for w in ws], l1=c),
+    "prox_ list": lambda ws, c: pyreg.prox_(ws, l1=[c, c]),
+}
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+@pytest.mark.parametrize("name", list(_COEF_OPS))
+def test_a_float_coefficient_that_changes_between_compiled_calls(name, dynamic):
+    """Dynamo makes a float that changes between calls (an lr from a scheduler) a symbolic input of
+    the graph: the coefficient checks trace on it, and every call equals eager."""
+    torch._dynamo.reset()
+    op = _COEF_OPS[name]
+    compiled = torch.compile(op, backend="eager", fullgraph=True, dynamic=dynamic)
+    for c in (0.1, 0.05, 0.7):
+        g = torch.Generator().manual_seed(17)
+        we, wc = [torch.randn(9, 4, generator=g), torch.randn(3, 5, generator=g)], None
+        wc = [w.clone() for w in we]
+        assert torch.equal(compiled(wc, c), op(we, c)), c
+        assert all(torch.equal(a, b) for a, b in zip(wc, we)), c
+
+
+def test_jit_trace_records_the_ops():
+    """torch.jit.trace records pyreg's custom ops (the eager fast path, which writes through data
+    pointers that the tracer cannot see, is not taken while tracing)."""
+    g = torch.Generator().manual_seed(18)
+    a, b = torch.randn(3, 4, generator=g), torch.randn(5, generator=g)
+    with warnings.catch_warnings():  # (TracerWarning: the coefficients are traced as constants)
+        warnings.simplefilter("ignore")
+        pen = torch.jit.trace(lambda x, y: pyreg.penalty([x, y], l1=0.3, l2=0.2), (a, b))
+        prox = torch.jit.trace(lambda x, y: pyreg.prox_([x, y], l1=0.3), (a.clone(), b.clone()))
+        l1 = torch.jit.trace(lambda x: pyreg.weight_stats([x]).l1, (a,))
+    assert "pyreg::penalty" in str(pen.graph) and "pyreg::prox_" in str(prox.graph)
+    assert torch.equal(pen(a * 3, b), pyreg.penalty([a * 3, b], l1=0.3, l2=0.2))
+    x, y, xe, ye = a.clone(), b.clone(), a.clone(), b.clone()
+    assert torch.equal(prox(x, y), pyreg.prox_([xe, ye], l1=0.3)) and torch.equal(x, xe) and torch.equal(y, ye)
+    assert not torch.equal(x, a)
+    assert torch.equal(l1(a * 10), pyreg.weight_stats([a * 10]).l1)
+
+
+def test_in_place_ops_under_fake_tensors_and_make_fx():
+    """Fake tensors have no memory to compare: the in-place ops do not call two of them one memory."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with FakeTensorMode():
+        a, b = torch.randn(3, 4), torch.randn(5)
+        assert pyreg.prox_([a, b], l1=0.1).shape == (2,)
+        pyreg.max_norm_([a], 1.0)
+
+    def step(x, y):
+        pyreg.prox_([x, y], l1=0.1)
+        return x, y
+
+    for mode in ("real", "fake", "symbolic"):
+        gm = make_fx(step, tracing_mode=mode)(torch.randn(3, 4), torch.randn(5))
+        assert any("pyreg.prox_" in str(n.target) for n in gm.graph.nodes), mode
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")  # (torch.func's own use)
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_forward_mode_ad_is_refused(backend):
+    """The ops compute no tangent: a tensor that carries one is refused (it would be dropped)."""
+    import torch.autograd.forward_ad as fwad
+
+    w, v = torch.randn(4, 3), torch.randn(4, 3)
+    with pyreg.use_backend(backend):
+        with fwad.dual_level():
+            d = fwad.make_dual(w, v)
+            for op in (lambda: pyreg.penalty([d], l1=0.1, l2=0.2), lambda: pyreg.weight_stats([d]),
+                       lambda: pyreg.group_penalty([d], l1=0.1)):
+                with pytest.raises(NotImplementedError, match="forward-mode AD tangent"):
+                    op()
+            assert torch.equal(pyreg.penalty([w], l1=0.1), pyreg.penalty([w.clone()], l1=0.1))  # no tangent: fine
+        with pytest.raises(NotImplementedError, match="forward-mode AD tangent"):
+            torch.func.jvp(lambda x: pyreg.penalty([x], l2=0.5), (w,), (v,))
+
+
+@pytest.mark.parametrize("name", ["prox_", "max_norm_", "group_prox_", "add_penalty_grad_"])
+def test_in_place_ops_refuse_a_tensor_that_autograd_records(name):
+    """A result of ops on a tensor that requires grad, written in grad mode: pyreg's in-place op is
+    not recorded, so the gradient through it would be wrong (prox_ of 2a would still give 2 where it
+    zeroed an element): refused, nothing changed. A leaf (a parameter), or any tensor under no_grad,
+    is written."""
+    ops = {"prox_": lambda ts: pyreg.prox_(ts, l1=0.5), "max_norm_": lambda ts: pyreg.max_norm_(ts, 0.5),
+           "group_prox_": lambda ts: pyreg.group_prox_(ts, l1=0.5),
+           "add_penalty_grad_": lambda ts: pyreg.add_penalty_grad_([t.detach().clone() for t in ts], ts, l1=0.5)}
+    a = torch.randn(4, 3, requires_grad=True)
+    c = a * 2
+    before = c.detach().clone()
+    for contiguous in (True, False):  # (the fast path and the general one)
+        t = c if contiguous else c.t()
+        with pytest.raises(ValueError, match=r"\[0\] is the result of ops that autograd records"):
+            ops[name]([t])
+        assert torch.equal(c.detach(), before)
+    leaf = torch.randn(4, 3, requires_grad=True)
+    ops[name]([leaf])
+    with torch.no_grad():
+        ops[name]([c])
+
+
 # --------------------------------------------------------------------------- conventions
 def test_from_sklearn_matches_elasticnet_objective():
     g = torch.Generator().manual_seed(16)
@@ -632,7 +738,8 @@ def test_eager_fast_path_equals_the_op_and_bumps_versions():
     version = h._version
     g = torch.zeros(64)
     pyreg.add_penalty_grad_([torch.randn(64)], [g], l1=0.1)
-    pyreg.prox_([h], l1=0.1)
+    with torch.no_grad():  # (in grad mode, writing a tensor autograd records is refused)
+        pyreg.prox_([h], l1=0.1)
     assert h._version > version
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()

@@ -89,12 +89,14 @@ def plain_list(ts: Sequence[Tensor], written: bool = False) -> Optional[Tuple[Li
     """``(data pointers, numels, dtype codes)`` of ``ts``, as the kernels
     take them, when it is the common case of a CPU op: a list or tuple that
     ``_validate.plain_cpu`` takes and, with ``written`` (an op that writes
-    them), no inference tensor outside inference mode and no two sharing a
+    them), no inference tensor outside inference mode, none that autograd
+    records in grad mode (``_validate.check_writable``) and no two sharing a
     byte (``_validate.disjoint_pointers``). None otherwise, and without the
     compiled module. One pass in C (csrc/fast_list.cpp)."""
     if _plain_list is None:
         return None
-    return _plain_list(ts, written, written and not torch.is_inference_mode_enabled())
+    return _plain_list(ts, written, written and not torch.is_inference_mode_enabled(), False,
+                       written and torch.is_grad_enabled())
 
 
 def plain_cuda_list(ts: Sequence[Tensor], written: bool = False
@@ -104,7 +106,8 @@ def plain_cuda_list(ts: Sequence[Tensor], written: bool = False
     CPU; else None."""
     if _plain_list is None:
         return None
-    d = _plain_list(ts, written, written and not torch.is_inference_mode_enabled(), True)
+    d = _plain_list(ts, written, written and not torch.is_inference_mode_enabled(), True,
+                    written and torch.is_grad_enabled())
     return None if d is None else (d[3], d[:3])
 
 
