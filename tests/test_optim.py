@@ -294,6 +294,61 @@ def test_hooks_closure_zero_grad_add_param_group():
     assert torch.equal(w.detach(), torch.full((4,), 1 - 0.1 * 2.2))
 
 
+@pytest.mark.parametrize("line_search", [None, "strong_wolfe"])
+def test_gradient_mode_with_lbfgs_minimizes_the_loss_plus_the_penalty(line_search):
+    """LBFGS's line search compares the closure's values: in gradient mode they are the loss plus the
+    penalty, whose gradient the grads hold (the step still returns the closure's own loss)."""
+    g = torch.Generator().manual_seed(5)
+    X, y = torch.randn(64, 6, generator=g, dtype=torch.float64), torch.randn(64, generator=g, dtype=torch.float64)
+    l2 = 0.3
+    exact = torch.linalg.solve(X.T @ X / 32 + 2 * l2 * torch.eye(6, dtype=torch.float64), X.T @ y / 32)
+    w = nn.Parameter(torch.zeros(6, dtype=torch.float64))
+    opt = pyreg.Regularized(torch.optim.LBFGS([w], lr=1, max_iter=50, line_search_fn=line_search), l2=l2,
+                            mode="gradient")
+    losses = []
+
+    def closure():
+        opt.zero_grad()
+        loss = ((X @ w - y) ** 2).mean()
+        loss.backward()
+        losses.append(loss.detach())
+        return loss
+
+    for _ in range(5):
+        n = len(losses)
+        out = opt.step(closure)
+        assert torch.equal(out.detach(), losses[n])  # the first evaluation's loss, without the penalty
+    torch.testing.assert_close(w.detach(), exact, rtol=0, atol=1e-5)
+
+
+def test_gradient_mode_takes_the_penalty_gradient_back_out_where_the_inner_step_raises():
+    w = nn.Parameter(torch.randn(4))
+    opt = pyreg.Regularized(torch.optim.Adam([w], lr=0.1), l1=0.5, l2=0.1, mode="gradient")
+    w.grad = torch.randn(4)
+    opt.step()
+    w.data = torch.randn(3)  # (Adam's state is still for 4 elements: torch's step raises)
+    w.grad = torch.randn(3)
+    before = w.grad.clone()
+    with pytest.raises(RuntimeError):
+        opt.step()
+    torch.testing.assert_close(w.grad, before, rtol=0, atol=1e-6)  # (to rounding: added, then subtracted)
+
+
+@pytest.mark.parametrize("family", ["Regularized", "fused"])
+def test_a_group_sharing_memory_with_another_group_is_refused(family):
+    a = nn.Parameter(torch.randn(20))
+    alias = nn.Parameter(a.data[:7])
+    make = ((lambda gs: pyreg.Regularized(torch.optim.SGD(gs, lr=0.1), l1=0.01)) if family == "Regularized"
+            else (lambda gs: pyreg.optim.SGD(gs, lr=0.1, l1=0.01)))
+    opt = make([a])
+    with pytest.raises(ValueError, match=r"'param_groups.0.0' and 'param_groups.1.0' share memory"):
+        opt.add_param_group({"params": [alias], "l1": 0.1})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [nn.Parameter(torch.randn(7))], "l1": 0.1})  # apart: added
+    with pytest.raises(ValueError, match="share memory"):  # two groups given at construction
+        make([{"params": [a]}, {"params": [alias]}])
+
+
 @pytest.mark.parametrize("mode", ["gradient", "proximal"])
 def test_grad_scaler_skipped_step_does_not_regularize(mode):
     if not hasattr(torch.amp, "GradScaler"):

@@ -134,7 +134,8 @@ class Engine:
             out.append(st)
         return out
 
-    def check_added(self, group: Dict[str, Any], torch_defaults: Dict[str, Any], index: int) -> Optional[Plan]:
+    def check_added(self, group: Dict[str, Any], torch_defaults: Dict[str, Any], index: int,
+                    existing: Optional[List[Dict[str, Any]]] = None) -> Optional[Plan]:
         """A group about to be added (``add_param_group``, which torch's
         constructor calls for each group), checked as a step would check it,
         before anything is added: pyreg's keys, the params against them, and
@@ -143,8 +144,10 @@ class Engine:
         which names it). ``index``: the position it will have. The params are
         checked as a plan checks them (a trial plan of the group: refs, group
         dims, dtypes and layouts of the regularized ones, no parameter twice, no
-        shared memory), so a group that every step would refuse is not added.
-        Returns that trial plan (None where the params were left to torch)."""
+        shared memory), so a group that every step would refuse is not added;
+        with ``existing`` (the optimizer's groups, once it is made), also no
+        memory shared with their regularized parameters. Returns that trial
+        plan (None where the params were left to torch)."""
         where = f"param_groups[{index}]"
         st = self.read([group], index)[0]
         ps = group.get("params")
@@ -156,6 +159,8 @@ class Engine:
         plan = None
         if ps and all(isinstance(p, Tensor) for p in trial["params"]):  # (else torch names what is wrong)
             plan = Plan([trial], [st], index)
+            if existing:
+                self.plan(existing).check_apart(plan)
         full = {k: v for k, v in {**torch_defaults, **group}.items() if v is not required}
         check_hypers(full, where, self.hyper_keys)
         return plan

@@ -237,6 +237,10 @@ class FusedOptimizer(Observable):
         self._setup(defaults)
         super().__init__(params, *args, **kwargs)
         self.defaults.update(defaults)  # type: ignore[attr-defined]
+        # The groups given, each checked as it was added, checked together (memory shared across
+        # groups) in one plan, which the first step then uses; later groups against the others.
+        self._engine.plan(self.param_groups).check_memory()  # type: ignore[attr-defined]
+        self._made = True
 
     @classmethod
     def _torch_args(cls, given: Dict[str, Any]) -> Dict[str, Any]:
@@ -333,7 +337,9 @@ class FusedOptimizer(Observable):
         ps = param_group.get("params")
         if ps is not None:  # a list, so that checking it consumes no iterator
             param_group["params"] = param_list(ps)
-        self._engine.check_added(param_group, self.defaults, len(getattr(self, "param_groups", [])))
+        made = getattr(self, "_made", False)  # (while torch's constructor adds the groups: see __init__)
+        self._engine.check_added(param_group, self.defaults, len(getattr(self, "param_groups", [])),
+                                 self.param_groups if made else None)
         for key in PYREG_KEYS:
             param_group.setdefault(key, self._engine.defaults[key])
         super().add_param_group(param_group)  # type: ignore[misc]

@@ -236,10 +236,18 @@ class Plan:
         self._raise_overlap(first_overlap(ps))
         self._memory = ptrs
 
-    def _raise_overlap(self, bad: Optional[Tuple[int, int]]) -> None:
+    def check_apart(self, other: "Plan") -> None:
+        """Raise if a regularized parameter of ``other`` (a group being added)
+        shares memory with one of this plan's (the optimizer's groups)."""
+        if not other._reg_params or not self._reg_params or self._sharded or other._sharded:
+            return
+        ps, names = self._reg_params + other._reg_params, self._reg_names + other._reg_names
+        self._raise_overlap(first_overlap(ps), names)
+
+    def _raise_overlap(self, bad: Optional[Tuple[int, int]], names: Optional[List[str]] = None) -> None:
         if bad is None:
             return
-        na, nb = (self._reg_names[i] for i in bad)
+        na, nb = ((names or self._reg_names)[i] for i in bad)
         raise ValueError(f"parameter {na!r} overlaps itself in memory (an expanded view?)"
                          if bad[0] == bad[1] else
                          f"parameters {na!r} and {nb!r} share memory; "

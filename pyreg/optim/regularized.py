@@ -17,6 +17,7 @@ fused op per bucket (apply.py). A step does no host sync.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -228,7 +229,8 @@ class Regularized(Observable, Optimizer):
         param_group = dict(param_group)
         if "params" in param_group:
             param_group["params"] = param_list(param_group["params"])
-        trial = self._engine.check_added(param_group, self.optimizer.defaults, len(self.param_groups))
+        trial = self._engine.check_added(param_group, self.optimizer.defaults, len(self.param_groups),
+                                         self.param_groups)
         if trial is not None:
             _check_mode(self.mode, trial)
         param_group.setdefault("l1", self.l1)
@@ -297,23 +299,78 @@ class Regularized(Observable, Optimizer):
         ones: those run once, around this wrapper's step, as for any optimizer."""
         return step_with_own_hooks(self.optimizer, closure)
 
-    def _add_penalty_grads(self, work: List[Work]) -> None:
+    def _add_penalty_grads(self, work: List[Work], undo: bool = False) -> None:
         """Gradient mode: the penalty's gradient into the grads. A group with
         torch's ``maximize`` ascends its grads: their penalty gradient is
         subtracted (added to the negated grads, which are negated back: exact),
-        so that the penalty still pulls toward zero, as the prox does."""
+        so that the penalty still pulls toward zero, as the prox does. With
+        ``undo``, the other way round: the gradient added is taken back out
+        (where the inner step raised; to rounding)."""
         pen = penalized(work)
-        up = [g for g in self.param_groups if g.get("maximize") is True]
+        groups = self.param_groups
+        up = [g for g in groups if (g.get("maximize") is True) != undo]
         if up:
             ids = {id(p) for w in pen for p in w.params}
             up = [p.grad for g in up for p in g["params"] if id(p) in ids and p.grad is not None]
         for g in up:
             g.neg_()
         try:
-            self._penalty = add_penalty_grads(pen)
+            value = add_penalty_grads(pen)
+            if not undo:
+                self._penalty = value
         finally:
             for g in up:
                 g.neg_()
+
+    def _step_with_penalty_grads(self, plan: Plan, work: List[Work], closure: Optional[Callable[[], Any]]) -> Any:
+        """Gradient mode's inner step, with the penalty gradient in the grads
+        (``work``: the buckets with a grad; with a closure, filled at each
+        evaluation, after which the gradient is added). Where the step raises,
+        the gradient added is taken back out of the grads before the error goes
+        on. Returns the inner step's loss; with a closure, the first loss the
+        user's closure returned (without the penalty)."""
+        added: List[List[Work]] = []
+        first: list = []
+        try:
+            if closure is None:
+                self._add_penalty_grads(work)
+                added.append(work)
+                return self._inner_step(None)
+            loss = self._inner_step(self._closure_with_penalty(plan, work, closure, added, first))
+            return first[0] if first else loss
+        except BaseException:
+            if added:
+                self._add_penalty_grads(added[-1], undo=True)
+            raise
+
+    def _closure_with_penalty(self, plan: Plan, work: List[Work], closure: Callable[[], Any], added: list,
+                              first: list) -> Callable[[], Any]:
+        """The closure the inner optimizer calls in gradient mode: the user's
+        (its loss kept in ``first`` the first time), then the penalty's
+        gradient into the grads it made (noted in ``added``); it returns the
+        loss plus the penalty, the objective whose gradient the grads now hold
+        (an optimizer with a line search, such as LBFGS, compares those
+        values; where a group maximizes, the loss alone)."""
+        maximize = any(g.get("maximize") is True for g in self.param_groups)
+
+        def closure_with_penalty():
+            added.clear()
+            loss = closure()
+            if not first:
+                first.append(loss)
+            work[:] = [w for w in map(Bucket.active, plan.buckets) if w is not None]
+            self._add_penalty_grads(work)
+            added.append(list(work))
+            pen = self._penalty
+            if maximize or pen is None:
+                return loss
+            if isinstance(loss, Tensor):
+                return loss + pen.to(device=loss.device, dtype=loss.dtype)
+            if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+                return loss + float(pen)
+            return loss
+
+        return closure_with_penalty
 
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """One step of the inner optimizer with regularization (see the class
@@ -360,20 +417,8 @@ class Regularized(Observable, Optimizer):
         _check_mode(self.mode, plan)
         self._last, self._penalty = [], None
         if self.mode == "gradient":
-            if closure is None:
-                work = [w for w in map(Bucket.active, plan.buckets) if w is not None]
-                self._add_penalty_grads(work)
-                loss = self._inner_step(None)
-            else:
-                work = []
-
-                def closure_with_penalty():
-                    loss = closure()
-                    work[:] = [w for w in map(Bucket.active, plan.buckets) if w is not None]
-                    self._add_penalty_grads(work)
-                    return loss
-
-                loss = self._inner_step(closure_with_penalty)
+            work = [] if closure is not None else [w for w in map(Bucket.active, plan.buckets) if w is not None]
+            loss = self._step_with_penalty_grads(plan, work, closure)
             constraints(work, self.state)
             return loss
 
