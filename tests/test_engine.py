@@ -257,6 +257,25 @@ def test_bad_hyperparameter_set_after_construction_changes_nothing(family, name,
     assert _same(before, _snapshot(model, opt))
 
 
+@pytest.mark.parametrize("family", ["fused", "wrapper"])
+@pytest.mark.parametrize("change", [{"dampening": 0.5}, {"momentum": 0.0}])
+def test_nesterov_set_after_construction_is_checked(family, change):
+    """torch's SGD refuses nesterov without momentum or with dampening at construction only; a step
+    checks it again (the fused kernel would take it)."""
+    model = _model()
+    groups = pyreg.param_groups(model, l1=1e-3)
+    opt = (FUSED["SGD"](groups, lr=LR, momentum=0.9, nesterov=True) if family == "fused"
+           else pyreg.Regularized(TORCH["SGD"](groups, lr=LR, momentum=0.9, nesterov=True)))
+    _grads(model, 0)
+    opt.step()
+    opt.param_groups[0].update(change)
+    _grads(model, 1)
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"param_groups\[0\] sets nesterov=True"):
+        opt.step()
+    assert _same(before, _snapshot(model, opt))
+
+
 @pytest.mark.parametrize("name", sorted(FUSED))
 @pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
 def test_fused_l1_set_after_construction_is_checked(name, value):

@@ -781,6 +781,18 @@ FUNCTIONAL_CASES = [
      "momentum_buffer_list[0] is (4,) torch.float32 on cpu but params[0] is (10,)"),
     ("momentum buffers short", lambda w, g, s, t: pyreg.optim.functional.sgd(w, g, [], lr=0.1, momentum=0.9),
      "got 1 params but 0 momentum_buffer_list entries"),
+    ("a negative l1", lambda w, g, s, t: pyreg.optim.functional.sgd(w, g, [], lr=0.1, l1=-1.0),
+     "l1 must be finite and >= 0, got -1.0"),
+    ("a NaN l2", lambda w, g, s, t: pyreg.optim.functional.adam(w, g, s[0], s[1], [], t, lr=0.1, l2=float("nan")),
+     "l2 must be finite and >= 0, got nan"),
+    ("a negative lr", lambda w, g, s, t: pyreg.optim.functional.adagrad(w, g, s[0], t, lr=-0.1),
+     "lr must be finite and >= 0, got -0.1"),
+    ("a beta of 1.5", lambda w, g, s, t: pyreg.optim.functional.adam(w, g, s[0], s[1], [], t, lr=0.1, beta1=1.5),
+     "beta1 must be in [0, 1), got 1.5"),
+    ("a negative eps", lambda w, g, s, t: pyreg.optim.functional.rmsprop(w, g, s[0], [], [], t, lr=0.1, eps=-1.0),
+     "eps must be finite and >= 0, got -1.0"),
+    ("a new momentum buffer, then a bad lr", lambda w, g, s, t: pyreg.optim.functional.sgd(
+        w, g, [None], lr=float("inf"), momentum=0.9), "lr must be finite and >= 0, got inf"),
 ]
 
 

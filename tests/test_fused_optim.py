@@ -744,6 +744,38 @@ def test_pickle_and_deepcopy(name):
         other.step()  # a usable optimizer
 
 
+@pytest.mark.parametrize("form", ["class", "functional"])
+def test_a_skipped_first_step_makes_no_momentum_buffer(form):
+    """SGD's momentum buffer starts as the grad at its first step: where GradScaler skips that step,
+    no buffer is left (a zero one would be taken for history: with dampening, the next steps differed
+    from torch's)."""
+    w0, grads = torch.tensor([1.0, -2.0, 3.0]), [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, -1.0, 2.0])]
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.5)
+    ref = nn.Parameter(w0.clone())
+    topt = torch.optim.SGD([ref], **kw)
+    for g in grads:
+        ref.grad = g.clone()
+        topt.step()
+    w = nn.Parameter(w0.clone())
+    if form == "class":
+        opt = optim.SGD([w], **kw)
+        opt.found_inf, opt.grad_scale = torch.ones(()), torch.ones(())  # (as GradScaler sets them)
+        w.grad = torch.full((3,), float("inf"))
+        opt.step()
+        assert w not in opt.state and torch.equal(w.detach(), w0)
+        del opt.found_inf, opt.grad_scale
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+    else:
+        bufs = [None]
+        optim.functional.sgd([w.detach()], [torch.full((3,), float("inf"))], bufs, found_inf=torch.ones(()), **kw)
+        assert bufs == [None] and torch.equal(w.detach(), w0)
+        for g in grads:
+            optim.functional.sgd([w.detach()], [g.clone()], bufs, **kw)
+    torch.testing.assert_close(w.detach(), ref.detach(), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", list(CLASSES))
 def test_grad_scaler(name):
     """GradScaler hands the fused step grad_scale and found_inf: an overflow

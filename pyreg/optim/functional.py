@@ -22,6 +22,7 @@ from .._common import to_device
 from .._validate import first_unpaired, like_tensors, partner_list
 from ..backends import torch_ref as spec
 from ..backends._marshal import is_dense
+from .keys import check_values
 
 #: The table's columns (the spec's, checked against the compiled kernels').
 HYPER = spec.HYPER
@@ -111,6 +112,7 @@ def _one(algo: int, params, grads, s1, s2, s3, steps, fresh, values: Mapping[str
     """One call of :func:`fused_step` with one row of ``values``; ``names``:
     the names of grads, s1, s2, s3 as the caller's signature has them, None
     for a list the algorithm does not read (it must then be empty)."""
+    check_values(dict(values, l1=l1, l2=l2))
     if not params:
         return
     _check_lists(params, [(k, v) for k, v in zip(names, (grads, s1, s2, s3)) if k is not None],
@@ -127,7 +129,9 @@ def sgd(params: List[Tensor], grads: List[Tensor], momentum_buffer_list: List[Op
         nesterov: bool = False, maximize: bool = False, l1: float = 0.0, l2: float = 0.0,
         grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """torch's functional ``sgd`` with the L1/L2 prox, fused. A None momentum
-    buffer starts at this step (``buf = grad``, as torch); the list gets it."""
+    buffer starts at this step (``buf = grad``, as torch); the list gets it
+    (unless ``found_inf`` says the step is skipped: read on the host where a
+    buffer was made, the entry stays None)."""
     bufs: List[Tensor] = []
     fresh: List[int] = []
     if momentum != 0:
@@ -146,10 +150,20 @@ def sgd(params: List[Tensor], grads: List[Tensor], momentum_buffer_list: List[Op
             bufs.append(b)
     else:
         fresh = [0] * len(params)
-    _one(SGD, params, grads, bufs, [], [], [], fresh,
-         {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "dampening": dampening}, l1, l2, False,
-         ("grads", "momentum_buffer_list" if momentum != 0 else None), maximize=maximize,
-         nesterov=nesterov and momentum != 0, grad_scale=grad_scale, found_inf=found_inf)
+    try:
+        _one(SGD, params, grads, bufs, [], [], [], fresh,
+             {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "dampening": dampening}, l1, l2, False,
+             ("grads", "momentum_buffer_list" if momentum != 0 else None), maximize=maximize,
+             nesterov=nesterov and momentum != 0, grad_scale=grad_scale, found_inf=found_inf)
+        skipped = any(fresh) and found_inf is not None and bool(found_inf.item())
+    except BaseException:
+        skipped = True  # (nothing was stepped: the buffers made stay unmade)
+        raise
+    finally:
+        if skipped:
+            for i, f in enumerate(fresh):
+                if f:
+                    momentum_buffer_list[i] = None
 
 
 def adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],

@@ -227,6 +227,9 @@ class FusedOptimizer(Observable):
     #: weight decay's term of the grad): they are copied only where it does.
     _push_reads_before = True
     _pyreg_fused = True  # Regularized refuses to wrap it (it would regularize twice)
+    #: The state buffers a step makes that the kernels start from the grad ("fresh"; see
+    #: :meth:`_forget_fresh_if_skipped`).
+    _fresh_keys: Tuple[str, ...] = ()
     # GradScaler hands grad_scale / found_inf to step() (see _amp_scalars).
     _step_supports_amp_scaling = True
 
@@ -553,6 +556,25 @@ class FusedOptimizer(Observable):
                 "parameter's shape, dtype and device (was the parameter replaced through .data, e.g. by "
                 "Module.to(), after its state was made, or a state dict of another model loaded?)")
 
+    def _forget_fresh_if_skipped(self, buckets: List[_Bucket]) -> None:
+        """After a step that made a buffer the kernels start from the grad (SGD's
+        momentum buffer at a parameter's first step): where GradScaler skipped
+        the step (read on the host, at such steps only), the buffer made is
+        dropped, as torch's step would not have made it (a zero buffer left
+        would be taken for one with history at the next step)."""
+        if not self._amp_skipped():
+            return
+        state = self.state  # type: ignore[attr-defined]
+        for b in buckets:
+            for p, fresh in zip(b.params, b.fresh):
+                s = state.get(p) if fresh else None
+                if s is not None:
+                    for key in self._fresh_keys:
+                        s.pop(key, None)
+                    if not s:
+                        del state[p]
+        self._gathered = None
+
     def _amp_skipped(self) -> bool:
         """Whether GradScaler skips this step (found_inf). Read on the host, so
         only asked when a group sets group_l1, ref, l2_bound or max_norm (their passes
@@ -685,6 +707,8 @@ class FusedOptimizer(Observable):
                 for b in buckets:
                     self._run(b)
                     b.grads = []  # (a kept bucket must not keep this step's grads alive)
+                if self._fresh_keys and any(map(any, (b.fresh for b in buckets))):
+                    self._forget_fresh_if_skipped(buckets)
                 if after and not skipped:
                     prox_after = penalized(after)
                     if prox_after:  # (the lrs only where a prox reads them)

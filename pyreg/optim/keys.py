@@ -346,15 +346,33 @@ def hyper_keys_of(optimizer_cls: type) -> Tuple[str, ...]:
     return ()
 
 
+def check_values(values: Dict[str, Any]) -> None:
+    """The hyperparameters of a functional call (``lr``, ``beta1``, ``beta2``,
+    ``eps``, ``weight_decay``, ``momentum``, ``dampening``, ``alpha``,
+    ``lr_decay``, ``initial_accumulator_value``, ``l1``, ``l2``): ValueError
+    (TypeError for a value that is no number) naming the argument, as a
+    group's are checked."""
+    for key, v in values.items():
+        rule = _unit if key in ("beta1", "beta2") else nonneg_real if key in ("l1", "l2") else _HYPER_RULES.get(key)
+        if rule is not None:
+            rule(v, key)
+
+
 def check_hypers(group: Dict[str, Any], where: str, keys: Sequence[str]) -> None:
     """torch's hyperparameters ``keys`` of a group (lr, betas, eps,
     weight_decay, momentum, dampening, alpha, lr_decay,
-    initial_accumulator_value), where present: ValueError for a value torch's
-    constructor would reject, or one that is not finite."""
+    initial_accumulator_value; SGD's nesterov with its momentum and
+    dampening), where present: ValueError for a value torch's constructor
+    would reject, or one that is not finite."""
     for key in keys:
         rule = _HYPER_RULES.get(key)
         if rule is not None and key in group:
             rule(group[key], f"{where}[{key!r}]")
+    if "dampening" in keys and group.get("nesterov") is True and (
+            group.get("momentum", 0) <= 0 or group.get("dampening", 0) != 0):
+        raise ValueError(f"{where} sets nesterov=True: Nesterov momentum needs a momentum > 0 and zero dampening "
+                         f"(as torch's SGD), got momentum={group.get('momentum', 0)!r}, "
+                         f"dampening={group.get('dampening', 0)!r}")
     betas = group.get("betas") if "betas" in keys else None
     if betas is not None:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:

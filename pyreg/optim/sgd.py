@@ -48,6 +48,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     def _new_state(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
         pass  # the momentum buffer starts at the first step (see _buffers)
 
+    _fresh_keys = ("momentum_buffer",)
+
     def _buffers(self, p, s, group, run):
         if not run.extra["momentum"]:
             return None, None, None, None, 0
