@@ -125,5 +125,12 @@ template <> struct Store<half_t> { template <typename A> PYREG_HD static half_t 
 template <> struct Store<bf16_t> { template <typename A> PYREG_HD static bf16_t to(A v) { return float_to_bf16(float(v)); } };
 template <typename T, typename A> PYREG_HD T store(A v) { return Store<T>::to(v); }
 
+// dst <- v. A 16-bit value's bits are assigned as an integer: a loop that
+// keeps the value in a local first (a simd loop privatizes it) then copies the
+// struct does not vectorize.
+template <typename T> PYREG_HD void put(T& dst, T v) { dst = v; }
+PYREG_HD void put(half_t& dst, half_t v) { dst.bits = v.bits; }
+PYREG_HD void put(bf16_t& dst, bf16_t v) { dst.bits = v.bits; }
+
 }  // inline namespace PYREG_ISA_NS
 }  // namespace pyreg

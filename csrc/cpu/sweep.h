@@ -251,7 +251,7 @@ inline int32_t prox_step(T* __restrict xs, int len, const ProxParams<A>& pp) {
 #pragma omp simd reduction(+ : nz)
   for (int k = 0; k < len; ++k) {
     const T y = store<T>(prox_value(load<A>(xs[k]), pp));
-    xs[k] = y;
+    put(xs[k], y);
     nz += load<A>(y) != A(0) ? 1 : 0;
   }
   return nz;
