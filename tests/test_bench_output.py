@@ -53,6 +53,30 @@ def test_compile_and_no_compile_exclusive(tmp_path, capsys):
     assert e.value.code == 2
 
 
+def test_a_run_with_nothing_to_measure_is_refused_and_writes_nothing(tmp_path, capsys):
+    earlier = tmp_path / "kept.json"
+    earlier.write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--shapes", "gpt-1.3b", "--device", "cpu", "--no-compile", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "nothing to measure on cpu" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["kept.json"]
+
+
+@pytest.mark.parametrize("extra", [["--dtype", "float64"], ["--ops", "prox_"], ["--repeats", "3"],
+                                   ["--shapes", "mlp"], ["--no-compile"]])
+def test_compact_refuses_the_options_it_does_not_take(tmp_path, capsys, extra):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--compact", "--quick", "--device", "cpu", "--out", str(tmp_path), *extra])
+    assert e.value.code == 2 and f"not {extra[0]}" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_dtype_other_than_float32_names_its_files(tmp_path):
+    assert bench.main(["--quick", "--shapes", "mlp", "--ops", "prox_", "--device", "cpu", "--repeats", "1",
+                       "--dtype", "bfloat16", "--out", str(tmp_path)]) == 0
+    assert any(f.endswith("-quick-bfloat16.json") for f in os.listdir(tmp_path)), os.listdir(tmp_path)
+
+
 # ---------------------------------------------------------------------------
 # Results written after each shape set
 # ---------------------------------------------------------------------------

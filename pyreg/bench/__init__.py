@@ -77,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compact", action="store_true",
                    help="instead of the ops: inference of a model whose inputs group lasso zeroed, as trained, "
                         "after pyreg.compact and after Torch-Pruning's removal of the same zeros "
-                        "(files get '-compact')")
+                        "(files get '-compact'; takes --quick, --device, --tag and --out only)")
     return p
 
 
@@ -137,6 +137,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "cuda" in devices and not torch.cuda.is_available():
         p.error(f"{'--cuda-graphs' if args.cuda_graphs else '--device cuda'}: torch has no usable CUDA "
                 "device here")
+    if args.compact:
+        ignored = [flag for flag, given in (("--shapes", args.shapes is not None), ("--ops", args.ops != P.OP_ORDER),
+                                            ("--dtype", args.dtype != "float32"), ("--repeats", args.repeats),
+                                            ("--compile", args.compile), ("--no-compile", args.no_compile),
+                                            ("--cuda-graphs", args.cuda_graphs)) if given]
+        if ignored:
+            p.error(f"--compact times its own model and takes --quick, --device, --tag and --out only, "
+                    f"not {', '.join(ignored)}")
+    else:
+        for dev in devices:
+            if all(S.get(name).gpu_only for name in what["shapes"]) and dev != "cuda":
+                p.error(f"nothing to measure on {dev}: shape set(s) {','.join(what['shapes'])} run on a GPU only")
     out = output_folder(p, args.out or ("bench/results" if os.path.isdir("bench/results") else "bench-results"))
     if args.compact:
         return _compact(devices, out, args)
@@ -170,6 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             info = device_info(torch.device(dev))
             stem = os.path.join(out, info["slug"] + ("-quick" if args.quick else "")
                                 + ("-cuda-graphs" if args.cuda_graphs else "")
+                                + ("" if args.dtype == "float32" else f"-{args.dtype}")
                                 + (f"-{args.tag}" if args.tag else ""))
             print(f"== pyreg bench on {dev}: shapes {','.join(what['shapes'])}; ops {','.join(what['ops'])}; "
                   f"{args.dtype}; {'quick' if args.quick else 'full'} run"
