@@ -83,7 +83,7 @@ class PathResult:
     def __init__(self, alphas: List[float], rows: List[Dict[str, Any]], best_index: int, index_1se: int,
                  select: str, order: str, metric_on: str, greater_is_better: bool,
                  weights: Dict[int, Dict[str, Tensor]],
-                 template: nn.Module):
+                 template: nn.Module, training: bool = True):
         self.alphas = alphas
         self.rows = rows
         self.best_index = best_index
@@ -95,6 +95,7 @@ class PathResult:
         self.greater_is_better = greater_is_better
         self._weights = weights
         self._template = template
+        self._training = training
 
     @property
     def alpha(self) -> float:
@@ -113,11 +114,12 @@ class PathResult:
     def model(self, i: Optional[int] = None) -> nn.Module:
         """A new module (a copy of the model's architecture) holding the
         weights at alpha index ``i`` (default: the selected one), on the
-        device the path ran on."""
+        device the path ran on, in the mode (train or eval) the model given
+        to :func:`path` was in."""
         state = self.weights(i)
         out = copy.deepcopy(self._template)
         out.load_state_dict(state)
-        return out
+        return out.train(self._training)
 
     def _index(self, i: Optional[int]) -> int:
         if i is None:
@@ -463,14 +465,14 @@ def _metric_value(v: Any, b: int) -> Tensor:
     raise ValueError(f"metric must return a scalar or one value per sample ({b}), got shape {tuple(v.shape)}")
 
 
-def _check_metric(work: nn.Module, metric: Callable, data: Any, full: bool, device) -> None:
+def _check_metric(work: nn.Module, metric: Callable, data: Any, full: bool, device, name: str = "val") -> None:
     """The metric on the first batch of its data, before anything is trained:
     data with no batch, or a metric that returns what :func:`_evaluate`
     cannot take, raise now instead of after the first fit."""
     work.eval()
     try:
         with torch.no_grad():
-            for x, y in _batches(data, full, device, "val"):
+            for x, y in _batches(data, full, device, name):
                 _metric_value(metric(work(x), y), _size(x, y))
                 return
     finally:
@@ -478,7 +480,8 @@ def _check_metric(work: nn.Module, metric: Callable, data: Any, full: bool, devi
     raise ValueError("the metric's data has no batches")
 
 
-def _evaluate(work: nn.Module, metric: Callable, data: Any, full: bool, device) -> Tuple[float, float, bool]:
+def _evaluate(work: nn.Module, metric: Callable, data: Any, full: bool, device,
+              name: str = "val") -> Tuple[float, float, bool]:
     """The metric's mean and standard error over ``data``, and whether the
     model's output was the same for every sample (a tensor output whose
     first dimension is the batch; False for any other output). Read back at the end."""
@@ -491,7 +494,7 @@ def _evaluate(work: nn.Module, metric: Callable, data: Any, full: bool, device) 
     constant = True
     samples = 0
     with torch.no_grad():
-        for x, y in _batches(data, full, device, "val"):
+        for x, y in _batches(data, full, device, name):
             b = _size(x, y)
             samples += b
             out = work(x)
@@ -513,7 +516,8 @@ def _evaluate(work: nn.Module, metric: Callable, data: Any, full: bool, device) 
     # (one sample: nothing to compare it with, so never "the same output for every sample")
     constant = constant and samples > 1 and differs is not None and not bool(differs)
     if per_sample and per_batch:
-        raise ValueError("metric returned one value per sample for some batches and a scalar for others")
+        raise ValueError("metric returned one value per sample for some batches and a scalar for others (a batch "
+                         "of one sample? return one value per sample as a 1-D tensor, e.g. values.reshape(-1))")
     if per_sample:
         v = torch.cat([t.cpu() for t in per_sample])
         n = v.numel()
@@ -771,7 +775,7 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
         train = _to(train, device)
     if full_val:
         val_data = _to(val_data, device)
-    _check_metric(work, metric, val_data, full_val, device)
+    _check_metric(work, metric, val_data, full_val, device, metric_on)
     named = {n: p for g in param_groups(work, exclude=exclude) for n, p in zip(g["param_names"], g["params"])}
     reg_names = spec.names
     reg_params = [named[n] for n in reg_names]
@@ -830,7 +834,7 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
             del opt
             work.zero_grad(set_to_none=True)
             train_loss = float(total) / count
-            mean, se, constant = _evaluate(work, metric, val_data, full_val, device)
+            mean, se, constant = _evaluate(work, metric, val_data, full_val, device, metric_on)
             sparsity, layers = _layer_stats(reg_names, reg_params)
             row = {"alpha": alpha, "train_loss": train_loss, "val_metric": mean, "val_se": se,
                    "sparsity": sparsity, "layers": layers, "epochs": epochs,
@@ -867,4 +871,5 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
     chosen = best if select == "best" else one_se
     if not keep_weights:
         weights = {chosen: weights[chosen]}
-    return PathResult(grid, rows, best, one_se, select, order, metric_on, greater_is_better, weights, work)
+    return PathResult(grid, rows, best, one_se, select, order, metric_on, greater_is_better, weights, work,
+                      model.training)

@@ -129,6 +129,8 @@ def test_full_runs_the_per_layer_grid(tmp_path, capsys, monkeypatch):
     combos = [tuple(r["layer_alphas"].values()) for r in grid["results"]]
     assert sorted(combos) == sorted((a, b, c) for a in (0.03, 0.3) for b in (0.03, 0.3) for c in (0.03, 0.3))
     assert all(list(r["layer_alphas"]) == ["0.weight", "2.weight", "4.weight"] for r in grid["results"])
+    # no one alpha or l1 (each weight has its own), and no l2 (it trained none)
+    assert all(r["alpha"] is None and r["l1"] is None and r["l2"] == 0.0 for r in grid["results"])
     # each weight got its own alpha: with 0.3 on the input layer it is sparser than with 0.03
     by = {tuple(r["layer_alphas"].values()): r for r in grid["results"]}
     assert by[(0.3, 0.03, 0.03)]["layers"]["0.weight"]["sparsity"] > by[(0.03, 0.03, 0.03)]["layers"]["0.weight"][
@@ -140,6 +142,17 @@ def test_full_runs_the_per_layer_grid(tmp_path, capsys, monkeypatch):
     assert line.split()[4:7] == [",".join(f"{a:g}" for a in best["layer_alphas"].values()), "8",
                                  f"{best['val_acc']:.3f}"]
     assert any(ln.startswith("l1_strength") for ln in text.splitlines())
+
+
+def test_ctrl_c_exits_130_with_a_message(tmp_path, capsys, monkeypatch):
+    import pyreg.demo
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pyreg.demo, "_study", interrupted)
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "o")]) == 130
+    assert "interrupted: the run is incomplete" in capsys.readouterr().err
 
 
 def test_printed_table(tmp_path, capsys, monkeypatch):

@@ -659,6 +659,32 @@ def test_table_dict_plot_and_models(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_the_result_model_is_in_the_mode_the_model_was(training):
+    X, y = _data()
+    Xt, yt = torch.tensor(X).float(), torch.tensor(y).float()[:, None]
+    model = nn.Sequential(nn.Linear(P, 8), nn.Dropout(0.5), nn.Linear(8, 1)).train(training)
+    result = pyreg.path(model, nn.functional.mse_loss, (Xt, yt), alphas=[0.1, 0.01], epochs=2, progress=False)
+    assert all(m.training == training for m in result.model().modules()) and model.training == training
+
+
+def test_bad_training_data_without_val_names_train():
+    X, y = _data()
+    Xt, yt = torch.tensor(X), torch.tensor(y)
+    with pytest.raises(TypeError, match=r"^train must yield \(x, y\) batches"):
+        pyreg.path(_linear(), _half_mse, [Xt, yt], alphas=[0.1], progress=False)
+
+
+def test_a_metric_scalar_on_a_one_sample_batch_is_explained():
+    X, y = _data()
+    Xt, yt = torch.tensor(X), torch.tensor(y)
+    loader = [(Xt[:30], yt[:30]), (Xt[30:31], yt[30:31])]  # (the last batch holds one sample)
+    squeezed = lambda out, t: ((out.squeeze(-1) - t) ** 2).squeeze()  # noqa: E731 (a scalar for one sample)
+    with pytest.raises(ValueError, match="a batch of one sample"):
+        pyreg.path(_linear(), _half_mse, (Xt, yt), val=loader, alphas=[0.1], metric=squeezed, epochs=1,
+                   optimizer=_ista(X), progress=False)
+
+
 @pytest.mark.parametrize("select", ["best", "1se"])
 def test_keep_weights_false_keeps_the_selected_fit(select):
     train, common = _validated(150, select=select)

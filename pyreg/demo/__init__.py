@@ -395,8 +395,14 @@ def print_real(rows: Sequence[dict], winners: Sequence[dict]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    with fixed_cpu_paths() as cpu_paths:  # before any tensor operation
-        return _study(parser, args, cpu_paths)
+    try:
+        with fixed_cpu_paths() as cpu_paths:  # before any tensor operation
+            return _study(parser, args, cpu_paths)
+    except KeyboardInterrupt:
+        out = os.path.abspath(args.out)
+        print(f"\ninterrupted: the run is incomplete; any files it had written in {out} may sit beside an "
+              "earlier run's", file=sys.stderr, flush=True)
+        return 130
 
 
 def _study(parser: argparse.ArgumentParser, args: argparse.Namespace, cpu_paths: dict) -> int:

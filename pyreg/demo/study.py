@@ -147,11 +147,15 @@ class Task:
                     self.targets)
 
 
-def coefficients(method: str, alpha: float, rows: int = 1) -> dict[str, float]:
+def coefficients(method: str, alpha: float, rows: int = 1) -> dict[str, float | None]:
     """Base (l1, l2) of a method at strength alpha, and ``group_l1``: the group
-    lasso coefficient of the input layer's columns (``rows`` entries each)."""
+    lasso coefficient of the input layer's columns (``rows`` entries each).
+    ``per-layer`` (the ``--full`` grid) has no one l1: None (its run's
+    ``layer_alphas`` say each weight's)."""
     if method in ("none", "target", "strength", "group-strength"):  # coefficients from a target / a strength
         return {"l1": 0.0, "l2": 0.0, "group_l1": 0.0}
+    if method == "per-layer":
+        return {"l1": None, "l2": 0.0, "group_l1": 0.0}
     if method == "layer":
         return {"l1": alpha * LAYER_FACTOR, "l2": 0.0, "group_l1": 0.0}
     l1, l2 = pyreg.from_sklearn(alpha, L1_RATIO.get(method, 0.0))
@@ -220,7 +224,7 @@ def train_one(task: Task, method: str, alpha: float, seed: int, device: torch.de
     model, opt = train_model(task, method, alpha, seed, device, on_tick, want_loss, layer_alphas)
     r = measure(model, opt.param_groups, task.data, method, alpha)
     if layer_alphas is not None:
-        r["layer_alphas"] = dict(layer_alphas)
+        r["layer_alphas"], r["alpha"] = dict(layer_alphas), None  # (an alpha per weight, no one alpha)
     if method == "target":
         r["targets"] = {f"{layer}.weight": t for layer, t in task.targets.items()}
     return r
