@@ -274,7 +274,7 @@ def check_no_overlap(tensors: Sequence[Tensor], what: str) -> None:
     if torch.compiler.is_compiling():
         return
     check_writable(tensors, what)
-    if _without_memory(tensors):
+    if not has_dtensor(tensors) and _without_memory(tensors):
         return
     bad = first_overlap(tensors)
     if bad is None:
@@ -298,6 +298,8 @@ def check_grads_apart(tensors: Sequence[Tensor], grads: Sequence[Tensor], op: st
     if not has_dtensor(grads) and not has_dtensor(tensors) and disjoint(list(grads) + list(tensors)):
         return  # the common case, at C speed
     check_no_overlap(grads, "grads")
+    if has_dtensor(grads) or has_dtensor(tensors):  # a DTensor's local shard holds its memory
+        grads, tensors = local_tensors(grads), local_tensors(tensors)
     bad = _overlap(grads, tensors)
     if bad is not None:
         raise ValueError(f"grads[{bad[0]}] shares memory with tensors[{bad[1]}]; {op} "

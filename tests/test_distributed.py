@@ -368,6 +368,61 @@ def _fsdp_worker(rank, world, init_file, ckpt_dir):
         dist.destroy_process_group()
 
 
+def _shard_on_two_meshes(model):
+    """a on one device mesh, b on another (the same ranks, a named one), the rest on the first."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world = dist.get_world_size()
+    one, other = init_device_mesh("cpu", (world,)), init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+    fully_shard(model.a, mesh=one)
+    fully_shard(model.b, mesh=other)
+    fully_shard(model, mesh=one)
+    return model
+
+
+def _fsdp_meshes_and_scaler_worker(rank, world, init_file):
+    _init(rank, world, init_file)
+    try:
+        # Parameters sharded on two meshes: the prox runs per mesh (a call takes one mesh's DTensors);
+        # gradient mode then checks each bucket's grads apart from its shards before the first writes.
+        for variant in ("sgd_proximal", "fused_adamw", "adamw_gradient"):
+            model = _shard_on_two_meshes(Net().double())
+            opt = _make(model, variant)
+            for s in range(STEPS):
+                _step(model, opt, *_batch(s, rank, world), variant)
+            _assert_same_model(model, _reference(variant)[0])
+        # GradScaler: the fused optimizers take its scalars; on DTensors, which take torch's own step,
+        # the grads are unscaled and an overflow skips the step, as for torch's optimizers.
+        for variant in ("fused_adamw", "sgd_proximal"):
+            model = _shard(Net().double())
+            opt = _make(model, variant)
+            scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+            for s in range(STEPS):
+                x, y = _batch(s, rank, world)
+                opt.zero_grad()
+                scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+                if s == 2:  # an overflow: the step is skipped
+                    model.a.weight.grad.to_local().view(-1)[0] = float("inf")
+                scaler.step(opt)
+                scaler.update()
+            ref = Net().double()
+            ref_opt = _make(ref, variant)
+            for s in range(STEPS):
+                if s != 2:
+                    _step(ref, ref_opt, *_data(s), variant)
+            _assert_same_model(model, ref)
+        _checks_passed()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_on_two_meshes_and_with_grad_scaler(tmp_path):
+    if not hasattr(torch.amp, "GradScaler"):
+        pytest.skip("no torch.amp.GradScaler")
+    _spawn(_fsdp_meshes_and_scaler_worker, 2, str(tmp_path / "init"))
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_matches_unsharded(world, tmp_path):
     _spawn(_fsdp_worker, world, str(tmp_path / "init"), str(tmp_path / "ckpt"))

@@ -844,6 +844,30 @@ def test_a_param_replaced_through_data_that_its_setting_no_longer_fits_raises_be
     assert _same(_fused_snapshot(m, opt), before)
 
 
+@pytest.mark.parametrize("how", ["resize_", "set_"])
+@pytest.mark.parametrize("family", ["Regularized", "fused"])
+def test_a_ref_resized_in_place_raises_before_the_step(family, how):
+    """A ref tensor reshaped in place (no version bump, the same object) is checked against its
+    parameter again before anything changes."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3))
+    ref = torch.zeros(3, 4)
+    groups = [{"params": [m[0].weight], "l1": 0.1, "ref": [ref]}, {"params": [m[0].bias]}]
+    opt = pyreg.Regularized(torch.optim.Adam(groups, lr=0.1)) if family == "Regularized" else \
+        pyreg.optim.Adam(groups, lr=0.1)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    if how == "resize_":
+        ref.resize_(2, 2)
+    else:
+        ref.set_(torch.zeros(6))
+    before = _fused_snapshot(m, opt)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['ref'\]\[0\] is \((2, 2|6,)\) torch.float32"):
+        opt.step()
+    assert _same(_fused_snapshot(m, opt), before)
+
+
 @pytest.mark.parametrize("family", ["Regularized", "fused"])
 def test_a_param_replaced_through_data_with_a_shape_its_setting_fits_steps_on_its_new_shape(family):
     torch.manual_seed(0)

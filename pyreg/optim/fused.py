@@ -649,18 +649,38 @@ class FusedOptimizer(Observable):
 
     def _run_torch(self, torch_groups) -> None:
         """torch's own step on the parameters the kernels do not take, then the
-        prox of their l1/l2 (pyreg.prox_, with the group's lr)."""
+        prox of their l1/l2 (pyreg.prox_, with the group's lr; one call per
+        device mesh of sharded parameters). GradScaler's scalars, which the
+        fused kernels take, torch's own step does not: as GradScaler does for
+        such an optimizer, the step is skipped where it found an inf or NaN
+        (read on the host), else these grads are unscaled first."""
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item()):
+            return
+        if grad_scale is not None:
+            inv = 1.0 / float(grad_scale)
+            with torch.no_grad():
+                for group, idx, _ in torch_groups:
+                    for j in idx:
+                        g = group["params"][j].grad
+                        if g is not None:
+                            g.mul_(inv)
         base = self._torch_base()
         saved = self.param_groups  # type: ignore[attr-defined]
         try:
             self.param_groups = [dict(g, params=[g["params"][j] for j in idx]) for g, idx, _ in torch_groups]
+            self.grad_scale = self.found_inf = None  # (torch's own step asserts it gets none)
             raw_step(base)(self)
         finally:
             self.param_groups = saved
+            self.grad_scale, self.found_inf = grad_scale, found_inf
         with torch.no_grad():
             for group, idx, st in torch_groups:
-                on = [j for j in idx if st.l1[j] or st.l2[j]]
-                if on:
+                meshes: Dict[Any, List[int]] = {}
+                for j in idx:
+                    if st.l1[j] or st.l2[j]:
+                        meshes.setdefault(getattr(group["params"][j], "device_mesh", None), []).append(j)
+                for on in meshes.values():
                     ops.prox_([group["params"][j] for j in on], [st.l1[j] for j in on], [st.l2[j] for j in on],
                               group["lr"])
 

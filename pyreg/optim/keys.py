@@ -102,8 +102,11 @@ class GroupSettings(NamedTuple):
         return out
 
     def shape(self) -> tuple:
-        """What a plan's buckets depend on (not the coefficient values)."""
-        ref = None if self.ref is None else tuple(None if r is None else id(r) for r in self.ref)
+        """What a plan's buckets depend on (not the coefficient values); a
+        ref by identity and layout (a tensor resized in place is checked
+        against its parameter again)."""
+        ref = None if self.ref is None else tuple(None if r is None else (id(r), r.shape, r.dtype, r.device)
+                                                  for r in self.ref)
         return (tuple(self.kinds(j) for j in range(len(self.l1))), _hashable(self.group_dim),
                 _hashable(self.max_norm_dim), ref)
 
@@ -393,9 +396,10 @@ SIMPLE_TYPES = frozenset({float, int, bool, str, type(None)})
 def signature(value: Any) -> Any:
     """A cheap signature of a param-group setting, equal for two settings only
     when their checks and plan are the same: a number by value, a tensor by
-    identity, in-place version and (one-value CPU tensor) value, a list by its
-    items' signatures, anything else by type and identity. Never reads a
-    device tensor's value (no host sync)."""
+    identity, in-place version, shape (``resize_`` bumps no version) and
+    (one-value CPU tensor) value, a list by its items' signatures, anything
+    else by type and identity. Never reads a device tensor's value (no host
+    sync)."""
     tp = type(value)
     if tp in SIMPLE_TYPES:
         return tp, value
@@ -403,7 +407,7 @@ def signature(value: Any) -> Any:
         v = None
         if value.device.type == "cpu" and value.numel() == 1 and value.dtype in _VALUE_DTYPES:
             v = float(value)
-        return Tensor, id(value), value._version, v
+        return Tensor, id(value), value._version, value.shape, v
     if tp is list or tp is tuple:
         return tp, tuple(map(signature, value))
     return tp, id(value)

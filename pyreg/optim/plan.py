@@ -142,7 +142,7 @@ class Plan:
         and the buckets' group indices: a trial plan of a group being added)."""
         seen = set()
         reg: Dict[tuple, Tuple[list, list, Dict[str, list], list, list, list]] = OrderedDict()
-        every: Dict[Tuple[torch.device, torch.dtype], Tuple[list, list]] = OrderedDict()
+        every: Dict[Tuple[torch.device, torch.dtype, Any], Tuple[list, list]] = OrderedDict()
         reg_names: Dict[int, str] = {}
         self.names: List[str] = []
         position = 0
@@ -158,7 +158,8 @@ class Plan:
                                      "earlier in the optimizer; each parameter must appear once")
                 seen.add(id(p))
                 self.names.append(name)
-                key = (p.device, p.dtype)
+                # (a DTensor's mesh too: one pyreg call takes the DTensors of one mesh)
+                key = (p.device, p.dtype, getattr(p, "device_mesh", None))
                 e = every.setdefault(key, ([], []))
                 e[0].append(p)
                 e[1].append(position)
@@ -181,7 +182,7 @@ class Plan:
                                     "takes torch's step); use l1/l2 on sharded parameters")
                 vals = _values_of(spec, j)
                 for kind in kinds:
-                    b = reg.setdefault((kind, p.device, p.dtype), ([], [], {}, [], [], []))
+                    b = reg.setdefault((kind, *key), ([], [], {}, [], [], []))
                     b[0].append(p), b[1].append(gi), b[5].append(j)
                     for k in _KIND_COEFS[kind]:
                         b[2].setdefault(k, []).append(vals[k])
@@ -199,7 +200,7 @@ class Plan:
         order = {k: i for i, k in enumerate(_KINDS)}
         self.buckets = [Bucket(kind, ps, gs, idx, vals, dims if kind in ("group", "gstrength", "max_norm") else None,
                                refs if kind == "ref" else None)
-                        for (kind, _, _), (ps, gs, vals, dims, refs, idx)
+                        for (kind, *_), (ps, gs, vals, dims, refs, idx)
                         in sorted(reg.items(), key=lambda kv: order[kv[0][0]])]
         self.devices = list(dict.fromkeys(b.device for b in self.buckets))
         self.specs = specs
