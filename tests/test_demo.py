@@ -566,6 +566,42 @@ def test_strength_runs_once_per_task_with_its_table(quick, capsys):
         assert cells[-1] == f"{100 * (rule['val_acc'] - best['val_acc']):+.1f}"
 
 
+def test_strength_table_without_its_grid(quick):
+    """A method whose grid did not run (``--methods path``) keeps its row,
+    its own numbers and the grid's columns marked not run."""
+    from pyreg.demo.report import format_strength_table
+
+    _, data = quick
+    rows = [r for r in data["results"] if r["method"] in ("strength", "path")]
+    table = format_strength_table(rows).splitlines()
+    assert [ln.split()[:2] for ln in table[2:]] == [[r["task"], r["method"]] for r in rows]
+    for line, r in zip(table[2:], rows):
+        cells = line.split()
+        assert f"{r['val_acc']:.3f}" in cells and "(not run)" in line and cells[-1] == "-"
+
+
+def test_stale_outputs_removed(tmp_path, capsys, monkeypatch):
+    """A run removes the demo's optional outputs it did not write (an
+    earlier run's --full grid, fine-tuning or pixel files), and nothing
+    else in the folder."""
+    from pyreg.demo import report
+
+    out = tmp_path / "o"
+    out.mkdir()
+    for name in ("layer_grid.json", "finetune.csv", "digits_pixels.png", "notes.txt"):
+        (out / name).write_text("an earlier run's")
+    report.drop_stale(str(out / "missing.json"))  # (nothing there: nothing to do)
+    _no_aeon(monkeypatch)
+    assert cli.main(["demo", "--quick", "--device", "cpu", "--out", str(out), "--methods", "none",
+                     "--alphas", "0.3"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "notes.txt" in names and "layer_grid.json" not in names
+    data = json.loads((out / "results.json").read_text())
+    assert ("finetune.csv" in names) == bool(data["finetune"])
+    assert ("digits_pixels.png" in names) == ("digits_pixels_panels" in data["config"])
+    assert (out / "finetune.csv").read_text() != "an earlier run's" if "finetune.csv" in names else True
+
+
 def test_path_runs_the_grid_once_and_keeps_its_best_fit(quick):
     """``path`` on grids of fewer than 8 alphas: one run's steps per task
     over the task's grid, smallest alpha first; the row is the fit with the

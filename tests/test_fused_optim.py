@@ -920,6 +920,43 @@ def test_complex_params_take_torchs_step():
     assert torch.equal(p.detach(), before)
 
 
+def test_torch_step_under_grad_scale(monkeypatch):
+    """Parameters that take torch's own step under GradScaler's scalars: their
+    grads end unscaled (as the kernels leave theirs); if torch's step raises,
+    the grads and the optimizer's attributes are as they were."""
+    from pyreg.optim import fused
+    p = nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    q = nn.Parameter(p.detach().clone())
+    opt, ropt = optim.Adam([p], lr=0.1), torch.optim.Adam([q], lr=0.1)
+    g0 = torch.randn(4, dtype=torch.complex64)
+    p.grad, q.grad = g0 * 4, g0.clone()
+    grad, before = p.grad, p.detach().clone()
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)
+
+    def failing(base):
+        def step(self):
+            raise RuntimeError("torch's step failed")
+        return step
+
+    with monkeypatch.context() as m:
+        m.setattr(fused, "raw_step", failing)
+        with pytest.raises(RuntimeError, match="torch's step failed"):
+            opt.step()
+    assert p.grad is grad and torch.equal(grad, g0 * 4) and torch.equal(p.detach(), before)
+    assert opt.grad_scale.item() == 4.0 and opt.found_inf.item() == 0.0
+    opt.step()
+    ropt.step()
+    assert p.grad is grad
+    torch.testing.assert_close(grad, g0)
+    torch.testing.assert_close(p, q)
+    del opt.grad_scale, opt.found_inf  # (as GradScaler does after its step: they were given back)
+    p.grad = q.grad = g0.clone()
+    opt.step()  # none given: none set
+    ropt.step()
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    torch.testing.assert_close(p, q)
+
+
 def test_grads_laid_out_unlike_their_params():
     """A grad with other strides than its param goes through the spec: the same result."""
     ps = model_params()

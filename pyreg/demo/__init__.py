@@ -502,7 +502,9 @@ def _study(parser: argparse.ArgumentParser, args: argparse.Namespace, cpu_paths:
     if vowels is not None:  # only when it ran: a run without the data writes what it did before
         config["vowels"] = VOWELS
     paths = report.write_all(args.out, config, results, winners, finetune, compacted, real, real_winners, panels)
-    if layer_grid is not None:
+    if layer_grid is None:
+        report.drop_stale(os.path.join(args.out, "layer_grid.json"))
+    else:
         import json
 
         path = os.path.join(args.out, "layer_grid.json")

@@ -168,15 +168,16 @@ def format_strength_table(rows: Sequence[dict]) -> str:
     lines = []
     for rule in [r for r in rows if r["method"] in STRENGTH_GRIDS]:
         grid = [r for r in rows if r["task"] == rule["task"] and r["method"] == STRENGTH_GRIDS[rule["method"]]]
-        if not grid:
+        setting = f"alpha {rule['alpha']:g}" if rule["method"] == "path" else f"{rule['alpha']:g}"
+        own = [rule["task"], rule["method"], setting, f"{round(rule.get('runs', 1), 2):g}",
+               f"{rule['val_acc']:.3f}", f"{rule['test_acc']:.3f}", _cell(rule, "inputs_used", "{}")]
+        if not grid:  # the grid was not run: the method's own columns
+            lines.append(own + [STRENGTH_GRIDS[rule["method"]] + " (not run)"] + ["-"] * 6)
             continue
         best = max(grid, key=lambda r: (r["val_acc"], r["alpha"]))
-        setting = f"alpha {rule['alpha']:g}" if rule["method"] == "path" else f"{rule['alpha']:g}"
-        lines.append([rule["task"], rule["method"], setting, f"{round(rule.get('runs', 1), 2):g}",
-                      f"{rule['val_acc']:.3f}", f"{rule['test_acc']:.3f}", _cell(rule, "inputs_used", "{}"),
-                      best["method"],
-                      f"{best['alpha']:g}", str(len(grid)), f"{best['val_acc']:.3f}", f"{best['test_acc']:.3f}",
-                      _cell(best, "inputs_used", "{}"), f"{100 * (rule['val_acc'] - best['val_acc']):+.1f}"])
+        lines.append(own + [best["method"], f"{best['alpha']:g}", str(len(grid)), f"{best['val_acc']:.3f}",
+                            f"{best['test_acc']:.3f}", _cell(best, "inputs_used", "{}"),
+                            f"{100 * (rule['val_acc'] - best['val_acc']):+.1f}"])
     head = ["task", "method", "setting", "runs", "val", "test", "inputs", "grid", "alpha", "runs", "val", "test",
             "inputs", "val diff"]
     cells = [head] + lines
@@ -439,4 +440,14 @@ def write_all(out_dir: str, config: dict, results: Sequence[dict], winners: Sequ
         plot_input_weights(plt, paths["input_weights.png"], winners, "mlp")
     else:
         del paths["input_weights.png"]
+    for name in ("finetune.csv", "input_weights.png", "digits_pixels.png"):
+        if name not in paths:
+            drop_stale(os.path.join(out_dir, name))
     return list(paths.values())
+
+
+def drop_stale(path: str) -> None:
+    """Remove an output file of the demo's that this run did not write (an
+    earlier run's, which would pass for this one's)."""
+    if os.path.isfile(path):
+        os.remove(path)

@@ -657,23 +657,35 @@ class FusedOptimizer(Observable):
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.item()):
             return
-        if grad_scale is not None:
-            inv = 1.0 / float(grad_scale)
-            with torch.no_grad():
-                for group, idx, _ in torch_groups:
-                    for j in idx:
-                        g = group["params"][j].grad
-                        if g is not None:
-                            g.mul_(inv)
+        # (param, its grad): torch's step takes unscaled copies; after it the grads hold the unscaled values (as
+        # the kernels leave theirs), and if it raises they are as they were
+        swapped = []
         base = self._torch_base()
         saved = self.param_groups  # type: ignore[attr-defined]
+        given = {k: self.__dict__[k] for k in ("grad_scale", "found_inf") if k in self.__dict__}
         try:
+            if grad_scale is not None:
+                inv = 1.0 / float(grad_scale)
+                with torch.no_grad():
+                    for group, idx, _ in torch_groups:
+                        for j in idx:
+                            p = group["params"][j]
+                            if p.grad is not None:
+                                swapped.append((p, p.grad))
+                                p.grad = p.grad * inv
             self.param_groups = [dict(g, params=[g["params"][j] for j in idx]) for g, idx, _ in torch_groups]
             self.grad_scale = self.found_inf = None  # (torch's own step asserts it gets none)
             raw_step(base)(self)
+            with torch.no_grad():
+                for p, g in swapped:
+                    g.copy_(p.grad)
         finally:
             self.param_groups = saved
-            self.grad_scale, self.found_inf = grad_scale, found_inf
+            for k in ("grad_scale", "found_inf"):
+                self.__dict__.pop(k, None)
+            self.__dict__.update(given)
+            for p, g in swapped:
+                p.grad = g
         with torch.no_grad():
             for group, idx, st in torch_groups:
                 meshes: Dict[Any, List[int]] = {}
