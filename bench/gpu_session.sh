@@ -68,7 +68,7 @@ B_ENV=15 B_BUILD=110 B_TEST=85 B_MEMCHECK=35 B_RACECHECK=35 B_INITCHECK=30 B_PRO
 # The CUDA tests (test ids: B fixtures give "cuda" / "cuda-emu"; test_cuda's
 # own parametrization likewise).
 TESTS="tests/test_cuda.py tests/test_ops.py tests/test_structured.py tests/test_fused_optim.py \
-tests/test_compile.py tests/test_errors.py tests/test_strength.py"
+tests/test_compile.py tests/test_errors.py tests/test_strength.py tests/test_compact.py"
 # The sanitizers' workload: every kernel once per dtype on small lists that
 # cross the launch planners' chunk and batch boundaries (bench/sanitize_ops.py;
 # under a sanitizer, pytest's start-up and the suite's sizes take minutes).

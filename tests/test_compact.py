@@ -1016,3 +1016,256 @@ def test_meta_inputs_or_weights_are_refused():
         pyreg.compact(m, torch.randn(4, 6, device="meta"), measure=False)
     with pytest.raises(ValueError, match="the model's 0.weight is on the meta device"):
         pyreg.compact(m.to("meta"), torch.randn(4, 6), measure=False)
+
+
+# ---------------------------------------------------------------- calls and forms the analysis follows
+
+class _GruTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.r, self.o = nn.GRU(6, 10, num_layers=2, batch_first=True), nn.Linear(20, 3)
+
+    def forward(self, x, y):
+        a, _ = self.r(x)
+        b, _ = self.r(y)
+        return self.o(torch.cat([a[:, -1], b[:, -1]], -1))
+
+
+def test_a_multilayer_rnn_called_twice():
+    """A shared recurrent encoder: its inner layer's dead unit goes once, whatever the number of calls."""
+    _seed(0)
+    m = _GruTwice()
+    with torch.no_grad():
+        for t in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+            getattr(m.r, t).view(3, 10, -1)[:, 3] = 0  # unit 3 of layer 0: every gate's row zero
+    out = check(m, (torch.randn(4, 5, 6), torch.randn(4, 5, 6)))
+    assert out.report.params_after < out.report.params_before
+    assert [r.removed for r in out.report.layers if r.name == "r"] == [{"hidden_l0": [3]}]
+
+
+class _PoolIndices(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.p, self.c2 = nn.Conv2d(3, 8, 3), nn.MaxPool2d(2, return_indices=True), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.c2(self.p(self.c(x))[0])
+
+
+def test_a_pool_returning_indices_keeps_the_channels():
+    _seed(1)
+    m = _PoolIndices()
+    with torch.no_grad():
+        m.c.weight[2] = 0
+        m.c.bias[2] = 0
+    out = check(m, torch.randn(2, 3, 12, 12))
+    assert "return_indices" in out.report.left_alone["p"] and out.report.params_after == out.report.params_before
+
+
+class _Maxout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.p, self.o = nn.Linear(6, 16), nn.MaxPool1d(2), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.o(self.p(self.a(x)))  # (a 2-D input: MaxPool1d pools the features themselves)
+
+
+class _PoolOverChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.p, self.c2 = nn.Conv1d(3, 8, 1), nn.MaxPool2d((3, 1), stride=1, padding=(1, 0)), nn.Conv1d(8, 2, 1)
+
+    def forward(self, x):
+        return self.c2(self.p(self.c(x)))  # (a 3-D input: MaxPool2d's window runs over the channels)
+
+
+@pytest.mark.parametrize("case", ["maxout", "pool2d_on_3d"])
+def test_a_pool_over_the_channel_dim_keeps_the_channels(case):
+    _seed(2)
+    m, x = (_Maxout(), torch.randn(4, 6)) if case == "maxout" else (_PoolOverChannels(), torch.randn(4, 3, 10))
+    first, last = (m.a, m.o) if case == "maxout" else (m.c, m.c2)
+    with torch.no_grad():
+        first.weight[3] = 0
+        first.bias[3] = 5.0  # a constant channel, which the pool mixes with its neighbours
+        last.weight[:, 3 if case != "maxout" else 1] = 0
+    out = check(m, x)
+    assert out.report.params_after == out.report.params_before
+    assert any("pooled over the channel dim" in r for g in out.report.kept_zero_groups.values() for r in g["reasons"])
+
+
+class _ReshapeByKeyword(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.c, self.f, self.how = nn.Conv2d(1, 16, 5, stride=6), nn.Linear(256, 10), how
+
+    def forward(self, x):
+        h = torch.relu(self.c(x))
+        h = torch.reshape(h, shape=(-1, 256)) if self.how == "function" else h.reshape(shape=(-1, 256))
+        return self.f(h)
+
+
+@pytest.mark.parametrize("how", ["function", "method"])
+def test_a_literal_size_given_by_keyword_is_rewritten(how):
+    _seed(3)
+    m = _ReshapeByKeyword(how)
+    with torch.no_grad():
+        m.c.weight[3] = 0
+        m.c.bias[3] = 0
+    out = check(m, torch.randn(2, 1, 24, 24))
+    assert out.report.params_after < out.report.params_before
+    _same_on(m, out, [torch.randn(5, 1, 24, 24)])
+
+
+class _DimsByKeyword(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.c, self.l, self.how = nn.Conv1d(4, 8, 3), nn.Linear(8, 3), how
+
+    def forward(self, x):
+        h = self.c(x)
+        h = {"transpose": lambda: h.transpose(dim0=1, dim1=2), "permute": lambda: h.permute(dims=(0, 2, 1)),
+             "torch.transpose": lambda: torch.transpose(h, dim0=1, dim1=2),
+             "torch.permute": lambda: torch.permute(h, dims=(0, 2, 1))}[self.how]()
+        return self.l(h)
+
+
+@pytest.mark.parametrize("how", ["transpose", "permute", "torch.transpose", "torch.permute"])
+def test_dims_given_by_keyword(how):
+    _seed(4)
+    m = _DimsByKeyword(how)
+    with torch.no_grad():
+        m.l.weight[:, 5] = 0  # channel 5 of the conv is read by nothing: it goes
+    out = check(m, torch.randn(2, 4, 10))
+    assert [r.removed for r in out.report.layers if r.name == "c"] == [{"outputs": [5]}]
+    _same_on(m, out, [torch.randn(3, 4, 7)])
+
+
+class _LastState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.o = nn.LSTM(4, 6, batch_first=True), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.o(self.lstm(x)[-1][-2][-1])  # (h_n, c_n)[0][last layer], by negative indices
+
+
+def test_an_rnn_result_indexed_from_the_end():
+    _seed(5)
+    m = _LastState()
+    with torch.no_grad():
+        m.o.weight[:, 2] = 0
+        for t in ("weight_ih_l0", "weight_hh_l0"):
+            getattr(m.lstm, t).view(4, 6, -1)[:, 2] = 0
+        m.lstm.weight_hh_l0[:, 2] = 0  # unit 2 is read by no other unit and by no layer
+    out = check(m, torch.randn(2, 5, 4))
+    assert out.report.params_after < out.report.params_before
+    _same_on(m, out, [torch.randn(3, 9, 4)])
+
+
+def test_a_compacted_model_that_fails_to_run_is_a_bug_named_at_its_node(monkeypatch):
+    """The check run of the result raising is reported as compact's bug, with the node that raised."""
+    from pyreg.compact import _report
+
+    real, calls = _report.capture, []
+
+    def capture(gm, args, at=None):
+        calls.append(1)
+        if len(calls) == 1:
+            return real(gm, args, at)
+        at[:] = [next(n for n in gm.graph.nodes if n.op == "call_module")]
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied\nWhile executing ...")
+
+    monkeypatch.setattr(_report, "capture", capture)
+    m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    before = _state(m)
+    with pytest.raises(RuntimeError, match=r"fails on example_inputs at _0 \(call_module 0\) \(RuntimeError: mat1 "
+                                           r"and mat2 shapes cannot be multiplied\).*This is a bug; the original "
+                                           r"model is unchanged"):
+        pyreg.compact(m, torch.randn(5, 4), measure=False)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_to_sparse_leaves_dense_what_torch_cannot_multiply(dtype):
+    _seed(6)
+    m = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)).to(dtype).eval()
+    with torch.no_grad():
+        m[0].weight[:, :6] = 0
+    out = pyreg.compact(m, torch.randn(4, 8, dtype=dtype), measure=False)
+    sparse, info = out.to_sparse(min_sparsity=0.1, measure=True)
+    x = torch.randn(3, 8, dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), out.model(x))  # it runs: what torch cannot multiply stays dense
+    for name, why in info["left_dense"].items():
+        assert "CSR has no" in why and name not in info["converted"]
+    assert info["cpu"]["dense_ms"] > 0
+
+
+class _SharedLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.q, self.o = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.o(self.q(torch.relu(self.a(x))) + self.q(torch.relu(self.b(x))))
+
+
+def test_a_layer_called_twice_drops_a_neuron_that_is_zero_in_both_calls():
+    """A constant 0 into a layer called twice needs no folding: the neuron goes (a nonzero constant
+    cannot go: one bias would hold both calls' folds)."""
+    _seed(7)
+    m = _SharedLayer()
+    with torch.no_grad():
+        for lin in (m.a, m.b):
+            lin.weight[5] = 0
+            lin.bias[5] = -1.0  # relu(-1) = 0 in both calls
+    out = check(m, torch.randn(6, 4))
+    removed = {r.name: r.removed for r in out.report.layers if r.removed}
+    assert removed == {"a": {"outputs": [5]}, "b": {"outputs": [5]}, "q": {"inputs": [5]}}
+    with torch.no_grad():
+        m.b.bias[5] = 1.0  # now 1 in the second call: kept
+    out = check(m, torch.randn(6, 4))
+    assert out.report.params_after == out.report.params_before
+
+
+def test_an_input_normalized_before_its_conv_loses_its_zero_channel():
+    _seed(8)
+    m = nn.Sequential(nn.BatchNorm1d(4), nn.Conv1d(4, 3, 3)).eval()
+    with torch.no_grad():
+        m[0].running_mean.uniform_(-1, 1)
+        m[1].weight[:, 1] = 0
+    out = check(m, torch.randn(3, 4, 10))
+    assert out.report.inputs["input_1"]["dim"] == 1 and out.report.inputs["input_1"]["removed"] == [1]
+    _same_on(m, out, [torch.randn(2, 4, 7)])
+
+
+class _CudaNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn, self.r, self.o = nn.Conv1d(5, 8, 3), nn.BatchNorm1d(8), nn.GRU(8, 6, 2), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.c(x)))           # [B, 8, L]
+        y, _ = self.r(h.permute(2, 0, 1))             # [L, B, 6]
+        return self.o(y[-1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compact_on_cuda():
+    """A model on the GPU: input columns gathered, a constant channel folded, BatchNorm sliced, an
+    inner recurrent unit removed, the latency measured on the GPU; the result on the GPU."""
+    _seed(9)
+    m = _CudaNet()
+    with torch.no_grad():
+        m.c.weight[:, 1] = 0                 # input channel 1: read by nothing
+        m.c.weight[4] = 0                    # conv channel 4: a constant (its bias), folded into the GRU
+        for t in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+            getattr(m.r, t).view(3, 6, -1)[:, 2] = 0
+    m = m.cuda().eval()
+    x = torch.randn(4, 5, 9, device="cuda")
+    out = pyreg.compact(m, x, measure=True)
+    assert out.report.params_after < out.report.params_before
+    assert all(p.is_cuda for p in out.model.parameters()) and all(b.is_cuda for b in out.model.buffers())
+    assert out.report.inputs["x"]["removed"] == [1] and out.report.latency["cuda"]["after_ms"] > 0
+    _same_on(m, out, [torch.randn(3, 5, 11, device="cuda")])

@@ -31,7 +31,7 @@ outputs::
   the largest original output magnitude (float32 rounding: folding changes the
   order of a sum), or ``16 eps ×`` it for float16 and bfloat16 outputs.
 - ``measure=True``: median latency of both models, interleaved calls, on the
-  CPU and (when available) CUDA.
+  CPU and (when available) CUDA (copies moved to the device the model is not on).
 
 What is removed. The model is traced with ``torch.fx.symbolic_trace``; every
 channel (a Linear's output neuron, a conv's output channel, an embedding
@@ -55,7 +55,16 @@ are one group. A group is removed when, at every layer that reads it, either
   dims, not through a sum (its value would scale with the number of
   positions, which another input may change: only a constant 0 is removed),
   nor through a product with a value the forward computes (``h * x.mean()``,
-  ``h / x.size(0)``; a parameter or buffer is fixed).
+  ``h / x.size(0)``; a parameter or buffer is fixed). A layer called more
+  than once has one bias for all its calls: there only a constant 0 (nothing
+  to fold) is removed.
+
+Pooling keeps a channel a channel when its input is batched (``MaxPool1d`` on
+``[B, C, L]``, ``MaxPool2d`` on ``[B, C, H, W]``); on an unbatched input torch
+pools over the channel dim itself (``MaxPool1d`` on a Linear's ``[B, F]``
+output is a maxout), which keeps the channels, as does a pool with
+``return_indices=True``. The model may be on any device: the result is on
+the same one.
 
 Supported layers: ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` (``groups=1``),
 ``nn.BatchNorm1d/2d`` (sliced; eval mode), ``nn.LayerNorm`` over dims other than
@@ -101,8 +110,10 @@ the zero groups kept with the reason; the measured latency.
 
 Element-wise (unstructured) zeros that are left do not make dense inference any
 faster. ``Compacted.to_sparse(min_sparsity=0.5)`` returns a copy whose sparse
-enough Linear layers keep their weight as a ``torch.sparse`` CSR matrix, with
-the measured latency of both: on the CPU this is usually slower unless the
+enough Linear layers keep their weight as a ``torch.sparse`` CSR matrix (those
+whose dtype torch has no CSR product for on their device, such as float16 on
+the CPU, stay dense, listed with the reason), with the measured latency of
+both on the model's device: on the CPU this is usually slower unless the
 weight is very sparse and large.
 
 Errors (the original model is never changed): a model that ``torch.fx`` cannot
@@ -113,7 +124,8 @@ unchanged copy would hide that nothing was removed), and so does one that
 or with NaN or inf raise ``ValueError``, as do the in-place calls above;
 a result whose outputs differ from the original's beyond ``atol`` raises
 ``RuntimeError`` naming the first layer whose output differs (this is a bug to
-report, never a result).
+report, never a result), and so does a result that fails to run on
+``example_inputs``, naming the node that raised.
 """
 import copy
 import itertools
@@ -148,8 +160,10 @@ class Compacted:
 
     def to_sparse(self, min_sparsity: float = 0.5, measure: bool = True):
         """A copy of ``.model`` whose Linear layers with at least ``min_sparsity`` exact zeros keep
-        their weight as a torch.sparse CSR matrix, and a dict: the layers converted and (``measure``)
-        the CPU latency of the dense and the sparse model, measured interleaved at the example's batch.
+        their weight as a torch.sparse CSR matrix, and a dict: the layers converted, those left dense
+        (``left_dense``: where torch has no CSR product for their dtype on their device, e.g. float16
+        on the CPU) and (``measure``) the latency of the dense and the sparse model on the model's
+        device (the key ``"cpu"`` or ``"cuda"``), measured interleaved at the example's batch.
 
         Unstructured zeros do not speed up dense inference; whether CSR does depends on the
         sparsity and size of the weights (often not, on the CPU, below ~90–95 % zeros)."""
@@ -157,18 +171,23 @@ class Compacted:
         from ._rewrite import set_module
 
         sparse = copy.deepcopy(self.model).eval()
-        converted = {}
+        converted, left = {}, {}
         for name, mod in list(sparse.named_modules()):
             if type(mod) is nn.Linear:
                 frac = float((mod.weight == 0).float().mean()) if mod.weight.numel() else 0.0
                 if frac >= min_sparsity:
-                    set_module(sparse, name, SparseLinear(mod))
-                    converted[name] = frac
-        info = {"converted": converted}
+                    why = SparseLinear.unsupported(mod)
+                    if why is None:
+                        set_module(sparse, name, SparseLinear(mod))
+                        converted[name] = frac
+                    else:
+                        left[name] = why
+        info = {"converted": converted, "left_dense": left}
         if measure:
             args = _model_args(self.report, self._example)
-            dense_t, sparse_t = measure_latency([self.model, sparse], [args, args], "cpu")
-            info["cpu"] = {"dense_ms": dense_t["median_s"] * 1e3, "sparse_ms": sparse_t["median_s"] * 1e3,
+            dev = args[0].device.type
+            dense_t, sparse_t = measure_latency([self.model, sparse], [args, args], dev)
+            info[dev] = {"dense_ms": dense_t["median_s"] * 1e3, "sparse_ms": sparse_t["median_s"] * 1e3,
                            "speedup": dense_t["median_s"] / sparse_t["median_s"], "repeats": dense_t["repeats"],
                            "batch_size": self.report.batch_size}
         return sparse, info
@@ -282,8 +301,16 @@ def compact(model: nn.Module, example_inputs, *, drop_inputs: bool = False, atol
                     max_abs_error=0.0, output_scale=0.0, drop_inputs=drop_inputs,
                     example_shapes=", ".join(str(tuple(a.shape)) for a in args))
     new_args = _model_args(report, args)
-    with torch.no_grad():
-        new_values = capture(gm, new_args)
+    at: list = []
+    try:
+        with torch.no_grad():
+            new_values = capture(gm, new_args, at)
+    except Exception as e:
+        where = f"{at[0].name} ({at[0].op} {at[0].target})" if at else "?"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise RuntimeError(f"compact: the compacted model fails on example_inputs at {where} ({type(e).__name__}: "
+                           f"{first}); layers changed: {', '.join(changes) or 'none'}. This is a bug; the original "
+                           "model is unchanged") from e
     ref_t, new_t = _flat_tensors(ref_out), _flat_tensors(new_values["__output__"])
     scale = max([float(t.abs().max()) for t in ref_t if t.numel()] + [0.0])
     tol = atol if atol is not None else _default_atol(ref_t) * max(scale, 1e-6)
@@ -304,8 +331,9 @@ def compact(model: nn.Module, example_inputs, *, drop_inputs: bool = False, atol
                                       changes.get(name, {}), a["zeros"], a["weights"]))
     if measure:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        for dev in devices:
-            m0, m1 = (copy.deepcopy(ref), copy.deepcopy(gm)) if dev != "cpu" else (ref, gm)
+        home = args[0].device.type
+        for dev in devices:  # (the model where it is; copies moved to the other device)
+            m0, m1 = (copy.deepcopy(ref), copy.deepcopy(gm)) if dev != home else (ref, gm)
             t0, t1 = measure_latency([m0, m1], [args, new_args], dev)
             report.latency[dev] = {"before_ms": t0["median_s"] * 1e3, "after_ms": t1["median_s"] * 1e3,
                                    "speedup": t0["median_s"] / t1["median_s"], "repeats": t0["repeats"]}
@@ -350,7 +378,7 @@ def _first_difference(a, removed, old_values, new_values, tol) -> str:
         if not isinstance(old, Tensor) or not isinstance(new, Tensor):
             continue
         if ax is not None and not isinstance(ax, tuple):
-            old = old.index_select(ax.dim, (~removed[ax.ids]).nonzero().flatten())
+            old = old.index_select(ax.dim, (~removed[ax.ids]).nonzero().flatten().to(old.device))
         if old.shape == new.shape and old.numel() and float((old.double() - new.double()).abs().max()) > tol:
             return f"{node.name} ({node.op} {node.target})"
     return "not found"

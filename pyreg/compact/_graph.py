@@ -49,6 +49,9 @@ POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvg
 POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                   F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.avg_pool1d, F.avg_pool2d}
 RNN_MODULES = (nn.LSTM, nn.GRU, nn.RNN)
+#: Modules that read a 3-D input as [batch, channels, length]: a model input they read has its features in dim 1.
+CHANNELS_FIRST_1D = (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
+                     nn.AdaptiveMaxPool1d)
 RNN_GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
 
 
@@ -69,6 +72,7 @@ class Site:
     axis: Axis
     zero: Tensor       # bool [F]: the layer's weight columns for this feature are all zero
     foldable: Tensor   # bool [F]: a constant here can be folded exactly into the layer's bias
+    zero_value: Tensor  # bool [F]: the feature's value here (a constant's) is 0: nothing to fold
 
 
 @dataclass
@@ -146,12 +150,18 @@ class _Ids:
 
 
 def _zero_rows(w: Tensor) -> Tensor:
-    return w.abs().amax(dim=tuple(range(1, w.dim()))) == 0
+    return (w.abs().amax(dim=tuple(range(1, w.dim()))) == 0).cpu()
 
 
 def _zero_cols(w: Tensor) -> Tensor:
-    """Per input feature (dim 1 of a Linear/conv weight): all weights zero."""
-    return w.abs().amax(dim=tuple(d for d in range(w.dim()) if d != 1)) == 0
+    """Per input feature (dim 1 of a Linear/conv weight): all weights zero (on the CPU, as
+    every mask of the analysis, whatever the model's device)."""
+    return (w.abs().amax(dim=tuple(d for d in range(w.dim()) if d != 1)) == 0).cpu()
+
+
+def _zero_values(x: Tensor, dim: int) -> Tensor:
+    """Per feature of ``dim``: its value (read as a constant's, see :func:`feature_values`) is 0."""
+    return (feature_values(x, dim) == 0).cpu()
 
 
 def feature_values(x: Tensor, dim: int) -> Tensor:
@@ -283,7 +293,7 @@ class _Analyzer:
             return None
         dim = x.dim() - 1
         if x.dim() == 4 or (x.dim() == 3 and any(
-                u.op == "call_module" and isinstance(self.gm.get_submodule(u.target), nn.Conv1d)
+                u.op == "call_module" and isinstance(self.gm.get_submodule(u.target), CHANNELS_FIRST_1D)
                 for u in node.users)):
             dim = 1
         ids = self.uf.new(x.shape[dim])
@@ -332,7 +342,7 @@ class _Analyzer:
             self.a.slices.append((name, ax))
             const = ax.const.clone()
             if mod.affine:
-                const |= (mod.weight.detach() == 0)
+                const |= (mod.weight.detach() == 0).cpu()
             return Axis(ax.dim, ax.ids, const)
         if isinstance(mod, nn.LayerNorm):
             if ax is None:
@@ -351,7 +361,13 @@ class _Analyzer:
         if isinstance(mod, POOL_MODULES):
             if ax is None:
                 return None
-            if ax.dim != 1:
+            if getattr(mod, "return_indices", False):
+                reason = f"{type(mod).__name__} with return_indices=True is not supported"
+                self.leave(name, reason)
+                self.block(ax, f"consumed by {name}: {reason}")
+                return None
+            if ax.dim != 1 or x.dim() != _pooled_dims(type(mod).__name__) + 2:
+                # (an unbatched input: the pool's window runs over the channel dim itself)
                 self.block(ax, f"pooled over the channel dim by {name}")
                 return None
             const = ax.const
@@ -368,7 +384,7 @@ class _Analyzer:
             self.a.calls[name] = self.a.calls.get(name, 0) + 1
             if self.a.calls[name] == 1:
                 self.a.producers.append(Producer(name, ids, torch.ones(len(ids), dtype=torch.bool)))
-            const = (w == w[:1]).all(0)
+            const = (w == w[:1]).all(0).cpu()
             return Axis(y.dim() - 1, ids, const)
         if isinstance(mod, RNN_MODULES):
             return self.rnn(node, name, mod, ax, x, y)
@@ -385,15 +401,13 @@ class _Analyzer:
             if ax.dim != want or len(ax.ids) != w.shape[1]:
                 self.block(ax, f"consumed by {name} along another dim")
             else:
-                zero = _zero_cols(w)
-                if not first:
-                    foldable = torch.zeros_like(zero)  # one bias cannot hold two calls' constants
-                elif kind == "conv" and _zero_padded(mod):
+                zero, zero_value = _zero_cols(w), _zero_values(x, want)
+                if kind == "conv" and _zero_padded(mod):
                     # At padded borders a constant input channel is not constant: fold only zeros.
-                    foldable = feature_values(x, 1) == 0
+                    foldable = zero_value
                 else:
                     foldable = torch.ones_like(zero)
-                self.a.sites.append(Site(node, name, kind, ax, zero, foldable))
+                self.a.sites.append(Site(node, name, kind, ax, zero, foldable, zero_value))
         ids = self.module_ids(name, w.shape[0])
         if first:
             self.a.producers.append(Producer(name, ids, torch.ones(len(ids), dtype=torch.bool)))
@@ -420,29 +434,25 @@ class _Analyzer:
                 self.block(ax, f"consumed by {name} along another dim")
             else:
                 w = mod.weight_ih_l0.detach()
-                zero = _zero_cols(w)
-                if not first:
-                    foldable = torch.zeros_like(zero)
-                elif mod.bias:
-                    foldable = torch.ones_like(zero)
-                else:
-                    foldable = feature_values(x, x.dim() - 1) == 0
-                self.a.sites.append(Site(node, name, "rnn", ax, zero, foldable))
+                zero, zero_value = _zero_cols(w), _zero_values(x, x.dim() - 1)
+                foldable = torch.ones_like(zero) if mod.bias else zero_value
+                self.a.sites.append(Site(node, name, "rnn", ax, zero, foldable, zero_value))
         incoming_zero, rec_ok = [], []
         for layer in range(L):
-            w_ih = getattr(mod, f"weight_ih_l{layer}").detach().reshape(gates, H, -1)
-            w_hh = getattr(mod, f"weight_hh_l{layer}").detach().reshape(gates, H, H)
+            w_ih = getattr(mod, f"weight_ih_l{layer}").detach().cpu().reshape(gates, H, -1)
+            w_hh = getattr(mod, f"weight_hh_l{layer}").detach().cpu().reshape(gates, H, H)
             z = (w_ih == 0).all(2).all(0) & (w_hh == 0).all(2).all(0)
             if mod.bias:
                 for b in ("bias_ih", "bias_hh"):
-                    z &= (getattr(mod, f"{b}_l{layer}").detach().reshape(gates, H) == 0).all(0)
+                    z &= (getattr(mod, f"{b}_l{layer}").detach().cpu().reshape(gates, H) == 0).all(0)
             incoming_zero.append(z)  # every gate's input is zero: the unit's state stays exactly 0
             used = (w_hh != 0).any(0).clone()  # [H(row unit), H(col unit)]
             used.fill_diagonal_(False)
             rec_ok.append(~used.any(0))  # no other unit reads this one through the recurrence
         ids = self.module_ids(name, H)
+        new = name not in self.a.rnns
         plan = self.a.rnns.setdefault(name, RnnPlan(name, gates, ids))
-        for layer in range(L - 1):
+        for layer in range(L - 1 if new else 0):  # (from the weights: once, however often it is called)
             nxt = getattr(mod, f"weight_ih_l{layer + 1}").detach()
             unused = rec_ok[layer] & _zero_cols(nxt)
             plan.internal_keep.append(~(incoming_zero[layer] | unused))
@@ -476,7 +486,7 @@ class _Analyzer:
         if not method and t in POOL_FUNCTIONS:
             if ax is None:
                 return None
-            if ax.dim != 1 or (t in (F.avg_pool1d, F.avg_pool2d)):
+            if ax.dim != 1 or x.dim() != _pooled_dims(t.__name__) + 2 or (t in (F.avg_pool1d, F.avg_pool2d)):
                 return self.unknown(node)
             return ax
         if method and t == "dim":
@@ -504,6 +514,8 @@ class _Analyzer:
     def getitem(self, node, ax, x, y):
         idx = node.args[1]
         if isinstance(ax, RnnOut):
+            if isinstance(idx, int) and -2 <= idx < 0:  # (output, h_n) or (h_n, c_n): two items
+                idx += 2
             if ax.part == "all" and idx == 0:
                 return ax.axis
             mod = self.gm.get_submodule(ax.plan.module)
@@ -636,10 +648,13 @@ class _Analyzer:
         if ax is None:
             return None
         if node.target in ("transpose", torch.transpose):
-            d0, d1 = (_norm_dim(d, x.dim()) for d in node.args[1:3])
+            d0, d1 = (_norm_dim(_arg(node, i, k), x.dim()) for i, k in ((1, "dim0"), (2, "dim1")))
             dim = d1 if ax.dim == d0 else d0 if ax.dim == d1 else ax.dim
         else:
-            order = node.args[1] if isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            if len(node.args) < 2:
+                order = node.kwargs["dims"]
+            else:
+                order = node.args[1] if isinstance(node.args[1], (tuple, list)) else node.args[1:]
             order = [_norm_dim(d, x.dim()) for d in order]
             dim = order.index(ax.dim)
         return Axis(dim, ax.ids, ax.const)
@@ -657,8 +672,19 @@ class _Analyzer:
         dim = ax.dim if keep else ax.dim - sum(d < ax.dim for d in dims)
         const = ax.const
         if node.target in ("sum", torch.sum):  # c summed over n positions is n * c: n may differ by input
-            const = const & (feature_values(x, ax.dim) == 0)
+            const = const & _zero_values(x, ax.dim)
         return Axis(dim, ax.ids, const)
+
+
+def _arg(node, i: int, name: str):
+    """A call's argument given at position ``i`` or by keyword ``name``."""
+    return node.args[i] if len(node.args) > i else node.kwargs[name]
+
+
+def _pooled_dims(name: str) -> int:
+    """The trailing dims a pooling module or function pools (MaxPool1d: 1, ...2d: 2); its
+    input has these plus a channel and a batch dim, or it is unbatched (no batch dim)."""
+    return 1 if "1d" in name else 2
 
 
 def _prod(xs):
@@ -700,7 +726,8 @@ def decide(a: Analysis, n_ids: int):
     for p in a.producers:
         ok.scatter_reduce_(0, root[p.ids], p.ok.long(), "amin")
     for s in a.sites:
-        good = s.zero | (s.axis.const & s.foldable)
+        # a layer called more than once has one bias for every call: only a constant 0 (nothing to fold)
+        good = s.zero | (s.axis.const & (s.zero_value if a.calls.get(s.module, 1) > 1 else s.foldable))
         ok.scatter_reduce_(0, root[s.axis.ids], good.long(), "amin")
     # A producer keeps at least one row (layers of width zero are not supported everywhere).
     for p in a.producers:

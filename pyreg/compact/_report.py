@@ -11,14 +11,17 @@ from torch import Tensor, nn
 __all__ = ["Report", "LayerRow", "capture", "layer_counts", "measure_latency", "SparseLinear"]
 
 
-def capture(gm, args) -> Dict[str, object]:
-    """Run ``gm`` on ``args`` and keep every node's value."""
+def capture(gm, args, at: Optional[list] = None) -> Dict[str, object]:
+    """Run ``gm`` on ``args`` and keep every node's value (``at``: holds the node running, so that
+    a caller can name the one that raised)."""
     import torch.fx
 
     values = {}
 
     class _Capture(torch.fx.Interpreter):
         def run_node(self, n):
+            if at is not None:
+                at[:] = [n]
             out = super().run_node(n)
             values[n.name] = out
             return out
@@ -85,9 +88,8 @@ def measure_latency(models: List[nn.Module], args_list: List[tuple], device: str
     """Median seconds per call of each model, interleaved: model A, model B, A, B, ..."""
     moved = []
     for m, args in zip(models, args_list):
-        if device != "cpu":
-            m = m.to(device)
-            args = tuple(a.to(device) if isinstance(a, Tensor) else a for a in args)
+        m = m.to(device)  # (in place: the caller passes copies for another device than the model's)
+        args = tuple(a.to(device) if isinstance(a, Tensor) else a for a in args)
         moved.append((m, args))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with torch.inference_mode():
@@ -124,6 +126,21 @@ class SparseLinear(nn.Module):
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             self.register_buffer("weight", linear.weight.detach().to_sparse_csr())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    @staticmethod
+    def unsupported(linear: nn.Linear) -> Optional[str]:
+        """Why torch cannot run this layer's weight as CSR on its device and dtype (a product of
+        the same kind tried on a 2 x 2 matrix), or None."""
+        w = linear.weight
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                torch.eye(2, dtype=w.dtype, device=w.device).to_sparse_csr() @ torch.ones(
+                    2, 1, dtype=w.dtype, device=w.device)
+        except (RuntimeError, NotImplementedError) as e:
+            return (f"torch.sparse CSR has no {str(w.dtype).replace('torch.', '')} product on {w.device.type} "
+                    f"({type(e).__name__})")
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)

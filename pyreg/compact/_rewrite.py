@@ -58,6 +58,7 @@ def rewrite(a: Analysis, removed: Tensor, drop_inputs: bool) -> Dict[str, dict]:
         mod = gm.get_submodule(s.module)
         x = a.values[s.node.args[0].name]
         v = feature_values(x, s.axis.dim).double()
+        fold = fold.to(v.device)
         if s.kind == "linear":
             delta = mod.weight.detach().double()[:, fold] @ v[fold]
             base = mod.bias.detach().double() if mod.bias is not None else 0.0
@@ -84,7 +85,7 @@ def rewrite(a: Analysis, removed: Tensor, drop_inputs: bool) -> Dict[str, dict]:
                 kin = torch.ones(w.shape[1], dtype=torch.bool)
             note(name, "outputs", (~keep_out).nonzero().flatten())
             note(name, "inputs", (~kin).nonzero().flatten())
-            rows, cols = keep_out.nonzero().flatten(), kin.nonzero().flatten()
+            rows, cols = keep_out.nonzero().flatten().to(w.device), kin.nonzero().flatten().to(w.device)
             mod.weight = _param(w.index_select(0, rows).index_select(1, cols), w)
             if mod.bias is not None:
                 mod.bias = _param(mod.bias.detach().index_select(0, rows), mod.bias)
@@ -94,7 +95,7 @@ def rewrite(a: Analysis, removed: Tensor, drop_inputs: bool) -> Dict[str, dict]:
                 mod.in_channels, mod.out_channels = int(kin.sum()), int(keep_out.sum())
         elif isinstance(mod, nn.Embedding):
             note(name, "outputs", (~keep_out).nonzero().flatten())
-            mod.weight = _param(mod.weight.detach()[:, keep_out], mod.weight)
+            mod.weight = _param(mod.weight.detach()[:, keep_out.to(mod.weight.device)], mod.weight)
             mod.embedding_dim = int(keep_out.sum())
     for name, ax in a.slices:
         if name in changes.get("__bn_done__", {}):
@@ -103,6 +104,7 @@ def rewrite(a: Analysis, removed: Tensor, drop_inputs: bool) -> Dict[str, dict]:
         mod = gm.get_submodule(name)
         keep = ~removed[ax.ids]
         note(name, "channels", (~keep).nonzero().flatten())
+        keep = keep.to(mod.running_mean.device if mod.running_mean is not None else mod.weight.device)
         if mod.affine:
             mod.weight = _param(mod.weight.detach()[keep], mod.weight)
             mod.bias = _param(mod.bias.detach()[keep], mod.bias)
@@ -119,12 +121,16 @@ def rewrite(a: Analysis, removed: Tensor, drop_inputs: bool) -> Dict[str, dict]:
         new = int((~removed[ax.ids]).sum())
         if new == len(ax.ids):
             continue
-        shape_args = list(node.args[1:])
+        key = next((k for k in ("shape", "size") if k in node.kwargs), None)  # (the sizes by keyword)
+        shape_args = [node.kwargs[key]] if key else list(node.args[1:])
         packed = len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list))
         sizes = list(shape_args[0]) if packed else shape_args
         if ax.dim < len(sizes) and isinstance(sizes[ax.dim], int) and sizes[ax.dim] != -1:
             sizes[ax.dim] = new
-            node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+            if key:
+                node.kwargs = {**node.kwargs, key: tuple(sizes)}
+            else:
+                node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
 
     # 4. Inputs: gather the kept features in front, or take only them.
     kept_inputs = {}
@@ -140,7 +146,7 @@ def rewrite(a: Analysis, removed: Tensor, drop_inputs: bool) -> Dict[str, dict]:
                 gather = gm.graph.call_function(torch.narrow, (node, ax.dim, int(kept[0]), len(kept)))
         else:
             buf = f"kept_inputs_{node.name}"
-            gm.register_buffer(buf, kept)
+            gm.register_buffer(buf, kept.to(a.values[node.name].device))
             with gm.graph.inserting_after(node):
                 idx = gm.graph.get_attr(buf)
             with gm.graph.inserting_after(idx):
@@ -177,9 +183,9 @@ def _rewrite_rnn(gm, name, plan, removed, kin, changes):
         kw["nonlinearity"] = mod.nonlinearity
     layers, prev = [], kin
     for layer, k in enumerate(keeps):
-        rows = torch.cat([g * H + k.nonzero().flatten() for g in range(G)])
+        rows = torch.cat([g * H + k.nonzero().flatten() for g in range(G)]).to(w0.device)
         new = type(mod)(int(prev.sum()), int(k.sum()), num_layers=1, **kw).to(w0.device, w0.dtype)
-        src = {"weight_ih": lambda w: w[rows][:, prev], "weight_hh": lambda w: w[rows][:, k],
+        src = {"weight_ih": lambda w: w[rows][:, prev.to(w.device)], "weight_hh": lambda w: w[rows][:, k.to(w.device)],
                "bias_ih": lambda w: w[rows], "bias_hh": lambda w: w[rows]}
         for pname, f in src.items():
             if pname.startswith("bias") and not mod.bias:
