@@ -11,7 +11,11 @@ one setting each of
   steps 25..50, then fixed): the rule without its refresh;
 * a push/pull ratio, ``l1 = strength * RMS(push)`` refreshed every 10 steps
   (the element-wise analogue of adaptive weight decay, Ghiasi et al. 2023:
-  the penalty's pull a fixed fraction of the gradient's push).
+  the penalty's pull a fixed fraction of the gradient's push);
+* the quantile of the push averaged over the 10 steps before each refresh
+  (signed, then its magnitude: a weight oscillating around zero pushes both
+  ways, and its mean push is what the optimality condition compares with
+  l1): the rule with its push summed at every step.
 
 For each setting: the fraction of exact zeros of the weights per
 configuration, and the spread (largest over smallest). Writes
@@ -38,7 +42,8 @@ CONFIGS = [("SGD", pyreg.optim.SGD, dict(lr=0.1, momentum=0.9), (False,)),
            ("RMSprop", pyreg.optim.RMSprop, dict(lr=1e-3), (False, True))]
 STEPS = 500
 SETTINGS = [("fixed l1", v) for v in (1e-3, 1e-2, 1e-1)] + [("l1_strength", v) for v in (0.3, 0.5, 0.7, 0.8, 0.9)] \
-    + [("strength measured once", v) for v in (0.5, 0.8, 0.9)] + [("push/pull RMS", v) for v in (0.3, 1.0)]
+    + [("strength measured once", v) for v in (0.5, 0.8, 0.9)] + [("push/pull RMS", v) for v in (0.3, 1.0)] \
+    + [("push averaged over 10 steps", v) for v in (0.3, 0.5, 0.7, 0.8, 0.9)]
 
 
 def push_of(opt, p):
@@ -59,6 +64,7 @@ def run(data, cls, kw, pre, kind, value):
     opt = cls(groups, preconditioned=pre, **kw)
     weights = [p for g in opt.param_groups for p in g["params"] if p.dim() > 1]
     seen = [[] for _ in weights]
+    summed = None
     for step in range(STEPS):
         opt.zero_grad()
         nn.functional.cross_entropy(model(data.x_train), data.y_train).backward()
@@ -71,6 +77,14 @@ def run(data, cls, kw, pre, kind, value):
                 opt.param_groups[0]["l1"] = [sum(v) / len(v) for v in seen]
         elif kind == "push/pull RMS" and (step + 1) % 10 == 0:
             opt.param_groups[0]["l1"] = [value * float(push_of(opt, p).square().mean().sqrt()) for p in weights]
+        elif kind == "push averaged over 10 steps":
+            pushes = [push_of(opt, p).double() for p in weights]
+            summed = pushes if summed is None else [a + b for a, b in zip(summed, pushes)]
+            if (step + 1) % 10 == 0:
+                means = [(a / 10).abs().flatten() for a in summed]
+                opt.param_groups[0]["l1"] = [float(a.kthvalue(max(1, math.ceil(value * a.numel()))).values)
+                                             for a in means]
+                summed = None
     zeros = sum(int((p == 0).sum()) for p in weights)
     return zeros / sum(p.numel() for p in weights)
 
