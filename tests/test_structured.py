@@ -624,3 +624,56 @@ def test_ops_toward_ref_nan_inf(B):
     assert torch.equal(nnz.cpu(), want_nnz)
     assert x[0] == r[0] and x[5] == r[5]  # within lr*l1 of the reference: exactly on it
     assert torch.isnan(x[1]) and torch.isnan(x[2]) and torch.isnan(x[4])  # NaN and Inf - Inf propagate
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_prox_toward_ref_against_the_spec(B, dtype):
+    """prox_ toward a reference against the float64 spec on random data, every backend: within
+    the ``elementwise_ref`` tolerance (in 16 bit the middle step's ties may round either way)."""
+    g = torch.Generator().manual_seed(31)
+    w0 = torch.randn(4099, generator=g, dtype=torch.float64).to(dtype)
+    r0 = torch.randn(4099, generator=g, dtype=torch.float64).to(dtype)
+    got = w0.clone().to(B.dev)
+    with pyreg.use_backend(B.name):
+        pyreg.prox_([got], 0.3, 0.2, 0.5, ref=[r0.to(B.dev)])
+    want = w0.clone()
+    torch_ref.prox_([want], 0.3, 0.2, 0.5, ref=[r0])
+    torch.testing.assert_close(got.cpu(), want, **pyreg._tolerance.tolerance("elementwise_ref", dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_a_threshold_beyond_the_dtypes_range(B, dtype):
+    """lr * l1 finite but beyond the dtype's range (the kernels' float32 threshold would be inf):
+    every finite weight goes to 0, an infinite one stays infinite (as in the spec; not inf - inf)."""
+    inf = float("inf")
+    for l1, lr in ((1e40, 1.0), (0.5, 1e300)):
+        for ref in (False, True):
+            w = torch.tensor([inf, -inf, 1.0, -3e4, 0.0], dtype=dtype, device=B.dev)
+            want = w.cpu().clone()
+            rs = [torch.zeros_like(w)] if ref else None
+            with pyreg.use_backend(B.name):
+                nnz = pyreg.prox_([w], l1, 0.0, lr, ref=rs)
+            want_nnz = torch_ref.prox_([want], l1, 0.0, lr, ref=[r.cpu() for r in rs] if ref else None)
+            assert w.cpu().tolist() == [inf, -inf, 0.0, 0.0, 0.0] == want.tolist(), (l1, lr, ref, w)
+            assert nnz.tolist() == want_nnz.tolist() == [2]
+            gw = torch.tensor([[inf, 1.0], [2.0, 3.0]], dtype=dtype, device=B.dev)
+            with pyreg.use_backend(B.name):
+                pyreg.group_prox_([gw], 0.0, lr, dim=0, element_l1=l1)  # (its element step: the same threshold)
+            assert gw.cpu().tolist() == [[inf, 0.0], [0.0, 0.0]], gw
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sums_toward_a_ref_beyond_float32s_range(B, dtype):
+    """w - r beyond float32's range (3e38 - (-3e38)): the sums are those of the float64
+    differences, as in the spec (an L1-only penalty was NaN: 0 * an overflowed sum of squares)."""
+    w = torch.tensor([3e38, 1.0], dtype=dtype, device=B.dev)
+    r = torch.tensor([-3e38, 0.5], dtype=dtype, device=B.dev)
+    with pyreg.use_backend(B.name):
+        v1 = pyreg.penalty([w], 1e-3, 0.0, ref=[r])
+        v2 = pyreg.penalty([w], 0.0, 1e-3, ref=[r])
+        gv = pyreg.add_penalty_grad_([w], [torch.zeros_like(w)], 1e-3, 0.0, ref=[r])
+    want1 = torch_ref.penalty([w.cpu()], 1e-3, 0.0, ref=[r.cpu()])
+    want2 = torch_ref.penalty([w.cpu()], 0.0, 1e-3, ref=[r.cpu()])
+    torch.testing.assert_close(v1.cpu().double(), want1.double(), **REDUCTION_TOL[dtype])
+    torch.testing.assert_close(gv.cpu().double(), want1.double(), **REDUCTION_TOL[dtype])
+    assert torch.isinf(v2) and torch.isinf(want2)

@@ -105,6 +105,12 @@ PYREG_HD ProxParams<A> soft_params(double l1, double lr) {
   p.t_floor = floor_to<A>(t);
   p.t_hi = A(t);
   p.t_lo = A(t - double(p.t_hi));
+  if (!isfinite(p.t_hi) && isfinite(t)) {
+    // t beyond A's range: every finite a is at most t_floor (A's largest) and goes to 0; an
+    // infinite one stays infinite, as in the spec (not inf - inf)
+    p.t_hi = p.t_floor;
+    p.t_lo = A(0);
+  }
   p.scale = A(1);
   return p;
 }

@@ -31,6 +31,7 @@ struct GroupLoader {
   const T* x;
   ProxParams<A> soft;
   A operator()(int64_t i) const { return group_value<kOp, T, A>(x[i], soft); }
+  double exact(int64_t i) const { return double((*this)(i)); }
   void prefetch(int64_t i) const { prefetch_at(x, i); }
 };
 

@@ -103,7 +103,7 @@ inline Partial sweep(int64_t n, U&& update, V&& value) {
     if (kSums && sizeof(A) < sizeof(double) && out_of_float_range(t1, t2)) {
       double d1 = 0, d2 = 0;  // rare: this block again, in float64 (the spec)
       for (int k = 0; k < len; ++k) {
-        const double v = double(value(begin + k));
+        const double v = value.exact(begin + k);
         d1 += std::fabs(v);
         d2 += v * v;
       }
@@ -209,17 +209,20 @@ template <typename A, typename T>
 struct Loader {
   const T* x;
   A operator()(int64_t i) const { return load<A>(x[i]); }
+  double exact(int64_t i) const { return double(load<A>(x[i])); }  // the value in float64 (the spec's)
   void prefetch(int64_t i) const { prefetch_at(x, i); }
 };
 template <typename A, typename T>
 inline Loader<A, T> loader(const T* x) { return Loader<A, T>{x}; }
 
-// value() reading d = x - r (toward a reference) in the compute type A.
+// value() reading d = x - r (toward a reference) in the compute type A; exact(), in float64
+// (where d leaves A's range, as the spec computes it).
 template <typename A, typename T>
 struct DiffLoader {
   const T* x;
   const T* r;
   A operator()(int64_t i) const { return load<A>(x[i]) - load<A>(r[i]); }
+  double exact(int64_t i) const { return double(load<A>(x[i])) - double(load<A>(r[i])); }
   void prefetch(int64_t i) const { prefetch_at(x, i), prefetch_at(r, i); }
 };
 
@@ -230,6 +233,7 @@ struct NeLoader {
   const T* x;
   const T* r;
   A operator()(int64_t i) const { return load<A>(x[i]) != load<A>(r[i]) ? A(1) : A(0); }
+  double exact(int64_t i) const { return double((*this)(i)); }
   void prefetch(int64_t i) const { prefetch_at(x, i), prefetch_at(r, i); }
 };
 

@@ -208,7 +208,7 @@ __device__ __forceinline__ Partial run_chunk(void* xbase, void* gbase, const voi
       // were only read (grads are written, weights never), so they are intact.
       double d1 = 0.0, d2 = 0.0;
       auto add = [&](int i) {
-        const double d = kRef ? double(A(load<A>(x[i]) - load<A>(r[i]))) : double(load<A>(x[i]));
+        const double d = kRef ? double(load<A>(x[i])) - double(load<A>(r[i])) : double(load<A>(x[i]));
         d1 += fabs(d);
         d2 += d * d;
       };
