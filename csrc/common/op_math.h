@@ -35,6 +35,11 @@ template <> PYREG_HD float floor_to<float>(double t) {
 }
 template <> PYREG_HD double floor_to<double>(double t) { return t; }
 
+// A's largest finite value, as a double.
+template <typename A> PYREG_HD constexpr double largest();
+template <> PYREG_HD constexpr double largest<float>() { return 3.4028234663852886e38; }
+template <> PYREG_HD constexpr double largest<double>() { return 1.7976931348623157e308; }
+
 // A coefficient's value for tensor i (a function of this namespace rather
 // than a member of Coef: see PYREG_ISA_NS).
 PYREG_HD double coef_at(const Coef& c, int64_t i) { return c.per_tensor ? c.per_tensor[i] : c.value; }
@@ -103,14 +108,11 @@ PYREG_HD ProxParams<A> soft_params(double l1, double lr) {
   const double t = lr * l1;
   ProxParams<A> p;
   p.t_floor = floor_to<A>(t);
-  p.t_hi = A(t);
-  p.t_lo = A(t - double(p.t_hi));
-  if (!isfinite(p.t_hi) && isfinite(t)) {
-    // t beyond A's range: every finite a is at most t_floor (A's largest) and goes to 0; an
-    // infinite one stays infinite, as in the spec (not inf - inf)
-    p.t_hi = p.t_floor;
-    p.t_lo = A(0);
-  }
+  // t finite but beyond A's range: every finite a is at most t_floor (A's largest) and goes to 0;
+  // the shrink subtracts A's largest, so an infinite a stays infinite, as in the spec (not inf - inf)
+  const double th = t > largest<A>() && t <= largest<double>() ? largest<A>() : t;
+  p.t_hi = A(th);
+  p.t_lo = A(th - double(p.t_hi));
   p.scale = A(1);
   return p;
 }
