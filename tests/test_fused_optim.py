@@ -812,6 +812,39 @@ def test_grad_scaler(name):
     assert scaler.get_scale() < 1024.0
 
 
+def test_load_state_dict_hooks_see_and_set_pyregs_keys():
+    """Load pre-hooks run first, once, and what they return is what is checked and loaded (pyreg's
+    keys included); post-hooks run once, last, on the groups as loaded."""
+    w = nn.Parameter(torch.randn(4))
+    torch_sd = torch.optim.AdamW([nn.Parameter(w.detach().clone())], lr=0.1).state_dict()  # no pyreg keys
+    opt = optim.AdamW([w], lr=0.1)
+    calls = []
+
+    def pre(o, sd):
+        calls.append("pre")
+        sd = copy.deepcopy(sd)
+        sd["param_groups"][0].update(l1=0.005, lr=0.123)
+        return sd
+
+    def post(o):
+        calls.append(("post", o.param_groups[0]["l1"], o.param_groups[0]["lr"]))
+
+    opt.register_load_state_dict_pre_hook(pre)
+    opt.register_load_state_dict_post_hook(post)
+    opt.load_state_dict(torch_sd)
+    assert calls == ["pre", ("post", 0.005, 0.123)]
+    assert opt.param_groups[0]["l1"] == 0.005 and opt.param_groups[0]["lr"] == 0.123
+    bad = copy.deepcopy(opt.state_dict())
+    bad["param_groups"][0]["l1"] = None  # a hook that mends it: loaded
+    fresh = optim.AdamW([w], lr=0.1)
+    fresh.register_load_state_dict_pre_hook(lambda o, sd: {**sd, "param_groups": [
+        dict(sd["param_groups"][0], l1=1e-3)]})
+    fresh.load_state_dict(bad)
+    assert fresh.param_groups[0]["l1"] == 1e-3
+    with pytest.raises(TypeError, match="l1"):  # without it: refused
+        optim.AdamW([w], lr=0.1).load_state_dict(bad)
+
+
 def test_scheduler_closure_and_hooks():
     params = [nn.Parameter(torch.randn(5))]
     opt = optim.SGD(params, lr=1.0, l1=0.0)

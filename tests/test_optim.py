@@ -568,6 +568,63 @@ def test_param_groups_overrides_and_custom_exclude():
         pyreg.param_groups(net, exclude=3)
 
 
+def test_param_groups_ref_of_a_wrapped_model_and_a_ref_that_matches_nothing():
+    """Names match with or without the wrappers' prefixes (DataParallel/DDP ``module.``,
+    torch.compile ``_orig_mod.``); a reference matching no regularized parameter is an error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+
+    class Wrap(nn.Module):  # names as DataParallel's and DDP's: module.*
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    for m, r in ((Wrap(model), pretrained), (model, {f"module.{k}": v for k, v in pretrained.items()}),
+                 (model, {f"_orig_mod.{k}": v for k, v in pretrained.items()})):
+        groups = pyreg.param_groups(m, l2=0.1, ref=r)
+        refs = {n: x for g in groups for n, x in zip(g["param_names"], g["ref"])}
+        assert all(x is not None and torch.equal(x, pretrained[n.removeprefix("module.")]) for n, x in refs.items())
+    with pytest.raises(ValueError, match="ref has no tensor of the name and shape of any regularized parameter"):
+        pyreg.param_groups(model, l2=0.1, ref=nn.Sequential(nn.Linear(5, 3)))  # another model
+    head = pyreg.param_groups(model, l2=0.1, ref={"0.weight": pretrained["0.weight"]})  # a new head: None
+    assert {n: x is None for g in head for n, x in zip(g["param_names"], g["ref"])}["2.weight"]
+
+
+def test_param_groups_default_rule_by_name():
+    """Left out by name: attention's bias_k/bias_v, embeddings and tokens held as parameters, weight
+    normalization's magnitude (a gain of any shape)."""
+    class ViT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed, self.cls_token = nn.Parameter(torch.zeros(1, 5, 8)), nn.Parameter(torch.zeros(1, 1, 8))
+            self.attn, self.fc = nn.MultiheadAttention(8, 2, add_bias_kv=True), nn.Linear(8, 2)
+            nn.utils.parametrizations.weight_norm(self.fc)
+
+    regularized = {n for g in pyreg.param_groups(ViT(), l1=0.1) if g["l1"] for n in g["param_names"]}
+    assert regularized == {"attn.in_proj_weight", "attn.out_proj.weight", "fc.parametrizations.weight.original1"}
+
+
+def test_param_groups_overrides_on_excluded_parameters_only():
+    """An override whose keys apply only to regularized parameters (structured keys and the
+    strengths) and that matches only excluded ones is an error: it would change nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    nn.utils.parametrizations.weight_norm(model[0])  # its weight: 0.parametrizations.weight.original0/1
+    with pytest.raises(ValueError, match=r"\['0'\] match only excluded parameters, where their keys "
+                                         r"\(group_dim, group_l1\) do not apply.*parametrizations"):
+        pyreg.param_groups(model, overrides={"0": {"group_l1": 1.0, "group_dim": 1}})
+    groups = pyreg.param_groups(model, overrides={"0.parametrizations.weight": {"group_l1": 1.0, "group_dim": 1}})
+    assert [g["param_names"] for g in groups if g.get("group_l1")] == [["0.parametrizations.weight.original1"]]
+    plain = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2))
+    for key in ("l1_strength", "target_sparsity"):
+        groups = pyreg.param_groups(plain, overrides={"*": {key: 0.5}})  # not on the embedding or the bias
+        assert [g["param_names"] for g in groups if g.get(key)] == [["1.weight"]], key
+    assert _names(pyreg.param_groups(plain, overrides={"0": {"l1": 0.2}}))["0.weight"] == (0.2, 0.0)  # l1: it does
+    with pytest.raises(ValueError, match="this model's names start with '_orig_mod.'"):
+        pyreg.param_groups(torch.compile(plain), overrides={"1": {"l1": 0.2}})
+
+
 def test_param_groups_exclude_pattern_matching_nothing_warns():
     net = _Net()
     with pytest.warns(UserWarning, match=r"exclude pattern\(s\) \['hed\.\*'\] match no trainable"):

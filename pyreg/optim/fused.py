@@ -360,16 +360,32 @@ class FusedOptimizer(Observable):
         """torch's ``load_state_dict``; the loaded groups' settings are kept
         (checked first, as pyreg's own state entries: a bad one raises before
         anything is loaded), and a group of a state dict of torch's optimizer
-        (without pyreg's keys) keeps the pyreg keys its group holds now."""
+        (without pyreg's keys) keeps the pyreg keys its group holds now. The
+        load pre-hooks run first, on the state dict as given (what they return
+        is what is checked and loaded), the post-hooks last, on the groups as
+        loaded, pyreg's keys included."""
+        pre = self._optimizer_load_state_dict_pre_hooks  # type: ignore[attr-defined]
+        post = self._optimizer_load_state_dict_post_hooks  # type: ignore[attr-defined]
+        for hook in list(pre.values()):
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
         for gi, group in enumerate(state_dict.get("param_groups", [])):
             n = len(group.get("params", ()))
             read_group(dict(group, params=[None] * n), self._engine.defaults, f"state_dict param_groups[{gi}]")
         state_dict, bounds = pop_own_state(state_dict)
         before = [dict(g) for g in self.param_groups]  # type: ignore[attr-defined]
-        super().load_state_dict(state_dict)  # type: ignore[misc]
+        self._optimizer_load_state_dict_pre_hooks = type(pre)()  # (torch's load runs none of them again)
+        self._optimizer_load_state_dict_post_hooks = type(post)()
+        try:
+            super().load_state_dict(state_dict)  # type: ignore[misc]
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
         keep_own_keys(before, self.param_groups, state_dict.get("param_groups", []))  # type: ignore[attr-defined]
         put_own_state(self.state, self.param_groups, state_dict.get("param_groups", []), bounds)  # type: ignore
         self._fill_keys()
+        for hook in list(post.values()):
+            hook(self)
 
     def _fill_keys(self) -> None:
         for group in self.param_groups:  # type: ignore[attr-defined]

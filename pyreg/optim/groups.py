@@ -27,17 +27,48 @@ def default_exclude(name: str, param: Tensor, module: nn.Module) -> bool:
       name contains ``"Norm"``, e.g. third-party ``LlamaRMSNorm``),
     * every parameter of an embedding (``nn.Embedding``, ``nn.EmbeddingBag``),
     * any other parameter with at most one dimension (scales, gains, biases of
-      custom modules).
+      custom modules),
+    * by name: biases (``bias_k``, ``bias_v`` of ``nn.MultiheadAttention``),
+      embeddings and tokens held as parameters (``pos_embed``, ``cls_token``
+      and the like: a leaf name containing ``embed`` or ending in ``token``),
+      and weight normalization's magnitude (``weight_g``, and ``original0`` of
+      ``parametrizations.weight_norm``), a gain of any shape.
     """
     leaf = name.rsplit(".", 1)[-1]
-    return (leaf == "bias" or leaf.endswith("_bias")
+    return (leaf == "bias" or leaf.endswith("_bias") or leaf.startswith("bias_")
+            or "embed" in leaf or leaf.endswith("token") or leaf == "weight_g"
+            or (leaf == "original0" and any(type(p).__name__ == "_WeightNorm" for p in module.children()))
             or isinstance(module, _NORM_TYPES + _EMBEDDING_TYPES)
             or "Norm" in type(module).__name__
             or param.dim() <= 1)
 
 
+#: Keys an override sets only on the parameters that are not excluded.
+_NOT_ON_EXCLUDED = STRUCTURED_KEYS + ("l1_strength",)
+#: The prefixes wrappers put before a model's own names (DataParallel and DDP's ``module.``,
+#: torch.compile's ``_orig_mod.``): a reference matches with or without them.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def _matches(pattern: str, name: str, module_name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or (bool(module_name) and fnmatch.fnmatchcase(module_name, pattern))
+
+
+def _unwrapped(name: str) -> str:
+    """``name`` without the wrappers' leading prefixes."""
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def _pattern_hint(names: Sequence[str]) -> str:
+    """What a pattern that matched nothing might have meant, from the model's names."""
+    hint = ("patterns match a parameter's qualified name (such as 'fc1.weight') or the name of the module "
+            "that holds it directly; 'encoder.*' matches everything under 'encoder'")
+    prefixes = sorted({n.split(".", 1)[0] + "." for n in names if n.startswith(_WRAPPER_PREFIXES)})
+    if prefixes:
+        hint += f"; this model's names start with {prefixes[0]!r} (a wrapped model)"
+    return hint
 
 
 def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
@@ -62,12 +93,16 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
       parameter warns (a likely typo: the parameters it meant are regularized).
 
     ``overrides={pattern: {"l1": ..., "l2": ..., "lr": ...}}`` sets options
-    for the parameters whose qualified name or module name matches the
-    pattern (fnmatch-style, e.g. ``"encoder.layers.*"``, ``"fc"``); they are
+    for the parameters whose qualified name, or the name of the module that
+    holds them directly (not an ancestor's: ``"encoder.*"`` matches
+    everything under ``encoder``), matches the pattern (fnmatch-style, e.g.
+    ``"encoder.layers.*"``, ``"fc"``); they are
     applied in order (later patterns win) on top of the base options, so an
     explicit ``l1``/``l2`` override applies even to an excluded parameter.
     Any other key (``lr``, ``weight_decay``, ...) is passed to the optimizer.
-    A pattern that matches no parameter is an error (a likely typo).
+    A pattern that matches no parameter is an error (a likely typo), and so is
+    one that matches only excluded parameters when all its keys are ones that
+    apply only to the others (below).
 
     Overrides may also set the structured regularizers of
     :class:`Regularized`: ``group_l1`` and ``group_dim`` (group lasso),
@@ -75,7 +110,10 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
     ``overrides={"fc1": {"group_l1": 1e-3, "group_dim": 1}}`` for group lasso
     on the first layer's input columns only. These apply to the matching
     parameters that are not excluded (so ``"fc1"`` sets them on ``fc1.weight``,
-    not on ``fc1.bias``).
+    not on ``fc1.bias``), as do ``target_sparsity``, ``l2_bound``,
+    ``group_strength`` and ``l1_strength``. (A parametrized weight, e.g. after
+    ``weight_norm``, is named ``fc1.parametrizations.weight.original0``: its
+    module is ``fc1.parametrizations.weight``.)
 
     ``l1_strength``: the L1 strength as a fraction in [0, 1] instead of an
     ``l1`` (which must then be 0): each regularized tensor's ``l1`` is set
@@ -88,8 +126,12 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
     ``"ref"`` list with, per parameter, a copy of the reference tensor of the
     same name (moved to the parameter's device and dtype), or None where the
     reference has no tensor of that name and shape (new layers, a replaced
-    head): those get plain L1/L2. The copies are the one extra copy of the
-    weights that regularizing toward a reference needs.
+    head): those get plain L1/L2. Names match with or without the prefixes
+    of wrappers (``module.`` of DataParallel and DDP, ``_orig_mod.`` of
+    torch.compile). A reference in which no regularized parameter finds its
+    tensor is an error (a wrapped or another model: L2-SP would silently be
+    L2 toward zero). The copies are the one extra copy of the weights that
+    regularizing toward a reference needs.
 
     Parameters with equal options share a group, excluded ones apart from the
     others even when the options are equal (``l1 = l2 = 0``): the groups are
@@ -136,7 +178,9 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
             ref = dict(ref.state_dict())
         elif not isinstance(ref, dict):
             raise TypeError(f"ref must be an nn.Module or a state dict, got {type(ref).__name__}")
+        ref = {_unwrapped(k): v for k, v in ref.items()}
     used = set()
+    applied = set()  # the patterns that set a key on some parameter
     used_exclude = set()
 
     groups: List[Dict[str, Any]] = []
@@ -158,8 +202,11 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
             opts = {"l1": 0.0, "l2": 0.0} if excluded else dict(base)
             for pattern, extra in overrides.items():
                 if _matches(pattern, name, module_name):
-                    opts.update({k: v for k, v in extra.items() if not (excluded and k in STRUCTURED_KEYS)})
+                    keys = {k: v for k, v in extra.items() if not (excluded and k in _NOT_ON_EXCLUDED)}
+                    opts.update(keys)
                     used.add(pattern)
+                    if keys or not extra:
+                        applied.add(pattern)
             # The groups depend on which parameters are excluded, not on the
             # coefficient values: l1 = l2 = 0 gives the same groups as any other.
             for group in groups:
@@ -170,21 +217,38 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
                 groups.append(group)
             group["params"].append(param)
             group["param_names"].append(name)
+    names = [n for g in groups for n in g["param_names"]]
     unused = [p for p in overrides if p not in used]
     if unused:
-        raise ValueError(f"overrides pattern(s) {unused} match no trainable parameter of the model")
+        raise ValueError(f"overrides pattern(s) {unused} match no trainable parameter of the model ("
+                         f"{_pattern_hint(names)})")
+    idle = [p for p in overrides if p in used and p not in applied]
+    if idle:
+        raise ValueError(f"overrides pattern(s) {idle} match only excluded parameters, where their keys "
+                         f"({', '.join(sorted({k for p in idle for k in overrides[p]}))}) do not apply: nothing "
+                         f"would change ({_pattern_hint(names)}; a parametrized weight is named "
+                         "'<module>.parametrizations.weight.original0')")
     unused = [p for p in patterns if p not in used_exclude] if rule is None else []
     if unused:
         warnings.warn(f"exclude pattern(s) {unused} match no trainable parameter of the model, so they exclude "
                       "nothing: check their spelling (patterns match a parameter's qualified name, such as "
                       "'fc1.bias', or its module's name)", UserWarning, stacklevel=2)
-    out = []
+    out, found, wanted = [], 0, 0
     for group in groups:
         opts = group.pop("_opts")
-        group.pop("_excluded")
+        excluded = group.pop("_excluded")
         out.append({"params": group["params"], "param_names": group["param_names"], **opts})
         if ref is not None:
-            out[-1]["ref"] = [_ref_copy(ref, name, p) for name, p in zip(group["param_names"], group["params"])]
+            refs = [_ref_copy(ref, _unwrapped(name), p) for name, p in zip(group["param_names"], group["params"])]
+            out[-1]["ref"] = refs
+            if not excluded:
+                wanted += len(refs)
+                found += sum(r is not None for r in refs)
+    if ref is not None and wanted and not found:
+        some = [n for g in out for n in g["param_names"]][:3]
+        raise ValueError(f"ref has no tensor of the name and shape of any regularized parameter (such as "
+                         f"{some}; ref's names: {list(ref)[:3]}): toward it, every parameter would be regularized "
+                         "toward zero. Pass the reference of this model (a state dict of the same names)")
     return out
 
 
