@@ -932,3 +932,19 @@ def test_global_step_hooks_run_once_per_step():
     finally:
         for h in handles:
             h.remove()
+
+
+def test_a_scheduler_made_on_the_inner_optimizer_sees_its_steps():
+    """A scheduler made on the inner optimizer before wrapping it: its first step does not warn
+    that it came before the optimizer's (the wrapper runs the inner step past the scheduler's patch)."""
+    w = nn.Parameter(torch.randn(4))
+    inner = torch.optim.AdamW([w], lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(inner, 2)
+    opt = pyreg.Regularized(inner, l1=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            w.grad = torch.randn(4)
+            opt.step()
+            sched.step()
+    assert inner.param_groups[0]["lr"] == pytest.approx(0.01)

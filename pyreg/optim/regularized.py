@@ -296,8 +296,13 @@ class Regularized(Observable, Optimizer):
     # -- the step ---------------------------------------------------------------
     def _inner_step(self, closure: Optional[Callable[[], Any]]):
         """The inner optimizer's step, with its own step hooks but not the global
-        ones: those run once, around this wrapper's step, as for any optimizer."""
-        return step_with_own_hooks(self.optimizer, closure)
+        ones: those run once, around this wrapper's step, as for any optimizer.
+        A scheduler made on the inner optimizer wrapped its ``step`` to record
+        the call (its first step warns otherwise): the call is recorded."""
+        out = step_with_own_hooks(self.optimizer, closure)
+        if hasattr(vars(self.optimizer).get("step"), "_wrapped_by_lr_sched"):
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
+        return out
 
     def _add_penalty_grads(self, work: List[Work], undo: bool = False) -> None:
         """Gradient mode: the penalty's gradient into the grads. A group with
