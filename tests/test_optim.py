@@ -948,3 +948,20 @@ def test_a_scheduler_made_on_the_inner_optimizer_sees_its_steps():
             opt.step()
             sched.step()
     assert inner.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_param_groups_l1_and_l1_strength_overrides_replace_each_other():
+    """An override's l1 replaces the base strength on its parameters (and its strength the base l1):
+    the groups build an optimizer; a strength with ref is refused by param_groups itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    groups = pyreg.param_groups(model, l1_strength=0.5, overrides={"2": {"l1": 0.1}})
+    by = {n: (g["l1"], g.get("l1_strength")) for g in groups for n in g["param_names"]}
+    assert by["0.weight"] == (0.0, 0.5) and by["2.weight"] == (0.1, None)
+    pyreg.optim.AdamW(groups, lr=0.1)  # (a group with both would be refused)
+    groups = pyreg.param_groups(model, l1=0.2, overrides={"0": {"l1_strength": 0.7}})
+    by = {n: (g["l1"], g.get("l1_strength")) for g in groups for n in g["param_names"]}
+    assert by["0.weight"] == (0.0, 0.7) and by["2.weight"] == (0.2, None)
+    pyreg.optim.AdamW(groups, lr=0.1)
+    with pytest.raises(ValueError, match="both l1_strength and ref"):
+        pyreg.param_groups(model, l1_strength=0.5, ref=model)

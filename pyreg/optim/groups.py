@@ -118,8 +118,10 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
     ``l1_strength``: the L1 strength as a fraction in [0, 1] instead of an
     ``l1`` (which must then be 0): each regularized tensor's ``l1`` is set
     from its own push every ``l1_refresh`` steps (an override may set that
-    key, and a per-layer ``l1_strength``); see "How much regularization" in
-    the guide and :func:`pyreg.optim.apply.refresh_strength`.
+    key, and a per-layer ``l1_strength``; an override's ``l1`` replaces the
+    strength on its parameters, and its ``l1_strength`` their ``l1``); see
+    "How much regularization" in the guide and
+    :func:`pyreg.optim.apply.refresh_strength`. Not with ``ref``.
 
     ``ref``: reference weights (a model, or a state dict such as the
     pre-trained one) to regularize toward (L1-SP / L2-SP): every group gets a
@@ -174,6 +176,9 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
         if "ref" in opts:
             raise ValueError(f"overrides[{pattern!r}] may not set 'ref'; pass ref= to param_groups")
     if ref is not None:
+        if l1_strength is not None:
+            raise ValueError("param_groups sets both l1_strength and ref: a strength sets each tensor's l1 from its "
+                             "push toward zero, not toward a reference")
         if isinstance(ref, nn.Module):
             ref = dict(ref.state_dict())
         elif not isinstance(ref, dict):
@@ -203,6 +208,11 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
             for pattern, extra in overrides.items():
                 if _matches(pattern, name, module_name):
                     keys = {k: v for k, v in extra.items() if not (excluded and k in _NOT_ON_EXCLUDED)}
+                    # l1 and l1_strength exclude each other: the one an override sets replaces the other
+                    if keys.get("l1") and "l1_strength" not in keys:
+                        opts.pop("l1_strength", None)
+                    if keys.get("l1_strength") is not None and "l1" not in keys:
+                        opts["l1"] = 0.0
                     opts.update(keys)
                     used.add(pattern)
                     if keys or not extra:
