@@ -621,8 +621,13 @@ def test_param_groups_overrides_on_excluded_parameters_only():
         groups = pyreg.param_groups(plain, overrides={"*": {key: 0.5}})  # not on the embedding or the bias
         assert [g["param_names"] for g in groups if g.get(key)] == [["1.weight"]], key
     assert _names(pyreg.param_groups(plain, overrides={"0": {"l1": 0.2}}))["0.weight"] == (0.2, 0.0)  # l1: it does
+    class Compiled(nn.Module):  # names as torch.compile's OptimizedModule gives them: _orig_mod.*
+        def __init__(self, m):
+            super().__init__()
+            self._orig_mod = m
+
     with pytest.raises(ValueError, match="this model's names start with '_orig_mod.'"):
-        pyreg.param_groups(torch.compile(plain), overrides={"1": {"l1": 0.2}})
+        pyreg.param_groups(Compiled(plain), overrides={"1": {"l1": 0.2}})
 
 
 def test_param_groups_exclude_pattern_matching_nothing_warns():
@@ -965,3 +970,22 @@ def test_param_groups_l1_and_l1_strength_overrides_replace_each_other():
     pyreg.optim.AdamW(groups, lr=0.1)
     with pytest.raises(ValueError, match="both l1_strength and ref"):
         pyreg.param_groups(model, l1_strength=0.5, ref=model)
+
+
+@pytest.mark.parametrize("first", ["embedding", "head"])
+def test_param_groups_tied_embedding_left_out_whatever_the_order(first):
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            if first == "head":
+                self.head = nn.Linear(4, 10, bias=False)
+            self.wte = nn.Embedding(10, 4)
+            self.mid = nn.Linear(4, 4)
+            if first != "head":
+                self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.wte.weight
+
+    groups = pyreg.param_groups(LM(), l1=0.1)
+    regularized = [n for g in groups if g["l1"] for n in g["param_names"]]
+    assert regularized == ["mid.weight"]
+    assert sum(len(g["params"]) for g in groups) == 3  # the tied weight once

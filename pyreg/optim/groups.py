@@ -80,7 +80,9 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
 
     Every trainable parameter (``requires_grad``; frozen ones are skipped)
     appears once, in ``model.named_modules()`` order (a shared/tied parameter
-    belongs to the first module that holds it). Parameters are regularized
+    belongs to the first module that holds it, and the default rule leaves
+    it out if it leaves it out in any of its modules: a language model's
+    output layer tied to its embedding is an embedding). Parameters are regularized
     with ``l1``/``l2`` unless excluded, which puts them into a group with
     ``l1 = l2 = 0``:
 
@@ -190,6 +192,12 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
 
     groups: List[Dict[str, Any]] = []
     seen = set()
+    holders: Dict[int, List[Tuple[str, nn.Module]]] = {}  # a tied parameter's every (name, module)
+    if rule is default_exclude:
+        for module_name, module in model.named_modules(remove_duplicate=False):
+            for pname, param in module.named_parameters(recurse=False):
+                holders.setdefault(id(param), []).append(
+                    (f"{module_name}.{pname}" if module_name else pname, module))
     for module_name, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):
             if id(param) in seen:
@@ -198,7 +206,9 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
             if not param.requires_grad:
                 continue
             name = f"{module_name}.{pname}" if module_name else pname
-            if rule is not None:
+            if rule is default_exclude:  # (a tied parameter: left out if any of its modules leaves it out)
+                excluded = any(default_exclude(n, param, m) for n, m in holders.get(id(param), [(name, module)]))
+            elif rule is not None:
                 excluded = bool(rule(name, param, module))
             else:
                 hits = [p for p in patterns if _matches(p, name, module_name)]
