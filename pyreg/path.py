@@ -358,6 +358,8 @@ def _to(x: Any, device: Optional[torch.device]) -> Any:
         return x.to(device, non_blocking=True)
     if isinstance(x, (list, tuple)):
         return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return type(x)((k, _to(v, device)) for k, v in x.items())
     return x
 
 
@@ -372,12 +374,26 @@ def _batches(data: Any, full: bool, device: Optional[torch.device], name: str):
         yield _to(b[0], device), _to(b[1], device)
 
 
+def _leading(t: Any) -> Optional[int]:
+    """The first dimension of the first tensor of 1 or more dims in ``t`` (a tensor, or a list,
+    tuple or dict of them, nested), or None."""
+    if isinstance(t, Tensor):
+        return t.shape[0] if t.dim() > 0 else None
+    items = t.values() if isinstance(t, dict) else t if isinstance(t, (list, tuple)) else ()
+    for v in items:
+        n = _leading(v)
+        if n is not None:
+            return n
+    return None
+
+
 def _size(x: Any, y: Any) -> int:
+    """A batch's number of samples: the first dimension of its targets' first tensor, else of its
+    inputs' (1 where neither holds a tensor of 1 or more dims)."""
     for t in (y, x):
-        if isinstance(t, Tensor) and t.dim() > 0:
-            return t.shape[0]
-    if isinstance(x, (list, tuple)) and x and isinstance(x[0], Tensor) and x[0].dim() > 0:
-        return x[0].shape[0]
+        n = _leading(t)
+        if n is not None:
+            return n
     return 1
 
 
@@ -491,6 +507,8 @@ def _evaluate(work: nn.Module, metric: Callable, data: Any, full: bool, device,
     sizes: List[int] = []
     first: Optional[Tensor] = None  # the first sample's output
     differs: Optional[Tensor] = None  # whether any sample's output differs from it (on the device)
+    broken: Optional[Tensor] = None  # whether any output is NaN or infinite (on the device)
+    single: List[Tensor] = []  # a 1-sample batch's one value: per sample or per batch, as the others are
     constant = True
     samples = 0
     with torch.no_grad():
@@ -498,6 +516,9 @@ def _evaluate(work: nn.Module, metric: Callable, data: Any, full: bool, device,
             b = _size(x, y)
             samples += b
             out = work(x)
+            if isinstance(out, Tensor) and out.is_floating_point():
+                bad = ~torch.isfinite(out).all()
+                broken = bad if broken is None else broken | bad
             if constant:
                 if (not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != b
                         or (first is not None and first.shape[1:] != out.shape[1:])):
@@ -507,14 +528,24 @@ def _evaluate(work: nn.Module, metric: Callable, data: Any, full: bool, device,
                     d = (out != first).any()
                     differs = d if differs is None else differs | d
             v = _metric_value(metric(out, y), b)
-            if v.dim() == 1:
+            if b == 1:
+                single.append(v.reshape(()))
+            elif v.dim() == 1:
                 per_sample.append(v)
             else:
                 per_batch.append(v)
                 sizes.append(b)
     work.train()
-    # (one sample: nothing to compare it with, so never "the same output for every sample")
-    constant = constant and samples > 1 and differs is not None and not bool(differs)
+    if single:  # (the same number either way)
+        if per_sample:
+            per_sample.append(torch.stack(single))
+        else:
+            per_batch.extend(single)
+            sizes.extend([1] * len(single))
+    # (one sample: nothing to compare it with, so never "the same output for every sample"); a
+    # fit whose output is NaN or infinite is as dead
+    constant = (constant and samples > 1 and differs is not None and not bool(differs)) or (
+        broken is not None and bool(broken))
     if per_sample and per_batch:
         raise ValueError("metric returned one value per sample for some batches and a scalar for others (a batch "
                          "of one sample? return one value per sample as a 1-D tensor, e.g. values.reshape(-1))")
@@ -681,8 +712,8 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
             training run over the grid (``epochs`` = the run's epochs / the
             number of alphas). In either order, a dead fit is no warm
             start: one after which the model's output is the same for every
-            sample of the metric's data, with more than one regularized
-            tensor. A network whose regularized layers are (nearly) all
+            sample of the metric's data, or NaN or infinite anywhere (a fit
+            that diverged), with more than one regularized tensor. A network whose regularized layers are (nearly) all
             zero is stuck there at every alpha (with every weight of a layer
             zero, no gradient that depends on the input reaches the others),
             so every later fit started there would stay dead. The next fit
@@ -868,6 +899,11 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
                       f"the selected index {best} (alpha {grid[best]:.4g}) is the first fitted, not a choice "
                       "(see result.table(); a loss that diverged gives NaN: try a smaller lr)",
                       RuntimeWarning, stacklevel=2)
+    if select == "1se" and rows and not math.isfinite(rows[best]["val_se"]):
+        warnings.warn(f"pyreg.path: select='1se' has no standard error at the best alpha (the {metric_on} metric "
+                      "returned one value for a single batch): the 1se alpha is the best one. For a standard "
+                      "error, return one value per sample (e.g. a loss with reduction='none') or pass several "
+                      "batches", RuntimeWarning, stacklevel=2)
     chosen = best if select == "best" else one_se
     if not keep_weights:
         weights = {chosen: weights[chosen]}

@@ -236,7 +236,8 @@ class _Out(nn.Module):
     ([torch.ones(3, 2), torch.full((2, 2), 2.0)], False),  # each batch constant, but not the same
     ([torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 1.0]]), torch.ones(2, 2)], False),
     ([torch.ones(3, 2), torch.ones(2, 3)], False),  # shapes that differ
-    ([torch.full((3, 2), float("nan")), torch.full((2, 2), float("nan"))], False),  # NaN equals nothing
+    ([torch.full((3, 2), float("nan")), torch.full((2, 2), float("nan"))], True),  # NaN: diverged, as dead
+    ([torch.ones(3, 2), torch.tensor([[1.0, float("inf")], [1.0, 1.5]])], True),  # one infinite output
     ([(torch.ones(3, 2),), (torch.ones(2, 2),)], False),  # not a tensor: not known constant
 ])
 def test_evaluate_tells_a_constant_output(outputs, constant):
@@ -675,13 +676,71 @@ def test_bad_training_data_without_val_names_train():
         pyreg.path(_linear(), _half_mse, [Xt, yt], alphas=[0.1], progress=False)
 
 
-def test_a_metric_scalar_on_a_one_sample_batch_is_explained():
+@pytest.mark.parametrize("kind", ["per_sample", "per_batch"])
+def test_a_one_sample_batch_counts_as_its_metric_kind(kind):
+    """A batch of one sample: its one value is per sample or per batch as the other batches' are
+    (a per-sample metric squeezed to a scalar, a per-batch one of shape (1,)): the same mean."""
     X, y = _data()
     Xt, yt = torch.tensor(X), torch.tensor(y)
     loader = [(Xt[:30], yt[:30]), (Xt[30:31], yt[30:31])]  # (the last batch holds one sample)
-    squeezed = lambda out, t: ((out.squeeze(-1) - t) ** 2).squeeze()  # noqa: E731 (a scalar for one sample)
-    with pytest.raises(ValueError, match="a batch of one sample"):
-        pyreg.path(_linear(), _half_mse, (Xt, yt), val=loader, alphas=[0.1], metric=squeezed, epochs=1,
+    if kind == "per_sample":
+        metric = lambda out, t: ((out.squeeze(-1) - t) ** 2).squeeze()  # noqa: E731 (a scalar for one sample)
+    else:
+        metric = lambda out, t: ((out.squeeze(-1) - t) ** 2).mean(0, keepdim=True)  # noqa: E731 (shape (1,))
+    r = pyreg.path(_linear(), _half_mse, (Xt, yt), val=loader, alphas=[0.1], metric=metric, epochs=1,
+                   optimizer=_ista(X), progress=False)
+    with torch.no_grad():
+        want = float(((r.model()(Xt[:31]).squeeze(-1) - yt[:31]) ** 2).mean())
+    assert r.rows[0]["val_metric"] == pytest.approx(want, rel=1e-12)
+
+
+def test_batches_of_dicts_are_weighted_by_their_samples():
+    """x and y dicts: each batch weighs its samples (the first tensor's first dim), not 1."""
+    torch.manual_seed(0)
+    A, Y = torch.randn(9, 3), torch.randn(9, 1)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.l(x["a"])
+
+    data = [({"a": A[:8]}, {"y": Y[:8]}), ({"a": A[8:]}, {"y": Y[8:]})]
+    m = M()
+    r = pyreg.path(m, lambda o, t: ((o - t["y"]) ** 2).mean(), data, alphas=[0.1], epochs=1,
+                   optimizer=lambda g: pyreg.optim.SGD(g, lr=0.0), progress=False)
+    with torch.no_grad():
+        want = float(((m(({"a": A})) - Y) ** 2).mean())
+    assert r.rows[0]["val_metric"] == pytest.approx(want, rel=1e-6)
+    assert r.rows[0]["train_loss"] == pytest.approx(want, rel=1e-6)
+    from pyreg.path import _to
+    moved = _to({"a": A, "b": [A]}, torch.device("meta"))  # (dict inputs go to the model's device)
+    assert moved["a"].is_meta and moved["b"][0].is_meta
+
+
+def test_a_diverged_fit_is_no_warm_start():
+    """A fit whose output is NaN restarts the next one from the last live fit (it stayed NaN)."""
+    torch.manual_seed(0)
+    X = torch.randn(64, 5) * 3
+    y = X.sum(1, keepdim=True)
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = pyreg.path(m, nn.functional.mse_loss, (X, y), alphas=[0.0, 0.3, 3.0], method="l2", order="increasing",
+                       epochs=100, optimizer=lambda g: pyreg.optim.SGD(g, lr=0.1), progress=False)
+    assert math.isnan(r.rows[0]["val_metric"])  # (this lr diverges with a small penalty)
+    assert [row["start"] for row in r.rows] == [None, None, None]  # each from the model's weights, not NaN
+    assert math.isfinite(r.rows[2]["val_metric"])
+
+
+def test_1se_without_a_standard_error_warns():
+    X, y = _data()
+    Xt, yt = torch.tensor(X), torch.tensor(y)
+    with pytest.warns(RuntimeWarning, match="select='1se' has no standard error"):
+        pyreg.path(_linear(), _half_mse, (Xt, yt), alphas=[0.1, 0.01], select="1se", epochs=1,
                    optimizer=_ista(X), progress=False)
 
 
