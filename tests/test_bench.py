@@ -300,3 +300,37 @@ def test_host_step_script_writes_every_row_with_its_base(tmp_path):
         assert (r[5] in names[:i]) == bool(r[5]) == bool(r[6])  # a base is a row above it
         if r[5]:
             float(r[6])  # its difference, in µs
+
+
+def test_step_peers_left_out_where_the_gpu_cannot_hold_them(monkeypatch):
+    """On a GPU too small for every step peer side by side ((3 per peer + 4)
+    buffers of the set's size per rotated copy), the loop, then Regularized,
+    are left out, each with the reason, and noted; pyreg and torch's bare
+    step always run; nothing is left out where all fit, or on the CPU."""
+    from types import SimpleNamespace
+
+    from pyreg.bench.suite import STEP_MEMORY_FRACTION, Suite
+
+    sset = shapes.get("gpt-1.3b")
+    buf = sset.numel * 4
+    notes = []
+    fake = SimpleNamespace(dev=torch.device("cuda"), elsize=4, note_once=notes.append)
+    free = {"b": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (free["b"], 10 * free["b"]))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 0)
+    fits = lambda n: int(buf * (3 * n + 4) / STEP_MEMORY_FRACTION) + 1  # noqa: E731
+    for free_b, left_out in [(fits(4), []), (fits(4) - 2, ["loop"]), (fits(3), ["loop"]),
+                             (fits(3) - 2, ["loop", "regularized"]), (fits(2), ["loop", "regularized"]),
+                             (buf, ["loop", "regularized"])]:
+        free["b"] = free_b
+        out = Suite.step_peers_that_do_not_fit(fake, sset, 1)
+        assert sorted(out) == sorted(left_out), (free_b, out)
+        assert all(v.startswith("not run: the 4 peers side by side need ") and "GiB free on this GPU" in v
+                   for v in out.values())
+    assert len(notes) == 5 and all("left out" in n for n in notes)
+    # two rotated copies need twice the memory
+    free["b"] = fits(4)
+    assert sorted(Suite.step_peers_that_do_not_fit(fake, sset, 2)) == ["loop", "regularized"]
+    fake.dev = torch.device("cpu")
+    assert Suite.step_peers_that_do_not_fit(fake, sset, 1) == {}

@@ -355,6 +355,49 @@ def test_fused_optimizer_step_captured_in_a_cuda_graph(GPU_K, name):
             assert float(opt.state[a]["step"]) == 5.0
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"])
+def test_fused_optimizer_captured_at_gpt2_shapes(GPU_K, name):
+    """Each fused optimizer at GPT-2's 148 tensor shapes (124M elements:
+    tensors cut into many chunks, all in one launch), captured after warm-up
+    steps and replayed, leaves the bits that the same steps leave eagerly:
+    the shapes at which the bench times captured steps."""
+    from pyreg.bench import shapes as S
+
+    gen = torch.Generator(device=GPU_K.dev).manual_seed(3)
+    shapes = [s for _, s in S.get("gpt2").shapes]
+    w0 = [torch.randn(s, generator=gen, device=GPU_K.dev) * 0.02 for s in shapes]
+    grads = [torch.randn(s, generator=gen, device=GPU_K.dev) * 1e-3 for s in shapes]
+    kw = dict(lr=0.01, momentum=0.9) if name == "SGD" else dict(lr=1e-3)
+
+    def make():
+        ps = [torch.nn.Parameter(w.clone()) for w in w0]
+        for p, g in zip(ps, grads):  # read only: shared
+            p.grad = g
+        return ps, getattr(pyreg.optim, name)(ps, l1=1e-3, **kw)
+
+    eager, eager_opt = make()
+    for _ in range(6):
+        eager_opt.step()
+    ps, opt = make()
+    for _ in range(2):
+        opt.step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()  # a fault surfaces at its own replay
+    for i, (a, b) in enumerate(zip(ps, eager)):
+        assert torch.equal(a, b), (i, tuple(a.shape), float((a - b).abs().max()))
+    if name != "SGD":
+        assert {float(opt.state[p]["step"]) for p in ps} == {6.0}
+
+
 # --------------------------------------------------------------------------- the ops' fast path
 
 

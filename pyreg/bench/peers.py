@@ -59,6 +59,8 @@ STEP_L1 = 1e-3
 # pyreg's fused AdamW; Regularized around torch's AdamW; torch's AdamW alone
 # (weight decay, no L1); torch's AdamW then the Python-loop prox (prox_loop).
 STEP_PEERS = ("pyreg", "regularized", "bare", "loop")
+#: The step peers left out first where a GPU cannot hold them all side by side.
+STEP_DROP_ORDER = ("loop", "regularized")
 
 
 def coefficients(n: int) -> Tuple[List[float], List[float]]:

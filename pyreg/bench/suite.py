@@ -119,6 +119,11 @@ def rotation_count(sset: S.ShapeSet, dtype: torch.dtype, cache: int, buffers: in
     return int(min(most, max(1, math.ceil(factor * cache / nbytes))))
 
 
+#: The share of a GPU's free memory the step's side-by-side copies may take
+#: (the rest for the allocator's rounding and CUDA graphs' pools).
+STEP_MEMORY_FRACTION = 0.9
+
+
 def free(dev: torch.device) -> None:
     gc.collect()
     if dev.type == "cuda":
@@ -578,13 +583,43 @@ class Suite:
             free(dev)
         weights = grads = None  # free before the next op (params() refers to them)
 
+    def step_peers_that_do_not_fit(self, sset: S.ShapeSet, k: int) -> Dict[str, str]:
+        """On a GPU, the step's peers left out so that the rest fit in its
+        free memory, each with the reason; the others run. Side by side, each
+        peer holds its own weights and two state buffers per rotated copy,
+        and the references four flat buffers: (3 peers + 4) buffers of the
+        set's size per copy. The peers are left out in the order of
+        ``P.STEP_DROP_ORDER`` (pyreg and torch's bare step, the comparison
+        that matters, last); none on the CPU."""
+        if self.dev.type != "cuda":
+            return {}
+        free_b, _ = torch.cuda.mem_get_info(self.dev)
+        free_b += torch.cuda.memory_reserved(self.dev) - torch.cuda.memory_allocated(self.dev)
+        buf = k * sset.numel * self.elsize
+        peers = list(P.STEP_PEERS)
+        for peer in P.STEP_DROP_ORDER:
+            if buf * (3 * len(peers) + 4) <= STEP_MEMORY_FRACTION * free_b or len(peers) <= 2:
+                break
+            peers.remove(peer)
+        why = (f"the {len(P.STEP_PEERS)} peers side by side need "
+               f"{buf * (3 * len(P.STEP_PEERS) + 4) / 2**30:.1f} GiB, {free_b / 2**30:.1f} GiB free on this GPU")
+        out = {peer: f"not run: {why}" for peer in P.STEP_PEERS if peer not in peers}
+        if out:
+            msg = f"{sset.name} step: {', '.join(out)} left out ({why})"
+            log("      " + msg)
+            self.note_once(msg)
+        return out
+
     def step_pass(self, sset, op_name, graphed, k, impl, params, build, whats, checks) -> None:
         """Time the step's peers side by side (eager, or CUDA-graph replays),
         with the flat-buffer AdamW step and the copy as references; add rows."""
         dev, dtype = self.dev, self.dtype
         steps: Dict[str, list] = {}
         errors: Dict[str, str] = {}
+        skipped = self.step_peers_that_do_not_fit(sset, k)
         for peer in P.STEP_PEERS:
+            if peer in skipped:
+                continue
             try:
                 steps[peer] = [build(peer, params(i), capturable=graphed) for i in range(k)]
                 for s in steps[peer]:  # a few steps first: the state exists, as in training
@@ -646,6 +681,10 @@ class Suite:
         suffix = " (CUDA graph replay)" if graphed else ""
         for peer in P.STEP_PEERS:
             ok, detail = checks.get(peer, (None, "not checked"))
+            if peer in skipped:
+                self.row(sset, op_name, peer, whats[peer] + suffix, check="skipped",
+                         check_detail=skipped[peer], adamw_impl=impl)
+                continue
             if peer not in timed:
                 self.row(sset, op_name, peer, whats[peer] + suffix, check="FAIL",
                          check_detail=errors.get(peer, detail), adamw_impl=impl)
