@@ -548,8 +548,8 @@ STEP_CASES = [
      "param_groups[0]['lr'] must be finite and >= 0, got nan"),
     ("lr-tensor-shape", "proximal", _set("lr", torch.tensor([1e-2, 1e-2])), ValueError,
      "param_groups[0]['lr'] is a tensor of shape (2,); expected one value"),
-    ("lr-missing", "proximal", lambda m, opt: opt.param_groups[0].pop("lr"), ValueError,
-     "param_groups[0] has no 'lr': the proximal step needs one"),
+    ("lr-missing", "both", lambda m, opt: opt.param_groups[0].pop("lr"), ValueError,
+     "param_groups[0] has no 'lr': the optimizer reads 'lr', "),
     ("duplicate-param", "both", _append_dup, ValueError, "that appears earlier in the optimizer; each parameter must appear once"),
     ("mode", "both", _set_mode, ValueError, "mode must be one of ('proximal', 'gradient'), got 'decoupled'"),
     ("grad-is-weight", "gradient", _grad_is_weight, ValueError, "grads[1] shares memory with tensors[1]"),
@@ -884,3 +884,174 @@ def test_a_param_replaced_through_data_with_a_shape_its_setting_fits_steps_on_it
         p.grad = torch.randn_like(p)
     opt.step()
     assert int((m[0].weight == 0).sum()) == math.ceil(0.5 * 63)
+
+
+# --------------------------------------------------------------------------
+# Values set after construction that only the step's own checks see
+# --------------------------------------------------------------------------
+def _both_families():
+    def fused(groups):
+        return pyreg.optim.AdamW(groups, lr=1e-2)
+
+    def wrapped(groups):
+        return pyreg.Regularized(torch.optim.AdamW(groups, lr=1e-2))
+
+    def gradient(groups):
+        return pyreg.Regularized(torch.optim.AdamW(groups, lr=1e-2), mode="gradient")
+    return pytest.mark.parametrize("make", [fused, wrapped, gradient], ids=["fused", "regularized", "gradient"])
+
+
+def _stepped(make, ref=None):
+    torch.manual_seed(0)
+    w, v = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5))
+    group = {"params": [w, v], "l1": 1e-3}
+    if ref is not None:
+        group["ref"] = ref
+    opt = make([group])
+    w.grad, v.grad = torch.randn(4, 3), torch.randn(5)
+    opt.step()
+    w.grad, v.grad = torch.randn(4, 3), torch.randn(5)
+    return (w, v), opt
+
+
+def _snap(ps, opt):
+    return {"params": _clone(list(ps)), "grads": _clone([p.grad for p in ps]),
+            "state": _clone({i: dict(opt.state[p]) for i, p in enumerate(ps) if p in opt.state})}
+
+
+@_both_families()
+@pytest.mark.parametrize("which", ["itself", "a view", "the other parameter"])
+def test_a_ref_sharing_memory_with_a_parameter_is_refused_before_the_step(make, which):
+    """A reference is read while the step writes every parameter: one that
+    shares memory with a parameter (its own, a view of it, another) raises,
+    naming both, before anything changes; at construction too."""
+    (w, v), opt = _stepped(make)
+    ref = {"itself": w, "a view": w.detach()[:], "the other parameter": v.detach()[:4].view(4, 1).expand(4, 3)}[which]
+    opt.param_groups[0]["ref"] = [ref, None]
+    before = _snap((w, v), opt)
+    with _raises(ValueError, "param_groups[0]['ref'][0] shares memory with parameter"):
+        opt.step()
+    assert _same(_snap((w, v), opt), before)
+    with _raises(ValueError, "param_groups[0]['ref'][0] shares memory with parameter"):
+        make([{"params": [w, v], "l1": 1e-3, "ref": [ref, None]}])
+    opt.param_groups[0]["ref"] = [w.detach().clone(), None]  # a copy is what a reference is
+    opt.step()
+
+
+@_both_families()
+def test_a_non_tensor_ref_entry_names_its_key(make):
+    (w, v), opt = _stepped(make)
+    opt.param_groups[0]["ref"] = [0.0, None]
+    before = _snap((w, v), opt)
+    with _raises(TypeError, "param_groups[0]['ref'][0] is a float, not a tensor or None"):
+        opt.step()
+    assert _same(_snap((w, v), opt), before)
+
+
+@_both_families()
+@pytest.mark.parametrize("change, exc, message", [
+    (lambda g: g.update(params=g["params"][0]), TypeError, "param_groups[0]['params'] must be a list of tensors, got Parameter"),
+    (lambda g: g.update(params=[1.0, g["params"][1]]), TypeError,
+     "param_groups[0]['params'] must be a list of tensors, got a list holding a float"),
+    (lambda g: g.pop("betas"), ValueError, "param_groups[0] has no 'betas'"),
+    (lambda g: g.pop("weight_decay"), ValueError, "param_groups[0] has no 'weight_decay'"),
+    (lambda g: g.update(betas=None), ValueError, "param_groups[0]['betas'] must be a pair (beta1, beta2), got None"),
+], ids=["a-bare-tensor", "a-float-among-them", "betas-deleted", "weight-decay-deleted", "betas-none"])
+def test_a_broken_group_raises_naming_it_before_anything_changes(make, change, exc, message):
+    """params replaced by a bare tensor (the step iterated its rows: nothing
+    was updated, silently), a hyperparameter deleted or set to None (a bare
+    KeyError or TypeError, and in gradient mode the grads were left changed
+    to rounding): a clear error, and nothing changes."""
+    (w, v), opt = _stepped(make)
+    change(opt.param_groups[0])
+    before = _snap((w, v), opt)
+    with _raises(exc, message):
+        opt.step()
+    assert _same(_snap((w, v), opt), before)
+
+
+@pytest.mark.parametrize("cls", [pyreg.optim.Adam, pyreg.optim.AdamW, pyreg.optim.Adagrad, pyreg.optim.RMSprop])
+def test_preconditioned_changed_after_construction_takes_effect(cls):
+    """preconditioned switched after construction (either way) applies from
+    the next step, as if the optimizer had been made with it."""
+    def run(first, then):
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(8, 8))
+        opt = cls([{"params": [w], "l1": 0.5, "preconditioned": first}], lr=1e-2)
+        opt.param_groups[0]["preconditioned"] = then
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            w.grad = torch.randn(8, 8, generator=gen)
+            opt.step()
+        return w.detach().clone()
+    assert torch.equal(run(False, True), run(True, True))
+    assert torch.equal(run(True, False), run(False, False))
+    assert not torch.equal(run(False, True), run(False, False))
+
+
+@pytest.mark.parametrize("maximize", [True, 1, "yes"])
+def test_gradient_mode_reads_maximize_as_torch_does(maximize):
+    """A truthy maximize (torch's step reads it so) makes the inner step
+    ascend: the penalty gradient still pulls the weights toward zero."""
+    w = nn.Parameter(torch.full((3,), 1.0))
+    opt = pyreg.Regularized(torch.optim.SGD([{"params": [w], "l1": 1.0}], lr=0.1), mode="gradient")
+    opt.param_groups[0]["maximize"] = maximize
+    w.grad = torch.zeros(3)
+    opt.step()
+    assert torch.allclose(w.detach(), torch.full((3,), 0.9))
+
+
+def _bad_load_cases():
+    def set_(key, value):
+        return lambda sd: sd["param_groups"][0].update({key: value})
+    return [
+        ("lr-nan", set_("lr", float("nan")), "param_groups[0]['lr'] must be finite and >= 0, got nan"),
+        ("beta1-above-1", set_("betas", (1.5, 0.999)), "param_groups[0]['betas'][0] must be in [0, 1), got 1.5"),
+        ("eps-negative", set_("eps", -1.0), "param_groups[0]['eps'] must be finite and >= 0, got -1.0"),
+        ("group-dim-out-of-range", lambda sd: sd["param_groups"][0].update(group_l1=0.1, group_dim=7),
+         "group_dim"),
+        ("ref-of-another-shape", set_("ref", [torch.zeros(3), None]), "param_groups[0]['ref'][0] is (3,)"),
+    ]
+
+
+@pytest.mark.parametrize("family", ["fused", "regularized"])
+@pytest.mark.parametrize("mutate, message", [c[1:] for c in _bad_load_cases()], ids=[c[0] for c in _bad_load_cases()])
+def test_load_state_dict_checks_what_a_step_checks(family, mutate, message):
+    """A state dict that every later step would refuse (torch's
+    hyperparameters, the parameters against the keys) raises at the load,
+    and the optimizer keeps what it had: its next step is the step it would
+    have taken."""
+    make = (lambda gs: pyreg.optim.AdamW(gs, lr=1e-2)) if family == "fused" else \
+        (lambda gs: pyreg.Regularized(torch.optim.AdamW(gs, lr=1e-2)))
+    (w, v), opt = _stepped(make)
+    (w2, v2), twin = _stepped(make)
+    sd = copy.deepcopy(opt.state_dict())
+    mutate(sd)
+    before = _snap((w, v), opt)
+    with pytest.raises(ValueError) as e:
+        opt.load_state_dict(sd)
+    assert message in str(e.value)
+    assert _same(_snap((w, v), opt), before)
+    opt.step()
+    twin.step()
+    assert torch.equal(w, w2) and torch.equal(v, v2)
+
+
+def test_regularized_load_state_dict_checks_the_mode_and_the_metric():
+    """Regularized: a loaded group that sets preconditioned (the wrapper has
+    no metric), or target_sparsity with a loaded mode='gradient', raises at
+    the load; the mode and groups stay."""
+    (w, v), opt = _stepped(lambda gs: pyreg.Regularized(torch.optim.AdamW(gs, lr=1e-2)))
+    good = opt.state_dict()
+    sd = copy.deepcopy(good)
+    sd["param_groups"][0]["preconditioned"] = True
+    with _raises(ValueError, "param_groups[0] sets preconditioned"):
+        opt.load_state_dict(sd)
+    sd = copy.deepcopy(good)
+    sd["pyreg"]["mode"] = "gradient"
+    sd["param_groups"][0].update(target_sparsity=0.5, l1=0.0)
+    with _raises(ValueError, "use mode='proximal'"):
+        opt.load_state_dict(sd)
+    assert opt.mode == "proximal" and "target_sparsity" not in opt.param_groups[0] or \
+        opt.param_groups[0].get("target_sparsity") is None
+    opt.step()

@@ -168,6 +168,13 @@ class Engine:
     def plan(self, groups: List[Dict[str, Any]]) -> Plan:
         """The cached plan of ``groups``; checks everything first where a
         group changed (see the module docstring)."""
+        for gi, g in enumerate(groups):
+            ps = g.get("params")
+            if type(ps) not in (list, tuple) or not all(isinstance(p, Tensor) for p in ps):
+                raise TypeError(f"param_groups[{gi}]['params'] must be a list of tensors, got "
+                                + (type(ps).__name__ if type(ps) not in (list, tuple) else
+                                   f"a {type(ps).__name__} holding a "
+                                   f"{next(type(p).__name__ for p in ps if not isinstance(p, Tensor))}"))
         quick = tuple(group_signature(g, _PLAN_KEYS) + (tuple(map(id, g["params"])),
                                                           tuple(map(_kind_of, g["params"])),
                                                           tuple(g)) for g in groups)  # (a key set to None)
@@ -197,6 +204,10 @@ class Engine:
             return self._hypers
         self._hypers = None
         for gi, g in enumerate(groups):
+            missing = [k for k in self.hyper_keys if k not in g]
+            if missing:
+                raise ValueError(f"param_groups[{gi}] has no {missing[0]!r}: the optimizer reads "
+                                 f"{', '.join(map(repr, self.hyper_keys))} from each group (set it back)")
             check_hypers(g, f"param_groups[{gi}]", self.hyper_keys)
         self._hypers = sig
         return sig

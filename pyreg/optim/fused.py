@@ -358,8 +358,9 @@ class FusedOptimizer(Observable):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """torch's ``load_state_dict``; the loaded groups' settings are kept
-        (checked first, as pyreg's own state entries: a bad one raises before
-        anything is loaded), and a group of a state dict of torch's optimizer
+        (checked as a step checks them, torch's hyperparameters and the
+        parameters against the keys included, and pyreg's own state entries:
+        a bad one raises and the optimizer keeps what it had), and a group of a state dict of torch's optimizer
         (without pyreg's keys) keeps the pyreg keys its group holds now. The
         load pre-hooks run first, on the state dict as given (what they return
         is what is checked and loaded), the post-hooks last, on the groups as
@@ -375,15 +376,22 @@ class FusedOptimizer(Observable):
             read_group(dict(group, params=[None] * n), self._engine.defaults, f"state_dict param_groups[{gi}]")
         state_dict, bounds = pop_own_state(state_dict)
         before = [dict(g) for g in self.param_groups]  # type: ignore[attr-defined]
+        old = (self.state, self.param_groups)  # type: ignore[attr-defined]
         self._optimizer_load_state_dict_pre_hooks = type(pre)()  # (torch's load runs none of them again)
         self._optimizer_load_state_dict_post_hooks = type(post)()
         try:
             super().load_state_dict(state_dict)  # type: ignore[misc]
         finally:
             self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
-        keep_own_keys(before, self.param_groups, state_dict.get("param_groups", []))  # type: ignore[attr-defined]
-        put_own_state(self.state, self.param_groups, state_dict.get("param_groups", []), bounds)  # type: ignore
-        self._fill_keys()
+        try:  # (torch's load made new groups and state: the old ones stand until all is checked)
+            keep_own_keys(before, self.param_groups, state_dict.get("param_groups", []))  # type: ignore[attr-defined]
+            put_own_state(self.state, self.param_groups, state_dict.get("param_groups", []), bounds)  # type: ignore
+            self._fill_keys()
+            self._engine.prepare(self.param_groups)  # type: ignore[attr-defined]  # (what a step checks)
+        except BaseException:
+            self.state, self.param_groups = old  # type: ignore[attr-defined]
+            self._fill_keys()
+            raise
         for hook in list(post.values()):
             hook(self)
 

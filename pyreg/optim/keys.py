@@ -108,7 +108,7 @@ class GroupSettings(NamedTuple):
         ref = None if self.ref is None else tuple(None if r is None else (id(r), r.shape, r.dtype, r.device)
                                                   for r in self.ref)
         return (tuple(self.kinds(j) for j in range(len(self.l1))), _hashable(self.group_dim),
-                _hashable(self.max_norm_dim), ref)
+                _hashable(self.max_norm_dim), ref, self.preconditioned)
 
     def values(self) -> tuple:
         return (self.l1, self.l2, self.group_l1, self.max_norm, self.l2_bound, self.l2_warmup, self.l2_mu,
@@ -168,6 +168,9 @@ def read_group(group: Dict[str, Any], defaults: Dict[str, Any], where: str) -> G
         ref = tuple(ref)
         if len(ref) != n:
             raise ValueError(f"{where}['ref'] has {len(ref)} entries but the group has {n} parameters")
+        for k, r in enumerate(ref):
+            if r is not None and not isinstance(r, Tensor):
+                raise TypeError(f"{where}['ref'][{k}] is a {type(r).__name__}, not a tensor or None")
     pre = flag(get("preconditioned", defaults.get("preconditioned", False)), f"{where}['preconditioned']")
     bound, warmup = _l2_bound(get("l2_bound", defaults.get("l2_bound")), get("l2_warmup", defaults.get("l2_warmup")),
                               n, where)
@@ -371,13 +374,13 @@ def check_hypers(group: Dict[str, Any], where: str, keys: Sequence[str]) -> None
         rule = _HYPER_RULES.get(key)
         if rule is not None and key in group:
             rule(group[key], f"{where}[{key!r}]")
-    if "dampening" in keys and group.get("nesterov") is True and (
+    if "dampening" in keys and bool(group.get("nesterov")) and (
             group.get("momentum", 0) <= 0 or group.get("dampening", 0) != 0):
         raise ValueError(f"{where} sets nesterov=True: Nesterov momentum needs a momentum > 0 and zero dampening "
                          f"(as torch's SGD), got momentum={group.get('momentum', 0)!r}, "
                          f"dampening={group.get('dampening', 0)!r}")
-    betas = group.get("betas") if "betas" in keys else None
-    if betas is not None:
+    if "betas" in keys and "betas" in group:
+        betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"{where}['betas'] must be a pair (beta1, beta2), got {betas!r}")
         for i, b in enumerate(betas):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._common import SUPPORTED_DTYPES, has_dtensor, to_device
-from .._validate import first_overlap
+from .._validate import _overlap, first_overlap
 from ..backends._marshal import plain_list
 from .keys import GroupSettings, check_params
 
@@ -193,6 +193,13 @@ class Plan:
         # now, before any step, rather than half-way through one.
         self._reg_params = list({id(p): p for b in reg.values() for p in b[0]}.values())
         self._reg_names = [reg_names[id(p)] for p in self._reg_params]
+        # A reference is read while every parameter is written: none may share memory with one.
+        self._refs = [(r, f"param_groups[{gi}]['ref'][{j}]") for gi, (group, spec) in enumerate(zip(groups, specs), first)
+                      if spec.ref is not None for j, r in enumerate(spec.ref) if r is not None]
+        self._all_params = ([(p, names[j] if names is not None and j < len(names) else f"param_groups.{gi}.{j}")
+                             for gi, group in enumerate(groups, first)
+                             for names in [group.get("param_names")] for j, p in enumerate(group["params"])]
+                            if self._refs else [])
         self._memory: Optional[list] = None
         self._sharded = has_dtensor(self._reg_params)  # (the same parameter objects while the plan lasts)
         if not torch.compiler.is_compiling():
@@ -232,9 +239,17 @@ class Plan:
                 self._raise_overlap(first_overlap(ps))
             return
         ptrs = list(map(Tensor.data_ptr, ps))
+        if self._refs:
+            ptrs += [r.data_ptr() for r, _ in self._refs] + [p.data_ptr() for p, _ in self._all_params]
         if ptrs == self._memory:
             return
         self._raise_overlap(first_overlap(ps))
+        if self._refs:
+            bad = _overlap([p for p, _ in self._all_params], [r for r, _ in self._refs])
+            if bad is not None:
+                raise ValueError(f"{self._refs[bad[1]][1]} shares memory with parameter "
+                                 f"{self._all_params[bad[0]][1]!r}; the step writes the parameters while it "
+                                 "reads the references (pass a copy: p.detach().clone())")
         self._memory = ptrs
 
     def check_apart(self, other: "Plan") -> None:

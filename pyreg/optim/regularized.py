@@ -259,8 +259,10 @@ class Regularized(Observable, Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict` (or a plain one of the inner
         optimizer: then the wrapper's defaults and mode are kept, and each group
-        keeps the pyreg keys it holds now). Checked first, pyreg's own state
-        entries included: a bad one raises before anything is loaded."""
+        keeps the pyreg keys it holds now). Checked as a step checks it (the
+        mode against the keys, torch's hyperparameters, the parameters against
+        the keys), pyreg's own state entries included: a bad one raises and the
+        optimizer keeps what it had."""
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             out = hook(self, state_dict)
             if out is not None:
@@ -278,13 +280,22 @@ class Regularized(Observable, Optimizer):
             read_group(dict(group, params=[None] * n), defaults, f"state_dict param_groups[{gi}]")
         sd, bounds = pop_own_state(sd)
         before = [dict(g) for g in self.param_groups]
-        self.optimizer.load_state_dict(sd)
-        keep_own_keys(before, self.param_groups, sd.get("param_groups", []))
-        put_own_state(self.state, self.param_groups, sd.get("param_groups", []), bounds)
-        self.mode, self.l1, self.l2 = mode, l1, l2
-        self._engine = Engine(defaults, self._engine.hyper_keys, metric=False)
-        self._fast, self._fast_plan = None, None
-        self._fill_defaults()
+        inner = self.optimizer
+        old = (inner.state, inner.param_groups, self.mode, self.l1, self.l2, self._engine)
+        inner.load_state_dict(sd)
+        try:  # (torch's load made new groups and state: the old ones stand until all is checked)
+            keep_own_keys(before, self.param_groups, sd.get("param_groups", []))
+            put_own_state(self.state, self.param_groups, sd.get("param_groups", []), bounds)
+            self.mode, self.l1, self.l2 = mode, l1, l2
+            self._engine = Engine(defaults, self._engine.hyper_keys, metric=False)
+            self._fast, self._fast_plan = None, None
+            self._fill_defaults()
+            _check_mode(self.mode, self._engine.prepare(self.param_groups).plan)  # (what a step checks)
+        except BaseException:
+            inner.state, inner.param_groups, self.mode, self.l1, self.l2, self._engine = old
+            self._engine.reset()
+            self._fast, self._fast_plan = None, None
+            raise
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -313,7 +324,7 @@ class Regularized(Observable, Optimizer):
         (where the inner step raised; to rounding)."""
         pen = penalized(work)
         groups = self.param_groups
-        up = [g for g in groups if (g.get("maximize") is True) != undo]
+        up = [g for g in groups if bool(g.get("maximize")) != undo]  # (truthy, as torch reads it)
         if up:
             ids = {id(p) for w in pen for p in w.params}
             up = [p.grad for g in up for p in g["params"] if id(p) in ids and p.grad is not None]
@@ -356,7 +367,7 @@ class Regularized(Observable, Optimizer):
         loss plus the penalty, the objective whose gradient the grads now hold
         (an optimizer with a line search, such as LBFGS, compares those
         values; where a group maximizes, the loss alone)."""
-        maximize = any(g.get("maximize") is True for g in self.param_groups)
+        maximize = any(bool(g.get("maximize")) for g in self.param_groups)
 
         def closure_with_penalty():
             added.clear()
