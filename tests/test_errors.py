@@ -1055,3 +1055,14 @@ def test_regularized_load_state_dict_checks_the_mode_and_the_metric():
     assert opt.mode == "proximal" and "target_sparsity" not in opt.param_groups[0] or \
         opt.param_groups[0].get("target_sparsity") is None
     opt.step()
+
+
+def test_regularized_add_param_group_checks_the_defaults_it_fills_in():
+    """add_param_group fills a group's l1/l2 from the wrapper's attributes,
+    which may have been set since construction: checked with the group."""
+    (w, v), opt = _stepped(lambda gs: pyreg.Regularized(torch.optim.AdamW(gs, lr=1e-2)))
+    opt.l1 = -1.0
+    n = len(opt.param_groups)
+    with _raises(ValueError, f"param_groups[{n}]['l1'] must be finite and >= 0, got -1.0"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
+    assert len(opt.param_groups) == n

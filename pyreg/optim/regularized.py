@@ -229,12 +229,12 @@ class Regularized(Observable, Optimizer):
         param_group = dict(param_group)
         if "params" in param_group:
             param_group["params"] = param_list(param_group["params"])
+        param_group.setdefault("l1", self.l1)  # (checked with the group: the attributes may have been set since)
+        param_group.setdefault("l2", self.l2)
         trial = self._engine.check_added(param_group, self.optimizer.defaults, len(self.param_groups),
                                          self.param_groups)
         if trial is not None:
             _check_mode(self.mode, trial)
-        param_group.setdefault("l1", self.l1)
-        param_group.setdefault("l2", self.l2)
         self.optimizer.add_param_group(param_group)
         self._engine.reset()
         self._fast = None
