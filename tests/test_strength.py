@@ -96,13 +96,13 @@ def staggered(monkeypatch):
 def due_step(shapes, i, every, slice_size=SLICE):
     """The first step (counted from 1) that refreshes tensor i of a bucket of
     ``shapes``: the bucket in S = min(tensors, ceil(weights / slice_size))
-    slices, tensor i in slice j = floor(S * (weights before it) / weights)
+    slices, tensor i in slice j = floor(S * (weights before its middle) / weights)
     (at most S - 1), refreshed at the steps t >= every with
     (t + floor(j * every / S)) % every == 0."""
     sizes = [math.prod(sh) for sh in shapes]
     total = sum(sizes)
     s = max(1, min(len(sizes), -(-total // slice_size)))
-    j = min(s - 1, sum(sizes[:i]) * s // total) if total else 0
+    j = min(s - 1, (2 * sum(sizes[:i]) + sizes[i]) * s // (2 * total)) if total else 0
     return next(t for t in range(every, 3 * every) if (t + j * every // s) % every == 0)
 
 
@@ -110,6 +110,8 @@ def refreshed_per_step(shapes, every, steps):
     """The tensors (indices) that a "strength" bucket of ``shapes`` refreshes
     at each of its first ``steps`` steps, counted by the engine's rule."""
     params = [torch.zeros(sh) for sh in shapes]
+    for p in params:  # (a step counts for a tensor with a grad)
+        p.grad = torch.zeros_like(p)
     n = len(params)
     b = Bucket("strength", params, [0] * n, list(range(n)),
                {"l2": [0.0] * n, "l1_strength": [0.5] * n, "l1_refresh": [every] * n}, None, None)
@@ -156,7 +158,7 @@ def test_refreshes_are_staggered_by_slices(shapes, every):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_a_refresh_matches_the_rule(name, metric, backend, staggered):
     """l1_refresh=3, 5 tensors: tensor i is first refreshed at step
-    due_step(SHAPES, i, 3) (3, 5, 5, 4, 4), and until then has l1 = 0, so pyreg's
+    due_step(SHAPES, i, 3) (3, 5, 4, 4, 4), and until then has l1 = 0, so pyreg's
     optimizer computes what torch's does on it (the algorithms work element
     by element); each refresh sets the l1 from that step, measured on
     torch's run in float64."""
@@ -168,7 +170,7 @@ def test_a_refresh_matches_the_rule(name, metric, backend, staggered):
     opt = ours_cls([{"params": ours, "l1_strength": STRENGTHS, "l1_refresh": 3}], preconditioned=metric, **kw)
     topt = torch_cls(ref, **kw)
     due = [due_step(SHAPES, i, 3) for i in range(len(SHAPES))]
-    assert due == [3, 5, 5, 4, 4]
+    assert due == [3, 5, 4, 4, 4]
     want = [None] * len(SHAPES)
     with pyreg.use_backend(backend):
         for step in range(1, 6):
@@ -190,9 +192,9 @@ def test_a_refresh_matches_the_rule(name, metric, backend, staggered):
 @pytest.mark.parametrize("metric", [False, True], ids=["plain", "metric"])
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_adam_refresh_with_step_counts_that_differ(metric, amsgrad):
-    """A tensor that had no grad at the first step has taken one step fewer
-    when the bucket's refresh comes (l1_refresh=3: both at step 3): each
-    push has its own bias corrections."""
+    """A tensor that had no grad at the first step counts its steps from its
+    first grad (l1_refresh=3): the other is refreshed at step 3, it at step
+    4, its own third; each push has its own bias corrections."""
     g = torch.Generator().manual_seed(11)
     shapes = [(6, 5), (7,)]
     init = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
@@ -202,18 +204,23 @@ def test_adam_refresh_with_step_counts_that_differ(metric, amsgrad):
     opt = pyreg.optim.Adam([{"params": ours, "l1_strength": [0.6, 0.3], "l1_refresh": 3}], preconditioned=metric,
                            **kw)
     topt = torch.optim.Adam(ref, **kw)
-    for step in range(1, 4):
+    want = {}
+    for step in range(1, 5):
         for ps in (ours, ref):
             for i, (p, gr) in enumerate(zip(ps, grads_for(shapes, step, torch.float64))):
                 p.grad = None if step == 1 and i == 1 else gr
         before = [p.detach().clone() for p in ref]
         topt.step()
         opt.step()
-    assert [int(topt.state[p]["step"]) for p in ref] == [3, 2]
-    want = rule(ref, before, [step_size(topt, b, metric) for b in ref], [0.6, 0.3])
+        if step in (3, 4):
+            want[step] = rule(ref, before, [step_size(topt, b, metric) for b in ref], [0.6, 0.3])
+        if step == 3:
+            assert float(opt.state[ours[1]][KEY]) == 0.0  # its second step: not yet
+    assert [int(topt.state[p]["step"]) for p in ref] == [4, 3]
     got = [float(opt.state[p][KEY]) for p in ours]
-    assert got == pytest.approx(want, rel=1e-9)
+    assert got == pytest.approx([want[3][0], want[4][1]], rel=1e-9)
     assert all(v > 0 for v in got)
+    assert [opt.state[p]["strength_step"] for p in ours] == [4, 3]
 
 
 #: (optimizer, its arguments, whether its push is computed in the selection kernel)
@@ -296,7 +303,7 @@ def test_a_refresh_of_plain_and_preconditioned_groups_in_one_bucket(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_regularized_refresh_matches_the_rule(backend, staggered):
     """pyreg.Regularized(torch.optim.Adam): the push is the inner step / lr
-    (l1_refresh=2: tensors 0, 1 at step 2, tensors 2, 3, 4 at step 3)."""
+    (l1_refresh=2: tensor 0 at step 2, tensors 1 to 4 at step 3)."""
     g = torch.Generator().manual_seed(8)
     init = [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
     ours = [p.clone().requires_grad_() for p in init]
@@ -305,7 +312,7 @@ def test_regularized_refresh_matches_the_rule(backend, staggered):
                                              lr=1e-2))
     topt = torch.optim.Adam(ref, lr=1e-2)
     due = [due_step(SHAPES, i, 2) for i in range(len(SHAPES))]
-    assert due == [2, 2, 3, 3, 3]
+    assert due == [2, 3, 3, 3, 3]
     with pyreg.use_backend(backend):
         for step in range(1, 4):
             before = step_both(ours, ref, opt, topt, SHAPES, step)
@@ -578,3 +585,59 @@ def test_cuda_graph_capture_is_refused():
     with pytest.raises(RuntimeError, match="CUDA graph"):
         with torch.cuda.graph(g):
             opt.step()
+
+
+@pytest.mark.parametrize("family", ["fused", "regularized"])
+def test_a_tensor_without_a_grad_at_its_refresh_is_refreshed_at_its_own_steps(family):
+    """l1_strength counts each tensor's own steps (those where it has a grad):
+    a tensor with a grad only at odd steps, with l1_refresh=2, is refreshed at
+    its 2nd, 4th, ... steps (with the bucket's count it was due only at even
+    steps, when it had no grad, and kept l1 = 0 for ever); both families
+    count alike."""
+    torch.manual_seed(0)
+    w1, w2 = torch.nn.Parameter(torch.randn(20, 20)), torch.nn.Parameter(torch.randn(20, 20))
+    groups = [{"params": [w1, w2], "l1_strength": 0.8, "l1_refresh": 2}]
+    opt = (pyreg.optim.Adam(groups, lr=0.01) if family == "fused"
+           else pyreg.Regularized(torch.optim.Adam(groups, lr=0.01)))
+    seen = []
+    for t in range(1, 9):
+        opt.zero_grad()
+        w1.grad = torch.randn(20, 20)
+        if t % 2 == 1:
+            w2.grad = torch.randn(20, 20)
+        opt.step()
+        seen.append((opt.state[w1]["strength_step"], opt.state[w2]["strength_step"],
+                     float(opt.state[w2]["strength_l1"]) > 0))
+    assert [s[:2] for s in seen] == [(t, (t + 1) // 2) for t in range(1, 9)]
+    assert [s[2] for s in seen] == [False, False, True, True, True, True, True, True]  # its 2nd step: t = 3
+
+
+def test_strength_counts_are_the_same_in_both_families():
+    """A bucket whose tensors have no grad at some steps: the fused optimizer
+    and Regularized count the same steps and end at the same weights."""
+    def run(family):
+        torch.manual_seed(0)
+        w, b = torch.nn.Parameter(torch.randn(20, 20)), torch.nn.Parameter(torch.randn(20))
+        groups = [{"params": [w], "l1_strength": 0.8, "l1_refresh": 2}, {"params": [b]}]
+        opt = (pyreg.optim.SGD(groups, lr=0.1) if family == "fused"
+               else pyreg.Regularized(torch.optim.SGD(groups, lr=0.1)))
+        gen = torch.Generator().manual_seed(1)
+        for t in range(1, 13):
+            opt.zero_grad()
+            b.grad = torch.randn(20, generator=gen)
+            if t % 2 == 1:
+                w.grad = torch.randn(20, 20, generator=gen)
+            opt.step()
+        return opt.state[w]["strength_step"], w.detach().clone()
+    (tf, wf), (tr, wr) = run("fused"), run("regularized")
+    assert tf == tr == 6
+    torch.testing.assert_close(wf, wr, rtol=1e-5, atol=1e-6)
+    assert int((wf == 0).sum()) > 0
+
+
+@pytest.mark.parametrize("sizes, want", [([1000, 100000], [0, 1]), ([44800, 84000, 1200], [0, 1, 1]),
+                                         ([1, 1_000_000, 1], [0, 1, 2])])
+def test_refresh_phases_put_a_large_tensor_after_small_ones_in_its_own_slice(sizes, want):
+    from pyreg.optim.apply import refresh_phases
+    slices, s = refresh_phases(sizes)
+    assert slices == want and s == max(want) + 1

@@ -188,60 +188,71 @@ REFRESH_SLICE = 1 << 16
 
 def refresh_phases(sizes: Sequence[int]) -> Tuple[List[int], int]:
     """The staggering of a bucket's refreshes: its tensors (of ``sizes``, in
-    order) in S slices of about equal weight count, S = min(number of
-    tensors, ceil(total / REFRESH_SLICE)), at least 1. Returns each tensor's
-    slice (by the count of weights before it) and S."""
+    order) in S slices of whole tensors, about equal in weight count, S =
+    min(number of tensors, ceil(total / REFRESH_SLICE)), at least 1. Returns
+    each tensor's slice (by where its middle falls among the bucket's
+    weights: a large tensor after small ones takes the next slice, not the
+    small ones') and S."""
     total = sum(sizes)
     s = max(1, min(len(sizes), -(-total // REFRESH_SLICE)))
     out, before = [], 0
     for n in sizes:
-        out.append(min(s - 1, before * s // total) if total else 0)
+        out.append(min(s - 1, (2 * before + n) * s // (2 * total)) if total else 0)
         before += n
     return out, s
 
 
 def strength_due(b: Bucket, state: Dict[Any, Dict[str, Any]]) -> List[Tensor]:
-    """Counts a step of a "strength" bucket (on the host: no sync) and
-    returns its params whose l1 this step refreshes: every ``l1_refresh``
-    (K) steps each, from step K on, staggered by slices of the bucket (see
-    :func:`refresh_phases`): a tensor of slice j of S at the steps t with
-    (t + j*K // S) % K == 0. A small bucket is one slice, refreshed at once;
-    a large one refreshes about 1/K of its weights at each step
-    (and Regularized copies only those before its inner step). The
-    count is read back from the params' state (``strength_step``, a number,
-    see :func:`record_strength_step`), so a loaded state dict continues it.
-    It lives on the host, so a step that is
-    compiled into a graph or captured into a CUDA graph (replayed without
-    it) is refused with a clear error."""
+    """Counts a step of each param with a grad of a "strength" bucket (on
+    the host: no sync) and returns those whose l1 this step refreshes: every
+    ``l1_refresh`` (K) of its own steps (those where it has a grad), from its
+    K-th on, staggered by slices of the bucket (see :func:`refresh_phases`):
+    a tensor of slice j of S at its steps t with (t + j*K // S) % K == 0. A
+    small bucket is one slice, refreshed at once; a large one refreshes about
+    1/K of its weights at each step (and Regularized copies only those before
+    its inner step). A param without a grad at a step is not counted there,
+    so it is refreshed at its K-th step with a grad, whatever the others do.
+    The counts are read back from the params' state (``strength_step``, a
+    number, see :func:`record_strength_step`), so a loaded state dict
+    continues them. They live on the host, so a step that is compiled into a
+    graph or captured into a CUDA graph (replayed without it) is refused
+    with a clear error."""
     if torch.compiler.is_compiling() or capturing(b.device):
         raise RuntimeError("l1_strength refreshes each tensor's l1 every l1_refresh steps, counted on the host: "
                            "its step cannot be compiled by torch.compile or captured into a CUDA graph (use "
                            "a fused optimizer, whose step runs eagerly under torch.compile, without capture; "
                            "or a fixed l1)")
-    if b.steps_taken is None:  # a new plan: continue the count of the state (a loaded one too)
-        b.steps_taken = max((int(state[p].get(STRENGTH_STEP, 0)) for p in b.params if p in state), default=0)
+    params = b.params
+    if b.steps_taken is None:  # a new plan: continue the counts of the state (a loaded one too)
+        b.steps_taken = [int(state[p].get(STRENGTH_STEP, 0)) if p in state else 0 for p in params]
     every = b.values["l1_refresh"]  # (a new list when a value changes)
     if b.refresh_at[0] is not every:
-        slices, s = refresh_phases([p.numel() for p in b.params])
+        slices, s = refresh_phases([p.numel() for p in params])
         at = [(int(k), j * int(k) // s) for j, k in zip(slices, every)]
-        b.refresh_at = (every, at[0] if at.count(at[0]) == len(at) else at)  # (one for all: one test per step)
-    t = b.steps_taken = b.steps_taken + 1
+        b.refresh_at = (every, at[0] if at.count(at[0]) == len(at) else at)  # (one for all: one test per count)
+    has = [p.grad is not None for p in params]
+    counts = b.steps_taken = ([c + 1 for c in b.steps_taken] if all(has) else
+                              [c + 1 if h else c for c, h in zip(b.steps_taken, has)])
     at = b.refresh_at[1]
     if isinstance(at, tuple):
-        return b.params if t >= at[0] and (t + at[1]) % at[0] == 0 else []
-    return [p for p, (every, shift) in zip(b.params, at) if t >= every and (t + shift) % every == 0]
+        k, shift = at
+        if all(has) and counts.count(counts[0]) == len(counts):  # (the common case: one test)
+            t = counts[0]
+            return list(params) if t >= k and (t + shift) % k == 0 else []
+        return [p for p, t, h in zip(params, counts, has) if h and t >= k and (t + shift) % k == 0]
+    return [p for p, t, h, (k, shift) in zip(params, counts, has, at) if h and t >= k and (t + shift) % k == 0]
 
 
 def record_strength_step(buckets: Sequence[Bucket], state: Dict[Any, Dict[str, Any]]) -> None:
-    """After a step: each "strength" bucket's count into the state of its
-    params that have one (a param without state is left so: torch's
-    optimizers create theirs at its first step)."""
+    """After a step: each param's count of its steps (see
+    :func:`strength_due`) into its state, where it has one (a param without
+    state is left so: torch's optimizers create theirs at its first step)."""
     for b in buckets:
         if b.kind in STRENGTH_KINDS and b.steps_taken is not None:
-            for p in b.params:
+            for p, t in zip(b.params, b.steps_taken):
                 s = state.get(p)
                 if s:
-                    s[STRENGTH_STEP] = b.steps_taken
+                    s[STRENGTH_STEP] = t
 
 
 def strength_pushes(w: Work, made: Callable[[Tensor], Optional[Tensor]]) -> Dict[int, Tensor]:
@@ -376,7 +387,9 @@ def l2_bound_buckets(buckets: Sequence[Work], state: Dict[Any, Dict[str, Any]]) 
 
     In eager mode on a compiled backend (CPU, CUDA, the emulator) the whole
     update is one call of its kernels (the rule written once in
-    csrc/common/op_math.h, ``cpr_update``; R_j summed in float64 there):
+    csrc/common/op_math.h, ``cpr_update``; R_j summed as ``weight_stats``
+    sums: for 32- and 16-bit tensors float32 partial sums over blocks of
+    elements, folded in float64, so R_j - kappa_j carries float32 rounding):
     on CUDA three launches, nothing on the host. On the torch backend and
     under torch.compile, the torch ops below (R_j from ``weight_stats``' norm)."""
     eager = not torch.compiler.is_compiling()

@@ -42,7 +42,7 @@ class Bucket:
         self._subsets: Dict[Tuple[bool, ...], Tuple[List[int], Tensor]] = {}
         self._direct: Optional[list] = None  # see direct()
         self.own_state: Optional[tuple] = None  # a "target", "(g)strength" or "l2_bound" bucket's state (apply.py)
-        self.steps_taken: Optional[int] = None  # a "strength" bucket's steps, on the host (apply.strength_due)
+        self.steps_taken: Optional[List[int]] = None  # a "strength" bucket's steps of each param (apply.strength_due)
         # its l1_refresh values, and the (l1_refresh, shift) of each tensor or one for all (apply.strength_due)
         self.refresh_at: Tuple[Optional[list], Union[List[Tuple[int, int]], Tuple[int, int]]] = (None, [])
         self.target_ks: Optional[tuple] = None  # a "target" bucket's zeros per tensor, cached (apply.target_prox)
