@@ -300,7 +300,7 @@ def check_grads_apart(tensors: Sequence[Tensor], grads: Sequence[Tensor], op: st
     check_no_overlap(grads, "grads")
     if has_dtensor(grads) or has_dtensor(tensors):  # a DTensor's local shard holds its memory
         grads, tensors = local_tensors(grads), local_tensors(tensors)
-    bad = _overlap(grads, tensors)
+    bad = overlap_between(grads, tensors)
     if bad is not None:
         raise ValueError(f"grads[{bad[0]}] shares memory with tensors[{bad[1]}]; {op} "
                          "writes the grads while it reads the tensors, so they must be distinct")
@@ -333,7 +333,7 @@ def first_overlap(tensors: Sequence[Tensor]) -> Optional[Tuple[int, int]]:
     for i, t in enumerate(tensors):
         if not t.is_contiguous() and _has_internal_overlap(t):
             return i, i
-    return _overlap(tensors, tensors)
+    return overlap_between(tensors, tensors)
 
 
 def disjoint(tensors: Sequence[Tensor]) -> bool:
@@ -364,7 +364,7 @@ def disjoint_pointers(tensors: Sequence[Tensor]) -> Optional[List[int]]:
 _nbytes_of = attrgetter("nbytes")
 
 
-def _overlap(written: Sequence[Tensor], read: Sequence[Tensor]) -> Optional[Tuple[int, int]]:
+def overlap_between(written: Sequence[Tensor], read: Sequence[Tensor]) -> Optional[Tuple[int, int]]:
     """(i, j) with written[i] and read[j] (i != j when both lists are the same)
     overlapping in memory, else None; for one list, i < j. Each tensor is the
     address range from its first to its last element (conservative for
@@ -469,7 +469,7 @@ def check_refs_apart(tensors: Sequence[Tensor], refs: Sequence[Tensor], what: st
     the refs: no ref may share memory with any of them."""
     if torch.compiler.is_compiling() or disjoint(list(tensors) + list(refs)):
         return
-    bad = _overlap(tensors, refs)
+    bad = overlap_between(tensors, refs)
     if bad is not None:
         raise ValueError(f"{what}[{bad[0]}] shares memory with ref[{bad[1]}]; the op writes the "
                          f"{what} while it reads the refs, so they must be distinct")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._common import SUPPORTED_DTYPES, has_dtensor, to_device
-from .._validate import _overlap, first_overlap
+from .._validate import first_overlap, overlap_between
 from ..backends._marshal import plain_list
 from .keys import GroupSettings, check_params
 
@@ -245,7 +245,7 @@ class Plan:
             return
         self._raise_overlap(first_overlap(ps))
         if self._refs:
-            bad = _overlap([p for p, _ in self._all_params], [r for r, _ in self._refs])
+            bad = overlap_between([p for p, _ in self._all_params], [r for r, _ in self._refs])
             if bad is not None:
                 raise ValueError(f"{self._refs[bad[1]][1]} shares memory with parameter "
                                  f"{self._all_params[bad[0]][1]!r}; the step writes the parameters while it "
