@@ -95,8 +95,15 @@ def _gather(buf: Tensor, group) -> Tensor:
     flat = buf.contiguous().reshape(-1)
     ranks = dist.get_world_size(group)
     out = flat.new_empty(ranks * flat.numel())  # flat: gloo wants matching ranks
-    dist.all_gather_into_tensor(out, flat, group=group)
+    _all_gather()(out, flat, group=group)
     return out.view((ranks,) + tuple(buf.shape))
+
+
+def _all_gather():
+    """torch's gather of equal-size tensors into one: ``all_gather_single``
+    where torch has it (it deprecates the older name), else
+    ``all_gather_into_tensor``."""
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _sum_over_ranks(value: Tensor, group) -> Tensor:

@@ -1066,3 +1066,23 @@ def test_regularized_add_param_group_checks_the_defaults_it_fills_in():
     with _raises(ValueError, f"param_groups[{n}]['l1'] must be finite and >= 0, got -1.0"):
         opt.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
     assert len(opt.param_groups) == n
+
+
+def test_a_misspelt_key_warning_points_at_the_users_line():
+    """The near-miss warning names the line that made the optimizer or added
+    the group (not a line inside torch.optim or pyreg), for both families."""
+    w = nn.Parameter(torch.ones(3))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        opt = pyreg.optim.AdamW([{"params": [w], "l11": 0.1}], lr=1e-3)
+        pyreg.Regularized(torch.optim.SGD([{"params": [nn.Parameter(torch.ones(2))], "l11": 0.1}], lr=0.1))
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "max_norms": 1.0})
+    near = [r for r in rec if "which nothing reads" in str(r.message)]
+    assert len(near) == 3 and {r.filename for r in near} == {__file__}
+
+
+def test_the_ref_error_names_only_regularized_parameters():
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError) as e:
+        pyreg.param_groups(m, l2=0.1, ref={"foo.weight": torch.zeros(3)})
+    assert "['0.weight', '2.weight']" in str(e.value) and "bias" not in str(e.value).split("ref's names")[0]

@@ -188,7 +188,8 @@ def build_groups(model: nn.Module, method: str, alpha: float,
             raise ValueError("method 'target' needs the task's targets, e.g. {'0': 0.9}")
         overrides = {layer: {"target_sparsity": t} for layer, t in targets.items()}
     elif method == "layer":
-        overrides = {model.input_layer: {"l1": alpha}}
+        # the weight's name: an override's l1 applies to the (excluded) bias of a module pattern too
+        overrides = {model.input_weight: {"l1": alpha}}
     elif method == "group":
         # the weight's name, not the module's: a module pattern would give the
         # (1-D) bias group_l1 too

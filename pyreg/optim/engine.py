@@ -20,6 +20,7 @@ by identity and version, see :func:`keys.signature`):
 from __future__ import annotations
 
 import difflib
+import sys
 import warnings
 from operator import attrgetter
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
@@ -314,7 +315,17 @@ def warn_near_misses(group: Dict[str, Any], torch_defaults: Dict[str, Any], wher
             close = difflib.get_close_matches(key, sorted(known - {"params", "param_names"}), n=1, cutoff=0.8)
             if close:
                 warnings.warn(f"{where} has a key {key!r}, which nothing reads; did you mean {close[0]!r}?",
-                              UserWarning, stacklevel=4)
+                              UserWarning, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of a warning from the function that calls this one
+    that points at the first frame outside pyreg and torch (the user's line,
+    whether it made the optimizer or added a group)."""
+    f, level = sys._getframe(1), 1
+    while f is not None and f.f_globals.get("__name__", "").partition(".")[0] in ("pyreg", "torch"):
+        f, level = f.f_back, level + 1
+    return level
 
 
 def keep_own_keys(before: List[Dict[str, Any]], groups: List[Dict[str, Any]], saved: List[Dict[str, Any]]) -> None:

@@ -253,7 +253,7 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
         warnings.warn(f"exclude pattern(s) {unused} match no trainable parameter of the model, so they exclude "
                       "nothing: check their spelling (patterns match a parameter's qualified name, such as "
                       "'fc1.bias', or its module's name)", UserWarning, stacklevel=2)
-    out, found, wanted = [], 0, 0
+    out, found, wanted, regularized = [], 0, 0, []
     for group in groups:
         opts = group.pop("_opts")
         excluded = group.pop("_excluded")
@@ -264,8 +264,9 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
             if not excluded:
                 wanted += len(refs)
                 found += sum(r is not None for r in refs)
+                regularized += group["param_names"]
     if ref is not None and wanted and not found:
-        some = [n for g in out for n in g["param_names"]][:3]
+        some = regularized[:3]
         raise ValueError(f"ref has no tensor of the name and shape of any regularized parameter (such as "
                          f"{some}; ref's names: {list(ref)[:3]}): toward it, every parameter would be regularized "
                          "toward zero. Pass the reference of this model (a state dict of the same names)")
