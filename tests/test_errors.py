@@ -1086,3 +1086,41 @@ def test_the_ref_error_names_only_regularized_parameters():
     with pytest.raises(ValueError) as e:
         pyreg.param_groups(m, l2=0.1, ref={"foo.weight": torch.zeros(3)})
     assert "['0.weight', '2.weight']" in str(e.value) and "bias" not in str(e.value).split("ref's names")[0]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda-emu", "torch"])
+def test_gradient_mode_checks_every_buckets_grad_pairing_before_writing(backend):
+    """Gradient mode with two buckets (float32, float64): a grad of the wrong
+    dtype in the second raises before the first bucket's grads are written
+    (a retry added the penalty to them twice)."""
+    if backend == "cuda-emu" and not pyreg.backends.cuda_emu.compiled():
+        pytest.skip("no emulated CUDA build")
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(4, 3))
+    b = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    opt = pyreg.Regularized(torch.optim.SGD([a, b], lr=0.1), mode="gradient", l1=0.1, l2=0.1)
+    a.grad, b.grad = torch.ones(4, 3), torch.ones(5, 3, dtype=torch.float64)
+    b.grad.data = torch.ones(5, 3)  # float32: the setter would refuse it
+    before = _clone([a, b, a.grad, b.grad])
+    with pyreg.use_backend(backend), _raises(ValueError, "has a grad of (5, 3) torch.float32 on cpu"):
+        opt.step()
+    assert _same(_clone([a, b, a.grad, b.grad]), before)
+
+
+@pytest.mark.parametrize("cls", [pyreg.optim.SGD, pyreg.optim.Adam])
+def test_a_grad_reshaped_in_place_is_refused_at_every_step(cls):
+    """A grad of its parameter's size but another shape (set through .data):
+    refused at the first step and at every later one (the kept gather
+    compared sizes only and stepped it, pairing elements in flat order)."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(5, 3))
+    opt = cls([p], lr=0.1, l1=0.01)
+    for _ in range(3):
+        p.grad = torch.randn(5, 3)
+        opt.step()
+    p.grad = torch.zeros(5, 3)
+    p.grad.data = torch.arange(15.0).reshape(3, 5)
+    before = _clone([p, opt.state[p]] if opt.state[p] else [p])
+    with _raises(ValueError, "is (5, 3) torch.float32 on cpu but its grad is (3, 5)"):
+        opt.step()
+    assert _same(_clone([p, opt.state[p]] if opt.state[p] else [p]), before)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import backends, ops
 from .._common import capturing, has_dtensor, to_device
-from .._validate import check_grads_apart, disjoint_pointers, plain_cpu, tensor_list
+from .._validate import check_grads_apart, disjoint_pointers, first_unpaired, plain_cpu, tensor_list
 from .plan import Bucket, Plan, Work
 from .results import ParamStats, Sparsity
 
@@ -557,7 +557,14 @@ def add_penalty_grads(buckets: Sequence[Work]) -> Tensor:
     if len(buckets) > 1 and eager:
         for w, gs, d in zip(buckets, grads, direct):
             if d is None:
-                check_grads_apart(w.params, tensor_list(gs, "grads"))
+                gs = tensor_list(gs, "grads")
+                i = first_unpaired(w.params, gs)
+                if i is not None:
+                    p, g = w.params[i], gs[i]
+                    raise ValueError(f"a parameter of shape {tuple(p.shape)} {p.dtype} on {p.device} has a grad of "
+                                     f"{tuple(g.shape)} {g.dtype} on {g.device}: a grad must have its parameter's "
+                                     "shape, dtype and device")
+                check_grads_apart(w.params, gs)
     total = None
     for w, gs, d in zip(buckets, grads, direct):
         c = partial(w.coef, eager=eager)

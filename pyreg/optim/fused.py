@@ -146,7 +146,7 @@ class _Gathered:
         ps = [p for b in buckets for p in b.params]
         self.with_grad = ps
         self.dtypes, self.devices = list(map(_dtype_of, ps)), list(map(_device_of, ps))
-        self.numels = list(map(Tensor.numel, ps))
+        self.shapes = list(map(_shape_of, ps))
         states = [state.get(p, _NO_STATE) for p in ps]
         self.keys = list(chain.from_iterable(states))
         self.values = list(chain.from_iterable(map(dict.values, states)))
@@ -166,7 +166,7 @@ class _Gathered:
         gs = list(map(grads.__getitem__, self.index))
         if (not set(map(type, gs)) <= _PLAIN_SET or not all(map(is_, map(_layout_of, gs), repeat(torch.strided)))
                 or list(map(_dtype_of, gs)) != self.dtypes or list(map(_device_of, gs)) != self.devices
-                or list(map(Tensor.numel, gs)) != self.numels):
+                or list(map(_shape_of, gs)) != self.shapes):
             return None
         states = list(map(state.get, self.with_grad, repeat(_NO_STATE)))
         if list(chain.from_iterable(states)) != self.keys:  # (a dict iterates its keys)
@@ -212,8 +212,9 @@ def _but_lr(group: Dict[str, Any]) -> tuple:
 
 
 _NO_STATE: Dict[str, Any] = {}  # (never written: a parameter without state, as _Gathered reads it)
-_grad_of, _dtype_of, _device_of, _layout_of = (attrgetter("grad"), attrgetter("dtype"), attrgetter("device"),
-                                                attrgetter("layout"))
+_grad_of, _dtype_of, _device_of, _layout_of, _shape_of = (attrgetter("grad"), attrgetter("dtype"),
+                                                           attrgetter("device"), attrgetter("layout"),
+                                                           attrgetter("shape"))
 
 
 class FusedOptimizer(Observable):
