@@ -17,10 +17,12 @@ def _dtensor_class():
     was imported, so pyreg never imports it itself: it costs as much as
     torch's own import."""
     global _DTensor
-    if _DTensor is None:
-        mod = sys.modules.get("torch.distributed.tensor")
-        _DTensor = getattr(mod, "DTensor", None)
-    return _DTensor
+    dt = _DTensor
+    if dt is None:
+        dt = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+        if not torch.compiler.is_compiling():  # (kept only outside a trace: a trace that set it
+            _DTensor = dt                      # would fail its own guard, and compile again)
+    return dt
 
 
 _DTensor = None
@@ -85,7 +87,11 @@ def local_tensors(ts: Sequence[Tensor]) -> list:
 def coef_tensor(c: Union[float, Tensor], n: int, device: torch.device) -> Tensor:
     """A validated coefficient (a float for every tensor, or one value per
     tensor) as a 1-D float64 tensor of n entries: the custom ops' form."""
-    return torch.full((n,), c, dtype=torch.float64, device=device) if isinstance(c, float) else c
+    if not isinstance(c, float):
+        return c
+    if torch.compiler.is_compiling():  # (a float that Dynamo made symbolic stays a graph input; torch.full
+        return torch.ones((n,), dtype=torch.float64, device=device) * c  # would make it a constant again)
+    return torch.full((n,), c, dtype=torch.float64, device=device)
 
 
 def capturing(device: torch.device) -> bool:

@@ -241,6 +241,9 @@ def coefficient(c: Coefficient, n: int, device: torch.device, name: str) -> Unio
     if len(vals) != n:
         raise ValueError(f"{name} has {len(vals)} values but there are {n} tensors")
     vals = [nonneg_real(v, f"{name}[{i}]") for i, v in enumerate(vals)]
+    if torch.compiler.is_compiling() and vals:  # (floats that Dynamo made symbolic stay graph inputs;
+        one = torch.ones((), dtype=torch.float64, device=device)  # torch.tensor would make them constants)
+        return torch.stack([one * v for v in vals])
     return to_device(vals, torch.float64, device)
 
 

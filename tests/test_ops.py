@@ -1,8 +1,10 @@
 """The four fused ops against the float64 reference, on every backend and dtype."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 import warnings
 
 import pytest
@@ -564,16 +566,44 @@ _COEF_OPS = {
 @pytest.mark.parametrize("name", list(_COEF_OPS))
 def test_a_float_coefficient_that_changes_between_compiled_calls(name, dynamic):
     """Dynamo makes a float that changes between calls (an lr from a scheduler) a symbolic input of
-    the graph: the coefficient checks trace on it, and every call equals eager."""
-    torch._dynamo.reset()
+    the graph: the coefficient checks trace on it, every call equals eager, and with AOTAutograd's
+    backend (inductor's front end) too, new values compile nothing after the second graph (the
+    op's coefficient tensor was made with torch.full, which made the float a constant again: one
+    graph per value, and fullgraph=True failed at torch's recompile limit)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     op = _COEF_OPS[name]
-    compiled = torch.compile(op, backend="eager", fullgraph=True, dynamic=dynamic)
-    for c in (0.1, 0.05, 0.7):
-        g = torch.Generator().manual_seed(17)
-        we, wc = [torch.randn(9, 4, generator=g), torch.randn(3, 5, generator=g)], None
-        wc = [w.clone() for w in we]
-        assert torch.equal(compiled(wc, c), op(we, c)), c
-        assert all(torch.equal(a, b) for a, b in zip(wc, we)), c
+    for backend in ("eager", "aot_eager"):
+        torch._dynamo.reset()
+        count = CompileCounterWithBackend(backend)
+        compiled = torch.compile(op, backend=count, fullgraph=True, dynamic=dynamic)
+        for c in (0.1, 0.05, 0.7, 0.35, 0.2, 0.9, 0.45, 0.6, 0.15, 0.25):
+            g = torch.Generator().manual_seed(17)
+            we, wc = [torch.randn(9, 4, generator=g), torch.randn(3, 5, generator=g)], None
+            wc = [w.clone() for w in we]
+            assert torch.equal(compiled(wc, c), op(we, c)), (backend, c)
+            assert all(torch.equal(a, b) for a, b in zip(wc, we)), (backend, c)
+        assert count.frame_count <= 2, (backend, count.frame_count)
+
+
+def test_the_first_compiled_call_of_an_op_compiles_once():
+    """In a fresh process (torch.distributed.tensor loaded by Dynamo's import,
+    after pyreg's), a compiled function that calls an op compiles once for
+    the same inputs (pyreg cached torch's DTensor class during the first
+    trace, which failed that trace's own guard: every first graph compiled twice)."""
+    code = (
+        "import torch, pyreg\n"
+        "from torch._dynamo.testing import CompileCounterWithBackend\n"
+        "ws, l1 = [torch.randn(4, 3), torch.randn(5)], torch.tensor(0.1)\n"
+        "count = CompileCounterWithBackend('aot_eager')\n"
+        "f = torch.compile(lambda ws, l1: pyreg.penalty(ws, l1=l1), backend=count, fullgraph=True)\n"
+        "for _ in range(3):\n"
+        "    f(ws, l1)\n"
+        "print(count.frame_count)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tempfile.gettempdir())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == "1", r.stdout
 
 
 def test_jit_trace_records_the_ops():

@@ -214,9 +214,10 @@ def strength_due(b: Bucket, state: Dict[Any, Dict[str, Any]]) -> List[Tensor]:
     so it is refreshed at its K-th step with a grad, whatever the others do.
     The counts are read back from the params' state (``strength_step``, a
     number, see :func:`record_strength_step`), so a loaded state dict
-    continues them. They live on the host, so a step that is compiled into a
-    graph or captured into a CUDA graph (replayed without it) is refused
-    with a clear error."""
+    continues them. They live on the host, so a step captured into a CUDA
+    graph (replayed without it) is refused with a clear error; under
+    torch.compile the same error makes Dynamo run the step's rest eagerly
+    (a graph break; the fused optimizers' step always runs eagerly)."""
     if torch.compiler.is_compiling() or capturing(b.device):
         raise RuntimeError("l1_strength refreshes each tensor's l1 every l1_refresh steps, counted on the host: "
                            "its step cannot be compiled by torch.compile or captured into a CUDA graph (use "

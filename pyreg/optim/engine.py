@@ -74,7 +74,7 @@ class Engine:
         One signature of every group (all its keys, its parameters) says
         whether anything changed since the last step; only then are the
         plan, torch's hyperparameters and the lrs checked again, each where
-        its own part changed. Under torch.compile, see :func:`prepare_compiled`."""
+        its own part changed."""
         hit = self._prepared
         if hit is not None and len(hit[0]) == len(groups) and (hit[1].lrs is not None or not lrs):
             same = list(map(_unchanged, groups, hit[0]))
