@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import sys
 import warnings
+from itertools import repeat
 from operator import attrgetter
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
@@ -171,7 +172,7 @@ class Engine:
         group changed (see the module docstring)."""
         for gi, g in enumerate(groups):
             ps = g.get("params")
-            if type(ps) not in (list, tuple) or not all(isinstance(p, Tensor) for p in ps):
+            if type(ps) not in (list, tuple) or not all(map(isinstance, ps, repeat(Tensor))):
                 raise TypeError(f"param_groups[{gi}]['params'] must be a list of tensors, got "
                                 + (type(ps).__name__ if type(ps) not in (list, tuple) else
                                    f"a {type(ps).__name__} holding a "

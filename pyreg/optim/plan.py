@@ -196,9 +196,7 @@ class Plan:
         # A reference is read while every parameter is written: none may share memory with one.
         self._refs = [(r, f"param_groups[{gi}]['ref'][{j}]") for gi, (group, spec) in enumerate(zip(groups, specs), first)
                       if spec.ref is not None for j, r in enumerate(spec.ref) if r is not None]
-        self._all_params = ([(p, names[j] if names is not None and j < len(names) else f"param_groups.{gi}.{j}")
-                             for gi, group in enumerate(groups, first)
-                             for names in [group.get("param_names")] for j, p in enumerate(group["params"])]
+        self._all_params = (list(zip([p for g in groups for p in g["params"]], self.names))  # (self.names: in order)
                             if self._refs else [])
         self._memory: Optional[list] = None
         self._sharded = has_dtensor(self._reg_params)  # (the same parameter objects while the plan lasts)
