@@ -15,7 +15,7 @@ the best of several runs, each a few points apart from run to run, so the
 difference of one seed says little. Writes
 ``bench/results/strength-seeds.{json,md}``.
 
-    python bench/strength_seeds.py [--seeds 5] [--out bench/results/strength-seeds]
+    python bench/strength_seeds.py [--seeds 10] [--out bench/results/strength-seeds]
 """
 import argparse
 import json
@@ -59,7 +59,7 @@ def summary(diffs):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--out", default="bench/results/strength-seeds")
     args = ap.parse_args()
     if args.seeds < 2:
