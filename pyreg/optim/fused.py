@@ -834,9 +834,11 @@ def grad_push_terms(items, second: str):
     """:meth:`FusedOptimizer._push_terms` for a push grad / (sqrt(v) + eps),
     v the state buffer ``second`` (Adagrad's and RMSprop's, where nothing
     else changes it; the grad alone in the optimizer's metric): ``(grads, v
-    or None, eps, 1)`` for items of one group with a number eps, else None."""
+    or None, eps, 1)`` for items of one group with a number eps and float32
+    or float64 params (the kernel's state types), else None."""
     group = items[0][2] if items else None
-    if group is None or not isinstance(group["eps"], (int, float)) or any(it[2] is not group for it in items):
+    if (group is None or not isinstance(group["eps"], (int, float))
+            or any(it[2] is not group or it[0].element_size() < 4 for it in items)):
         return None
     n = len(items)
     return ([it[0].grad for it in items], None if items[0][3] else [it[1][second] for it in items],
