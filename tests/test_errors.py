@@ -759,6 +759,57 @@ def test_a_grad_or_state_unlike_its_param_raises_and_changes_nothing(name, chang
         opt.step()
 
 
+def _first_step_that_raises(name, how, fail):
+    """A model's dense weight and a sparse embedding under FUSED[name] (SGD
+    with dampening, whose momentum buffer starts from the grad); ``fail``:
+    the first step has the embedding's sparse grad, which ``how`` makes
+    raise: "own check" (a max_norm group, which the fused kernels apply and
+    sparse grads cannot take) or "torch's step" (torch's fused step, or its
+    algorithm, refuses sparse grads). Returns the weight after a clean step
+    (the embedding's grad dropped) and the optimizer's state dict after it;
+    checks that the failed step left the state as it was."""
+    torch.manual_seed(0)
+    w, e = nn.Parameter(torch.randn(3, 4)), nn.Embedding(5, 4, sparse=True)
+    group = {"params": [w, e.weight], "l1": 1e-3}
+    if how == "own check":
+        group["max_norm"] = 100.0
+    kw = {"fused": True} if how == "torch's step" and name in ("SGD", "Adagrad") else {}
+    if name == "SGD":
+        opt = pyreg.optim.SGD([group], lr=0.05, momentum=0.9, dampening=0.5, **kw)
+    else:
+        opt = FUSED[name]([group])
+        opt.param_groups[0].update(kw)
+    def state():  # (torch's own step leaves an empty entry for a param it refuses, as without pyreg)
+        return _clone({p: v for p, v in opt.state.items() if v})
+
+    before = state()  # (Adagrad makes its sums at construction, as torch's)
+    if fail:
+        w.grad = torch.randn(3, 4)
+        e(torch.tensor([0, 3])).sum().backward()
+        with pytest.raises((ValueError, RuntimeError)):
+            opt.step()
+        assert _same(state(), before)
+        e.weight.grad = None
+    w.grad = torch.ones(3, 4)
+    opt.step()
+    return w.detach().clone(), opt.state_dict()
+
+
+@pytest.mark.parametrize("how", ["own check", "torch's step"])
+@pytest.mark.parametrize("name", list(FUSED))
+def test_a_first_step_that_raises_leaves_no_state(name, how):
+    """The state a step makes for a parameter's first step (SGD's momentum
+    buffer, which the next step would take for one with history; Adam's
+    moments and counter) is taken back when the step raises, whether
+    pyreg's checks or torch's own step (for the parameters the kernels do
+    not take) raise: the next step is a first step, as in a run without the
+    failed one."""
+    clean, clean_sd = _first_step_that_raises(name, how, fail=False)
+    got, sd = _first_step_that_raises(name, how, fail=True)
+    assert torch.equal(got, clean)
+    assert _same(*({i: v for i, v in d["state"].items() if v} for d in (sd, clean_sd)))
+
+
 FUNCTIONAL_CASES = [
     ("grad shape", lambda w, g, s, t: pyreg.optim.functional.adam(w, [g[0][:5]], s[0], s[1], [], t, lr=0.1),
      "grads[0] is (5,) torch.float32 on cpu but params[0] is (10,) torch.float32 on cpu"),

@@ -467,8 +467,24 @@ class FusedOptimizer(Observable):
         table on the device.
 
         This loop runs over every parameter at every step: it reads each
-        attribute once and tests in C where it can (the step's host time)."""
+        attribute once and tests in C where it can (the step's host time).
+
+        The state it makes (a parameter's first step) is taken back where it
+        raises, and where torch's own step for the other parameters raises
+        (see :meth:`_unmake`): a step that raises leaves no state behind (a
+        zero momentum buffer left would be taken for one with history)."""
         buckets: Dict[tuple, _Bucket] = {}
+        made: List[Tuple[Tensor, Optional[frozenset]]] = []
+        try:
+            return self._gather_into(plan, runs, l1_of, buckets, made)
+        except BaseException:
+            self._unmake(list(buckets.values()), made)
+            raise
+
+    def _gather_into(self, plan, runs, l1_of, buckets, made):
+        """:meth:`_gather_all`'s loop: the buckets into ``buckets``, and each
+        parameter whose state it starts into ``made``, with its state's keys
+        before (None: it had no state entry)."""
         torch_groups = []
         state = self.state  # type: ignore[attr-defined]
         new_state, buffers = self._new_state, self._buffers
@@ -502,6 +518,7 @@ class FusedOptimizer(Observable):
                 if added:
                     s = {}
                 if not s or s.keys() <= _PYREG_STATE_KEYS:  # none, or pyreg's own only
+                    made.append((p, None if added else frozenset(s)))
                     new_state(p, s, group)
                 bufs = buffers(p, s, group, run)
                 if added and s:
@@ -555,7 +572,25 @@ class FusedOptimizer(Observable):
                 torch_groups.append((group, others, st))
         for b in buckets.values():  # before any kernel runs
             self._check_paired(b)
+        self._made = made
         return list(buckets.values()), torch_groups
+
+    def _unmake(self, buckets: List[_Bucket], made: List[Tuple[Tensor, Optional[frozenset]]]) -> None:
+        """Takes back the state a gather made (``made``, see :meth:`_gather_into`,
+        and the buffers the kernels would start from the grad, marked fresh in
+        ``buckets``), for a step that raises before its kernels run."""
+        self._drop_fresh(buckets)
+        state = self.state  # type: ignore[attr-defined]
+        for p, keys in made:
+            s = state.get(p)
+            if s is None:
+                continue
+            if keys is None:
+                del state[p]
+            else:
+                for k in [k for k in s if k not in keys]:
+                    del s[k]
+        self._gathered = None
 
     def _check_paired(self, b: _Bucket) -> None:
         """Raises ``ValueError`` where a grad or state buffer of the bucket does not
@@ -587,7 +622,14 @@ class FusedOptimizer(Observable):
         the step (read on the host, at such steps only), the buffer made is
         dropped, as torch's step would not have made it (a zero buffer left
         would be taken for one with history at the next step)."""
-        if not self._amp_skipped():
+        if self._amp_skipped():
+            self._drop_fresh(buckets)
+
+    def _drop_fresh(self, buckets: List[_Bucket]) -> None:
+        """Drops the buffers made this step that the kernels start from the
+        grad (see :meth:`_forget_fresh_if_skipped`), and a state entry they
+        leave empty."""
+        if not self._fresh_keys:
             return
         state = self.state  # type: ignore[attr-defined]
         for b in buckets:
@@ -751,8 +793,12 @@ class FusedOptimizer(Observable):
             l1_of = self._l1_of = (vecs, {id(p): (v, i) for w, v in zip(strength, vecs) if w.kind == "strength"
                                          for i, p in enumerate(w.params)})
         buckets, torch_groups = self._gather(plan, runs, l1_of[1])
-        if torch_groups:
-            self._run_torch(torch_groups)
+        if torch_groups:  # (never with kept buckets: see _gather)
+            try:
+                self._run_torch(torch_groups)
+            except BaseException:
+                self._unmake(buckets, self._made)
+                raise
         self._out["last"], self._out["penalty"] = penalized(work), None
         after = [w for w in work if w.kind not in ("elem", "strength")]
         if buckets or after:
