@@ -465,6 +465,7 @@ def test_a_misspelt_key_warns_and_a_foreign_one_does_not(family):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make({"name": "first layer"})  # a key of the user's own: no warning
+        make({"max_momentum": 0.95, "base_momentum": 0.85})  # OneCycleLR's, which it reads: no warning
 
 
 def test_meta_parameter_is_rejected_at_construction():

@@ -1029,12 +1029,26 @@ def test_bad_input_raises_and_changes_nothing(name):
     assert len(opt.param_groups) == 1
 
 
-def test_differentiable_with_l1_is_rejected():
+@pytest.mark.parametrize("name", list(CLASSES) + ["RMSprop"])
+def test_differentiable_with_l1_is_rejected(name):
+    """differentiable=True takes torch's own step, and pyreg's prox takes
+    parameters outside autograd: l1/l2 with it is refused where the group is
+    added (construction, add_param_group), and at the step where it is set
+    after that, before anything changes."""
+    cls = getattr(optim, name)
     p = nn.Parameter(torch.randn(3))
-    opt = optim.SGD([p], lr=0.1, l1=0.1, differentiable=True)
+    with pytest.raises(ValueError, match="param_groups.0. sets l1/l2 with differentiable=True"):
+        cls([p], lr=0.1, l1=0.1, differentiable=True)
+    opt = cls([p], lr=0.1, differentiable=True)
+    with pytest.raises(ValueError, match="param_groups.1. sets l1/l2 with differentiable=True"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(2))], "l2": 0.1})
+    assert len(opt.param_groups) == 1
+    opt.param_groups[0]["l1"] = 0.1
     p.grad = torch.ones(3)
+    before = copy.deepcopy((p.detach(), opt.state_dict()["state"]))
     with pytest.raises(ValueError, match="differentiable"):
         opt.step()
+    assert torch.equal(p.detach(), before[0]) and str(opt.state_dict()["state"]) == str(before[1])
 
 
 # --------------------------------------------------------------------------

@@ -306,11 +306,16 @@ def _unchanged(group: Dict[str, Any], seen: _GroupSeen) -> bool:
             and (not seen.mutable or tuple(signature(group[k]) for k in seen.mutable) == seen.state))
 
 
+#: The keys torch's LR schedulers and SWALR write into a group (OneCycleLR's
+#: ``max_momentum``/``base_momentum`` nearly spell ``momentum``).
+_SCHEDULER_KEYS = frozenset(("initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "swa_lr"))
+
+
 def warn_near_misses(group: Dict[str, Any], torch_defaults: Dict[str, Any], where: str) -> None:
     """A warning for a key that no one reads but that nearly spells one of
     pyreg's or the optimizer's (``group_dims``, ``max_norms``): torch keeps
     any extra key in a group, so a misspelt setting would do nothing, silently."""
-    known = set(KEYS) | set(torch_defaults) | {"params", "param_names"}
+    known = set(KEYS) | set(torch_defaults) | _SCHEDULER_KEYS | {"params", "param_names"}
     for key in group:
         if isinstance(key, str) and key not in known:
             close = difflib.get_close_matches(key, sorted(known - {"params", "param_names"}), n=1, cutoff=0.8)

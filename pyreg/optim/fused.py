@@ -17,9 +17,11 @@ fused pass. The step:
    a bad value raises ``ValueError`` before anything is modified;
 2. per group, its hyperparameter rows by name (cached while they stay the same);
 3. per parameter with a grad, its state (created as torch creates it) and its
-   bucket; parameters the kernels do not take (sparse or complex grads,
-   ``differentiable=True``, tensor subclasses such as DTensor) go to torch's
-   own step instead, followed by ``pyreg.prox_``;
+   bucket; parameters the kernels do not take (sparse grads, complex
+   parameters, ``differentiable=True``, tensor subclasses such as DTensor)
+   go to torch's own step instead, followed by ``pyreg.prox_`` where their
+   group sets l1/l2 (never for complex ones or ``differentiable=True``,
+   which are refused with l1/l2);
 4. one kernel call per bucket, then the structured passes.
 """
 from __future__ import annotations
@@ -342,8 +344,13 @@ class FusedOptimizer(Observable):
         if ps is not None:  # a list, so that checking it consumes no iterator
             param_group["params"] = param_list(ps)
         made = getattr(self, "_made", False)  # (while torch's constructor adds the groups: see __init__)
-        self._engine.check_added(param_group, self.defaults, len(getattr(self, "param_groups", [])),
-                                 self.param_groups if made else None)
+        index = len(getattr(self, "param_groups", []))
+        plan = self._engine.check_added(param_group, self.defaults, index, self.param_groups if made else None)
+        if plan is not None and param_group.get("differentiable", self.defaults.get("differentiable")):
+            st = plan.specs[0]
+            if any(a or b for a, b in zip(st.l1, st.l2)):  # (as the step refuses it: see _gather_all)
+                raise ValueError(f"param_groups[{index}] sets l1/l2 with differentiable=True, whose parameters "
+                                 "take torch's own step: pyreg's prox takes real parameters outside autograd")
         for key in PYREG_KEYS:
             param_group.setdefault(key, self._engine.defaults[key])
         super().add_param_group(param_group)  # type: ignore[misc]
@@ -572,7 +579,7 @@ class FusedOptimizer(Observable):
                 torch_groups.append((group, others, st))
         for b in buckets.values():  # before any kernel runs
             self._check_paired(b)
-        self._made = made
+        self._made_state = made
         return list(buckets.values()), torch_groups
 
     def _unmake(self, buckets: List[_Bucket], made: List[Tuple[Tensor, Optional[frozenset]]]) -> None:
@@ -797,7 +804,7 @@ class FusedOptimizer(Observable):
             try:
                 self._run_torch(torch_groups)
             except BaseException:
-                self._unmake(buckets, self._made)
+                self._unmake(buckets, self._made_state)
                 raise
         self._out["last"], self._out["penalty"] = penalized(work), None
         after = [w for w in work if w.kind not in ("elem", "strength")]
