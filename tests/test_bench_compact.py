@@ -45,7 +45,7 @@ def test_cli_writes_its_files(tmp_path):
     from pyreg import cli
 
     assert cli.main(["bench", "--compact", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
-    (js,) = tmp_path.glob("*-compact.json")
-    (md,) = tmp_path.glob("*-compact.md")
+    (js,) = tmp_path.glob("*-compact-quick.json")  # (not the full run's name)
+    (md,) = tmp_path.glob("*-compact-quick.md")
     data = json.loads(js.read_text())
     assert data["rows"] and "pyreg.compact" in md.read_text()

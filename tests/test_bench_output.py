@@ -77,6 +77,23 @@ def test_a_dtype_other_than_float32_names_its_files(tmp_path):
     assert any(f.endswith("-quick-bfloat16.json") for f in os.listdir(tmp_path)), os.listdir(tmp_path)
 
 
+def test_a_subset_run_does_not_take_the_full_runs_name(tmp_path):
+    """A run (not --quick) of fewer shape sets or ops than the full run gets
+    '-subset' in its file names (unless --tag names it) and says so in its
+    header: it would replace a full run's results and call itself one."""
+    argv = ["--shapes", "mlp", "--ops", "weight_stats", "--device", "cpu", "--repeats", "1", "--no-compile",
+            "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    assert bench.main(argv + ["--tag", "mine"]) == 0
+    names = sorted(f for f in os.listdir(tmp_path) if f.endswith(".json"))
+    assert len(names) == 2 and names[0].endswith("-mine.json") and names[1].endswith("-subset.json"), names
+    with open(os.path.join(tmp_path, names[1][:-5] + ".md")) as f:
+        assert "full run of a subset (shape sets mlp; ops weight_stats) of " in f.read()
+    with open(os.path.join(tmp_path, names[1])) as f:
+        meta = json.load(f)["meta"]
+    assert meta["subset"] is True and meta["ops"] == ["weight_stats"]
+
+
 # ---------------------------------------------------------------------------
 # Results written after each shape set
 # ---------------------------------------------------------------------------

@@ -436,3 +436,37 @@ def test_fsdp2_on_two_meshes_and_with_grad_scaler(tmp_path):
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_matches_unsharded(world, tmp_path):
     _spawn(_fsdp_worker, world, str(tmp_path / "init"), str(tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("lr", [0.0, torch.tensor(0.0)], ids=["float", "tensor"])
+@pytest.mark.parametrize("key", [dict(max_norm=0.1), dict(l2_bound=0.01)], ids=["max_norm", "l2_bound"])
+@pytest.mark.parametrize("family", ["fused", "Regularized"])
+def test_get_state_dict_before_the_first_step_changes_no_weight(family, key, lr):
+    """torch.distributed.checkpoint's get_optimizer_state_dict, on an optimizer
+    without state, makes one step with zero grads and every lr set to 0 (as
+    torch's optimizers change nothing then): max_norm and l2_bound, which do
+    not scale with lr, do not act at such a step (the checkpoint would hold
+    a model the save changed, and l2_bound's count one step ahead); a step
+    where one group's lr is not 0 applies them."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    torch.manual_seed(0)
+    m = nn.Linear(3, 7)
+    before = m.weight.detach().clone()
+
+    def make(groups):
+        if family == "fused":
+            return pyreg.optim.AdamW(groups, lr=0.1)
+        return pyreg.Regularized(torch.optim.AdamW(groups, lr=0.1))
+
+    opt = make([dict(params=[m.weight], **key)])
+    get_optimizer_state_dict(m, opt)
+    assert torch.equal(m.weight.detach(), before)
+    assert not any(k.startswith("l2_bound") for k in opt.state[m.weight])
+    opt.param_groups[0]["lr"] = lr  # by hand: nothing either
+    m.weight.grad = torch.zeros_like(m.weight)
+    opt.step()
+    assert torch.equal(m.weight.detach(), before)
+    opt.param_groups[0]["lr"] = 1e-3
+    opt.step()
+    assert not torch.equal(m.weight.detach(), before)

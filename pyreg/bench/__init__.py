@@ -108,7 +108,8 @@ def _compact(devices: List[str], out: str, args: argparse.Namespace) -> int:
 
     for dev in devices:
         info = device_info(torch.device(dev))
-        stem = os.path.join(out, info["slug"] + "-compact" + (f"-{args.tag}" if args.tag else ""))
+        stem = os.path.join(out, info["slug"] + "-compact" + ("-quick" if args.quick else "")
+                            + (f"-{args.tag}" if args.tag else ""))
         print(f"== pyreg bench --compact on {dev}: batch {compact.BATCH}, torch {torch.__version__}", flush=True)
         res = compact.run(dev, rounds=9 if args.quick else 25)
         res["machine"] = info
@@ -176,6 +177,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         report.write_json(res, stem + ".json")
         return have_png
 
+    # fewer sets or ops than a full run: its own file name (unless --tag names it), not the full run's
+    subset = not args.quick and (what["shapes"] != list(S.ORDER) or what["ops"] != list(P.OP_ORDER))
     try:
         for dev in devices:
             t0 = time.perf_counter()
@@ -183,7 +186,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             stem = os.path.join(out, info["slug"] + ("-quick" if args.quick else "")
                                 + ("-cuda-graphs" if args.cuda_graphs else "")
                                 + ("" if args.dtype == "float32" else f"-{args.dtype}")
-                                + (f"-{args.tag}" if args.tag else ""))
+                                + (f"-{args.tag}" if args.tag else "-subset" if subset else ""))
             print(f"== pyreg bench on {dev}: shapes {','.join(what['shapes'])}; ops {','.join(what['ops'])}; "
                   f"{args.dtype}; {'quick' if args.quick else 'full'} run"
                   f"{'' if what['compile'] else ', no torch.compile peer'}; torch {torch.__version__}, "

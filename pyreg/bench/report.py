@@ -105,7 +105,9 @@ def header(res: dict) -> str:
     lines = [f"**{m['name']}** ({m['device']}, {m['threads']} threads{omp}, pyreg `{m['backend']}` backend), "
              f"torch {m['torch']}, pyreg {m['pyreg']}, {m['dtype']}, "
              f"{'quick' if m['quick'] else 'full'} run{' of CUDA-graph replays' if m.get('cuda_graphs') else ''} "
-             f"of {m['date']} ({m['wall_s']} s)."]
+             + (f"of a subset (shape sets {', '.join(m['sets_planned'])}; ops {', '.join(m['ops'])}) "
+                if m.get("subset") else "")
+             + f"of {m['date']} ({m['wall_s']} s)."]
     sets = res.get("shape_sets", {})
     if sets:
         lines.append("Shape sets: " + "; ".join(

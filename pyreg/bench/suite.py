@@ -281,6 +281,11 @@ class Suite:
                 self.on_set_done(self.result())
         return self.result(complete=True)
 
+    def subset(self) -> bool:
+        """Whether the run measures fewer shape sets or ops than a full run
+        (``--quick`` is a smoke-sized run of its own)."""
+        return not self.quick and (list(self.sets) != list(S.ORDER) or list(self.ops) != list(P.OP_ORDER))
+
     def result(self, complete: bool = False) -> dict:
         """The results so far (``complete``: the run finished)."""
         t_start = self.t_start if self.t_start is not None else time.perf_counter()
@@ -293,6 +298,7 @@ class Suite:
                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      "wall_s": round(time.perf_counter() - t_start, 1),
                      "complete": complete, "sets_planned": list(self.sets), "sets_done": list(self.sets_done),
+                     "ops": list(self.ops), "subset": self.subset(),
                      "noisy_spread": report.NOISY_SPREAD, "roofline_limit_pct": report.ROOFLINE_LIMIT},
             # a snapshot: the run goes on adding rows and sets after an incremental write
             "notes": list(self.notes), "warnings": list(self.warnings),

@@ -51,14 +51,35 @@ def penalized(work: Sequence[Work]) -> List[Work]:
     return [w for w in work if w.kind in PENALIZED]
 
 
-def constraints(work: Sequence[Work], state: Dict[Any, Dict[str, Any]]) -> None:
+def constraints(work: Sequence[Work], state: Dict[Any, Dict[str, Any]], groups: Sequence[Dict[str, Any]]) -> None:
     """After the step: the l2 bounds (:func:`l2_bound_buckets`), then the
-    max-norm projection (:func:`max_norm_buckets`)."""
+    max-norm projection (:func:`max_norm_buckets`); neither at a step where
+    every group's lr is 0 (:func:`all_lrs_zero`)."""
+    if not work or all_lrs_zero(groups):
+        return
     kinds = {w.kind for w in work}
     if "l2_bound" in kinds:
         l2_bound_buckets([w for w in work if w.kind == "l2_bound"], state)
     if "max_norm" in kinds:
         max_norm_buckets([w for w in work if w.kind == "max_norm"])
+
+
+def all_lrs_zero(groups: Sequence[Dict[str, Any]]) -> bool:
+    """Whether every group's lr is 0 (a number, or a one-element CPU tensor,
+    read without a device sync): a step that changes no parameter in torch's
+    optimizers, so none of pyreg's passes that do not scale with lr (the l2
+    bounds, max-norm) runs at it either. ``torch.distributed.checkpoint``'s
+    ``get_state_dict`` makes such a step, with zero grads, to create an
+    optimizer's state."""
+    for g in groups:
+        lr = g.get("lr")
+        if isinstance(lr, Tensor):  # (not read in a graph: a compiled step runs the passes)
+            if (lr.device.type != "cpu" or lr.numel() != 1 or torch.compiler.is_compiling()
+                    or float(lr) != 0):
+                return False
+        elif not isinstance(lr, (int, float)) or lr != 0:
+            return False
+    return True
 
 
 def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[Any, Dict[str, Any]]] = None) -> None:

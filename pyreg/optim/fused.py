@@ -825,7 +825,7 @@ class FusedOptimizer(Observable):
                         group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
                         prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in prox_after],
                                      self.state)  # type: ignore[attr-defined]
-                    constraints(after, self.state)  # type: ignore[attr-defined]
+                    constraints(after, self.state, self.param_groups)  # type: ignore[attr-defined]
                 if due:  # the new coefficients from the next step on
                     self._refresh(plan, strength, due, vecs)
                     for b in buckets:  # (into the cached tables now, while they are at hand)

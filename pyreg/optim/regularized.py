@@ -435,7 +435,7 @@ class Regularized(Observable, Optimizer):
         if self.mode == "gradient":
             work = [] if closure is not None else [w for w in map(Bucket.active, plan.buckets) if w is not None]
             loss = self._step_with_penalty_grads(plan, work, closure)
-            constraints(work, self.state)
+            constraints(work, self.state, self.param_groups)
             return loss
 
         # The lrs on each device before the inner step: a bad lr (or one that
@@ -509,7 +509,7 @@ class Regularized(Observable, Optimizer):
         prox_buckets(lr_of, self.state)
         for w, lr, pushes in steps:
             refresh_strength(w, pushes, self.state, lr=lr)
-        constraints(work, self.state)
+        constraints(work, self.state, self.param_groups)
         self._last = pen
         return work
 
