@@ -334,3 +334,17 @@ def test_step_peers_left_out_where_the_gpu_cannot_hold_them(monkeypatch):
     assert sorted(Suite.step_peers_that_do_not_fit(fake, sset, 2)) == ["loop", "regularized"]
     fake.dev = torch.device("cpu")
     assert Suite.step_peers_that_do_not_fit(fake, sset, 1) == {}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc")
+def test_the_first_memory_measurement_does_not_count_the_profilers_start():
+    """The CPU memory columns come from torch's profiler and the resident
+    set around it: the profiler's first use in a process (about 70 MB) is
+    not charged to the first call measured. In a fresh process."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom pyreg.bench.timing import peak_extra_bytes\n"
+            "print(peak_extra_bytes(lambda: None, torch.device('cpu'))['rss_bytes'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert int(out.stdout.split()[-1]) < 8 * 2 ** 20
