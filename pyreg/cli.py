@@ -9,6 +9,7 @@ Each subcommand owns its options; this module only routes to it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -26,6 +27,14 @@ def _version() -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the reader closed its end (``pyreg info | head -1``): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nor at the final flush)
+        return 141  # as a shell reports SIGPIPE
+
+
+def _main(argv: Optional[List[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="pyreg", description="Fused L1 / L2 / elastic-net regularization for PyTorch.",

@@ -646,6 +646,16 @@ def test_cli_exit_status_in_a_process(tmp_path):
     assert r.returncode == 2 and "unrecognized arguments: --threads 0" in r.stderr
 
 
+def test_cli_output_into_a_closed_pipe_is_no_traceback(tmp_path):
+    """``pyreg info | head -1``: the reader is gone before the output is
+    written (here: closed at once, while the command still imports torch)."""
+    p = subprocess.Popen([sys.executable, "-m", "pyreg", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         cwd=tmp_path)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("family", ["fused", "regularized"])
 @pytest.mark.parametrize("key, bad", [("lr", float("nan")), ("lr", 10 ** 400), ("eps", -1.0),
                                       ("betas", (0.9, float("nan"))), ("weight_decay", float("inf"))],

@@ -358,10 +358,17 @@ def print_vowels(rows: Sequence[dict], winners: Sequence[dict]) -> None:
     print()
     print("Sequence winners (best validation accuracy per method):")
     for w in winners:
-        print(f"  {w['task']:10s} {w['method']:6s} " + ("" if w["method"] == "none" else f"alpha {w['alpha']:g}: ")
+        print(f"  {w['task']:10s} {w['method']:14s} " + _setting(w)
               + f"val {w['val_acc']:.3f}, test {w['test_acc']:.3f}, sparsity {w['sparsity']:.1%}, real channels "
               f"kept {w['informative_kept']}/{w['num_informative']}, noise channels zeroed "
               f"{w['noise_zeroed']}/{w['num_noise']}")
+
+
+def _setting(w: dict) -> str:
+    """A winner's setting, as its method reads it: an alpha, or a strength."""
+    if w["method"] in ("none", "target"):
+        return ""
+    return f"{'strength' if w['method'].endswith('strength') else 'alpha'} {w['alpha']:g}: "
 
 
 def print_real(rows: Sequence[dict], winners: Sequence[dict]) -> None:
@@ -384,7 +391,7 @@ def print_real(rows: Sequence[dict], winners: Sequence[dict]) -> None:
     print()
     print("Real-data winners (best validation accuracy per task and method):")
     for w in winners:
-        line = (f"  {w['task']:10s} {w['method']:6s} " + ("" if w["method"] in ("none", "target") else f"alpha {w['alpha']:g}: ")
+        line = (f"  {w['task']:10s} {w['method']:14s} " + _setting(w)
                 + f"val {w['val_acc']:.3f}, test {w['test_acc']:.3f}, inputs kept {w['inputs_used']}/"
                 f"{w['num_informative'] + w['num_noise']}")
         if w["task"].startswith("cancer"):
