@@ -806,6 +806,8 @@ class FusedOptimizer(Observable):
             except BaseException:
                 self._unmake(buckets, self._made_state)
                 raise
+            finally:
+                self._made_state = ()
         self._out["last"], self._out["penalty"] = penalized(work), None
         after = [w for w in work if w.kind not in ("elem", "strength")]
         if buckets or after:
