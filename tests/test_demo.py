@@ -582,13 +582,13 @@ def test_strength_table_without_its_grid(quick):
 
 def test_stale_outputs_removed(tmp_path, capsys, monkeypatch):
     """A run removes the demo's optional outputs it did not write (an
-    earlier run's --full grid, fine-tuning or pixel files), and nothing
-    else in the folder."""
+    earlier run's --full grid, fine-tuning or pixel files, or its path plot
+    where no method run has an alpha), and nothing else in the folder."""
     from pyreg.demo import report
 
     out = tmp_path / "o"
     out.mkdir()
-    for name in ("layer_grid.json", "finetune.csv", "digits_pixels.png", "notes.txt"):
+    for name in ("layer_grid.json", "finetune.csv", "digits_pixels.png", "regularization_path.png", "notes.txt"):
         (out / name).write_text("an earlier run's")
     report.drop_stale(str(out / "missing.json"))  # (nothing there: nothing to do)
     _no_aeon(monkeypatch)
@@ -596,6 +596,7 @@ def test_stale_outputs_removed(tmp_path, capsys, monkeypatch):
                      "--alphas", "0.3"]) == 0
     names = {p.name for p in out.iterdir()}
     assert "notes.txt" in names and "layer_grid.json" not in names
+    assert "regularization_path.png" not in names  # (no method with an alpha: no empty plot)
     data = json.loads((out / "results.json").read_text())
     assert ("finetune.csv" in names) == bool(data["finetune"])
     assert ("digits_pixels.png" in names) == ("digits_pixels_panels" in data["config"])

@@ -311,6 +311,7 @@ def plot_path(plt, path: str, results: Sequence[dict], tasks: Sequence[str]) -> 
         groups = _by_method(results, task)
         for row, (key, label) in enumerate((("val_acc", "validation accuracy"), ("sparsity", "sparsity"))):
             ax = axes[row][col]
+            alphas = []
             for method, rs in groups.items():
                 if method in ("strength", "group-strength"):  # a strength in [0, 1], not an alpha
                     continue
@@ -318,13 +319,19 @@ def plot_path(plt, path: str, results: Sequence[dict], tasks: Sequence[str]) -> 
                     ax.axhline(rs[0][key], color="k", ls="--", lw=1, label="none")
                     continue
                 rs = sorted(rs, key=lambda r: r["alpha"])
+                alphas += [r["alpha"] for r in rs]
                 ax.plot([r["alpha"] for r in rs], [r[key] for r in rs], "o-", label=method)
-            ax.set_xscale("log")
+            positive = [a for a in alphas if a > 0]
+            if positive and len(positive) < len(alphas):  # alpha 0 too: linear around it
+                ax.set_xscale("symlog", linthresh=min(positive))
+            elif positive:
+                ax.set_xscale("log")
             ax.set_xlabel("alpha")
             ax.set_ylabel(label)
             ax.set_title(f"{task}: {label}")
             ax.grid(alpha=0.3)
-        axes[0][col].legend(fontsize=8)
+        if axes[0][col].get_legend_handles_labels()[0]:
+            axes[0][col].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -348,7 +355,8 @@ def plot_layer_norms(plt, path: str, winners: Sequence[dict], tasks: Sequence[st
                 ax.bar(xs, [w["layers"][n][key] for n in names], width, label=label)
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))])
             ax.set_xticklabels(names, rotation=20, fontsize=8)
-            ax.set_yscale("log")
+            if any(w["layers"][n][key] > 0 for w in ws for n in names):
+                ax.set_yscale("log")
             ax.set_ylabel(key.replace("_", " "))
             ax.set_title(f"{task}: per-layer {key.split('_')[0].upper()} norm (winners)")
         axes[0][col].legend(fontsize=8)
@@ -434,13 +442,16 @@ def write_all(out_dir: str, config: dict, results: Sequence[dict], winners: Sequ
         write_finetune_csv(paths["finetune.csv"], finetune)
     else:
         del paths["finetune.csv"]
-    plot_path(plt, paths["regularization_path.png"], results, tasks)
+    if any(r["method"] not in ("none", "strength", "group-strength") for r in results):
+        plot_path(plt, paths["regularization_path.png"], results, tasks)
+    else:  # no method with an alpha: nothing to draw against it
+        del paths["regularization_path.png"]
     plot_layer_norms(plt, paths["layer_norms.png"], winners, tasks)
     if "mlp" in tasks:
         plot_input_weights(plt, paths["input_weights.png"], winners, "mlp")
     else:
         del paths["input_weights.png"]
-    for name in ("finetune.csv", "input_weights.png", "digits_pixels.png"):
+    for name in ("finetune.csv", "regularization_path.png", "input_weights.png", "digits_pixels.png"):
         if name not in paths:
             drop_stale(os.path.join(out_dir, name))
     return list(paths.values())
