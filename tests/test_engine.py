@@ -515,3 +515,31 @@ def test_an_lr_changed_every_step_is_used_and_checked(family):
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\]"):
         oa.step()
     assert _same(before, _snapshot(a, oa))
+
+
+@pytest.mark.parametrize("family", ["fused", "Regularized"])
+def test_adding_groups_one_by_one_reads_each_group_once(family, monkeypatch):
+    """add_param_group checks the new group against the regularized
+    parameters of the groups already there: it reads the new group, and each
+    earlier group once while it stays the same (it read every group again at
+    every add: adding groups one by one cost time quadratic in their number).
+    A group changed since is read again, and its overlap found."""
+    from pyreg.optim.engine import Engine
+
+    reads = []
+    read = Engine.read
+    monkeypatch.setattr(Engine, "read", lambda self, groups, *a: reads.append(len(groups)) or read(self, groups, *a))
+    ps = [nn.Parameter(torch.randn(4)) for _ in range(40)]
+    if family == "fused":
+        opt = optim.Adam([ps[0]], lr=1e-3, l1=1e-3)
+    else:
+        opt = pyreg.Regularized(torch.optim.Adam([ps[0]], lr=1e-3), l1=1e-3)
+    reads.clear()
+    for p in ps[1:]:
+        opt.add_param_group({"params": [p]})
+    assert sum(reads) <= 3 * len(ps[1:]), sum(reads)  # a read of the new group, and of the last one added
+    shared = nn.Parameter(ps[5].detach()[:2])  # (a view of a regularized parameter)
+    with pytest.raises(ValueError, match="share memory"):
+        opt.add_param_group({"params": [shared]})
+    opt.param_groups[7]["l1"] = 0.0  # ps[7] no longer regularized: a view of it may come in
+    opt.add_param_group({"params": [nn.Parameter(ps[7].detach()[:2])], "l1": 1e-3})

@@ -60,3 +60,33 @@ def test_an_optimizer_set_up_without_groups_has_torchs_plumbing():
     s.register_state_dict_pre_hook(lambda *a: calls.append("sd"))
     assert s.step() == "stepped" and calls == ["pre"]
     assert getattr(type(s).step, "hooked", False)
+
+
+def test_global_hooks_run_once_after_torch_compile_rewrapped_the_step():
+    """torch.compile's first call wraps the steps of the optimizers dynamo does
+    not trace (LBFGS, SparseAdam) in ``torch._dynamo.disable``, and the next
+    such optimizer wraps that in torch's hook wrapper again: Regularized's
+    inner step still runs the global hooks once (around the wrapper), not
+    a second time from the inner hook wrapper. In a fresh process: the
+    rewrap is process-wide."""
+    import subprocess
+    import sys
+
+    code = """
+import torch, pyreg
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+torch.optim.LBFGS([nn.Parameter(torch.zeros(1))])  # (the class's step hooked)
+torch.compile(lambda x: x.sin())(torch.ones(2))  # (LBFGS.step wrapped in dynamo's disable)
+w = nn.Parameter(torch.zeros(3))
+opt = pyreg.Regularized(torch.optim.LBFGS([w], lr=1), l2=0.1)  # (hooked again)
+def closure():
+    opt.zero_grad(); loss = (w - 1).square().sum(); loss.backward(); return loss
+calls = []
+h = register_optimizer_step_pre_hook(lambda o, a, k: calls.append(type(o).__name__))
+opt.step(closure)
+h.remove()
+print(calls, float(w.detach().sum()) > 0)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split("\n")[-2] == "['Regularized'] True", out.stdout + out.stderr

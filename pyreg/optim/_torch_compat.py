@@ -40,8 +40,40 @@ def raw_step(cls: type) -> Callable:
     """``cls.step`` without torch's hook wrapper (the function as written)."""
     step = cls.step
     if getattr(step, "hooked", False):
-        return step.__wrapped__
+        return _unhooked(step)
     return step
+
+
+#: Per hooked step function: the function under all its hook wrappers (see _unhooked).
+_UNHOOKED: Dict[Callable, Callable] = {}
+
+
+def _unhooked(step: Callable) -> Callable:
+    """The function under every hook wrapper of a hooked ``step``. One, as a
+    rule; but torch.compile's first call wraps the steps of the optimizers
+    dynamo does not trace (LBFGS, SparseAdam) in ``torch._dynamo.disable``,
+    and the next optimizer of that class wraps that in a hook wrapper again:
+    the function under the outer wrapper then runs the global hooks once
+    more. Where a disable wrapper was among them, the function is returned
+    disabled too (dynamo must not trace it)."""
+    hit = _UNHOOKED.get(step)
+    if hit is not None:
+        return hit
+    f, raw, disabled, seen_disable = step, step, False, False
+    while f is not None:
+        if getattr(f, "_torchdynamo_disable", False):
+            seen_disable = True
+        if getattr(f, "hooked", False):
+            raw, disabled = f.__wrapped__, seen_disable
+        f = getattr(f, "__wrapped__", None)
+    if disabled and not getattr(raw, "_torchdynamo_disable", False):
+        import torch._dynamo
+
+        raw = torch._dynamo.disable(raw)
+    if len(_UNHOOKED) > 64:
+        _UNHOOKED.clear()
+    _UNHOOKED[step] = raw
+    return raw
 
 
 def step_with_own_hooks(opt: Optimizer, closure: Optional[Callable[[], Any]]):
@@ -51,7 +83,7 @@ def step_with_own_hooks(opt: Optimizer, closure: Optional[Callable[[], Any]]):
     step = type(opt).step
     if not getattr(step, "hooked", False):  # not torch's wrapped step
         return opt.step() if closure is None else opt.step(closure)
-    raw = step.__wrapped__
+    raw = _unhooked(step)
     pre, post = opt._optimizer_step_pre_hooks, opt._optimizer_step_post_hooks
     if not pre and not post:  # the common case, in fewer operations
         out = raw(opt) if closure is None else raw(opt, closure)

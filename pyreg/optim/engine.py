@@ -51,6 +51,7 @@ class Engine:
         self.defaults = dict(defaults)
         self.hyper_keys = tuple(hyper_keys)
         self.metric = metric
+        self._added: Dict[int, tuple] = {}  # each group's own plan (see _existing_plans)
         self.reset()
 
     def reset(self) -> None:
@@ -67,6 +68,7 @@ class Engine:
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._added = {}
         self.reset()
 
     # -- a step's checks ------------------------------------------------------------
@@ -162,10 +164,37 @@ class Engine:
         if ps and all(isinstance(p, Tensor) for p in trial["params"]):  # (else torch names what is wrong)
             plan = Plan([trial], [st], index)
             if existing:
-                self.plan(existing).check_apart(plan)
+                Plan.check_apart_all(self._existing_plans(existing), plan)
         full = {k: v for k, v in {**torch_defaults, **group}.items() if v is not required}
         check_hypers(full, where, self.hyper_keys)
         return plan
+
+    def _existing_plans(self, groups: List[Dict[str, Any]]) -> List[Plan]:
+        """The plans of an optimizer's groups for :meth:`check_added`: the
+        cached plan where it is current, else each group's own plan, kept per
+        group while the group stays the same (groups added one by one: each
+        add re-reads only the new ones, not all of them)."""
+        quick = self._quick_of(groups)
+        if self._plan is not None and self._quick == quick:
+            return [self._plan]
+        kept, out = self._added, []
+        for gi, (g, key) in enumerate(zip(groups, quick)):
+            hit = kept.get(id(g))
+            if hit is None or hit[0] != key or hit[1] is not g or hit[3] != gi:
+                hit = kept[id(g)] = (key, g, Plan([g], self.read([g], gi), gi), gi)
+            out.append(hit[2])
+        if len(kept) > len(groups):  # (groups replaced: a loaded state dict)
+            ids = set(map(id, groups))
+            for gone in [k for k in kept if k not in ids]:
+                del kept[gone]
+        return out
+
+    @staticmethod
+    def _quick_of(groups: List[Dict[str, Any]]) -> tuple:
+        """What :meth:`plan` compares of the groups to reuse its plan."""
+        return tuple(group_signature(g, _PLAN_KEYS) + (tuple(map(id, g["params"])),
+                                                     tuple(map(_kind_of, g["params"])),
+                                                     tuple(g)) for g in groups)  # (a key set to None)
 
     def plan(self, groups: List[Dict[str, Any]]) -> Plan:
         """The cached plan of ``groups``; checks everything first where a
@@ -177,9 +206,7 @@ class Engine:
                                 + (type(ps).__name__ if type(ps) not in (list, tuple) else
                                    f"a {type(ps).__name__} holding a "
                                    f"{next(type(p).__name__ for p in ps if not isinstance(p, Tensor))}"))
-        quick = tuple(group_signature(g, _PLAN_KEYS) + (tuple(map(id, g["params"])),
-                                                          tuple(map(_kind_of, g["params"])),
-                                                          tuple(g)) for g in groups)  # (a key set to None)
+        quick = self._quick_of(groups)
         if self._plan is not None and quick == self._quick:
             return self._plan
         self._quick = None

@@ -7,7 +7,7 @@ change; the apply functions (apply.py) run the ops on it.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -250,13 +250,16 @@ class Plan:
                                  "reads the references (pass a copy: p.detach().clone())")
         self._memory = ptrs
 
-    def check_apart(self, other: "Plan") -> None:
+    @staticmethod
+    def check_apart_all(plans: Sequence["Plan"], other: "Plan") -> None:
         """Raise if a regularized parameter of ``other`` (a group being added)
-        shares memory with one of this plan's (the optimizer's groups)."""
-        if not other._reg_params or not self._reg_params or self._sharded or other._sharded:
+        shares memory with one of ``plans``' (the optimizer's groups)."""
+        if not other._reg_params or other._sharded or any(p._sharded for p in plans):
             return
-        ps, names = self._reg_params + other._reg_params, self._reg_names + other._reg_names
-        self._raise_overlap(first_overlap(ps), names)
+        ps = [q for p in plans for q in p._reg_params]
+        if ps:
+            names = [n for p in plans for n in p._reg_names]
+            other._raise_overlap(first_overlap(ps + other._reg_params), names + other._reg_names)
 
     def _raise_overlap(self, bad: Optional[Tuple[int, int]], names: Optional[List[str]] = None) -> None:
         if bad is None:
