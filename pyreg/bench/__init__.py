@@ -154,7 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.compact:
         return _compact(devices, out, args)
 
-    from .suite import Suite, device_info
+    from .suite import Suite, device_info, is_subset
 
     # Cold compile times: a fresh inductor cache for this run (unless the user set one).
     # (torch sets the variable to its default itself on import: only a different value is the user's.)
@@ -178,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return have_png
 
     # fewer sets or ops than a full run: its own file name (unless --tag names it), not the full run's
-    subset = not args.quick and (what["shapes"] != list(S.ORDER) or what["ops"] != list(P.OP_ORDER))
+    subset = is_subset(what["shapes"], what["ops"], args.quick)
     try:
         for dev in devices:
             t0 = time.perf_counter()

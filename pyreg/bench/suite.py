@@ -9,7 +9,7 @@ import math
 import os
 import platform
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -109,6 +109,13 @@ class Gen:
 
     def tensors(self, sset: S.ShapeSet, scale: float) -> List[torch.Tensor]:
         return [self.randn(s, scale) for _, s in sset.shapes]
+
+
+def is_subset(sets: Sequence[str], ops: Sequence[str], quick: bool) -> bool:
+    """Whether a run measures fewer shape sets or ops than a full run
+    (``--quick`` is a smoke-sized run of its own): its files get their own
+    name, and its header says so."""
+    return not quick and (list(sets) != list(S.ORDER) or list(ops) != list(P.OP_ORDER))
 
 
 def rotation_count(sset: S.ShapeSet, dtype: torch.dtype, cache: int, buffers: int = 1,
@@ -281,11 +288,6 @@ class Suite:
                 self.on_set_done(self.result())
         return self.result(complete=True)
 
-    def subset(self) -> bool:
-        """Whether the run measures fewer shape sets or ops than a full run
-        (``--quick`` is a smoke-sized run of its own)."""
-        return not self.quick and (list(self.sets) != list(S.ORDER) or list(self.ops) != list(P.OP_ORDER))
-
     def result(self, complete: bool = False) -> dict:
         """The results so far (``complete``: the run finished)."""
         t_start = self.t_start if self.t_start is not None else time.perf_counter()
@@ -298,7 +300,7 @@ class Suite:
                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      "wall_s": round(time.perf_counter() - t_start, 1),
                      "complete": complete, "sets_planned": list(self.sets), "sets_done": list(self.sets_done),
-                     "ops": list(self.ops), "subset": self.subset(),
+                     "ops": list(self.ops), "subset": is_subset(self.sets, self.ops, self.quick),
                      "noisy_spread": report.NOISY_SPREAD, "roofline_limit_pct": report.ROOFLINE_LIMIT},
             # a snapshot: the run goes on adding rows and sets after an incremental write
             "notes": list(self.notes), "warnings": list(self.warnings),

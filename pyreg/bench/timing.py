@@ -203,7 +203,7 @@ def _rss_peak(fn: Callable[[], object]) -> Optional[int]:
 
 
 #: Whether this process has used torch's profiler (see :func:`peak_extra_bytes`).
-_PROFILER_STARTED: list = []
+_profiler_started = False
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Dict[str, Optional[int]]:
@@ -225,9 +225,10 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Dict[str
         fn()
         torch.cuda.synchronize(device)
         return {"torch_bytes": torch.cuda.max_memory_allocated(device) - base, "rss_bytes": None}
-    if not _PROFILER_STARTED:  # its first use loads the profiler (about 70 MB): not the call's
+    global _profiler_started
+    if not _profiler_started:  # its first use loads the profiler (about 70 MB): not the call's
         _torch_cpu_peak(lambda: None)
-        _PROFILER_STARTED.append(True)
+        _profiler_started = True
     box = {}
 
     def profiled():

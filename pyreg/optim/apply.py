@@ -55,9 +55,9 @@ def constraints(work: Sequence[Work], state: Dict[Any, Dict[str, Any]], groups: 
     """After the step: the l2 bounds (:func:`l2_bound_buckets`), then the
     max-norm projection (:func:`max_norm_buckets`); neither at a step where
     every group's lr is 0 (:func:`all_lrs_zero`)."""
-    if not work or all_lrs_zero(groups):
-        return
     kinds = {w.kind for w in work}
+    if not kinds & {"l2_bound", "max_norm"} or all_lrs_zero(groups):
+        return
     if "l2_bound" in kinds:
         l2_bound_buckets([w for w in work if w.kind == "l2_bound"], state)
     if "max_norm" in kinds:

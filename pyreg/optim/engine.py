@@ -180,7 +180,7 @@ class Engine:
         kept, out = self._added, []
         for gi, (g, key) in enumerate(zip(groups, quick)):
             hit = kept.get(id(g))
-            if hit is None or hit[0] != key or hit[1] is not g or hit[3] != gi:
+            if hit is None or hit[0] != key or hit[3] != gi:  # (hit[1] holds g: no other group takes its id)
                 hit = kept[id(g)] = (key, g, Plan([g], self.read([g], gi), gi), gi)
             out.append(hit[2])
         if len(kept) > len(groups):  # (groups replaced: a loaded state dict)
