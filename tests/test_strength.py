@@ -28,6 +28,7 @@ CONFIGS = {
     "SGD": (pyreg.optim.SGD, torch.optim.SGD, dict(lr=0.1, weight_decay=0.01)),
     "Adam": (pyreg.optim.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.01)),
     "Adam-amsgrad": (pyreg.optim.Adam, torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
+    "AdamW": (pyreg.optim.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.5)),
     "Adagrad": (pyreg.optim.Adagrad, torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.01)),
     "RMSprop": (pyreg.optim.RMSprop, torch.optim.RMSprop, dict(lr=1e-2)),
     "RMSprop-centered-momentum": (pyreg.optim.RMSprop, torch.optim.RMSprop,
@@ -44,7 +45,7 @@ def step_size(opt, p, metric):
     lr, s = group["lr"], opt.state[p]
     if not metric or isinstance(opt, torch.optim.SGD):
         return torch.full_like(p, lr)
-    if isinstance(opt, torch.optim.Adam):
+    if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
         b2 = group["betas"][1]
         v = s["max_exp_avg_sq"] if group["amsgrad"] else s["exp_avg_sq"]
         return lr / ((v / (1 - b2 ** float(s["step"]))).sqrt() + group["eps"])
@@ -225,7 +226,8 @@ def test_adam_refresh_with_step_counts_that_differ(metric, amsgrad):
 
 #: (optimizer, its arguments, whether its push is computed in the selection kernel)
 ONE_CALL = [(pyreg.optim.Adam, dict(betas=(0.8, 0.9)), True),
-            (pyreg.optim.AdamW, dict(betas=(0.8, 0.9), amsgrad=True, weight_decay=0.1), True),
+            (pyreg.optim.AdamW, dict(betas=(0.8, 0.9), amsgrad=True, weight_decay=0.0), True),
+            (pyreg.optim.AdamW, dict(betas=(0.8, 0.9), weight_decay=0.1), False),  # its decay's term: torch ops
             (pyreg.optim.Adagrad, dict(), True),
             (pyreg.optim.Adagrad, dict(lr_decay=0.1), False),
             (pyreg.optim.RMSprop, dict(), True),
@@ -238,7 +240,8 @@ ONE_CALL = [(pyreg.optim.Adam, dict(betas=(0.8, 0.9)), True),
 @pytest.mark.parametrize("cls, kw, one_call", ONE_CALL, ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(ONE_CALL)])
 def test_a_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(cls, kw, one_call, dtype, monkeypatch):
     """On the CPU, the optimizers whose push has the form m / ((sqrt(v) + e) * s)
-    (Adam; Adagrad without lr_decay; RMSprop without momentum) select each
+    (Adam, and AdamW without weight decay; Adagrad without lr_decay; RMSprop
+    without momentum) select each
     push's quantile in one call (``push_kth``, without the pushes in
     memory). It gives the l1 of the push computed in torch ops and
     ``kth_abs`` bit for bit, in both metrics, with step counts that differ
@@ -395,11 +398,11 @@ def train(m, x, y, opt, steps):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad"])
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad"])
 def test_both_families_take_the_same_steps(name, backend):
     """The fused optimizer (plain metric) and Regularized over torch's own
     give the same weights and l1s, refreshes included; the prox acted."""
-    ours_cls, torch_cls, kw = {"SGD": CONFIGS["SGD-nesterov"], "Adam": CONFIGS["Adam"],
+    ours_cls, torch_cls, kw = {"SGD": CONFIGS["SGD-nesterov"], "Adam": CONFIGS["Adam"], "AdamW": CONFIGS["AdamW"],
                                "Adagrad": CONFIGS["Adagrad"]}[name]
     m1, x, y = task()
     m2 = copy.deepcopy(m1)

@@ -24,7 +24,6 @@ def step_counter(p: Tensor, s: Dict[str, Any]) -> Tensor:
 class _AdamBase(FusedOptimizer):
     _algo = F.ADAM
     _decoupled = False
-    _push_reads_before = False  # the push is m_hat (over sqrt(v_hat) + eps), which hold any decay already
 
     def _hyper(self, group: Dict[str, Any]) -> Dict[str, Any]:
         beta1, beta2 = group["betas"]
@@ -50,6 +49,11 @@ class _AdamBase(FusedOptimizer):
                 vmax = s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return s["exp_avg"], s["exp_avg_sq"], vmax, step_counter(p, s), 0
 
+    def _push_needs_before(self, group):
+        """A coupled decay is in m_hat already; a decoupled one adds
+        ``weight_decay * w`` (w before the step) to the step over lr."""
+        return bool(group["weight_decay"]) and self._flags(group).decoupled
+
     def _push_terms(self, items):
         """(exp_avgs, the second moments or None in Adam's metric, e, s) for
         items that share one group with number betas and eps, float32/64
@@ -60,7 +64,7 @@ class _AdamBase(FusedOptimizer):
         beta1, beta2 = group["betas"] if group is not None else (None, None)
         steps = [it[1]["step"] for it in items]
         if (group is None or not all(isinstance(x, (int, float)) for x in (beta1, beta2, group["eps"]))
-                or not all(s.is_cpu for s in steps)
+                or any(it[4] is not None for it in items) or not all(s.is_cpu for s in steps)
                 or any(it[2] is not group or it[0].element_size() < 4 for it in items)):
             return None
         ts = list(map(float, steps))
@@ -93,10 +97,15 @@ class _AdamBase(FusedOptimizer):
         # the bias corrections: numbers for a CPU counter (no sync), else on the device
         t = float(step) if step.device.type == "cpu" else step.to(torch.float64)
         m = wide(s["exp_avg"]) / (1 - beta1 ** t)  # m_hat
-        if metric:  # the metric prox's step size is lr / (sqrt(v_hat) + eps): the push is m_hat
-            return m
         v = s["max_exp_avg_sq"] if group.get("amsgrad", False) else s["exp_avg_sq"]
-        return m.div_((wide(v) / (1 - beta2 ** t)).sqrt_().add_(group["eps"]))
+        if metric:  # the metric prox's step size is lr / (sqrt(v_hat) + eps): the push is m_hat
+            if before is None:
+                return m
+            # (plus the decoupled decay's term of the step, over that step size)
+            d = (wide(v) / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+            return m.add_(d.mul_(wide(before)), alpha=group["weight_decay"])
+        m.div_((wide(v) / (1 - beta2 ** t)).sqrt_().add_(group["eps"]))
+        return m if before is None else m.add_(wide(before), alpha=group["weight_decay"])
 
 
 _DOC = """:class:`torch.optim.{name}` (same arguments, state and state dict: ``step``,

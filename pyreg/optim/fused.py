@@ -226,9 +226,6 @@ class FusedOptimizer(Observable):
     ``_buffers``, and lists the torch class after this one in its bases."""
 
     _algo: int = -1
-    #: Whether :meth:`_push` reads the weights before the step (a coupled
-    #: weight decay's term of the grad): they are copied only where it does.
-    _push_reads_before = True
     _pyreg_fused = True  # Regularized refuses to wrap it (it would regularize twice)
     #: The state buffers a step makes that the kernels start from the grad ("fresh"; see
     #: :meth:`_forget_fresh_if_skipped`).
@@ -294,6 +291,12 @@ class FusedOptimizer(Observable):
         """:meth:`_push` of each item, (p, state, group, metric, before), all of
         one group's metric; an optimizer may compute them together."""
         return [self._push(*it) for it in items]
+
+    def _push_needs_before(self, group: Dict[str, Any]) -> bool:
+        """Whether :meth:`_push` of the group's params reads the weights before
+        the step (a weight decay's term of the step): they are copied, at the
+        refresh steps, only where it does."""
+        return bool(group.get("weight_decay"))
 
     def _push_terms(self, items: List[Tuple[Tensor, Dict[str, Any], Dict[str, Any], bool, Optional[Tensor]]]
                     ) -> Optional[Tuple[List[Tensor], Optional[List[Tensor]], List[float], List[float]]]:
@@ -836,22 +839,18 @@ class FusedOptimizer(Observable):
 
     def _due(self, plan: Plan, strength: List[Work]) -> Dict[int, Optional[Tensor]]:
         """``l1_strength``: the params whose l1 this step refreshes, by id,
-        each with a copy of its weights before the step where its group has
-        a weight decay (the push of a grad with coupled decay needs them;
-        see :func:`grad_with_decay`), else None."""
+        each with a copy of its weights before the step where the push reads
+        them (a weight decay's term, see :meth:`_push_needs_before`), else None."""
         groups = self.param_groups  # type: ignore[attr-defined]
         out: Dict[int, Optional[Tensor]] = {}
         for w in strength:
             due = strength_due(w.bucket, self.state)  # type: ignore[attr-defined]
             if not due:  # (most steps)
                 continue
-            if not self._push_reads_before:
-                out.update((id(p), None) for p in due if p.grad is not None)
-                continue
             gi = dict(zip(map(id, w.bucket.params), w.bucket.groups))
             for p in due:
                 if p.grad is not None:
-                    out[id(p)] = p.detach().clone() if groups[gi[id(p)]].get("weight_decay") else None
+                    out[id(p)] = p.detach().clone() if self._push_needs_before(groups[gi[id(p)]]) else None
         return out
 
     def _refresh(self, plan: Plan, strength: List[Work], due: Dict[int, Optional[Tensor]], vecs: List[Tensor]) -> None:
