@@ -646,3 +646,58 @@ def test_refresh_phases_put_a_large_tensor_after_small_ones_in_its_own_slice(siz
     from pyreg.optim.apply import refresh_phases
     slices, s = refresh_phases(sizes)
     assert slices == want and s == max(want) + 1
+
+
+def _sgd_run(model, inner, steps, opt=None):
+    """``steps`` steps of Regularized over torch's SGD (``inner``: its
+    arguments) with l1_strength refreshed every 3 steps, on fixed data."""
+    if opt is None:
+        groups = pyreg.param_groups(model, l1_strength=0.5)
+        for g in groups:
+            g["l1_refresh"] = 3
+        opt = pyreg.Regularized(torch.optim.SGD(groups, **inner))
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(32, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(32, 1, generator=gen, dtype=torch.float64)
+    train(model, x, y, opt, steps)
+    return opt
+
+
+@pytest.mark.parametrize("inner", [dict(lr=0.1), dict(lr=0.1, momentum=0.9)], ids=["plain", "momentum"])
+@pytest.mark.parametrize("at", [1, 2, 3, 4])
+def test_a_run_resumed_after_any_step_refreshes_at_the_same_steps(at, inner):
+    """A state dict saved after any step, the first included, holds every
+    tensor's count, also where the inner optimizer keeps no state of its
+    own (SGD without momentum): the resumed run refreshes at the same steps
+    as the run that went on, to the same bits."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1)).double()
+    opt = _sgd_run(m, inner, at)
+    assert all(opt.state[p]["strength_step"] == at for p in (m[0].weight, m[2].weight))
+    saved, m2 = copy.deepcopy(opt.state_dict()), copy.deepcopy(m)
+    _sgd_run(m, inner, 7, opt)
+    opt2 = _sgd_run(m2, inner, 0)
+    opt2.load_state_dict(saved)
+    _sgd_run(m2, inner, 7, opt2)
+    assert opt2.state[m2[0].weight]["strength_step"] == at + 7
+    for p, q in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_state_loaded_into_the_inner_optimizer_rewinds_the_counts():
+    """A state dict loaded into the wrapped optimizer itself (not through
+    Regularized) sets the counts back: the run goes on from it as the run
+    that went on from the saved step."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1)).double()
+    inner = dict(lr=0.1, momentum=0.9)
+    opt = _sgd_run(m, inner, 4)
+    saved, weights = copy.deepcopy(opt.optimizer.state_dict()), copy.deepcopy(m.state_dict())
+    _sgd_run(m, inner, 7, opt)
+    want = [p.detach().clone() for p in m.parameters()]
+    m.load_state_dict(weights)
+    opt.optimizer.load_state_dict(saved)
+    _sgd_run(m, inner, 7, opt)
+    assert opt.state[m[0].weight]["strength_step"] == 11
+    for p, q in zip(m.parameters(), want):
+        assert torch.equal(p, q)

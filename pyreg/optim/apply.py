@@ -245,7 +245,9 @@ def strength_due(b: Bucket, state: Dict[Any, Dict[str, Any]]) -> List[Tensor]:
                            "a fused optimizer, whose step runs eagerly under torch.compile, without capture; "
                            "or a fixed l1)")
     params = b.params
-    if b.steps_taken is None:  # a new plan: continue the counts of the state (a loaded one too)
+    seen = b.counts_in
+    # a new plan, or a state loaded under this one (into a wrapped optimizer): continue the state's counts
+    if b.steps_taken is None or (seen is not None and state.get(seen[0]) is not seen[1]):
         b.steps_taken = [int(state[p].get(STRENGTH_STEP, 0)) if p in state else 0 for p in params]
     every = b.values["l1_refresh"]  # (a new list when a value changes)
     if b.refresh_at[0] is not every:
@@ -266,15 +268,25 @@ def strength_due(b: Bucket, state: Dict[Any, Dict[str, Any]]) -> List[Tensor]:
 
 
 def record_strength_step(buckets: Sequence[Bucket], state: Dict[Any, Dict[str, Any]]) -> None:
-    """After a step: each param's count of its steps (see
-    :func:`strength_due`) into its state, where it has one (a param without
-    state is left so: torch's optimizers create theirs at its first step)."""
+    """After a step (after the inner optimizer's, which creates a param's
+    state at its first step): each param's count of its steps (see
+    :func:`strength_due`) into its state. A param with a grad and no state
+    (an inner optimizer that keeps none, such as SGD without momentum) is
+    given one, so that a state dict saved after any step holds every count.
+    Notes the state dict of one param, by identity, so that
+    :func:`strength_due` reads back the counts of a state loaded since."""
     for b in buckets:
         if b.kind in STRENGTH_KINDS and b.steps_taken is not None:
+            first = None
             for p, t in zip(b.params, b.steps_taken):
                 s = state.get(p)
                 if s:
                     s[STRENGTH_STEP] = t
+                elif t and p.grad is not None:
+                    s = state[p] = {STRENGTH_STEP: t}
+                if first is None and s:
+                    first = (p, s)
+            b.counts_in = first
 
 
 def strength_pushes(w: Work, made: Callable[[Tensor], Optional[Tensor]]) -> Dict[int, Tensor]:
