@@ -1099,6 +1099,30 @@ def test_load_state_dict_checks_what_a_step_checks(family, mutate, message):
     assert torch.equal(w, w2) and torch.equal(v, v2)
 
 
+@pytest.mark.parametrize("family", ["fused", "regularized"])
+def test_a_state_dict_that_torchs_own_load_refuses_changes_nothing(family):
+    """A state dict of another torch optimizer (SGD with momentum, into
+    Adam) makes torch's own load raise after it set the new groups and
+    state: the optimizer keeps what it had, its groups included, and its
+    next step is the step it would have taken."""
+    make = (lambda gs: pyreg.optim.Adam(gs, lr=1e-2)) if family == "fused" else \
+        (lambda gs: pyreg.Regularized(torch.optim.Adam(gs, lr=1e-2)))
+    other = (lambda gs: pyreg.optim.SGD(gs, lr=1e-2, momentum=0.9)) if family == "fused" else \
+        (lambda gs: pyreg.Regularized(torch.optim.SGD(gs, lr=1e-2, momentum=0.9)))
+    (w, v), opt = _stepped(make)
+    (w2, v2), twin = _stepped(make)
+    sd = copy.deepcopy(_stepped(other)[1].state_dict())
+    before = _snap((w, v), opt)
+    groups = [{k: x for k, x in g.items() if k != "params"} for g in opt.param_groups]
+    with pytest.raises(ValueError, match="does not fit Adam: its state has no entry 'step'"):
+        opt.load_state_dict(sd)
+    assert _same(_snap((w, v), opt), before)
+    assert [{k: x for k, x in g.items() if k != "params"} for g in opt.param_groups] == groups
+    opt.step()
+    twin.step()
+    assert torch.equal(w, w2) and torch.equal(v, v2)
+
+
 def test_regularized_load_state_dict_checks_the_mode_and_the_metric():
     """Regularized: a loaded group that sets preconditioned (the wrapper has
     no metric), or target_sparsity with a loaded mode='gradient', raises at

@@ -512,6 +512,14 @@ def _stack(values: List[Any], dtype: torch.dtype, device: torch.device) -> Tenso
                         else torch.tensor(v, dtype=dtype, device=device) for v in values])
 
 
+def misfit_state(name: str, err: KeyError) -> ValueError:
+    """The error for a state dict whose state torch's load of optimizer
+    ``name`` could not read (``err``: the entry it missed), such as another
+    optimizer's."""
+    return ValueError(f"the state dict does not fit {name}: its state has no entry {err} (a state dict of "
+                      "another optimizer?); nothing was loaded")
+
+
 def pop_own_state(state_dict: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[Any, Dict[str, Any]]]:
     """A state dict without pyreg's own entries (:data:`OWN_STATE`; torch's
     ``load_state_dict`` would cast them to each parameter's dtype), and those

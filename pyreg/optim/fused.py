@@ -41,9 +41,9 @@ from .._common import SUPPORTED_DTYPES, outside_graph, to_device
 from .._validate import first_unpaired, flag, like_tensors, nonneg_real, plain_cpu
 from ..backends._marshal import step_ticket
 from ._torch_compat import raw_step
-from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, constraints, direct_backend, penalized, pop_own_state,
-                    prox_buckets, put_own_state, refresh_strength, record_strength_step, store_strength, strength_due,
-                    strength_ks, strength_l1)
+from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, constraints, direct_backend, misfit_state, penalized,
+                    pop_own_state, prox_buckets, put_own_state, refresh_strength, record_strength_step, store_strength,
+                    strength_due, strength_ks, strength_l1)
 from .engine import Engine, Observable, keep_own_keys, param_list
 from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
 from .keys import hyper_keys_of, read_group, signature
@@ -390,11 +390,13 @@ class FusedOptimizer(Observable):
         old = (self.state, self.param_groups)  # type: ignore[attr-defined]
         self._optimizer_load_state_dict_pre_hooks = type(pre)()  # (torch's load runs none of them again)
         self._optimizer_load_state_dict_post_hooks = type(post)()
-        try:
-            super().load_state_dict(state_dict)  # type: ignore[misc]
-        finally:
-            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
-        try:  # (torch's load made new groups and state: the old ones stand until all is checked)
+        try:  # (torch's load makes new groups and state: the old ones stand until all is checked)
+            try:  # (torch's own load can raise after it set them: an SGD state dict into Adam)
+                super().load_state_dict(state_dict)  # type: ignore[misc]
+            except KeyError as e:
+                raise misfit_state(type(self).__name__, e) from e
+            finally:
+                self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
             keep_own_keys(before, self.param_groups, state_dict.get("param_groups", []))  # type: ignore[attr-defined]
             put_own_state(self.state, self.param_groups, state_dict.get("param_groups", []), bounds)  # type: ignore
             self._fill_keys()

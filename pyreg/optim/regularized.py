@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from .._validate import nonneg_real
 from ._torch_compat import init_without_groups, step_with_own_hooks
 from . import apply
-from .apply import (STRENGTH_KINDS, add_penalty_grads, constraints, penalized, pop_own_state,
+from .apply import (STRENGTH_KINDS, add_penalty_grads, constraints, misfit_state, penalized, pop_own_state,
                     prox_buckets, put_own_state, record_strength_step, refresh_strength, strength_due,
                     strength_l1, strength_pushes)
 from .engine import Engine, Observable, keep_own_keys, param_list, plan_outside_graph, warn_near_misses
@@ -282,8 +282,11 @@ class Regularized(Observable, Optimizer):
         before = [dict(g) for g in self.param_groups]
         inner = self.optimizer
         old = (inner.state, inner.param_groups, self.mode, self.l1, self.l2, self._engine)
-        inner.load_state_dict(sd)
-        try:  # (torch's load made new groups and state: the old ones stand until all is checked)
+        try:  # (torch's load makes new groups and state: the old ones stand until all is checked)
+            try:  # (it can raise after it set them: an SGD state dict into Adam)
+                inner.load_state_dict(sd)
+            except KeyError as e:
+                raise misfit_state(type(inner).__name__, e) from e
             keep_own_keys(before, self.param_groups, sd.get("param_groups", []))
             put_own_state(self.state, self.param_groups, sd.get("param_groups", []), bounds)
             self.mode, self.l1, self.l2 = mode, l1, l2
