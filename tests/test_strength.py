@@ -701,3 +701,42 @@ def test_a_state_loaded_into_the_inner_optimizer_rewinds_the_counts():
     assert opt.state[m[0].weight]["strength_step"] == 11
     for p, q in zip(m.parameters(), want):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("how", ["closure", "inner pre-hook"])
+def test_a_step_that_raises_is_not_counted(how):
+    """A Regularized step whose inner step raises (its closure; a step
+    pre-hook of the inner optimizer, on the fast path after good steps)
+    changes nothing, its count of steps included: the run refreshes at the
+    steps of a run without the failed call, to the same bits."""
+    def make():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1)).double()
+        groups = pyreg.param_groups(m, l1_strength=0.5)
+        for g in groups:
+            g["l1_refresh"] = 3
+        return m, pyreg.Regularized(torch.optim.Adam(groups, lr=1e-2))
+    (m, opt), (m2, opt2) = make(), make()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(32, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(32, 1, generator=gen, dtype=torch.float64)
+    train(m, x, y, opt, 4)
+    train(m2, x, y, opt2, 4)
+    fail = [True]
+
+    def boom(*_):
+        if fail[0]:
+            raise RuntimeError("boom")
+    if how == "inner pre-hook":
+        opt.optimizer.register_step_pre_hook(boom)
+    opt.zero_grad()
+    (m(x) - y).pow(2).mean().backward()
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(boom if how == "closure" else None)
+    fail[0] = False
+    assert opt.state[m[0].weight]["strength_step"] == 4
+    train(m, x, y, opt, 5)
+    train(m2, x, y, opt2, 5)
+    assert opt.state[m[0].weight]["strength_step"] == opt2.state[m2[0].weight]["strength_step"] == 9
+    for p, q in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(p, q)

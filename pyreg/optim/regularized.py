@@ -18,7 +18,7 @@ fused op per bucket (apply.py). A step does no host sync.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -446,10 +446,14 @@ class Regularized(Observable, Optimizer):
         group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
         # l1_strength: the params whose l1 this step refreshes, as they were
         # before the inner step (their push is the step it makes).
-        before = ({id(p): p.detach().clone() for b in plan.buckets if b.kind in STRENGTH_KINDS
-                   for p in strength_due(b, self.state)}
-                  if any(b.kind in STRENGTH_KINDS for b in plan.buckets) else None)
-        loss = self._inner_step(closure)
+        counts = _counts([b for b in plan.buckets if b.kind in STRENGTH_KINDS])
+        before = ({id(p): p.detach().clone() for b, _ in counts for p in strength_due(b, self.state)}
+                  if counts else None)
+        try:
+            loss = self._inner_step(closure)
+        except BaseException:
+            _put_back(counts)
+            raise
         work = self._prox_after_step(plan, lrs, group_lrs, before)
         if closure is None and not torch.compiler.is_compiling():
             self._fast = fast_prox(groups, plan, work, self._engine, self._fast_plan, self.state,
@@ -467,8 +471,14 @@ class Regularized(Observable, Optimizer):
             state = self.state
             if not all(strength_l1(w, state) is vec for w, vec in strength):
                 return _FULL_PATH
+            counts = _counts([w.bucket for w, _ in strength])
             before = {id(p): p.detach().clone() for w, _ in strength for p in strength_due(w.bucket, state)}
-        loss = step_with_own_hooks(self.optimizer, None)
+        try:
+            loss = step_with_own_hooks(self.optimizer, None)
+        except BaseException:
+            if before is not None:
+                _put_back(counts)
+            raise
         # the pushes of the tensors due (their step, before the prox), into new tensors: `before` stays
         # as it was for the full path below
         pushes = [(w, strength_pushes(w, lambda p: torch.sub(before[id(p)], p.detach()) if id(p) in before else None))
@@ -515,6 +525,19 @@ class Regularized(Observable, Optimizer):
         constraints(work, self.state, self.param_groups)
         self._last = pen
         return work
+
+
+def _counts(buckets: List[Bucket]) -> List[Tuple[Bucket, Optional[List[int]]]]:
+    """The "strength" buckets' step counts as they are before a step
+    (:func:`strength_due` counts the step before the inner step runs)."""
+    return [(b, b.steps_taken) for b in buckets]
+
+
+def _put_back(counts: List[Tuple[Bucket, Optional[List[int]]]]) -> None:
+    """Puts back the counts of :func:`_counts` after an inner step that
+    raised: a step that failed is not counted."""
+    for b, c in counts:
+        b.steps_taken = c
 
 
 def fast_prox(groups: List[Dict[str, Any]], plan: Plan, work: List[Work], engine: Engine,
