@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import ops
 from ._validate import flag, nonneg_real, real
 from .optim.groups import param_groups
-from .optim.keys import coef_values
+from .optim.keys import GroupSettings, read_group
 
 #: The built-in methods (``method=`` also takes a callable).
 METHODS = ("l1", "l2", "elastic_net", "group", "strength", "group_strength")
@@ -37,8 +37,6 @@ ORDERS = ("decreasing", "increasing")
 _GROUP_KWARGS = frozenset(("l1", "l2", "exclude", "overrides", "ref", "l1_strength"))
 #: The methods whose alpha is a strength in [0, 1] (default grid from _STRENGTH_TOP down).
 _STRENGTH_METHODS = ("strength", "group_strength")
-#: The coefficient keys whose nonzero value makes a parameter regularized.
-_REG_KEYS = ("l1", "l2", "group_l1", "l1_strength")
 #: ``method="strength"``: the default grid, from this strength down, evenly spaced.
 _STRENGTH_TOP = 0.95
 #: ``method="l2"``: ridge has no alpha that keeps zero weights at zero; the
@@ -266,16 +264,13 @@ def _check_data(data: Any, name: str) -> Tuple[bool, Any]:
 
 
 def _regularized_names(groups: List[Dict[str, Any]]) -> List[str]:
-    """The names of the parameters with a nonzero l1, l2 or group_l1."""
+    """The names of the parameters that a key of their group regularizes
+    (a penalty, a target, a strength or a constraint: the keys' own reading,
+    :meth:`GroupSettings.kinds`)."""
     out = []
     for gi, g in enumerate(groups):
-        n = len(g["params"])
-        nonzero = [False] * n
-        for key in _REG_KEYS:
-            if g.get(key) is not None:
-                vals = coef_values(g[key], n, f"param_groups[{gi}][{key!r}]")
-                nonzero = [a or v != 0.0 for a, v in zip(nonzero, vals)]
-        out += [name for name, nz in zip(g["param_names"], nonzero) if nz]
+        settings = read_group(g, {}, f"param_groups[{gi}]")
+        out += [name for j, name in enumerate(g["param_names"]) if settings.kinds(j)]
     return out
 
 
@@ -351,15 +346,47 @@ class _Method:
 # --------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------
+def _batch_count(train: Any, full: bool) -> Optional[int]:
+    """Batches per epoch: 1 for full-batch data, else ``len(train)`` where it has one."""
+    if full:
+        return 1
+    try:
+        return len(train)
+    except TypeError:  # (an iterable without a length)
+        return None
+
+
+def _check_strength_steps(method: str, steps: Optional[int], warn: bool = False) -> None:
+    """A strength sets its l1 at its first refresh, after ``l1_refresh``
+    steps, acting from the next step: a fit of no more steps trains without
+    it (``steps``: a fit's; None: unknown, nothing to check). Raises
+    ValueError, or (``warn``: counted in the first fit) warns."""
+    refresh = GroupSettings._field_defaults["refresh"]
+    if steps is None or steps > refresh:
+        return
+    msg = (f"method={method!r}: a strength sets each tensor's coefficient at its first refresh, after "
+           f"l1_refresh = {refresh} steps, and it acts from the next step; a fit of {steps} steps (epochs x "
+           f"batches) trains without it. Give more epochs (or smaller batches): over {refresh} steps per fit")
+    if warn:
+        warnings.warn(msg, stacklevel=3)
+    else:
+        raise ValueError(msg)
+
+
 def _to(x: Any, device: Optional[torch.device]) -> Any:
     if device is None:
         return x
     if isinstance(x, Tensor):
         return x.to(device, non_blocking=True)
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple: its fields by position
+        return type(x)(*(_to(v, device) for v in x))
     if isinstance(x, (list, tuple)):
         return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return type(x)((k, _to(v, device)) for k, v in x.items())
+    if isinstance(x, dict):  # (a copy keeps what a subclass holds besides its items: a defaultdict's factory)
+        out = copy.copy(x)
+        for k, v in x.items():
+            out[k] = _to(v, device)
+        return out
     return x
 
 
@@ -694,7 +721,11 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
             apply the groups' ``l1``/``l2``/``group_l1``: one of pyreg's
             optimizers or :class:`pyreg.Regularized`. Default:
             ``pyreg.optim.Adam(g, lr=1e-3)``.
-        epochs: passes over ``train`` at each alpha (>= 1).
+        epochs: passes over ``train`` at each alpha (>= 1). The strength
+            methods need more than ``l1_refresh`` (10) steps per fit (epochs x
+            batches): their first refresh sets the coefficient, acting from the
+            next step (fewer raise ValueError; a warning after the first fit
+            where ``train`` has no length).
         metric: ``metric(model(x), y)`` -> a tensor: one value per sample (the
             standard error is then over samples) or a scalar per batch (over
             batches, weighted by batch size). Default: ``loss``. Measured in
@@ -745,6 +776,9 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
     # -- checks, all before any training ------------------------------------------------
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers()):
+        raise TypeError("model has tensors on the meta device, which hold no data: materialize it first "
+                        "(model.to_empty(device=...), then load its weights)")
     if not callable(loss):
         raise TypeError(f"loss must be a callable (output, target) -> tensor, got {type(loss).__name__}")
     if metric is not None and not callable(metric):
@@ -782,6 +816,8 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
             device = torch.device(device)
         except RuntimeError as e:
             raise ValueError(f"device: {e}") from None
+        if device.type == "meta":
+            raise ValueError("device: 'meta' holds no data to train on")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device: {str(device)!r}, but CUDA is not available here")
     full_train, train = _check_data(train, "train")
@@ -792,6 +828,9 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
         metric_on = "val"
     spec = _Method(method, l1_ratio, int(group_dim), exclude)
     spec.check(model, grid)
+    if method in _STRENGTH_METHODS:
+        batches = _batch_count(train, full_train)
+        _check_strength_steps(method, None if batches is None else epochs * batches)
     make_optimizer = _default_optimizer if optimizer is None else optimizer
     metric = loss if metric is None else metric
 
@@ -849,6 +888,7 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
                                 "pyreg.optim's optimizers or a pyreg.Regularized")
             work.train()
             total = count = None
+            steps = 0
             for _ in range(epochs):
                 total, count = None, 0
                 for x, y in _batches(train, full_train, device, "train"):
@@ -856,12 +896,15 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
                     value = _scalar(loss(work(x), y), "loss")
                     value.backward()
                     opt.step()
+                    steps += 1
                     b = _size(x, y)
                     part = value.detach() * b
                     total = part if total is None else total + part
                     count += b
                 if count == 0:
                     raise ValueError("train has no batches")
+            if i == 0 and method in _STRENGTH_METHODS and not full_train:  # (train of unknown length)
+                _check_strength_steps(method, steps, warn=True)
             del opt
             work.zero_grad(set_to_none=True)
             train_loss = float(total) / count

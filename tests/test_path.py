@@ -5,6 +5,7 @@ grid, warm starts, selection, data forms, argument checks, the result's
 table, dict, plot and models, and that ``import pyreg`` stays light."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -493,6 +494,7 @@ BAD = [
     (dict(val=torch.zeros(3)), TypeError, "val"),
     (dict(val=iter([])), TypeError, "iterator"),
     (dict(device=3), TypeError, "device"),
+    (dict(device="meta"), ValueError, "'meta' holds no data"),
     (dict(method="strength", alphas=[0.5, 1.5]), ValueError, "strength"),
     (dict(method="group_strength", alphas=[2.0]), ValueError, "strength"),
     (dict(method="group_strength", group_dim=5), ValueError, "group_dim"),
@@ -767,3 +769,92 @@ def test_import_pyreg_loads_no_plotting_or_sklearn():
             "if m in sys.modules and m not in before))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_a_method_callable_with_target_sparsity_counts_its_layers():
+    """A ``method`` callable that regularizes a layer through
+    ``target_sparsity`` (or another key than l1/l2): that layer is among
+    the regularized ones, its zeros in the row's sparsity, and a layer
+    that no key regularizes is not."""
+    torch.manual_seed(0)
+    x = torch.randn(200, 6)
+    y = (x[:, :2] @ torch.tensor([1.0, -2.0]))[:, None]
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+    for over in ({"0.weight": {"target_sparsity": 0.5}},
+                 {"0.weight": {"target_sparsity": 0.5}, "2.weight": {"l1": 1e-6}}):
+        r = pyreg.path(model, nn.functional.mse_loss, (x, y), alphas=[0.5], epochs=30, progress=False,
+                       optimizer=lambda g: pyreg.optim.Adam(g, lr=1e-2), method=lambda a, o=over: {"overrides": o})
+        layers = r.rows[0]["layers"]
+        assert sorted(layers) == sorted(over)
+        w = r.weights()["0.weight"]
+        assert layers["0.weight"]["sparsity"] == float((w == 0).double().mean()) == 0.5
+        ws = [r.weights()[n] for n in over]
+        assert r.rows[0]["sparsity"] == pytest.approx(sum(int((t == 0).sum()) for t in ws) / sum(t.numel() for t in ws))
+
+
+@pytest.mark.parametrize("method", ["strength", "group_strength"])
+def test_a_strength_path_with_too_few_steps_per_fit_is_refused(method):
+    """A strength sets its coefficient at its first refresh (after
+    l1_refresh = 10 steps), acting from the next step: fits of 10 steps or
+    fewer would train without it. Refused before anything is trained where
+    the steps are known (full batch: epochs; a sized loader: epochs x
+    batches), a warning after the first fit where they are not; 11 steps
+    regularize."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6), torch.randn(64, 1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+    state = copy.deepcopy(model.state_dict())
+    common = dict(method=method, alphas=[0.9], progress=False, optimizer=lambda g: pyreg.optim.SGD(g, lr=0.1))
+    with pytest.raises(ValueError, match="l1_refresh = 10 steps"):
+        pyreg.path(model, nn.functional.mse_loss, (x, y), epochs=10, **common)
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+    with pytest.raises(ValueError, match="a fit of 10 steps"):
+        pyreg.path(model, nn.functional.mse_loss, batches, epochs=5, **common)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), state.values()))
+
+    class Unsized:
+        def __iter__(self):
+            return iter(batches)
+    with pytest.warns(UserWarning, match="a fit of 10 steps"):
+        pyreg.path(model, nn.functional.mse_loss, Unsized(), epochs=5, **common)
+    r = pyreg.path(model, nn.functional.mse_loss, (x, y), epochs=11, **common)
+    common["alphas"] = [0.0]  # (strength 0: no penalty)
+    r0 = pyreg.path(model, nn.functional.mse_loss, (x, y), epochs=11, **common)
+    assert not torch.equal(r.weights()["0.weight"], r0.weights()["0.weight"])  # the 11th step's prox acted
+
+
+def test_a_model_on_the_meta_device_is_refused_before_anything():
+    with torch.device("meta"):
+        model = nn.Linear(4, 1)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    for kw in ({}, {"alphas": [0.1]}):
+        with pytest.raises(TypeError, match="meta device"):
+            pyreg.path(model, nn.functional.mse_loss, (x, y), progress=False, **kw)
+
+
+def test_namedtuple_and_defaultdict_inputs_reach_the_model_as_given():
+    """Inputs in a namedtuple (the form DataLoader's collate keeps) or a
+    defaultdict go to the model in their own type, on the path's device."""
+    import collections
+    Inp = collections.namedtuple("Inp", ["a", "b"])
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 1)
+            self.seen = set()
+
+        def forward(self, inp):
+            self.seen.add(type(inp).__name__)
+            a, b = (inp.a, inp.b) if isinstance(inp, tuple) else (inp["a"], inp["b"])
+            return self.lin(a + b)
+
+    torch.manual_seed(0)
+    a, b, y = torch.randn(16, 4), torch.randn(16, 4), torch.randn(16, 1)
+    for inp in (Inp(a, b), collections.defaultdict(list, a=a, b=b)):
+        model = Two()
+        batches = [(inp, y)]
+        r = pyreg.path(model, nn.functional.mse_loss, batches, alphas=[0.01], epochs=2, progress=False)
+        assert r.rows[0]["train_loss"] == r.rows[0]["train_loss"]  # (a number: the fit ran)
+        assert r.model().seen >= {type(inp).__name__}
