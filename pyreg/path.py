@@ -81,7 +81,7 @@ class PathResult:
     def __init__(self, alphas: List[float], rows: List[Dict[str, Any]], best_index: int, index_1se: int,
                  select: str, order: str, metric_on: str, greater_is_better: bool,
                  weights: Dict[int, Dict[str, Tensor]],
-                 template: nn.Module, training: bool = True):
+                 template: nn.Module, modes: Optional[Sequence[bool]] = None):
         self.alphas = alphas
         self.rows = rows
         self.best_index = best_index
@@ -93,7 +93,7 @@ class PathResult:
         self.greater_is_better = greater_is_better
         self._weights = weights
         self._template = template
-        self._training = training
+        self._modes = modes
 
     @property
     def alpha(self) -> float:
@@ -112,12 +112,15 @@ class PathResult:
     def model(self, i: Optional[int] = None) -> nn.Module:
         """A new module (a copy of the model's architecture) holding the
         weights at alpha index ``i`` (default: the selected one), on the
-        device the path ran on, in the mode (train or eval) the model given
-        to :func:`path` was in."""
+        device the path ran on, each of its modules in the mode (train or
+        eval) it had in the model given to :func:`path`."""
         state = self.weights(i)
         out = copy.deepcopy(self._template)
         out.load_state_dict(state)
-        return out.train(self._training)
+        if self._modes is None:
+            return out.train()
+        _set_modes(out, self._modes)
+        return out
 
     def _index(self, i: Optional[int]) -> int:
         if i is None:
@@ -434,13 +437,29 @@ def _scalar(v: Any, what: str) -> Tensor:
 # --------------------------------------------------------------------------
 # The path
 # --------------------------------------------------------------------------
+def _set_modes(module: nn.Module, modes: Sequence[bool]) -> None:
+    """Each of ``module``'s modules (in ``modules()`` order) in its mode of ``modes``."""
+    for m, t in zip(module.modules(), modes):
+        m.training = t
+
+
+def _train(work: nn.Module, modes: Sequence[bool]) -> None:
+    """``work`` in the modes to train in: the given model's, module by module,
+    where it was given in training mode (a submodule it holds in eval mode,
+    such as a frozen BatchNorm, stays so); else every module in training mode."""
+    if modes and modes[0]:
+        _set_modes(work, modes)
+    else:
+        work.train()
+
+
 def _alpha_max(work: nn.Module, loss: Callable, train: Any, full: bool, device, params: List[Tensor],
-               method: str, l1_ratio: float, group_dim: int) -> float:
+               method: str, l1_ratio: float, group_dim: int, modes: Sequence[bool]) -> float:
     """The smallest alpha at which all-zero regularized weights stay zero: the
     largest |dloss/dw| (group: the largest group gradient norm) at the current
     weights, over the whole training data (batch losses weighted by their size)."""
     buffers = {k: b.detach().clone() for k, b in work.named_buffers()}
-    work.train()
+    _train(work, modes)
     # Dropout off (its modules, and an RNN's between layers, which stays in training mode for cuDNN's backward):
     # the grid is the data's, not one random mask's. BatchNorm stays in training mode: its batch statistics are
     # part of the gradient, and its running ones are restored below.
@@ -458,7 +477,7 @@ def _alpha_max(work: nn.Module, loss: Callable, train: Any, full: bool, device, 
             (_scalar(loss(work(x), y), "loss") * b).backward()
             n += b
     finally:
-        work.train()
+        _train(work, modes)
         for m, p in rnns.items():
             m.dropout = p
     if n == 0:
@@ -836,6 +855,7 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
 
     # -- the copy --------------------------------------------------------------------------
     work = copy.deepcopy(model)
+    modes = [m.training for m in model.modules()]
     if device is not None:
         work.to(device)
     else:
@@ -853,7 +873,8 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
     if grid is None and method in _STRENGTH_METHODS:
         grid = [_STRENGTH_TOP] if n_alphas == 1 else [_STRENGTH_TOP * (1 - k / n_alphas) for k in range(n_alphas)]
     if grid is None:
-        top = _alpha_max(work, loss, train, full_train, device, reg_params, method, l1_ratio, int(group_dim))
+        top = _alpha_max(work, loss, train, full_train, device, reg_params, method, l1_ratio, int(group_dim),
+                         modes)
         grid = [top] if n_alphas == 1 else [top * eps ** (k / (n_alphas - 1)) for k in range(n_alphas)]
     if order == "increasing":
         grid = grid[::-1]
@@ -886,7 +907,7 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
                 raise TypeError(f"optimizer(param_groups) returned a {type(opt).__name__}, which does not apply the "
                                 "groups' l1/l2/group_l1 (the path would train without them): return one of "
                                 "pyreg.optim's optimizers or a pyreg.Regularized")
-            work.train()
+            _train(work, modes)
             total = count = None
             steps = 0
             for _ in range(epochs):
@@ -951,4 +972,4 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
     if not keep_weights:
         weights = {chosen: weights[chosen]}
     return PathResult(grid, rows, best, one_se, select, order, metric_on, greater_is_better, weights, work,
-                      model.training)
+                      modes)

@@ -858,3 +858,23 @@ def test_namedtuple_and_defaultdict_inputs_reach_the_model_as_given():
         r = pyreg.path(model, nn.functional.mse_loss, batches, alphas=[0.01], epochs=2, progress=False)
         assert r.rows[0]["train_loss"] == r.rows[0]["train_loss"]  # (a number: the fit ran)
         assert r.model().seen >= {type(inp).__name__}
+
+
+def test_submodules_keep_their_modes_in_the_fits_and_the_result():
+    """A model in training mode with a BatchNorm held in eval mode (a frozen
+    one, as in fine-tuning): the fits leave its running statistics as they
+    are, and result.model() gives every module its mode of the given model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    model[1].running_mean.normal_()
+    model.train()
+    model[1].eval()
+    given = [m.training for m in model.modules()]
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    r = pyreg.path(model, nn.functional.mse_loss, (x, y), n_alphas=2, epochs=3, progress=False)
+    assert [m.training for m in r.model().modules()] == given
+    assert torch.equal(r.weights()["1.running_mean"], model[1].running_mean)  # not updated by the fits
+    model.eval()
+    r = pyreg.path(model, nn.functional.mse_loss, (x, y), n_alphas=2, epochs=3, progress=False)
+    assert [m.training for m in r.model().modules()] == [False] * len(given)
+    assert not torch.equal(r.weights()["1.running_mean"], model[1].running_mean)  # trained in training mode
