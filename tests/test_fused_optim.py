@@ -1219,3 +1219,19 @@ def test_a_zerotensor_grad_steps_as_zeros(name):
         oa.step()
         ob.step()
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7, msg=str(step))
+
+
+@pytest.mark.parametrize("key", [{"target_sparsity": 0.5}, {"group_strength": 0.5}, {"max_norm": 1.0},
+                                 {"l1_strength": 0.5}])
+def test_a_key_the_kernels_apply_with_a_sparse_grad_names_both(key):
+    """A group key applied with the fused step's own kernels, and a param in
+    the group that only torch's step takes (a sparse grad): the error names
+    the key the group sets and the param; nothing changes."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = optim.Adagrad([dict({"params": [emb.weight]}, **key)], lr=0.5)
+    emb(torch.tensor([1, 3])).sum().backward()
+    w = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match=rf"sets '{next(iter(key))}'.*\['params'\]\[0\] needs torch's own step"):
+        opt.step()
+    assert torch.equal(emb.weight, w)

@@ -517,10 +517,11 @@ class FusedOptimizer(Observable):
                     # a parameter the fused kernels do not take (a grad of another dtype or device
                     # than its parameter's goes into the bucket, whose check refuses it)
                     if structured or id(p) in l1_of:
-                        raise ValueError(f"param_groups[{gi}] sets group_l1, ref, l2_bound, max_norm or l1_strength, "
-                                         "but some of its "
-                                         "parameters need torch's own step (sparse or complex grads, "
-                                         "differentiable=True or tensor subclasses)")
+                        keys = [k for k in _AFTER_KEYS if group.get(k) is not None] or list(_AFTER_KEYS)
+                        raise ValueError(f"param_groups[{gi}] sets {', '.join(map(repr, keys))}, which the fused "
+                                         f"step applies to the parameters it takes, but param_groups[{gi}]['params']"
+                                         f"[{j}] needs torch's own step (a sparse or complex grad, "
+                                         "differentiable=True or a tensor subclass)")
                     others.append(j)
                     continue
                 # As torch: no state entry for a parameter that has no state
@@ -910,6 +911,9 @@ def grad_with_decay(p: Tensor, group: Dict[str, Any], before: Optional[Tensor]) 
 
 
 L1_COLUMN = HYPER.index("l1")
+
+#: The keys that the fused step applies only to the parameters its kernels take.
+_AFTER_KEYS = ("group_l1", "ref", "l2_bound", "max_norm", "target_sparsity", "l1_strength", "group_strength")
 
 #: The fused classes' own arguments (not torch's).
 _OWN_ARGS = frozenset(("self", "params", "l1", "l2", "preconditioned"))
