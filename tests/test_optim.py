@@ -484,6 +484,56 @@ def test_stats_and_sparsity():
     assert sp.overall.dim() == 0 and sp.names == s.names
 
 
+@pytest.mark.parametrize("how", ["fused", "proximal", "proximal closure", "gradient"])
+def test_stats_between_steps_change_nothing(how):
+    """stats() and sparsity() read: called while a group holds a value set
+    for a while and then put back (the same object), they leave the next
+    steps and the last step's penalty as they would have been."""
+    def run(peek):
+        w = nn.Parameter(torch.linspace(-3.0, 3.0, 7, dtype=torch.float64))
+        l1 = 0.1
+        groups = [{"params": [w], "l1": l1}]
+        opt = (pyreg.optim.SGD(groups, lr=1.0) if how == "fused" else
+               pyreg.Regularized(torch.optim.SGD(groups, lr=1.0), mode=how.split()[0]))
+        closure = (lambda: None) if how.endswith("closure") else None
+        w.grad = torch.ones_like(w)
+        opt.step(closure)
+        out = []
+        for k in range(3):
+            if peek:
+                opt.param_groups[0]["l1"] = 0.5
+                opt.stats()
+                opt.sparsity()
+                opt.param_groups[0]["l1"] = l1
+            out.append(opt.penalty.clone())
+            w.grad = torch.ones_like(w)
+            opt.step(closure)
+        return w.detach().clone(), out
+    (w1, p1), (w2, p2) = run(True), run(False)
+    assert torch.equal(w1, w2)
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+
+
+@pytest.mark.parametrize("family", ["Regularized", "fused"])
+def test_stats_of_a_complex_param_are_of_its_magnitudes(family):
+    """A complex param (torch's own step) among the optimizer's: stats()
+    gives the stats of |w| for it, the kernels' for the others."""
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(4, 4))
+    c = nn.Parameter(torch.tensor([[3 + 4j, 0j], [0j, 1j]], dtype=torch.complex64))
+    groups = [{"params": [a], "l1": 0.1}, {"params": [c]}]
+    opt = pyreg.Regularized(torch.optim.SGD(groups, lr=0.0)) if family == "Regularized" else \
+        pyreg.optim.SGD(groups, lr=0.0)
+    a.grad, c.grad = torch.zeros_like(a), torch.zeros_like(c)
+    opt.step()
+    s = opt.stats()
+    torch.testing.assert_close(s.l1, torch.stack([a.detach().abs().sum(), torch.tensor(6.0)]))
+    torch.testing.assert_close(s.l2[1], torch.tensor(math.sqrt(26.0)))
+    torch.testing.assert_close(s.linf[1], torch.tensor(5.0))
+    assert s.nnz.tolist() == [16, 2]
+    torch.testing.assert_close(opt.sparsity().per_param, torch.tensor([0.0, 0.5]))
+
+
 @pytest.mark.parametrize("family", ["Regularized", "fused"])
 def test_sparsity_counts_a_param_replaced_through_data_at_its_new_size(family):
     m = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))

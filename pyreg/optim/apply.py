@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, ops
-from .._common import capturing, has_dtensor, to_device
+from .._common import SUPPORTED_DTYPES, capturing, has_dtensor, to_device
 from .._validate import check_grads_apart, disjoint_pointers, first_unpaired, plain_cpu, tensor_list
 from .plan import Bucket, Plan, Work
 from .results import ParamStats, Sparsity
@@ -665,8 +665,11 @@ def _sum(a: Tensor, b: Tensor) -> Tensor:
 
 
 def stats(plan: Plan) -> ParamStats:
-    """:class:`ParamStats` of every parameter of the plan's groups."""
-    parts = [ops.weight_stats(ps) for ps in plan.stat_buckets]
+    """:class:`ParamStats` of every parameter of the plan's groups (a dtype
+    the kernels do not take, such as a complex one that torch's own step
+    updates: the stats of its magnitudes, which are the same numbers)."""
+    parts = [ops.weight_stats(ps if ps[0].dtype in SUPPORTED_DTYPES else [_magnitudes(p) for p in ps])
+             for ps in plan.stat_buckets]
     if not parts:
         e = torch.zeros(0)
         return ParamStats([], e, e.clone(), e.clone(), torch.zeros(0, dtype=torch.int64),
@@ -679,6 +682,12 @@ def stats(plan: Plan) -> ParamStats:
 
     return ParamStats(list(plan.names), cat("l1", rd), cat("l2", rd), cat("linf", rd),
                       cat("nnz", torch.int64), plan.numel)
+
+
+def _magnitudes(p: Tensor) -> Tensor:
+    """|p| in a dtype the kernels take (float64 where |p|'s is not one)."""
+    a = p.detach().abs()
+    return a if a.dtype in SUPPORTED_DTYPES else a.double()
 
 
 def sparsity(s: ParamStats) -> Sparsity:

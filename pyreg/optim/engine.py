@@ -210,6 +210,7 @@ class Engine:
         if self._plan is not None and quick == self._quick:
             return self._plan
         self._quick = None
+        self._prepared = None  # (it holds the plan with the values it had)
         specs = self.read(groups)
         shape = (tuple(st.shape() for st in specs), tuple(tuple(map(id, g["params"])) for g in groups),
                  tuple(tuple(map(_kind_of, g["params"])) for g in groups))
@@ -220,6 +221,16 @@ class Engine:
             self._plan.set_values(specs)
         self._quick = quick
         return self._plan
+
+    def current_plan(self, groups: List[Dict[str, Any]]) -> Plan:
+        """A plan of ``groups`` as they are now, for a reading (``stats()``):
+        the cached plan where it is theirs, else a new one, checked but not
+        cached, so that the cached plan (whose coefficients the last step's
+        buckets share, and which a step reuses while its groups hold the
+        same values) stays the steps'."""
+        if self._plan is not None and self._quick_of(groups) == self._quick:
+            return self._plan
+        return Plan(groups, self.read(groups))
 
     def check_hypers(self, groups: List[Dict[str, Any]]) -> Optional[tuple]:
         """torch's hyperparameters of every group, checked where one changed.
@@ -418,7 +429,7 @@ class Observable:
         (regularized or not), named from the groups' ``param_names`` (else
         ``"param_groups.<group>.<index>"``). One ``weight_stats`` call per
         (device, dtype) bucket; no host sync."""
-        return apply.stats(self._engine.plan(self.param_groups))  # type: ignore[attr-defined]
+        return apply.stats(self._engine.current_plan(self.param_groups))  # type: ignore[attr-defined]
 
     def sparsity(self) -> Sparsity:
         """Fraction of exact zeros over all parameters of the optimizer
