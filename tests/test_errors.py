@@ -1210,3 +1210,16 @@ def test_a_grad_reshaped_in_place_is_refused_at_every_step(cls):
     with _raises(ValueError, "is (5, 3) torch.float32 on cpu but its grad is (3, 5)"):
         opt.step()
     assert _same(_clone([p, opt.state[p]] if opt.state[p] else [p]), before)
+
+
+def test_gradient_mode_refuses_a_sparse_grad_by_name_and_changes_nothing():
+    torch.manual_seed(0)
+    lin, emb = nn.Linear(3, 3, bias=False), nn.Embedding(10, 3, sparse=True)
+    opt = pyreg.Regularized(torch.optim.SGD([{"params": [lin.weight, emb.weight], "l1": 0.1}], lr=0.1),
+                            mode="gradient")
+    lin(emb(torch.tensor([1, 2]))).sum().backward()
+    before = _snap((lin.weight, emb.weight), opt)
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] has a torch.sparse_coo grad: "
+                                        r"mode='gradient' .* use mode='proximal'"):
+        opt.step()
+    assert _same(_snap((lin.weight, emb.weight), opt), before)

@@ -334,7 +334,11 @@ class Regularized(Observable, Optimizer):
         for g in up:
             g.neg_()
         try:
-            value = add_penalty_grads(pen)
+            try:
+                value = add_penalty_grads(pen)
+            except TypeError:  # (checked before anything is written: name a sparse grad)
+                _check_dense_grads(pen, groups)
+                raise
             if not undo:
                 self._penalty = value
         finally:
@@ -525,6 +529,20 @@ class Regularized(Observable, Optimizer):
         constraints(work, self.state, self.param_groups)
         self._last = pen
         return work
+
+
+def _check_dense_grads(work: List[Work], groups: List[Dict[str, Any]]) -> None:
+    """Gradient mode adds the penalty's gradient to each regularized grad in
+    place: a sparse one (an embedding's, which the ops refuse before
+    anything is added) is named."""
+    for w in work:
+        for p in w.params:
+            g = p.grad
+            if g is not None and g.layout is not torch.strided:
+                gi, j = next((gi, j) for gi, grp in enumerate(groups) for j, q in enumerate(grp["params"]) if q is p)
+                raise TypeError(f"param_groups[{gi}]['params'][{j}] has a {g.layout} grad: mode='gradient' adds "
+                                "the penalty's gradient to dense grads only; use mode='proximal' (torch's step, "
+                                "then the prox), which takes it")
 
 
 def _counts(buckets: List[Bucket]) -> List[Tuple[Bucket, Optional[List[int]]]]:
