@@ -574,7 +574,7 @@ def test_invalid_groups_fail_the_next_step_before_anything_changes(change, exc, 
 
 @pytest.mark.parametrize("change, exc, message", [
     (_grad_is_weight, ValueError, "grads[0] shares memory with tensors[0]"),
-    (_sparse_grad_in_last_bucket, TypeError, "grads[0] has layout torch.sparse_coo"),
+    (_sparse_grad_in_last_bucket, TypeError, "param_groups[0]['params'][1] has a torch.sparse_coo grad: mode='gradient'"),
 ])
 def test_gradient_mode_checks_every_bucket_before_the_first_writes(change, exc, message):
     # two buckets (float32 and float64): the bad grad is in the second; the
