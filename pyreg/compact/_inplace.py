@@ -104,8 +104,8 @@ def functionalize(gm, args) -> int:
             storages[n.name] = _storage(out)
             return out
 
-    with torch.no_grad():
-        _Storages(gm).run(*args)
+    with torch.no_grad():  # (every value kept to the end: a freed block handed out again is no alias)
+        _Storages(gm, garbage_collect_values=False).run(*args)
     order = {n: i for i, n in enumerate(nodes)}
     for node, kind in writes:
         what = f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"
