@@ -1291,3 +1291,17 @@ def test_an_in_place_call_whose_memory_a_later_tensor_reuses_is_followed():
         out = pyreg.compact(m.eval(), torch.randn(batch, 64), measure=False)
         assert out.report.params_after < _params(m)
     check(m, torch.randn(256, 64))
+
+
+@pytest.mark.parametrize("affine, stats", [(False, False), (False, True), (True, False)])
+def test_batchnorm_without_weights_or_running_stats(affine, stats):
+    """A BatchNorm with no affine weights and no running statistics has
+    nothing of its own to cut: its channel goes with the layers around it."""
+    _seed(5)
+    m = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, affine=affine, track_running_stats=stats), nn.ReLU(),
+                      nn.Linear(6, 2))
+    with torch.no_grad():
+        m[3].weight[:, 1] = 0  # channel 1 unused by the head
+    out = check(m, torch.randn(7, 5))
+    assert out.report.params_after < _params(m)
+    assert out.model.get_submodule("1").num_features == 5

@@ -104,7 +104,8 @@ def rewrite(a: Analysis, removed: Tensor, drop_inputs: bool) -> Dict[str, dict]:
         mod = gm.get_submodule(name)
         keep = ~removed[ax.ids]
         note(name, "channels", (~keep).nonzero().flatten())
-        keep = keep.to(mod.running_mean.device if mod.running_mean is not None else mod.weight.device)
+        held = mod.running_mean if mod.running_mean is not None else mod.weight  # (None: neither, nothing to cut)
+        keep = keep.to(held.device) if held is not None else keep
         if mod.affine:
             mod.weight = _param(mod.weight.detach()[keep], mod.weight)
             mod.bias = _param(mod.bias.detach()[keep], mod.bias)
