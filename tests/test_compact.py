@@ -1305,3 +1305,28 @@ def test_batchnorm_without_weights_or_running_stats(affine, stats):
     out = check(m, torch.randn(7, 5))
     assert out.report.params_after < _params(m)
     assert out.model.get_submodule("1").num_features == 5
+
+
+@pytest.mark.parametrize("kind", [nn.GRU, nn.LSTM])
+def test_a_recurrent_layer_given_an_initial_state_keeps_the_state_s_channels(kind):
+    """An initial state computed by a layer (h0 = init(z)): the recurrent
+    layer is left alone, and so are the channels of its state (the layer
+    making h0 lost rows it has no zeros in, and the model no longer ran)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.init, self.rnn, self.head = nn.Linear(5, 8), kind(4, 8, batch_first=True), nn.Linear(8, 2)
+            self.drop = nn.Linear(6, 4)
+
+        def forward(self, x, z):
+            h0 = self.init(z)[None]
+            state = h0 if kind is nn.GRU else (h0, torch.zeros_like(h0))
+            out, _ = self.rnn(self.drop(x), state)
+            return self.head(out[:, -1])
+    _seed(6)
+    m = Net()
+    with torch.no_grad():
+        m.drop.weight[:, 2] = 0  # an input column of drop: still removable
+    out = check(m, (torch.randn(3, 7, 6), torch.randn(3, 5)))
+    assert out.model.get_submodule("init").out_features == 8
+    assert "rnn" in out.report.left_alone

@@ -423,9 +423,9 @@ class _Analyzer:
             unsupported = "LSTM with proj_size is not supported"
         elif len(node.args) > 1 or node.kwargs:
             unsupported = "an initial hidden state is passed"
-        if unsupported:
+        if unsupported:  # (its input and any initial state it is given keep their channels)
             self.leave(name, unsupported)
-            self.block(ax, f"consumed by {name}: {unsupported}")
+            self.block_args(node, f"consumed by {name}: {unsupported}")
             return None
         first = self.first_call(name, ax)
         H, L = mod.hidden_size, mod.num_layers
