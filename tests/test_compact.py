@@ -1330,3 +1330,24 @@ def test_a_recurrent_layer_given_an_initial_state_keeps_the_state_s_channels(kin
     out = check(m, (torch.randn(3, 7, 6), torch.randn(3, 5)))
     assert out.model.get_submodule("init").out_features == 8
     assert "rnn" in out.report.left_alone
+
+
+@pytest.mark.parametrize("kind", ["forward", "pre"])
+def test_hooks_on_the_model_itself_are_refused(kind):
+    """The traced forward runs no hooks of the model itself: refused (a
+    logging hook vanished from the result without a word), nothing changed;
+    hooks on a layer leave that layer whole."""
+    _seed(7)
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with torch.no_grad():
+        m[2].weight[:, 1] = 0
+    hook = (lambda mod, inp, out: out) if kind == "forward" else (lambda mod, inp: None)
+    handle = m.register_forward_hook(hook) if kind == "forward" else m.register_forward_pre_hook(hook)
+    before = _state(m)
+    with pytest.raises(ValueError, match="forward hooks of its own"):
+        pyreg.compact(m, torch.randn(5, 4), measure=False)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    handle.remove()
+    m[2].register_forward_hook(hook if kind == "forward" else (lambda mod, inp, out: out))
+    out = check(m, torch.randn(5, 4))
+    assert "2" in out.report.left_alone

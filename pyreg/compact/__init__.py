@@ -79,7 +79,8 @@ element-wise activations, dropout and pooling. Any other layer or op that reads
 a channel keeps it, and is named in ``report.left_alone`` with the reason; a
 conv with ``groups > 1`` is left as it is, and so is a layer whose parameters
 the forward also reads directly (``F.linear(x, self.fc.weight)``,
-``self.fc.bias.sum()``), a layer with forward hooks or pre-hooks, a layer
+``self.fc.bias.sum()``), a layer with forward hooks or pre-hooks (hooks on
+the model itself, which its traced forward would not run, are refused), a layer
 whose weight is parametrized (``torch.nn.utils.parametrize``,
 ``parametrizations.weight_norm``/``spectral_norm``), and layers that share a
 parameter (tied weights stay tied). Channels that reach the model's output are
@@ -260,6 +261,10 @@ def compact(model: nn.Module, example_inputs, *, drop_inputs: bool = False, atol
     if meta is not None:
         raise ValueError(f"compact: the model's {meta} is on the meta device; compact needs the trained weights "
                          "(load them first, e.g. with load_state_dict(..., assign=True))")
+    if model._forward_hooks or model._forward_pre_hooks:
+        raise ValueError(f"compact: the {type(model).__name__} given has forward hooks of its own, which its "
+                         "traced forward would not run; remove them (hooks on its layers are fine: those layers "
+                         "are left whole); nothing was changed")
     try:
         ref = copy.deepcopy(model).eval()
         work = copy.deepcopy(model).eval()
