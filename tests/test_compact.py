@@ -1351,3 +1351,19 @@ def test_hooks_on_the_model_itself_are_refused(kind):
     m[2].register_forward_hook(hook if kind == "forward" else (lambda mod, inp, out: out))
     out = check(m, torch.randn(5, 4))
     assert "2" in out.report.left_alone
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_a_conv_on_an_unbatched_input_is_left_alone(dims):
+    """torch's convs take an unbatched input ([C, L], [C, H, W]), whose
+    channel dim is 0: the conv is left alone with its reason (compact took
+    dim 1 for its channels and failed)."""
+    _seed(8)
+    conv = nn.Conv1d(4, 4, 1) if dims == 1 else nn.Conv2d(3, 5, 3)
+    m = nn.Sequential(conv, nn.ReLU(), nn.Linear(4 if dims == 1 else 7, 2))
+    with torch.no_grad():
+        m[2].weight[:, 1] = 0
+        conv.weight[1] = 0
+    x = torch.randn(4, 4) if dims == 1 else torch.randn(3, 9, 9)
+    out = check(m, x)
+    assert "unbatched" in out.report.left_alone["0"]

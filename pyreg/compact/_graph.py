@@ -326,10 +326,14 @@ class _Analyzer:
         if isinstance(mod, nn.Linear):
             return self.linear_like(node, name, mod, ax, x, y, "linear")
         if type(mod) in (nn.Conv1d, nn.Conv2d):
+            reason = None
             if mod.groups != 1:
                 reason = f"{type(mod).__name__} with groups={mod.groups} is not supported"
+            elif isinstance(x, Tensor) and x.dim() != len(mod.kernel_size) + 2:
+                reason = f"{type(mod).__name__} on an unbatched input is not supported"
+            if reason is not None:
                 self.leave(name, reason)
-                self.block(ax, f"consumed by {name}: {reason}")
+                self.block_args(node, f"consumed by {name}: {reason}")
                 return None
             return self.linear_like(node, name, mod, ax, x, y, "conv")
         if type(mod) in (nn.BatchNorm1d, nn.BatchNorm2d):
