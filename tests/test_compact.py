@@ -1367,3 +1367,34 @@ def test_a_conv_on_an_unbatched_input_is_left_alone(dims):
     x = torch.randn(4, 4) if dims == 1 else torch.randn(3, 9, 9)
     out = check(m, x)
     assert "unbatched" in out.report.left_alone["0"]
+
+
+@pytest.mark.parametrize("how", ["nan", "random"])
+def test_an_output_that_cannot_be_checked_is_refused(how):
+    """The result is checked against the model's output on the example: an
+    output with NaN, or one that differs between two eval-mode runs (a
+    dropout forced on), is refused as such (it was reported as an internal
+    error), nothing changed."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.fc(x))
+            if how == "random":
+                h = torch.nn.functional.dropout(h, 0.5, training=True)
+            else:
+                h = h / h.sum(1, keepdim=True) * 0  # 0 / 0 where a row is all zero
+            return self.out(h)
+    _seed(9)
+    m = Net()
+    with torch.no_grad():
+        m.out.weight[:, 1] = 0
+        if how == "nan":  # every pre-activation negative: 0 / 0
+            m.fc.weight.zero_()
+            m.fc.bias.fill_(-1.0)
+    before = _state(m)
+    with pytest.raises(ValueError, match="NaN or inf" if how == "nan" else "differs between two runs"):
+        pyreg.compact(m, torch.randn(5, 4), measure=False)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())

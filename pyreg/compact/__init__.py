@@ -122,7 +122,10 @@ trace raises ``ValueError`` with torch.fx's reason (no silent fallback: an
 unchanged copy would hide that nothing was removed), and so does one that
 ``copy.deepcopy`` cannot copy, or whose weights are on the meta device;
 ``example_inputs`` the model cannot run, with no samples, on the meta device,
-or with NaN or inf raise ``ValueError``, as do the in-place calls above;
+or with NaN or inf raise ``ValueError``, as do the in-place calls above, a
+model whose output on the example holds NaN or inf or differs between two
+eval-mode runs (nothing to check the result against), and hooks on the model
+itself;
 a result whose outputs differ from the original's beyond ``atol`` raises
 ``RuntimeError`` naming the first layer whose output differs (this is a bug to
 report, never a result), and so does a result that fails to run on
@@ -130,7 +133,7 @@ report, never a result), and so does a result that fails to run on
 """
 import copy
 import itertools
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor, nn
@@ -224,6 +227,23 @@ def _default_atol(outputs) -> float:
     return max([1e-5] + [16 * e for e in eps])
 
 
+def _check_checkable(ref: nn.Module, args: tuple, out: Any) -> None:
+    """The result is checked against the model's output on the example: it
+    must be finite, and the same at a second run (an eval-mode forward that
+    is random, F.dropout(training=True) say, has nothing to check against).
+    Raises ValueError."""
+    outs = _flat_tensors(out)
+    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in outs):
+        raise ValueError("compact: the model's output on example_inputs holds NaN or inf, so the compacted model "
+                         "cannot be checked against it; nothing was changed")
+    with torch.no_grad():
+        again = _flat_tensors(ref(*args))
+    if len(again) != len(outs) or not all(torch.equal(a, b) for a, b in zip(outs, again)):
+        raise ValueError("compact: the model's output on example_inputs differs between two runs in eval mode "
+                         "(a random forward: dropout with training=True, say), so the compacted model cannot be "
+                         "checked against it; nothing was changed")
+
+
 def _cannot_run(args, e: Exception) -> ValueError:
     shapes = ", ".join(str(tuple(a.shape)) for a in args)
     return ValueError(f"compact: the model cannot run on example_inputs of shape {shapes} ({type(e).__name__}: {e})")
@@ -290,6 +310,7 @@ def compact(model: nn.Module, example_inputs, *, drop_inputs: bool = False, atol
         raise
     except Exception as e:
         raise _cannot_run(args, e) from e
+    _check_checkable(ref, args, ref_out)
     before = layer_counts(gm, values)
 
     analysis = analyze(gm, values)
