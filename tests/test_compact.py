@@ -1398,3 +1398,34 @@ def test_an_output_that_cannot_be_checked_is_refused(how):
     with pytest.raises(ValueError, match="NaN or inf" if how == "nan" else "differs between two runs"):
         pyreg.compact(m, torch.randn(5, 4), measure=False)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_report_counts_every_parameter_of_the_model():
+    """The report's totals are the model's: parameters the forward reads
+    itself in one row, and those of a layer it never calls (which the
+    result does not hold) in another, removed."""
+    class Scale(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.g = nn.Parameter(torch.full((n,), 2.0))
+
+        def forward(self, x):
+            return x * self.g
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.sc, self.fc2 = nn.Linear(6, 8), Scale(8), nn.Linear(8, 2)
+            self.temp = nn.Parameter(torch.tensor(3.0))
+            self.unused = nn.Linear(10, 10)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.sc(self.fc1(x)))) / self.temp
+    _seed(10)
+    m = Net()
+    out = check(m, torch.randn(4, 6))
+    rows = {r.name: r for r in out.report.layers}
+    assert (rows["(other parameters)"].params_before, rows["(other parameters)"].params_after) == (9, 9)
+    assert (rows["(unused by the forward)"].params_before, rows["(unused by the forward)"].params_after) == (110, 0)
+    assert out.report.params_before == _params(m)
+    assert out.report.params_after == _params(out.model)

@@ -106,7 +106,10 @@ for inference (training it further runs no dropout). It takes inputs of the
 example's rank. ``Compacted.report`` (:class:`Report`) holds per layer
 the parameters and multiply-adds (Linear, conv, recurrent; at the example's
 shapes) before and after, the removed output/input/hidden indices, the
-element-wise zeros left; the kept input indices; the layers left alone and
+element-wise zeros left (a row "(other parameters)" for parameters the
+forward reads itself, a row "(unused by the forward)" for the layers it
+never calls, which the result does not hold); the kept input indices; the
+layers left alone and
 the zero groups kept with the reason; the measured latency.
 
 Element-wise (unstructured) zeros that are left do not make dense inference any
@@ -256,7 +259,7 @@ def compact(model: nn.Module, example_inputs, *, drop_inputs: bool = False, atol
 
     from ._graph import analyze, decide
     from ._inplace import Refused, functionalize
-    from ._report import LayerRow, capture, layer_counts, measure_latency
+    from ._report import UNUSED_PARAMS, LayerRow, capture, layer_counts, measure_latency
     from ._rewrite import rewrite
 
     if not isinstance(model, nn.Module):
@@ -312,6 +315,10 @@ def compact(model: nn.Module, example_inputs, *, drop_inputs: bool = False, atol
         raise _cannot_run(args, e) from e
     _check_checkable(ref, args, ref_out)
     before = layer_counts(gm, values)
+    traced = {id(p) for p in gm.parameters()}
+    unused = sum(p.numel() for p in work.parameters() if id(p) not in traced)
+    if unused:  # (layers the forward never calls: the traced model does not hold them)
+        before[UNUSED_PARAMS] = {"type": "-", "params": unused, "macs": 0, "zeros": 0, "weights": 0}
 
     analysis = analyze(gm, values)
     removed = decide(analysis, len(analysis.parent))

@@ -80,7 +80,17 @@ def layer_counts(gm, values) -> Dict[str, dict]:
             if "weight" in pname:
                 row["weights"] += p.numel()
                 row["zeros"] += int((p.detach() == 0).sum())
+    # parameters the forward reads itself (get_attr: the model's own, a custom module's), in one row
+    rest = sum(p.numel() for p in gm.parameters() if id(p) not in seen)
+    if rest:
+        rows[OTHER_PARAMS] = {"type": "-", "params": rest, "macs": 0, "zeros": 0, "weights": 0}
     return rows
+
+
+#: The report's row of the parameters that no called layer holds.
+OTHER_PARAMS = "(other parameters)"
+#: The report's row of the parameters of layers the forward never calls (not in the result).
+UNUSED_PARAMS = "(unused by the forward)"
 
 
 def measure_latency(models: List[nn.Module], args_list: List[tuple], device: str,
