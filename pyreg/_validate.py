@@ -11,7 +11,7 @@ import math
 import numbers
 import sys
 from operator import attrgetter, itemgetter, le
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -307,6 +307,18 @@ def check_grads_apart(tensors: Sequence[Tensor], grads: Sequence[Tensor], op: st
     if bad is not None:
         raise ValueError(f"grads[{bad[0]}] shares memory with tensors[{bad[1]}]; {op} "
                          "writes the grads while it reads the tensors, so they must be distinct")
+
+
+def check_coefs_apart(written: Sequence[Tensor], coefs: Sequence[Tuple[str, Any]], what: str = "tensors") -> None:
+    """A coefficient tensor (as :func:`coefficient` returns it: the given
+    tensor where it needed no copy) that shares memory with a tensor the op
+    writes is refused: the op would read it while writing it. No device sync."""
+    for name, c in coefs:
+        if isinstance(c, Tensor) and not torch.compiler.is_compiling() and not _without_memory([c]):
+            bad = overlap_between(local_tensors(written) if has_dtensor(written) else written, [c])
+            if bad is not None:
+                raise ValueError(f"{name} shares memory with {what}[{bad[0]}]; the op writes {what} while it "
+                                 f"reads {name}, so they must be distinct")
 
 
 def _without_memory(tensors: Sequence[Tensor]) -> bool:

@@ -34,7 +34,8 @@ from ._common import WeightStats, coef_tensor, has_dtensor
 from .backends._marshal import plain_cuda_list, plain_list
 from ._ops import (add_group_penalty_grad_op, add_penalty_grad_op, group_norms_op, group_penalty_op,
                    group_prox_op, kth_abs_op, max_norm_op, penalty_op, prox_op, weight_stats_op)
-from ._validate import (PLAIN_TYPES, Coefficient, check_grads_apart, check_no_overlap, check_refs_apart, flag,
+from ._validate import (PLAIN_TYPES, Coefficient, check_coefs_apart, check_grads_apart, check_no_overlap,
+                        check_refs_apart, flag,
                         coefficient, fast_coefficient, group_dims, partner_list, tensor_list)
 
 _dtype_of, _shape_of, _requires_grad = attrgetter("dtype"), attrgetter("shape"), attrgetter("requires_grad")
@@ -112,13 +113,22 @@ def _cuda_device(index: int) -> torch.device:
 _CUDA_DEVICES: Dict[int, torch.device] = {}
 
 
-def _fast_coefs(n: int, device: Optional[torch.device], *cs):
+def _fast_coefs(n: int, device: Optional[torch.device], *cs, written: Sequence[Tensor] = ()):
     """The coefficients in the kernels' form, or None unless all are in the
     common form (``fast_coefficient``; on a GPU (``device``), numbers only:
-    a CPU tensor would need a copy there)."""
+    a CPU tensor would need a copy there) and no coefficient tensor shares
+    memory with a ``written`` one (the checked path refuses it)."""
     out = tuple(fast_coefficient(c, n) for c in cs)
     if any(c is None for c in out) or (device is not None and not all(type(c) is float for c in out)):
         return None
+    for c in out:
+        if type(c) is Tensor:  # (contiguous float64: its bytes; the written tensors' are contiguous too)
+            lo = c.data_ptr()
+            hi = lo + 8 * n
+            for t in written:
+                at = t.data_ptr()
+                if at < hi and lo < at + t.numel() * t.element_size():
+                    return None
     return out
 
 
@@ -236,7 +246,7 @@ def add_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor],
         fast = _fast(both, True)  # (the tensors too: one test of the whole list)
         if fast is not None and list(map(_shape_of, grads)) != list(map(_shape_of, tensors)):
             fast = None
-        cs = None if fast is None else _fast_coefs(len(tensors), fast[2], l1, l2)
+        cs = None if fast is None else _fast_coefs(len(tensors), fast[2], l1, l2, written=grads)
         if cs is not None:
             be, (ptrs, numels, codes), dev = fast
             n = len(grads)
@@ -268,6 +278,7 @@ def add_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor],
     if has_dtensor(ts) or has_dtensor(gs):
         return _distributed().add_penalty_grad_(ts, gs, coef_tensor(c1, n, dev), coef_tensor(c2, n, dev))
     check_grads_apart(ts, gs)
+    check_coefs_apart(gs, (("l1", c1), ("l2", c2)), "grads")
     with torch.no_grad():
         out = _eager(ts + (rs or []), gs, lambda be: be.add_penalty_grad_(ts, gs, c1, c2, rs))
         if out is not None:
@@ -293,7 +304,7 @@ def prox_(tensors: Iterable[Tensor], l1: Coefficient = 0.0, l2: Coefficient = 0.
     """
     if ref is None:
         fast = _fast(tensors, True)
-        cs = None if fast is None else _fast_coefs(len(tensors), fast[2], l1, l2, lr)
+        cs = None if fast is None else _fast_coefs(len(tensors), fast[2], l1, l2, lr, written=tensors)
         if cs is not None:
             be, desc, dev = fast
             out = torch.empty(len(tensors), dtype=torch.int64, device=dev)
@@ -309,6 +320,7 @@ def prox_(tensors: Iterable[Tensor], l1: Coefficient = 0.0, l2: Coefficient = 0.
     if has_dtensor(ts):
         return _distributed().prox_(ts, *(coef_tensor(c, n, dev) for c in (c1, c2, clr)))
     check_no_overlap(ts, "tensors")
+    check_coefs_apart(ts, (("l1", c1), ("l2", c2), ("lr", clr)))
     if rs is not None:
         check_refs_apart(ts, rs)
     with torch.no_grad():
@@ -372,6 +384,7 @@ def add_group_penalty_grad_(tensors: Iterable[Tensor], grads: Iterable[Tensor], 
     if not ts:
         return torch.zeros(())
     check_grads_apart(ts, gs, "add_group_penalty_grad_")
+    check_coefs_apart(gs, (("l1", c),), "grads")
     with torch.no_grad():
         out = _eager(ts, gs, lambda be: be.add_group_penalty_grad_(ts, gs, dims, c))
         if out is not None:
@@ -396,7 +409,7 @@ def group_prox_(tensors: Iterable[Tensor], l1: Coefficient = 0.0, lr: Coefficien
     """
     fast = _fast(tensors, True)
     dims = None if fast is None else _fast_dims(dim, tensors)
-    cs = None if dims is None else _fast_coefs(len(tensors), fast[2], element_l1, l1, l2, lr)
+    cs = None if dims is None else _fast_coefs(len(tensors), fast[2], element_l1, l1, l2, lr, written=tensors)
     if cs is not None:
         out = fast[0].group_prox_(list(tensors), dims, *cs)
         torch.autograd.graph.increment_version(tensors)
@@ -407,6 +420,7 @@ def group_prox_(tensors: Iterable[Tensor], l1: Coefficient = 0.0, lr: Coefficien
     if not ts:
         return torch.zeros(0, dtype=torch.int64)
     check_no_overlap(ts, "tensors")
+    check_coefs_apart(ts, tuple(zip(("element_l1", "l1", "l2", "lr"), cs)))
     with torch.no_grad():
         out = _eager((), ts, lambda be: be.group_prox_(ts, dims, *cs))
         if out is not None:
@@ -425,7 +439,7 @@ def max_norm_(tensors: Iterable[Tensor], max_value: Coefficient, dim=0) -> Tenso
     """
     fast = _fast(tensors, True)
     dims = None if fast is None else _fast_dims(dim, tensors)
-    cs = None if dims is None else _fast_coefs(len(tensors), fast[2], max_value)
+    cs = None if dims is None else _fast_coefs(len(tensors), fast[2], max_value, written=tensors)
     if cs is not None:
         out = fast[0].max_norm_(list(tensors), dims, *cs)
         torch.autograd.graph.increment_version(tensors)
@@ -435,6 +449,7 @@ def max_norm_(tensors: Iterable[Tensor], max_value: Coefficient, dim=0) -> Tenso
     if not ts:
         return torch.zeros(0, dtype=torch.int64)
     check_no_overlap(ts, "tensors")
+    check_coefs_apart(ts, (("max_value", c),))
     with torch.no_grad():
         out = _eager((), ts, lambda be: be.max_norm_(ts, dims, c))
         if out is not None:

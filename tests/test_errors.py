@@ -1223,3 +1223,33 @@ def test_gradient_mode_refuses_a_sparse_grad_by_name_and_changes_nothing():
                                         r"mode='gradient' .* use mode='proximal'"):
         opt.step()
     assert _same(_snap((lin.weight, emb.weight), opt), before)
+
+
+COEF_ALIAS = [
+    ("prox_", lambda a, b: pyreg.prox_([a, b], l1=a), "l1 shares memory with tensors[0]"),
+    ("prox_ lr", lambda a, b: pyreg.prox_([a, b], l1=0.1, lr=b), "lr shares memory with tensors[1]"),
+    ("group_prox_", lambda a, b: pyreg.group_prox_([a, b], l1=a, dim=0), "l1 shares memory with tensors[0]"),
+    ("max_norm_", lambda a, b: pyreg.max_norm_([a, b], b, dim=0), "max_value shares memory with tensors[1]"),
+    ("add_penalty_grad_", lambda a, b: pyreg.add_penalty_grad_(
+        [torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)], [a, b], l1=a),
+     "l1 shares memory with grads[0]"),
+    ("add_group_penalty_grad_", lambda a, b: pyreg.add_group_penalty_grad_(
+        [torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)], [a, b], l1=b, dim=0),
+     "l1 shares memory with grads[1]"),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda-emu", "torch"])
+@pytest.mark.parametrize("name, call, message", COEF_ALIAS, ids=[c[0] for c in COEF_ALIAS])
+def test_a_coefficient_tensor_sharing_memory_with_a_written_tensor_is_refused(backend, name, call, message):
+    """An op reads a per-tensor coefficient tensor while it writes its
+    tensors (or grads): one that is one of them would be read half written
+    (the backends gave different results). Refused, nothing changed."""
+    if backend == "cuda-emu" and not pyreg.backends.cuda_emu.compiled():
+        pytest.skip("this build has no emulator")
+    a = torch.tensor([0.5, 0.8], dtype=torch.float64)
+    b = torch.tensor([0.3, 0.9], dtype=torch.float64)
+    before = (a.clone(), b.clone())
+    with pyreg.use_backend(backend), _raises(ValueError, message):
+        call(a, b)
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
