@@ -19,6 +19,7 @@ eager mode the backend directly (``_eager``); otherwise the custom op
 """
 from __future__ import annotations
 
+import numbers
 from operator import attrgetter
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -503,16 +504,16 @@ def _ks_ok(k, ts) -> bool:
 
 def _ks(k, ts: List[Tensor]) -> List[int]:
     """``k`` as one int per tensor, each in [0, numel], or a clear error."""
-    if isinstance(k, (bool, float)) or not isinstance(k, (int, list, tuple)) and not (
+    if isinstance(k, bool) or not isinstance(k, (numbers.Integral, list, tuple)) and not (
             isinstance(k, Tensor) and k.dtype in (torch.int32, torch.int64) and k.dim() <= 1):
         raise TypeError(f"k must be an int or a sequence of ints (one per tensor), got {type(k).__name__}")
     if isinstance(k, Tensor):
         k = k.tolist()
-    ks = [k] * len(ts) if isinstance(k, int) else list(k)
+    ks = [k] * len(ts) if isinstance(k, numbers.Integral) else list(k)
     if len(ks) != len(ts):
         raise ValueError(f"k has {len(ks)} values for {len(ts)} tensors")
     for i, (v, t) in enumerate(zip(ks, ts)):
-        if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):  # (numpy's ints too)
             raise TypeError(f"k[{i}] must be an int, got {type(v).__name__}")
         if not 0 <= v <= t.numel():
             raise ValueError(f"k[{i}] = {v} is outside [0, {t.numel()}] (the size of tensor {i})")

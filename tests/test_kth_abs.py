@@ -371,3 +371,16 @@ def test_push_kth_rejects_bad_input(change, words):
     with pytest.raises(ValueError, match=words):
         c.cpu_push_kth(a["ptrs"], a["numels"], a["codes"], a["v"], a["e"], a["s"], a["k"], a["out"], 1)
     assert out.tolist() == [7.0, 7.0]
+
+
+def test_k_takes_numpy_integers():
+    """k as a numpy integer (or a list of them) is an int, as the group ops
+    take numpy ints for dim; a numpy float or bool is refused."""
+    import numpy as np
+    ts = [torch.randn(9, generator=torch.Generator().manual_seed(1)), torch.randn(4, 3)]
+    want = pyreg.kth_abs(ts, 2)
+    assert torch.equal(pyreg.kth_abs(ts, np.int64(2)), want)
+    assert torch.equal(pyreg.kth_abs(ts, [np.int32(2), np.int64(2)]), want)
+    for bad in (np.float64(2.0), np.bool_(True)):
+        with pytest.raises(TypeError):
+            pyreg.kth_abs(ts, bad)
