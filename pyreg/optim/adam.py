@@ -78,9 +78,14 @@ class _AdamBase(FusedOptimizer):
 
     def _pushes(self, items):
         """As :meth:`_push` for each item, in four multi-tensor ops where
-        :meth:`_push_terms` applies."""
-        terms = self._push_terms(items)
-        if terms is None:
+        :meth:`_push_terms` applies (in the plain metric, a decoupled decay's
+        term in a fifth)."""
+        befores = [it[4] for it in items]
+        decay = items and items[0][2]["weight_decay"] if any(b is not None for b in befores) else 0
+        if decay and items[0][3]:  # (the metric prox with a decoupled decay: one by one)
+            return super()._pushes(items)
+        terms = self._push_terms([it[:4] + (None,) for it in items] if decay else items)
+        if terms is None or (decay and any(b is None for b in befores)):
             return super()._pushes(items)
         m, v, e, s = terms
         one = s.count(s[0]) == len(s) and e.count(e[0]) == len(e)  # (one number each: the faster ops)
@@ -89,7 +94,10 @@ class _AdamBase(FusedOptimizer):
         d = torch._foreach_sqrt(v)
         torch._foreach_add_(d, e[0] if one else e)
         torch._foreach_mul_(d, s[0] if one else s)
-        return torch._foreach_div(m, d)
+        out = torch._foreach_div(m, d)
+        if decay:
+            torch._foreach_add_(out, befores, alpha=decay)
+        return out
 
     def _push(self, p, s, group, metric, before):
         beta1, beta2 = group["betas"]
