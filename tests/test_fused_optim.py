@@ -1235,3 +1235,21 @@ def test_a_key_the_kernels_apply_with_a_sparse_grad_names_both(key):
     with pytest.raises(ValueError, match=rf"sets '{next(iter(key))}'.*\['params'\]\[0\] needs torch's own step"):
         opt.step()
     assert torch.equal(emb.weight, w)
+
+
+@pytest.mark.parametrize("name", list(CLASSES) + ["RMSprop"])
+@pytest.mark.parametrize("l1", [0.0, 1e-3])
+def test_a_step_marks_what_it_writes_for_autograd(name, l1):
+    """The step writes the params in place, as torch's optimizers do, and
+    marks them so: a graph that saved a param before the step refuses its
+    backward after it (it computed the new weights' gradient, silently)."""
+    cls = getattr(optim, name)
+    w = nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    opt = cls([w], lr=0.5, l1=l1)
+    loss = (w ** 3).sum()  # saves w
+    w.grad = torch.ones(3)
+    before = w._version
+    opt.step()
+    assert w._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, w)

@@ -78,6 +78,10 @@ def fused_step(algo: int, params: List[Tensor], grads: List[Tensor], s1: List[Te
     if be.optim_step(algo, params, grads, s1, s2, s3, steps, rows, fresh, hyper, ticket=ticket, **kw) is False:
         # a list the kernels cannot take (a grad without memory: a ZeroTensor): the spec steps it
         spec.optim_step(algo, params, grads, s1, s2, s3, steps, rows, fresh, hyper, **kw)
+    # written in place, as torch's in-place ops mark what they write: a graph that saved them refuses its backward
+    for ts in (params, s1, s2, s3):
+        if ts:
+            torch.autograd.graph.increment_version(ts)
 
 
 def _check_lists(params: List[Tensor], lists: Sequence[Tuple[str, List[Tensor]]],
