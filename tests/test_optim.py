@@ -1039,3 +1039,28 @@ def test_param_groups_tied_embedding_left_out_whatever_the_order(first):
     regularized = [n for g in groups if g["l1"] for n in g["param_names"]]
     assert regularized == ["mid.weight"]
     assert sum(len(g["params"]) for g in groups) == 3  # the tied weight once
+
+
+def test_regularized_copies_step_alone_after_a_scheduler_and_hooks():
+    """A copy (deepcopy, pickle) of Regularized carries neither an LR
+    scheduler's wrapped step (which held the original: the copy's step moved
+    the original model) nor hooks, as torch's optimizers; it steps its own
+    params, as a copy of the inner optimizer does."""
+    import pickle
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3)
+    opt = pyreg.Regularized(torch.optim.SGD(pyreg.param_groups(m, l1=1e-3), lr=0.1))
+    torch.optim.lr_scheduler.StepLR(opt, 1)
+    opt.register_step_post_hook(lambda *a: None)
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for m2, opt2 in (copy.deepcopy((m, opt)), pickle.loads(pickle.dumps((m, opt)))):
+        before = [p.detach().clone() for p in m.parameters()]
+        copied = [p.detach().clone() for p in m2.parameters()]
+        for p in m2.parameters():
+            p.grad = torch.ones_like(p)
+        opt2.step()
+        assert all(torch.equal(a, b) for a, b in zip(m.parameters(), before))  # the original did not move
+        assert not all(torch.equal(a, b) for a, b in zip(m2.parameters(), copied))
+        assert not opt2._optimizer_step_post_hooks

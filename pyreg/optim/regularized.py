@@ -204,13 +204,14 @@ class Regularized(Observable, Optimizer):
         self.optimizer.defaults = value
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_out", "_fast", "_fast_plan")}
+        # Not the caches, nor (as torch's optimizers) the hooks and a step wrapped on the instance by an
+        # LR scheduler (which holds the original optimizer: a copy would step it).
+        return {k: v for k, v in self.__dict__.items() if k not in _NOT_COPIED}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        Optimizer.__setstate__(self, state)  # (torch's: empty hooks, the step patched)
         self._out = {"last": [], "penalty": None}
         self._fast, self._fast_plan = None, None
-        self._patch_step_function()
 
     def __repr__(self) -> str:
         return (f"Regularized(mode={self.mode!r}, l1={self.l1}, l2={self.l2},\n"
@@ -529,6 +530,13 @@ class Regularized(Observable, Optimizer):
         constraints(work, self.state, self.param_groups)
         self._last = pen
         return work
+
+
+#: What a copy or pickle of Regularized leaves out (see its __getstate__).
+_NOT_COPIED = frozenset(("_out", "_fast", "_fast_plan", "step", "_optimizer_step_pre_hooks",
+                         "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                         "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                         "_optimizer_load_state_dict_post_hooks"))
 
 
 def _check_dense_grads(work: List[Work], groups: List[Dict[str, Any]]) -> None:
