@@ -248,7 +248,8 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
   if (k->push_kth != nullptr) {
     m.def(name("push_kth").c_str(),
           [k](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& v, const std::vector<double>& e,
-              const std::vector<double>& s, const Numels& ks, uintptr_t out, int nthreads) {
+              const std::vector<double>& s, const Ptrs& wb, const std::vector<double>& wd, const Numels& ks,
+              uintptr_t out, int nthreads) {
             TensorList w = make_list(p, n, d);
             for (int code : d)
               if (code != pyreg::kFloat32 && code != pyreg::kFloat64)
@@ -258,12 +259,17 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
               if (vp[i] == nullptr && n[i] > 0) throw std::invalid_argument("pyreg._C: null second moment");
             if (e.size() != p.size() || s.size() != p.size() || ks.size() != p.size())
               throw std::invalid_argument("pyreg._C: e, s and k differ in length from tensors");
+            std::vector<void*> wp = optional_ptrs(wb, w, "weights before the step");
+            for (size_t i = 0; i < wp.size(); ++i)
+              if (wp[i] == nullptr && n[i] > 0) throw std::invalid_argument("pyreg._C: null weight");
+            if (!wp.empty() && wd.size() != p.size())
+              throw std::invalid_argument("pyreg._C: wd differs in length from tensors");
             for (size_t i = 0; i < ks.size(); ++i)
               if (ks[i] < 0 || ks[i] > n[i]) throw std::invalid_argument("pyreg._C: k out of [0, numel]");
             if (out == 0 && !p.empty()) throw std::invalid_argument("pyreg._C: null output");
             py::gil_scoped_release nogil;
-            k->push_kth(w, vp.empty() ? nullptr : vp.data(), e.data(), s.data(), ks.data(), ptr<double>(out),
-                        Launch{nullptr, -1, 0, nthreads});
+            k->push_kth(w, vp.empty() ? nullptr : vp.data(), e.data(), s.data(), wp.empty() ? nullptr : wp.data(),
+                        wd.data(), ks.data(), ptr<double>(out), Launch{nullptr, -1, 0, nthreads});
           });
   }
 

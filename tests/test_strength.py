@@ -227,7 +227,7 @@ def test_adam_refresh_with_step_counts_that_differ(metric, amsgrad):
 #: (optimizer, its arguments, whether its push is computed in the selection kernel)
 ONE_CALL = [(pyreg.optim.Adam, dict(betas=(0.8, 0.9)), True),
             (pyreg.optim.AdamW, dict(betas=(0.8, 0.9), amsgrad=True, weight_decay=0.0), True),
-            (pyreg.optim.AdamW, dict(betas=(0.8, 0.9), weight_decay=0.1), False),  # its decay's term: torch ops
+            (pyreg.optim.AdamW, dict(betas=(0.8, 0.9), weight_decay=0.1), True),  # its decay's term in the kernel
             (pyreg.optim.Adagrad, dict(), True),
             (pyreg.optim.Adagrad, dict(lr_decay=0.1), False),
             (pyreg.optim.RMSprop, dict(), True),
@@ -240,7 +240,7 @@ ONE_CALL = [(pyreg.optim.Adam, dict(betas=(0.8, 0.9)), True),
 @pytest.mark.parametrize("cls, kw, one_call", ONE_CALL, ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(ONE_CALL)])
 def test_a_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(cls, kw, one_call, dtype, monkeypatch):
     """On the CPU, the optimizers whose push has the form m / ((sqrt(v) + e) * s)
-    (Adam, and AdamW without weight decay; Adagrad without lr_decay; RMSprop
+    (Adam, and AdamW with its decay's term; Adagrad without lr_decay; RMSprop
     without momentum) select each
     push's quantile in one call (``push_kth``, without the pushes in
     memory). It gives the l1 of the push computed in torch ops and

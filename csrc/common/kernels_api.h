@@ -126,8 +126,10 @@ struct Kernels {
   // refresh in one call, without the pushes in memory. m (and v) float32 or
   // float64, on the host. Null where not built (the CUDA builds: Python
   // computes the push in torch ops and selects with kth_abs).
-  void (*push_kth)(const TensorList& m, const void* const* v, const double* e, const double* s, const int64_t* k,
-                   double* out, const Launch& at);
+  // With w (not null): the push plus a decoupled decay's term, decayed_push(P,
+  // w_t, wd[i]), w the weights before the step (m's type).
+  void (*push_kth)(const TensorList& m, const void* const* v, const double* e, const double* s,
+                   const void* const* w, const double* wd, const int64_t* k, double* out, const Launch& at);
 };
 
 extern const Kernels kCpu;

@@ -180,6 +180,14 @@ PYREG_HD A adaptive_push(A m, A v, A e, A s) {
   return m / ((sqrt(v) + e) * s);
 }
 
+// The push of a step with a decoupled weight decay (AdamW, plain metric): the
+// adaptive push plus the decay's term, wd * w with w the weight before the
+// step, rounded on its own and then added (as _pushes: a multiply, then an add).
+template <typename A>
+PYREG_HD A decayed_push(A push, A w, A wd) {
+  return push + wd * w;
+}
+
 // ---- Adagrad ------------------------------------------------------------------
 template <int kProx, int kWd, typename A>
 PYREG_HD void adagrad_element(A& p, A g, A& sum, const ElemScalars<A>& e) {

@@ -385,8 +385,8 @@ void kth_abs(const TensorList& w, const int64_t* k, bool closest, double* out, c
   });
 }
 
-void push_kth(const TensorList& m, const void* const* v, const double* e, const double* s, const int64_t* k,
-              double* out, const Launch& at) {
+void push_kth(const TensorList& m, const void* const* v, const double* e, const double* s, const void* const* w,
+              const double* wd, const int64_t* k, double* out, const Launch& at) {
   parallel_for(m.size(), m.size() > 1 ? threads_for(m, at.nthreads, 2) : 1, [&](int64_t t) {
     const int64_t n = m.numels[t];
     if (k[t] == 0) {
@@ -403,6 +403,11 @@ void push_kth(const TensorList& m, const void* const* v, const double* e, const 
         for (int64_t i = 0; i < n; ++i) out_p[i] = adaptive_push(mp[i], vp[i], et, st);
       } else {
         for (int64_t i = 0; i < n; ++i) out_p[i] = mp[i] / st;
+      }
+      if (w != nullptr) {  // a decoupled decay's term
+        const A* wp = static_cast<const A*>(w[t]);
+        const A wdt = A(wd[t]);
+        for (int64_t i = 0; i < n; ++i) out_p[i] = decayed_push(out_p[i], wp[i], wdt);
       }
       return kth_of(static_cast<const A*>(out_p), n, k[t], false);
     };

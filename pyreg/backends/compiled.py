@@ -280,17 +280,20 @@ class CompiledKernels:
         return self._has("push_kth")
 
     def push_kth(self, m_: List[Tensor], v: Optional[List[Tensor]], e: List[float], s: List[float], k: List[int],
-                 out: Tensor) -> None:
+                 out: Tensor, w: Optional[List[Tensor]] = None, wd: Optional[List[float]] = None) -> None:
         """``out[i] <- kth_abs`` (k[i]) of the push of an adaptive step,
         ``m_i / ((sqrt(v_i) + e[i]) * s[i])`` (``m_i / s[i]`` with ``v``
-        None), computed in the tensors' dtype as csrc/common/optim_math.h's
-        ``adaptive_push``, without the pushes in memory: the same bits as
-        those torch ops and :meth:`kth_abs`. For a build that
+        None), plus ``wd[i] * w_i`` where ``w`` (the weights before the step,
+        of a decoupled decay) is given, computed in the tensors' dtype as
+        csrc/common/optim_math.h's ``adaptive_push`` and ``decayed_push``,
+        without the pushes in memory: the same bits as those torch ops and
+        :meth:`kth_abs`. For a build that
         :meth:`selects_pushes`, on plain contiguous CPU tensors of one dtype,
         float32 or float64 (``_validate.plain_cpu``); ``out`` float64, one per
         tensor."""
         ptrs, numels, codes = m.plain_description(m_)
-        self._fn("push_kth")(ptrs, numels, codes, [] if v is None else m.pointers(v), e, s, k, out.data_ptr(),
+        self._fn("push_kth")(ptrs, numels, codes, [] if v is None else m.pointers(v), e, s,
+                             [] if w is None else m.pointers(w), [] if wd is None else wd, k, out.data_ptr(),
                              torch.get_num_threads())
 
     def fuses_target(self) -> bool:

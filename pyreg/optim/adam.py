@@ -64,7 +64,8 @@ class _AdamBase(FusedOptimizer):
         beta1, beta2 = group["betas"] if group is not None else (None, None)
         steps = [it[1]["step"] for it in items]
         if (group is None or not all(isinstance(x, (int, float)) for x in (beta1, beta2, group["eps"]))
-                or any(it[4] is not None for it in items) or not all(s.is_cpu for s in steps)
+                or (items[0][3] and any(it[4] is not None for it in items))  # (the metric's decay term: by hand)
+                or not all(s.is_cpu for s in steps)
                 or any(it[2] is not group or it[0].element_size() < 4 for it in items)):
             return None
         ts = list(map(float, steps))
@@ -76,16 +77,23 @@ class _AdamBase(FusedOptimizer):
         v = [it[1]["max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"] for it in items]
         return m, v, [group["eps"] * x for x in r], [a / x for a, x in zip(c1, r)]
 
+    def _push_decay(self, items):
+        """A decoupled decay's term in the plain metric: (the weights before
+        the step, the group's weight_decay); None without one (or where not
+        every item has its weights before the step)."""
+        if not items or items[0][3] or not any(it[4] is not None for it in items):
+            return None
+        if any(it[4] is None or it[2] is not items[0][2] for it in items):
+            return None
+        return [it[4] for it in items], [float(items[0][2]["weight_decay"])] * len(items)
+
     def _pushes(self, items):
         """As :meth:`_push` for each item, in four multi-tensor ops where
         :meth:`_push_terms` applies (in the plain metric, a decoupled decay's
-        term in a fifth)."""
-        befores = [it[4] for it in items]
-        decay = items and items[0][2]["weight_decay"] if any(b is not None for b in befores) else 0
-        if decay and items[0][3]:  # (the metric prox with a decoupled decay: one by one)
-            return super()._pushes(items)
-        terms = self._push_terms([it[:4] + (None,) for it in items] if decay else items)
-        if terms is None or (decay and any(b is None for b in befores)):
+        term in two more)."""
+        terms = self._push_terms(items)
+        decay = self._push_decay(items) if terms is not None else None
+        if terms is None or (decay is None and any(it[4] is not None for it in items)):
             return super()._pushes(items)
         m, v, e, s = terms
         one = s.count(s[0]) == len(s) and e.count(e[0]) == len(e)  # (one number each: the faster ops)
@@ -95,8 +103,8 @@ class _AdamBase(FusedOptimizer):
         torch._foreach_add_(d, e[0] if one else e)
         torch._foreach_mul_(d, s[0] if one else s)
         out = torch._foreach_div(m, d)
-        if decay:
-            torch._foreach_add_(out, befores, alpha=decay)
+        if decay is not None:  # (decayed_push: the term rounded, then added)
+            torch._foreach_add_(out, torch._foreach_mul(decay[0], decay[1]))
         return out
 
     def _push(self, p, s, group, metric, before):

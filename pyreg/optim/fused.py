@@ -302,8 +302,15 @@ class FusedOptimizer(Observable):
                     ) -> Optional[Tuple[List[Tensor], Optional[List[Tensor]], List[float], List[float]]]:
         """``(m, v, e, s)`` with each item's push (see :meth:`_push`) equal,
         op for op, to ``m_i / ((sqrt(v_i) + e_i) * s_i)`` (``m_i / s_i`` where
-        ``v`` is None), for items where the optimizer's push has that form
-        (csrc/common/optim_math.h's ``adaptive_push``); None where it does not."""
+        ``v`` is None), plus :meth:`_push_decay`'s term where it gives one, for
+        items where the optimizer's push has that form (csrc/common/optim_math.h's
+        ``adaptive_push`` and ``decayed_push``); None where it does not."""
+        return None
+
+    def _push_decay(self, items) -> Optional[Tuple[List[Tensor], List[float]]]:
+        """``(w, wd)``: each item's weights before the step and the decay
+        whose term ``wd_i * w_i`` (a multiply, then an add) its push adds to
+        :meth:`_push_terms`' form (a decoupled decay); None where none."""
         return None
 
     def _push_quantiles(self, items: List[Tuple[Tensor, Dict[str, Any], Dict[str, Any], bool, Optional[Tensor]]],
@@ -316,10 +323,13 @@ class FusedOptimizer(Observable):
         else None (:meth:`_pushes` gives the pushes)."""
         be = direct_backend() if items and items[0][0].device.type == "cpu" else None
         terms = self._push_terms(items) if be is not None and be.selects_pushes() else None
-        if terms is None or not plain_cpu(terms[0] if terms[1] is None else terms[0] + terms[1]):
+        decay = self._push_decay(items) if terms is not None else None
+        if decay is None and any(it[4] is not None for it in items):  # (a term the kernel does not add)
+            return None
+        if terms is None or not plain_cpu(terms[0] + (terms[1] or []) + (decay[0] if decay else [])):
             return None
         out = torch.empty(len(items), dtype=torch.float64)
-        be.push_kth(*terms, ks, out)
+        be.push_kth(*terms, ks, out, *(decay or (None, None)))
         return out
 
     def _flags(self, group: Dict[str, Any]) -> Flags:
