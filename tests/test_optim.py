@@ -1064,3 +1064,29 @@ def test_regularized_copies_step_alone_after_a_scheduler_and_hooks():
         assert all(torch.equal(a, b) for a, b in zip(m.parameters(), before))  # the original did not move
         assert not all(torch.equal(a, b) for a, b in zip(m2.parameters(), copied))
         assert not opt2._optimizer_step_post_hooks
+
+
+@pytest.mark.parametrize("inner", ["SGD", "Adam"])
+def test_regularized_takes_a_tensor_weight_decay_as_torch_does(inner):
+    """torch's SGD and Adam take a one-value tensor weight_decay (torch's own
+    step reads it): so does Regularized around them (checked as a number
+    where it is on the CPU: a negative one is refused); the fused optimizers,
+    whose kernels take numbers, refuse it."""
+    torch.manual_seed(0)
+    m, ref = nn.Linear(4, 3), None
+    ref = copy.deepcopy(m)
+    cls = getattr(torch.optim, inner)
+    opt = pyreg.Regularized(cls(pyreg.param_groups(m, l1=1e-3), lr=0.1, weight_decay=torch.tensor(0.01)))
+    ropt = cls(pyreg.param_groups(ref, l1=1e-3), lr=0.1, weight_decay=0.01)
+    for o, mm in ((opt, m), (ropt, ref)):
+        for p in mm.parameters():
+            p.grad = torch.ones_like(p)
+        o.step()
+    pyreg.prox_([ref.weight], l1=1e-3, lr=0.1)
+    for a, b in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="weight_decay"):
+        pyreg.Regularized(cls(pyreg.param_groups(nn.Linear(4, 3), l1=1e-3), lr=0.1,
+                              weight_decay=torch.tensor(-0.01)))
+    with pytest.raises(TypeError, match="weight_decay"):
+        getattr(pyreg.optim, inner)(nn.Linear(4, 3).parameters(), lr=0.1, weight_decay=torch.tensor(0.01))

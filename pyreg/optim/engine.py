@@ -50,7 +50,7 @@ class Engine:
     def __init__(self, defaults: Dict[str, Any], hyper_keys: Sequence[str] = (), metric: bool = True):
         self.defaults = dict(defaults)
         self.hyper_keys = tuple(hyper_keys)
-        self.metric = metric
+        self.metric = metric  # False: a torch optimizer steps (no metric prox; it reads a tensor weight_decay)
         self._added: Dict[int, tuple] = {}  # each group's own plan (see _existing_plans)
         self.reset()
 
@@ -166,7 +166,7 @@ class Engine:
             if existing:
                 Plan.check_apart_all(self._existing_plans(existing), plan)
         full = {k: v for k, v in {**torch_defaults, **group}.items() if v is not required}
-        check_hypers(full, where, self.hyper_keys)
+        check_hypers(full, where, self.hyper_keys, not self.metric)
         return plan
 
     def _existing_plans(self, groups: List[Dict[str, Any]]) -> List[Plan]:
@@ -237,7 +237,7 @@ class Engine:
         Returns their signature: the same object while nothing changed."""
         if torch.compiler.is_compiling():
             for gi, g in enumerate(groups):
-                check_hypers(g, f"param_groups[{gi}]", self.hyper_keys)
+                check_hypers(g, f"param_groups[{gi}]", self.hyper_keys, not self.metric)
             return None
         sig = tuple(map(hyper_signature, groups))
         if sig == self._hypers:
@@ -248,7 +248,7 @@ class Engine:
             if missing:
                 raise ValueError(f"param_groups[{gi}] has no {missing[0]!r}: the optimizer reads "
                                  f"{', '.join(map(repr, self.hyper_keys))} from each group (set it back)")
-            check_hypers(g, f"param_groups[{gi}]", self.hyper_keys)
+            check_hypers(g, f"param_groups[{gi}]", self.hyper_keys, not self.metric)
         self._hypers = sig
         return sig
 

@@ -364,15 +364,18 @@ def check_values(values: Dict[str, Any]) -> None:
             rule(v, key)
 
 
-def check_hypers(group: Dict[str, Any], where: str, keys: Sequence[str]) -> None:
+def check_hypers(group: Dict[str, Any], where: str, keys: Sequence[str], tensor_decay: bool = False) -> None:
     """torch's hyperparameters ``keys`` of a group (lr, betas, eps,
     weight_decay, momentum, dampening, alpha, lr_decay,
     initial_accumulator_value; SGD's nesterov with its momentum and
     dampening), where present: ValueError for a value torch's constructor
-    would reject, or one that is not finite."""
+    would reject, or one that is not finite. ``tensor_decay``: a one-value
+    tensor ``weight_decay`` is taken (torch's own step reads it)."""
     for key in keys:
         rule = _HYPER_RULES.get(key)
         if rule is not None and key in group:
+            if tensor_decay and key == "weight_decay" and isinstance(group[key], Tensor):
+                rule = one_value_tensor
             rule(group[key], f"{where}[{key!r}]")
     if "dampening" in keys and bool(group.get("nesterov")) and (
             group.get("momentum", 0) <= 0 or group.get("dampening", 0) != 0):
