@@ -1429,3 +1429,25 @@ def test_the_report_counts_every_parameter_of_the_model():
     assert (rows["(unused by the forward)"].params_before, rows["(unused by the forward)"].params_after) == (110, 0)
     assert out.report.params_before == _params(m)
     assert out.report.params_after == _params(out.model)
+
+
+def test_a_trace_that_fails_where_the_model_runs_says_so():
+    """A forward with an argument left to its default (mask=None) runs on
+    the example, but torch.fx traces the branch for a given mask: the error
+    says the trace fails, not the model (it said the model cannot run)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(6, 4), nn.Linear(4, 2)
+
+        def forward(self, x, mask=None):
+            h = self.fc(x).relu()
+            if mask is not None:
+                h = h * mask
+            return self.out(h)
+    _seed(11)
+    m = Net()
+    before = _state(m)
+    with pytest.raises(ValueError, match="runs on example_inputs but its torch.fx trace does not"):
+        pyreg.compact(m, torch.randn(3, 6), measure=False)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())

@@ -305,6 +305,10 @@ def compact(model: nn.Module, example_inputs, *, drop_inputs: bool = False, atol
     try:
         with torch.no_grad():
             ref_out = ref(*args)
+    except Exception as e:
+        raise _cannot_run(args, e) from e
+    try:
+        with torch.no_grad():
             functionalize(gm, args)  # (in-place calls: their results are what later reads see)
             gm.graph.eliminate_dead_code()
             gm.recompile()
@@ -312,7 +316,11 @@ def compact(model: nn.Module, example_inputs, *, drop_inputs: bool = False, atol
     except Refused:
         raise
     except Exception as e:
-        raise _cannot_run(args, e) from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"compact: the model runs on example_inputs but its torch.fx trace does not "
+                         f"({type(e).__name__}: {first}): the trace follows one path through the forward, "
+                         "decided without the inputs' values (a branch on an argument left to its default, "
+                         "`if mask is not None`, is traced as if it were given); nothing was changed") from e
     _check_checkable(ref, args, ref_out)
     before = layer_counts(gm, values)
     traced = {id(p) for p in gm.parameters()}
