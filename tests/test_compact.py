@@ -1429,6 +1429,7 @@ def test_the_report_counts_every_parameter_of_the_model():
     assert (rows["(unused by the forward)"].params_before, rows["(unused by the forward)"].params_after) == (110, 0)
     assert out.report.params_before == _params(m)
     assert out.report.params_after == _params(out.model)
+    assert "a tensor of shape (8,) differs from channel to channel" in out.report.left_alone["mul"]
 
 
 def test_a_trace_that_fails_where_the_model_runs_says_so():

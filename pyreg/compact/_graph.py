@@ -587,7 +587,8 @@ class _Analyzer:
                 # an untracked tensor: fine only if it is the same for every channel
                 d = v.dim() - (y.dim() - out_dim)
                 if d >= 0 and v.shape[d] != 1:
-                    return self.unknown(node)
+                    return self.unknown(node, f"a tensor of shape {tuple(v.shape)} differs from channel to channel "
+                                              "(compact does not cut it along with them)")
             elif v.dim() - ax.dim != y.dim() - out_dim or len(ax.ids) != width:
                 return self.unknown(node)
         base = tracked[0][0]
