@@ -260,8 +260,6 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
             if (e.size() != p.size() || s.size() != p.size() || ks.size() != p.size())
               throw std::invalid_argument("pyreg._C: e, s and k differ in length from tensors");
             std::vector<void*> wp = optional_ptrs(wb, w, "weights before the step");
-            for (size_t i = 0; i < wp.size(); ++i)
-              if (wp[i] == nullptr && n[i] > 0) throw std::invalid_argument("pyreg._C: null weight");
             if (!wp.empty() && wd.size() != p.size())
               throw std::invalid_argument("pyreg._C: wd differs in length from tensors");
             for (size_t i = 0; i < ks.size(); ++i)

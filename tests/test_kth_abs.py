@@ -355,6 +355,9 @@ def test_push_kth_the_same_for_any_thread_count(restore_threads):  # noqa: F811
     (lambda a: a.update(k=[1, 8]), "out of"),
     (lambda a: a.update(k=[-1, 1]), "out of"),
     (lambda a: a.update(out=0), "null output"),
+    (lambda a: a.update(w=[a["ptrs"][0]], wd=[0.1]), "weights before the step differ in length"),
+    (lambda a: a.update(w=[a["ptrs"][0], 0], wd=[0.1, 0.1]), "null weights before the step pointer"),
+    (lambda a: a.update(w=list(a["ptrs"]), wd=[0.1]), "wd differs in length"),
 ])
 def test_push_kth_rejects_bad_input(change, words):
     """The binding checks what it is given before any kernel runs, and the
@@ -366,10 +369,11 @@ def test_push_kth_rejects_bad_input(change, words):
     v = [t * t for t in m]
     out = torch.full((2,), 7.0, dtype=torch.float64)
     a = dict(ptrs=[t.data_ptr() for t in m], numels=[4, 6], codes=[0, 0], v=[t.data_ptr() for t in v],
-             e=[1e-8, 1e-8], s=[1.0, 1.0], k=[1, 2], out=out.data_ptr())
+             e=[1e-8, 1e-8], s=[1.0, 1.0], w=[], wd=[], k=[1, 2], out=out.data_ptr())
     change(a)
     with pytest.raises(ValueError, match=words):
-        c.cpu_push_kth(a["ptrs"], a["numels"], a["codes"], a["v"], a["e"], a["s"], a["k"], a["out"], 1)
+        c.cpu_push_kth(a["ptrs"], a["numels"], a["codes"], a["v"], a["e"], a["s"], a["w"], a["wd"], a["k"], a["out"],
+                       1)
     assert out.tolist() == [7.0, 7.0]
 
 
