@@ -345,6 +345,21 @@ void bind_cpu_target_prox(py::module_& m, const pyreg::Kernels& kernels) {
         });
 }
 
+// cpu_per_lr: out[i] = per_lr(tau[i], lr_i) for n float64 values in host
+// memory (`out` may be `tau`): the l1 that zeroes a weight of magnitude tau
+// at step size lr, as target_sparsity's and l1_strength's refreshes set it
+// on the CPU, in one call instead of a few torch ops on a small vector.
+void bind_cpu_per_lr(py::module_& m) {
+  m.def("cpu_per_lr", [](uintptr_t tau, uintptr_t out, int64_t n, const CoefArg& lr) {
+    if (n < 0) throw std::invalid_argument("pyreg._C: negative count");
+    if (n > 0 && (tau == 0 || out == 0)) throw std::invalid_argument("pyreg._C: null pointer");
+    const pyreg::Coef step = coef(lr);
+    const double* t = ptr<const double>(tau);
+    double* o = ptr<double>(out);
+    for (int64_t i = 0; i < n; ++i) o[i] = pyreg::per_lr(t[i], step.per_tensor != nullptr ? step.per_tensor[i] : step.value);
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -362,6 +377,7 @@ PYBIND11_MODULE(_C, m) {
   // kernels and the emulated one.
   bind_kernels(m, "cpu", pyreg::kCpu);
   bind_cpu_target_prox(m, pyreg::kCpu);
+  bind_cpu_per_lr(m);
   bind_kernels(m, "cuda", pyreg::kCuda);
   bind_kernels(m, "cuda_emu", pyreg::kCudaEmu);
   pyreg::bind_fast_prox(m, pyreg::kCpu);

@@ -43,6 +43,8 @@ def check(model, x, **kw):
     assert float((ref - got).abs().max()) <= 1e-5 * max(scale, 1e-6), (ref - got).abs().max()
     assert out.report.params_after == _params(out.model)
     assert out.report.params_before == _params(model)
+    orig = dict(model.named_parameters())  # a trainable weight stays trainable, a frozen one frozen
+    assert all(p.requires_grad == orig[n].requires_grad for n, p in out.model.named_parameters() if n in orig)
     return out
 
 
@@ -90,6 +92,53 @@ def test_fold_into_layer_without_bias_creates_one():
         m[0].bias[0] = 1.5
     out = check(m, torch.randn(8, 5))
     assert out.model.get_submodule("2").bias is not None
+
+
+def test_a_constant_zero_adds_no_bias():
+    """A removed neuron whose value is 0 everywhere (relu of a negative
+    constant) has nothing to fold: a layer without a bias gets none."""
+    _seed(3)
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3, bias=False))
+    with torch.no_grad():
+        m[0].weight[2] = 0
+        m[0].bias[2] = -1.0
+    out = check(m, torch.randn(5, 4))
+    assert out.model.get_submodule("2").bias is None
+    assert out.report.params_after == _params(m) - (4 + 1) - 3
+
+
+def test_the_compacted_model_trains_what_the_original_trained():
+    """Every parameter of the result keeps its requires_grad (a frozen
+    layer stays frozen, the others train): one SGD step moves each
+    trainable weight, sliced or not."""
+    _seed(3)
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3))
+    with torch.no_grad():
+        m[2].weight[:, [2, 5]] = 0
+    m[4].requires_grad_(False)
+    out = check(m, torch.randn(4, 6))
+    c = out.model.train()
+    assert {n: p.requires_grad for n, p in c.named_parameters()} == {n: p.requires_grad for n, p in m.named_parameters()}
+    before = {n: p.detach().clone() for n, p in c.named_parameters()}
+    opt = torch.optim.SGD([p for p in c.parameters() if p.requires_grad], lr=0.1)
+    c(torch.randn(16, 6)).pow(2).sum().backward()
+    opt.step()
+    moved = {n: not torch.equal(before[n], p) for n, p in c.named_parameters()}
+    assert moved == {n: not n.startswith("4.") for n in before}
+
+
+def test_compact_under_inference_mode_gives_a_model_that_trains():
+    _seed(3)
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        m[2].weight[:, [2, 5]] = 0
+    x = torch.randn(4, 6)
+    with torch.inference_mode():
+        out = pyreg.compact(m, x, measure=False)
+    c = out.model
+    assert not any(p.is_inference() for p in c.parameters()) and out.report.params_after == _params(m) - 2 * (6 + 1 + 3)
+    c(torch.randn(5, 6)).sum().backward()
+    assert all(p.grad is not None for p in c.parameters())
 
 
 def test_incoming_zero_with_zero_columns_needs_no_fold_and_odd_sizes():

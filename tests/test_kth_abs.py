@@ -388,3 +388,48 @@ def test_k_takes_numpy_integers():
     for bad in (np.float64(2.0), np.bool_(True)):
         with pytest.raises(TypeError):
             pyreg.kth_abs(ts, bad)
+
+
+def per_lr_by_hand(tau: float, lr: float) -> float:
+    """The l1 at which a prox of step size lr zeroes a weight of magnitude
+    tau, written out in Python floats: tau / lr, raised by one ulp while the
+    prox's threshold lr * l1 rounds below tau (twice at most); 0 where lr is
+    not > 0."""
+    if not lr > 0:
+        return 0.0
+    l1 = tau / lr
+    for _ in range(2):
+        if lr * l1 < tau:
+            l1 = math.nextafter(l1, math.inf)
+    return l1
+
+
+def test_per_lr_is_the_rule_bit_for_bit():
+    """The CPU build's ``per_lr`` (the l1 that target_sparsity's and
+    l1_strength's refreshes set from a selected magnitude, in one call):
+    the rule's bits, for one lr and for one per value (0, negative, NaN and
+    inf among them), in place and into another vector, and an empty one."""
+    if not backends.cpu.per_lrs():
+        pytest.skip("this build has no per_lr")
+    g = torch.Generator().manual_seed(11)
+    n = 4001
+    tau = torch.rand(n, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-9, 4, (n,), generator=g)
+    tau[:3] = torch.tensor([0.0, math.inf, math.nan])
+    lrs = torch.rand(n, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-7, 1, (n,), generator=g)
+    lrs[3:8] = torch.tensor([0.0, -0.5, math.nan, math.inf, 5e-324])
+    raised = 0
+    for lr in [0.1, 3e-4, 0.0, -1.0, math.inf, lrs]:
+        values = lr.tolist() if isinstance(lr, torch.Tensor) else [lr] * n
+        want = [per_lr_by_hand(t, r) for t, r in zip(tau.tolist(), values)]
+        raised += sum(w != t / r for w, t, r in zip(want, tau.tolist(), values) if r > 0 and not math.isnan(w))
+        out = torch.full((n,), -1.0, dtype=torch.float64)
+        backends.cpu.per_lr(tau, out, lr)
+        assert same(out, want), lr
+        inplace = tau.clone()
+        backends.cpu.per_lr(inplace, inplace, lr)
+        assert same(inplace, want), lr
+    assert raised > 100  # (the raise is exercised: about one value in twenty)
+    empty = torch.empty(0, dtype=torch.float64)
+    backends.cpu.per_lr(empty, empty, 0.1)
+    with pytest.raises(ValueError, match="coefficient for the kernels"):
+        backends.cpu.per_lr(tau, torch.empty(n, dtype=torch.float64), lrs[:5])

@@ -314,6 +314,20 @@ class CompiledKernels:
         self._fn("target_prox")(ptrs, numels, codes, k, True, l1.data_ptr(), m.coef(l2, dev, n),
                                 m.coef(lr, dev, n), nnz.data_ptr(), torch.get_num_threads())
 
+    def per_lrs(self) -> bool:
+        """Whether this build has :meth:`per_lr` (the CPU build)."""
+        return self._has("per_lr")
+
+    def per_lr(self, tau: Tensor, out: Tensor, lr: KernelCoef) -> None:
+        """``out[i] <- l1``, the l1 at which a prox of step size ``lr_i``
+        zeroes a weight of magnitude ``tau[i]`` (csrc/common/op_math.h's
+        ``per_lr``; the same bits as ``pyreg.optim.apply._per_lr`` in torch
+        ops), in one call, for a build that :meth:`per_lrs`: ``tau`` and
+        ``out`` contiguous float64 CPU vectors of one size (``out`` may be
+        ``tau``), ``lr`` a float or such a vector."""
+        n = tau.numel()
+        self._fn("per_lr")(tau.data_ptr(), out.data_ptr(), n, m.coef(lr, out.device, n))
+
     # ---- the group ops -------------------------------------------------------------
     def _group_launch(self, ws: List[Tensor], dims: List[int]):
         """(tensors and their group shapes as pyreg._C takes them, keep-alive,

@@ -257,6 +257,10 @@ def compact(model: nn.Module, example_inputs, *, drop_inputs: bool = False, atol
     """Remove every exactly-zero group whose removal leaves the outputs unchanged; see the module doc."""
     import torch.fx
 
+    if torch.is_inference_mode_enabled():  # (the new parameters would be inference tensors, which cannot train)
+        with torch.inference_mode(False):
+            return compact(model, example_inputs, drop_inputs=drop_inputs, atol=atol, measure=measure)
+
     from ._graph import analyze, decide
     from ._inplace import Refused, functionalize
     from ._report import UNUSED_PARAMS, LayerRow, capture, layer_counts, measure_latency

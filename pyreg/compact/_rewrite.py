@@ -49,10 +49,11 @@ def rewrite(a: Analysis, removed: Tensor, drop_inputs: bool) -> Dict[str, dict]:
         if len(idx):
             changes.setdefault(name, {})[key] = idx.tolist()
 
-    # 1. Folds, on the original weights: bias += W[:, j] * value_j for every removed nonzero column.
+    # 1. Folds, on the original weights: bias += W[:, j] * value_j for every removed nonzero column
+    # whose constant value_j is not 0 (a zero adds nothing: a layer without a bias gets none).
     for s in a.sites:
         gone = removed[s.axis.ids]
-        fold = gone & ~s.zero
+        fold = gone & ~s.zero & ~s.zero_value
         if not bool(fold.any()):
             continue
         mod = gm.get_submodule(s.module)
@@ -86,7 +87,7 @@ def rewrite(a: Analysis, removed: Tensor, drop_inputs: bool) -> Dict[str, dict]:
             note(name, "outputs", (~keep_out).nonzero().flatten())
             note(name, "inputs", (~kin).nonzero().flatten())
             rows, cols = keep_out.nonzero().flatten().to(w.device), kin.nonzero().flatten().to(w.device)
-            mod.weight = _param(w.index_select(0, rows).index_select(1, cols), w)
+            mod.weight = _param(w.index_select(0, rows).index_select(1, cols), mod.weight)
             if mod.bias is not None:
                 mod.bias = _param(mod.bias.detach().index_select(0, rows), mod.bias)
             if isinstance(mod, nn.Linear):

@@ -166,7 +166,12 @@ def _per_lr(tau: Tensor, out: Tensor, lr) -> None:
     the prox's threshold ``lr * l1`` (rounded as the prox rounds it) falls
     short of ``tau`` (about one case in twenty; twice at most), so that a
     weight of magnitude ``tau`` is zeroed. ``out`` may be ``tau``. As
-    csrc/common/op_math.h's per_lr, bit for bit."""
+    csrc/common/op_math.h's per_lr, bit for bit (on plain CPU vectors:
+    that function, in one call)."""
+    be = direct_backend() if out.device.type == "cpu" and not torch.compiler.is_compiling() else None
+    if be is not None and be.per_lrs() and _host_vectors(tau, out, lr):
+        be.per_lr(tau, out, float(lr) if not isinstance(lr, Tensor) else lr)
+        return
     if isinstance(lr, Tensor):
         lr64 = lr.to(device=out.device, dtype=torch.float64)
         pos = lr64 > 0
@@ -184,6 +189,17 @@ def _per_lr(tau: Tensor, out: Tensor, lr) -> None:
             low &= pos
         l1 = torch.where(low, torch.nextafter(l1, up), l1)
     out.copy_(l1)
+
+
+def _host_vectors(tau: Tensor, out: Tensor, lr) -> bool:
+    """Whether :func:`_per_lr` may call the CPU kernel: ``tau`` and ``out``
+    plain contiguous float64 CPU vectors of one size, ``lr`` a real number or
+    another such vector."""
+    vecs = (tau, out, lr) if isinstance(lr, Tensor) else (tau, out)
+    return (all(type(t) is Tensor and t.dtype == torch.float64 and t.device.type == "cpu" and t.dim() == 1
+                and t.is_contiguous() and not t.is_neg() for t in vecs)
+            and len({t.numel() for t in vecs}) == 1
+            and (isinstance(lr, Tensor) or (isinstance(lr, (int, float)) and not isinstance(lr, bool))))
 
 
 #: How many times :func:`_per_lr` may raise an l1 by one ulp (one always
