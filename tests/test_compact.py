@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import pyreg
 from pyreg.compact import Compacted, StackedRNN
@@ -313,6 +314,53 @@ def test_concat_coupling():
     out = check(m, torch.randn(6, 5))
     assert out.model.a.out_features == 3 and out.model.b.out_features == 2
     assert out.model.head.in_features == 5 and out.model.side.in_features == 3
+
+
+class _TextCNN(nn.Module):
+    """Two conv branches pooled over time, squeezed, concatenated, read for
+    their device and dtype, and a classifier between an unsqueeze and a squeeze."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv1d(5, 8, 3), nn.Conv1d(5, 6, 2), nn.Linear(14, 3)
+
+    def forward(self, x):
+        a = F.max_pool1d(F.relu(self.c1(x)), x.shape[2] - 2).squeeze(2)
+        b = torch.squeeze(F.adaptive_max_pool1d(F.relu(self.c2(x)), 1), -1)
+        h = torch.cat([a, b], 1).to(x.device, x.dtype)
+        return self.fc(h.unsqueeze(1)).squeeze(1)
+
+
+def test_squeeze_unsqueeze_and_device_reads_are_followed():
+    _seed(6)
+    m = _TextCNN()
+    with torch.no_grad():
+        m.fc.weight[:, [1, 4, 9]] = 0      # c1's channels 1, 4 and c2's channel 1 unused
+        m.c1.weight[:, 2] = 0              # input 2, which c2 still reads
+    out = check(m, torch.randn(4, 5, 11))
+    rows = {r.name: r.removed for r in out.report.layers}
+    assert rows["c1"] == {"outputs": [1, 4]} and rows["c2"] == {"outputs": [1]} and rows["fc"] == {"inputs": [1, 4, 9]}
+    y = torch.randn(3, 5, 17)  # (another length: the pooling reads it)
+    with torch.no_grad():
+        torch.testing.assert_close(out.model(y), m(y))
+
+
+def test_a_squeeze_of_a_channel_dim_of_width_one_keeps_it():
+    _seed(6)
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 1), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.b(self.a(x).squeeze(-1))  # the single channel is dropped: [B, 3, 1] -> [B, 3]
+
+    m = M()
+    with torch.no_grad():
+        m.a.weight.zero_()
+    out = check(m, torch.randn(2, 3, 4))
+    assert "outputs" not in {r.name: r.removed for r in out.report.layers}["a"]
+    assert "squeeze" in out.report.left_alone["squeeze"]
 
 
 def test_concat_along_batch_couples_members():

@@ -42,6 +42,11 @@ BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, 
 BINARY_METHODS = {"add", "sub", "mul", "div"}
 RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
 RESHAPE_METHODS = {"flatten", "view", "reshape"}
+#: Ops that add or drop dims of size 1 and keep the others in order.
+UNIT_DIM_FUNCTIONS = {torch.squeeze, torch.unsqueeze}
+UNIT_DIM_METHODS = {"squeeze", "unsqueeze"}
+#: Attributes of a tensor that do not depend on its width.
+WIDTH_FREE_ATTRIBUTES = {"device", "dtype", "ndim", "is_cuda", "layout", "requires_grad"}
 REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -485,6 +490,8 @@ class _Analyzer:
             return self.reshape(node, ax, x, y, record=t in ("view", "reshape") or t is torch.reshape)
         if (method and t in ("transpose", "permute")) or (not method and t in (torch.transpose, torch.permute)):
             return self.permute(node, ax, x, y)
+        if (method and t in UNIT_DIM_METHODS) or (not method and t in UNIT_DIM_FUNCTIONS):
+            return self.unit_dims(node, ax, x, y)
         if (method and t in REDUCE_METHODS) or (not method and t in REDUCE_FUNCTIONS):
             return self.reduce(node, ax, x, y)
         if not method and t in POOL_FUNCTIONS:
@@ -505,7 +512,7 @@ class _Analyzer:
                     self.shapes[node.name] = (ax, x.dim())
             return None
         if not method and t is getattr:
-            return self.unknown(node) if ax is not None else None
+            return self.unknown(node) if ax is not None and node.args[1] not in WIDTH_FREE_ATTRIBUTES else None
         return self.unknown(node)
 
     def unknown(self, node, why="it is not supported"):
@@ -648,6 +655,21 @@ class _Analyzer:
         if record:
             self.a.reshapes.append((node, out))
         return out
+
+    def unit_dims(self, node, ax, x, y):
+        """squeeze / unsqueeze: they add or drop dims of size 1 and keep the
+        others in order, so a channel dim wider than 1 is the same one among
+        the dims of other sizes before and after (a channel dim of width 1,
+        which a squeeze may drop, is not followed)."""
+        if ax is None:
+            return None
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.shape[ax.dim] == 1:
+            return self.unknown(node)
+        j = sum(1 for n in x.shape[:ax.dim] if n != 1)
+        wide = [d for d, n in enumerate(y.shape) if n != 1]
+        if j >= len(wide) or y.shape[wide[j]] != x.shape[ax.dim]:
+            return self.unknown(node)
+        return Axis(wide[j], ax.ids, ax.const)
 
     def permute(self, node, ax, x, y):
         if ax is None:
