@@ -1549,3 +1549,36 @@ def test_a_trace_that_fails_where_the_model_runs_says_so():
     with pytest.raises(ValueError, match="runs on example_inputs but its torch.fx trace does not"):
         pyreg.compact(m, torch.randn(3, 6), measure=False)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_macs_of_every_convolution_and_of_attention(batch_first):
+    """The report's multiply-adds of a Conv3d and a ConvTranspose2d are
+    torch's flop counter's (halved), and a MultiheadAttention's are its four
+    projections (torch's count of its linear layers) plus its scores and
+    their weighted sum of the values, L * S * E per sample each."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c3, self.ct = nn.Conv3d(2, 4, 3, padding=1), nn.ConvTranspose2d(4, 3, 3, stride=2, groups=1)
+            self.att = nn.MultiheadAttention(6, 2, batch_first=batch_first, kdim=5, vdim=4)
+
+        def forward(self, v, q, k, val):
+            o, _ = self.att(q, k, val, need_weights=False)
+            return self.ct(self.c3(v).mean(2)).sum() + o.sum()
+
+    _seed(7)
+    m = M().eval()
+    n, L, S = 3, 7, 5
+    shape = (lambda b, t, c: (b, t, c)) if batch_first else (lambda b, t, c: (t, b, c))
+    args = (torch.randn(n, 2, 4, 5, 6), torch.randn(shape(n, L, 6)), torch.randn(shape(n, S, 5)),
+            torch.randn(shape(n, S, 4)))
+    macs = {r.name: r.macs_before for r in pyreg.compact(m, args, measure=False).report.layers}
+    with torch.no_grad(), FlopCounterMode(display=False) as count:
+        m.ct(m.c3(args[0]).mean(2))
+    flops = {str(k): sum(v.values()) for k, v in count.get_flop_counts().items()}
+    assert macs["c3"] == flops["Conv3d"] // 2 and macs["ct"] == flops["ConvTranspose2d"] // 2
+    projections = n * L * 6 * 6 + n * S * (5 + 4) * 6 + n * L * 6 * 6
+    assert macs["att"] == projections + 2 * n * L * S * 6

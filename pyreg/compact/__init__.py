@@ -105,7 +105,8 @@ the branches the trace took in eval mode (dropout off, ``self.training``
 read as False) and the constants folded at their eval-mode values, so it is
 for inference (training it further runs no dropout). It takes inputs of the
 example's rank. ``Compacted.report`` (:class:`Report`) holds per layer
-the parameters and multiply-adds (Linear, conv, recurrent; at the example's
+the parameters and multiply-adds (Linear, every convolution, recurrent,
+attention; at the example's
 shapes) before and after, the removed output/input/hidden indices, the
 element-wise zeros left (a row "(other parameters)" for parameters the
 forward reads itself, a row "(unused by the forward)" for the layers it

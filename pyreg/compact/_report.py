@@ -31,16 +31,28 @@ def capture(gm, args, at: Optional[list] = None) -> Dict[str, object]:
     return values
 
 
-def _macs(mod: nn.Module, x, y) -> int:
+def _macs(mod: nn.Module, x, y, kv=None) -> int:
+    """Multiply-adds of one call of ``mod`` on ``x`` giving ``y`` (``kv``: an
+    attention's key input): Linear, every convolution (transposed too),
+    recurrent layers, multi-head attention; 0 for other layers."""
     from ._rewrite import StackedRNN
 
     if isinstance(mod, nn.Linear) and isinstance(y, Tensor):
         return y.numel() * mod.in_features
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and isinstance(y, Tensor):
+    if isinstance(mod, nn.modules.conv._ConvNd) and isinstance(y, Tensor) and isinstance(x, Tensor):
         k = 1
         for s in mod.kernel_size:
             k *= s
+        if mod.transposed:  # each input element meets out_channels / groups kernels
+            return x.numel() * (mod.out_channels // mod.groups) * k
         return y.numel() * (mod.in_channels // mod.groups) * k
+    if isinstance(mod, nn.MultiheadAttention) and isinstance(x, Tensor) and isinstance(kv, Tensor):
+        e = mod.embed_dim
+        n_q, n_k = x.numel() // x.shape[-1], kv.numel() // kv.shape[-1]  # (query and key positions, all samples)
+        samples = 1 if x.dim() == 2 else x.shape[0 if mod.batch_first else 1]
+        length_k = n_k // samples
+        projections = n_q * e * e + n_k * (mod.kdim + mod.vdim) * e + n_q * e * e  # q, k, v and the output's
+        return projections + 2 * n_q * length_k * e  # the scores and their weighted sum of the values
     layers = mod.layers if isinstance(mod, StackedRNN) else [mod] if isinstance(mod, nn.RNNBase) else []
     total = 0
     if layers and isinstance(x, Tensor):
@@ -68,7 +80,8 @@ def layer_counts(gm, values) -> Dict[str, dict]:
             y = y[0]
         row = rows.setdefault(node.target, {"type": type(mod).__name__, "params": 0, "macs": 0, "zeros": 0,
                                             "weights": 0})
-        row["macs"] += _macs(mod, x, y)
+        kv = values.get(node.args[1].name) if len(node.args) > 1 and hasattr(node.args[1], "name") else None
+        row["macs"] += _macs(mod, x, y, kv)
     seen = set()  # a parameter shared by two layers (tied) counts in the first one's row
     for name, row in rows.items():
         mod = gm.get_submodule(name)
