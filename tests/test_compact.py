@@ -345,6 +345,34 @@ def test_squeeze_unsqueeze_and_device_reads_are_followed():
         torch.testing.assert_close(out.model(y), m(y))
 
 
+@pytest.mark.parametrize("read", ["[0]", ".values", "indices too"])
+def test_a_max_over_time_is_followed_where_only_its_values_are_read(read):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv1d(4, 6, 3), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.c(x))
+            if read == "[0]":
+                return self.fc(h.max(dim=2)[0])
+            if read == ".values":
+                return self.fc(torch.min(h, 2).values)
+            v, i = h.max(2)
+            return self.fc(v) + i.sum(1, keepdim=True)
+
+    _seed(8)
+    m = M()
+    with torch.no_grad():
+        m.fc.weight[:, [1, 3]] = 0
+    out = check(m, torch.randn(3, 4, 9))
+    removed = {r.name: r.removed for r in out.report.layers}
+    if read == "indices too":
+        assert "outputs" not in removed["c"] and any("op max" in r for r in out.report.left_alone.values())
+    else:
+        assert removed["c"] == {"outputs": [1, 3]} and removed["fc"] == {"inputs": [1, 3]}
+
+
 def test_a_squeeze_of_a_channel_dim_of_width_one_keeps_it():
     _seed(6)
     class M(nn.Module):

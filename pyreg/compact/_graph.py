@@ -47,6 +47,9 @@ UNIT_DIM_FUNCTIONS = {torch.squeeze, torch.unsqueeze}
 UNIT_DIM_METHODS = {"squeeze", "unsqueeze"}
 #: Attributes of a tensor that do not depend on its width.
 WIDTH_FREE_ATTRIBUTES = {"device", "dtype", "ndim", "is_cuda", "layout", "requires_grad"}
+#: max/min over a dim: a (values, indices) pair, followed where only its values are read.
+PAIR_FUNCTIONS = {torch.max, torch.min}
+PAIR_METHODS = {"max", "min"}
 REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -475,6 +478,10 @@ class _Analyzer:
         ax = self.arg_axis(node)
         x = self.values.get(node.args[0].name) if node.args and isinstance(node.args[0], torch.fx.Node) else None
         y = self.values.get(node.name)
+        if (t is operator.getitem or (not method and t is getattr and node.args[1:2] == ("values",))) and \
+                _is_pair(node.args[0]):
+            # (every user of the pair reads its values: see pair)
+            return ax
         if t is operator.getitem:
             return self.getitem(node, ax, x, y)
         if isinstance(ax, RnnOut):
@@ -494,6 +501,8 @@ class _Analyzer:
             return self.unit_dims(node, ax, x, y)
         if (method and t in REDUCE_METHODS) or (not method and t in REDUCE_FUNCTIONS):
             return self.reduce(node, ax, x, y)
+        if (method and t in PAIR_METHODS) or (not method and t in PAIR_FUNCTIONS):
+            return self.pair(node, ax, x, y)
         if not method and t in POOL_FUNCTIONS:
             if ax is None:
                 return None
@@ -656,6 +665,19 @@ class _Analyzer:
             self.a.reshapes.append((node, out))
         return out
 
+    def pair(self, node, ax, x, y):
+        """max/min over a dim of other channels (a (values, indices) pair),
+        all of whose users read its values (``[0]`` or ``.values``): as
+        amax/amin (the values keep the channel axis). Over every element, as
+        an element-wise max of two tensors, or where the indices are read: not
+        followed."""
+        if ax is None:
+            return None
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if not isinstance(dim, int) or not isinstance(y, tuple) or not _is_pair(node):
+            return self.unknown(node)
+        return self.reduce(node, ax, x, y)
+
     def unit_dims(self, node, ax, x, y):
         """squeeze / unsqueeze: they add or drop dims of size 1 and keep the
         others in order, so a channel dim wider than 1 is the same one among
@@ -701,6 +723,22 @@ class _Analyzer:
         if node.target in ("sum", torch.sum):  # c summed over n positions is n * c: n may differ by input
             const = const & _zero_values(x, ax.dim)
         return Axis(dim, ax.ids, const)
+
+
+def _is_pair(node) -> bool:
+    """Whether ``node`` is a max/min over one dim whose every user reads its
+    values (``[0]``, ``.values``) and nothing else."""
+    import torch.fx
+
+    if not isinstance(node, torch.fx.Node) or not (
+            (node.op == "call_method" and node.target in PAIR_METHODS)
+            or (node.op == "call_function" and node.target in PAIR_FUNCTIONS)):
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return isinstance(dim, int) and bool(node.users) and all(
+        u.op == "call_function" and ((u.target is operator.getitem and u.args[1] in (0, -2))
+                                     or (u.target is getattr and u.args[1] == "values"))
+        for u in node.users)
 
 
 def _arg(node, i: int, name: str):
