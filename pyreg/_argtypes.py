@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from typing import Callable, List, Optional, Sequence
 
 
@@ -45,4 +46,21 @@ def output_folder(parser: argparse.ArgumentParser, path: str, option: str = "--o
         parser.error(f"argument {option}: cannot make the folder {path!r} ({e.strerror or e})")
     if not os.access(path, os.W_OK | os.X_OK):
         parser.error(f"argument {option}: the folder {path!r} is not writable")
+    try:  # (a folder may pass the access check and still refuse files: a file system of its own)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".pyreg-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        parser.error(f"argument {option}: cannot write files into {path!r} ({e.strerror or e})")
     return path
+
+
+class OutputError(Exception):
+    """A result file the run could not write (full disk, a folder in its
+    place...): the tool's one-line error (exit 1), after the run."""
+
+
+def output_error(e: OSError) -> OutputError:
+    name = getattr(e, "filename2", None) or getattr(e, "filename", None)  # (a rename's target, else the file)
+    where = f" {name}" if name else ""
+    return OutputError(f"cannot write{where}: {e.strerror or e}")

@@ -313,3 +313,20 @@ def test_compile_after_an_in_process_run(tmp_path):
                 if b"pyreg-bench-inductor-" in f.read():
                     dangling.append(os.path.join(root, name))
     assert not dangling, f"entries of the user's inductor cache name the run's removed cache: {dangling[:3]}"
+
+
+def test_a_result_file_that_cannot_be_written_is_a_one_line_error(tmp_path, capsys):
+    """A write that fails after a measurement (here a folder where the
+    markdown goes; a full disk alike) ends the run with a one-line error and
+    exit code 1, leaving no temporary file."""
+    argv = ["--quick", "--shapes", "mlp", "--ops", "weight_stats", "--device", "cpu", "--no-compile",
+            "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    md = [f for f in os.listdir(tmp_path) if f.endswith(".md")][0]
+    os.remove(tmp_path / md)
+    os.mkdir(tmp_path / md)
+    capsys.readouterr()
+    assert bench.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"pyreg bench: cannot write {tmp_path / md}: ") and "Traceback" not in "".join(err)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]

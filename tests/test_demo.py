@@ -373,6 +373,38 @@ def test_an_output_folder_that_cannot_be_made_stops_before_the_run(tmp_path, cap
     assert f.read_text() == "x"
 
 
+@pytest.mark.parametrize("tool", ["demo", "bench"])
+def test_an_output_folder_that_refuses_files_stops_before_the_run(tmp_path, capsys, monkeypatch, tool):
+    """A folder that passes the access check but refuses a new file (a file
+    system of its own, such as /sys) stops the tool before its run."""
+    import pyreg._argtypes
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(pyreg._argtypes.tempfile, "mkstemp", refuse)
+    args = ["--quick", "--device", "cpu", "--out", str(tmp_path)]
+    args += ["--methods", "none"] if tool == "demo" else ["--shapes", "mlp", "--ops", "weight_stats"]
+    with pytest.raises(SystemExit) as e:
+        cli.main([tool] + args)
+    assert e.value.code == 2
+    err = capsys.readouterr()
+    assert f"argument --out: cannot write files into {str(tmp_path)!r} (Permission denied)" in err.err
+    assert "weight_stats" not in err.out and not os.listdir(tmp_path)
+
+
+def test_a_result_file_that_cannot_be_written_is_a_one_line_error(monkeypatch, capsys, tmp_path):
+    import pyreg.demo
+
+    def study(*a, **k):  # (the run, then its files: a full disk)
+        raise pyreg.demo.output_error(OSError(28, "No space left on device", str(tmp_path / "results.csv")))
+
+    monkeypatch.setattr(pyreg.demo, "_study", study)
+    assert cli.main(["demo", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"pyreg demo: cannot write {tmp_path / 'results.csv'}: No space left on device\n"
+
+
 def test_cuda_unavailable(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .._argtypes import choice_list, int_in, output_folder
+from .._argtypes import OutputError, choice_list, int_in, output_error, output_folder
 from . import peers as P
 from . import report
 from . import shapes as S
@@ -173,8 +173,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         have_png = with_png and report.plot(res, png)
         res["files"] = {"json": stem + ".json", "markdown": stem + ".md", "png": png if have_png else None}
         # the markdown first: once the JSON of a set exists, so does its markdown
-        report.write_atomic(stem + ".md", report.markdown(res, os.path.basename(png) if have_png else None))
-        report.write_json(res, stem + ".json")
+        try:
+            report.write_atomic(stem + ".md", report.markdown(res, os.path.basename(png) if have_png else None))
+            report.write_json(res, stem + ".json")
+        except OSError as e:
+            raise output_error(e) from e
         return have_png
 
     # fewer sets or ops than a full run: its own file name (unless --tag names it), not the full run's
@@ -232,6 +235,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                       flush=True)
             print(f"\nwrote {stem}.json, {stem}.md" + (f", {stem}.png" if have_png else " (no matplotlib: no plot)")
                   + f" in {time.perf_counter() - t0:.0f} s", flush=True)
+    except OutputError as e:
+        print(f"pyreg bench: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if own_cache is not None:
             # The fresh cache stays this process's inductor cache until exit, and is

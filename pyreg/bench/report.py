@@ -209,11 +209,16 @@ def write_atomic(path: str, text: str) -> None:
     reader (or a run killed mid-write) sees the old file or the new one,
     never half of one."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.isfile(tmp):  # (no half-written file left behind)
+            os.remove(tmp)
+        raise
 
 
 def write_json(res: dict, path: str) -> None:

@@ -78,7 +78,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .. import optim
-from .._argtypes import choice_list, int_in, output_folder
+from .._argtypes import OutputError, choice_list, int_in, output_error, output_folder
 from .._validate import nonneg_real
 from .study import METHODS
 
@@ -405,6 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with fixed_cpu_paths() as cpu_paths:  # before any tensor operation
             return _study(parser, args, cpu_paths)
+    except OutputError as e:
+        print(f"pyreg demo: {e}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         out = os.path.abspath(args.out)
         print(f"\ninterrupted: the run is incomplete; any files it had written in {out} may sit beside an "
@@ -508,16 +511,20 @@ def _study(parser: argparse.ArgumentParser, args: argparse.Namespace, cpu_paths:
         config["cpu_paths"] = cpu_paths
     if vowels is not None:  # only when it ran: a run without the data writes what it did before
         config["vowels"] = VOWELS
-    paths = report.write_all(args.out, config, results, winners, finetune, compacted, real, real_winners, panels)
-    if layer_grid is None:
-        report.drop_stale(os.path.join(args.out, "layer_grid.json"))
-    else:
-        import json
+    try:
+        paths = report.write_all(args.out, config, results, winners, finetune, compacted, real, real_winners,
+                                 panels)
+        if layer_grid is None:
+            report.drop_stale(os.path.join(args.out, "layer_grid.json"))
+        else:
+            import json
 
-        path = os.path.join(args.out, "layer_grid.json")
-        with open(path, "w") as f:
-            json.dump({"task": "mlp", "alphas": list(LAYER_GRID_ALPHAS), "results": layer_grid}, f, indent=1)
-        paths.append(path)
+            path = os.path.join(args.out, "layer_grid.json")
+            with open(path, "w") as f:
+                json.dump({"task": "mlp", "alphas": list(LAYER_GRID_ALPHAS), "results": layer_grid}, f, indent=1)
+            paths.append(path)
+    except OSError as e:
+        raise output_error(e) from e
     print()
     print(f"Wrote {len(paths)} files to {os.path.abspath(args.out)}: "
           + ", ".join(os.path.basename(p) for p in paths))
