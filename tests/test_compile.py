@@ -87,6 +87,38 @@ def test_compiled_step_matches_eager_without_recompiling(mode, inner):
         assert any((p == 0).any() for p in mc.parameters())  # L1 made exact zeros
 
 
+@pytest.mark.parametrize("key", ["l1_strength", "group_strength"])
+def test_a_strength_step_compiles_once(key):
+    """With l1_strength (group_strength), the compiled step matches eager,
+    refreshes at the same steps, and compiles nothing new after its first
+    steps: the host counts, the refreshes and the prox run eagerly, outside
+    the graph (traced, they were guarded on counts that change at every
+    step, and recompiled until Dynamo's limit)."""
+    me, mc = _model(), _model()
+
+    def make(model):
+        extra = {"group_strength": 0.5, "group_dim": 1} if key == "group_strength" else {"l1_strength": 0.5}
+        groups = pyreg.param_groups(model, overrides={"0.weight": {**extra, "l1_refresh": 3}})
+        return pyreg.Regularized(torch.optim.SGD(groups, lr=torch.tensor(0.05)))
+
+    oe, oc = make(me), make(mc)
+    counter = CompileCounterWithBackend("eager")
+    step_c = torch.compile(_train_step, backend=counter)
+    frames = []
+    for s in range(12):
+        x, y = _data(s)
+        _train_step(me, oe, x, y)
+        step_c(mc, oc, x, y)
+        frames.append(counter.frame_count)
+        for a, b in zip(mc.parameters(), me.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            assert torch.equal(a == 0, b == 0)
+    assert frames[3] > 0 and frames[-1] == frames[3], frames
+    st = oc.state[mc[0].weight]  # the refreshes set an l1 (group_l1), as eager's
+    got = {k: float(v) for k, v in st.items() if k.startswith("strength_") and k != "strength_step"}
+    assert got and all(v > 0 for v in got.values()) and st["strength_step"] == oe.state[me[0].weight]["strength_step"]
+
+
 def test_plan_keeps_coefficient_tensors_across_value_changes():
     """New coefficient values go into the cached plan's tensors in place (what
     a compiled step or a CUDA graph reads), for floats and tensors alike."""

@@ -253,8 +253,9 @@ def strength_due(b: Bucket, state: Dict[Any, Dict[str, Any]]) -> List[Tensor]:
     number, see :func:`record_strength_step`), so a loaded state dict
     continues them. They live on the host, so a step captured into a CUDA
     graph (replayed without it) is refused with a clear error; under
-    torch.compile the same error makes Dynamo run the step's rest eagerly
-    (a graph break; the fused optimizers' step always runs eagerly)."""
+    torch.compile the optimizers call it eagerly, outside the graph (the
+    fused optimizers' step always runs eagerly; Regularized's bookkeeping
+    and prox run so, where a bucket has a strength)."""
     if torch.compiler.is_compiling() or capturing(b.device):
         raise RuntimeError("l1_strength refreshes each tensor's l1 every l1_refresh steps, counted on the host: "
                            "its step cannot be compiled by torch.compile or captured into a CUDA graph (use "

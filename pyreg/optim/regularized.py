@@ -451,15 +451,17 @@ class Regularized(Observable, Optimizer):
         group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
         # l1_strength: the params whose l1 this step refreshes, as they were
         # before the inner step (their push is the step it makes).
-        counts = _counts([b for b in plan.buckets if b.kind in STRENGTH_KINDS])
-        before = ({id(p): p.detach().clone() for b, _ in counts for p in strength_due(b, self.state)}
-                  if counts else None)
+        strength = [b for b in plan.buckets if b.kind in STRENGTH_KINDS]
+        # (under torch.compile, what reads and writes the host counts runs eagerly, outside the graph: traced,
+        # it would be guarded on counts that change at every step, and recompiled at every step)
+        eager = strength and torch.compiler.is_compiling()
+        counts, before = (_strength_before_eager if eager else _strength_before)(strength, self.state)
         try:
             loss = self._inner_step(closure)
         except BaseException:
             _put_back(counts)
             raise
-        work = self._prox_after_step(plan, lrs, group_lrs, before)
+        work = (_prox_after_step_eager if eager else Regularized._prox_after_step)(self, plan, lrs, group_lrs, before)
         if closure is None and not torch.compiler.is_compiling():
             self._fast = fast_prox(groups, plan, work, self._engine, self._fast_plan, self.state,
                                    self.optimizer, self._out)
@@ -553,6 +555,18 @@ def _check_dense_grads(work: List[Work], groups: List[Dict[str, Any]]) -> None:
                                 "then the prox), which takes it")
 
 
+def _strength_before(buckets: List[Bucket], state) -> Tuple[list, Optional[Dict[int, Tensor]]]:
+    """The l1_strength buckets' counts before the step (:func:`_counts`) and
+    a copy of each param whose l1 this step refreshes, as it is before the
+    inner step (its push is the step it makes); None without such buckets."""
+    counts = _counts(buckets)
+    return counts, ({id(p): p.detach().clone() for b, _ in counts for p in strength_due(b, state)}
+                    if counts else None)
+
+
+_strength_before_eager = torch.compiler.disable(_strength_before)
+
+
 def _counts(buckets: List[Bucket]) -> List[Tuple[Bucket, Optional[List[int]]]]:
     """The "strength" buckets' step counts as they are before a step
     (:func:`strength_due` counts the step before the inner step runs)."""
@@ -622,3 +636,7 @@ def fast_prox(groups: List[Dict[str, Any]], plan: Plan, work: List[Work], engine
     if whole:  # torch's wrapped step: the whole step in one call
         guard.bind_step(inner, step, apply.direct_backend, _get_num_threads, _bump, params, out, pen)
     return guard, params, pen, strength, plan, whole
+
+
+#: Regularized._prox_after_step outside any compiled graph (l1_strength's refreshes under torch.compile).
+_prox_after_step_eager = torch.compiler.disable(Regularized._prox_after_step)
