@@ -8,6 +8,8 @@ changed in place; then changing them recompiles nothing.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -117,6 +119,40 @@ def test_a_strength_step_compiles_once(key):
     st = oc.state[mc[0].weight]  # the refreshes set an l1 (group_l1), as eager's
     got = {k: float(v) for k, v in st.items() if k.startswith("strength_") and k != "strength_step"}
     assert got and all(v > 0 for v in got.values()) and st["strength_step"] == oe.state[me[0].weight]["strength_step"]
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "tensor"])
+def test_a_sparsity_schedule_compiles_once(as_tensor):
+    """target_sparsity set to a new value at every step (a schedule; a
+    float, or a tensor changed in place): the compiled step meets each
+    target, as eager does, and compiles nothing new after its first two
+    steps (the counts of zeros are host integers, never baked into a graph)."""
+    me, mc = _model(), _model()
+
+    def make(model):
+        t = torch.tensor(0.0) if as_tensor else 0.0
+        return pyreg.Regularized(torch.optim.SGD(pyreg.param_groups(model, overrides={"0": {"target_sparsity": t}}),
+                                                 lr=0.3))
+
+    oe, oc = make(me), make(mc)
+    counter = CompileCounterWithBackend("aot_eager")
+    step_c = torch.compile(_train_step, backend=counter)
+    frames = []
+    for s in range(7):
+        for o in (oe, oc):
+            g = o.param_groups[0]
+            if as_tensor:
+                g["target_sparsity"].fill_(0.1 * s)
+            else:
+                g["target_sparsity"] = 0.1 * s
+        x, y = _data(s)
+        _train_step(me, oe, x, y)
+        step_c(mc, oc, x, y)
+        frames.append(counter.frame_count)
+        assert int((mc[0].weight == 0).sum()) == int((me[0].weight == 0).sum()) == math.ceil(0.1 * s * 96 - 1e-9)
+        for a, b in zip(mc.parameters(), me.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert frames[1] > 0 and frames[-1] == frames[1], frames
 
 
 def test_plan_keeps_coefficient_tensors_across_value_changes():

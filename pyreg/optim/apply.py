@@ -95,8 +95,8 @@ def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[An
     be = direct_backend() if eager else None
     for w, lr in buckets:
         c = partial(w.coef, eager=eager)
-        if w.kind == "target":
-            target_prox(w, lr, state if state is not None else {}, be)
+        if w.kind == "target":  # (never traced by torch.compile: see target_prox_eager)
+            target_prox_eager(w, lr, state if state is not None else {}, be)
             continue
         d = w.bucket.direct() if be is not None and w.params is w.bucket.params else None
         if d is not None:  # the checks were made: straight to the kernels
@@ -152,6 +152,14 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]], be=None) -> None:
     ks = _zeros_for([at[id(p)] for p in ps], [p.numel() for p in ps])
     _per_lr(ops.kth_abs([p.detach() for p in ps], ks, closest=True), l1, lr)
     ops.prox_(ps, l1, l2, lr)
+
+
+#: :func:`target_prox` outside any compiled graph: its counts of zeros are host
+#: integers from the targets, which a traced call would bake into the graph
+#: (a new target, as a sparsity schedule sets at many steps, would recompile it).
+#: (Always this one: after a graph break, torch.compile traces each function
+#: called, even where ``is_compiling()`` is False at the call.)
+target_prox_eager = torch.compiler.disable(target_prox)
 
 
 def _zeros_for(targets: Sequence[float], numels: Sequence[int]) -> List[int]:

@@ -452,16 +452,17 @@ class Regularized(Observable, Optimizer):
         # l1_strength: the params whose l1 this step refreshes, as they were
         # before the inner step (their push is the step it makes).
         strength = [b for b in plan.buckets if b.kind in STRENGTH_KINDS]
-        # (under torch.compile, what reads and writes the host counts runs eagerly, outside the graph: traced,
-        # it would be guarded on counts that change at every step, and recompiled at every step)
-        eager = strength and torch.compiler.is_compiling()
-        counts, before = (_strength_before_eager if eager else _strength_before)(strength, self.state)
+        # (what reads and writes the host counts is never traced by torch.compile: traced, it would be guarded
+        # on counts that change at every step, and recompiled at every step; after a graph break torch.compile
+        # traces each function called, even where is_compiling() is False at the call)
+        counts, before = _strength_before_eager(strength, self.state) if strength else ([], None)
         try:
             loss = self._inner_step(closure)
         except BaseException:
             _put_back(counts)
             raise
-        work = (_prox_after_step_eager if eager else Regularized._prox_after_step)(self, plan, lrs, group_lrs, before)
+        work = (_prox_after_step_eager if strength else Regularized._prox_after_step)(self, plan, lrs, group_lrs,
+                                                                                       before)
         if closure is None and not torch.compiler.is_compiling():
             self._fast = fast_prox(groups, plan, work, self._engine, self._fast_plan, self.state,
                                    self.optimizer, self._out)
