@@ -113,7 +113,7 @@ def main() -> None:
                 step()
             times.append((clock() - t0) / args.steps * 1e6)
     what = "whole training step" if args.whole else "step"
-    head = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} "
+    head = (f"torch {torch.__version__}, {torch.get_num_threads()} thread{'' if torch.get_num_threads() == 1 else 's'}, {args.rounds} rounds x {args.steps} "
             f"steps, µs per {what} ({'thread CPU time' if args.cpu_time else 'wall'})")
     base = runs["torch Adam"][1]
     lines = ["| optimizer | min | median | max | / Adam | over | µs over it |", "|---|---:|---:|---:|---:|---|---:|"]

@@ -1,6 +1,6 @@
 """pyreg's command line (also ``python -m pyreg``):
 
-    pyreg info    version, torch version, compiled backends, threads
+    pyreg info    versions, compiled backends, CPU instruction set, threads
     pyreg demo    a regularization study (see ``pyreg demo --help``)
     pyreg bench   the benchmark suite (see ``pyreg bench --help``)
 
@@ -14,9 +14,10 @@ import sys
 from typing import List, Optional
 
 _COMMANDS = {
-    "info": "version, torch version, compiled backends, threads",
-    "demo": "regularization study on generated tasks: L1, L2, elastic net, group lasso, alpha grid, LSTM",
-    "bench": "benchmark suite: pyreg vs Python loop, torch._foreach, torch.compile, roofline",
+    "info": "versions (pyreg, torch, Python), compiled backends, CPU instruction set, threads",
+    "demo": "regularization study on generated and real data: L1, L2, elastic net, group lasso, alpha grid and "
+            "path, one strength for every layer, target sparsity, LSTM, fine-tuning, compaction",
+    "bench": "benchmark suite: pyreg vs Python loop, torch._foreach, torch.compile, torch's fused AdamW, roofline",
 }
 
 

@@ -74,7 +74,7 @@ def test_compact_refuses_the_options_it_does_not_take(tmp_path, capsys, extra):
 def test_a_dtype_other_than_float32_names_its_files(tmp_path):
     assert bench.main(["--quick", "--shapes", "mlp", "--ops", "prox_", "--device", "cpu", "--repeats", "1",
                        "--dtype", "bfloat16", "--out", str(tmp_path)]) == 0
-    assert any(f.endswith("-quick-bfloat16.json") for f in os.listdir(tmp_path)), os.listdir(tmp_path)
+    assert any(f.endswith("-quick-bfloat16-subset.json") for f in os.listdir(tmp_path)), os.listdir(tmp_path)
 
 
 def test_a_subset_run_does_not_take_the_full_runs_name(tmp_path):
@@ -92,6 +92,17 @@ def test_a_subset_run_does_not_take_the_full_runs_name(tmp_path):
     with open(os.path.join(tmp_path, names[1])) as f:
         meta = json.load(f)["meta"]
     assert meta["subset"] is True and meta["ops"] == ["weight_stats"]
+
+
+def test_a_quick_subset_run_does_not_take_the_quick_runs_name(tmp_path):
+    """A --quick run of fewer shape sets or ops than --quick's own gets
+    '-subset' too: it would replace a --quick run's results silently."""
+    assert bench.main(["--quick", "--shapes", "mlp", "--ops", "weight_stats", "--device", "cpu", "--repeats", "1",
+                       "--out", str(tmp_path)]) == 0
+    names = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    assert len(names) == 1 and names[0].endswith("-quick-subset.json"), names
+    with open(os.path.join(tmp_path, names[0][:-5] + ".md")) as f:
+        assert "of a subset" in f.read()
 
 
 # ---------------------------------------------------------------------------

@@ -113,3 +113,23 @@ def test_forcing_an_unknown_variant_falls_back(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import pyreg; print(pyreg.backends.cpu.archs())"],
                          env=env, cwd=tmp_path, check=True, capture_output=True, text=True, timeout=120)
     assert "PYREG_CPU_ISA=sse9 ignored" in out.stdout
+
+
+def test_the_variant_is_named_as_the_variable_names_it_in_any_case(tmp_path):
+    """``archs()`` (``pyreg info``) starts with the variant's name as
+    PYREG_CPU_ISA takes it; the variable's value is read in any case, and a
+    known variant this CPU lacks is told apart from an unknown name."""
+    if "chosen at load time" not in pyreg.backends.cpu.archs():
+        pytest.skip(f"a single-variant build: {pyreg.backends.cpu.archs()}")
+    assert pyreg.backends.cpu.archs().split(":")[0] in VARIANTS
+
+    def archs(value):
+        env = dict(os.environ, PYREG_CPU_ISA=value)
+        return subprocess.run([sys.executable, "-c", "import pyreg; print(pyreg.backends.cpu.archs())"], env=env,
+                              cwd=tmp_path, check=True, capture_output=True, text=True, timeout=120).stdout
+    out = archs("X86_64")
+    assert out.startswith("x86_64: ") and "forced by PYREG_CPU_ISA=X86_64" in out
+    assert "not one of x86_64, avx2, avx512" in archs("sse9")
+    for v in ("avx2", "avx512"):
+        out = archs(v.upper())
+        assert out.startswith(f"{v}: ") or "this CPU does not support it" in out, out

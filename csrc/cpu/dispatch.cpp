@@ -4,8 +4,10 @@
 // x86-64 baseline. The variants compute the same bits (same source, same
 // summation order; no -ffast-math, no FP contraction across the fixed order).
 //
-// The environment variable PYREG_CPU_ISA=x86_64|avx2|avx512 forces a variant
-// (one this CPU supports; otherwise the best it does), e.g. to compare them.
+// The environment variable PYREG_CPU_ISA=x86_64|avx2|avx512 (any case) forces a
+// variant (one this CPU supports; otherwise the best it does, and archs() says
+// why), e.g. to compare them.
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -34,6 +36,7 @@ bool has_avx512() {
 
 struct Choice {
   const Kernels* kernels;
+  std::string name;  // the variant, as PYREG_CPU_ISA names it
   std::string note;  // what archs() adds: how it was chosen
 };
 
@@ -41,18 +44,24 @@ Choice choose() {
   __builtin_cpu_init();
   const char* forced = std::getenv("PYREG_CPU_ISA");
   const std::string all = "x86_64, avx2, avx512";
-  const Kernels* best = has_avx512() ? &kCpuAvx512 : has_avx2() ? &kCpuAvx2 : &kCpuX86_64;
+  const bool avx512 = has_avx512(), avx2 = has_avx2();
+  const Choice best = avx512 ? Choice{&kCpuAvx512, "avx512", ""}
+                      : avx2 ? Choice{&kCpuAvx2, "avx2", ""}
+                             : Choice{&kCpuX86_64, "x86_64", ""};
   if (forced != nullptr && *forced != '\0') {
-    const std::string f = forced;
-    const Kernels* want = f == "x86_64" ? &kCpuX86_64
-                          : f == "avx2" ? (has_avx2() ? &kCpuAvx2 : nullptr)
-                          : f == "avx512" ? (has_avx512() ? &kCpuAvx512 : nullptr)
-                                          : nullptr;
-    if (want != nullptr) return {want, "forced by PYREG_CPU_ISA=" + f};
-    return {best, "PYREG_CPU_ISA=" + f + " ignored (not one of " + all +
-                      " that this CPU supports); chosen at load time"};
+    std::string f = forced;
+    for (char& c : f) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    const bool known = f == "x86_64" || f == "avx2" || f == "avx512";
+    const bool runs = f == "x86_64" || (f == "avx2" && avx2) || (f == "avx512" && avx512);
+    if (runs) {
+      const Kernels* want = f == "x86_64" ? &kCpuX86_64 : f == "avx2" ? &kCpuAvx2 : &kCpuAvx512;
+      return {want, f, "forced by PYREG_CPU_ISA=" + std::string(forced)};
+    }
+    return {best.kernels, best.name,
+            "PYREG_CPU_ISA=" + std::string(forced) + " ignored (" +
+                (known ? "this CPU does not support it" : "not one of " + all) + "); chosen at load time"};
   }
-  return {best, "chosen at load time from " + all};
+  return {best.kernels, best.name, "chosen at load time from " + all};
 }
 
 const Choice& chosen() {
@@ -62,7 +71,9 @@ const Choice& chosen() {
 
 Kernels make() {
   Kernels k = *chosen().kernels;
-  k.archs = [] { return chosen().kernels->archs() + " (" + chosen().note + ")"; };
+  k.archs = [] {
+    return chosen().name + ": " + chosen().kernels->archs() + " (" + chosen().note + ")";
+  };
   return k;
 }
 

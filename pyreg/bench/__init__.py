@@ -46,7 +46,11 @@ def parser() -> argparse.ArgumentParser:
         description="Benchmark pyreg's ops against a Python loop, torch._foreach, torch.compile and the "
                     "same-traffic bandwidth roofline, on the parameter shapes of real models. The full run "
                     "(every shape set and peer) takes long on a small CPU; --quick is a smoke-sized run. "
-                    "Results (JSON, markdown) are written after each shape set.")
+                    "Results (JSON, markdown) are written after each shape set. Columns: ms, the median time of "
+                    "one call (with the fastest and slowest); GB/s, the op's minimal traffic over that time; % "
+                    "roofline, the same-traffic op over one flat buffer's time over this peer's; % copy BW, this "
+                    "peer's GB/s over a flat copy's; the speedups vs a peer, that peer's time over pyreg's "
+                    "(below 1: pyreg is slower). Details: bench/README.md in the source tree.")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke-sized run (about a minute on 2 CPU cores): shape sets {','.join(QUICK_SHAPES)} "
                         f"only (unless --shapes), no torch.compile peer (unless --compile), 1 warm-up call and "
@@ -193,7 +197,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"== pyreg bench on {dev}: shapes {','.join(what['shapes'])}; ops {','.join(what['ops'])}; "
                   f"{args.dtype}; {'quick' if args.quick else 'full'} run"
                   f"{'' if what['compile'] else ', no torch.compile peer'}; torch {torch.__version__}, "
-                  f"{torch.get_num_threads()} threads", flush=True)
+                  f"{torch.get_num_threads()} thread{'' if torch.get_num_threads() == 1 else 's'}", flush=True)
             if args.quick:
                 print("   --quick: a smoke-sized run (fewer shape sets and calls"
                       + ("" if what["compile"] else ", no torch.compile peer")

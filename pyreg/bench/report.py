@@ -102,7 +102,7 @@ def _ms(x: Optional[float]) -> str:
 def header(res: dict) -> str:
     m = res["meta"]
     omp = f", OMP_WAIT_POLICY={m['omp_wait_policy']}" if m.get("omp_wait_policy") else ""
-    lines = [f"**{m['name']}** ({m['device']}, {m['threads']} threads{omp}, pyreg `{m['backend']}` backend), "
+    lines = [f"**{m['name']}** ({m['device']}, {m['threads']} thread{'' if m['threads'] == 1 else 's'}{omp}, pyreg `{m['backend']}` backend), "
              f"torch {m['torch']}, pyreg {m['pyreg']}, {m['dtype']}, "
              f"{'quick' if m['quick'] else 'full'} run{' of CUDA-graph replays' if m.get('cuda_graphs') else ''} "
              + (f"of a subset (shape sets {', '.join(m['sets_planned'])}; ops {', '.join(m['ops'])}) "

@@ -112,10 +112,10 @@ class Gen:
 
 
 def is_subset(sets: Sequence[str], ops: Sequence[str], quick: bool) -> bool:
-    """Whether a run measures fewer shape sets or ops than a full run
-    (``--quick`` is a smoke-sized run of its own): its files get their own
-    name, and its header says so."""
-    return not quick and (list(sets) != list(S.ORDER) or list(ops) != list(P.OP_ORDER))
+    """Whether a run measures fewer shape sets or ops than a full run (a
+    ``--quick`` one: than a ``--quick`` run of its default shape sets): its
+    files get their own name, and its header says so."""
+    return list(sets) != list(QUICK_SHAPES if quick else S.ORDER) or list(ops) != list(P.OP_ORDER)
 
 
 def rotation_count(sset: S.ShapeSet, dtype: torch.dtype, cache: int, buffers: int = 1,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, ops
-from .._common import SUPPORTED_DTYPES, capturing, has_dtensor, to_device
+from .._common import SUPPORTED_DTYPES, capturing, has_dtensor, outside_graph, to_device
 from .._validate import check_grads_apart, disjoint_pointers, first_unpaired, plain_cpu, tensor_list
 from .plan import Bucket, Plan, Work
 from .results import ParamStats, Sparsity
@@ -159,7 +159,7 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]], be=None) -> None:
 #: (a new target, as a sparsity schedule sets at many steps, would recompile it).
 #: (Always this one: after a graph break, torch.compile traces each function
 #: called, even where ``is_compiling()`` is False at the call.)
-target_prox_eager = torch.compiler.disable(target_prox)
+target_prox_eager = outside_graph(target_prox)
 
 
 def _zeros_for(targets: Sequence[float], numels: Sequence[int]) -> List[int]:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .._common import outside_graph
 from .._validate import nonneg_real
 from ._torch_compat import init_without_groups, step_with_own_hooks
 from . import apply
@@ -565,7 +566,7 @@ def _strength_before(buckets: List[Bucket], state) -> Tuple[list, Optional[Dict[
                     if counts else None)
 
 
-_strength_before_eager = torch.compiler.disable(_strength_before)
+_strength_before_eager = outside_graph(_strength_before)
 
 
 def _counts(buckets: List[Bucket]) -> List[Tuple[Bucket, Optional[List[int]]]]:
@@ -640,4 +641,4 @@ def fast_prox(groups: List[Dict[str, Any]], plan: Plan, work: List[Work], engine
 
 
 #: Regularized._prox_after_step outside any compiled graph (l1_strength's refreshes under torch.compile).
-_prox_after_step_eager = torch.compiler.disable(Regularized._prox_after_step)
+_prox_after_step_eager = outside_graph(Regularized._prox_after_step)
