@@ -117,8 +117,12 @@ def _compact(devices: List[str], out: str, args: argparse.Namespace) -> int:
         print(f"== pyreg bench --compact on {dev}: batch {compact.BATCH}, torch {torch.__version__}", flush=True)
         res = compact.run(dev, rounds=9 if args.quick else 25)
         res["machine"] = info
-        report.write_atomic(stem + ".md", compact.markdown(res))
-        report.write_atomic(stem + ".json", json.dumps(res, indent=1, default=str) + "\n")
+        try:
+            report.write_atomic(stem + ".md", compact.markdown(res))
+            report.write_atomic(stem + ".json", json.dumps(res, indent=1, default=str) + "\n")
+        except OSError as e:
+            print(f"pyreg bench: {output_error(e)}", file=sys.stderr, flush=True)
+            return 1
         for note in res["notes"]:
             print(f"   {note}")
         print(f"wrote {stem}.json, {stem}.md", flush=True)
