@@ -142,6 +142,17 @@ def test_compact_under_inference_mode_gives_a_model_that_trains():
     assert all(p.grad is not None for p in c.parameters())
 
 
+def test_a_fold_keeps_a_frozen_bias_frozen():
+    _seed(3)
+    m = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        m[0].weight[0] = 0
+        m[0].bias[0] = 1.5  # a constant, folded into m[2].bias
+    m[2].bias.requires_grad_(False)
+    out = check(m, torch.randn(8, 5))
+    assert out.report.layers[0].removed == {"outputs": [0]} and not out.model.get_submodule("2").bias.requires_grad
+
+
 def test_incoming_zero_with_zero_columns_needs_no_fold_and_odd_sizes():
     _seed(4)
     m = nn.Sequential(nn.Linear(1, 7), nn.Tanh(), nn.Linear(7, 1))

@@ -63,12 +63,12 @@ def rewrite(a: Analysis, removed: Tensor, drop_inputs: bool) -> Dict[str, dict]:
         if s.kind == "linear":
             delta = mod.weight.detach().double()[:, fold] @ v[fold]
             base = mod.bias.detach().double() if mod.bias is not None else 0.0
-            mod.bias = _param(base + delta, mod.weight)
+            mod.bias = _param(base + delta, mod.bias if mod.bias is not None else mod.weight)
         elif s.kind == "conv":
             w = mod.weight.detach().double()[:, fold]
             delta = w.reshape(w.shape[0], w.shape[1], -1).sum(2) @ v[fold]
             base = mod.bias.detach().double() if mod.bias is not None else 0.0
-            mod.bias = _param(base + delta, mod.weight)
+            mod.bias = _param(base + delta, mod.bias if mod.bias is not None else mod.weight)
         else:  # rnn: the input's constant goes into bias_ih_l0 (foldable marked False when there is none)
             delta = mod.weight_ih_l0.detach().double()[:, fold] @ v[fold]
             with torch.no_grad():
