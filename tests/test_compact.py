@@ -1621,3 +1621,104 @@ def test_macs_of_every_convolution_and_of_attention(batch_first):
     assert macs["c3"] == flops["Conv3d"] // 2 and macs["ct"] == flops["ConvTranspose2d"] // 2
     projections = n * L * 6 * 6 + n * S * (5 + 4) * 6 + n * L * 6 * 6
     assert macs["att"] == projections + 2 * n * L * S * 6
+
+
+class _KimTextCNN(nn.Module):
+    """Embeddings unsqueezed into one input channel of a Conv2d whose kernel
+    spans the embedding dim (Kim 2014): the embedding dims reach the conv
+    along another dim than its channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.conv, self.fc = nn.Embedding(40, 8), nn.Conv2d(1, 5, (3, 8)), nn.Linear(5, 3)
+
+    def forward(self, t):
+        h = F.relu(self.conv(self.emb(t).unsqueeze(1))).squeeze(3)  # [B, 5, L - 2]
+        return self.fc(h.max(dim=2)[0])
+
+
+class _UnitLinear(nn.Module):
+    """A Linear over a dim of size 1 made by unsqueeze (a layer reading the
+    followed channels along another dim)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.up, self.fc2 = nn.Linear(6, 4), nn.Linear(1, 3), nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.fc2(self.up(self.fc1(x).unsqueeze(-1)).flatten(1))
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+@pytest.mark.parametrize("make, x", [(_KimTextCNN, lambda: torch.randint(0, 40, (4, 6))),
+                                     (_UnitLinear, lambda: torch.randn(4, 6))], ids=["kim", "unit-linear"])
+def test_a_layer_reading_channels_along_another_dim_keeps_them(make, x, zeros):
+    _seed(9)
+    m = make()
+    if zeros:
+        with torch.no_grad():
+            (m.fc if make is _KimTextCNN else m.fc2).weight[:, 1] = 0
+    out = check(m, x())
+    if make is _KimTextCNN:  # (the conv's channels are followed: its output channel 1 is unused)
+        assert out.report.layers[1].removed == ({"outputs": [1]} if zeros else {})
+
+
+class _Squeezed(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.fc1, self.fc2 = how, nn.Linear(6, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h.squeeze() if self.how == "every" else h.squeeze(1))
+
+
+@pytest.mark.parametrize("how", ["every", "channel"])
+def test_a_squeeze_that_may_drop_the_channel_dim_keeps_the_channels(how):
+    """Three of four neurons unused: compaction would leave the channel dim
+    1 wide, and a squeeze of every dim of size 1, or of the channel dim (a
+    no-op at width 4), would then drop it; the channels are kept."""
+    _seed(9)
+    m = _Squeezed(how)
+    with torch.no_grad():
+        m.fc2.weight[:, 1:] = 0
+    out = check(m, torch.randn(5, 6))
+    assert out.report.params_after == out.report.params_before and "squeeze" in str(out.report.left_alone)
+    with torch.no_grad():
+        for b in (1, 2, 7):
+            y = torch.randn(b, 6)
+            torch.testing.assert_close(out.model(y), m(y))
+
+
+def test_a_dim_computed_in_the_forward_keeps_the_channels():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(6, 2)
+
+        def forward(self, x):
+            a, b = self.a(x), self.b(x)
+            return self.fc(torch.cat([a, b], dim=a.ndim - 1).transpose(0, a.ndim - 1).transpose(0, 1))
+
+    _seed(9)
+    m = M()
+    with torch.no_grad():
+        m.fc.weight[:, 2] = 0
+    out = check(m, torch.randn(5, 4))
+    assert "computed in the forward" in str(out.report.left_alone)
+
+
+def test_macs_of_attention_with_keyword_inputs_and_extra_key_positions():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(6, 2, batch_first=True, add_bias_kv=True, add_zero_attn=True)
+
+        def forward(self, q, k):
+            return self.att(q, key=k, value=k, need_weights=False)[0]
+
+    _seed(9)
+    n, L, S, e = 3, 7, 5, 6
+    out = pyreg.compact(M().eval(), (torch.randn(n, L, e), torch.randn(n, S, e)), measure=False)
+    projections = n * L * e * e + n * S * 2 * e * e + n * L * e * e
+    assert out.report.layers[0].macs_before == projections + 2 * n * L * (S + 2) * e

@@ -39,7 +39,8 @@ dimension, a recurrent layer's hidden unit, an input feature) is followed to
 every layer that reads it, through element-wise activations and dropout,
 ``BatchNorm1d/2d``, pooling, ``flatten``/``view``/``reshape`` (a conv channel
 becomes a contiguous block of features for a following Linear), ``transpose``,
-``squeeze``/``unsqueeze`` (of other dims), reads of a tensor's ``device`` or
+``unsqueeze`` and ``squeeze`` (of named dims, the channel dim not among them),
+reads of a tensor's ``device`` or
 ``dtype``, indexing of other dims, reductions over other dims (``max``/``min`` over a dim
 where only their values are read), ``torch.cat`` and
 element-wise sums and products (residual connections). Channels joined by a sum

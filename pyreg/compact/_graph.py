@@ -407,19 +407,20 @@ class _Analyzer:
 
     def linear_like(self, node, name, mod, ax, x, y, kind):
         w = mod.weight.detach()
+        want = x.dim() - 1 if kind == "linear" else 1
+        if ax is not None and (ax.dim != want or len(ax.ids) != w.shape[1]):
+            # read along another dim (its channels kept): to the layer, an input whose channels are not followed
+            self.block(ax, f"consumed by {name} along another dim")
+            ax = None
         first = self.first_call(name, ax)
         if ax is not None:
-            want = x.dim() - 1 if kind == "linear" else 1
-            if ax.dim != want or len(ax.ids) != w.shape[1]:
-                self.block(ax, f"consumed by {name} along another dim")
+            zero, zero_value = _zero_cols(w), _zero_values(x, want)
+            if kind == "conv" and _zero_padded(mod):
+                # At padded borders a constant input channel is not constant: fold only zeros.
+                foldable = zero_value
             else:
-                zero, zero_value = _zero_cols(w), _zero_values(x, want)
-                if kind == "conv" and _zero_padded(mod):
-                    # At padded borders a constant input channel is not constant: fold only zeros.
-                    foldable = zero_value
-                else:
-                    foldable = torch.ones_like(zero)
-                self.a.sites.append(Site(node, name, kind, ax, zero, foldable, zero_value))
+                foldable = torch.ones_like(zero)
+            self.a.sites.append(Site(node, name, kind, ax, zero, foldable, zero_value))
         ids = self.module_ids(name, w.shape[0])
         if first:
             self.a.producers.append(Producer(name, ids, torch.ones(len(ids), dtype=torch.bool)))
@@ -439,16 +440,16 @@ class _Analyzer:
             self.leave(name, unsupported)
             self.block_args(node, f"consumed by {name}: {unsupported}")
             return None
+        if ax is not None and ax.dim != x.dim() - 1:  # (as in linear_like)
+            self.block(ax, f"consumed by {name} along another dim")
+            ax = None
         first = self.first_call(name, ax)
         H, L = mod.hidden_size, mod.num_layers
         if ax is not None:
-            if ax.dim != x.dim() - 1:
-                self.block(ax, f"consumed by {name} along another dim")
-            else:
-                w = mod.weight_ih_l0.detach()
-                zero, zero_value = _zero_cols(w), _zero_values(x, x.dim() - 1)
-                foldable = torch.ones_like(zero) if mod.bias else zero_value
-                self.a.sites.append(Site(node, name, "rnn", ax, zero, foldable, zero_value))
+            w = mod.weight_ih_l0.detach()
+            zero, zero_value = _zero_cols(w), _zero_values(x, x.dim() - 1)
+            foldable = torch.ones_like(zero) if mod.bias else zero_value
+            self.a.sites.append(Site(node, name, "rnn", ax, zero, foldable, zero_value))
         incoming_zero, rec_ok = [], []
         for layer in range(L):
             w_ih = getattr(mod, f"weight_ih_l{layer}").detach().cpu().reshape(gates, H, -1)
@@ -617,6 +618,8 @@ class _Analyzer:
     def cat(self, node, y):
         tensors = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not isinstance(dim, int):
+            return self.unknown(node, "its dim is computed in the forward")
         dim = _norm_dim(dim, y.dim())
         parts = [(self.a.axes.get(t.name), self.values[t.name]) for t in tensors]
         if any(isinstance(ax, RnnOut) for ax, _ in parts):
@@ -681,12 +684,20 @@ class _Analyzer:
     def unit_dims(self, node, ax, x, y):
         """squeeze / unsqueeze: they add or drop dims of size 1 and keep the
         others in order, so a channel dim wider than 1 is the same one among
-        the dims of other sizes before and after (a channel dim of width 1,
-        which a squeeze may drop, is not followed)."""
+        the dims of other sizes before and after. A squeeze is followed only
+        with its dims named, the channel dim not among them: one of every dim
+        of size 1 would drop the channel dim where compaction leaves it one
+        channel (and a batch dim of 1 in the example only)."""
         if ax is None:
             return None
         if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.shape[ax.dim] == 1:
             return self.unknown(node)
+        if node.target in ("squeeze", torch.squeeze):
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            dims = dims if isinstance(dims, (tuple, list)) else [dims]
+            if not dims or not all(isinstance(d, int) for d in dims) or ax.dim in [_norm_dim(d, x.dim()) for d in dims]:
+                return self.unknown(node, "a squeeze of every dim of size 1, or of the channel dim (which "
+                                          "compaction may leave one channel wide), is not followed")
         j = sum(1 for n in x.shape[:ax.dim] if n != 1)
         wide = [d for d, n in enumerate(y.shape) if n != 1]
         if j >= len(wide) or y.shape[wide[j]] != x.shape[ax.dim]:
@@ -696,6 +707,8 @@ class _Analyzer:
     def permute(self, node, ax, x, y):
         if ax is None:
             return None
+        if any(isinstance(a, torch.fx.Node) for a in _flat_nodes(node.args[1:], node.kwargs)):
+            return self.unknown(node, "its dims are computed in the forward")
         if node.target in ("transpose", torch.transpose):
             d0, d1 = (_norm_dim(_arg(node, i, k), x.dim()) for i, k in ((1, "dim0"), (2, "dim1")))
             dim = d1 if ax.dim == d0 else d0 if ax.dim == d1 else ax.dim

@@ -50,7 +50,8 @@ def _macs(mod: nn.Module, x, y, kv=None) -> int:
         e = mod.embed_dim
         n_q, n_k = x.numel() // x.shape[-1], kv.numel() // kv.shape[-1]  # (query and key positions, all samples)
         samples = 1 if x.dim() == 2 else x.shape[0 if mod.batch_first else 1]
-        length_k = n_k // samples
+        # (add_bias_kv and add_zero_attn each append a key and value position after the projections)
+        length_k = n_k // samples + (mod.bias_k is not None) + bool(mod.add_zero_attn)
         projections = n_q * e * e + n_k * (mod.kdim + mod.vdim) * e + n_q * e * e  # q, k, v and the output's
         return projections + 2 * n_q * length_k * e  # the scores and their weighted sum of the values
     layers = mod.layers if isinstance(mod, StackedRNN) else [mod] if isinstance(mod, nn.RNNBase) else []
@@ -80,7 +81,8 @@ def layer_counts(gm, values) -> Dict[str, dict]:
             y = y[0]
         row = rows.setdefault(node.target, {"type": type(mod).__name__, "params": 0, "macs": 0, "zeros": 0,
                                             "weights": 0})
-        kv = values.get(node.args[1].name) if len(node.args) > 1 and hasattr(node.args[1], "name") else None
+        key = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")  # (an attention's key input)
+        kv = values.get(key.name) if hasattr(key, "name") else None
         row["macs"] += _macs(mod, x, y, kv)
     seen = set()  # a parameter shared by two layers (tied) counts in the first one's row
     for name, row in rows.items():
