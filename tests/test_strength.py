@@ -419,6 +419,45 @@ def test_both_families_take_the_same_steps(name, backend):
     assert float(o1.sparsity().overall) > 0.1
 
 
+@pytest.mark.parametrize("key", ["l1_strength", "group_strength"])
+@pytest.mark.parametrize("family", ["Regularized", "fused"])
+@pytest.mark.parametrize("pattern", ["zero_grad inside the closure", "zero_grad before step(closure)"])
+def test_a_step_with_a_closure_counts_and_refreshes_as_one_without(pattern, family, key):
+    """With a closure the grads exist only once the inner step has called
+    it: the step counts (and the refreshes) are those of the same run
+    without a closure, to the bits (they were taken before the closure ran:
+    zero_grad before step(closure) left Regularized without any count or
+    refresh, so without any regularization)."""
+    runs = []
+    for closure in (False, True):
+        m, x, y = task()
+        extra = {"group_strength": 0.6, "group_dim": 1} if key == "group_strength" else {"l1_strength": 0.6}
+        groups = pyreg.param_groups(m, overrides={"0": {**extra, "l1_refresh": 3}})
+        opt = (pyreg.Regularized(torch.optim.SGD(groups, lr=0.05, momentum=0.9)) if family == "Regularized"
+               else pyreg.optim.SGD(groups, lr=0.05, momentum=0.9))
+        for _ in range(13):
+            def loss_fn():
+                if pattern == "zero_grad inside the closure":
+                    opt.zero_grad()
+                loss = (m(x) - y).pow(2).mean()
+                loss.backward()
+                return loss
+            if closure:
+                if pattern != "zero_grad inside the closure":
+                    opt.zero_grad()
+                opt.step(loss_fn)
+            else:
+                opt.zero_grad()
+                loss_fn()
+                opt.step()
+        state = opt.state[m[0].weight]
+        runs.append(([p.detach().clone() for p in m.parameters()], state["strength_step"],
+                     {k: v.clone() for k, v in state.items() if k.startswith("strength_") and k != "strength_step"}))
+    (w0, t0, l0), (w1, t1, l1) = runs
+    assert t0 == t1 == 13 and all(torch.equal(a, b) for a, b in zip(w0, w1))
+    assert l0 and l0.keys() == l1.keys() and all(torch.equal(l0[k], l1[k]) and float(l0[k]) > 0 for k in l0)
+
+
 def test_comparable_sparsity_across_optimizers_and_metrics():
     """At one strength, the fraction of exact zeros is within a factor of 3
     across SGD, Adam, AdamW, Adagrad and RMSprop, plain and preconditioned

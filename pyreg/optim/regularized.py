@@ -456,12 +456,23 @@ class Regularized(Observable, Optimizer):
         # (what reads and writes the host counts is never traced by torch.compile: traced, it would be guarded
         # on counts that change at every step, and recompiled at every step; after a graph break torch.compile
         # traces each function called, even where is_compiling() is False at the call)
-        counts, before = _strength_before_eager(strength, self.state) if strength else ([], None)
+        taken: List[tuple] = []  # (counts, before), once the grads of this step exist
+        inner = closure
+        if strength and closure is None:
+            taken.append(_strength_before_eager(strength, self.state))
+        elif strength:  # a closure makes the grads inside the inner step: the params with one count, after its
+            # first call (before any update: an optimizer evaluates its closure first)
+            def inner():
+                loss = closure()
+                if not taken:
+                    taken.append(_strength_before_eager(strength, self.state))
+                return loss
         try:
-            loss = self._inner_step(closure)
+            loss = self._inner_step(inner)
         except BaseException:
-            _put_back(counts)
+            _put_back(taken[0][0] if taken else [])
             raise
+        before = taken[0][1] if taken else None
         work = (_prox_after_step_eager if strength else Regularized._prox_after_step)(self, plan, lrs, group_lrs,
                                                                                        before)
         if closure is None and not torch.compiler.is_compiling():
