@@ -121,8 +121,7 @@ def _compact(devices: List[str], out: str, args: argparse.Namespace) -> int:
             report.write_atomic(stem + ".md", compact.markdown(res))
             report.write_atomic(stem + ".json", json.dumps(res, indent=1, default=str) + "\n")
         except OSError as e:
-            print(f"pyreg bench: {output_error(e)}", file=sys.stderr, flush=True)
-            return 1
+            raise output_error(e) from e
         for note in res["notes"]:
             print(f"   {note}")
         print(f"wrote {stem}.json, {stem}.md", flush=True)
@@ -160,7 +159,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 p.error(f"nothing to measure on {dev}: shape set(s) {','.join(what['shapes'])} run on a GPU only")
     out = output_folder(p, args.out or ("bench/results" if os.path.isdir("bench/results") else "bench-results"))
     if args.compact:
-        return _compact(devices, out, args)
+        try:
+            return _compact(devices, out, args)
+        except OutputError as e:
+            print(f"pyreg bench: {e}", file=sys.stderr, flush=True)
+            return 1
 
     from .suite import Suite, device_info, is_subset
 

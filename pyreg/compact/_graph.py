@@ -676,8 +676,7 @@ class _Analyzer:
         followed."""
         if ax is None:
             return None
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if not isinstance(dim, int) or not isinstance(y, tuple) or not _is_pair(node):
+        if not isinstance(y, tuple) or not _is_pair(node):
             return self.unknown(node)
         return self.reduce(node, ax, x, y)
 
@@ -695,7 +694,8 @@ class _Analyzer:
         if node.target in ("squeeze", torch.squeeze):
             dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             dims = dims if isinstance(dims, (tuple, list)) else [dims]
-            if not dims or not all(isinstance(d, int) for d in dims) or ax.dim in [_norm_dim(d, x.dim()) for d in dims]:
+            if (not dims or not all(isinstance(d, int) for d in dims)
+                    or ax.dim in [_norm_dim(d, x.dim()) for d in dims]):
                 return self.unknown(node, "a squeeze of every dim of size 1, or of the channel dim (which "
                                           "compaction may leave one channel wide), is not followed")
         j = sum(1 for n in x.shape[:ax.dim] if n != 1)
@@ -741,8 +741,6 @@ class _Analyzer:
 def _is_pair(node) -> bool:
     """Whether ``node`` is a max/min over one dim whose every user reads its
     values (``[0]``, ``.values``) and nothing else."""
-    import torch.fx
-
     if not isinstance(node, torch.fx.Node) or not (
             (node.op == "call_method" and node.target in PAIR_METHODS)
             or (node.op == "call_function" and node.target in PAIR_FUNCTIONS)):
