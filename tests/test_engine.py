@@ -276,6 +276,49 @@ def test_nesterov_set_after_construction_is_checked(family, change):
     assert _same(before, _snapshot(model, opt))
 
 
+@pytest.mark.parametrize("family", ["fused", "wrapper"])
+@pytest.mark.parametrize("write", ["numpy", ".data"])
+def test_a_coefficient_tensor_written_without_a_version_bump_is_read_again(family, write):
+    """An l1 tensor (one value per parameter) changed where torch counts no in-place version: a bad
+    value is refused before anything changes, a good one acts from that step on."""
+    def make():
+        model = _model()
+        groups = pyreg.param_groups(model, l1=1e-3)
+        l1 = torch.full((len(groups[0]["params"]),), 1e-3, dtype=torch.float64)
+        groups[0]["l1"] = l1
+        opt = FUSED["SGD"](groups, lr=LR) if family == "fused" else pyreg.Regularized(TORCH["SGD"](groups, lr=LR))
+        return model, opt, l1
+
+    def put(l1, value):
+        if write == "numpy":
+            l1.numpy()[:] = value
+        else:
+            l1.data.fill_(value)
+
+    model, opt, l1 = make()
+    for k in range(3):  # (the kept and fast paths)
+        _grads(model, k)
+        opt.step()
+    version = l1._version
+    put(l1, -1.0)
+    assert l1._version == version
+    _grads(model, 3)
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['l1'\]\[0\] must be finite and >= 0"):
+        opt.step()
+    assert _same(before, _snapshot(model, opt))
+    put(l1, 0.5)
+    opt.step()
+    ref, ref_opt, ref_l1 = make()  # the same run with 0.5 set in place from that step
+    for k in range(3):
+        _grads(ref, k)
+        ref_opt.step()
+    ref_l1.fill_(0.5)
+    _grads(ref, 3)
+    ref_opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+
+
 @pytest.mark.parametrize("name", sorted(FUSED))
 @pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
 def test_fused_l1_set_after_construction_is_checked(name, value):

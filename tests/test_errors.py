@@ -409,6 +409,7 @@ _ADDED = {
              "meta tensor"),
     "sharing memory": (lambda q: {"params": _overlapping_pair(), "l1": 0.1}, ValueError, "share memory"),
     "a set": (lambda q: {"params": {q}}, TypeError, "ordered collections"),
+    "no params": (lambda q: {"lr": 0.1, "l1": 0.1}, ValueError, "has no 'params'"),
 }
 
 

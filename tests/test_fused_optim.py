@@ -704,6 +704,44 @@ def test_a_bad_own_state_entry_is_refused_before_anything_is_loaded(family, entr
 
 
 @pytest.mark.parametrize("family", ["pyreg.optim", "Regularized"])
+@pytest.mark.parametrize("missing", ["l2_bound_lambda", "l2_bound_kappa", "l2_bound_step"])
+def test_an_l2_bound_state_without_one_of_its_entries_is_refused(family, missing):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 4))
+    groups = [{"params": [w], "l2_bound": "warm_start", "l2_warmup": 2}]
+    opt = optim.Adam(groups, lr=0.1) if family == "pyreg.optim" else pyreg.Regularized(torch.optim.Adam(groups, lr=0.1))
+    for _ in range(4):
+        w.grad = torch.randn(4, 4)
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    before = copy.deepcopy(opt.state_dict())
+    del sd["state"][0][missing]
+    with pytest.raises(ValueError, match=rf"without {missing}.*nothing was loaded"):
+        opt.load_state_dict(sd)
+    assert str(opt.state_dict()) == str(before)
+
+
+@pytest.mark.parametrize("cls", [optim.Adam, optim.AdamW, optim.Adagrad, optim.RMSprop])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), 2.5, torch.full((7, 5), 3.0), torch.tensor(2 + 1j),
+                                 "x"])
+def test_a_bad_step_counter_in_a_loaded_state_is_refused_by_the_fused_optimizers(cls, bad):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 4))
+    opt = cls([{"params": [w], "l1": 0.01}], lr=0.1)
+    for _ in range(3):
+        w.grad = torch.randn(4, 4)
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    before = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["step"] = bad
+    with pytest.raises((ValueError, TypeError), match=r"state_dict\['state'\]\[0\]\['step'\]"):
+        opt.load_state_dict(sd)
+    assert str(opt.state_dict()) == str(before)
+    sd["state"][0]["step"] = torch.tensor(3.0)  # (a good one loads)
+    opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("family", ["pyreg.optim", "Regularized"])
 def test_a_checkpoint_within_the_l2_bound_warm_up_resumes_as_the_run_goes_on(family):
     def make(w):
         groups = [{"params": [w], "l2_bound": "warm_start", "l2_warmup": 5}]

@@ -261,7 +261,7 @@ def test_a_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(cls, kw, o
     monkeypatch.setattr(CompiledKernels, "push_kth", lambda self, *a: calls.append(1) or kernel(self, *a))
 
     class TorchOps(cls):  # the pushes in torch ops, then kth_abs
-        def _push_quantiles(self, items, ks):
+        def _push_quantiles(self, items, ks, out=None):
             return None
 
     g = torch.Generator().manual_seed(13)
@@ -742,19 +742,29 @@ def test_a_state_loaded_into_the_inner_optimizer_rewinds_the_counts():
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("how", ["closure", "inner pre-hook"])
+class _FailingAdam(torch.optim.Adam):
+    fail = False
+
+    def step(self, closure=None):
+        if self.fail:
+            raise RuntimeError("boom")
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("how", ["closure", "inner pre-hook", "inner step"])
 def test_a_step_that_raises_is_not_counted(how):
     """A Regularized step whose inner step raises (its closure; a step
-    pre-hook of the inner optimizer, on the fast path after good steps)
-    changes nothing, its count of steps included: the run refreshes at the
-    steps of a run without the failed call, to the same bits."""
+    pre-hook of the inner optimizer, or its step itself, on the fast path
+    after good steps, at a step that refreshes nothing) changes nothing, its
+    count of steps included: the run refreshes at the steps of a run without
+    the failed call, to the same bits."""
     def make():
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1)).double()
         groups = pyreg.param_groups(m, l1_strength=0.5)
         for g in groups:
             g["l1_refresh"] = 3
-        return m, pyreg.Regularized(torch.optim.Adam(groups, lr=1e-2))
+        return m, pyreg.Regularized(_FailingAdam(groups, lr=1e-2))
     (m, opt), (m2, opt2) = make(), make()
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(32, 6, generator=gen, dtype=torch.float64)
@@ -768,11 +778,12 @@ def test_a_step_that_raises_is_not_counted(how):
             raise RuntimeError("boom")
     if how == "inner pre-hook":
         opt.optimizer.register_step_pre_hook(boom)
+    opt.optimizer.fail = how == "inner step"
     opt.zero_grad()
     (m(x) - y).pow(2).mean().backward()
     with pytest.raises(RuntimeError, match="boom"):
         opt.step(boom if how == "closure" else None)
-    fail[0] = False
+    fail[0] = opt.optimizer.fail = False
     assert opt.state[m[0].weight]["strength_step"] == 4
     train(m, x, y, opt, 5)
     train(m2, x, y, opt2, 5)

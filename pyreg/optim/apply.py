@@ -325,6 +325,34 @@ def strength_pushes(w: Work, made: Callable[[Tensor], Optional[Tensor]]) -> Dict
     return out
 
 
+def step_quantiles(w: Work, before: Dict[int, Tensor]) -> Optional[Tuple[List[int], Tensor]]:
+    """``l1_strength`` where the push is the step itself (Regularized): for
+    the tensors of ``w`` in ``before`` (by id, each as it was before the
+    inner step), ``(their indices in w, the quantiles)`` that
+    :func:`refresh_strength` selects from their steps ``before - p`` (in push
+    units: not divided by an lr), in one call of the CPU kernel, without the
+    steps in memory: ``push_kth``'s push ``m / s + wd * w`` with ``m`` the
+    weights before, ``s`` 1, ``w`` the weights after and ``wd`` -1, the
+    exact difference (the same bits as ``torch.sub``, then ``kth_abs``).
+    None where the kernel does not take them (``group_strength``, other
+    devices or layouts: :func:`strength_pushes`, then
+    :func:`refresh_strength`)."""
+    idx = [i for i, p in enumerate(w.params) if id(p) in before]
+    if w.kind != "strength" or not idx or w.bucket.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    be = direct_backend()
+    if be is None or not be.selects_pushes():
+        return None
+    olds = [before[id(w.params[i])] for i in idx]
+    news = [w.params[i].detach() for i in idx]
+    if not plain_cpu(olds + news) or news[0].dtype not in (torch.float32, torch.float64):  # (the kernel's types)
+        return None
+    n = len(idx)
+    q = torch.empty(n, dtype=torch.float64)
+    be.push_kth(olds, None, [0.0] * n, [1.0] * n, strength_ks(w, idx, [p.numel() for p in news]), q, news, [-1.0] * n)
+    return idx, q
+
+
 def refresh_strength(w: Work, pushes: Dict[int, Tensor], state: Dict[Any, Dict[str, Any]], lr=None,
                      vec: Optional[Tensor] = None) -> None:
     """``l1_strength``: sets the l1 of tensor i of ``w`` (each i of
@@ -556,6 +584,10 @@ def pop_own_state(state_dict: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[Any,
     for k, v in st.items():
         if isinstance(v, dict) and STRENGTH_STEP in v:  # (a host number, which torch's load keeps as it is)
             _own_value(v[STRENGTH_STEP], f"state_dict['state'][{k!r}][{STRENGTH_STEP!r}]", STRENGTH_STEP)
+        if isinstance(v, dict) and any(n in v for n in BOUND_STATE) and not all(n in v for n in BOUND_STATE):
+            has, lacks = ([n for n in BOUND_STATE if (n in v) == b] for b in (True, False))
+            raise ValueError(f"state_dict['state'][{k!r}] has {', '.join(has)} without {', '.join(lacks)}: "
+                             "l2_bound's state is its multiplier, bound and count together; nothing was loaded")
         if isinstance(v, dict) and any(n in v for n in OWN_STATE):
             kept[k] = {n: _own_value(v[n], f"state_dict['state'][{k!r}][{n!r}]", n) for n in OWN_STATE if n in v}
             v = {n: x for n, x in v.items() if n not in OWN_STATE}
@@ -566,6 +598,17 @@ def pop_own_state(state_dict: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[Any,
 #: The values each own state entry may hold: "count" an integer >= 0, "bound"
 #: a number >= 0 or +inf (a warm-up's bound), any other a finite number >= 0.
 _OWN_DOMAIN = {BOUND_STATE[1]: "bound", BOUND_STATE[2]: "count", STRENGTH_STEP: "count"}
+
+
+def check_step_counts(state_dict: Dict[str, Any]) -> None:
+    """The step counters (``step``) of a state dict to load into a fused
+    optimizer, whose kernels read them as the step's t: each must be one
+    real number, an integer >= 0, or ``load_state_dict`` raises (before
+    anything is loaded), as for pyreg's own counts."""
+    st = state_dict.get("state")
+    for k, v in (st.items() if isinstance(st, dict) else ()):
+        if isinstance(v, dict) and "step" in v:
+            _own_value(v["step"], f"state_dict['state'][{k!r}]['step']", STRENGTH_STEP)
 
 
 def _own_value(v: Any, where: str, name: str) -> Any:

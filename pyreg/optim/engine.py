@@ -153,6 +153,9 @@ class Engine:
         memory shared with their regularized parameters. Returns that trial
         plan (None where the params were left to torch)."""
         where = f"param_groups[{index}]"
+        if "params" not in group:
+            raise ValueError(f"{where} has no 'params': a param group is a dict of its parameters, under "
+                             "'params', and its settings; nothing was added")
         st = self.read([group], index)[0]
         ps = group.get("params")
         if ps and all(isinstance(q, tuple) and len(q) == 2 for q in ps):  # named: (name, param), as torch takes

@@ -41,9 +41,9 @@ from .._common import SUPPORTED_DTYPES, outside_graph, to_device
 from .._validate import first_unpaired, flag, like_tensors, nonneg_real, plain_cpu
 from ..backends._marshal import step_ticket
 from ._torch_compat import raw_step
-from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, constraints, direct_backend, misfit_state, penalized,
-                    pop_own_state, prox_buckets, put_own_state, refresh_strength, record_strength_step, store_strength,
-                    strength_due, strength_ks, strength_l1)
+from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, check_step_counts, constraints, direct_backend,
+                    misfit_state, penalized, pop_own_state, prox_buckets, put_own_state, refresh_strength,
+                    record_strength_step, store_strength, strength_due, strength_ks, strength_l1)
 from .engine import Engine, Observable, keep_own_keys, param_list
 from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
 from .keys import hyper_keys_of, read_group, signature
@@ -314,13 +314,15 @@ class FusedOptimizer(Observable):
         return None
 
     def _push_quantiles(self, items: List[Tuple[Tensor, Dict[str, Any], Dict[str, Any], bool, Optional[Tensor]]],
-                        ks: List[int]) -> Optional[Tensor]:
+                        ks: List[int], out: Optional[Tensor] = None) -> Optional[Tensor]:
         """The ks[i]-th smallest |push| of each item (float64), in one call of
         the CPU kernel (``push_kth``: the push from :meth:`_push_terms`, then
         its selection, without the push in memory; the same operations as the
         push in torch ops and ``kth_abs``, with a correctly rounded sqrt, which
         torch's CPU sqrt is not on every CPU) where the terms are plain CPU tensors;
-        else None (:meth:`_pushes` gives the pushes)."""
+        else None (:meth:`_pushes` gives the pushes). ``out``: a plain float64
+        CPU vector of one entry per item to write them into (its version is
+        bumped), else a new one."""
         be = direct_backend() if items and items[0][0].device.type == "cpu" else None
         terms = self._push_terms(items) if be is not None and be.selects_pushes() else None
         decay = self._push_decay(items) if terms is not None else None
@@ -328,7 +330,10 @@ class FusedOptimizer(Observable):
             return None
         if terms is None or not plain_cpu(terms[0] + (terms[1] or []) + (decay[0] if decay else [])):
             return None
-        out = torch.empty(len(items), dtype=torch.float64)
+        if out is None:
+            out = torch.empty(len(items), dtype=torch.float64)
+        else:
+            torch.autograd.graph.increment_version(out)  # (written through its pointer)
         be.push_kth(*terms, ks, out, *(decay or (None, None)))
         return out
 
@@ -395,6 +400,7 @@ class FusedOptimizer(Observable):
         for gi, group in enumerate(state_dict.get("param_groups", [])):
             n = len(group.get("params", ()))
             read_group(dict(group, params=[None] * n), self._engine.defaults, f"state_dict param_groups[{gi}]")
+        check_step_counts(state_dict)
         state_dict, bounds = pop_own_state(state_dict)
         before = [dict(g) for g in self.param_groups]  # type: ignore[attr-defined]
         old = (self.state, self.param_groups)  # type: ignore[attr-defined]
@@ -460,27 +466,33 @@ class FusedOptimizer(Observable):
         return {}
 
     def _gather(self, plan: Plan, runs: List[_GroupRun], l1_of: Dict[int, Tuple[Tensor, int]]):
-        """(buckets, groups for torch's own step): the last step's buckets with
-        this step's grads where nothing else changed (:class:`_Gathered`),
-        else :meth:`_gather_all`'s, kept for the next steps unless some
-        parameters need torch's own step."""
+        """(buckets, groups for torch's own step) where the last step's buckets
+        do not serve this one (:meth:`_reuse`): :meth:`_gather_all`'s, kept
+        for the next steps unless some parameters need torch's own step."""
         state = self.state  # type: ignore[attr-defined]
-        kept = self._gathered
-        if kept is not None:
-            buckets = kept.reuse(plan, runs, l1_of, state, self.param_groups)  # type: ignore[attr-defined]
-            if buckets is not None:
-                kept.hits += 1
-                return buckets, []
-            # Keeping costs about what the full gather does: where the kept buckets served no step
-            # (something changes at every step), wait longer before keeping them again.
-            self._gather_backoff = 0 if kept.hits else min(2 * self._gather_backoff + 1, 63)
-            self._gather_wait, self._gathered = self._gather_backoff, None
         buckets, torch_groups = self._gather_all(plan, runs, l1_of)
         if self._gather_wait:
             self._gather_wait -= 1
         elif not torch_groups:
             self._gathered = _Gathered(plan, runs, l1_of, state, self.param_groups, buckets)  # type: ignore[attr-defined]
         return buckets, torch_groups
+
+    def _reuse(self, plan: Plan, runs: List[_GroupRun], l1_of: Dict[int, Tuple[Tensor, int]]
+               ) -> Optional[List[_Bucket]]:
+        """The kept buckets with this step's grads (:meth:`_Gathered.reuse`),
+        else None (and they are dropped)."""
+        kept = self._gathered
+        if kept is None:
+            return None
+        buckets = kept.reuse(plan, runs, l1_of, self.state, self.param_groups)  # type: ignore[attr-defined]
+        if buckets is not None:
+            kept.hits += 1
+            return buckets
+        # Keeping costs about what the full gather does: where the kept buckets served no step
+        # (something changes at every step), wait longer before keeping them again.
+        self._gather_backoff = 0 if kept.hits else min(2 * self._gather_backoff + 1, 63)
+        self._gather_wait, self._gathered = self._gather_backoff, None
+        return None
 
     def _gather_all(self, plan: Plan, runs: List[_GroupRun], l1_of: Dict[int, Tuple[Tensor, int]]):
         """(buckets, groups for torch's own step). ``l1_of``: where the l1 of
@@ -712,18 +724,25 @@ class FusedOptimizer(Observable):
         hit = None if b.dynamic else self._tables.get(key)
         if hit is not None and hit[1] == version:
             return hit[0]
-        whole = b.l1_index == list(range(vec.numel()))
-        values = (vec if whole else vec[b.l1_index]).to(device=dev, dtype=t.dtype)
         if hit is not None:  # a refresh since: the new values into the same copy (the same stream
             # orders this write after the steps that read it; l1_strength's steps are never captured)
-            hit[0].view(-1).index_copy_(0, hit[4], values)
-            self._tables[key] = (hit[0], vec._version, vec, t, hit[4])
+            host = hit[5]
+            if host is not None:  # (on the CPU, through numpy views: a few values, without an op's dispatch)
+                host[0][host[1]] = host[3][host[2]]
+            else:
+                whole = b.l1_index == list(range(vec.numel()))
+                hit[0].view(-1).index_copy_(0, hit[4], (vec if whole else vec[b.l1_index]).to(dtype=t.dtype))
+            self._tables[key] = (hit[0], vec._version) + hit[2:]
             return hit[0]
+        whole = b.l1_index == list(range(vec.numel()))
+        values = (vec if whole else vec[b.l1_index]).to(device=dev, dtype=t.dtype)
         out = t.clone()
         at = to_device([r * len(HYPER) + L1_COLUMN for r in b.l1_rows], torch.int64, dev)
         out.view(-1).index_copy_(0, at, values)
         if not b.dynamic:
-            self._tables[key] = (out, vec._version, vec, t, at)
+            host = ((out.numpy().reshape(-1), at.numpy(), torch.tensor(b.l1_index).numpy(), vec.numpy())
+                    if dev.type == "cpu" else None)
+            self._tables[key] = (out, vec._version, vec, t, at, host)
         return out
 
     def _run(self, b: _Bucket) -> None:
@@ -809,13 +828,19 @@ class FusedOptimizer(Observable):
         strength = [w for w in work if w.kind in STRENGTH_KINDS]
         state = self.state  # type: ignore[attr-defined]
         # l1_strength: the kernel's prox reads each l1 from its own table row (see _table; group_strength:
-        # the group pass), from the vector whose 0-dim views are in the state (the same objects every step)
-        vecs = [strength_l1(w, state) for w in strength]
+        # the group pass), from the vector whose 0-dim views are in the state (the same objects every step).
+        # Where the last step's buckets serve this one, the state holds the same objects as when they were
+        # gathered (see _Gathered.reuse), so the vectors are those of then.
         l1_of = self._l1_of
-        if len(l1_of[0]) != len(vecs) or not all(map(is_, l1_of[0], vecs)):  # (the same vectors: the same params)
-            l1_of = self._l1_of = (vecs, {id(p): (v, i) for w, v in zip(strength, vecs) if w.kind == "strength"
-                                         for i, p in enumerate(w.params)})
-        buckets, torch_groups = self._gather(plan, runs, l1_of[1])
+        buckets = self._reuse(plan, runs, l1_of[1])
+        if buckets is not None:
+            vecs, torch_groups = l1_of[0], []
+        else:
+            vecs = [strength_l1(w, state) for w in strength]
+            if len(l1_of[0]) != len(vecs) or not all(map(is_, l1_of[0], vecs)):  # (the same vectors: the same params)
+                l1_of = self._l1_of = (vecs, {id(p): (v, i) for w, v in zip(strength, vecs) if w.kind == "strength"
+                                             for i, p in enumerate(w.params)})
+            buckets, torch_groups = self._gather(plan, runs, l1_of[1])
         if torch_groups:  # (never with kept buckets: see _gather)
             try:
                 self._run_torch(torch_groups)
@@ -861,9 +886,10 @@ class FusedOptimizer(Observable):
             if not due:  # (most steps)
                 continue
             gi = dict(zip(map(id, w.bucket.params), w.bucket.groups))
+            before = {g: self._push_needs_before(groups[g]) for g in set(w.bucket.groups)}
             for p in due:
                 if p.grad is not None:
-                    out[id(p)] = p.detach().clone() if self._push_needs_before(groups[gi[id(p)]]) else None
+                    out[id(p)] = p.detach().clone() if before[gi[id(p)]] else None
         return out
 
     def _refresh(self, plan: Plan, strength: List[Work], due: Dict[int, Optional[Tensor]], vecs: List[Tensor]) -> None:
@@ -882,10 +908,13 @@ class FusedOptimizer(Observable):
                     t for t, m in zip(todo, metrics) if m == metric]
                 idx = [i for i, _, _ in some]
                 items = [(p, state[p], groups[g], metric, due[id(p)]) for _, p, g in some]
-                q = (self._push_quantiles(items, strength_ks(w, idx, [p.numel() for _, p, _ in some]))
+                # (every tensor of the bucket at once: straight into the state's vector)
+                into = vec if len(idx) == len(w.params) and vec.device.type == "cpu" else None
+                q = (self._push_quantiles(items, strength_ks(w, idx, [p.numel() for _, p, _ in some]), into)
                      if w.kind == "strength" else None)
                 if q is not None:  # (selected without the pushes in memory)
-                    store_strength(w, idx, q, state, vec=vec)
+                    if q is not into:
+                        store_strength(w, idx, q, state, vec=vec)
                 else:
                     pushes.update(zip(idx, self._pushes(items)))
             if pushes:

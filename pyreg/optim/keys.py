@@ -393,6 +393,8 @@ def check_hypers(group: Dict[str, Any], where: str, keys: Sequence[str], tensor_
 # --------------------------------------------------------------------------
 # Signatures: when a group's settings must be checked again
 # --------------------------------------------------------------------------
+#: A CPU tensor setting of up to this many values is compared by value at each step (see :func:`signature`).
+VALUES_READ = 1024
 _VALUE_DTYPES = frozenset((torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64))
 #: Setting types whose value is its own key (with their type: 1, 1.0 and True
 #: are equal numbers but not equal settings).
@@ -402,17 +404,19 @@ SIMPLE_TYPES = frozenset({float, int, bool, str, type(None)})
 def signature(value: Any) -> Any:
     """A cheap signature of a param-group setting, equal for two settings only
     when their checks and plan are the same: a number by value, a tensor by
-    identity, in-place version, shape (``resize_`` bumps no version) and
-    (one-value CPU tensor) value, a list by its items' signatures, anything
-    else by type and identity. Never reads a device tensor's value (no host
-    sync)."""
+    identity, in-place version, shape (``resize_`` bumps no version) and, on
+    the CPU, values (up to :data:`VALUES_READ` of them: a write that bumps no
+    version, through a numpy view or ``.data``, is seen), a list by its items'
+    signatures, anything else by type and identity. Never reads a device
+    tensor's value (no host sync)."""
     tp = type(value)
     if tp in SIMPLE_TYPES:
         return tp, value
     if isinstance(value, Tensor):
         v = None
-        if value.device.type == "cpu" and value.numel() == 1 and value.dtype in _VALUE_DTYPES:
-            v = float(value)
+        if value.device.type == "cpu" and value.dtype in _VALUE_DTYPES:
+            n = value.numel()
+            v = float(value) if n == 1 else tuple(value.detach().reshape(-1).tolist()) if n <= VALUES_READ else None
         return Tensor, id(value), value._version, value.shape, v
     if tp is list or tp is tuple:
         return tp, tuple(map(signature, value))

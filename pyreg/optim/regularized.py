@@ -29,8 +29,8 @@ from .._validate import nonneg_real
 from ._torch_compat import init_without_groups, step_with_own_hooks
 from . import apply
 from .apply import (STRENGTH_KINDS, add_penalty_grads, constraints, misfit_state, penalized, pop_own_state,
-                    prox_buckets, put_own_state, record_strength_step, refresh_strength, strength_due,
-                    strength_l1, strength_pushes)
+                    prox_buckets, put_own_state, record_strength_step, refresh_strength, step_quantiles,
+                    store_strength, strength_due, strength_l1, strength_pushes)
 from .engine import Engine, Observable, keep_own_keys, param_list, plan_outside_graph, warn_near_misses
 from .keys import hyper_keys_of, read_group
 from ..backends import _marshal as m
@@ -416,20 +416,30 @@ class Regularized(Observable, Optimizer):
         if fast is not None and closure is None and self.mode == "proximal" and not _is_compiling():
             # Nothing changed since a step that made every check (an lr may be a new float):
             # the inner step, then the element prox straight into the CPU kernels.
-            if fast[5]:  # no l1_strength, torch's wrapped inner step: all of it in one call
-                status, loss = fast[0].step()
-                if status == 1:
+            taken = self._strength_taken(fast) if fast[3] else None  # (l1_strength: this step counted)
+            if taken is _FULL_PATH:
+                pass
+            elif fast[5] and (taken is None or not taken[1]):  # torch's wrapped inner step, no refresh due:
+                # all of it in one call (l1_strength's counts aside)
+                try:
+                    status, loss = fast[0].step()
+                except BaseException:
+                    _put_back(taken[0] if taken else [])
+                    raise
+                if status == 0:  # nothing done: the full path below (which counts the step)
+                    _put_back(taken[0] if taken else [])
+                elif status == 1:
+                    if taken:
+                        record_strength_step([w.bucket for w, _ in fast[3]], self.state)
                     return loss
-                if status == 2:  # the inner step replaced a tensor's memory
-                    return self._prox_in_full(None, loss)
-                if status == 3:  # the inner optimizer's own step hooks: the step below runs them
-                    loss = self._fast_step(fast)
-                    if loss is not _FULL_PATH:
-                        return loss
+                elif status == 2:  # the inner step replaced a tensor's memory
+                    return self._prox_in_full(taken[1] if taken else None, loss)
+                else:  # the inner optimizer's own step hooks: the step below runs them
+                    return self._fast_step(fast, taken)
             elif fast[0].same(self.optimizer.param_groups) and apply.direct_backend() is not None:
-                loss = self._fast_step(fast)
-                if loss is not _FULL_PATH:
-                    return loss
+                return self._fast_step(fast, taken)
+            elif taken:
+                _put_back(taken[0])
         self._fast = None
         groups = self.param_groups
         proximal = self.mode == "proximal"
@@ -481,28 +491,37 @@ class Regularized(Observable, Optimizer):
             self._fast_plan = plan
         return loss
 
-    def _fast_step(self, fast: tuple):
-        """The step on the fast path (see :func:`fast_prox`), or _FULL_PATH
-        (nothing done) where an l1_strength bucket's l1 vector is no longer
-        the state's (a state loaded into the inner optimizer)."""
+    def _strength_taken(self, fast: tuple):
+        """A fast step's l1_strength bookkeeping before its inner step, as the
+        full path's (:func:`_strength_before`): (the counts before this step,
+        a copy of each param whose l1 this step refreshes); _FULL_PATH
+        (nothing counted) where a bucket's l1 vector is no longer the
+        state's (a state loaded into the inner optimizer)."""
+        state = self.state
+        if not all(strength_l1(w, state) is vec for w, vec in fast[3]):
+            return _FULL_PATH
+        counts = _counts([w.bucket for w, _ in fast[3]])
+        return counts, {id(p): p.detach().clone() for w, _ in fast[3] for p in strength_due(w.bucket, state)}
+
+    def _fast_step(self, fast: tuple, taken: Optional[tuple]):
+        """The step on the fast path (see :func:`fast_prox`), the inner
+        step run here (in Python, its own hooks included), with ``taken``
+        (:meth:`_strength_taken`) where the plan has l1_strength buckets."""
         guard, params, pen, strength, plan, _ = fast
-        before = None
+        before = counts = None
         if strength:  # l1_strength: as the full path, with its prox in the CPU kernels
-            state = self.state
-            if not all(strength_l1(w, state) is vec for w, vec in strength):
-                return _FULL_PATH
-            counts = _counts([w.bucket for w, _ in strength])
-            before = {id(p): p.detach().clone() for w, _ in strength for p in strength_due(w.bucket, state)}
+            counts, before = taken
         try:
             loss = step_with_own_hooks(self.optimizer, None)
         except BaseException:
             if before is not None:
                 _put_back(counts)
             raise
-        # the pushes of the tensors due (their step, before the prox), into new tensors: `before` stays
-        # as it was for the full path below
-        pushes = [(w, strength_pushes(w, lambda p: torch.sub(before[id(p)], p.detach()) if id(p) in before else None))
-                  for w, _ in strength] if before else ()
+        # the quantiles of the steps of the tensors due (before the prox), or their steps into new tensors:
+        # `before` stays as it was for the full path below
+        pushes = [(w, step_quantiles(w, before)) for w, _ in strength] if before else ()
+        pushes = [(w, q if q is not None else strength_pushes(
+            w, lambda p: torch.sub(before[id(p)], p.detach()) if id(p) in before else None)) for w, q in pushes]
         if not guard.prox(_get_num_threads()):  # the inner step replaced a tensor's memory
             return self._prox_in_full(before, loss)
         _bump(params)
@@ -512,7 +531,11 @@ class Regularized(Observable, Optimizer):
                 lrs = [g["lr"] for g in self.param_groups]  # (floats: the guard checked them)
                 group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
                 for (w, due), (_, vec) in zip(pushes, strength):
-                    refresh_strength(w, due, self.state, lr=plan.work_lr(w, lrs, group_lrs), vec=vec)
+                    lr = plan.work_lr(w, lrs, group_lrs)
+                    if isinstance(due, tuple):  # (selected: the quantiles, into l1 units)
+                        store_strength(w, due[0], due[1], self.state, lr=lr, vec=vec)
+                    else:
+                        refresh_strength(w, due, self.state, lr=lr, vec=vec)
         out = self._out
         out["last"], out["penalty"] = pen, None
         return loss
@@ -599,8 +622,9 @@ def fast_prox(groups: List[Dict[str, Any]], plan: Plan, work: List[Work], engine
     """After a proximal step that made every check: ``(pyreg._C.FastProx,
     the regularized params, the step's buckets for ``penalty``, the
     l1_strength buckets with their l1 vectors, the plan, whether
-    ``FastProx.step`` makes the whole step: no l1_strength, and the inner
-    optimizer's step is torch's wrapped one)`` when the
+    ``FastProx.step`` makes the whole step: the inner optimizer's step is
+    torch's wrapped one; with l1_strength, at the steps that refresh no l1,
+    around the counts)`` when the
     next steps can take the fast path, else None. The fast path is for the
     common case: every regularized parameter in an element-wise L1/L2 or
     ``l1_strength`` bucket that the CPU kernels take directly (plain, dense,
@@ -645,7 +669,7 @@ def fast_prox(groups: List[Dict[str, Any]], plan: Plan, work: List[Work], engine
         return None
     params, pen = [p for w in work for p in w.params], list(penalized(work))
     step = type(inner).step
-    whole = not strength and getattr(step, "hooked", False)
+    whole = getattr(step, "hooked", False)
     if whole:  # torch's wrapped step: the whole step in one call
         guard.bind_step(inner, step, apply.direct_backend, _get_num_threads, _bump, params, out, pen)
     return guard, params, pen, strength, plan, whole
