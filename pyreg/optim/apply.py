@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import numbers
 from functools import partial
-from operator import is_
+from itertools import repeat
+from operator import attrgetter, is_, is_not
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -279,8 +280,8 @@ def strength_due(b: Bucket, state: Dict[Any, Dict[str, Any]]) -> List[Tensor]:
         slices, s = refresh_phases([p.numel() for p in params])
         at = [(int(k), j * int(k) // s) for j, k in zip(slices, every)]
         b.refresh_at = (every, at[0] if at.count(at[0]) == len(at) else at)  # (one for all: one test per count)
-    has = [p.grad is not None for p in params]
-    counts = b.steps_taken = ([c + 1 for c in b.steps_taken] if all(has) else
+    has = list(map(is_not, map(_grad_of, params), repeat(None)))
+    counts = b.steps_taken = (list(map(_plus_one, b.steps_taken)) if all(has) else
                               [c + 1 if h else c for c, h in zip(b.steps_taken, has)])
     at = b.refresh_at[1]
     if isinstance(at, tuple):
@@ -290,6 +291,9 @@ def strength_due(b: Bucket, state: Dict[Any, Dict[str, Any]]) -> List[Tensor]:
             return list(params) if t >= k and (t + shift) % k == 0 else []
         return [p for p, t, h in zip(params, counts, has) if h and t >= k and (t + shift) % k == 0]
     return [p for p, t, h, (k, shift) in zip(params, counts, has, at) if h and t >= k and (t + shift) % k == 0]
+
+
+_grad_of, _plus_one = attrgetter("grad"), (1).__add__
 
 
 def record_strength_step(buckets: Sequence[Bucket], state: Dict[Any, Dict[str, Any]]) -> None:

@@ -179,7 +179,7 @@ class _Gathered:
         same = list(map(is_, values, self.values))
         if not all(same):  # only numbers may differ (pyreg's step counts): no buffer
             other = list(map(not_, same))
-            if any(isinstance(v, Tensor) for v in chain(compress(values, other), compress(self.values, other))):
+            if any(map(isinstance, chain(compress(values, other), compress(self.values, other)), repeat(Tensor))):
                 return None
         k = 0
         for b in self.buckets:
