@@ -661,11 +661,12 @@ def test_param_groups_overrides_on_excluded_parameters_only():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
     nn.utils.parametrizations.weight_norm(model[0])  # its weight: 0.parametrizations.weight.original0/1
-    with pytest.raises(ValueError, match=r"\['0'\] match only excluded parameters, where their keys "
+    for pattern in ("0", "0.parametrizations.weight"):  # (the layer's name, or the parametrization's)
+        groups = pyreg.param_groups(model, overrides={pattern: {"group_l1": 1.0, "group_dim": 1}})
+        assert [g["param_names"] for g in groups if g.get("group_l1")] == [["0.parametrizations.weight.original1"]]
+    with pytest.raises(ValueError, match=r"\['0.bias'\] match only excluded parameters, where their keys "
                                          r"\(group_dim, group_l1\) do not apply.*parametrizations"):
-        pyreg.param_groups(model, overrides={"0": {"group_l1": 1.0, "group_dim": 1}})
-    groups = pyreg.param_groups(model, overrides={"0.parametrizations.weight": {"group_l1": 1.0, "group_dim": 1}})
-    assert [g["param_names"] for g in groups if g.get("group_l1")] == [["0.parametrizations.weight.original1"]]
+        pyreg.param_groups(model, overrides={"0.bias": {"group_l1": 1.0, "group_dim": 1}})
     plain = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2))
     for key in ("l1_strength", "target_sparsity"):
         groups = pyreg.param_groups(plain, overrides={"*": {key: 0.5}})  # not on the embedding or the bias
@@ -1020,6 +1021,73 @@ def test_param_groups_l1_and_l1_strength_overrides_replace_each_other():
     pyreg.optim.AdamW(groups, lr=0.1)
     with pytest.raises(ValueError, match="both l1_strength and ref"):
         pyreg.param_groups(model, l1_strength=0.5, ref=model)
+
+
+def test_param_groups_an_override_of_l1_0_removes_the_strength():
+    """An override's l1 replaces the base strength on its parameters, 0 included (0 is falsy)."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    groups = pyreg.param_groups(model, l1_strength=0.8, overrides={"2": {"l1": 0.0}})
+    by = {n: (g["l1"], g.get("l1_strength")) for g in groups for n in g["param_names"]}
+    assert by["0.weight"] == (0.0, 0.8) and by["2.weight"] == (0.0, None)
+
+
+def test_param_groups_are_the_same_when_an_override_equals_the_base():
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    over = {"4": {"l1": 1e-3}, "0": {"lr": 0.1}}  # (with l1=1e-3, layer 4's options are layer 2's)
+    ga, gb = (pyreg.param_groups(make(), l1=v, overrides=over) for v in (1e-4, 1e-3))
+    assert [g["param_names"] for g in ga] == [g["param_names"] for g in gb]
+    m = make()
+    opt = pyreg.optim.Adam(pyreg.param_groups(m, l1=1e-4, overrides=over), lr=1e-2)
+    m(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    other = pyreg.optim.Adam(pyreg.param_groups(make(), l1=1e-3, overrides=over), lr=1e-2)
+    other.load_state_dict(opt.state_dict())
+    assert [g["l1"] for g in other.param_groups] == [g["l1"] for g in opt.param_groups]
+
+
+def test_param_groups_patterns_match_a_tied_parameter_under_each_of_its_names():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.mid = nn.Linear(4, 4)
+            self.lm_head = nn.Linear(4, 10)
+            self.lm_head.weight = self.emb.weight
+
+    net = LM()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the pattern matches: no warning)
+        groups = pyreg.param_groups(net, l1=0.1, exclude=["lm_head.weight"])
+    assert _names(groups)["emb.weight"] == (0.0, 0.0) and _names(groups)["mid.weight"] == (0.1, 0.0)
+    groups = pyreg.param_groups(net, l1=0.1, overrides={"lm_head.weight": {"l1": 0.5, "lr": 1e-4}})
+    g = next(g for g in groups if "emb.weight" in g["param_names"])
+    assert g["l1"] == 0.5 and g["lr"] == 1e-4 and g["param_names"] == ["emb.weight"]
+
+
+@pytest.mark.parametrize("how", ["spectral_norm", "weight_norm"])
+def test_param_groups_a_parametrized_embedding_is_left_out(how):
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+    getattr(nn.utils.parametrizations, how)(model[0])
+    regularized = [n for g in pyreg.param_groups(model, l1=0.1) if g["l1"] for n in g["param_names"]]
+    assert regularized == ["1.weight"]
+
+
+@pytest.mark.parametrize("kwargs, exc, message", [
+    (dict(exclude=nn.LayerNorm), TypeError, r"not a class \(LayerNorm\).*isinstance\(module, LayerNorm\)"),
+    (dict(overrides="2"), TypeError, "overrides must be a dict .* got str"),
+    (dict(overrides=5), TypeError, "overrides must be a dict .* got int"),
+    (dict(overrides={"1.w*": {"l1": [0.1, 0.2]}}), ValueError,
+     r"overrides\['1.w\*'\]\['l1'\] has 2 values, one per parameter, but the parameters it sets are 1"),
+    (dict(overrides={"0": {"l1_strength": 0.5, "l1_refresh": 5}}), ValueError,
+     r"\['0'\] match only excluded parameters, where their keys \(l1_refresh, l1_strength\)"),
+])
+def test_param_groups_bad_arguments_are_named(kwargs, exc, message):
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2), nn.LayerNorm(2))
+    with pytest.raises(exc, match=message):
+        pyreg.param_groups(model, **kwargs)
 
 
 @pytest.mark.parametrize("first", ["embedding", "head"])

@@ -44,7 +44,7 @@ def default_exclude(name: str, param: Tensor, module: nn.Module) -> bool:
 
 
 #: Keys an override sets only on the parameters that are not excluded.
-_NOT_ON_EXCLUDED = STRUCTURED_KEYS + ("l1_strength",)
+_NOT_ON_EXCLUDED = STRUCTURED_KEYS + ("l1_strength", "l1_refresh")
 #: The prefixes wrappers put before a model's own names (DataParallel and DDP's ``module.``,
 #: torch.compile's ``_orig_mod.``): a reference matches with or without them.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -113,9 +113,14 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
     on the first layer's input columns only. These apply to the matching
     parameters that are not excluded (so ``"fc1"`` sets them on ``fc1.weight``,
     not on ``fc1.bias``), as do ``target_sparsity``, ``l2_bound``,
-    ``group_strength`` and ``l1_strength``. (A parametrized weight, e.g. after
-    ``weight_norm``, is named ``fc1.parametrizations.weight.original0``: its
-    module is ``fc1.parametrizations.weight``.)
+    ``group_strength``, ``l1_strength`` and ``l1_refresh``. A parameter held
+    under several names (a weight tied to another layer's, a module
+    registered twice) matches a pattern through any of them, and a
+    parametrized one (after ``weight_norm``, named
+    ``fc1.parametrizations.weight.original0``, held by
+    ``fc1.parametrizations.weight``) through its layer's name (``"fc1"``) as
+    well; the default rule treats it as its layer's (an embedding's is left
+    out).
 
     ``l1_strength``: the L1 strength as a fraction in [0, 1] instead of an
     ``l1`` (which must then be 0): each regularized tensor's ``l1`` is set
@@ -137,10 +142,10 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
     L2 toward zero). The copies are the one extra copy of the weights that
     regularizing toward a reference needs.
 
-    Parameters with equal options share a group, excluded ones apart from the
-    others even when the options are equal (``l1 = l2 = 0``): the groups are
-    the same whatever the coefficient values, so a checkpoint of a run with
-    one set of values loads into an optimizer built with another. Each group is
+    Parameters share a group when the same overrides match them and they are
+    all excluded or all not: the groups are the same whatever the coefficient
+    values (an override's equal to the base one included), so a checkpoint of
+    a run with one set of values loads into an optimizer built with another. Each group is
     ``{"params": [...], "param_names": [...], "l1": ..., "l2": ..., **options}``
     (``param_names`` is torch.optim's own key for names, kept in state dicts).
     """
@@ -156,7 +161,11 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
         base["l1_strength"] = a
     if exclude is None:
         rule = default_exclude
-    elif callable(exclude):
+    elif isinstance(exclude, type):
+        raise TypeError(f"exclude must be None, a callable(name, param, module) -> bool or a list of name "
+                        f"patterns, not a class ({exclude.__name__}); to leave out a type of layer: "
+                        f"exclude=lambda name, p, module: isinstance(module, {exclude.__name__})")
+    elif callable(exclude) and not isinstance(exclude, nn.Module):
         rule = exclude
     elif isinstance(exclude, (str, bytes)) or not isinstance(exclude, Iterable):
         raise TypeError("exclude must be None, a callable(name, param, module) or a list of name patterns")
@@ -166,6 +175,9 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
             if not isinstance(p, str):
                 raise TypeError(f"exclude patterns must be strings, got {type(p).__name__}")
         rule = None
+    if overrides is not None and not isinstance(overrides, dict):
+        raise TypeError(f"overrides must be a dict mapping name patterns (str) to dicts of group options, got "
+                        f"{type(overrides).__name__}")
     overrides = dict(overrides or {})
     for pattern, opts in overrides.items():
         if not isinstance(pattern, str) or not isinstance(opts, dict):
@@ -192,12 +204,17 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
 
     groups: List[Dict[str, Any]] = []
     seen = set()
-    holders: Dict[int, List[Tuple[str, nn.Module]]] = {}  # a tied parameter's every (name, module)
-    if rule is default_exclude:
-        for module_name, module in model.named_modules(remove_duplicate=False):
-            for pname, param in module.named_parameters(recurse=False):
-                holders.setdefault(id(param), []).append(
-                    (f"{module_name}.{pname}" if module_name else pname, module))
+    # every (name, module name, module) that holds each parameter: a tied or twice-registered one under each
+    # of its names; a parametrized one (held by '<owner>.parametrizations.<tensor>') also as its owner's
+    holders: Dict[int, List[Tuple[str, str, nn.Module]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{pname}" if module_name else pname
+            at = holders.setdefault(id(param), [])
+            at.append((name, module_name, module))
+            owner = _parametrized_owner(model, module_name, module)
+            if owner is not None:
+                at.append((name, owner[0], owner[1]))
     for module_name, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):
             if id(param) in seen:
@@ -206,34 +223,38 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
             if not param.requires_grad:
                 continue
             name = f"{module_name}.{pname}" if module_name else pname
+            held = holders.get(id(param), [(name, module_name, module)])
             if rule is default_exclude:  # (a tied parameter: left out if any of its modules leaves it out)
-                excluded = any(default_exclude(n, param, m) for n, m in holders.get(id(param), [(name, module)]))
+                excluded = any(default_exclude(n, param, m) for n, _, m in held)
             elif rule is not None:
                 excluded = bool(rule(name, param, module))
             else:
-                hits = [p for p in patterns if _matches(p, name, module_name)]
+                hits = [p for p in patterns if any(_matches(p, n, mn) for n, mn, _ in held)]
                 excluded = bool(hits)
                 used_exclude.update(hits)
             opts = {"l1": 0.0, "l2": 0.0} if excluded else dict(base)
+            matched = []  # the overrides that match the parameter (under any of its names)
             for pattern, extra in overrides.items():
-                if _matches(pattern, name, module_name):
+                if any(_matches(pattern, n, mn) for n, mn, _ in held):
                     keys = {k: v for k, v in extra.items() if not (excluded and k in _NOT_ON_EXCLUDED)}
                     # l1 and l1_strength exclude each other: the one an override sets replaces the other
-                    if keys.get("l1") and "l1_strength" not in keys:
+                    if keys.get("l1") is not None and "l1_strength" not in keys:
                         opts.pop("l1_strength", None)
                     if keys.get("l1_strength") is not None and "l1" not in keys:
                         opts["l1"] = 0.0
                     opts.update(keys)
                     used.add(pattern)
+                    matched.append(pattern)
                     if keys or not extra:
                         applied.add(pattern)
-            # The groups depend on which parameters are excluded, not on the
-            # coefficient values: l1 = l2 = 0 gives the same groups as any other.
+            # The groups depend on which parameters are excluded and which overrides match them, not on
+            # the values: l1 = l2 = 0, or an override's value equal to the base one, gives the same groups.
+            key = (excluded, tuple(matched))
             for group in groups:
-                if group["_opts"] == opts and group["_excluded"] == excluded:
+                if group["_key"] == key:
                     break
             else:
-                group = {"_opts": opts, "_excluded": excluded, "params": [], "param_names": []}
+                group = {"_key": key, "_opts": opts, "params": [], "param_names": []}
                 groups.append(group)
             group["params"].append(param)
             group["param_names"].append(name)
@@ -253,10 +274,17 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
         warnings.warn(f"exclude pattern(s) {unused} match no trainable parameter of the model, so they exclude "
                       "nothing: check their spelling (patterns match a parameter's qualified name, such as "
                       "'fc1.bias', or its module's name)", UserWarning, stacklevel=2)
+    for group in groups:  # (a list value, one per parameter, against the parameters it went to)
+        for k in COEF_KEYS:
+            v = group["_opts"].get(k)
+            if isinstance(v, (list, tuple)) and len(v) != len(group["params"]):
+                setters = [p for p in group["_key"][1] if k in overrides[p]]
+                raise ValueError(f"overrides[{setters[-1]!r}][{k!r}] has {len(v)} values, one per parameter, but "
+                                 f"the parameters it sets are {len(group['params'])}: {group['param_names']}")
     out, found, wanted, regularized = [], 0, 0, []
     for group in groups:
         opts = group.pop("_opts")
-        excluded = group.pop("_excluded")
+        excluded = group.pop("_key")[0]
         out.append({"params": group["params"], "param_names": group["param_names"], **opts})
         if ref is not None:
             refs = [_ref_copy(ref, _unwrapped(name), p) for name, p in zip(group["param_names"], group["params"])]
@@ -271,6 +299,16 @@ def param_groups(model: nn.Module, l1: float = 0.0, l2: float = 0.0,
                          f"{some}; ref's names: {list(ref)[:3]}): toward it, every parameter would be regularized "
                          "toward zero. Pass the reference of this model (a state dict of the same names)")
     return out
+
+
+def _parametrized_owner(model: nn.Module, module_name: str, module: nn.Module) -> Optional[Tuple[str, nn.Module]]:
+    """(name, module) of the module whose tensor ``module`` parametrizes
+    (``module_name`` is ``'<owner>.parametrizations.<tensor>'``), else None."""
+    parts = module_name.split(".")
+    if len(parts) < 2 or parts[-2] != "parametrizations" or type(module).__name__ != "ParametrizationList":
+        return None
+    owner = ".".join(parts[:-2])
+    return owner, (model.get_submodule(owner) if owner else model)
 
 
 def _ref_copy(ref: Dict[str, Any], name: str, param: Tensor) -> Optional[Tensor]:
