@@ -500,8 +500,7 @@ class Regularized(Observable, Optimizer):
         state = self.state
         if not all(strength_l1(w, state) is vec for w, vec in fast[3]):
             return _FULL_PATH
-        counts = _counts([w.bucket for w, _ in fast[3]])
-        return counts, {id(p): p.detach().clone() for w, _ in fast[3] for p in strength_due(w.bucket, state)}
+        return _strength_before([w.bucket for w, _ in fast[3]], state)
 
     def _fast_step(self, fast: tuple, taken: Optional[tuple]):
         """The step on the fast path (see :func:`fast_prox`), the inner
