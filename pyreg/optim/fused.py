@@ -730,15 +730,12 @@ class FusedOptimizer(Observable):
             if host is not None:  # (on the CPU, through numpy views: a few values, without an op's dispatch)
                 host[0][host[1]] = host[3][host[2]]
             else:
-                whole = b.l1_index == list(range(vec.numel()))
-                hit[0].view(-1).index_copy_(0, hit[4], (vec if whole else vec[b.l1_index]).to(dtype=t.dtype))
+                hit[0].view(-1).index_copy_(0, hit[4], _l1_values(b, vec, t))
             self._tables[key] = (hit[0], vec._version) + hit[2:]
             return hit[0]
-        whole = b.l1_index == list(range(vec.numel()))
-        values = (vec if whole else vec[b.l1_index]).to(device=dev, dtype=t.dtype)
         out = t.clone()
         at = to_device([r * len(HYPER) + L1_COLUMN for r in b.l1_rows], torch.int64, dev)
-        out.view(-1).index_copy_(0, at, values)
+        out.view(-1).index_copy_(0, at, _l1_values(b, vec, t))
         if not b.dynamic:
             host = ((out.numpy().reshape(-1), at.numpy(), torch.tensor(b.l1_index).numpy(), vec.numpy())
                     if dev.type == "cpu" else None)
@@ -919,6 +916,13 @@ class FusedOptimizer(Observable):
                     pushes.update(zip(idx, self._pushes(items)))
             if pushes:
                 refresh_strength(w, dict(sorted(pushes.items(), key=lambda x: x[0])), state, vec=vec)
+
+
+def _l1_values(b: _Bucket, vec: Tensor, t: Tensor) -> Tensor:
+    """The l1 of the bucket's l1_strength rows, from ``vec`` (its entries
+    ``b.l1_index``), as the table ``t`` holds them (device and dtype)."""
+    whole = b.l1_index == list(range(vec.numel()))
+    return (vec if whole else vec[b.l1_index]).to(device=t.device, dtype=t.dtype)
 
 
 def wide(t: Tensor) -> Tensor:
