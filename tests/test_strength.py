@@ -258,7 +258,7 @@ def test_a_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(cls, kw, o
     monkeypatch.setattr(torch, "_foreach_sqrt", lambda ts: [ieee_sqrt(t) for t in ts])
     calls = []
     kernel = CompiledKernels.push_kth
-    monkeypatch.setattr(CompiledKernels, "push_kth", lambda self, *a: calls.append(1) or kernel(self, *a))
+    monkeypatch.setattr(CompiledKernels, "push_kth", lambda self, *a, **k: calls.append(1) or kernel(self, *a, **k))
 
     class TorchOps(cls):  # the pushes in torch ops, then kth_abs
         def _push_quantiles(self, items, ks, out=None):

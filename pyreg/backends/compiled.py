@@ -280,7 +280,8 @@ class CompiledKernels:
         return self._has("push_kth")
 
     def push_kth(self, m_: List[Tensor], v: Optional[List[Tensor]], e: List[float], s: List[float], k: List[int],
-                 out: Tensor, w: Optional[List[Tensor]] = None, wd: Optional[List[float]] = None) -> None:
+                 out: Tensor, w: Optional[List[Tensor]] = None, wd: Optional[List[float]] = None,
+                 described: Optional[Tuple[List[int], List[int], List[int]]] = None) -> None:
         """``out[i] <- kth_abs`` (k[i]) of the push of an adaptive step,
         ``m_i / ((sqrt(v_i) + e[i]) * s[i])`` (``m_i / s[i]`` with ``v``
         None), plus ``wd[i] * w_i`` where ``w`` (the weights before the step,
@@ -290,10 +291,19 @@ class CompiledKernels:
         :meth:`kth_abs`. For a build that
         :meth:`selects_pushes`, on plain contiguous CPU tensors of one dtype,
         float32 or float64 (``_validate.plain_cpu``); ``out`` float64, one per
-        tensor."""
-        ptrs, numels, codes = m.plain_description(m_)
-        self._fn("push_kth")(ptrs, numels, codes, [] if v is None else m.pointers(v), e, s,
-                             [] if w is None else m.pointers(w), [] if wd is None else wd, k, out.data_ptr(),
+        tensor. ``described``: ``_marshal.plain_list`` of ``m_ + v + w`` (those
+        given), where the caller checked them so (their pointers then come
+        from it)."""
+        n = len(m_)
+        if described is None:
+            (ptrs, numels, codes), vp, wp = (m.plain_description(m_), [] if v is None else m.pointers(v),
+                                             [] if w is None else m.pointers(w))
+        else:
+            every = described[0]
+            ptrs, numels, codes = every[:n], described[1][:n], described[2][:n]
+            vp = [] if v is None else every[n:2 * n]
+            wp = [] if w is None else every[len(every) - n:]
+        self._fn("push_kth")(ptrs, numels, codes, vp, e, s, wp, [] if wd is None else wd, k, out.data_ptr(),
                              torch.get_num_threads())
 
     def fuses_target(self) -> bool:

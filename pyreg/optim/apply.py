@@ -21,6 +21,7 @@ from torch import Tensor
 from .. import backends, ops
 from .._common import SUPPORTED_DTYPES, capturing, has_dtensor, outside_graph, to_device
 from .._validate import check_grads_apart, disjoint_pointers, first_unpaired, plain_cpu, tensor_list
+from ..backends._marshal import plain_list
 from .plan import Bucket, Plan, Work
 from .results import ParamStats, Sparsity
 
@@ -349,11 +350,13 @@ def step_quantiles(w: Work, before: Dict[int, Tensor]) -> Optional[Tuple[List[in
         return None
     olds = [before[id(w.params[i])] for i in idx]
     news = [w.params[i].detach() for i in idx]
-    if not plain_cpu(olds + news) or news[0].dtype not in (torch.float32, torch.float64):  # (the kernel's types)
+    described = plain_list(olds + news)
+    if described is None or news[0].dtype not in (torch.float32, torch.float64):  # (the kernel's types)
         return None
     n = len(idx)
     q = torch.empty(n, dtype=torch.float64)
-    be.push_kth(olds, None, [0.0] * n, [1.0] * n, strength_ks(w, idx, [p.numel() for p in news]), q, news, [-1.0] * n)
+    be.push_kth(olds, None, [0.0] * n, [1.0] * n, strength_ks(w, idx, described[1][n:]), q, news, [-1.0] * n,
+                described=described)
     return idx, q
 
 

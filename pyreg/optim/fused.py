@@ -38,8 +38,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from .._common import SUPPORTED_DTYPES, outside_graph, to_device
-from .._validate import first_unpaired, flag, like_tensors, nonneg_real, plain_cpu
-from ..backends._marshal import step_ticket
+from .._validate import first_unpaired, flag, like_tensors, nonneg_real
+from ..backends._marshal import plain_list, step_ticket
 from ._torch_compat import raw_step
 from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, check_step_counts, constraints, direct_backend,
                     misfit_state, penalized, pop_own_state, prox_buckets, put_own_state, refresh_strength,
@@ -151,7 +151,14 @@ class _Gathered:
         self.shapes = list(map(_shape_of, ps))
         states = [state.get(p, _NO_STATE) for p in ps]
         self.keys = list(chain.from_iterable(states))
-        self.values = list(chain.from_iterable(map(dict.values, states)))
+        # (pyreg's count of l1_strength steps, a number that changes at every step and that no kernel reads,
+        # is left out of the comparison of the values)
+        self.counted = [k != STRENGTH_STEP for k in self.keys] if STRENGTH_STEP in self.keys else None
+        self.values = self._compared(chain.from_iterable(map(dict.values, states)))
+
+    def _compared(self, values: Iterable[Any]) -> List[Any]:
+        """The state values that :meth:`reuse` compares, in order (see ``counted``)."""
+        return list(values if self.counted is None else compress(values, self.counted))
 
     def reuse(self, plan: Plan, runs: List["_GroupRun"], l1_of: Dict[int, Tuple[Tensor, int]],
               state: Dict[Any, Any], groups: List[Dict[str, Any]]) -> Optional[List[_Bucket]]:
@@ -173,7 +180,7 @@ class _Gathered:
         states = list(map(state.get, self.with_grad, repeat(_NO_STATE)))
         if list(chain.from_iterable(states)) != self.keys:  # (a dict iterates its keys)
             return None
-        values = list(chain.from_iterable(map(dict.values, states)))
+        values = self._compared(chain.from_iterable(map(dict.values, states)))
         if len(values) != len(self.values):
             return None
         same = list(map(is_, values, self.values))
@@ -328,13 +335,14 @@ class FusedOptimizer(Observable):
         decay = self._push_decay(items) if terms is not None else None
         if decay is None and any(it[4] is not None for it in items):  # (a term the kernel does not add)
             return None
-        if terms is None or not plain_cpu(terms[0] + (terms[1] or []) + (decay[0] if decay else [])):
+        described = None if terms is None else plain_list(terms[0] + (terms[1] or []) + (decay[0] if decay else []))
+        if described is None:
             return None
         if out is None:
             out = torch.empty(len(items), dtype=torch.float64)
         else:
             torch.autograd.graph.increment_version(out)  # (written through its pointer)
-        be.push_kth(*terms, ks, out, *(decay or (None, None)))
+        be.push_kth(*terms, ks, out, *(decay or (None, None)), described=described)
         return out
 
     def _flags(self, group: Dict[str, Any]) -> Flags:
