@@ -16,6 +16,7 @@
 #include "common/tensor_list.h"
 #include "fast_list.h"
 #include "fast_prox.h"
+#include "strength_counts.h"
 #if defined(PYREG_WITH_CUDA_EMU)
 #include "cuda/emu/selftest.h"
 #endif
@@ -382,6 +383,7 @@ PYBIND11_MODULE(_C, m) {
   bind_kernels(m, "cuda_emu", pyreg::kCudaEmu);
   pyreg::bind_fast_prox(m, pyreg::kCpu);
   pyreg::bind_fast_list(m);
+  pyreg::bind_strength_counts(m);
 #if defined(PYREG_WITH_CUDA_EMU)
   m.def("cuda_emu_selftest", &pyreg::emu::selftest, py::arg("name"),
         "Runs one of the emulator's own checks (csrc/cuda/emu/selftest.cpp).");

@@ -19,7 +19,11 @@
 // (bind_step): same(), the inner step as torch's wrapper runs it less the
 // global hooks (those ran around pyreg.Regularized's own step), prox(), the
 // parameters' version bump; it leaves an inner optimizer with step hooks of
-// its own, and everything that changed, to the caller.
+// its own, and everything that changed, to the caller. With l1_strength
+// (bind_counts), step() also counts the step of each of its parameters in
+// the inner optimizer's state (csrc/strength_counts.cpp), after the inner
+// step, once it has found that state as seen; where a refresh is due at this
+// step, it does nothing and says so (the caller's path in Python refreshes).
 //
 // It uses the Python C API only (no libtorch): tensors are read through
 // torch.Tensor's descriptors, as pyreg._C.plain_list reads them (grad, dtype,
@@ -39,6 +43,7 @@
 #include "common/tensor_list.h"
 #include "fast_list.h"
 #include "fast_prox.h"
+#include "strength_counts.h"
 
 namespace py = pybind11;
 
@@ -234,12 +239,18 @@ void FastProx::bind_step(py::object opt, py::object step, py::object direct, py:
   step_ = std::move(step);
 }
 
+void FastProx::bind_counts(py::object counts) {
+  if (!py::isinstance<StrengthCounts>(counts)) throw py::type_error("FastProx.bind_counts takes a StrengthCounts");
+  counts_ = std::move(counts);
+}
+
 namespace {
 
 struct Names {
   py::object param_groups = py::str("param_groups"), step = py::str("step"),
              pre = py::str("_optimizer_step_pre_hooks"), post = py::str("_optimizer_step_post_hooks"),
-             step_code = py::str("_optimizer_step_code"), last = py::str("last"), penalty = py::str("penalty");
+             step_code = py::str("_optimizer_step_code"), last = py::str("last"), penalty = py::str("penalty"),
+             state = py::str("state");
 };
 
 const Names& names() {
@@ -268,7 +279,8 @@ bool nonempty(PyObject* o, PyObject* name) {
 
 py::tuple FastProx::step() {
   // 0: nothing done (the caller's full path checks everything); 3: nothing
-  // done, the inner optimizer has step hooks (the caller runs them).
+  // done, the inner optimizer has step hooks (the caller runs them); 4:
+  // nothing done, an l1_strength refresh is due (the caller's path refreshes).
   const auto status = [](int s, py::object loss = py::none()) { return py::make_tuple(s, std::move(loss)); };
   if (step_.is_none()) return status(0);
   const Names& n = names();
@@ -285,11 +297,22 @@ py::tuple FastProx::step() {
   // None under a user dispatch mode or another backend: the ops decide
   if (call(direct_.ptr(), {}).is_none()) return status(0);
   if (nonempty(opt, n.pre.ptr()) || nonempty(opt, n.post.ptr())) return status(3);
+  std::vector<long long> counts;
+  const StrengthCounts* counter = counts_.is_none() ? nullptr : counts_.cast<const StrengthCounts*>();
+  if (counter != nullptr) {
+    PyObject* state = attr(opt, n.state.ptr());
+    if (state == nullptr) return status(0);
+    Py_DECREF(state);  // compared by identity only (the counter holds the one seen)
+    const int due = counter->due(state, &counts);
+    if (due < 0) return status(0);
+    if (due > 0) return status(4);
+  }
   py::object loss = call(raw_.ptr(), {opt});
   PyObject* code = PyObject_CallMethodNoArgs(opt, n.step_code.ptr());  // as torch's wrapper does
   if (code == nullptr) throw py::error_already_set();
   Py_DECREF(code);
   const int nthreads = py::cast<int>(call(num_threads_.ptr(), {}));
+  if (counter != nullptr) counter->count(counts);  // (the inner step ran: the step counts)
   if (!prox(nthreads)) return status(2, loss);  // the inner step replaced a tensor's memory: the caller's prox
   call(bump_.ptr(), {params_.ptr()});
   if (PyDict_SetItem(out_.ptr(), n.last.ptr(), last_.ptr()) < 0 ||
@@ -321,11 +344,14 @@ void bind_fast_prox(py::module_& m, const Kernels& cpu) {
            "What step() runs: the inner optimizer `opt`, its class's hooked `step` as seen, what answers "
            "None where the CPU kernels may not be called directly, torch's thread count, the version bump of `params`, and the dict `out` "
            "whose 'last' becomes `last` (and 'penalty' None) after each step.")
+      .def("bind_counts", &FastProx::bind_counts, py::arg("counts"),
+           "l1_strength's counts that step() keeps: a StrengthCounts of the inner optimizer's state.")
       .def("step", &FastProx::step,
            "The whole fast step: (status, loss). 1: same(), the inner step (torch's wrapper's work but "
-           "the global hooks), prox(), the version bump; 0: nothing done, something changed; 2: the inner "
-           "step ran and replaced a tensor's memory (no prox done); 3: nothing done, the inner optimizer "
-           "has step hooks.")
+           "the global hooks), prox(), the version bump (with bind_counts: the state as seen, no refresh "
+           "due, and the step counted after the inner step); 0: nothing done, something changed; 2: the "
+           "inner step ran (and was counted) and replaced a tensor's memory (no prox done); 3: nothing "
+           "done, the inner optimizer has step hooks; 4: nothing done, an l1_strength refresh is due.")
       .def("sizes", &FastProx::sizes, "The number of tensors of each bucket (one kernel call each).");
 }
 

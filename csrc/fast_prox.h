@@ -20,6 +20,7 @@ class FastProx {
   void bind_step(pybind11::object opt, pybind11::object step, pybind11::object direct,
                  pybind11::object num_threads, pybind11::object bump, pybind11::list params,
                  pybind11::dict out, pybind11::object last);
+  void bind_counts(pybind11::object counts);
   pybind11::tuple step();
   std::vector<size_t> sizes() const;
 
@@ -47,6 +48,7 @@ class FastProx {
   // What step() calls and reads (set by bind_step; step_ is None until then).
   pybind11::object opt_, step_ = pybind11::none(), raw_, direct_, num_threads_, bump_, out_, last_;
   pybind11::list params_;
+  pybind11::object counts_ = pybind11::none();  // l1_strength's StrengthCounts (bind_counts), or None
 
   const Kernels* kernels_;
   pybind11::list groups_;

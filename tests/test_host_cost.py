@@ -545,6 +545,93 @@ def test_fast_path_with_l1_strength_follows_memory_the_inner_step_replaced(monke
     assert _bits_equal(with_fast, without)
 
 
+def test_fast_path_with_l1_strength_counts_and_refreshes_as_the_full_path(monkeypatch):
+    """The whole fast step (one call into C) counts each l1_strength param's
+    steps in the state and hands a step with a refresh due to Python: over
+    staggered refreshes (a bucket of two slices), two refresh periods, a
+    step where one weight has no grad (it is not counted there), a state
+    dict loaded in the middle and an lr schedule, the counts, the l1 and the
+    weights are the full path's, bit for bit, at every step."""
+    calls = _count_fast(monkeypatch)
+    runs = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(R, "fast_prox", lambda *a: None)
+        torch.manual_seed(4)
+        model = torch.nn.Sequential(torch.nn.Linear(300, 240), torch.nn.ReLU(), torch.nn.Linear(240, 5))
+        groups = pyreg.param_groups(model, l1_strength=0.5, overrides={"0.weight": {"l1_refresh": 3},
+                                                                       "2.weight": {"l1_refresh": 4}})
+        opt = pyreg.Regularized(torch.optim.Adam(groups, lr=1e-2))
+        gen = torch.Generator().manual_seed(6)
+        seen = []
+        for k in range(16):
+            x, y = torch.randn(32, 300, generator=gen), torch.randn(32, 5, generator=gen)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if k == 7:
+                model[2].weight.grad = None
+            if k >= 10:
+                for g in opt.param_groups:
+                    g["lr"] = 1e-2 / k
+            opt.step()
+            if k == 11:
+                opt.load_state_dict(opt.state_dict())
+            seen.append([(opt.state[p].get("strength_step"), _bits(opt.state[p]["strength_l1"]).item(),
+                          _bits(p.detach()).clone()) for p in (model[0].weight, model[2].weight)])
+        runs.append(seen)
+        if fast:
+            n_fast = len(calls)
+    assert [[(t, q) for t, q, _ in step] for step in runs[0]] == [[(t, q) for t, q, _ in step] for step in runs[1]]
+    assert all(torch.equal(a[2], b[2]) for s0, s1 in zip(*runs) for a, b in zip(s0, s1))
+    assert [t for t, _, _ in runs[0][-1]] == [16, 15]  # (the second weight had no grad at one step)
+    assert len({q for step in runs[0] for _, q, _ in step}) > 4  # refreshed several times
+    assert n_fast >= 8
+
+
+def test_strength_counts_count_as_the_python_rule_and_refuse_what_they_cannot_keep():
+    """pyreg._C.StrengthCounts (l1_strength's counts at C speed): a step
+    counts each param's step in its state where no refresh is due (0), says
+    1 where one is (t >= k and (t + shift) % k == 0 for the count t of this
+    step) and -1 where the state is not as seen (another state object, dict
+    or l1 entry, a count that is not an int), changing nothing then; it
+    takes only params with a state dict holding their l1, a period of at
+    least 1 and a shift of at least 0 (else a ValueError)."""
+    from pyreg._lib import _C
+    if _C is None or not hasattr(_C, "StrengthCounts"):
+        pytest.skip("no compiled module")
+    a, b = torch.zeros(3), torch.zeros(2)
+    l1 = torch.zeros(2, dtype=torch.float64)
+    state = {a: {"strength_l1": l1[0], "strength_step": 4}, b: {"strength_l1": l1[1], "strength_step": 0}}
+
+    class B:
+        steps_taken = [4, 0]
+    bucket = B()
+    c = _C.StrengthCounts(state, "strength_l1", "strength_step", [(a, 3, 0), (b, 5, 2)], [bucket])
+    got = []
+    for _ in range(4):
+        got.append(c.step(state))
+        if got[-1] == 1:  # (the refresh step, counted in Python)
+            for s in state.values():
+                s["strength_step"] += 1
+    # a counts 5, then 6 (6 >= 3 and 6 % 3 == 0: a refresh), 7, 8; b 1 to 4 (below its period, 5)
+    assert got == [0, 1, 0, 0]
+    assert [s["strength_step"] for s in state.values()] == [8, 4] and bucket.steps_taken is None
+    for changed in ({**state}, {a: dict(state[a]), b: state[b]}, {a: {**state[a], "strength_l1": l1[0] + 0},
+                                                                    b: state[b]}):
+        if changed is not state:
+            assert c.step(changed) == -1
+    state[b]["strength_step"] = 4.0
+    assert c.step(state) == -1 and state[a]["strength_step"] == 8  # nothing counted
+    good = ("strength_l1", "strength_step")
+    for entries, st, match in [([(a, 0, 0)], state, "period"), ([(a, 3, -1)], state, "shift"),
+                               ([(torch.zeros(1), 3, 0)], state, "no state dict"), ([(a, 3, 0)], {a: {}}, "no l1"),
+                               ([(a, 3)], state, "3-tuple"), ([(a, 3, 0)], [], "not a dict")]:
+        with pytest.raises(ValueError, match=match):
+            _C.StrengthCounts(st, *good, entries, [])
+    with pytest.raises(TypeError, match="StrengthCounts"):
+        _C.FastProx([], []).bind_counts(object())
+
+
 def test_fast_path_takes_an_added_group(monkeypatch):
     extra = {}
 
@@ -758,3 +845,54 @@ def test_kept_buckets_keep_no_grad_alive(name):
     opt.zero_grad()
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+@pytest.mark.parametrize("cls", [pyreg.optim.AdamW, pyreg.optim.SGD])
+def test_kept_buckets_count_l1_strength_steps_as_python_does(cls, monkeypatch):
+    """The steps that keep their buckets count l1_strength's steps at C
+    speed (apply.strength_counter) and leave a step with a refresh due to
+    Python: over staggered refreshes (a bucket of two slices), two refresh
+    periods, a step where one weight has no grad, a step GradScaler skips,
+    a state dict loaded in the middle and an lr schedule, the counts, the
+    l1 and the weights are those of the steps counted in Python only, bit
+    for bit, at every step; and steps were counted in C."""
+    answers = []
+    count_kept = FZ.FusedOptimizer._count_kept
+    monkeypatch.setattr(FZ.FusedOptimizer, "_count_kept", lambda self, s: answers.append(count_kept(self, s))
+                        or answers[-1])
+    runs = []
+    for in_c in (True, False):
+        if not in_c:
+            monkeypatch.setattr(FZ, "strength_counter", lambda *a: None)
+        torch.manual_seed(4)
+        model = torch.nn.Sequential(torch.nn.Linear(300, 240), torch.nn.ReLU(), torch.nn.Linear(240, 5))
+        groups = pyreg.param_groups(model, l1_strength=0.5, overrides={"0.weight": {"l1_refresh": 3},
+                                                                       "2.weight": {"l1_refresh": 4}})
+        opt = cls(groups, lr=1e-2)
+        gen = torch.Generator().manual_seed(6)
+        seen = []
+        for k in range(16):
+            x, y = torch.randn(32, 300, generator=gen), torch.randn(32, 5, generator=gen)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if k == 7:
+                model[2].weight.grad = None
+            if k >= 10:
+                for g in opt.param_groups:
+                    g["lr"] = 1e-2 / k
+            if k == 13:
+                opt.found_inf = torch.ones(())  # (as GradScaler sets it: the step is skipped)
+            opt.step()
+            opt.__dict__.pop("found_inf", None)
+            if k == 11:
+                opt.load_state_dict(opt.state_dict())
+            seen.append([(opt.state[p].get("strength_step"), _bits(opt.state[p]["strength_l1"]).item(),
+                          _bits(p.detach()).clone()) for p in (model[0].weight, model[2].weight)])
+        runs.append(seen)
+        if in_c:
+            in_c_answers = list(answers)
+    assert [[(t, q) for t, q, _ in step] for step in runs[0]] == [[(t, q) for t, q, _ in step] for step in runs[1]]
+    assert all(torch.equal(a[2], b[2]) for s0, s1 in zip(*runs) for a, b in zip(s0, s1))
+    assert [t for t, _, _ in runs[0][-1]] == [15, 14]  # (one step skipped; the second weight had no grad at one)
+    assert len({q for step in runs[0] for _, q, _ in step}) > 4  # refreshed several times
+    assert in_c_answers.count(0) >= 3 and 1 in in_c_answers

@@ -266,11 +266,7 @@ def strength_due(b: Bucket, state: Dict[Any, Dict[str, Any]]) -> List[Tensor]:
     torch.compile the optimizers call it eagerly, outside the graph (the
     fused optimizers' step always runs eagerly; Regularized's bookkeeping
     and prox run so, where a bucket has a strength)."""
-    if torch.compiler.is_compiling() or capturing(b.device):
-        raise RuntimeError("l1_strength refreshes each tensor's l1 every l1_refresh steps, counted on the host: "
-                           "its step cannot be compiled by torch.compile or captured into a CUDA graph (use "
-                           "a fused optimizer, whose step runs eagerly under torch.compile, without capture; "
-                           "or a fixed l1)")
+    check_countable(b)
     params = b.params
     seen = b.counts_in
     # a new plan, or a state loaded under this one (into a wrapped optimizer): continue the state's counts
@@ -295,6 +291,45 @@ def strength_due(b: Bucket, state: Dict[Any, Dict[str, Any]]) -> List[Tensor]:
 
 
 _grad_of, _plus_one = attrgetter("grad"), (1).__add__
+
+
+def check_countable(b: Bucket) -> None:
+    """Raises ``RuntimeError`` where a step of the "strength" bucket ``b``
+    cannot be counted on the host (see :func:`strength_due`): traced by
+    torch.compile or captured into a CUDA graph."""
+    if torch.compiler.is_compiling() or capturing(b.device):
+        raise RuntimeError("l1_strength refreshes each tensor's l1 every l1_refresh steps, counted on the host: "
+                           "its step cannot be compiled by torch.compile or captured into a CUDA graph (use "
+                           "a fused optimizer, whose step runs eagerly under torch.compile, without capture; "
+                           "or a fixed l1)")
+
+
+def strength_counter(works: Sequence[Work], state: Dict[Any, Dict[str, Any]]) -> Optional[Any]:
+    """``pyreg._C.StrengthCounts`` of the params of the "strength" ``works``
+    (csrc/strength_counts.cpp): it counts a step of each in ``state`` at C
+    speed, as :func:`strength_due` and :func:`record_strength_step` do
+    (after finding the state as it was: the same objects), where no refresh
+    is due at the step, with the refresh phases that their last
+    :func:`strength_due` set. For the steps where nothing else changed (an
+    optimizer keeps it while it is so). None without the compiled module,
+    for "gstrength" works, or where the state is not as it takes it."""
+    from .._lib import _C  # noqa: PLC0415
+
+    if _C is None or not hasattr(_C, "StrengthCounts") or any(w.kind != "strength" for w in works):
+        return None
+    entries = []
+    for w in works:
+        b = w.bucket
+        if b.refresh_at[0] is not b.values["l1_refresh"]:
+            return None
+        at = b.refresh_at[1]
+        phase = dict(zip(map(id, b.params), [at] * len(b.params) if isinstance(at, tuple) else at))
+        entries += [(p, *phase[id(p)]) for p in w.params]
+    try:
+        return _C.StrengthCounts(state, STRENGTH_STATE[0], STRENGTH_STEP, entries,
+                                 list({id(w.bucket): w.bucket for w in works}.values()))
+    except ValueError:  # (a param without its state: the steps count in Python)
+        return None
 
 
 def record_strength_step(buckets: Sequence[Bucket], state: Dict[Any, Dict[str, Any]]) -> None:

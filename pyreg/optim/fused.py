@@ -41,9 +41,10 @@ from .._common import SUPPORTED_DTYPES, outside_graph, to_device
 from .._validate import first_unpaired, flag, like_tensors, nonneg_real
 from ..backends._marshal import plain_list, step_ticket
 from ._torch_compat import raw_step
-from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, check_step_counts, constraints, direct_backend,
-                    misfit_state, penalized, pop_own_state, prox_buckets, put_own_state, refresh_strength,
-                    record_strength_step, store_strength, strength_due, strength_ks, strength_l1)
+from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, check_countable, check_step_counts, constraints,
+                    direct_backend, misfit_state, penalized, pop_own_state, prox_buckets, put_own_state,
+                    refresh_strength, record_strength_step, store_strength, strength_counter, strength_due,
+                    strength_ks, strength_l1)
 from .engine import Engine, Observable, keep_own_keys, param_list
 from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
 from .keys import hyper_keys_of, read_group, signature
@@ -135,6 +136,7 @@ class _Gathered:
         self.plan, self.runs, self.l1_of, self.state = plan, list(runs), l1_of, state
         self.settings = list(map(_but_lr, groups))
         self.hits = 0  # the steps it served
+        self.counter: Optional[Any] = None  # l1_strength's counts of the steps it serves (apply.strength_counter)
         self.params = [p for g in groups for p in g["params"]]
         self.nones = [p.grad is None for p in self.params]
         pos = {id(p): i for i, p in enumerate(self.params)}
@@ -859,9 +861,14 @@ class FusedOptimizer(Observable):
         if buckets or after:
             with torch.no_grad():
                 skipped = bool(strength or after) and self._amp_skipped()
-                due = {} if skipped else self._due(plan, strength)
-                if strength and not skipped:
+                # l1_strength: the step counted at C speed where the kept buckets' counter takes it (no refresh
+                # due: 0), else in Python, which then makes the counter for the next steps that keep them
+                counted = strength and not skipped and self._count_kept(strength) == 0
+                due = {} if skipped or counted else self._due(plan, strength)
+                if strength and not skipped and not counted:
                     record_strength_step([w.bucket for w in strength], self.state)  # type: ignore[attr-defined]
+                    if self._gathered is not None:
+                        self._gathered.counter = strength_counter(strength, self.state)  # type: ignore[attr-defined]
                 for b in buckets:
                     self._run(b)
                     b.grads = []  # (a kept bucket must not keep this step's grads alive)
@@ -879,6 +886,19 @@ class FusedOptimizer(Observable):
                     for b in buckets:  # (into the cached tables now, while they are at hand)
                         if b.l1_rows and not b.dynamic:
                             self._table(b)
+
+    def _count_kept(self, strength: List[Work]) -> Optional[int]:
+        """``l1_strength``: the answer of the kept buckets' counter
+        (:func:`strength_counter`: 0, this step counted; 1, a refresh due;
+        -1, the state not as it was), None without one (a step that gathered
+        its buckets, or before a step counted them in Python)."""
+        kept = self._gathered
+        counter = None if kept is None else kept.counter
+        if counter is None:
+            return None
+        for w in strength:
+            check_countable(w.bucket)
+        return counter.step(self.state)  # type: ignore[attr-defined]
 
     def _due(self, plan: Plan, strength: List[Work]) -> Dict[int, Optional[Tensor]]:
         """``l1_strength``: the params whose l1 this step refreshes, by id,

@@ -416,30 +416,22 @@ class Regularized(Observable, Optimizer):
         if fast is not None and closure is None and self.mode == "proximal" and not _is_compiling():
             # Nothing changed since a step that made every check (an lr may be a new float):
             # the inner step, then the element prox straight into the CPU kernels.
-            taken = self._strength_taken(fast) if fast[3] else None  # (l1_strength: this step counted)
-            if taken is _FULL_PATH:
-                pass
-            elif fast[5] and (taken is None or not taken[1]):  # torch's wrapped inner step, no refresh due:
-                # all of it in one call (l1_strength's counts aside)
-                try:
-                    status, loss = fast[0].step()
-                except BaseException:
-                    _put_back(taken[0] if taken else [])
-                    raise
-                if status == 0:  # nothing done: the full path below (which counts the step)
-                    _put_back(taken[0] if taken else [])
-                elif status == 1:
-                    if taken:
-                        record_strength_step([w.bucket for w, _ in fast[3]], self.state)
+            status = None
+            if fast[5]:  # torch's wrapped inner step: all of it in one call (l1_strength's counts included)
+                status, loss = fast[0].step()
+                if status == 1:
                     return loss
-                elif status == 2:  # the inner step replaced a tensor's memory
-                    return self._prox_in_full(taken[1] if taken else None, loss)
-                else:  # the inner optimizer's own step hooks: the step below runs them
-                    return self._fast_step(fast, taken)
-            elif fast[0].same(self.optimizer.param_groups) and apply.direct_backend() is not None:
-                return self._fast_step(fast, taken)
-            elif taken:
-                _put_back(taken[0])
+                if status == 2:  # the inner step (counted) replaced a tensor's memory: no refresh was due
+                    return self._prox_in_full(None, loss)
+            # (None: another inner step; 3: the inner optimizer's own step hooks; 4: an l1_strength refresh
+            # due; 0, nothing done: something changed, the full path below checks it)
+            if status != 0:  # the step from here, its bookkeeping and refreshes in Python
+                taken = self._strength_taken(fast) if fast[3] else None  # (l1_strength: this step counted)
+                if taken is not _FULL_PATH:
+                    if fast[0].same(self.optimizer.param_groups) and apply.direct_backend() is not None:
+                        return self._fast_step(fast, taken)
+                    if taken:
+                        _put_back(taken[0])
         self._fast = None
         groups = self.param_groups
         proximal = self.mode == "proximal"
@@ -622,8 +614,8 @@ def fast_prox(groups: List[Dict[str, Any]], plan: Plan, work: List[Work], engine
     the regularized params, the step's buckets for ``penalty``, the
     l1_strength buckets with their l1 vectors, the plan, whether
     ``FastProx.step`` makes the whole step: the inner optimizer's step is
-    torch's wrapped one; with l1_strength, at the steps that refresh no l1,
-    around the counts)`` when the
+    torch's wrapped one; with l1_strength, it counts the steps too, in the
+    state, and leaves a step with a refresh due to Python)`` when the
     next steps can take the fast path, else None. The fast path is for the
     common case: every regularized parameter in an element-wise L1/L2 or
     ``l1_strength`` bucket that the CPU kernels take directly (plain, dense,
@@ -669,6 +661,12 @@ def fast_prox(groups: List[Dict[str, Any]], plan: Plan, work: List[Work], engine
     params, pen = [p for w in work for p in w.params], list(penalized(work))
     step = type(inner).step
     whole = getattr(step, "hooked", False)
+    if whole and strength:  # l1_strength's counts, kept by the one call too
+        counter = apply.strength_counter([w for w, _ in strength], state)
+        if counter is None:
+            whole = False
+        else:
+            guard.bind_counts(counter)
     if whole:  # torch's wrapped step: the whole step in one call
         guard.bind_step(inner, step, apply.direct_backend, _get_num_threads, _bump, params, out, pen)
     return guard, params, pen, strength, plan, whole
