@@ -863,11 +863,12 @@ class FusedOptimizer(Observable):
                 skipped = bool(strength or after) and self._amp_skipped()
                 # l1_strength: the step counted at C speed where the kept buckets' counter takes it (no refresh
                 # due: 0), else in Python, which then makes the counter for the next steps that keep them
-                counted = strength and not skipped and self._count_kept(strength) == 0
-                due = {} if skipped or counted else self._due(plan, strength)
-                if strength and not skipped and not counted:
+                # (unless the one they have answered that a refresh is due, 1: it stays as it is)
+                answer = self._count_kept(strength) if strength and not skipped else None
+                due = {} if skipped or answer == 0 else self._due(plan, strength)
+                if strength and not skipped and answer != 0:
                     record_strength_step([w.bucket for w in strength], self.state)  # type: ignore[attr-defined]
-                    if self._gathered is not None:
+                    if self._gathered is not None and answer != 1:
                         self._gathered.counter = strength_counter(strength, self.state)  # type: ignore[attr-defined]
                 for b in buckets:
                     self._run(b)
