@@ -261,7 +261,10 @@ def strength_due(b: Bucket, state: Dict[Any, Dict[str, Any]]) -> List[Tensor]:
     so it is refreshed at its K-th step with a grad, whatever the others do.
     The counts are read back from the params' state (``strength_step``, a
     number, see :func:`record_strength_step`), so a loaded state dict
-    continues them. They live on the host, so a step captured into a CUDA
+    continues them; the steps where nothing else changed count at C speed,
+    by the same rule, in the same state (:func:`strength_counter`), and
+    leave the bucket's copy of the counts to be read back from it here.
+    They live on the host, so a step captured into a CUDA
     graph (replayed without it) is refused with a clear error; under
     torch.compile the optimizers call it eagerly, outside the graph (the
     fused optimizers' step always runs eagerly; Regularized's bookkeeping
