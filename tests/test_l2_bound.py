@@ -30,7 +30,9 @@ def reference(params, grads, torch_cls, kw, bound, warmup, mu):
     """The rule, per tensor j after the optimizer's step, in float64:
     lambda_j <- max(0, lambda_j + mu / n_j * (||theta_j||^2 - kappa_j)),
     theta_j <- theta_j - 2 lambda_j theta_j; with a warm start, kappa_j is
-    +inf (lambda_j = 0) until step ``warmup``, whose ||theta_j||^2 it becomes."""
+    +inf (lambda_j = 0) until step ``warmup``, whose ||theta_j||^2 it becomes.
+    Returns the weights, the multipliers after each step and the bounds a
+    warm start took (+inf for a given bound: the state does not copy it)."""
     ps = [p.detach().clone().double().requires_grad_() for p in params]
     opt = torch_cls(ps, **kw)
     lam = [0.0] * len(ps)
@@ -48,7 +50,7 @@ def reference(params, grads, torch_cls, kw, bound, warmup, mu):
                 if warmup and t == warmup:
                     kappa[j] = r
         lams.append(list(lam))
-    return [p.detach() for p in ps], lams, kappa
+    return [p.detach() for p in ps], lams, kappa if warmup else [math.inf] * len(ps)
 
 
 def pyreg_run(family, params, grads, kw, keys, backend="cpu"):
@@ -141,6 +143,46 @@ def test_a_warm_up_shortened_below_the_steps_taken_sets_the_bound_at_the_next_st
                 at4 = kappa
     assert kappa == at4
     assert max(float(opt.state[p][BOUND_STATE[0]]) for p in ps) > 0  # the bound acted
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["Regularized", "SGD"])
+def test_a_given_bound_switched_to_a_warm_start_takes_the_norm(family, backend):
+    """A given bound, then ``"warm_start"`` set after the warm-up's steps:
+    the next step takes each tensor's norm as its bound (no constraint at
+    that step), as a warm start from the beginning would have at its k-th
+    step; back to a given bound and to the warm start again: the bound it
+    took stays."""
+    params, grads = make_params(torch.float64), make_grads(9, torch.float64)
+    ps = [p.clone().requires_grad_() for p in params]
+    given = 0.6 * min(float(p.double().pow(2).sum()) for p in params if p.numel() > 1)
+    group = {"params": ps, "l2_bound": given, "l2_mu": 0.1}
+    opt = (pyreg.Regularized(torch.optim.SGD([group], lr=0.1)) if family == "Regularized"
+           else pyreg.optim.SGD([group], lr=0.1))
+    with pyreg.use_backend(backend):
+        for t, gs in enumerate(grads, 1):
+            g = opt.param_groups[0]
+            if t == 4:
+                g["l2_bound"], g["l2_warmup"] = "warm_start", 2  # (3 steps taken)
+            if t == 6:
+                g["l2_bound"], g["l2_warmup"] = given, None
+            if t == 8:
+                g["l2_bound"], g["l2_warmup"] = "warm_start", 2
+            for p, gr in zip(ps, gs):
+                p.grad = gr.clone()
+            opt.step()
+            kappa = [float(opt.state[p][BOUND_STATE[1]]) for p in ps]
+            lams = [float(opt.state[p][BOUND_STATE[0]]) for p in ps]
+            if t == 3:
+                assert max(lams) > 0  # the given bound acted
+                assert all(math.isinf(k) for k in kappa)  # (not copied into the state)
+            if t == 4:
+                assert kappa == pytest.approx([float(p.detach().pow(2).sum()) for p in ps], rel=1e-12)
+                assert lams == [0.0] * len(ps)
+                at4 = kappa
+            if t >= 5:
+                assert kappa == at4
+    assert max(lams) > 0  # the warm bound acted again at steps 8 and 9
 
 
 @pytest.mark.parametrize("family", ["Regularized", "AdamW"])

@@ -213,12 +213,13 @@ PYREG_HD double per_lr(double tau, double lr) {
 
 // ---- l2_bound: Constrained Parameter Regularization (Franke et al. 2024) ------
 // One tensor's update after the optimizer's step, from R = ||w||^2: with b the
-// bound in force (during a warm-up, `kappa`, +inf until the warm-up's last
-// step; else the group's `bound`),
+// bound in force (with `warmup` set, a warm start: `kappa`, the bound it took,
+// +inf until it takes one; else the group's `bound`),
 //   lam   <- max(0, lam + mu / n * (R - b))    (0 while b is +inf)
 //   kappa <- R at the first step with step >= warmup while b is +inf (the
 //            warm-up's last step; or the next step, where `warmup` was set
-//            below the steps taken), else b
+//            below the steps taken, or a given bound was switched to a warm
+//            start), else unchanged: a given bound is not written into it
 // and returns w's factor 1 - 2 * lam. `step` counts this step; n is w's
 // size (an empty tensor counts as 1: R = 0, its multiplier stays 0). The
 // float64 reference is pyreg/optim/apply.py's l2_bound_buckets.
@@ -227,7 +228,7 @@ PYREG_HD double cpr_update(double& lam, double& kappa, int64_t step, double r, d
   const double b = warmup > 0 ? kappa : bound;
   const double v = lam + mu / (n > 0.0 ? n : 1.0) * (r - b);
   lam = isinf(b) ? 0.0 : (v < 0.0 ? 0.0 : v);
-  kappa = (warmup > 0 && isinf(b) && double(step) >= warmup) ? r : b;
+  if (warmup > 0 && isinf(b) && double(step) >= warmup) kappa = r;
   return 1.0 - 2.0 * lam;
 }
 

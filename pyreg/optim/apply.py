@@ -31,8 +31,9 @@ PENALIZED = ("elem", "ref", "group", "target", "strength", "gstrength")
 #: The kinds whose coefficient a refresh sets from the push (:func:`refresh_strength`).
 STRENGTH_KINDS = ("strength", "gstrength")
 #: What an ``l2_bound`` parameter keeps in the optimizer's state: its
-#: multiplier (float64), the bound in force (float64; +inf during a warm-up)
-#: and the steps it took (int64), 0-dim tensors on its device.
+#: multiplier (float64), the bound its warm start took (float64; +inf until
+#: it takes one, and while a given bound is in force, which is not copied
+#: there) and the steps it took (int64), 0-dim tensors on its device.
 BOUND_STATE = ("l2_bound_lambda", "l2_bound_kappa", "l2_bound_step")
 #: What a ``target_sparsity`` parameter keeps in the optimizer's state: the
 #: l1 of its last step (float64, 0-dim, on its device).
@@ -514,7 +515,9 @@ def l2_bound_buckets(buckets: Sequence[Work], state: Dict[Any, Dict[str, Any]]) 
     ``l2_bound``; with ``l2_bound="warm_start"``, kappa_j is +inf (no
     constraint, lambda_j = 0) until the tensor's ``l2_warmup``-th step, whose
     R_j becomes its bound (where ``l2_warmup`` is set below the steps already
-    taken while no bound is set, the next step's R_j). The multipliers, bounds and step counts stay on
+    taken while no bound is set, or a given bound is switched to
+    ``"warm_start"`` after that step, the next step's R_j; a bound a warm
+    start took stays, through a given bound in between). The multipliers, bounds and step counts stay on
     the device, in the optimizer's state (:data:`BOUND_STATE`): no host sync.
 
     In eager mode on a compiled backend (CPU, CUDA, the emulator) the whole
@@ -548,14 +551,13 @@ def l2_bound_buckets(buckets: Sequence[Work], state: Dict[Any, Dict[str, Any]]) 
             if not any(w.bucket.values["l2_warmup"]):  # given bounds only: fewer ops, the same rule
                 lam.addcmul_(c["l2_mu"] / numel, r.sub_(c["l2_bound"])).clamp_(min=0)
                 torch._foreach_mul_(w.params, list(lam.mul(-2).add_(1).unbind(0)))
-                kappa.copy_(c["l2_bound"])
                 continue
             warm = c["l2_warmup"] > 0
             bound = torch.where(warm, kappa, c["l2_bound"])
             new = (lam + c["l2_mu"] / numel * (r - bound)).clamp_(min=0)
             lam.copy_(torch.where(torch.isinf(bound), torch.zeros_like(new), new))
             torch._foreach_mul_(w.params, list((1 - 2 * lam).unbind(0)))
-            kappa.copy_(torch.where(warm & torch.isinf(bound) & (steps.to(torch.float64) >= c["l2_warmup"]), r, bound))
+            kappa.copy_(torch.where(warm & torch.isinf(bound) & (steps.to(torch.float64) >= c["l2_warmup"]), r, kappa))
 
 
 def _bound_state(w: Work, state: Dict[Any, Dict[str, Any]]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
