@@ -95,10 +95,22 @@ _FLOAT_MAX = float.fromhex("0x1.fffffffffffffp+1023")
 _INT_MAX = 1 << 53
 
 
+def with_values(t: Tensor, where: str) -> Tensor:
+    """``t``, a tensor standing for numbers (a coefficient, an lr), checked to
+    hold them: dense (strided) and not on the meta device."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{where} is a tensor of layout {t.layout}; a coefficient is a number, a sequence of "
+                        "numbers or a dense (strided) tensor")
+    if t.is_meta:
+        raise ValueError(f"{where} is a meta tensor: it has no values")
+    return t
+
+
 def one_value_tensor(t: Tensor, where: str) -> Tensor:
     """A tensor standing for one coefficient or lr: one element of a real dtype,
-    and, on the CPU, finite and >= 0. A device tensor's value is not read
+    dense, and, on the CPU, finite and >= 0. A device tensor's value is not read
     (that would sync the host): it is trusted as given."""
+    with_values(t, where)
     if t.numel() != 1:
         raise ValueError(f"{where} is a tensor of shape {tuple(t.shape)}; expected one value")
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
@@ -207,8 +219,7 @@ def coefficient(c: Coefficient, n: int, device: torch.device, name: str) -> Unio
     for every tensor; the kernels get it by value, so it needs no memory and
     no fill on the device) or a 1-D float64 tensor of n entries on ``device``."""
     if isinstance(c, Tensor):
-        if c.is_meta:
-            raise ValueError(f"{name} is a meta tensor: it has no values")
+        with_values(c, name)
         if c.device != device and c.device.type == "cpu" and capturing(device):
             raise _host_copy_error(name, "a CPU tensor")
         if c.dim() > 1 or (c.dim() == 1 and c.numel() != n):

@@ -907,11 +907,12 @@ def test_a_param_replaced_through_data_that_its_setting_no_longer_fits_raises_be
     assert _same(_fused_snapshot(m, opt), before)
 
 
-@pytest.mark.parametrize("how", ["resize_", "set_"])
+@pytest.mark.parametrize("how", ["resize_", "set_", "data"])
 @pytest.mark.parametrize("family", ["Regularized", "fused"])
 def test_a_ref_resized_in_place_raises_before_the_step(family, how):
-    """A ref tensor reshaped in place (no version bump, the same object) is checked against its
-    parameter again before anything changes."""
+    """A ref tensor reshaped in place (no version bump, the same object), or
+    given another dtype through ``.data``, is checked against its parameter
+    again before anything changes."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(4, 3))
     ref = torch.zeros(3, 4)
@@ -923,10 +924,54 @@ def test_a_ref_resized_in_place_raises_before_the_step(family, how):
     opt.step()
     if how == "resize_":
         ref.resize_(2, 2)
-    else:
+    elif how == "set_":
         ref.set_(torch.zeros(6))
+    else:
+        ref.data = torch.zeros(3, 4, dtype=torch.float64)
     before = _fused_snapshot(m, opt)
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['ref'\]\[0\] is \((2, 2|6,)\) torch.float32"):
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['ref'\]\[0\] is "
+                                         r"\((2, 2|6,|3, 4)\) torch.float(32|64) on cpu but its parameter"):
+        opt.step()
+    assert _same(_fused_snapshot(m, opt), before)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("key, value, exc, message", [
+    ("l1", lambda: torch.tensor([0.1, 0.2]).to_sparse(), TypeError,
+     "param_groups[0]['l1'] is a tensor of layout torch.sparse_coo; a coefficient is a number"),
+    ("l2", lambda: torch.tensor([[0.1, 0.2]]).to_sparse_csr(), TypeError,
+     "param_groups[0]['l2'] is a tensor of layout torch.sparse_csr; a coefficient is a number"),
+    ("l1", lambda: torch.tensor(0.1, device="meta"), ValueError,
+     "param_groups[0]['l1'] is a meta tensor: it has no values"),
+    ("l2", lambda: torch.empty(2, device="meta"), ValueError,
+     "param_groups[0]['l2'] is a meta tensor: it has no values"),
+    ("target_sparsity", lambda: torch.tensor([0.1, 0.2]).to_sparse(), TypeError,
+     "param_groups[0]['target_sparsity'] is a tensor of layout torch.sparse_coo"),
+    ("l2_mu", lambda: torch.tensor(0.1, device="meta"), ValueError,
+     "param_groups[0]['l2_mu'] is a meta tensor: it has no values"),
+    ("lr", lambda: torch.tensor(0.1).to_sparse(), TypeError,
+     "param_groups[0]['lr'] is a tensor of layout torch.sparse_coo"),
+    ("ref", lambda: [torch.zeros(3, 4).to_sparse(), None], TypeError,
+     "param_groups[0]['ref'][0] is a tensor of layout torch.sparse_coo; a reference is a dense"),
+], ids=["l1-sparse", "l2-csr", "l1-meta-0d", "l2-meta", "target-sparse", "l2_mu-meta", "lr-sparse", "ref-sparse"])
+@pytest.mark.parametrize("family", ["Regularized", "fused"])
+def test_a_tensor_setting_without_values_raises_a_clear_error_and_changes_nothing(family, key, value, exc,
+                                                                                 message):
+    """A sparse or meta tensor set as a coefficient (or an lr, or a ref)
+    after construction: the next step names the key, before anything changes."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    groups = pyreg.param_groups(m, l1=1e-2, l2=1e-3)
+    opt = pyreg.Regularized(torch.optim.Adam(groups, lr=0.1)) if family == "Regularized" else \
+        pyreg.optim.Adam(groups, lr=0.1)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    opt.param_groups[0][key] = value()
+    before = _fused_snapshot(m, opt)
+    with _raises(exc, message):
         opt.step()
     assert _same(_fused_snapshot(m, opt), before)
 

@@ -48,7 +48,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .._validate import dim_values, flag, group_dims, nonneg_real, one_value_tensor
+from .._validate import dim_values, flag, group_dims, nonneg_real, one_value_tensor, with_values
 
 #: The coefficient keys, and what each defaults to (None: not set).
 COEF_KEYS = ("l1", "l2", "group_l1", "max_norm")
@@ -122,6 +122,7 @@ def _hashable(dim: Any) -> Any:
 def coef_values(value: Any, n: int, where: str) -> Tuple[float, ...]:
     """A coefficient as one float per parameter (see the module docstring)."""
     if isinstance(value, Tensor):
+        with_values(value, where)
         if value.numel() == 1:
             return (float(one_value_tensor(value, where)),) * n
         if value.dim() != 1 or value.numel() != n:
@@ -171,6 +172,9 @@ def read_group(group: Dict[str, Any], defaults: Dict[str, Any], where: str) -> G
         for k, r in enumerate(ref):
             if r is not None and not isinstance(r, Tensor):
                 raise TypeError(f"{where}['ref'][{k}] is a {type(r).__name__}, not a tensor or None")
+            if r is not None and r.layout != torch.strided:
+                raise TypeError(f"{where}['ref'][{k}] is a tensor of layout {r.layout}; a reference is a dense "
+                                "(strided) tensor like its parameter")
     pre = flag(get("preconditioned", defaults.get("preconditioned", False)), f"{where}['preconditioned']")
     bound, warmup = _l2_bound(get("l2_bound", defaults.get("l2_bound")), get("l2_warmup", defaults.get("l2_warmup")),
                               n, where)
@@ -404,8 +408,9 @@ SIMPLE_TYPES = frozenset({float, int, bool, str, type(None)})
 def signature(value: Any) -> Any:
     """A cheap signature of a param-group setting, equal for two settings only
     when their checks and plan are the same: a number by value, a tensor by
-    identity, in-place version, shape (``resize_`` bumps no version) and, on
-    the CPU, values (up to :data:`VALUES_READ` of them: a write that bumps no
+    identity, in-place version, shape (``resize_`` bumps no version), dtype,
+    device and layout (``.data`` replaced keeps the first two) and, for a dense
+    CPU tensor, values (up to :data:`VALUES_READ` of them: a write that bumps no
     version, through a numpy view or ``.data``, is seen), a list by its items'
     signatures, anything else by type and identity. Never reads a device
     tensor's value (no host sync)."""
@@ -414,10 +419,10 @@ def signature(value: Any) -> Any:
         return tp, value
     if isinstance(value, Tensor):
         v = None
-        if value.device.type == "cpu" and value.dtype in _VALUE_DTYPES:
+        if value.device.type == "cpu" and value.dtype in _VALUE_DTYPES and value.layout is torch.strided:
             n = value.numel()
             v = float(value) if n == 1 else tuple(value.detach().reshape(-1).tolist()) if n <= VALUES_READ else None
-        return Tensor, id(value), value._version, value.shape, v
+        return Tensor, id(value), value._version, value.shape, value.dtype, value.device, value.layout, v
     if tp is list or tp is tuple:
         return tp, tuple(map(signature, value))
     return tp, id(value)
