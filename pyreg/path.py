@@ -230,6 +230,26 @@ def _int(v: Any, name: str, low: int) -> int:
     return int(v)
 
 
+def _check_device(device: torch.device) -> None:
+    """A device of a type whose torch module says it is available here (CUDA,
+    MPS, XPU...), with an index below its count; a type torch has no module
+    for (an out-of-tree backend) is left to that backend."""
+    if device.type == "cpu":
+        return
+    mod = getattr(torch, device.type, None)
+    available = getattr(mod, "is_available", None)
+    if device.type == "mps" and not callable(available):
+        available = torch.backends.mps.is_available
+    if not callable(available):
+        return
+    name = {"cuda": "CUDA", "mps": "MPS", "xpu": "XPU", "mtia": "MTIA"}.get(device.type, device.type)
+    if not available():
+        raise ValueError(f"device: {str(device)!r}, but {name} is not available here")
+    count = getattr(mod, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise ValueError(f"device: {str(device)!r}, but {name} has {count()} device(s) here")
+
+
 def _check_alphas(alphas: Any) -> Optional[List[float]]:
     if alphas is None:
         return None
@@ -240,6 +260,10 @@ def _check_alphas(alphas: Any) -> Optional[List[float]]:
     out = []
     for i, a in enumerate(alphas):
         if hasattr(a, "item") and not isinstance(a, numbers.Real):  # numpy / 0-dim tensor
+            size = a.numel() if isinstance(a, Tensor) else getattr(a, "size", 1)
+            if size != 1:
+                raise ValueError(f"alphas[{i}] holds {size} values; each alpha is one number (pass a flat "
+                                 "sequence of numbers, or a 1-D tensor)")
             a = a.item()
         out.append(nonneg_real(a, f"alphas[{i}]"))
     if not out:
@@ -397,10 +421,12 @@ def _batches(data: Any, full: bool, device: Optional[torch.device], name: str):
     if full:
         yield data
         return
-    for b in data:
+    for i, b in enumerate(data):
         if not isinstance(b, (list, tuple)) or len(b) != 2:
             raise TypeError(f"{name} must yield (x, y) batches, got {type(b).__name__}"
                             + (f" of length {len(b)}" if isinstance(b, (list, tuple)) else ""))
+        if _size(b[0], b[1]) == 0:  # (its mean loss is NaN: it would make the weights NaN)
+            raise ValueError(f"{name}'s batch {i} has no samples")
         yield _to(b[0], device), _to(b[1], device)
 
 
@@ -428,9 +454,13 @@ def _size(x: Any, y: Any) -> int:
 
 
 def _scalar(v: Any, what: str) -> Tensor:
+    """A loss's value, checked: one value, which training can differentiate."""
     if not isinstance(v, Tensor) or v.numel() != 1:
         shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
         raise ValueError(f"{what} must return a scalar tensor, got {shape}")
+    if not v.requires_grad:
+        raise ValueError(f"{what} returned a tensor that does not depend on the model's weights (no grad: "
+                         "detached, computed under torch.no_grad, or from .item()); it must be differentiable")
     return v.reshape(())
 
 
@@ -453,11 +483,18 @@ def _train(work: nn.Module, modes: Sequence[bool]) -> None:
         work.train()
 
 
+#: alpha_max's margin over the largest gradient, in machine epsilons of the weights' dtype (see _alpha_max)
+_TIE_MARGIN = 8
+
+
 def _alpha_max(work: nn.Module, loss: Callable, train: Any, full: bool, device, params: List[Tensor],
                method: str, l1_ratio: float, group_dim: int, modes: Sequence[bool]) -> float:
     """The smallest alpha at which all-zero regularized weights stay zero: the
     largest |dloss/dw| (group: the largest group gradient norm) at the current
-    weights, over the whole training data (batch losses weighted by their size)."""
+    weights, over the whole training data (batch losses weighted by their size),
+    times 1 + 8 eps (eps: the machine epsilon of the weights' dtype, the
+    largest where they differ): at the exact value the prox's test is a tie,
+    which the rounding of a training step's gradient breaks either way."""
     buffers = {k: b.detach().clone() for k, b in work.named_buffers()}
     _train(work, modes)
     # Dropout off (its modules, and an RNN's between layers, which stays in training mode for cuDNN's backward):
@@ -491,7 +528,7 @@ def _alpha_max(work: nn.Module, loss: Callable, train: Any, full: bool, device, 
         for k, b in work.named_buffers():  # the gradient pass must not move BatchNorm's statistics
             b.copy_(buffers[k])
     work.zero_grad(set_to_none=True)
-    g = float(g)
+    g = float(g) * (1.0 + _TIE_MARGIN * max((torch.finfo(p.dtype).eps for p in params), default=0.0))
     if method == "elastic_net":
         g /= l1_ratio
     elif method == "l2":
@@ -511,6 +548,10 @@ def _applies_groups(opt: Any) -> bool:
     return isinstance(opt, (FusedOptimizer, Regularized))
 
 
+#: the integer dtypes a metric may return (counts, correct predictions), besides floating point
+_METRIC_INTS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def _metric_value(v: Any, b: int) -> Tensor:
     """The metric's value on a batch of ``b`` samples, as float64: one value
     per sample (1-D) or one for the batch (0-dim)."""
@@ -518,7 +559,7 @@ def _metric_value(v: Any, b: int) -> Tensor:
         raise TypeError(f"metric must return a tensor or a number, got {type(v).__name__}")
     if not isinstance(v, Tensor):
         v = torch.tensor(float(v))
-    if v.is_complex() or not (v.is_floating_point() or v.dtype in (torch.bool, torch.int64, torch.int32)):
+    if v.is_complex() or not (v.is_floating_point() or v.dtype in _METRIC_INTS):
         raise TypeError(f"metric must return real values, got dtype {v.dtype}")
     if v.dim() >= 1 and v.shape[0] == b and v.numel() == b:
         return v.detach().reshape(-1).to(torch.float64)
@@ -708,7 +749,9 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
             ``alpha_max`` down to ``eps * alpha_max``, where ``alpha_max`` is
             the smallest alpha at which all-zero regularized weights stay zero:
             the largest |d loss / d w| over the regularized weights at the
-            model's weights, on the whole training data with dropout off (``"group"``: the
+            model's weights (times 1 + 8 eps of their dtype: at the exact
+            value a step's rounding breaks the tie either way), on the whole
+            training data with dropout off (``"group"``: the
             largest gradient norm of a group; ``"elastic_net"``: divided by
             ``l1_ratio``; ``"l2"``, which never zeroes weights: glmnet's ridge
             rule, the elastic-net value at ``l1_ratio = 1e-3``, i.e.
@@ -837,8 +880,7 @@ def path(model: nn.Module, loss: Callable[[Any, Any], Tensor], train: Batches, *
             raise ValueError(f"device: {e}") from None
         if device.type == "meta":
             raise ValueError("device: 'meta' holds no data to train on")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device: {str(device)!r}, but CUDA is not available here")
+        _check_device(device)
     full_train, train = _check_data(train, "train")
     if val is None:
         full_val, val_data, metric_on = full_train, train, "train"
