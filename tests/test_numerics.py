@@ -12,6 +12,8 @@ from torch import nn
 import pyreg
 from pyreg.backends import torch_ref
 
+from conftest import needs_emu
+
 NAN, INF = float("nan"), float("inf")
 BACKENDS = ["cpu", "torch"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -107,6 +109,29 @@ def test_prox_propagates(backend, dtype):
     torch_ref.prox_(ref, c(0.5), c(0.1), c(0.5))
     for t, r in zip(ts, ref):
         _equal_nan(t, r.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("backend", BACKENDS + [pytest.param("cuda-emu", marks=needs_emu)])
+def test_an_l2_scale_below_the_dtypes_range_keeps_infinite_weights_infinite(backend, dtype):
+    """prox_ with 1 / (1 + 2 lr l2) below the compute type's range (it
+    rounds to 0 in float): an infinite weight stays infinite as in the
+    float64 spec (inf * s), not NaN (inf * 0), also toward a reference; the
+    finite ones are within 1e-30 of the spec's."""
+    w = torch.tensor([INF, -INF, 1.0, -3.0, 0.0, 1e30], dtype=torch.float64).to(dtype)
+    r = torch.tensor([0.0, 1.0, 0.0, 2.0, -1.0, 0.0], dtype=torch.float64).to(dtype)
+    x, y = w.clone(), w.clone()
+    with pyreg.use_backend(backend):
+        nnz = pyreg.prox_([x], l1=0.1, l2=1e30, lr=1e30)
+        pyreg.prox_([y], l1=0.1, l2=1e30, lr=1e30, ref=[r])
+    ref_x, ref_y = w.clone(), w.clone()
+    c = lambda v: torch.full((1,), v, dtype=torch.float64)  # noqa: E731
+    torch_ref.prox_([ref_x], c(0.1), c(1e30), c(1e30))
+    torch_ref.prox_([ref_y], c(0.1), c(1e30), c(1e30), ref=[r])
+    _equal_nan(x, ref_x)
+    _equal_nan(y, ref_y)
+    assert x[0] == INF and x[1] == -INF and y[0] == INF and y[1] == -INF
+    assert nnz.tolist() == [int(torch.count_nonzero(x))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

@@ -117,11 +117,19 @@ PYREG_HD ProxParams<A> soft_params(double l1, double lr) {
   return p;
 }
 
-// The soft-threshold, then the L2 scale 1 / (1 + 2 lr l2).
+// The soft-threshold, then the L2 scale 1 / (1 + 2 lr l2). A scale below A's
+// range (2 lr l2 above about 7e44 in float) takes every finite value to 0
+// through the zero test, with a scale of 1 for the rest, so that an infinite
+// value stays infinite as in the float64 spec (inf * s), not NaN (inf * 0).
 template <typename A>
 PYREG_HD ProxParams<A> prox_params(double l1, double l2, double lr) {
   ProxParams<A> p = soft_params<A>(l1, lr);
-  p.scale = A(1.0 / (1.0 + 2.0 * lr * l2));
+  const double s = 1.0 / (1.0 + 2.0 * lr * l2);
+  p.scale = A(s);
+  if (p.scale == A(0) && s > 0.0) {
+    p.t_floor = A(largest<A>());
+    p.scale = A(1);
+  }
   return p;
 }
 
