@@ -796,6 +796,45 @@ def test_avg_pool_with_a_divisor_override_is_not_constant_preserving():
     check(m, torch.randn(2, 2, 5, 5))
 
 
+class _FunctionalPool(nn.Module):
+    def __init__(self, pool):
+        super().__init__()
+        self.c, self.c2, self.pool = nn.Conv1d(3, 8, 3, padding=1), nn.Conv1d(8, 4, 1), pool
+
+    def forward(self, x):
+        return self.c2(self.pool(torch.relu(self.c(x))))
+
+
+@pytest.mark.parametrize("pool, kept", [
+    (lambda x: nn.functional.avg_pool1d(x, 2), 4),  # (3 zero channels go, the constant one is folded)
+    (lambda x: nn.functional.avg_pool1d(x, 3, 1, padding=1, count_include_pad=False), 4),
+    (lambda x: nn.functional.max_pool1d(x, 2), 4),
+    (lambda x: nn.functional.avg_pool1d(x, 3, 1, 1), 8),  # edge windows count the padding: nothing constant
+], ids=["avg", "avg-padding-not-counted", "max", "avg-padding-counted"])
+def test_functional_pools_keep_a_channel_a_channel_as_their_modules_do(pool, kept):
+    _seed(44)
+    m = _FunctionalPool(pool)
+    with torch.no_grad():
+        m.c.weight[[1, 4, 6]] = 0
+        m.c.bias[[1, 4, 6]] = 0
+        m.c.weight[3] = 0
+        m.c.bias[3] = 0.7
+    out = check(m, torch.randn(2, 3, 8))
+    assert out.model.c.out_channels == kept
+    assert "avg_pool1d" not in out.report.left_alone
+
+
+def test_an_embedding_with_max_norm_is_named_when_it_changes_the_output():
+    _seed(45)
+    m = nn.Sequential(nn.Embedding(50, 12, max_norm=1.0), nn.Flatten(), nn.Linear(120, 3))
+    with torch.no_grad():
+        m[0].weight[:, 4] = 0.5
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="its Embedding '0' has max_norm, which renormalizes the rows it reads"):
+        pyreg.compact(m, torch.arange(50).view(5, 10), measure=False)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_model_with_a_fold(dtype):
     _seed(43)

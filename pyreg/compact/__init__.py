@@ -246,6 +246,13 @@ def _check_checkable(ref: nn.Module, args: tuple, out: Any) -> None:
     with torch.no_grad():
         again = _flat_tensors(ref(*args))
     if len(again) != len(outs) or not all(torch.equal(a, b) for a, b in zip(outs, again)):
+        renorm = next((n for n, m in ref.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+                       and m.max_norm is not None), None)
+        if renorm is not None:
+            raise ValueError(f"compact: the model's output on example_inputs differs between two runs in eval mode: "
+                             f"its {type(ref.get_submodule(renorm)).__name__} {renorm!r} has max_norm, which "
+                             "renormalizes the rows it reads in place at every forward (not supported); nothing "
+                             "was changed")
         raise ValueError("compact: the model's output on example_inputs differs between two runs in eval mode "
                          "(a random forward: dropout with training=True, say), so the compacted model cannot be "
                          "checked against it; nothing was changed")

@@ -56,6 +56,8 @@ POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvg
                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AvgPool1d, nn.AvgPool2d)
 POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                   F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.avg_pool1d, F.avg_pool2d}
+#: F.avg_pool1d/2d's positional arguments, in order
+_AVG_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 RNN_MODULES = (nn.LSTM, nn.GRU, nn.RNN)
 #: Modules that read a 3-D input as [batch, channels, length]: a model input they read has its features in dim 1.
 CHANNELS_FIRST_1D = (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
@@ -507,8 +509,16 @@ class _Analyzer:
         if not method and t in POOL_FUNCTIONS:
             if ax is None:
                 return None
-            if ax.dim != 1 or x.dim() != _pooled_dims(t.__name__) + 2 or (t in (F.avg_pool1d, F.avg_pool2d)):
+            if ax.dim != 1 or x.dim() != _pooled_dims(t.__name__) + 2:
                 return self.unknown(node)
+            if t in (F.avg_pool1d, F.avg_pool2d):  # as nn.AvgPool1d/2d (see module())
+                given = dict(zip(_AVG_POOL_ARGS, node.args), **node.kwargs)
+                pad, incl, div = (given.get(k, d) for k, d in (("padding", 0), ("count_include_pad", True),
+                                                              ("divisor_override", None)))
+                if _flat_nodes((pad, incl, div), {}):
+                    return self.unknown(node, "its padding is computed in the forward")
+                if (incl and _any(pad)) or div:
+                    return Axis(1, ax.ids, torch.zeros_like(ax.const))  # windows at the edges average fewer values
             return ax
         if method and t == "dim":
             return None
