@@ -108,8 +108,10 @@ read as False) and the constants folded at their eval-mode values, so it is
 for inference (training it further runs no dropout). It takes inputs of the
 example's rank. ``Compacted.report`` (:class:`Report`) holds per layer
 the parameters and multiply-adds (Linear, every convolution, recurrent,
-attention; at the example's
-shapes) before and after, the removed output/input/hidden indices, the
+``MultiheadAttention``; at the example's shapes; 0 for any other layer,
+including one that torch.fx calls whole, such as an
+``nn.TransformerEncoderLayer``, whose inner layers are then not counted)
+before and after, the removed output/input/hidden indices, the
 element-wise zeros left (a row "(other parameters)" for parameters the
 forward reads itself, a row "(unused by the forward)" for the layers it
 never calls, which the result does not hold); the kept input indices; the
