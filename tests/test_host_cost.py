@@ -545,6 +545,40 @@ def test_fast_path_with_l1_strength_follows_memory_the_inner_step_replaced(monke
     assert _bits_equal(with_fast, without)
 
 
+def _staggered_strength_run(make_opt, skip_at=None):
+    """16 steps of an l1_strength MLP (the two weights refreshed every 3 and 4
+    steps: a bucket of two slices) from ``make_opt(groups)``: the second
+    weight without a grad at step 7, an lr schedule from step 10, a state
+    dict loaded after step 11 and, at ``skip_at``, a step GradScaler skips.
+    Per step and weight: (the state's step count, the l1's bits, the
+    weight's bits)."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 240), torch.nn.ReLU(), torch.nn.Linear(240, 5))
+    groups = pyreg.param_groups(model, l1_strength=0.5, overrides={"0.weight": {"l1_refresh": 3},
+                                                                   "2.weight": {"l1_refresh": 4}})
+    opt = make_opt(groups)
+    gen = torch.Generator().manual_seed(6)
+    seen = []
+    for k in range(16):
+        x, y = torch.randn(32, 300, generator=gen), torch.randn(32, 5, generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if k == 7:
+            model[2].weight.grad = None
+        if k >= 10:
+            for g in opt.param_groups:
+                g["lr"] = 1e-2 / k
+        if k == skip_at:
+            opt.found_inf = torch.ones(())  # (as GradScaler sets it: the step is skipped)
+        opt.step()
+        opt.__dict__.pop("found_inf", None)
+        if k == 11:
+            opt.load_state_dict(opt.state_dict())
+        seen.append([(opt.state[p].get("strength_step"), _bits(opt.state[p]["strength_l1"]).item(),
+                      _bits(p.detach()).clone()) for p in (model[0].weight, model[2].weight)])
+    return seen
+
+
 def test_fast_path_with_l1_strength_counts_and_refreshes_as_the_full_path(monkeypatch):
     """The whole fast step (one call into C) counts each l1_strength param's
     steps in the state and hands a step with a refresh due to Python: over
@@ -557,28 +591,7 @@ def test_fast_path_with_l1_strength_counts_and_refreshes_as_the_full_path(monkey
     for fast in (True, False):
         if not fast:
             monkeypatch.setattr(R, "fast_prox", lambda *a: None)
-        torch.manual_seed(4)
-        model = torch.nn.Sequential(torch.nn.Linear(300, 240), torch.nn.ReLU(), torch.nn.Linear(240, 5))
-        groups = pyreg.param_groups(model, l1_strength=0.5, overrides={"0.weight": {"l1_refresh": 3},
-                                                                       "2.weight": {"l1_refresh": 4}})
-        opt = pyreg.Regularized(torch.optim.Adam(groups, lr=1e-2))
-        gen = torch.Generator().manual_seed(6)
-        seen = []
-        for k in range(16):
-            x, y = torch.randn(32, 300, generator=gen), torch.randn(32, 5, generator=gen)
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(x), y).backward()
-            if k == 7:
-                model[2].weight.grad = None
-            if k >= 10:
-                for g in opt.param_groups:
-                    g["lr"] = 1e-2 / k
-            opt.step()
-            if k == 11:
-                opt.load_state_dict(opt.state_dict())
-            seen.append([(opt.state[p].get("strength_step"), _bits(opt.state[p]["strength_l1"]).item(),
-                          _bits(p.detach()).clone()) for p in (model[0].weight, model[2].weight)])
-        runs.append(seen)
+        runs.append(_staggered_strength_run(lambda groups: pyreg.Regularized(torch.optim.Adam(groups, lr=1e-2))))
         if fast:
             n_fast = len(calls)
     assert [[(t, q) for t, q, _ in step] for step in runs[0]] == [[(t, q) for t, q, _ in step] for step in runs[1]]
@@ -864,31 +877,7 @@ def test_kept_buckets_count_l1_strength_steps_as_python_does(cls, monkeypatch):
     for in_c in (True, False):
         if not in_c:
             monkeypatch.setattr(FZ, "strength_counter", lambda *a: None)
-        torch.manual_seed(4)
-        model = torch.nn.Sequential(torch.nn.Linear(300, 240), torch.nn.ReLU(), torch.nn.Linear(240, 5))
-        groups = pyreg.param_groups(model, l1_strength=0.5, overrides={"0.weight": {"l1_refresh": 3},
-                                                                       "2.weight": {"l1_refresh": 4}})
-        opt = cls(groups, lr=1e-2)
-        gen = torch.Generator().manual_seed(6)
-        seen = []
-        for k in range(16):
-            x, y = torch.randn(32, 300, generator=gen), torch.randn(32, 5, generator=gen)
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(x), y).backward()
-            if k == 7:
-                model[2].weight.grad = None
-            if k >= 10:
-                for g in opt.param_groups:
-                    g["lr"] = 1e-2 / k
-            if k == 13:
-                opt.found_inf = torch.ones(())  # (as GradScaler sets it: the step is skipped)
-            opt.step()
-            opt.__dict__.pop("found_inf", None)
-            if k == 11:
-                opt.load_state_dict(opt.state_dict())
-            seen.append([(opt.state[p].get("strength_step"), _bits(opt.state[p]["strength_l1"]).item(),
-                          _bits(p.detach()).clone()) for p in (model[0].weight, model[2].weight)])
-        runs.append(seen)
+        runs.append(_staggered_strength_run(lambda groups: cls(groups, lr=1e-2), skip_at=13))
         if in_c:
             in_c_answers = list(answers)
     assert [[(t, q) for t, q, _ in step] for step in runs[0]] == [[(t, q) for t, q, _ in step] for step in runs[1]]
