@@ -13,14 +13,19 @@ Adam on pyreg's two param groups, Regularized around it, and pyreg's fused
 Adam with L1, with each one's ratio to torch's Adam: what a regularized
 training loop costs over a plain one.
 
+``--group`` times the group-lasso rows instead (group lasso over each
+weight's input columns, with a given ``group_l1`` and with
+``group_strength``, in both families), with torch's Adam.
+
 Each row with a base (the same step without the new key: ``over`` names
 it) also gets the median over rounds of its time minus its base's, in µs:
-the host cost of ``target_sparsity``, ``l2_bound`` and ``l1_strength`` per
-step, and of ``Regularized`` over torch's Adam on the same param groups.
+the host cost of ``target_sparsity``, ``l2_bound``, ``l1_strength`` and
+``group_strength`` per step, and of ``Regularized`` over torch's Adam on
+the same param groups.
 ``--out PATH`` also writes the table to ``PATH.md`` (with the CPU, torch
 and the command), as bench/results/ keeps it.
 
-    python bench/host_step.py [--rounds 15] [--steps 200] [--cpu-time] [--whole] [--out PATH]
+    python bench/host_step.py [--rounds 15] [--steps 200] [--cpu-time] [--whole | --group] [--out PATH]
 """
 import argparse
 import statistics
@@ -55,7 +60,18 @@ def build(kind: str, model: torch.nn.Module):
         return pyreg.optim.AdamW(pyreg.param_groups(model, l1_strength=0.8), lr=1e-3)
     if kind == "Regularized(torch Adam, l1_strength)":
         return pyreg.Regularized(torch.optim.Adam(pyreg.param_groups(model, l1_strength=0.8), lr=1e-3))
+    if kind in GROUP:  # group lasso over each weight's input columns: a given group_l1, or group_strength
+        key, value = ("group_strength", 0.5) if "group_strength" in kind else ("group_l1", 1e-4)
+        groups = pyreg.param_groups(model, overrides={"*weight": {key: value, "group_dim": 1}})
+        if kind.startswith("Regularized"):
+            return pyreg.Regularized(torch.optim.Adam(groups, lr=1e-3))
+        return pyreg.optim.AdamW(groups, lr=1e-3)
     raise ValueError(kind)
+
+
+#: The group-lasso rows (``--group``): each weight's input columns.
+GROUP = ("pyreg.optim.AdamW(group_l1)", "pyreg.optim.AdamW(group_strength)", "Regularized(torch Adam, group_l1)",
+         "Regularized(torch Adam, group_strength)")
 
 
 KINDS = ("torch Adam", "torch Adam, pyreg's groups", "Regularized(torch Adam)", "torch AdamW(fused)",
@@ -68,7 +84,9 @@ BASES = {"torch Adam, pyreg's groups": "torch Adam",
          "pyreg.optim.AdamW(target_sparsity)": "pyreg.optim.AdamW(l1)",
          "pyreg.optim.AdamW(l1,l2_bound)": "pyreg.optim.AdamW(l1)",
          "pyreg.optim.AdamW(l1_strength)": "pyreg.optim.AdamW(l1)",
-         "Regularized(torch Adam, l1_strength)": "Regularized(torch Adam)"}
+         "Regularized(torch Adam, l1_strength)": "Regularized(torch Adam)",
+         "pyreg.optim.AdamW(group_strength)": "pyreg.optim.AdamW(group_l1)",
+         "Regularized(torch Adam, group_strength)": "Regularized(torch Adam, group_l1)"}
 
 
 WHOLE = ("torch Adam", "torch Adam, pyreg's groups", "Regularized(torch Adam)", "pyreg.optim.Adam(l1)")
@@ -80,6 +98,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--cpu-time", action="store_true", help="thread CPU time, one torch thread")
     ap.add_argument("--whole", action="store_true", help="a whole training step: zero_grad, forward, backward, step")
+    ap.add_argument("--group", action="store_true",
+                    help="the group-lasso rows (a given group_l1, group_strength) with torch's Adam, in place of "
+                         "the others")
     ap.add_argument("--out", help="also write the table to OUT.md")
     args = ap.parse_args()
     if args.rounds < 1 or args.steps < 1:
@@ -91,7 +112,9 @@ def main() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(256, 128), torch.randint(0, 2, (256,))
     runs = {}
-    for kind in (WHOLE if args.whole else KINDS):
+    if args.whole and args.group:
+        ap.error("--whole and --group are exclusive")
+    for kind in (WHOLE if args.whole else ("torch Adam",) + GROUP if args.group else KINDS):
         model = MLP(128, 2)
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-2

@@ -250,7 +250,7 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
     m.def(name("push_kth").c_str(),
           [k](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& v, const std::vector<double>& e,
               const std::vector<double>& s, const Ptrs& wb, const std::vector<double>& wd, const Numels& ks,
-              uintptr_t out, int nthreads) {
+              uintptr_t out, int nthreads, const Numels& outer, const Numels& groups, const Numels& inner) {
             TensorList w = make_list(p, n, d);
             for (int code : d)
               if (code != pyreg::kFloat32 && code != pyreg::kFloat64)
@@ -263,12 +263,18 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
             std::vector<void*> wp = optional_ptrs(wb, w, "weights before the step");
             if (!wp.empty() && wd.size() != p.size())
               throw std::invalid_argument("pyreg._C: wd differs in length from tensors");
+            // groups: (outer, groups, inner) of each tensor for the group form, or three empty lists
+            const bool grouped = !groups.empty();
+            pyreg::GroupList gl;
+            if (grouped) gl = make_groups(w, outer, groups, inner);
             for (size_t i = 0; i < ks.size(); ++i)
-              if (ks[i] < 0 || ks[i] > n[i]) throw std::invalid_argument("pyreg._C: k out of [0, numel]");
+              if (ks[i] < 0 || ks[i] > (grouped ? gl.groups[i] : n[i]))
+                throw std::invalid_argument("pyreg._C: k out of [0, numel] (of [0, groups] with groups)");
             if (out == 0 && !p.empty()) throw std::invalid_argument("pyreg._C: null output");
             py::gil_scoped_release nogil;
             k->push_kth(w, vp.empty() ? nullptr : vp.data(), e.data(), s.data(), wp.empty() ? nullptr : wp.data(),
-                        wd.data(), ks.data(), ptr<double>(out), Launch{nullptr, -1, 0, nthreads});
+                        wd.data(), grouped ? &gl : nullptr, ks.data(), ptr<double>(out),
+                        Launch{nullptr, -1, 0, nthreads});
           });
   }
 

@@ -24,6 +24,7 @@ class StrengthCounts {
  private:
   struct Counted {
     pybind11::object param, dict, entry;  // the param, its state dict and the l1 entry in it, as seen
+    pybind11::object key;                 // the key of that entry
     int64_t k = 1, shift = 0;
   };
   std::vector<Counted> counted_;

@@ -20,6 +20,7 @@ eager mode the backend directly (``_eager``); otherwise the custom op
 from __future__ import annotations
 
 import numbers
+from itertools import repeat
 from operator import attrgetter
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -134,16 +135,22 @@ def _fast_coefs(n: int, device: Optional[torch.device], *cs, written: Sequence[T
 
 
 def _fast_dims(dim, ts) -> Optional[List[int]]:
-    """One int ``dim`` for every tensor, normalized, or None (then
+    """The group dimension of each tensor, normalized, from one int for
+    every tensor or a list or tuple of ints, one per tensor; or None (then
     ``group_dims`` decides and explains)."""
-    if type(dim) is not int:
+    tp = type(dim)
+    if tp is int:
+        dims = repeat(dim, len(ts))
+    elif (tp is list or tp is tuple) and len(dim) == len(ts) and all(type(d) is int for d in dim):
+        dims = dim
+    else:
         return None
     out = []
-    for t in ts:
+    for t, d in zip(ts, dims):
         nd = t.dim() or 1
-        if not -nd <= dim < nd:
+        if not -nd <= d < nd:
             return None
-        out.append(dim % nd)
+        out.append(d % nd)
     return out
 
 

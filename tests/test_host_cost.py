@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -373,6 +374,44 @@ def test_fast_path_leaves_non_tensors_to_the_general_check(op):
         getattr(pyreg, op)([torch.randn(3), 1.0], *args)
 
 
+@pytest.mark.parametrize("dims", [[1, 0, 2, 0], (-1, 0, 1, -1), [1, 0, 2, 3], [1, 0, 2], [1, 0.0, 2, 0], [1, True, 2, 0]],
+                         ids=["list", "tuple", "out-of-range", "short", "float", "bool"])
+def test_group_ops_take_the_fast_path_with_one_dim_per_tensor(dims, monkeypatch):
+    """``group_prox_`` and ``max_norm_`` with one group dimension per tensor
+    (a list or tuple of ints, as the optimizers pass them) take the fast
+    path, with the bits of the general path; any other ``dims`` (out of
+    range, of another length, not ints) goes to the general path, which
+    explains it."""
+    from pyreg import ops
+    g = torch.Generator().manual_seed(31)
+    shapes = [(5, 7), (6,), (3, 4, 5), ()]
+    init = [torch.randn(sh, generator=g, dtype=torch.float64) for sh in shapes]
+    general = []
+    args = {"group_prox_": (0.4, 0.9), "max_norm_": (0.8,)}
+    calls = []
+    group_args = ops._group_args
+    monkeypatch.setattr(ops, "_group_args", lambda *a: calls.append(1) or group_args(*a))
+    for op, a in args.items():
+        ws = [t.clone() for t in init]
+        try:  # (the general path, with its checks: the tensors from an iterator, not a list)
+            general.append((getattr(pyreg, op)(iter(ws), *a, dim=dims), ws))
+        except (TypeError, ValueError) as e:
+            general.append(e)
+    assert len(calls) == 2
+    calls.clear()
+    for (op, a), want in zip(args.items(), general):
+        ws = [t.clone() for t in init]
+        if isinstance(want, Exception):
+            with pytest.raises(type(want), match=re.escape(str(want))):
+                getattr(pyreg, op)(ws, *a, dim=dims)
+            assert calls and all(torch.equal(x, y) for x, y in zip(ws, init))
+            continue
+        out = getattr(pyreg, op)(ws, *a, dim=dims)
+        assert not calls
+        assert torch.equal(out, want[0]) and all(torch.equal(x, y) for x, y in zip(ws, want[1]))
+        assert not all(torch.equal(x, y) for x, y in zip(ws, init))
+
+
 # --------------------------------------------------------------------------
 # Regularized's fast path (pyreg._C.FastProx): a step that finds the groups as
 # the previous steps left them goes straight from the inner step to the CPU
@@ -545,17 +584,26 @@ def test_fast_path_with_l1_strength_follows_memory_the_inner_step_replaced(monke
     assert _bits_equal(with_fast, without)
 
 
-def _staggered_strength_run(make_opt, skip_at=None):
+#: The strength keys of the two weights of :func:`_staggered_strength_run`.
+STAGGERED = {"l1": ("l1_strength", "l1_strength"), "group": ("group_strength", "group_strength"),
+             "mixed": ("group_strength", "l1_strength")}
+
+
+def _staggered_strength_run(make_opt, skip_at=None, keys="l1"):
     """16 steps of an l1_strength MLP (the two weights refreshed every 3 and 4
     steps: a bucket of two slices) from ``make_opt(groups)``: the second
     weight without a grad at step 7, an lr schedule from step 10, a state
     dict loaded after step 11 and, at ``skip_at``, a step GradScaler skips.
-    Per step and weight: (the state's step count, the l1's bits, the
-    weight's bits)."""
+    ``keys``: the weights' strengths, as :data:`STAGGERED` names them
+    (group_strength over the input columns). Per step and weight: (the
+    state's step count, the l1's (group_l1's) bits, the weight's bits)."""
     torch.manual_seed(4)
     model = torch.nn.Sequential(torch.nn.Linear(300, 240), torch.nn.ReLU(), torch.nn.Linear(240, 5))
-    groups = pyreg.param_groups(model, l1_strength=0.5, overrides={"0.weight": {"l1_refresh": 3},
-                                                                   "2.weight": {"l1_refresh": 4}})
+    names = STAGGERED[keys]
+    groups = pyreg.param_groups(model, overrides={
+        "0.weight": {names[0]: 0.5, "l1_refresh": 3, **({"group_dim": 1} if names[0] == "group_strength" else {})},
+        "2.weight": {names[1]: 0.5, "l1_refresh": 4, **({"group_dim": 1} if names[1] == "group_strength" else {})}})
+    state_keys = ["strength_group_l1" if n == "group_strength" else "strength_l1" for n in names]
     opt = make_opt(groups)
     gen = torch.Generator().manual_seed(6)
     seen = []
@@ -574,8 +622,8 @@ def _staggered_strength_run(make_opt, skip_at=None):
         opt.__dict__.pop("found_inf", None)
         if k == 11:
             opt.load_state_dict(opt.state_dict())
-        seen.append([(opt.state[p].get("strength_step"), _bits(opt.state[p]["strength_l1"]).item(),
-                      _bits(p.detach()).clone()) for p in (model[0].weight, model[2].weight)])
+        seen.append([(opt.state[p].get("strength_step"), _bits(opt.state[p][key]).item(), _bits(p.detach()).clone())
+                     for p, key in zip((model[0].weight, model[2].weight), state_keys)])
     return seen
 
 
@@ -602,7 +650,7 @@ def test_fast_path_with_l1_strength_counts_and_refreshes_as_the_full_path(monkey
 
 
 def test_strength_counts_count_as_the_python_rule_and_refuse_what_they_cannot_keep():
-    """pyreg._C.StrengthCounts (l1_strength's counts at C speed): a step
+    """pyreg._C.StrengthCounts (the strengths' counts at C speed): a step
     counts each param's step in its state where no refresh is due (0), says
     1 where one is (t >= k and (t + shift) % k == 0 for the count t of this
     step) and -1 where the state is not as seen (another state object, dict
@@ -614,12 +662,14 @@ def test_strength_counts_count_as_the_python_rule_and_refuse_what_they_cannot_ke
         pytest.skip("no compiled module")
     a, b = torch.zeros(3), torch.zeros(2)
     l1 = torch.zeros(2, dtype=torch.float64)
-    state = {a: {"strength_l1": l1[0], "strength_step": 4}, b: {"strength_l1": l1[1], "strength_step": 0}}
+    # (b: a group_strength param, its coefficient under its own key, named by its entry)
+    state = {a: {"strength_l1": l1[0], "strength_step": 4}, b: {"strength_group_l1": l1[1], "strength_step": 0}}
 
     class B:
         steps_taken = [4, 0]
     bucket = B()
-    c = _C.StrengthCounts(state, "strength_l1", "strength_step", [(a, 3, 0), (b, 5, 2)], [bucket])
+    c = _C.StrengthCounts(state, "strength_l1", "strength_step", [(a, 3, 0), (b, 5, 2, "strength_group_l1")],
+                          [bucket])
     got = []
     for _ in range(4):
         got.append(c.step(state))
@@ -630,7 +680,8 @@ def test_strength_counts_count_as_the_python_rule_and_refuse_what_they_cannot_ke
     assert got == [0, 1, 0, 0]
     assert [s["strength_step"] for s in state.values()] == [8, 4] and bucket.steps_taken is None
     for changed in ({**state}, {a: dict(state[a]), b: state[b]}, {a: {**state[a], "strength_l1": l1[0] + 0},
-                                                                    b: state[b]}):
+                                                                    b: state[b]},
+                    {a: state[a], b: {**state[b], "strength_group_l1": l1[1] + 0}}):
         if changed is not state:
             assert c.step(changed) == -1
     state[b]["strength_step"] = 4.0
@@ -638,7 +689,8 @@ def test_strength_counts_count_as_the_python_rule_and_refuse_what_they_cannot_ke
     good = ("strength_l1", "strength_step")
     for entries, st, match in [([(a, 0, 0)], state, "period"), ([(a, 3, -1)], state, "shift"),
                                ([(torch.zeros(1), 3, 0)], state, "no state dict"), ([(a, 3, 0)], {a: {}}, "no l1"),
-                               ([(a, 3)], state, "3-tuple"), ([(a, 3, 0)], [], "not a dict")]:
+                               ([(a, 3)], state, "3-tuple"), ([(a, 3, 0)], [], "not a dict"),
+                               ([(a, 3, 0, "strength_group_l1")], state, "no l1"), ([(b, 3, 0)], state, "no l1")]:
         with pytest.raises(ValueError, match=match):
             _C.StrengthCounts(st, *good, entries, [])
     with pytest.raises(TypeError, match="StrengthCounts"):
@@ -860,15 +912,17 @@ def test_kept_buckets_keep_no_grad_alive(name):
     assert all(r() is None for r in refs)
 
 
+@pytest.mark.parametrize("keys", list(STAGGERED))
 @pytest.mark.parametrize("cls", [pyreg.optim.AdamW, pyreg.optim.SGD])
-def test_kept_buckets_count_l1_strength_steps_as_python_does(cls, monkeypatch):
-    """The steps that keep their buckets count l1_strength's steps at C
-    speed (apply.strength_counter) and leave a step with a refresh due to
-    Python: over staggered refreshes (a bucket of two slices), two refresh
-    periods, a step where one weight has no grad, a step GradScaler skips,
-    a state dict loaded in the middle and an lr schedule, the counts, the
-    l1 and the weights are those of the steps counted in Python only, bit
-    for bit, at every step; and steps were counted in C."""
+def test_kept_buckets_count_l1_strength_steps_as_python_does(cls, keys, monkeypatch):
+    """The steps that keep their buckets count l1_strength's and
+    group_strength's steps at C speed (apply.strength_counter) and leave a
+    step with a refresh due to Python: over staggered refreshes (a bucket of
+    two slices), two refresh periods, a step where one weight has no grad, a
+    step GradScaler skips, a state dict loaded in the middle and an lr
+    schedule, the counts, the l1 (group_l1) and the weights are those of the
+    steps counted in Python only, bit for bit, at every step; and steps were
+    counted in C."""
     answers = []
     count_kept = FZ.FusedOptimizer._count_kept
     monkeypatch.setattr(FZ.FusedOptimizer, "_count_kept", lambda self, s: answers.append(count_kept(self, s))
@@ -877,7 +931,7 @@ def test_kept_buckets_count_l1_strength_steps_as_python_does(cls, monkeypatch):
     for in_c in (True, False):
         if not in_c:
             monkeypatch.setattr(FZ, "strength_counter", lambda *a: None)
-        runs.append(_staggered_strength_run(lambda groups: cls(groups, lr=1e-2), skip_at=13))
+        runs.append(_staggered_strength_run(lambda groups: cls(groups, lr=1e-2), skip_at=13, keys=keys))
         if in_c:
             in_c_answers = list(answers)
     assert [[(t, q) for t, q, _ in step] for step in runs[0]] == [[(t, q) for t, q, _ in step] for step in runs[1]]

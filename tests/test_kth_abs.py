@@ -331,6 +331,40 @@ def test_push_kth_is_the_selection_of_the_torch_push(dtype, second):
         assert same(out, [by_sort(t, k, False) for t, k in zip(push, ks)])
 
 
+@pytest.mark.parametrize("decay", [False, True], ids=["", "decay"])
+@pytest.mark.parametrize("second", [True, False], ids=["plain", "metric"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_push_kth_over_groups_is_the_selection_of_the_torch_push_norms(dtype, second, decay):
+    """``push_kth`` with each tensor's group dimension (group_strength's
+    refresh on the CPU, in one call) gives the bits of the push computed in
+    torch ops, its ``group_norms`` and ``kth_abs`` over each tensor's
+    groups, for every k from 0 to the tensor's groups, with groups along the
+    first, a middle and the last dimension, on every contiguous layout of
+    the op matrix (empty, 0-dim, odd sizes, a misaligned start); and
+    compares with a sort of the float64 norms."""
+    if not backends.cpu.selects_pushes():
+        pytest.skip("this build has no push_kth")
+    m = [t.contiguous() for t in random_list(dtype, seed=11, more_layouts=True, scale=1e-2)]
+    g = torch.Generator().manual_seed(12)
+    v = [(t.double() ** 2 * 0.7 + torch.rand(t.shape, generator=g, dtype=torch.float64) * 1e-6).to(dtype)
+         for t in m] if second else None
+    e = [float(x) for x in torch.rand(len(m), generator=g, dtype=torch.float64) * 1e-7]
+    s = [float(x) for x in 0.05 + torch.rand(len(m), generator=g, dtype=torch.float64)]
+    w = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) for t in m] if decay else None
+    wd = [float(x) for x in torch.rand(len(m), generator=g, dtype=torch.float64) * 0.1] if decay else None
+    push = push_by_torch(m, v, e, s)
+    if decay:  # (decayed_push: the term rounded, then added)
+        push = [p + wi * c for p, wi, c in zip(push, w, wd)]
+    for which in range(3):
+        dims = [[0, t.dim() // 2, t.dim() - 1][which] if t.dim() else 0 for t in m]
+        norms = ops.group_norms(push, dims)
+        ks = ks_for(norms, which)
+        out = torch.full((len(m),), -1.0, dtype=torch.float64)
+        backends.cpu.push_kth(m, v, e, s, ks, out, w, wd, dims=dims)
+        assert same(out, ops.kth_abs(norms, ks)), which
+        assert same(out, [by_sort(t, k, False) for t, k in zip(norms, ks)]), which
+
+
 def test_push_kth_the_same_for_any_thread_count(restore_threads):  # noqa: F811
     if not backends.cpu.selects_pushes():
         pytest.skip("this build has no push_kth")
@@ -358,6 +392,10 @@ def test_push_kth_the_same_for_any_thread_count(restore_threads):  # noqa: F811
     (lambda a: a.update(w=[a["ptrs"][0]], wd=[0.1]), "weights before the step differ in length"),
     (lambda a: a.update(w=[a["ptrs"][0], 0], wd=[0.1, 0.1]), "null weights before the step pointer"),
     (lambda a: a.update(w=list(a["ptrs"]), wd=[0.1]), "wd differs in length"),
+    # the group form: (outer, groups, inner) of each tensor, and k at most its groups
+    (lambda a: a.update(shapes=([1], [4], [1])), "group shapes differ in length"),
+    (lambda a: a.update(shapes=([1, 1], [4, 2], [1, 2])), "does not match numel"),
+    (lambda a: a.update(shapes=([1, 1], [4, 3], [1, 2]), k=[1, 4]), "out of"),
 ])
 def test_push_kth_rejects_bad_input(change, words):
     """The binding checks what it is given before any kernel runs, and the
@@ -369,11 +407,11 @@ def test_push_kth_rejects_bad_input(change, words):
     v = [t * t for t in m]
     out = torch.full((2,), 7.0, dtype=torch.float64)
     a = dict(ptrs=[t.data_ptr() for t in m], numels=[4, 6], codes=[0, 0], v=[t.data_ptr() for t in v],
-             e=[1e-8, 1e-8], s=[1.0, 1.0], w=[], wd=[], k=[1, 2], out=out.data_ptr())
+             e=[1e-8, 1e-8], s=[1.0, 1.0], w=[], wd=[], k=[1, 2], out=out.data_ptr(), shapes=([], [], []))
     change(a)
     with pytest.raises(ValueError, match=words):
         c.cpu_push_kth(a["ptrs"], a["numels"], a["codes"], a["v"], a["e"], a["s"], a["w"], a["wd"], a["k"], a["out"],
-                       1)
+                       1, *a["shapes"])
     assert out.tolist() == [7.0, 7.0]
 
 

@@ -261,7 +261,7 @@ def test_a_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(cls, kw, o
     monkeypatch.setattr(CompiledKernels, "push_kth", lambda self, *a, **k: calls.append(1) or kernel(self, *a, **k))
 
     class TorchOps(cls):  # the pushes in torch ops, then kth_abs
-        def _push_quantiles(self, items, ks, out=None):
+        def _push_quantiles(self, items, ks, dims=None):
             return None
 
     g = torch.Generator().manual_seed(13)
@@ -281,6 +281,127 @@ def test_a_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(cls, kw, o
     assert all(v > 0 for v in got[:2] + got[3:])
     assert bool(calls) == (one_call and dtype.itemsize >= 4)  # the kernel takes float32/64 state
     assert all(torch.equal(a, b) for a, b in zip(*params))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("cls, kw, one_call", ONE_CALL, ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(ONE_CALL)])
+def test_a_group_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(cls, kw, one_call, dtype, monkeypatch):
+    """group_strength: where the push has that form, the CPU kernel
+    (``push_kth`` with group shapes) computes the pushes, their group norms
+    and each tensor's quantile over its groups in one call; it gives the
+    group_l1 of the pushes computed in torch ops, ``group_norms`` and
+    ``kth_abs`` bit for bit, with groups along the first, middle and last
+    dimension, a tensor without groups' elements, one without a grad at
+    step 1, through several refreshes; the others take the torch ops."""
+    from pyreg.backends.compiled import CompiledKernels
+    if not pyreg.backends.cpu.selects_pushes():
+        pytest.skip("this build has no push_kth")
+    monkeypatch.setattr(torch.Tensor, "sqrt", ieee_sqrt)
+    monkeypatch.setattr(torch, "_foreach_sqrt", lambda ts: [ieee_sqrt(t) for t in ts])
+    calls = []
+    kernel = CompiledKernels.push_kth
+    monkeypatch.setattr(CompiledKernels, "push_kth",
+                        lambda self, *a, **k: calls.append(k.get("dims")) or kernel(self, *a, **k))
+
+    class TorchOps(cls):  # the pushes in torch ops, then group_norms and kth_abs
+        def _push_quantiles(self, items, ks, dims=None):
+            return None
+
+    g = torch.Generator().manual_seed(17)
+    shapes = [(17, 9), (3, 11, 5), (0, 3), (6, 4), (13,)]
+    init = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    params = [[p.clone().requires_grad_() for p in init] for _ in range(2)]
+    opts = [c([{"params": ps[:3], "group_strength": [0.6, 0.3, 0.5], "group_dim": 1, "l1_refresh": 2},
+               {"params": ps[3:], "group_strength": 0.7, "group_dim": -1, "l1_refresh": 2},
+               ], lr=1e-2, **kw)
+            for c, ps in zip((cls, TorchOps), params)]
+    for step in range(1, 8):
+        for ps, opt in zip(params, opts):
+            for i, (p, gr) in enumerate(zip(ps, grads_for(shapes, step, dtype))):
+                p.grad = None if step == 1 and i == 1 else gr
+            opt.step()
+        got, want = ([float(opt.state[p].get("strength_group_l1", -1.0)) for p in ps] for ps, opt in
+                     zip(params, opts))
+        assert got == want, step
+    assert all(v > 0 for i, v in enumerate(got) if i != 2)
+    assert bool(calls) == (one_call and dtype.itemsize >= 4)
+    assert all(d is not None for d in calls)
+    assert all(torch.equal(a, b) for a, b in zip(*params))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("key", ["l1_strength", "group_strength"])
+def test_regularized_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(key, dtype, monkeypatch):
+    """pyreg.Regularized: on the CPU, a refresh selects the quantile of each
+    due tensor's step (``push_kth`` of before - after, over its elements or
+    its group norms) in one kernel call; it gives the l1 (group_l1) of the
+    steps computed in torch ops, then ``group_norms`` and ``kth_abs``, bit
+    for bit, through several staggered refreshes, on the fast path and the
+    full path (a tensor without a grad at step 1), and the same weights;
+    16-bit params take the torch ops."""
+    import pyreg.optim.regularized as R
+    from pyreg.backends.compiled import CompiledKernels
+    if not pyreg.backends.cpu.selects_pushes():
+        pytest.skip("this build has no push_kth")
+    calls = []
+    kernel = CompiledKernels.push_kth
+    monkeypatch.setattr(CompiledKernels, "push_kth", lambda self, *a, **k: calls.append(1) or kernel(self, *a, **k))
+    state_key = "strength_group_l1" if key == "group_strength" else KEY
+    shapes = [(17, 9), (3, 11, 5), (6, 4), (13, 2)]
+    extra = {"group_dim": 1} if key == "group_strength" else {}
+    runs = []
+    for in_kernel in (True, False):
+        if not in_kernel:
+            monkeypatch.setattr(R, "step_quantiles", lambda *a: None)
+        g = torch.Generator().manual_seed(21)
+        ps = [torch.randn(sh, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for sh in shapes]
+        opt = pyreg.Regularized(torch.optim.Adam(
+            [{"params": ps, key: [0.6, 0.3, 0.5, 0.8], "l1_refresh": 2, **extra}], lr=1e-2))
+        seen = []
+        for step in range(1, 8):
+            for i, (p, gr) in enumerate(zip(ps, grads_for(shapes, step, dtype))):
+                p.grad = None if step == 1 and i == 1 else gr
+            opt.step()
+            seen.append([float(opt.state[p].get(state_key, -1.0)) for p in ps])
+        runs.append((seen, [p.detach().clone() for p in ps]))
+        if in_kernel:
+            n_calls = len(calls)
+    assert runs[0][0] == runs[1][0]
+    assert all(v > 0 for v in runs[0][0][-1])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    assert (n_calls > 0) == (dtype.itemsize >= 4) and len(calls) == n_calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["fused", "Regularized"])
+@pytest.mark.parametrize("key", ["l1_strength", "group_strength"])
+def test_a_nan_grad_leaves_the_strength_as_it_was(key, family, backend):
+    """A NaN in one grad (no GradScaler) makes the pushes of its tensor NaN
+    from then on (Adam's moments keep it): a refresh whose quantile is not
+    finite leaves the tensor's l1 (group_l1) as the last refresh set it, so
+    the next steps run (a coefficient is finite: a NaN one would be refused
+    at every later step, after the inner step) and the state dict loads."""
+    state_key = "strength_group_l1" if key == "group_strength" else KEY
+    g = torch.Generator().manual_seed(5)
+    ps = [torch.randn(6, 5, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2)]
+    group = {"params": ps, key: 1.0, "l1_refresh": 2, **({"group_dim": 1} if key == "group_strength" else {})}
+    opt = (pyreg.Regularized(torch.optim.Adam([group], lr=1e-2)) if family == "Regularized"
+           else pyreg.optim.Adam([group], lr=1e-2))
+    with pyreg.use_backend(backend):
+        for step in range(1, 8):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            if step == 3:
+                ps[0].grad[2, 1] = float("nan")
+            opt.step()
+            if step == 2:
+                kept = [float(opt.state[p][state_key]) for p in ps]
+            got = [float(opt.state[p][state_key]) for p in ps]
+            assert all(math.isfinite(v) for v in got), step
+        assert got[0] == kept[0] and got[1] != kept[1] and kept[0] > 0
+        assert ps[0].isnan().any() and not ps[1].isnan().any()
+        opt.load_state_dict(opt.state_dict())
+        opt.step()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -128,8 +128,14 @@ struct Kernels {
   // computes the push in torch ops and selects with kth_abs).
   // With w (not null): the push plus a decoupled decay's term, decayed_push(P,
   // w_t, wd[i]), w the weights before the step (m's type).
+  // With groups (not null; group_strength's refresh): out[i] = the k[i]-th
+  // smallest L2 norm of the groups of tensor i's push (0 <= k[i] <= its
+  // groups), the norms as group_norms gives them (float64 if any tensor is
+  // float64, else float32), so the same bits as group_norms of the pushes
+  // in memory, then kth_abs.
   void (*push_kth)(const TensorList& m, const void* const* v, const double* e, const double* s,
-                   const void* const* w, const double* wd, const int64_t* k, double* out, const Launch& at);
+                   const void* const* w, const double* wd, const GroupList* groups, const int64_t* k, double* out,
+                   const Launch& at);
 };
 
 extern const Kernels kCpu;

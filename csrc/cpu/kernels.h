@@ -50,7 +50,7 @@ void optim_step(const OptimList& l, const OptimSpec& spec, const Launch& at);
 // select.cpp
 void kth_abs(const TensorList& w, const int64_t* k, bool closest, double* out, const Launch& at);
 void push_kth(const TensorList& m, const void* const* v, const double* e, const double* s, const void* const* w,
-              const double* wd, const int64_t* k, double* out, const Launch& at);
+              const double* wd, const GroupList* groups, const int64_t* k, double* out, const Launch& at);
 
 // table.cpp: the instruction set the variant was compiled for.
 std::string isa();

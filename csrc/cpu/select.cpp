@@ -1,6 +1,6 @@
 // select.cpp: kth_abs, the k-th smallest magnitude of each tensor, and
 // push_kth, the same of the push of an adaptive step (Adam, Adagrad, RMSprop)
-// (csrc/common/kernels_api.h for the contract), on the CPU.
+// or of its group norms (csrc/common/kernels_api.h for the contract), on the CPU.
 //
 // A selection is exact: it compares values and rounds nothing, so it is
 // written on the magnitudes' bit patterns. With the sign bit cleared, the bits
@@ -385,33 +385,92 @@ void kth_abs(const TensorList& w, const int64_t* k, bool closest, double* out, c
   });
 }
 
+namespace {
+
+// The push of tensor t's adaptive step (kernels_api.h's push_kth) into `out`,
+// in m's type A, as csrc/common/optim_math.h computes it.
+template <typename A>
+void push_into(const TensorList& m, const void* const* v, const double* e, const double* s, const void* const* w,
+               const double* wd, int64_t t, A* out) {
+  const int64_t n = m.numels[t];
+  const A* mp = static_cast<const A*>(m.ptrs[t]);
+  const A* vp = v != nullptr ? static_cast<const A*>(v[t]) : nullptr;
+  const A et = A(e[t]), st = A(s[t]);
+  if (vp != nullptr) {
+    for (int64_t i = 0; i < n; ++i) out[i] = adaptive_push(mp[i], vp[i], et, st);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = mp[i] / st;
+  }
+  if (w != nullptr) {  // a decoupled decay's term
+    const A* wp = static_cast<const A*>(w[t]);
+    const A wdt = A(wd[t]);
+    for (int64_t i = 0; i < n; ++i) out[i] = decayed_push(out[i], wp[i], wdt);
+  }
+}
+
+// The group form: the pushes in memory, their group norms (group_norms, in the
+// dtype the Python op gives them: float64 if any tensor is float64, else
+// float32), then the k-th smallest norm of each tensor.
+void push_group_kth(const TensorList& m, const void* const* v, const double* e, const double* s,
+                    const void* const* w, const double* wd, const GroupList& gl, const int64_t* k, double* out,
+                    const Launch& at) {
+  const int64_t n = m.size();
+  bool wide = false;
+  int64_t total = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    wide = wide || m.dtypes[t] == kFloat64;
+    total += gl.groups[t];
+  }
+  std::vector<std::unique_ptr<double[]>> bufs(static_cast<size_t>(n));  // (8-byte units: room for either type)
+  TensorList pushes = m;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t words = m.dtypes[t] == kFloat64 ? m.numels[t] : (m.numels[t] + 1) / 2;
+    bufs[size_t(t)].reset(new double[size_t(std::max<int64_t>(words, 1))]);
+    pushes.ptrs[size_t(t)] = bufs[size_t(t)].get();
+  }
+  parallel_for(n, n > 1 ? threads_for(m, at.nthreads, 2) : 1, [&](int64_t t) {
+    if (m.dtypes[t] == kFloat64)
+      push_into(m, v, e, s, w, wd, t, static_cast<double*>(pushes.ptrs[size_t(t)]));
+    else
+      push_into(m, v, e, s, w, wd, t, static_cast<float*>(pushes.ptrs[size_t(t)]));
+  });
+  std::unique_ptr<double[]> norms(new double[size_t(std::max<int64_t>(total, 1))]);
+  group_norms(pushes, gl, norms.get(), wide ? kFloat64 : kFloat32, at);
+  std::vector<int64_t> first(size_t(n) + 1, 0);
+  for (int64_t t = 0; t < n; ++t) first[size_t(t) + 1] = first[size_t(t)] + gl.groups[t];
+  parallel_for(n, 1, [&](int64_t t) {
+    const int64_t g = gl.groups[t];
+    if (k[t] == 0) {
+      out[t] = 0.0;
+    } else if (wide) {
+      out[t] = kth_of(norms.get() + first[size_t(t)], g, k[t], false);
+    } else {
+      out[t] = kth_of(reinterpret_cast<const float*>(norms.get()) + first[size_t(t)], g, k[t], false);
+    }
+  });
+}
+
+}  // namespace
+
 void push_kth(const TensorList& m, const void* const* v, const double* e, const double* s, const void* const* w,
-              const double* wd, const int64_t* k, double* out, const Launch& at) {
+              const double* wd, const GroupList* groups, const int64_t* k, double* out, const Launch& at) {
+  if (groups != nullptr) {
+    push_group_kth(m, v, e, s, w, wd, *groups, k, out, at);
+    return;
+  }
   parallel_for(m.size(), m.size() > 1 ? threads_for(m, at.nthreads, 2) : 1, [&](int64_t t) {
     const int64_t n = m.numels[t];
     if (k[t] == 0) {
       out[t] = 0.0;
       return;
     }
-    auto run = [&](auto* mp) {
-      using A = std::remove_pointer_t<decltype(mp)>;
+    auto run = [&](auto* zero) {
+      using A = std::remove_pointer_t<decltype(zero)>;
       std::unique_ptr<A[]> push(new A[size_t(n)]);
-      const A* vp = v != nullptr ? static_cast<const A*>(v[t]) : nullptr;
-      const A et = A(e[t]), st = A(s[t]);
-      A* out_p = push.get();
-      if (vp != nullptr) {
-        for (int64_t i = 0; i < n; ++i) out_p[i] = adaptive_push(mp[i], vp[i], et, st);
-      } else {
-        for (int64_t i = 0; i < n; ++i) out_p[i] = mp[i] / st;
-      }
-      if (w != nullptr) {  // a decoupled decay's term
-        const A* wp = static_cast<const A*>(w[t]);
-        const A wdt = A(wd[t]);
-        for (int64_t i = 0; i < n; ++i) out_p[i] = decayed_push(out_p[i], wp[i], wdt);
-      }
-      return kth_of(static_cast<const A*>(out_p), n, k[t], false);
+      push_into(m, v, e, s, w, wd, t, push.get());
+      return kth_of(static_cast<const A*>(push.get()), n, k[t], false);
     };
-    out[t] = m.dtypes[t] == kFloat64 ? run(static_cast<double*>(m.ptrs[t])) : run(static_cast<float*>(m.ptrs[t]));
+    out[t] = m.dtypes[t] == kFloat64 ? run(static_cast<double*>(nullptr)) : run(static_cast<float*>(nullptr));
   });
 }
 

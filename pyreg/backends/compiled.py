@@ -281,7 +281,8 @@ class CompiledKernels:
 
     def push_kth(self, m_: List[Tensor], v: Optional[List[Tensor]], e: List[float], s: List[float], k: List[int],
                  out: Tensor, w: Optional[List[Tensor]] = None, wd: Optional[List[float]] = None,
-                 described: Optional[Tuple[List[int], List[int], List[int]]] = None) -> None:
+                 described: Optional[Tuple[List[int], List[int], List[int]]] = None,
+                 dims: Optional[List[int]] = None) -> None:
         """``out[i] <- kth_abs`` (k[i]) of the push of an adaptive step,
         ``m_i / ((sqrt(v_i) + e[i]) * s[i])`` (``m_i / s[i]`` with ``v``
         None), plus ``wd[i] * w_i`` where ``w`` (the weights before the step,
@@ -293,7 +294,10 @@ class CompiledKernels:
         float32 or float64 (``_validate.plain_cpu``); ``out`` float64, one per
         tensor. ``described``: ``_marshal.plain_list`` of ``m_ + v + w`` (those
         given), where the caller checked them so (their pointers then come
-        from it)."""
+        from it). ``dims`` (group_strength's refresh): each tensor's group
+        dimension (normalized); ``out[i]`` is then the k[i]-th smallest L2
+        norm of the groups of push i, the same bits as
+        :meth:`group_norms` of the pushes, then :meth:`kth_abs`."""
         n = len(m_)
         if described is None:
             (ptrs, numels, codes), vp, wp = (m.plain_description(m_), [] if v is None else m.pointers(v),
@@ -303,8 +307,9 @@ class CompiledKernels:
             ptrs, numels, codes = every[:n], described[1][:n], described[2][:n]
             vp = [] if v is None else every[n:2 * n]
             wp = [] if w is None else every[len(every) - n:]
+        shapes = ([], [], []) if dims is None else m.group_shapes(m_, dims)
         self._fn("push_kth")(ptrs, numels, codes, vp, e, s, wp, [] if wd is None else wd, k, out.data_ptr(),
-                             torch.get_num_threads())
+                             torch.get_num_threads(), *shapes)
 
     def fuses_target(self) -> bool:
         """Whether this build has ``target_prox_ptrs`` in one call (the CPU

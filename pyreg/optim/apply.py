@@ -309,17 +309,17 @@ def check_countable(b: Bucket) -> None:
 
 
 def strength_counter(works: Sequence[Work], state: Dict[Any, Dict[str, Any]]) -> Optional[Any]:
-    """``pyreg._C.StrengthCounts`` of the params of the "strength" ``works``
-    (csrc/strength_counts.cpp): it counts a step of each in ``state`` at C
-    speed, as :func:`strength_due` and :func:`record_strength_step` do
-    (after finding the state as it was: the same objects), where no refresh
-    is due at the step, with the refresh phases that their last
-    :func:`strength_due` set. For the steps where nothing else changed (an
-    optimizer keeps it while it is so). None without the compiled module,
-    for "gstrength" works, or where the state is not as it takes it."""
+    """``pyreg._C.StrengthCounts`` of the params of the "strength" and
+    "gstrength" ``works`` (csrc/strength_counts.cpp): it counts a step of
+    each in ``state`` at C speed, as :func:`strength_due` and
+    :func:`record_strength_step` do (after finding the state as it was: the
+    same objects), where no refresh is due at the step, with the refresh
+    phases that their last :func:`strength_due` set. For the steps where
+    nothing else changed (an optimizer keeps it while it is so). None
+    without the compiled module, or where the state is not as it takes it."""
     from .._lib import _C  # noqa: PLC0415
 
-    if _C is None or not hasattr(_C, "StrengthCounts") or any(w.kind != "strength" for w in works):
+    if _C is None or not hasattr(_C, "StrengthCounts"):
         return None
     entries = []
     for w in works:
@@ -328,7 +328,8 @@ def strength_counter(works: Sequence[Work], state: Dict[Any, Dict[str, Any]]) ->
             return None
         at = b.refresh_at[1]
         phase = dict(zip(map(id, b.params), [at] * len(b.params) if isinstance(at, tuple) else at))
-        entries += [(p, *phase[id(p)]) for p in w.params]
+        key = (STRENGTH_STATE if w.kind == "strength" else GSTRENGTH_STATE)[0]
+        entries += [(p, *phase[id(p)], key) for p in w.params]
     try:
         return _C.StrengthCounts(state, STRENGTH_STATE[0], STRENGTH_STEP, entries,
                                  list({id(w.bucket): w.bucket for w in works}.values()))
@@ -370,19 +371,20 @@ def strength_pushes(w: Work, made: Callable[[Tensor], Optional[Tensor]]) -> Dict
 
 
 def step_quantiles(w: Work, before: Dict[int, Tensor]) -> Optional[Tuple[List[int], Tensor]]:
-    """``l1_strength`` where the push is the step itself (Regularized): for
-    the tensors of ``w`` in ``before`` (by id, each as it was before the
-    inner step), ``(their indices in w, the quantiles)`` that
-    :func:`refresh_strength` selects from their steps ``before - p`` (in push
-    units: not divided by an lr), in one call of the CPU kernel, without the
-    steps in memory: ``push_kth``'s push ``m / s + wd * w`` with ``m`` the
+    """``l1_strength`` and ``group_strength`` where the push is the step
+    itself (Regularized): for the tensors of ``w`` in ``before`` (by id, each
+    as it was before the inner step), ``(their indices in w, the
+    quantiles)`` that :func:`refresh_strength` selects from their steps
+    ``before - p`` (in push units: not divided by an lr), in one call of the
+    CPU kernel: ``push_kth``'s push ``m / s + wd * w`` with ``m`` the
     weights before, ``s`` 1, ``w`` the weights after and ``wd`` -1, the
-    exact difference (the same bits as ``torch.sub``, then ``kth_abs``).
-    None where the kernel does not take them (``group_strength``, other
-    devices or layouts: :func:`strength_pushes`, then
-    :func:`refresh_strength`)."""
+    exact difference (the same bits as ``torch.sub``, then ``kth_abs``; for
+    ``group_strength``, of its group norms, as ``group_norms`` gives them).
+    None where the kernel does not take them (other devices or layouts:
+    :func:`strength_pushes`, then :func:`refresh_strength`)."""
     idx = [i for i, p in enumerate(w.params) if id(p) in before]
-    if w.kind != "strength" or not idx or w.bucket.device.type != "cpu" or torch.compiler.is_compiling():
+    if (w.kind not in STRENGTH_KINDS or not idx or w.bucket.device.type != "cpu"
+            or torch.compiler.is_compiling()):
         return None
     be = direct_backend()
     if be is None or not be.selects_pushes():
@@ -394,8 +396,10 @@ def step_quantiles(w: Work, before: Dict[int, Tensor]) -> Optional[Tuple[List[in
         return None
     n = len(idx)
     q = torch.empty(n, dtype=torch.float64)
-    be.push_kth(olds, None, [0.0] * n, [1.0] * n, strength_ks(w, idx, described[1][n:]), q, news, [-1.0] * n,
-                described=described)
+    dims = None if w.kind == "strength" else [w.dims[i] for i in idx]
+    sizes = described[1][n:] if dims is None else [t.shape[d] if t.dim() else 1 for t, d in zip(news, dims)]
+    be.push_kth(olds, None, [0.0] * n, [1.0] * n, strength_ks(w, idx, sizes), q, news, [-1.0] * n,
+                described=described, dims=dims)
     return idx, q
 
 
@@ -449,7 +453,8 @@ def store_strength(w: Work, idx: List[int], q: Tensor, state: Dict[Any, Dict[str
                    vec: Optional[Tensor] = None) -> None:
     """The end of :func:`refresh_strength`: the selected quantiles ``q`` (float64,
     one per tensor of ``idx``, in push units; divided by ``lr`` if given)
-    become those tensors' l1 (group_l1) in the state's vector. An optimizer
+    become those tensors' l1 (group_l1) in the state's vector, where they
+    are finite (else the l1 stays as it was). An optimizer
     that selects its push's quantiles itself (without the pushes in memory)
     calls it directly, with :func:`strength_ks`' ranks (and ``vec``, the
     vector :func:`strength_l1` gave this step, if at hand)."""
@@ -462,6 +467,9 @@ def store_strength(w: Work, idx: List[int], q: Tensor, state: Dict[Any, Dict[str
         _per_lr(q, q, lr)
         if isinstance(lr, Tensor):  # (where a tensor's lr is 0, its l1 stays)
             q = torch.where(lr.to(device=q.device) > 0, q, vec if whole else vec[idx])
+    # a quantile that is not finite (a push with NaN or inf, from such a grad) is no strength: the l1 stays
+    # (a coefficient is finite; on the device, no sync)
+    q = torch.where(q.isfinite(), q, vec if whole else vec[idx])
     if whole:  # into the float64 vector (its 0-dim views are in the state)
         vec.copy_(q)
     else:

@@ -323,15 +323,15 @@ class FusedOptimizer(Observable):
         return None
 
     def _push_quantiles(self, items: List[Tuple[Tensor, Dict[str, Any], Dict[str, Any], bool, Optional[Tensor]]],
-                        ks: List[int], out: Optional[Tensor] = None) -> Optional[Tensor]:
-        """The ks[i]-th smallest |push| of each item (float64), in one call of
+                        ks: List[int], dims: Optional[List[int]] = None) -> Optional[Tensor]:
+        """The ks[i]-th smallest |push| of each item (float64; ``dims``, each
+        item's group dimension: the ks[i]-th smallest L2 norm of its push's
+        groups, for ``group_strength``), in one call of
         the CPU kernel (``push_kth``: the push from :meth:`_push_terms`, then
-        its selection, without the push in memory; the same operations as the
+        its selection, or that of its group norms; the same operations as the
         push in torch ops and ``kth_abs``, with a correctly rounded sqrt, which
         torch's CPU sqrt is not on every CPU) where the terms are plain CPU tensors;
-        else None (:meth:`_pushes` gives the pushes). ``out``: a plain float64
-        CPU vector of one entry per item to write them into (its version is
-        bumped), else a new one."""
+        else None (:meth:`_pushes` gives the pushes)."""
         be = direct_backend() if items and items[0][0].device.type == "cpu" else None
         terms = self._push_terms(items) if be is not None and be.selects_pushes() else None
         decay = self._push_decay(items) if terms is not None else None
@@ -340,11 +340,8 @@ class FusedOptimizer(Observable):
         described = None if terms is None else plain_list(terms[0] + (terms[1] or []) + (decay[0] if decay else []))
         if described is None:
             return None
-        if out is None:
-            out = torch.empty(len(items), dtype=torch.float64)
-        else:
-            torch.autograd.graph.increment_version(out)  # (written through its pointer)
-        be.push_kth(*terms, ks, out, *(decay or (None, None)), described=described)
+        out = torch.empty(len(items), dtype=torch.float64)
+        be.push_kth(*terms, ks, out, *(decay or (None, None)), described=described, dims=dims)
         return out
 
     def _flags(self, group: Dict[str, Any]) -> Flags:
@@ -934,13 +931,14 @@ class FusedOptimizer(Observable):
                     t for t, m in zip(todo, metrics) if m == metric]
                 idx = [i for i, _, _ in some]
                 items = [(p, state[p], groups[g], metric, due[id(p)]) for _, p, g in some]
-                # (every tensor of the bucket at once: straight into the state's vector)
-                into = vec if len(idx) == len(w.params) and vec.device.type == "cpu" else None
-                q = (self._push_quantiles(items, strength_ks(w, idx, [p.numel() for _, p, _ in some]), into)
-                     if w.kind == "strength" else None)
-                if q is not None:  # (selected without the pushes in memory)
-                    if q is not into:
-                        store_strength(w, idx, q, state, vec=vec)
+                if w.kind == "strength":
+                    q = self._push_quantiles(items, strength_ks(w, idx, [p.numel() for _, p, _ in some]))
+                else:  # (group_strength: over the groups of each push)
+                    dims = [w.dims[i] for i in idx]
+                    q = self._push_quantiles(items, strength_ks(w, idx, [p.shape[d] if p.dim() else 1 for (_, p, _), d
+                                                                          in zip(some, dims)]), dims=dims)
+                if q is not None:  # (selected in the kernel)
+                    store_strength(w, idx, q, state, vec=vec)
                 else:
                     pushes.update(zip(idx, self._pushes(items)))
             if pushes:

@@ -23,7 +23,8 @@ The keys (defaults in parentheses):
   steps each tensor's ``l1`` becomes the ``l1_strength``-quantile of the
   magnitudes of its push, the optimizer's step in the prox's metric (see
   :func:`pyreg.optim.apply.refresh_strength`), in place of the group's ``l1``
-  (0 until the first refresh);
+  (0 until the first refresh; a quantile that is not finite, from a push
+  with NaN or inf, leaves the l1 as it was);
 * ``group_strength`` (None): the same for group lasso: every ``l1_refresh``
   steps each tensor's ``group_l1`` becomes the ``group_strength``-quantile,
   over its groups (slices along ``group_dim``), of the L2 norms of its push

@@ -551,11 +551,16 @@ class Regularized(Observable, Optimizer):
         work = [w for w in map(Bucket.active, plan.buckets) if w is not None]
         pen = penalized(work)
         lr_of = [(w, plan.work_lr(w, lrs, group_lrs)) for w in pen]
-        steps = [(w, lr, strength_pushes(w, lambda p: before[id(p)].sub_(p.detach()) if id(p) in before else None))
-                 for w, lr in lr_of if w.kind in STRENGTH_KINDS and before]
+        # the quantiles of the steps of the tensors due (before the prox), or their steps
+        steps = [(w, lr, step_quantiles(w, before)) for w, lr in lr_of if w.kind in STRENGTH_KINDS and before]
+        steps = [(w, lr, q if q is not None else strength_pushes(
+            w, lambda p: before[id(p)].sub_(p.detach()) if id(p) in before else None)) for w, lr, q in steps]
         prox_buckets(lr_of, self.state)
-        for w, lr, pushes in steps:
-            refresh_strength(w, pushes, self.state, lr=lr)
+        for w, lr, due in steps:
+            if isinstance(due, tuple):  # (selected: the quantiles, into l1 units)
+                store_strength(w, due[0], due[1], self.state, lr=lr)
+            else:
+                refresh_strength(w, due, self.state, lr=lr)
         constraints(work, self.state, self.param_groups)
         self._last = pen
         return work
