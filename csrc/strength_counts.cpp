@@ -118,6 +118,14 @@ void bind_strength_counts(py::module_& m) {
            "(param, k, shift) of each counted param (a refresh at its count t with t >= k and "
            "(t + shift) % k == 0; a 4th item: the key of its coefficient in place of the l1's), and the "
            "Buckets whose steps_taken each counted step sets to None.")
+      .def(
+          "due",
+          [](const StrengthCounts& c, py::handle state) {
+            std::vector<long long> counts;
+            return c.due(state.ptr(), &counts);
+          },
+          py::arg("state"),
+          "-1: `state` is not as seen, 1: a refresh is due at the next step, 0: neither; nothing counted.")
       .def("step", &StrengthCounts::step, py::arg("state"),
            "-1: `state` is not as seen, 1: a refresh is due at this step (nothing done either way); 0: "
            "the step counted (each count plus one, in the state).");

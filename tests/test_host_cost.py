@@ -649,6 +649,33 @@ def test_fast_path_with_l1_strength_counts_and_refreshes_as_the_full_path(monkey
     assert n_fast >= 8
 
 
+@pytest.mark.parametrize("keys", list(STAGGERED))
+def test_regularized_full_path_counts_strength_steps_in_c_as_python_does(keys, monkeypatch):
+    """Regularized's full path (group_strength, or l1_strength where the fast
+    path is not taken) counts the strengths' steps at C speed after the inner
+    step where no refresh is due and nothing changed (R._counter_for), and
+    in Python at the others: over staggered refreshes, two refresh periods,
+    a step where one weight has no grad, a state dict loaded in the middle
+    and an lr schedule, the counts, the coefficients and the weights are
+    those of the steps counted in Python only, bit for bit, at every step;
+    and steps were counted in C."""
+    monkeypatch.setattr(R, "fast_prox", lambda *a: None)
+    answers = []
+    counter_for = R._counter_for
+    monkeypatch.setattr(R, "_counter_for", lambda *a: answers.append(counter_for(*a)) or answers[-1])
+    runs = []
+    for in_c in (True, False):
+        if not in_c:
+            monkeypatch.setattr(R, "_counter_for", lambda *a: None)
+        runs.append(_staggered_strength_run(lambda groups: pyreg.Regularized(torch.optim.Adam(groups, lr=1e-2)),
+                                            keys=keys))
+    assert [[(t, q) for t, q, _ in step] for step in runs[0]] == [[(t, q) for t, q, _ in step] for step in runs[1]]
+    assert all(torch.equal(a[2], b[2]) for s0, s1 in zip(*runs) for a, b in zip(s0, s1))
+    assert [t for t, _, _ in runs[0][-1]] == [16, 15]  # (the second weight had no grad at one step)
+    assert len({q for step in runs[0] for _, q, _ in step}) > 4  # refreshed several times
+    assert sum(a is not None for a in answers) >= 6
+
+
 def test_strength_counts_count_as_the_python_rule_and_refuse_what_they_cannot_keep():
     """pyreg._C.StrengthCounts (the strengths' counts at C speed): a step
     counts each param's step in its state where no refresh is due (0), says

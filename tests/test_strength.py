@@ -261,7 +261,7 @@ def test_a_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(cls, kw, o
     monkeypatch.setattr(CompiledKernels, "push_kth", lambda self, *a, **k: calls.append(1) or kernel(self, *a, **k))
 
     class TorchOps(cls):  # the pushes in torch ops, then kth_abs
-        def _push_quantiles(self, items, ks, dims=None):
+        def _push_quantiles(self, items, ks, out=None, dims=None):
             return None
 
     g = torch.Generator().manual_seed(13)
@@ -304,7 +304,7 @@ def test_a_group_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(cls,
                         lambda self, *a, **k: calls.append(k.get("dims")) or kernel(self, *a, **k))
 
     class TorchOps(cls):  # the pushes in torch ops, then group_norms and kth_abs
-        def _push_quantiles(self, items, ks, dims=None):
+        def _push_quantiles(self, items, ks, out=None, dims=None):
             return None
 
     g = torch.Generator().manual_seed(17)

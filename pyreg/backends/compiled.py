@@ -391,6 +391,17 @@ class CompiledKernels:
         ws.commit()
         return nonzero
 
+    def group_prox_ptrs(self, ptrs: List[int], numels: List[int], codes: List[int],
+                        shapes: Tuple[List[int], List[int], List[int]], l1: KernelCoef, group_l1: KernelCoef,
+                        l2: KernelCoef, lr: KernelCoef, nonzero: Tensor) -> None:
+        """group_prox_ on a list already described and checked, with its group
+        shapes (``_marshal.group_shapes``); the counts go to ``nonzero``
+        (int64, one per tensor, on the tensors' device)."""
+        dev, n = nonzero.device, len(ptrs)
+        desc = (ptrs, numels, codes, *shapes)
+        keep, *at = self._launch(self, dev, lambda: self._fn("group_workspace_bytes")(*desc))
+        self._fn("group_prox")(*desc, *(m.coef(c, dev, n) for c in (l1, group_l1, l2, lr)), nonzero.data_ptr(), *at)
+
     def max_norm_(self, tensors: List[Tensor], dims: List[int], max_value: KernelCoef) -> Tensor:
         ws = m.Writable(tensors)
         dev, n = ws.work[0].device, len(ws.work)

@@ -101,10 +101,17 @@ def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[An
         if w.kind == "target":  # (never traced by torch.compile: see target_prox_eager)
             target_prox_eager(w, lr, state if state is not None else {}, be)
             continue
-        d = w.bucket.direct() if be is not None and w.params is w.bucket.params else None
+        whole = be is not None and w.params is w.bucket.params
+        d = w.bucket.direct() if whole else None
+        gd = w.bucket.group_direct() if whole and d is None else None
         if d is not None:  # the checks were made: straight to the kernels
             l1 = strength_l1(w, state if state is not None else {}) if w.kind == "strength" else c("l1")
             be.prox_ptrs(d[0], d[1], d[2], l1, c("l2"), lr, d[3])
+            torch.autograd.graph.increment_version(w.params)
+        elif gd is not None:  # (the same for a group bucket, with its group shapes)
+            d, shapes = gd
+            gl1 = strength_l1(w, state if state is not None else {}) if w.kind == "gstrength" else c("group_l1")
+            be.group_prox_ptrs(d[0], d[1], d[2], shapes, c("l1"), gl1, c("l2"), lr, d[3])
             torch.autograd.graph.increment_version(w.params)
         elif w.kind == "group":
             ops.group_prox_(w.params, c("group_l1"), lr, w.dims, element_l1=c("l1"), l2=c("l2"))
@@ -468,12 +475,26 @@ def store_strength(w: Work, idx: List[int], q: Tensor, state: Dict[Any, Dict[str
         if isinstance(lr, Tensor):  # (where a tensor's lr is 0, its l1 stays)
             q = torch.where(lr.to(device=q.device) > 0, q, vec if whole else vec[idx])
     # a quantile that is not finite (a push with NaN or inf, from such a grad) is no strength: the l1 stays
-    # (a coefficient is finite; on the device, no sync)
-    q = torch.where(q.isfinite(), q, vec if whole else vec[idx])
+    # (a coefficient is finite; on the device without a sync, on the CPU from its few numbers)
+    if q.device.type != "cpu":
+        q = torch.where(q.isfinite(), q, vec if whole else vec[idx])
+    elif not all(map(math.isfinite, q.tolist())):
+        q = q.clone()
+        keep_finite(q, (vec if whole else vec[idx]).tolist())
     if whole:  # into the float64 vector (its 0-dim views are in the state)
         vec.copy_(q)
     else:
         vec.index_copy_(0, torch.tensor(idx, device=vec.device), q)
+
+
+def keep_finite(q: Tensor, old: List[float]) -> None:
+    """In place, each entry of the float64 CPU vector ``q`` that is not
+    finite becomes the one of ``old`` at its index (the coefficient a
+    refresh leaves as it was, see :func:`store_strength`)."""
+    vals = q.tolist()
+    bad = [i for i, v in enumerate(vals) if not math.isfinite(v)]
+    if bad:
+        q[bad] = torch.tensor([old[i] for i in bad], dtype=torch.float64)
 
 
 def current_l1(w: Work) -> Tensor:

@@ -42,7 +42,7 @@ from .._validate import first_unpaired, flag, like_tensors, nonneg_real
 from ..backends._marshal import plain_list, step_ticket
 from ._torch_compat import raw_step
 from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, check_countable, check_step_counts, constraints,
-                    direct_backend, misfit_state, penalized, pop_own_state, prox_buckets, put_own_state,
+                    direct_backend, keep_finite, misfit_state, penalized, pop_own_state, prox_buckets, put_own_state,
                     refresh_strength, record_strength_step, store_strength, strength_counter, strength_due,
                     strength_ks, strength_l1)
 from .engine import Engine, Observable, keep_own_keys, param_list
@@ -323,7 +323,8 @@ class FusedOptimizer(Observable):
         return None
 
     def _push_quantiles(self, items: List[Tuple[Tensor, Dict[str, Any], Dict[str, Any], bool, Optional[Tensor]]],
-                        ks: List[int], dims: Optional[List[int]] = None) -> Optional[Tensor]:
+                        ks: List[int], out: Optional[Tensor] = None,
+                        dims: Optional[List[int]] = None) -> Optional[Tensor]:
         """The ks[i]-th smallest |push| of each item (float64; ``dims``, each
         item's group dimension: the ks[i]-th smallest L2 norm of its push's
         groups, for ``group_strength``), in one call of
@@ -331,7 +332,9 @@ class FusedOptimizer(Observable):
         its selection, or that of its group norms; the same operations as the
         push in torch ops and ``kth_abs``, with a correctly rounded sqrt, which
         torch's CPU sqrt is not on every CPU) where the terms are plain CPU tensors;
-        else None (:meth:`_pushes` gives the pushes)."""
+        else None (:meth:`_pushes` gives the pushes). ``out``: a plain float64
+        CPU vector of one entry per item to write them into (its version is
+        bumped), else a new one."""
         be = direct_backend() if items and items[0][0].device.type == "cpu" else None
         terms = self._push_terms(items) if be is not None and be.selects_pushes() else None
         decay = self._push_decay(items) if terms is not None else None
@@ -340,7 +343,10 @@ class FusedOptimizer(Observable):
         described = None if terms is None else plain_list(terms[0] + (terms[1] or []) + (decay[0] if decay else []))
         if described is None:
             return None
-        out = torch.empty(len(items), dtype=torch.float64)
+        if out is None:
+            out = torch.empty(len(items), dtype=torch.float64)
+        else:
+            torch.autograd.graph.increment_version(out)  # (written through its pointer)
         be.push_kth(*terms, ks, out, *(decay or (None, None)), described=described, dims=dims)
         return out
 
@@ -931,14 +937,21 @@ class FusedOptimizer(Observable):
                     t for t, m in zip(todo, metrics) if m == metric]
                 idx = [i for i, _, _ in some]
                 items = [(p, state[p], groups[g], metric, due[id(p)]) for _, p, g in some]
+                # (every tensor of the bucket at once: straight into the state's vector, as it was where a
+                # quantile is not finite; see store_strength)
+                into = vec if len(idx) == len(w.params) and vec.device.type == "cpu" else None
+                old = None if into is None else into.tolist()
                 if w.kind == "strength":
-                    q = self._push_quantiles(items, strength_ks(w, idx, [p.numel() for _, p, _ in some]))
+                    q = self._push_quantiles(items, strength_ks(w, idx, [p.numel() for _, p, _ in some]), into)
                 else:  # (group_strength: over the groups of each push)
                     dims = [w.dims[i] for i in idx]
                     q = self._push_quantiles(items, strength_ks(w, idx, [p.shape[d] if p.dim() else 1 for (_, p, _), d
-                                                                          in zip(some, dims)]), dims=dims)
+                                                                          in zip(some, dims)]), into, dims)
                 if q is not None:  # (selected in the kernel)
-                    store_strength(w, idx, q, state, vec=vec)
+                    if q is into:
+                        keep_finite(into, old)
+                    else:
+                        store_strength(w, idx, q, state, vec=vec)
                 else:
                     pushes.update(zip(idx, self._pushes(items)))
             if pushes:

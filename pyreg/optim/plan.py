@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .._common import SUPPORTED_DTYPES, has_dtensor, to_device
 from .._validate import first_overlap, overlap_between
-from ..backends._marshal import plain_list
+from ..backends._marshal import group_shapes, plain_list
 from .keys import GroupSettings, check_params
 
 _KINDS = ("elem", "ref", "group", "target", "strength", "gstrength", "l2_bound", "max_norm")
@@ -41,6 +41,7 @@ class Bucket:
         self.one_group = groups[0] if groups.count(groups[0]) == len(groups) else None
         self._subsets: Dict[Tuple[bool, ...], Tuple[List[int], Tensor]] = {}
         self._direct: Optional[list] = None  # see direct()
+        self._group_shapes: Optional[tuple] = None  # see group_direct()
         self.own_state: Optional[tuple] = None  # a "target", "(g)strength" or "l2_bound" bucket's state (apply.py)
         self.steps_taken: Optional[List[int]] = None  # a "strength" bucket's steps of each param (apply.strength_due)
         # (a param, its state dict) when the counts were last recorded: a state replaced since (loaded into a
@@ -61,9 +62,29 @@ class Bucket:
         pairwise disjoint in memory; checked when first asked and again
         whenever a parameter's data pointer or size changed. The plan's
         signature covers the rest (each parameter's identity, dtype, device)."""
-        ps = self.params
         if self.kind not in ("elem", "strength", "target", "l2_bound") or self.device.type != "cpu":
             return None
+        return self._described()
+
+    def group_direct(self) -> Optional[Tuple[list, Tuple[List[int], List[int], List[int]]]]:
+        """:meth:`direct` for a "group" or "gstrength" bucket, with the group
+        shapes of its params as pyreg._C takes them (``(outer, groups,
+        inner)``, see ``_marshal.group_shapes``; kept while the description
+        is: the plan is made again where a shape changes), or None."""
+        if self.kind not in ("group", "gstrength") or self.device.type != "cpu":
+            return None
+        d = self._described()
+        if d is None:
+            return None
+        shapes = self._group_shapes
+        if shapes is None or shapes[0] is not d:
+            shapes = self._group_shapes = (d, group_shapes(self.params, self.dims))
+        return d, shapes[1]
+
+    def _described(self) -> Optional[list]:
+        """The cached description of :meth:`direct` (checked again where a
+        pointer or size changed)."""
+        ps = self.params
         d = self._direct
         ptrs = list(map(Tensor.data_ptr, ps))
         if (d is not None and ptrs == d[0] and all(map(Tensor.is_contiguous, ps))

@@ -18,6 +18,7 @@ fused op per bucket (apply.py). A step does no host sync.
 from __future__ import annotations
 
 import numbers
+from operator import is_
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -163,6 +164,7 @@ class Regularized(Observable, Optimizer):
         self._out: Dict[str, Any] = {"last": [], "penalty": None}  # backs _last and _penalty
         self._fast: Optional[tuple] = None  # see fast_prox
         self._fast_plan: Optional[Plan] = None
+        self._counter: Optional[tuple] = None  # the strengths' counter of steps (_new_counter), with its key
         _check_mode(mode, self._plan())  # validates everything before the groups are touched
         for gi, g in enumerate(self.param_groups):
             warn_near_misses(g, optimizer.defaults, f"param_groups[{gi}]")
@@ -212,7 +214,7 @@ class Regularized(Observable, Optimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         Optimizer.__setstate__(self, state)  # (torch's: empty hooks, the step patched)
         self._out = {"last": [], "penalty": None}
-        self._fast, self._fast_plan = None, None
+        self._fast, self._fast_plan, self._counter = None, None, None
 
     def __repr__(self) -> str:
         return (f"Regularized(mode={self.mode!r}, l1={self.l1}, l2={self.l2},\n"
@@ -460,8 +462,12 @@ class Regularized(Observable, Optimizer):
         # traces each function called, even where is_compiling() is False at the call)
         taken: List[tuple] = []  # (counts, before), once the grads of this step exist
         inner = closure
+        # the counter of the strengths' steps (pyreg._C.StrengthCounts) where it counts this step after the
+        # inner step: no refresh due, nothing changed since it was made (else they count in Python)
+        counter = _counter_for(self._counter, plan, strength, self.state) if strength and closure is None else None
         if strength and closure is None:
-            taken.append(_strength_before_eager(strength, self.state))
+            if counter is None:
+                taken.append(_strength_before_eager(strength, self.state))
         elif strength:  # a closure makes the grads inside the inner step: the params with one count, after its
             # first call (before any update: an optimizer evaluates its closure first)
             def inner():
@@ -474,9 +480,13 @@ class Regularized(Observable, Optimizer):
         except BaseException:
             _put_back(taken[0][0] if taken else [])
             raise
+        if counter is not None:
+            _count_after_eager(counter, strength, self.state)
         before = taken[0][1] if taken else None
         work = (_prox_after_step_eager if strength else Regularized._prox_after_step)(self, plan, lrs, group_lrs,
                                                                                        before)
+        if taken and closure is None:  # (counted in Python: a counter for the next steps, where none serves)
+            self._counter = _new_counter_eager(self._counter, plan, strength, self.state)
         if closure is None and not torch.compiler.is_compiling():
             self._fast = fast_prox(groups, plan, work, self._engine, self._fast_plan, self.state,
                                    self.optimizer, self._out)
@@ -567,7 +577,7 @@ class Regularized(Observable, Optimizer):
 
 
 #: What a copy or pickle of Regularized leaves out (see its __getstate__).
-_NOT_COPIED = frozenset(("_out", "_fast", "_fast_plan", "step", "_optimizer_step_pre_hooks",
+_NOT_COPIED = frozenset(("_out", "_fast", "_fast_plan", "_counter", "step", "_optimizer_step_pre_hooks",
                          "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
                          "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
                          "_optimizer_load_state_dict_post_hooks"))
@@ -597,6 +607,58 @@ def _strength_before(buckets: List[Bucket], state) -> Tuple[list, Optional[Dict[
 
 
 _strength_before_eager = outside_graph(_strength_before)
+
+
+def _counts_key(plan: Plan, strength: List[Bucket]) -> tuple:
+    """What a counter of the strength buckets' steps was made for (see
+    :func:`_counter_for`): the plan, the params with a grad, each bucket's
+    ``l1_refresh`` values (the same list while they are the same)."""
+    return (plan, [p.grad is not None for b in strength for p in b.params], [b.values["l1_refresh"] for b in strength])
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return a[0] is b[0] and a[1] == b[1] and all(map(is_, a[2], b[2]))
+
+
+@outside_graph
+def _counter_for(kept: Optional[tuple], plan: Plan, strength: List[Bucket], state) -> Optional[Any]:
+    """``kept``'s counter (``(key, pyreg._C.StrengthCounts)``, see
+    :func:`_new_counter_eager`) where this step may count at C speed after
+    the inner step: made for this plan, the same params with a grad and the
+    same refresh periods (:func:`_counts_key`), the state as it saw it, and
+    no refresh due at this step. Else None (the step counts in Python)."""
+    if kept is None or torch.compiler.is_compiling() or not _same_key(kept[0], _counts_key(plan, strength)):
+        return None
+    return kept[1] if kept[1].due(state) == 0 else None
+
+
+def _count_after(counter: Any, strength: List[Bucket], state) -> None:
+    """After the inner step: the step counted by ``counter``; where the
+    inner step changed the state it saw (its state dicts replaced), in
+    Python (no refresh was due at the counts it saw)."""
+    if counter.step(state) != 0:
+        for b in strength:
+            strength_due(b, state)
+        record_strength_step(strength, state)
+
+
+_count_after_eager = outside_graph(_count_after)
+
+
+def _new_counter(kept: Optional[tuple], plan: Plan, strength: List[Bucket], state) -> Optional[tuple]:
+    """After a step that counted in Python: ``kept`` where it still serves,
+    else a new counter of the strength buckets' params with a grad
+    (:func:`apply.strength_counter`), with its key; None where none can be
+    made (without the compiled module, or a param without its state)."""
+    key = _counts_key(plan, strength)
+    if kept is not None and _same_key(kept[0], key):
+        return kept
+    works = [w for w in map(Bucket.active, strength) if w is not None]
+    counter = apply.strength_counter(works, state) if works else None
+    return None if counter is None else (key, counter)
+
+
+_new_counter_eager = outside_graph(_new_counter)
 
 
 def _counts(buckets: List[Bucket]) -> List[Tuple[Bucket, Optional[List[int]]]]:
