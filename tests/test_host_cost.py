@@ -649,6 +649,53 @@ def test_fast_path_with_l1_strength_counts_and_refreshes_as_the_full_path(monkey
     assert n_fast >= 8
 
 
+@pytest.mark.parametrize("family", ["fused", "Regularized"])
+@pytest.mark.parametrize("key", ["group_l1", "group_strength"])
+def test_group_buckets_go_straight_to_the_kernel_with_the_bits_of_the_op(key, family, monkeypatch):
+    """A group bucket of plain CPU tensors takes the kernel directly
+    (Bucket.group_direct: its description and group shapes kept): over
+    steps with groups along columns and rows, a 3-D weight, a weight
+    replaced through .data by a copy (described again) and by a
+    non-contiguous one (the op's checked path then), the weights
+    and coefficients are those of the checked op's path, bit for bit."""
+    from pyreg.backends.compiled import CompiledKernels
+    from pyreg.optim.plan import Bucket
+    calls = []
+    ptrs = CompiledKernels.group_prox_ptrs
+    monkeypatch.setattr(CompiledKernels, "group_prox_ptrs", lambda self, *a: calls.append(1) or ptrs(self, *a))
+    value = 0.6 if key == "group_strength" else 50.0
+    runs = []
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(Bucket, "group_direct", lambda self: None)
+        g = torch.Generator().manual_seed(3)
+        ws = [torch.nn.Parameter(torch.randn(sh, generator=g, dtype=torch.float64)) for sh in ((7, 5), (4, 6), (3, 4, 5))]
+        groups = [{"params": ws[:2], key: value, "group_dim": 1, "l1_refresh": 2},
+                  {"params": ws[2:], key: value, "group_dim": 0, "l1_refresh": 2}]
+        opt = (pyreg.optim.AdamW(groups, lr=1e-2) if family == "fused"
+               else pyreg.Regularized(torch.optim.Adam(groups, lr=1e-2)))
+        seen = []
+        for step in range(9):
+            if step == 4:  # (other memory: described again)
+                ws[1].data = ws[1].data.clone()
+            if step == 6:  # (not contiguous: the checked op)
+                ws[1].data = ws[1].data.t().contiguous().t()
+            for w in ws:
+                w.grad = torch.randn(w.shape, generator=g, dtype=torch.float64)
+            opt.step()
+            seen.append([w.detach().clone() for w in ws]
+                        + [opt.state[w].get("strength_group_l1", torch.zeros(())).clone() for w in ws])
+        runs.append(seen)
+        if direct:
+            n_direct = len(calls)
+    assert all(torch.equal(a, b) for s0, s1 in zip(*runs) for a, b in zip(s0, s1))
+    if key == "group_l1":
+        assert all(bool((w == 0).all(dim=0).any()) for w in runs[0][-1][:2])  # (whole columns zeroed)
+    else:
+        assert all(float(c) > 0 for c in runs[0][-1][3:])  # (refreshed)
+    assert n_direct >= 6 and len(calls) == n_direct
+
+
 @pytest.mark.parametrize("keys", list(STAGGERED))
 def test_regularized_full_path_counts_strength_steps_in_c_as_python_does(keys, monkeypatch):
     """Regularized's full path (group_strength, or l1_strength where the fast
