@@ -589,11 +589,13 @@ STAGGERED = {"l1": ("l1_strength", "l1_strength"), "group": ("group_strength", "
              "mixed": ("group_strength", "l1_strength")}
 
 
-def _staggered_strength_run(make_opt, skip_at=None, keys="l1"):
+def _staggered_strength_run(make_opt, skip_at=None, keys="l1", reset_at=None):
     """16 steps of an l1_strength MLP (the two weights refreshed every 3 and 4
     steps: a bucket of two slices) from ``make_opt(groups)``: the second
     weight without a grad at step 7, an lr schedule from step 10, a state
-    dict loaded after step 11 and, at ``skip_at``, a step GradScaler skips.
+    dict loaded after step 11, at ``skip_at`` a step GradScaler skips and
+    before step ``reset_at`` the second weight's state deleted (its moments
+    and its count start again).
     ``keys``: the weights' strengths, as :data:`STAGGERED` names them
     (group_strength over the input columns). Per step and weight: (the
     state's step count, the l1's (group_l1's) bits, the weight's bits)."""
@@ -618,6 +620,8 @@ def _staggered_strength_run(make_opt, skip_at=None, keys="l1"):
                 g["lr"] = 1e-2 / k
         if k == skip_at:
             opt.found_inf = torch.ones(())  # (as GradScaler sets it: the step is skipped)
+        if k == reset_at:
+            del opt.state[model[2].weight]
         opt.step()
         opt.__dict__.pop("found_inf", None)
         if k == 11:
@@ -721,6 +725,30 @@ def test_regularized_full_path_counts_strength_steps_in_c_as_python_does(keys, m
     assert [t for t, _, _ in runs[0][-1]] == [16, 15]  # (the second weight had no grad at one step)
     assert len({q for step in runs[0] for _, q, _ in step}) > 4  # refreshed several times
     assert sum(a is not None for a in answers) >= 6
+
+
+@pytest.mark.parametrize("keys", list(STAGGERED))
+@pytest.mark.parametrize("family", ["fused", "Regularized", "Regularized-fast"])
+def test_a_deleted_state_counts_again_from_zero_on_every_path(family, keys, monkeypatch):
+    """The state is the counts' one record: a param whose state is deleted
+    mid-run (to restart its optimizer's moments) counts its steps again from
+    0, whether the steps count in C or in Python, with the same counts,
+    coefficients and weights, bit for bit (fused optimizers, Regularized's
+    full path and its compiled fast path)."""
+    if family == "Regularized":
+        monkeypatch.setattr(R, "fast_prox", lambda *a: None)
+    make = ((lambda groups: pyreg.optim.AdamW(groups, lr=1e-2)) if family == "fused"
+            else (lambda groups: pyreg.Regularized(torch.optim.Adam(groups, lr=1e-2))))
+    runs = []
+    for in_c in (True, False):
+        if not in_c:
+            monkeypatch.setattr(FZ, "strength_counter", lambda *a: None)
+            monkeypatch.setattr(R, "_counter_for", lambda *a: None)
+            monkeypatch.setattr(R, "fast_prox", lambda *a: None)
+        runs.append(_staggered_strength_run(make, keys=keys, reset_at=9))
+    assert [[(t, q) for t, q, _ in step] for step in runs[0]] == [[(t, q) for t, q, _ in step] for step in runs[1]]
+    assert all(torch.equal(a[2], b[2]) for s0, s1 in zip(*runs) for a, b in zip(s0, s1))
+    assert [t for t, _, _ in runs[0][-1]] == [16, 7]  # (steps 9 to 15 since its state was deleted)
 
 
 def test_strength_counts_count_as_the_python_rule_and_refuse_what_they_cannot_keep():

@@ -120,6 +120,7 @@ def refreshed_per_step(shapes, every, steps):
     out = []
     for _ in range(steps):
         due = {id(p) for p in apply.strength_due(b, state)}
+        apply.record_strength_step([b], state)  # (the counts' record, as a step leaves it)
         out.append([i for i, p in enumerate(params) if id(p) in due])
     return out
 

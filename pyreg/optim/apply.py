@@ -267,11 +267,12 @@ def strength_due(b: Bucket, state: Dict[Any, Dict[str, Any]]) -> List[Tensor]:
     1/K of its weights at each step (and Regularized copies only those before
     its inner step). A param without a grad at a step is not counted there,
     so it is refreshed at its K-th step with a grad, whatever the others do.
-    The counts are read back from the params' state (``strength_step``, a
-    number, see :func:`record_strength_step`), so a loaded state dict
-    continues them; the steps where nothing else changed count at C speed,
-    by the same rule, in the same state (:func:`strength_counter`), and
-    leave the bucket's copy of the counts to be read back from it here.
+    The counts are read from the params' state (``strength_step``, a
+    number, see :func:`record_strength_step`) at each step, so the state is
+    their one record: a loaded state dict continues them, and a param whose
+    state was cleared or deleted counts again from 0 (as its optimizer's
+    state does); the steps where nothing else changed count at C speed, by
+    the same rule, in the same state (:func:`strength_counter`).
     They live on the host, so a step captured into a CUDA
     graph (replayed without it) is refused with a clear error; under
     torch.compile the optimizers call it eagerly, outside the graph (the
@@ -279,10 +280,7 @@ def strength_due(b: Bucket, state: Dict[Any, Dict[str, Any]]) -> List[Tensor]:
     and prox run so, where a bucket has a strength)."""
     check_countable(b)
     params = b.params
-    seen = b.counts_in
-    # a new plan, or a state loaded under this one (into a wrapped optimizer): continue the state's counts
-    if b.steps_taken is None or (seen is not None and state.get(seen[0]) is not seen[1]):
-        b.steps_taken = [int(state[p].get(STRENGTH_STEP, 0)) if p in state else 0 for p in params]
+    b.steps_taken = [int(state[p].get(STRENGTH_STEP, 0)) if p in state else 0 for p in params]
     every = b.values["l1_refresh"]  # (a new list when a value changes)
     if b.refresh_at[0] is not every:
         slices, s = refresh_phases([p.numel() for p in params])
@@ -349,21 +347,15 @@ def record_strength_step(buckets: Sequence[Bucket], state: Dict[Any, Dict[str, A
     state at its first step): each param's count of its steps (see
     :func:`strength_due`) into its state. A param with a grad and no state
     (an inner optimizer that keeps none, such as SGD without momentum) is
-    given one, so that a state dict saved after any step holds every count.
-    Notes the state dict of one param, by identity, so that
-    :func:`strength_due` reads back the counts of a state loaded since."""
+    given one, so that a state dict saved after any step holds every count."""
     for b in buckets:
         if b.kind in STRENGTH_KINDS and b.steps_taken is not None:
-            first = None
             for p, t in zip(b.params, b.steps_taken):
                 s = state.get(p)
                 if s:
                     s[STRENGTH_STEP] = t
                 elif t and p.grad is not None:
-                    s = state[p] = {STRENGTH_STEP: t}
-                if first is None and s:
-                    first = (p, s)
-            b.counts_in = first
+                    state[p] = {STRENGTH_STEP: t}
 
 
 def strength_pushes(w: Work, made: Callable[[Tensor], Optional[Tensor]]) -> Dict[int, Tensor]:

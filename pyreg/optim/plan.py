@@ -44,9 +44,6 @@ class Bucket:
         self._group_shapes: Optional[tuple] = None  # see group_direct()
         self.own_state: Optional[tuple] = None  # a "target", "(g)strength" or "l2_bound" bucket's state (apply.py)
         self.steps_taken: Optional[List[int]] = None  # a "strength" bucket's steps of each param (apply.strength_due)
-        # (a param, its state dict) when the counts were last recorded: a state replaced since (loaded into a
-        # wrapped optimizer) is read back (apply.strength_due)
-        self.counts_in: Optional[Tuple[Tensor, Dict[str, Any]]] = None
         # its l1_refresh values, and the (l1_refresh, shift) of each tensor or one for all (apply.strength_due)
         self.refresh_at: Tuple[Optional[list], Union[List[Tuple[int, int]], Tuple[int, int]]] = (None, [])
         self.target_ks: Optional[tuple] = None  # a "target" bucket's zeros per tensor, cached (apply.target_prox)

@@ -651,7 +651,7 @@ def _new_counter(kept: Optional[tuple], plan: Plan, strength: List[Bucket], stat
     (:func:`apply.strength_counter`), with its key; None where none can be
     made (without the compiled module, or a param without its state)."""
     key = _counts_key(plan, strength)
-    if kept is not None and _same_key(kept[0], key):
+    if kept is not None and _same_key(kept[0], key) and kept[1].due(state) >= 0:  # (-1: a state it did not see)
         return kept
     works = [w for w in map(Bucket.active, strength) if w is not None]
     counter = apply.strength_counter(works, state) if works else None
