@@ -751,6 +751,26 @@ def test_a_deleted_state_counts_again_from_zero_on_every_path(family, keys, monk
     assert [t for t, _, _ in runs[0][-1]] == [16, 7]  # (steps 9 to 15 since its state was deleted)
 
 
+def test_regularized_counts_in_c_again_after_the_inner_optimizer_loads_a_state(monkeypatch):
+    """After the inner optimizer's own load_state_dict (new state dicts),
+    Regularized's full path counts the strengths' steps in Python once, then
+    in C again with a counter of the new state."""
+    answers = []
+    counter_for = R._counter_for
+    g = torch.Generator().manual_seed(2)
+    w = torch.nn.Parameter(torch.randn(6, 5, generator=g))
+    opt = pyreg.Regularized(torch.optim.Adam([{"params": [w], "group_strength": 0.5, "group_dim": 1,
+                                               "l1_refresh": 3}], lr=1e-2))
+    monkeypatch.setattr(R, "_counter_for", lambda *a: answers.append(counter_for(*a)) or answers[-1])
+    for k in range(12):
+        w.grad = torch.randn(6, 5, generator=g)
+        opt.step()
+        if k == 4:
+            opt.optimizer.load_state_dict(opt.optimizer.state_dict())
+    assert [a is not None for a in answers[6:]].count(True) >= 3
+    assert opt.state[w]["strength_step"] == 12
+
+
 def test_strength_counts_count_as_the_python_rule_and_refuse_what_they_cannot_keep():
     """pyreg._C.StrengthCounts (the strengths' counts at C speed): a step
     counts each param's step in its state where no refresh is due (0), says
