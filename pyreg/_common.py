@@ -31,16 +31,31 @@ _DTensor = None
 def outside_graph(fn):
     """``fn`` run eagerly under torch.compile (a clean graph break), without
     importing torch._dynamo before it is needed: while it is not loaded no
-    graph is being compiled, and ``fn`` is called directly."""
+    graph is being compiled, and ``fn`` is called directly. It is called
+    directly too where no frame is being evaluated by torch.compile (no
+    eval-frame callback installed, outside a trace): an eager step, torch's
+    optimizers having loaded torch._dynamo, pays no disabling wrapper."""
     disabled = torch._disable_dynamo(fn)  # imports torch._dynamo at its first call
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if "torch._dynamo" not in sys.modules:
+        if "torch._dynamo" not in sys.modules or (not torch.compiler.is_compiling() and _no_frame_callback()):
             return fn(*args, **kwargs)
         return disabled(*args, **kwargs)
 
     return call
+
+
+def _no_frame_callback() -> bool:
+    """Whether torch.compile's frame evaluation is off on this thread (its
+    eval-frame callback None or False, as torch's own set_stance tests it);
+    False where this torch cannot tell."""
+    get = _EVAL_FRAME_CALLBACK
+    return get is not None and get() in (None, False)
+
+
+_EVAL_FRAME_CALLBACK = getattr(getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None),
+                               "get_eval_frame_callback", None)
 
 #: dtypes every backend supports. Codes match csrc/common/dtype.h.
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}

@@ -8,6 +8,7 @@ changed in place; then changing them recompiles nothing.
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -268,3 +269,38 @@ def test_compiled_step_with_structured_regularizers(mode, kind):
         assert float(mc[2].weight.detach().norm(dim=1).max()) <= 0.5 + 1e-6
         if mode == "proximal":
             assert bool((mc[0].weight == 0).all(dim=0).any())  # whole input columns
+
+
+def test_outside_graph_runs_directly_in_eager_and_disabled_under_compile(monkeypatch):
+    """pyreg's ``outside_graph``: called eagerly (torch._dynamo loaded, as
+    torch's optimizers load it) the function runs directly, with no
+    disabling wrapper; called from a function torch.compile runs it runs
+    eagerly, not traced, and gives the eager result."""
+    from pyreg import _common
+
+    through, traced = [], []
+    orig = torch._disable_dynamo
+
+    def disable(fn):
+        inner = orig(fn)
+
+        def disabled(*args, **kwargs):
+            through.append(1)
+            return inner(*args, **kwargs)
+        return disabled
+
+    monkeypatch.setattr(torch, "_disable_dynamo", disable)
+
+    @_common.outside_graph
+    def host(t):
+        traced.append(torch.compiler.is_compiling())
+        return t * float(t.sum())  # (a host read: not traceable in one graph)
+
+    monkeypatch.setattr(torch, "_disable_dynamo", orig)
+    importlib.import_module("torch._dynamo")  # (loaded, as torch's optimizers load it)
+    x = torch.arange(3.0)
+    assert torch.equal(host(x), x * 3.0) and not through and traced == [False]
+    counter = CompileCounterWithBackend("eager")
+    f = torch.compile(lambda t: host(t + 1) * 2, backend=counter)
+    assert torch.equal(f(x), (x + 1) * 6.0 * 2) and torch.equal(f(x + 1), (x + 2) * 9.0 * 2)
+    assert traced == [False] * 3

@@ -704,7 +704,7 @@ def test_group_buckets_go_straight_to_the_kernel_with_the_bits_of_the_op(key, fa
 def test_regularized_full_path_counts_strength_steps_in_c_as_python_does(keys, monkeypatch):
     """Regularized's full path (group_strength, or l1_strength where the fast
     path is not taken) counts the strengths' steps at C speed after the inner
-    step where no refresh is due and nothing changed (R._counter_for), and
+    step where no refresh is due and nothing changed (R._count_in_c), and
     in Python at the others: over staggered refreshes, two refresh periods,
     a step where one weight has no grad, a state dict loaded in the middle
     and an lr schedule, the counts, the coefficients and the weights are
@@ -712,12 +712,12 @@ def test_regularized_full_path_counts_strength_steps_in_c_as_python_does(keys, m
     and steps were counted in C."""
     monkeypatch.setattr(R, "fast_prox", lambda *a: None)
     answers = []
-    counter_for = R._counter_for
-    monkeypatch.setattr(R, "_counter_for", lambda *a: answers.append(counter_for(*a)) or answers[-1])
+    count_in_c = R._count_in_c
+    monkeypatch.setattr(R, "_count_in_c", lambda *a: answers.append(count_in_c(*a)) or answers[-1])
     runs = []
     for in_c in (True, False):
         if not in_c:
-            monkeypatch.setattr(R, "_counter_for", lambda *a: None)
+            monkeypatch.setattr(R, "_count_in_c", lambda *a: None)
         runs.append(_staggered_strength_run(lambda groups: pyreg.Regularized(torch.optim.Adam(groups, lr=1e-2)),
                                             keys=keys))
     assert [[(t, q) for t, q, _ in step] for step in runs[0]] == [[(t, q) for t, q, _ in step] for step in runs[1]]
@@ -743,7 +743,7 @@ def test_a_deleted_state_counts_again_from_zero_on_every_path(family, keys, monk
     for in_c in (True, False):
         if not in_c:
             monkeypatch.setattr(FZ, "strength_counter", lambda *a: None)
-            monkeypatch.setattr(R, "_counter_for", lambda *a: None)
+            monkeypatch.setattr(R, "_count_in_c", lambda *a: None)
             monkeypatch.setattr(R, "fast_prox", lambda *a: None)
         runs.append(_staggered_strength_run(make, keys=keys, reset_at=9))
     assert [[(t, q) for t, q, _ in step] for step in runs[0]] == [[(t, q) for t, q, _ in step] for step in runs[1]]
@@ -756,12 +756,12 @@ def test_regularized_counts_in_c_again_after_the_inner_optimizer_loads_a_state(m
     Regularized's full path counts the strengths' steps in Python once, then
     in C again with a counter of the new state."""
     answers = []
-    counter_for = R._counter_for
+    count_in_c = R._count_in_c
     g = torch.Generator().manual_seed(2)
     w = torch.nn.Parameter(torch.randn(6, 5, generator=g))
     opt = pyreg.Regularized(torch.optim.Adam([{"params": [w], "group_strength": 0.5, "group_dim": 1,
                                                "l1_refresh": 3}], lr=1e-2))
-    monkeypatch.setattr(R, "_counter_for", lambda *a: answers.append(counter_for(*a)) or answers[-1])
+    monkeypatch.setattr(R, "_count_in_c", lambda *a: answers.append(count_in_c(*a)) or answers[-1])
     for k in range(12):
         w.grad = torch.randn(6, 5, generator=g)
         opt.step()
@@ -769,6 +769,39 @@ def test_regularized_counts_in_c_again_after_the_inner_optimizer_loads_a_state(m
             opt.optimizer.load_state_dict(opt.optimizer.state_dict())
     assert [a is not None for a in answers[6:]].count(True) >= 3
     assert opt.state[w]["strength_step"] == 12
+
+
+@pytest.mark.parametrize("key", ["l1_strength", "group_strength"])
+def test_regularized_takes_back_a_c_count_when_the_inner_step_raises(key, monkeypatch):
+    """Regularized's full path counts a step in C before its inner step: an
+    inner step that raises leaves every count as it was (a failed step is
+    not counted), and the next steps count on."""
+    monkeypatch.setattr(R, "fast_prox", lambda *a: None)
+    counted = []
+    count_in_c = R._count_in_c
+    monkeypatch.setattr(R, "_count_in_c", lambda *a: counted.append(count_in_c(*a)) or counted[-1])
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.nn.Parameter(torch.randn(6, 5, generator=g)) for _ in range(2)]
+    opt = pyreg.Regularized(torch.optim.Adam([{"params": ws, key: 0.5, "l1_refresh": 4,
+                                               **({"group_dim": 1} if key == "group_strength" else {})}], lr=1e-2))
+    for k in range(6):
+        for w in ws:
+            w.grad = torch.randn(6, 5, generator=g)
+        opt.step()
+    before = [opt.state[w]["strength_step"] for w in ws]
+
+    def fail(*args):
+        raise RuntimeError("the inner step fails")
+    hook = opt.optimizer.register_step_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="the inner step fails"):
+        opt.step()
+    hook.remove()
+    assert counted[-1] is not None  # (counted in C, then taken back)
+    assert [opt.state[w]["strength_step"] for w in ws] == before == [6, 6]
+    for w in ws:
+        w.grad = torch.randn(6, 5, generator=g)
+    opt.step()
+    assert [opt.state[w]["strength_step"] for w in ws] == [7, 7]
 
 
 def test_strength_counts_count_as_the_python_rule_and_refuse_what_they_cannot_keep():

@@ -85,7 +85,8 @@ def all_lrs_zero(groups: Sequence[Dict[str, Any]]) -> bool:
     return True
 
 
-def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[Any, Dict[str, Any]]] = None) -> None:
+def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[Any, Dict[str, Any]]] = None,
+                 vecs: Optional[Dict[int, Tensor]] = None) -> None:
     """The proximal step of each bucket ``(work, lr)`` (lr: one float64 per
     tensor on the params' device), in place: element-wise L1/L2 (``prox_``,
     toward the refs in a "ref" bucket), the exact sparse-group-lasso prox
@@ -93,7 +94,9 @@ def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[An
     the element-wise prox with the l1 that meets each tensor's target
     (:func:`target_prox`, which keeps it in the optimizer's ``state``), or
     in a "strength" bucket the element-wise prox with each tensor's l1 as
-    its last refresh set it (:func:`refresh_strength`)."""
+    its last refresh set it (:func:`refresh_strength`). ``vecs``: those
+    coefficients' vectors (:func:`strength_l1`) by bucket id, where the
+    caller found the state holding them."""
     eager = not torch.compiler.is_compiling()
     be = direct_backend() if eager else None
     for w, lr in buckets:
@@ -104,13 +107,16 @@ def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[An
         whole = be is not None and w.params is w.bucket.params
         d = w.bucket.direct() if whole else None
         gd = w.bucket.group_direct() if whole and d is None else None
+        own = None if vecs is None else vecs.get(id(w.bucket))
         if d is not None:  # the checks were made: straight to the kernels
-            l1 = strength_l1(w, state if state is not None else {}) if w.kind == "strength" else c("l1")
+            l1 = (own if own is not None else strength_l1(w, state if state is not None else {})
+                  ) if w.kind == "strength" else c("l1")
             be.prox_ptrs(d[0], d[1], d[2], l1, c("l2"), lr, d[3])
             torch.autograd.graph.increment_version(w.params)
         elif gd is not None:  # (the same for a group bucket, with its group shapes)
             d, shapes = gd
-            gl1 = strength_l1(w, state if state is not None else {}) if w.kind == "gstrength" else c("group_l1")
+            gl1 = (own if own is not None else strength_l1(w, state if state is not None else {})
+                   ) if w.kind == "gstrength" else c("group_l1")
             be.group_prox_ptrs(d[0], d[1], d[2], shapes, c("l1"), gl1, c("l2"), lr, d[3])
             torch.autograd.graph.increment_version(w.params)
         elif w.kind == "group":

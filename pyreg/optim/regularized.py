@@ -29,7 +29,7 @@ from .._common import outside_graph
 from .._validate import nonneg_real
 from ._torch_compat import init_without_groups, step_with_own_hooks
 from . import apply
-from .apply import (STRENGTH_KINDS, add_penalty_grads, constraints, misfit_state, penalized, pop_own_state,
+from .apply import (STRENGTH_KINDS, STRENGTH_STEP, add_penalty_grads, constraints, misfit_state, penalized, pop_own_state,
                     prox_buckets, put_own_state, record_strength_step, refresh_strength, step_quantiles,
                     store_strength, strength_due, strength_l1, strength_pushes)
 from .engine import Engine, Observable, keep_own_keys, param_list, plan_outside_graph, warn_near_misses
@@ -462,11 +462,11 @@ class Regularized(Observable, Optimizer):
         # traces each function called, even where is_compiling() is False at the call)
         taken: List[tuple] = []  # (counts, before), once the grads of this step exist
         inner = closure
-        # the counter of the strengths' steps (pyreg._C.StrengthCounts) where it counts this step after the
-        # inner step: no refresh due, nothing changed since it was made (else they count in Python)
-        counter = _counter_for(self._counter, plan, strength, self.state) if strength and closure is None else None
+        # the strengths' steps counted in C (pyreg._C.StrengthCounts) where no refresh is due and nothing
+        # changed since the counter was made (else in Python); taken back if the inner step raises
+        counted = _count_in_c(self._counter, plan, strength, self.state) if strength and closure is None else None
         if strength and closure is None:
-            if counter is None:
+            if counted is None:
                 taken.append(_strength_before_eager(strength, self.state))
         elif strength:  # a closure makes the grads inside the inner step: the params with one count, after its
             # first call (before any update: an optimizer evaluates its closure first)
@@ -479,12 +479,12 @@ class Regularized(Observable, Optimizer):
             loss = self._inner_step(inner)
         except BaseException:
             _put_back(taken[0][0] if taken else [])
+            if counted is not None:
+                _uncount(counted, self.state)
             raise
-        if counter is not None:
-            _count_after_eager(counter, strength, self.state)
         before = taken[0][1] if taken else None
-        work = (_prox_after_step_eager if strength else Regularized._prox_after_step)(self, plan, lrs, group_lrs,
-                                                                                       before)
+        work = (_prox_after_step_eager if strength else Regularized._prox_after_step)(
+            self, plan, lrs, group_lrs, before, None if counted is None else counted[3])
         if taken and closure is None:  # (counted in Python: a counter for the next steps, where none serves)
             self._counter = _new_counter_eager(self._counter, plan, strength, self.state)
         if closure is None and not torch.compiler.is_compiling():
@@ -551,11 +551,14 @@ class Regularized(Observable, Optimizer):
         return loss
 
     def _prox_after_step(self, plan: Plan, lrs: list, group_lrs: Dict[torch.device, Tensor],
-                         before: Optional[Dict[int, Tensor]]) -> List[Work]:
+                         before: Optional[Dict[int, Tensor]], vecs: Optional[Dict[int, Tensor]] = None
+                         ) -> List[Work]:
         """The proximal step's part after the inner step: the prox of each
         bucket, the l1_strength refreshes (``before``: the params they refresh,
         as they were before the inner step), the constraints. Returns the
-        buckets restricted to the params with a grad."""
+        buckets restricted to the params with a grad. ``vecs``: the strength
+        buckets' coefficient vectors by bucket id, where the step's counter
+        found the state holding them (see :func:`_count_in_c`)."""
         if before is not None:
             record_strength_step(plan.buckets, self.state)
         work = [w for w in map(Bucket.active, plan.buckets) if w is not None]
@@ -565,7 +568,7 @@ class Regularized(Observable, Optimizer):
         steps = [(w, lr, step_quantiles(w, before)) for w, lr in lr_of if w.kind in STRENGTH_KINDS and before]
         steps = [(w, lr, q if q is not None else strength_pushes(
             w, lambda p: before[id(p)].sub_(p.detach()) if id(p) in before else None)) for w, lr, q in steps]
-        prox_buckets(lr_of, self.state)
+        prox_buckets(lr_of, self.state, vecs)
         for w, lr, due in steps:
             if isinstance(due, tuple):  # (selected: the quantiles, into l1 units)
                 store_strength(w, due[0], due[1], self.state, lr=lr)
@@ -611,7 +614,7 @@ _strength_before_eager = outside_graph(_strength_before)
 
 def _counts_key(plan: Plan, strength: List[Bucket]) -> tuple:
     """What a counter of the strength buckets' steps was made for (see
-    :func:`_counter_for`): the plan, the params with a grad, each bucket's
+    :func:`_count_in_c`): the plan, the params with a grad, each bucket's
     ``l1_refresh`` values (the same list while they are the same)."""
     return (plan, [p.grad is not None for b in strength for p in b.params], [b.values["l1_refresh"] for b in strength])
 
@@ -621,28 +624,24 @@ def _same_key(a: tuple, b: tuple) -> bool:
 
 
 @outside_graph
-def _counter_for(kept: Optional[tuple], plan: Plan, strength: List[Bucket], state) -> Optional[Any]:
-    """``kept``'s counter (``(key, pyreg._C.StrengthCounts)``, see
-    :func:`_new_counter_eager`) where this step may count at C speed after
-    the inner step: made for this plan, the same params with a grad and the
+def _count_in_c(kept: Optional[tuple], plan: Plan, strength: List[Bucket], state) -> Optional[tuple]:
+    """Counts this step of the strength buckets' params in the state with
+    ``kept``'s counter (``(key, pyreg._C.StrengthCounts, its params, the
+    buckets' coefficient vectors by bucket id)``, see :func:`_new_counter`)
+    where it serves: made for this plan, the same params with a grad and the
     same refresh periods (:func:`_counts_key`), the state as it saw it, and
-    no refresh due at this step. Else None (the step counts in Python)."""
+    no refresh due at this step. Returns ``kept`` then, else None (nothing
+    counted: the step counts in Python)."""
     if kept is None or torch.compiler.is_compiling() or not _same_key(kept[0], _counts_key(plan, strength)):
         return None
-    return kept[1] if kept[1].due(state) == 0 else None
+    return kept if kept[1].step(state) == 0 else None
 
 
-def _count_after(counter: Any, strength: List[Bucket], state) -> None:
-    """After the inner step: the step counted by ``counter``; where the
-    inner step changed the state it saw (its state dicts replaced), in
-    Python (no refresh was due at the counts it saw)."""
-    if counter.step(state) != 0:
-        for b in strength:
-            strength_due(b, state)
-        record_strength_step(strength, state)
-
-
-_count_after_eager = outside_graph(_count_after)
+def _uncount(kept: tuple, state) -> None:
+    """Takes back the count :func:`_count_in_c` made for a step whose inner
+    step raised (a step that failed is not counted)."""
+    for p in kept[2]:
+        state[p][STRENGTH_STEP] -= 1
 
 
 def _new_counter(kept: Optional[tuple], plan: Plan, strength: List[Bucket], state) -> Optional[tuple]:
@@ -654,8 +653,9 @@ def _new_counter(kept: Optional[tuple], plan: Plan, strength: List[Bucket], stat
     if kept is not None and _same_key(kept[0], key) and kept[1].due(state) >= 0:  # (-1: a state it did not see)
         return kept
     works = [w for w in map(Bucket.active, strength) if w is not None]
+    vecs = {id(w.bucket): strength_l1(w, state) for w in works}  # (first: the state's entries then are theirs)
     counter = apply.strength_counter(works, state) if works else None
-    return None if counter is None else (key, counter)
+    return None if counter is None else (key, counter, [p for w in works for p in w.params], vecs)
 
 
 _new_counter_eager = outside_graph(_new_counter)
