@@ -374,7 +374,8 @@ def test_fast_path_leaves_non_tensors_to_the_general_check(op):
         getattr(pyreg, op)([torch.randn(3), 1.0], *args)
 
 
-@pytest.mark.parametrize("dims", [[1, 0, 2, 0], (-1, 0, 1, -1), [1, 0, 2, 3], [1, 0, 2], [1, 0.0, 2, 0], [1, True, 2, 0]],
+@pytest.mark.parametrize("dims", [[1, 0, 2, 0], (-1, 0, 1, -1), [1, 0, 2, 3], [1, 0, 2], [1, 0.0, 2, 0],
+                                  [1, True, 2, 0]],
                          ids=["list", "tuple", "out-of-range", "short", "float", "bool"])
 def test_group_ops_take_the_fast_path_with_one_dim_per_tensor(dims, monkeypatch):
     """``group_prox_`` and ``max_norm_`` with one group dimension per tensor
@@ -673,7 +674,8 @@ def test_group_buckets_go_straight_to_the_kernel_with_the_bits_of_the_op(key, fa
         if not direct:
             monkeypatch.setattr(Bucket, "group_direct", lambda self: None)
         g = torch.Generator().manual_seed(3)
-        ws = [torch.nn.Parameter(torch.randn(sh, generator=g, dtype=torch.float64)) for sh in ((7, 5), (4, 6), (3, 4, 5))]
+        ws = [torch.nn.Parameter(torch.randn(sh, generator=g, dtype=torch.float64))
+              for sh in ((7, 5), (4, 6), (3, 4, 5))]
         groups = [{"params": ws[:2], key: value, "group_dim": 1, "l1_refresh": 2},
                   {"params": ws[2:], key: value, "group_dim": 0, "l1_refresh": 2}]
         opt = (pyreg.optim.AdamW(groups, lr=1e-2) if family == "fused"

@@ -29,8 +29,8 @@ from .._common import outside_graph
 from .._validate import nonneg_real
 from ._torch_compat import init_without_groups, step_with_own_hooks
 from . import apply
-from .apply import (STRENGTH_KINDS, STRENGTH_STEP, add_penalty_grads, constraints, misfit_state, penalized, pop_own_state,
-                    prox_buckets, put_own_state, record_strength_step, refresh_strength, step_quantiles,
+from .apply import (STRENGTH_KINDS, STRENGTH_STEP, add_penalty_grads, constraints, misfit_state, penalized,
+                    pop_own_state, prox_buckets, put_own_state, record_strength_step, refresh_strength, step_quantiles,
                     store_strength, strength_due, strength_l1, strength_pushes)
 from .engine import Engine, Observable, keep_own_keys, param_list, plan_outside_graph, warn_near_misses
 from .keys import hyper_keys_of, read_group
