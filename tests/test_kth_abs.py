@@ -306,6 +306,19 @@ def push_by_torch(m, v, e, s):
     return [mi / ((ieee_sqrt(vi) + ei) * si) for mi, vi, ei, si in zip(m, v, e, s)]
 
 
+def push_terms(dtype, second, seed):
+    """The terms of an adaptive step's push on every contiguous layout of
+    the op matrix: (m, v or None, e, s, the generator that made them, to
+    draw more from)."""
+    m = [t.contiguous() for t in random_list(dtype, seed=seed, more_layouts=True, scale=1e-2)]
+    g = torch.Generator().manual_seed(seed + 1)
+    v = [(t.double() ** 2 * 0.7 + torch.rand(t.shape, generator=g, dtype=torch.float64) * 1e-6).to(dtype)
+         for t in m] if second else None
+    e = [float(x) for x in torch.rand(len(m), generator=g, dtype=torch.float64) * 1e-7]
+    s = [float(x) for x in 0.05 + torch.rand(len(m), generator=g, dtype=torch.float64)]
+    return m, v, e, s, g
+
+
 @pytest.mark.parametrize("second", [True, False], ids=["plain", "metric"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_push_kth_is_the_selection_of_the_torch_push(dtype, second):
@@ -316,12 +329,7 @@ def test_push_kth_is_the_selection_of_the_torch_push(dtype, second):
     e and s, and compares with a sort of the float64 push."""
     if not backends.cpu.selects_pushes():
         pytest.skip("this build has no push_kth")
-    m = [t.contiguous() for t in random_list(dtype, seed=8, more_layouts=True, scale=1e-2)]
-    g = torch.Generator().manual_seed(9)
-    v = [(t.double() ** 2 * 0.7 + torch.rand(t.shape, generator=g, dtype=torch.float64) * 1e-6).to(dtype)
-         for t in m] if second else None
-    e = [float(x) for x in torch.rand(len(m), generator=g, dtype=torch.float64) * 1e-7]
-    s = [float(x) for x in 0.05 + torch.rand(len(m), generator=g, dtype=torch.float64)]
+    m, v, e, s, g = push_terms(dtype, second, 8)
     push = push_by_torch(m, v, e, s)
     for seed in range(3):
         ks = ks_for(m, seed)
@@ -344,12 +352,7 @@ def test_push_kth_over_groups_is_the_selection_of_the_torch_push_norms(dtype, se
     compares with a sort of the float64 norms."""
     if not backends.cpu.selects_pushes():
         pytest.skip("this build has no push_kth")
-    m = [t.contiguous() for t in random_list(dtype, seed=11, more_layouts=True, scale=1e-2)]
-    g = torch.Generator().manual_seed(12)
-    v = [(t.double() ** 2 * 0.7 + torch.rand(t.shape, generator=g, dtype=torch.float64) * 1e-6).to(dtype)
-         for t in m] if second else None
-    e = [float(x) for x in torch.rand(len(m), generator=g, dtype=torch.float64) * 1e-7]
-    s = [float(x) for x in 0.05 + torch.rand(len(m), generator=g, dtype=torch.float64)]
+    m, v, e, s, g = push_terms(dtype, second, 11)
     w = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) for t in m] if decay else None
     wd = [float(x) for x in torch.rand(len(m), generator=g, dtype=torch.float64) * 0.1] if decay else None
     push = push_by_torch(m, v, e, s)

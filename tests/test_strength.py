@@ -225,6 +225,22 @@ def test_adam_refresh_with_step_counts_that_differ(metric, amsgrad):
     assert [opt.state[p]["strength_step"] for p in ours] == [4, 3]
 
 
+def kernel_calls(monkeypatch):
+    """For a test of the refresh's one kernel call (``push_kth``): skips
+    without it, gives torch's ops a correctly rounded sqrt (as the
+    kernel's), and returns the list that gets each call's ``dims``."""
+    from pyreg.backends.compiled import CompiledKernels
+    if not pyreg.backends.cpu.selects_pushes():
+        pytest.skip("this build has no push_kth")
+    monkeypatch.setattr(torch.Tensor, "sqrt", ieee_sqrt)
+    monkeypatch.setattr(torch, "_foreach_sqrt", lambda ts: [ieee_sqrt(t) for t in ts])
+    calls = []
+    kernel = CompiledKernels.push_kth
+    monkeypatch.setattr(CompiledKernels, "push_kth",
+                        lambda self, *a, **k: calls.append(k.get("dims")) or kernel(self, *a, **k))
+    return calls
+
+
 #: (optimizer, its arguments, whether its push is computed in the selection kernel)
 ONE_CALL = [(pyreg.optim.Adam, dict(betas=(0.8, 0.9)), True),
             (pyreg.optim.AdamW, dict(betas=(0.8, 0.9), amsgrad=True, weight_decay=0.0), True),
@@ -252,14 +268,7 @@ def test_a_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(cls, kw, o
     The torch ops are given a correctly rounded sqrt, as the kernel's
     (torch's own CPU sqrt is not correctly rounded on every CPU: there the
     two differ in the last bit of some pushes)."""
-    from pyreg.backends.compiled import CompiledKernels
-    if not pyreg.backends.cpu.selects_pushes():
-        pytest.skip("this build has no push_kth")
-    monkeypatch.setattr(torch.Tensor, "sqrt", ieee_sqrt)
-    monkeypatch.setattr(torch, "_foreach_sqrt", lambda ts: [ieee_sqrt(t) for t in ts])
-    calls = []
-    kernel = CompiledKernels.push_kth
-    monkeypatch.setattr(CompiledKernels, "push_kth", lambda self, *a, **k: calls.append(1) or kernel(self, *a, **k))
+    calls = kernel_calls(monkeypatch)
 
     class TorchOps(cls):  # the pushes in torch ops, then kth_abs
         def _push_quantiles(self, items, ks, out=None, dims=None):
@@ -294,15 +303,7 @@ def test_a_group_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(cls,
     ``kth_abs`` bit for bit, with groups along the first, middle and last
     dimension, a tensor without groups' elements, one without a grad at
     step 1, through several refreshes; the others take the torch ops."""
-    from pyreg.backends.compiled import CompiledKernels
-    if not pyreg.backends.cpu.selects_pushes():
-        pytest.skip("this build has no push_kth")
-    monkeypatch.setattr(torch.Tensor, "sqrt", ieee_sqrt)
-    monkeypatch.setattr(torch, "_foreach_sqrt", lambda ts: [ieee_sqrt(t) for t in ts])
-    calls = []
-    kernel = CompiledKernels.push_kth
-    monkeypatch.setattr(CompiledKernels, "push_kth",
-                        lambda self, *a, **k: calls.append(k.get("dims")) or kernel(self, *a, **k))
+    calls = kernel_calls(monkeypatch)
 
     class TorchOps(cls):  # the pushes in torch ops, then group_norms and kth_abs
         def _push_quantiles(self, items, ks, out=None, dims=None):
@@ -326,7 +327,7 @@ def test_a_group_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(cls,
         assert got == want, step
     assert all(v > 0 for i, v in enumerate(got) if i != 2)
     assert bool(calls) == (one_call and dtype.itemsize >= 4)
-    assert all(d is not None for d in calls)
+    assert all(d is not None for d in calls)  # (the group form: each call's dims)
     assert all(torch.equal(a, b) for a, b in zip(*params))
 
 
