@@ -241,6 +241,26 @@ def kernel_calls(monkeypatch):
     return calls
 
 
+def kernel_and_torch_runs(classes, kw, dtype, seed, shapes, key, groups_of):
+    """7 steps of the same params (``shapes``, ``dtype``, from ``seed``) in
+    two optimizers, ``classes`` (the kernel's, then the torch ops'), with
+    the groups ``groups_of(params)``; the second tensor without a grad at
+    step 1. Returns (the params of each run, per step (the first run's,
+    the second run's) state entry ``key`` of each param, -1.0 where none)."""
+    g = torch.Generator().manual_seed(seed)
+    init = [torch.randn(sh, generator=g, dtype=torch.float64).to(dtype) for sh in shapes]
+    params = [[p.clone().requires_grad_() for p in init] for _ in range(2)]
+    opts = [c(groups_of(ps), lr=1e-2, **kw) for c, ps in zip(classes, params)]
+    steps = []
+    for step in range(1, 8):
+        for ps, opt in zip(params, opts):
+            for i, (p, gr) in enumerate(zip(ps, grads_for(shapes, step, dtype))):
+                p.grad = None if step == 1 and i == 1 else gr
+            opt.step()
+        steps.append(tuple([float(opt.state[p].get(key, -1.0)) for p in ps] for ps, opt in zip(params, opts)))
+    return params, steps
+
+
 #: (optimizer, its arguments, whether its push is computed in the selection kernel)
 ONE_CALL = [(pyreg.optim.Adam, dict(betas=(0.8, 0.9)), True),
             (pyreg.optim.AdamW, dict(betas=(0.8, 0.9), amsgrad=True, weight_decay=0.0), True),
@@ -274,19 +294,11 @@ def test_a_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(cls, kw, o
         def _push_quantiles(self, items, ks, out=None, dims=None):
             return None
 
-    g = torch.Generator().manual_seed(13)
-    shapes = [(17, 9), (31,), (0, 3), (5, 4)]
-    init = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
-    params = [[p.clone().requires_grad_() for p in init] for _ in range(2)]
-    opts = [c([{"params": ps[:2], "l1_strength": [0.6, 0.3], "l1_refresh": 2},
-               {"params": ps[2:], "l1_strength": 0.8, "l1_refresh": 2, "preconditioned": True}], lr=1e-2, **kw)
-            for c, ps in zip((cls, TorchOps), params)]
-    for step in range(1, 8):
-        for ps, opt in zip(params, opts):
-            for i, (p, gr) in enumerate(zip(ps, grads_for(shapes, step, dtype))):
-                p.grad = None if step == 1 and i == 1 else gr
-            opt.step()
-        got, want = ([float(opt.state[p].get(KEY, -1.0)) for p in ps] for ps, opt in zip(params, opts))
+    params, steps = kernel_and_torch_runs(
+        (cls, TorchOps), kw, dtype, 13, [(17, 9), (31,), (0, 3), (5, 4)], KEY,
+        lambda ps: [{"params": ps[:2], "l1_strength": [0.6, 0.3], "l1_refresh": 2},
+                    {"params": ps[2:], "l1_strength": 0.8, "l1_refresh": 2, "preconditioned": True}])
+    for step, (got, want) in enumerate(steps, 1):
         assert got[:2] + got[3:] == want[:2] + want[3:], step
     assert all(v > 0 for v in got[:2] + got[3:])
     assert bool(calls) == (one_call and dtype.itemsize >= 4)  # the kernel takes float32/64 state
@@ -309,21 +321,11 @@ def test_a_group_refresh_in_one_kernel_call_gives_the_bits_of_the_torch_ops(cls,
         def _push_quantiles(self, items, ks, out=None, dims=None):
             return None
 
-    g = torch.Generator().manual_seed(17)
-    shapes = [(17, 9), (3, 11, 5), (0, 3), (6, 4), (13,)]
-    init = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
-    params = [[p.clone().requires_grad_() for p in init] for _ in range(2)]
-    opts = [c([{"params": ps[:3], "group_strength": [0.6, 0.3, 0.5], "group_dim": 1, "l1_refresh": 2},
-               {"params": ps[3:], "group_strength": 0.7, "group_dim": -1, "l1_refresh": 2},
-               ], lr=1e-2, **kw)
-            for c, ps in zip((cls, TorchOps), params)]
-    for step in range(1, 8):
-        for ps, opt in zip(params, opts):
-            for i, (p, gr) in enumerate(zip(ps, grads_for(shapes, step, dtype))):
-                p.grad = None if step == 1 and i == 1 else gr
-            opt.step()
-        got, want = ([float(opt.state[p].get("strength_group_l1", -1.0)) for p in ps] for ps, opt in
-                     zip(params, opts))
+    params, steps = kernel_and_torch_runs(
+        (cls, TorchOps), kw, dtype, 17, [(17, 9), (3, 11, 5), (0, 3), (6, 4), (13,)], "strength_group_l1",
+        lambda ps: [{"params": ps[:3], "group_strength": [0.6, 0.3, 0.5], "group_dim": 1, "l1_refresh": 2},
+                    {"params": ps[3:], "group_strength": 0.7, "group_dim": -1, "l1_refresh": 2}])
+    for step, (got, want) in enumerate(steps, 1):
         assert got == want, step
     assert all(v > 0 for i, v in enumerate(got) if i != 2)
     assert bool(calls) == (one_call and dtype.itemsize >= 4)
