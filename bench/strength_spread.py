@@ -15,7 +15,10 @@ one setting each of
 * the quantile of the push averaged over the 10 steps before each refresh
   (signed, then its magnitude: a weight oscillating around zero pushes both
   ways, and its mean push is what the optimality condition compares with
-  l1): the rule with its push summed at every step.
+  l1): the rule with its push summed at every step;
+* ``target_sparsity`` (the fraction of exact zeros itself, on every
+  regularized weight): the plain prox's l1 only, so the preconditioned
+  configurations are refused (shown as "-").
 
 For each setting: the fraction of exact zeros of the weights per
 configuration, and the spread (largest over smallest), and each run's
@@ -49,7 +52,8 @@ CONFIGS = [("SGD", pyreg.optim.SGD, dict(lr=0.1, momentum=0.9), (False,)),
 STEPS = 500
 SETTINGS = [("fixed l1", v) for v in (1e-3, 1e-2, 1e-1)] + [("l1_strength", v) for v in (0.3, 0.5, 0.7, 0.8, 0.9)] \
     + [("strength measured once", v) for v in (0.5, 0.8, 0.9)] + [("push/pull RMS", v) for v in (0.3, 1.0)] \
-    + [("push averaged over 10 steps", v) for v in (0.3, 0.5, 0.7, 0.8, 0.9)]
+    + [("push averaged over 10 steps", v) for v in (0.3, 0.5, 0.7, 0.8, 0.9)] \
+    + [("target_sparsity", v) for v in (0.3, 0.5, 0.7, 0.8, 0.9)]
 
 
 def push_of(opt, p, before):
@@ -61,13 +65,18 @@ def push_of(opt, p, before):
 
 
 def run(data, cls, kw, pre, kind, value, steps=STEPS, batch=None):
-    """(fraction of exact zeros of the weights, validation accuracy) after training."""
+    """(fraction of exact zeros of the weights, validation accuracy, phi)
+    after training; None where the configuration refuses the setting."""
+    if kind == "target_sparsity" and pre:
+        return None
     torch.manual_seed(0)
     model = MLP(data.num_features, data.num_classes)
     if kind == "fixed l1":
         groups = pyreg.param_groups(model, l1=value)
     elif kind == "l1_strength":
         groups = pyreg.param_groups(model, l1_strength=value)
+    elif kind == "target_sparsity":
+        groups = pyreg.param_groups(model, overrides={"*": {"target_sparsity": value}})
     else:
         groups = pyreg.param_groups(model)
     opt = cls(groups, preconditioned=pre, **kw)
@@ -133,11 +142,11 @@ def main():
     names = [f"{n}{'-pre' if pre else ''}" for n, _, _, pres in CONFIGS for pre in pres]
     rows = []
     for kind, value in settings:
-        got = [run(data, cls, kw, pre, kind, value, args.steps, args.batch)
+        got = [run(data, cls, kw, pre, kind, value, args.steps, args.batch) or (None, None, None)
                for _, cls, kw, pres in CONFIGS for pre in pres]
-        zeros = [z for z, _, _ in got]
+        zeros = [z for z, _, _ in got if z is not None]
         lo, hi = min(zeros), max(zeros)
-        rows.append({"setting": kind, "value": value, "sparsity": dict(zip(names, zeros)),
+        rows.append({"setting": kind, "value": value, "sparsity": dict(zip(names, [z for z, _, _ in got])),
                      "val_acc": dict(zip(names, [v for _, v, _ in got])),
                      "phi": dict(zip(names, [f for _, _, f in got])),
                      "spread": (hi / lo) if lo > 0 else None})
@@ -152,9 +161,10 @@ def main():
     for r in rows:
         sp = "inf (some 0)" if r["spread"] is None else f"{r['spread']:.1f}x"
         lines.append(f"| {r['setting']} | {r['value']:g} | {sp} | "
-                     + " | ".join(f"{100 * r['sparsity'][n]:.1f}%" for n in names) + " |")
+                     + " | ".join("-" if r["sparsity"][n] is None else f"{100 * r['sparsity'][n]:.1f}%"
+                                  for n in names) + " |")
     acc = ["| setting | value | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
-    acc += [f"| {r['setting']} | {r['value']:g} | " + " | ".join(f"{r['val_acc'][n]:.3f}" for n in names) + " |"
+    acc += [f"| {r['setting']} | {r['value']:g} | " + " | ".join("-" if r["val_acc"][n] is None else f"{r['val_acc'][n]:.3f}" for n in names) + " |"
             for r in rows]
     flags = (f" --steps {args.steps}" if args.steps != STEPS else "") + (
         f" --batch {args.batch}" if args.batch is not None else "")
