@@ -17,14 +17,7 @@ one setting each of
   ways, and its mean push is what the optimality condition compares with
   l1): the rule with its push summed at every step;
 * ``target_sparsity`` (the fraction of exact zeros itself, on every
-  regularized weight): the plain prox's l1 only, so the preconditioned
-  configurations are refused (shown as "-");
-* the same target in the optimizer's metric: ``target_sparsity`` for the
-  plain configurations, and for the preconditioned ones its rule sketched
-  here in torch ops after each step, with each weight's step size
-  lr / d (d: sqrt(v_hat) + eps for Adam, sqrt(sum) + eps for Adagrad,
-  sqrt(square_avg) + eps for RMSprop): tau the k-th smallest |w| * d,
-  then ``w <- sign(w) * max(|w| - tau / d, 0)``, which leaves k zeros.
+  regularized weight; with ``preconditioned``, in the optimizer's metric).
 
 For each setting: the fraction of exact zeros of the weights per
 configuration, and the spread (largest over smallest), and each run's
@@ -59,8 +52,7 @@ STEPS = 500
 SETTINGS = [("fixed l1", v) for v in (1e-3, 1e-2, 1e-1)] + [("l1_strength", v) for v in (0.3, 0.5, 0.7, 0.8, 0.9)] \
     + [("strength measured once", v) for v in (0.5, 0.8, 0.9)] + [("push/pull RMS", v) for v in (0.3, 1.0)] \
     + [("push averaged over 10 steps", v) for v in (0.3, 0.5, 0.7, 0.8, 0.9)] \
-    + [("target_sparsity", v) for v in (0.3, 0.5, 0.7, 0.8, 0.9)] \
-    + [("target in the metric", v) for v in (0.3, 0.5, 0.7, 0.8, 0.9)]
+    + [("target_sparsity", v) for v in (0.3, 0.5, 0.7, 0.8, 0.9)]
 
 
 def push_of(opt, p, before):
@@ -71,29 +63,15 @@ def push_of(opt, p, before):
                      before if opt._push_needs_before(group) else None)
 
 
-def step_divisor(opt, p):
-    """d with lr / d the step size of each element of p in its optimizer's
-    metric (Adam, Adagrad without lr_decay, RMSprop without centering)."""
-    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-    s = opt.state[p]
-    if "exp_avg_sq" in s:
-        return (s["exp_avg_sq"] / (1 - group["betas"][1] ** float(s["step"]))).sqrt() + group["eps"]
-    assert not group.get("lr_decay") and not group.get("centered")
-    return (s["sum"] if "sum" in s else s["square_avg"]).sqrt() + group["eps"]
-
-
 def run(data, cls, kw, pre, kind, value, steps=STEPS, batch=None):
-    """(fraction of exact zeros of the weights, validation accuracy, phi)
-    after training; None where the configuration refuses the setting."""
-    if kind == "target_sparsity" and pre:
-        return None
+    """(fraction of exact zeros of the weights, validation accuracy, phi) after training."""
     torch.manual_seed(0)
     model = MLP(data.num_features, data.num_classes)
     if kind == "fixed l1":
         groups = pyreg.param_groups(model, l1=value)
     elif kind == "l1_strength":
         groups = pyreg.param_groups(model, l1_strength=value)
-    elif kind == "target_sparsity" or (kind == "target in the metric" and not pre):
+    elif kind == "target_sparsity":
         groups = pyreg.param_groups(model, overrides={"*": {"target_sparsity": value}})
     else:
         groups = pyreg.param_groups(model)
@@ -121,14 +99,6 @@ def run(data, cls, kw, pre, kind, value, steps=STEPS, batch=None):
         elif kind == "push/pull RMS" and (step + 1) % 10 == 0:
             opt.param_groups[0]["l1"] = [value * float(push_of(opt, p, b).square().mean().sqrt())
                                          for p, b in zip(weights, before)]
-        elif kind == "target in the metric" and pre:
-            with torch.no_grad():
-                for p in weights:
-                    d = step_divisor(opt, p)
-                    k = min(p.numel(), math.ceil(value * p.numel() - 1e-9))
-                    if k:
-                        tau = (p.abs() * d).flatten().kthvalue(k).values
-                        p.copy_(p.sign() * (p.abs() - tau / d).clamp_min(0))
         elif kind == "push averaged over 10 steps":
             pushes = [push_of(opt, p, b).double() for p, b in zip(weights, before)]
             summed = pushes if summed is None else [a + b for a, b in zip(summed, pushes)]
@@ -168,11 +138,11 @@ def main():
     names = [f"{n}{'-pre' if pre else ''}" for n, _, _, pres in CONFIGS for pre in pres]
     rows = []
     for kind, value in settings:
-        got = [run(data, cls, kw, pre, kind, value, args.steps, args.batch) or (None, None, None)
+        got = [run(data, cls, kw, pre, kind, value, args.steps, args.batch)
                for _, cls, kw, pres in CONFIGS for pre in pres]
-        zeros = [z for z, _, _ in got if z is not None]
+        zeros = [z for z, _, _ in got]
         lo, hi = min(zeros), max(zeros)
-        rows.append({"setting": kind, "value": value, "sparsity": dict(zip(names, [z for z, _, _ in got])),
+        rows.append({"setting": kind, "value": value, "sparsity": dict(zip(names, zeros)),
                      "val_acc": dict(zip(names, [v for _, v, _ in got])),
                      "phi": dict(zip(names, [f for _, _, f in got])),
                      "spread": (hi / lo) if lo > 0 else None})
@@ -187,10 +157,9 @@ def main():
     for r in rows:
         sp = "inf (some 0)" if r["spread"] is None else f"{r['spread']:.1f}x"
         lines.append(f"| {r['setting']} | {r['value']:g} | {sp} | "
-                     + " | ".join("-" if r["sparsity"][n] is None else f"{100 * r['sparsity'][n]:.1f}%"
-                                  for n in names) + " |")
+                     + " | ".join(f"{100 * r['sparsity'][n]:.1f}%" for n in names) + " |")
     acc = ["| setting | value | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
-    acc += [f"| {r['setting']} | {r['value']:g} | " + " | ".join("-" if r["val_acc"][n] is None else f"{r['val_acc'][n]:.3f}" for n in names) + " |"
+    acc += [f"| {r['setting']} | {r['value']:g} | " + " | ".join(f"{r['val_acc'][n]:.3f}" for n in names) + " |"
             for r in rows]
     flags = (f" --steps {args.steps}" if args.steps != STEPS else "") + (
         f" --batch {args.batch}" if args.batch is not None else "")

@@ -86,7 +86,8 @@ def all_lrs_zero(groups: Sequence[Dict[str, Any]]) -> bool:
 
 
 def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[Any, Dict[str, Any]]] = None,
-                 vecs: Optional[Dict[int, Tensor]] = None) -> None:
+                 vecs: Optional[Dict[int, Tensor]] = None,
+                 metric: Optional[Dict[int, Tuple[List[Tensor], Optional[Tensor]]]] = None) -> None:
     """The proximal step of each bucket ``(work, lr)`` (lr: one float64 per
     tensor on the params' device), in place: element-wise L1/L2 (``prox_``,
     toward the refs in a "ref" bucket), the exact sparse-group-lasso prox
@@ -96,13 +97,15 @@ def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[An
     in a "strength" bucket the element-wise prox with each tensor's l1 as
     its last refresh set it (:func:`refresh_strength`). ``vecs``: those
     coefficients' vectors (:func:`strength_l1`) by bucket id, where the
-    caller found the state holding them."""
+    caller found the state holding them. ``metric``: by bucket id, a "target"
+    bucket's step sizes in its optimizer's metric (see :func:`target_prox`)."""
     eager = not torch.compiler.is_compiling()
     be = direct_backend() if eager else None
     for w, lr in buckets:
         c = partial(w.coef, eager=eager)
         if w.kind == "target":  # (never traced by torch.compile: see target_prox_eager)
-            target_prox_eager(w, lr, state if state is not None else {}, be)
+            target_prox_eager(w, lr, state if state is not None else {}, be,
+                              None if metric is None else metric.get(id(w.bucket)))
             continue
         whole = be is not None and w.params is w.bucket.params
         d = w.bucket.direct() if whole else None
@@ -130,7 +133,8 @@ def prox_buckets(buckets: Sequence[Tuple[Work, Tensor]], state: Optional[Dict[An
             ops.prox_(w.params, c("l1"), c("l2"), lr, ref=w.refs)
 
 
-def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]], be=None) -> None:
+def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]], be=None,
+                metric: Optional[Tuple[List[Tensor], Optional[Tensor]]] = None) -> None:
     """``target_sparsity``: the element-wise prox of each tensor j (n_j
     elements, target t_j) with the smallest l1 that leaves it
     k_j = ceil(t_j * n_j) zeros: with tau_j the k_j-th smallest |w| of the
@@ -149,11 +153,33 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]], be=None) -> None:
     Costs one selection call for the bucket, on the device, no host sync;
     the l1 used is in the optimizer's state (:data:`TARGET_STATE`, and in
     :attr:`penalty`). ``be``: the cpu backend, when the caller found that
-    the kernels may be called directly (:func:`direct_backend`)."""
+    the kernels may be called directly (:func:`direct_backend`).
+
+    ``metric``: ``(d, div)``, the prox in the optimizer's own metric
+    (``preconditioned=True``), where weight i of tensor j steps by
+    ``lr_j / d_i`` (d: one tensor per param, in the compute dtype, the
+    divisor of its step size, as ``sqrt(v_hat) + eps`` for Adam) and the
+    metric's lr is ``m_j = lr_j / div_j`` (``div``: a float64 vector, or
+    None for ``m = lr``). Then the threshold of weight i is ``m_j * l1_j /
+    d_i``, and with ``u = w * d`` (rounded; d at least float's smallest
+    normal: :func:`pyreg.optim.fused.metric_divisors`) and tau_j the k_j-th
+    smallest |u| of the tensor,
+
+        l1_j = tau_j / m_j,    w <- sign(u) * max(|u| - tau_j, 0) / (d + 2 * m_j * l2)
+
+    so the weights with |u| <= tau_j, and only those, become exact zeros
+    (the selection and the soft threshold read the same u: the plain
+    prox's ``prox_`` with l1 tau_j at step size 1), and the others move
+    as the metric's prox moves them. Torch's list ops for u, d and the
+    division; the selection and the threshold in pyreg's ops (on the CPU,
+    one call into the kernels, as above, with lr 1)."""
     ps = w.params
     (l1, _) = _own_state(w, state, TARGET_STATE, (torch.float64,), lambda: ([0.0] * len(ps),))
     b = w.bucket
     targets = b.values["target_sparsity"]  # the values as now set (a new list when one changes)
+    if metric is not None:
+        _metric_target(w, targets, l1, lr, metric, be)
+        return
     d = b.direct() if be is not None and ps is b.params and be.fuses_target() else None
     eager = not torch.compiler.is_compiling()
     l2 = w.coef("l2", eager)
@@ -168,6 +194,41 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]], be=None) -> None:
     ks = _zeros_for([at[id(p)] for p in ps], [p.numel() for p in ps])
     _per_lr(ops.kth_abs([p.detach() for p in ps], ks, closest=True), l1, lr)
     ops.prox_(ps, l1, l2, lr)
+
+
+def _metric_target(w: Work, targets, l1: Tensor, lr, metric: Tuple[List[Tensor], Optional[Tensor]], be) -> None:
+    """:func:`target_prox` in the optimizer's metric (its ``metric``)."""
+    ps = [p.detach() for p in w.params]
+    if not ps:
+        return
+    at = dict(zip(map(id, w.bucket.params), targets))
+    ks = _zeros_for([at[id(p)] for p in w.params], [p.numel() for p in ps])
+    d, div = metric
+    m = lr if div is None else (lr if isinstance(lr, Tensor) else torch.full_like(div, lr)) / div
+    u = torch._foreach_mul([wide(p) for p in ps], d)
+    fast = ops._fast(u, True) if be is not None and be.fuses_target() else None
+    if fast is not None and fast[2] is None:  # the selection and the threshold in one call (l1 <- tau: at lr 1)
+        be.target_prox_ptrs(*fast[1], ks, l1, 0.0, 1.0, torch.empty(len(u), dtype=torch.int64))
+        _per_lr(l1, l1, m)
+    else:
+        tau = ops.kth_abs(u, ks, closest=True)
+        _per_lr(tau, l1, m)
+        ops.prox_(u, tau, 0.0, 1.0)
+    l2 = w.coef("l2", not torch.compiler.is_compiling())
+    if isinstance(l2, Tensor) or l2 != 0.0:
+        c = (2.0 * m) * l2  # a number, or one float64 per tensor
+        if isinstance(c, Tensor):
+            for di, ci in zip(d, c.expand(len(d)).unbind()):
+                di.add_(ci)
+        else:
+            torch._foreach_add_(d, c)
+    torch._foreach_div_(u, d)
+    torch._foreach_copy_(ps, u)
+
+
+def wide(t: Tensor) -> Tensor:
+    """``t`` in a dtype to compute in (16-bit: float32)."""
+    return t.float() if t.element_size() < 4 else t
 
 
 #: :func:`target_prox` outside any compiled graph: its counts of zeros are host

@@ -44,7 +44,7 @@ from ._torch_compat import raw_step
 from .apply import (OWN_STATE, STRENGTH_KINDS, STRENGTH_STEP, check_countable, check_step_counts, constraints,
                     direct_backend, keep_finite, misfit_state, penalized, pop_own_state, prox_buckets, put_own_state,
                     refresh_strength, record_strength_step, store_strength, strength_counter, strength_due,
-                    strength_ks, strength_l1)
+                    strength_ks, strength_l1, wide)
 from .engine import Engine, Observable, keep_own_keys, param_list
 from .functional import HYPER, NO_PROX, fused_step, prox_kind, row, table
 from .keys import hyper_keys_of, read_group, signature
@@ -300,6 +300,18 @@ class FusedOptimizer(Observable):
         """:meth:`_push` of each item, (p, state, group, metric, before), all of
         one group's metric; an optimizer may compute them together."""
         return [self._push(*it) for it in items]
+
+    def _metric_divisors(self, items: List[Tuple[Tensor, Dict[str, Any], Dict[str, Any]]]
+                         ) -> Optional[Tuple[List[Tensor], Optional[Tensor]]]:
+        """``target_sparsity`` in the optimizer's metric: for items ``(p,
+        state, group)`` after the step, ``(d, div)`` with p's element i
+        stepped by ``lr / div / d_i`` (d: one tensor per item in the compute
+        dtype, the denominator of the step as the kernel computes it, at
+        least the dtype's smallest normal: :func:`metric_divisors`; div:
+        a float64 vector on the params' device, or None for 1), see
+        :func:`pyreg.optim.apply.target_prox`; None where the optimizer's
+        metric is the plain one (SGD)."""
+        return None
 
     def _push_needs_before(self, group: Dict[str, Any]) -> bool:
         """Whether :meth:`_push` of the group's params reads the weights before
@@ -883,13 +895,29 @@ class FusedOptimizer(Observable):
                     if prox_after:  # (the lrs only where a prox reads them)
                         group_lrs = {dev: plan.group_lrs(lrs, dev) for dev in plan.devices}
                         prox_buckets([(w, plan.work_lr(w, lrs, group_lrs)) for w in prox_after],
-                                     self.state)  # type: ignore[attr-defined]
+                                     self.state, metric=self._target_metrics(plan, prox_after))  # type: ignore[attr-defined]
                     constraints(after, self.state, self.param_groups)  # type: ignore[attr-defined]
                 if due:  # the new coefficients from the next step on
                     self._refresh(plan, strength, due, vecs)
                     for b in buckets:  # (into the cached tables now, while they are at hand)
                         if b.l1_rows and not b.dynamic:
                             self._table(b)
+
+    def _target_metrics(self, plan: Plan, works: List[Work]) -> Optional[Dict[int, Tuple[List[Tensor], Optional[Tensor]]]]:
+        """:meth:`_metric_divisors` of each "target" bucket whose groups set
+        ``preconditioned`` (one metric per bucket: see Plan), by bucket id;
+        None where there is none."""
+        out = None
+        for w in works:
+            if w.kind != "target" or not plan.specs[w.bucket.groups[0]].preconditioned:
+                continue
+            groups, state = self.param_groups, self.state  # type: ignore[attr-defined]
+            gi = dict(zip(map(id, w.bucket.params), w.bucket.groups))
+            got = self._metric_divisors([(p, state[p], groups[gi[id(p)]]) for p in w.params])
+            if got is not None:
+                out = {} if out is None else out
+                out[id(w.bucket)] = got
+        return out
 
     def _count_kept(self, strength: List[Work]) -> Optional[int]:
         """``l1_strength``: the answer of the kept buckets' counter
@@ -965,9 +993,28 @@ def _l1_values(b: _Bucket, vec: Tensor, t: Tensor) -> Tensor:
     return (vec if whole else vec[b.l1_index]).to(device=t.device, dtype=t.dtype)
 
 
-def wide(t: Tensor) -> Tensor:
-    """``t`` in a dtype to compute a push in (16-bit: float32)."""
-    return t.float() if t.element_size() < 4 else t
+def metric_divisors(vs: List[Tensor], bc: Optional[list], eps: list) -> List[Tensor]:
+    """``sqrt(v_i) / bc_i + eps_i`` for each v_i (in the compute dtype), the
+    divisor of an adaptive step (:meth:`FusedOptimizer._metric_divisors`),
+    as the kernels compute it: a sqrt, a division (none where ``bc`` is
+    None) and an add, each rounded; raised to the dtype's smallest normal
+    where an eps is not positive (a weight whose v is 0 then moves by lr /
+    that, as far as any)."""
+    d = torch._foreach_sqrt(vs)
+    if bc is not None:
+        if all(type(b) is float for b in bc):
+            torch._foreach_div_(d, bc)
+        else:  # (a step counter on the device: its bias correction too)
+            for x, b in zip(d, bc):
+                x.div_(b)
+    if all(isinstance(e, (int, float)) for e in eps):
+        torch._foreach_add_(d, eps)
+        if not all(e > 0 for e in eps) and d:
+            torch._foreach_clamp_min_(d, torch.finfo(d[0].dtype).tiny)
+    else:
+        for x, e in zip(d, eps):
+            x.add_(e).clamp_min_(torch.finfo(x.dtype).tiny)
+    return d
 
 
 def grad_push_terms(items, second: str):

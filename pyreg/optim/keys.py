@@ -17,7 +17,9 @@ The keys (defaults in parentheses):
 * ``target_sparsity`` (None): a fraction of exact zeros in [0, 1] (a
   coefficient: one for the group, or one per parameter); at every step each
   tensor's ``l1`` is the smallest that gives it that fraction (see
-  :func:`pyreg.optim.apply.target_prox`), in place of the group's ``l1``;
+  :func:`pyreg.optim.apply.target_prox`), in place of the group's ``l1``
+  (with ``preconditioned``, in the optimizer's metric: the fraction of
+  each tensor with the smallest ``|w| * d``, d the divisor of its step);
 * ``l1_strength`` (None), ``l1_refresh`` (10): the L1 strength as a
   dimensionless fraction in [0, 1] (a coefficient): every ``l1_refresh``
   steps each tensor's ``l1`` becomes the ``l1_strength``-quantile of the
@@ -191,9 +193,6 @@ def read_group(group: Dict[str, Any], defaults: Dict[str, Any], where: str) -> G
         if ref is not None and any(r is not None for r in ref):
             raise ValueError(f"{where} sets both 'target_sparsity' and 'ref': the target counts exact zeros, "
                              "not weights equal to their reference")
-        if pre:
-            raise ValueError(f"{where} sets both 'target_sparsity' and preconditioned=True: the target adapts "
-                             "the plain prox's l1")
     strength, refresh = _strength(get("l1_strength", defaults.get("l1_strength")),
                                   get("l1_refresh", defaults.get("l1_refresh")), n, where)
     if strength is not None:

@@ -203,7 +203,10 @@ class Plan:
                                     "takes torch's step); use l1/l2 on sharded parameters")
                 vals = _values_of(spec, j)
                 for kind in kinds:
-                    b = reg.setdefault((kind, *key), ([], [], {}, [], [], []))
+                    # (a "target" bucket has one metric: its prox reads the optimizer's step sizes where
+                    # its groups set preconditioned)
+                    b = reg.setdefault((kind, *key, kind == "target" and spec.preconditioned),
+                                       ([], [], {}, [], [], []))
                     b[0].append(p), b[1].append(gi), b[5].append(j)
                     for k in _KIND_COEFS[kind]:
                         b[2].setdefault(k, []).append(vals[k])

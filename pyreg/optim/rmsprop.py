@@ -9,7 +9,8 @@ from torch import Tensor
 
 from . import functional as F
 from .adam import step_counter
-from .fused import Params, Flags, FusedOptimizer, grad_push_terms, grad_with_decay, hyper_number, scalar_dtype, wide
+from .fused import (Params, Flags, FusedOptimizer, grad_push_terms, grad_with_decay, hyper_number, metric_divisors,
+                    scalar_dtype, wide)
 
 
 class RMSprop(FusedOptimizer, torch.optim.RMSprop):
@@ -65,6 +66,18 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             if avg is None:
                 avg = s["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return s["square_avg"], buf, avg, step_counter(p, s), 0
+
+    def _metric_divisors(self, items):
+        """sqrt(square_avg) + eps (centered: sqrt(square_avg - grad_avg^2) + eps),
+        as the kernel's step divides."""
+        vs = []
+        for _, s, group in items:
+            sq = wide(s["square_avg"])
+            if group.get("centered", False):
+                avg = wide(s["grad_avg"])
+                sq = sq - avg * avg
+            vs.append(sq)
+        return metric_divisors(vs, None, [group["eps"] for _, _, group in items]), None
 
     def _push_terms(self, items):
         """Without momentum, centering or weight decay: the push is the grad
