@@ -16,16 +16,21 @@ training loop costs over a plain one.
 ``--group`` times the group-lasso rows instead (group lasso over each
 weight's input columns, with a given ``group_l1`` and with
 ``group_strength``, in both families), with torch's Adam.
+``--preconditioned`` times pyreg.optim.AdamW with the prox in Adam's
+metric instead, with L1 and with a ``target_sparsity`` (met in that
+metric), with torch's Adam.
 
 Each row with a base (the same step without the new key: ``over`` names
 it) also gets the median over rounds of its time minus its base's, in µs:
-the host cost of ``target_sparsity``, ``l2_bound``, ``l1_strength`` and
-``group_strength`` per step, and of ``Regularized`` over torch's Adam on
+the host cost of ``target_sparsity`` (plain and preconditioned),
+``l2_bound``, ``l1_strength`` and ``group_strength`` per step, and of
+``Regularized`` over torch's Adam on
 the same param groups.
 ``--out PATH`` also writes the table to ``PATH.md`` (with the CPU, torch
 and the command), as bench/results/ keeps it.
 
-    python bench/host_step.py [--rounds 15] [--steps 200] [--cpu-time] [--whole | --group] [--out PATH]
+    python bench/host_step.py [--rounds 15] [--steps 200] [--cpu-time] [--whole | --group | --preconditioned]
+                              [--out PATH]
 """
 import argparse
 import statistics
@@ -60,6 +65,9 @@ def build(kind: str, model: torch.nn.Module):
         return pyreg.optim.AdamW(pyreg.param_groups(model, l1_strength=0.8), lr=1e-3)
     if kind == "Regularized(torch Adam, l1_strength)":
         return pyreg.Regularized(torch.optim.Adam(pyreg.param_groups(model, l1_strength=0.8), lr=1e-3))
+    if kind in PRECONDITIONED:  # the prox in Adam's metric
+        keys = {"target_sparsity": 0.5} if "target_sparsity" in kind else {"l1": 1e-4}
+        return pyreg.optim.AdamW(pyreg.param_groups(model, overrides={"*": keys}), lr=1e-3, preconditioned=True)
     if kind in GROUP:  # group lasso over each weight's input columns: a given group_l1, or group_strength
         key, value = ("group_strength", 0.5) if "group_strength" in kind else ("group_l1", 1e-4)
         groups = pyreg.param_groups(model, overrides={"*weight": {key: value, "group_dim": 1}})
@@ -74,6 +82,9 @@ GROUP = ("pyreg.optim.AdamW(group_l1)", "pyreg.optim.AdamW(group_strength)", "Re
          "Regularized(torch Adam, group_strength)")
 
 
+#: The rows of ``--preconditioned``.
+PRECONDITIONED = ("pyreg.optim.AdamW(l1, preconditioned)", "pyreg.optim.AdamW(target_sparsity, preconditioned)")
+
 KINDS = ("torch Adam", "torch Adam, pyreg's groups", "Regularized(torch Adam)", "torch AdamW(fused)",
          "pyreg.optim.AdamW(l1)", "pyreg.optim.AdamW(target_sparsity)", "pyreg.optim.AdamW(l1,l2_bound)",
          "pyreg.optim.AdamW(l1_strength)", "Regularized(torch Adam, l1_strength)")
@@ -86,7 +97,8 @@ BASES = {"torch Adam, pyreg's groups": "torch Adam",
          "pyreg.optim.AdamW(l1_strength)": "pyreg.optim.AdamW(l1)",
          "Regularized(torch Adam, l1_strength)": "Regularized(torch Adam)",
          "pyreg.optim.AdamW(group_strength)": "pyreg.optim.AdamW(group_l1)",
-         "Regularized(torch Adam, group_strength)": "Regularized(torch Adam, group_l1)"}
+         "Regularized(torch Adam, group_strength)": "Regularized(torch Adam, group_l1)",
+         "pyreg.optim.AdamW(target_sparsity, preconditioned)": "pyreg.optim.AdamW(l1, preconditioned)"}
 
 
 WHOLE = ("torch Adam", "torch Adam, pyreg's groups", "Regularized(torch Adam)", "pyreg.optim.Adam(l1)")
@@ -101,6 +113,9 @@ def main() -> None:
     ap.add_argument("--group", action="store_true",
                     help="the group-lasso rows (a given group_l1, group_strength) with torch's Adam, in place of "
                          "the others")
+    ap.add_argument("--preconditioned", action="store_true",
+                    help="pyreg.optim.AdamW with the prox in Adam's metric, with l1 and with target_sparsity, with "
+                         "torch's Adam, in place of the others")
     ap.add_argument("--out", help="also write the table to OUT.md")
     args = ap.parse_args()
     if args.rounds < 1 or args.steps < 1:
@@ -112,9 +127,10 @@ def main() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(256, 128), torch.randint(0, 2, (256,))
     runs = {}
-    if args.whole and args.group:
-        ap.error("--whole and --group are exclusive")
-    for kind in (WHOLE if args.whole else ("torch Adam",) + GROUP if args.group else KINDS):
+    if args.whole + args.group + args.preconditioned > 1:
+        ap.error("--whole, --group and --preconditioned are exclusive")
+    for kind in (WHOLE if args.whole else ("torch Adam",) + GROUP if args.group
+                 else ("torch Adam",) + PRECONDITIONED if args.preconditioned else KINDS):
         model = MLP(128, 2)
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-2

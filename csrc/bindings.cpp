@@ -278,6 +278,30 @@ void bind_kernels(py::module_& m, const std::string& prefix, const pyreg::Kernel
           });
   }
 
+  // ---- target_sparsity in an adaptive optimizer's metric: bound only in a build
+  // that has it (the CPU build; Python makes the calls it stands for elsewhere).
+  if (k->metric_target != nullptr) {
+    m.def(name("metric_target").c_str(),
+          [k](const Ptrs& p, const Numels& n, const Codes& d, const Ptrs& v, const std::vector<double>& e,
+              const std::vector<double>& s, const Numels& ks, bool closest, const std::vector<double>& mlr,
+              const std::vector<double>& l2, uintptr_t l1, int nthreads) {
+            TensorList w = make_list(p, n, d);
+            for (int code : d)
+              if (code != pyreg::kFloat32 && code != pyreg::kFloat64)
+                throw std::invalid_argument("pyreg._C: metric_target takes float32 or float64 tensors");
+            std::vector<void*> vp = paired_ptrs(v, w, "second moments");
+            if (e.size() != p.size() || s.size() != p.size() || ks.size() != p.size() || mlr.size() != p.size() ||
+                l2.size() != p.size())
+              throw std::invalid_argument("pyreg._C: e, s, k, m and l2 differ in length from tensors");
+            for (size_t i = 0; i < ks.size(); ++i)
+              if (ks[i] < 0 || ks[i] > n[i]) throw std::invalid_argument("pyreg._C: k out of [0, numel]");
+            if (l1 == 0 && !p.empty()) throw std::invalid_argument("pyreg._C: null output");
+            py::gil_scoped_release nogil;
+            k->metric_target(w, vp.data(), e.data(), s.data(), ks.data(), closest, mlr.data(), l2.data(),
+                             ptr<double>(l1), Launch{nullptr, -1, 0, nthreads});
+          });
+  }
+
   // ---- the fused optimizer step: per param its grad, state buffers (an empty
   // list when unused), step counter, group row and fresh flag (SGD).
   m.def(name("optim_step").c_str(),

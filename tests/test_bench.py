@@ -279,24 +279,25 @@ def test_cli_routes_to_bench(capsys):
     assert "--quick" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("group", [False, True], ids=["", "group"])
+@pytest.mark.parametrize("group", [None, "--group", "--preconditioned"], ids=["", "group", "preconditioned"])
 def test_host_step_script_writes_every_row_with_its_base(tmp_path, group):
     """bench/host_step.py (the host cost per step of each new key over the
     same step without it) runs and writes its table: every row, and the
     difference to its base where it has one (``--group``: the group-lasso
-    rows)."""
+    rows; ``--preconditioned``: the prox in Adam's metric)."""
     import subprocess
     import sys
     from pathlib import Path
     script = Path(__file__).resolve().parents[1] / "bench" / "host_step.py"
     out = tmp_path / "host"
     subprocess.run([sys.executable, str(script), "--cpu-time", "--rounds", "2", "--steps", "3", "--out", str(out)]
-                   + (["--group"] if group else []), check=True, timeout=300, capture_output=True)
+                   + ([group] if group else []), check=True, timeout=300, capture_output=True)
     rows = [[c.strip() for c in line.strip("|").split("|")]
             for line in (tmp_path / "host.md").read_text().splitlines() if line.startswith("| ")]
     assert rows[0][0] == "optimizer"
     names = [r[0] for r in rows[1:]]
-    want = ("Regularized(torch Adam, group_strength)", 5) if group else ("pyreg.optim.AdamW(l1_strength)", 9)
+    want = {None: ("pyreg.optim.AdamW(l1_strength)", 9), "--group": ("Regularized(torch Adam, group_strength)", 5),
+            "--preconditioned": ("pyreg.optim.AdamW(target_sparsity, preconditioned)", 3)}[group]
     assert names[0] == "torch Adam" and want[0] in names and len(names) == want[1]
     for i, r in enumerate(rows[1:]):
         assert len(r) == 7 and all(float(x) > 0 for x in r[1:5])

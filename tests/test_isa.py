@@ -1,6 +1,6 @@
 """The CPU kernels' instruction-set variants (x86-64 baseline, AVX2, AVX-512;
 chosen at load time, forced with PYREG_CPU_ISA) compute the same bits. Each
-variant this CPU supports runs every op (kth_abs and push_kth too) on every dtype in a process of its own."""
+variant this CPU supports runs every op (kth_abs, push_kth and metric_target too) on every dtype in a process of its own."""
 from __future__ import annotations
 
 import os
@@ -49,6 +49,12 @@ with pyreg.use_backend("cpu"):
                 pyreg.backends.cpu.push_kth(ms, second, [3e-8] * len(ms), [0.7] * len(ms),
                                                  [(m.numel() * 3) // 4 for m in ms], q)
                 out[str(dt)].append(q)
+            # target_sparsity in an adaptive optimizer's metric, in one call
+            from pyreg.backends._marshal import plain_list
+            ws2, l1m, n = [m.clone() for m in ms], torch.empty(len(ms), dtype=torch.float64), len(ms)
+            pyreg.backends.cpu.metric_target_ptrs(plain_list(ws2 + vs, True), n, [3e-8] * n, [1.3] * n,
+                                                  [(m.numel() * 2) // 5 for m in ms], [0.01] * n, [0.05] * n, l1m)
+            out[str(dt)] += ws2 + [l1m]
         ws = group_list(dt, seed=300 + k)
         for which in ("rows", "cols"):
             dims = dims_for(ws, which)

@@ -12,7 +12,7 @@ from torch import nn
 
 import pyreg
 from pyreg.optim.apply import TARGET_STATE
-from conftest import bad_key_changes_nothing, needs_emu
+from conftest import bad_key_changes_nothing, ieee_sqrt, needs_emu
 
 BACKENDS = ["cpu", pytest.param("cuda-emu", marks=needs_emu), "torch"]
 OPTIMIZERS = {
@@ -328,3 +328,65 @@ def test_plain_and_metric_groups_in_one_optimizer(backend):
     ra = a.clone().requires_grad_()
     fixed([{"params": [ra], "target_sparsity": 0.5, "keys": ["a"]}])
     assert not torch.equal(ra == 0, pa == 0)  # (the two rules zero different weights here)
+
+
+KERNEL_CASES = {
+    "Adam-eps0": (pyreg.optim.Adam, dict(lr=1e-2, eps=0.0)),
+    "AdamW-amsgrad": (pyreg.optim.AdamW, dict(lr=3e-3, amsgrad=True, weight_decay=0.05)),
+    "Adagrad-lr_decay": (pyreg.optim.Adagrad, dict(lr=0.05, lr_decay=0.3)),
+    "RMSprop-centered": (pyreg.optim.RMSprop, dict(lr=1e-3, centered=True)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name", list(KERNEL_CASES))
+def test_the_metric_kernel_and_the_torch_ops_agree_bit_for_bit(name, dtype, monkeypatch):
+    """preconditioned=True on the CPU: the one kernel call (metric_target)
+    and the torch ops with pyreg's ops give the same weights and l1, bit for
+    bit (torch's ops given a correctly rounded sqrt, as the kernel's: see
+    conftest.ieee_sqrt): odd sizes, a 0-dim and an empty tensor, per-tensor l2 and targets
+    (0 and 1 among them), weights that tie (0.25 steps) and grads that are 0
+    (a weight whose v stays 0: with eps 0 its divisor is float's smallest
+    normal), over four steps with two groups' lrs in one bucket."""
+    from pyreg.backends import compiled
+    cls, kw = KERNEL_CASES[name]
+    g = torch.Generator().manual_seed(9)
+    shapes = [(13, 7), (40,), (3, 5, 2), (), (0, 3)]
+    init = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    init[1] = (init[1] * 4).round() / 4  # ties
+    grads = [[torch.randn(s, generator=g, dtype=dtype) for s in shapes] for _ in range(4)]
+    for gs in grads:
+        gs[0][:2] = 0.0  # two rows never pushed
+    calls = []
+    real = compiled.CompiledKernels.metric_target_ptrs
+
+    def counted(self, *a):
+        calls.append(1)
+        return real(self, *a)
+
+    def run(kernel):
+        ps = [t.clone().requires_grad_() for t in init]
+        groups = [{"params": ps[:3], "l2": [0.0, 0.03, 0.5], "target_sparsity": [0.4, 0.3, 1.0]},
+                  {"params": ps[3:], "lr": kw["lr"] * 0.5, "target_sparsity": [0.0, 0.5]}]
+        opt = cls(groups, preconditioned=True, **kw)
+        with monkeypatch.context() as mp:
+            mp.setattr(compiled.CompiledKernels, "metric_target_ptrs", counted)
+            if not kernel:  # (torch's ops with a correctly rounded sqrt, as the kernel's)
+                mp.setattr(compiled.CompiledKernels, "fuses_metric_target", lambda self: False)
+                mp.setattr(torch, "_foreach_sqrt", lambda ts: [ieee_sqrt(t) for t in ts])
+            for gs in grads:
+                for p, gr in zip(ps, gs):
+                    p.grad = gr.clone()
+                with pyreg.use_backend("cpu"):
+                    opt.step()
+        return ps, [float(opt.state[p][TARGET_STATE[0]]) for p in ps]
+
+    a, la = run(True)
+    assert len(calls) == 4  # (the kernel ran at each step)
+    b, lb = run(False)
+    assert len(calls) == 4
+    for x, y in zip(a, b):  # (with eps 0, the rows never pushed step by 0 / 0: NaN in both)
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(x == 0, y == 0)
+    assert la == lb
+    assert [int((p == 0).sum()) for p in a[:3]] == [37, 12, 30]

@@ -136,6 +136,17 @@ struct Kernels {
   void (*push_kth)(const TensorList& m, const void* const* v, const double* e, const double* s,
                    const void* const* w, const double* wd, const GroupList* groups, const int64_t* k, double* out,
                    const Launch& at);
+  // target_sparsity in an adaptive optimizer's metric, in one call: for each
+  // tensor t of w (float32 or float64, on the host) with v[t] (its state, of
+  // w's type), d = metric_divisor(v, e[t], s[t], e[t] <= 0) and u = w * d
+  // (csrc/common/optim_math.h), tau = the k[t]-th smallest |u| (as kth_abs,
+  // `closest`), l1[t] = per_lr(tau, m[t]), and w <- metric_target_value(u,
+  // tau, d + 2 * m[t] * l2[t]): the same bits as those steps in torch ops
+  // and pyreg's ops (pyreg/optim/apply.py's _metric_target). Null where not
+  // built (the CUDA builds: Python makes those calls).
+  void (*metric_target)(const TensorList& w, const void* const* v, const double* e, const double* s,
+                        const int64_t* k, bool closest, const double* m, const double* l2, double* l1,
+                        const Launch& at);
 };
 
 extern const Kernels kCpu;

@@ -39,6 +39,10 @@ template <> PYREG_HD double floor_to<double>(double t) { return t; }
 template <typename A> PYREG_HD constexpr double largest();
 template <> PYREG_HD constexpr double largest<float>() { return 3.4028234663852886e38; }
 template <> PYREG_HD constexpr double largest<double>() { return 1.7976931348623157e308; }
+// The smallest normal of A.
+template <typename A> PYREG_HD constexpr A tiny();
+template <> PYREG_HD constexpr float tiny<float>() { return 1.17549435082228751e-38f; }
+template <> PYREG_HD constexpr double tiny<double>() { return 2.2250738585072014e-308; }
 
 // A coefficient's value for tensor i (a function of this namespace rather
 // than a member of Coef: see PYREG_ISA_NS).

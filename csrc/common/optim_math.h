@@ -188,6 +188,31 @@ PYREG_HD A decayed_push(A push, A w, A wd) {
   return push + wd * w;
 }
 
+// target_sparsity in the optimizer's metric (preconditioned=True): the divisor
+// of an adaptive step, d = (sqrt(v) + e) * s (Adam: v = exp_avg_sq or
+// max_exp_avg_sq, e = eps * r, s = 1 / r with r = sqrt(1 - beta2^t), which is
+// sqrt(v_hat) + eps; Adagrad: v = sum, e = eps, s = 1; RMSprop: square_avg,
+// centered: square_avg - grad_avg^2), raised to A's smallest normal where e is
+// not positive (`floor`), as pyreg/optim/apply.py's metric_divisors computes
+// it in torch ops (a multiply, not a division by a number: torch's CPU ops
+// divide by a number as a multiply by its reciprocal).
+template <typename A>
+PYREG_HD A metric_divisor(A v, A e, A s, bool floor) {
+  const A d = (sqrt(v) + e) * s;
+  return floor && d < tiny<A>() ? tiny<A>() : d;
+}
+
+// Then, with u = w * d and tau the k-th smallest |u| of the tensor, the new
+// weight: 0 where |u| <= tau, else sign(u) * (|u| - tau) / den, den = d +
+// 2 * m * l2 (m the metric's lr), as pyreg/optim/apply.py's _metric_target
+// computes it (prox_ of u at l1 tau and lr 1, whose threshold is tau itself,
+// then a division).
+template <typename A>
+PYREG_HD A metric_target_value(A u, A tau, A den) {
+  const A a = abs_of(u);
+  return (a <= tau ? A(0) : copysign_of(a - tau, u)) / den;
+}
+
 // ---- Adagrad ------------------------------------------------------------------
 template <int kProx, int kWd, typename A>
 PYREG_HD void adagrad_element(A& p, A g, A& sum, const ElemScalars<A>& e) {

@@ -4,7 +4,7 @@
 //   elementwise.cpp  weight_stats, penalty, add_penalty_grad, prox, l2_bound
 //   group.cpp        group_norms, group_prox, max_norm, the group penalty
 //   optim.cpp        the fused optimizer step
-//   select.cpp       kth_abs, push_kth
+//   select.cpp       kth_abs, push_kth, metric_target
 //   table.cpp        the Kernels table of the build
 // with the chunking, sweeps and parallel run they share in sweep.h.
 //
@@ -51,6 +51,8 @@ void optim_step(const OptimList& l, const OptimSpec& spec, const Launch& at);
 void kth_abs(const TensorList& w, const int64_t* k, bool closest, double* out, const Launch& at);
 void push_kth(const TensorList& m, const void* const* v, const double* e, const double* s, const void* const* w,
               const double* wd, const GroupList* groups, const int64_t* k, double* out, const Launch& at);
+void metric_target(const TensorList& w, const void* const* v, const double* e, const double* s, const int64_t* k,
+                   bool closest, const double* m, const double* l2, double* l1, const Launch& at);
 
 // table.cpp: the instruction set the variant was compiled for.
 std::string isa();

@@ -1,6 +1,8 @@
 // select.cpp: kth_abs, the k-th smallest magnitude of each tensor, and
 // push_kth, the same of the push of an adaptive step (Adam, Adagrad, RMSprop)
-// or of its group norms (csrc/common/kernels_api.h for the contract), on the CPU.
+// or of its group norms, and metric_target, target_sparsity's selection and
+// prox in an adaptive optimizer's metric (csrc/common/kernels_api.h for the
+// contracts), on the CPU.
 //
 // A selection is exact: it compares values and rounds nothing, so it is
 // written on the magnitudes' bit patterns. With the sign bit cleared, the bits
@@ -471,6 +473,29 @@ void push_kth(const TensorList& m, const void* const* v, const double* e, const 
       return kth_of(static_cast<const A*>(push.get()), n, k[t], false);
     };
     out[t] = m.dtypes[t] == kFloat64 ? run(static_cast<double*>(nullptr)) : run(static_cast<float*>(nullptr));
+  });
+}
+
+void metric_target(const TensorList& w, const void* const* v, const double* e, const double* s, const int64_t* k,
+                   bool closest, const double* m, const double* l2, double* l1, const Launch& at) {
+  parallel_for(w.size(), w.size() > 1 ? threads_for(w, at.nthreads, 2) : 1, [&](int64_t t) {
+    const int64_t n = w.numels[t];
+    auto run = [&](auto* zero) {
+      using A = std::remove_pointer_t<decltype(zero)>;
+      A* wp = static_cast<A*>(w.ptrs[size_t(t)]);
+      const A* vp = static_cast<const A*>(v[t]);
+      const A et = A(e[t]), st = A(s[t]);
+      const bool floor = !(e[t] > 0.0);
+      std::unique_ptr<A[]> u(new A[size_t(std::max<int64_t>(n, 1))]);
+      for (int64_t i = 0; i < n; ++i) u[size_t(i)] = wp[i] * metric_divisor(vp[i], et, st, floor);
+      const double tau = k[t] == 0 ? 0.0 : kth_of(static_cast<const A*>(u.get()), n, k[t], closest);
+      l1[t] = per_lr(tau, m[t]);
+      const A tt = A(tau), add = A(2.0 * m[t] * l2[t]);
+      for (int64_t i = 0; i < n; ++i)
+        wp[i] = metric_target_value(u[size_t(i)], tt, metric_divisor(vp[i], et, st, floor) + add);
+    };
+    if (w.dtypes[t] == kFloat64) run(static_cast<double*>(nullptr));
+    else run(static_cast<float*>(nullptr));
   });
 }
 

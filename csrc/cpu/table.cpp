@@ -61,6 +61,7 @@ extern const Kernels PYREG_CPU_TABLE = {
     k::kth_abs,
     [](int64_t) { return int64_t(0); },
     k::push_kth,
+    k::metric_target,
 };
 
 }  // namespace pyreg

@@ -38,6 +38,7 @@ Kernels stub(std::string (*why)()) {
       nullptr,
       [](int64_t) { return int64_t(0); },
       nullptr,
+      nullptr,
   };
 }
 

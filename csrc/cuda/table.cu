@@ -21,6 +21,7 @@ extern const Kernels PYREG_CUDA_TABLE = {
     k::kth_abs,
     k::kth_abs_workspace_bytes,
     nullptr,  // push_kth: the CPU build's only
+    nullptr,  // metric_target: the same
 };
 
 }  // namespace pyreg

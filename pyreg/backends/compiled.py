@@ -329,6 +329,23 @@ class CompiledKernels:
         self._fn("target_prox")(ptrs, numels, codes, k, True, l1.data_ptr(), m.coef(l2, dev, n),
                                 m.coef(lr, dev, n), nnz.data_ptr(), torch.get_num_threads())
 
+    def fuses_metric_target(self) -> bool:
+        """Whether this build has :meth:`metric_target_ptrs` (the CPU build)."""
+        return self._has("metric_target")
+
+    def metric_target_ptrs(self, described: Tuple[List[int], List[int], List[int]], n: int, e: List[float],
+                           s: List[float], k: List[int], m_: List[float], l2: List[float], l1: Tensor) -> None:
+        """``target_sparsity`` in an adaptive optimizer's metric, in one call
+        (kernels_api.h's ``metric_target``): ``described`` is
+        ``_marshal.plain_list`` of the n params followed by their second
+        moments (each of its param's dtype, float32 or float64), checked by
+        the caller; per tensor the divisor's ``e`` and ``s``, the count of
+        zeros ``k``, the metric's lr ``m_`` and ``l2``; ``l1`` (a plain
+        float64 CPU vector) receives each tensor's l1."""
+        ptrs, numels, codes = described
+        self._fn("metric_target")(ptrs[:n], numels[:n], codes[:n], ptrs[n:], e, s, k, True, m_, l2,
+                                  l1.data_ptr(), torch.get_num_threads())
+
     def per_lrs(self) -> bool:
         """Whether this build has :meth:`per_lr` (the CPU build)."""
         return self._has("per_lr")

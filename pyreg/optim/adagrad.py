@@ -9,8 +9,7 @@ from torch import Tensor
 
 from . import functional as F
 from .adam import step_counter
-from .fused import (Params, FusedOptimizer, grad_push_terms, grad_with_decay, hyper_number, metric_divisors,
-                    scalar_dtype, wide)
+from .fused import Params, FusedOptimizer, grad_push_terms, grad_with_decay, hyper_number, scalar_dtype, wide
 
 
 class Adagrad(FusedOptimizer, torch.optim.Adagrad):
@@ -52,14 +51,14 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
     def _buffers(self, p, s, group, run):
         return s["sum"], None, None, step_counter(p, s), 0
 
-    def _metric_divisors(self, items):
+    def _metric_terms(self, items):
         """sqrt(sum) + eps, and the lr's decay, 1 + (t - 1) * lr_decay (the
         kernel's step size clr = lr / that)."""
-        d = metric_divisors([wide(s["sum"]) for _, s, _ in items], None, [group["eps"] for _, _, group in items])
+        vs, eps = [s["sum"] for _, s, _ in items], [group["eps"] for _, _, group in items]
         if not any(group.get("lr_decay", 0) for _, _, group in items):
-            return d, None
+            return vs, eps, None, None
         div = [1 + (s["step"].to(torch.float64) - 1) * group.get("lr_decay", 0) for _, s, group in items]
-        return d, torch.stack(div).to(items[0][0].device)
+        return vs, eps, None, torch.stack(div).to(items[0][0].device)
 
     def _push_terms(self, items):
         """Without weight decay or lr_decay: the push is the grad (Adagrad's

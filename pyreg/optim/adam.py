@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .fused import Params, Flags, FusedOptimizer, hyper_number, metric_divisors, scalar_dtype, wide
+from .fused import Params, Flags, FusedOptimizer, hyper_number, scalar_dtype, wide
 
 
 def step_counter(p: Tensor, s: Dict[str, Any]) -> Tensor:
@@ -54,16 +54,18 @@ class _AdamBase(FusedOptimizer):
         ``weight_decay * w`` (w before the step) to the step over lr."""
         return bool(group["weight_decay"]) and self._flags(group).decoupled
 
-    def _metric_divisors(self, items):
-        """sqrt(v_hat) + eps (v: max_exp_avg_sq with amsgrad), as the kernel's
-        step divides: sqrt(v) / sqrt(1 - beta2^t) + eps."""
-        vs, bc = [], []
+    def _metric_terms(self, items):
+        """sqrt(v_hat) + eps = (sqrt(v) + eps * r) / r, r = sqrt(1 - beta2^t)
+        (v: max_exp_avg_sq with amsgrad), as the push's terms write it."""
+        vs, e, sc = [], [], []
         for _, s, group in items:
             beta2, step = group["betas"][1], s["step"]
-            bc.append(math.sqrt(1 - beta2 ** float(step)) if step.device.type == "cpu"
-                      else (1 - beta2 ** step.to(torch.float64)).sqrt())
-            vs.append(wide(s["max_exp_avg_sq"] if group.get("amsgrad", False) else s["exp_avg_sq"]))
-        return metric_divisors(vs, bc, [group["eps"] for _, _, group in items]), None
+            r = (math.sqrt(1 - beta2 ** float(step)) if step.device.type == "cpu"
+                 else (1 - beta2 ** step.to(torch.float64)).sqrt())
+            e.append(group["eps"] * r)
+            sc.append(1 / r)
+            vs.append(s["max_exp_avg_sq"] if group.get("amsgrad", False) else s["exp_avg_sq"])
+        return vs, e, sc, None
 
     def _push_terms(self, items):
         """(exp_avgs, the second moments or None in Adam's metric, e, s) for

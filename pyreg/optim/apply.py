@@ -162,7 +162,7 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]], be=None,
     metric's lr is ``m_j = lr_j / div_j`` (``div``: a float64 vector, or
     None for ``m = lr``). Then the threshold of weight i is ``m_j * l1_j /
     d_i``, and with ``u = w * d`` (rounded; d at least float's smallest
-    normal: :func:`pyreg.optim.fused.metric_divisors`) and tau_j the k_j-th
+    normal: :func:`metric_divisors`) and tau_j the k_j-th
     smallest |u| of the tensor,
 
         l1_j = tau_j / m_j,    w <- sign(u) * max(|u| - tau_j, 0) / (d + 2 * m_j * l2)
@@ -171,8 +171,10 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]], be=None,
     (the selection and the soft threshold read the same u: the plain
     prox's ``prox_`` with l1 tau_j at step size 1), and the others move
     as the metric's prox moves them. Torch's list ops for u, d and the
-    division; the selection and the threshold in pyreg's ops (on the CPU,
-    one call into the kernels, as above, with lr 1)."""
+    division, the selection and the threshold in pyreg's ops; on the CPU,
+    for float32 and float64 params, one call into the kernels, with the
+    same bits (``metric_target``, csrc/common/optim_math.h's
+    ``metric_divisor`` and ``metric_target_value``)."""
     ps = w.params
     (l1, _) = _own_state(w, state, TARGET_STATE, (torch.float64,), lambda: ([0.0] * len(ps),))
     b = w.bucket
@@ -196,25 +198,26 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]], be=None,
     ops.prox_(ps, l1, l2, lr)
 
 
-def _metric_target(w: Work, targets, l1: Tensor, lr, metric: Tuple[List[Tensor], Optional[Tensor]], be) -> None:
-    """:func:`target_prox` in the optimizer's metric (its ``metric``)."""
+def _metric_target(w: Work, targets, l1: Tensor, lr, metric: tuple, be) -> None:
+    """:func:`target_prox` in the optimizer's metric (its ``metric``: the
+    optimizer's ``_metric_terms``, ``(v, e, s, div)``)."""
     ps = [p.detach() for p in w.params]
     if not ps:
         return
     at = dict(zip(map(id, w.bucket.params), targets))
     ks = _zeros_for([at[id(p)] for p in w.params], [p.numel() for p in ps])
-    d, div = metric
+    vs, e, sc, div = metric
     m = lr if div is None else (lr if isinstance(lr, Tensor) else torch.full_like(div, lr)) / div
+    eager = not torch.compiler.is_compiling()
+    l2 = w.coef("l2", eager)
+    if be is not None and be.fuses_metric_target() and _metric_kernel(be, ps, vs, e, sc, ks, m, l2, l1):
+        torch.autograd.graph.increment_version(w.params)
+        return
+    d = metric_divisors([wide(v) for v in vs], e, sc)
     u = torch._foreach_mul([wide(p) for p in ps], d)
-    fast = ops._fast(u, True) if be is not None and be.fuses_target() else None
-    if fast is not None and fast[2] is None:  # the selection and the threshold in one call (l1 <- tau: at lr 1)
-        be.target_prox_ptrs(*fast[1], ks, l1, 0.0, 1.0, torch.empty(len(u), dtype=torch.int64))
-        _per_lr(l1, l1, m)
-    else:
-        tau = ops.kth_abs(u, ks, closest=True)
-        _per_lr(tau, l1, m)
-        ops.prox_(u, tau, 0.0, 1.0)
-    l2 = w.coef("l2", not torch.compiler.is_compiling())
+    tau = ops.kth_abs(u, ks, closest=True)
+    _per_lr(tau, l1, m)
+    ops.prox_(u, tau, 0.0, 1.0)
     if isinstance(l2, Tensor) or l2 != 0.0:
         c = (2.0 * m) * l2  # a number, or one float64 per tensor
         if isinstance(c, Tensor):
@@ -224,6 +227,54 @@ def _metric_target(w: Work, targets, l1: Tensor, lr, metric: Tuple[List[Tensor],
             torch._foreach_add_(d, c)
     torch._foreach_div_(u, d)
     torch._foreach_copy_(ps, u)
+
+
+def _metric_kernel(be, ps: List[Tensor], vs: List[Tensor], e, sc, ks: List[int], m, l2, l1: Tensor) -> bool:
+    """:func:`_metric_target`'s steps in one call into the CPU kernels
+    (``metric_target``, the same bits), where they take the terms: plain
+    contiguous float32 or float64 CPU params, each v of its param's dtype,
+    numbers for e, s, m and l2 (or CPU vectors for m and l2), ``l1`` a
+    plain float64 CPU vector; False (nothing done) otherwise."""
+    n = len(ps)
+    if (not all(v.dtype == p.dtype and p.element_size() >= 4 for p, v in zip(ps, vs))
+            or (sc is not None and not all(type(x) is float for x in sc))
+            or not all(isinstance(x, (int, float)) for x in e)
+            or l1.device.type != "cpu" or not l1.is_contiguous()):
+        return False
+    desc = plain_list(ps + list(vs), True)
+    if desc is None:
+        return False
+    ms = [float(m)] * n if not isinstance(m, Tensor) else m.tolist() if m.device.type == "cpu" else None
+    l2s = [float(l2)] * n if not isinstance(l2, Tensor) else l2.tolist() if l2.device.type == "cpu" else None
+    if ms is None or l2s is None:
+        return False
+    be.metric_target_ptrs(desc, n, [float(x) for x in e], [1.0] * n if sc is None else sc, ks, ms, l2s, l1)
+    return True
+
+
+def metric_divisors(vs: List[Tensor], e: list, s: Optional[list]) -> List[Tensor]:
+    """``(sqrt(v_i) + e_i) * s_i`` for each v_i (in the compute dtype), the
+    divisor of an adaptive step (see :func:`target_prox`), as
+    csrc/common/optim_math.h's ``metric_divisor``: a sqrt, an add and a
+    multiply (none where ``s`` is None), each rounded; raised to the dtype's
+    smallest normal where an e is not positive. e and s: numbers, or 0-dim
+    tensors on v's device (a step counter on the device)."""
+    d = torch._foreach_sqrt(vs)
+    numbers = all(isinstance(x, (int, float)) for x in e) and (s is None or all(type(x) is float for x in s))
+    if numbers:
+        torch._foreach_add_(d, e)
+        if s is not None:
+            torch._foreach_mul_(d, s)
+        if not all(x > 0 for x in e) and d:
+            torch._foreach_clamp_min_(d, torch.finfo(d[0].dtype).tiny)
+        return d
+    for i, x in enumerate(d):
+        x.add_(e[i])
+        if s is not None:
+            x.mul_(s[i])
+        if not (isinstance(e[i], (int, float)) and e[i] > 0):
+            x.clamp_min_(torch.finfo(x.dtype).tiny)
+    return d
 
 
 def wide(t: Tensor) -> Tensor:

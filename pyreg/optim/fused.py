@@ -301,14 +301,15 @@ class FusedOptimizer(Observable):
         one group's metric; an optimizer may compute them together."""
         return [self._push(*it) for it in items]
 
-    def _metric_divisors(self, items: List[Tuple[Tensor, Dict[str, Any], Dict[str, Any]]]
-                         ) -> Optional[Tuple[List[Tensor], Optional[Tensor]]]:
+    def _metric_terms(self, items: List[Tuple[Tensor, Dict[str, Any], Dict[str, Any]]]) -> Optional[tuple]:
         """``target_sparsity`` in the optimizer's metric: for items ``(p,
-        state, group)`` after the step, ``(d, div)`` with p's element i
-        stepped by ``lr / div / d_i`` (d: one tensor per item in the compute
-        dtype, the denominator of the step as the kernel computes it, at
-        least the dtype's smallest normal: :func:`metric_divisors`; div:
-        a float64 vector on the params' device, or None for 1), see
+        state, group)`` after the step, ``(v, e, s, div)`` with p's element
+        i stepped by ``lr / div / d_i``, ``d = (sqrt(v) + e) * s`` the
+        divisor of the kernel's step (v: one tensor per item, the state the
+        step left or a tensor made from it, in p's dtype or the compute
+        dtype; e, s: one number per item, or a 0-dim tensor on the device
+        where the step counter is there; s None for 1; div: a float64 vector
+        on the params' device, or None for 1), see
         :func:`pyreg.optim.apply.target_prox`; None where the optimizer's
         metric is the plain one (SGD)."""
         return None
@@ -903,8 +904,8 @@ class FusedOptimizer(Observable):
                         if b.l1_rows and not b.dynamic:
                             self._table(b)
 
-    def _target_metrics(self, plan: Plan, works: List[Work]) -> Optional[Dict[int, Tuple[List[Tensor], Optional[Tensor]]]]:
-        """:meth:`_metric_divisors` of each "target" bucket whose groups set
+    def _target_metrics(self, plan: Plan, works: List[Work]) -> Optional[Dict[int, tuple]]:
+        """:meth:`_metric_terms` of each "target" bucket whose groups set
         ``preconditioned`` (one metric per bucket: see Plan), by bucket id;
         None where there is none."""
         out = None
@@ -913,7 +914,7 @@ class FusedOptimizer(Observable):
                 continue
             groups, state = self.param_groups, self.state  # type: ignore[attr-defined]
             gi = dict(zip(map(id, w.bucket.params), w.bucket.groups))
-            got = self._metric_divisors([(p, state[p], groups[gi[id(p)]]) for p in w.params])
+            got = self._metric_terms([(p, state[p], groups[gi[id(p)]]) for p in w.params])
             if got is not None:
                 out = {} if out is None else out
                 out[id(w.bucket)] = got
@@ -991,30 +992,6 @@ def _l1_values(b: _Bucket, vec: Tensor, t: Tensor) -> Tensor:
     ``b.l1_index``), as the table ``t`` holds them (device and dtype)."""
     whole = b.l1_index == list(range(vec.numel()))
     return (vec if whole else vec[b.l1_index]).to(device=t.device, dtype=t.dtype)
-
-
-def metric_divisors(vs: List[Tensor], bc: Optional[list], eps: list) -> List[Tensor]:
-    """``sqrt(v_i) / bc_i + eps_i`` for each v_i (in the compute dtype), the
-    divisor of an adaptive step (:meth:`FusedOptimizer._metric_divisors`),
-    as the kernels compute it: a sqrt, a division (none where ``bc`` is
-    None) and an add, each rounded; raised to the dtype's smallest normal
-    where an eps is not positive (a weight whose v is 0 then moves by lr /
-    that, as far as any)."""
-    d = torch._foreach_sqrt(vs)
-    if bc is not None:
-        if all(type(b) is float for b in bc):
-            torch._foreach_div_(d, bc)
-        else:  # (a step counter on the device: its bias correction too)
-            for x, b in zip(d, bc):
-                x.div_(b)
-    if all(isinstance(e, (int, float)) for e in eps):
-        torch._foreach_add_(d, eps)
-        if not all(e > 0 for e in eps) and d:
-            torch._foreach_clamp_min_(d, torch.finfo(d[0].dtype).tiny)
-    else:
-        for x, e in zip(d, eps):
-            x.add_(e).clamp_min_(torch.finfo(x.dtype).tiny)
-    return d
 
 
 def grad_push_terms(items, second: str):

@@ -9,8 +9,7 @@ from torch import Tensor
 
 from . import functional as F
 from .adam import step_counter
-from .fused import (Params, Flags, FusedOptimizer, grad_push_terms, grad_with_decay, hyper_number, metric_divisors,
-                    scalar_dtype, wide)
+from .fused import Params, Flags, FusedOptimizer, grad_push_terms, grad_with_decay, hyper_number, scalar_dtype, wide
 
 
 class RMSprop(FusedOptimizer, torch.optim.RMSprop):
@@ -67,17 +66,17 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
                 avg = s["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return s["square_avg"], buf, avg, step_counter(p, s), 0
 
-    def _metric_divisors(self, items):
-        """sqrt(square_avg) + eps (centered: sqrt(square_avg - grad_avg^2) + eps),
-        as the kernel's step divides."""
+    def _metric_terms(self, items):
+        """sqrt(square_avg) + eps (centered: sqrt(square_avg - grad_avg^2) +
+        eps, the difference made here), as the kernel's step divides."""
         vs = []
         for _, s, group in items:
-            sq = wide(s["square_avg"])
+            sq = s["square_avg"]
             if group.get("centered", False):
-                avg = wide(s["grad_avg"])
+                sq, avg = wide(sq), wide(s["grad_avg"])
                 sq = sq - avg * avg
             vs.append(sq)
-        return metric_divisors(vs, None, [group["eps"] for _, _, group in items]), None
+        return vs, [group["eps"] for _, _, group in items], None, None
 
     def _push_terms(self, items):
         """Without momentum, centering or weight decay: the push is the grad
