@@ -201,18 +201,25 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]], be=None,
 def _metric_target(w: Work, targets, l1: Tensor, lr, metric: tuple, be) -> None:
     """:func:`target_prox` in the optimizer's metric (its ``metric``: the
     optimizer's ``_metric_terms``, ``(v, e, s, div)``)."""
-    ps = [p.detach() for p in w.params]
-    if not ps:
+    b = w.bucket
+    if not w.params:
         return
-    at = dict(zip(map(id, w.bucket.params), targets))
-    ks = _zeros_for([at[id(p)] for p in w.params], [p.numel() for p in ps])
+    if w.params is b.params:  # (cached as target_prox caches them, while the targets and sizes stay)
+        numels = [p.numel() for p in b.params]
+        hit = b.target_ks
+        if hit is None or hit[0] is not targets or hit[1] != numels:
+            hit = b.target_ks = (targets, numels, _zeros_for(targets, numels))
+        ks = hit[2]
+    else:
+        at = dict(zip(map(id, b.params), targets))
+        ks = _zeros_for([at[id(p)] for p in w.params], [p.numel() for p in w.params])
     vs, e, sc, div = metric
     m = lr if div is None else (lr if isinstance(lr, Tensor) else torch.full_like(div, lr)) / div
-    eager = not torch.compiler.is_compiling()
-    l2 = w.coef("l2", eager)
-    if be is not None and be.fuses_metric_target() and _metric_kernel(be, ps, vs, e, sc, ks, m, l2, l1):
+    l2 = w.coef("l2", not torch.compiler.is_compiling())
+    if be is not None and be.fuses_metric_target() and _metric_kernel(be, w.params, vs, e, sc, ks, m, l2, l1):
         torch.autograd.graph.increment_version(w.params)
         return
+    ps = [p.detach() for p in w.params]
     d = metric_divisors([wide(v) for v in vs], e, sc)
     u = torch._foreach_mul([wide(p) for p in ps], d)
     tau = ops.kth_abs(u, ks, closest=True)
@@ -236,13 +243,12 @@ def _metric_kernel(be, ps: List[Tensor], vs: List[Tensor], e, sc, ks: List[int],
     numbers for e, s, m and l2 (or CPU vectors for m and l2), ``l1`` a
     plain float64 CPU vector; False (nothing done) otherwise."""
     n = len(ps)
-    if (not all(v.dtype == p.dtype and p.element_size() >= 4 for p, v in zip(ps, vs))
-            or (sc is not None and not all(type(x) is float for x in sc))
+    if ((sc is not None and not all(type(x) is float for x in sc))
             or not all(isinstance(x, (int, float)) for x in e)
             or l1.device.type != "cpu" or not l1.is_contiguous()):
         return False
-    desc = plain_list(ps + list(vs), True)
-    if desc is None:
+    desc = plain_list(ps + list(vs), True)  # (plain contiguous CPU tensors, apart in memory)
+    if desc is None or desc[2][:n] != desc[2][n:] or not all(p.element_size() >= 4 for p in ps):
         return False
     ms = [float(m)] * n if not isinstance(m, Tensor) else m.tolist() if m.device.type == "cpu" else None
     l2s = [float(l2)] * n if not isinstance(l2, Tensor) else l2.tolist() if l2.device.type == "cpu" else None

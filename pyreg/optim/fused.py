@@ -913,8 +913,12 @@ class FusedOptimizer(Observable):
             if w.kind != "target" or not plan.specs[w.bucket.groups[0]].preconditioned:
                 continue
             groups, state = self.param_groups, self.state  # type: ignore[attr-defined]
-            gi = dict(zip(map(id, w.bucket.params), w.bucket.groups))
-            got = self._metric_terms([(p, state[p], groups[gi[id(p)]]) for p in w.params])
+            if w.params is w.bucket.params:  # (every param has a grad: the bucket's order)
+                items = [(p, state[p], groups[g]) for p, g in zip(w.params, w.bucket.groups)]
+            else:
+                gi = dict(zip(map(id, w.bucket.params), w.bucket.groups))
+                items = [(p, state[p], groups[gi[id(p)]]) for p in w.params]
+            got = self._metric_terms(items)
             if got is not None:
                 out = {} if out is None else out
                 out[id(w.bucket)] = got
