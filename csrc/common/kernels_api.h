@@ -142,7 +142,8 @@ struct Kernels {
   // (csrc/common/optim_math.h), tau = the k[t]-th smallest |u| (as kth_abs,
   // `closest`), l1[t] = per_lr(tau, m[t]), and w <- metric_target_value(u,
   // tau, d + 2 * m[t] * l2[t]): the same bits as those steps in torch ops
-  // and pyreg's ops (pyreg/optim/apply.py's _metric_target). Null where not
+  // and pyreg's ops (pyreg/optim/apply.py's _metric_target) where torch's
+  // sqrt is correctly rounded, as this one is. Null where not
   // built (the CUDA builds: Python makes those calls).
   void (*metric_target)(const TensorList& w, const void* const* v, const double* e, const double* s,
                         const int64_t* k, bool closest, const double* m, const double* l2, double* l1,

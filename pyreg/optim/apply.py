@@ -173,8 +173,9 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]], be=None,
     as the metric's prox moves them. Torch's list ops for u, d and the
     division, the selection and the threshold in pyreg's ops; on the CPU,
     for float32 and float64 params, one call into the kernels, with the
-    same bits (``metric_target``, csrc/common/optim_math.h's
-    ``metric_divisor`` and ``metric_target_value``)."""
+    same bits where torch's sqrt is correctly rounded, as the kernel's is
+    (``metric_target``, csrc/common/optim_math.h's ``metric_divisor`` and
+    ``metric_target_value``)."""
     ps = w.params
     (l1, _) = _own_state(w, state, TARGET_STATE, (torch.float64,), lambda: ([0.0] * len(ps),))
     b = w.bucket
@@ -238,7 +239,7 @@ def _metric_target(w: Work, targets, l1: Tensor, lr, metric: tuple, be) -> None:
 
 def _metric_kernel(be, ps: List[Tensor], vs: List[Tensor], e, sc, ks: List[int], m, l2, l1: Tensor) -> bool:
     """:func:`_metric_target`'s steps in one call into the CPU kernels
-    (``metric_target``, the same bits), where they take the terms: plain
+    (``metric_target``), where they take the terms: plain
     contiguous float32 or float64 CPU params, each v of its param's dtype,
     numbers for e, s, m and l2 (or CPU vectors for m and l2), ``l1`` a
     plain float64 CPU vector; False (nothing done) otherwise."""
