@@ -187,14 +187,10 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]], be=None,
     eager = not torch.compiler.is_compiling()
     l2 = w.coef("l2", eager)
     if d is not None:  # the checks were made: straight to the kernels (selection, l1, prox: one call)
-        hit = b.target_ks
-        if hit is None or hit[0] is not targets or hit[1] != d[1]:
-            hit = b.target_ks = (targets, d[1], _zeros_for(targets, d[1]))
-        be.target_prox_ptrs(d[0], d[1], d[2], hit[2], l1, l2, lr, d[3])
+        be.target_prox_ptrs(d[0], d[1], d[2], _target_ks(w, targets, d[1]), l1, l2, lr, d[3])
         torch.autograd.graph.increment_version(ps)
         return
-    at = dict(zip(map(id, b.params), targets))
-    ks = _zeros_for([at[id(p)] for p in ps], [p.numel() for p in ps])
+    ks = _target_ks(w, targets)
     _per_lr(ops.kth_abs([p.detach() for p in ps], ks, closest=True), l1, lr)
     ops.prox_(ps, l1, l2, lr)
 
@@ -202,18 +198,9 @@ def target_prox(w: Work, lr, state: Dict[Any, Dict[str, Any]], be=None,
 def _metric_target(w: Work, targets, l1: Tensor, lr, metric: tuple, be) -> None:
     """:func:`target_prox` in the optimizer's metric (its ``metric``: the
     optimizer's ``_metric_terms``, ``(v, e, s, div)``)."""
-    b = w.bucket
     if not w.params:
         return
-    if w.params is b.params:  # (cached as target_prox caches them, while the targets and sizes stay)
-        numels = [p.numel() for p in b.params]
-        hit = b.target_ks
-        if hit is None or hit[0] is not targets or hit[1] != numels:
-            hit = b.target_ks = (targets, numels, _zeros_for(targets, numels))
-        ks = hit[2]
-    else:
-        at = dict(zip(map(id, b.params), targets))
-        ks = _zeros_for([at[id(p)] for p in w.params], [p.numel() for p in w.params])
+    ks = _target_ks(w, targets)
     vs, e, sc, div = metric
     m = lr if div is None else (lr if isinstance(lr, Tensor) else torch.full_like(div, lr)) / div
     l2 = w.coef("l2", not torch.compiler.is_compiling())
@@ -295,6 +282,21 @@ def wide(t: Tensor) -> Tensor:
 #: (Always this one: after a graph break, torch.compile traces each function
 #: called, even where ``is_compiling()`` is False at the call.)
 target_prox_eager = outside_graph(target_prox)
+
+
+def _target_ks(w: Work, targets, numels: Optional[List[int]] = None) -> List[int]:
+    """:func:`_zeros_for` of the params of ``w``: for the whole bucket cached
+    on it while the targets (the same list) and the sizes (``numels``, the
+    params' where not given) stay the same."""
+    b = w.bucket
+    if w.params is not b.params:
+        at = dict(zip(map(id, b.params), targets))
+        return _zeros_for([at[id(p)] for p in w.params], [p.numel() for p in w.params])
+    numels = [p.numel() for p in b.params] if numels is None else numels
+    hit = b.target_ks
+    if hit is None or hit[0] is not targets or hit[1] != numels:
+        hit = b.target_ks = (targets, numels, _zeros_for(targets, numels))
+    return hit[2]
 
 
 def _zeros_for(targets: Sequence[float], numels: Sequence[int]) -> List[int]:
